@@ -1,0 +1,201 @@
+"""Configs are dataclasses: `validate()` raises ValueError naming the field and the allowed values,
+`to_dict()`/`from_dict()` round-trip through JSON with a type field and a version stamp, and
+parameter counts come without building a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_VERSION = 1
+
+SCORES = ("softmax", "sigmoid")
+ACTIVATIONS = ("swiglu", "gelu")
+BACKENDS = ("auto", "grouped_mm", "reference")
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
+
+
+def _from_dict(cls, d: dict[str, Any]):
+    d = dict(d)
+    typ = d.pop("type", cls.__name__)
+    if typ != cls.__name__:
+        raise ValueError(f"config type {typ!r} cannot be read as {cls.__name__}")
+    version = d.pop("version", CONFIG_VERSION)
+    if version > CONFIG_VERSION:
+        raise ValueError(f"{cls.__name__} version {version} is newer than this moekit understands ({CONFIG_VERSION})")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown}", stacklevel=3)
+    return {k: v for k, v in d.items() if k in names}
+
+
+@dataclass
+class RouterConfig:
+    """How tokens pick experts. `kind` names a registered router (see `moekit.routers`).
+
+    Fields used by `topk` (the Mixtral / OLMoE / Qwen / DeepSeek family):
+      k, score ("softmax"|"sigmoid"), normalize (renormalise the top-k weights;
+      transformers' `norm_topk_prob`), routed_scaling_factor, n_group/topk_group (group-limited
+      selection), bias_update_rate (gamma of aux-loss-free balancing; 0 disables the bias),
+      bias_recenter (keep sum(bias)=0), jitter (multiply the router input by U(1-eps, 1+eps) in
+      training).
+    Fields used by `expert_choice`: ec_capacity_factor (each expert takes
+    round(ec_capacity_factor*T/E) tokens), allow_causal_leak.
+    """
+
+    kind: str = "topk"
+    k: int = 2
+    score: str = "softmax"
+    normalize: bool = True
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    bias_update_rate: float = 0.0
+    bias_recenter: bool = False
+    jitter: float = 0.0
+    ec_capacity_factor: float = 2.0
+    allow_causal_leak: bool = False
+
+    def validate(self, num_experts: int) -> RouterConfig:
+        from moekit.routers import router_class  # late import: routers depend on this module
+
+        cls = router_class(self.kind)
+        _check(self.score in SCORES, "RouterConfig.score", self.score, f"one of {SCORES}")
+        _check(self.k >= 1, "RouterConfig.k", self.k, f"an integer in [1, num_experts={num_experts}]")
+        _check(self.routed_scaling_factor > 0, "RouterConfig.routed_scaling_factor",
+               self.routed_scaling_factor, "a float > 0")
+        _check(self.n_group >= 1 and num_experts % self.n_group == 0, "RouterConfig.n_group", self.n_group,
+               f"a divisor of num_experts={num_experts}")
+        _check(1 <= self.topk_group <= self.n_group, "RouterConfig.topk_group", self.topk_group,
+               f"an integer in [1, n_group={self.n_group}]")
+        _check(self.bias_update_rate >= 0, "RouterConfig.bias_update_rate", self.bias_update_rate, "a float >= 0")
+        _check(0 <= self.jitter < 1, "RouterConfig.jitter", self.jitter, "a float in [0, 1)")
+        _check(self.ec_capacity_factor > 0, "RouterConfig.ec_capacity_factor", self.ec_capacity_factor,
+               "a float > 0")
+        cls.check_config(self, num_experts)
+        return self
+
+    def describe(self) -> str:
+        if self.kind == "expert_choice":
+            return f"ec_capacity_factor={self.ec_capacity_factor}"
+        parts = [f"k={self.k}", f"score={self.score}", f"normalize={self.normalize}"]
+        if self.routed_scaling_factor != 1.0:
+            parts.append(f"scale={self.routed_scaling_factor}")
+        if self.n_group > 1:
+            parts.append(f"groups={self.topk_group}/{self.n_group}")
+        if self.bias_update_rate > 0:
+            parts.append(f"bias_update_rate={self.bias_update_rate}")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
+        return cls(**_from_dict(cls, d))
+
+
+@dataclass
+class MoEConfig:
+    """One MoE feed-forward layer.
+
+    d_expert is one routed expert's hidden width F. Shared experts are one always-on FFN of width
+    d_shared (default num_shared_experts * d_expert, as DeepSeek builds it), optionally scaled by
+    a sigmoid gate (Qwen2-MoE). capacity_factor=None is dropless; a float caps each expert at
+    ceil(capacity_factor * N / E) assignments and drops (and counts) the overflow.
+    """
+
+    d_model: int = 32
+    d_expert: int = 64
+    num_experts: int = 4
+    router: RouterConfig = field(default_factory=RouterConfig)
+    activation: str = "swiglu"
+    num_shared_experts: int = 0
+    d_shared: int | None = None
+    shared_gate: bool = False
+    capacity_factor: float | None = None
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.router, dict):
+            self.router = RouterConfig.from_dict(self.router)
+
+    @property
+    def shared_width(self) -> int:
+        if self.num_shared_experts == 0:
+            return 0
+        return self.d_shared if self.d_shared is not None else self.num_shared_experts * self.d_expert
+
+    def validate(self) -> MoEConfig:
+        _check(self.d_model >= 1, "MoEConfig.d_model", self.d_model, "an integer >= 1")
+        _check(self.d_expert >= 1, "MoEConfig.d_expert", self.d_expert, "an integer >= 1")
+        _check(self.num_experts >= 1, "MoEConfig.num_experts", self.num_experts, "an integer >= 1")
+        _check(self.activation in ACTIVATIONS, "MoEConfig.activation", self.activation, f"one of {ACTIVATIONS}")
+        _check(self.num_shared_experts >= 0, "MoEConfig.num_shared_experts", self.num_shared_experts,
+               "an integer >= 0")
+        _check(self.d_shared is None or self.d_shared >= 1, "MoEConfig.d_shared", self.d_shared,
+               "None or an integer >= 1")
+        _check(self.capacity_factor is None or self.capacity_factor > 0, "MoEConfig.capacity_factor",
+               self.capacity_factor, "None (dropless) or a float > 0")
+        _check(self.backend in BACKENDS, "MoEConfig.backend", self.backend, f"one of {BACKENDS}")
+        if self.backend == "grouped_mm":
+            from moekit.ops.grouped import grouped_mm_available
+
+            _check(grouped_mm_available(), "MoEConfig.backend", self.backend,
+                   "'auto' or 'reference' (torch._grouped_mm is missing from this torch build)")
+        self.router.validate(self.num_experts)
+        return self
+
+    def fine_grained(self, m: int) -> MoEConfig:
+        """DeepSeekMoE fine-grained segmentation (arXiv 2401.06066): m*E experts of width F/m and
+        m*k of them per token, so total and active parameters stay the same."""
+        _check(m >= 1 and self.d_expert % m == 0, "fine_grained(m)", m, f"a divisor of d_expert={self.d_expert}")
+        router = dataclasses.replace(self.router, k=self.router.k * m)
+        return dataclasses.replace(self, num_experts=self.num_experts * m, d_expert=self.d_expert // m,
+                                   router=router)
+
+    # Parameter counts, without building anything.
+    def _expert_params(self) -> int:
+        mats = 3 if self.activation == "swiglu" else 2
+        return mats * self.d_model * self.d_expert
+
+    def _shared_params(self) -> int:
+        if self.num_shared_experts == 0:
+            return 0
+        mats = 3 if self.activation == "swiglu" else 2
+        return mats * self.d_model * self.shared_width + (self.d_model if self.shared_gate else 0)
+
+    def num_params(self) -> int:
+        router = self.num_experts * self.d_model
+        return router + self.num_experts * self._expert_params() + self._shared_params()
+
+    def expected_experts_per_token(self) -> float:
+        if self.router.kind == "expert_choice":
+            return float(min(self.num_experts, self.router.ec_capacity_factor))
+        return float(min(self.router.k, self.num_experts))
+
+    def num_active_params(self) -> int:
+        """Parameters one token uses on average (router + expected experts + shared)."""
+        router = self.num_experts * self.d_model
+        active = self.expected_experts_per_token() * self._expert_params()
+        return int(round(router + active + self._shared_params()))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["router"] = self.router.to_dict()
+        return {"type": type(self).__name__, "version": CONFIG_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
+        kw = _from_dict(cls, d)
+        if "router" in kw:
+            kw["router"] = RouterConfig.from_dict(kw["router"])
+        return cls(**kw)

@@ -1,0 +1,177 @@
+"""MoELayer = router + dispatch + routed experts (+ shared experts).
+
+Legend: B batch, T tokens (flattened B*T inside), D model dim, E experts, N assignments.
+
+Forward stages:
+  1. router:   x_TD -> RouterOutput (ragged token/expert/weight triples, fp32 scores)
+  2. padding:  assignments of padding tokens are removed (no FLOPs, no loss, no statistics)
+  3. plan:     sort by expert, counts, offsets; capacity drops counted
+  4. experts:  grouped GEMMs over the stacked weights
+  5. combine:  weighted scatter-add back to tokens; + shared experts (optionally sigmoid-gated)
+  6. losses:   unscaled aux losses returned in `routing_info().aux`
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moekit import losses
+from moekit.config import MoEConfig
+from moekit.dispatch import combine, make_plan, permute
+from moekit.experts import ExpertBank, SharedExpert
+from moekit.ops.grouped import grouped_mm_available
+from moekit.ops.reference import moe_reference
+from moekit.routers import RouterOutput, router_class
+
+
+@dataclass
+class RoutingInfo:
+    """What the last forward did. Tensors are detached, except the aux losses."""
+
+    route: RouterOutput  # assignments of valid tokens, before capacity dropping
+    counts_E: torch.Tensor  # executed assignments per expert
+    num_dropped: int
+    num_tokens: int  # valid tokens
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def experts_per_token_T(self) -> torch.Tensor:
+        return self.route.experts_per_token_T()
+
+    def stats(self) -> dict[str, float | list[int]]:
+        per_token = self.experts_per_token_T
+        n = max(self.num_tokens, 1)
+        total = max(self.route.num_assignments, 1)
+        return {
+            "tokens": self.num_tokens,
+            "experts_per_token_mean": float(self.route.num_assignments) / n,
+            "experts_per_token_hist": torch.bincount(per_token).tolist() if per_token.numel() else [],
+            "dropped_rate": self.num_dropped / total,
+            "counts": self.counts_E.tolist(),
+        }
+
+
+@functools.cache
+def _warn_fallback() -> None:
+    warnings.warn("moekit: torch._grouped_mm is unavailable; MoELayer(backend='auto') uses the per-expert "
+                  "reference loop, which is several times slower. torch>=2.9 provides the grouped kernel.",
+                  stacklevel=3)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.router = router_class(cfg.router.kind)(cfg.router, cfg.d_model, cfg.num_experts)
+        self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.d_expert, cfg.activation)
+        self.shared_experts = (SharedExpert(cfg.d_model, cfg.shared_width, cfg.activation)
+                               if cfg.num_shared_experts > 0 else None)
+        self.shared_expert_gate = (nn.Linear(cfg.d_model, 1, bias=False)
+                                   if cfg.num_shared_experts > 0 and cfg.shared_gate else None)
+        self.use_reference = cfg.backend == "reference" or not grouped_mm_available()
+        # Executed assignments per expert over the current optimiser step (training only), read by
+        # the aux-loss-free bias update. Non-persistent: it is step state, not model state.
+        self.register_buffer("step_counts_E", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
+        self._info: RoutingInfo | None = None
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, D) or (T, D). padding_mask: same leading shape, True/1 for real tokens."""
+        if x.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"MoELayer: input last dim is {x.shape[-1]}, expected d_model={self.cfg.d_model}")
+        if x.dim() not in (2, 3):
+            raise ValueError(f"MoELayer: input must be (B, T, D) or (T, D), got shape {tuple(x.shape)}")
+        lead_shape = x.shape[:-1]
+        x_TD = x.reshape(-1, self.cfg.d_model)
+        T = x_TD.shape[0]
+        valid_T = None
+        if padding_mask is not None:
+            if padding_mask.shape != lead_shape:
+                raise ValueError(f"MoELayer: padding_mask shape {tuple(padding_mask.shape)} does not match "
+                                 f"the input's leading shape {tuple(lead_shape)}")
+            valid_T = padding_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+
+        route = self.router(x_TD)
+        if valid_T is not None:
+            route = route.keep(valid_T[route.token_idx_N])
+        num_valid = T if valid_T is None else int(valid_T.sum())
+
+        plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, self.cfg.num_experts,
+                         self.cfg.capacity_factor)
+        if self.use_reference:
+            if self.cfg.backend == "auto":
+                _warn_fallback()
+            y_TD = moe_reference(x_TD, plan.token_N, plan.expert_N, plan.weight_N, self.experts)
+        else:
+            y_ND = self.experts(permute(x_TD, plan), plan.offsets_E)
+            y_TD = combine(y_ND, plan, T, x_TD.dtype)
+
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+
+        aux = self._aux_losses(route, plan.counts_E, num_valid, valid_T, lead_shape)
+        route.aux.update(aux)
+        self._info = RoutingInfo(route=_detached(route), counts_E=plan.counts_E.detach(),
+                                 num_dropped=plan.num_dropped, num_tokens=num_valid, aux=aux)
+        if self._should_accumulate():
+            self.step_counts_E += plan.counts_E.detach()
+        return y_TD.view(*lead_shape, self.cfg.d_model)
+
+    def _aux_losses(self, route: RouterOutput, counts_E: torch.Tensor, num_valid: int,
+                    valid_T: torch.Tensor | None, lead_shape: torch.Size) -> dict[str, torch.Tensor]:
+        aux = dict(route.aux)
+        aux["load_balance"] = losses.load_balance_loss(route.scores_TE, counts_E, num_valid, valid_T)
+        aux["z_loss"] = losses.z_loss(route.logits_TE, valid_T)
+        if len(lead_shape) == 2:
+            B, T = lead_shape
+            aux["seq_balance"] = losses.sequence_balance_loss(
+                route.scores_TE.view(B, T, -1), route.expert_idx_N, route.token_idx_N,
+                self.cfg.expected_experts_per_token(), None if valid_T is None else valid_T.view(B, T))
+        return aux
+
+    def _should_accumulate(self) -> bool:
+        # NOTE: once per real forward of a training step: not in eval / no_grad, and not again when
+        # activation checkpointing recomputes the forward inside backward.
+        return self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
+
+    def routing_info(self) -> RoutingInfo:
+        if self._info is None:
+            raise RuntimeError("MoELayer.routing_info(): no forward has run yet")
+        return self._info
+
+    @torch.no_grad()
+    def update_router_bias(self) -> None:
+        """After an optimiser step: apply the aux-loss-free bias update with this step's counts
+        (all-reduced over data-parallel ranks when torch.distributed is initialised) and reset them."""
+        counts_E = self.step_counts_E.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts_E)
+        if hasattr(self.router, "update_bias"):
+            self.router.update_bias(counts_E)
+        self.step_counts_E.zero_()
+
+    def extra_repr(self) -> str:
+        cfg = self.cfg
+        return (f"router={cfg.router.kind}({cfg.router.describe()}), E={cfg.num_experts}, "
+                f"shared={cfg.num_shared_experts}, params={cfg.num_params():,}, "
+                f"active_params={cfg.num_active_params():,}")
+
+
+def _detached(route: RouterOutput) -> RouterOutput:
+    return RouterOutput(route.token_idx_N, route.expert_idx_N, route.weight_N.detach(),
+                        route.scores_TE.detach(), route.logits_TE.detach(), {})
+
+
+def update_router_biases(model: nn.Module) -> None:
+    """Call after `optimizer.step()`: updates every MoELayer's selection bias once."""
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            m.update_router_bias()

@@ -1,0 +1,64 @@
+"""Auxiliary router losses as pure functions (fp32). Callers scale and add them.
+
+Legend: B sequences, T tokens, E experts.
+
+Normalisation (NOTE, a choice): f_i is the fraction of (valid) tokens whose *executed*
+assignment includes expert i, so sum_i f_i = average experts per token, and the Switch loss
+E * sum_i f_i * P_i equals k at perfect balance for top-k (transformers' convention, and the
+top-p paper's). Megatron divides f by k (minimum 1): a Megatron coefficient alpha_M corresponds
+to alpha = alpha_M / k here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _masked_mean(v_T: torch.Tensor, valid_T: torch.Tensor | None) -> torch.Tensor:
+    if valid_T is None:
+        return v_T.mean() if v_T.numel() else v_T.new_zeros(())
+    n = valid_T.sum().clamp(min=1)
+    return (v_T * valid_T).sum() / n
+
+
+def load_balance_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, num_tokens: int | torch.Tensor,
+                      valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch Transformer loss (arXiv 2101.03961): E * sum_i f_i * P_i.
+
+    counts_E: executed assignments per expert over valid tokens (no gradient);
+    num_tokens: number of valid tokens those counts come from; P_i = mean router probability
+    over valid tokens (carries the gradient).
+    """
+    E = scores_TE.shape[-1]
+    f_E = counts_E.detach().float() / max(float(num_tokens), 1.0)
+    if valid_T is None:
+        P_E = scores_TE.float().mean(dim=0) if scores_TE.shape[0] else scores_TE.new_zeros(E)
+    else:
+        P_E = (scores_TE.float() * valid_T.unsqueeze(-1)).sum(0) / valid_T.sum().clamp(min=1)
+    return E * (f_E * P_E).sum()
+
+
+def z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss (ST-MoE, arXiv 2202.08906): mean over tokens of logsumexp(logits)^2."""
+    return _masked_mean(torch.logsumexp(logits_TE.float(), dim=-1) ** 2, valid_T)
+
+
+def sequence_balance_loss(scores_BTE: torch.Tensor, expert_idx_N: torch.Tensor, token_idx_N: torch.Tensor,
+                          k: float, valid_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss (arXiv 2412.19437, eq. 17-20), averaged over sequences.
+
+    Per sequence: f_i = E / (k * T) * #tokens choosing i;  P_i = mean_t s'_{t,i} with s' the scores
+    normalised per token;  L = sum_i f_i * P_i (= 1 at perfect balance).
+    token_idx_N indexes the flattened (B*T) tokens.
+    """
+    B, T, E = scores_BTE.shape
+    seq_N = token_idx_N // T
+    counts_BE = torch.bincount(seq_N * E + expert_idx_N, minlength=B * E).view(B, E).float()
+    if valid_BT is None:
+        valid_BT = torch.ones(B, T, dtype=torch.bool, device=scores_BTE.device)
+    t_B = valid_BT.sum(1).clamp(min=1).float()
+    f_BE = counts_BE * E / (k * t_B.unsqueeze(-1))
+    s = scores_BTE.float()
+    s = s / s.sum(-1, keepdim=True).clamp(min=1e-20)
+    P_BE = (s * valid_BT.unsqueeze(-1)).sum(1) / t_B.unsqueeze(-1)
+    return (f_BE * P_BE).sum(-1).mean()

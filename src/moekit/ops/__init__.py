@@ -1,0 +1,1 @@
+"""Ops: reference implementations and the grouped GEMM facade."""

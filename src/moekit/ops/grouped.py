@@ -1,0 +1,122 @@
+"""Grouped GEMM facade: y_NO = x_NI @ w_EOI[e].T for the rows of each expert e.
+
+Legend: N assignments (rows, grouped by expert), E experts, I input width, O output width.
+`offsets_E` are int32 end offsets (cumsum of counts), as `torch._grouped_mm` wants them.
+
+One autograd Function, so that backward layouts, dtypes and the no-kernel fallback are ours:
+  forward   y = grouped(x, w^T)
+  backward  dx = grouped(dy, w)            dw[e] = dy_e^T @ x_e
+The kernel is `torch._grouped_mm` (CPU and CUDA in torch 2.13); float64 (tests) and builds
+without it use a per-expert loop of the same math.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def grouped_mm_available() -> bool:
+    return hasattr(torch, "_grouped_mm")
+
+
+@functools.cache
+def cpu_has_native_low_precision() -> bool:
+    """True if this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the expert GEMMs run in.
+
+    NOTE: on CPUs without bf16 instructions (AVX2 machines such as this project's CI), oneDNN
+    emulates bf16 GEMMs 7-30x slower than fp32 and some layouts take seconds (measured: 8192x512
+    @ 512x2048 bf16 = 1.1 s best layout, 33 s worst, fp32 = 0.15 s). There we compute bf16/fp16
+    operands in fp32 and round the result, which is also what a native bf16 GEMM with fp32
+    accumulation returns up to rounding.
+    """
+    if device.type == "cpu" and dtype in _LOW_PRECISION and not cpu_has_native_low_precision():
+        return torch.float32
+    return dtype
+
+
+def _loop_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """out[rows of e] = x[rows of e] @ w_EIO[e]; the plain per-expert form of the kernel."""
+    out = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
+    start = 0
+    for e, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            torch.mm(x_NI[start:end], w_EIO[e], out=out[start:end])
+        start = end
+    return out
+
+
+def _mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    if x_NI.dtype in (torch.float32, *_LOW_PRECISION) and grouped_mm_available():
+        return torch._grouped_mm(x_NI, w_EIO, offs=offsets_E)
+    return _loop_mm(x_NI, w_EIO, offsets_E)
+
+
+def _weight_grad(dy_NO: torch.Tensor, x_NI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """dw[e] = dy_e^T @ x_e, (E, O, I)."""
+    E = offsets_E.numel()
+    aligned = (dy_NO.shape[1] * dy_NO.element_size()) % 16 == 0 and (x_NI.shape[1] * x_NI.element_size()) % 16 == 0
+    if aligned and dy_NO.dtype in (torch.float32, *_LOW_PRECISION) and grouped_mm_available():
+        return torch._grouped_mm(dy_NO.t(), x_NI, offs=offsets_E)
+    dw = dy_NO.new_zeros(E, dy_NO.shape[1], x_NI.shape[1])
+    start = 0
+    for e, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            torch.mm(dy_NO[start:end].t(), x_NI[start:end], out=dw[e])
+        start = end
+    return dw
+
+
+class _GroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_NI, w_EOI, offsets_E):
+        ctx.save_for_backward(x_NI, w_EOI, offsets_E)
+        return _mm(x_NI, w_EOI.transpose(-2, -1), offsets_E)
+
+    @staticmethod
+    def backward(ctx, dy_NO):
+        x_NI, w_EOI, offsets_E = ctx.saved_tensors
+        # NOTE: the CPU kernel rejects non-contiguous gradients (e.g. from chunk/expand).
+        dy_NO = dy_NO.contiguous()
+        dx = _mm(dy_NO, w_EOI, offsets_E) if ctx.needs_input_grad[0] else None
+        dw = _weight_grad(dy_NO, x_NI, offsets_E) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Per-expert `F.linear` over rows grouped by expert. Differentiable in x and w.
+
+    x_NI rows must be sorted by expert; offsets_E are int32 cumulative row counts.
+    Low-precision inputs run in `compute_dtype` and come back in their own dtype.
+    """
+    if offsets_E.dtype != torch.int32:
+        offsets_E = offsets_E.to(torch.int32)
+    out_dtype = x_NI.dtype
+    cdt = compute_dtype(out_dtype, x_NI.device)
+    if cdt != out_dtype:
+        x_NI, w_EOI = x_NI.to(cdt), w_EOI.to(cdt)
+    y = _GroupedLinear.apply(x_NI.contiguous(), w_EOI, offsets_E)
+    return y.to(out_dtype)
+
+
+@functools.cache
+def warn_missing_kernel() -> None:
+    warnings.warn(
+        "moekit: torch._grouped_mm is not available in this torch build; expert GEMMs fall back to a "
+        "per-expert loop (slower). Install torch>=2.9 for the grouped kernel.",
+        stacklevel=3,
+    )

@@ -1,0 +1,157 @@
+"""The routing contract: every router returns a ragged token -> expert assignment.
+
+Legend: T tokens, D model dim, E experts, N assignments (N = T*K for top-k, varies
+otherwise), K experts per token (K_max for a padded view).
+
+A router maps `x_TD` to a `RouterOutput`:
+  token_idx_N  (N,) int64   which token
+  expert_idx_N (N,) int64   which expert
+  weight_N     (N,) float   combine weight (fp32)
+  scores_TE    (T, E) fp32  full router probabilities (for losses and analysis)
+  logits_TE    (T, E) fp32  raw router logits
+  aux          dict[str, Tensor]  unscaled auxiliary losses (returned, never global)
+
+Padding is an encoding detail for analysis only (`to_padded`); dispatch reads the
+ragged triples, so a token using one expert costs one expert's FLOPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from moekit.config import RouterConfig
+
+_ROUTERS: dict[str, type[Router]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a router available to configs and the CLI by `name`."""
+
+    def deco(cls: type[Router]) -> type[Router]:
+        if name in _ROUTERS:
+            raise ValueError(f"router {name!r} is already registered (by {_ROUTERS[name].__name__})")
+        cls.kind = name
+        _ROUTERS[name] = cls
+        return cls
+
+    return deco
+
+
+def router_class(name: str) -> type[Router]:
+    if name not in _ROUTERS:
+        raise ValueError(f"RouterConfig.kind: unknown router {name!r}; registered: {sorted(_ROUTERS)}")
+    return _ROUTERS[name]
+
+
+def registered_routers() -> list[str]:
+    return sorted(_ROUTERS)
+
+
+@dataclass
+class RouterOutput:
+    token_idx_N: torch.Tensor
+    expert_idx_N: torch.Tensor
+    weight_N: torch.Tensor
+    scores_TE: torch.Tensor
+    logits_TE: torch.Tensor
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.scores_TE.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.scores_TE.shape[1]
+
+    @property
+    def num_assignments(self) -> int:
+        return self.token_idx_N.numel()
+
+    def counts_E(self) -> torch.Tensor:
+        """Assignments per expert (int64)."""
+        return torch.bincount(self.expert_idx_N, minlength=self.num_experts)
+
+    def experts_per_token_T(self) -> torch.Tensor:
+        """How many experts each token uses (int64; 0 is possible for expert choice or null experts)."""
+        return torch.bincount(self.token_idx_N, minlength=self.num_tokens)
+
+    def to_padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """View as padded `(T, K_max)` expert ids (-1 = padding) and weights (0 = padding), for analysis.
+
+        Within a token, assignments keep their order in the ragged arrays.
+        """
+        T = self.num_tokens
+        per_token_T = self.experts_per_token_T()
+        K_max = int(per_token_T.max()) if T > 0 and self.num_assignments > 0 else 0
+        idx_TK = torch.full((T, K_max), -1, dtype=torch.int64, device=self.token_idx_N.device)
+        w_TK = torch.zeros((T, K_max), dtype=self.weight_N.dtype, device=self.weight_N.device)
+        if self.num_assignments:
+            order_N = torch.argsort(self.token_idx_N, stable=True)
+            tok_N = self.token_idx_N[order_N]
+            starts_T = torch.cumsum(per_token_T, 0) - per_token_T
+            slot_N = torch.arange(tok_N.numel(), device=tok_N.device) - starts_T[tok_N]
+            idx_TK[tok_N, slot_N] = self.expert_idx_N[order_N]
+            w_TK[tok_N, slot_N] = self.weight_N[order_N].detach()
+        return idx_TK, w_TK
+
+    @staticmethod
+    def from_topk(
+        idx_TK: torch.Tensor, w_TK: torch.Tensor, scores_TE: torch.Tensor, logits_TE: torch.Tensor
+    ) -> RouterOutput:
+        """Build the ragged form of a dense top-k selection (token-major order)."""
+        T, K = idx_TK.shape
+        token_idx_N = torch.arange(T, device=idx_TK.device).repeat_interleave(K)
+        return RouterOutput(token_idx_N, idx_TK.reshape(-1), w_TK.reshape(-1), scores_TE, logits_TE)
+
+    def keep(self, mask_N: torch.Tensor) -> RouterOutput:
+        """A copy with only the assignments where `mask_N` is true."""
+        return RouterOutput(
+            self.token_idx_N[mask_N], self.expert_idx_N[mask_N], self.weight_N[mask_N],
+            self.scores_TE, self.logits_TE, self.aux,
+        )
+
+
+class Router(nn.Module):
+    """Base class: a linear gate `weight` (E, D) in the transformers layout plus a selection rule.
+
+    Subclasses implement `select(logits_TE, x_TD)`; the base computes logits in fp32.
+    `is_causal` is False for routers whose choice for a token depends on other tokens
+    (expert choice): causal language models refuse those unless told otherwise.
+    """
+
+    kind: ClassVar[str] = "base"
+    is_causal: ClassVar[bool] = True
+
+    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
+        super().__init__()
+        self.check_config(cfg, num_experts)
+        self.cfg = cfg
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.normal_(self.weight, std=d_model**-0.5)
+
+    @classmethod
+    def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:
+        """Raise ValueError for settings this router cannot honour (override in routers)."""
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        # NOTE: gate math in fp32 whatever the model dtype (algorithms.md §0).
+        return torch.nn.functional.linear(x_TD.float(), self.weight.float())
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        if self.training and self.cfg.jitter > 0:
+            eps = self.cfg.jitter
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        return self.select(self.logits(x_TD), x_TD)
+
+    def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, d_model={self.d_model}, num_experts={self.num_experts}, {self.cfg.describe()}"

@@ -1,0 +1,96 @@
+"""Token-choice top-k router: the Mixtral / OLMoE / Qwen-MoE / DeepSeek-V2/V3 family.
+
+Legend: T tokens, D model dim, E experts, K experts per token, G groups.
+
+Stages:
+  1. scores_TE = softmax(logits) or sigmoid(logits)                 (fp32)
+  2. selection scores = scores + bias_E (aux-loss-free balancing; selection only)
+  3. group-limited selection: keep `topk_group` of `n_group` groups   (DeepSeek-V3)
+  4. top-k on the selection scores
+  5. combine weights from the *unbiased* scores, renormalised if `normalize`, times
+     `routed_scaling_factor`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.config import RouterConfig
+from moekit.routers.base import Router, RouterOutput, register
+
+
+@register("topk")
+class TopKRouter(Router):
+    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
+        super().__init__(cfg, d_model, num_experts)
+        # Selection bias of auxiliary-loss-free balancing (arXiv 2408.15664); fp32, persistent so
+        # that checkpoints keep it. Same name as transformers' DeepSeek-V3 buffer.
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
+
+    @classmethod
+    def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:
+        if cfg.k > num_experts:
+            raise ValueError(f"RouterConfig.k={cfg.k} is invalid; allowed: an integer in [1, num_experts={num_experts}]")
+        if cfg.n_group > 1:
+            per_group = num_experts // cfg.n_group
+            if cfg.k > cfg.topk_group * per_group:
+                raise ValueError(
+                    f"RouterConfig.k={cfg.k} is invalid with topk_group={cfg.topk_group} groups of {per_group} "
+                    f"experts; allowed: k <= topk_group * num_experts / n_group = {cfg.topk_group * per_group}")
+            if cfg.score == "sigmoid" and per_group < 2:
+                raise ValueError(f"RouterConfig.n_group={cfg.n_group} is invalid with sigmoid scores: group scores "
+                                 f"sum the top-2 experts of a group, so each group needs >= 2 experts "
+                                 f"(num_experts / n_group = {per_group})")
+
+    @property
+    def uses_bias(self) -> bool:
+        return self.cfg.bias_update_rate > 0 or bool(self.e_score_correction_bias.any())
+
+    def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
+        cfg = self.cfg
+        if cfg.score == "softmax":
+            scores_TE = torch.softmax(logits_TE, dim=-1)
+        else:
+            scores_TE = torch.sigmoid(logits_TE)
+        choice_TE = scores_TE + self.e_score_correction_bias if self.uses_bias else scores_TE
+        choice_TE = choice_TE.detach()
+        if cfg.n_group > 1:
+            choice_TE = self._limit_groups(choice_TE)
+        idx_TK = torch.topk(choice_TE, cfg.k, dim=-1, sorted=False).indices
+        w_TK = scores_TE.gather(1, idx_TK)
+        if cfg.normalize:
+            # 1e-20 as in DeepSeek-V3's reference: keeps an all-zero sigmoid row finite.
+            w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if cfg.routed_scaling_factor != 1.0:
+            w_TK = w_TK * cfg.routed_scaling_factor
+        return RouterOutput.from_topk(idx_TK, w_TK, scores_TE, logits_TE)
+
+    def _limit_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        """Group-limited routing: other groups' scores become -inf (DeepSeek-V2/V3)."""
+        cfg = self.cfg
+        T, E = choice_TE.shape
+        G = cfg.n_group
+        grouped_TGe = choice_TE.view(T, G, E // G)
+        if cfg.score == "sigmoid":
+            # DeepSeek-V3 (arXiv 2412.19437): group score = sum of the top-2 biased scores.
+            group_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            # DeepSeek-V2 (arXiv 2405.04434): group score = max within the group.
+            group_TG = grouped_TGe.max(dim=-1).values
+        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, torch.topk(group_TG, cfg.topk_group, dim=-1, sorted=False).indices, True)
+        return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, E)
+
+    @torch.no_grad()
+    def update_bias(self, counts_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing (arXiv 2408.15664): b_i += gamma * sign(mean_j c_j - c_i).
+
+        Called once per optimiser step with that step's (global) counts.
+        """
+        if self.cfg.bias_update_rate <= 0:
+            return
+        counts_E = counts_E.float()
+        delta_E = self.cfg.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
+        if self.cfg.bias_recenter:
+            delta_E = delta_E - delta_E.mean()
+        self.e_score_correction_bias.add_(delta_E.to(self.e_score_correction_bias.device))
