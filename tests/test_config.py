@@ -1,0 +1,78 @@
+"""Config validation, JSON round-trip and parameter counts."""
+
+import json
+
+import pytest
+
+import moekit
+
+
+def test_round_trip_json(make_cfg):
+    cfg = make_cfg(k=3, score="sigmoid", n_group=2, topk_group=1, num_shared_experts=2, shared_gate=True,
+                   capacity_factor=1.25, num_experts=8)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["type"] == "MoEConfig" and d["version"] == 1
+    assert moekit.MoEConfig.from_dict(d) == cfg
+    r = cfg.router
+    assert moekit.RouterConfig.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def test_unknown_keys_warn_not_crash(make_cfg):
+    d = make_cfg().to_dict()
+    d["future_field"] = 1
+    with pytest.warns(UserWarning, match="future_field"):
+        assert moekit.MoEConfig.from_dict(d) == make_cfg()
+
+
+def test_wrong_type_and_newer_version_are_refused(make_cfg):
+    d = make_cfg().to_dict()
+    with pytest.raises(ValueError, match="cannot be read as RouterConfig"):
+        moekit.RouterConfig.from_dict(d)
+    d["version"] = 99
+    with pytest.raises(ValueError, match="version 99"):
+        moekit.MoEConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"k": 5}, r"RouterConfig.k=5 .*\[1, num_experts=4\]"),
+    ({"k": 0}, r"RouterConfig.k=0"),
+    ({"kind": "nope"}, r"RouterConfig.kind: unknown router 'nope'; registered: \['expert_choice', 'topk'"),
+    ({"capacity_factor": 0.0}, r"MoEConfig.capacity_factor=0.0 .*None \(dropless\) or a float > 0"),
+    ({"capacity_factor": -1.0}, r"MoEConfig.capacity_factor"),
+    ({"score": "relu"}, r"RouterConfig.score='relu' .*one of \('softmax', 'sigmoid'\)"),
+    ({"n_group": 3}, r"RouterConfig.n_group=3 .*divisor of num_experts=4"),
+    ({"n_group": 2, "topk_group": 3}, r"RouterConfig.topk_group=3 .*\[1, n_group=2\]"),
+    ({"n_group": 4, "topk_group": 1, "k": 2}, r"k <= topk_group \* num_experts / n_group = 1"),
+    ({"activation": "tanh"}, r"MoEConfig.activation='tanh'"),
+    ({"backend": "triton"}, r"MoEConfig.backend='triton' .*one of \('auto', 'grouped_mm', 'reference'\)"),
+    ({"d_model": 0}, r"MoEConfig.d_model=0"),
+    ({"ec_capacity_factor": 0.0, "kind": "expert_choice"}, r"RouterConfig.ec_capacity_factor"),
+])
+def test_validation_names_field_and_allowed_values(make_cfg, kw, match):
+    with pytest.raises(ValueError, match=match):
+        moekit.MoELayer(make_cfg(**kw))
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"num_shared_experts": 2, "shared_gate": True}, {"activation": "gelu"}, {"num_experts": 8, "k": 3},
+    {"num_shared_experts": 1, "d_shared": 40, "activation": "gelu"},
+])
+def test_param_counts_without_building(make_cfg, kw):
+    cfg = make_cfg(**kw)
+    layer = moekit.MoELayer(cfg)
+    assert cfg.num_params() == sum(p.numel() for p in layer.parameters())
+    per_expert = layer.experts.down_proj[0].numel() * (3 if cfg.activation == "swiglu" else 2)
+    shared = sum(p.numel() for n, p in layer.named_parameters() if n.startswith("shared"))
+    assert cfg.num_active_params() == cfg.num_experts * 32 + cfg.router.k * per_expert + shared
+
+
+def test_fine_grained_segmentation_keeps_params(make_cfg):
+    cfg = make_cfg(num_experts=4, k=2)
+    fg = cfg.fine_grained(4)
+    assert (fg.num_experts, fg.d_expert, fg.router.k) == (16, 16, 8)
+    # expert parameters are unchanged; only the router grows
+    assert fg.num_params() - fg.num_experts * 32 == cfg.num_params() - cfg.num_experts * 32
+    assert fg.num_active_params() - 16 * 32 == cfg.num_active_params() - 4 * 32
+    moekit.MoELayer(fg)
+    with pytest.raises(ValueError, match="divisor of d_expert=64"):
+        cfg.fine_grained(3)
