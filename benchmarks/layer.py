@@ -1,0 +1,186 @@
+"""MoE layer speed against a dense FFN of the same active FLOPs and against transformers.
+
+For each case (dtype, E, T, pass) it prints one JSON object:
+  moekit_ms      moekit MoELayer (router + dispatch + experts), median of --repeats after warm-up
+  dense_ms       one dense SwiGLU FFN of the same width on T*k rows (the same active FLOPs), with
+                 the same GEMM compute dtype as moekit (so ratio_dense isolates routing overhead)
+  dense_native_ms the dense FFN with plain torch ops in the case dtype (bf16 forward only)
+  hf_<impl>_ms   transformers' OlmoeSparseMoeBlock (same weights, same routing rule) per experts
+                 implementation (eager, grouped_mm, batched_mm where its T*k weight gather fits)
+  hf_ms          the fastest of those;  ratio_dense = moekit/dense,  ratio_hf = moekit/hf
+  bw_floor_ms    (T <= 16) bytes of the distinct experts' weights the routing touches / memory
+                 bandwidth measured in this run (best of a large GEMV and a large sum)
+  peak_rss_mb    peak resident memory of this process so far
+All measurements of one case are taken in one process, one after another.
+
+Usage: python benchmarks/layer.py [--quick] [--out results.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import OlmoeConfig
+from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+
+import moekit
+from moekit.ops.grouped import compute_dtype
+
+HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
+BATCHED_MM_LIMIT_BYTES = 4 * 2**30  # batched_mm gathers T*k copies of an expert's weights
+
+
+def median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_bandwidth_gbs() -> float:
+    """Best read bandwidth seen streaming a 256 MiB fp32 matrix (GEMV and sum)."""
+    a = torch.randn(8192, 8192)
+    v = torch.randn(8192)
+    nbytes = a.numel() * a.element_size()
+    best = min(median_ms(lambda: torch.mv(a, v), 5), median_ms(lambda: a.sum(), 5))
+    return nbytes / (best / 1e3) / 1e9
+
+
+def make_hf_block(layer: moekit.MoELayer, impl: str) -> OlmoeSparseMoeBlock:
+    cfg = layer.cfg
+    hf_cfg = OlmoeConfig(hidden_size=cfg.d_model, intermediate_size=cfg.d_expert, num_experts=cfg.num_experts,
+                         num_experts_per_tok=cfg.router.k, norm_topk_prob=cfg.router.normalize)
+    hf_cfg._experts_implementation = impl
+    with torch.device("meta"):
+        block = OlmoeSparseMoeBlock(hf_cfg)
+    # Share moekit's Parameters: identical weights, no copy.
+    block.gate.weight = layer.router.weight
+    block.experts.gate_up_proj = layer.experts.gate_up_proj
+    block.experts.down_proj = layer.experts.down_proj
+    return block
+
+
+def time_module(fn, x, backward: bool, params, repeats: int) -> float:
+    if not backward:
+        with torch.no_grad():
+            return median_ms(lambda: fn(x), repeats)
+    g = torch.randn_like(x)
+
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        fn(x).backward(g)
+
+    return median_ms(step, repeats)
+
+
+def run_case(dtype, E, T, backward, args, bandwidth_gbs):
+    D, Fw, k = args.d_model, args.d_expert, args.k
+    torch.manual_seed(0)
+    cfg = moekit.MoEConfig(d_model=D, d_expert=Fw, num_experts=E, router=moekit.RouterConfig(k=k))
+    layer = moekit.MoELayer(cfg).to(dtype)
+    # A trained router is far from uniform, but random weights at this scale route near-uniformly,
+    # which is the case that touches the most experts.
+    params = list(layer.parameters())
+    x = torch.randn(T, D, dtype=dtype, requires_grad=backward)
+    res = {"bench": "layer", "dtype": str(dtype).replace("torch.", ""), "T": T, "E": E, "k": k, "D": D, "F": Fw,
+           "pass": "fwd+bwd" if backward else "fwd",
+           "gemm_compute_dtype": str(compute_dtype(dtype, x.device)).replace("torch.", "")}
+    res["moekit_ms"] = time_module(layer, x, backward, params, args.repeats)
+
+    # Dense FFN with the same active FLOPs: T*k rows through one expert's weights.
+    cdt = compute_dtype(dtype, x.device)
+    w_gu = layer.experts.gate_up_proj.detach()[0].clone().requires_grad_(backward)
+    w_d = layer.experts.down_proj.detach()[0].clone().requires_grad_(backward)
+    x_rows = torch.randn(T * k, D, dtype=dtype, requires_grad=backward)
+
+    def dense(x_MD, c=cdt):
+        g, u = F.linear(x_MD.to(c), w_gu.to(c)).chunk(2, dim=-1)
+        return F.linear(F.silu(g) * u, w_d.to(c)).to(x_MD.dtype)
+
+    res["dense_ms"] = time_module(dense, x_rows, backward, [w_gu, w_d], args.repeats)
+    if dtype != cdt and not backward:
+        res["dense_native_ms"] = time_module(lambda t: dense(t, dtype), x_rows, False, [], args.repeats)
+
+    for impl in HF_IMPLS:
+        if impl == "batched_mm" and T * k * 3 * D * Fw * x.element_size() * (3 if backward else 1) > BATCHED_MM_LIMIT_BYTES:
+            continue
+        if impl == "eager" and backward and dtype == torch.bfloat16 and args.skip_slow_hf:
+            continue
+        block = make_hf_block(layer, impl)
+        res[f"hf_{impl}_ms"] = time_module(lambda t, b=block: b(t.unsqueeze(0)).squeeze(0), x, backward,
+                                           params, args.repeats)
+    hf = {kk: v for kk, v in res.items() if kk.startswith("hf_") and kk.endswith("_ms")}
+    res["hf_ms"] = min(hf.values())
+    res["hf_fastest"] = min(hf, key=hf.get)[3:-3]
+    res["ratio_dense"] = res["moekit_ms"] / res["dense_ms"]
+    res["ratio_hf"] = res["moekit_ms"] / res["hf_ms"]
+    if "hf_eager_ms" in res:
+        res["ratio_hf_eager"] = res["moekit_ms"] / res["hf_eager_ms"]
+    if T <= 16:
+        with torch.no_grad():
+            layer(x)
+        touched = int((layer.routing_info().counts_E > 0).sum())
+        nbytes = touched * 3 * D * Fw * x.element_size()
+        res["experts_touched"] = touched
+        res["bw_floor_ms"] = nbytes / (bandwidth_gbs * 1e9) * 1e3
+        res["ratio_bw"] = res["moekit_ms"] / res["bw_floor_ms"]
+    res["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in res.items()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI-sized run: E=8, T in {1, 16, 512}, fp32, 3 repeats")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--experts", default="8,32,64")
+    p.add_argument("--tokens", default="1,16,4096")
+    p.add_argument("--backward-tokens", default="4096", help="T values also timed forward+backward")
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--d-expert", type=int, default=1024)
+    p.add_argument("--k", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip-slow-hf", action="store_true",
+                   help="skip transformers' eager bf16 forward+backward (tens of seconds per run on AVX2 CPUs)")
+    p.add_argument("--out", help="also append the JSON lines to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.dtypes, args.experts, args.tokens, args.backward_tokens, args.repeats = "float32", "8", "1,16,512", "512", 3
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    bandwidth = measure_bandwidth_gbs()
+    machine = {"bench": "machine", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "moekit": moekit.__version__, "bandwidth_gbs": round(bandwidth, 2)}
+    lines = [machine]
+    print(json.dumps(machine), flush=True)
+    for dtype in dtypes:
+        for E in map(int, args.experts.split(",")):
+            for T in map(int, args.tokens.split(",")):
+                passes = [False] + ([True] if str(T) in args.backward_tokens.split(",") else [])
+                for backward in passes:
+                    res = run_case(dtype, E, T, backward, args, bandwidth)
+                    lines.append(res)
+                    print(json.dumps(res), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            for line in lines:
+                f.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()
