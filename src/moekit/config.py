@@ -42,11 +42,14 @@ class RouterConfig:
     """How tokens pick experts. `kind` names a registered router (see `moekit.routers`).
 
     Fields used by `topk` (the Mixtral / OLMoE / Qwen / DeepSeek family):
-      k, score ("softmax"|"sigmoid"), normalize (renormalise the top-k weights;
-      transformers' `norm_topk_prob`), routed_scaling_factor, n_group/topk_group (group-limited
+      k, score ("softmax"|"sigmoid"), normalize (renormalise the chosen weights; transformers'
+      `norm_topk_prob`; None = the router's default: True for topk, False for topp),
+      routed_scaling_factor, n_group/topk_group (group-limited
       selection), bias_update_rate (gamma of aux-loss-free balancing; 0 disables the bias),
       bias_recenter (keep sum(bias)=0), jitter (multiply the router input by U(1-eps, 1+eps) in
       training).
+    Fields used by `topp` (arXiv 2403.07652): p (cumulative-probability threshold), min_k, max_k
+    (optional cap), normalize.
     Fields used by `expert_choice`: ec_capacity_factor (each expert takes
     round(ec_capacity_factor*T/E) tokens), allow_causal_leak.
     """
@@ -54,7 +57,7 @@ class RouterConfig:
     kind: str = "topk"
     k: int = 2
     score: str = "softmax"
-    normalize: bool = True
+    normalize: bool | None = None
     routed_scaling_factor: float = 1.0
     n_group: int = 1
     topk_group: int = 1
@@ -63,6 +66,12 @@ class RouterConfig:
     jitter: float = 0.0
     ec_capacity_factor: float = 2.0
     allow_causal_leak: bool = False
+    p: float = 0.4
+    min_k: int = 1
+    max_k: int | None = None
+
+    def normalize_or(self, default: bool) -> bool:
+        return default if self.normalize is None else self.normalize
 
     def validate(self, num_experts: int) -> RouterConfig:
         from moekit.routers import router_class  # late import: routers depend on this module
@@ -78,6 +87,11 @@ class RouterConfig:
                f"an integer in [1, n_group={self.n_group}]")
         _check(self.bias_update_rate >= 0, "RouterConfig.bias_update_rate", self.bias_update_rate, "a float >= 0")
         _check(0 <= self.jitter < 1, "RouterConfig.jitter", self.jitter, "a float in [0, 1)")
+        _check(0 < self.p <= 1, "RouterConfig.p", self.p, "a float in (0, 1]")
+        _check(1 <= self.min_k <= num_experts, "RouterConfig.min_k", self.min_k,
+               f"an integer in [1, num_experts={num_experts}]")
+        _check(self.max_k is None or self.min_k <= self.max_k <= num_experts, "RouterConfig.max_k", self.max_k,
+               f"None or an integer in [min_k={self.min_k}, num_experts={num_experts}]")
         _check(self.ec_capacity_factor > 0, "RouterConfig.ec_capacity_factor", self.ec_capacity_factor,
                "a float > 0")
         cls.check_config(self, num_experts)
@@ -86,7 +100,10 @@ class RouterConfig:
     def describe(self) -> str:
         if self.kind == "expert_choice":
             return f"ec_capacity_factor={self.ec_capacity_factor}"
-        parts = [f"k={self.k}", f"score={self.score}", f"normalize={self.normalize}"]
+        if self.kind == "topp":
+            cap = f", max_k={self.max_k}" if self.max_k is not None else ""
+            return f"p={self.p}, min_k={self.min_k}{cap}, normalize={self.normalize_or(False)}"
+        parts = [f"k={self.k}", f"score={self.score}", f"normalize={self.normalize_or(True)}"]
         if self.routed_scaling_factor != 1.0:
             parts.append(f"scale={self.routed_scaling_factor}")
         if self.n_group > 1:
@@ -178,8 +195,13 @@ class MoEConfig:
         return router + self.num_experts * self._expert_params() + self._shared_params()
 
     def expected_experts_per_token(self) -> float:
+        """Experts per token used for active-parameter counts. Dynamic routers choose per token:
+        top-p counts its cap (max_k, else all E) as the worst case; measure the real average with
+        `routing_info().stats()`."""
         if self.router.kind == "expert_choice":
             return float(min(self.num_experts, self.router.ec_capacity_factor))
+        if self.router.kind == "topp":
+            return float(self.router.max_k or self.num_experts)
         return float(min(self.router.k, self.num_experts))
 
     def num_active_params(self) -> int:

@@ -128,6 +128,7 @@ class MoELayer(nn.Module):
     def _aux_losses(self, route: RouterOutput, counts_E: torch.Tensor, num_valid: int,
                     valid_T: torch.Tensor | None, lead_shape: torch.Size) -> dict[str, torch.Tensor]:
         aux = dict(route.aux)
+        aux.update(self.router.aux_losses(route, valid_T))
         aux["load_balance"] = losses.load_balance_loss(route.scores_TE, counts_E, num_valid, valid_T)
         aux["z_loss"] = losses.z_loss(route.logits_TE, valid_T)
         if len(lead_shape) == 2:

@@ -153,5 +153,9 @@ class Router(nn.Module):
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
         raise NotImplementedError
 
+    def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Router-specific unscaled losses over valid tokens (the layer adds the common ones)."""
+        return {}
+
     def extra_repr(self) -> str:
         return f"kind={self.kind}, d_model={self.d_model}, num_experts={self.num_experts}, {self.cfg.describe()}"

@@ -58,7 +58,7 @@ class TopKRouter(Router):
             choice_TE = self._limit_groups(choice_TE)
         idx_TK = torch.topk(choice_TE, cfg.k, dim=-1, sorted=False).indices
         w_TK = scores_TE.gather(1, idx_TK)
-        if cfg.normalize:
+        if cfg.normalize_or(True):
             # 1e-20 as in DeepSeek-V3's reference: keeps an all-zero sigmoid row finite.
             w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if cfg.routed_scaling_factor != 1.0:

@@ -1,0 +1,59 @@
+"""Top-p dynamic router: "Harder Tasks Need More Experts: Dynamic Routing in MoE Models"
+(Huang et al., arXiv 2403.07652).
+
+Legend: T tokens, E experts, S sorted expert slots.
+
+Stages (all fp32, vectorised over tokens):
+  1. P_TE = softmax(logits)                                 (no temperature)
+  2. sort P descending (stable: ties go to the lower expert id) -> P_TS, idx_TS; c = cumsum
+  3. slot s is selected iff the mass before it, c_s - P_s, is <= p: every expert with c <= p
+     plus the one that crosses p (strict >), so a cumulative mass equal to p does not stop
+     the selection; then min_k <= count <= max_k
+  4. weights = raw P of the selected experts (renormalised only if normalize=True)
+Dynamic loss L_d = mean_t sum_i entr(P_ti): the router entropy, returned as aux["dynamic"]
+(weight 1e-4 in the paper); without it the router flattens and selects ever more experts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.config import RouterConfig
+from moekit.routers.base import Router, RouterOutput, register
+
+
+@register("topp")
+class TopPRouter(Router):
+    @classmethod
+    def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:
+        if cfg.score != "softmax":
+            raise ValueError(f"RouterConfig.score={cfg.score!r} is invalid for kind='topp'; allowed: 'softmax' "
+                             "(top-p needs a probability distribution over experts)")
+
+    def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
+        cfg = self.cfg
+        scores_TE = torch.softmax(logits_TE, dim=-1)
+        P_TS, idx_TS = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
+        mass_before_TS = torch.cumsum(P_TS, dim=-1) - P_TS
+        # arXiv 2403.07652 eq. 5-6: smallest prefix whose cumulative probability exceeds p.
+        keep_TS = mass_before_TS <= cfg.p
+        slot_S = torch.arange(P_TS.shape[-1], device=P_TS.device)
+        keep_TS |= slot_S < cfg.min_k
+        if cfg.max_k is not None:
+            keep_TS &= slot_S < cfg.max_k
+        token_idx_N, slot_N = keep_TS.nonzero(as_tuple=True)
+        expert_idx_N = idx_TS[token_idx_N, slot_N]
+        weight_N = P_TS[token_idx_N, slot_N]
+        if cfg.normalize_or(False):
+            mass_T = (P_TS * keep_TS).sum(-1)
+            weight_N = weight_N / mass_T[token_idx_N]
+        return RouterOutput(token_idx_N, expert_idx_N, weight_N, scores_TE, logits_TE)
+
+    def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        # Safe entropy: entr(0) = 0, so saturated routers give no NaN.
+        entropy_T = torch.special.entr(route.scores_TE).sum(-1)
+        if valid_T is None:
+            dyn = entropy_T.mean() if entropy_T.numel() else entropy_T.new_zeros(())
+        else:
+            dyn = (entropy_T * valid_T).sum() / valid_T.sum().clamp(min=1)
+        return {"dynamic": dyn}
