@@ -36,7 +36,7 @@ def test_wrong_type_and_newer_version_are_refused(make_cfg):
 @pytest.mark.parametrize("kw,match", [
     ({"k": 5}, r"RouterConfig.k=5 .*\[1, num_experts=4\]"),
     ({"k": 0}, r"RouterConfig.k=0"),
-    ({"kind": "nope"}, r"RouterConfig.kind: unknown router 'nope'; registered: \['expert_choice', 'topk'"),
+    ({"kind": "nope"}, r"RouterConfig.kind: unknown router 'nope'; registered: \['expert_choice', 'null', 'topk', 'topp'\]"),
     ({"capacity_factor": 0.0}, r"MoEConfig.capacity_factor=0.0 .*None \(dropless\) or a float > 0"),
     ({"capacity_factor": -1.0}, r"MoEConfig.capacity_factor"),
     ({"score": "relu"}, r"RouterConfig.score='relu' .*one of \('softmax', 'sigmoid'\)"),

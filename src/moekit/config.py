@@ -50,6 +50,8 @@ class RouterConfig:
       training).
     Fields used by `topp` (arXiv 2403.07652): p (cumulative-probability threshold), min_k, max_k
     (optional cap), normalize.
+    Fields used by `null` (AdaMoE, arXiv 2406.13233): n_null parameter-free null experts, k (top-k
+    over E + n_null), normalize (over the chosen real experts; default True).
     Fields used by `expert_choice`: ec_capacity_factor (each expert takes
     round(ec_capacity_factor*T/E) tokens), allow_causal_leak.
     """
@@ -69,6 +71,7 @@ class RouterConfig:
     p: float = 0.4
     min_k: int = 1
     max_k: int | None = None
+    n_null: int = 0
 
     def normalize_or(self, default: bool) -> bool:
         return default if self.normalize is None else self.normalize
@@ -92,6 +95,7 @@ class RouterConfig:
                f"an integer in [1, num_experts={num_experts}]")
         _check(self.max_k is None or self.min_k <= self.max_k <= num_experts, "RouterConfig.max_k", self.max_k,
                f"None or an integer in [min_k={self.min_k}, num_experts={num_experts}]")
+        _check(self.n_null >= 0, "RouterConfig.n_null", self.n_null, "an integer >= 0")
         _check(self.ec_capacity_factor > 0, "RouterConfig.ec_capacity_factor", self.ec_capacity_factor,
                "a float > 0")
         cls.check_config(self, num_experts)
@@ -104,6 +108,8 @@ class RouterConfig:
             cap = f", max_k={self.max_k}" if self.max_k is not None else ""
             return f"p={self.p}, min_k={self.min_k}{cap}, normalize={self.normalize_or(False)}"
         parts = [f"k={self.k}", f"score={self.score}", f"normalize={self.normalize_or(True)}"]
+        if self.kind == "null":
+            parts.append(f"n_null={self.n_null}")
         if self.routed_scaling_factor != 1.0:
             parts.append(f"scale={self.routed_scaling_factor}")
         if self.n_group > 1:
@@ -202,6 +208,9 @@ class MoEConfig:
             return float(min(self.num_experts, self.router.ec_capacity_factor))
         if self.router.kind == "topp":
             return float(self.router.max_k or self.num_experts)
+        if self.router.kind == "null":
+            # real experts per token at balance: k * E / (E + n_null)  (AdaMoE)
+            return self.router.k * self.num_experts / (self.num_experts + self.router.n_null)
         return float(min(self.router.k, self.num_experts))
 
     def num_active_params(self) -> int:

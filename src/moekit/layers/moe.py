@@ -37,11 +37,17 @@ class RoutingInfo:
     counts_E: torch.Tensor  # executed assignments per expert
     num_dropped: int
     num_tokens: int  # valid tokens
+    num_null: int = 0  # picks of null experts (AdaMoE), which were never dispatched
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def experts_per_token_T(self) -> torch.Tensor:
         return self.route.experts_per_token_T()
+
+    def null_rate(self) -> float:
+        """Share of the router's picks that went to null experts (0 without null experts)."""
+        picks = self.num_null + self.route.num_assignments
+        return self.num_null / picks if picks else 0.0
 
     def stats(self) -> dict[str, float | list[int]]:
         per_token = self.experts_per_token_T
@@ -52,6 +58,7 @@ class RoutingInfo:
             "experts_per_token_mean": float(self.route.num_assignments) / n,
             "experts_per_token_hist": torch.bincount(per_token).tolist() if per_token.numel() else [],
             "dropped_rate": self.num_dropped / total,
+            "null_rate": self.null_rate(),
             "counts": self.counts_E.tolist(),
         }
 
@@ -119,8 +126,9 @@ class MoELayer(nn.Module):
 
         aux = self._aux_losses(route, plan.counts_E, num_valid, valid_T, lead_shape)
         route.aux.update(aux)
+        num_null = 0 if route.null_scores_TM is None else self.cfg.router.k * num_valid - route.num_assignments
         self._info = RoutingInfo(route=_detached(route), counts_E=plan.counts_E.detach(),
-                                 num_dropped=plan.num_dropped, num_tokens=num_valid, aux=aux)
+                                 num_dropped=plan.num_dropped, num_tokens=num_valid, num_null=num_null, aux=aux)
         if self._should_accumulate():
             self.step_counts_E += plan.counts_E.detach()
         return y_TD.view(*lead_shape, self.cfg.d_model)
@@ -128,7 +136,6 @@ class MoELayer(nn.Module):
     def _aux_losses(self, route: RouterOutput, counts_E: torch.Tensor, num_valid: int,
                     valid_T: torch.Tensor | None, lead_shape: torch.Size) -> dict[str, torch.Tensor]:
         aux = dict(route.aux)
-        aux.update(self.router.aux_losses(route, valid_T))
         aux["load_balance"] = losses.load_balance_loss(route.scores_TE, counts_E, num_valid, valid_T)
         aux["z_loss"] = losses.z_loss(route.logits_TE, valid_T)
         if len(lead_shape) == 2:
@@ -136,6 +143,7 @@ class MoELayer(nn.Module):
             aux["seq_balance"] = losses.sequence_balance_loss(
                 route.scores_TE.view(B, T, -1), route.expert_idx_N, route.token_idx_N,
                 self.cfg.expected_experts_per_token(), None if valid_T is None else valid_T.view(B, T))
+        aux.update(self.router.aux_losses(route, valid_T))  # router-specific rules take precedence
         return aux
 
     def _should_accumulate(self) -> bool:
@@ -167,8 +175,9 @@ class MoELayer(nn.Module):
 
 
 def _detached(route: RouterOutput) -> RouterOutput:
+    null = None if route.null_scores_TM is None else route.null_scores_TM.detach()
     return RouterOutput(route.token_idx_N, route.expert_idx_N, route.weight_N.detach(),
-                        route.scores_TE.detach(), route.logits_TE.detach(), {})
+                        route.scores_TE.detach(), route.logits_TE.detach(), {}, null)
 
 
 def update_router_biases(model: nn.Module) -> None:

@@ -9,6 +9,8 @@ A router maps `x_TD` to a `RouterOutput`:
   weight_N     (N,) float   combine weight (fp32)
   scores_TE    (T, E) fp32  full router probabilities (for losses and analysis)
   logits_TE    (T, E) fp32  raw router logits
+  null_scores_TM (T, M) fp32 or None: probabilities of M null experts (AdaMoE); null picks are
+               never in the assignment (they cost nothing and output nothing)
   aux          dict[str, Tensor]  unscaled auxiliary losses (returned, never global)
 
 Padding is an encoding detail for analysis only (`to_padded`); dispatch reads the
@@ -59,6 +61,7 @@ class RouterOutput:
     scores_TE: torch.Tensor
     logits_TE: torch.Tensor
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    null_scores_TM: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -112,7 +115,7 @@ class RouterOutput:
         """A copy with only the assignments where `mask_N` is true."""
         return RouterOutput(
             self.token_idx_N[mask_N], self.expert_idx_N[mask_N], self.weight_N[mask_N],
-            self.scores_TE, self.logits_TE, self.aux,
+            self.scores_TE, self.logits_TE, self.aux, self.null_scores_TM,
         )
 
 

@@ -1,0 +1,397 @@
+"""Expert-cache simulators over routing traces: LRU, LFU, SCH, static, and the two
+optimal bounds bypass-MIN and set-MIN (definitions in /work/shared/design/offload.md
+and docs/analysis-metrics.md).
+
+Legend of shape suffixes:
+  N  steps (one token of one layer)   K  expert slots per step (-1 = empty slot)
+  R  valid requests, flattened in step order, row order within a step
+  L  layers   E  experts per layer   C  cache capacity in experts
+
+A request stream `requests_NK` lists, per step, the SET of expert ids it needs. Per-layer
+caches see one stream per layer (steps = tokens); the whole-model cache sees one stream
+of (token, layer) steps in execution order (token 0 layer 0, token 0 layer 1, ...), with
+ids offset by layer * E. `layer_requests`, `model_requests` and `simulate_trace` build
+these from a RoutingTrace.
+
+Conventions shared by every simulator:
+  * A request is a hit iff its expert was resident before the step began.
+  * Recency is the order of use: a step's experts are used in row order, after every
+    earlier step's experts.
+  * cold: the cache starts empty, every first touch misses.
+    warm: compulsory misses while fewer than C distinct experts have been seen count as
+    hits (the convention of arXiv 2505.16056). The first touches of the first min(C, D)
+    distinct experts miss under every policy, so warm_hits = hits + min(C, D) for every
+    policy (D = distinct experts in the stream) and both conventions order policies alike.
+  * LRU, LFU and SCH keep all of a step's experts resident (they need C >= K_max) and
+    evict only experts the current step does not request.
+
+Simulations are sequential: plain Python loops over flattened request lists, with an
+OrderedDict (LRU) or a lazy-deletion heap (LFU, SCH, MIN); next uses come from one
+vectorised pass.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from moekit.analysis.metrics import RoutingTrace
+
+__all__ = [
+    "CacheResult", "bypass_min", "layer_requests", "model_requests", "set_min", "simulate_lfu",
+    "simulate_lru", "simulate_sch", "simulate_static", "simulate_trace",
+]
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    """Outcome of one simulation (or a sum of several, e.g. one cache per layer).
+
+    hits: cold-cache hits. warm_hits: hits counting the first min(C, D) compulsory misses
+    as hits. requests: valid requests. hit_R: per-request hit flags in step order, row
+    order within a step (None for sums of several streams).
+    """
+
+    hits: int
+    warm_hits: int
+    requests: int
+    hit_R: np.ndarray | None = None
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else float("nan")
+
+    @property
+    def warm_hit_rate(self) -> float:
+        return self.warm_hits / self.requests if self.requests else float("nan")
+
+    def __add__(self, other: CacheResult) -> CacheResult:
+        return CacheResult(self.hits + other.hits, self.warm_hits + other.warm_hits,
+                           self.requests + other.requests)
+
+
+# ----------------------------------------------------------------------------- stream helpers
+
+
+@dataclass
+class _Stream:
+    """A request stream flattened to Python lists for fast sequential loops."""
+
+    ids: list[int]        # expert id of each request
+    step_R: np.ndarray    # step index of each request
+    last: list[bool]      # True on the last request of its step: end-of-step work happens there
+    num_steps: int
+    k_max: int            # most requests in one step
+    num_ids: int          # ids lie in 0..num_ids-1
+    distinct: int         # D, distinct experts requested
+
+
+def _flatten(requests_NK: np.ndarray) -> _Stream:
+    r = np.asarray(requests_NK)
+    if r.ndim != 2 or not np.issubdtype(r.dtype, np.integer):
+        raise ValueError(f"requests_NK must be a 2-d integer array (steps, K_max), got {r.dtype} {r.shape}")
+    valid = r >= 0
+    if r.size and r.min() < -1:
+        raise ValueError(f"expert ids must be >= 0 (or -1 for an empty slot), found {r.min()}")
+    srt = np.sort(r, axis=1)
+    if np.any((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)):
+        raise ValueError("a step requests the same expert twice; each step must request a set")
+    step_R = np.nonzero(valid)[0]
+    ids_R = r[valid].astype(np.int64)
+    last_R = np.ones(ids_R.size, dtype=bool)
+    last_R[:-1] = step_R[1:] != step_R[:-1]
+    return _Stream(ids_R.tolist(), step_R, last_R.tolist(), r.shape[0],
+                   int(valid.sum(axis=1).max()) if r.size else 0,
+                   int(ids_R.max()) + 1 if ids_R.size else 0, int(np.unique(ids_R).size))
+
+
+def _next_use(st: _Stream, never: int) -> list[int]:
+    """Step of the next request of the same expert, `never` if none (one backward pass, vectorised)."""
+    ids_R = np.asarray(st.ids, dtype=np.int64)
+    nxt_R = np.full(ids_R.size, never, dtype=np.int64)
+    if ids_R.size:
+        order = np.argsort(ids_R, kind="stable")  # stable: per expert, requests stay in step order
+        same = ids_R[order[1:]] == ids_R[order[:-1]]
+        nxt_R[order[:-1][same]] = st.step_R[order[1:][same]]
+    return nxt_R.tolist()
+
+
+def _result(hit: list[bool], st: _Stream, C: int) -> CacheResult:
+    hits = int(sum(hit))
+    return CacheResult(hits, hits + min(C, st.distinct), len(st.ids), np.array(hit, dtype=bool))
+
+
+def _check_capacity(C: int, st: _Stream, needs_k: bool) -> None:
+    if C < 1:
+        raise ValueError(f"cache capacity C must be >= 1, got {C}")
+    if needs_k and C < st.k_max:
+        raise ValueError(f"this policy keeps all of a step's experts resident, so C must be >= the most "
+                         f"experts one step requests ({st.k_max}), got C={C}")
+
+
+def _compact(heap: list[int], valid: Callable[[int], bool]) -> list[int]:
+    """Drop stale lazy-deletion entries so the heap stays O(C) in size."""
+    heap = [x for x in heap if valid(x)]
+    heapq.heapify(heap)
+    return heap
+
+
+# ----------------------------------------------------------------------------- online policies
+
+
+def simulate_lru(requests_NK: np.ndarray, C: int) -> CacheResult:
+    """Least recently used: insert every requested expert, evict the least recently used."""
+    st = _flatten(requests_NK)
+    _check_capacity(C, st, needs_k=True)
+    cache: OrderedDict[int, None] = OrderedDict()
+    hit = []
+    for e, last in zip(st.ids, st.last, strict=True):
+        if e in cache:
+            hit.append(True)
+            cache.move_to_end(e)
+        else:
+            hit.append(False)
+            cache[e] = None
+        # NOTE: evicting at the end of the step equals evicting at each insertion: the step's
+        # experts are the C >= K most recent, so the LRU victims are the same either way.
+        if last:
+            while len(cache) > C:
+                cache.popitem(last=False)
+    return _result(hit, st, C)
+
+
+def simulate_lfu(requests_NK: np.ndarray, C: int) -> CacheResult:
+    """Least frequently used: evict the resident with the fewest uses so far (counted over the
+    whole stream, also before an eviction: "perfect" LFU), ties by least recent use."""
+    st = _flatten(requests_NK)
+    _check_capacity(C, st, needs_k=True)
+    ids, B = st.ids, len(st.ids) + 1
+    resident = [False] * st.num_ids
+    count = [0] * st.num_ids
+    last_use = [-1] * st.num_ids  # index of the expert's latest request: a total recency order
+    # Heap keys are ints uses * B + request index (faster than tuples); the index names the
+    # expert (ids[index]) and makes an entry stale once the expert is used again.
+    heap: list[int] = []
+    n_res, step_start, hit = 0, 0, []
+    for i, (e, last) in enumerate(zip(ids, st.last, strict=True)):
+        hit.append(resident[e])
+        if not resident[e]:
+            resident[e] = True
+            n_res += 1
+        count[e] += 1
+        last_use[e] = i
+        heapq.heappush(heap, count[e] * B + i)
+        if not last:
+            continue
+        held = []
+        while n_res > C:
+            key = heapq.heappop(heap)
+            u = key % B
+            x = ids[u]
+            if not resident[x] or last_use[x] != u:
+                continue
+            if u >= step_start:  # requested by this step: not evictable
+                held.append(key)
+                continue
+            resident[x] = False
+            n_res -= 1
+        for key in held:
+            heapq.heappush(heap, key)
+        step_start = i + 1
+        if len(heap) > 4 * C + 64:
+            heap = _compact(heap, lambda k: resident[ids[k % B]] and last_use[ids[k % B]] == k % B)
+    return _result(hit, st, C)
+
+
+def simulate_sch(requests_NK: np.ndarray, C: int, n: int, steps_per_token: int = 1) -> CacheResult:
+    """SCH(n, C), segment cache (arXiv 2505.16056): on overflow evict the resident with the fewest
+    uses in the next n-1 tokens, ties by least recent use. n = 1 is exactly LRU.
+
+    The look-ahead covers the next (n-1) * steps_per_token steps; pass steps_per_token = L
+    for a whole-model stream, whose steps are (token, layer) pairs (simulate_trace does).
+    """
+    if n < 1:
+        raise ValueError(f"segment length n must be >= 1, got {n}")
+    st = _flatten(requests_NK)
+    _check_capacity(C, st, needs_k=True)
+    ids, step_R, R = st.ids, st.step_R.tolist(), len(st.ids)
+    B = R + 1
+    lookahead = (n - 1) * steps_per_token
+    resident = [False] * st.num_ids
+    window = [0] * st.num_ids     # uses in steps t+1 .. t+lookahead of the current step t
+    last_use = [-1] * st.num_ids
+    # Keys window * B + request index, as in simulate_lfu. NOTE: between two uses of an expert
+    # its window count only grows (a use leaves the window only at the step that makes it), so
+    # a stored key never exceeds the true one: an outdated entry is re-pushed when popped
+    # ("lazy increase-key") instead of pushing on every window change.
+    heap: list[int] = []
+    n_res, step_start, lo, hi, hit = 0, 0, 0, 0, []
+    for i, (e, last) in enumerate(zip(ids, st.last, strict=True)):
+        hit.append(resident[e])
+        if not resident[e]:
+            resident[e] = True
+            n_res += 1
+        last_use[e] = i
+        if not last:
+            continue
+        # Slide the look-ahead window to (t, t + lookahead]: requests [lo, hi) lie inside it.
+        t = step_R[i]
+        while hi < R and step_R[hi] <= t + lookahead:
+            window[ids[hi]] += 1
+            hi += 1
+        while lo < R and step_R[lo] <= t:
+            window[ids[lo]] -= 1
+            lo += 1
+        for j in range(step_start, i + 1):
+            heapq.heappush(heap, window[ids[j]] * B + j)
+        held = []
+        while n_res > C:
+            key = heapq.heappop(heap)
+            w, u = divmod(key, B)
+            x = ids[u]
+            if not resident[x] or last_use[x] != u:
+                continue
+            if window[x] != w:
+                heapq.heappush(heap, window[x] * B + u)
+                continue
+            if u >= step_start:  # requested by this step: not evictable
+                held.append(key)
+                continue
+            resident[x] = False
+            n_res -= 1
+        for key in held:
+            heapq.heappush(heap, key)
+        step_start = i + 1
+        if len(heap) > 4 * C + 64:
+            heap = _compact(heap, lambda k: resident[ids[k % B]] and last_use[ids[k % B]] == k % B)
+    return _result(hit, st, C)
+
+
+def simulate_static(requests_NK: np.ndarray, C: int, hot_set: np.ndarray | None = None) -> CacheResult:
+    """Static cache: only the experts of `hot_set` (at most C) are ever cached, filled on first
+    use and never evicted; others bypass. hot_set=None takes the C most requested experts of
+    this stream (ties to the lower id): the best static set, an oracle."""
+    st = _flatten(requests_NK)
+    _check_capacity(C, st, needs_k=False)
+    ids_R = np.asarray(st.ids, dtype=np.int64)
+    if hot_set is None:
+        freq = np.bincount(ids_R, minlength=st.num_ids)
+        hot_set = np.argsort(-freq, kind="stable")[:C]
+    hot_set = np.unique(np.asarray(hot_set, dtype=np.int64))
+    if hot_set.size > C:
+        raise ValueError(f"hot_set has {hot_set.size} experts, more than the capacity C={C}")
+    first = np.zeros(ids_R.size, dtype=bool)
+    first[np.unique(ids_R, return_index=True)[1]] = True
+    hit_R = np.isin(ids_R, hot_set) & ~first  # cold: the first touch of a hot expert still misses
+    return CacheResult(int(hit_R.sum()), int(hit_R.sum()) + min(C, st.distinct), ids_R.size, hit_R)
+
+
+# ----------------------------------------------------------------------------- optimal bounds
+
+
+def _min_policy(requests_NK: np.ndarray, C: int, protect_step: bool) -> CacheResult:
+    """Belady-style furthest-next-use eviction; protect_step keeps the step's experts (set-MIN)."""
+    st = _flatten(requests_NK)
+    _check_capacity(C, st, needs_k=protect_step)
+    ids, B = st.ids, len(st.ids) + 1
+    nxt = _next_use(st, never=st.num_steps)  # "no next use" sorts after every real step
+    resident = [False] * st.num_ids
+    last_use = [-1] * st.num_ids
+    # Max-heap on next use via negated int keys -(next use * B + request index); the index
+    # names the expert and makes the entry stale once the expert is used again.
+    heap: list[int] = []
+    n_res, step_start, hit = 0, 0, []
+    for i, (e, last, nu) in enumerate(zip(ids, st.last, nxt, strict=True)):
+        hit.append(resident[e])
+        if not resident[e]:
+            resident[e] = True
+            n_res += 1
+        last_use[e] = i
+        heapq.heappush(heap, -(nu * B + i))
+        if not last:
+            continue
+        held = []
+        while n_res > C:
+            key = heapq.heappop(heap)
+            u = -key % B
+            x = ids[u]
+            if not resident[x] or last_use[x] != u:
+                continue
+            if protect_step and u >= step_start:  # set-MIN: requested by this step, keep it
+                held.append(key)
+                continue
+            resident[x] = False
+            n_res -= 1
+        for key in held:
+            heapq.heappush(heap, key)
+        step_start = i + 1
+        if len(heap) > 4 * C + 64:
+            heap = _compact(heap, lambda k: resident[ids[-k % B]] and last_use[ids[-k % B]] == -k % B)
+    return _result(hit, st, C)
+
+
+def bypass_min(requests_NK: np.ndarray, C: int) -> CacheResult:
+    """Optimal hits when experts may bypass the cache: after each step keep, among the cache and
+    the step's experts, the C whose next use is soonest. Bounds every policy whose cache after a
+    step is a subset of (cache before it) + (the step's experts), bypassing or not."""
+    return _min_policy(requests_NK, C, protect_step=False)
+
+
+def set_min(requests_NK: np.ndarray, C: int) -> CacheResult:
+    """Optimal hits when all of a step's experts must be resident (C >= K_max): Belady, evicting
+    among residents not requested by the step the one used furthest in the future. Bounds
+    LRU, LFU, SCH and any other policy that keeps every requested expert."""
+    return _min_policy(requests_NK, C, protect_step=True)
+
+
+# ----------------------------------------------------------------------------- traces
+
+
+def _pad(a_xK: np.ndarray, K: int) -> np.ndarray:
+    if a_xK.shape[-1] == K:
+        return a_xK
+    pad = np.full((*a_xK.shape[:-1], K - a_xK.shape[-1]), -1, dtype=a_xK.dtype)
+    return np.concatenate([a_xK, pad], axis=-1)
+
+
+def layer_requests(trace: RoutingTrace, seq_idx: list[int] | None = None) -> list[np.ndarray]:
+    """One request stream per layer, requests_NK with the sequences concatenated in order."""
+    seqs = [trace.seqs[i] for i in (range(len(trace.seqs)) if seq_idx is None else seq_idx)]
+    K = max(s.shape[2] for s in seqs)
+    return [np.concatenate([_pad(s[layer], K) for s in seqs]) for layer in range(trace.num_layers)]
+
+
+def model_requests(trace: RoutingTrace, seq_idx: list[int] | None = None) -> np.ndarray:
+    """The whole-model stream: steps (token, layer) in execution order, ids offset by layer * E."""
+    seqs = [trace.seqs[i] for i in (range(len(trace.seqs)) if seq_idx is None else seq_idx)]
+    K, L, E = max(s.shape[2] for s in seqs), trace.num_layers, trace.num_experts
+    parts = []
+    for s in seqs:
+        offset = np.where(s >= 0, s + (np.arange(L) * E)[:, None, None], -1)
+        parts.append(_pad(offset.transpose(1, 0, 2), K).reshape(-1, K))  # (T, L, K) -> (T*L, K)
+    return np.concatenate(parts)
+
+
+def simulate_trace(trace: RoutingTrace, simulator: Callable[..., CacheResult], C: int, *,
+                   shared: bool = False, reset_per_sequence: bool = False, **kwargs) -> CacheResult:
+    """Run `simulator(requests_NK, C, **kwargs)` on a trace and sum the results.
+
+    shared=False: one cache of C experts per layer. shared=True: one cache of C experts for the
+    whole model. By default the cache persists from one sequence to the next (a server handling
+    requests in trace order); reset_per_sequence=True starts every sequence with an empty cache
+    (the warm convention then applies per sequence).
+    """
+    if shared and simulator is simulate_sch:
+        # SCH's look-ahead is in tokens; a whole-model step is one (token, layer) pair.
+        kwargs.setdefault("steps_per_token", trace.num_layers)
+    groups = [[i] for i in range(len(trace.seqs))] if reset_per_sequence else [None]
+    total = CacheResult(0, 0, 0)
+    for idx in groups:
+        streams = [model_requests(trace, idx)] if shared else layer_requests(trace, idx)
+        for req in streams:
+            total = total + simulator(req, C, **kwargs)
+    return total

@@ -1,0 +1,76 @@
+"""Null experts: AdaMoE (Zeng et al., arXiv 2406.13233).
+
+Legend: T tokens, D model dim, E real experts, M null experts, K picks per token.
+
+M parameter-free null experts join the E real ones: softmax over E + M logits, top-k over all of
+them (with a larger k than plain top-k; Mixtral recipe M=16, k=4). A pick of a null expert is
+simply left out of the assignment, so it costs no FLOPs and adds nothing; a token whose picks are
+all null gets zero MoE output. Combine weights are renormalised over the chosen *real* experts.
+
+The gate keeps the real rows in `weight` (E, D) — a pretrained gate's own Parameter can be used
+unchanged — and the null rows in `null_weight` (M, D), which start as copies (tiling) of the real
+rows, as the paper does for a pretrained router.
+
+Balance loss (the paper's rule): each null expert's count is replaced by the mean null count
+(only total null usage is constrained), then the Switch loss over E + M.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.config import RouterConfig
+from moekit.losses import load_balance_loss
+from moekit.routers.base import Router, RouterOutput, register
+
+
+@register("null")
+class NullExpertRouter(Router):
+    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
+        super().__init__(cfg, d_model, num_experts)
+        self.null_weight = nn.Parameter(torch.empty(cfg.n_null, d_model))
+        self.reset_null_rows()
+
+    @classmethod
+    def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:
+        if cfg.n_null < 1:
+            raise ValueError(f"RouterConfig.n_null={cfg.n_null} is invalid for kind='null'; allowed: an integer >= 1")
+        if cfg.k > num_experts + cfg.n_null:
+            raise ValueError(f"RouterConfig.k={cfg.k} is invalid; allowed: an integer in "
+                             f"[1, num_experts + n_null = {num_experts + cfg.n_null}]")
+        if cfg.score != "softmax":
+            raise ValueError(f"RouterConfig.score={cfg.score!r} is invalid for kind='null'; allowed: 'softmax'")
+
+    @torch.no_grad()
+    def reset_null_rows(self) -> None:
+        """Null rows start as copies of the real rows, tiled (arXiv 2406.13233, §3)."""
+        rows = torch.arange(self.cfg.n_null, device=self.weight.device) % self.num_experts
+        self.null_weight.copy_(self.weight[rows])
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        w = torch.cat([self.weight, self.null_weight]).float()
+        return torch.nn.functional.linear(x_TD.float(), w)
+
+    def select(self, logits_TX: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
+        E = self.num_experts
+        probs_TX = torch.softmax(logits_TX, dim=-1)  # X = E + M
+        idx_TK = torch.topk(probs_TX, self.cfg.k, dim=-1, sorted=False).indices
+        w_TK = probs_TX.gather(1, idx_TK)
+        real_TK = idx_TK < E
+        w_TK = w_TK * real_TK
+        if self.cfg.normalize_or(True):
+            w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp(min=1e-20)  # all-null rows stay 0, not NaN
+        route = RouterOutput.from_topk(idx_TK, w_TK, probs_TX[:, :E], logits_TX[:, :E])
+        route.null_scores_TM = probs_TX[:, E:]
+        return route.keep(real_TK.reshape(-1))
+
+    def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        T = route.num_tokens
+        n_valid = T if valid_T is None else int(valid_T.sum())
+        M = self.cfg.n_null
+        real_counts_E = route.counts_E().float()
+        null_total = self.cfg.k * n_valid - real_counts_E.sum()
+        counts_X = torch.cat([real_counts_E, (null_total / M).expand(M)])
+        probs_TX = torch.cat([route.scores_TE, route.null_scores_TM], dim=-1)
+        return {"load_balance": load_balance_loss(probs_TX, counts_X, n_valid, valid_T)}

@@ -1,0 +1,85 @@
+"""Null experts (AdaMoE, arXiv 2406.13233): zero FLOPs, zero output, the paper's balance loss."""
+
+import pytest
+import torch
+
+import moekit
+from moekit import losses
+from moekit.routers.null import NullExpertRouter
+
+
+def null_layer(make_cfg, **kw):
+    return moekit.MoELayer(make_cfg(kind="null", n_null=4, k=2, num_experts=4, num_shared_experts=1, **kw))
+
+
+def test_null_rows_start_as_tiled_copies_and_pretrained_gate_is_shared():
+    cfg = moekit.RouterConfig(kind="null", n_null=5, k=2).validate(3)
+    r = NullExpertRouter(cfg, 8, 3)
+    assert torch.equal(r.null_weight, r.weight[torch.tensor([0, 1, 2, 0, 1])])
+    assert r.weight.shape == (3, 8)  # the real gate keeps its own shape (a pretrained Parameter fits)
+
+
+def test_tokens_routed_only_to_null_get_shared_output_only(make_cfg):
+    layer = null_layer(make_cfg)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.null_weight.zero_()
+        layer.router.null_weight[:, 0] = 100.0  # tokens with x[0] > 0 pick only null experts
+    x = torch.randn(6, 32)
+    x[:3, 0] = 1.0
+    x[3:, 0] = -1.0
+    y = layer(x)
+    info = layer.routing_info()
+    shared = layer.shared_experts(x)
+    torch.testing.assert_close(y[:3], shared[:3])  # zero MoE output, no NaN
+    assert set(info.route.token_idx_N.tolist()) == {3, 4, 5}
+    assert info.num_null == 6 and info.stats()["null_rate"] == pytest.approx(0.5)
+    assert not torch.isnan(y).any()
+
+
+def test_null_picks_cost_no_flops(make_cfg):
+    layer = null_layer(make_cfg)
+    x = torch.randn(40, 32)
+    layer(x)
+    info = layer.routing_info()
+    # only real picks reach dispatch: executed rows = real assignments, fewer than T*k
+    assert int(info.counts_E.sum()) == info.route.num_assignments == 80 - info.num_null
+    assert int(info.route.expert_idx_N.max()) < 4
+
+
+def test_weights_renormalised_over_real_experts(make_cfg):
+    layer = null_layer(make_cfg)
+    layer(torch.randn(30, 32))
+    r = layer.routing_info().route
+    sums = torch.zeros(30).index_add(0, r.token_idx_N, r.weight_N)
+    has_real = r.experts_per_token_T() > 0
+    torch.testing.assert_close(sums[has_real], torch.ones(int(has_real.sum())))
+
+
+def test_balance_loss_replaces_null_counts_by_their_mean(make_cfg):
+    layer = null_layer(make_cfg)
+    x = torch.randn(25, 32)
+    layer(x)
+    info = layer.routing_info()
+    r = info.route
+    E, M, k, T = 4, 4, 2, 25
+    null_total = k * T - r.num_assignments
+    counts = torch.cat([r.counts_E().float(), torch.full((M,), null_total / M)])
+    probs = torch.cat([r.scores_TE, r.null_scores_TM], -1)
+    torch.testing.assert_close(info.aux["load_balance"].detach(), losses.load_balance_loss(probs, counts, T))
+    # at balance the expected number of real experts per token is k*E/(E+M)
+    assert layer.cfg.expected_experts_per_token() == pytest.approx(k * E / (E + M))
+
+
+def test_null_layer_matches_reference_backend(make_cfg):
+    a, b = null_layer(make_cfg), null_layer(make_cfg, backend="reference")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_null_config_errors():
+    with pytest.raises(ValueError, match="n_null=0 is invalid for kind='null'"):
+        moekit.RouterConfig(kind="null").validate(4)
+    with pytest.raises(ValueError, match=r"num_experts \+ n_null = 6"):
+        moekit.RouterConfig(kind="null", n_null=2, k=7).validate(4)
