@@ -1,12 +1,12 @@
 """moekit: Mixture-of-Experts layers with dynamic routing for PyTorch."""
 
 from moekit.config import MoEConfig, RouterConfig
-from moekit.layers import MoELayer, RoutingInfo, moe_layers, route, update_router_biases
+from moekit.layers import MoELayer, RoutingInfo, moe_layers, route, after_optimizer_step
 from moekit.routers import Router, RouterOutput, register, registered_routers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MoEConfig", "MoELayer", "Router", "RouterConfig", "RouterOutput", "RoutingInfo", "__version__",
-    "moe_layers", "register", "registered_routers", "route", "update_router_biases",
+    "moe_layers", "register", "registered_routers", "route", "after_optimizer_step",
 ]

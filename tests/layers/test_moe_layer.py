@@ -120,12 +120,12 @@ def test_eval_updates_no_statistics_or_bias(make_cfg):
     layer.eval()
     layer(x)
     assert not layer.step_counts_E.any()
-    moekit.update_router_biases(layer)
+    moekit.after_optimizer_step(layer)
     assert not layer.router.e_score_correction_bias.any()
     layer.train()
     layer(x)
     assert int(layer.step_counts_E.sum()) == 40
-    moekit.update_router_biases(layer)
+    moekit.after_optimizer_step(layer)
     assert layer.router.e_score_correction_bias.abs().sum() > 0
     assert not layer.step_counts_E.any()  # reset after the update
 

@@ -1,6 +1,6 @@
 """Layers built from routers, dispatch and experts."""
 
-from moekit.layers.moe import MoELayer, RoutingInfo, update_router_biases
+from moekit.layers.moe import MoELayer, RoutingInfo, after_optimizer_step
 from moekit.layers.overrides import moe_layers, route
 
-__all__ = ["MoELayer", "RoutingInfo", "moe_layers", "route", "update_router_biases"]
+__all__ = ["MoELayer", "RoutingInfo", "moe_layers", "route", "after_optimizer_step"]

@@ -157,14 +157,14 @@ class MoELayer(nn.Module):
         return self._info
 
     @torch.no_grad()
-    def update_router_bias(self) -> None:
-        """After an optimiser step: apply the aux-loss-free bias update with this step's counts
-        (all-reduced over data-parallel ranks when torch.distributed is initialised) and reset them."""
+    def after_optimizer_step(self) -> None:
+        """Once per optimiser step: hand the router this step's executed counts (all-reduced over
+        data-parallel ranks when torch.distributed is initialised) — the aux-loss-free bias update and
+        k schedules use them — then reset them."""
         counts_E = self.step_counts_E.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts_E)
-        if hasattr(self.router, "update_bias"):
-            self.router.update_bias(counts_E)
+        self.router.after_optimizer_step(counts_E)
         self.step_counts_E.zero_()
 
     def extra_repr(self) -> str:
@@ -180,8 +180,9 @@ def _detached(route: RouterOutput) -> RouterOutput:
                         route.scores_TE.detach(), route.logits_TE.detach(), {}, null)
 
 
-def update_router_biases(model: nn.Module) -> None:
-    """Call after `optimizer.step()`: updates every MoELayer's selection bias once."""
+def after_optimizer_step(model: nn.Module) -> None:
+    """Call once after each `optimizer.step()`: router state updates (aux-loss-free selection bias,
+    k schedules) for every MoELayer of `model`."""
     for m in model.modules():
         if isinstance(m, MoELayer):
-            m.update_router_bias()
+            m.after_optimizer_step()

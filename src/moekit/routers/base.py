@@ -156,6 +156,9 @@ class Router(nn.Module):
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
         raise NotImplementedError
 
+    def after_optimizer_step(self, counts_E: torch.Tensor) -> None:
+        """Stateful updates, once per optimiser step, with the step's executed counts (default: none)."""
+
     def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Router-specific unscaled losses over valid tokens (the layer adds the common ones)."""
         return {}

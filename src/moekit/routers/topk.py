@@ -81,6 +81,9 @@ class TopKRouter(Router):
         keep_TG.scatter_(1, torch.topk(group_TG, cfg.topk_group, dim=-1, sorted=False).indices, True)
         return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, E)
 
+    def after_optimizer_step(self, counts_E: torch.Tensor) -> None:
+        self.update_bias(counts_E)
+
     @torch.no_grad()
     def update_bias(self, counts_E: torch.Tensor) -> None:
         """Aux-loss-free balancing (arXiv 2408.15664): b_i += gamma * sign(mean_j c_j - c_i).
