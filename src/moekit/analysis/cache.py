@@ -211,6 +211,9 @@ def simulate_sch(requests_NK: np.ndarray, C: int, n: int, steps_per_token: int =
     """SCH(n, C), segment cache (arXiv 2505.16056): on overflow evict the resident with the fewest
     uses in the next n-1 tokens, ties by least recent use. n = 1 is exactly LRU.
 
+    NOTE: as in LRU and set-MIN, the experts the current step requests are never the victim,
+    so every requested expert ends the step resident and SCH <= set-MIN holds.
+
     The look-ahead covers the next (n-1) * steps_per_token steps; pass steps_per_token = L
     for a whole-model stream, whose steps are (token, layer) pairs (simulate_trace does).
     """

@@ -101,13 +101,13 @@ def _check_ids(experts_xK: np.ndarray, E: int, what: str) -> None:
         raise ValueError(f"{what}: a token lists the same expert twice")
 
 
-def _onehot_counts(experts_TK: np.ndarray, E: int) -> np.ndarray:
-    """(T, E) int32 matrix: 1 where token t uses expert e."""
-    T = experts_TK.shape[0]
+def _onehot_ET(experts_TK: np.ndarray, E: int) -> np.ndarray:
+    """(E, T) int32 matrix: 1 where token t uses expert e. Expert-major so that cumulative
+    sums over tokens run along contiguous memory (about 2x faster than (T, E))."""
     valid = experts_TK >= 0
-    X_TE = np.zeros((T, E), dtype=np.int32)
-    X_TE[np.nonzero(valid)[0], experts_TK[valid]] = 1
-    return X_TE
+    X_ET = np.zeros((E, experts_TK.shape[0]), dtype=np.int32)
+    X_ET[experts_TK[valid], np.nonzero(valid)[0]] = 1
+    return X_ET
 
 
 # ----------------------------------------------------------------------------- scalar helpers
@@ -300,11 +300,12 @@ def _window_hist(experts_TK: np.ndarray, E: int, n: int) -> np.ndarray:
     T = experts_TK.shape[0]
     if T < n:
         return np.zeros((E, n + 1), dtype=np.int64)
-    cs_TE = np.zeros((T + 1, E), dtype=np.int32)
-    np.cumsum(_onehot_counts(experts_TK, E), axis=0, out=cs_TE[1:])
-    c_WE = cs_TE[n:] - cs_TE[:-n]  # c[s, e] of offload.md, one row per window
+    cs_ET = np.zeros((E, T + 1), dtype=np.int32)
+    np.cumsum(_onehot_ET(experts_TK, E), axis=1, out=cs_ET[:, 1:])
+    c_EW = cs_ET[:, n:] - cs_ET[:, :-n]  # c[s, e] of offload.md, one column per window s
     # Offset by expert so one bincount yields every expert's histogram.
-    return np.bincount((c_WE + np.arange(E) * (n + 1)).ravel(), minlength=E * (n + 1)).reshape(E, n + 1)
+    c_EW += (np.arange(E, dtype=np.int32) * (n + 1))[:, None]
+    return np.bincount(c_EW.ravel(), minlength=E * (n + 1)).reshape(E, n + 1)
 
 
 def _srp_from_hist(hist_xV: np.ndarray, n: int) -> np.ndarray:
@@ -351,8 +352,10 @@ def srp(trace: RoutingTrace, n: int, unit: str = "layer") -> np.ndarray | float:
     shorter than n, or an expert no token uses).
     """
     _check_unit(unit, n)
-    hists = [_per_sequence_hists(trace, n, layer, unit).sum(axis=0) for layer in range(trace.num_layers)]
-    hist_LUV = np.stack(hists)
+    E = trace.num_experts
+    hist_LEV = np.stack([sum(_window_hist(s[layer], E, n) for s in trace.seqs)
+                         for layer in range(trace.num_layers)])
+    hist_LUV = hist_LEV if unit == "expert" else hist_LEV.sum(axis=1, keepdims=True)
     if unit == "model":
         return float(_srp_from_hist(hist_LUV.sum(axis=(0, 1)), n))
     out = _srp_from_hist(hist_LUV, n)
@@ -364,7 +367,9 @@ def srp_bootstrap(trace: RoutingTrace, n: int, unit: str = "layer", n_boot: int 
     """(value, lo, hi): SRP(n) and its 95% percentile bootstrap interval over sequences.
 
     Each replicate resamples the sequences with replacement and recomputes SRP from the
-    resampled counts (sum counts first, then max over tau), shapes as in `srp`.
+    resampled counts (sum counts first, then max over tau), shapes as in `srp`. Memory grows
+    with S * U * (n+1) per layer plus B * L * U * (n+1): unit='expert' with large n is the
+    costly case.
     """
     _check_unit(unit, n)
     S = len(trace.seqs)
@@ -375,7 +380,7 @@ def srp_bootstrap(trace: RoutingTrace, n: int, unit: str = "layer", n_boot: int 
     for layer in range(trace.num_layers):
         h_SUV = _per_sequence_hists(trace, n, layer, unit).astype(np.float64)
         value.append(h_SUV.sum(axis=0))
-        boot.append(np.einsum("bs,suv->buv", w_BS, h_SUV))
+        boot.append((w_BS @ h_SUV.reshape(S, -1)).reshape(n_boot, *h_SUV.shape[1:]))
     value_LUV, boot_BLUV = np.stack(value), np.stack(boot, axis=1)
     if unit == "model":
         point = float(_srp_from_hist(value_LUV.sum(axis=(0, 1)), n))
