@@ -36,7 +36,7 @@ def test_wrong_type_and_newer_version_are_refused(make_cfg):
 @pytest.mark.parametrize("kw,match", [
     ({"k": 5}, r"RouterConfig.k=5 .*\[1, num_experts=4\]"),
     ({"k": 0}, r"RouterConfig.k=0"),
-    ({"kind": "nope"}, r"RouterConfig.kind: unknown router 'nope'; registered: \['expert_choice', 'null', 'topk', 'topp'\]"),
+    ({"kind": "nope"}, r"RouterConfig.kind: unknown router 'nope'; registered: \['expert_choice', 'null', 'random', 'topk', 'topp'\]"),
     ({"capacity_factor": 0.0}, r"MoEConfig.capacity_factor=0.0 .*None \(dropless\) or a float > 0"),
     ({"capacity_factor": -1.0}, r"MoEConfig.capacity_factor"),
     ({"score": "relu"}, r"RouterConfig.score='relu' .*one of \('softmax', 'sigmoid'\)"),
@@ -56,6 +56,7 @@ def test_validation_names_field_and_allowed_values(make_cfg, kw, match):
 @pytest.mark.parametrize("kw", [
     {}, {"num_shared_experts": 2, "shared_gate": True}, {"activation": "gelu"}, {"num_experts": 8, "k": 3},
     {"num_shared_experts": 1, "d_shared": 40, "activation": "gelu"},
+    {"kind": "null", "n_null": 3, "k": 3}, {"kind": "random", "k": 2},
 ])
 def test_param_counts_without_building(make_cfg, kw):
     cfg = make_cfg(**kw)
@@ -63,7 +64,9 @@ def test_param_counts_without_building(make_cfg, kw):
     assert cfg.num_params() == sum(p.numel() for p in layer.parameters())
     per_expert = layer.experts.down_proj[0].numel() * (3 if cfg.activation == "swiglu" else 2)
     shared = sum(p.numel() for n, p in layer.named_parameters() if n.startswith("shared"))
-    assert cfg.num_active_params() == cfg.num_experts * 32 + cfg.router.k * per_expert + shared
+    router = sum(p.numel() for p in layer.router.parameters())
+    expected_k = cfg.router.k * (4 / 7 if cfg.router.kind == "null" else 1)  # null: k*E/(E+M)
+    assert cfg.num_active_params() == round(router + expected_k * per_expert + shared)
 
 
 def test_fine_grained_segmentation_keeps_params(make_cfg):

@@ -1,7 +1,7 @@
 """moekit: Mixture-of-Experts layers with dynamic routing for PyTorch."""
 
 from moekit.config import MoEConfig, RouterConfig
-from moekit.layers import MoELayer, RoutingInfo, moe_layers, route, after_optimizer_step
+from moekit.layers import MoELayer, RoutingInfo, after_optimizer_step, moe_layers, route
 from moekit.routers import Router, RouterOutput, register, registered_routers
 
 __version__ = "0.1.0"

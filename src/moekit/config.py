@@ -52,6 +52,8 @@ class RouterConfig:
     (optional cap), normalize.
     Fields used by `null` (AdaMoE, arXiv 2406.13233): n_null parameter-free null experts, k (top-k
     over E + n_null), normalize (over the chosen real experts; default True).
+    Fields used by `random` (SMoE-Dropout, arXiv 2303.01610): min_k, max_k (None = E),
+    k_schedule ("linear"|"cosine"|"exponential"|"multistep"), k_schedule_steps; k = inference k.
     Fields used by `expert_choice`: ec_capacity_factor (each expert takes
     round(ec_capacity_factor*T/E) tokens), allow_causal_leak.
     """
@@ -72,6 +74,8 @@ class RouterConfig:
     min_k: int = 1
     max_k: int | None = None
     n_null: int = 0
+    k_schedule: str = "linear"
+    k_schedule_steps: int = 1000
 
     def normalize_or(self, default: bool) -> bool:
         return default if self.normalize is None else self.normalize
@@ -196,9 +200,13 @@ class MoEConfig:
         mats = 3 if self.activation == "swiglu" else 2
         return mats * self.d_model * self.shared_width + (self.d_model if self.shared_gate else 0)
 
+    def _router_params(self) -> int:
+        rows = self.num_experts + (self.router.n_null if self.router.kind == "null" else 0)
+        bias = self.num_experts if self.router.kind == "random" else 0
+        return rows * self.d_model + bias
+
     def num_params(self) -> int:
-        router = self.num_experts * self.d_model
-        return router + self.num_experts * self._expert_params() + self._shared_params()
+        return self._router_params() + self.num_experts * self._expert_params() + self._shared_params()
 
     def expected_experts_per_token(self) -> float:
         """Experts per token used for active-parameter counts. Dynamic routers choose per token:
@@ -215,9 +223,8 @@ class MoEConfig:
 
     def num_active_params(self) -> int:
         """Parameters one token uses on average (router + expected experts + shared)."""
-        router = self.num_experts * self.d_model
         active = self.expected_experts_per_token() * self._expert_params()
-        return int(round(router + active + self._shared_params()))
+        return int(round(self._router_params() + active + self._shared_params()))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

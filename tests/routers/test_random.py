@@ -1,0 +1,62 @@
+"""SMoE-Dropout random router (arXiv 2303.01610): frozen gate, k schedules, self-slimmable k."""
+
+import pytest
+import torch
+
+import moekit
+from moekit.routers.random import SCHEDULES, scheduled_k
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("linear", [1, 2, 2, 3, 4, 4, 5, 5]),        # round(4 * s / 6) + 1 at s = 0, 1, 2, ...
+    ("multistep", [1, 1, 2, 3, 4, 5, 5, 5]),     # 1 + floor(5 * s / 6)
+    ("cosine", [1, 1, 2, 3, 4, 5, 5, 5]),
+    ("exponential", [1, 1, 2, 2, 3, 4, 5, 5]),   # round(5 ** (s / 6))
+])
+def test_schedule_values(schedule, expected):
+    assert [scheduled_k(schedule, s, 6, 1, 5) for s in range(8)] == expected
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedules_are_monotone_and_clipped(schedule):
+    ks = [scheduled_k(schedule, s, 50, 2, 7) for s in range(80)]
+    assert ks[0] == 2 and ks[-1] == 7
+    assert all(a <= b for a, b in zip(ks, ks[1:], strict=False))
+
+
+def test_k_grows_with_optimizer_steps_and_eval_uses_k(make_cfg):
+    layer = moekit.MoELayer(make_cfg(kind="random", k=3, min_k=1, max_k=4, k_schedule_steps=3, num_experts=8))
+    x = torch.randn(5, 32)
+    seen = []
+    for _ in range(5):
+        layer.train()
+        layer(x)
+        seen.append(layer.routing_info().stats()["experts_per_token_mean"])
+        moekit.after_optimizer_step(layer)
+    assert seen == [1.0, 2.0, 3.0, 4.0, 4.0]
+    assert int(layer.router.step) == 5 and "router.step" in layer.state_dict()
+    layer.eval()
+    layer(x)
+    assert layer.routing_info().stats()["experts_per_token_mean"] == 3.0
+    with moekit.route(layer, k=6):  # self-slimmable: any k at inference
+        layer(x)
+        assert layer.routing_info().stats()["experts_per_token_mean"] == 6.0
+
+
+def test_gate_is_frozen_and_weights_are_softmax_over_selected(make_cfg):
+    layer = moekit.MoELayer(make_cfg(kind="random", k=2, num_experts=8)).eval()
+    x = torch.randn(7, 32, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.router.weight.grad is None and layer.router.bias.grad is None
+    assert not layer.router.weight.requires_grad
+    r = layer.routing_info().route
+    idx, w = r.to_padded()
+    torch.testing.assert_close(w, torch.softmax(r.logits_TE.gather(1, idx), -1))
+    assert torch.equal(idx.sort(-1).values, r.logits_TE.topk(2).indices.sort(-1).values)
+
+
+def test_random_config_errors():
+    with pytest.raises(ValueError, match="k_schedule='step' is invalid"):
+        moekit.RouterConfig(kind="random", k_schedule="step").validate(8)
+    with pytest.raises(ValueError, match="k_schedule_steps=0"):
+        moekit.RouterConfig(kind="random", k_schedule_steps=0).validate(8)
