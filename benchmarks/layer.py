@@ -1,7 +1,8 @@
 """MoE layer speed against a dense FFN of the same active FLOPs and against transformers.
 
 For each case (dtype, E, T, pass) it prints one JSON object:
-  moekit_ms      moekit MoELayer (router + dispatch + experts), median of --repeats after warm-up
+  moekit_ms      moekit MoELayer (router + dispatch + experts), median of --repeats after warm-up;
+                 all implementations of a case are timed round-robin, one run each in turn
   dense_ms       one dense SwiGLU FFN of the same width on T*k rows (the same active FLOPs), with
                  the same GEMM compute dtype as moekit (so ratio_dense isolates routing overhead)
   dense_native_ms the dense FFN with plain torch ops in the case dtype (bf16 forward only)
@@ -11,6 +12,7 @@ For each case (dtype, E, T, pass) it prints one JSON object:
   bw_floor_ms    (T <= 16) bytes of the distinct experts' weights the routing touches / memory
                  bandwidth measured in this run (best of a large GEMV and a large sum)
   peak_rss_mb    peak resident memory of this process so far
+  cold_cache     true for T <= 16: caches are flushed before every timed run (weights come from memory)
 All measurements of one case are taken in one process, one after another.
 
 Usage: python benchmarks/layer.py [--quick] [--out results.jsonl]
@@ -75,19 +77,53 @@ def make_hf_block(layer: moekit.MoELayer, impl: str) -> OlmoeSparseMoeBlock:
     return block
 
 
-def time_module(fn, x, backward: bool, params, repeats: int) -> float:
+def timed_step(fn, x, backward: bool, params):
+    """A zero-argument callable running one forward (no grad) or forward+backward of fn(x)."""
     if not backward:
-        with torch.no_grad():
-            return median_ms(lambda: fn(x), repeats)
+        def fwd():
+            with torch.no_grad():
+                fn(x)
+        return fwd
     g = torch.randn_like(x)
 
-    def step():
+    def fwd_bwd():
         for p in params:
             p.grad = None
         x.grad = None
         fn(x).backward(g)
 
-    return median_ms(step, repeats)
+    return fwd_bwd
+
+
+_FLUSH = torch.empty(0)
+
+
+def flush_caches() -> None:
+    """Evict the CPU caches (write 128 MiB) so that every implementation reads its weights from
+    memory: the decode situation, and the one the bandwidth floor assumes."""
+    global _FLUSH
+    if _FLUSH.numel() == 0:
+        _FLUSH = torch.empty(32 * 2**20)
+    _FLUSH.fill_(1.0)
+
+
+def median_ms_interleaved(steps: dict, repeats: int, warmup: int = 2, cold: bool = False) -> dict[str, float]:
+    """Median time of each step, measured round-robin so that any transient load on the machine
+    falls on every implementation alike (ratios stay honest on a shared 2-core machine).
+    cold=True flushes the caches before each timed run (implementations share weights, so one
+    would otherwise find them in cache after another)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if cold:
+                flush_caches()
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def run_case(dtype, E, T, backward, args, bandwidth_gbs):
@@ -102,7 +138,7 @@ def run_case(dtype, E, T, backward, args, bandwidth_gbs):
     res = {"bench": "layer", "dtype": str(dtype).replace("torch.", ""), "T": T, "E": E, "k": k, "D": D, "F": Fw,
            "pass": "fwd+bwd" if backward else "fwd",
            "gemm_compute_dtype": str(compute_dtype(dtype, x.device)).replace("torch.", "")}
-    res["moekit_ms"] = time_module(layer, x, backward, params, args.repeats)
+    steps = {"moekit_ms": timed_step(layer, x, backward, params)}
 
     # Dense FFN with the same active FLOPs: T*k rows through one expert's weights.
     cdt = compute_dtype(dtype, x.device)
@@ -114,9 +150,9 @@ def run_case(dtype, E, T, backward, args, bandwidth_gbs):
         g, u = F.linear(x_MD.to(c), w_gu.to(c)).chunk(2, dim=-1)
         return F.linear(F.silu(g) * u, w_d.to(c)).to(x_MD.dtype)
 
-    res["dense_ms"] = time_module(dense, x_rows, backward, [w_gu, w_d], args.repeats)
+    steps["dense_ms"] = timed_step(dense, x_rows, backward, [w_gu, w_d])
     if dtype != cdt and not backward:
-        res["dense_native_ms"] = time_module(lambda t: dense(t, dtype), x_rows, False, [], args.repeats)
+        steps["dense_native_ms"] = timed_step(lambda t: dense(t, dtype), x_rows, False, [])
 
     for impl in HF_IMPLS:
         if impl == "batched_mm" and T * k * 3 * D * Fw * x.element_size() * (3 if backward else 1) > BATCHED_MM_LIMIT_BYTES:
@@ -124,8 +160,9 @@ def run_case(dtype, E, T, backward, args, bandwidth_gbs):
         if impl == "eager" and backward and dtype == torch.bfloat16 and args.skip_slow_hf:
             continue
         block = make_hf_block(layer, impl)
-        res[f"hf_{impl}_ms"] = time_module(lambda t, b=block: b(t.unsqueeze(0)).squeeze(0), x, backward,
-                                           params, args.repeats)
+        steps[f"hf_{impl}_ms"] = timed_step(lambda t, b=block: b(t.unsqueeze(0)).squeeze(0), x, backward, params)
+    res["cold_cache"] = T <= 16
+    res.update(median_ms_interleaved(steps, args.repeats, cold=T <= 16))
     hf = {kk: v for kk, v in res.items() if kk.startswith("hf_") and kk.endswith("_ms")}
     res["hf_ms"] = min(hf.values())
     res["hf_fastest"] = min(hf, key=hf.get)[3:-3]

@@ -190,3 +190,11 @@ def test_property_grouped_equals_reference(T, E, data):
     info = layer.routing_info()
     assert int(info.counts_E.sum()) == T * k
     assert info.counts_E.numel() == E
+
+
+def test_aux_losses_only_when_autograd_records(make_cfg):
+    layer = moekit.MoELayer(make_cfg())
+    with torch.no_grad():
+        layer(torch.randn(5, 32))
+    info = layer.routing_info()
+    assert info.aux == {} and info.stats()["experts_per_token_mean"] == 2.0

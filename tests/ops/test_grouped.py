@@ -73,3 +73,23 @@ def test_compute_dtype_policy():
     assert grouped.compute_dtype(torch.float32, cpu) == torch.float32
     expected = torch.bfloat16 if grouped.cpu_has_native_low_precision() else torch.float32
     assert grouped.compute_dtype(torch.bfloat16, cpu) == expected
+
+
+@pytest.mark.parametrize("counts", [[40, 0, 30, 0], [64, 64]])  # many rows per expert: fp32 compute path
+def test_low_precision_upcast_path_with_inactive_experts(counts):
+    E = len(counts)
+    x = torch.randn(sum(counts), 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(E, 32, 16, dtype=torch.bfloat16, requires_grad=True)
+    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    y = grouped_linear(x, w, offs)
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    y_ref = loop_linear(x32, w32, counts)
+    torch.testing.assert_close(y.float(), y_ref, atol=0.1, rtol=0.02)
+    g = torch.randn_like(y_ref)
+    (y.float() * g).sum().backward()
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(x.grad.float(), x32.grad, atol=0.2, rtol=0.02)
+    torch.testing.assert_close(w.grad.float(), w32.grad, atol=0.5, rtol=0.02)
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert not w.grad[e].any()  # experts without rows get exactly zero gradient

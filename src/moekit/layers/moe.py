@@ -124,7 +124,8 @@ class MoELayer(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
 
-        aux = self._aux_losses(route, plan.counts_E, num_valid, valid_T, lead_shape)
+        # Aux losses exist to be backpropagated: skip them when autograd is off (inference).
+        aux = self._aux_losses(route, plan.counts_E, num_valid, valid_T, lead_shape) if torch.is_grad_enabled() else {}
         route.aux.update(aux)
         num_null = 0 if route.null_scores_TM is None else self.cfg.router.k * num_valid - route.num_assignments
         self._info = RoutingInfo(route=_detached(route), counts_E=plan.counts_E.detach(),
