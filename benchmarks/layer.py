@@ -14,6 +14,8 @@ For each case (dtype, E, T, pass) it prints one JSON object:
   peak_rss_mb    peak resident memory of this process so far
   cold_cache     true for T <= 16: caches are flushed before every timed run (weights come from memory)
 All measurements of one case are taken in one process, one after another.
+Dynamic cases ("bench": "layer_dynamic"): a top-p layer with p bisected so that its average experts
+per token (avg_k) equals k, against the top-k layer with the same weights: ratio_topk = topp/topk.
 
 Usage: python benchmarks/layer.py [--quick] [--out results.jsonl]
 """
@@ -21,6 +23,7 @@ Usage: python benchmarks/layer.py [--quick] [--out results.jsonl]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -182,6 +185,48 @@ def run_case(dtype, E, T, backward, args, bandwidth_gbs):
     return {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in res.items()}
 
 
+def calibrate_topp(layer: moekit.MoELayer, x: torch.Tensor, target_k: float) -> float:
+    """Bisect p so that the top-p layer's average experts per token on x equals target_k."""
+    lo, hi = 1e-4, 1.0
+    with torch.no_grad():
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            with moekit.route(layer, p=mid):
+                layer(x)
+            if layer.routing_info().stats()["experts_per_token_mean"] < target_k:
+                lo = mid
+            else:
+                hi = mid
+    return (lo + hi) / 2
+
+
+def run_dynamic_case(dtype, E, T, backward, args):
+    """A top-p layer whose average experts per token equals k, against a top-k layer of the same
+    shapes and weights (issue: dynamic routing must cost what its experts cost)."""
+    D, Fw, k = args.d_model, args.d_expert, args.k
+    torch.manual_seed(0)
+    topk = moekit.MoELayer(moekit.MoEConfig(d_model=D, d_expert=Fw, num_experts=E,
+                                            router=moekit.RouterConfig(k=k))).to(dtype)
+    topp = moekit.MoELayer(moekit.MoEConfig(d_model=D, d_expert=Fw, num_experts=E,
+                                            router=moekit.RouterConfig(kind="topp"))).to(dtype)
+    # Same weights; the top-k router's selection bias (zero, unused here) has no top-p counterpart.
+    topp.load_state_dict({n: t for n, t in topk.state_dict().items() if n != "router.e_score_correction_bias"})
+    x = torch.randn(T, D, dtype=dtype, requires_grad=backward)
+    p = calibrate_topp(topp, x.detach(), k)
+    topp.router.cfg = dataclasses.replace(topp.router.cfg, p=p)
+    with torch.no_grad():
+        topp(x)
+    avg_k = topp.routing_info().stats()["experts_per_token_mean"]
+    steps = {"topp_ms": timed_step(topp, x, backward, list(topp.parameters())),
+             "topk_ms": timed_step(topk, x, backward, list(topk.parameters()))}
+    res = {"bench": "layer_dynamic", "dtype": str(dtype).replace("torch.", ""), "T": T, "E": E, "k": k,
+           "pass": "fwd+bwd" if backward else "fwd", "p": p, "avg_k": avg_k}
+    res.update(median_ms_interleaved(steps, args.repeats))
+    res["ratio_topk"] = res["topp_ms"] / res["topk_ms"]
+    res["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in res.items()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized run: E=8, T in {1, 16, 512}, fp32, 3 repeats")
@@ -195,6 +240,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-slow-hf", action="store_true",
                    help="skip transformers' eager bf16 forward+backward (tens of seconds per run on AVX2 CPUs)")
+    p.add_argument("--dynamic-only", action="store_true",
+                   help="only the dynamic cases: top-p calibrated to avg k vs top-k (T = the largest --tokens)")
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
     if args.quick:
@@ -205,8 +252,15 @@ def main(argv=None) -> None:
                "torch": torch.__version__, "moekit": moekit.__version__, "bandwidth_gbs": round(bandwidth, 2)}
     lines = [machine]
     print(json.dumps(machine), flush=True)
+    T_dyn = max(map(int, args.tokens.split(",")))
     for dtype in dtypes:
         for E in map(int, args.experts.split(",")):
+            for backward in (False, True):
+                res = run_dynamic_case(dtype, E, T_dyn, backward, args)
+                lines.append(res)
+                print(json.dumps(res), flush=True)
+            if args.dynamic_only:
+                continue
             for T in map(int, args.tokens.split(",")):
                 passes = [False] + ([True] if str(T) in args.backward_tokens.split(",") else [])
                 for backward in passes:
