@@ -13,8 +13,6 @@ Forward stages:
 
 from __future__ import annotations
 
-import functools
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +22,7 @@ from moekit import losses
 from moekit.config import MoEConfig
 from moekit.dispatch import combine, make_plan, permute
 from moekit.experts import ExpertBank, SharedExpert
-from moekit.ops.grouped import grouped_mm_available
+from moekit.ops.grouped import grouped_mm_available, warn_missing_kernel
 from moekit.ops.reference import moe_reference
 from moekit.routers import RouterOutput, router_class
 
@@ -63,13 +61,6 @@ class RoutingInfo:
         }
 
 
-@functools.cache
-def _warn_fallback() -> None:
-    warnings.warn("moekit: torch._grouped_mm is unavailable; MoELayer(backend='auto') uses the per-expert "
-                  "reference loop, which is several times slower. torch>=2.9 provides the grouped kernel.",
-                  stacklevel=3)
-
-
 class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -81,7 +72,9 @@ class MoELayer(nn.Module):
                                if cfg.num_shared_experts > 0 else None)
         self.shared_expert_gate = (nn.Linear(cfg.d_model, 1, bias=False)
                                    if cfg.num_shared_experts > 0 and cfg.shared_gate else None)
-        self.use_reference = cfg.backend == "reference" or not grouped_mm_available()
+        self.use_reference = cfg.backend == "reference"
+        if not grouped_mm_available():
+            warn_missing_kernel()
         # Executed assignments per expert over the current optimiser step (training only), read by
         # the aux-loss-free bias update. Non-persistent: it is step state, not model state.
         self.register_buffer("step_counts_E", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
@@ -111,8 +104,6 @@ class MoELayer(nn.Module):
         plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, self.cfg.num_experts,
                          self.cfg.capacity_factor)
         if self.use_reference:
-            if self.cfg.backend == "auto":
-                _warn_fallback()
             y_TD = moe_reference(x_TD, plan.token_N, plan.expert_N, plan.weight_N, self.experts)
         else:
             y_ND = self.experts(permute(x_TD, plan), plan.offsets_E)
