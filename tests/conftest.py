@@ -3,7 +3,7 @@ import torch
 
 import moekit
 
-_LAYER_FIELDS = {"num_shared_experts", "shared_gate", "capacity_factor", "backend", "activation",
+_LAYER_FIELDS = {"num_shared_experts", "balance_scope", "shared_gate", "capacity_factor", "backend", "activation",
                  "num_experts", "d_expert", "d_shared", "d_model"}
 
 

@@ -36,7 +36,7 @@ def test_wrong_type_and_newer_version_are_refused(make_cfg):
 @pytest.mark.parametrize("kw,match", [
     ({"k": 5}, r"RouterConfig.k=5 .*\[1, num_experts=4\]"),
     ({"k": 0}, r"RouterConfig.k=0"),
-    ({"kind": "nope"}, r"RouterConfig.kind: unknown router 'nope'; registered: \['expert_choice', 'null', 'random', 'topk', 'topp'\]"),
+    ({"kind": "nope"}, r"RouterConfig.kind: unknown router 'nope'; registered: \['expert_choice', 'null', 'random', 'recurrent', 'topk', 'topp'\]"),
     ({"capacity_factor": 0.0}, r"MoEConfig.capacity_factor=0.0 .*None \(dropless\) or a float > 0"),
     ({"capacity_factor": -1.0}, r"MoEConfig.capacity_factor"),
     ({"score": "relu"}, r"RouterConfig.score='relu' .*one of \('softmax', 'sigmoid'\)"),
@@ -79,3 +79,12 @@ def test_fine_grained_segmentation_keeps_params(make_cfg):
     moekit.MoELayer(fg)
     with pytest.raises(ValueError, match="divisor of d_expert=64"):
         cfg.fine_grained(3)
+
+
+def test_recurrent_and_global_fields_validate_and_round_trip():
+    cfg = moekit.MoEConfig(d_model=16, num_experts=4, balance_scope="global",
+                           router=moekit.RouterConfig(kind="recurrent", gru_dim=8, select_rule="topp", p=0.3))
+    assert moekit.MoEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg.validate()
+    assert "gru_dim=8, select_rule=topp, p=0.3" in cfg.router.describe()
+    with pytest.raises(ValueError, match="RouterConfig.select_rule='greedy'"):
+        moekit.RouterConfig(kind="recurrent", select_rule="greedy").validate(4)

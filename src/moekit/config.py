@@ -15,6 +15,8 @@ CONFIG_VERSION = 1
 SCORES = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu")
 BACKENDS = ("auto", "grouped_mm", "reference")
+SELECT_RULES = ("topk", "topp")
+BALANCE_SCOPES = ("micro", "global")
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -56,6 +58,9 @@ class RouterConfig:
     k_schedule ("linear"|"cosine"|"exponential"|"multistep"), k_schedule_steps; k = inference k.
     Fields used by `expert_choice`: ec_capacity_factor (each expert takes
     round(ec_capacity_factor*T/E) tokens), allow_causal_leak.
+    Fields used by `recurrent` (RMoE, arXiv 2408.06793): gru_dim (hidden size of the GRU shared by
+    all layers), select_rule ("topk"|"topp": the selection applied to the GRU's logits, with that
+    rule's own fields).
     """
 
     kind: str = "topk"
@@ -76,6 +81,8 @@ class RouterConfig:
     n_null: int = 0
     k_schedule: str = "linear"
     k_schedule_steps: int = 1000
+    gru_dim: int = 256
+    select_rule: str = "topk"
 
     def normalize_or(self, default: bool) -> bool:
         return default if self.normalize is None else self.normalize
@@ -102,10 +109,16 @@ class RouterConfig:
         _check(self.n_null >= 0, "RouterConfig.n_null", self.n_null, "an integer >= 0")
         _check(self.ec_capacity_factor > 0, "RouterConfig.ec_capacity_factor", self.ec_capacity_factor,
                "a float > 0")
+        _check(self.gru_dim >= 1, "RouterConfig.gru_dim", self.gru_dim, "an integer >= 1")
+        _check(self.select_rule in SELECT_RULES, "RouterConfig.select_rule", self.select_rule,
+               f"one of {SELECT_RULES}")
         cls.check_config(self, num_experts)
         return self
 
     def describe(self) -> str:
+        if self.kind == "recurrent":
+            inner = dataclasses.replace(self, kind=self.select_rule).describe()
+            return f"gru_dim={self.gru_dim}, select_rule={self.select_rule}, {inner}"
         if self.kind == "expert_choice":
             return f"ec_capacity_factor={self.ec_capacity_factor}"
         if self.kind == "topp":
@@ -138,6 +151,9 @@ class MoEConfig:
     d_shared (default num_shared_experts * d_expert, as DeepSeek builds it), optionally scaled by
     a sigmoid gate (Qwen2-MoE). capacity_factor=None is dropless; a float caps each expert at
     ceil(capacity_factor * N / E) assignments and drops (and counts) the overflow.
+    balance_scope: "micro" computes the load-balancing loss's expert frequencies f per micro-batch
+    (most frameworks' default); "global" accumulates them over the micro-batches of an optimiser
+    step and all data-parallel ranks (arXiv 2501.11873).
     """
 
     d_model: int = 32
@@ -150,6 +166,7 @@ class MoEConfig:
     shared_gate: bool = False
     capacity_factor: float | None = None
     backend: str = "auto"
+    balance_scope: str = "micro"
 
     def __post_init__(self):
         if isinstance(self.router, dict):
@@ -173,6 +190,8 @@ class MoEConfig:
         _check(self.capacity_factor is None or self.capacity_factor > 0, "MoEConfig.capacity_factor",
                self.capacity_factor, "None (dropless) or a float > 0")
         _check(self.backend in BACKENDS, "MoEConfig.backend", self.backend, f"one of {BACKENDS}")
+        _check(self.balance_scope in BALANCE_SCOPES, "MoEConfig.balance_scope", self.balance_scope,
+               f"one of {BALANCE_SCOPES}")
         if self.backend == "grouped_mm":
             from moekit.ops.grouped import grouped_mm_available
 
@@ -201,6 +220,9 @@ class MoEConfig:
         return mats * self.d_model * self.shared_width + (self.d_model if self.shared_gate else 0)
 
     def _router_params(self) -> int:
+        if self.router.kind == "recurrent":
+            # per-layer W1 (d -> gru_dim) and W2 (gru_dim -> E); the shared GRU belongs to the model
+            return self.router.gru_dim * (self.d_model + self.num_experts)
         rows = self.num_experts + (self.router.n_null if self.router.kind == "null" else 0)
         bias = self.num_experts if self.router.kind == "random" else 0
         return rows * self.d_model + bias
@@ -214,7 +236,8 @@ class MoEConfig:
         `routing_info().stats()`."""
         if self.router.kind == "expert_choice":
             return float(min(self.num_experts, self.router.ec_capacity_factor))
-        if self.router.kind == "topp":
+        rule = self.router.select_rule if self.router.kind == "recurrent" else self.router.kind
+        if rule == "topp":
             return float(self.router.max_k or self.num_experts)
         if self.router.kind == "null":
             # real experts per token at balance: k * E / (E + n_null)  (AdaMoE)

@@ -38,6 +38,14 @@ def load_balance_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, num_token
     return E * (f_E * P_E).sum()
 
 
+def global_load_balance_loss(scores_TE: torch.Tensor, f_E: torch.Tensor,
+                             valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Global-batch balance ("Demons in the Detail", arXiv 2501.11873, eq. 3): the Switch loss with
+    f_E from counts accumulated over the step's micro-batches and data-parallel ranks (the caller
+    accumulates); P_i stays local to this micro-batch. Same scale as `load_balance_loss`."""
+    return load_balance_loss(scores_TE, f_E, 1, valid_T)
+
+
 def z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None = None) -> torch.Tensor:
     """Router z-loss (ST-MoE, arXiv 2202.08906): mean over tokens of logsumexp(logits)^2."""
     return _masked_mean(torch.logsumexp(logits_TE.float(), dim=-1) ** 2, valid_T)

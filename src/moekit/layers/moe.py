@@ -9,6 +9,10 @@ Forward stages:
   4. experts:  grouped GEMMs over the stacked weights
   5. combine:  weighted scatter-add back to tokens; + shared experts (optionally sigmoid-gated)
   6. losses:   unscaled aux losses returned in `routing_info().aux`
+
+Recurrent routers (RMoE) need the routing state of the previous MoE layer: pass
+`router_state=RecurrentState(gru)` to the first layer and each returned state to the next;
+with `router_state` given, forward returns `(y, next_state)` (other routers hand it on unchanged).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from moekit.dispatch import combine, make_plan, permute
 from moekit.experts import ExpertBank, SharedExpert
 from moekit.ops.grouped import grouped_mm_available, warn_missing_kernel
 from moekit.ops.reference import moe_reference
-from moekit.routers import RouterOutput, router_class
+from moekit.routers import RecurrentState, RouterOutput, router_class
 
 
 @dataclass
@@ -78,10 +82,17 @@ class MoELayer(nn.Module):
         # Executed assignments per expert over the current optimiser step (training only), read by
         # the aux-loss-free bias update. Non-persistent: it is step state, not model state.
         self.register_buffer("step_counts_E", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
+        # Global-batch balance (balance_scope="global"): executed counts and valid tokens summed
+        # over this step's micro-batches so far (all-reduced over ranks); reset every optimiser step.
+        self.register_buffer("global_counts_E", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
+        self.register_buffer("global_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
+        self._global_f_E: torch.Tensor | None = None  # f of the last real forward, reused by recomputation
         self._info: RoutingInfo | None = None
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, D) or (T, D). padding_mask: same leading shape, True/1 for real tokens."""
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                router_state: RecurrentState | None = None) -> torch.Tensor | tuple[torch.Tensor, RecurrentState]:
+        """x: (B, T, D) or (T, D). padding_mask: same leading shape, True/1 for real tokens.
+        router_state: the recurrent routing state (see the module doc); when given, returns (y, state)."""
         if x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"MoELayer: input last dim is {x.shape[-1]}, expected d_model={self.cfg.d_model}")
         if x.dim() not in (2, 3):
@@ -96,7 +107,10 @@ class MoELayer(nn.Module):
                                  f"the input's leading shape {tuple(lead_shape)}")
             valid_T = padding_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
 
-        route = self.router(x_TD)
+        if self.router.kind == "recurrent":
+            route = self.router(x_TD, router_state)
+        else:
+            route = self.router(x_TD)
         if valid_T is not None:
             route = route.keep(valid_T[route.token_idx_N])
         num_valid = T if valid_T is None else int(valid_T.sum())
@@ -123,12 +137,21 @@ class MoELayer(nn.Module):
                                  num_dropped=plan.num_dropped, num_tokens=num_valid, num_null=num_null, aux=aux)
         if self._should_accumulate():
             self.step_counts_E += plan.counts_E.detach()
-        return y_TD.view(*lead_shape, self.cfg.d_model)
+        y = y_TD.view(*lead_shape, self.cfg.d_model)
+        if router_state is None:
+            return y
+        if route.state_TH is not None:
+            router_state = RecurrentState(router_state.gru, route.state_TH)
+        return y, router_state
 
     def _aux_losses(self, route: RouterOutput, counts_E: torch.Tensor, num_valid: int,
                     valid_T: torch.Tensor | None, lead_shape: torch.Size) -> dict[str, torch.Tensor]:
         aux = dict(route.aux)
-        aux["load_balance"] = losses.load_balance_loss(route.scores_TE, counts_E, num_valid, valid_T)
+        if self.cfg.balance_scope == "global":
+            aux["load_balance"] = losses.global_load_balance_loss(route.scores_TE, self._global_f(counts_E, num_valid),
+                                                                  valid_T)
+        else:
+            aux["load_balance"] = losses.load_balance_loss(route.scores_TE, counts_E, num_valid, valid_T)
         aux["z_loss"] = losses.z_loss(route.logits_TE, valid_T)
         if len(lead_shape) == 2:
             B, T = lead_shape
@@ -137,6 +160,22 @@ class MoELayer(nn.Module):
                 self.cfg.expected_experts_per_token(), None if valid_T is None else valid_T.view(B, T))
         aux.update(self.router.aux_losses(route, valid_T))  # router-specific rules take precedence
         return aux
+
+    def _global_f(self, counts_E: torch.Tensor, num_valid: int) -> torch.Tensor:
+        """f for global-batch balance (arXiv 2501.11873): micro-batch j of a step uses the counts of
+        micro-batches 1..j over all data-parallel ranks, divided by their valid tokens."""
+        if torch._C._current_graph_task_id() != -1 and self._global_f_E is not None:
+            return self._global_f_E  # activation recomputation: the same f as the real forward
+        if not (self.training and torch.is_grad_enabled()):
+            return counts_E.float() / max(num_valid, 1)  # eval: nothing accumulates
+        # One all-reduce of E + 1 numbers per layer per micro-batch.
+        counts_X = torch.cat([counts_E.detach().to(torch.int64), counts_E.new_tensor([num_valid], dtype=torch.int64)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts_X)
+        self.global_counts_E += counts_X[:-1]
+        self.global_tokens += counts_X[-1]
+        self._global_f_E = self.global_counts_E.float() / self.global_tokens.clamp(min=1).float()
+        return self._global_f_E
 
     def _should_accumulate(self) -> bool:
         # NOTE: once per real forward of a training step: not in eval / no_grad, and not again when
@@ -158,6 +197,9 @@ class MoELayer(nn.Module):
             torch.distributed.all_reduce(counts_E)
         self.router.after_optimizer_step(counts_E)
         self.step_counts_E.zero_()
+        self.global_counts_E.zero_()
+        self.global_tokens.zero_()
+        self._global_f_E = None
 
     def extra_repr(self) -> str:
         cfg = self.cfg

@@ -54,6 +54,9 @@ def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> I
     for j, i in enumerate(chosen):
         layer = all_layers[i]
         new_cfg = dataclasses.replace(layer.router.cfg, **{n: v[j] for n, v in values.items()})
+        if new_cfg.kind != layer.router.kind and "recurrent" in (new_cfg.kind, layer.router.kind):
+            raise ValueError(f"route(kind={new_cfg.kind!r}): a recurrent router's gate reads the GRU state, not the "
+                             f"token, so it cannot be swapped with {layer.router.kind!r}; change select_rule instead")
         new_cfg.validate(layer.cfg.num_experts)
         plans.append((layer, new_cfg))
 

@@ -11,6 +11,7 @@ A router maps `x_TD` to a `RouterOutput`:
   logits_TE    (T, E) fp32  raw router logits
   null_scores_TM (T, M) fp32 or None: probabilities of M null experts (AdaMoE); null picks are
                never in the assignment (they cost nothing and output nothing)
+  state_TH     (T, H) fp32 or None: a recurrent router's state for the next layer (RMoE)
   aux          dict[str, Tensor]  unscaled auxiliary losses (returned, never global)
 
 Padding is an encoding detail for analysis only (`to_padded`); dispatch reads the
@@ -62,6 +63,7 @@ class RouterOutput:
     logits_TE: torch.Tensor
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     null_scores_TM: torch.Tensor | None = None
+    state_TH: torch.Tensor | None = None  # recurrent routers: the state handed to the next layer
 
     @property
     def num_tokens(self) -> int:
@@ -115,7 +117,7 @@ class RouterOutput:
         """A copy with only the assignments where `mask_N` is true."""
         return RouterOutput(
             self.token_idx_N[mask_N], self.expert_idx_N[mask_N], self.weight_N[mask_N],
-            self.scores_TE, self.logits_TE, self.aux, self.null_scores_TM,
+            self.scores_TE, self.logits_TE, self.aux, self.null_scores_TM, self.state_TH,
         )
 
 

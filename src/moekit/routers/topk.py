@@ -47,39 +47,7 @@ class TopKRouter(Router):
         return self.cfg.bias_update_rate > 0 or bool(self.e_score_correction_bias.any())
 
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
-        cfg = self.cfg
-        if cfg.score == "softmax":
-            scores_TE = torch.softmax(logits_TE, dim=-1)
-        else:
-            scores_TE = torch.sigmoid(logits_TE)
-        choice_TE = scores_TE + self.e_score_correction_bias if self.uses_bias else scores_TE
-        choice_TE = choice_TE.detach()
-        if cfg.n_group > 1:
-            choice_TE = self._limit_groups(choice_TE)
-        idx_TK = torch.topk(choice_TE, cfg.k, dim=-1, sorted=False).indices
-        w_TK = scores_TE.gather(1, idx_TK)
-        if cfg.normalize_or(True):
-            # 1e-20 as in DeepSeek-V3's reference: keeps an all-zero sigmoid row finite.
-            w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        if cfg.routed_scaling_factor != 1.0:
-            w_TK = w_TK * cfg.routed_scaling_factor
-        return RouterOutput.from_topk(idx_TK, w_TK, scores_TE, logits_TE)
-
-    def _limit_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
-        """Group-limited routing: other groups' scores become -inf (DeepSeek-V2/V3)."""
-        cfg = self.cfg
-        T, E = choice_TE.shape
-        G = cfg.n_group
-        grouped_TGe = choice_TE.view(T, G, E // G)
-        if cfg.score == "sigmoid":
-            # DeepSeek-V3 (arXiv 2412.19437): group score = sum of the top-2 biased scores.
-            group_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
-        else:
-            # DeepSeek-V2 (arXiv 2405.04434): group score = max within the group.
-            group_TG = grouped_TGe.max(dim=-1).values
-        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
-        keep_TG.scatter_(1, torch.topk(group_TG, cfg.topk_group, dim=-1, sorted=False).indices, True)
-        return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, E)
+        return select_topk(logits_TE, self.cfg, self.e_score_correction_bias if self.uses_bias else None)
 
     def after_optimizer_step(self, counts_E: torch.Tensor) -> None:
         self.update_bias(counts_E)
@@ -97,3 +65,39 @@ class TopKRouter(Router):
         if self.cfg.bias_recenter:
             delta_E = delta_E - delta_E.mean()
         self.e_score_correction_bias.add_(delta_E.to(self.e_score_correction_bias.device))
+
+
+def select_topk(logits_TE: torch.Tensor, cfg: RouterConfig, bias_E: torch.Tensor | None = None) -> RouterOutput:
+    """The top-k selection rule on fp32 logits (shared with routers that compute logits differently)."""
+    if cfg.score == "softmax":
+        scores_TE = torch.softmax(logits_TE, dim=-1)
+    else:
+        scores_TE = torch.sigmoid(logits_TE)
+    choice_TE = scores_TE + bias_E if bias_E is not None else scores_TE
+    choice_TE = choice_TE.detach()
+    if cfg.n_group > 1:
+        choice_TE = _limit_groups(choice_TE, cfg)
+    idx_TK = torch.topk(choice_TE, cfg.k, dim=-1, sorted=False).indices
+    w_TK = scores_TE.gather(1, idx_TK)
+    if cfg.normalize_or(True):
+        # 1e-20 as in DeepSeek-V3's reference: keeps an all-zero sigmoid row finite.
+        w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    if cfg.routed_scaling_factor != 1.0:
+        w_TK = w_TK * cfg.routed_scaling_factor
+    return RouterOutput.from_topk(idx_TK, w_TK, scores_TE, logits_TE)
+
+
+def _limit_groups(choice_TE: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
+    """Group-limited routing: other groups' scores become -inf (DeepSeek-V2/V3)."""
+    T, E = choice_TE.shape
+    G = cfg.n_group
+    grouped_TGe = choice_TE.view(T, G, E // G)
+    if cfg.score == "sigmoid":
+        # DeepSeek-V3 (arXiv 2412.19437): group score = sum of the top-2 biased scores.
+        group_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        # DeepSeek-V2 (arXiv 2405.04434): group score = max within the group.
+        group_TG = grouped_TGe.max(dim=-1).values
+    keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+    keep_TG.scatter_(1, torch.topk(group_TG, cfg.topk_group, dim=-1, sorted=False).indices, True)
+    return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, E)

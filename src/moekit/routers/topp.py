@@ -31,29 +31,36 @@ class TopPRouter(Router):
                              "(top-p needs a probability distribution over experts)")
 
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
-        cfg = self.cfg
-        scores_TE = torch.softmax(logits_TE, dim=-1)
-        P_TS, idx_TS = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
-        mass_before_TS = torch.cumsum(P_TS, dim=-1) - P_TS
-        # arXiv 2403.07652 eq. 5-6: smallest prefix whose cumulative probability exceeds p.
-        keep_TS = mass_before_TS <= cfg.p
-        slot_S = torch.arange(P_TS.shape[-1], device=P_TS.device)
-        keep_TS |= slot_S < cfg.min_k
-        if cfg.max_k is not None:
-            keep_TS &= slot_S < cfg.max_k
-        token_idx_N, slot_N = keep_TS.nonzero(as_tuple=True)
-        expert_idx_N = idx_TS[token_idx_N, slot_N]
-        weight_N = P_TS[token_idx_N, slot_N]
-        if cfg.normalize_or(False):
-            mass_T = (P_TS * keep_TS).sum(-1)
-            weight_N = weight_N / mass_T[token_idx_N]
-        return RouterOutput(token_idx_N, expert_idx_N, weight_N, scores_TE, logits_TE)
+        return select_topp(logits_TE, self.cfg)
 
     def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        # Safe entropy: entr(0) = 0, so saturated routers give no NaN.
-        entropy_T = torch.special.entr(route.scores_TE).sum(-1)
-        if valid_T is None:
-            dyn = entropy_T.mean() if entropy_T.numel() else entropy_T.new_zeros(())
-        else:
-            dyn = (entropy_T * valid_T).sum() / valid_T.sum().clamp(min=1)
-        return {"dynamic": dyn}
+        return {"dynamic": dynamic_loss(route.scores_TE, valid_T)}
+
+
+def select_topp(logits_TE: torch.Tensor, cfg: RouterConfig) -> RouterOutput:
+    """The top-p selection rule on fp32 logits (shared with routers that compute logits differently)."""
+    scores_TE = torch.softmax(logits_TE, dim=-1)
+    P_TS, idx_TS = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
+    mass_before_TS = torch.cumsum(P_TS, dim=-1) - P_TS
+    # arXiv 2403.07652 eq. 5-6: smallest prefix whose cumulative probability exceeds p.
+    keep_TS = mass_before_TS <= cfg.p
+    slot_S = torch.arange(P_TS.shape[-1], device=P_TS.device)
+    keep_TS |= slot_S < cfg.min_k
+    if cfg.max_k is not None:
+        keep_TS &= slot_S < cfg.max_k
+    token_idx_N, slot_N = keep_TS.nonzero(as_tuple=True)
+    expert_idx_N = idx_TS[token_idx_N, slot_N]
+    weight_N = P_TS[token_idx_N, slot_N]
+    if cfg.normalize_or(False):
+        mass_T = (P_TS * keep_TS).sum(-1)
+        weight_N = weight_N / mass_T[token_idx_N]
+    return RouterOutput(token_idx_N, expert_idx_N, weight_N, scores_TE, logits_TE)
+
+
+def dynamic_loss(scores_TE: torch.Tensor, valid_T: torch.Tensor | None) -> torch.Tensor:
+    """arXiv 2403.07652 eq. 7: the mean router entropy over valid tokens."""
+    # Safe entropy: entr(0) = 0, so saturated routers give no NaN.
+    entropy_T = torch.special.entr(scores_TE).sum(-1)
+    if valid_T is None:
+        return entropy_T.mean() if entropy_T.numel() else entropy_T.new_zeros(())
+    return (entropy_T * valid_T).sum() / valid_T.sum().clamp(min=1)
