@@ -1,8 +1,17 @@
-"""`moekit` command line: `moekit info`, `moekit bench NAME [ARGS]`."""
+"""`moekit` command line.
+
+  moekit info                          versions, routers, compute backends
+  moekit train [--preset NAME] [--out RUN] [--resume] [--SECTION.FIELD VALUE ...]
+  moekit eval RUN                      validation loss / bits per byte, overall and per domain
+  moekit generate RUN --prompt TEXT    greedy, temperature or top-p sampling with a KV cache
+  moekit compare --presets A,B,...     equal-terms training of router families, one table
+  moekit bench NAME [ARGS]             a benchmark script (JSON lines)
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -36,10 +45,115 @@ def _bench(args) -> int:
     return 0
 
 
+def _configs(args):
+    from moekit.train.flags import apply_flags
+    from moekit.train.presets import preset
+
+    model_cfg, train_cfg = preset(args.preset)
+    model_cfg, train_cfg = apply_flags(model_cfg, train_cfg, args)
+    return model_cfg.validate(), train_cfg.validate()
+
+
+def _print_config(model_cfg, train_cfg) -> None:
+    from moekit.train.trainer import resolved_config
+
+    print("resolved config:\n" + json.dumps(resolved_config(model_cfg, train_cfg), indent=2))
+
+
+def _train(args) -> int:
+    from moekit.train import train
+    from moekit.train.trainer import load_run_config
+
+    if args.resume:
+        model_cfg, train_cfg = load_run_config(args.out)
+    else:
+        model_cfg, train_cfg = _configs(args)
+    _print_config(model_cfg, train_cfg)
+    train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _eval(args) -> int:
+    from moekit.train import evaluate, load_trained
+
+    model, cfg, tokenizer = load_trained(args.run)
+    result = evaluate(model, tokenizer, cfg.seq_len, args.tokens)
+    print(json.dumps(result, indent=2) if args.json else _eval_table(result))
+    return 0
+
+
+def _eval_table(result) -> str:
+    lines = [f"{'domain':<10} {'loss':>8} {'bpb':>7} {'unigram':>8} {'experts/token':>14}"]
+    for d, r in result["per_domain"].items():
+        lines.append(f"{d:<10} {r['loss']:8.4f} {r['bpb']:7.3f} {r['unigram_bpb']:8.3f} {r['experts_per_token']:14.2f}")
+    lines.append(f"{'all':<10} {result['loss']:8.4f} {result['bpb']:7.3f} {result['unigram_bpb']:8.3f} "
+                 f"{result['experts_per_token']:14.2f}")
+    return "\n".join(lines)
+
+
+def _generate(args) -> int:
+    from moekit.models.generate import generate
+    from moekit.train import load_trained
+
+    model, _, tokenizer = load_trained(args.run)
+    prompt = [tokenizer.bos_id] if args.bos else []
+    prompt += tokenizer.encode(args.prompt)
+    if not prompt:
+        print("moekit generate: empty prompt (give --prompt TEXT or --bos)", file=sys.stderr)
+        return 2
+    ids = generate(model, torch.tensor([prompt]), args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)
+    print(tokenizer.decode(ids[0].tolist()))
+    return 0
+
+
+def _compare(args) -> int:
+    from moekit.train.compare import compare
+    from moekit.train.flags import apply_flags
+    from moekit.train.presets import preset
+
+    variants = {}
+    for name in args.presets.split(","):
+        model_cfg, train_cfg = apply_flags(*preset(name), args)
+        variants[name] = (model_cfg.validate(), train_cfg.validate())
+    compare(variants, args.out, progress=not args.no_progress)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts models with dynamic routing.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, routers and compute backends").set_defaults(func=_info)
+    from moekit.train.flags import add_config_flags
+    from moekit.train.presets import PRESETS
+
+    t = sub.add_parser("train", help="train a MoE language model on the embedded corpus")
+    t.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="starting configuration (default tiny)")
+    t.add_argument("--out", default="runs/tiny", help="run directory (default runs/tiny)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(t)
+    t.set_defaults(func=_train)
+    e = sub.add_parser("eval", help="evaluate a run on the validation split")
+    e.add_argument("run")
+    e.add_argument("--tokens", type=int, default=16384, help="validation tokens per domain (default 16384)")
+    e.add_argument("--json", action="store_true", help="print the full JSON result")
+    e.set_defaults(func=_eval)
+    g = sub.add_parser("generate", help="generate text from a trained run")
+    g.add_argument("run")
+    g.add_argument("--prompt", default="")
+    g.add_argument("--bos", action="store_true", help="start with the BOS token")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0 = off)")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_generate)
+    c = sub.add_parser("compare", help="train router families on equal terms and print one table")
+    c.add_argument("--presets", default="topk,topp", help="comma-separated preset names (default topk,topp)")
+    c.add_argument("--out", default="runs/compare")
+    c.add_argument("--no-progress", action="store_true")
+    add_config_flags(c)
+    c.set_defaults(func=_compare)
     b = sub.add_parser("bench", help="run a benchmark script (prints JSON lines)")
     b.add_argument("name", choices=BENCHMARKS)
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark, e.g. --quick")

@@ -1,0 +1,68 @@
+"""Text generation with a KV cache: greedy, temperature and top-p (nucleus) sampling.
+
+Works with any model callable `model(input_ids_BT, cache=cache) -> logits (B, T, V)` that
+advances `cache.pos` (moekit's `MoELM`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moekit.models.lm import KVCache, MoELM
+
+
+def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (B,). temperature 0 = greedy (argmax; ties -> lowest id)."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"sampling: temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    probs_BV = torch.softmax(logits_BV.float() / temperature, dim=-1)
+    if top_p < 1:
+        # Nucleus sampling (Holtzman et al., arXiv 1904.09751): the smallest prefix of tokens by
+        # probability whose mass reaches top_p; the rest are removed and the prefix renormalised.
+        p_sorted_BV, idx_BV = probs_BV.sort(dim=-1, descending=True, stable=True)
+        before_BV = p_sorted_BV.cumsum(-1) - p_sorted_BV
+        p_sorted_BV = p_sorted_BV.masked_fill(before_BV >= top_p, 0.0)
+        probs_BV = torch.zeros_like(probs_BV).scatter_(-1, idx_BV, p_sorted_BV)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: MoELM, prompt_ids_BT: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
+             use_cache: bool = True) -> torch.Tensor:
+    """Continue each prompt by up to `max_new_tokens` tokens; returns prompt + new tokens (B, T + n).
+
+    With `use_cache=False` every step re-runs the whole sequence (the reference the cached path is
+    tested against). Generation stops early when every sequence has produced `eos_id`.
+    """
+    if prompt_ids_BT.dim() != 2 or prompt_ids_BT.shape[1] == 0:
+        raise ValueError(f"generate: prompt must be (B, T) with T >= 1, got shape {tuple(prompt_ids_BT.shape)}")
+    B, T = prompt_ids_BT.shape
+    limit = model.cfg.max_seq_len
+    if T + max_new_tokens > limit:
+        raise ValueError(f"generate: prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={limit}")
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    generator = None if seed is None else torch.Generator(device=param.device).manual_seed(seed)
+    cache = KVCache(model.cfg, B, T + max_new_tokens, device=param.device, dtype=param.dtype) if use_cache else None
+    ids_BT = prompt_ids_BT.to(param.device)
+    done_B = torch.zeros(B, dtype=torch.bool, device=param.device)
+    step_input = ids_BT
+    try:
+        for _ in range(max_new_tokens):
+            logits_BTV = model(step_input, cache=cache) if use_cache else model(ids_BT)
+            next_B = sample_next(logits_BTV[:, -1], temperature, top_p, generator)
+            if eos_id is not None:
+                next_B = next_B.masked_fill(done_B, eos_id)
+                done_B |= next_B == eos_id
+            ids_BT = torch.cat([ids_BT, next_B.unsqueeze(1)], dim=1)
+            step_input = next_B.unsqueeze(1)
+            if eos_id is not None and bool(done_B.all()):
+                break
+    finally:
+        model.train(was_training)
+    return ids_BT
