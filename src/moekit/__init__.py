@@ -2,11 +2,21 @@
 
 from moekit.config import MoEConfig, RouterConfig
 from moekit.layers import MoELayer, RoutingInfo, after_optimizer_step, moe_layers, route
+from moekit.layers.masks import mask_experts
 from moekit.routers import RecurrentState, Router, RouterOutput, register, registered_routers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MoEConfig", "MoELayer", "RecurrentState", "Router", "RouterConfig", "RouterOutput", "RoutingInfo", "__version__",
-    "moe_layers", "register", "registered_routers", "route", "after_optimizer_step",
+    "mask_experts", "moe_layers", "register", "registered_routers", "route", "after_optimizer_step",
 ]
+
+
+def __getattr__(name: str):
+    # `moekit.hf` imports transformers: load it on first use, not on `import moekit`.
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("moekit.hf")
+    raise AttributeError(f"module 'moekit' has no attribute {name!r}")

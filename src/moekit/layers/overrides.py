@@ -79,6 +79,9 @@ def _rebuild(router: nn.Module, cfg) -> nn.Module:
     cls = router_class(cfg.kind)
     new = cls(cfg, router.d_model, router.num_experts).to(router.weight.device)
     new.weight = router.weight  # share the gate Parameter: nothing is copied
+    if hasattr(new, "reset_null_rows"):
+        new.reset_null_rows()  # AdaMoE: null rows start as tiles of the *shared* (e.g. pretrained) gate rows
+    new.expert_mask_E = router.expert_mask_E  # a mask entered outside the override stays in force
     if hasattr(router, "e_score_correction_bias") and hasattr(new, "e_score_correction_bias"):
         new.e_score_correction_bias = router.e_score_correction_bias
     new.train(router.training)

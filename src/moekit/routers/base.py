@@ -127,10 +127,16 @@ class Router(nn.Module):
     Subclasses implement `select(logits_TE, x_TD)`; the base computes logits in fp32.
     `is_causal` is False for routers whose choice for a token depends on other tokens
     (expert choice): causal language models refuse those unless told otherwise.
+
+    `expert_mask_E` (int8 (E,) or None; set by `moekit.mask_experts`): -1 disabled, +1 forced,
+    0 free. The base applies "disabled" for every router whose logits go through `forward`;
+    "forced" needs the selection rule to rank forced experts first, which a router declares with
+    `supports_forced_experts`.
     """
 
     kind: ClassVar[str] = "base"
     is_causal: ClassVar[bool] = True
+    supports_forced_experts: ClassVar[bool] = False
 
     def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
         super().__init__()
@@ -140,6 +146,7 @@ class Router(nn.Module):
         self.num_experts = num_experts
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
+        self.expert_mask_E: torch.Tensor | None = None
 
     @classmethod
     def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:
@@ -153,7 +160,17 @@ class Router(nn.Module):
         if self.training and self.cfg.jitter > 0:
             eps = self.cfg.jitter
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-        return self.select(self.logits(x_TD), x_TD)
+        logits_TE = self.logits(x_TD)
+        if self.expert_mask_E is None:
+            return self.select(logits_TE, x_TD)
+        # Expert masks (MoTE, arXiv 2502.11096): a disabled expert's logit is -inf before selection.
+        # Columns past E (null experts) are never masked.
+        disabled_E = self.expert_mask_E < 0
+        disabled_X = nn.functional.pad(disabled_E, (0, logits_TE.shape[-1] - self.num_experts))
+        route = self.select(logits_TE.masked_fill(disabled_X, float("-inf")), x_TD)
+        # Every rule gives a disabled expert zero weight, but some can still pick one (top-p with p=1,
+        # min_k, fewer enabled experts than k): drop those picks so that a disabled expert never runs.
+        return route.keep(~disabled_E[route.expert_idx_N])
 
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
         raise NotImplementedError

@@ -52,10 +52,17 @@ class NullExpertRouter(Router):
         w = torch.cat([self.weight, self.null_weight]).float()
         return torch.nn.functional.linear(x_TD.float(), w)
 
+    supports_forced_experts = True
+
     def select(self, logits_TX: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
         E = self.num_experts
         probs_TX = torch.softmax(logits_TX, dim=-1)  # X = E + M
-        idx_TK = torch.topk(probs_TX, self.cfg.k, dim=-1, sorted=False).indices
+        choice_TX = probs_TX
+        if self.expert_mask_E is not None:
+            # forced real experts take one of the k slots (MoTE, arXiv 2502.11096); null columns are never masked
+            forced_X = torch.nn.functional.pad(self.expert_mask_E > 0, (0, self.cfg.n_null))
+            choice_TX = probs_TX.detach().masked_fill(forced_X, float("inf"))
+        idx_TK = torch.topk(choice_TX, self.cfg.k, dim=-1, sorted=False).indices
         w_TK = probs_TX.gather(1, idx_TK)
         real_TK = idx_TK < E
         w_TK = w_TK * real_TK

@@ -4,7 +4,8 @@ Legend: T tokens, D model dim, E experts, K experts per token, G groups.
 
 Stages:
   1. scores_TE = softmax(logits) or sigmoid(logits)                 (fp32)
-  2. selection scores = scores + bias_E (aux-loss-free balancing; selection only)
+  2. selection scores = scores + bias_E (aux-loss-free balancing; selection only); expert masks:
+     disabled -> -inf, forced -> +inf (on the biased scores, as DeepSeek-V3 needs)
   3. group-limited selection: keep `topk_group` of `n_group` groups   (DeepSeek-V3)
   4. top-k on the selection scores
   5. combine weights from the *unbiased* scores, renormalised if `normalize`, times
@@ -21,6 +22,8 @@ from moekit.routers.base import Router, RouterOutput, register
 
 @register("topk")
 class TopKRouter(Router):
+    supports_forced_experts = True
+
     def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
         super().__init__(cfg, d_model, num_experts)
         # Selection bias of auxiliary-loss-free balancing (arXiv 2408.15664); fp32, persistent so
@@ -47,7 +50,8 @@ class TopKRouter(Router):
         return self.cfg.bias_update_rate > 0 or bool(self.e_score_correction_bias.any())
 
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
-        return select_topk(logits_TE, self.cfg, self.e_score_correction_bias if self.uses_bias else None)
+        return select_topk(logits_TE, self.cfg, self.e_score_correction_bias if self.uses_bias else None,
+                           self.expert_mask_E)
 
     def after_optimizer_step(self, counts_E: torch.Tensor) -> None:
         self.update_bias(counts_E)
@@ -67,14 +71,20 @@ class TopKRouter(Router):
         self.e_score_correction_bias.add_(delta_E.to(self.e_score_correction_bias.device))
 
 
-def select_topk(logits_TE: torch.Tensor, cfg: RouterConfig, bias_E: torch.Tensor | None = None) -> RouterOutput:
-    """The top-k selection rule on fp32 logits (shared with routers that compute logits differently)."""
+def select_topk(logits_TE: torch.Tensor, cfg: RouterConfig, bias_E: torch.Tensor | None = None,
+                mask_E: torch.Tensor | None = None) -> RouterOutput:
+    """The top-k selection rule on fp32 logits (shared with routers that compute logits differently).
+    mask_E: optional int8 expert mask (-1 disabled, +1 forced), see `Router`."""
     if cfg.score == "softmax":
         scores_TE = torch.softmax(logits_TE, dim=-1)
     else:
         scores_TE = torch.sigmoid(logits_TE)
     choice_TE = scores_TE + bias_E if bias_E is not None else scores_TE
     choice_TE = choice_TE.detach()
+    if mask_E is not None:
+        # MoTE (arXiv 2502.11096) on the selection scores, after the bias and before the group limit: a
+        # forced expert takes one of the k slots (its weight stays its own score), a disabled one never does.
+        choice_TE = choice_TE.masked_fill(mask_E < 0, float("-inf")).masked_fill(mask_E > 0, float("inf"))
     if cfg.n_group > 1:
         choice_TE = _limit_groups(choice_TE, cfg)
     idx_TK = torch.topk(choice_TE, cfg.k, dim=-1, sorted=False).indices

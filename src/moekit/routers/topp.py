@@ -30,15 +30,18 @@ class TopPRouter(Router):
             raise ValueError(f"RouterConfig.score={cfg.score!r} is invalid for kind='topp'; allowed: 'softmax' "
                              "(top-p needs a probability distribution over experts)")
 
+    supports_forced_experts = True
+
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
-        return select_topp(logits_TE, self.cfg)
+        return select_topp(logits_TE, self.cfg, self.expert_mask_E)
 
     def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
         return {"dynamic": dynamic_loss(route.scores_TE, valid_T)}
 
 
-def select_topp(logits_TE: torch.Tensor, cfg: RouterConfig) -> RouterOutput:
-    """The top-p selection rule on fp32 logits (shared with routers that compute logits differently)."""
+def select_topp(logits_TE: torch.Tensor, cfg: RouterConfig, mask_E: torch.Tensor | None = None) -> RouterOutput:
+    """The top-p selection rule on fp32 logits (shared with routers that compute logits differently).
+    mask_E: optional int8 expert mask; forced experts (+1) are always selected, on top of the prefix."""
     scores_TE = torch.softmax(logits_TE, dim=-1)
     P_TS, idx_TS = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
     mass_before_TS = torch.cumsum(P_TS, dim=-1) - P_TS
@@ -48,6 +51,8 @@ def select_topp(logits_TE: torch.Tensor, cfg: RouterConfig) -> RouterOutput:
     keep_TS |= slot_S < cfg.min_k
     if cfg.max_k is not None:
         keep_TS &= slot_S < cfg.max_k
+    if mask_E is not None:
+        keep_TS |= (mask_E > 0)[idx_TS]  # MoTE (arXiv 2502.11096): forced experts join every token
     token_idx_N, slot_N = keep_TS.nonzero(as_tuple=True)
     expert_idx_N = idx_TS[token_idx_N, slot_N]
     weight_N = P_TS[token_idx_N, slot_N]

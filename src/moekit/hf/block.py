@@ -1,0 +1,156 @@
+"""HFMoEBlock: moekit's MoELayer running a transformers sparse MoE block on the block's own weights.
+
+What is shared with the wrapped block (the same Python objects, nothing copied):
+  HF block                                  HFMoEBlock
+  gate.weight (E, D)                        router.weight
+  gate.e_score_correction_bias (E,)         router.e_score_correction_bias   (DeepSeek-V3 family)
+  experts.gate_up_proj (E, 2F, D)           experts.gate_up_proj
+  experts.down_proj (E, D, F)               experts.down_proj
+  shared_expert(s).{gate,up,down}_proj      shared_experts.{gate,up,down}_proj   (the Linear modules)
+  shared_expert_gate                        shared_expert_gate                    (the Linear module)
+
+The forward takes and returns what the HF block does: hidden states (B, T, D) -> (B, T, D).
+`state_dict()` uses the HF block's names (gate.weight, shared_expert.*, ...) and drops moekit-only
+state (a zero selection bias for softmax families), so a wrapped model saves and loads as the
+original; `load_state_dict` accepts those names back. The original block is kept, unregistered,
+for `moekit.hf.unwrap`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.hf.detect import BlockSpec, UnsupportedBlockError
+from moekit.layers.moe import MoELayer
+
+try:  # where transformers' `output_router_logits=True` collects router logits (v5)
+    from transformers.utils.output_capturing import OutputRecorder, _active_collector
+except ImportError:  # pragma: no cover - a transformers without it simply records nothing
+    OutputRecorder = _active_collector = None
+
+
+class HFMoEBlock(MoELayer):
+    """A MoELayer bound to one transformers MoE block (see the module doc); built by `moekit.hf.wrap`.
+
+    `hf_class` names the wrapped block's class; `original()` returns the block itself."""
+
+    def __init__(self, spec: BlockSpec, records_router_logits: bool = False):
+        # Built on the meta device: every weight is replaced by the block's own Parameter below, and a
+        # real allocation (and random init) of E experts would cost a pretrained model's memory twice.
+        with torch.device("meta"):
+            super().__init__(spec.cfg)
+        block = spec.block
+        device = spec.gate.weight.device
+        self.router.weight = spec.gate.weight
+        if isinstance(getattr(spec.gate, "e_score_correction_bias", None), torch.Tensor):
+            self.router.e_score_correction_bias = spec.gate.e_score_correction_bias
+        self.experts.gate_up_proj = spec.experts.gate_up_proj
+        self.experts.down_proj = spec.experts.down_proj
+        if spec.shared is not None:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                setattr(self.shared_experts, name, getattr(spec.shared, name))
+        if spec.shared_gate is not None:
+            self.shared_expert_gate = spec.shared_gate
+        # moekit-only state (routing statistics, a zero bias for families without one) on the block's device.
+        for module in self.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                if buf.is_meta:
+                    setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype, device=device))
+        left = [n for n, t in self.state_dict(keep_vars=True).items() if t.is_meta]
+        if left:
+            raise RuntimeError(f"HFMoEBlock: {left} of {spec.class_name} were not bound to the block's tensors")
+
+        # HF name of each shared tensor, by identity; HF tensors moekit does not use mean a wrong reading.
+        hf_names = {id(t): n for n, t in block.state_dict(keep_vars=True).items()}
+        mine = self.state_dict(keep_vars=True)
+        self._hf_names = {n: hf_names[id(t)] for n, t in mine.items() if id(t) in hf_names}
+        self._hf_order = list(block.state_dict(keep_vars=True))
+        self._moekit_only = [n for n in mine if n not in self._hf_names]
+        unused = sorted(set(self._hf_order) - set(self._hf_names.values()))
+        if unused:
+            raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: its tensors {unused} have no "
+                                        "place in moekit's MoELayer")
+        self.register_state_dict_post_hook(_state_dict_to_hf)
+        self.register_load_state_dict_pre_hook(_load_hf_names)
+
+        self.hf_class = spec.class_name
+        self.records_router_logits = records_router_logits
+        object.__setattr__(self, "_hf_block", block)  # not a submodule: no second copy in state_dict / .to()
+        self.train(block.training)
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The HF block's call: hidden states (B, T, D) -> (B, T, D). transformers passes no padding
+        mask; moekit callers may, as to any MoELayer."""
+        collected = _active_collector.get() if self.records_router_logits and _active_collector else None
+        if collected is None or "router_logits" not in collected:
+            return super().forward(hidden_states, padding_mask)
+        # `output_router_logits=True`: hand transformers the (T, E) router logits, with their gradient
+        # (routing_info() keeps a detached copy), as its own router would have.
+        logits = []
+        handle = self.router.register_forward_hook(lambda _m, _a, route: logits.append(route.logits_TE))
+        try:
+            y = super().forward(hidden_states, padding_mask)
+        finally:
+            handle.remove()
+        collected["router_logits"].append(logits[0])
+        return y
+
+    def original(self) -> nn.Module:
+        """The wrapped transformers block, with any tensor this layer now holds (after `.to()`, say)
+        put back in its place."""
+        block = self._hf_block
+        for mine, theirs in self._hf_names.items():
+            tensor = _get_tensor(self, mine)
+            owner_name, _, leaf = theirs.rpartition(".")
+            owner = block.get_submodule(owner_name)
+            if getattr(owner, leaf) is not tensor:
+                setattr(owner, leaf, tensor)
+        block.train(self.training)
+        return block
+
+    def extra_repr(self) -> str:
+        return f"hf={self.hf_class}, {super().extra_repr()}"
+
+
+def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    return owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+
+
+def _load_hf_names(module: HFMoEBlock, state_dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: accept the HF block's names."""
+    for mine, theirs in module._hf_names.items():
+        if prefix + theirs in state_dict and mine != theirs:
+            state_dict[prefix + mine] = state_dict.pop(prefix + theirs)
+    for mine in module._moekit_only:  # not in an HF checkpoint: keep the current value
+        if prefix + mine not in state_dict:
+            state_dict[prefix + mine] = _get_tensor(module, mine).detach()
+
+
+def _state_dict_to_hf(module: HFMoEBlock, state_dict, prefix: str, local_metadata) -> None:
+    """Rename this layer's entries to the HF block's names, in the HF block's order."""
+    mine = {k[len(prefix):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+    by_hf = {theirs: m for m, theirs in module._hf_names.items()}
+    for theirs in module._hf_order:
+        if by_hf[theirs] in mine:
+            state_dict[prefix + theirs] = mine.pop(by_hf[theirs])
+    for name in module._moekit_only:
+        mine.pop(name, None)
+    for name, value in mine.items():  # state an override added (e.g. null-expert rows): moekit's names
+        state_dict[prefix + name] = value
+
+
+def transformers_records_router_logits(model: nn.Module, gate: nn.Module) -> bool:
+    """Whether transformers would record `gate`'s logits for `output_router_logits=True`."""
+    if OutputRecorder is None:
+        return False
+    for m in model.modules():
+        spec = getattr(type(m), "_can_record_outputs", None) or {}
+        specs = spec.get("router_logits")
+        for s in specs if isinstance(specs, list) else [specs]:
+            target = s.target_class if isinstance(s, OutputRecorder) else s
+            if isinstance(target, type) and isinstance(gate, target):
+                return True
+    return False

@@ -1,0 +1,41 @@
+"""Load a local transformers checkpoint directory and wrap it (the CLI's entry point)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moekit.hf.version import check_transformers_version
+from moekit.hf.wrap import wrap
+
+# Files any of transformers' tokenizer formats ships (fast json, sentencepiece, BPE vocab).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, *, backend: str = "auto",
+                    verify: bool = True) -> tuple[nn.Module, object | None]:
+    """`AutoModelForCausalLM.from_pretrained(path)` from a local directory (never the network), wrapped
+    with `moekit.hf.wrap`; returns (model, tokenizer), tokenizer None when the directory has none.
+
+    dtype: None keeps transformers' default; a torch.dtype, or a string such as "bfloat16" or "auto".
+    """
+    check_transformers_version()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"moekit.hf.load_pretrained(): {str(path)!r} is not a directory; expected a local "
+                                "checkpoint directory (config.json + weights), e.g. one written by save_pretrained")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"moekit.hf.load_pretrained(): {str(path)!r} has no config.json, so it is not a "
+                                "transformers checkpoint directory")
+    kwargs = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = None
+    if any((path / f).is_file() for f in _TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return wrap(model, backend=backend, verify=verify), tokenizer

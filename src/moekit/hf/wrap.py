@@ -1,0 +1,155 @@
+"""wrap / unwrap: run a loaded transformers v5 MoE model's sparse blocks with moekit, and back.
+
+    model = AutoModelForCausalLM.from_pretrained(...)
+    moekit.hf.wrap(model)                   # every sparse MoE block -> HFMoEBlock (a MoELayer)
+    with moekit.route(model, kind="topp", p=0.5):
+        model.generate(...)
+    moekit.hf.unwrap(model)                 # the original block modules, exactly
+
+Stages of wrap:
+  1. version guard (transformers >=5,<6)
+  2. find blocks structurally (detect.py): a router `gate` plus stacked `experts`
+  3. read each block's routing rule into a MoEConfig, and bind a HFMoEBlock to its Parameters
+  4. verify (default on): run the block and the HFMoEBlock on a probe input, the router alone in
+     fp32 (selected experts exactly, weights to 1e-5) and the whole block in the model's dtype;
+     a block that disagrees is refused with its class name, before anything is replaced
+  5. swap the modules in place (all or nothing)
+Nothing is copied, and dtype and device stay as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from moekit.hf.block import HFMoEBlock, transformers_records_router_logits
+from moekit.hf.detect import TESTED_BLOCKS, BlockSpec, UnsupportedBlockError, looks_like_moe_block, read_block
+from moekit.hf.version import check_transformers_version
+
+PROBE_TOKENS = 16
+
+
+def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.Module:
+    """Replace every sparse MoE block of `model` with an HFMoEBlock sharing its Parameters; in place.
+
+    backend: the MoEConfig backend of the new layers ("auto" or "reference").
+    verify: check each block against its own forward on a probe input first (cheap: 16 tokens).
+    Idempotent: blocks already wrapped are left as they are. Returns `model`.
+    """
+    check_transformers_version()
+    found = [(name, m) for name, m in _named_modules_outside_moekit(model) if looks_like_moe_block(m)]
+    if not found:
+        if any(isinstance(m, HFMoEBlock) for m in model.modules()):
+            return model  # already wrapped
+        raise UnsupportedBlockError(
+            f"moekit.hf.wrap(): found no sparse MoE block in {type(model).__name__} (looked for a module with a "
+            "router `gate` and stacked `experts` weights gate_up_proj (E, 2F, D) / down_proj (E, D, F), as in "
+            f"transformers v5 {', '.join(TESTED_BLOCKS)})")
+    model_config = getattr(model, "config", None)
+    new = []
+    for name, block in found:
+        spec = read_block(block, model_config, backend)
+        layer = HFMoEBlock(spec, transformers_records_router_logits(model, spec.gate))
+        if verify:
+            verify_block(spec, layer)
+        new.append((name, layer))
+    for name, layer in new:
+        _replace(model, name, layer)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Put every wrapped block's original transformers module back; in place. Returns `model`."""
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, HFMoEBlock)]:
+        _replace(model, name, layer.original())
+    return model
+
+
+def wrapped_blocks(model: nn.Module) -> list[HFMoEBlock]:
+    """The HFMoEBlocks of a wrapped model, in module order (the order of `moekit.route(layers=...)`)."""
+    return [m for m in model.modules() if isinstance(m, HFMoEBlock)]
+
+
+def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
+    """Refuse a block whose output moekit's reading does not reproduce on a probe input."""
+    block, cfg = spec.block, spec.cfg
+    weight = spec.experts.gate_up_proj
+    if weight.is_meta:
+        raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its weights are on the meta "
+                                    "device (offloaded or not loaded); load the model onto a real device, or pass "
+                                    "verify=False")
+    gen = torch.Generator().manual_seed(0)
+    x_BTD = torch.randn(1, PROBE_TOKENS, cfg.d_model, generator=gen).to(device=weight.device, dtype=weight.dtype)
+    modes = (block.training, layer.training)
+    block.eval()
+    layer.eval()
+    try:
+        with torch.no_grad():
+            _verify_router(spec, layer, x_BTD.reshape(-1, cfg.d_model).float())
+            y_hf = block(x_BTD)
+            y_hf = y_hf[0] if isinstance(y_hf, tuple) else y_hf
+            y_mk = layer(x_BTD)
+    finally:
+        block.train(modes[0])
+        layer.train(modes[1])
+        layer._info = None  # the probe is not a forward the user ran
+    # Per-token relative error. fp32: every token to 1e-3 (both sides run the same fp32 router math).
+    # bf16/fp16: transformers rounds some routers' logits to the model dtype and moekit keeps them in
+    # fp32, so a near-tie may pick another expert; a wrong rule is off on most tokens.
+    err_T = ((y_mk - y_hf).float().norm(dim=-1) / y_hf.float().norm(dim=-1).clamp(min=1e-6)).flatten()
+    low = weight.dtype in (torch.bfloat16, torch.float16)
+    tol, allowed = (5e-2, 0.25) if low else (1e-3, 0.0)
+    bad = float((err_T > tol).float().mean())
+    if not torch.isfinite(err_T).all() or bad > allowed:
+        raise UnsupportedBlockError(
+            f"moekit.hf cannot wrap {spec.class_name}: read as {cfg.router.describe()}"
+            f"{', shared expert' if cfg.num_shared_experts else ''}{' (sigmoid-gated)' if cfg.shared_gate else ''}, "
+            f"moekit's output differs from the block's own on a probe input ({bad:.0%} of {PROBE_TOKENS} tokens off by "
+            f"more than {tol:g} relative, max {float(err_T.max()):.3g}); its forward does something moekit's "
+            "MoELayer does not (pass verify=False to skip this check at your own risk)")
+
+
+def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> None:
+    """The HF router on an fp32 copy of itself (the gate is small: E x D) against moekit's fp32 router:
+    the same experts for every token and the same weights, free of rounding."""
+    out = copy.deepcopy(spec.gate).float()(x_TD)
+    # v5 routers return (router_logits, top_k_weights, top_k_index); other conventions skip to the block check.
+    if not (isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)):
+        return
+    _, hf_w_TK, hf_idx_TK = out
+    if hf_idx_TK.dtype.is_floating_point or hf_idx_TK.shape != hf_w_TK.shape or hf_idx_TK.shape[0] != x_TD.shape[0]:
+        return
+    idx_TK, w_TK = layer.router(x_TD).to_padded()
+    if idx_TK.shape != hf_idx_TK.shape:
+        raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: its router picks {hf_idx_TK.shape[-1]} "
+                                    f"experts per token, moekit read k={layer.cfg.router.k}")
+    hf_order, order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1)
+    same_idx = (hf_idx_TK.gather(1, hf_order).to(idx_TK.dtype) == idx_TK.gather(1, order)).all(-1)
+    same_w = torch.isclose(hf_w_TK.float().gather(1, hf_order), w_TK.gather(1, order), rtol=1e-5, atol=1e-6).all(-1)
+    if not bool((same_idx & same_w).all()):
+        raise UnsupportedBlockError(
+            f"moekit.hf cannot wrap {spec.class_name}: its router ({type(spec.gate).__name__}) and moekit's reading "
+            f"of it ({layer.cfg.router.describe()}) disagree on a probe input: other experts for "
+            f"{int((~same_idx).sum())} and other weights for {int((~same_w).sum())} of {x_TD.shape[0]} tokens; "
+            "its routing rule is not one moekit has")
+
+
+def _named_modules_outside_moekit(model: nn.Module):
+    """named_modules() without descending into moekit layers (already wrapped blocks)."""
+    skip: list[str] = []
+    for name, m in model.named_modules():
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(m, HFMoEBlock):
+            skip.append(name)
+            continue
+        yield name, m
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise UnsupportedBlockError("moekit.hf.wrap(): pass the whole model, not a single MoE block")
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, new)

@@ -1,0 +1,143 @@
+"""Expert masks: switch routed experts off, or force them on, at inference time; undone on exit.
+
+Mixture of Tunable Experts (MoTE, Dahlke et al., arXiv 2502.11096) steers a pretrained MoE model by
+deactivating (or force-activating) a handful of routed experts, with no training:
+
+    with moekit.mask_experts(model, disabled={0: [3, 7], 5: [1]}):     # MoE layer -> expert ids
+        model(ids)
+    with moekit.mask_experts(model, forced={2: [4]}):
+        model(ids)
+
+Keys are MoE-layer indices in module order, as in `moekit.route(layers=...)` (for a model whose
+first decoder layers are dense, such as DeepSeek-V3, MoE layer 0 is the first *sparse* layer).
+Values are expert ids in [0, E). Works on moekit models and on `moekit.hf.wrap`-ped models.
+
+The rule (algorithms.md §8), applied by the routers (`Router.expert_mask_E`):
+  * disabled: the expert's router logit is -inf before selection, so its probability is 0, it is
+    never selected and never runs. With softmax scores the other experts' probabilities are
+    renormalised over the experts left (this changes the combine weights of families that do not
+    renormalise the top-k, e.g. OLMoE). Pruning an expert at inference time is disabling it: the
+    weights stay in place, untouched.
+  * forced: the expert's *selection* score is +inf, so it takes one of the token's k slots; its
+    combine weight is still its own (unforced) score. Only routers with a fixed k rank experts this
+    way today (`topk`: Mixtral, OLMoE, Qwen, DeepSeek); top-p and null-expert routers refuse it.
+  * routers with a selection bias (DeepSeek-V3's e_score_correction_bias) get both on the *biased*
+    scores, so a bias cannot bring a disabled expert back.
+No weight is copied or modified. Masks nest: an inner block adds to the outer one and wins where both
+name the same expert. A `moekit.route(kind=...)` entered *inside* a mask builds a router without the
+mask, so enter the mask inside the route override.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from moekit.layers.moe import MoELayer
+from moekit.layers.overrides import moe_layers
+from moekit.routers import Router
+
+ExpertIds = Mapping[int, Iterable[int]]
+
+_FREE, _DISABLED, _FORCED = 0, -1, 1
+
+
+@contextlib.contextmanager
+def mask_experts(model: nn.Module, disabled: ExpertIds | None = None,
+                 forced: ExpertIds | None = None) -> Iterator[list[MoELayer]]:
+    """Disable / force routed experts of chosen MoE layers for the duration of the block.
+
+    Yields the masked MoELayers. Everything is validated before any router changes; the previous
+    masks come back on exit, even after an exception.
+    """
+    all_layers = moe_layers(model)
+    if not all_layers:
+        raise ValueError(f"mask_experts(): {type(model).__name__} contains no MoELayer "
+                         "(wrap a transformers model with moekit.hf.wrap first)")
+    disabled, forced = _by_layer(disabled, "disabled", all_layers), _by_layer(forced, "forced", all_layers)
+
+    plans = []
+    for i in sorted(set(disabled) | set(forced)):
+        layer = all_layers[i]
+        router = layer.router
+        off, on = disabled.get(i, set()), forced.get(i, set())
+        both = sorted(off & on)
+        if both:
+            raise ValueError(f"mask_experts(): layer {i}: experts {both} are both disabled and forced")
+        mask_E = (router.expert_mask_E.clone() if router.expert_mask_E is not None
+                  else torch.zeros(router.num_experts, dtype=torch.int8, device=router.weight.device))
+        mask_E[sorted(off)] = _DISABLED
+        mask_E[sorted(on)] = _FORCED
+        _check(i, router, mask_E)
+        plans.append((router, mask_E))
+
+    saved = [(router, router.expert_mask_E) for router, _ in plans]
+    try:
+        for router, mask_E in plans:
+            router.expert_mask_E = mask_E
+        yield [all_layers[i] for i in sorted(set(disabled) | set(forced))]
+    finally:
+        for router, old in saved:
+            router.expert_mask_E = old
+
+
+def _by_layer(ids: ExpertIds | None, name: str, layers: list[MoELayer]) -> dict[int, set[int]]:
+    if ids is None:
+        return {}
+    if not isinstance(ids, Mapping):
+        raise ValueError(f"mask_experts({name}=...): expected a mapping {{MoE layer index: [expert ids]}}, "
+                         f"got {type(ids).__name__}")
+    out: dict[int, set[int]] = {}
+    for i, experts in ids.items():
+        if not isinstance(i, int) or not 0 <= i < len(layers):
+            raise ValueError(f"mask_experts({name}=...): layer {i!r} is out of range; the model has "
+                             f"{len(layers)} MoE layers (indices 0..{len(layers) - 1})")
+        E = layers[i].cfg.num_experts
+        chosen = {int(e) for e in experts}
+        bad = sorted(e for e in chosen if not 0 <= e < E)
+        if bad:
+            raise ValueError(f"mask_experts({name}=...): layer {i}: expert ids {bad} are out of range; "
+                             f"allowed: 0..{E - 1}")
+        out[i] = chosen
+    return out
+
+
+def _check(i: int, router: Router, mask_E: torch.Tensor) -> None:
+    """Refuse masks a router cannot honour, rather than let it pick a disabled expert or drop a forced one."""
+    kind, cfg = router.kind, router.cfg
+    if type(router).forward is not Router.forward:
+        raise ValueError(f"mask_experts(): layer {i} uses router kind {kind!r}, which computes its logits in its "
+                         "own forward, so expert masks would not be applied; allowed: routers built on "
+                         "Router.forward (topk, topp, null, random, expert_choice)")
+    n_off = int((mask_E == _DISABLED).sum())
+    n_on = int((mask_E == _FORCED).sum())
+    if n_on and not router.supports_forced_experts:
+        raise ValueError(f"mask_experts(forced=...): layer {i} uses router kind {kind!r}, whose selection rule "
+                         "does not rank forced experts first; allowed with kind='topk', 'topp' or 'null' (disable experts instead, "
+                         "or route(kind='topk') first)")
+    # Experts a token must get: the rule's fixed count (top-k), its minimum (top-p), or the real
+    # picks a null-expert router cannot send to null experts.
+    need = {"topk": cfg.k, "topp": cfg.min_k, "null": cfg.k - cfg.n_null}.get(kind, 1)
+    enabled = router.num_experts - n_off
+    if enabled < max(need, 1):
+        raise ValueError(f"mask_experts(disabled=...): layer {i} would keep {enabled} enabled experts, but router "
+                         f"{kind!r} ({cfg.describe()}) needs at least {max(need, 1)}")
+    if kind == "topk" and n_on > cfg.k:
+        raise ValueError(f"mask_experts(forced=...): layer {i}: {n_on} forced experts do not fit in k={cfg.k} slots")
+    if kind == "topk" and cfg.n_group > 1 and n_on:
+        per_group = router.num_experts // cfg.n_group
+        mask_GE = mask_E.view(cfg.n_group, per_group)
+        forced_groups = int((mask_GE == _FORCED).any(-1).sum())
+        if forced_groups > cfg.topk_group:
+            raise ValueError(f"mask_experts(forced=...): layer {i}: forced experts lie in {forced_groups} groups, "
+                             f"but group-limited routing keeps only topk_group={cfg.topk_group} of {cfg.n_group}")
+        if cfg.score == "sigmoid":
+            # DeepSeek-V3 scores a group by its top-2 experts: +inf (forced) plus -inf (disabled) is NaN.
+            lonely = ((mask_GE == _FORCED).any(-1) & ((mask_GE != _DISABLED).sum(-1) < 2)).nonzero().flatten()
+            if lonely.numel():
+                raise ValueError(f"mask_experts(): layer {i}: groups {lonely.tolist()} hold a forced expert and no "
+                                 "other enabled expert; a group's score sums its top-2 experts, so keep one more "
+                                 "expert of that group enabled")

@@ -1,0 +1,105 @@
+"""Tiny randomly initialised transformers v5 MoE models (fp32, CPU) for the moekit.hf tests.
+
+Every parameter is redrawn from a seeded generator with a std large enough that next-token logits
+are well separated: transformers' init (std 0.02, and zeros for some routers) gives near-uniform
+logits, where greedy decoding would hinge on rounding rather than on the routing rule.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    MixtralConfig,
+    OlmoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+from transformers.utils import logging
+
+logging.set_verbosity_error()  # tiny configs trip harmless warnings (e.g. eos id outside the tiny vocab)
+
+VOCAB = 128
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _configs() -> dict:
+    return {
+        "mixtral": MixtralConfig(**_COMMON, intermediate_size=64, num_local_experts=6, num_experts_per_tok=2),
+        "olmoe": OlmoeConfig(**_COMMON, intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                             norm_topk_prob=False),
+        "qwen2_moe": Qwen2MoeConfig(**_COMMON, intermediate_size=96, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                                    norm_topk_prob=False),
+        "qwen3_moe": Qwen3MoeConfig(**{**_COMMON, "num_hidden_layers": 3}, head_dim=16, intermediate_size=96,
+                                    moe_intermediate_size=32, num_experts=8, num_experts_per_tok=3, norm_topk_prob=True,
+                                    mlp_only_layers=[1]),
+        # Dense first layer, sigmoid scores, e_score_correction_bias, 4 groups keep 2, scale 2.5, one shared expert.
+        "deepseek_v3": DeepseekV3Config(**{**_COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4},
+                                        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                                        num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+                                        routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1,
+                                        q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                        v_head_dim=16),
+    }
+
+
+FAMILIES = list(_configs())
+# The HF block class each family's sparse layers use, and how many there are.
+BLOCKS = {"mixtral": ("MixtralSparseMoeBlock", 2), "olmoe": ("OlmoeSparseMoeBlock", 2),
+          "qwen2_moe": ("Qwen2MoeSparseMoeBlock", 2), "qwen3_moe": ("Qwen3MoeSparseMoeBlock", 2),
+          "deepseek_v3": ("DeepseekV3MoE", 2)}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p.shape[-1] if p.dim() > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=g) * (1.5 * fan_in**-0.5 if p.dim() > 1 else 0.1))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=g))
+    return model
+
+
+def _make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    cfg = _configs()[family]
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    return randomize(AutoModelForCausalLM.from_config(cfg), seed).eval()
+
+
+def _prompt(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# Test modules import nothing from here (--import-mode=importlib): the helpers come as fixtures.
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_model():
+    """make_model(family, seed=0, **config overrides) -> a tiny randomised model in eval mode."""
+    return _make_model
+
+
+@pytest.fixture
+def prompt():
+    """prompt(batch=2, length=12, seed=1) -> token ids (B, T)."""
+    return _prompt
+
+
+@pytest.fixture
+def hf_blocks():
+    """{family: (HF block class name, number of sparse blocks)}."""
+    return BLOCKS

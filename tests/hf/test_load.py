@@ -1,0 +1,59 @@
+"""The transformers version guard and the local loader used by the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import moekit.hf
+
+
+@pytest.mark.parametrize("version", ["4.57.1", "5.0.0.dev0", "6.0.0", "6.0.0.dev0", "not-a-version"])
+def test_unsupported_transformers_is_named(monkeypatch, make_model, version):
+    model = make_model("olmoe")
+    monkeypatch.setattr(transformers, "__version__", version)
+    with pytest.raises(RuntimeError, match=rf"supports transformers >=5.0,<6 .*transformers {version} is installed"):
+        moekit.hf.wrap(model)
+    assert not moekit.hf.wrapped_blocks(model)
+
+
+@pytest.mark.parametrize("version", ["5.0.0", "5.23.0", "5.24.0.dev0", "5.99.1"])
+def test_supported_transformers_versions(monkeypatch, version):
+    monkeypatch.setattr(transformers, "__version__", version)
+    assert moekit.hf.check_transformers_version() == version
+
+
+def _save_tokenizer(path) -> None:
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", "hello", "experts", "route"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>").save_pretrained(path)
+
+
+def test_load_pretrained_wraps_a_local_checkpoint(make_model, prompt, tmp_path):
+    model = make_model("qwen2_moe")
+    ids = prompt()
+    with torch.no_grad():
+        ref = model(ids).logits
+    model.save_pretrained(tmp_path)
+
+    loaded, tokenizer = moekit.hf.load_pretrained(tmp_path)
+    assert tokenizer is None  # the directory has no tokenizer
+    assert len(moekit.hf.wrapped_blocks(loaded)) == 2 and not loaded.training
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref, atol=1e-5, rtol=1e-5)
+
+    _save_tokenizer(tmp_path)
+    loaded, tokenizer = moekit.hf.load_pretrained(str(tmp_path), dtype="bfloat16")
+    assert tokenizer is not None and tokenizer("hello experts")["input_ids"] == [4, 5]
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+
+
+def test_load_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        moekit.hf.load_pretrained(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        moekit.hf.load_pretrained(tmp_path)
