@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moekit.analysis import (
+    CacheResult,
     RoutingTrace,
     bypass_min,
     layer_requests,
@@ -21,7 +22,9 @@ from moekit.analysis import (
     simulate_sch,
     simulate_static,
     simulate_trace,
+    stack_hit_curves,
 )
+from moekit.analysis.report import static_hits
 
 
 def to_requests(rows: list[list[int]], K: int | None = None) -> np.ndarray:
@@ -284,3 +287,114 @@ def test_simulate_trace_sums_streams():
     assert reset.hits == sum(r.hits for r in singles)
     assert simulate_trace(trace, simulate_sch, 5, shared=True, n=1).hits == \
         simulate_trace(trace, simulate_lru, 5, shared=True).hits
+
+
+# ----------------------------------------------------------------------------- every capacity in one pass
+
+
+STACK_POLICIES = [("lru", 1), ("lfu", 1), ("sch", 2), ("sch", 5), ("set_min", 1), ("bypass_min", 1)]
+
+
+def one_capacity(req: np.ndarray, C: int, label: str) -> CacheResult:
+    if label.startswith("sch"):
+        return simulate_sch(req, C, n=int(label[3:]))
+    return {"lru": simulate_lru, "lfu": simulate_lfu, "set_min": set_min, "bypass_min": bypass_min}[label](req, C)
+
+
+def random_streams(rng: np.random.Generator, L: int, N: int, E: int, K: int, skew: float) -> np.ndarray:
+    """req_LNK: L streams over the same N steps, 0..K distinct experts per step."""
+    out = np.full((L, N, K), -1, dtype=np.int64)
+    for layer in range(L):
+        rows = random_rows(rng, N, E, K, skew)
+        out[layer] = to_requests(rows, K)
+    return out
+
+
+def test_stack_curves_equal_one_capacity_simulators():
+    """Hit for hit (counts per stream) against the heap simulators at every capacity."""
+    rng = np.random.default_rng(0)
+    for trial in range(120):
+        E = int(rng.integers(2, 10))
+        K = int(rng.integers(1, min(E, 3) + 1))
+        req = random_streams(rng, int(rng.integers(1, 4)), int(rng.integers(1, 70)), E, K,
+                             skew=float(rng.choice([1.0, 3.0])))
+        curves = stack_hit_curves(req, E, E + 1, STACK_POLICIES)
+        for layer in range(req.shape[0]):
+            k_max = int((req[layer] >= 0).sum(axis=1).max())
+            for C in range(1, E + 2):
+                for label in curves.policies:
+                    got = curves.hits(label, C)[layer]
+                    if label != "bypass_min" and C < k_max:
+                        assert np.isnan(got), (trial, label, C)
+                        continue
+                    ref = one_capacity(req[layer], C, label)
+                    assert got == ref.hits, (trial, layer, label, C)
+                    assert curves.warm_hits(label, C)[layer] == ref.warm_hits
+        np.testing.assert_array_equal(curves.requests_L, (req >= 0).sum(axis=(1, 2)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=rows_strategy)
+def test_stack_sch_n1_is_lru(rows):
+    req = to_requests(rows)[None]
+    curves = stack_hit_curves(req, 7, 8, [("lru", 1), ("sch", 1)])
+    np.testing.assert_array_equal(curves.hits_PLC[0], curves.hits_PLC[1])
+
+
+@settings(max_examples=100, deadline=None)
+@given(E=st.integers(1, 5), K=st.integers(1, 3), data=st.data())
+def test_stack_bounds_equal_exhaustive_search(E, K, data):
+    K = min(K, E)
+    rows = data.draw(st.lists(st.lists(st.integers(0, E - 1), max_size=K, unique=True), max_size=6))
+    curves = stack_hit_curves(to_requests(rows, K)[None], E, 3, [("set_min", 1), ("bypass_min", 1)])
+    k_max = max([len(r) for r in rows] + [0])
+    for C in (1, 2, 3):
+        assert curves.hits("bypass_min", C)[0] == exhaustive_best(rows, C, keep_step=False)
+        if C >= k_max:
+            assert curves.hits("set_min", C)[0] == exhaustive_best(rows, C, keep_step=True)
+
+
+def test_stack_policies_never_beat_their_bounds():
+    """On 300 random multi-stream traces, at every capacity: LRU, LFU, SCH <= set-MIN <= bypass-MIN,
+    static <= bypass-MIN, and hits never fall when C grows (all are stack algorithms)."""
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        E = int(rng.integers(2, 14))
+        K = int(rng.integers(1, min(E, 3) + 1))
+        req = random_streams(rng, 2, int(rng.integers(5, 90)), E, K, skew=float(rng.choice([1.0, 3.0])))
+        policies = [("lru", 1), ("lfu", 1), ("sch", 3), ("sch", 9), ("set_min", 1), ("bypass_min", 1)]
+        curves = stack_hit_curves(req, E, E + 1, policies)
+        counts = np.stack([np.bincount(r[r >= 0], minlength=E) for r in req])
+        for C in range(1, E + 2):
+            bmin, smin = curves.hits("bypass_min", C), curves.hits("set_min", C)
+            static = static_hits(counts, C)[0]
+            assert np.all(static <= bmin), trial
+            if C < curves.k_max_L.max():
+                continue
+            for label in ("lru", "lfu", "sch3", "sch9"):
+                assert np.all(curves.hits(label, C) <= smin), (trial, label, C)
+            assert np.all(smin <= bmin), trial
+        finite = np.where(np.isnan(curves.hits_PLC), -1, curves.hits_PLC)
+        assert np.all(np.diff(finite, axis=2) >= 0), trial
+
+
+def test_static_hits_equal_simulate_static():
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        E = int(rng.integers(1, 9))
+        rows = random_rows(rng, int(rng.integers(1, 40)), E, min(E, 2), skew=2.0)
+        req = to_requests(rows, min(E, 2))
+        counts = np.bincount(req[req >= 0], minlength=E)
+        for C in range(1, E + 1):
+            ref = simulate_static(req, C)
+            cold, warm = static_hits(counts, C)
+            assert (cold, warm) == (ref.hits, ref.warm_hits)
+
+
+def test_stack_rejects_bad_input():
+    with pytest.raises(ValueError, match="unknown policy"):
+        stack_hit_curves(np.zeros((1, 2, 1), dtype=np.int64), 2, 2, [("fifo", 1)])
+    with pytest.raises(ValueError, match="shape"):
+        stack_hit_curves(np.zeros((2, 1), dtype=np.int64), 2, 2, [("lru", 1)])
+    empty = stack_hit_curves(np.zeros((2, 0, 2), dtype=np.int64), 3, 4, [("lru", 1), ("bypass_min", 1)])
+    assert empty.hits("bypass_min", 2).tolist() == [0, 0] and empty.requests_L.tolist() == [0, 0]

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from moekit.analysis import (
     RoutingTrace,
     affinity,
+    affinity_prefetch_recall,
     coefficient_of_variation,
     domain_distributions,
     domain_divergence,
@@ -264,3 +265,37 @@ def test_trace_validation():
         RoutingTrace([np.zeros((2, 3, 1), dtype=int), np.zeros((1, 3, 1), dtype=int)], 4)
     with pytest.raises(ValueError, match="labels"):
         RoutingTrace([np.zeros((1, 3, 1), dtype=int)], 4, domains=["a", "b"])
+
+
+# ----------------------------------------------------------------------------- prefetch recall
+
+
+def brute_affinity_recall(trace: RoutingTrace, d: int) -> np.ndarray:
+    """The affinity predictor token by token: 2 folds by sequence parity, ties to the lower id."""
+    L, E, S = trace.num_layers, trace.num_experts, len(trace.seqs)
+    hits, reqs = np.zeros(L), np.zeros(L)
+    for fit, score in [(range(1, S, 2), range(0, S, 2)), (range(0, S, 2), range(1, S, 2))]:
+        A = affinity(trace.subset(list(fit)), distance=d)
+        for s in (trace.seqs[i] for i in score):
+            for j in range(L - d):
+                for t in range(s.shape[1]):
+                    src = sorted(int(e) for e in s[j, t] if e >= 0)
+                    dst = {int(e) for e in s[j + d, t] if e >= 0}
+                    score_E = np.zeros(E)
+                    for i in src:
+                        score_E += A[j, i]
+                    top = sorted(range(E), key=lambda e: (-score_E[e], e))[:len(dst)]
+                    hits[j + d] += len(dst & set(top))
+                    reqs[j + d] += len(dst)
+    out = np.where(reqs > 0, hits / np.maximum(reqs, 1), np.nan)
+    out[:d] = np.nan
+    return out
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_affinity_prefetch_recall_matches_token_loop(seed):
+    trace = random_trace(seed, L=4, E=6, K=3, S=5, T_max=15)
+    recall = affinity_prefetch_recall(trace, 3)
+    for d in (1, 2, 3):
+        np.testing.assert_allclose(recall[d], brute_affinity_recall(trace, d), equal_nan=True)

@@ -1,6 +1,8 @@
-"""Routing analysis: trace metrics (load, locality, affinity, skew) and expert-cache simulation.
+"""Routing analysis: record traces, compute metrics (load, locality, affinity, skew), simulate
+expert caches against their optimal bounds, and write an HTML report.
 
-Pure numpy; no model code. See docs/analysis-metrics.md for every definition.
+Metrics and simulators are pure numpy; only the recorder (trace.py) touches torch models.
+See docs/analysis-metrics.md (definitions), docs/trace-format.md (file) and docs/analyze.md (report).
 """
 
 from moekit.analysis.cache import (
@@ -19,6 +21,7 @@ from moekit.analysis.metrics import (
     LoadStats,
     RoutingTrace,
     affinity,
+    affinity_prefetch_recall,
     coefficient_of_variation,
     domain_distributions,
     domain_divergence,
@@ -26,6 +29,7 @@ from moekit.analysis.metrics import (
     expert_counts,
     experts_per_token,
     experts_per_token_by_domain,
+    gate_prefetch_recall,
     gini,
     js_divergence,
     load_stats,
@@ -34,11 +38,17 @@ from moekit.analysis.metrics import (
     srp_random_baseline,
     static_hot_set,
 )
+from moekit.analysis.report import AnalysisConfig, analyze, compute_metrics
+from moekit.analysis.stack import StackCurves, stack_hit_curves
+from moekit.analysis.trace import TokenBatch, TraceRecorder, corpus_batches, record_trace
+from moekit.analysis.tracefile import TraceFormatError, load_trace, read_header, save_trace
 
 __all__ = [
-    "CacheResult", "LoadStats", "RoutingTrace", "affinity", "bypass_min", "coefficient_of_variation",
-    "domain_distributions", "domain_divergence", "entropy", "expert_counts", "experts_per_token",
-    "experts_per_token_by_domain", "gini", "js_divergence", "layer_requests", "load_stats",
-    "model_requests", "set_min", "simulate_lfu", "simulate_lru", "simulate_sch", "simulate_static",
-    "simulate_trace", "srp", "srp_bootstrap", "srp_random_baseline", "static_hot_set",
+    "AnalysisConfig", "CacheResult", "LoadStats", "RoutingTrace", "StackCurves", "TokenBatch", "TraceFormatError",
+    "TraceRecorder", "affinity", "affinity_prefetch_recall", "analyze", "bypass_min", "coefficient_of_variation",
+    "compute_metrics", "corpus_batches", "domain_distributions", "domain_divergence", "entropy", "expert_counts",
+    "experts_per_token", "experts_per_token_by_domain", "gate_prefetch_recall", "gini", "js_divergence",
+    "layer_requests", "load_stats", "load_trace", "model_requests", "read_header", "record_trace", "save_trace",
+    "set_min", "simulate_lfu", "simulate_lru", "simulate_sch", "simulate_static", "simulate_trace", "srp",
+    "srp_bootstrap", "srp_random_baseline", "stack_hit_curves", "static_hot_set",
 ]

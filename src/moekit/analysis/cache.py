@@ -42,7 +42,8 @@ import numpy as np
 from moekit.analysis.metrics import RoutingTrace
 
 __all__ = [
-    "CacheResult", "bypass_min", "layer_requests", "model_requests", "set_min", "simulate_lfu",
+    "CacheResult", "RequestStream", "bypass_min", "layer_requests", "model_requests", "prepare_requests", "set_min",
+    "simulate_lfu",
     "simulate_lru", "simulate_sch", "simulate_static", "simulate_trace",
 ]
 
@@ -78,8 +79,10 @@ class CacheResult:
 
 
 @dataclass
-class _Stream:
-    """A request stream flattened to Python lists for fast sequential loops."""
+class RequestStream:
+    """A request stream flattened to Python lists for fast sequential loops. Every simulator accepts
+    one in place of requests_NK: `prepare_requests` once, then simulate many capacities and
+    policies without flattening again (next uses are computed once too)."""
 
     ids: list[int]        # expert id of each request
     step_R: np.ndarray    # step index of each request
@@ -88,9 +91,17 @@ class _Stream:
     k_max: int            # most requests in one step
     num_ids: int          # ids lie in 0..num_ids-1
     distinct: int         # D, distinct experts requested
+    next_use: list[int] | None = None  # step of each request's next use (num_steps if none), lazily
 
 
-def _flatten(requests_NK: np.ndarray) -> _Stream:
+def prepare_requests(requests_NK: np.ndarray) -> RequestStream:
+    """Validate and flatten a request stream once, for several simulations."""
+    return _flatten(requests_NK)
+
+
+def _flatten(requests_NK: np.ndarray | RequestStream) -> RequestStream:
+    if isinstance(requests_NK, RequestStream):
+        return requests_NK
     r = np.asarray(requests_NK)
     if r.ndim != 2 or not np.issubdtype(r.dtype, np.integer):
         raise ValueError(f"requests_NK must be a 2-d integer array (steps, K_max), got {r.dtype} {r.shape}")
@@ -104,12 +115,12 @@ def _flatten(requests_NK: np.ndarray) -> _Stream:
     ids_R = r[valid].astype(np.int64)
     last_R = np.ones(ids_R.size, dtype=bool)
     last_R[:-1] = step_R[1:] != step_R[:-1]
-    return _Stream(ids_R.tolist(), step_R, last_R.tolist(), r.shape[0],
+    return RequestStream(ids_R.tolist(), step_R, last_R.tolist(), r.shape[0],
                    int(valid.sum(axis=1).max()) if r.size else 0,
                    int(ids_R.max()) + 1 if ids_R.size else 0, int(np.unique(ids_R).size))
 
 
-def _next_use(st: _Stream, never: int) -> list[int]:
+def _next_use(st: RequestStream, never: int) -> list[int]:
     """Step of the next request of the same expert, `never` if none (one backward pass, vectorised)."""
     ids_R = np.asarray(st.ids, dtype=np.int64)
     nxt_R = np.full(ids_R.size, never, dtype=np.int64)
@@ -120,12 +131,12 @@ def _next_use(st: _Stream, never: int) -> list[int]:
     return nxt_R.tolist()
 
 
-def _result(hit: list[bool], st: _Stream, C: int) -> CacheResult:
+def _result(hit: list[bool], st: RequestStream, C: int) -> CacheResult:
     hits = int(sum(hit))
     return CacheResult(hits, hits + min(C, st.distinct), len(st.ids), np.array(hit, dtype=bool))
 
 
-def _check_capacity(C: int, st: _Stream, needs_k: bool) -> None:
+def _check_capacity(C: int, st: RequestStream, needs_k: bool) -> None:
     if C < 1:
         raise ValueError(f"cache capacity C must be >= 1, got {C}")
     if needs_k and C < st.k_max:
@@ -133,17 +144,10 @@ def _check_capacity(C: int, st: _Stream, needs_k: bool) -> None:
                          f"experts one step requests ({st.k_max}), got C={C}")
 
 
-def _compact(heap: list[int], valid: Callable[[int], bool]) -> list[int]:
-    """Drop stale lazy-deletion entries so the heap stays O(C) in size."""
-    heap = [x for x in heap if valid(x)]
-    heapq.heapify(heap)
-    return heap
-
-
 # ----------------------------------------------------------------------------- online policies
 
 
-def simulate_lru(requests_NK: np.ndarray, C: int) -> CacheResult:
+def simulate_lru(requests_NK: np.ndarray | RequestStream, C: int) -> CacheResult:
     """Least recently used: insert every requested expert, evict the least recently used."""
     st = _flatten(requests_NK)
     _check_capacity(C, st, needs_k=True)
@@ -164,7 +168,7 @@ def simulate_lru(requests_NK: np.ndarray, C: int) -> CacheResult:
     return _result(hit, st, C)
 
 
-def simulate_lfu(requests_NK: np.ndarray, C: int) -> CacheResult:
+def simulate_lfu(requests_NK: np.ndarray | RequestStream, C: int) -> CacheResult:
     """Least frequently used: evict the resident with the fewest uses so far (counted over the
     whole stream, also before an eviction: "perfect" LFU), ties by least recent use."""
     st = _flatten(requests_NK)
@@ -203,11 +207,13 @@ def simulate_lfu(requests_NK: np.ndarray, C: int) -> CacheResult:
             heapq.heappush(heap, key)
         step_start = i + 1
         if len(heap) > 4 * C + 64:
-            heap = _compact(heap, lambda k: resident[ids[k % B]] and last_use[ids[k % B]] == k % B)
+            # Drop stale entries so the heap stays O(C) (inline: a function call per entry costs 2x).
+            heap = [k for k in heap if last_use[ids[(u := k % B)]] == u and resident[ids[u]]]
+            heapq.heapify(heap)
     return _result(hit, st, C)
 
 
-def simulate_sch(requests_NK: np.ndarray, C: int, n: int, steps_per_token: int = 1) -> CacheResult:
+def simulate_sch(requests_NK: np.ndarray | RequestStream, C: int, n: int, steps_per_token: int = 1) -> CacheResult:
     """SCH(n, C), segment cache (arXiv 2505.16056): on overflow evict the resident with the fewest
     uses in the next n-1 tokens, ties by least recent use. n = 1 is exactly LRU.
 
@@ -270,11 +276,13 @@ def simulate_sch(requests_NK: np.ndarray, C: int, n: int, steps_per_token: int =
             heapq.heappush(heap, key)
         step_start = i + 1
         if len(heap) > 4 * C + 64:
-            heap = _compact(heap, lambda k: resident[ids[k % B]] and last_use[ids[k % B]] == k % B)
+            # Drop stale entries so the heap stays O(C) (inline: a function call per entry costs 2x).
+            heap = [k for k in heap if last_use[ids[(u := k % B)]] == u and resident[ids[u]]]
+            heapq.heapify(heap)
     return _result(hit, st, C)
 
 
-def simulate_static(requests_NK: np.ndarray, C: int, hot_set: np.ndarray | None = None) -> CacheResult:
+def simulate_static(requests_NK: np.ndarray | RequestStream, C: int, hot_set: np.ndarray | None = None) -> CacheResult:
     """Static cache: only the experts of `hot_set` (at most C) are ever cached, filled on first
     use and never evicted; others bypass. hot_set=None takes the C most requested experts of
     this stream (ties to the lower id): the best static set, an oracle."""
@@ -296,12 +304,14 @@ def simulate_static(requests_NK: np.ndarray, C: int, hot_set: np.ndarray | None 
 # ----------------------------------------------------------------------------- optimal bounds
 
 
-def _min_policy(requests_NK: np.ndarray, C: int, protect_step: bool) -> CacheResult:
+def _min_policy(requests_NK: np.ndarray | RequestStream, C: int, protect_step: bool) -> CacheResult:
     """Belady-style furthest-next-use eviction; protect_step keeps the step's experts (set-MIN)."""
     st = _flatten(requests_NK)
     _check_capacity(C, st, needs_k=protect_step)
     ids, B = st.ids, len(st.ids) + 1
-    nxt = _next_use(st, never=st.num_steps)  # "no next use" sorts after every real step
+    if st.next_use is None:
+        st.next_use = _next_use(st, never=st.num_steps)  # "no next use" sorts after every real step
+    nxt = st.next_use
     resident = [False] * st.num_ids
     last_use = [-1] * st.num_ids
     # Max-heap on next use via negated int keys -(next use * B + request index); the index
@@ -333,18 +343,19 @@ def _min_policy(requests_NK: np.ndarray, C: int, protect_step: bool) -> CacheRes
             heapq.heappush(heap, key)
         step_start = i + 1
         if len(heap) > 4 * C + 64:
-            heap = _compact(heap, lambda k: resident[ids[-k % B]] and last_use[ids[-k % B]] == -k % B)
+            heap = [k for k in heap if last_use[ids[(u := -k % B)]] == u and resident[ids[u]]]
+            heapq.heapify(heap)
     return _result(hit, st, C)
 
 
-def bypass_min(requests_NK: np.ndarray, C: int) -> CacheResult:
+def bypass_min(requests_NK: np.ndarray | RequestStream, C: int) -> CacheResult:
     """Optimal hits when experts may bypass the cache: after each step keep, among the cache and
     the step's experts, the C whose next use is soonest. Bounds every policy whose cache after a
     step is a subset of (cache before it) + (the step's experts), bypassing or not."""
     return _min_policy(requests_NK, C, protect_step=False)
 
 
-def set_min(requests_NK: np.ndarray, C: int) -> CacheResult:
+def set_min(requests_NK: np.ndarray | RequestStream, C: int) -> CacheResult:
     """Optimal hits when all of a step's experts must be resident (C >= K_max): Belady, evicting
     among residents not requested by the step the one used furthest in the future. Bounds
     LRU, LFU, SCH and any other policy that keeps every requested expert."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "LoadStats", "RoutingTrace", "affinity", "coefficient_of_variation", "domain_distributions",
+    "LoadStats", "RoutingTrace", "affinity", "affinity_prefetch_recall", "gate_prefetch_recall", "coefficient_of_variation", "domain_distributions",
     "domain_divergence", "entropy", "expert_counts", "experts_per_token", "experts_per_token_by_domain",
     "gini", "js_divergence", "load_stats", "srp", "srp_bootstrap", "srp_random_baseline",
     "static_hot_set",
@@ -44,11 +44,22 @@ class RoutingTrace:
     seqs: one int array `experts_LTK` (L, T, K_max) per sequence; -1 pads empty slots.
     num_experts: E, experts per layer (ids lie in 0..E-1).
     domains: optional domain label per sequence.
+    weights: optional combine weights, one float array per sequence shaped like its `seqs`
+        entry (0 in padded slots).
+    prefetch: optional gate-based predictions {d: per-sequence `predicted_LTK`}: for layer l >= d,
+        the experts layer l's gate picks from the gate input of layer l - d (as many as the token
+        really used at layer l, in the same slots); -1 where there is no prediction (l < d, padding).
+    layer_names: optional module name of each MoE layer.
+    meta: free-form JSON-serialisable description (model, router, corpus, ...).
     """
 
     seqs: list[np.ndarray]
     num_experts: int
     domains: list[str] | None = None
+    weights: list[np.ndarray] | None = None
+    prefetch: dict[int, list[np.ndarray]] | None = None
+    layer_names: list[str] | None = None
+    meta: dict | None = None
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -68,6 +79,31 @@ class RoutingTrace:
             self.domains = [str(d) for d in self.domains]
             if len(self.domains) != len(self.seqs):
                 raise ValueError(f"domains has {len(self.domains)} labels for {len(self.seqs)} sequences")
+        if self.weights is not None:
+            self.weights = [np.asarray(w, dtype=np.float32) for w in self.weights]
+            self._check_parallel(self.weights, "weights")
+        if self.prefetch is not None:
+            self.prefetch = {int(d): [np.asarray(p).astype(np.int64, copy=False) for p in preds]
+                             for d, preds in self.prefetch.items()}
+            for d, preds in self.prefetch.items():
+                if d < 1:
+                    raise ValueError(f"prefetch distance must be >= 1, got {d}")
+                self._check_parallel(preds, f"prefetch[{d}]")
+                for i, (p, s) in enumerate(zip(preds, self.seqs, strict=True)):
+                    _check_ids(p, self.num_experts, f"prefetch[{d}] of sequence {i}")
+                    if np.any((p >= 0) & (s < 0)):
+                        raise ValueError(f"prefetch[{d}] of sequence {i} predicts in slots its token did not use")
+        if self.layer_names is not None:
+            self.layer_names = [str(n) for n in self.layer_names]
+            if len(self.layer_names) != L:
+                raise ValueError(f"layer_names has {len(self.layer_names)} names for {L} layers")
+
+    def _check_parallel(self, arrays: list[np.ndarray], what: str) -> None:
+        if len(arrays) != len(self.seqs):
+            raise ValueError(f"{what} has {len(arrays)} arrays for {len(self.seqs)} sequences")
+        for i, (a, s) in enumerate(zip(arrays, self.seqs, strict=True)):
+            if a.shape != s.shape:
+                raise ValueError(f"{what} of sequence {i} has shape {a.shape}, expected {s.shape} (its experts)")
 
     @classmethod
     def from_layer(cls, seqs_TK: Sequence[np.ndarray], num_experts: int,
@@ -83,10 +119,30 @@ class RoutingTrace:
     def num_tokens(self) -> int:
         return sum(s.shape[1] for s in self.seqs)
 
+    @property
+    def k_max(self) -> int:
+        """Most experts any token uses at any layer."""
+        return max(int((s >= 0).sum(axis=2).max()) if s.size else 0 for s in self.seqs)
+
     def subset(self, idx: Sequence[int]) -> RoutingTrace:
         """The trace restricted to the sequences `idx` (repeats allowed, e.g. for a bootstrap)."""
+        idx = list(idx)
         doms = None if self.domains is None else [self.domains[i] for i in idx]
-        return RoutingTrace([self.seqs[i] for i in idx], self.num_experts, doms)
+        w = None if self.weights is None else [self.weights[i] for i in idx]
+        pf = None if self.prefetch is None else {d: [p[i] for i in idx] for d, p in self.prefetch.items()}
+        return RoutingTrace([self.seqs[i] for i in idx], self.num_experts, doms, w, pf, self.layer_names, self.meta)
+
+    def stacked(self) -> np.ndarray:
+        """experts_LTK of all sequences concatenated along T (padded to the global K_max)."""
+        K = max(s.shape[2] for s in self.seqs)
+        return np.concatenate([_pad_last(s, K) for s in self.seqs], axis=1)
+
+
+def _pad_last(a_xK: np.ndarray, K: int) -> np.ndarray:
+    if a_xK.shape[-1] == K:
+        return a_xK
+    pad = np.full((*a_xK.shape[:-1], K - a_xK.shape[-1]), -1, dtype=a_xK.dtype)
+    return np.concatenate([a_xK, pad], axis=-1)
 
 
 def _check_ids(experts_xK: np.ndarray, E: int, what: str) -> None:
@@ -404,24 +460,126 @@ def _interval(reps_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- cross-layer affinity
 
 
-def affinity(trace: RoutingTrace) -> np.ndarray:
-    """A_(L-1)EE: A[j, i, p] = P(expert p used at layer j+1 | expert i used at layer j) (arXiv 2401.08383).
-
-    Counted over tokens: co-occurrences of (i at j, p at j+1) divided by the tokens using i at
-    layer j. With k experts per token a row sums to the mean k of layer j+1 (1 for top-1);
-    rows of experts never used at layer j are 0.
-    """
+def _cooccurrence(trace: RoutingTrace, distance: int, seq_idx: Sequence[int] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(co_JEE, used_JE) for layer pairs (j, j + distance): tokens using i at j and p at j+d,
+    and tokens using i at j."""
     L, E = trace.num_layers, trace.num_experts
-    co = np.zeros((max(L - 1, 0), E * E), dtype=np.int64)
-    used = np.zeros((max(L - 1, 0), E), dtype=np.int64)
-    for s in trace.seqs:
-        for j in range(L - 1):
-            a_TK, b_TK = s[j], s[j + 1]
-            # All (i, p) pairs of one token: K_j x K_{j+1} per token, never T x E.
+    J = max(L - distance, 0)
+    co = np.zeros((J, E * E), dtype=np.int64)
+    used = np.zeros((J, E), dtype=np.int64)
+    for si in range(len(trace.seqs)) if seq_idx is None else seq_idx:
+        s = trace.seqs[si]
+        for j in range(J):
+            a_TK, b_TK = s[j], s[j + distance]
+            # All (i, p) pairs of one token: K_j x K_{j+d} per token, never T x E.
             pair = a_TK[:, :, None] * E + b_TK[:, None, :]
             ok = (a_TK[:, :, None] >= 0) & (b_TK[:, None, :] >= 0)
             co[j] += np.bincount(pair[ok], minlength=E * E)
             used[j] += np.bincount(a_TK[a_TK >= 0], minlength=E)
-    co_JEE = co.reshape(-1, E, E).astype(np.float64)
+    return co.reshape(J, E, E), used
+
+
+def affinity(trace: RoutingTrace, distance: int = 1) -> np.ndarray:
+    """A_JEE with J = L - distance: A[j, i, p] = P(expert p used at layer j+distance | expert i used
+    at layer j) (arXiv 2401.08383 for distance 1).
+
+    Counted over tokens: co-occurrences of (i at j, p at j+d) divided by the tokens using i at
+    layer j. With k experts per token a row sums to the mean k of layer j+d (1 for top-1);
+    rows of experts never used at layer j are 0.
+    """
+    if distance < 1:
+        raise ValueError(f"affinity distance must be >= 1, got {distance}")
+    co_JEE, used_JE = _cooccurrence(trace, distance)
+    co_JEE = co_JEE.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(used[:, :, None] > 0, co_JEE / np.maximum(used[:, :, None], 1), 0.0)
+        return np.where(used_JE[:, :, None] > 0, co_JEE / np.maximum(used_JE[:, :, None], 1), 0.0)
+
+
+# ----------------------------------------------------------------------------- prefetch recall
+
+
+def _affinity_hits(A_EE: np.ndarray, src_TK: np.ndarray, dst_TK: np.ndarray) -> tuple[int, int]:
+    """(hits, requests) of the affinity predictor from layer-j experts src_TK to layer-(j+d) experts
+    dst_TK: score(p) = sum over the token's experts i of A[i, p]; the top-k_t scores are prefetched
+    (k_t = experts really used, ties to the lower id)."""
+    E = A_EE.shape[0]
+    ok_TK = dst_TK >= 0
+    k_T = ok_TK.sum(axis=1)
+    # The prediction depends only on the token's set of source experts: rank once per distinct set.
+    src_sorted = np.sort(src_TK, axis=1)
+    K = src_sorted.shape[1]
+    if K * np.log2(E + 1) < 62:  # one int64 key per set: digits id+1 in base E+1 (a 1-d unique is fast)
+        key_T = ((src_sorted + 1) * (E + 1) ** np.arange(K, dtype=np.int64)).sum(axis=1)
+        _, first_U, inv_T = np.unique(key_T, return_index=True, return_inverse=True)
+        uniq_UK = src_sorted[first_U]
+    else:
+        uniq_UK, inv_T = np.unique(src_sorted, axis=0, return_inverse=True)
+    inv_T = inv_T.reshape(-1)
+    scores_UE = np.where((uniq_UK >= 0)[:, :, None], A_EE[np.maximum(uniq_UK, 0)], 0.0).sum(axis=1)
+    order_UE = np.argsort(-scores_UE, axis=1, kind="stable")  # stable: equal scores keep id order
+    rank_UE = np.empty_like(order_UE)
+    np.put_along_axis(rank_UE, order_UE, np.arange(E)[None, :].repeat(len(uniq_UK), 0), axis=1)
+    rank_TK = rank_UE[inv_T[:, None], np.maximum(dst_TK, 0)]
+    return int((ok_TK & (rank_TK < k_T[:, None])).sum()), int(k_T.sum())
+
+
+def affinity_prefetch_recall(trace: RoutingTrace, max_distance: int = 3) -> dict[int, np.ndarray]:
+    """{d: recall_L}: prefetch recall of a predictor that knows only the experts of layer j and the
+    empirical affinity A_d (see `affinity`): it scores expert p of layer j+d by sum over the token's
+    experts i at layer j of P(p at j+d | i at j) and prefetches the top-k_t, k_t = experts the token
+    really uses at j+d (so recall = precision). recall_L[l] = hits / requests at target layer l
+    (nan for l < d).
+
+    NOTE: this is the trace-only substitute for gate-based prefetch (which needs hidden states, see
+    `gate_prefetch_recall`). A is fitted out of fold: sequences are split by index parity, each half
+    is scored with the affinity of the other half (in-sample when there is a single sequence).
+    Random guessing scores k/E.
+    """
+    L, S = trace.num_layers, len(trace.seqs)
+    folds = [(list(range(1, S, 2)), list(range(0, S, 2))), (list(range(0, S, 2)), list(range(1, S, 2)))]
+    if S == 1:
+        folds = [([0], [0])]
+    out = {}
+    for d in range(1, max_distance + 1):
+        hits = np.zeros(L)
+        reqs = np.zeros(L)
+        for fit, score in folds:
+            co_JEE, used_JE = _cooccurrence(trace, d, fit)
+            A_JEE = co_JEE / np.maximum(used_JE[:, :, None], 1)
+            sub_LTK = trace.subset(score).stacked()
+            for j in range(L - d):
+                h, r = _affinity_hits(A_JEE[j], sub_LTK[j], sub_LTK[j + d])
+                hits[j + d] += h
+                reqs[j + d] += r
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[d] = np.where(reqs > 0, hits / np.maximum(reqs, 1), np.nan)
+            out[d][:d] = np.nan
+    return out
+
+
+def gate_prefetch_recall(trace: RoutingTrace) -> dict[int, np.ndarray]:
+    """{d: recall_L} from the gate-based predictions recorded in `trace.prefetch` (layer l's gate
+    applied to layer l-d's gate input, top-k_t; mixtral-offloading, Fate, AdapMoE): the share of
+    the experts layer l really executes that the prediction contains. nan for l < d. Empty when
+    the trace has no predictions."""
+    if not trace.prefetch:
+        return {}
+    L = trace.num_layers
+    out = {}
+    for d, preds in sorted(trace.prefetch.items()):
+        hits = np.zeros(L)
+        reqs = np.zeros(L)
+        for s, p in zip(trace.seqs, preds, strict=True):
+            ok = s >= 0
+            has_pred = (p >= 0).any(axis=2)  # rows with a prediction (l >= d, recorded)
+            # predicted_LTJ vs actual_LTK: is each real expert among the token's predictions?
+            found_LTK = ((p[:, :, :, None] == s[:, :, None, :]) & (p[:, :, :, None] >= 0)).any(axis=2)
+            counted_LTK = ok & has_pred[:, :, None]
+            hits += (found_LTK & counted_LTK).sum(axis=(1, 2))
+            reqs += counted_LTK.sum(axis=(1, 2))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.where(reqs > 0, hits / np.maximum(reqs, 1), np.nan)
+        r[:d] = np.nan
+        out[d] = r
+    return out

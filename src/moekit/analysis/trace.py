@@ -1,0 +1,273 @@
+"""Record routing traces from any module that contains moekit MoELayers.
+
+Stages, per forward of a batch:
+  1. a forward hook on every MoELayer (module order = layer order) reads `routing_info()`: the
+     executed assignments of the valid tokens (after bias correction, group limits, top-p or
+     null experts) and their weights, viewed as padded (tokens, K) arrays;
+  2. padding tokens are dropped with the batch's padding mask (the one given to `begin_batch`,
+     else the layer's own `padding_mask` argument), so a token that used no expert stays a row;
+  3. optionally (gate_lookahead = G > 0) layer l's gate is applied to the gate input of layer
+     l - d for d = 1..G, and its top-k_t (k_t = experts the token really used at l) is kept:
+     the gate-based prefetch prediction that a trace alone cannot reconstruct;
+  4. `end_batch` cuts the batch into sequences, each with its domain label.
+
+    with TraceRecorder(model) as rec:
+        rec.begin_batch(domains=["python", "german"], padding_mask=mask_BT)
+        model(ids_BT)
+    rec.save("routing.trace")            # or rec.to_trace() -> RoutingTrace
+
+`record_trace(model, batches)` runs this loop over TokenBatch items in eval mode, no_grad.
+Legend: B sequences in a batch, T tokens, D model dim, E experts, K experts per token (padded).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from moekit.analysis.metrics import RoutingTrace
+from moekit.analysis.tracefile import save_trace
+from moekit.layers.moe import MoELayer
+
+__all__ = ["TokenBatch", "TraceRecorder", "corpus_batches", "record_trace"]
+
+
+@dataclass
+class TokenBatch:
+    """One batch to record: token ids, a domain label per sequence, and which tokens are real."""
+
+    ids_BT: torch.Tensor
+    domains: Sequence[str] | None = None
+    padding_mask_BT: torch.Tensor | None = None  # True/1 = real token
+
+
+@dataclass
+class _LayerCall:
+    ids_BTK: np.ndarray
+    weights_BTK: np.ndarray
+    valid_BT: np.ndarray
+    preds: dict[int, np.ndarray]  # distance -> predicted_BTK
+
+
+class TraceRecorder:
+    """Context manager recording executed routing of every MoELayer in `model` (see module doc).
+
+    gate_lookahead: how many layers ahead to record gate-based prefetch predictions (0 = none;
+        capped at L - 1).
+    Several forwards without `begin_batch` in between are recorded as separate unlabelled batches;
+    with `begin_batch`, one forward per batch is expected (a layer running twice is an error).
+    """
+
+    def __init__(self, model: nn.Module, gate_lookahead: int = 3):
+        named = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+        if not named:
+            raise ValueError(f"TraceRecorder: {type(model).__name__} contains no moekit MoELayer to record")
+        if gate_lookahead < 0:
+            raise ValueError(f"gate_lookahead must be >= 0, got {gate_lookahead}")
+        self.layer_names = [name or type(m).__name__ for name, m in named]
+        self.layers = [m for _, m in named]
+        experts = {m.cfg.num_experts for m in self.layers}
+        if len(experts) != 1:
+            raise ValueError(f"TraceRecorder: MoE layers have different expert counts {sorted(experts)}; "
+                             f"a trace needs one E")
+        self.num_experts = experts.pop()
+        self.gate_lookahead = min(gate_lookahead, len(self.layers) - 1)  # no layer lies further ahead
+        self._index = {id(m): i for i, m in enumerate(self.layers)}
+        self._handles: list = []
+        self._seqs: list[np.ndarray] = []
+        self._weights: list[np.ndarray] = []
+        self._preds: dict[int, list[np.ndarray]] = {d: [] for d in range(1, self.gate_lookahead + 1)}
+        self._domains: list[str | None] = []
+        self._batch_domains: list[str] | None = None
+        self._batch_mask: np.ndarray | None = None
+        self._explicit = False
+        self._calls: dict[int, _LayerCall] = {}
+        self._inputs: dict[int, torch.Tensor] = {}  # gate inputs of recent layers, for lookahead
+
+    # ------------------------------------------------------------------ hooks
+
+    def __enter__(self) -> TraceRecorder:
+        for m in self.layers:
+            self._handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if exc[0] is None and self._calls:
+            self.end_batch()
+
+    def _hook(self, module: MoELayer, args: tuple, kwargs: dict, output) -> None:
+        i = self._index[id(module)]
+        if i in self._calls:
+            if self._explicit or i != 0:
+                raise RuntimeError(f"TraceRecorder: MoE layer {i} ({self.layer_names[i]}) ran twice in one batch; "
+                                   f"call begin_batch() before each forward (one forward per batch)")
+            self.end_batch()  # implicit batches: a new forward starts at the first layer
+        x = args[0] if args else kwargs["x"]
+        layer_mask = args[1] if len(args) > 1 else kwargs.get("padding_mask")
+        lead = tuple(x.shape[:-1])
+        info = module.routing_info()
+        ids_TK, w_TK = info.route.to_padded()
+        T_flat = ids_TK.shape[0]
+        if self._batch_mask is not None:
+            if self._batch_mask.size != T_flat:
+                raise ValueError(f"TraceRecorder: begin_batch padding_mask has {self._batch_mask.size} tokens, "
+                                 f"MoE layer {i} saw {T_flat}")
+            valid_BT = self._batch_mask
+        elif layer_mask is not None:
+            valid_BT = layer_mask.detach().to("cpu", torch.bool).numpy().reshape(lead if len(lead) == 2 else (1, -1))
+        else:
+            valid_BT = np.ones(lead if len(lead) == 2 else (1, T_flat), dtype=bool)
+        B, T = valid_BT.shape
+        K = ids_TK.shape[1]
+        preds = {}
+        x_TD = x.detach().reshape(T_flat, -1)
+        if self.gate_lookahead:
+            ok_TK = ids_TK >= 0
+            k_T = ok_TK.sum(dim=1)
+            # NOTE: the raw gate logits of layer i on layer (i-d)'s input, as mixtral-offloading does;
+            # recurrent routers read a GRU state instead of the token, so they get no prediction.
+            for d in range(1, self.gate_lookahead + 1):
+                src = self._inputs.get(i - d)
+                if src is None or module.router.kind == "recurrent" or K == 0:
+                    continue
+                logits_TE = module.router.logits(src)
+                top_TK = torch.topk(logits_TE, K, dim=1).indices
+                slot_K = torch.arange(K, device=top_TK.device)
+                pred_TK = torch.where(slot_K[None, :] < k_T[:, None], top_TK, -1)
+                preds[d] = pred_TK.to("cpu").numpy().reshape(B, T, K)
+            self._inputs[i] = x_TD
+            self._inputs.pop(i - self.gate_lookahead, None)
+        self._calls[i] = _LayerCall(ids_TK.to("cpu").numpy().reshape(B, T, K),
+                                    w_TK.to("cpu", torch.float32).numpy().reshape(B, T, K), valid_BT, preds)
+
+    # ------------------------------------------------------------------ batches
+
+    def begin_batch(self, domains: Sequence[str] | None = None,
+                    padding_mask: torch.Tensor | np.ndarray | None = None) -> None:
+        """Label the next forward: one domain per sequence (None = unlabelled) and, optionally,
+        a (B, T) mask with True for real tokens (else the layers' own padding_mask, else all)."""
+        if self._calls:
+            self.end_batch()
+        self._explicit = True
+        self._batch_domains = None if domains is None else [str(d) for d in domains]
+        if padding_mask is None:
+            self._batch_mask = None
+        else:
+            m = padding_mask.detach().cpu().numpy() if isinstance(padding_mask, torch.Tensor) else np.asarray(padding_mask)
+            if m.ndim != 2:
+                raise ValueError(f"begin_batch: padding_mask must be (B, T), got shape {m.shape}")
+            self._batch_mask = m.astype(bool)
+
+    def end_batch(self) -> None:
+        """Cut the recorded forward into sequences (called by begin_batch and on exit)."""
+        calls, self._calls = self._calls, {}
+        self._inputs.clear()
+        domains, self._batch_domains, self._explicit = self._batch_domains, None, False
+        self._batch_mask = None
+        if not calls:
+            return
+        missing = [i for i in range(len(self.layers)) if i not in calls]
+        if missing:
+            raise RuntimeError(f"TraceRecorder: MoE layers {missing} did not run in this batch; a trace needs "
+                               f"every layer for every token")
+        valid_BT = calls[0].valid_BT
+        B = valid_BT.shape[0]
+        if domains is not None and len(domains) != B:
+            raise ValueError(f"begin_batch: {len(domains)} domain labels for a batch of {B} sequences")
+        K = max(c.ids_BTK.shape[2] for c in calls.values())
+        L = len(self.layers)
+
+        def stack(b: np.ndarray, get, fill, dtype) -> np.ndarray:
+            """(L, T_b, K) for sequence b from each layer's (B, T, K_l) array."""
+            out = np.full((L, int(valid_BT[b].sum()), K), fill, dtype=dtype)
+            for i in range(L):
+                a = get(calls[i])
+                if a is not None:
+                    out[i, :, :a.shape[2]] = a[b][valid_BT[b]]
+            return out
+
+        for b in range(B):
+            ids = stack(b, lambda c: c.ids_BTK, -1, np.int64)
+            self._seqs.append(ids)
+            self._weights.append(stack(b, lambda c: c.weights_BTK, 0.0, np.float32))
+            for d in self._preds:
+                self._preds[d].append(stack(b, lambda c, d=d: c.preds.get(d), -1, np.int64))
+            self._domains.append(None if domains is None else domains[b])
+
+    def to_trace(self, meta: dict | None = None) -> RoutingTrace:
+        """Everything recorded so far as a RoutingTrace."""
+        if self._calls:
+            self.end_batch()
+        if not self._seqs:
+            raise RuntimeError("TraceRecorder: nothing recorded; run a forward inside the `with` block")
+        labelled = [d is not None for d in self._domains]
+        if any(labelled) and not all(labelled):
+            raise ValueError("TraceRecorder: some batches have domain labels and others not; label every batch")
+        routers = sorted({f"{m.cfg.router.kind}({m.cfg.router.describe()})" for m in self.layers})
+        meta = {"routers": routers, "gate_lookahead": self.gate_lookahead, **(meta or {})}
+        preds = {d: p for d, p in self._preds.items() if p}
+        return RoutingTrace(list(self._seqs), self.num_experts, self._domains if all(labelled) else None,
+                            list(self._weights), preds or None, self.layer_names, meta)
+
+    def save(self, path: str | os.PathLike, meta: dict | None = None) -> Path:
+        return save_trace(self.to_trace(meta), path)
+
+
+def record_trace(model: nn.Module, batches: Iterable[TokenBatch], forward: Callable | None = None, *,
+                 gate_lookahead: int = 3, meta: dict | None = None, progress: bool = False) -> RoutingTrace:
+    """Run `forward(ids_BT, padding_mask_BT)` over `batches` (default: `model(ids_BT)`) in eval mode
+    without gradients and return the recorded trace. Training flags are restored afterwards.
+
+    For a causal LM with right padding the default forward is correct: padding tokens come after
+    the real ones and are dropped from the trace. Pass `forward` to hand the model its mask, e.g.
+    `lambda ids, mask: hf_model(input_ids=ids, attention_mask=mask)`.
+    """
+    if forward is None:
+        def forward(ids_BT, _mask):
+            return model(ids_BT)
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), TraceRecorder(model, gate_lookahead) as rec:
+            items = batches
+            if progress:
+                from tqdm.auto import tqdm
+                items = tqdm(batches, desc="recording routing", unit="batch")
+            for batch in items:
+                if not isinstance(batch, TokenBatch):
+                    batch = TokenBatch(*batch)
+                rec.begin_batch(batch.domains, batch.padding_mask_BT)
+                forward(batch.ids_BT, batch.padding_mask_BT)
+                rec.end_batch()
+        return rec.to_trace(meta)
+    finally:
+        for m, flag in was_training.items():
+            m.training = flag
+
+
+def corpus_batches(samples: Sequence, tokenizer, seq_len: int = 256, batch_size: int = 8,
+                   device: str | torch.device = "cpu") -> Iterable[TokenBatch]:
+    """Batches of the corpus samples (`moekit.data.load_corpus`): the first `seq_len` tokens of each
+    sample, one sequence per sample, right-padded, labelled with the sample's domain."""
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+    pad = getattr(tokenizer, "pad_id", 0)
+    for b0 in range(0, len(samples), batch_size):
+        chunk = samples[b0:b0 + batch_size]
+        encoded = [tokenizer.encode(s.text)[:seq_len] for s in chunk]
+        T = max(1, max(len(e) for e in encoded))
+        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.bool)
+        for b, e in enumerate(encoded):
+            ids[b, :len(e)] = torch.tensor(e, dtype=torch.long)
+            mask[b, :len(e)] = True
+        yield TokenBatch(ids.to(device), [s.domain for s in chunk], mask.to(device))
