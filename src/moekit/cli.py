@@ -73,11 +73,27 @@ def _train(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
-    from moekit.train import evaluate, load_trained
+def _load_for_inference(args):
+    """(model with moe_layers(), tokenizer, seq_len) from RUN or --hf DIR."""
+    if (args.run is None) == (args.hf is None):
+        raise SystemExit(f"moekit {args.command}: give exactly one of RUN and --hf DIR")
+    if args.hf is not None:
+        import moekit.hf
+        from moekit.hf.adapters import HFCausalLM, tokenizer_for
+
+        hf_model, tok = moekit.hf.load_pretrained(args.hf)
+        return HFCausalLM(hf_model).eval(), tokenizer_for(tok, hf_model.config.vocab_size), getattr(args, "seq_len", None) or 256
+    from moekit.train import load_trained
 
     model, cfg, tokenizer = load_trained(args.run)
-    result = evaluate(model, tokenizer, cfg.seq_len, args.tokens)
+    return model, tokenizer, getattr(args, "seq_len", None) or cfg.seq_len
+
+
+def _eval(args) -> int:
+    from moekit.train import evaluate
+
+    model, tokenizer, seq_len = _load_for_inference(args)
+    result = evaluate(model, tokenizer, seq_len, args.tokens)
     print(json.dumps(result, indent=2) if args.json else _eval_table(result))
     return 0
 
@@ -93,16 +109,27 @@ def _eval_table(result) -> str:
 
 def _generate(args) -> int:
     from moekit.models.generate import generate
-    from moekit.train import load_trained
 
-    model, _, tokenizer = load_trained(args.run)
+    model, tokenizer, _ = _load_for_inference(args)
     prompt = [tokenizer.bos_id] if args.bos else []
     prompt += tokenizer.encode(args.prompt)
     if not prompt:
         print("moekit generate: empty prompt (give --prompt TEXT or --bos)", file=sys.stderr)
         return 2
-    ids = generate(model, torch.tensor([prompt]), args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)
+    prompt_BT = torch.tensor([prompt])
+    if getattr(args, "expert_budget", None) is not None:
+        from moekit.offload.cli import run_offloaded
+
+        return run_offloaded(args, model, tokenizer, prompt_BT)
+    if args.hf is not None:  # transformers' own generate loop and KV cache, with moekit's routing inside
+        torch.manual_seed(args.seed)
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 \
+            else {"do_sample": False}
+        ids = model.model.generate(prompt_BT, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_id,
+                                   **sampling)
+    else:
+        ids = generate(model, prompt_BT, args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)
     print(tokenizer.decode(ids[0].tolist()))
     return 0
 
@@ -120,6 +147,14 @@ def _compare(args) -> int:
     return 0
 
 
+def _add_offload_arguments(parser) -> None:
+    try:
+        from moekit.offload.cli import add_offload_arguments
+    except ImportError:  # the offload package is optional until it lands
+        return
+    add_offload_arguments(parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts models with dynamic routing.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,20 +169,29 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_flags(t)
     t.set_defaults(func=_train)
-    e = sub.add_parser("eval", help="evaluate a run on the validation split")
-    e.add_argument("run")
+    e = sub.add_parser("eval", help="evaluate a run or a transformers checkpoint on the validation split")
+    e.add_argument("run", nargs="?", help="a moekit run directory")
+    e.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint directory (wrapped by moekit)")
+    e.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's training length, 256 for --hf)")
     e.add_argument("--tokens", type=int, default=16384, help="validation tokens per domain (default 16384)")
     e.add_argument("--json", action="store_true", help="print the full JSON result")
     e.set_defaults(func=_eval)
-    g = sub.add_parser("generate", help="generate text from a trained run")
-    g.add_argument("run")
+    g = sub.add_parser("generate", help="generate text from a run or a transformers checkpoint")
+    g.add_argument("run", nargs="?", help="a moekit run directory")
+    g.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint directory (wrapped by moekit)")
     g.add_argument("--prompt", default="")
     g.add_argument("--bos", action="store_true", help="start with the BOS token")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0 = off)")
     g.add_argument("--seed", type=int, default=0)
+    _add_offload_arguments(g)
     g.set_defaults(func=_generate)
+    a = sub.add_parser("analyze", help="routing metrics and an HTML report (RUN, --hf DIR or a trace file)")
+    from moekit.analysis import cli as analysis_cli
+
+    analysis_cli.add_arguments(a)
+    a.set_defaults(func=analysis_cli.run)
     c = sub.add_parser("compare", help="train router families on equal terms and print one table")
     c.add_argument("--presets", default="topk,topp", help="comma-separated preset names (default topk,topp)")
     c.add_argument("--out", default="runs/compare")

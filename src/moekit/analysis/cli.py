@@ -1,4 +1,8 @@
-"""`moekit analyze TRACE --out DIR`: metrics.json and report.html from a routing-trace file.
+"""`moekit analyze RUN | --hf DIR | TRACE --out DIR`: metrics.json and report.html.
+
+RUN (a moekit run directory) and --hf DIR (a local transformers checkpoint, wrapped) are first run
+over the embedded corpus's validation split while a `TraceRecorder` records their routing; the
+trace is saved as DIR/trace.npz next to the report. TRACE is an existing trace file.
 
 The top-level CLI wires it up with:
 
@@ -26,7 +30,11 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("trace", help="routing-trace file (docs/trace-format.md), e.g. written by TraceRecorder.save")
+    parser.add_argument("source", nargs="?", help="a moekit run directory or a routing-trace file (docs/trace-format.md)")
+    parser.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint directory instead of SOURCE")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per validation sample when recording (default 256)")
+    parser.add_argument("--samples-per-domain", type=int, default=32,
+                        help="validation samples per domain when recording (default 32)")
     parser.add_argument("--out", required=True, help="output directory for report.html and metrics.json")
     parser.add_argument("--workers", type=int, default=2, help="processes for the simulations (default 2)")
     parser.add_argument("--srp-n", type=_ints, default=(4, 16, 64, 256), help="SRP segment lengths (default 4,16,64,256)")
@@ -49,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
                          workers=args.workers, seed=args.seed)
     try:
         cfg.validate()
-        m = analyze(args.trace, args.out, cfg, progress=not args.no_progress)
+        trace = _trace_source(args)
+        m = analyze(trace, args.out, cfg, progress=not args.no_progress)
     except (FileNotFoundError, TraceFormatError, ValueError) as e:
         print(f"moekit analyze: {e}", file=sys.stderr)
         return 2
@@ -58,3 +67,42 @@ def run(args: argparse.Namespace) -> int:
           f"L={t['num_layers']} E={t['num_experts']} k={t['mean_experts_per_token']:.2f}; "
           f"wrote {args.out}/report.html and {args.out}/metrics.json")
     return 0
+
+
+def _trace_source(args: argparse.Namespace):
+    """A trace path, or a trace recorded now from a run directory or a transformers checkpoint."""
+    from pathlib import Path
+
+    if (args.source is None) == (args.hf is None):
+        raise ValueError("give exactly one of SOURCE (run directory or trace file) and --hf DIR")
+    if args.source is not None and not Path(args.source).is_dir():
+        return args.source
+    import torch
+
+    from moekit.analysis.trace import corpus_batches, record_trace
+    from moekit.analysis.tracefile import save_trace
+    from moekit.data import DOMAINS, load_corpus
+
+    if args.hf is not None:
+        import moekit.hf
+        from moekit.hf.adapters import HFCausalLM, tokenizer_for
+
+        hf_model, tok = moekit.hf.load_pretrained(args.hf)
+        model = HFCausalLM(hf_model)
+        tokenizer = tokenizer_for(tok, hf_model.config.vocab_size)
+        label = {"source": "hf", "path": str(args.hf)}
+    else:
+        from moekit.train import load_trained
+
+        model, _, tokenizer = load_trained(args.source)
+        label = {"source": "run", "path": str(args.source)}
+    samples = [s for d in DOMAINS for s in load_corpus("validation", d)[: args.samples_per_domain]]
+    if args.seq_len < 1:
+        raise ValueError(f"--seq-len={args.seq_len} is invalid; allowed: an integer >= 1")
+    seq_len = min(args.seq_len, getattr(getattr(model, "cfg", None), "max_seq_len", args.seq_len))
+    with torch.no_grad():
+        trace = record_trace(model, corpus_batches(samples, tokenizer, seq_len, 8),
+                             forward=lambda ids, mask: model(ids, mask) if args.hf else model(ids),
+                             meta=label, progress=not args.no_progress)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return save_trace(trace, Path(args.out) / "trace.npz")

@@ -20,6 +20,8 @@ from moekit.data import DOMAINS, encode_samples, load_corpus, unigram_bits_per_b
 def token_bytes(tokenizer) -> np.ndarray:
     """UTF-8 bytes each token id stands for (0 for special tokens)."""
     V = tokenizer.vocab_size
+    if hasattr(tokenizer, "token_bytes"):
+        return tokenizer.token_bytes()
     if hasattr(tokenizer, "_tokenizer"):  # byte-level BPE: one character of a token = one byte
         specials = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
         return np.array([0 if i in specials else len(tokenizer._tokenizer.id_to_token(i) or "")

@@ -1,0 +1,78 @@
+"""Adapters so a wrapped transformers model runs through moekit's evaluation, generation and analysis.
+
+`HFCausalLM(model)`: `forward(ids_BT) -> logits`, `moe_layers()`, parameters of the model.
+`HFTokenizer(tok)`: the `moekit.data.Tokenizer` interface over a transformers tokenizer, with the
+UTF-8 byte length of every token (for bits per byte). Without a tokenizer in the model directory,
+`tokenizer_for(None, vocab_size)` falls back to moekit's byte tokenizer when the vocabulary can hold it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from torch import nn
+
+from moekit.data import ByteTokenizer
+from moekit.layers.overrides import moe_layers
+
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+class HFCausalLM(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids_BT: torch.Tensor, padding_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=ids_BT, attention_mask=padding_mask_BT, use_cache=False).logits
+
+    def moe_layers(self):
+        return moe_layers(self.model)
+
+
+class HFTokenizer:
+    def __init__(self, tok):
+        self.tok = tok
+        self.vocab_size = len(tok)
+        self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else 0
+        self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else self.eos_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes per token: byte-level BPE tokens are one character per byte; SentencePiece
+        tokens map '▁' to a space and byte-fallback tokens <0xNN> to one byte; specials are 0."""
+        special = set(self.tok.all_special_ids)
+        byte_level = "ByteLevel" in repr(getattr(getattr(self.tok, "backend_tokenizer", None), "pre_tokenizer", ""))
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for i, t in enumerate(self.tok.convert_ids_to_tokens(list(range(self.vocab_size)))):
+            if i in special or t is None:
+                continue
+            if _BYTE_TOKEN.match(t):
+                out[i] = 1
+            elif byte_level:
+                out[i] = len(t)
+            else:
+                out[i] = len(t.replace("\u2581", " ").encode("utf-8"))
+        return out
+
+
+def tokenizer_for(tok, vocab_size: int):
+    if tok is not None:
+        return HFTokenizer(tok)
+    if vocab_size < ByteTokenizer.vocab_size:
+        raise ValueError(f"the model directory has no tokenizer and its vocab_size={vocab_size} cannot hold moekit's "
+                         f"byte tokenizer ({ByteTokenizer.vocab_size} ids); save a tokenizer with the model")
+    tokenizer = ByteTokenizer()
+    tokenizer.vocab_size = vocab_size  # the model's extra ids decode to nothing, like byte specials
+    return tokenizer
