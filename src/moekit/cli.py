@@ -5,6 +5,8 @@
   moekit eval RUN                      validation loss / bits per byte, overall and per domain
   moekit generate RUN --prompt TEXT    greedy, temperature or top-p sampling with a KV cache
   moekit compare --presets A,B,...     equal-terms training of router families, one table
+  moekit export RUN --to hf DIR        a transformers checkpoint with the identical routing rule
+  moekit analyze RUN|--hf DIR|TRACE    routing metrics and an HTML report
   moekit bench NAME [ARGS]             a benchmark script (JSON lines)
 """
 
@@ -147,6 +149,21 @@ def _compare(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from moekit.hf.export import ExportError, export_hf
+    from moekit.train import load_trained
+
+    model, _, _ = load_trained(args.run)
+    try:
+        path = export_hf(model, args.dir)
+    except (ExportError, FileExistsError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(f"moekit export: wrote {path} (config.json + safetensors); load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(path)!r})")
+    return 0
+
+
 def _add_offload_arguments(parser) -> None:
     try:
         from moekit.offload.cli import add_offload_arguments
@@ -187,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     _add_offload_arguments(g)
     g.set_defaults(func=_generate)
+    x = sub.add_parser("export", help="write a trained run as a transformers checkpoint (identical routing)")
+    x.add_argument("run")
+    x.add_argument("--to", choices=["hf"], required=True, help="target format (hf: transformers)")
+    x.add_argument("dir", help="output directory (must not exist or be empty)")
+    x.set_defaults(func=_export)
     a = sub.add_parser("analyze", help="routing metrics and an HTML report (RUN, --hf DIR or a trace file)")
     from moekit.analysis import cli as analysis_cli
 

@@ -1,0 +1,152 @@
+"""Export a moekit language model as a transformers checkpoint whose routing rule is identical.
+
+    top-k softmax, renormalised, no q/k norm, no dense layers      -> Mixtral
+    top-k softmax (renormalised or not), q/k RMSNorm               -> Qwen3-MoE (dense layers: mlp_only_layers)
+    top-k sigmoid (groups, selection bias, scaling, shared experts) -> GLM-4-MoE (full rotary)
+
+Routers transformers cannot express (top-p, null experts, recurrent, expert choice, random) and
+settings without a counterpart (capacity dropping, a sigmoid shared-expert gate, ...) raise
+`ExportError` naming what does not fit. The written checkpoint is loaded back with
+`AutoModelForCausalLM.from_pretrained` and its logits compared with the moekit model's before the
+directory is moved into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from moekit.models import MoELM
+
+
+class ExportError(ValueError):
+    """The model's routing or structure has no identical transformers architecture."""
+
+
+def _refuse(why: str) -> None:
+    raise ExportError(f"moekit export --to hf: {why}")
+
+
+def _common(cfg) -> dict:
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attention_dropout=0.0,
+                num_experts_per_tok=cfg.moe.router.k, dtype="float32")
+
+
+def hf_config_for(cfg):
+    """The transformers config whose model computes exactly what `MoELM(cfg)` computes."""
+    from transformers import Glm4MoeConfig, MixtralConfig, Qwen3MoeConfig
+
+    moe, router = cfg.moe, cfg.moe.router
+    if router.kind != "topk":
+        _refuse(f"transformers has no model with the {router.kind!r} router (top-p, null experts, recurrent, "
+                "expert choice and random routers are moekit-only); re-route to kind='topk' before exporting")
+    if moe.activation != "swiglu":
+        _refuse(f"MoEConfig.activation={moe.activation!r}; transformers' MoE models use SwiGLU experts")
+    if moe.capacity_factor is not None:
+        _refuse("capacity_factor drops tokens; transformers' MoE models are dropless")
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if router.score == "softmax":
+        if router.n_group > 1 or router.routed_scaling_factor != 1.0 or router.bias_update_rate > 0:
+            _refuse("softmax routing with groups, scaling or a selection bias has no transformers counterpart")
+        if moe.num_shared_experts:
+            _refuse("softmax top-k with shared experts (ungated) has no identical transformers model")
+        if cfg.qk_norm:
+            return Qwen3MoeConfig(**_common(cfg), num_experts=moe.num_experts, moe_intermediate_size=moe.d_expert,
+                                  intermediate_size=cfg.dense_width, norm_topk_prob=router.normalize_or(True),
+                                  decoder_sparse_step=1, mlp_only_layers=list(range(cfg.n_dense)),
+                                  rope_parameters=rope, attention_bias=False, output_router_logits=False)
+        if not router.normalize_or(True) or cfg.n_dense:
+            _refuse("softmax top-k without q/k norm maps to Mixtral, which always renormalises and has no dense "
+                    "layers; train with model.qk_norm=true (Qwen3-MoE) for other settings")
+        return MixtralConfig(**_common(cfg), num_local_experts=moe.num_experts, intermediate_size=moe.d_expert,
+                             rope_parameters=rope, router_jitter_noise=0.0, sliding_window=None,
+                             output_router_logits=False)
+    if moe.shared_gate:
+        _refuse("a sigmoid-gated shared expert (Qwen2-MoE) with sigmoid routing has no transformers counterpart")
+    if moe.num_shared_experts and moe.shared_width != moe.num_shared_experts * moe.d_expert:
+        _refuse(f"GLM-4-MoE's shared experts are num_shared_experts x d_expert = "
+                f"{moe.num_shared_experts * moe.d_expert} wide, this model's are {moe.shared_width}")
+    if moe.num_shared_experts == 0:
+        _refuse("sigmoid routing without shared experts: GLM-4-MoE always has a shared expert")
+    return Glm4MoeConfig(**_common(cfg), n_routed_experts=moe.num_experts, moe_intermediate_size=moe.d_expert,
+                         n_shared_experts=moe.num_shared_experts, intermediate_size=cfg.dense_width,
+                         first_k_dense_replace=cfg.n_dense, n_group=router.n_group, topk_group=router.topk_group,
+                         norm_topk_prob=router.normalize_or(True), routed_scaling_factor=router.routed_scaling_factor,
+                         use_qk_norm=cfg.qk_norm, attention_bias=False,
+                         rope_parameters={**rope, "partial_rotary_factor": 1.0})
+
+
+@torch.no_grad()
+def _copy_weights(model: MoELM, hf) -> None:
+    hf.model.embed_tokens.weight.copy_(model.embed.weight)
+    hf.model.norm.weight.copy_(model.norm.weight)
+    if not model.cfg.tie_embeddings:
+        hf.lm_head.weight.copy_(model.lm_head.weight)
+    for block, layer in zip(model.layers, hf.model.layers, strict=True):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(layer.self_attn, name).weight.copy_(getattr(block.attn, name).weight)
+        if model.cfg.qk_norm:
+            layer.self_attn.q_norm.weight.copy_(block.attn.q_norm.weight)
+            layer.self_attn.k_norm.weight.copy_(block.attn.k_norm.weight)
+        layer.input_layernorm.weight.copy_(block.attn_norm.weight)
+        layer.post_attention_layernorm.weight.copy_(block.ffn_norm.weight)
+        if not block.is_moe:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(layer.mlp, name).weight.copy_(getattr(block.ffn, name).weight)
+            continue
+        moe = block.ffn
+        layer.mlp.gate.weight.copy_(moe.router.weight)
+        if hasattr(layer.mlp.gate, "e_score_correction_bias"):
+            layer.mlp.gate.e_score_correction_bias.copy_(moe.router.e_score_correction_bias)
+        layer.mlp.experts.gate_up_proj.copy_(moe.experts.gate_up_proj)
+        layer.mlp.experts.down_proj.copy_(moe.experts.down_proj)
+        if moe.shared_experts is not None:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(layer.mlp.shared_experts, name).weight.copy_(getattr(moe.shared_experts, name).weight)
+
+
+def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> Path:
+    """Write `model` as a transformers checkpoint in `out_dir` (config.json + safetensors), verified by
+    loading it back and comparing logits; nothing is left in `out_dir` if anything fails."""
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"moekit export: {out_dir} exists and is not empty")
+    hf_cfg = hf_config_for(model.cfg)
+    if model.cfg.moe.router.score == "softmax" and any(
+            bool(layer.router.e_score_correction_bias.any()) for layer in model.moe_layers()):
+        _refuse("the softmax routers carry a non-zero selection bias (aux-loss-free balancing), which Mixtral and "
+                "Qwen3-MoE do not have")
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(hf_cfg).float().eval()
+    _copy_weights(model, hf)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        hf.save_pretrained(tmp)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True).float().eval()
+        ids_BT = torch.randint(0, model.cfg.vocab_size, (2, min(24, model.cfg.max_seq_len)),
+                               generator=torch.Generator().manual_seed(0))
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            ours = model(ids_BT).float()
+            theirs = loaded(input_ids=ids_BT).logits.float()
+        model.train(was_training)
+        diff = float((ours - theirs).abs().max())
+        if diff > atol:
+            raise ExportError(f"moekit export: {type(loaded).__name__} logits differ from moekit's by {diff:.2e} "
+                              f"(> {atol}); the export was not written")
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

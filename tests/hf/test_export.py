@@ -1,0 +1,75 @@
+"""`moekit export RUN --to hf DIR`: identical logits after loading with AutoModelForCausalLM."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moekit
+from moekit.cli import main
+from moekit.hf.export import ExportError, export_hf
+from moekit.models import LMConfig, MoELM
+
+
+def lm(router=None, moe_kw=None, **kw):
+    moe = moekit.MoEConfig(d_expert=32, num_experts=4, router=router or moekit.RouterConfig(k=2), **(moe_kw or {}))
+    return LMConfig(**{"vocab_size": 100, "d_model": 32, "n_layers": 3, "n_heads": 2, "max_seq_len": 64,
+                       "moe": moe, **kw})
+
+
+CASES = {
+    "MixtralForCausalLM": lm(),
+    "Qwen3MoeForCausalLM": lm(moekit.RouterConfig(k=2, normalize=False), qk_norm=True, n_dense=1, n_kv_heads=1),
+    "Glm4MoeForCausalLM": lm(moekit.RouterConfig(k=2, score="sigmoid", n_group=2, topk_group=1,
+                                                 routed_scaling_factor=2.5, bias_update_rate=1e-3),
+                             {"num_shared_experts": 1}, n_dense=1, tie_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_export_loads_in_transformers_with_identical_logits_and_greedy_tokens(arch, tmp_path):
+    torch.manual_seed(0)
+    model = MoELM(CASES[arch]).eval()
+    if model.cfg.moe.router.score == "sigmoid":
+        for layer in model.moe_layers():
+            layer.router.e_score_correction_bias.normal_(0, 0.1)  # a trained selection bias travels too
+    export_hf(model, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == arch
+    ids = torch.randint(0, 100, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+    from moekit.models.generate import generate
+
+    ours = generate(model, ids[:1, :5], 16)
+    theirs = hf.generate(ids[:1, :5], max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("router,match", [
+    (moekit.RouterConfig(kind="topp"), "'topp' router"),
+    (moekit.RouterConfig(kind="null", n_null=2), "'null' router"),
+    (moekit.RouterConfig(kind="recurrent", gru_dim=8), "'recurrent' router"),
+    (moekit.RouterConfig(k=2, normalize=False), "always renormalises"),
+])
+def test_routers_transformers_cannot_express_are_refused(router, match, tmp_path):
+    with pytest.raises(ExportError, match=match):
+        export_hf(MoELM(lm(router)), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_softmax_selection_bias_is_refused(tmp_path):
+    model = MoELM(lm())
+    model.moe_layers()[0].router.e_score_correction_bias[0] = 0.5
+    with pytest.raises(ExportError, match="selection bias"):
+        export_hf(model, tmp_path / "hf")
+
+
+def test_export_command(tmp_path):
+    run = tmp_path / "run"
+    tiny = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2", "--moe.d_expert", "32",
+            "--moe.num_experts", "4", "--router.kind", "topk", "--train.steps", "2", "--train.micro_batch", "2",
+            "--train.seq_len", "16", "--train.eval_tokens", "32", "--no-progress"]
+    assert main(["train", "--out", str(run), *tiny]) == 0
+    assert main(["export", str(run), "--to", "hf", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert main(["eval", "--hf", str(tmp_path / "hf"), "--tokens", "32", "--seq-len", "16"]) == 0
