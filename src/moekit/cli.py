@@ -71,7 +71,10 @@ def _train(args) -> int:
     else:
         model_cfg, train_cfg = _configs(args)
     _print_config(model_cfg, train_cfg)
-    train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    print(_eval_table(result))
+    print("experts per token by layer: " + " ".join(f"{k:.2f}" for k in result["experts_per_token_by_layer"]))
+    print(f"next: moekit analyze {args.out} --out {args.out}/report   (HTML report of the routing)")
     return 0
 
 

@@ -36,7 +36,7 @@ def _deepseek() -> LMConfig:
 
 
 PRESETS = {
-    "tiny": lambda: _base(RouterConfig(kind="topk", k=2)),
+    "tiny": lambda: _base(RouterConfig(kind="topp", p=0.4)),  # the main job: dynamic routing
     "topk": lambda: _base(RouterConfig(kind="topk", k=2)),
     "topp": lambda: _base(RouterConfig(kind="topp", p=0.4)),
     "null": lambda: _base(RouterConfig(kind="null", k=4, n_null=8)),
