@@ -128,3 +128,12 @@ def test_compare_refuses_unequal_training(tmp_path):
 
     with pytest.raises(ValueError, match=r"trains differently \(\['steps'\]\)"):
         compare({"a": (tiny(), quick()), "b": (tiny("topp"), quick(steps=9))}, tmp_path, log=lambda *_: None)
+
+
+def test_measured_active_params_follow_the_measured_experts_per_token():
+    from moekit.train.compare import _measured_active
+
+    cfg = tiny().validate()
+    assert _measured_active(cfg, [2.0, 2.0]) == cfg.num_active_params()  # top-2 measured = expected
+    one_fewer = _measured_active(cfg, [1.0, 2.0])
+    assert cfg.num_active_params() - one_fewer == 3 * 32 * 32  # one expert (3 matrices D x F) fewer in layer 0

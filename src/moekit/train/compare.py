@@ -24,6 +24,14 @@ def _mean_tokens_per_s(run_dir: Path) -> float:
     return sum(rates) / max(len(rates), 1)
 
 
+def _measured_active(model_cfg: LMConfig, experts_per_token_L: list[float]) -> int:
+    """Active parameters per token with the experts per token measured on validation (dynamic routers'
+    `active_params` counts their worst case)."""
+    moe = model_cfg.moe
+    unused = sum((moe.num_experts - k) * moe._expert_params() for k in experts_per_token_L)
+    return int(round(model_cfg.num_params() - unused))
+
+
 def compare(variants: dict[str, tuple[LMConfig, TrainConfig]], out_dir: str | Path, progress: bool = True,
             log=print) -> dict[str, Any]:
     out_dir = Path(out_dir)
@@ -43,6 +51,7 @@ def compare(variants: dict[str, tuple[LMConfig, TrainConfig]], out_dir: str | Pa
         rows[name] = {
             "router": f"{model_cfg.moe.router.kind}({model_cfg.moe.router.describe()})",
             "params": result["params"], "active_params": result["active_params"],
+            "active_params_measured": _measured_active(model_cfg, result["experts_per_token_by_layer"]),
             "val_loss": result["loss"], "val_bpb": result["bpb"],
             "bpb_by_domain": {d: v["bpb"] for d, v in result["per_domain"].items()},
             "experts_per_token": result["experts_per_token"],
@@ -65,12 +74,12 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"Training: {t['steps']} steps x {t['micro_batch'] * t['grad_accum'] * t['seq_len']} tokens, "
              f"seed {t['seed']}, tokenizer {t['tokenizer']}. Unigram baseline {report['unigram_bpb']:.3f} bits/byte.",
              "",
-             "| run | router | params | active | val loss | val bpb | " + " | ".join(f"bpb {d}" for d in domains)
+             "| run | router | params | active (measured) | val loss | val bpb | " + " | ".join(f"bpb {d}" for d in domains)
              + " | experts/token | by layer | " + " | ".join(f"k {d}" for d in domains) + " | tokens/s |",
              "|" + "---|" * (8 + 2 * len(domains))]
     for name, r in rows.items():
         lines.append(
-            f"| {name} | {r['router']} | {r['params']:,} | {r['active_params']:,} | {r['val_loss']:.4f} | "
+            f"| {name} | {r['router']} | {r['params']:,} | {r['active_params_measured']:,} | {r['val_loss']:.4f} | "
             f"{r['val_bpb']:.4f} | " + " | ".join(f"{r['bpb_by_domain'][d]:.3f}" for d in domains)
             + f" | {r['experts_per_token']:.3f} | " + " / ".join(f"{x:.2f}" for x in r["experts_per_token_by_layer"])
             + " | " + " | ".join(f"{r['experts_per_token_by_domain'][d]:.2f}" for d in domains)
