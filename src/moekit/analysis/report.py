@@ -382,6 +382,12 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)  # layers are whole numbers
+
+
 def _arr(x) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in x], dtype=np.float64) if not isinstance(x[0], list) \
         else np.array([[np.nan if v is None else v for v in row] for row in x], dtype=np.float64)
@@ -409,6 +415,7 @@ def _plots(m: dict) -> dict[str, str]:
     for d, v in m["experts_per_token"]["by_domain"].items():
         ax.plot(layers, _arr(v["mean_L"]), marker=".", label=d)
     ax.set(xlabel="layer", ylabel="experts per token (mean)", title="Experts per token by layer and domain")
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     plots["experts_per_token"] = _png(fig)
@@ -430,6 +437,7 @@ def _plots(m: dict) -> dict[str, str]:
         axes[1].plot(layers, _arr(spec["mean_pairwise_js_L"]), "o-")
         axes[1].axhline(math.log(2), ls=":", c="gray", label="ln 2 (disjoint experts)")
         axes[1].set(xlabel="layer", ylabel="JS divergence (nats)", title="Mean pairwise divergence between domains")
+        axes[1].xaxis.set_major_locator(_integer_ticks())
         axes[1].legend(fontsize=8)
         axes[1].grid(alpha=0.3)
         fig.tight_layout()
