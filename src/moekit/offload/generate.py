@@ -1,0 +1,321 @@
+"""Generation under an expert-memory budget, with the figures of /work/shared/design/offload.md.
+
+    result = offloaded_generate(model_or_run, prompt_ids, 64, budget="25%", policy="predictive")
+    result.ids_BT, result.metrics, result.trace
+
+Stages:
+  1. model and store: a module (its experts are written to `store_dir`, or a temporary store), a
+     moekit run directory (its store RUN/expert-store is written once and reused while the
+     checkpoint is unchanged; the model is then built without its experts), or a store directory
+     written from a moekit model;
+  2. `offload` the model (OffloadRuntime), record the executed routing with TraceRecorder;
+  3. the loop of moekit.models.generate (KV cache, same sampling), prefill timed apart from
+     decode; transformers models step with their own cache (`past_key_values`);
+  4. metrics: decode tokens/s = decoded tokens / decode time, p50/p95 per-token latency, hit rate,
+     expert bytes moved per token, prefetch use, and the re-simulated hit rates of the same
+     policy and of set-MIN / bypass-MIN on this run's trace (the policy's must equal the measured).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moekit.analysis.metrics import RoutingTrace
+from moekit.analysis.trace import TraceRecorder
+from moekit.models.generate import sample_next
+from moekit.offload.cache import format_bytes
+from moekit.offload.runtime import OffloadRuntime, offload
+from moekit.offload.simulate import simulate_run
+from moekit.offload.store import MANIFEST, ExpertStore, load_dense_lm, write_store
+
+__all__ = ["OffloadResult", "decode_loop", "offloaded_generate", "open_model_and_store", "store_matches_model"]
+
+
+@dataclass
+class OffloadResult:
+    ids_BT: torch.Tensor  # prompt + generated tokens
+    metrics: dict[str, Any]
+    trace: RoutingTrace | None  # executed routing of every forward (prefill, then one per decode token)
+
+
+# ----------------------------------------------------------------------------- model stepping
+
+
+class _Stepper:
+    """model(ids of the new positions) -> logits (B, T, V), with the model's own KV cache."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int):
+        from moekit.hf.adapters import HFCausalLM  # transformers is imported only for HF models
+        from moekit.models.lm import KVCache, MoELM
+
+        self.model = model
+        if isinstance(model, MoELM):
+            param = next(p for p in model.parameters() if not p.is_meta)
+            self.device = param.device
+            self.cache = KVCache(model.cfg, batch, max_len, device=param.device, dtype=param.dtype)
+            self.hf = None
+            if max_len > model.cfg.max_seq_len:
+                raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds max_seq_len={model.cfg.max_seq_len}")
+        else:
+            self.hf = model.model if isinstance(model, HFCausalLM) else model
+            self.device = next(p.device for p in model.parameters() if not p.is_meta)
+            self.past = None
+
+    def __call__(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        if self.hf is None:
+            return self.model(ids_BT, cache=self.cache)
+        out = self.hf(input_ids=ids_BT, past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits
+
+
+@torch.no_grad()
+def decode_loop(model: nn.Module, prompt_ids_BT: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
+                runtime: OffloadRuntime | None = None, record: bool = True) -> tuple[torch.Tensor, dict, RoutingTrace | None]:
+    """moekit.models.generate's loop, timed: prompt + new tokens (B, T + n), timings, routing trace.
+    With `runtime`, tells it which forward is the prefill and which are decode steps."""
+    if prompt_ids_BT.dim() != 2 or prompt_ids_BT.shape[1] == 0:
+        raise ValueError(f"prompt must be (B, T) with T >= 1, got shape {tuple(prompt_ids_BT.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    B, T = prompt_ids_BT.shape
+    was_training = model.training
+    model.eval()
+    step = _Stepper(model, B, T + max_new_tokens)
+    generator = None if seed is None else torch.Generator(device=step.device).manual_seed(seed)
+    ids_BT = prompt_ids_BT.to(step.device)
+    done_B = torch.zeros(B, dtype=torch.bool, device=step.device)
+    step_input = ids_BT
+    latencies: list[float] = []
+    prefill_s = 0.0
+    rec = TraceRecorder(model, gate_lookahead=0) if record else None
+    try:
+        with rec if rec is not None else contextlib.nullcontext():
+            for i in range(max_new_tokens):
+                if runtime is not None:
+                    runtime.begin_forward("prefill" if i == 0 else "decode")
+                t0 = time.perf_counter()
+                logits_BTV = step(step_input)
+                next_B = sample_next(logits_BTV[:, -1], temperature, top_p, generator)
+                dt = time.perf_counter() - t0
+                if i == 0:
+                    prefill_s = dt
+                else:
+                    latencies.append(dt)
+                if eos_id is not None:
+                    next_B = next_B.masked_fill(done_B, eos_id)
+                    done_B |= next_B == eos_id
+                ids_BT = torch.cat([ids_BT, next_B.unsqueeze(1)], dim=1)
+                step_input = next_B.unsqueeze(1)
+                if eos_id is not None and bool(done_B.all()):
+                    break
+    finally:
+        model.train(was_training)
+    trace = rec.to_trace({"source": "offloaded_generate"}) if rec is not None else None
+    return ids_BT, {"prefill_s": prefill_s, "latencies_s": latencies, "batch": B, "prompt_tokens": T}, trace
+
+
+# ----------------------------------------------------------------------------- model and store
+
+
+def store_matches_model(store: ExpertStore, model: nn.Module) -> bool:
+    """Shapes match and the first and last expert of every layer have the stored bytes (a cheap
+    check that the store was written from these weights)."""
+    import hashlib
+
+    from moekit.layers.overrides import moe_layers
+    from moekit.offload.store import _as_bytes, _expert_tensors
+
+    layers = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+    try:
+        store.check_matches(layers)
+    except Exception:  # any mismatch means "not this model's store"
+        return False
+    for i, layer in enumerate(layers):
+        for e in {0, store.num_experts - 1}:
+            h = hashlib.sha256()
+            for t in _expert_tensors(layer.experts, e):
+                h.update(_as_bytes(t))
+            if h.hexdigest() != store.manifest["layers"][i]["experts"][e]["sha256"]:
+                return False
+    return True
+
+
+def _run_source(run_dir: Path) -> dict[str, Any]:
+    from moekit.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+    return {"kind": "moekit-run", "checkpoint": ckpt.name, "model_sha256": meta["sha256"]["model.safetensors"]}
+
+
+def open_model_and_store(model_or_run: nn.Module | str | os.PathLike, store_dir: str | os.PathLike | None = None,
+                         log=None) -> tuple[nn.Module, Path, bool]:
+    """(model, store directory, whether the store is temporary) for offloaded_generate."""
+    say = log or (lambda *_: None)
+    if isinstance(model_or_run, nn.Module):
+        model = model_or_run
+        if store_dir is not None and (Path(store_dir) / MANIFEST).is_file():
+            with ExpertStore(store_dir) as st:
+                if store_matches_model(st, model):
+                    return model, Path(store_dir), False
+            say(f"expert store {store_dir} does not match this model; rewriting it")
+        temp = store_dir is None
+        path = Path(tempfile.mkdtemp(prefix="moekit-experts-")) / "store" if temp else Path(store_dir)
+        write_store(model, path, source={"kind": type(model).__name__})
+        return model, path, temp
+    path = Path(model_or_run)
+    if (path / MANIFEST).is_file():
+        return load_dense_lm(path), path, False
+    if not (path / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{str(path)!r} is neither a moekit run directory (checkpoints/) nor an expert "
+                                f"store ({MANIFEST})")
+    store = Path(store_dir) if store_dir is not None else path / "expert-store"
+    source = _run_source(path)
+    if (store / MANIFEST).is_file():
+        current = json.loads((store / MANIFEST).read_text(encoding="utf-8")).get("source")
+        if current == source:
+            return load_dense_lm(store), store, False
+        say(f"expert store {store} was written from another checkpoint; rewriting it")
+    from moekit.train import load_trained
+
+    full, _, _ = load_trained(path)
+    write_store(full, store, source=source)
+    del full
+    return load_dense_lm(store), store, False
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def offloaded_generate(model_or_run: nn.Module | str | os.PathLike, prompt_ids: torch.Tensor | list[int],
+                       max_new_tokens: int, budget: str | int | float = "25%", policy: str = "lru", *,
+                       scope: str = "layer", store_dir: str | os.PathLike | None = None, hot_set=None,
+                       temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                       eos_id: int | None = None, verify: str = "first", release: bool = False,
+                       simulate: bool = True, log=None) -> OffloadResult:
+    """Generate with at most `budget` bytes of expert weights resident (see the module doc).
+
+    model_or_run: a model (MoELM, moekit.hf.HFCausalLM or a wrapped transformers model), a moekit
+        run directory, or an expert store written from a moekit model.
+    budget, policy, scope, hot_set, verify: see `moekit.offload.offload`.
+    release: free the given model's resident expert weights for good (the CLI does; by default
+        the model gets its experts back afterwards).
+    Greedy output (temperature 0) equals fully resident generation token for token.
+    """
+    prompt_BT = torch.as_tensor(prompt_ids, dtype=torch.long)
+    if prompt_BT.dim() == 1:
+        prompt_BT = prompt_BT.unsqueeze(0)
+    model, store_path, temporary = open_model_and_store(model_or_run, store_dir, log)
+    owns_model = not isinstance(model_or_run, nn.Module)
+    try:
+        with ExpertStore(store_path, verify=verify) as store, \
+                offload(model, store, budget, policy, scope, hot_set=hot_set, release=release or owns_model) as rt:
+            ids_BT, timing, trace = decode_loop(model, prompt_BT, max_new_tokens, temperature=temperature,
+                                                top_p=top_p, seed=seed, eos_id=eos_id, runtime=rt, record=True)
+            metrics = run_metrics(rt, timing, trace, simulate=simulate)
+            metrics["store"] = str(store_path) if not temporary else "(temporary)"
+    finally:
+        if temporary:
+            shutil.rmtree(store_path.parent, ignore_errors=True)
+    return OffloadResult(ids_BT, metrics, trace)
+
+
+def run_metrics(rt: OffloadRuntime, timing: dict, trace: RoutingTrace | None, simulate: bool = True) -> dict[str, Any]:
+    """The figures of one run (module doc); `simulate` adds the re-simulated hit rates."""
+    plan, cache = rt.plan, rt.cache
+    dec, pre = cache.stats["decode"], cache.stats["prefill"]
+    lat = timing["latencies_s"]
+    B = timing["batch"]
+    decode_tokens = len(lat) * B
+    decode_s = float(sum(lat))
+    S = plan.expert_nbytes
+    loaded_bytes = dec.loaded_nbytes
+    wasted_bytes = dec.wasted_prefetches * S
+    load_time = dec.load_s + dec.prefetch_load_s + pre.load_s + pre.prefetch_load_s
+    all_loaded = dec.loaded_nbytes + pre.loaded_nbytes
+    m: dict[str, Any] = {
+        "policy": plan.policy, "scope": plan.scope,
+        "budget_bytes": plan.budget_nbytes, "budget_fraction": plan.budget_nbytes / plan.total_nbytes,
+        "capacity_experts": plan.capacity, "caches": plan.num_caches, "hot_capacity": plan.hot_capacity,
+        "expert_bytes": S, "total_expert_bytes": plan.total_nbytes,
+        "batch": B, "prompt_tokens": timing["prompt_tokens"], "decode_tokens": decode_tokens,
+        "prefill_s": timing["prefill_s"], "decode_s": decode_s,
+        "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else float("nan"),
+        "latency_p50_ms": 1e3 * _percentile(lat, 50), "latency_p95_ms": 1e3 * _percentile(lat, 95),
+        "hit_rate": dec.hits / dec.requests if dec.requests else float("nan"),
+        "prefill_hit_rate": pre.hits / pre.requests if pre.requests else float("nan"),
+        "requests": dec.requests, "hits": dec.hits, "demand_loads": dec.demand_loads,
+        "prefetch_loads": dec.prefetch_loads, "useful_prefetches": dec.useful_prefetches,
+        "wasted_prefetches": dec.wasted_prefetches, "late_prefetches": dec.late_prefetches,
+        "bytes_moved_per_token": loaded_bytes / decode_tokens if decode_tokens else float("nan"),
+        "wasted_prefetch_bytes": wasted_bytes,
+        "prefill_bytes_moved": pre.loaded_nbytes,
+        "stall_s": dec.stall_s, "load_s": dec.load_s, "prefetch_load_s": dec.prefetch_load_s,
+        "load_bandwidth_bytes_per_s": all_loaded / load_time if load_time > 0 else float("nan"),
+        "peak_resident_expert_bytes": cache.peak_resident_nbytes,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "decode_stats": dec.as_dict(), "prefill_stats": pre.as_dict(),
+    }
+    if simulate and trace is not None:
+        sim = simulate_run(trace, B, plan, hot_keys=[sorted(c.hot) for c in cache.caches],
+                           predictions=rt.predictions)
+        measured = [np.array(h, dtype=bool) for h, _ in cache.request_log()]
+        equal = len(measured) == len(sim["flags"]["policy"]) and all(
+            a.shape == b.shape and bool((a == b).all()) for a, b in zip(measured, sim["flags"]["policy"], strict=True))
+        dec_tokens = max(decode_tokens, 1)
+        m["simulated"] = {
+            "policy_hit_rate": sim["policy_hit_rate"],
+            "set_min_hit_rate": sim["set_min_hit_rate"],
+            "bypass_min_hit_rate": sim["bypass_min_hit_rate"],
+            "hit_flags_equal_measured": equal,
+            "min_bytes_per_token": (sim["set_min_decode_requests"] - sim["set_min_decode_hits"]) * S / dec_tokens,
+            "bypass_min_bytes_per_token":
+                (sim["bypass_min_decode_requests"] - sim["bypass_min_decode_hits"]) * S / dec_tokens,
+        }
+        if plan.policy == "predictive":
+            m["simulated"].update({k: sim[k] for k in ("prefetch_loads", "useful_prefetches", "wasted_prefetches")})
+    return m
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    """A short human-readable summary of `run_metrics`."""
+    lines = [
+        f"offload: {m['policy']} cache ({'per layer' if m['scope'] == 'layer' else 'shared'}), budget "
+        f"{format_bytes(m['budget_bytes'])} ({m['budget_fraction']:.1%} of {format_bytes(m['total_expert_bytes'])}), "
+        f"{m['capacity_experts']} experts per cache",
+        f"  prefill {m['prompt_tokens']} tokens: {1e3 * m['prefill_s']:.1f} ms; decode {m['decode_tokens']} tokens: "
+        f"{m['decode_tokens_per_s']:.2f} tokens/s, latency p50 {m['latency_p50_ms']:.2f} ms, p95 {m['latency_p95_ms']:.2f} ms",
+        f"  hit rate {m['hit_rate']:.4f} (prefill {m['prefill_hit_rate']:.4f}); expert bytes moved per token "
+        f"{format_bytes(m['bytes_moved_per_token'])}; wasted prefetch {format_bytes(m['wasted_prefetch_bytes'])}",
+        f"  peak resident experts {format_bytes(m['peak_resident_expert_bytes'])}; peak RSS {format_bytes(m['peak_rss_bytes'])}",
+    ]
+    s = m.get("simulated")
+    if s:
+        lines.append(f"  simulated on this run's trace: {m['policy']} {s['policy_hit_rate']:.4f} "
+                     f"({'equals' if s['hit_flags_equal_measured'] else 'DIFFERS FROM'} the measured), set-MIN "
+                     f"{s['set_min_hit_rate']:.4f}, bypass-MIN {s['bypass_min_hit_rate']:.4f}; MIN floor "
+                     f"{format_bytes(s['min_bytes_per_token'])} per token")
+    return "\n".join(lines)

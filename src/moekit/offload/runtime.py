@@ -1,0 +1,290 @@
+"""Run a model's MoE layers with only cached experts resident: `offload(model, store, budget, policy)`.
+
+Legend: T tokens, D model dim, E experts, F expert hidden dim, N assignments (rows grouped by
+expert), A active experts of a forward (counts_E > 0), K experts per token.
+
+Every MoELayer keeps its router, dispatch and combine; its `experts` module (an ExpertBank with
+stacked weights) is replaced by `OffloadedExperts`, which has the same `forward(x_ND, offsets_E)`:
+  1. active experts = those with rows (counts_E > 0), ascending;
+  2. split into steps of at most `plan.step_size` experts (one step for a decode token);
+  3. per step: `cache.acquire` (hits, demand loads), then - first step of a decode forward with
+     the predictive policy - predict the next MoE layer's experts (top-K of its gate applied to
+     this layer's input, mixtral-offloading style) and `cache.prefetch` them in the background
+     while this layer computes;
+  4. the same per-expert GEMMs as the resident grouped path (`moekit.ops.grouped`): torch.mm per
+     expert in the dtype `grouped_linear` would pick, so outputs equal the resident layer's
+     bit for bit (tested), then `cache.end_step`.
+Nothing of size T x E x D is built. Inference only (no autograd through the loaded experts).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.experts import ExpertBank
+from moekit.layers.moe import MoELayer
+from moekit.layers.overrides import moe_layers
+from moekit.offload.cache import CachePlan, ExpertCache, hot_keys_from_counts, plan_cache
+from moekit.offload.store import ExpertStore
+from moekit.ops.grouped import compute_dtype
+
+__all__ = ["OffloadRuntime", "OffloadedExperts", "hot_counts", "offload", "token_experts"]
+
+
+def token_experts(layer: MoELayer) -> int:
+    """K: experts one token needs resident at once at this layer, the least a cache must hold.
+
+    Top-k families: k. Top-p: its cap max_k, else min_k (NOTE: an uncapped top-p token may use up
+    to E experts; requiring E would forbid any budget below 100%, so a token whose experts do not
+    fit is run in several cache steps instead). Other dynamic routers: the expected count, rounded up.
+    """
+    r = layer.cfg.router
+    rule = r.select_rule if r.kind == "recurrent" else r.kind
+    if rule == "topp":
+        return max(1, min(r.max_k or r.min_k, layer.cfg.num_experts))
+    return max(1, math.ceil(layer.cfg.expected_experts_per_token()))
+
+
+def hot_counts(source, num_layers: int, num_experts: int):
+    """Per-(layer, expert) use counts (L, E) from a RoutingTrace, a trace file path or an array."""
+    import numpy as np
+
+    from moekit.analysis.metrics import RoutingTrace
+    from moekit.analysis.tracefile import load_trace
+
+    if isinstance(source, str) or hasattr(source, "__fspath__"):
+        source = load_trace(source)
+    if isinstance(source, RoutingTrace):
+        if source.num_layers != num_layers or source.num_experts != num_experts:
+            raise ValueError(f"hot-set trace has L={source.num_layers}, E={source.num_experts}; the model has "
+                             f"L={num_layers}, E={num_experts}")
+        counts = np.zeros((num_layers, num_experts), dtype=np.int64)
+        for s in source.seqs:
+            for layer in range(num_layers):
+                ids = s[layer][s[layer] >= 0]
+                counts[layer] += np.bincount(ids, minlength=num_experts)
+        return counts
+    counts = np.asarray(source)
+    if counts.shape != (num_layers, num_experts):
+        raise ValueError(f"hot-set counts must have shape (L, E) = ({num_layers}, {num_experts}), got {counts.shape}")
+    return counts
+
+
+class OffloadedExperts(nn.Module):
+    """Stand-in for a MoE layer's ExpertBank that fetches expert weights from an ExpertCache."""
+
+    def __init__(self, layer_idx: int, runtime: OffloadRuntime, bank: nn.Module):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_experts, self.d_model, self.d_expert = bank.num_experts, bank.d_model, bank.d_expert
+        self.activation = bank.activation
+        object.__setattr__(self, "_runtime", runtime)  # not a submodule: no cycle in modules()
+
+    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        return self._runtime.run_experts(self.layer_idx, x_ND, offsets_E)
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer_idx}, num_experts={self.num_experts}, d_model={self.d_model}, "
+                f"d_expert={self.d_expert}, {self.activation}, weights from {self._runtime.store.path}")
+
+
+def _linear_rows(x_ND: torch.Tensor, w_by_expert: list[torch.Tensor], ranges: list[tuple[int, int]],
+                 upcast: torch.dtype | None, out: torch.Tensor, row0: int) -> None:
+    """out[s - row0 : t - row0] = x_ND[s:t] @ w.T for each expert's row range, as `_loop_mm` and the
+    CPU grouped kernel compute it (bitwise equal for fp32, checked in tests); `upcast` mirrors
+    grouped_linear's fp32 compute of low-precision inputs on CPUs without bf16 instructions."""
+    for w_OI, (s, t) in zip(w_by_expert, ranges, strict=True):
+        if upcast is None:
+            torch.mm(x_ND[s:t], w_OI.t(), out=out[s - row0:t - row0])
+        else:
+            out[s - row0:t - row0] = torch.mm(x_ND[s:t].to(upcast), w_OI.to(upcast).t()).to(out.dtype)
+
+
+class OffloadRuntime:
+    """The offloaded state of one model: store, cache, replaced modules, prediction hooks.
+
+    Use as a context manager (or call `close`): closing stops the prefetch thread and, unless the
+    weights were released, puts the original ExpertBanks back.
+    """
+
+    def __init__(self, model: nn.Module, store: ExpertStore, plan: CachePlan, *, hot_keys=None,
+                 release: bool = False, device: str | torch.device | None = None):
+        self.model = model
+        self.store = store
+        self.plan = plan
+        self.layers: list[MoELayer] = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+        store.check_matches(self.layers)
+        for i, layer in enumerate(self.layers):
+            if layer.use_reference:
+                raise ValueError(f"MoE layer {i} uses backend='reference', which reads the stacked weights directly; "
+                                 "offloading replaces the grouped expert path (use backend 'auto' or 'grouped_mm')")
+            if not isinstance(layer.experts, ExpertBank):
+                raise ValueError(f"MoE layer {i} holds {type(layer.experts).__name__}; is the model offloaded already?")
+        if device is None:
+            device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+        self.cache = ExpertCache(store, plan, hot_keys=hot_keys, device=device)
+        self.released = release
+        self.predict = plan.policy == "predictive"
+        self.phase = "prefill"
+        self.forward_idx = -1
+        self.predictions: list[tuple[int, int, list[int]]] = []  # (forward, target layer, experts in priority order)
+        self._x_TD: dict[int, torch.Tensor] = {}
+        self._hooks = []
+        self.originals: list[nn.Module | None] = []
+        for i, layer in enumerate(self.layers):
+            bank = layer.experts
+            if release:
+                _release_bank(layer, bank)
+                self.originals.append(None)
+            else:
+                self.originals.append(bank)
+            layer.experts = OffloadedExperts(i, self, bank)
+            if self.predict:
+                self._hooks.append(layer.register_forward_pre_hook(self._capture(i), with_kwargs=True))
+        self.closed = False
+
+    def __enter__(self) -> OffloadRuntime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the prefetch thread; put the original experts back unless they were released."""
+        if self.closed:
+            return
+        self.closed = True
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._x_TD.clear()
+        try:
+            self.cache.close()
+        finally:
+            for layer, bank in zip(self.layers, self.originals, strict=True):
+                if bank is not None:
+                    layer.experts = bank
+
+    def begin_forward(self, phase: str) -> None:
+        """Called before each model forward by the generation loop: 'prefill' or 'decode'."""
+        if phase not in ("prefill", "decode"):
+            raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+        self.phase = phase
+        self.cache.phase = phase
+        self.forward_idx += 1
+
+    def _capture(self, i: int):
+        def hook(_module, args, kwargs):
+            x = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
+            self._x_TD[i] = x.detach().reshape(-1, x.shape[-1])
+        return hook
+
+    def groups(self, active: list[int]) -> list[list[int]]:
+        G = self.plan.step_size
+        return [active[i:i + G] for i in range(0, len(active), G)]
+
+    def run_experts(self, layer_idx: int, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        if self.closed:
+            raise RuntimeError("this offloaded model's runtime is closed; offload it again to run it")
+        if torch.is_grad_enabled() and x_ND.requires_grad:
+            raise RuntimeError("offloaded experts are inference-only: run the model under torch.no_grad()")
+        ends = offsets_E.tolist()
+        starts = [0, *ends[:-1]]
+        active = [e for e in range(len(ends)) if ends[e] > starts[e]]
+        N, D = x_ND.shape
+        y_ND = x_ND.new_empty(N, D)
+        if not active:
+            return y_ND
+        # The dtype grouped_linear would compute in, decided on the whole forward as it does.
+        cdt = compute_dtype(x_ND.dtype, x_ND.device)
+        upcast = cdt if cdt != x_ND.dtype and N > 16 * len(active) else None
+        swiglu = self.store.activation == "swiglu"
+        for gi, group in enumerate(self.groups(active)):
+            weights = self.cache.acquire(layer_idx, group)
+            if gi == 0 and self.predict and self.phase == "decode" and len(active) <= self.plan.step_size:
+                self._prefetch_next(layer_idx)
+            ranges = [(starts[e], ends[e]) for e in group]
+            r0, r1 = ranges[0][0], ranges[-1][1]
+            w_first = [w[0] for w in weights]
+            w_down = [w[1] for w in weights]
+            h_MX = x_ND.new_empty(r1 - r0, w_first[0].shape[0])
+            _linear_rows(x_ND, w_first, ranges, upcast, h_MX, r0)
+            if swiglu:
+                gate_MF, up_MF = h_MX.chunk(2, dim=-1)
+                h_MF = F.silu(gate_MF) * up_MF
+            else:
+                h_MF = F.gelu(h_MX)
+            _linear_rows(h_MF, w_down, [(s - r0, t - r0) for s, t in ranges], upcast, y_ND[r0:r1], 0)
+            self.cache.end_step(layer_idx)
+        return y_ND
+
+    def _prefetch_next(self, layer_idx: int) -> None:
+        nxt = layer_idx + 1
+        x_TD = self._x_TD.get(layer_idx)
+        if nxt >= len(self.layers) or x_TD is None:
+            return
+        router = self.layers[nxt].router
+        if router.kind == "recurrent":  # its gate reads a GRU state, not the token
+            return
+        E = self.store.num_experts
+        logits_TE = router.logits(x_TD)[:, :E]  # null-expert columns (AdaMoE) are never loaded
+        if router.expert_mask_E is not None:
+            logits_TE = logits_TE.masked_fill(router.expert_mask_E < 0, float("-inf"))
+        top_TK = torch.topk(logits_TE, min(self.plan.experts_per_token, E), dim=1).indices
+        order, seen = [], set()
+        for e in top_TK.t().reshape(-1).tolist():  # rank-major: every token's best guess first
+            if e not in seen:
+                seen.add(e)
+                order.append(e)
+        self.predictions.append((self.forward_idx, nxt, order))
+        self.cache.prefetch(nxt, order)
+
+    def stats(self) -> dict:
+        return {phase: st.as_dict() for phase, st in self.cache.stats.items()}
+
+
+def _release_bank(layer: MoELayer, bank: nn.Module) -> None:
+    """Free the resident expert weights: the ExpertBank's Parameters (and a wrapped transformers
+    block's own references to them) become meta tensors. Irreversible."""
+    tensors = [t for t in (bank.gate_up_proj, bank.up_proj, bank.down_proj) if t is not None]
+    ids = {id(t) for t in tensors}
+    owners = [bank]
+    original = getattr(layer, "original", None)
+    if callable(original):  # moekit.hf.HFMoEBlock: the HF block holds the same Parameters
+        owners.extend(original().modules())
+    for owner in owners:
+        for name, p in list(owner._parameters.items()):
+            if p is not None and id(p) in ids:
+                owner._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                       requires_grad=False)
+
+
+def offload(model: nn.Module, store: ExpertStore | str, budget: str | int | float = "25%", policy: str = "lru",
+            scope: str = "layer", *, hot_set=None, release: bool = False, verify: str = "first",
+            device: str | torch.device | None = None) -> OffloadRuntime:
+    """Replace every MoE layer's experts of `model` by cached experts from `store`.
+
+    budget: "25%", bytes ("512MiB", 1 << 30) or a fraction in (0, 1] of all expert bytes.
+    policy: lru | lfu | static | predictive.  scope: "layer" (one cache per layer) | "shared".
+    hot_set (static): a RoutingTrace, a trace file, or (L, E) use counts; the hot set is the most
+        used experts (per layer or overall).
+    release: free the model's resident expert weights (irreversible) instead of keeping them to
+        put back on close.
+    """
+    st = store if isinstance(store, ExpertStore) else ExpertStore(store, verify=verify)
+    layers = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+    if not layers:
+        raise ValueError(f"offload: {type(model).__name__} contains no moekit MoELayer")
+    K = max(token_experts(layer) for layer in layers)
+    plan = plan_cache(budget, st, policy, scope, K)
+    hot_keys = None
+    if policy == "static":
+        if hot_set is None:
+            raise ValueError("policy 'static' needs a hot set: pass hot_set= a routing trace (file or RoutingTrace, "
+                             "e.g. from `moekit analyze`) or per-(layer, expert) counts of shape (L, E)")
+        hot_keys = hot_keys_from_counts(hot_counts(hot_set, st.num_layers, st.num_experts), plan)
+    return OffloadRuntime(model, st, plan, hot_keys=hot_keys, release=release, device=device)

@@ -1,0 +1,466 @@
+"""The expert store: every routed expert of every MoE layer on disk, readable one expert at a time.
+
+Format "moekit-expert-store" version 1 (docs/offload.md is the specification). A directory:
+
+    manifest.json            format, version, shapes, dtype, byte ranges and a sha256 per expert
+    layer-000.safetensors    MoE layer 0: tensors e0.gate_up, e0.down, e1.gate_up, ... (or e{i}.up for GELU)
+    layer-001.safetensors    ...
+    dense.safetensors        moekit models only: every other weight, so that the model can be built
+                             without ever materialising its experts (`load_dense_lm`)
+
+Each layer file is a valid safetensors file (any safetensors reader opens it) written in expert
+order, so that one expert's tensors are one contiguous byte range: expert e of layer l is the
+`expert_nbytes` bytes at `layers[l].experts[e].offset` of the layer's file, gate_up (or up) first
+and down second. The header is padded with spaces so that the data starts on a 4096-byte boundary
+(experts then start page-aligned whenever expert_nbytes is a multiple of 4096). The per-expert
+sha256 covers exactly that byte range.
+
+`ExpertStore` reads one expert with one `os.preadv` straight into the caller's buffer (no copy,
+no memory map); it checks file sizes and safetensors headers when opened (a truncated file is
+refused, naming the first expert it cut off) and each expert's sha256 on its first read
+(`verify="first"`), on every read (`"always"`) or never (`"never"`). Writes are atomic: the store
+is written into a temporary directory (every file fsynced), which is renamed into place.
+
+Legend: L MoE layers, E experts per layer, D model dim, F expert hidden dim, S_e bytes per expert.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moekit.experts import ExpertBank
+from moekit.layers.moe import MoELayer
+from moekit.layers.overrides import moe_layers
+
+__all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "load_dense_lm", "write_store"]
+
+FORMAT = "moekit-expert-store"
+VERSION = 1
+MANIFEST = "manifest.json"
+DENSE = "dense.safetensors"
+_ALIGN = 4096  # data start of every layer file: page-aligned expert reads
+VERIFY_MODES = ("first", "always", "never")
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in _ST_DTYPES}
+
+
+class ExpertStoreError(RuntimeError):
+    """A store that cannot be used: missing, another format or version, truncated, or corrupted."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tensor_names(activation: str) -> tuple[str, str]:
+    return ("gate_up", "down") if activation == "swiglu" else ("up", "down")
+
+
+def _expert_tensors(bank: nn.Module, e: int) -> list[torch.Tensor]:
+    first = bank.gate_up_proj if bank.activation == "swiglu" else bank.up_proj
+    return [first[e], bank.down_proj[e]]
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor (bf16 included), without a copy when it is contiguous."""
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _write_layer_file(path: Path, bank: nn.Module, layer: int) -> dict[str, Any]:
+    """One layer's experts as a safetensors file in expert order; returns the manifest entry."""
+    names = _tensor_names(bank.activation)
+    E = bank.num_experts
+    shapes = [tuple(t.shape) for t in _expert_tensors(bank, 0)]
+    dtype = _expert_tensors(bank, 0)[0].dtype
+    if dtype not in _ST_DTYPES:
+        raise ValueError(f"write_store: expert dtype {dtype} is not supported; expected one of "
+                         f"{sorted(str(d) for d in _ST_DTYPES)}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = [itemsize * int(torch.Size(s).numel()) for s in shapes]
+    S_e = sum(sizes)
+    header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "version": str(VERSION), "layer": str(layer)}}
+    for e in range(E):
+        begin = e * S_e
+        for name, shape, size in zip(names, shapes, sizes, strict=True):
+            header[f"e{e}.{name}"] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                                      "data_offsets": [begin, begin + size]}
+            begin += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    pad = (-(8 + len(raw))) % _ALIGN
+    raw += b" " * pad  # safetensors allows trailing spaces in the header
+    data_start = 8 + len(raw)
+    experts = []
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for e in range(E):
+            h = hashlib.sha256()
+            for t in _expert_tensors(bank, e):
+                b = _as_bytes(t)
+                h.update(b)
+                f.write(b)
+            experts.append({"offset": data_start + e * S_e, "sha256": h.hexdigest()})
+        f.flush()
+        os.fsync(f.fileno())
+    return {"index": layer, "file": path.name, "file_nbytes": data_start + E * S_e, "data_start": data_start,
+            "experts": experts, "_shapes": shapes, "_sizes": sizes, "_dtype": dtype}
+
+
+def _dense_state(model: nn.Module, expert_banks: list[nn.Module]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of model.state_dict() except the routed experts; tied tensors stored once
+    (aliases: name -> the stored name)."""
+    skip = {id(p) for bank in expert_banks for p in bank.parameters()}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple], str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in skip:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    return tensors, aliases
+
+
+def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[str, Any] | None = None) -> Path:
+    """Write every routed expert of every MoELayer of `model` into the store directory `out_dir`.
+
+    Works for a moekit `MoELM` (then the other weights and the model config go into
+    dense.safetensors too, for `load_dense_lm`) and for any module holding MoELayers, wrapped
+    transformers models included. `source` is free-form JSON recorded in the manifest (e.g. the
+    checkpoint it came from), so callers can tell whether a store is still current.
+    The directory is replaced atomically; an existing directory that is not a store is refused.
+    """
+    from safetensors.torch import save_file
+
+    from moekit.models.lm import MoELM
+
+    out_dir = Path(out_dir)
+    layers: list[MoELayer] = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+    if not layers:
+        raise ValueError(f"write_store: {type(model).__name__} contains no moekit MoELayer")
+    banks = []
+    for i, layer in enumerate(layers):
+        bank = layer.experts
+        if not isinstance(bank, ExpertBank):
+            raise ValueError(f"write_store: MoE layer {i} holds {type(bank).__name__}, not an ExpertBank with its "
+                             "weights (is the model already offloaded?)")
+        if bank.gate_up_proj is not None and bank.gate_up_proj.is_meta or bank.down_proj.is_meta:
+            raise ValueError(f"write_store: MoE layer {i}'s expert weights are on the meta device (not loaded)")
+        banks.append(bank)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise FileExistsError(f"write_store: {out_dir} exists and is not an expert store; refusing to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        entries = [_write_layer_file(tmp / f"layer-{i:03d}.safetensors", bank, i) for i, bank in enumerate(banks)]
+        first = entries[0]
+        for i, ent in enumerate(entries):
+            if ent["_shapes"] != first["_shapes"] or ent["_dtype"] != first["_dtype"]:
+                raise ValueError(f"write_store: MoE layer {i} has expert shapes {ent['_shapes']} {ent['_dtype']}, "
+                                 f"layer 0 has {first['_shapes']} {first['_dtype']}; the store needs one expert size")
+        names = _tensor_names(banks[0].activation)
+        tensors, offset = [], 0
+        for name, shape, size in zip(names, first["_shapes"], first["_sizes"], strict=True):
+            tensors.append({"name": name, "shape": list(shape), "offset": offset, "nbytes": size})
+            offset += size
+        dense = None
+        if isinstance(model, MoELM):
+            dense_tensors, aliases = _dense_state(model, banks)
+            save_file(dense_tensors, str(tmp / DENSE))
+            with open(tmp / DENSE, "rb") as f:
+                os.fsync(f.fileno())
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            dense = {"file": DENSE, "sha256": digest, "aliases": aliases, "model_config": model.cfg.to_dict()}
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "num_layers": len(banks), "num_experts": banks[0].num_experts, "d_model": banks[0].d_model,
+            "d_expert": banks[0].d_expert, "activation": banks[0].activation,
+            "dtype": str(first["_dtype"]).removeprefix("torch."), "expert_nbytes": offset,
+            "tensors": tensors,
+            "layers": [{k: v for k, v in ent.items() if not k.startswith("_")} | {"name": name}
+                       for ent, name in zip(entries, _layer_names(model, layers), strict=True)],
+            "dense": dense,
+            "source": source or {},
+        }
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _layer_names(model: nn.Module, layers: list[MoELayer]) -> list[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names.get(id(m), f"moe{i}") for i, m in enumerate(layers)]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where expert tensors lie inside one expert's byte range (the same for every expert)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    nbytes: tuple[int, ...]
+    dtype: torch.dtype
+    expert_nbytes: int
+
+    def views(self, buf_u8: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The expert's tensors as views of a (expert_nbytes,) uint8 buffer (no copy)."""
+        return tuple(buf_u8[o:o + n].view(self.dtype).view(s)
+                     for o, n, s in zip(self.offsets, self.nbytes, self.shapes, strict=True))
+
+
+class ExpertStore:
+    """Read-only access to a store written by `write_store` (see the module doc).
+
+    store.read_into(layer, expert, buf_u8)   fill a (expert_nbytes,) uint8 CPU tensor
+    store.load(layer, expert)                a fresh (gate_up | up, down) pair, for inspection
+    Thread-safe: reads are positional (`preadv`), the verified set is locked.
+    """
+
+    def __init__(self, path: str | os.PathLike, verify: str = "first"):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"ExpertStore: verify={verify!r}; allowed: {VERIFY_MODES}")
+        self.path = Path(path)
+        self.verify = verify
+        man_path = self.path / MANIFEST
+        if not man_path.is_file():
+            raise ExpertStoreError(f"{self.path} is not an expert store: {MANIFEST} is missing (an interrupted "
+                                   "write leaves no manifest); write it with moekit.offload.write_store")
+        try:
+            m = json.loads(man_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ExpertStoreError(f"{man_path} is not valid JSON ({e}); the store is damaged") from e
+        if m.get("format") != FORMAT:
+            raise ExpertStoreError(f"{man_path}: format {m.get('format')!r}, expected {FORMAT!r}")
+        if m.get("version") != VERSION:
+            raise ExpertStoreError(f"{man_path}: version {m.get('version')!r}, this moekit reads version {VERSION}")
+        self.manifest = m
+        self.num_layers: int = m["num_layers"]
+        self.num_experts: int = m["num_experts"]
+        self.activation: str = m["activation"]
+        self.d_model: int = m["d_model"]
+        self.d_expert: int = m["d_expert"]
+        self.expert_nbytes: int = m["expert_nbytes"]
+        self.dtype: torch.dtype = _TORCH_DTYPES[m["dtype"]]
+        t = m["tensors"]
+        self.layout = ExpertLayout(tuple(x["name"] for x in t), tuple(tuple(x["shape"]) for x in t),
+                                   tuple(x["offset"] for x in t), tuple(x["nbytes"] for x in t),
+                                   self.dtype, self.expert_nbytes)
+        self._verified: set[tuple[int, int]] = set()
+        self._lock = threading.Lock()
+        self._fds: list[int] = []
+        try:
+            for layer in m["layers"]:
+                self._fds.append(self._open_layer(layer))
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_layer(self, layer: dict[str, Any]) -> int:
+        path = self.path / layer["file"]
+        li = layer["index"]
+        if not path.is_file():
+            raise ExpertStoreError(f"expert store {self.path}: {layer['file']} (MoE layer {li}) is missing")
+        size = path.stat().st_size
+        if size < layer["file_nbytes"]:
+            cut = [e for e, x in enumerate(layer["experts"]) if x["offset"] + self.expert_nbytes > size]
+            raise ExpertStoreError(
+                f"expert store {self.path}: {layer['file']} is truncated ({size} bytes, expected "
+                f"{layer['file_nbytes']}): layer {li} expert {cut[0]} (and {len(cut) - 1} more) lie past its end; "
+                "rewrite the store with write_store")
+        if size > layer["file_nbytes"]:
+            raise ExpertStoreError(f"expert store {self.path}: {layer['file']} has {size} bytes, expected "
+                                   f"{layer['file_nbytes']}: not the file the manifest describes")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self._check_header(fd, layer)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_header(self, fd: int, layer: dict[str, Any]) -> None:
+        """The safetensors header must place every tensor where the manifest says."""
+        where = f"expert store {self.path}: {layer['file']} (MoE layer {layer['index']})"
+        try:
+            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            if 8 + n != layer["data_start"]:
+                raise ValueError(f"header length {n} does not match the manifest's data start {layer['data_start']}")
+            header = json.loads(os.pread(fd, n, 8))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise ExpertStoreError(f"{where} has a damaged safetensors header ({e})") from e
+        base = layer["data_start"]
+        for e, x in enumerate(layer["experts"]):
+            for name, off, nb in zip(self.layout.names, self.layout.offsets, self.layout.nbytes, strict=True):
+                entry = header.get(f"e{e}.{name}")
+                want = [x["offset"] - base + off, x["offset"] - base + off + nb]
+                if entry is None or entry.get("data_offsets") != want:
+                    raise ExpertStoreError(f"{where}: tensor e{e}.{name} (layer {layer['index']} expert {e}) is not "
+                                           "where the manifest says; the file does not belong to this manifest")
+
+    def __enter__(self) -> ExpertStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        return (f"ExpertStore({str(self.path)!r}, L={self.num_layers}, E={self.num_experts}, "
+                f"{self.activation}, {self.manifest['dtype']}, {self.expert_nbytes / 2**20:.2f} MiB/expert)")
+
+    @property
+    def total_nbytes(self) -> int:
+        """Bytes of all routed experts."""
+        return self.num_layers * self.num_experts * self.expert_nbytes
+
+    def _check_index(self, layer: int, expert: int) -> None:
+        if not (0 <= layer < self.num_layers and 0 <= expert < self.num_experts):
+            raise IndexError(f"expert store has layers 0..{self.num_layers - 1} and experts 0..{self.num_experts - 1}, "
+                             f"asked for layer {layer} expert {expert}")
+        if not self._fds:
+            raise ExpertStoreError(f"expert store {self.path} is closed")
+
+    def read_into(self, layer: int, expert: int, buf_u8: torch.Tensor) -> None:
+        """Read expert `expert` of MoE layer `layer` into `buf_u8` ((expert_nbytes,) uint8, CPU,
+        contiguous) with one positional read; check its sha256 as `verify` says."""
+        self._check_index(layer, expert)
+        if buf_u8.dtype != torch.uint8 or buf_u8.numel() != self.expert_nbytes or not buf_u8.is_contiguous():
+            raise ValueError(f"read_into: need a contiguous uint8 buffer of {self.expert_nbytes} bytes, got "
+                             f"{buf_u8.dtype} {tuple(buf_u8.shape)}")
+        info = self.manifest["layers"][layer]
+        mv = memoryview(buf_u8.numpy())
+        got = os.preadv(self._fds[layer], [mv], info["experts"][expert]["offset"])
+        if got != self.expert_nbytes:
+            raise ExpertStoreError(f"expert store {self.path}: layer {layer} expert {expert} is truncated in "
+                                   f"{info['file']} (read {got} of {self.expert_nbytes} bytes); rewrite the store")
+        if self.verify == "never" or (self.verify == "first" and (layer, expert) in self._verified):
+            return
+        digest = hashlib.sha256(mv).hexdigest()
+        if digest != info["experts"][expert]["sha256"]:
+            raise ExpertStoreError(f"expert store {self.path}: layer {layer} expert {expert} in {info['file']} fails "
+                                   f"its checksum (sha256 {digest[:16]}..., manifest {info['experts'][expert]['sha256'][:16]}...): "
+                                   "the file is corrupted; rewrite the store with write_store")
+        with self._lock:
+            self._verified.add((layer, expert))
+
+    def load(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
+        """A freshly allocated copy of one expert's tensors (gate_up | up, down)."""
+        buf = torch.empty(self.expert_nbytes, dtype=torch.uint8)
+        self.read_into(layer, expert, buf)
+        return self.layout.views(buf)
+
+    def verify_all(self) -> None:
+        """Read and checksum every expert (a full scan); raises on the first bad one."""
+        buf = torch.empty(self.expert_nbytes, dtype=torch.uint8)
+        saved, self.verify = self.verify, "always"
+        try:
+            for layer in range(self.num_layers):
+                for e in range(self.num_experts):
+                    self.read_into(layer, e, buf)
+        finally:
+            self.verify = saved
+
+    def check_matches(self, layers: list[MoELayer]) -> None:
+        """Refuse a store whose shapes differ from the model's MoE layers."""
+        if len(layers) != self.num_layers:
+            raise ExpertStoreError(f"expert store {self.path} has {self.num_layers} MoE layers, the model has {len(layers)}")
+        for i, layer in enumerate(layers):
+            cfg = layer.cfg
+            got = (cfg.num_experts, cfg.d_model, cfg.d_expert, cfg.activation)
+            want = (self.num_experts, self.d_model, self.d_expert, self.activation)
+            if got != want:
+                raise ExpertStoreError(f"expert store {self.path} holds experts (E, D, F, activation) = {want}, "
+                                       f"MoE layer {i} of the model has {got}")
+
+
+def load_dense_lm(store: str | os.PathLike | ExpertStore) -> nn.Module:
+    """The moekit `MoELM` of a store written from one, built without allocating its experts: every
+    non-expert weight comes from dense.safetensors and every ExpertBank stays on the meta device
+    (attach the store with `moekit.offload.offload` before running it)."""
+    from safetensors.torch import load_file
+
+    from moekit.models.lm import LMConfig, MoELM
+
+    st = store if isinstance(store, ExpertStore) else ExpertStore(store)
+    dense = st.manifest.get("dense")
+    if not dense:
+        raise ExpertStoreError(f"expert store {st.path} holds experts only (written from a {st.manifest['source'].get('kind', 'non-moekit')} "
+                               "model): load the model itself, then attach the store with moekit.offload.offload")
+    cfg = LMConfig.from_dict(dense["model_config"])
+    with torch.device("meta"):
+        model = MoELM(cfg)
+    # Materialise everything but the experts; non-persistent buffers are routing statistics (zeros).
+    for module in model.modules():
+        if isinstance(module, ExpertBank):
+            continue
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad))
+        for name, b in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
+    path = st.path / dense["file"]
+    with open(path, "rb") as f:
+        if hashlib.file_digest(f, "sha256").hexdigest() != dense["sha256"]:
+            raise ExpertStoreError(f"expert store {st.path}: {dense['file']} fails its checksum; rewrite the store")
+    state = load_file(str(path))
+    expert_keys = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, ExpertBank)
+                   for p, _ in m.named_parameters()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    left = sorted(set(missing) - expert_keys - set(dense["aliases"]))
+    if left or unexpected:
+        raise ExpertStoreError(f"expert store {st.path}: {dense['file']} does not fit the model config "
+                               f"(missing {left[:5]}, unexpected {list(unexpected)[:5]})")
+    for alias, target in dense["aliases"].items():
+        owner_name, _, leaf = alias.rpartition(".")
+        t_owner, _, t_leaf = target.rpartition(".")
+        setattr(model.get_submodule(owner_name), leaf, getattr(model.get_submodule(t_owner), t_leaf))
+    if not isinstance(store, ExpertStore):
+        st.close()
+    return model.eval()
