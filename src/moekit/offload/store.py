@@ -42,6 +42,7 @@ from torch import nn
 from moekit.experts import ExpertBank
 from moekit.layers.moe import MoELayer
 from moekit.layers.overrides import moe_layers
+from moekit.train.checkpoint import _fsync_dir  # one fsync-a-directory helper for all atomic writes
 
 __all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "load_dense_lm", "write_store"]
 
@@ -58,14 +59,6 @@ _TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in _ST_DTYPES}
 
 class ExpertStoreError(RuntimeError):
     """A store that cannot be used: missing, another format or version, truncated, or corrupted."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tensor_names(activation: str) -> tuple[str, str]:
