@@ -6,6 +6,9 @@ advances `cache.pos` (moekit's `MoELM`).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 
 from moekit.models.lm import KVCache, MoELM
@@ -49,20 +52,39 @@ def generate(model: MoELM, prompt_ids_BT: torch.Tensor, max_new_tokens: int, tem
     param = next(model.parameters())
     generator = None if seed is None else torch.Generator(device=param.device).manual_seed(seed)
     cache = KVCache(model.cfg, B, T + max_new_tokens, device=param.device, dtype=param.dtype) if use_cache else None
-    ids_BT = prompt_ids_BT.to(param.device)
-    done_B = torch.zeros(B, dtype=torch.bool, device=param.device)
-    step_input = ids_BT
+
+    def step(new_ids_BT: torch.Tensor, ids_BT: torch.Tensor) -> torch.Tensor:
+        return model(new_ids_BT, cache=cache) if use_cache else model(ids_BT)
+
     try:
-        for _ in range(max_new_tokens):
-            logits_BTV = model(step_input, cache=cache) if use_cache else model(ids_BT)
-            next_B = sample_next(logits_BTV[:, -1], temperature, top_p, generator)
-            if eos_id is not None:
-                next_B = next_B.masked_fill(done_B, eos_id)
-                done_B |= next_B == eos_id
-            ids_BT = torch.cat([ids_BT, next_B.unsqueeze(1)], dim=1)
-            step_input = next_B.unsqueeze(1)
-            if eos_id is not None and bool(done_B.all()):
-                break
+        return decode(step, prompt_ids_BT.to(param.device), max_new_tokens, temperature, top_p, generator, eos_id)
     finally:
         model.train(was_training)
+
+
+def decode(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], prompt_ids_BT: torch.Tensor,
+           max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None, eos_id: int | None = None,
+           before_step: Callable[[int], None] | None = None, step_seconds: list[float] | None = None) -> torch.Tensor:
+    """The sampling loop shared by every generator. `step(new_ids_BT, all_ids_BT)` returns the logits of
+    the new positions (a cached model reads the first, an uncached one the second). `before_step(i)` runs
+    before forward i (0 = the prompt); `step_seconds` receives each step's time, forward + sampling."""
+    B = prompt_ids_BT.shape[0]
+    ids_BT = prompt_ids_BT
+    done_B = torch.zeros(B, dtype=torch.bool, device=ids_BT.device)
+    new_BT = ids_BT
+    for i in range(max_new_tokens):
+        if before_step is not None:
+            before_step(i)
+        t0 = time.perf_counter()
+        next_B = sample_next(step(new_BT, ids_BT)[:, -1], temperature, top_p, generator)
+        if step_seconds is not None:
+            step_seconds.append(time.perf_counter() - t0)
+        if eos_id is not None:
+            next_B = next_B.masked_fill(done_B, eos_id)
+            done_B |= next_B == eos_id
+        ids_BT = torch.cat([ids_BT, next_B.unsqueeze(1)], dim=1)
+        new_BT = next_B.unsqueeze(1)
+        if eos_id is not None and bool(done_B.all()):
+            break
     return ids_BT

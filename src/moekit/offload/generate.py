@@ -24,7 +24,6 @@ import os
 import resource
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from torch import nn
 
 from moekit.analysis.metrics import RoutingTrace
 from moekit.analysis.trace import TraceRecorder
-from moekit.models.generate import sample_next
+from moekit.models.generate import decode
 from moekit.offload.cache import format_bytes
 from moekit.offload.runtime import OffloadRuntime, offload
 from moekit.offload.simulate import simulate_run
@@ -97,36 +96,21 @@ def decode_loop(model: nn.Module, prompt_ids_BT: torch.Tensor, max_new_tokens: i
     model.eval()
     step = _Stepper(model, B, T + max_new_tokens)
     generator = None if seed is None else torch.Generator(device=step.device).manual_seed(seed)
-    ids_BT = prompt_ids_BT.to(step.device)
-    done_B = torch.zeros(B, dtype=torch.bool, device=step.device)
-    step_input = ids_BT
-    latencies: list[float] = []
-    prefill_s = 0.0
+    seconds: list[float] = []
+
+    def before_step(i: int) -> None:
+        if runtime is not None:
+            runtime.begin_forward("prefill" if i == 0 else "decode")
+
     rec = TraceRecorder(model, gate_lookahead=0) if record else None
     try:
         with rec if rec is not None else contextlib.nullcontext():
-            for i in range(max_new_tokens):
-                if runtime is not None:
-                    runtime.begin_forward("prefill" if i == 0 else "decode")
-                t0 = time.perf_counter()
-                logits_BTV = step(step_input)
-                next_B = sample_next(logits_BTV[:, -1], temperature, top_p, generator)
-                dt = time.perf_counter() - t0
-                if i == 0:
-                    prefill_s = dt
-                else:
-                    latencies.append(dt)
-                if eos_id is not None:
-                    next_B = next_B.masked_fill(done_B, eos_id)
-                    done_B |= next_B == eos_id
-                ids_BT = torch.cat([ids_BT, next_B.unsqueeze(1)], dim=1)
-                step_input = next_B.unsqueeze(1)
-                if eos_id is not None and bool(done_B.all()):
-                    break
+            ids_BT = decode(lambda new_BT, _all_BT: step(new_BT), prompt_ids_BT.to(step.device), max_new_tokens,
+                            temperature, top_p, generator, eos_id, before_step=before_step, step_seconds=seconds)
     finally:
         model.train(was_training)
     trace = rec.to_trace({"source": "offloaded_generate"}) if rec is not None else None
-    return ids_BT, {"prefill_s": prefill_s, "latencies_s": latencies, "batch": B, "prompt_tokens": T}, trace
+    return ids_BT, {"prefill_s": seconds[0], "latencies_s": seconds[1:], "batch": B, "prompt_tokens": T}, trace
 
 
 # ----------------------------------------------------------------------------- model and store
