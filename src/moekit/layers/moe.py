@@ -35,12 +35,13 @@ from moekit.routers import RecurrentState, RouterOutput, router_class
 class RoutingInfo:
     """What the last forward did. Tensors are detached, except the aux losses."""
 
-    route: RouterOutput  # assignments of valid tokens, before capacity dropping
+    route: RouterOutput  # chosen: the router's assignments of valid tokens, before capacity dropping
     counts_E: torch.Tensor  # executed assignments per expert
     num_dropped: int
     num_tokens: int  # valid tokens
     num_null: int = 0  # picks of null experts (AdaMoE), which were never dispatched
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    executed: RouterOutput | None = None  # what ran: `route` after capacity dropping (rows grouped by expert)
 
     @property
     def experts_per_token_T(self) -> torch.Tensor:
@@ -133,8 +134,12 @@ class MoELayer(nn.Module):
         aux = self._aux_losses(route, plan.counts_E, num_valid, valid_T, lead_shape) if torch.is_grad_enabled() else {}
         route.aux.update(aux)
         num_null = 0 if route.null_scores_TM is None else self.cfg.router.k * num_valid - route.num_assignments
-        self._info = RoutingInfo(route=_detached(route), counts_E=plan.counts_E.detach(),
-                                 num_dropped=plan.num_dropped, num_tokens=num_valid, num_null=num_null, aux=aux)
+        chosen = _detached(route)
+        executed = chosen if plan.num_dropped == 0 else RouterOutput(
+            plan.token_N, plan.expert_N, plan.weight_N.detach(), chosen.scores_TE, chosen.logits_TE, {},
+            chosen.null_scores_TM)
+        self._info = RoutingInfo(route=chosen, counts_E=plan.counts_E.detach(), num_dropped=plan.num_dropped,
+                                 num_tokens=num_valid, num_null=num_null, aux=aux, executed=executed)
         if self._should_accumulate():
             self.step_counts_E += plan.counts_E.detach()
         y = y_TD.view(*lead_shape, self.cfg.d_model)

@@ -96,7 +96,7 @@ def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT: torch.T
     print(tokenizer.decode(result.ids_BT[0].tolist()))
     print(format_metrics(result.metrics), file=sys.stderr)
     if args.offload_json:
-        from moekit.train.checkpoint import atomic_write_text
+        from moekit.utils.io import atomic_write_text
 
         atomic_write_text(Path(args.offload_json), json.dumps(result.metrics, indent=2, default=float) + "\n")
     return 0

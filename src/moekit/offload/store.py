@@ -42,7 +42,7 @@ from torch import nn
 from moekit.experts import ExpertBank
 from moekit.layers.moe import MoELayer
 from moekit.layers.overrides import moe_layers
-from moekit.train.checkpoint import _fsync_dir  # one fsync-a-directory helper for all atomic writes
+from moekit.utils.io import fsync_dir as _fsync_dir
 
 __all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "load_dense_lm", "write_store"]
 

@@ -14,7 +14,6 @@ previous checkpoint loadable. meta.json records every file's sha256, checked on 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from moekit.utils.io import atomic_write_text, sha256_file
+from moekit.utils.io import fsync_dir as _fsync_dir
+from moekit.utils.io import fsync_file as _fsync_file
+
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "LATEST"
 FILES = ("model.safetensors", "optimizer.safetensors", "config.json")
@@ -31,39 +34,6 @@ FILES = ("model.safetensors", "optimizer.safetensors", "config.json")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or damaged."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a whole file or nothing: temporary file in the same directory, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state() -> dict[str, str]:

@@ -1,0 +1,1 @@
+"""Small helpers at the bottom of the dependency graph (they import nothing of moekit but `errors`)."""
