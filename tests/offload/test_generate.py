@@ -193,7 +193,10 @@ def test_prefetch_error_stops_the_worker_and_names_the_expert(model, tmp_path, w
     with ExpertStore(store_dir) as store:
         cache = ExpertCache(store, plan_cache("50%", store, "predictive"))
         worker = cache.worker
-        cache.prefetch(1, [5, 2])  # the load of expert 5 fails in the background thread
+        try:  # the load of expert 5 fails in the background thread
+            cache.prefetch(1, [5, 2])
+        except ExpertStoreError:
+            pass  # NOTE: a fast failure may already surface while expert 2 is being submitted
         worker._thread.join(10)
         assert not worker.alive
         with pytest.raises(ExpertStoreError, match="layer 1 expert 5"):
