@@ -349,10 +349,13 @@ def speculative_homes(experts_TK, rank_E, num_ranks: int, capacity: int | None =
     bound an oracle reaches; a gate-based prediction (a trace's `prefetch_d` column) gives what a
     speculative system can do. Evaluate the homes with `traffic` on the *executed* experts.
 
-    Maximises the number of a token's experts on its home, sum over tokens, with at most `capacity`
-    tokens per rank (default ceil(T / W), i.e. balanced attention work). Greedy by regret: tokens
-    whose best rank beats their second best by most are placed first, each on its best rank with room
-    left. Exact for W = 2 (it takes the T/2 largest margins for each side); a heuristic for W > 2.
+    Objective, over homes with at most `capacity` tokens per rank (default ceil(T / W): balanced
+    attention work): first the number of rows that cross ranks (a token's row stays home when its home
+    holds any of its experts), then the number of its assignments away from home (their metadata).
+    Both are one additive score per (token, rank): [rank holds one of its experts] * (T*K + 1) +
+    (its experts on that rank). Greedy by regret: tokens whose best rank beats their second best by
+    most are placed first, each on its best rank with room left. Exact for W = 2 (each side gets the
+    tokens with the largest margins, a test checks it against brute force); a heuristic for W > 2.
     Tokens with no expert fill the remaining room.
     """
     experts_TK = np.asarray(experts_TK, dtype=np.int64)
@@ -366,13 +369,15 @@ def speculative_homes(experts_TK, rank_E, num_ranks: int, capacity: int | None =
         raise UsageError(f"speculative_homes: capacity={capacity} tokens per rank cannot hold {T} tokens on "
                          f"{num_ranks} ranks; expected capacity >= {math.ceil(T / num_ranks)}")
     used_TR = _ranks_used_TR(_check_experts(experts_TK[None], rank_E.size)[0], rank_E, num_ranks)
-    top2_T2 = -np.sort(-used_TR, axis=1)[:, :2] if num_ranks > 1 else np.pad(used_TR, ((0, 0), (0, 1)))
+    score_TR = (used_TR > 0) * (T * experts_TK.shape[1] + 1) + used_TR
+    top2_T2 = -np.sort(-score_TR, axis=1)[:, :2] if num_ranks > 1 else np.pad(score_TR, ((0, 0), (0, 1)))
     regret_T = top2_T2[:, 0] - top2_T2[:, 1]
+    prefs_TR = np.argsort(-score_TR, axis=1, kind="stable")
     room_R = np.full(num_ranks, capacity, dtype=np.int64)
     home_T = np.empty(T, dtype=np.int64)
     # stable: among equal regrets, earlier tokens first (deterministic)
     for t in np.argsort(-regret_T, kind="stable"):
-        prefs = np.argsort(-used_TR[t], kind="stable")
+        prefs = prefs_TR[t]
         rank = prefs[np.argmax(room_R[prefs] > 0)]
         home_T[t] = rank
         room_R[rank] -= 1
