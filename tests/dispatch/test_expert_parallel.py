@@ -179,7 +179,14 @@ def _worker(rank: int, world: int, port: int, outdir: str, names: list[str], ext
             out["bad_input"] = None
         except (ValueError, ExchangeError) as e:
             out["bad_input"] = (type(e).__name__, str(e))
-        # the group still works after the agreed failure
+        # the same with a capacity: the agreement happens at the all-gather of the counts
+        try:
+            ExpertParallel(None, case["placement"], capacity_factor=1.0)(
+                case["x"][lo:hi], tok, exp, torch.ones(tok.numel()), _bank(case, case["placement"].local_experts(rank)))
+            out["bad_input_capacity"] = None
+        except (ValueError, ExchangeError) as e:
+            out["bad_input_capacity"] = (type(e).__name__, str(e))
+        # the group still works after the agreed failures
         out["after_bad_input"] = run_rank(make_case("topk", world), rank, world)
     torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     if extras:
@@ -315,6 +322,10 @@ def test_one_row_per_token_and_rank_as_the_placement_analysis_predicts(two_ranks
         assert sum(s.assignments_sent_W[1 - s.rank] for s in stats) == predicted.remote_assignments_L.sum()
         # rows are per (token, rank): fewer than assignments when a token has several experts on one rank
         assert measured_rows < predicted.remote_assignments_L.sum()
+        # bytes: the prediction's rows and metadata, plus one counts message each way
+        itemsize = case["dtype"].itemsize
+        counts = 2 * stats[0].counts_bytes
+        assert sum(s.bytes_sent for s in stats) == round(predicted.bytes_per_token(D, itemsize, itemsize) * T) + counts
 
 
 def test_exchange_stays_in_every_ranks_graph(two_ranks):
@@ -328,10 +339,11 @@ def test_exchange_stays_in_every_ranks_graph(two_ranks):
 
 
 def test_bad_input_on_one_rank_stops_every_rank_with_its_message(two_ranks):
-    kind1, msg1 = two_ranks["results"][1]["bad_input"]
-    kind0, msg0 = two_ranks["results"][0]["bad_input"]
-    assert kind1 == "ValueError" and "expert ids must lie in 0..3" in msg1 and "99" in msg1
-    assert kind0 == "ExchangeError" and "rank 1" in msg0 and "expert ids must lie in 0..3" in msg0
+    for key in ("bad_input", "bad_input_capacity"):
+        kind1, msg1 = two_ranks["results"][1][key]
+        kind0, msg0 = two_ranks["results"][0][key]
+        assert kind1 == "ValueError" and "expert ids must lie in 0..3" in msg1 and "99" in msg1
+        assert kind0 == "ExchangeError" and "rank 1" in msg0 and "expert ids must lie in 0..3" in msg0
     # the agreed failure leaves the group usable
     assert_matches_one_process(make_case("topk", 2), [two_ranks["results"][r]["after_bad_input"] for r in range(2)])
 

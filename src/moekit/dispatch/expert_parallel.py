@@ -139,36 +139,28 @@ class ExpertParallel:
         """
         W, L = self.world, self.placement.experts_per_rank
         problem = self._input_problem(x_TD, token_idx_N, expert_idx_N, weight_N, local_bank)
-        N_in = token_idx_N.numel() if problem is None else 0
-        kept_N, dropped, dropped_global = None, 0, 0
-        if self.capacity_factor is not None:
+        kept_N, dropped_global = None, 0
+        if self.capacity_factor is not None:  # 0. (raises on every rank if any rank's input is invalid)
             kept_N, dropped_global = self._capacity(expert_idx_N, problem)
-            problem = None  # raised inside on every rank if any rank had one
-            dropped = N_in - int(kept_N.sum())
             token_idx_N, expert_idx_N, weight_N = token_idx_N[kept_N], expert_idx_N[kept_N], weight_N[kept_N]
-        T, D = (x_TD.shape if problem is None else (0, 0))
+        elif problem is not None:  # tell the other ranks through the counts exchange they expect; all raise
+            self._exchange_counts(torch.zeros(W, L + 1, dtype=torch.int64, device=x_TD.device), problem)
+        T, D = x_TD.shape
         device = x_TD.device
 
         # 1. plan: assignments sorted by destination slot (rank, local expert); one row per (token, rank)
-        if problem is None:
-            slot_N = self._slot_E.to(device)[expert_idx_N]
-        else:
-            token_idx_N = slot_N = torch.zeros(0, dtype=torch.int64, device=device)
-            weight_N = torch.zeros(0, device=device)
-        plan = make_plan(token_idx_N, slot_N, weight_N, W * L)
+        plan = make_plan(token_idx_N, self._slot_E.to(device)[expert_idx_N], weight_N, W * L)
         dest_N = plan.expert_N // L
         row_key_R, row_of_N = torch.unique(dest_N * T + plan.token_N, sorted=True, return_inverse=True)
         row_token_R = row_key_R % max(T, 1)
         rows_sent_W = torch.bincount(row_key_R // max(T, 1), minlength=W)
         row_in_chunk_N = row_of_N - (torch.cumsum(rows_sent_W, 0) - rows_sent_W)[dest_N]
 
-        # 2. counts (and the status flag) to every rank
-        status_W = torch.full((W, 1), int(problem is not None), dtype=torch.int64, device=device)
-        msg_WX = torch.cat([plan.counts_E.view(W, L), rows_sent_W.unsqueeze(1), status_W], dim=1)
-        recv_WX = self._exchange_ints(msg_WX, None, None, "counts")
-        self._raise_if_any_failed(recv_WX[:, -1], problem)
+        # 2. counts per (destination, local expert) and rows per destination
+        counts_WL = plan.counts_E.view(W, L)
+        recv_WX = self._exchange_counts(torch.cat([counts_WL, rows_sent_W.unsqueeze(1)], dim=1), None)
         recv_counts_WL, rows_recv_W = recv_WX[:, :L], recv_WX[:, L]
-        sent_assign_W, recv_assign_W = plan.counts_E.view(W, L).sum(1), recv_counts_WL.sum(1)
+        sent_assign_W, recv_assign_W = counts_WL.sum(1), recv_counts_WL.sum(1)
 
         # 3. row index and weight of each assignment, then the rows themselves
         send_a, recv_a = sent_assign_W.tolist(), recv_assign_W.tolist()
@@ -203,7 +195,8 @@ class ExpertParallel:
             load_L=tuple(local_plan.counts_E.tolist()), row_bytes=D * x_TD.element_size(),
             weight_bytes=weight_N.element_size(),
             counts_bytes=8 * (L + 2 + (self.placement.num_experts + 1 if self.capacity_factor is not None else 0)),
-            num_dropped=dropped, num_dropped_global=dropped_global, kept_N=kept_N)
+            num_dropped=0 if kept_N is None else int((~kept_N).sum()), num_dropped_global=dropped_global,
+            kept_N=kept_N)
         return y_TD.to(x_TD.dtype)
 
     # ----------------------------------------------------------------------------------------- helpers
@@ -258,6 +251,14 @@ class ExpertParallel:
         earlier_E = counts_WE[:self.rank].sum(0)  # assignments of lower ranks come first in the global order
         kept_N = earlier_E[expert_idx_N] + position_N < capacity
         return kept_N, int((total_E - capacity).clamp(min=0).sum())
+
+    def _exchange_counts(self, counts_WX: torch.Tensor, problem: str | None) -> torch.Tensor:
+        """Row r of counts_WX goes to rank r with this rank's status; returns the rows received (W, X).
+        Raises on every rank if any rank reported a problem."""
+        status_W1 = counts_WX.new_full((counts_WX.shape[0], 1), int(problem is not None))
+        recv_WX = self._exchange_ints(torch.cat([counts_WX, status_W1], dim=1), None, None, "counts")
+        self._raise_if_any_failed(recv_WX[:, -1], problem)
+        return recv_WX[:, :-1]
 
     def _raise_if_any_failed(self, status_W: torch.Tensor, problem: str | None) -> None:
         """Every rank learnt every rank's status in the same collective: all raise together, none waits."""
