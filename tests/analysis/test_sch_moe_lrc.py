@@ -33,6 +33,8 @@ from moekit.analysis import (
     stack_hit_curves,
 )
 
+from .test_cache import to_requests
+
 # ruff: noqa: E501  (the transcription keeps moe-lrc's lines)
 
 
@@ -240,14 +242,6 @@ def moe_lrc_calc_fsf(seq: list[list[int]], num_experts: int, future_len: int) ->
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def to_requests(rows: list[list[int]], K: int | None = None) -> np.ndarray:
-    K = max([len(r) for r in rows] + [1]) if K is None else K
-    out = np.full((len(rows), K), -1, dtype=np.int64)
-    for t, r in enumerate(rows):
-        out[t, :len(r)] = r
-    return out
 
 
 def random_rows(rng: np.random.Generator, T: int, E: int, K: int, fixed_k: bool) -> list[list[int]]:

@@ -194,26 +194,40 @@ def simulate_lfu(requests_NK: np.ndarray | RequestStream, C: int) -> CacheResult
         heapq.heappush(heap, count[e] * B + i)
         if not last:
             continue
-        held = []
-        while n_res > C:
-            key = heapq.heappop(heap)
-            u = key % B
-            x = ids[u]
-            if not resident[x] or last_use[x] != u:
-                continue
-            if u >= step_start:  # requested by this step: not evictable
-                held.append(key)
-                continue
-            resident[x] = False
-            n_res -= 1
-        for key in held:
-            heapq.heappush(heap, key)
+        if n_res > C:  # the experts requested by this step are not evictable
+            n_res = _evict_lowest_key(heap, n_res, C, B, ids, resident, last_use, None, keep_from=step_start)
         step_start = i + 1
         if len(heap) > 4 * C + 64:
             # Drop stale entries so the heap stays O(C) (inline: a function call per entry costs 2x).
             heap = [k for k in heap if last_use[ids[(u := k % B)]] == u and resident[ids[u]]]
             heapq.heapify(heap)
     return _result(hit, st, C)
+
+
+def _evict_lowest_key(heap: list[int], n_res: int, C: int, B: int, ids: list[int], resident: list[bool],
+                      last_use: list[int], window: list[int] | None, keep_from: int) -> int:
+    """Evict until at most C experts are resident, lowest key first: keys count * B + request index
+    (LFU: uses so far; SCH: window uses), so ties go to the least recent use. Entries of requests at
+    or after `keep_from` are never evicted. With `window`, an outdated key (a window count that grew)
+    is refreshed when popped. Returns the new resident count."""
+    held = []
+    while n_res > C:
+        key = heapq.heappop(heap)
+        w, u = divmod(key, B)
+        x = ids[u]
+        if not resident[x] or last_use[x] != u:
+            continue
+        if window is not None and window[x] != w:
+            heapq.heappush(heap, window[x] * B + u)
+            continue
+        if u >= keep_from:
+            held.append(key)
+            continue
+        resident[x] = False
+        n_res -= 1
+    for key in held:
+        heapq.heappush(heap, key)
+    return n_res
 
 
 def simulate_sch(requests_NK: np.ndarray | RequestStream, C: int, n: int) -> CacheResult:
@@ -262,23 +276,8 @@ def simulate_sch(requests_NK: np.ndarray | RequestStream, C: int, n: int) -> Cac
                 resident[e] = True
                 n_res += 1
             heapq.heappush(heap, window[e] * B + j)
-            held = None
-            while n_res > C:
-                key = heapq.heappop(heap)
-                w, u = divmod(key, B)
-                x = ids[u]
-                if not resident[x] or last_use[x] != u:
-                    continue
-                if window[x] != w:
-                    heapq.heappush(heap, window[x] * B + u)
-                    continue
-                if u == j:  # the expert just inserted stays (moe-lrc puts it on top of its stack)
-                    held = key
-                    continue
-                resident[x] = False
-                n_res -= 1
-            if held is not None:
-                heapq.heappush(heap, held)
+            if n_res > C:  # the expert just inserted stays (moe-lrc puts it on top of its stack)
+                n_res = _evict_lowest_key(heap, n_res, C, B, ids, resident, last_use, window, keep_from=j)
         i = end
         if len(heap) > 4 * C + 64:
             # Drop stale entries so the heap stays O(C) (inline: a function call per entry costs 2x).
@@ -331,23 +330,8 @@ def simulate_sch_keep(requests_NK: np.ndarray | RequestStream, C: int, n: int, s
             lo += 1
         for j in range(step_start, i + 1):
             heapq.heappush(heap, window[ids[j]] * B + j)
-        held = []
-        while n_res > C:
-            key = heapq.heappop(heap)
-            w, u = divmod(key, B)
-            x = ids[u]
-            if not resident[x] or last_use[x] != u:
-                continue
-            if window[x] != w:
-                heapq.heappush(heap, window[x] * B + u)
-                continue
-            if u >= step_start:  # requested by this step: not evictable
-                held.append(key)
-                continue
-            resident[x] = False
-            n_res -= 1
-        for key in held:
-            heapq.heappush(heap, key)
+        if n_res > C:  # the experts requested by this step are not evictable
+            n_res = _evict_lowest_key(heap, n_res, C, B, ids, resident, last_use, window, keep_from=step_start)
         step_start = i + 1
         if len(heap) > 4 * C + 64:
             # Drop stale entries so the heap stays O(C) (inline: a function call per entry costs 2x).
