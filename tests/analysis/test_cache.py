@@ -1,5 +1,6 @@
 """Cache simulators against straight-from-the-definition loops, exhaustive optima and the
-inequalities that hold between online policies and the two optimal bounds."""
+inequalities that hold between online policies and the two optimal bounds. The paper's SCH
+against its authors' code: test_sch_moe_lrc.py."""
 
 import functools
 from collections import Counter
@@ -20,6 +21,7 @@ from moekit.analysis import (
     simulate_lfu,
     simulate_lru,
     simulate_sch,
+    simulate_sch_keep,
     simulate_static,
     simulate_trace,
     stack_hit_curves,
@@ -51,7 +53,7 @@ rows_strategy = st.integers(1, 6).flatmap(lambda E: st.integers(1, min(E, 3)).fl
 
 
 def reference_online(rows: list[list[int]], C: int, policy: str, n: int = 1, steps_per_token: int = 1) -> list[bool]:
-    """LRU / LFU / SCH exactly as worded: insert the step's experts one at a time and, on each
+    """LRU / LFU / SCH-keep exactly as worded: insert the step's experts one at a time and, on each
     overflow, evict among residents the current step does not request."""
     cache: set[int] = set()
     last_use: dict[int, int] = {}
@@ -130,7 +132,7 @@ def test_online_policies_match_definition(rows, extra, n, spt):
     C = req.shape[1] + extra
     assert simulate_lru(req, C).hit_R.tolist() == reference_online(rows, C, "lru")
     assert simulate_lfu(req, C).hit_R.tolist() == reference_online(rows, C, "lfu")
-    assert simulate_sch(req, C, n=n, steps_per_token=spt).hit_R.tolist() == \
+    assert simulate_sch_keep(req, C, n=n, steps_per_token=spt).hit_R.tolist() == \
         reference_online(rows, C, "sch", n=n, steps_per_token=spt)
 
 
@@ -139,6 +141,7 @@ def test_online_policies_match_definition(rows, extra, n, spt):
 def test_sch_n1_is_lru(rows, extra):
     req = to_requests(rows)
     C = req.shape[1] + extra
+    np.testing.assert_array_equal(simulate_sch_keep(req, C, n=1).hit_R, simulate_lru(req, C).hit_R)
     np.testing.assert_array_equal(simulate_sch(req, C, n=1).hit_R, simulate_lru(req, C).hit_R)
 
 
@@ -148,7 +151,7 @@ def test_long_streams_match_definition():
     req = to_requests(rows, 3)
     for C in (3, 6):
         assert simulate_lfu(req, C).hit_R.tolist() == reference_online(rows, C, "lfu")
-        assert simulate_sch(req, C, n=5).hit_R.tolist() == reference_online(rows, C, "sch", n=5)
+        assert simulate_sch_keep(req, C, n=5).hit_R.tolist() == reference_online(rows, C, "sch", n=5)
         assert bypass_min(req, C).hits == reference_min(rows, C, keep_step=False)
         assert set_min(req, C).hits == reference_min(rows, C, keep_step=True)
 
@@ -156,6 +159,7 @@ def test_long_streams_match_definition():
 def test_sch_n1_is_lru_on_a_long_stream():
     req = to_requests(random_rows(np.random.default_rng(0), 5000, 24, 3, skew=2.0))
     for C in (3, 5, 11):
+        np.testing.assert_array_equal(simulate_sch_keep(req, C, n=1).hit_R, simulate_lru(req, C).hit_R)
         np.testing.assert_array_equal(simulate_sch(req, C, n=1).hit_R, simulate_lru(req, C).hit_R)
 
 
@@ -179,9 +183,10 @@ def test_bounds_equal_exhaustive_search(E, K, C, data):
 
 def test_policies_never_beat_their_bounds():
     """On 300 random streams:
-    LRU, LFU, SCH <= set-MIN <= bypass-MIN (they keep every requested expert: set-MIN is the
+    LRU, LFU, SCH-keep <= set-MIN <= bypass-MIN (they keep every requested expert: set-MIN is the
     optimum over such schedules, and those are a subset of bypass schedules);
-    static <= bypass-MIN (a static cache bypasses, so set-MIN does not bound it, see below);
+    static <= bypass-MIN (a static cache bypasses, so set-MIN does not bound it, see below; nor
+    does it bound the paper's SCH: test_sch_moe_lrc.py);
     both bounds and LRU grow with C; warm = cold + min(C, D) for every policy."""
     rng = np.random.default_rng(0)
     for trial in range(300):
@@ -195,7 +200,7 @@ def test_policies_never_beat_their_bounds():
         prev = None
         for C in range(max(k_max, 1), E + 2):
             bmin, smin = bypass_min(req, C), set_min(req, C)
-            online = [simulate_lru(req, C), simulate_lfu(req, C)] + [simulate_sch(req, C, n=n) for n in (2, 4, 9)]
+            online = [simulate_lru(req, C), simulate_lfu(req, C)] + [simulate_sch_keep(req, C, n=n) for n in (2, 4, 9)]
             hot = rng.choice(E, size=min(C, E), replace=False)
             static = [simulate_static(req, C), simulate_static(req, C, hot_set=hot)]
             for r in online:
@@ -235,6 +240,7 @@ def test_sch_looks_ahead():
     req = to_requests([[0], [1], [2], [0], [1]])
     assert simulate_lru(req, 2).hit_R.tolist() == [False] * 5
     assert simulate_sch(req, 2, n=2).hit_R.tolist() == [False, False, False, True, False]
+    assert simulate_sch_keep(req, 2, n=2).hit_R.tolist() == [False, False, False, True, False]
 
 
 def test_static_by_hand():
@@ -280,22 +286,27 @@ def test_simulate_trace_sums_streams():
     assert per_layer.hits == sum(r.hits for r in direct)
     assert per_layer.warm_hits == sum(r.warm_hits for r in direct)
     assert per_layer.requests == sum(r.requests for r in direct) == 3 * 72 * 2
-    shared = simulate_trace(trace, simulate_sch, 8, shared=True, n=4)
-    assert shared.hits == simulate_sch(model_requests(trace), 8, n=4, steps_per_token=3).hits
+    shared = simulate_trace(trace, simulate_sch_keep, 8, shared=True, n=4)
+    assert shared.hits == simulate_sch_keep(model_requests(trace), 8, n=4, steps_per_token=3).hits
+    paper = simulate_trace(trace, simulate_sch, 8, shared=True, n=4)  # one step per token, all layers
+    assert paper.hits == simulate_sch(model_requests(trace, per_token=True), 8, n=4).hits
     reset = simulate_trace(trace, set_min, 4, reset_per_sequence=True)
     singles = [simulate_trace(RoutingTrace([s], 6), set_min, 4) for s in trace.seqs]
     assert reset.hits == sum(r.hits for r in singles)
-    assert simulate_trace(trace, simulate_sch, 5, shared=True, n=1).hits == \
+    assert simulate_trace(trace, simulate_sch_keep, 5, shared=True, n=1).hits == \
         simulate_trace(trace, simulate_lru, 5, shared=True).hits
 
 
 # ----------------------------------------------------------------------------- every capacity in one pass
 
 
-STACK_POLICIES = [("lru", 1), ("lfu", 1), ("sch", 2), ("sch", 5), ("set_min", 1), ("bypass_min", 1)]
+STACK_POLICIES = [("lru", 1), ("lfu", 1), ("sch", 2), ("sch", 5), ("sch_keep", 2), ("sch_keep", 5),
+                  ("set_min", 1), ("bypass_min", 1)]
 
 
 def one_capacity(req: np.ndarray, C: int, label: str) -> CacheResult:
+    if label.startswith("sch_keep"):
+        return simulate_sch_keep(req, C, n=int(label[8:]))
     if label.startswith("sch"):
         return simulate_sch(req, C, n=int(label[3:]))
     return {"lru": simulate_lru, "lfu": simulate_lfu, "set_min": set_min, "bypass_min": bypass_min}[label](req, C)
@@ -324,7 +335,7 @@ def test_stack_curves_equal_one_capacity_simulators():
             for C in range(1, E + 2):
                 for label in curves.policies:
                     got = curves.hits(label, C)[layer]
-                    if label != "bypass_min" and C < k_max:
+                    if (label in ("lru", "lfu", "set_min") or label.startswith("sch_keep")) and C < k_max:
                         assert np.isnan(got), (trial, label, C)
                         continue
                     ref = one_capacity(req[layer], C, label)
@@ -337,8 +348,10 @@ def test_stack_curves_equal_one_capacity_simulators():
 @given(rows=rows_strategy)
 def test_stack_sch_n1_is_lru(rows):
     req = to_requests(rows)[None]
-    curves = stack_hit_curves(req, 7, 8, [("lru", 1), ("sch", 1)])
+    curves = stack_hit_curves(req, 7, 8, [("lru", 1), ("sch_keep", 1), ("sch", 1)])
     np.testing.assert_array_equal(curves.hits_PLC[0], curves.hits_PLC[1])
+    k_max = int(curves.k_max_L[0])  # the paper's SCH also has values below k_max; from k_max on it is LRU
+    np.testing.assert_array_equal(curves.hits_PLC[0, :, max(k_max, 1) - 1:], curves.hits_PLC[2, :, max(k_max, 1) - 1:])
 
 
 @settings(max_examples=100, deadline=None)
@@ -355,23 +368,25 @@ def test_stack_bounds_equal_exhaustive_search(E, K, data):
 
 
 def test_stack_policies_never_beat_their_bounds():
-    """On 300 random multi-stream traces, at every capacity: LRU, LFU, SCH <= set-MIN <= bypass-MIN,
-    static <= bypass-MIN, and hits never fall when C grows (all are stack algorithms)."""
+    """On 300 random multi-stream traces, at every capacity: LRU, LFU, SCH-keep <= set-MIN <= bypass-MIN,
+    static, SCH <= bypass-MIN, and hits never fall when C grows (all are stack algorithms)."""
     rng = np.random.default_rng(1)
     for trial in range(300):
         E = int(rng.integers(2, 14))
         K = int(rng.integers(1, min(E, 3) + 1))
         req = random_streams(rng, 2, int(rng.integers(5, 90)), E, K, skew=float(rng.choice([1.0, 3.0])))
-        policies = [("lru", 1), ("lfu", 1), ("sch", 3), ("sch", 9), ("set_min", 1), ("bypass_min", 1)]
+        policies = [("lru", 1), ("lfu", 1), ("sch_keep", 3), ("sch_keep", 9), ("sch", 3), ("sch", 9),
+                    ("set_min", 1), ("bypass_min", 1)]
         curves = stack_hit_curves(req, E, E + 1, policies)
         counts = np.stack([np.bincount(r[r >= 0], minlength=E) for r in req])
         for C in range(1, E + 2):
             bmin, smin = curves.hits("bypass_min", C), curves.hits("set_min", C)
             static = static_hits(counts, C)[0]
             assert np.all(static <= bmin), trial
+            assert np.all(curves.hits("sch3", C) <= bmin) and np.all(curves.hits("sch9", C) <= bmin), trial
             if C < curves.k_max_L.max():
                 continue
-            for label in ("lru", "lfu", "sch3", "sch9"):
+            for label in ("lru", "lfu", "sch_keep3", "sch_keep9"):
                 assert np.all(curves.hits(label, C) <= smin), (trial, label, C)
             assert np.all(smin <= bmin), trial
         finite = np.where(np.isnan(curves.hits_PLC), -1, curves.hits_PLC)

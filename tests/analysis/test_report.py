@@ -145,3 +145,22 @@ def test_cli(tmp_path, capsys):
     assert "truncated or not a routing trace" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args([str(path), "--out", "x", "--srp-n", "0,4"])
+
+
+def test_sch_is_the_papers_and_set_min_is_not_called_its_bound():
+    """Issue 11's example in the report: E = 3, tokens [2] [0, 1] [2]. k = round(4/3) = 1, so C/k = 1 is
+    below the 2 experts of token 1: LRU and set-MIN have no value there, SCH has one; at C = 2 SCH(2)
+    hits 1 of 4 (0.25 cold / 0.75 warm) where set-MIN hits none."""
+    trace = RoutingTrace([np.array([[[2, -1], [0, 1], [2, -1]]])], 3)
+    m = metrics(trace)
+    pol = m["cache"]["per_layer"]["policies"]
+    assert m["cache"]["per_layer"]["C"][:2] == [1, 2]
+    assert pol["lru"]["cold"][0] is None and pol["set_min"]["cold"][0] is None
+    assert pol["sch2"]["cold"][0] is not None
+    assert (pol["sch2"]["cold"][1], pol["sch2"]["warm"][1]) == (0.25, 0.75)
+    assert pol["set_min"]["cold"][1] == 0.0 < pol["sch2"]["cold"][1] <= pol["bypass_min"]["cold"][1]
+    bounds = m["cache"]["conventions"]["bounds"]
+    assert "SCH" in bounds and "can exceed set-MIN" in bounds
+    assert "k_max" in m["cache"]["conventions"]["missing"]
+    whole = m["cache"]["whole_model"]["policies"]["sch4"]  # one step per token over every layer
+    assert whole["cold"][0] is not None

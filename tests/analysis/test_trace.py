@@ -1,5 +1,6 @@
 """TraceRecorder records exactly what MoELayer.routing_info() reports: ids and weights of the
-executed assignments, padding excluded, for top-k and dynamic routers."""
+executed assignments (after capacity dropping), padding excluded, for top-k and dynamic routers;
+its look-ahead predictions are moekit.routers.predict's, also for null-expert routers."""
 
 import numpy as np
 import pytest
@@ -7,17 +8,19 @@ import torch
 from torch import nn
 
 import moekit
-from moekit.analysis import RoutingTrace, TraceRecorder, corpus_batches, record_trace
+from moekit.analysis import RoutingTrace, TraceRecorder, corpus_batches, expert_counts, record_trace
+from moekit.analysis.report import AnalysisConfig, compute_metrics
+from moekit.routers.predict import predict_route
 
 
 class Stack(nn.Module):
     """A residual stack of MoELayers: the smallest module that contains several of them."""
 
-    def __init__(self, routers: list[dict], d_model: int = 32, E: int = 4):
+    def __init__(self, routers: list[dict], d_model: int = 32, E: int = 4, **moe):
         super().__init__()
         self.layers = nn.ModuleList([
             moekit.MoELayer(moekit.MoEConfig(d_model=d_model, d_expert=64, num_experts=E,
-                                             router=moekit.RouterConfig(**r))) for r in routers])
+                                             router=moekit.RouterConfig(**r), **moe)) for r in routers])
 
     def forward(self, x, padding_mask=None):
         for layer in self.layers:
@@ -39,7 +42,7 @@ def reference_routing(model: Stack):
 
     def hook(i):
         def fn(module, args, output):
-            ids, w = module.routing_info().route.to_padded()
+            ids, w = module.routing_info().executed.to_padded()
             seen[i] = (ids.numpy(), w.numpy())
         return fn
 
@@ -94,9 +97,15 @@ def test_layer_padding_mask_is_used_without_begin_batch_mask():
     assert [s.shape[1] for s in trace.seqs] == [3, 5]
 
 
-def test_gate_lookahead_predictions():
+@pytest.mark.parametrize("routers", [[{"kind": "topk", "k": 2}] * 4,
+                                     [{"kind": "null", "n_null": 4, "k": 3}] * 4,
+                                     [{"kind": "topp", "p": 0.6}, {"kind": "null", "n_null": 2, "k": 2},
+                                      {"kind": "topp", "p": 0.3}, {"kind": "topk", "k": 1}]],
+                         ids=["topk", "null", "mixed"])
+def test_gate_lookahead_predictions(routers):
+    """Layer l's prediction from layer (l-d)'s input is layer l's router's own choice on that input."""
     torch.manual_seed(1)
-    model = Stack([{"kind": "topk", "k": 2}] * 4).eval()
+    model = Stack(routers).eval()
     x = torch.randn(2, 6, 32)
     inputs = {}
     handles = [layer.register_forward_hook(lambda m, a, o, i=i: inputs.__setitem__(i, a[0].reshape(-1, 32)))
@@ -115,9 +124,12 @@ def test_gate_lookahead_predictions():
                 assert np.all(pred == -1)
                 continue
             with torch.no_grad():
-                logits = model.layers[layer].router.logits(inputs[layer - d])
-            expected = torch.topk(logits, 2, dim=1).indices.numpy()
-            np.testing.assert_array_equal(pred, expected)
+                choice = model.layers[layer].router(inputs[layer - d])
+            expected = [set() for _ in range(12)]
+            for t, e in zip(choice.token_idx_N.tolist(), choice.expert_idx_N.tolist(), strict=True):
+                expected[t].add(e)
+            assert [{e for e in row if e >= 0} for row in pred.tolist()] == expected
+            assert pred.max() < 4  # null experts never appear
 
 
 def test_implicit_batches_and_errors():
@@ -178,3 +190,62 @@ def test_record_trace_restores_training_mode_and_labels_corpus_batches():
     # Tuples work as batches too.
     again = record_trace(model, [(torch.zeros(1, 3, dtype=torch.long), ["x"], None)], gate_lookahead=0)
     assert again.seqs[0].shape[1] == 3 and again.prefetch is None
+
+
+def test_null_expert_model_records_and_analyses():
+    """Issue 11 item 15: gate look-ahead on null-expert routers used to fail with 'expert ids must lie
+    in 0..3' (top-k over the E + M logits)."""
+    torch.manual_seed(2)
+    model = Stack([{"kind": "null", "n_null": 4, "k": 2}] * 3).eval()
+    batches = [(torch.randn(2, 16, 32), ["a", "b"], None), (torch.randn(1, 9, 32), ["a"], None)]
+    trace = record_trace(model, batches, lambda x, mask: model(x), gate_lookahead=2)
+    assert sorted(trace.prefetch) == [1, 2]
+    assert all(p.max() < 4 for d in trace.prefetch for p in trace.prefetch[d])
+    assert min(int((s >= 0).sum(axis=2).min()) for s in trace.seqs) < 2  # null picks happened
+    m = compute_metrics(trace, AnalysisConfig(srp_n=(2,), n_boot=5, sch_n=(2,), model_sch_n=(2,), max_multiple=2,
+                                              model_multiples=(1,), prefetch_distance=2, workers=1), progress=False)
+    assert all(0 <= r <= 1 for r in m["prefetch"]["gate"]["1"][1:])
+    assert m["cache"]["per_layer"]["policies"]["sch2"]["cold"][0] is not None
+
+
+def test_capacity_dropping_records_what_ran():
+    """Issue 11 item 15: with capacity_factor = 0.5 the trace counts the executed assignments
+    (routing_info().counts_E), not the router's choice (which counted 128 where 64 ran)."""
+    torch.manual_seed(3)
+    model = Stack([{"kind": "topk", "k": 2}] * 2, capacity_factor=0.5).train()  # capacity drops in training
+    x = torch.randn(2, 32, 32)
+    with torch.no_grad(), TraceRecorder(model, gate_lookahead=1) as rec:
+        rec.begin_batch(["a", "b"])
+        model(x)
+        infos = [layer.routing_info() for layer in model.layers]
+    trace = rec.to_trace()
+    counts_LE = expert_counts(trace)
+    for layer, info in enumerate(infos):
+        assert info.num_dropped > 0 and info.route.num_assignments == 128
+        assert counts_LE[layer].tolist() == info.counts_E.tolist() and counts_LE[layer].sum() == 128 - info.num_dropped
+    # record_trace (eval mode) agrees with routing_info too, whatever evaluation does with capacity.
+    model.eval()
+    trace = record_trace(model, [(x, ["a", "b"], None)], lambda ids, mask: model(ids), gate_lookahead=0)
+    with torch.no_grad():
+        model(x)
+    assert expert_counts(trace).tolist() == [layer.routing_info().counts_E.tolist() for layer in model.layers]
+
+
+def test_predictions_use_only_real_tokens():
+    """Expert choice picks among the tokens it is given: padding must not take a slot in a prediction."""
+    torch.manual_seed(4)
+    model = Stack([{"kind": "expert_choice", "allow_causal_leak": True}] * 2).eval()
+    x = torch.randn(1, 8, 32)
+    mask = torch.tensor([[1] * 5 + [0] * 3], dtype=torch.bool)
+    inputs = {}
+    handle = model.layers[0].register_forward_hook(lambda m, a, o: inputs.__setitem__(0, a[0].reshape(-1, 32)))
+    with torch.no_grad(), TraceRecorder(model, gate_lookahead=1) as rec:
+        rec.begin_batch(["a"], mask)
+        model(x, mask)
+    handle.remove()
+    pred = rec.to_trace().prefetch[1][0][1]
+    choice = predict_route(model.layers[1].router, inputs[0][:5])
+    expected = [set() for _ in range(5)]
+    for t, e in zip(choice.token_idx_N.tolist(), choice.expert_idx_N.tolist(), strict=True):
+        expected[t].add(e)
+    assert [{e for e in row if e >= 0} for row in pred.tolist()] == expected

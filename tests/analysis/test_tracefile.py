@@ -5,15 +5,25 @@ import hashlib
 import io
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from moekit.analysis import RoutingTrace, TraceFormatError, load_trace, read_header, save_trace, tracefile
+from moekit.analysis import (
+    RoutingTrace,
+    TraceFormatError,
+    gate_prefetch_recall,
+    load_trace,
+    read_header,
+    save_trace,
+    tracefile,
+)
 
 
 def sample_trace(seed: int = 0) -> RoutingTrace:
-    """Dynamic routing (1..3 experts, slots compacted to the front), weights, gate predictions."""
+    """Dynamic routing (1..3 experts, slots compacted to the front), weights, and router predictions
+    of their own width (0..4 experts, not tied to the executed slots)."""
     rng = np.random.default_rng(seed)
     L, E = 3, 300  # E > 255: ids need uint16
     seqs, weights, preds = [], [], []
@@ -23,7 +33,8 @@ def sample_trace(seed: int = 0) -> RoutingTrace:
         ids = np.where(np.arange(3) < k, ids, -1)
         seqs.append(ids)
         weights.append(np.where(ids >= 0, rng.random(ids.shape), 0).astype(np.float32))
-        p = np.where(ids >= 0, (ids + 1) % E, -1)  # distinct, like a real top-k
+        p = np.argsort(rng.random((L, T, E)), axis=2)[:, :, :4]
+        p = np.where(np.arange(4) < rng.integers(0, 5, size=(L, T, 1)), p, -1)
         p[0] = -1  # layer 0 has no layer before it
         preds.append(p)
     return RoutingTrace(seqs, E, ["python", "german", "python", "french"], weights, {1: preds},
@@ -31,7 +42,8 @@ def sample_trace(seed: int = 0) -> RoutingTrace:
 
 
 def assert_same(a: RoutingTrace, b: RoutingTrace) -> None:
-    """Equal up to the slot padding: a loaded sequence is padded to the most experts it uses."""
+    """Equal up to the slot padding: a loaded sequence is padded to the most experts it uses
+    (predictions: to the most predicted experts)."""
     assert a.num_experts == b.num_experts and a.domains == b.domains and a.layer_names == b.layer_names
     for i, (x, y) in enumerate(zip(a.seqs, b.seqs, strict=True)):
         k = y.shape[2]
@@ -39,7 +51,10 @@ def assert_same(a: RoutingTrace, b: RoutingTrace) -> None:
         np.testing.assert_array_equal(x[..., :k], y)
         np.testing.assert_array_equal(a.weights[i][..., :k], b.weights[i])
         for d in a.prefetch:
-            np.testing.assert_array_equal(a.prefetch[d][i][..., :k], b.prefetch[d][i])
+            p, q = a.prefetch[d][i], b.prefetch[d][i]
+            j = q.shape[2]
+            assert j == (int((p >= 0).sum(axis=2).max()) if p.size else 0)
+            np.testing.assert_array_equal(p[..., :j], q)
     assert sorted(a.prefetch) == sorted(b.prefetch)
 
 
@@ -50,7 +65,9 @@ def test_round_trip(tmp_path):
     assert_same(trace, back)
     assert back.meta == {"model": "tiny"}
     header = read_header(path)
-    assert header["format"] == "moekit-routing-trace" and header["version"] == 1
+    assert header["format"] == "moekit-routing-trace" and header["version"] == 2
+    # some token is predicted more experts than it ran (impossible in version 1)
+    assert any(((p >= 0).sum(axis=2) > (s >= 0).sum(axis=2)).any() for p, s in zip(trace.prefetch[1], trace.seqs, strict=True))
     assert header["num_rows"] == 3 * (7 + 1 + 12) and header["columns"]["expert_ids"]["dtype"] == "<u2"
     assert not [p for p in path.parent.iterdir() if p.name != "r.trace"]  # no temporary left behind
 
@@ -146,11 +163,53 @@ def test_checksum_mismatch_is_refused(tmp_path):
         load_trace(bad)
 
 
+def v1_sample_trace() -> RoutingTrace:
+    """The trace tests/analysis/data/trace_v1.npz holds: written by moekit's version-1 writer (commit
+    f6a9703) from this construction, predictions in the executed slots."""
+    rng = np.random.default_rng(0)
+    L, E = 3, 300
+    seqs, weights, preds = [], [], []
+    for T in (7, 1, 12, 0):
+        ids = np.argsort(rng.random((L, T, E)), axis=2)[:, :, :3]
+        k = rng.integers(1, 4, size=(L, T, 1))
+        ids = np.where(np.arange(3) < k, ids, -1)
+        seqs.append(ids)
+        weights.append(np.where(ids >= 0, rng.random(ids.shape), 0).astype(np.float32))
+        p = np.where(ids >= 0, (ids + 1) % E, -1)
+        p[0] = -1
+        preds.append(p)
+    return RoutingTrace(seqs, E, ["python", "german", "python", "french"], weights, {1: preds},
+                        ["model.layers.0.mlp", "model.layers.1.mlp", "model.layers.2.mlp"], {"model": "tiny"})
+
+
+def test_version_1_files_still_load(tmp_path):
+    path = Path(__file__).parent / "data" / "trace_v1.npz"
+    assert read_header(path)["version"] == 1
+    old = load_trace(path)
+    assert_same(v1_sample_trace(), old)
+    # ... and analyse: layer 0 has no prediction; at the others, recall counts executed experts that
+    # are among the token's predictions ((id + 1) % E of its other experts).
+    recall = gate_prefetch_recall(old)[1]
+    hits, reqs = np.zeros(3), np.zeros(3)
+    for s, p in zip(old.seqs, old.prefetch[1], strict=True):
+        for layer in range(3):
+            for t in range(s.shape[1]):
+                executed = {e for e in s[layer, t] if e >= 0}
+                hits[layer] += len(executed & {e for e in p[layer, t] if e >= 0})
+                reqs[layer] += len(executed)
+    assert np.isnan(recall[0]) and 0 < hits[1:].sum()
+    np.testing.assert_allclose(recall[1:], hits[1:] / reqs[1:])
+    # Rewritten, it becomes a version-2 file with the same content.
+    again = load_trace(save_trace(old, tmp_path / "v2.trace"))
+    assert read_header(tmp_path / "v2.trace")["version"] == 2
+    assert_same(old, again)
+
+
 def test_wrong_version_and_format_are_refused(tmp_path):
     path = save_trace(sample_trace(), tmp_path / "v.trace")
-    v2 = rewrite(path, tmp_path / "v2.trace", header_fn=lambda h: {**h, "version": 2})
-    with pytest.raises(TraceFormatError, match="written by trace format version 2; this moekit reads version 1"):
-        load_trace(v2)
+    v3 = rewrite(path, tmp_path / "v3.trace", header_fn=lambda h: {**h, "version": 3})
+    with pytest.raises(TraceFormatError, match="written by trace format version 3; this moekit reads versions 1, 2"):
+        load_trace(v3)
     other = rewrite(path, tmp_path / "o.trace", header_fn=lambda h: {**h, "format": "something-else"})
     with pytest.raises(TraceFormatError, match="not a moekit routing trace"):
         load_trace(other)
@@ -187,6 +246,28 @@ def test_inconsistent_columns_are_refused(tmp_path):
     fixed = rewrite(bad, tmp_path / "fixed.trace", header_fn=fix_header)
     with pytest.raises(TraceFormatError, match="row_experts sums to"):
         load_trace(fixed)
+
+
+def test_prefetch_columns_are_checked(tmp_path):
+    path = save_trace(sample_trace(), tmp_path / "p.trace")
+
+    def rehash(name):
+        def fn(h):
+            with zipfile.ZipFile(out[name]) as z:
+                for col in h["columns"]:
+                    a = np.lib.format.read_array(io.BytesIO(z.read(f"{col}.npy")))
+                    h["columns"][col].update(dtype=a.dtype.str, shape=list(a.shape),
+                                             sha256=hashlib.sha256(a.tobytes()).hexdigest())
+            return h
+        return fn
+
+    out = {"short": tmp_path / "short.trace", "big": tmp_path / "big.trace"}
+    rewrite(path, out["short"], column_fn=lambda name, a: a[1:] if name == "prefetch_rows_1" else a)
+    with pytest.raises(TraceFormatError, match="prefetch_rows_1 has .* rows"):
+        load_trace(rewrite(out["short"], tmp_path / "short2.trace", header_fn=rehash("short")))
+    rewrite(path, out["big"], column_fn=lambda name, a: a + 300 if name == "prefetch_1" else a)
+    with pytest.raises(TraceFormatError, match="prefetch_1 holds expert id"):
+        load_trace(rewrite(out["big"], tmp_path / "big2.trace", header_fn=rehash("big")))
 
 
 def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):

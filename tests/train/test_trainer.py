@@ -137,3 +137,31 @@ def test_measured_active_params_follow_the_measured_experts_per_token():
     assert _measured_active(cfg, [2.0, 2.0]) == cfg.num_active_params()  # top-2 measured = expected
     one_fewer = _measured_active(cfg, [1.0, 2.0])
     assert cfg.num_active_params() - one_fewer == 3 * 32 * 32  # one expert (3 matrices D x F) fewer in layer 0
+
+
+def test_evaluation_counts_executed_experts():
+    """Experts per token (and so measured active parameters) count the assignments that ran, after
+    capacity dropping, not the router's choice (issue 11, item 15's kind of fault)."""
+    from moekit.data import ByteTokenizer
+    from moekit.models import MoELM
+
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=ByteTokenizer.vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
+                   moe=moekit.MoEConfig(d_expert=32, num_experts=4, capacity_factor=0.5,
+                                        router=moekit.RouterConfig(kind="topk", k=2)))
+    model = MoELM(cfg.validate())
+    seen = np.zeros((2, 3))  # per layer: executed, chosen, tokens
+
+    def hook(j):
+        def fn(module, args, output):
+            info = module.routing_info()
+            seen[j] += (info.executed.num_assignments, info.route.num_assignments, info.num_tokens)
+        return fn
+
+    handles = [layer.register_forward_hook(hook(j)) for j, layer in enumerate(model.moe_layers())]
+    result = evaluate(model, ByteTokenizer(), 32, 256, domains=["english"])
+    for h in handles:
+        h.remove()
+    np.testing.assert_allclose(result["experts_per_token_by_layer"], seen[:, 0] / seen[:, 2], atol=1e-4)
+    if (seen[:, 0] < seen[:, 1]).any():  # evaluation dropped tokens: the choice would have over-counted
+        assert not np.allclose(result["experts_per_token_by_layer"], seen[:, 1] / seen[:, 2], atol=1e-4)

@@ -14,6 +14,7 @@ from moekit.analysis.cache import (
     simulate_lfu,
     simulate_lru,
     simulate_sch,
+    simulate_sch_keep,
     simulate_static,
     simulate_trace,
 )
@@ -29,6 +30,7 @@ from moekit.analysis.metrics import (
     expert_counts,
     experts_per_token,
     experts_per_token_by_domain,
+    gate_prefetch_precision,
     gate_prefetch_recall,
     gini,
     js_divergence,
@@ -47,8 +49,10 @@ __all__ = [
     "AnalysisConfig", "CacheResult", "LoadStats", "RoutingTrace", "StackCurves", "TokenBatch", "TraceFormatError",
     "TraceRecorder", "affinity", "affinity_prefetch_recall", "analyze", "bypass_min", "coefficient_of_variation",
     "compute_metrics", "corpus_batches", "domain_distributions", "domain_divergence", "entropy", "expert_counts",
-    "experts_per_token", "experts_per_token_by_domain", "gate_prefetch_recall", "gini", "js_divergence",
+    "experts_per_token", "experts_per_token_by_domain", "gate_prefetch_precision", "gate_prefetch_recall", "gini",
+    "js_divergence",
     "layer_requests", "load_stats", "load_trace", "model_requests", "read_header", "record_trace", "save_trace",
-    "set_min", "simulate_lfu", "simulate_lru", "simulate_sch", "simulate_static", "simulate_trace", "srp",
+    "set_min", "simulate_lfu", "simulate_lru", "simulate_sch", "simulate_sch_keep", "simulate_static", "simulate_trace",
+    "srp",
     "srp_bootstrap", "srp_random_baseline", "stack_hit_curves", "static_hot_set",
 ]

@@ -1,6 +1,6 @@
-"""Expert-cache simulators over routing traces: LRU, LFU, SCH, static, and the two
-optimal bounds bypass-MIN and set-MIN (definitions in /work/shared/design/offload.md
-and docs/analysis-metrics.md).
+"""Expert-cache simulators over routing traces: LRU, LFU, SCH (arXiv 2505.16056, as its
+authors' code computes it), SCH-keep, static, and the two optimal bounds bypass-MIN and
+set-MIN (definitions in /work/shared/design/offload.md and docs/analysis-metrics.md).
 
 Legend of shape suffixes:
   N  steps (one token of one layer)   K  expert slots per step (-1 = empty slot)
@@ -10,8 +10,9 @@ Legend of shape suffixes:
 A request stream `requests_NK` lists, per step, the SET of expert ids it needs. Per-layer
 caches see one stream per layer (steps = tokens); the whole-model cache sees one stream
 of (token, layer) steps in execution order (token 0 layer 0, token 0 layer 1, ...), with
-ids offset by layer * E. `layer_requests`, `model_requests` and `simulate_trace` build
-these from a RoutingTrace.
+ids offset by layer * E; the paper's whole-model SCH takes one step per token holding every
+layer's experts. `layer_requests`, `model_requests` and `simulate_trace` build these from a
+RoutingTrace.
 
 Conventions shared by every simulator:
   * A request is a hit iff its expert was resident before the step began.
@@ -22,8 +23,11 @@ Conventions shared by every simulator:
     hits (the convention of arXiv 2505.16056). The first touches of the first min(C, D)
     distinct experts miss under every policy, so warm_hits = hits + min(C, D) for every
     policy (D = distinct experts in the stream) and both conventions order policies alike.
-  * LRU, LFU and SCH keep all of a step's experts resident (they need C >= K_max) and
-    evict only experts the current step does not request.
+  * LRU, LFU, SCH-keep and set-MIN keep all of a step's experts resident (they need
+    C >= K_max) and evict only experts the current step does not request; set-MIN bounds them.
+  * SCH (the paper's) judges a step's requests against the cache as the step began and may
+    evict an expert of the current step while inserting a later one: any C >= 1, bounded by
+    bypass-MIN only (it can exceed set-MIN).
 
 Simulations are sequential: plain Python loops over flattened request lists, with an
 OrderedDict (LRU) or a lazy-deletion heap (LFU, SCH, MIN); next uses come from one
@@ -43,8 +47,7 @@ from moekit.analysis.metrics import RoutingTrace
 
 __all__ = [
     "CacheResult", "RequestStream", "bypass_min", "layer_requests", "model_requests", "prepare_requests", "set_min",
-    "simulate_lfu",
-    "simulate_lru", "simulate_sch", "simulate_static", "simulate_trace",
+    "simulate_lfu", "simulate_lru", "simulate_sch", "simulate_sch_keep", "simulate_static", "simulate_trace",
 ]
 
 
@@ -191,20 +194,8 @@ def simulate_lfu(requests_NK: np.ndarray | RequestStream, C: int) -> CacheResult
         heapq.heappush(heap, count[e] * B + i)
         if not last:
             continue
-        held = []
-        while n_res > C:
-            key = heapq.heappop(heap)
-            u = key % B
-            x = ids[u]
-            if not resident[x] or last_use[x] != u:
-                continue
-            if u >= step_start:  # requested by this step: not evictable
-                held.append(key)
-                continue
-            resident[x] = False
-            n_res -= 1
-        for key in held:
-            heapq.heappush(heap, key)
+        if n_res > C:  # the experts requested by this step are not evictable
+            n_res = _evict_lowest_key(heap, n_res, C, B, ids, resident, last_use, None, keep_from=step_start)
         step_start = i + 1
         if len(heap) > 4 * C + 64:
             # Drop stale entries so the heap stays O(C) (inline: a function call per entry costs 2x).
@@ -213,12 +204,94 @@ def simulate_lfu(requests_NK: np.ndarray | RequestStream, C: int) -> CacheResult
     return _result(hit, st, C)
 
 
-def simulate_sch(requests_NK: np.ndarray | RequestStream, C: int, n: int, steps_per_token: int = 1) -> CacheResult:
-    """SCH(n, C), segment cache (arXiv 2505.16056): on overflow evict the resident with the fewest
-    uses in the next n-1 tokens, ties by least recent use. n = 1 is exactly LRU.
+def _evict_lowest_key(heap: list[int], n_res: int, C: int, B: int, ids: list[int], resident: list[bool],
+                      last_use: list[int], window: list[int] | None, keep_from: int) -> int:
+    """Evict until at most C experts are resident, lowest key first: keys count * B + request index
+    (LFU: uses so far; SCH: window uses), so ties go to the least recent use. Entries of requests at
+    or after `keep_from` are never evicted. With `window`, an outdated key (a window count that grew)
+    is refreshed when popped. Returns the new resident count."""
+    held = []
+    while n_res > C:
+        key = heapq.heappop(heap)
+        w, u = divmod(key, B)
+        x = ids[u]
+        if not resident[x] or last_use[x] != u:
+            continue
+        if window is not None and window[x] != w:
+            heapq.heappush(heap, window[x] * B + u)
+            continue
+        if u >= keep_from:
+            held.append(key)
+            continue
+        resident[x] = False
+        n_res -= 1
+    for key in held:
+        heapq.heappush(heap, key)
+    return n_res
 
-    NOTE: as in LRU and set-MIN, the experts the current step requests are never the victim,
-    so every requested expert ends the step resident and SCH <= set-MIN holds.
+
+def simulate_sch(requests_NK: np.ndarray | RequestStream, C: int, n: int) -> CacheResult:
+    """SCH(n, C), segment cache hit rate as arXiv 2505.16056 computes it (ljcleo/moe-lrc,
+    src/41_sch_calc.py, `calc_fsf` with future_len = n); steps are tokens.
+
+    Every request of a step is judged against the cache as the step began (hit iff resident).
+    Then the step's experts are inserted one at a time, in row order; after each insertion, if
+    more than C are resident, the resident other than the one just inserted with the lowest
+    priority is evicted: priority = its uses in the window of steps t .. t+n-1 not yet processed
+    (an expert of the current step that is still to be inserted counts this step's use, one that
+    was inserted no longer does), ties by least recent use. So an expert the current token asked
+    for can be evicted by a later expert of the same token: SCH is not bounded by set-MIN (it is
+    by bypass-MIN), and it has a value for every C >= 1, also below the step's expert count.
+    n = 1 equals LRU whenever C >= K_max (tested).
+    """
+    if n < 1:
+        raise ValueError(f"segment length n must be >= 1, got {n}")
+    st = _flatten(requests_NK)
+    _check_capacity(C, st, needs_k=False)
+    ids, step_R, R = st.ids, st.step_R.tolist(), len(st.ids)
+    B = R + 1
+    resident = [False] * st.num_ids
+    window = [0] * st.num_ids     # unprocessed uses in steps t .. t+n-1 of the current step t
+    last_use = [-1] * st.num_ids
+    # Keys window * B + request index, as in simulate_sch_keep: between two uses of an expert its
+    # window count only grows (it falls only when the expert itself is processed, which pushes a
+    # new key), so a stored key is a lower bound, refreshed when popped.
+    heap: list[int] = []
+    hit = [False] * R
+    n_res, hi, i = 0, 0, 0
+    while i < R:
+        t = step_R[i]
+        end = i
+        while end < R and step_R[end] == t:
+            hit[end] = resident[ids[end]]  # judged against the cache as the step began
+            end += 1
+        while hi < R and step_R[hi] <= t + n - 1:
+            window[ids[hi]] += 1
+            hi += 1
+        for j in range(i, end):
+            e = ids[j]
+            window[e] -= 1  # this use leaves the window: the request is processed
+            last_use[e] = j
+            if not resident[e]:
+                resident[e] = True
+                n_res += 1
+            heapq.heappush(heap, window[e] * B + j)
+            if n_res > C:  # the expert just inserted stays (moe-lrc puts it on top of its stack)
+                n_res = _evict_lowest_key(heap, n_res, C, B, ids, resident, last_use, window, keep_from=j)
+        i = end
+        if len(heap) > 4 * C + 64:
+            # Drop stale entries so the heap stays O(C) (inline: a function call per entry costs 2x).
+            heap = [k for k in heap if last_use[ids[(u := k % B)]] == u and resident[ids[u]]]
+            heapq.heapify(heap)
+    return _result(hit, st, C)
+
+
+def simulate_sch_keep(requests_NK: np.ndarray | RequestStream, C: int, n: int, steps_per_token: int = 1) -> CacheResult:
+    """SCH-keep(n, C): SCH's priority (fewest uses in the next n-1 tokens, ties by least recent use)
+    in a cache that, like LRU, LFU and set-MIN, never evicts an expert the current step requests,
+    so every requested expert ends the step resident (C >= K_max) and SCH-keep <= set-MIN. n = 1
+    is exactly LRU. This is moekit's rule before it followed the paper; the paper's SCH
+    (`simulate_sch`) may evict an expert of the current token.
 
     The look-ahead covers the next (n-1) * steps_per_token steps; pass steps_per_token = L
     for a whole-model stream, whose steps are (token, layer) pairs (simulate_trace does).
@@ -257,23 +330,8 @@ def simulate_sch(requests_NK: np.ndarray | RequestStream, C: int, n: int, steps_
             lo += 1
         for j in range(step_start, i + 1):
             heapq.heappush(heap, window[ids[j]] * B + j)
-        held = []
-        while n_res > C:
-            key = heapq.heappop(heap)
-            w, u = divmod(key, B)
-            x = ids[u]
-            if not resident[x] or last_use[x] != u:
-                continue
-            if window[x] != w:
-                heapq.heappush(heap, window[x] * B + u)
-                continue
-            if u >= step_start:  # requested by this step: not evictable
-                held.append(key)
-                continue
-            resident[x] = False
-            n_res -= 1
-        for key in held:
-            heapq.heappush(heap, key)
+        if n_res > C:  # the experts requested by this step are not evictable
+            n_res = _evict_lowest_key(heap, n_res, C, B, ids, resident, last_use, window, keep_from=step_start)
         step_start = i + 1
         if len(heap) > 4 * C + 64:
             # Drop stale entries so the heap stays O(C) (inline: a function call per entry costs 2x).
@@ -351,14 +409,16 @@ def _min_policy(requests_NK: np.ndarray | RequestStream, C: int, protect_step: b
 def bypass_min(requests_NK: np.ndarray | RequestStream, C: int) -> CacheResult:
     """Optimal hits when experts may bypass the cache: after each step keep, among the cache and
     the step's experts, the C whose next use is soonest. Bounds every policy whose cache after a
-    step is a subset of (cache before it) + (the step's experts), bypassing or not."""
+    step is a subset of (cache before it) + (the step's experts), bypassing or not: LRU, LFU,
+    SCH, SCH-keep, static."""
     return _min_policy(requests_NK, C, protect_step=False)
 
 
 def set_min(requests_NK: np.ndarray | RequestStream, C: int) -> CacheResult:
     """Optimal hits when all of a step's experts must be resident (C >= K_max): Belady, evicting
     among residents not requested by the step the one used furthest in the future. Bounds
-    LRU, LFU, SCH and any other policy that keeps every requested expert."""
+    LRU, LFU, SCH-keep and any other policy that keeps every requested expert - not the paper's
+    SCH, which may evict a requested expert and can exceed it."""
     return _min_policy(requests_NK, C, protect_step=True)
 
 
@@ -379,15 +439,18 @@ def layer_requests(trace: RoutingTrace, seq_idx: list[int] | None = None) -> lis
     return [np.concatenate([_pad(s[layer], K) for s in seqs]) for layer in range(trace.num_layers)]
 
 
-def model_requests(trace: RoutingTrace, seq_idx: list[int] | None = None) -> np.ndarray:
-    """The whole-model stream: steps (token, layer) in execution order, ids offset by layer * E."""
+def model_requests(trace: RoutingTrace, seq_idx: list[int] | None = None, per_token: bool = False) -> np.ndarray:
+    """The whole-model stream, ids offset by layer * E: steps (token, layer) in execution order,
+    (T * L, K); per_token=True: one step per token with every layer's experts in layer order,
+    (T, L * K), as the paper's whole-model SCH concatenates the layers (ljcleo/moe-lrc)."""
     seqs = [trace.seqs[i] for i in (range(len(trace.seqs)) if seq_idx is None else seq_idx)]
     K, L, E = max(s.shape[2] for s in seqs), trace.num_layers, trace.num_experts
     parts = []
     for s in seqs:
         offset = np.where(s >= 0, s + (np.arange(L) * E)[:, None, None], -1)
         parts.append(_pad(offset.transpose(1, 0, 2), K).reshape(-1, K))  # (T, L, K) -> (T*L, K)
-    return np.concatenate(parts)
+    steps = np.concatenate(parts)
+    return steps.reshape(-1, L * K) if per_token else steps
 
 
 def simulate_trace(trace: RoutingTrace, simulator: Callable[..., CacheResult], C: int, *,
@@ -397,15 +460,18 @@ def simulate_trace(trace: RoutingTrace, simulator: Callable[..., CacheResult], C
     shared=False: one cache of C experts per layer. shared=True: one cache of C experts for the
     whole model. By default the cache persists from one sequence to the next (a server handling
     requests in trace order); reset_per_sequence=True starts every sequence with an empty cache
-    (the warm convention then applies per sequence).
+    (the warm convention then applies per sequence). The paper's SCH on the whole model takes one
+    step per token (`model_requests(per_token=True)`); SCH-keep's look-ahead covers n-1 tokens of
+    (token, layer) steps.
     """
-    if shared and simulator is simulate_sch:
-        # SCH's look-ahead is in tokens; a whole-model step is one (token, layer) pair.
+    if shared and simulator is simulate_sch_keep:
+        # SCH-keep's look-ahead is in tokens; a whole-model step is one (token, layer) pair.
         kwargs.setdefault("steps_per_token", trace.num_layers)
+    per_token = simulator is simulate_sch
     groups = [[i] for i in range(len(trace.seqs))] if reset_per_sequence else [None]
     total = CacheResult(0, 0, 0)
     for idx in groups:
-        streams = [model_requests(trace, idx)] if shared else layer_requests(trace, idx)
+        streams = [model_requests(trace, idx, per_token)] if shared else layer_requests(trace, idx)
         for req in streams:
             total = total + simulator(req, C, **kwargs)
     return total

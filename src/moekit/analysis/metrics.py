@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "LoadStats", "RoutingTrace", "affinity", "affinity_prefetch_recall", "gate_prefetch_recall", "coefficient_of_variation", "domain_distributions",
+    "LoadStats", "RoutingTrace", "affinity", "affinity_prefetch_recall", "coefficient_of_variation", "domain_distributions",
     "domain_divergence", "entropy", "expert_counts", "experts_per_token", "experts_per_token_by_domain",
+    "gate_prefetch_precision", "gate_prefetch_recall",
     "gini", "js_divergence", "load_stats", "srp", "srp_bootstrap", "srp_random_baseline",
     "static_hot_set",
 ]
@@ -46,9 +47,10 @@ class RoutingTrace:
     domains: optional domain label per sequence.
     weights: optional combine weights, one float array per sequence shaped like its `seqs`
         entry (0 in padded slots).
-    prefetch: optional gate-based predictions {d: per-sequence `predicted_LTK`}: for layer l >= d,
-        the experts layer l's gate picks from the gate input of layer l - d (as many as the token
-        really used at layer l, in the same slots); -1 where there is no prediction (l < d, padding).
+    prefetch: optional router-based predictions {d: per-sequence `predicted_LTJ`} (L and T as the
+        sequence's experts, any width J): for layer l >= d, the experts layer l's router picks from
+        the input of layer l - d (moekit.routers.predict), -1 = empty slot. A layer has predictions
+        at distance d iff some token there has one (none for l < d or a recurrent router).
     layer_names: optional module name of each MoE layer.
     meta: free-form JSON-serialisable description (model, router, corpus, ...).
     """
@@ -88,11 +90,13 @@ class RoutingTrace:
             for d, preds in self.prefetch.items():
                 if d < 1:
                     raise ValueError(f"prefetch distance must be >= 1, got {d}")
-                self._check_parallel(preds, f"prefetch[{d}]")
+                if len(preds) != len(self.seqs):
+                    raise ValueError(f"prefetch[{d}] has {len(preds)} arrays for {len(self.seqs)} sequences")
                 for i, (p, s) in enumerate(zip(preds, self.seqs, strict=True)):
+                    if p.ndim != 3 or p.shape[:2] != s.shape[:2]:
+                        raise ValueError(f"prefetch[{d}] of sequence {i} has shape {p.shape}, expected "
+                                         f"({s.shape[0]}, {s.shape[1]}, J) (its layers and tokens)")
                     _check_ids(p, self.num_experts, f"prefetch[{d}] of sequence {i}")
-                    if np.any((p >= 0) & (s < 0)):
-                        raise ValueError(f"prefetch[{d}] of sequence {i} predicts in slots its token did not use")
         if self.layer_names is not None:
             self.layer_names = [str(n) for n in self.layer_names]
             if len(self.layer_names) != L:
@@ -558,28 +562,43 @@ def affinity_prefetch_recall(trace: RoutingTrace, max_distance: int = 3) -> dict
     return out
 
 
-def gate_prefetch_recall(trace: RoutingTrace) -> dict[int, np.ndarray]:
-    """{d: recall_L} from the gate-based predictions recorded in `trace.prefetch` (layer l's gate
-    applied to layer l-d's gate input, top-k_t; mixtral-offloading, Fate, AdapMoE): the share of
-    the experts layer l really executes that the prediction contains. nan for l < d. Empty when
-    the trace has no predictions."""
-    if not trace.prefetch:
-        return {}
+def _gate_prefetch_counts(trace: RoutingTrace) -> dict[int, tuple[np.ndarray, ...]]:
+    """{d: (hits_L, requests_L, predicted_L, has_L)} of the recorded router-based predictions."""
     L = trace.num_layers
     out = {}
-    for d, preds in sorted(trace.prefetch.items()):
-        hits = np.zeros(L)
-        reqs = np.zeros(L)
+    for d, preds in sorted((trace.prefetch or {}).items()):
+        hits, reqs, npred = np.zeros(L), np.zeros(L), np.zeros(L)
+        has = np.zeros(L, dtype=bool)
         for s, p in zip(trace.seqs, preds, strict=True):
-            ok = s >= 0
-            has_pred = (p >= 0).any(axis=2)  # rows with a prediction (l >= d, recorded)
-            # predicted_LTJ vs actual_LTK: is each real expert among the token's predictions?
-            found_LTK = ((p[:, :, :, None] == s[:, :, None, :]) & (p[:, :, :, None] >= 0)).any(axis=2)
-            counted_LTK = ok & has_pred[:, :, None]
-            hits += (found_LTK & counted_LTK).sum(axis=(1, 2))
-            reqs += counted_LTK.sum(axis=(1, 2))
+            ok_LTK = s >= 0
+            has |= (p >= 0).any(axis=(1, 2))
+            # executed_LTK vs predicted_LTJ: is each executed expert among the token's predictions?
+            found_LTK = ((s[:, :, :, None] == p[:, :, None, :]) & ok_LTK[..., None]).any(axis=3)
+            hits += found_LTK.sum(axis=(1, 2))
+            reqs += ok_LTK.sum(axis=(1, 2))
+            npred += (p >= 0).sum(axis=(1, 2))
+        has[:d] = False
+        out[d] = (hits, reqs, npred, has)
+    return out
+
+
+def gate_prefetch_recall(trace: RoutingTrace) -> dict[int, np.ndarray]:
+    """{d: recall_L} of the router-based predictions recorded in `trace.prefetch` (layer l's router
+    applied to layer (l-d)'s input, moekit.routers.predict; the gate look-ahead of mixtral-offloading,
+    Fate, AdapMoE): the share of the experts layer l executes that the prediction contains. nan for
+    l < d and for layers without predictions. Empty when the trace has no predictions."""
+    out = {}
+    for d, (hits, reqs, _, has) in _gate_prefetch_counts(trace).items():
         with np.errstate(invalid="ignore", divide="ignore"):
-            r = np.where(reqs > 0, hits / np.maximum(reqs, 1), np.nan)
-        r[:d] = np.nan
-        out[d] = r
+            out[d] = np.where(has & (reqs > 0), hits / np.maximum(reqs, 1), np.nan)
+    return out
+
+
+def gate_prefetch_precision(trace: RoutingTrace) -> dict[int, np.ndarray]:
+    """{d: precision_L}: the share of predicted experts (as in `gate_prefetch_recall`) that layer l
+    executes, i.e. the prefetches that would be useful. nan where there are no predictions."""
+    out = {}
+    for d, (hits, _, npred, has) in _gate_prefetch_counts(trace).items():
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[d] = np.where(has & (npred > 0), hits / np.maximum(npred, 1), np.nan)
     return out

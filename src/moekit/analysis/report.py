@@ -40,6 +40,7 @@ from moekit.analysis.metrics import (
     domain_divergence,
     experts_per_token,
     experts_per_token_by_domain,
+    gate_prefetch_precision,
     gate_prefetch_recall,
     load_stats,
     srp_bootstrap,
@@ -47,10 +48,13 @@ from moekit.analysis.metrics import (
 )
 from moekit.analysis.stack import stack_hit_curves
 from moekit.analysis.tracefile import load_trace
+from moekit.utils.io import atomic_write_text
 
 __all__ = ["AnalysisConfig", "analyze", "compute_metrics", "render_html", "static_hits"]
 
 BOUNDS = ("set_min", "bypass_min")
+BOUND_LABELS = {"set_min": "set_min (optimum keeping each step's experts; bounds LRU, LFU)",
+                "bypass_min": "bypass_min (optimal bound of every policy here)"}
 
 
 @dataclass
@@ -218,23 +222,26 @@ _SIMULATORS = {"lru": cache_mod.simulate_lru, "lfu": cache_mod.simulate_lfu, "sc
                "set_min": cache_mod.set_min, "bypass_min": cache_mod.bypass_min}
 
 
-_MODEL_STREAM: tuple[RoutingTrace, cache_mod.RequestStream] | None = None
+_MODEL_STREAMS: dict[bool, tuple[RoutingTrace, cache_mod.RequestStream]] = {}
 
 
-def _model_stream(trace: RoutingTrace) -> cache_mod.RequestStream:
-    """The whole-model request stream, flattened once per process (and its next uses once)."""
-    global _MODEL_STREAM
-    if _MODEL_STREAM is None or _MODEL_STREAM[0] is not trace:
-        _MODEL_STREAM = (trace, cache_mod.prepare_requests(cache_mod.model_requests(trace)))
-    return _MODEL_STREAM[1]
+def _model_stream(trace: RoutingTrace, per_token: bool) -> cache_mod.RequestStream:
+    """The whole-model request stream, flattened once per process (and its next uses once):
+    (token, layer) steps, or one step per token (the paper's SCH)."""
+    cached = _MODEL_STREAMS.get(per_token)
+    if cached is None or cached[0] is not trace:
+        cached = (trace, cache_mod.prepare_requests(cache_mod.model_requests(trace, per_token=per_token)))
+        _MODEL_STREAMS[per_token] = cached
+    return cached[1]
 
 
 def _task_model_cache(trace: RoutingTrace, policy: str, n: int, C: int) -> dict:
-    st = _model_stream(trace)
-    if policy != "bypass_min" and C < st.k_max:
+    # The paper's SCH (arXiv 2505.16056) steps once per token over every layer's experts; the
+    # other policies step once per (token, layer) in execution order.
+    st = _model_stream(trace, per_token=policy == "sch")
+    if policy not in ("bypass_min", "sch") and C < st.k_max:
         return {"policy": policy, "n": n, "C": C, "cold": math.nan, "warm": math.nan}
-    # A whole-model step is one (token, layer): SCH looks n-1 tokens = (n-1) L steps ahead.
-    kw = {"n": n, "steps_per_token": trace.num_layers} if policy == "sch" else {}
+    kw = {"n": n} if policy == "sch" else {}
     r = _SIMULATORS[policy](st, C, **kw)
     return {"policy": policy, "n": n, "C": C, "cold": r.hit_rate, "warm": r.warm_hit_rate}
 
@@ -342,22 +349,34 @@ def compute_metrics(trace: RoutingTrace, cfg: AnalysisConfig | None = None, prog
             "whole_model": "one cache shared by all layers with the same total memory: C = L x (C/k) x k",
             "persistence": "the cache persists from one sequence to the next, in trace order",
             "static": "oracle best static set: the C most used experts, loaded at first use",
-            "bounds": "set-MIN bounds every policy that keeps a step's experts (LRU, LFU, SCH); "
-                      "bypass-MIN bounds every policy, static included",
+            "bounds": "set-MIN is optimal among policies that keep all of a step's experts resident and "
+                      "bounds LRU and LFU; bypass-MIN bounds every policy here, SCH and static included. SCH "
+                      "(arXiv 2505.16056, as ljcleo/moe-lrc computes it) may evict an expert the current token "
+                      "requested, so it can exceed set-MIN",
+            "sch": "hits judged against the cache as the token began; the token's experts are inserted one "
+                   "at a time and a later one may evict an earlier one; whole-model SCH steps once per token "
+                   "over every layer's experts (moe-lrc); defined for every C >= 1",
+            "missing": "LRU, LFU and set-MIN keep all of a step's experts resident: no value (null) where C is "
+                       "below the most experts one step requests (k_max, e.g. a top-p token using more than "
+                       "round(mean k) experts)",
         },
         "per_layer": per_layer,
         "whole_model": model_cache,
     }
     # Gate-based recall reads the recorded predictions, which the workers do not get (cheap here).
     gate = {d: r for d, r in gate_prefetch_recall(trace).items() if d <= cfg.prefetch_distance}
+    gate_precision = {d: r for d, r in gate_prefetch_precision(trace).items() if d <= cfg.prefetch_distance}
     metrics["prefetch"] = {
         "random_baseline": mean_k / E,
         "affinity": results["prefetch"]["affinity"],
         "gate": gate or None,
-        "note": ("gate-based recall applies layer l's gate to layer (l-d)'s gate input and needs hidden "
-                 "states: it is recorded by TraceRecorder(gate_lookahead=...) and absent from traces made "
-                 "without it. Affinity-based recall predicts from the experts of layer l-d only (2-fold, "
-                 "by sequence)."),
+        "gate_precision": gate_precision or None,
+        "note": ("gate-based recall applies layer l's router (its gate and its own selection rule, "
+                 "moekit.routers.predict, the rule offload's predictive prefetch uses) to layer (l-d)'s "
+                 "input and needs hidden states: it is recorded by TraceRecorder(gate_lookahead=...) and "
+                 "absent from traces made without it; its precision is the share of predicted experts the "
+                 "layer runs. Affinity-based recall predicts as many experts as the token runs from the "
+                 "experts of layer l-d only (2-fold, by sequence), so its recall equals its precision."),
     }
     metrics["timing_s"] = {"wall": wall, "tasks_cpu_total": sum(t["cpu"] for t in timings.values()),
                            "tasks": dict(sorted(timings.items()))}
@@ -452,7 +471,7 @@ def _plots(m: dict) -> dict[str, str]:
             y = _arr(v["cold"])
             if label in BOUNDS:
                 ax.plot(x, y, "k--" if label == "set_min" else "k:", lw=2.2, marker=".",
-                        label=f"{label} (optimal bound)")
+                        label=BOUND_LABELS[label])
             else:
                 ax.plot(x, y, marker="o", ms=3, label=label)
         ax.set(xlabel="cache size per layer C / k", title=title)
@@ -566,8 +585,9 @@ def render_html(m: dict, plots: dict[str, str]) -> str:
     pf = m["prefetch"]
     pf_rows = []
     for kind in ("gate", "affinity"):
+        precision = (pf.get("gate_precision") or {}) if kind == "gate" else (pf.get(kind) or {})
         for d, r in sorted((pf.get(kind) or {}).items(), key=lambda kv: int(kv[0])):
-            pf_rows.append([kind, d, _fmt(_nanmean(r))])
+            pf_rows.append([kind, d, _fmt(_nanmean(r)), _fmt(_nanmean(precision.get(d, [None])))])
     sections = [
         ("Load per expert", img("load", "load heatmap, layer by expert"),
          "Tokens routed to each expert of each layer divided by the layer's mean: 1 is a perfectly balanced "
@@ -582,9 +602,12 @@ def render_html(m: dict, plots: dict[str, str]) -> str:
          + _cache_table(m["cache"]["per_layer"]) + "<p class='note'>whole-model cache:</p>"
          + _cache_table(m["cache"]["whole_model"]),
          "Hit rate against cache size in units of k for LRU, LFU, SCH(n), the oracle static hot set and the "
-         "two optimal bounds (set-MIN dashed, bypass-MIN dotted). Plots use the cold convention; tables show "
-         "cold / warm. No online policy that keeps a step's experts can exceed set-MIN; nothing that only "
-         "chooses what to keep can exceed bypass-MIN."),
+         "two optimal caches (set-MIN dashed, bypass-MIN dotted). Plots use the cold convention; tables show "
+         "cold / warm. set-MIN is the best a cache can do when all of a token's experts must be resident: "
+         "it bounds LRU and LFU. SCH(n) is the paper's (arXiv 2505.16056, as its authors' code computes it): "
+         "a later expert of a token may evict an earlier one, so it can exceed set-MIN; nothing that only "
+         "chooses what to keep, SCH and static included, can exceed bypass-MIN. '–': LRU, LFU and set-MIN "
+         "have no value when C is below the most experts one step requests (k_max)."),
         ("Segment routing locality", img("srp", "SRP versus segment length")
          + _table(["n", "SRP (whole model)", "95% interval"], srp_rows),
          "SRP(n): the best F1 of predicting one fixed expert group for each window of n tokens. Far above the "
@@ -593,7 +616,7 @@ def render_html(m: dict, plots: dict[str, str]) -> str:
          "P(expert p at layer j+1 | expert i at layer j) for three layer pairs: concentrated rows mean the "
          "next layer's experts are predictable from this layer's."),
         ("Prefetch recall", img("prefetch", "prefetch recall by layer and distance")
-         + _table(["predictor", "layers ahead", "mean recall"], pf_rows),
+         + _table(["predictor", "layers ahead", "mean recall", "mean precision"], pf_rows),
          pf["note"]),
     ]
     body = "".join(f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(note)}</p>{content}"
@@ -608,19 +631,6 @@ def render_html(m: dict, plots: dict[str, str]) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
-def _atomic_write(path: Path, data: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def analyze(trace_or_path: RoutingTrace | str | os.PathLike, out_dir: str | os.PathLike,
             cfg: AnalysisConfig | None = None, progress: bool = True) -> dict:
     """Compute every metric of `trace_or_path` and write `out_dir/metrics.json` and
@@ -632,6 +642,6 @@ def analyze(trace_or_path: RoutingTrace | str | os.PathLike, out_dir: str | os.P
     t0 = time.perf_counter()
     plots = _plots(m)
     m["timing_s"]["plots_and_html"] = time.perf_counter() - t0
-    _atomic_write(out / "metrics.json", json.dumps(m, indent=1))
-    _atomic_write(out / "report.html", render_html(m, plots))
+    atomic_write_text(out / "metrics.json", json.dumps(m, indent=1))
+    atomic_write_text(out / "report.html", render_html(m, plots))
     return m

@@ -1,7 +1,7 @@
 """Every cache capacity in one pass: Mattson stacks for priority replacement policies.
 
-LRU, LFU, SCH(n), set-MIN and bypass-MIN all evict by a priority that does not depend on the
-capacity C (recency, use count, look-ahead count, next use). Mattson et al. ("Evaluation
+LRU, LFU, SCH(n), SCH-keep(n), set-MIN and bypass-MIN all evict by a priority that does not depend
+on the capacity C (recency, use count, look-ahead count, next use). Mattson et al. ("Evaluation
 techniques for storage hierarchies", IBM Systems Journal 1970) showed that such policies are
 *stack algorithms*: the cache of C experts is always contained in the cache of C + 1, so one
 ordered stack holds every capacity at once (cache_C = stack[:C]) and a request at stack
@@ -16,8 +16,11 @@ Update of one request x (keys: larger = kept longer). Let U = [x] + stack. For e
 x's position p, the new cache is (U[:C+1]) minus its lowest-key member, so the new stack follows
 from one running minimum over U: new[j] = U[j+1] unless U[j+1] is a new running minimum, in which
 case the previous minimum sinks to j; new[p] = the minimum of U[:p+1]; below p nothing changes.
-  * Demand policies (LRU, LFU, SCH, set-MIN) give the step's experts the highest keys while the
-    step runs: x lands on top and no expert the step requests is evicted (they need C >= K_max).
+  * Demand policies (LRU, LFU, SCH-keep, set-MIN) give the step's experts the highest keys while
+    the step runs: x lands on top and no expert the step requests is evicted (they need C >= K_max).
+  * SCH (the paper's, arXiv 2505.16056; ljcleo/moe-lrc runs this same Mattson update) puts only x
+    on top: the step's other experts keep true keys - the pending ones count this step's use, the
+    inserted ones no longer do - so a later expert of the step may push an earlier one out. Any C.
   * bypass-MIN gives x its true key (its next use), so x may be dropped at once: the new cache is
     the C soonest-used of cache + step, exactly its definition.
 Keys are unique per stream (they end in the request's recency index), so no tie is ambiguous and
@@ -37,7 +40,7 @@ import numpy as np
 __all__ = ["POLICIES", "StackCurves", "stack_hit_curves"]
 
 # Policies with a capacity-independent priority, simulated by `stack_hit_curves`.
-POLICIES = ("lru", "lfu", "sch", "set_min", "bypass_min")
+POLICIES = ("lru", "lfu", "sch", "sch_keep", "set_min", "bypass_min")
 
 
 
@@ -121,9 +124,9 @@ def stack_hit_curves(req_LNK: np.ndarray, num_ids: int, C_max: int,
 
     req_LNK: L streams of N steps (the per-layer streams of a trace share their token steps),
     expert ids in 0..num_ids-1, -1 = empty slot; a step must not repeat an expert.
-    policies: (name, n) pairs, name in POLICIES; n is SCH's segment length (ignored otherwise,
-    SCH's look-ahead covers the next n-1 steps). Returns StackCurves with labels "lru", "lfu",
-    "sch{n}", "set_min", "bypass_min" in the order given.
+    policies: (name, n) pairs, name in POLICIES; n is the segment length of SCH and SCH-keep (ignored
+    otherwise; their look-ahead covers the next n-1 steps). Returns StackCurves with labels "lru",
+    "lfu", "sch{n}", "sch_keep{n}", "set_min", "bypass_min" in the order given. Steps are tokens.
     """
     req_LNK = np.asarray(req_LNK, dtype=np.int64)
     if req_LNK.ndim != 3:
@@ -131,19 +134,19 @@ def stack_hit_curves(req_LNK: np.ndarray, num_ids: int, C_max: int,
     for name, n in policies:
         if name not in POLICIES:
             raise ValueError(f"unknown policy {name!r}; stack policies are {POLICIES}")
-        if name == "sch" and n < 1:
+        if name in ("sch", "sch_keep") and n < 1:
             raise ValueError(f"SCH segment length n must be >= 1, got {n}")
     if C_max < 1:
         raise ValueError(f"C_max must be >= 1, got {C_max}")
     L, N, K = req_LNK.shape
     P, E, D = len(policies), num_ids, C_max
     R = P * L
-    labels = [f"sch{n}" if name == "sch" else name for name, n in policies]
+    labels = [f"{name}{n}" if name in ("sch", "sch_keep") else name for name, n in policies]
     valid_LNK = req_LNK >= 0
     requests_L = valid_LNK.sum(axis=(1, 2))
     distinct_L = np.array([np.unique(req_LNK[layer][valid_LNK[layer]]).size for layer in range(L)])
     k_max_L = valid_LNK.sum(axis=2).max(axis=1) if N * K else np.zeros(L, dtype=np.int64)
-    demand_P = np.array([name != "bypass_min" for name, _ in policies])
+    demand_P = np.array([name not in ("bypass_min", "sch") for name, _ in policies])  # need C >= K_max
     if N == 0 or K == 0:
         return StackCurves(labels, _mask_small(np.zeros((P, L, D)), demand_P, k_max_L), requests_L,
                            distinct_L, k_max_L)
@@ -161,14 +164,17 @@ def stack_hit_curves(req_LNK: np.ndarray, num_ids: int, C_max: int,
             after = rec_LNK
         elif name == "lfu":
             after = _use_count_LNK(req_LNK) * B + rec_LNK
-        elif name == "sch":
+        elif name in ("sch", "sch_keep"):
             after = _window_uses_LNK(req_LNK, E, n - 1) * B + rec_LNK
         else:
             after = min_key_LNK
         post.append(after)
         pre.append(after if name == "bypass_min" else protected_LNK)
-        sch.append(name == "sch" and n > 1)
+        sch.append(name in ("sch", "sch_keep") and n > 1)
     sch_P = np.array(sch)
+    # Rows of the paper's SCH: only the request being inserted is protected (see the module doc).
+    lrc_R = np.repeat(np.array([name == "sch" for name, _ in policies]), L)
+    lrc = bool(lrc_R.any())
     n_P = np.array([n for _, n in policies])
 
     # State: plane 0 of SK_2DR holds the stack (ids, E = empty), plane 1 the keys of its entries.
@@ -212,7 +218,12 @@ def stack_hit_curves(req_LNK: np.ndarray, num_ids: int, C_max: int,
         for i in range(c1 - c0):
             t = c0 + i
             x_KR = x_TKR[i]
+            if lrc:
+                # Pending experts of the step count this step's use: their key + one window use.
+                pending_KR = key_flat[write_TKR[i]] + B
             key_flat[write_TKR[i]] = pre_TKR[i]
+            if lrc:
+                key_flat[write_TKR[i][:, lrc_R]] = pending_KR[:, lrc_R]
             stack_DR = SK_2DR[0]
             SK_2DR[1] = key_flat[stack_DR + off_R]
             eq_KDR = stack_DR[None] == x_KR[:, None, :]
@@ -226,6 +237,8 @@ def stack_hit_curves(req_LNK: np.ndarray, num_ids: int, C_max: int,
                 arg_D1R = np.maximum.accumulate(np.where(newmin_D1R, j_D1, 0), axis=0)
                 idx_DR = np.where(newmin_D1R[1:], arg_D1R[:-1], j_D1[1:])
                 SK_2DR = UK_2D1R.reshape(2, -1).take(idx_DR * R + flat_base_DR, axis=1).reshape(2, D, R)
+                if lrc:  # x, now on top, takes its true key: later experts of the step may evict it
+                    SK_2DR[1, 0] = np.where(lrc_R & ok_TKR[i, j], post_TKR[i, j], SK_2DR[1, 0])
             key_flat[write_TKR[i]] = post_TKR[i]
             if sch_p:
                 key_flat[leave_TX[i]] -= B

@@ -1,14 +1,14 @@
 """Record routing traces from any module that contains moekit MoELayers.
 
 Stages, per forward of a batch:
-  1. a forward hook on every MoELayer (module order = layer order) reads `routing_info()`: the
-     executed assignments of the valid tokens (after bias correction, group limits, top-p or
-     null experts) and their weights, viewed as padded (tokens, K) arrays;
+  1. a forward hook on every MoELayer (module order = layer order) reads `routing_info().executed`:
+     the assignments of the valid tokens that ran (after bias correction, group limits, top-p, null
+     experts and capacity dropping) and their weights, viewed as padded (tokens, K) arrays;
   2. padding tokens are dropped with the batch's padding mask (the one given to `begin_batch`,
      else the layer's own `padding_mask` argument), so a token that used no expert stays a row;
-  3. optionally (gate_lookahead = G > 0) layer l's gate is applied to the gate input of layer
-     l - d for d = 1..G, and its top-k_t (k_t = experts the token really used at l) is kept:
-     the gate-based prefetch prediction that a trace alone cannot reconstruct;
+  3. optionally (gate_lookahead = G > 0) layer l's router predicts, from the input of layer l - d
+     (d = 1..G), the experts it would pick (`moekit.routers.predict`, the rule offload's predictive
+     prefetch uses too): the gate look-ahead a trace alone cannot reconstruct;
   4. `end_batch` cuts the batch into sequences, each with its domain label.
 
     with TraceRecorder(model) as rec:
@@ -17,7 +17,8 @@ Stages, per forward of a batch:
     rec.save("routing.trace")            # or rec.to_trace() -> RoutingTrace
 
 `record_trace(model, batches)` runs this loop over TokenBatch items in eval mode, no_grad.
-Legend: B sequences in a batch, T tokens, D model dim, E experts, K experts per token (padded).
+Legend: B sequences in a batch, T tokens, D model dim, E experts, K experts per token (padded),
+J predicted experts per token (padded).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import nn
 from moekit.analysis.metrics import RoutingTrace
 from moekit.analysis.tracefile import save_trace
 from moekit.layers.moe import MoELayer
+from moekit.routers.predict import can_predict, predict_experts
 
 __all__ = ["TokenBatch", "TraceRecorder", "corpus_batches", "record_trace"]
 
@@ -52,14 +54,14 @@ class _LayerCall:
     ids_BTK: np.ndarray
     weights_BTK: np.ndarray
     valid_BT: np.ndarray
-    preds: dict[int, np.ndarray]  # distance -> predicted_BTK
+    preds: dict[int, np.ndarray]  # distance -> predicted_BTJ
 
 
 class TraceRecorder:
     """Context manager recording executed routing of every MoELayer in `model` (see module doc).
 
-    gate_lookahead: how many layers ahead to record gate-based prefetch predictions (0 = none;
-        capped at L - 1).
+    gate_lookahead: how many layers ahead to record router-based predictions (0 = none; capped at
+        L - 1). Layers whose router cannot predict from a token (recurrent) get none.
     Several forwards without `begin_batch` in between are recorded as separate unlabelled batches;
     with `begin_batch`, one forward per batch is expected (a layer running twice is an error).
     """
@@ -115,7 +117,10 @@ class TraceRecorder:
         layer_mask = args[1] if len(args) > 1 else kwargs.get("padding_mask")
         lead = tuple(x.shape[:-1])
         info = module.routing_info()
-        ids_TK, w_TK = info.route.to_padded()
+        # NOTE: the executed assignments (after capacity dropping), not the router's choice: a trace
+        # replays what the experts computed (RoutingInfo.route keeps the choice).
+        ran = info.executed if info.executed is not None else info.route
+        ids_TK, w_TK = ran.to_padded()
         T_flat = ids_TK.shape[0]
         if self._batch_mask is not None:
             if self._batch_mask.size != T_flat:
@@ -131,19 +136,19 @@ class TraceRecorder:
         preds = {}
         x_TD = x.detach().reshape(T_flat, -1)
         if self.gate_lookahead:
-            ok_TK = ids_TK >= 0
-            k_T = ok_TK.sum(dim=1)
-            # NOTE: the raw gate logits of layer i on layer (i-d)'s input, as mixtral-offloading does;
-            # recurrent routers read a GRU state instead of the token, so they get no prediction.
+            valid_T = torch.as_tensor(valid_BT.reshape(-1), device=x_TD.device)
             for d in range(1, self.gate_lookahead + 1):
-                src = self._inputs.get(i - d)
-                if src is None or module.router.kind == "recurrent" or K == 0:
+                if i - d < 0 or not can_predict(module.router):
                     continue
-                logits_TE = module.router.logits(src)
-                top_TK = torch.topk(logits_TE, K, dim=1).indices
-                slot_K = torch.arange(K, device=top_TK.device)
-                pred_TK = torch.where(slot_K[None, :] < k_T[:, None], top_TK, -1)
-                preds[d] = pred_TK.to("cpu").numpy().reshape(B, T, K)
+                src_TD = self._inputs.get(i - d)
+                if src_TD is None:
+                    raise RuntimeError(f"TraceRecorder: MoE layer {i - d} did not run before layer {i}; the gate "
+                                       f"look-ahead needs the layers to run in module order (use gate_lookahead=0)")
+                # Only real tokens are routed, as the layer routes them (expert choice picks among them).
+                pred_VJ = predict_experts(module.router, src_TD[valid_T])
+                pred_TJ = pred_VJ.new_full((T_flat, pred_VJ.shape[1]), -1)
+                pred_TJ[valid_T] = pred_VJ
+                preds[d] = pred_TJ.to("cpu").numpy().reshape(B, T, -1)
             self._inputs[i] = x_TD
             self._inputs.pop(i - self.gate_lookahead, None)
         self._calls[i] = _LayerCall(ids_TK.to("cpu").numpy().reshape(B, T, K),
@@ -183,21 +188,20 @@ class TraceRecorder:
         B = valid_BT.shape[0]
         if domains is not None and len(domains) != B:
             raise ValueError(f"begin_batch: {len(domains)} domain labels for a batch of {B} sequences")
-        K = max(c.ids_BTK.shape[2] for c in calls.values())
         L = len(self.layers)
 
         def stack(b: np.ndarray, get, fill, dtype) -> np.ndarray:
-            """(L, T_b, K) for sequence b from each layer's (B, T, K_l) array."""
-            out = np.full((L, int(valid_BT[b].sum()), K), fill, dtype=dtype)
-            for i in range(L):
-                a = get(calls[i])
+            """(L, T_b, width) for sequence b from each layer's (B, T, width_l) array (None = none)."""
+            arrays = [get(calls[i]) for i in range(L)]
+            width = max((a.shape[2] for a in arrays if a is not None), default=0)
+            out = np.full((L, int(valid_BT[b].sum()), width), fill, dtype=dtype)
+            for i, a in enumerate(arrays):
                 if a is not None:
                     out[i, :, :a.shape[2]] = a[b][valid_BT[b]]
             return out
 
         for b in range(B):
-            ids = stack(b, lambda c: c.ids_BTK, -1, np.int64)
-            self._seqs.append(ids)
+            self._seqs.append(stack(b, lambda c: c.ids_BTK, -1, np.int64))
             self._weights.append(stack(b, lambda c: c.weights_BTK, 0.0, np.float32))
             for d in self._preds:
                 self._preds[d].append(stack(b, lambda c, d=d: c.preds.get(d), -1, np.int64))

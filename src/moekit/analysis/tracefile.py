@@ -1,6 +1,6 @@
 """The routing-trace file: a versioned, columnar, compressed zip that numpy alone can read.
 
-Format "moekit-routing-trace" version 1 (docs/trace-format.md is the specification):
+Format "moekit-routing-trace" version 2 (docs/trace-format.md is the specification):
 a zip archive (deflate) holding `header.json` and one `.npy` member per column. Rows are
 (sequence, layer, token) in that order; each row lists the experts its token executed
 (a ragged assignment column), so a token using one expert stores one id.
@@ -11,13 +11,18 @@ a zip archive (deflate) holding `header.json` and one `.npy` member per column. 
   expert_ids      uint8/16/32 (N,) executed expert ids, N = sum(row_experts), rows in order,
                                   slot order within a row kept
   expert_weights  float32 (N,)  combine weights (optional)
-  prefetch_<d>    int16/32 (N,) gate-based prediction for the same slot from the gate input of
-                                  layer l - d, -1 = none (optional, one column per distance d)
+  prefetch_rows_<d> uint8/16 (R,) predicted experts of each row at distance d (optional)
+  prefetch_<d>    uint8/16/32 (P_d,) the predicted ids of layer l's router applied to the input of
+                                  layer l - d, rows in order, best first (a ragged column of its own)
+
+Version 1 (still read) stored `prefetch_<d>` in the slots of `expert_ids` (int16, -1 = none), so it
+could hold no more predictions than the token executed experts; version 2 predicts whole router
+choices (moekit.routers.predict), whose size need not match.
 
 The header names the format and version, E, L, S, R, N, the domain and layer names, free-form
 metadata and, per column, its dtype, shape and sha256 (of the array's raw bytes). Readers refuse
-another format, another version, a truncated or corrupted archive and a checksum mismatch, with a
-message that names the problem. Writes are atomic: temporary file, fsync, rename.
+another format, an unknown version, a truncated or corrupted archive and a checksum mismatch, with
+a message that names the problem. Writes are atomic (moekit.utils.io).
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -34,11 +38,13 @@ from pathlib import Path
 import numpy as np
 
 from moekit.analysis.metrics import RoutingTrace
+from moekit.utils.io import atomic_write_with
 
 __all__ = ["FORMAT", "VERSION", "TraceFormatError", "load_trace", "read_header", "save_trace"]
 
 FORMAT = "moekit-routing-trace"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # versions this moekit reads
 _HEADER = "header.json"
 
 
@@ -86,8 +92,9 @@ def trace_columns(trace: RoutingTrace) -> tuple[dict[str, np.ndarray], list[str]
         cols["expert_weights"] = np.concatenate(
             [w[v] for w, v in zip(trace.weights, valid, strict=True)]).astype(np.float32)
     for d, preds in sorted((trace.prefetch or {}).items()):
-        dt = np.int16 if E <= np.iinfo(np.int16).max else np.int32
-        cols[f"prefetch_{d}"] = np.concatenate([p[v] for p, v in zip(preds, valid, strict=True)]).astype(dt)
+        rows = np.concatenate([(p >= 0).sum(axis=2).ravel() for p in preds])
+        cols[f"prefetch_rows_{d}"] = rows.astype(_smallest_uint(int(rows.max()) if rows.size else 0))
+        cols[f"prefetch_{d}"] = np.concatenate([p[p >= 0] for p in preds]).astype(_smallest_uint(E - 1))
     return cols, domains
 
 
@@ -112,27 +119,14 @@ def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> Path:
                     for name, a in cols.items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as z:
-                z.writestr(_HEADER, json.dumps(header, indent=1))
-                for name, a in cols.items():
-                    z.writestr(f"{name}.npy", _npy_bytes(a))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as z:
+            z.writestr(_HEADER, json.dumps(header, indent=1))
+            for name, a in cols.items():
+                z.writestr(f"{name}.npy", _npy_bytes(a))
+
+    atomic_write_with(path, write)
     return path
 
 
@@ -161,9 +155,9 @@ def _check_header(header: object, path: Path) -> dict:
         fmt = header.get("format") if isinstance(header, dict) else None
         raise TraceFormatError(f"{path}: not a moekit routing trace (format {fmt!r}, expected {FORMAT!r})")
     version = header.get("version")
-    if version != VERSION:
+    if version not in READS:
         raise TraceFormatError(f"{path}: written by trace format version {version!r}; this moekit reads "
-                               f"version {VERSION} only")
+                               f"versions {', '.join(map(str, READS))}")
     required = ("num_experts", "num_layers", "num_sequences", "num_rows", "num_assignments", "columns")
     missing = [k for k in required if k not in header]
     if missing:
@@ -204,6 +198,25 @@ def _read_columns(path: Path, header: dict) -> dict[str, np.ndarray]:
     return cols
 
 
+def _ragged_to_padded(values_N: np.ndarray, counts_R: np.ndarray, T_S: np.ndarray, L: int, fill=-1,
+                      dtype=np.int64) -> list[np.ndarray]:
+    """Per sequence (L, T, K) arrays from a ragged column (rows in order, counts_R entries each);
+    K = the most entries of any row of that sequence."""
+    K = int(counts_R.max()) if counts_R.size else 0
+    start_R = np.cumsum(counts_R) - counts_R
+    row_N = np.repeat(np.arange(counts_R.size), counts_R)
+    slot_N = np.arange(values_N.size) - start_R[row_N]  # slot = index minus the row's first index
+    out_RK = np.full((counts_R.size, K), fill, dtype=dtype)
+    out_RK[row_N, slot_N] = values_N
+    seqs, r0 = [], 0
+    for T in T_S:
+        rows = int(L * T)
+        k = int(counts_R[r0:r0 + rows].max()) if rows else 0
+        seqs.append(out_RK[r0:r0 + rows, :k].reshape(L, int(T), k))
+        r0 += rows
+    return seqs
+
+
 def load_trace(path: str | os.PathLike) -> RoutingTrace:
     """Read a trace file written by `save_trace` (any violation raises TraceFormatError)."""
     path = Path(path)
@@ -233,23 +246,8 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
             raise bad(f"seq_domain indexes outside the {len(domains)} domain names")
         labels = [domains[i] for i in dom_idx]
 
-    # Ragged -> padded: slot of each assignment = its index minus its row's first index.
-    K = int(counts_R.max()) if counts_R.size else 0
-    start_R = np.cumsum(counts_R) - counts_R
-    row_N = np.repeat(np.arange(counts_R.size), counts_R)
-    slot_N = np.arange(ids_N.size) - start_R[row_N]
-
     def padded(values_N: np.ndarray, fill, dtype) -> list[np.ndarray]:
-        out_RK = np.full((counts_R.size, K), fill, dtype=dtype)
-        out_RK[row_N, slot_N] = values_N
-        seqs, r0 = [], 0
-        for T in T_S:
-            rows = int(L * T)
-            block = out_RK[r0:r0 + rows]
-            k = int(counts_R[r0:r0 + rows].max()) if rows else 0
-            seqs.append(block[:, :k].reshape(L, int(T), k))
-            r0 += rows
-        return seqs
+        return _ragged_to_padded(values_N, counts_R, T_S, L, fill, dtype)
 
     seqs = padded(ids_N, -1, np.int64)
     weights = padded(cols["expert_weights"], 0.0, np.float32) if "expert_weights" in cols else None
@@ -258,7 +256,22 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
         name = f"prefetch_{d}"
         if name not in cols:
             raise TraceFormatError(f"{path}: column {name!r} is missing")
-        prefetch[int(d)] = padded(cols[name].astype(np.int64), -1, np.int64)
+        pred = cols[name].astype(np.int64)
+        if header["version"] == 1:  # predictions in the slots of expert_ids, -1 = none
+            if pred.size != ids_N.size:
+                raise bad(f"{name} has {pred.size} entries, expert_ids {ids_N.size}")
+            prefetch[int(d)] = padded(pred, -1, np.int64)
+            continue
+        rows_name = f"prefetch_rows_{d}"
+        if rows_name not in cols:
+            raise TraceFormatError(f"{path}: column {rows_name!r} is missing")
+        pred_R = cols[rows_name].astype(np.int64)
+        if pred_R.size != counts_R.size or int(pred_R.sum()) != pred.size:
+            raise bad(f"{rows_name} has {pred_R.size} rows summing to {int(pred_R.sum())}, expected "
+                      f"{counts_R.size} rows summing to the {pred.size} entries of {name}")
+        if pred.size and pred.max() >= E:
+            raise bad(f"{name} holds expert id {int(pred.max())} >= num_experts {E}")
+        prefetch[int(d)] = _ragged_to_padded(pred, pred_R, T_S, L)
     try:
         return RoutingTrace(seqs, E, labels, weights, prefetch or None, header.get("layer_names"),
                             header.get("meta") or {})

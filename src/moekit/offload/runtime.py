@@ -8,9 +8,9 @@ stacked weights) is replaced by `OffloadedExperts`, which has the same `forward(
   1. active experts = those with rows (counts_E > 0), ascending;
   2. split into steps of at most `plan.step_size` experts (one step for a decode token);
   3. per step: `cache.acquire` (hits, demand loads), then - first step of a decode forward with
-     the predictive policy - predict the next MoE layer's experts (top-K of its gate applied to
-     this layer's input, mixtral-offloading style) and `cache.prefetch` them in the background
-     while this layer computes;
+     the predictive policy - predict the next MoE layer's experts (its router applied to this
+     layer's input: moekit.routers.predict, the rule analysis uses too) and `cache.prefetch` them
+     in the background while this layer computes;
   4. the same per-expert GEMMs as the resident grouped path (`moekit.ops.grouped`): torch.mm per
      expert in the dtype `grouped_linear` would pick, so outputs equal the resident layer's
      bit for bit (tested), then `cache.end_step`.
@@ -31,6 +31,7 @@ from moekit.layers.overrides import moe_layers
 from moekit.offload.cache import CachePlan, ExpertCache, hot_keys_from_counts, plan_cache
 from moekit.offload.store import ExpertStore
 from moekit.ops.grouped import compute_dtype
+from moekit.routers.predict import can_predict, predict_experts, priority_order
 
 __all__ = ["OffloadRuntime", "OffloadedExperts", "hot_counts", "offload", "token_experts"]
 
@@ -228,18 +229,9 @@ class OffloadRuntime:
         if nxt >= len(self.layers) or x_TD is None:
             return
         router = self.layers[nxt].router
-        if router.kind == "recurrent":  # its gate reads a GRU state, not the token
+        if not can_predict(router):  # e.g. the recurrent router: its gate reads a state, not the token
             return
-        E = self.store.num_experts
-        logits_TE = router.logits(x_TD)[:, :E]  # null-expert columns (AdaMoE) are never loaded
-        if router.expert_mask_E is not None:
-            logits_TE = logits_TE.masked_fill(router.expert_mask_E < 0, float("-inf"))
-        top_TK = torch.topk(logits_TE, min(self.plan.experts_per_token, E), dim=1).indices
-        order, seen = [], set()
-        for e in top_TK.t().reshape(-1).tolist():  # rank-major: every token's best guess first
-            if e not in seen:
-                seen.add(e)
-                order.append(e)
+        order = priority_order(predict_experts(router, x_TD))
         self.predictions.append((self.forward_idx, nxt, order))
         self.cache.prefetch(nxt, order)
 

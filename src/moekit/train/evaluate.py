@@ -69,7 +69,8 @@ def evaluate(model, tokenizer, seq_len: int = 128, max_tokens_per_domain: int = 
             nbytes += int(nbytes_V[target_BT.cpu()].sum())
             ntok += target_BT.numel()
             for j, layer in enumerate(layers):
-                experts_L[j] += layer.routing_info().route.num_assignments
+                # Executed assignments (after any capacity dropping): what the active-parameter count measures.
+                experts_L[j] += layer.routing_info().executed.num_assignments
         per_domain[domain] = {
             "loss": nll / ntok, "bpb": nll / math.log(2) / max(nbytes, 1), "tokens": ntok, "bytes": nbytes,
             "nll_nats": nll,
