@@ -72,6 +72,12 @@ class RoutingInfo:
 
 
 AUX_LOSS_NAMES = ("load_balance", "z_loss", "seq_balance", "dynamic")
+LAYER_AUX_LOSS_NAMES = ("load_balance", "z_loss", "seq_balance")  # every router; seq_balance for (B, T, D) input
+
+
+def aux_loss_names(cfg: MoEConfig) -> tuple[str, ...]:
+    """The aux losses a training forward of a layer with this config returns in `routing_info().aux`."""
+    return LAYER_AUX_LOSS_NAMES + router_class(cfg.router.kind).aux_loss_names(cfg.router)
 
 
 class _AttachAuxLoss(torch.autograd.Function):

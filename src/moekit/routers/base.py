@@ -213,6 +213,11 @@ class Router(nn.Module):
         """Router-specific unscaled losses over valid tokens (the layer adds the common ones)."""
         return {}
 
+    @classmethod
+    def aux_loss_names(cls, cfg: RouterConfig) -> tuple[str, ...]:
+        """Names of the router-specific losses `aux_losses` returns for this config."""
+        return ()
+
     def balance_assignment(self, route: RouterOutput,
                            valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(token_idx_N, expert_idx_N) that the balance losses' f counts: by default the router's own

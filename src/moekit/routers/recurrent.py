@@ -95,3 +95,7 @@ class RecurrentRouter(Router):
         if self.cfg.select_rule == "topp":
             return {"dynamic": dynamic_loss(route.scores_TE, valid_T)}
         return {}
+
+    @classmethod
+    def aux_loss_names(cls, cfg: RouterConfig) -> tuple[str, ...]:
+        return ("dynamic",) if cfg.select_rule == "topp" else ()

@@ -42,6 +42,10 @@ class TopPRouter(Router):
     def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
         return {"dynamic": dynamic_loss(route.scores_TE, valid_T)}
 
+    @classmethod
+    def aux_loss_names(cls, cfg: RouterConfig) -> tuple[str, ...]:
+        return ("dynamic",)
+
 
 def select_topp(logits_TE: torch.Tensor, cfg: RouterConfig, mask_E: torch.Tensor | None = None) -> RouterOutput:
     """The top-p selection rule on fp32 logits (shared with routers that compute logits differently).
