@@ -70,6 +70,12 @@ def test_sample_next_top_p_keeps_the_nucleus_only():
     assert draws == {0, 1}  # 0.5 < 0.7 needs the second token; 0.5 + 0.3 >= 0.7 stops there
     with pytest.raises(ValueError, match="top_p"):
         sample_next(logits, 1.0, 0.0, g)
+    # top_p equal to the top token's probability: the top token alone is the nucleus (here cumsum - P puts
+    # the mass before the second token just below top_p, which let it in)
+    logits = torch.tensor([[3.0819921493530273, -0.586857795715332, -4.357578754425049, 1.1368625164031982,
+                            -2.1690447330474854]])
+    top_p = float(torch.softmax(logits, -1).max())
+    assert {int(sample_next(logits, 1.0, top_p, g)) for _ in range(100)} == {0}
 
 
 def test_recurrent_router_state_flows_through_the_model():
