@@ -48,8 +48,9 @@ def hf_config_for(cfg):
                 "expert choice and random routers are moekit-only); re-route to kind='topk' before exporting")
     if moe.activation != "swiglu":
         _refuse(f"MoEConfig.activation={moe.activation!r}; transformers' MoE models use SwiGLU experts")
-    if moe.capacity_factor is not None:
-        _refuse("capacity_factor drops tokens; transformers' MoE models are dropless")
+    # capacity_factor drops only in training (moekit never drops in eval mode unless asked to)
+    if moe.eval_capacity_factor is not None:
+        _refuse("eval_capacity_factor drops tokens at inference; transformers' MoE models are dropless")
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
     if router.score == "softmax":
         if router.n_group > 1 or router.routed_scaling_factor != 1.0 or router.bias_update_rate > 0:
