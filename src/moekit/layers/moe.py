@@ -71,8 +71,8 @@ class RoutingInfo:
         }
 
 
-AUX_LOSS_NAMES = ("load_balance", "z_loss", "seq_balance", "dynamic")
 LAYER_AUX_LOSS_NAMES = ("load_balance", "z_loss", "seq_balance")  # every router; seq_balance for (B, T, D) input
+AUX_LOSS_NAMES = (*LAYER_AUX_LOSS_NAMES, "dynamic")  # + the top-p rule's entropy loss
 
 
 def aux_loss_names(cfg: MoEConfig) -> tuple[str, ...]:
@@ -170,8 +170,7 @@ class MoELayer(nn.Module):
 
         # Aux losses exist to be backpropagated: skip them when autograd is off (inference).
         aux = self._aux_losses(route, valid_T, num_valid, lead_shape, counted) if torch.is_grad_enabled() else {}
-        attached = aux and self.training and self.aux_loss_coefs is not None
-        if attached:
+        if aux and self.training and self.aux_loss_coefs is not None:
             total = sum(c * aux[name] for name, c in self.aux_loss_coefs.items() if name in aux)
             if isinstance(total, torch.Tensor) and total.requires_grad:
                 y_TD = _AttachAuxLoss.apply(y_TD, total)
