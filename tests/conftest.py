@@ -3,8 +3,8 @@ import torch
 
 import moekit
 
-_LAYER_FIELDS = {"num_shared_experts", "balance_scope", "shared_gate", "capacity_factor", "backend", "activation",
-                 "num_experts", "d_expert", "d_shared", "d_model"}
+_LAYER_FIELDS = {"num_shared_experts", "balance_scope", "shared_gate", "capacity_factor", "eval_capacity_factor",
+                 "backend", "activation", "num_experts", "d_expert", "d_shared", "d_model"}
 
 
 @pytest.fixture(autouse=True)

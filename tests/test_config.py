@@ -9,7 +9,7 @@ import moekit
 
 def test_round_trip_json(make_cfg):
     cfg = make_cfg(k=3, score="sigmoid", n_group=2, topk_group=1, num_shared_experts=2, shared_gate=True,
-                   capacity_factor=1.25, num_experts=8)
+                   capacity_factor=1.25, eval_capacity_factor=2.0, num_experts=8)
     d = json.loads(json.dumps(cfg.to_dict()))
     assert d["type"] == "MoEConfig" and d["version"] == 1
     assert moekit.MoEConfig.from_dict(d) == cfg
@@ -39,6 +39,7 @@ def test_wrong_type_and_newer_version_are_refused(make_cfg):
     ({"kind": "nope"}, r"RouterConfig.kind: unknown router 'nope'; registered: \['expert_choice', 'null', 'random', 'recurrent', 'topk', 'topp'\]"),
     ({"capacity_factor": 0.0}, r"MoEConfig.capacity_factor=0.0 .*None \(dropless\) or a float > 0"),
     ({"capacity_factor": -1.0}, r"MoEConfig.capacity_factor"),
+    ({"eval_capacity_factor": 0.0}, r"MoEConfig.eval_capacity_factor=0.0 .*None \(dropless in eval mode\) or a float > 0"),
     ({"score": "relu"}, r"RouterConfig.score='relu' .*one of \('softmax', 'sigmoid'\)"),
     ({"n_group": 3}, r"RouterConfig.n_group=3 .*divisor of num_experts=4"),
     ({"n_group": 2, "topk_group": 3}, r"RouterConfig.topk_group=3 .*\[1, n_group=2\]"),
@@ -88,3 +89,14 @@ def test_recurrent_and_global_fields_validate_and_round_trip():
     assert "gru_dim=8, select_rule=topp, p=0.3" in cfg.router.describe()
     with pytest.raises(ValueError, match="RouterConfig.select_rule='greedy'"):
         moekit.RouterConfig(kind="recurrent", select_rule="greedy").validate(4)
+
+
+@pytest.mark.parametrize("kw,expected", [
+    ({"kind": "topk", "k": 2}, True), ({"kind": "topk", "k": 1}, False),    # k = 1: the raw probability (Switch)
+    ({"kind": "topk", "k": 1, "normalize": True}, True), ({"kind": "topk", "k": 2, "normalize": False}, False),
+    ({"kind": "null", "k": 2}, True), ({"kind": "null", "k": 1}, False),
+    ({"kind": "recurrent", "k": 1}, False), ({"kind": "recurrent", "select_rule": "topp", "k": 4}, False),
+    ({"kind": "topp"}, False), ({"kind": "topp", "normalize": True}, True),
+])
+def test_normalize_default_resolves_per_rule(kw, expected):
+    assert moekit.RouterConfig(**kw).normalizes() is expected

@@ -45,7 +45,7 @@ class RouterConfig:
 
     Fields used by `topk` (the Mixtral / OLMoE / Qwen / DeepSeek family):
       k, score ("softmax"|"sigmoid"), normalize (renormalise the chosen weights; transformers'
-      `norm_topk_prob`; None = the router's default: True for topk, False for topp),
+      `norm_topk_prob`; None = the rule's default, see `normalizes()`),
       routed_scaling_factor, n_group/topk_group (group-limited
       selection), bias_update_rate (gamma of aux-loss-free balancing; 0 disables the bias),
       bias_recenter (keep sum(bias)=0), jitter (multiply the router input by U(1-eps, 1+eps) in
@@ -84,8 +84,16 @@ class RouterConfig:
     gru_dim: int = 256
     select_rule: str = "topk"
 
-    def normalize_or(self, default: bool) -> bool:
-        return default if self.normalize is None else self.normalize
+    def normalizes(self) -> bool:
+        """Whether the chosen experts' weights are renormalised: `normalize` when set, else the rule's
+        default — top-p: no (arXiv 2403.07652 uses the raw probabilities); top-k and null experts: yes
+        for k > 1, and no for k = 1, where a renormalised weight is always exactly 1 and the gate
+        would learn nothing from the task loss (Switch Transformer, arXiv 2101.03961, uses the raw
+        probability)."""
+        if self.normalize is not None:
+            return self.normalize
+        rule = self.select_rule if self.kind == "recurrent" else self.kind
+        return rule != "topp" and self.k > 1
 
     def validate(self, num_experts: int) -> RouterConfig:
         from moekit.routers import router_class  # late import: routers depend on this module
@@ -123,8 +131,8 @@ class RouterConfig:
             return f"ec_capacity_factor={self.ec_capacity_factor}"
         if self.kind == "topp":
             cap = f", max_k={self.max_k}" if self.max_k is not None else ""
-            return f"p={self.p}, min_k={self.min_k}{cap}, normalize={self.normalize_or(False)}"
-        parts = [f"k={self.k}", f"score={self.score}", f"normalize={self.normalize_or(True)}"]
+            return f"p={self.p}, min_k={self.min_k}{cap}, normalize={self.normalizes()}"
+        parts = [f"k={self.k}", f"score={self.score}", f"normalize={self.normalizes()}"]
         if self.kind == "null":
             parts.append(f"n_null={self.n_null}")
         if self.routed_scaling_factor != 1.0:
@@ -150,7 +158,10 @@ class MoEConfig:
     d_expert is one routed expert's hidden width F. Shared experts are one always-on FFN of width
     d_shared (default num_shared_experts * d_expert, as DeepSeek builds it), optionally scaled by
     a sigmoid gate (Qwen2-MoE). capacity_factor=None is dropless; a float caps each expert at
-    ceil(capacity_factor * N / E) assignments and drops (and counts) the overflow.
+    ceil(capacity_factor * N / E) assignments in training and drops (and counts) the overflow.
+    Capacity is a training device: in eval mode (evaluation, generation) nothing is dropped unless
+    eval_capacity_factor (None = dropless) asks for it, so a sequence's output never depends on
+    the other sequences of its batch and the KV-cached path equals the full forward.
     balance_scope: "micro" computes the load-balancing loss's expert frequencies f per micro-batch
     (most frameworks' default); "global" accumulates them over the micro-batches of an optimiser
     step and all data-parallel ranks (arXiv 2501.11873).
@@ -165,6 +176,7 @@ class MoEConfig:
     d_shared: int | None = None
     shared_gate: bool = False
     capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
     backend: str = "auto"
     balance_scope: str = "micro"
 
@@ -189,6 +201,8 @@ class MoEConfig:
                "None or an integer >= 1")
         _check(self.capacity_factor is None or self.capacity_factor > 0, "MoEConfig.capacity_factor",
                self.capacity_factor, "None (dropless) or a float > 0")
+        _check(self.eval_capacity_factor is None or self.eval_capacity_factor > 0, "MoEConfig.eval_capacity_factor",
+               self.eval_capacity_factor, "None (dropless in eval mode) or a float > 0")
         _check(self.backend in BACKENDS, "MoEConfig.backend", self.backend, f"one of {BACKENDS}")
         _check(self.balance_scope in BALANCE_SCOPES, "MoEConfig.balance_scope", self.balance_scope,
                f"one of {BALANCE_SCOPES}")

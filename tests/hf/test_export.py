@@ -73,3 +73,16 @@ def test_export_command(tmp_path):
     assert main(["export", str(run), "--to", "hf", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").is_file()
     assert main(["eval", "--hf", str(tmp_path / "hf"), "--tokens", "32", "--seq-len", "16"]) == 0
+
+
+def test_a_training_capacity_exports_and_an_eval_capacity_is_refused(tmp_path):
+    """Capacity limits drop only in training, so the exported model computes what moekit's eval mode does."""
+    torch.manual_seed(0)
+    model = MoELM(lm(moe_kw={"capacity_factor": 0.5})).eval()
+    export_hf(model, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 100, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ExportError, match="eval_capacity_factor"):
+        export_hf(MoELM(lm(moe_kw={"eval_capacity_factor": 1.0})), tmp_path / "hf2")

@@ -198,3 +198,48 @@ def test_aux_losses_only_when_autograd_records(make_cfg):
         layer(torch.randn(5, 32))
     info = layer.routing_info()
     assert info.aux == {} and info.stats()["experts_per_token_mean"] == 2.0
+
+
+# ------------------------------------------------------------ capacity is a training device (issue 11, item 7)
+def test_eval_mode_never_drops_unless_eval_capacity_factor_asks(make_cfg):
+    layer = moekit.MoELayer(make_cfg(num_experts=4, k=1, capacity_factor=0.5))
+    dropless = moekit.MoELayer(make_cfg(num_experts=4, k=1))
+    dropless.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        layer.router.weight[2, 0] = 100.0  # most tokens pick expert 2
+        dropless.router.weight[2, 0] = 100.0
+    x = torch.randn(40, 32)
+    x[:, 0] = x[:, 0].abs() + 0.1
+    layer(x)
+    assert layer.routing_info().num_dropped > 0  # training drops
+    layer.eval()
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.routing_info().num_dropped == 0
+    torch.testing.assert_close(y, dropless.eval()(x))
+    explicit = moekit.MoELayer(make_cfg(num_experts=4, k=1, capacity_factor=0.5, eval_capacity_factor=0.5)).eval()
+    explicit.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        explicit(x)
+    assert explicit.routing_info().num_dropped == 35
+
+
+# ------------------------------------------------------------------------ empty input (issue 11, item 13)
+@pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "mask"])
+@pytest.mark.parametrize("kind", moekit.registered_routers())
+def test_empty_input_gives_empty_output_and_zero_aux_losses(make_cfg, kind, padded):
+    cfg = make_cfg(kind=kind, k=2, n_null=2 if kind == "null" else 0, gru_dim=8, allow_causal_leak=True)
+    layer = moekit.MoELayer(cfg).train()
+    state = moekit.RecurrentState(torch.nn.GRUCell(8, 8)) if kind == "recurrent" else None
+    # (B, 0, D), with or without a (B, 0) mask; with a mask also a batch that is all padding
+    for T in [0, 3] if padded else [0]:
+        x = torch.randn(2, T, 32, requires_grad=True)
+        mask = torch.zeros(2, T, dtype=torch.bool) if padded else None
+        out = layer(x, mask, router_state=state)
+        y = out[0] if state is not None else out
+        assert y.shape == (2, T, 32) and not y.any()
+        aux = layer.routing_info().aux
+        assert {"load_balance", "z_loss", "seq_balance"} <= set(aux)
+        assert all(float(v.detach()) == 0.0 for v in aux.values()), aux
+        (y.sum() + sum(aux.values())).backward()  # and backward runs
+        assert layer.routing_info().stats()["tokens"] == 0

@@ -70,6 +70,12 @@ def test_sample_next_top_p_keeps_the_nucleus_only():
     assert draws == {0, 1}  # 0.5 < 0.7 needs the second token; 0.5 + 0.3 >= 0.7 stops there
     with pytest.raises(ValueError, match="top_p"):
         sample_next(logits, 1.0, 0.0, g)
+    # top_p equal to the top token's probability: the top token alone is the nucleus (here cumsum - P puts
+    # the mass before the second token just below top_p, which let it in)
+    logits = torch.tensor([[3.0819921493530273, -0.586857795715332, -4.357578754425049, 1.1368625164031982,
+                            -2.1690447330474854]])
+    top_p = float(torch.softmax(logits, -1).max())
+    assert {int(sample_next(logits, 1.0, top_p, g)) for _ in range(100)} == {0}
 
 
 def test_recurrent_router_state_flows_through_the_model():
@@ -109,3 +115,40 @@ def test_tied_embeddings_share_one_tensor_and_config_round_trips():
     model = MoELM(cfg)
     assert model.lm_head.weight is model.embed.weight
     assert LMConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ------------------------------------------------ capacity never drops at evaluation or generation (issue 11, item 7)
+def capacity_model(**moe_kw):
+    cfg = lm_cfg("topk")
+    cfg.moe = dataclasses.replace(cfg.moe, capacity_factor=0.5, **moe_kw)
+    model = MoELM(cfg).double()
+    with torch.no_grad():  # a peaked router, so that a capacity of 0.5 really drops in training
+        for layer in model.moe_layers():
+            layer.router.weight.mul_(40.0)
+    return model
+
+
+def test_a_sequences_logits_do_not_depend_on_its_batch_with_capacity_set():
+    model = capacity_model()
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(ids)
+    assert sum(layer.routing_info().num_dropped for layer in model.moe_layers()) > 0  # training drops
+    model.eval()
+    alone, batched = model(ids[:1]), model(ids)[:1]
+    torch.testing.assert_close(batched, alone)
+    assert all(layer.routing_info().num_dropped == 0 for layer in model.moe_layers())
+    # the KV-cached path equals the full forward ("cached equals uncached")
+    cache = KVCache(model.cfg, 2, 16, dtype=torch.float64)
+    parts = [model(ids[:, :6], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(6, 12)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), model(ids))
+    prompt = ids[:, :4]
+    assert torch.equal(generate(model, prompt, 6), generate(model, prompt, 6, use_cache=False))
+
+
+def test_eval_capacity_factor_drops_when_asked():
+    model = capacity_model(eval_capacity_factor=0.5).eval()
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids)
+    assert sum(layer.routing_info().num_dropped for layer in model.moe_layers()) > 0

@@ -83,3 +83,47 @@ def test_null_config_errors():
         moekit.RouterConfig(kind="null").validate(4)
     with pytest.raises(ValueError, match=r"num_experts \+ n_null = 6"):
         moekit.RouterConfig(kind="null", n_null=2, k=7).validate(4)
+
+
+def adamoe_weights(logits_TX: torch.Tensor, E: int, k: int) -> torch.Tensor:
+    """CengZihao/AdaMoE `CustomMixtralSparseMoeBlock` (transcribed): the top-k weights of the real picks
+    divided by their sum, an exact zero sum replaced by 1; null picks keep their raw weight (unused)."""
+    w_TK, idx_TK = torch.topk(torch.softmax(logits_TX, dim=-1), k, dim=-1)
+    real = idx_TK < E
+    selected = w_TK * real.float()
+    total = selected.sum(dim=-1, keepdim=True)
+    total[total == 0] = 1
+    return torch.zeros_like(logits_TX).scatter(1, idx_TK, selected / total)[:, :E]
+
+
+def null_router(E, M, k):
+    return NullExpertRouter(moekit.RouterConfig(kind="null", n_null=M, k=k).validate(E), 8, E)
+
+
+def dense_weights(route) -> torch.Tensor:
+    w = torch.zeros(route.num_tokens, route.num_experts)
+    return w.index_put((route.token_idx_N, route.expert_idx_N), route.weight_N.detach(), accumulate=True)
+
+
+def test_a_tiny_real_share_is_renormalised_to_one_without_clamping():
+    """E = 1 real, M = 1 null, k = 2, logits [-50, 0]: the real expert's weight is 1.0 (a 1e-20 clamp gave 0.0193)."""
+    route = null_router(1, 1, 2).select(torch.tensor([[-50.0, 0.0]]), torch.zeros(1, 8))
+    torch.testing.assert_close(route.weight_N, torch.tensor([1.0]))
+
+
+def test_weights_equal_the_authors_code():
+    g = torch.Generator().manual_seed(0)
+    E, M, k = 4, 2, 3
+    logits = 6 * torch.randn(200, E + M, generator=g)
+    logits[:20, :E] -= 60  # real experts far behind: each of these tokens gets one real pick of tiny share
+    route = null_router(E, M, k).select(logits, torch.zeros(200, 8))
+    torch.testing.assert_close(dense_weights(route), adamoe_weights(logits, E, k), rtol=1e-6, atol=0)
+
+
+def test_k1_keeps_the_raw_probability_and_trains_the_gate(make_cfg):
+    route = null_router(2, 2, 1).select(torch.tensor([[2.0, 0.0, 0.0, 0.0]]), torch.zeros(1, 8))
+    torch.testing.assert_close(route.weight_N, torch.softmax(torch.tensor([2.0, 0.0, 0.0, 0.0]), 0)[:1])
+    layer = moekit.MoELayer(make_cfg(kind="null", n_null=2, k=1))
+    x = torch.randn(16, 32)
+    layer(x).pow(2).sum().backward()  # the task loss alone
+    assert layer.router.weight.grad.abs().max() > 1e-3

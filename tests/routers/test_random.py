@@ -7,20 +7,29 @@ import moekit
 from moekit.routers.random import SCHEDULES, scheduled_k
 
 
-@pytest.mark.parametrize("schedule,expected", [
-    ("linear", [1, 2, 2, 3, 4, 4, 5, 5]),        # round(4 * s / 6) + 1 at s = 0, 1, 2, ...
-    ("multistep", [1, 1, 2, 3, 4, 5, 5, 5]),     # 1 + floor(5 * s / 6)
-    ("cosine", [1, 1, 2, 3, 4, 5, 5, 5]),
-    ("exponential", [1, 1, 2, 2, 3, 4, 5, 5]),   # round(5 ** (s / 6))
+@pytest.mark.parametrize("schedule,S,k_min,k_max,s,expected", [
+    # The reference code's curves (VITA-Group/Random-MoE-as-Dropout, new_utils.calculate_gate_number);
+    # moekit's earlier curves gave 2, 1, 1 on the first three rows.
+    ("cosine", 10, 1, 4, 3, 1),            # round(-3 * cos(3pi/20)) + 4 = round(-2.67) + 4
+    ("exponential", 300, 1, 4, 19, 2),     # round(-3 * 0.99 ** 19) + 4 = round(-2.48) + 4
+    ("multistep", 10, 1, 4, 2, 2),         # [1, 2, 4, 8, 16][int(5 * 2 / 10)]
+    ("linear", 10, 1, 6, 5, 3),            # round(5 * 0.5) + 1: Python rounds 2.5 half to even, to 2
+    # the paper's setting: k 8 -> 16 over S = 400000 steps, halfway
+    ("cosine", 400_000, 8, 16, 200_000, 10),
+    ("exponential", 400_000, 8, 16, 200_000, 14),
+    ("multistep", 400_000, 8, 16, 200_000, 8),   # [1, 2, 4, 8, 16][2] = 4, clipped to k_min
+    ("linear", 400_000, 8, 16, 200_000, 12),
 ])
-def test_schedule_values(schedule, expected):
-    assert [scheduled_k(schedule, s, 6, 1, 5) for s in range(8)] == expected
+def test_schedule_values_match_the_reference(schedule, S, k_min, k_max, s, expected):
+    assert scheduled_k(schedule, s, S, k_min, k_max) == expected
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_schedules_are_monotone_and_clipped(schedule):
-    ks = [scheduled_k(schedule, s, 50, 2, 7) for s in range(80)]
-    assert ks[0] == 2 and ks[-1] == 7
+@pytest.mark.parametrize("S", [50, 300, 1000])
+def test_schedules_are_monotone_and_clipped(schedule, S):
+    ks = [scheduled_k(schedule, s, S, 2, 7) for s in range(2 * S)]
+    assert ks[0] == 2  # multistep's first stage (1) is clipped to k_min
+    assert ks[-1] == 7 and min(ks) >= 2 and max(ks) <= 7
     assert all(a <= b for a, b in zip(ks, ks[1:], strict=False))
 
 

@@ -1,5 +1,7 @@
 """Top-k router family: selection rules, weights, groups, bias."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -138,3 +140,159 @@ def test_registry(name):
     assert name in moekit.registered_routers()
     with pytest.raises(ValueError, match="already registered"):
         moekit.register(name)(TopKRouter)
+
+
+# --------------------------------------------------------------- k = 1 keeps a task gradient (issue 11, item 5)
+def gate_grad_from_task_loss(layer, state=None):
+    x = torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    y = layer(x) if state is None else layer(x, router_state=state)[0]
+    y.pow(2).sum().backward()  # no aux loss: only the task reaches the gate
+    return layer.router.weight.grad.abs().max().item()
+
+
+def test_k1_default_is_the_raw_probability_with_a_task_gradient(make_cfg):
+    r = make_router(k=1)
+    out = r(torch.randn(6, 16))
+    torch.testing.assert_close(out.weight_N, out.scores_TE.gather(1, out.expert_idx_N.unsqueeze(1)).squeeze(1))
+    assert bool((out.weight_N < 1).all())
+    assert gate_grad_from_task_loss(moekit.MoELayer(make_cfg(k=1))) > 1e-2
+    # RMoE with select_rule="topk" and moekit.route(k=1) resolve the same default
+    rec = moekit.MoELayer(make_cfg(kind="recurrent", k=1, gru_dim=8))
+    assert gate_grad_from_task_loss(rec, moekit.RecurrentState(torch.nn.GRUCell(8, 8))) > 1e-2
+    layer = moekit.MoELayer(make_cfg(k=2))
+    with moekit.route(layer, k=1):
+        layer(torch.randn(5, 32))
+        info = layer.routing_info()
+    assert bool((info.route.weight_N < 1).all())
+
+
+def test_explicit_normalize_with_k1_warns_once_and_starves_the_gate(make_cfg, monkeypatch):
+    from moekit.routers import base
+
+    monkeypatch.setattr(base, "_WARNED", set())
+    with pytest.warns(UserWarning, match="exactly 1.0"):
+        layer = moekit.MoELayer(make_cfg(k=1, normalize=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        moekit.MoELayer(make_cfg(k=1, normalize=True))  # once per process
+    raw = moekit.MoELayer(make_cfg(k=1))
+    raw.load_state_dict(layer.state_dict())
+    # a weight of exactly 1.0 leaves the gate only rounding noise (the issue measured 1.7e-8 vs 0.27)
+    assert gate_grad_from_task_loss(layer) < 1e-3 * gate_grad_from_task_loss(raw)
+
+
+# ------------------------------------------------------ routing state keeps its precision (issue 11, item 6)
+def bf16_exact_layer(make_cfg):
+    layer = moekit.MoELayer(make_cfg(num_experts=8, k=2, score="sigmoid", bias_update_rate=1e-3)).eval()
+    with torch.no_grad():
+        layer.router.weight.copy_(layer.router.weight.bfloat16().float())  # the gate itself survives a cast
+        layer.router.e_score_correction_bias.copy_(
+            1.0 + 0.05 * torch.randn(8, generator=torch.Generator().manual_seed(1)))
+    return layer
+
+
+def chosen(layer, x):
+    with torch.no_grad():
+        layer(x)
+    return layer.routing_info().route.to_padded()[0].sort(-1).values
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half"])
+def test_casting_the_layer_keeps_the_selection_bias_in_fp32(make_cfg, cast):
+    layer = bf16_exact_layer(make_cfg)
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(2)).bfloat16()
+    before = chosen(layer, x.float())
+    bias = layer.router.e_score_correction_bias.clone()
+    assert not torch.equal(bias.bfloat16().float(), bias)  # a cast would round it
+    layer = layer.to(torch.bfloat16) if cast == "to_bf16" else layer.half()
+    kept = layer.router.e_score_correction_bias
+    assert kept.dtype == torch.float32 and torch.equal(kept, bias)
+    assert layer.experts.gate_up_proj.dtype != torch.float32  # the rest was cast
+    after = chosen(layer, x if cast == "to_bf16" else x.half())
+    assert torch.equal(after, before)  # no token re-routes
+    # a 1e-3 update moves the bias (bf16 would round 1 + 1e-3 back to 1) and moves routing: push the k-th
+    # choice of the closest-call token down and its runner-up up (the other experts' counts sit at the mean)
+    biased_TE = layer.routing_info().route.scores_TE + bias
+    top_TK = biased_TE.topk(3, dim=-1)
+    margin_T = top_TK.values[:, 1] - top_TK.values[:, 2]
+    t = int(margin_T.argmin())
+    assert margin_T[t] < 2e-3
+    counts_E = torch.full((8,), 10)
+    counts_E[top_TK.indices[t, 1]], counts_E[top_TK.indices[t, 2]] = 11, 9
+    layer.router.update_bias(counts_E)
+    delta_E = layer.router.e_score_correction_bias - bias
+    torch.testing.assert_close(delta_E.abs().sum(), torch.tensor(2e-3), rtol=0, atol=1e-6)
+    assert bool((bias.bfloat16() + delta_E.bfloat16() == bias.bfloat16()).all())  # lost in bf16
+    assert (chosen(layer, x if cast == "to_bf16" else x.half()) != before).any()
+
+
+def test_device_moves_keep_the_same_bias_tensor_values(make_cfg):
+    layer = bf16_exact_layer(make_cfg)
+    bias = layer.router.e_score_correction_bias.clone()
+    layer.to("cpu", torch.float64)
+    assert layer.router.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(layer.router.e_score_correction_bias, bias)
+    assert layer.router.weight.dtype == torch.float64
+
+
+# ------------------------------------------------------------------ normalisation faithful to each reference (item 2)
+def test_sigmoid_normalisation_matches_transformers_deepseek_v3_on_vanishing_scores():
+    r = make_router(E=4, k=2, score="sigmoid", normalize=True)
+    logits = torch.tensor([[-120.0, -121.0, -200.0, -200.0]])  # sigmoid sums ~1e-52: +1e-20 dominates
+    out = r.select(logits, torch.zeros(1, 16))
+    w = torch.sigmoid(logits)[:, :2]
+    torch.testing.assert_close(out.to_padded()[1].sort(-1, descending=True).values, w / (w.sum() + 1e-20))
+
+
+# --------------------------------------------- balance losses count the unbiased plain top-k (items 9, 10)
+def test_balance_assignment_is_the_plain_topk_of_unbiased_scores():
+    r = make_router(E=8, k=2, score="sigmoid", bias_update_rate=1e-3)
+    x = torch.randn(30, 16)
+    r.e_score_correction_bias[3] = 10.0
+    out = r(x)
+    tok, exp = r.balance_assignment(out, None)
+    plain = torch.topk(out.scores_TE, 2, dim=-1).indices.sort(-1).values
+    assert torch.equal(exp.view(30, 2).sort(-1).values, plain) and torch.equal(tok, torch.arange(30).repeat_interleave(2))
+    assert (out.expert_idx_N == 3).sum() == 30 and (plain == 3).sum() < 30  # routed != counted
+    valid = torch.arange(30) < 20
+    tok, exp = r.balance_assignment(out, valid)
+    assert int(tok.max()) == 19 and exp.numel() == 40
+    r.e_score_correction_bias.zero_()
+    r.cfg.bias_update_rate = 0.0
+    out = r(x)
+    assert r.balance_assignment(out, None)[1] is out.expert_idx_N  # no bias, no groups: the routed experts
+
+
+# ---------------------------------------------------------------------- expert choice and padding (issue 11, item 4)
+def ec_router(E=2, cf=1.0):
+    return ExpertChoiceRouter(moekit.RouterConfig(kind="expert_choice", ec_capacity_factor=cf).validate(E), 16, E)
+
+
+def test_expert_choice_excludes_padding_before_experts_pick():
+    """T = 2 with token 1 padding, E = 2, capacity factor 1: the real token gets both experts."""
+    out = ec_router().select(torch.tensor([[0.4, 0.0], [2.2, 0.0]]), torch.zeros(2, 16), torch.tensor([True, False]))
+    assert out.token_idx_N.tolist() == [0, 0] and sorted(out.expert_idx_N.tolist()) == [0, 1]
+
+
+def test_expert_choice_capacity_over_valid_tokens_and_ties_to_the_earlier_token():
+    r = ec_router(E=4, cf=2.0)
+    valid = torch.tensor([True, False, True, True, False, True, True, True])  # 6 valid tokens
+    out = r.select(torch.randn(8, 4), torch.zeros(8, 16), valid)
+    assert torch.equal(out.counts_E(), torch.full((4,), 3))  # round(2 * 6 / 4), not round(2 * 8 / 4) = 4
+    assert valid[out.token_idx_N].all()
+    tied = r.select(torch.zeros(8, 4), torch.zeros(8, 16), valid)  # every score ties
+    for e in range(4):
+        assert tied.token_idx_N[tied.expert_idx_N == e].tolist() == [0, 2, 3]
+
+
+def test_expert_choice_layer_gives_padding_no_slot(make_cfg):
+    layer = moekit.MoELayer(make_cfg(kind="expert_choice", ec_capacity_factor=1.0, num_experts=2))
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 1.0
+    x = torch.zeros(1, 2, 32)
+    x[0, 0, 0], x[0, 1, 0] = 0.4, 2.2
+    y = layer(x, padding_mask=torch.tensor([[True, False]]))
+    info = layer.routing_info()
+    assert info.route.token_idx_N.tolist() == [0, 0] and int(info.counts_E.sum()) == 2
+    assert bool((y[0, 1] == 0).all())

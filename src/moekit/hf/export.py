@@ -48,8 +48,9 @@ def hf_config_for(cfg):
                 "expert choice and random routers are moekit-only); re-route to kind='topk' before exporting")
     if moe.activation != "swiglu":
         _refuse(f"MoEConfig.activation={moe.activation!r}; transformers' MoE models use SwiGLU experts")
-    if moe.capacity_factor is not None:
-        _refuse("capacity_factor drops tokens; transformers' MoE models are dropless")
+    # capacity_factor drops only in training (moekit never drops in eval mode unless asked to)
+    if moe.eval_capacity_factor is not None:
+        _refuse("eval_capacity_factor drops tokens at inference; transformers' MoE models are dropless")
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
     if router.score == "softmax":
         if router.n_group > 1 or router.routed_scaling_factor != 1.0 or router.bias_update_rate > 0:
@@ -58,10 +59,10 @@ def hf_config_for(cfg):
             _refuse("softmax top-k with shared experts (ungated) has no identical transformers model")
         if cfg.qk_norm:
             return Qwen3MoeConfig(**_common(cfg), num_experts=moe.num_experts, moe_intermediate_size=moe.d_expert,
-                                  intermediate_size=cfg.dense_width, norm_topk_prob=router.normalize_or(True),
+                                  intermediate_size=cfg.dense_width, norm_topk_prob=router.normalizes(),
                                   decoder_sparse_step=1, mlp_only_layers=list(range(cfg.n_dense)),
                                   rope_parameters=rope, attention_bias=False, output_router_logits=False)
-        if not router.normalize_or(True) or cfg.n_dense:
+        if not router.normalizes() or cfg.n_dense:
             _refuse("softmax top-k without q/k norm maps to Mixtral, which always renormalises and has no dense "
                     "layers; train with model.qk_norm=true (Qwen3-MoE) for other settings")
         return MixtralConfig(**_common(cfg), num_local_experts=moe.num_experts, intermediate_size=moe.d_expert,
@@ -77,7 +78,7 @@ def hf_config_for(cfg):
     return Glm4MoeConfig(**_common(cfg), n_routed_experts=moe.num_experts, moe_intermediate_size=moe.d_expert,
                          n_shared_experts=moe.num_shared_experts, intermediate_size=cfg.dense_width,
                          first_k_dense_replace=cfg.n_dense, n_group=router.n_group, topk_group=router.topk_group,
-                         norm_topk_prob=router.normalize_or(True), routed_scaling_factor=router.routed_scaling_factor,
+                         norm_topk_prob=router.normalizes(), routed_scaling_factor=router.routed_scaling_factor,
                          use_qk_norm=cfg.qk_norm, attention_bias=False,
                          rope_parameters={**rope, "partial_rotary_factor": 1.0})
 

@@ -8,7 +8,10 @@ Forward stages:
   3. plan:     sort by expert, counts, offsets; capacity drops counted
   4. experts:  grouped GEMMs over the stacked weights
   5. combine:  weighted scatter-add back to tokens; + shared experts (optionally sigmoid-gated)
-  6. losses:   unscaled aux losses returned in `routing_info().aux`
+  6. losses:   unscaled aux losses returned in `routing_info().aux` (or attached to the output,
+               see `attach_aux_losses`)
+
+Capacity (`capacity_factor`) drops only in training; eval mode drops only with `eval_capacity_factor`.
 
 Recurrent routers (RMoE) need the routing state of the previous MoE layer: pass
 `router_state=RecurrentState(gru)` to the first layer and each returned state to the next;
@@ -17,6 +20,7 @@ with `router_state` given, forward returns `(y, next_state)` (other routers hand
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +33,7 @@ from moekit.experts import ExpertBank, SharedExpert
 from moekit.ops.grouped import grouped_mm_available, warn_missing_kernel
 from moekit.ops.reference import moe_reference
 from moekit.routers import RecurrentState, RouterOutput, router_class
+from moekit.routers.base import warn_once
 
 
 @dataclass
@@ -66,6 +71,31 @@ class RoutingInfo:
         }
 
 
+LAYER_AUX_LOSS_NAMES = ("load_balance", "z_loss", "seq_balance")  # every router; seq_balance for (B, T, D) input
+AUX_LOSS_NAMES = (*LAYER_AUX_LOSS_NAMES, "dynamic")  # + the top-p rule's entropy loss
+
+
+def aux_loss_names(cfg: MoEConfig) -> tuple[str, ...]:
+    """The aux losses a training forward of a layer with this config returns in `routing_info().aux`."""
+    return LAYER_AUX_LOSS_NAMES + router_class(cfg.router.kind).aux_loss_names(cfg.router)
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on the layer output whose backward also sends gradient 1 to `aux_total` (Megatron-LM's
+    MoEAuxLossAutoScaler): the aux losses reach the optimiser through the output, in whichever pass
+    builds the graph that backward walks (the forward, or a reentrant checkpoint's recompute)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, aux_total: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_total)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (aux_total,) = ctx.saved_tensors
+        return grad_y, torch.ones_like(aux_total)
+
+
 class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -83,17 +113,23 @@ class MoELayer(nn.Module):
         # Executed assignments per expert over the current optimiser step (training only), read by
         # the aux-loss-free bias update. Non-persistent: it is step state, not model state.
         self.register_buffer("step_counts_E", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
-        # Global-batch balance (balance_scope="global"): executed counts and valid tokens summed
+        # Global-batch balance (balance_scope="global"): chosen counts and valid tokens summed
         # over this step's micro-batches so far (all-reduced over ranks); reset every optimiser step.
         self.register_buffer("global_counts_E", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
         self.register_buffer("global_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
-        self._global_f_E: torch.Tensor | None = None  # f of the last real forward, reused by recomputation
+        self._global_f_E: torch.Tensor | None = None  # f of the last counted forward, reused by recomputation
+        # Training forwards run without autograd and not yet recomputed: each may be the first pass of a
+        # reentrant activation checkpoint, whose recompute (inside backward) is then the pass that counts.
+        self._unrecomputed = 0
+        # Per-layer coefficients of aux losses attached to the output (see `attach_aux_losses`).
+        self.aux_loss_coefs: dict[str, float] | None = None
         self._info: RoutingInfo | None = None
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 router_state: RecurrentState | None = None) -> torch.Tensor | tuple[torch.Tensor, RecurrentState]:
-        """x: (B, T, D) or (T, D). padding_mask: same leading shape, True/1 for real tokens.
-        router_state: the recurrent routing state (see the module doc); when given, returns (y, state)."""
+        """x: (B, T, D) or (T, D) (T = 0 gives an empty output and zero aux losses). padding_mask: same
+        leading shape, True/1 for real tokens. router_state: the recurrent routing state (see the module
+        doc); when given, returns (y, state)."""
         if x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"MoELayer: input last dim is {x.shape[-1]}, expected d_model={self.cfg.d_model}")
         if x.dim() not in (2, 3):
@@ -107,17 +143,19 @@ class MoELayer(nn.Module):
                 raise ValueError(f"MoELayer: padding_mask shape {tuple(padding_mask.shape)} does not match "
                                  f"the input's leading shape {tuple(lead_shape)}")
             valid_T = padding_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+        counted = self._counted_pass()
 
         if self.router.kind == "recurrent":
-            route = self.router(x_TD, router_state)
+            route = self.router(x_TD, router_state, valid_T=valid_T)
         else:
-            route = self.router(x_TD)
+            route = self.router(x_TD, valid_T=valid_T)
         if valid_T is not None:
             route = route.keep(valid_T[route.token_idx_N])
         num_valid = T if valid_T is None else int(valid_T.sum())
 
-        plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, self.cfg.num_experts,
-                         self.cfg.capacity_factor)
+        # Capacity limits are a training device: in eval mode only eval_capacity_factor drops.
+        capacity_factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+        plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, self.cfg.num_experts, capacity_factor)
         if self.use_reference:
             y_TD = moe_reference(x_TD, plan.token_N, plan.expert_N, plan.weight_N, self.experts)
         else:
@@ -131,7 +169,16 @@ class MoELayer(nn.Module):
             y_TD = y_TD + shared_TD
 
         # Aux losses exist to be backpropagated: skip them when autograd is off (inference).
-        aux = self._aux_losses(route, plan.counts_E, num_valid, valid_T, lead_shape) if torch.is_grad_enabled() else {}
+        aux = self._aux_losses(route, valid_T, num_valid, lead_shape, counted) if torch.is_grad_enabled() else {}
+        if aux and self.training and self.aux_loss_coefs is not None:
+            total = sum(c * aux[name] for name, c in self.aux_loss_coefs.items() if name in aux)
+            if isinstance(total, torch.Tensor) and total.requires_grad:
+                y_TD = _AttachAuxLoss.apply(y_TD, total)
+            aux = {name: value.detach() for name, value in aux.items()}
+        elif aux and counted and _in_backward():
+            warn_once("reentrant-aux", "MoELayer: this forward ran inside backward (activation checkpointing with "
+                      "use_reentrant=True), so its aux losses cannot join a loss computed before backward; "
+                      "call moekit.attach_aux_losses(model, coefs) to attach them to the layer output")
         route.aux.update(aux)
         num_null = 0 if route.null_scores_TM is None else self.cfg.router.k * num_valid - route.num_assignments
         chosen = _detached(route)
@@ -140,7 +187,8 @@ class MoELayer(nn.Module):
             chosen.null_scores_TM)
         self._info = RoutingInfo(route=chosen, counts_E=plan.counts_E.detach(), num_dropped=plan.num_dropped,
                                  num_tokens=num_valid, num_null=num_null, aux=aux, executed=executed)
-        if self._should_accumulate():
+        if counted:
+            # Megatron-LM updates its expert bias from the routing map after token dropping: executed counts.
             self.step_counts_E += plan.counts_E.detach()
         y = y_TD.view(*lead_shape, self.cfg.d_model)
         if router_state is None:
@@ -149,43 +197,68 @@ class MoELayer(nn.Module):
             router_state = RecurrentState(router_state.gru, route.state_TH)
         return y, router_state
 
-    def _aux_losses(self, route: RouterOutput, counts_E: torch.Tensor, num_valid: int,
-                    valid_T: torch.Tensor | None, lead_shape: torch.Size) -> dict[str, torch.Tensor]:
+    def _counted_pass(self) -> bool:
+        """Whether this forward's routing counts for the optimiser step (step counts, global-batch f).
+
+        Exactly one pass per training micro-batch counts, whatever the activation checkpointing:
+          no checkpointing, or use_reentrant=False: the forward (autograd on, outside backward);
+            a non-reentrant recompute inside backward reuses it and counts nothing;
+          use_reentrant=True: the forward runs without autograd, and its recompute inside backward
+            (autograd on) is the pass whose graph backward walks, so that recompute counts.
+        Eval mode and inference (autograd off) never count.
+        """
+        if not self.training:
+            return False
+        if not torch.is_grad_enabled():
+            if not _in_backward():
+                self._unrecomputed += 1  # maybe a reentrant checkpoint's first pass: its recompute will count
+            return False
+        if not _in_backward():
+            self._unrecomputed = 0
+            return True
+        if self._unrecomputed > 0:
+            self._unrecomputed -= 1
+            return True
+        return False
+
+    def _aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None, num_valid: int,
+                    lead_shape: torch.Size, counted: bool) -> dict[str, torch.Tensor]:
         aux = dict(route.aux)
+        E = self.cfg.num_experts
+        # f counts the router's choices before capacity dropping (see moekit.losses).
+        token_idx_N, expert_idx_N = self.router.balance_assignment(route, valid_T)
+        chosen_E = torch.bincount(expert_idx_N, minlength=E)
+        # P averages probabilities: sigmoid scores are normalised per token first (Megatron-LM).
+        probs_TE = losses.token_normalized(route.scores_TE) if self.cfg.router.score == "sigmoid" else route.scores_TE
         if self.cfg.balance_scope == "global":
-            aux["load_balance"] = losses.global_load_balance_loss(route.scores_TE, self._global_f(counts_E, num_valid),
-                                                                  valid_T)
+            aux["load_balance"] = losses.global_load_balance_loss(
+                probs_TE, self._global_f(chosen_E, num_valid, counted), valid_T)
         else:
-            aux["load_balance"] = losses.load_balance_loss(route.scores_TE, counts_E, num_valid, valid_T)
+            aux["load_balance"] = losses.load_balance_loss(probs_TE, chosen_E, num_valid, valid_T)
         aux["z_loss"] = losses.z_loss(route.logits_TE, valid_T)
         if len(lead_shape) == 2:
             B, T = lead_shape
             aux["seq_balance"] = losses.sequence_balance_loss(
-                route.scores_TE.view(B, T, -1), route.expert_idx_N, route.token_idx_N,
+                route.scores_TE.view(B, T, E), expert_idx_N, token_idx_N,
                 self.cfg.expected_experts_per_token(), None if valid_T is None else valid_T.view(B, T))
         aux.update(self.router.aux_losses(route, valid_T))  # router-specific rules take precedence
         return aux
 
-    def _global_f(self, counts_E: torch.Tensor, num_valid: int) -> torch.Tensor:
-        """f for global-batch balance (arXiv 2501.11873): micro-batch j of a step uses the counts of
-        micro-batches 1..j over all data-parallel ranks, divided by their valid tokens."""
-        if torch._C._current_graph_task_id() != -1 and self._global_f_E is not None:
-            return self._global_f_E  # activation recomputation: the same f as the real forward
-        if not (self.training and torch.is_grad_enabled()):
-            return counts_E.float() / max(num_valid, 1)  # eval: nothing accumulates
+    def _global_f(self, chosen_E: torch.Tensor, num_valid: int, counted: bool) -> torch.Tensor:
+        """f for global-batch balance (arXiv 2501.11873): micro-batch j of a step uses the chosen counts
+        of micro-batches 1..j over all data-parallel ranks, divided by their valid tokens."""
+        if not counted:
+            if self.training and _in_backward() and self._global_f_E is not None:
+                return self._global_f_E  # non-reentrant recomputation: the same f as the counted forward
+            return chosen_E.float() / max(num_valid, 1)  # eval: nothing accumulates
         # One all-reduce of E + 1 numbers per layer per micro-batch.
-        counts_X = torch.cat([counts_E.detach().to(torch.int64), counts_E.new_tensor([num_valid], dtype=torch.int64)])
+        counts_X = torch.cat([chosen_E.detach().to(torch.int64), chosen_E.new_tensor([num_valid], dtype=torch.int64)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts_X)
         self.global_counts_E += counts_X[:-1]
         self.global_tokens += counts_X[-1]
         self._global_f_E = self.global_counts_E.float() / self.global_tokens.clamp(min=1).float()
         return self._global_f_E
-
-    def _should_accumulate(self) -> bool:
-        # NOTE: once per real forward of a training step: not in eval / no_grad, and not again when
-        # activation checkpointing recomputes the forward inside backward.
-        return self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
 
     def routing_info(self) -> RoutingInfo:
         if self._info is None:
@@ -205,12 +278,18 @@ class MoELayer(nn.Module):
         self.global_counts_E.zero_()
         self.global_tokens.zero_()
         self._global_f_E = None
+        self._unrecomputed = 0
 
     def extra_repr(self) -> str:
         cfg = self.cfg
         return (f"router={cfg.router.kind}({cfg.router.describe()}), E={cfg.num_experts}, "
                 f"shared={cfg.num_shared_experts}, params={cfg.num_params():,}, "
                 f"active_params={cfg.num_active_params():,}")
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where activation checkpointing recomputes)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _detached(route: RouterOutput) -> RouterOutput:
@@ -225,3 +304,29 @@ def after_optimizer_step(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, MoELayer):
             m.after_optimizer_step()
+
+
+def attach_aux_losses(model: nn.Module, coefs: Mapping[str, float] | None) -> list[MoELayer]:
+    """Attach the aux losses to every MoELayer's output, or detach them again (`coefs=None`).
+
+    With coefficients attached, each training forward adds the gradient of
+    sum_name coefs[name] * mean_over_layers(aux[name]) — the same as adding those terms to the loss,
+    as `MoELM.aux_losses()` averages over MoE layers — through the layer output (Megatron-LM's
+    MoEAuxLossAutoScaler), and `routing_info().aux` holds detached values, for logging only (adding
+    them to a loss changes its value, not its gradient). This is the way aux losses reach the
+    optimiser under activation checkpointing with use_reentrant=True, where the graph that backward
+    walks is built inside backward. Divide the coefficients by the number of gradient-accumulation
+    micro-batches if the task loss is divided so. Names: one of AUX_LOSS_NAMES. Returns the layers.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if not layers:
+        raise ValueError(f"attach_aux_losses(): {type(model).__name__} contains no MoELayer")
+    per_layer = None
+    if coefs is not None:
+        unknown = sorted(set(coefs) - set(AUX_LOSS_NAMES))
+        if unknown:
+            raise ValueError(f"attach_aux_losses(): unknown aux losses {unknown}; allowed: {list(AUX_LOSS_NAMES)}")
+        per_layer = {name: float(c) / len(layers) for name, c in coefs.items() if c}
+    for layer in layers:
+        layer.aux_loss_coefs = per_layer
+    return layers

@@ -26,7 +26,8 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
         # Nucleus sampling (Holtzman et al., arXiv 1904.09751): the smallest prefix of tokens by
         # probability whose mass reaches top_p; the rest are removed and the prefix renormalised.
         p_sorted_BV, idx_BV = probs_BV.sort(dim=-1, descending=True, stable=True)
-        before_BV = p_sorted_BV.cumsum(-1) - p_sorted_BV
+        # the mass before each token: the cumsum shifted by one (cumsum - p rounds differently)
+        before_BV = torch.nn.functional.pad(p_sorted_BV.cumsum(-1)[:, :-1], (1, 0))
         p_sorted_BV = p_sorted_BV.masked_fill(before_BV >= top_p, 0.0)
         probs_BV = torch.zeros_like(probs_BV).scatter_(-1, idx_BV, p_sorted_BV)
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)

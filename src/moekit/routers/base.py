@@ -20,6 +20,7 @@ ragged triples, so a token using one expert costs one expert's FLOPs.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -121,6 +122,25 @@ class RouterOutput:
         )
 
 
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """One UserWarning per process and key (configs are validated many times)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def warn_if_k1_normalized(cfg: RouterConfig) -> None:
+    """An explicit normalize=True with k = 1 makes every weight exactly 1.0: the task loss then gives
+    the gate no gradient and only the aux losses train it (Switch Transformer uses the raw probability)."""
+    if cfg.normalize and cfg.k == 1:
+        warn_once("k1-normalize", "RouterConfig(normalize=True, k=1): a renormalised single weight is always "
+                  "exactly 1.0, so the task loss gives the router no gradient (only aux losses train it); "
+                  "leave normalize=None (raw probability, as Switch Transformer) unless this is intended")
+
+
 class Router(nn.Module):
     """Base class: a linear gate `weight` (E, D) in the transformers layout plus a selection rule.
 
@@ -132,11 +152,21 @@ class Router(nn.Module):
     0 free. The base applies "disabled" for every router whose logits go through `forward`;
     "forced" needs the selection rule to rank forced experts first, which a router declares with
     `supports_forced_experts`.
+
+    `valid_T` (bool (T,) or None): which tokens are real. Token-choice rules pick per token, so
+    padding cannot change another token's experts and the layer simply drops padding assignments
+    afterwards; a rule whose choice for a token depends on the other tokens (expert choice) must
+    exclude padding *before* it selects.
+
+    Buffers named in `fp32_buffers` (routing state such as a selection bias) stay fp32 when the
+    module is cast (`.to(torch.bfloat16)`, `.half()`): rounding them would re-route tokens and swallow
+    small updates (transformers keeps DeepSeek-V3's `e_score_correction_bias` in fp32 the same way).
     """
 
     kind: ClassVar[str] = "base"
     is_causal: ClassVar[bool] = True
     supports_forced_experts: ClassVar[bool] = False
+    fp32_buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
         super().__init__()
@@ -156,23 +186,24 @@ class Router(nn.Module):
         # NOTE: gate math in fp32 whatever the model dtype (algorithms.md §0).
         return torch.nn.functional.linear(x_TD.float(), self.weight.float())
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> RouterOutput:
         if self.training and self.cfg.jitter > 0:
             eps = self.cfg.jitter
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         logits_TE = self.logits(x_TD)
         if self.expert_mask_E is None:
-            return self.select(logits_TE, x_TD)
+            return self.select(logits_TE, x_TD, valid_T)
         # Expert masks (MoTE, arXiv 2502.11096): a disabled expert's logit is -inf before selection.
         # Columns past E (null experts) are never masked.
         disabled_E = self.expert_mask_E < 0
         disabled_X = nn.functional.pad(disabled_E, (0, logits_TE.shape[-1] - self.num_experts))
-        route = self.select(logits_TE.masked_fill(disabled_X, float("-inf")), x_TD)
+        route = self.select(logits_TE.masked_fill(disabled_X, float("-inf")), x_TD, valid_T)
         # Every rule gives a disabled expert zero weight, but some can still pick one (top-p with p=1,
         # min_k, fewer enabled experts than k): drop those picks so that a disabled expert never runs.
         return route.keep(~disabled_E[route.expert_idx_N])
 
-    def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
+    def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor,
+               valid_T: torch.Tensor | None = None) -> RouterOutput:
         raise NotImplementedError
 
     def after_optimizer_step(self, counts_E: torch.Tensor) -> None:
@@ -181,6 +212,28 @@ class Router(nn.Module):
     def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Router-specific unscaled losses over valid tokens (the layer adds the common ones)."""
         return {}
+
+    @classmethod
+    def aux_loss_names(cls, cfg: RouterConfig) -> tuple[str, ...]:
+        """Names of the router-specific losses `aux_losses` returns for this config."""
+        return ()
+
+    def balance_assignment(self, route: RouterOutput,
+                           valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token_idx_N, expert_idx_N) that the balance losses' f counts: by default the router's own
+        choices over valid tokens (`route`, before any capacity dropping: counting only executed
+        assignments would let a collapsed router look balanced)."""
+        return route.token_idx_N, route.expert_idx_N
+
+    def _apply(self, fn, recurse=True):
+        # Casts must not round routing state: keep the fp32 values, on the new device.
+        kept = {name: self._buffers[name] for name in self.fp32_buffers if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return self
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, d_model={self.d_model}, num_experts={self.num_experts}, {self.cfg.describe()}"

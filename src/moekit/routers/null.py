@@ -5,7 +5,11 @@ Legend: T tokens, D model dim, E real experts, M null experts, K picks per token
 M parameter-free null experts join the E real ones: softmax over E + M logits, top-k over all of
 them (with a larger k than plain top-k; Mixtral recipe M=16, k=4). A pick of a null expert is
 simply left out of the assignment, so it costs no FLOPs and adds nothing; a token whose picks are
-all null gets zero MoE output. Combine weights are renormalised over the chosen *real* experts.
+all null gets zero MoE output. Combine weights are renormalised over the chosen *real* experts by
+dividing by their sum, an exact zero sum (all picks null) replaced by 1, as the authors' code
+(CengZihao/AdaMoE, `CustomMixtralSparseMoeBlock`) does: no clamp, so a real expert picked with a
+tiny probability still gets its whole share. With k = 1 the default is the raw probability (see
+`RouterConfig.normalizes`).
 
 The gate keeps the real rows in `weight` (E, D) — a pretrained gate's own Parameter can be used
 unchanged — and the null rows in `null_weight` (M, D), which start as copies (tiling) of the real
@@ -22,7 +26,7 @@ from torch import nn
 
 from moekit.config import RouterConfig
 from moekit.losses import load_balance_loss
-from moekit.routers.base import Router, RouterOutput, register
+from moekit.routers.base import Router, RouterOutput, register, warn_if_k1_normalized
 
 
 @register("null")
@@ -41,6 +45,7 @@ class NullExpertRouter(Router):
                              f"[1, num_experts + n_null = {num_experts + cfg.n_null}]")
         if cfg.score != "softmax":
             raise ValueError(f"RouterConfig.score={cfg.score!r} is invalid for kind='null'; allowed: 'softmax'")
+        warn_if_k1_normalized(cfg)
 
     @torch.no_grad()
     def reset_null_rows(self) -> None:
@@ -54,7 +59,8 @@ class NullExpertRouter(Router):
 
     supports_forced_experts = True
 
-    def select(self, logits_TX: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
+    def select(self, logits_TX: torch.Tensor, x_TD: torch.Tensor,
+               valid_T: torch.Tensor | None = None) -> RouterOutput:
         E = self.num_experts
         probs_TX = torch.softmax(logits_TX, dim=-1)  # X = E + M
         choice_TX = probs_TX
@@ -66,8 +72,9 @@ class NullExpertRouter(Router):
         w_TK = probs_TX.gather(1, idx_TK)
         real_TK = idx_TK < E
         w_TK = w_TK * real_TK
-        if self.cfg.normalize_or(True):
-            w_TK = w_TK / w_TK.sum(-1, keepdim=True).clamp(min=1e-20)  # all-null rows stay 0, not NaN
+        if self.cfg.normalizes():
+            sum_T1 = w_TK.sum(-1, keepdim=True)
+            w_TK = w_TK / torch.where(sum_T1 == 0, 1.0, sum_T1)  # all-null rows stay 0, not NaN
         route = RouterOutput.from_topk(idx_TK, w_TK, probs_TX[:, :E], logits_TX[:, :E])
         route.null_scores_TM = probs_TX[:, E:]
         return route.keep(real_TK.reshape(-1))

@@ -4,15 +4,22 @@ Legend: T tokens, D model dim, E experts, K experts per token.
 
 The gate is a randomly initialised linear map with bias, frozen (never trained). In training a
 token takes the top-k(s) experts by logit, k(s) following a schedule over optimiser steps s that
-grows from min_k to max_k (None = E); weights are a softmax over the selected k logits. No
-balance loss is needed (random routing is balanced in expectation). At inference any k works
+grows from min_k to max_k (None = E); weights are a softmax over the selected k logits. The paper
+trains with no balance loss and no z-loss (random routing is balanced in expectation and the
+router is frozen): the `random` training preset sets both coefficients to 0. At inference any k works
 ("self-slimmable"): eval mode uses `k` (set it, or use `moekit.route(model, k=...)`).
 
-Schedules over S = k_schedule_steps, clipped to [min_k, max_k]:
-  linear       k = round((max_k - min_k) * s / S) + min_k           (the paper's default)
-  cosine       k = min_k + round((max_k - min_k) * (1 - cos(pi * min(s/S, 1))) / 2)
-  exponential  k = round(min_k * (max_k / min_k) ** min(s/S, 1))
-  multistep    k = min_k + floor((max_k - min_k + 1) * s / S)        (equal-length stages)
+Schedules over optimiser steps s and S = k_schedule_steps, the reference code's curves
+(VITA-Group/Random-MoE-as-Dropout, `new_utils.calculate_gate_number`, the "*_increase" modes),
+then clipped to [min_k, max_k]; round() is round-half-even, as in the reference:
+  linear       k = round((max_k - min_k) * s / S) + min_k                      (the paper's default)
+  cosine       k = round((min_k - max_k) * cos(pi * s' / (2S))) + max_k,  s' = min(s, S)
+  exponential  k = round((min_k - max_k) * 0.99 ** (s // (S // 300))) + max_k
+  multistep    k = [1, 2, 4, 8, 16][min(int(5 * s / S), 4)]                     (min_k, max_k only clip)
+Conventions where the reference has none (its runs stop at s = S): cosine holds max_k after S
+(the reference's cos would swing back); multistep keeps the last stage after S (the reference's
+list index would overflow); exponential with S < 300 (the reference divides by S // 300 = 0) uses
+the exponent floor(300 * s / S), so it still decays 300 times over S.
 """
 
 from __future__ import annotations
@@ -26,19 +33,21 @@ from moekit.config import RouterConfig
 from moekit.routers.base import Router, RouterOutput, register
 
 SCHEDULES = ("linear", "cosine", "exponential", "multistep")
+MULTISTEP_KS = (1, 2, 4, 8, 16)  # the reference's custom_gate_number
 
 
 def scheduled_k(schedule: str, step: int, total_steps: int, k_min: int, k_max: int) -> int:
-    frac = min(step / total_steps, 1.0)
-    span = k_max - k_min
+    """k at optimiser step `step` (see the module doc; arXiv 2303.01610 and its reference code)."""
+    s, S = step, total_steps
     if schedule == "linear":
-        k = round(span * frac) + k_min
+        k = round((k_max - k_min) * s / S) + k_min
     elif schedule == "cosine":
-        k = k_min + round(span * (1 - math.cos(math.pi * frac)) / 2)
+        k = round((k_min - k_max) * math.cos(math.pi * min(s, S) / (2 * S))) + k_max
     elif schedule == "exponential":
-        k = round(k_min * (k_max / k_min) ** frac)
+        exponent = s // (S // 300) if S >= 300 else (300 * s) // S
+        k = round((k_min - k_max) * 0.99 ** exponent) + k_max
     elif schedule == "multistep":
-        k = k_min + math.floor((span + 1) * frac)
+        k = MULTISTEP_KS[min(int(len(MULTISTEP_KS) * s / S), len(MULTISTEP_KS) - 1)]
     else:
         raise ValueError(f"RouterConfig.k_schedule={schedule!r} is invalid; allowed: one of {SCHEDULES}")
     return max(k_min, min(k_max, k))
@@ -72,7 +81,8 @@ class RandomRouter(Router):
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x_TD.float(), self.weight.float(), self.bias.float())
 
-    def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
+    def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor,
+               valid_T: torch.Tensor | None = None) -> RouterOutput:
         top_TK = torch.topk(logits_TE, self.current_k(), dim=-1, sorted=False)
         w_TK = torch.softmax(top_TK.values, dim=-1)
         return RouterOutput.from_topk(top_TK.indices, w_TK, torch.softmax(logits_TE, dim=-1), logits_TE)

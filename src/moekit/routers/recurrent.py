@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moekit.config import RouterConfig
-from moekit.routers.base import Router, RouterOutput, register
+from moekit.routers.base import Router, RouterOutput, register, warn_if_k1_normalized
 from moekit.routers.topk import select_topk
 from moekit.routers.topp import dynamic_loss, select_topp
 
@@ -54,8 +54,13 @@ class RecurrentRouter(Router):
             raise ValueError(f"RouterConfig.score={cfg.score!r} is invalid with select_rule='topp'; allowed: 'softmax'")
         if cfg.n_group > 1:
             raise ValueError(f"RouterConfig.n_group={cfg.n_group} is invalid for kind='recurrent'; allowed: 1")
+        if cfg.select_rule == "topk":
+            warn_if_k1_normalized(cfg)
 
-    def forward(self, x_TD: torch.Tensor, state: RecurrentState | None = None) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, state: RecurrentState | None = None,
+                valid_T: torch.Tensor | None = None) -> RouterOutput:
+        """valid_T is unused: top-k and top-p pick per token, so padding cannot change other tokens'
+        experts (the layer drops padding assignments afterwards)."""
         if state is None:
             raise ValueError("recurrent router: pass router_state=RecurrentState(gru) (the GRU cell shared by all "
                              "MoE layers, owned by the model) and feed each layer's returned state to the next")
@@ -90,3 +95,7 @@ class RecurrentRouter(Router):
         if self.cfg.select_rule == "topp":
             return {"dynamic": dynamic_loss(route.scores_TE, valid_T)}
         return {}
+
+    @classmethod
+    def aux_loss_names(cls, cfg: RouterConfig) -> tuple[str, ...]:
+        return ("dynamic",) if cfg.select_rule == "topp" else ()

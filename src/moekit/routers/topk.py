@@ -8,8 +8,11 @@ Stages:
      disabled -> -inf, forced -> +inf (on the biased scores, as DeepSeek-V3 needs)
   3. group-limited selection: keep `topk_group` of `n_group` groups   (DeepSeek-V3)
   4. top-k on the selection scores
-  5. combine weights from the *unbiased* scores, renormalised if `normalize`, times
-     `routed_scaling_factor`.
+  5. combine weights from the *unbiased* scores, renormalised if `cfg.normalizes()` (default: for
+     k > 1 only; k = 1 keeps the raw probability, as Switch Transformer), times `routed_scaling_factor`.
+The selection bias is an fp32 buffer that stays fp32 when the module is cast (see `Router`).
+Balance losses count the plain top-k of the unbiased scores (no bias, no group limit), as
+Megatron-LM's `compute_routing_scores_for_aux_loss` and DeepSeek-V3 eq. 18 do.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from __future__ import annotations
 import torch
 
 from moekit.config import RouterConfig
-from moekit.routers.base import Router, RouterOutput, register
+from moekit.routers.base import Router, RouterOutput, register, warn_if_k1_normalized
 
 
 @register("topk")
 class TopKRouter(Router):
     supports_forced_experts = True
+    fp32_buffers = ("e_score_correction_bias",)
 
     def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
         super().__init__(cfg, d_model, num_experts)
@@ -44,14 +48,31 @@ class TopKRouter(Router):
                 raise ValueError(f"RouterConfig.n_group={cfg.n_group} is invalid with sigmoid scores: group scores "
                                  f"sum the top-2 experts of a group, so each group needs >= 2 experts "
                                  f"(num_experts / n_group = {per_group})")
+        warn_if_k1_normalized(cfg)
 
     @property
     def uses_bias(self) -> bool:
         return self.cfg.bias_update_rate > 0 or bool(self.e_score_correction_bias.any())
 
-    def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
+    def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor,
+               valid_T: torch.Tensor | None = None) -> RouterOutput:
         return select_topk(logits_TE, self.cfg, self.e_score_correction_bias if self.uses_bias else None,
                            self.expert_mask_E)
+
+    def balance_assignment(self, route: RouterOutput,
+                           valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain top-k of the unbiased scores over valid tokens, before capacity dropping: with a
+        selection bias, a group limit or an expert mask this differs from the routed experts."""
+        if not (self.uses_bias or self.cfg.n_group > 1 or self.expert_mask_E is not None):
+            return route.token_idx_N, route.expert_idx_N
+        T = route.num_tokens
+        idx_TK = torch.topk(route.scores_TE.detach(), self.cfg.k, dim=-1, sorted=False).indices
+        token_idx_N = torch.arange(T, device=idx_TK.device).repeat_interleave(self.cfg.k)
+        expert_idx_N = idx_TK.reshape(-1)
+        if valid_T is not None:
+            keep_N = valid_T[token_idx_N]
+            token_idx_N, expert_idx_N = token_idx_N[keep_N], expert_idx_N[keep_N]
+        return token_idx_N, expert_idx_N
 
     def after_optimizer_step(self, counts_E: torch.Tensor) -> None:
         self.update_bias(counts_E)
@@ -89,9 +110,16 @@ def select_topk(logits_TE: torch.Tensor, cfg: RouterConfig, bias_E: torch.Tensor
         choice_TE = _limit_groups(choice_TE, cfg)
     idx_TK = torch.topk(choice_TE, cfg.k, dim=-1, sorted=False).indices
     w_TK = scores_TE.gather(1, idx_TK)
-    if cfg.normalize_or(True):
-        # 1e-20 as in DeepSeek-V3's reference: keeps an all-zero sigmoid row finite.
-        w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    if cfg.normalizes():
+        if cfg.score == "sigmoid":
+            # + 1e-20 as transformers' DeepSeek-V3 / GLM-4-MoE routers (which moekit.hf wraps); DeepSeek-V3's
+            # own inference code divides plainly: the two differ only for sums below ~1e-13.
+            w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            # Mixtral / OLMoE / Qwen divide by the plain sum (>= 1/E for softmax scores; only k forced
+            # experts of underflowed probability sum to 0, and that row stays 0, not NaN).
+            sum_T1 = w_TK.sum(dim=-1, keepdim=True)
+            w_TK = w_TK / torch.where(sum_T1 == 0, 1.0, sum_T1)
     if cfg.routed_scaling_factor != 1.0:
         w_TK = w_TK * cfg.routed_scaling_factor
     return RouterOutput.from_topk(idx_TK, w_TK, scores_TE, logits_TE)

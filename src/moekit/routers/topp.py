@@ -6,9 +6,12 @@ Legend: T tokens, E experts, S sorted expert slots.
 Stages (all fp32, vectorised over tokens):
   1. P_TE = softmax(logits)                                 (no temperature)
   2. sort P descending (stable: ties go to the lower expert id) -> P_TS, idx_TS; c = cumsum
-  3. slot s is selected iff the mass before it, c_s - P_s, is <= p: every expert with c <= p
-     plus the one that crosses p (strict >), so a cumulative mass equal to p does not stop
-     the selection; then min_k <= count <= max_k
+  3. slot s is selected iff the mass before it, c_{s-1} (c_{-1} = 0), is <= p: every expert with
+     c <= p plus the one that crosses p (strict >), so a cumulative mass equal to p does not stop
+     the selection (ZhenweiAn/Dynamic_MoE, `top_p_sampling_batched_all_sequence`). c_{s-1} is the
+     inclusive cumsum shifted by one slot, exactly the reference's numbers; c_s - P_s rounds
+     differently and drops an expert at p = c_{s-1} or p = 1. p >= 1 selects every expert.
+     Then min_k <= count <= max_k.
   4. weights = raw P of the selected experts (renormalised only if normalize=True)
 Dynamic loss L_d = mean_t sum_i entr(P_ti): the router entropy, returned as aux["dynamic"]
 (weight 1e-4 in the paper); without it the router flattens and selects ever more experts.
@@ -32,11 +35,16 @@ class TopPRouter(Router):
 
     supports_forced_experts = True
 
-    def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor) -> RouterOutput:
+    def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor,
+               valid_T: torch.Tensor | None = None) -> RouterOutput:
         return select_topp(logits_TE, self.cfg, self.expert_mask_E)
 
     def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
         return {"dynamic": dynamic_loss(route.scores_TE, valid_T)}
+
+    @classmethod
+    def aux_loss_names(cls, cfg: RouterConfig) -> tuple[str, ...]:
+        return ("dynamic",)
 
 
 def select_topp(logits_TE: torch.Tensor, cfg: RouterConfig, mask_E: torch.Tensor | None = None) -> RouterOutput:
@@ -44,9 +52,11 @@ def select_topp(logits_TE: torch.Tensor, cfg: RouterConfig, mask_E: torch.Tensor
     mask_E: optional int8 expert mask; forced experts (+1) are always selected, on top of the prefix."""
     scores_TE = torch.softmax(logits_TE, dim=-1)
     P_TS, idx_TS = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
-    mass_before_TS = torch.cumsum(P_TS, dim=-1) - P_TS
     # arXiv 2403.07652 eq. 5-6: smallest prefix whose cumulative probability exceeds p.
+    mass_before_TS = torch.nn.functional.pad(torch.cumsum(P_TS, dim=-1)[:, :-1], (1, 0))
     keep_TS = mass_before_TS <= cfg.p
+    if cfg.p >= 1:
+        keep_TS.fill_(True)  # fp32 sums may exceed 1 before the last expert
     slot_S = torch.arange(P_TS.shape[-1], device=P_TS.device)
     keep_TS |= slot_S < cfg.min_k
     if cfg.max_k is not None:
@@ -56,7 +66,7 @@ def select_topp(logits_TE: torch.Tensor, cfg: RouterConfig, mask_E: torch.Tensor
     token_idx_N, slot_N = keep_TS.nonzero(as_tuple=True)
     expert_idx_N = idx_TS[token_idx_N, slot_N]
     weight_N = P_TS[token_idx_N, slot_N]
-    if cfg.normalize_or(False):
+    if cfg.normalizes():
         mass_T = (P_TS * keep_TS).sum(-1)
         weight_N = weight_N / mass_T[token_idx_N]
     return RouterOutput(token_idx_N, expert_idx_N, weight_N, scores_TE, logits_TE)

@@ -1,7 +1,8 @@
 """`moekit compare`: train several router configurations on equal terms and tabulate them.
 
 Every run uses the same TrainConfig (steps, batch, seed, so the same data order: batches are a
-function of (seed, step)) and is evaluated on the same validation windows. The table reports
+function of (seed, step)) except the aux-loss coefficients, which belong to each router family's
+recipe (e.g. SMoE-Dropout trains with none), and is evaluated on the same validation windows. The table reports
 validation loss and bits per byte overall and per domain, average activated experts per token
 (overall, per layer, per domain), parameters, active parameters and training tokens/s.
 """
@@ -36,7 +37,9 @@ def compare(variants: dict[str, tuple[LMConfig, TrainConfig]], out_dir: str | Pa
             log=print) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trains = {name: t.to_dict() for name, (_, t) in variants.items()}
+    # Aux-loss coefficients are part of each router family's recipe (presets.LOSS_RECIPES); all else is equal.
+    trains = {name: {k: v for k, v in t.to_dict().items() if not k.endswith("_coef")}
+              for name, (_, t) in variants.items()}
     reference = next(iter(trains.values()))
     for name, t in trains.items():
         if t != reference:

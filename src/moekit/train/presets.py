@@ -12,6 +12,13 @@ balance — 2 experts of width F = 256 (2F):
                  aux-loss-free bias, + 1 shared expert of width F/2          6F/4 + F/2 = 2F
   recurrent      RMoE GRU router (gru_dim 64), top-2                        2 x F
   random         SMoE-Dropout: frozen random router, k grows 1 -> 4, inference k = 2
+
+Each preset also trains the aux losses its paper used (TrainConfig coefficients; the rest share the
+default recipe: Switch balance 0.01, z-loss 1e-3, top-p's dynamic loss 1e-4):
+  random    no balance loss, no z-loss (arXiv 2303.01610: the router is frozen, so these losses'
+            gradients would only reach the hidden states)
+  deepseek  the aux-loss-free selection bias plus the sequence-wise balance loss with a small
+            alpha = 1e-4 (DeepSeek-V3, arXiv 2412.19437 §2.1.2), no Switch loss, no z-loss
 """
 
 from __future__ import annotations
@@ -49,8 +56,14 @@ PRESETS = {
 TRAIN = TrainConfig(steps=400, micro_batch=16, seq_len=128, lr=3e-3, warmup_steps=40, checkpoint_every=100,
                     eval_tokens=8192)
 
+# The aux-loss recipe of each preset's paper, where it differs from TRAIN's (see the module doc).
+LOSS_RECIPES = {
+    "random": {"load_balance_coef": 0.0, "z_loss_coef": 0.0},
+    "deepseek": {"load_balance_coef": 0.0, "z_loss_coef": 0.0, "seq_balance_coef": 1e-4},
+}
+
 
 def preset(name: str) -> tuple[LMConfig, TrainConfig]:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
-    return PRESETS[name]().validate(), dataclasses.replace(TRAIN)
+    return PRESETS[name]().validate(), dataclasses.replace(TRAIN, **LOSS_RECIPES.get(name, {}))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import moekit
 from moekit.config import _check
 from moekit.data import ByteTokenizer, encode_samples, load_bpe_tokenizer, load_corpus, unigram_bits_per_byte
+from moekit.layers.moe import aux_loss_names
 from moekit.models import LMConfig, MoELM
 from moekit.train import checkpoint as ckpt
 from moekit.train.evaluate import evaluate
@@ -206,6 +207,10 @@ def train(model_cfg: LMConfig | None, cfg: TrainConfig | None, run_dir: str | os
 
     log(f"model: {model_cfg.num_params():,} parameters, {model_cfg.num_active_params():,} active per token "
         f"({model_cfg.moe.router.kind}: {model_cfg.moe.router.describe()})")
+    produced = aux_loss_names(model_cfg.moe)
+    terms = " + ".join(f"{c:g}*{n}" for n, c in cfg.aux_coefs.items() if c and n in produced) or "0"
+    off = ", ".join(n for n, c in cfg.aux_coefs.items() if n in produced and not c)
+    log(f"loss = lm_loss + {terms}" + (f" (off: {off})" if off else "") + ", aux losses averaged over MoE layers")
     log(f"unigram baseline: {unigram_bits_per_byte('validation'):.3f} bits per byte (validation)")
     tokens, _ = encode_samples(load_corpus("train"), tokenizer)
 
