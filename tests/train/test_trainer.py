@@ -147,7 +147,7 @@ def test_evaluation_counts_executed_experts():
 
     torch.manual_seed(0)
     cfg = LMConfig(vocab_size=ByteTokenizer.vocab_size, d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
-                   moe=moekit.MoEConfig(d_expert=32, num_experts=4, capacity_factor=0.5,
+                   moe=moekit.MoEConfig(d_expert=32, num_experts=4, capacity_factor=0.5, eval_capacity_factor=0.5,
                                         router=moekit.RouterConfig(kind="topk", k=2)))
     model = MoELM(cfg.validate())
     seen = np.zeros((2, 3))  # per layer: executed, chosen, tokens
@@ -163,5 +163,5 @@ def test_evaluation_counts_executed_experts():
     for h in handles:
         h.remove()
     np.testing.assert_allclose(result["experts_per_token_by_layer"], seen[:, 0] / seen[:, 2], atol=1e-4)
-    if (seen[:, 0] < seen[:, 1]).any():  # evaluation dropped tokens: the choice would have over-counted
-        assert not np.allclose(result["experts_per_token_by_layer"], seen[:, 1] / seen[:, 2], atol=1e-4)
+    assert (seen[:, 0] < seen[:, 1]).any()  # eval_capacity_factor dropped tokens
+    assert not np.allclose(result["experts_per_token_by_layer"], seen[:, 1] / seen[:, 2], atol=1e-4)
