@@ -108,14 +108,13 @@ def test_unaligned_widths_fall_back_to_the_loop_forward_and_backward(I, O):
     w = torch.randn(len(counts), O, I, requires_grad=True)
     with grouped.record() as ran:
         got, want = run_and_reference(x, w, counts)
-    i_ok, o_ok = I % 4 == 0, O % 4 == 0  # fp32: 16-byte rows
-    # forward reads rows of x and of w (both width I); dx and dw also read rows of dy (width O).
-    assert ran == {("forward", "kernel" if i_ok else "loop"): 1, ("dx", "kernel" if i_ok and o_ok else "loop"): 1,
-                   ("dw", "kernel" if i_ok and o_ok else "loop"): 1}
+    # Each GEMM reads or writes rows of both widths (fp32: 16-byte rows are multiples of 4 values).
+    path = "kernel" if I % 4 == 0 and O % 4 == 0 else "loop"
+    assert ran == {(stage, path): 1 for stage in grouped.STAGES}
     for name, a, b in zip(("y", "dx", "dw"), got, want, strict=True):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4, msg=name)
     # What the kernel itself does with these operands: the refusal is not hypothetical.
-    if not i_ok:
+    if I % 4:
         with pytest.raises(RuntimeError, match="16 bytes"):
             torch._grouped_mm(x.detach(), w.detach().transpose(-2, -1), offs=offsets(counts))
 
@@ -137,6 +136,8 @@ def test_refusal_rule_per_dtype_stride_and_pointer():
     shifted = torch.randn(8 * 4 + 1)[1:].view(8, 4)  # contiguous, data pointer 4 bytes off
     assert "aligned" in kernel_refusal(shifted, w.transpose(-2, -1))
     assert "no unit stride" in kernel_refusal(torch.randn(8, 8)[::2, ::2], w.transpose(-2, -1))
+    # One output column: the operands pass the kernel's own checks, its result is not the loop's bitwise.
+    assert "output row of 1 float32" in kernel_refusal(torch.randn(8, 4), torch.randn(2, 1, 4).transpose(-2, -1))
 
 
 def test_misaligned_data_pointer_runs_the_loop_and_matches():

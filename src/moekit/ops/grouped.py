@@ -64,13 +64,15 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def kernel_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
-    """Why `torch._grouped_mm(a, b, offs=...)` cannot take these operands, or None when it can.
+    """Why `torch._grouped_mm(a, b, offs=...)` should not run these operands, or None when it can.
 
     The kernel takes float32 / bfloat16 / float16 operands of one dtype, each with a unit stride in
     its last two dims and the other stride a multiple of 16 bytes ("strides should be multiple of 16
     bytes" otherwise: an fp32 width of 37, a bf16 width of 4). CPU builds up to torch 2.10 also need
-    16-byte aligned data pointers (transformers met it with memory-mapped safetensors weights), so a
-    misaligned pointer is refused too. Reads dtypes, shapes, strides and pointers: no host sync.
+    16-byte aligned data pointers (transformers met it with memory-mapped safetensors weights). The
+    output's rows (b.shape[-1] values) must be 16-byte multiples too: CUDA pads unaligned output rows
+    (a non-contiguous result) and the CPU kernel computes one-column outputs otherwise than one mm
+    per expert (not bitwise the loop). Reads dtypes, shapes, strides and pointers: no host sync.
     """
     if not grouped_mm_available():
         return "torch._grouped_mm is missing from this torch build"
@@ -86,6 +88,10 @@ def kernel_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
                     "a multiple of 16 bytes")
         if m.data_ptr() % 16:
             return "an operand whose data pointer is not 16-byte aligned"
+    out_cols = b.shape[-1]
+    if out_cols * a.element_size() % 16:
+        return (f"an output row of {out_cols} {str(a.dtype).removeprefix('torch.')} values "
+                f"({out_cols * a.element_size()} bytes) that is not a multiple of 16 bytes")
     return None
 
 
