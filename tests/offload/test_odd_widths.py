@@ -29,8 +29,7 @@ def odd_lm(d_model: int, d_expert: int, dtype=torch.float32, activation="swiglu"
 ])
 def test_offloaded_forward_equals_resident_at_odd_widths(tmp_path, D, F, dtype, activation):
     model = odd_lm(D, F, dtype, activation)
-    store = write_store(model, tmp_path / "s")
-    st = ExpertStore(store.path if isinstance(store, ExpertStore) else store, verify="always")
+    st = ExpertStore(write_store(model, tmp_path / "s"), verify="always")  # checksums on every read
     bank = model.moe_layers()[1].experts
     first = bank.gate_up_proj if activation == "swiglu" else bank.up_proj
     w_first, w_down = st.load(1, 3)
