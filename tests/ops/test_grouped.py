@@ -126,6 +126,20 @@ def test_forcing_the_kernel_on_an_unaligned_width_fails_loudly():
         grouped_linear(x, w, offsets([8, 8]))
 
 
+def test_fallback_warns_once_off_cpu_and_stays_quiet_on_cpu(recwarn):
+    """On an accelerator the loop is the slow path: one warning naming why (the meta device stands in
+    for one here). On CPU the kernel runs one mm per expert anyway: no warning."""
+    grouped._warn_loop_fallback.cache_clear()
+    offs = offsets([8, 8])
+    for _ in range(2):
+        y = grouped_linear(torch.empty(16, 37, device="meta"), torch.empty(2, 32, 37, device="meta"), offs)
+    assert y.shape == (16, 32)
+    messages = [str(w.message) for w in recwarn]
+    assert len(messages) == 1 and "per-expert loop" in messages[0] and "148 bytes" in messages[0]
+    grouped_linear(torch.randn(16, 37), torch.randn(2, 32, 37), offs)
+    assert len(recwarn) == 1
+
+
 def test_refusal_rule_per_dtype_stride_and_pointer():
     w = torch.randn(2, 8, 4)
     assert kernel_refusal(torch.randn(8, 4), w.transpose(-2, -1)) is None  # fp32 rows of 4 = 16 bytes

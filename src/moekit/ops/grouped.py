@@ -206,8 +206,8 @@ def warn_missing_kernel() -> None:
 
 @functools.cache
 def _warn_loop_fallback(refusal: str) -> None:
-    warnings.warn(f"moekit: expert GEMMs with {refusal} run as a per-expert loop (slower): torch._grouped_mm "
-                  "cannot take them; expert and model widths whose rows are multiples of 16 bytes run the kernel",
+    warnings.warn(f"moekit: an expert GEMM runs as a per-expert loop (slower) because torch._grouped_mm cannot "
+                  f"take it: {refusal}; expert and model widths whose rows are multiples of 16 bytes run the kernel",
                   stacklevel=4)
 
 
