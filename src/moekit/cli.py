@@ -23,7 +23,7 @@ import torch
 import moekit
 from moekit.ops.grouped import compute_dtype, cpu_has_native_low_precision, grouped_mm_available
 
-BENCHMARKS = ("layer", "hf", "analysis", "offload")
+BENCHMARKS = ("layer", "hf", "analysis", "offload", "train")
 
 
 def _info(_args) -> int:

@@ -8,6 +8,7 @@ import torch
 
 import moekit
 import moekit.hf
+from moekit.ops import grouped
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 NEW_TOKENS = 32
@@ -24,16 +25,19 @@ def _generate(model, ids):
                               use_cache=True, pad_token_id=0)
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_logits_match_transformers(family, backend, make_model, prompt, hf_blocks):
+@pytest.mark.parametrize("path", ["kernel", "loop", "reference"])
+def test_logits_match_transformers(family, path, make_model, prompt, hf_blocks):
+    """moekit's grouped GEMMs forced to the kernel or to the loop (asserted), or the reference backend."""
     model = make_model(family)
     ids = prompt()
     ref = _logits(model, ids)
-    moekit.hf.wrap(model, backend=backend)
+    moekit.hf.wrap(model, backend="reference" if path == "reference" else "auto")
     blocks = moekit.hf.wrapped_blocks(model)
     cls_name, n_blocks = hf_blocks[family]
     assert [b.hf_class for b in blocks] == [cls_name] * n_blocks
-    out = _logits(model, ids)
+    with grouped.record() if path == "reference" else grouped.force(path) as ran:
+        out = _logits(model, ids)
+    assert ran == ({} if path == "reference" else {("forward", path): 2 * n_blocks})
     assert ref.abs().max() > 1.0  # real, spread logits, not a zero-vs-zero comparison
     torch.testing.assert_close(out, ref, **TOL)
     # The logits really come from moekit: every wrapped layer ran on all prompt tokens.
@@ -47,8 +51,11 @@ def test_greedy_generation_with_kv_cache_matches_transformers(family, make_model
     assert ref.shape == (2, 6 + NEW_TOKENS)
     assert len(set(ref[0, 6:].tolist())) > 3  # not a degenerate repeat of one token
     moekit.hf.wrap(model)
-    out = _generate(model, ids)
+    with grouped.record() as ran:
+        out = _generate(model, ids)
     assert torch.equal(out, ref)
+    # Decoding (2 tokens a step) runs the loop; the kernel's forward is compared in test_logits_match_transformers.
+    assert ran["forward", "loop"] >= 2 * (NEW_TOKENS - 1)
     # The last decoding step went through moekit with the KV cache: one new token per sequence.
     assert moekit.hf.wrapped_blocks(model)[0].routing_info().num_tokens == 2
 
@@ -97,7 +104,9 @@ def test_gradients_match_transformers(make_model, prompt):
     ref = {n: (p, p.grad.clone()) for n, p in model.named_parameters()}
     model.zero_grad()
     moekit.hf.wrap(model)
-    model(ids, labels=ids).loss.backward()
+    with grouped.record() as ran:
+        model(ids, labels=ids).loss.backward()
+    assert ran["dx", "kernel"] > 0 and ran["dw", "kernel"] > 0  # the kernel's gradients are what is compared
     # Named by the original model (the Parameters are the same objects, under new module paths).
     for n, (p, want) in ref.items():
         assert want.abs().max() > 0, n

@@ -15,6 +15,8 @@ then copied into the moekit layer:
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -29,13 +31,31 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
 import moekit
+from moekit.ops import grouped
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 GRAD_TOL = {"atol": 1e-4, "rtol": 1e-4}
 D = 32
 B, T = 2, 7
 IMPLS = {"eager": None, "grouped_mm": grouped_mm_experts_forward, "batched_mm": batched_mm_experts_forward}
-BACKENDS = ["auto", "reference"]
+# moekit's expert GEMMs: the grouped path forced to the kernel or to the loop (so each is compared,
+# and the comparison is known to be of that path), or the reference backend.
+BACKENDS = ["kernel", "loop", "reference"]
+
+
+def _backend(path: str) -> str:
+    return "reference" if path == "reference" else "auto"
+
+
+@contextlib.contextmanager
+def _on_path(path: str):
+    """Run moekit's grouped GEMMs on `path` inside the block, and check on exit that they did."""
+    with (grouped.record() if path == "reference" else grouped.force(path)) as ran:
+        yield
+    if path == "reference":
+        assert not ran
+    else:
+        assert ran["forward", path] > 0 and {p for _, p in ran} == {path}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -91,7 +111,7 @@ def _olmoe(norm: bool, impl: str = "eager", backend: str = "auto", seed: int = 0
     block = OlmoeSparseMoeBlock(cfg)
     _randomize(block, seed)
     layer = moekit.MoELayer(moekit.MoEConfig(
-        d_model=D, d_expert=64, num_experts=8, backend=backend,
+        d_model=D, d_expert=64, num_experts=8, backend=_backend(backend),
         router=moekit.RouterConfig(kind="topk", k=2, score="softmax", normalize=norm)))
     _copy_weights(layer, block)
     return block, layer
@@ -109,7 +129,8 @@ def test_olmoe_block_parity(norm, impl, backend):
     with torch.no_grad():
         ref = block(x)
         hf_logits, hf_w, hf_idx = block.gate(x)
-        out = layer(x)
+        with _on_path(backend):
+            out = layer(x)
     assert out.shape == ref.shape == (B, T, D)
     assert ref.abs().max() > 0.1  # real numbers, not a zero-vs-zero comparison
     torch.testing.assert_close(out, ref, **TOL)
@@ -130,7 +151,8 @@ def test_olmoe_grad_parity(backend):
     g = torch.randn(B, T, D, generator=torch.Generator().manual_seed(2))
     x_hf, x_mk = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     (block(x_hf) * g).sum().backward()
-    (layer(x_mk) * g).sum().backward()
+    with _on_path(backend):
+        (layer(x_mk) * g).sum().backward()
     pairs = {
         "router.weight": (layer.router.weight.grad, block.gate.weight.grad),
         "gate_up_proj": (layer.experts.gate_up_proj.grad, block.experts.gate_up_proj.grad),
@@ -156,7 +178,7 @@ def _deepseek(impl: str = "eager", backend: str = "auto", seed: int = 3):
         block.gate.e_score_correction_bias.copy_(bias)
     layer = moekit.MoELayer(moekit.MoEConfig(
         d_model=D, d_expert=16, num_experts=16, num_shared_experts=1, d_shared=16 * 1, shared_gate=False,
-        backend=backend,
+        backend=_backend(backend),
         router=moekit.RouterConfig(kind="topk", k=4, score="sigmoid", normalize=True, routed_scaling_factor=2.5,
                                    n_group=4, topk_group=2)))
     _copy_weights(layer, block)
@@ -172,7 +194,8 @@ def test_deepseek_v3_parity(impl, backend):
     with torch.no_grad():
         ref = block(x)
         hf_logits, hf_w, hf_idx = block.gate(x)
-        out = layer(x)
+        with _on_path(backend):
+            out = layer(x)
     assert ref.abs().max() > 0.1
     torch.testing.assert_close(out, ref, **TOL)
     torch.testing.assert_close(layer.routing_info().route.logits_TE, hf_logits, **TOL)
@@ -216,13 +239,14 @@ def test_qwen2_moe_shared_gate_parity(norm, backend):
     _randomize(block, seed=5)
     layer = moekit.MoELayer(moekit.MoEConfig(
         d_model=D, d_expert=16, num_experts=8, num_shared_experts=1, d_shared=48, shared_gate=True,
-        backend=backend, router=moekit.RouterConfig(kind="topk", k=2, score="softmax", normalize=norm)))
+        backend=_backend(backend), router=moekit.RouterConfig(kind="topk", k=2, score="softmax", normalize=norm)))
     _copy_weights(layer, block)
     x = _inputs()
     with torch.no_grad():
         ref = block(x)
         hf_logits, hf_w, hf_idx = block.gate(x.view(-1, D))
-        out = layer(x)
+        with _on_path(backend):
+            out = layer(x)
         gate = torch.sigmoid(block.shared_expert_gate(x))
     # The sigmoid gate really scales the shared expert (neither ~0 nor ~1 everywhere).
     assert 0.05 < gate.min() and gate.max() < 0.95 and gate.max() - gate.min() > 0.1

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import moekit
 from moekit.dispatch import combine, make_plan, permute
+from moekit.ops import grouped
 
 
 def test_one_expert_top1_equals_dense_ffn(make_cfg):
@@ -22,18 +23,25 @@ def test_one_expert_top1_equals_dense_ffn(make_cfg):
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("kind", ["topk", "expert_choice"])
-def test_grouped_equals_reference_forward_backward_float64(make_cfg, activation, kind):
+def test_grouped_loop_equals_reference_forward_backward_float64(make_cfg, activation, kind):
+    """float64 runs the grouped path's loop (the kernel takes no float64; asserted): the dispatch,
+    permutation and combine are checked exactly here, the kernel in fp32 below."""
     fast = moekit.MoELayer(make_cfg(activation=activation, kind=kind, num_shared_experts=1, shared_gate=True)).double()
     ref = moekit.MoELayer(make_cfg(activation=activation, kind=kind, num_shared_experts=1, shared_gate=True,
                                    backend="reference")).double()
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(2, 9, 32, dtype=torch.float64, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
-    y, y2 = fast(x), ref(x2)
+    g = torch.randn(2, 9, 32, dtype=torch.float64)
+    with grouped.record() as ran:
+        y = fast(x)
+        (y * g).sum().backward()
+    assert ran == {(stage, "loop"): 2 for stage in grouped.STAGES}  # the up (or gate_up) and down GEMMs
+    with grouped.record() as ran_ref:
+        y2 = ref(x2)
+        (y2 * g).sum().backward()
+    assert not ran_ref  # the reference never touches the grouped path
     torch.testing.assert_close(y, y2, atol=1e-12, rtol=1e-12)
-    g = torch.randn_like(y)
-    (y * g).sum().backward()
-    (y2 * g).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-12, rtol=1e-12)
     for (n, p), p2 in zip(fast.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, p2.grad, atol=1e-12, rtol=1e-12, msg=n)
@@ -57,9 +65,14 @@ def assert_layers_match(layer, ref, x, atol, rtol):
         torch.testing.assert_close(p.grad, p2.grad, atol=10 * atol, rtol=10 * rtol, msg=n)
 
 
-def test_grouped_kernel_fp32_equals_reference(make_cfg):
-    layer = moekit.MoELayer(make_cfg(num_experts=8, k=2))
-    assert_layers_match(layer, twin_reference(layer), torch.randn(64, 32, requires_grad=True), 1e-5, 1e-5)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("path", grouped.PATHS)
+def test_grouped_fp32_equals_reference_on_each_path(make_cfg, activation, path):
+    layer = moekit.MoELayer(make_cfg(num_experts=8, k=2, activation=activation))
+    with grouped.force(path) as ran:
+        assert_layers_match(layer, twin_reference(layer), torch.randn(64, 32, requires_grad=True), 1e-5, 1e-5)
+    # Both expert GEMMs ran on `path` forward, for dx and for dw: the comparison is of that path.
+    assert ran == {(stage, path): 2 for stage in grouped.STAGES}
 
 
 def test_dropless_equals_capacity_when_nothing_dropped(make_cfg):
@@ -184,9 +197,12 @@ def test_repr_says_what_it_is(make_cfg):
 @given(T=st.integers(1, 24), E=st.integers(1, 64), data=st.data())
 def test_property_grouped_equals_reference(T, E, data):
     k = data.draw(st.integers(1, E))
+    path = data.draw(st.sampled_from(grouped.PATHS))
     cfg = moekit.MoEConfig(d_model=16, d_expert=16, num_experts=E, router=moekit.RouterConfig(k=k))
     layer = moekit.MoELayer(cfg)
-    assert_layers_match(layer, twin_reference(layer), torch.randn(T, 16, requires_grad=True), 1e-5, 1e-4)
+    with grouped.force(path) as ran:
+        assert_layers_match(layer, twin_reference(layer), torch.randn(T, 16, requires_grad=True), 1e-5, 1e-4)
+    assert ran == {(stage, path): 2 for stage in grouped.STAGES}
     info = layer.routing_info()
     assert int(info.counts_E.sum()) == T * k
     assert info.counts_E.numel() == E

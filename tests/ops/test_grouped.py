@@ -1,10 +1,14 @@
-"""The grouped GEMM against a per-expert loop, forward and backward."""
+"""The grouped GEMM, forward and backward (dx and dw), against a float64 per-expert loop, with the
+path that ran (kernel or loop) asserted: float64 can only run the loop, so the kernel is checked
+in fp32 (and through the bf16 paths), and odd widths are checked to fall back, not to crash."""
 
 import pytest
 import torch
 
 from moekit.ops import grouped
-from moekit.ops.grouped import grouped_linear
+from moekit.ops.grouped import grouped_linear, kernel_refusal
+
+COUNTS = [[3, 0, 7, 2], [0, 0, 0, 5], [1], [4, 4, 4, 4, 4, 4, 4, 4], [0, 0]]
 
 
 def loop_linear(x_NI, w_EOI, counts):
@@ -15,57 +19,176 @@ def loop_linear(x_NI, w_EOI, counts):
     return torch.cat(outs) if outs else x_NI.new_zeros(0, w_EOI.shape[1])
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("counts", [[3, 0, 7, 2], [0, 0, 0, 5], [1], [4, 4, 4, 4, 4, 4, 4, 4], [0, 0]])
-def test_grouped_linear_matches_loop(dtype, tol, counts):
+def offsets(counts):
+    return torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+
+
+def run_and_reference(x, w, counts):
+    """(y, dx, dw) of grouped_linear and of a float64 loop on the same values, for one output gradient."""
+    y = grouped_linear(x, w, offsets(counts))
+    g = torch.randn(y.shape, dtype=torch.float64)
+    dx, dw = torch.autograd.grad(y, (x, w), g.to(y.dtype))
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = loop_linear(x64, w64, counts)
+    dx64, dw64 = torch.autograd.grad(y64, (x64, w64), g) if y64.numel() else (torch.zeros_like(x64),
+                                                                               torch.zeros_like(w64))
+    return (y, dx, dw), (y64, dx64, dw64)
+
+
+@pytest.mark.parametrize("dtype,path,tol", [(torch.float64, "loop", 1e-12), (torch.float32, "kernel", 1e-5),
+                                            (torch.float32, "loop", 1e-5)])
+@pytest.mark.parametrize("counts", COUNTS)
+def test_grouped_linear_matches_float64_loop(dtype, path, tol, counts):
     E, O, I = len(counts), 12, 8
     x = torch.randn(sum(counts), I, dtype=dtype, requires_grad=True)
     w = torch.randn(E, O, I, dtype=dtype, requires_grad=True)
-    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
-    y = grouped_linear(x, w, offs)
-    y_ref = loop_linear(x, w, counts)
-    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
-    g = torch.randn_like(y)
-    if y.numel():
-        dx, dw = torch.autograd.grad(y, (x, w), g)
-        dx_ref, dw_ref = torch.autograd.grad(y_ref, (x, w), g)
-        torch.testing.assert_close(dx, dx_ref, atol=tol, rtol=tol)
-        torch.testing.assert_close(dw, dw_ref, atol=tol, rtol=tol)
+    with grouped.force(path) as ran:
+        got, want = run_and_reference(x, w, counts)
+    # Exactly one GEMM per stage, each on the forced path: the comparison below is of that path.
+    assert ran == {("forward", path): 1, ("dx", path): 1, ("dw", path): 1}
+    for name, a, b in zip(("y", "dx", "dw"), got, want, strict=True):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol, msg=name)
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert not got[2][e].any()  # an expert without rows gets exactly zero weight gradient
 
 
-def test_grouped_linear_gradcheck_float64():
-    counts = [2, 0, 3]
-    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
-    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
-    assert torch.autograd.gradcheck(lambda a, b: grouped_linear(a, b, offs), (x, w))
-
-
-def test_kernel_path_fp32_aligned_matches_loop():
-    """Widths that are multiples of 16 bytes take torch._grouped_mm for the weight gradient too."""
+def test_kernel_and_loop_agree_bitwise_in_fp32():
+    """The CPU kernel runs one mm per group: the same numbers as the loop (offloading relies on it)."""
     counts = [5, 0, 9, 2]
     x = torch.randn(16, 32, requires_grad=True)
     w = torch.randn(4, 64, 32, requires_grad=True)
-    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
-    y = grouped_linear(x, w, offs)
-    (y * torch.randn_like(y)).sum().backward()
-    x2, w2 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    torch.manual_seed(0)
-    y2 = loop_linear(x2, w2, counts)
-    torch.testing.assert_close(y.double(), y2, atol=1e-4, rtol=1e-4)
+    outs = {}
+    for path in grouped.PATHS:
+        with grouped.force(path) as ran:
+            y = grouped_linear(x, w, offsets(counts))
+            outs[path] = (y, *torch.autograd.grad(y, (x, w), torch.ones_like(y)))
+        assert ran == {(stage, path): 1 for stage in grouped.STAGES}
+    for a, b in zip(outs["kernel"], outs["loop"], strict=True):
+        assert torch.equal(a, b)
 
 
+def test_grouped_linear_gradcheck_float64():
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
+    offs = offsets([2, 0, 3])
+    with grouped.record() as ran:
+        assert torch.autograd.gradcheck(lambda a, b: grouped_linear(a, b, offs), (x, w))
+    assert ran["forward", "loop"] > 0 and ran["dw", "loop"] > 0
+    assert not any(path == "kernel" for _, path in ran)  # float64: the kernel cannot take it
+
+
+def test_automatic_choice_runs_the_kernel_with_many_rows_per_expert():
+    counts = [40, 0, 30, 10]  # 80 rows >= 4 x 4 experts
+    x = torch.randn(80, 32, requires_grad=True)
+    w = torch.randn(4, 64, 32, requires_grad=True)
+    with grouped.record() as ran:
+        got, want = run_and_reference(x, w, counts)
+    assert ran == {(stage, "kernel"): 1 for stage in grouped.STAGES}
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+def test_automatic_choice_loops_on_cpu_with_few_rows_per_expert():
+    x = torch.randn(3, 32)
+    w = torch.randn(8, 64, 32)
+    with grouped.record() as ran, torch.no_grad():
+        grouped_linear(x, w, offsets([1, 0, 0, 2, 0, 0, 0, 0]))
+    assert ran == {("forward", "loop"): 1}
+
+
+# --------------------------------------------------------------------------------- odd widths (issue 11, item 14)
+@pytest.mark.parametrize("I,O", [(37, 32), (32, 37), (33, 129), (1, 32), (32, 1), (129, 74)])
+def test_unaligned_widths_fall_back_to_the_loop_forward_and_backward(I, O):
+    """torch._grouped_mm raises "strides should be multiple of 16 bytes" on these; each GEMM whose
+    operands it cannot take runs the loop, the others still run the kernel."""
+    counts = [20, 0, 25, 19]
+    x = torch.randn(sum(counts), I, requires_grad=True)
+    w = torch.randn(len(counts), O, I, requires_grad=True)
+    with grouped.record() as ran:
+        got, want = run_and_reference(x, w, counts)
+    # Each GEMM reads or writes rows of both widths (fp32: 16-byte rows are multiples of 4 values).
+    path = "kernel" if I % 4 == 0 and O % 4 == 0 else "loop"
+    assert ran == {(stage, path): 1 for stage in grouped.STAGES}
+    for name, a, b in zip(("y", "dx", "dw"), got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4, msg=name)
+    # What the kernel itself does with these operands: the refusal is not hypothetical.
+    if I % 4:
+        with pytest.raises(RuntimeError, match="16 bytes"):
+            torch._grouped_mm(x.detach(), w.detach().transpose(-2, -1), offs=offsets(counts))
+
+
+def test_forcing_the_kernel_on_an_unaligned_width_fails_loudly():
+    x = torch.randn(16, 37)
+    w = torch.randn(2, 32, 37)
+    with grouped.force("kernel"), pytest.raises(RuntimeError, match=r"forward GEMM cannot run .*148 bytes"):
+        grouped_linear(x, w, offsets([8, 8]))
+
+
+def test_fallback_warns_once_off_cpu_and_stays_quiet_on_cpu(recwarn):
+    """On an accelerator the loop is the slow path: one warning naming why (the meta device stands in
+    for one here). On CPU the kernel runs one mm per expert anyway: no warning."""
+    grouped._warn_loop_fallback.cache_clear()
+    offs = offsets([8, 8])
+    for _ in range(2):
+        y = grouped_linear(torch.empty(16, 37, device="meta"), torch.empty(2, 32, 37, device="meta"), offs)
+    assert y.shape == (16, 32)
+    messages = [str(w.message) for w in recwarn]
+    assert len(messages) == 1 and "per-expert loop" in messages[0] and "148 bytes" in messages[0]
+    grouped_linear(torch.randn(16, 37), torch.randn(2, 32, 37), offs)
+    assert len(recwarn) == 1
+
+
+def test_refusal_rule_per_dtype_stride_and_pointer():
+    w = torch.randn(2, 8, 4)
+    assert kernel_refusal(torch.randn(8, 4), w.transpose(-2, -1)) is None  # fp32 rows of 4 = 16 bytes
+    bf = torch.randn(8, 4, dtype=torch.bfloat16)
+    assert "8 bytes" in kernel_refusal(bf, w.bfloat16().transpose(-2, -1))  # bf16 rows of 4 = 8 bytes
+    assert "float64" in kernel_refusal(torch.randn(8, 4, dtype=torch.float64), w.double().transpose(-2, -1))
+    assert "dtypes" in kernel_refusal(torch.randn(8, 4), w.bfloat16().transpose(-2, -1))
+    shifted = torch.randn(8 * 4 + 1)[1:].view(8, 4)  # contiguous, data pointer 4 bytes off
+    assert "aligned" in kernel_refusal(shifted, w.transpose(-2, -1))
+    assert "no unit stride" in kernel_refusal(torch.randn(8, 8)[::2, ::2], w.transpose(-2, -1))
+    # One output column: the operands pass the kernel's own checks, its result is not the loop's bitwise.
+    assert "output row of 1 float32" in kernel_refusal(torch.randn(8, 4), torch.randn(2, 1, 4).transpose(-2, -1))
+
+
+def test_misaligned_data_pointer_runs_the_loop_and_matches():
+    counts = [10, 6]
+    x = torch.randn(16 * 32 + 1)[1:].view(16, 32).requires_grad_()
+    w = torch.randn(2, 32, 32, requires_grad=True)
+    with grouped.record() as ran:
+        got, want = run_and_reference(x, w, counts)
+    assert ran["forward", "loop"] == 1
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- low precision
 def test_low_precision_runs_in_compute_dtype_and_returns_input_dtype():
     counts = [3, 5]
     x = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(2, 32, 16, dtype=torch.bfloat16, requires_grad=True)
-    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
-    y = grouped_linear(x, w, offs)
+    y = grouped_linear(x, w, offsets(counts))
     assert y.dtype == torch.bfloat16
     y_ref = loop_linear(x.float(), w.float(), counts)
     torch.testing.assert_close(y.float(), y_ref, atol=0.1, rtol=0.02)
     y.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+
+
+def test_low_precision_native_kernel_with_forced_path():
+    """bf16 operands through the kernel itself (few rows per expert keep them in bf16)."""
+    counts = [4, 0, 4]
+    x = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(3, 32, 16, dtype=torch.bfloat16, requires_grad=True)
+    with grouped.force("kernel") as ran:
+        got, want = run_and_reference(x, w, counts)
+    assert ran == {(stage, "kernel"): 1 for stage in grouped.STAGES}
+    for name, a, b in zip(("y", "dx", "dw"), got, want, strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.double(), b, atol=0.3, rtol=0.03, msg=name)
 
 
 def test_compute_dtype_policy():
@@ -80,16 +203,48 @@ def test_low_precision_upcast_path_with_inactive_experts(counts):
     E = len(counts)
     x = torch.randn(sum(counts), 16, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(E, 32, 16, dtype=torch.bfloat16, requires_grad=True)
-    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
-    y = grouped_linear(x, w, offs)
-    x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-    y_ref = loop_linear(x32, w32, counts)
-    torch.testing.assert_close(y.float(), y_ref, atol=0.1, rtol=0.02)
-    g = torch.randn_like(y_ref)
-    (y.float() * g).sum().backward()
-    (y_ref * g).sum().backward()
+    with grouped.record() as ran:
+        y = grouped_linear(x, w, offsets(counts))
+        x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        y_ref = loop_linear(x32, w32, counts)
+        torch.testing.assert_close(y.float(), y_ref, atol=0.1, rtol=0.02)
+        g = torch.randn_like(y_ref)
+        (y.float() * g).sum().backward()
+        (y_ref * g).sum().backward()
+    assert ran == {(stage, "kernel"): 1 for stage in grouped.STAGES}
     torch.testing.assert_close(x.grad.float(), x32.grad, atol=0.2, rtol=0.02)
     torch.testing.assert_close(w.grad.float(), w32.grad, atol=0.5, rtol=0.02)
     for e, c in enumerate(counts):
         if c == 0:
             assert not w.grad[e].any()  # experts without rows get exactly zero gradient
+
+
+@pytest.mark.parametrize("F", [1, 37])
+def test_low_precision_odd_width_both_compute_paths(F):
+    """bf16 at an odd width: the native path (few rows) and the fp32 upcast path (many rows) both
+    fall back where the kernel cannot take the rows, forward and backward."""
+    for counts in ([2, 1], [40, 30]):
+        x = torch.randn(sum(counts), F, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(2, 32, F, dtype=torch.bfloat16, requires_grad=True)
+        with grouped.record() as ran:
+            got, want = run_and_reference(x, w, counts)
+        assert ran["forward", "loop"] == ran["dx", "loop"] == ran["dw", "loop"] == 1
+        for name, a, b in zip(("y", "dx", "dw"), got, want, strict=True):
+            torch.testing.assert_close(a.double(), b, atol=0.3, rtol=0.03, msg=name)
+
+
+# ---------------------------------------------------------------------------------- the switch itself
+def test_force_rejects_unknown_paths_and_restores_on_exit():
+    with pytest.raises(ValueError, match="kernel"):
+        with grouped.force("fast"):
+            pass
+    x, w, offs = torch.randn(4, 8), torch.randn(4, 8, 8), offsets([1, 1, 1, 1])
+    with grouped.record() as outer:
+        with grouped.force("kernel") as inner:
+            with grouped.force("loop"):
+                grouped_linear(x, w, offs)
+            grouped_linear(x, w, offs)
+        grouped_linear(x, w, offs)  # automatic again: 4 rows over 4 experts loop on CPU
+    assert inner == {("forward", "loop"): 1, ("forward", "kernel"): 1}
+    assert outer == {("forward", "loop"): 2, ("forward", "kernel"): 1}
+    assert grouped._forced is None and grouped._recorders == []

@@ -11,14 +11,17 @@ Stages of wrap:
   2. find blocks structurally (detect.py): a router `gate` plus stacked `experts`
   3. read each block's routing rule into a MoEConfig, and bind a HFMoEBlock to its Parameters
   4. verify (default on): run the block and the HFMoEBlock on a probe input, the router alone in
-     fp32 (selected experts exactly, weights to 1e-5) and the whole block in the model's dtype;
-     a block that disagrees is refused with its class name, before anything is replaced
+     fp32 (selected experts exactly, weights to 1e-5) and the whole block in the model's dtype,
+     its experts run by transformers' eager loop (the plain form of the block's math, and one that
+     takes any expert width); a block that disagrees is refused with its class name, before
+     anything is replaced
   5. swap the modules in place (all or nothing)
 Nothing is copied, and dtype and device stay as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -88,7 +91,8 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
     try:
         with torch.no_grad():
             _verify_router(spec, layer, x_BTD.reshape(-1, cfg.d_model).float())
-            y_hf = block(x_BTD)
+            with _eager_experts(spec.experts):
+                y_hf = block(x_BTD)
             y_hf = y_hf[0] if isinstance(y_hf, tuple) else y_hf
             y_mk = layer(x_BTD)
     finally:
@@ -109,6 +113,26 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
             f"moekit's output differs from the block's own on a probe input ({bad:.0%} of {PROBE_TOKENS} tokens off by "
             f"more than {tol:g} relative, max {float(err_T.max()):.3g}); its forward does something moekit's "
             "MoELayer does not (pass verify=False to skip this check at your own risk)")
+
+
+@contextlib.contextmanager
+def _eager_experts(experts: nn.Module):
+    """Run a transformers experts module with its eager loop inside the block.
+
+    NOTE: transformers' default `grouped_mm` experts crash inside torch._grouped_mm on expert widths
+    whose rows are not 16-byte aligned (F = 37 in its own tiny test configs), so the probe would
+    refuse a block moekit runs fine. Only this config object is switched (not its sub-configs), and
+    only for the probe."""
+    config = getattr(experts, "config", None)
+    current = getattr(config, "_experts_implementation_internal", None)
+    if current is None or current == "eager":
+        yield
+        return
+    config._experts_implementation_internal = "eager"
+    try:
+        yield
+    finally:
+        config._experts_implementation_internal = current
 
 
 def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> None:

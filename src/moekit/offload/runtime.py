@@ -93,16 +93,24 @@ class OffloadedExperts(nn.Module):
                 f"d_expert={self.d_expert}, {self.activation}, weights from {self._runtime.store.path}")
 
 
-def _linear_rows(x_ND: torch.Tensor, w_by_expert: list[torch.Tensor], ranges: list[tuple[int, int]],
-                 upcast: torch.dtype | None, out: torch.Tensor, row0: int) -> None:
-    """out[s - row0 : t - row0] = x_ND[s:t] @ w.T for each expert's row range, as `_loop_mm` and the
-    CPU grouped kernel compute it (bitwise equal for fp32, checked in tests); `upcast` mirrors
-    grouped_linear's fp32 compute of low-precision inputs on CPUs without bf16 instructions."""
+def _linear_rows(x_NI: torch.Tensor, w_by_expert: list[torch.Tensor], ranges: list[tuple[int, int]],
+                 upcast: torch.dtype | None, out_NO: torch.Tensor) -> None:
+    """out_NO[s:t] = x_NI[s:t] @ w.T for each expert's row range (s, t), as `_loop_mm` and the CPU
+    grouped kernel compute them (bitwise equal, checked in tests): every range at the same rows of
+    full-size buffers as in the resident forward, because MKL's rounding can depend on where an
+    output starts (seen with rows of 37 floats); `upcast` mirrors grouped_linear's fp32 compute of
+    low-precision inputs on CPUs without bf16 instructions (convert, GEMM, round once)."""
+    if upcast is None:
+        for w_OI, (s, t) in zip(w_by_expert, ranges, strict=True):
+            torch.mm(x_NI[s:t], w_OI.t(), out=out_NO[s:t])
+        return
+    r0, r1 = ranges[0][0], ranges[-1][1]  # a step's experts are consecutive: rows r0..r1
+    x_up = x_NI.new_empty(x_NI.shape, dtype=upcast)
+    out_up = out_NO.new_empty(out_NO.shape, dtype=upcast)
+    x_up[r0:r1] = x_NI[r0:r1]
     for w_OI, (s, t) in zip(w_by_expert, ranges, strict=True):
-        if upcast is None:
-            torch.mm(x_ND[s:t], w_OI.t(), out=out[s - row0:t - row0])
-        else:
-            out[s - row0:t - row0] = torch.mm(x_ND[s:t].to(upcast), w_OI.to(upcast).t()).to(out.dtype)
+        torch.mm(x_up[s:t], w_OI.to(upcast).t(), out=out_up[s:t])
+    out_NO[r0:r1] = out_up[r0:r1]
 
 
 class OffloadRuntime:
@@ -204,22 +212,23 @@ class OffloadRuntime:
         cdt = compute_dtype(x_ND.dtype, x_ND.device)
         upcast = cdt if cdt != x_ND.dtype and N > 16 * len(active) else None
         swiglu = self.store.activation == "swiglu"
+        # Full-size intermediates, filled step by step: each row where the resident forward has it.
+        width = self.store.layout.shapes[0][0]  # 2F (SwiGLU) or F
+        h_NX = x_ND.new_empty(N, width)
+        h_NF = x_ND.new_empty(N, width // 2 if swiglu else width)
         for gi, group in enumerate(self.groups(active)):
             weights = self.cache.acquire(layer_idx, group)
             if gi == 0 and self.predict and self.phase == "decode" and len(active) <= self.plan.step_size:
                 self._prefetch_next(layer_idx)
             ranges = [(starts[e], ends[e]) for e in group]
             r0, r1 = ranges[0][0], ranges[-1][1]
-            w_first = [w[0] for w in weights]
-            w_down = [w[1] for w in weights]
-            h_MX = x_ND.new_empty(r1 - r0, w_first[0].shape[0])
-            _linear_rows(x_ND, w_first, ranges, upcast, h_MX, r0)
+            _linear_rows(x_ND, [w[0] for w in weights], ranges, upcast, h_NX)
             if swiglu:
-                gate_MF, up_MF = h_MX.chunk(2, dim=-1)
-                h_MF = F.silu(gate_MF) * up_MF
+                gate_MF, up_MF = h_NX[r0:r1].chunk(2, dim=-1)
+                h_NF[r0:r1] = F.silu(gate_MF) * up_MF
             else:
-                h_MF = F.gelu(h_MX)
-            _linear_rows(h_MF, w_down, [(s - r0, t - r0) for s, t in ranges], upcast, y_ND[r0:r1], 0)
+                h_NF[r0:r1] = F.gelu(h_NX[r0:r1])
+            _linear_rows(h_NF, [w[1] for w in weights], ranges, upcast, y_ND)
             self.cache.end_step(layer_idx)
         return y_ND
 

@@ -6,18 +6,32 @@ Legend: N assignments (rows, grouped by expert), E experts, I input width, O out
 One autograd Function, so that backward layouts, dtypes and the no-kernel fallback are ours:
   forward   y = grouped(x, w^T)
   backward  dx = grouped(dy, w)            dw[e] = dy_e^T @ x_e
-The kernel is `torch._grouped_mm` (CPU and CUDA in torch 2.13); float64 (tests) and builds
-without it use a per-expert loop of the same math.
+Each of the three GEMMs runs either the kernel, `torch._grouped_mm` (CPU and CUDA in torch 2.13),
+or a per-expert loop of the same math. The choice is made per GEMM from dtypes, shapes, strides
+and data pointers only (never from the counts, so no host sync): float64 (tests), builds without
+the kernel and operands the kernel cannot take (`kernel_refusal`: a row that is not a multiple of
+16 bytes, e.g. an expert width F = 37) run the loop.
+
+Tests choose the path with `force("kernel" | "loop")` and read which one ran with `record()`.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import warnings
+from collections.abc import Iterator
 
 import torch
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = (torch.float32, *_LOW_PRECISION)
+PATHS = ("kernel", "loop")
+STAGES = ("forward", "dx", "dw")
+
+_forced: str | None = None
+_recorders: list[collections.Counter] = []
 
 
 def grouped_mm_available() -> bool:
@@ -49,6 +63,38 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def kernel_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why `torch._grouped_mm(a, b, offs=...)` should not run these operands, or None when it can.
+
+    The kernel takes float32 / bfloat16 / float16 operands of one dtype, each with a unit stride in
+    its last two dims and the other stride a multiple of 16 bytes ("strides should be multiple of 16
+    bytes" otherwise: an fp32 width of 37, a bf16 width of 4). CPU builds up to torch 2.10 also need
+    16-byte aligned data pointers (transformers met it with memory-mapped safetensors weights). The
+    output's rows (b.shape[-1] values) must be 16-byte multiples too: CUDA pads unaligned output rows
+    (a non-contiguous result) and the CPU kernel computes one-column outputs otherwise than one mm
+    per expert (not bitwise the loop). Reads dtypes, shapes, strides and pointers: no host sync.
+    """
+    if not grouped_mm_available():
+        return "torch._grouped_mm is missing from this torch build"
+    if a.dtype not in _KERNEL_DTYPES or b.dtype != a.dtype:
+        return f"dtypes {a.dtype}, {b.dtype} (the kernel takes float32, bfloat16 or float16, both alike)"
+    for m in (a, b):
+        size, (s_row, s_col) = m.element_size(), m.stride()[-2:]
+        lead = s_row if s_col == 1 else s_col if s_row == 1 else None
+        if lead is None:
+            return f"an operand with strides {m.stride()} (no unit stride in its last two dims)"
+        if lead * size % 16 or (m.dim() == 3 and m.stride(0) * size % 16):
+            return (f"a row of {lead} {str(m.dtype).removeprefix('torch.')} values ({lead * size} bytes) is not "
+                    "a multiple of 16 bytes")
+        if m.data_ptr() % 16:
+            return "an operand whose data pointer is not 16-byte aligned"
+    out_cols = b.shape[-1]
+    if out_cols * a.element_size() % 16:
+        return (f"an output row of {out_cols} {str(a.dtype).removeprefix('torch.')} values "
+                f"({out_cols * a.element_size()} bytes) that is not a multiple of 16 bytes")
+    return None
+
+
 def _loop_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """out[rows of e] = x[rows of e] @ w_EIO[e]; the plain per-expert form of the kernel."""
     out = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
@@ -60,34 +106,47 @@ def _loop_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -
     return out
 
 
-def _use_kernel(x_NI: torch.Tensor, offsets_E: torch.Tensor) -> bool:
-    if x_NI.dtype not in (torch.float32, *_LOW_PRECISION) or not grouped_mm_available():
-        return False
-    if x_NI.device.type == "cpu":
+def _use_kernel(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_experts: int) -> bool:
+    """Kernel or loop for one GEMM `a @ b` over `rows` assignments (the path is counted for `record`)."""
+    refusal = kernel_refusal(a, b)
+    if _forced == "kernel":
+        if refusal is not None:
+            raise RuntimeError(f"moekit.ops.grouped.force('kernel'): the {stage} GEMM cannot run "
+                               f"torch._grouped_mm: {refusal}")
+        use = True
+    elif _forced == "loop" or refusal is not None:
+        if _forced is None and a.device.type != "cpu" and a.dtype in _KERNEL_DTYPES and grouped_mm_available():
+            _warn_loop_fallback(refusal)
+        use = False
+    elif a.device.type == "cpu":
         # NOTE: the CPU kernel runs one mm per group, empty groups included (~12 us each), so
         # with few rows per expert (decoding: T*k rows over E experts) the loop over non-empty
         # groups is faster; with many rows both run the same mm calls. A shape test: no sync.
-        return x_NI.shape[0] >= 4 * offsets_E.numel()
-    return True
+        use = rows >= 4 * num_experts
+    else:
+        use = True
+    for ran in _recorders:
+        ran[stage, "kernel" if use else "loop"] += 1
+    return use
 
 
-def _mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    if _use_kernel(x_NI, offsets_E):
+def _mm(stage: str, x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    if _use_kernel(stage, x_NI, w_EIO, x_NI.shape[0], offsets_E.numel()):
         return torch._grouped_mm(x_NI, w_EIO, offs=offsets_E)
     return _loop_mm(x_NI, w_EIO, offsets_E)
 
 
 def _weight_grad(dy_NO: torch.Tensor, x_NI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """dw[e] = dy_e^T @ x_e, (E, O, I)."""
+    """dw[e] = dy_e^T @ x_e, (E, O, I); experts without rows get zeros."""
     E = offsets_E.numel()
-    aligned = (dy_NO.shape[1] * dy_NO.element_size()) % 16 == 0 and (x_NI.shape[1] * x_NI.element_size()) % 16 == 0
-    if aligned and _use_kernel(dy_NO, offsets_E):
-        return torch._grouped_mm(dy_NO.t(), x_NI, offs=offsets_E)
+    dy_ON = dy_NO.t()
+    if _use_kernel("dw", dy_ON, x_NI, dy_NO.shape[0], E):
+        return torch._grouped_mm(dy_ON, x_NI, offs=offsets_E)
     dw = dy_NO.new_zeros(E, dy_NO.shape[1], x_NI.shape[1])
     start = 0
     for e, end in enumerate(offsets_E.tolist()):
         if end > start:
-            torch.mm(dy_NO[start:end].t(), x_NI[start:end], out=dw[e])
+            torch.mm(dy_ON[:, start:end], x_NI[start:end], out=dw[e])
         start = end
     return dw
 
@@ -96,14 +155,14 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_NI, w_EOI, offsets_E):
         ctx.save_for_backward(x_NI, w_EOI, offsets_E)
-        return _mm(x_NI, w_EOI.transpose(-2, -1), offsets_E)
+        return _mm("forward", x_NI, w_EOI.transpose(-2, -1), offsets_E)
 
     @staticmethod
     def backward(ctx, dy_NO):
         x_NI, w_EOI, offsets_E = ctx.saved_tensors
         # NOTE: the CPU kernel rejects non-contiguous gradients (e.g. from chunk/expand).
         dy_NO = dy_NO.contiguous()
-        dx = _mm(dy_NO, w_EOI, offsets_E) if ctx.needs_input_grad[0] else None
+        dx = _mm("dx", dy_NO, w_EOI, offsets_E) if ctx.needs_input_grad[0] else None
         dw = _weight_grad(dy_NO, x_NI, offsets_E) if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
@@ -111,7 +170,9 @@ class _GroupedLinear(torch.autograd.Function):
 def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Per-expert `F.linear` over rows grouped by expert. Differentiable in x and w.
 
-    x_NI rows must be sorted by expert; offsets_E are int32 cumulative row counts.
+    x_NI (N, I) rows sorted by expert; w_EOI (E, O, I); offsets_E (E,) cumulative row counts
+    (int32; other integer dtypes are converted). Returns (N, O) in x_NI's dtype. Any widths: a GEMM
+    the kernel cannot take (see `kernel_refusal`) runs the per-expert loop, forward and backward.
     Low-precision inputs on CPUs without bf16 instructions: see `compute_dtype`.
     """
     if offsets_E.dtype != torch.int32:
@@ -141,3 +202,44 @@ def warn_missing_kernel() -> None:
         "per-expert loop (slower). Install torch>=2.9 for the grouped kernel.",
         stacklevel=3,
     )
+
+
+@functools.cache
+def _warn_loop_fallback(refusal: str) -> None:
+    warnings.warn(f"moekit: an expert GEMM runs as a per-expert loop (slower) because torch._grouped_mm cannot "
+                  f"take it: {refusal}; expert and model widths whose rows are multiples of 16 bytes run the kernel",
+                  stacklevel=4)
+
+
+@contextlib.contextmanager
+def force(path: str) -> Iterator[collections.Counter]:
+    """Test-only: run every grouped GEMM inside the block through `path`, and count them.
+
+    path: "kernel" (`torch._grouped_mm`; a GEMM the kernel cannot take raises RuntimeError instead of
+    falling back, so a test that forces the kernel never passes on the loop) or "loop".
+    Yields the Counter of `record()`. Process-wide and not thread-safe; the innermost `force` wins.
+    """
+    global _forced
+    if path not in PATHS:
+        raise ValueError(f"moekit.ops.grouped.force(): path must be one of {PATHS}, got {path!r}")
+    previous, _forced = _forced, path
+    try:
+        with record() as ran:
+            yield ran
+    finally:
+        _forced = previous
+
+
+@contextlib.contextmanager
+def record() -> Iterator[collections.Counter]:
+    """Count the grouped GEMMs run inside the block without changing any choice.
+
+    Yields a Counter keyed (stage, path): stage in STAGES ("forward", "dx", "dw"), path in PATHS,
+    e.g. `ran["dw", "kernel"]` is the number of weight-gradient GEMMs that ran the kernel.
+    """
+    ran: collections.Counter = collections.Counter()
+    _recorders.append(ran)
+    try:
+        yield ran
+    finally:
+        _recorders[:] = [r for r in _recorders if r is not ran]
