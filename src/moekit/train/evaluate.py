@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from moekit.data import DOMAINS, encode_samples, load_corpus, unigram_bits_per_byte
+from moekit.errors import UsageError
+
+UNIGRAM_NOTE = ("unigram = bits per byte of a byte-frequency model fitted on the train split (no context): "
+                "the baseline a language model must beat")
 
 
 def token_bytes(tokenizer) -> np.ndarray:
@@ -36,9 +40,18 @@ def domain_windows(tokenizer, domain: str, seq_len: int, max_tokens: int, split:
     tokens, _ = encode_samples(load_corpus(split, domain), tokenizer)
     n = min((len(tokens) - 1) // seq_len, max(1, max_tokens // seq_len))
     if n <= 0:
-        raise ValueError(f"evaluate: the {split} split of {domain!r} has fewer than {seq_len + 1} tokens")
+        raise UsageError(f"evaluate: seq_len={seq_len} is too long for the {split} split of {domain!r} "
+                         f"({len(tokens)} tokens); allowed: at most {len(tokens) - 1}")
     idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     return torch.from_numpy(tokens[idx].astype(np.int64))
+
+
+def measured_active_params(model_cfg, experts_per_token_L: list[float]) -> int:
+    """Parameters one token uses, with each MoE layer's experts per token as measured (e.g. on
+    validation) rather than the config's count, which for dynamic routers is their worst case."""
+    moe = model_cfg.moe
+    unused = sum((moe.num_experts - k) * moe._expert_params() for k in experts_per_token_L)
+    return int(round(model_cfg.num_params() - unused))
 
 
 @torch.no_grad()
