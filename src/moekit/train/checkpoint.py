@@ -77,9 +77,9 @@ def _warn_unverified(path: Path) -> None:
                       "unverified; resuming the run rewrites them with checksums", stacklevel=3)
 
 
-def read_json(path: str | os.PathLike, checked: bool = True) -> dict[str, Any]:
-    """A JSON object from `path`, verified against its `checksum` key when `checked` (a file without
-    one, written by an older moekit, is accepted with a one-time warning).
+def read_json(path: str | os.PathLike, checked: bool = True, required: bool = False) -> dict[str, Any]:
+    """A JSON object from `path`, verified against its `checksum` key when `checked`. A file without
+    one (written by an older moekit) is accepted with a one-time warning, or refused if `required`.
 
     Raises DataError naming the file when it is not UTF-8, not JSON, truncated, not an object or
     does not match its checksum; FileNotFoundError when it is missing.
@@ -96,6 +96,8 @@ def read_json(path: str | os.PathLike, checked: bool = True) -> dict[str, Any]:
         raise DataError(f"{path} is damaged: expected a JSON object, found {type(obj).__name__}")
     if checked:
         digest = obj.pop(CHECKSUM, None)
+        if digest is None and required:
+            raise DataError(f"{path} is damaged: its checksum is missing")
         if digest is None:
             _warn_unverified(path)
         elif digest != _digest(obj):
@@ -173,8 +175,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]
-    for p in old:
+    # A later step than this one is from an abandoned attempt (LATEST never named it): not a keeper.
+    stale = [p for p in root.glob("step-*") if p.is_dir() and p.name > name]
+    old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name <= name)[:-keep]
+    for p in stale + old:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
@@ -201,10 +205,10 @@ def latest_checkpoint(run_dir: Path) -> Path:
     if not text:
         raise CheckpointError(f"{pointer} is empty; expected {expected}")
     meta_sha = None
-    if text.startswith("{"):
-        latest = read_json(pointer)
+    if text.startswith("{"):  # older moekits wrote the bare name; every JSON LATEST has a checksum
+        latest = read_json(pointer, required=True)
         name, meta_sha = latest.get("checkpoint"), latest.get("meta_sha256")
-    else:  # an older moekit wrote the bare name
+    else:
         name = text
         _warn_unverified(pointer)
     if not isinstance(name, str) or not _NAME.fullmatch(name):

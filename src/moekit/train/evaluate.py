@@ -7,6 +7,7 @@ into non-overlapping windows, so every window belongs to one domain.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -44,6 +45,12 @@ def domain_windows(tokenizer, domain: str, seq_len: int, max_tokens: int, split:
                          f"({len(tokens)} tokens); allowed: at most {len(tokens) - 1}")
     idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     return torch.from_numpy(tokens[idx].astype(np.int64))
+
+
+@functools.lru_cache(maxsize=64)
+def unigram_bpb(split: str, domains: tuple[str, ...]) -> float:
+    """`unigram_bits_per_byte`, computed once per process (it reads the whole train split)."""
+    return unigram_bits_per_byte(split, list(domains))
 
 
 def measured_active_params(model_cfg, experts_per_token_L: list[float]) -> int:
@@ -88,7 +95,7 @@ def evaluate(model, tokenizer, seq_len: int = 128, max_tokens_per_domain: int = 
             "nll_nats": nll,
             "experts_per_token_by_layer": (experts_L / ntok).round(4).tolist(),
             "experts_per_token": float(experts_L.mean() / ntok) if len(layers) else 0.0,
-            "unigram_bpb": unigram_bits_per_byte(split, domain),
+            "unigram_bpb": unigram_bpb(split, (domain,)),
         }
     model.train(was_training)
     tot_nll = sum(d["nll_nats"] for d in per_domain.values())
@@ -102,6 +109,6 @@ def evaluate(model, tokenizer, seq_len: int = 128, max_tokens_per_domain: int = 
         "loss": tot_nll / tot_tok, "bpb": tot_nll / math.log(2) / max(tot_bytes, 1), "tokens": tot_tok,
         "experts_per_token": float(by_layer.mean()) if len(layers) else 0.0,
         "experts_per_token_by_layer": by_layer.round(4).tolist(),
-        "unigram_bpb": unigram_bits_per_byte(split, list(per_domain)),
+        "unigram_bpb": unigram_bpb(split, tuple(per_domain)),
         "per_domain": per_domain,
     }

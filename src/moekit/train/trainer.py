@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -44,13 +45,12 @@ from moekit.data import (
     encode_samples,
     load_bpe_tokenizer,
     load_corpus,
-    unigram_bits_per_byte,
 )
 from moekit.errors import DataError, MoekitError, UsageError
 from moekit.models import LMConfig, MoELM
 from moekit.train import checkpoint as ckpt
 from moekit.train import rundir
-from moekit.train.evaluate import UNIGRAM_NOTE, evaluate, measured_active_params
+from moekit.train.evaluate import UNIGRAM_NOTE, evaluate, measured_active_params, unigram_bpb
 from moekit.utils.io import atomic_write_text, remove_debris
 
 TOKENIZERS = ("byte", "bpe")
@@ -123,6 +123,20 @@ class TrainConfig:
 
 def make_tokenizer(name: str):
     return ByteTokenizer() if name == "byte" else load_bpe_tokenizer()
+
+
+@functools.lru_cache(maxsize=2)
+def train_stream(tokenizer_name: str) -> np.ndarray:
+    """The train split as one read-only token stream, encoded once per process and tokenizer."""
+    tokens, _ = encode_samples(load_corpus("train"), make_tokenizer(tokenizer_name))
+    tokens.flags.writeable = False
+    return tokens
+
+
+@functools.lru_cache(maxsize=2)
+def _validation_lengths(tokenizer_name: str) -> dict[str, int]:
+    tokenizer = make_tokenizer(tokenizer_name)
+    return {d: len(encode_samples(load_corpus("validation", d), tokenizer)[0]) for d in DOMAINS}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -256,26 +270,31 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     atomic_write_text(path, "".join(line.decode("utf-8") + "\n" for line in kept))
 
 
-def _append(f, data: bytes, path: Path) -> None:
-    """Append a whole line or nothing: a failed write (full disk) is cut back."""
+def _append(f, data: bytes) -> None:
+    """Append a whole line or nothing: a failed write (a full disk) is cut back before it is raised."""
     end = f.seek(0, os.SEEK_END)
     try:
         view = memoryview(data)
         while view:
             view = view[f.write(view):]
-    except OSError as e:
+    except OSError:
         try:
             f.truncate(end)
         except OSError:
             pass  # the next --resume cuts the partial line
-        raise ckpt.WriteError(f"cannot append to {path}: {ckpt.one_line(e)}; the last checkpoint is intact") from e
+        raise
 
 
-def _check_corpus_fits(train_tokens: np.ndarray, tokenizer, seq_len: int) -> None:
-    """A window of seq_len + 1 tokens must fit in the train stream and in each validation domain."""
-    lengths = {d: len(encode_samples(load_corpus("validation", d), tokenizer)[0]) for d in DOMAINS}
+def _kept(last_saved: int) -> str:
+    return f"checkpoint step-{last_saved:08d} is intact" if last_saved else "no checkpoint was written yet"
+
+
+def _check_corpus_fits(tokenizer_name: str, seq_len: int) -> None:
+    """A window of seq_len + 1 tokens must fit in each validation domain's text (the train split is
+    far longer than any of them)."""
+    lengths = _validation_lengths(tokenizer_name)
     shortest = min(lengths, key=lengths.get)
-    limit = min(len(train_tokens) - 2, lengths[shortest] - 1)
+    limit = lengths[shortest] - 1
     _check(seq_len <= limit, "TrainConfig.seq_len", seq_len,
            f"at most {limit} (the {shortest} validation text is {lengths[shortest]} tokens with this tokenizer)")
 
@@ -315,6 +334,9 @@ def train(model_cfg: LMConfig | None, cfg: TrainConfig | None, run_dir: str | os
         _check_is_run(run_dir)
     elif model_cfg is None or cfg is None:
         raise UsageError("train: model_cfg and cfg are required for a new run (None only with resume=True)")
+    else:  # settings are checked before anything is written
+        model_cfg, cfg = resolve_configs(model_cfg, cfg)
+        _check_corpus_fits(cfg.tokenizer, cfg.seq_len)
     try:
         with rundir.locked_dir(run_dir, "run", "moekit train"):
             remove_debris(run_dir / ckpt.CHECKPOINT_DIR)
@@ -335,15 +357,14 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
         if differ:
             raise UsageError(f"{run_dir} was trained with other settings, and a resumed run keeps its configuration "
                              f"(drop them, or train into a new directory): {'; '.join(differ)}")
-    else:
-        if ckpt.has_checkpoint(run_dir) or any((run_dir / ckpt.CHECKPOINT_DIR).glob("step-*")):
-            raise UsageError(f"{run_dir} already holds a run; resume it (--resume) or choose another directory")
-        model_cfg, cfg = resolve_configs(model_cfg, cfg)
+    elif ckpt.has_checkpoint(run_dir) or any((run_dir / ckpt.CHECKPOINT_DIR).glob("step-*")):
+        raise UsageError(f"{run_dir} already holds a run; resume it (--resume) or choose another directory")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = make_tokenizer(cfg.tokenizer)
-    tokens, _ = encode_samples(load_corpus("train"), tokenizer)
-    _check_corpus_fits(tokens, tokenizer, cfg.seq_len)
+    if resume:
+        _check_corpus_fits(cfg.tokenizer, cfg.seq_len)
+    tokens = train_stream(cfg.tokenizer)
     config = resolved_config(model_cfg, cfg)
     ckpt.write_json(run_dir / "config.json", config)
 
@@ -374,7 +395,7 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
              f"{model_cfg.num_active_params():,} active per token by the config's count (dynamic routing: the "
              "measured count follows the evaluation)")
     log(f"model: {model_cfg.num_params():,} parameters, {count} ({router.kind}: {router.describe()})")
-    log(f"unigram baseline: {unigram_bits_per_byte('validation'):.3f} bits per byte (validation; a byte-frequency "
+    log(f"unigram baseline: {unigram_bpb('validation', tuple(DOMAINS)):.3f} bits per byte (validation; a byte-frequency "
         "model with no context)")
 
     bar = None
@@ -410,11 +431,10 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else
                              torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
                 if not (math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))):
-                    kept = f"checkpoint step-{last_saved:08d} is intact" if last_saved else "no checkpoint was written"
                     raise DivergedError(
-                        f"training diverged at step {step + 1}: loss {sums['loss']}, gradient norm {float(grad_norm)}; "
-                        f"stopped before updating the weights ({kept}); lower the learning rate "
-                        f"(lr={cfg.lr}) or raise warmup_steps in a new run")
+                        f"training diverged at step {step + 1}: loss {sums['loss']:.4g}, gradient norm "
+                        f"{float(grad_norm):.4g}; stopped before updating the weights ({_kept(last_saved)}); lower "
+                        f"the learning rate (lr={cfg.lr}) or raise warmup_steps in a new run")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 moekit.after_optimizer_step(model)
@@ -427,7 +447,11 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                     ev = evaluate(model, tokenizer, cfg.seq_len, cfg.eval_tokens)
                     record.update(val_loss=ev["loss"], val_bpb=ev["bpb"])
-                _append(metrics_file, (json.dumps(record) + "\n").encode("utf-8"), metrics_path)
+                try:
+                    _append(metrics_file, (json.dumps(record) + "\n").encode("utf-8"))
+                except OSError as e:
+                    raise ckpt.WriteError(f"cannot append to {metrics_path}: {ckpt.one_line(e)}; stopped at step "
+                                          f"{step + 1} ({_kept(last_saved)})") from e
                 status = (f"loss {sums['lm_loss']:.3f}, {record['tokens_per_s']:.0f} tokens/s, "
                           f"{record['experts_per_token']:.2f} experts/token")
                 if bar is not None:
