@@ -38,10 +38,11 @@ def check_fields(cfg: Any) -> None:
     cls = type(cfg).__name__
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        kinds = {t.strip() for t in str(f.type).split("|")}
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kinds = {t.strip() for t in annotation.split("|")}
         name = f"{cls}.{f.name}"
         if value is None:
-            _check("None" in kinds, name, value, f"a value of type {f.type}")
+            _check("None" in kinds, name, value, f"a value of type {annotation}")
         elif "bool" in kinds:
             _check(isinstance(value, bool), name, value, "true or false")
         elif "int" in kinds:
