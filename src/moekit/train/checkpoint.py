@@ -210,9 +210,10 @@ def latest_checkpoint(run_dir: Path) -> Path:
         name, meta_sha = latest.get("checkpoint"), latest.get("meta_sha256")
     else:
         name = text
-        _warn_unverified(pointer)
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise CheckpointError(f"{pointer} is damaged: it names {str(name)[:40]!r}; expected {expected}")
+    if meta_sha is None:
+        _warn_unverified(pointer)
     path = root / name
     if not path.is_dir():
         raise CheckpointError(f"{pointer} names {name}, which does not exist")
