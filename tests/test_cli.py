@@ -8,6 +8,7 @@ import pytest
 
 import moekit
 from moekit.cli import main
+from moekit.errors import UsageError
 
 
 def test_info_lists_routers_and_backend(capsys):
@@ -54,7 +55,7 @@ def test_train_eval_generate_commands(tmp_path, capsys):
     assert "japanese" in table and "all" in table
     assert main(["generate", run, "--prompt", "def ", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("def ")
-    with pytest.raises(ValueError, match="RouterConfig.p=2.0"):
+    with pytest.raises(UsageError, match=r"^--router.p 2.0 is invalid; allowed: a float in \(0, 1\]$"):
         main(["train", "--out", str(tmp_path / "bad"), "--router.p", "2", *TINY])
 
 

@@ -7,6 +7,7 @@ import torch
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
 from moekit.cli import main
+from moekit.errors import UsageError
 
 TINY = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2", "--moe.d_expert", "32",
         "--moe.num_experts", "4", "--train.steps", "2", "--train.micro_batch", "2", "--train.seq_len", "16",
@@ -57,11 +58,11 @@ def test_analyze_hf_and_run_write_report_and_trace(hf_dir, tmp_path, capsys):
     assert metrics["trace"]["num_layers"] == 2
     # the saved trace can be analysed again on its own
     assert main(["analyze", str(tmp_path / "b" / "trace.npz"), "--out", str(tmp_path / "c"), *args]) == 0
-    with pytest.raises(SystemExit, match="exactly one of RUN and --hf"):
+    with pytest.raises(UsageError, match="exactly one of RUN and --hf"):
         main(["eval", str(run), "--hf", str(hf_dir)])
 
 
 def test_exactly_one_source_is_required(hf_dir, tmp_path):
-    with pytest.raises(SystemExit, match="exactly one of RUN and --hf"):
+    with pytest.raises(UsageError, match="exactly one of RUN and --hf"):
         main(["eval"])
     assert main(["analyze", "--out", str(tmp_path)]) == 2

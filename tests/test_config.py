@@ -100,3 +100,35 @@ def test_recurrent_and_global_fields_validate_and_round_trip():
 ])
 def test_normalize_default_resolves_per_rule(kw, expected):
     assert moekit.RouterConfig(**kw).normalizes() is expected
+
+
+@pytest.mark.parametrize("cls,kw,match", [
+    (moekit.RouterConfig, {"k": 2.5}, r"^RouterConfig.k=2.5 is invalid; allowed: an integer$"),
+    (moekit.RouterConfig, {"p": "0.3"}, r"^RouterConfig.p='0.3' is invalid; allowed: a number$"),
+    (moekit.RouterConfig, {"normalize": 1}, r"^RouterConfig.normalize=1 is invalid; allowed: true or false$"),
+    (moekit.RouterConfig, {"routed_scaling_factor": float("inf")}, r"RouterConfig.routed_scaling_factor=inf .*finite"),
+    (moekit.RouterConfig, {"jitter": float("nan")}, r"RouterConfig.jitter=nan .*finite"),
+    (moekit.RouterConfig, {"k": None}, r"^RouterConfig.k=None is invalid; allowed: a value of type int$"),
+])
+def test_every_field_is_checked_against_its_annotation(cls, kw, match):
+    from moekit.errors import UsageError
+
+    with pytest.raises(UsageError, match=match):
+        cls(**kw).validate(4)
+
+
+def test_a_field_may_declare_non_finite_values_allowed():
+    import dataclasses
+    import math
+
+    from moekit.config import check_fields
+    from moekit.errors import UsageError
+
+    @dataclasses.dataclass
+    class Probe:
+        limit: float = dataclasses.field(default=math.inf, metadata={"nonfinite": True})
+        scale: float = 1.0
+
+    check_fields(Probe())
+    with pytest.raises(UsageError, match=r"^Probe.scale=inf is invalid; allowed: a finite number$"):
+        check_fields(Probe(scale=math.inf))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -48,12 +50,11 @@ def _bench(args) -> int:
 
 
 def _configs(args):
+    """The preset's configs with the flags applied (validated when training starts)."""
     from moekit.train.flags import apply_flags
     from moekit.train.presets import preset
 
-    model_cfg, train_cfg = preset(args.preset)
-    model_cfg, train_cfg = apply_flags(model_cfg, train_cfg, args)
-    return model_cfg.validate(), train_cfg.validate()
+    return apply_flags(*preset(args.preset or "tiny"), args)
 
 
 def _print_config(model_cfg, train_cfg) -> None:
@@ -64,63 +65,132 @@ def _print_config(model_cfg, train_cfg) -> None:
 
 def _train(args) -> int:
     from moekit.train import train
-    from moekit.train.trainer import load_run_config
+    from moekit.train.flags import apply_flags, flag_errors
+    from moekit.train.presets import preset
+    from moekit.train.rundir import check_owned
+    from moekit.train.trainer import load_run_config, resolve_configs
 
-    if args.resume:
-        model_cfg, train_cfg = load_run_config(args.out)
-    else:
-        model_cfg, train_cfg = _configs(args)
-    _print_config(model_cfg, train_cfg)
-    result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    with flag_errors():
+        if args.resume:
+            # The run's own configuration; a flag (or --preset) that changes it is refused by train().
+            check_owned(args.out, "run", "moekit train")
+            base = preset(args.preset) if args.preset else load_run_config(args.out)
+            model_cfg, train_cfg = apply_flags(*base, args)
+        else:
+            model_cfg, train_cfg = resolve_configs(*_configs(args))
+        _print_config(model_cfg, train_cfg)
+        result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress)
     print(_eval_table(result))
     print("experts per token by layer: " + " ".join(f"{k:.2f}" for k in result["experts_per_token_by_layer"]))
     print(f"next: moekit analyze {args.out} --out {args.out}/report   (HTML report of the routing)")
     return 0
 
 
+def _positive(value: int, flag: str) -> int:
+    from moekit.errors import UsageError
+
+    if value < 1:
+        raise UsageError(f"{flag} {value} is invalid; allowed: an integer >= 1")
+    return value
+
+
 def _load_for_inference(args):
-    """(model with moe_layers(), tokenizer, seq_len) from RUN or --hf DIR."""
+    """(model with moe_layers(), tokenizer, seq_len, the run's TrainConfig or None) from RUN or --hf DIR."""
+    from moekit.errors import UsageError
+
     if (args.run is None) == (args.hf is None):
-        raise SystemExit(f"moekit {args.command}: give exactly one of RUN and --hf DIR")
+        raise UsageError(f"moekit {args.command}: give exactly one of RUN and --hf DIR")
+    seq_len = getattr(args, "seq_len", None)
+    if seq_len is not None:
+        _positive(seq_len, "--seq-len")
     if args.hf is not None:
         import moekit.hf
         from moekit.hf.adapters import HFCausalLM, tokenizer_for
 
         hf_model, tok = moekit.hf.load_pretrained(args.hf)
-        return HFCausalLM(hf_model).eval(), tokenizer_for(tok, hf_model.config.vocab_size), getattr(args, "seq_len", None) or 256
+        return HFCausalLM(hf_model).eval(), tokenizer_for(tok, hf_model.config.vocab_size), seq_len or 256, None
     from moekit.train import load_trained
 
     model, cfg, tokenizer = load_trained(args.run)
-    return model, tokenizer, getattr(args, "seq_len", None) or cfg.seq_len
+    seq_len = seq_len or cfg.seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise UsageError(f"--seq-len {seq_len} is invalid; allowed: at most the model's max_seq_len "
+                         f"({model.cfg.max_seq_len})")
+    return model, tokenizer, seq_len, cfg
 
 
 def _eval(args) -> int:
     from moekit.train import evaluate
+    from moekit.train.evaluate import measured_active_params
 
-    model, tokenizer, seq_len = _load_for_inference(args)
-    result = evaluate(model, tokenizer, seq_len, args.tokens)
+    model, tokenizer, seq_len, run_cfg = _load_for_inference(args)
+    # Default: the run's own eval_tokens, so `moekit eval RUN` reproduces training's final evaluation.
+    tokens = _positive(args.tokens, "--tokens") if args.tokens is not None else (
+        run_cfg.eval_tokens if run_cfg is not None else 16384)
+    result = evaluate(model, tokenizer, seq_len, tokens)
+    result["seq_len"], result["eval_tokens"] = seq_len, tokens
+    if run_cfg is not None:
+        result["params"] = model.cfg.num_params()
+        result["active_params"] = measured_active_params(model.cfg, result["experts_per_token_by_layer"])
+        result["active_params_config"] = model.cfg.num_active_params()
     print(json.dumps(result, indent=2) if args.json else _eval_table(result))
     return 0
 
 
 def _eval_table(result) -> str:
+    from moekit.train.evaluate import UNIGRAM_NOTE
+
     lines = [f"{'domain':<10} {'loss':>8} {'bpb':>7} {'unigram':>8} {'experts/token':>14}"]
     for d, r in result["per_domain"].items():
         lines.append(f"{d:<10} {r['loss']:8.4f} {r['bpb']:7.3f} {r['unigram_bpb']:8.3f} {r['experts_per_token']:14.2f}")
     lines.append(f"{'all':<10} {result['loss']:8.4f} {result['bpb']:7.3f} {result['unigram_bpb']:8.3f} "
                  f"{result['experts_per_token']:14.2f}")
+    lines.append(f"evaluated {result['eval_tokens']} tokens per domain (at most) in windows of {result['seq_len']}; "
+                 + UNIGRAM_NOTE)
+    if "active_params" in result:
+        lines.append(f"active parameters per token: {result['active_params']:,} measured (from the experts per "
+                     f"token above) of {result['params']:,}; the config's count is {result['active_params_config']:,}")
     return "\n".join(lines)
 
 
+def _prompt_ids(text: str, tokenizer) -> list[int]:
+    """Token ids of `--prompt`. A prompt that is not valid UTF-8 reaches Python with its bad bytes as
+    surrogate escapes; the byte tokenizer takes those bytes as they are, others refuse it."""
+    from moekit.data import ByteTokenizer
+    from moekit.errors import UsageError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = os.fsencode(text)
+        if isinstance(tokenizer, ByteTokenizer):
+            return list(raw)
+        offset = len(text[:e.start].encode("utf-8", errors="surrogateescape"))
+        raise UsageError(f"--prompt is not valid UTF-8 (byte 0x{raw[offset]:02x} at offset {offset}); this model's "
+                         "tokenizer needs UTF-8 text") from None
+    return tokenizer.encode(text)
+
+
 def _generate(args) -> int:
+    from moekit.errors import UsageError
     from moekit.models.generate import generate
 
-    model, tokenizer, _ = _load_for_inference(args)
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature {args.temperature} is invalid; allowed: a finite number >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p {args.top_p} is invalid; allowed: a number in (0, 1]")
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed} is invalid; allowed: an integer >= 0")
+    model, tokenizer, _, _ = _load_for_inference(args)
     prompt = [tokenizer.bos_id] if args.bos else []
-    prompt += tokenizer.encode(args.prompt)
+    prompt += _prompt_ids(args.prompt, tokenizer)
     if not prompt:
-        print("moekit generate: empty prompt (give --prompt TEXT or --bos)", file=sys.stderr)
-        return 2
+        raise UsageError("moekit generate: empty prompt (give --prompt TEXT or --bos)")
+    limit = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+    if limit is not None and len(prompt) + args.max_new_tokens > limit:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} is invalid: with the prompt's {len(prompt)} tokens "
+                         f"it exceeds the model's max_seq_len {limit}; allowed: at most {limit - len(prompt)}")
     prompt_BT = torch.tensor([prompt])
     if getattr(args, "expert_budget", None) is not None:
         from moekit.offload.cli import run_offloaded
@@ -141,14 +211,13 @@ def _generate(args) -> int:
 
 def _compare(args) -> int:
     from moekit.train.compare import compare
-    from moekit.train.flags import apply_flags
+    from moekit.train.flags import apply_flags, flag_errors
     from moekit.train.presets import preset
+    from moekit.train.trainer import resolve_configs
 
-    variants = {}
-    for name in args.presets.split(","):
-        model_cfg, train_cfg = apply_flags(*preset(name), args)
-        variants[name] = (model_cfg.validate(), train_cfg.validate())
-    compare(variants, args.out, progress=not args.no_progress)
+    with flag_errors():
+        variants = {name: resolve_configs(*apply_flags(*preset(name), args)) for name in args.presets.split(",")}
+        compare(variants, args.out, progress=not args.no_progress)
     return 0
 
 
@@ -167,6 +236,21 @@ def _export(args) -> int:
     return 0
 
 
+def _preset_in(argv: list[str]) -> str:
+    """The --preset named on a command line (tiny if none or an unknown one)."""
+    from moekit.train.presets import PRESETS
+
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--preset="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        return value if value in PRESETS else "tiny"
+    return "tiny"
+
+
 def _add_offload_arguments(parser) -> None:
     try:
         from moekit.offload.cli import add_offload_arguments
@@ -180,20 +264,24 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, routers and compute backends").set_defaults(func=_info)
     from moekit.train.flags import add_config_flags
-    from moekit.train.presets import PRESETS
+    from moekit.train.presets import PRESETS, preset
 
     t = sub.add_parser("train", help="train a MoE language model on the embedded corpus")
-    t.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="starting configuration (default tiny)")
+    t.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="starting configuration (default tiny; with --resume: the run's own)")
     t.add_argument("--out", default="runs/tiny", help="run directory (default runs/tiny)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_flags(t)
+    help_preset = _preset_in(sys.argv[1:] if argv is None else argv)  # so --help shows that preset's values
+    add_config_flags(t, preset(help_preset), help_preset)
     t.set_defaults(func=_train)
     e = sub.add_parser("eval", help="evaluate a run or a transformers checkpoint on the validation split")
     e.add_argument("run", nargs="?", help="a moekit run directory")
     e.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint directory (wrapped by moekit)")
     e.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's training length, 256 for --hf)")
-    e.add_argument("--tokens", type=int, default=16384, help="validation tokens per domain (default 16384)")
+    e.add_argument("--tokens", type=int, default=None,
+                   help="validation tokens per domain (default: the run's train.eval_tokens, as its final "
+                        "evaluation; 16384 for --hf)")
     e.add_argument("--json", action="store_true", help="print the full JSON result")
     e.set_defaults(func=_eval)
     g = sub.add_parser("generate", help="generate text from a run or a transformers checkpoint")

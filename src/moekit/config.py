@@ -6,9 +6,13 @@ parameter counts come without building a model.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
+
+from moekit.errors import UsageError
 
 CONFIG_VERSION = 1
 
@@ -21,7 +25,33 @@ BALANCE_SCOPES = ("micro", "global")
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
+        raise UsageError(f"{name}={value!r} is invalid; allowed: {allowed}")
+
+
+def check_fields(cfg: Any) -> None:
+    """Check every field of the dataclass `cfg` against its annotation: the type (bool, int, float,
+    str, None where the annotation allows it) and, for floats, finiteness -- a NaN or infinite
+    setting trains silently to NaN. A field that may be non-finite says so with
+    `field(metadata={"nonfinite": True})`. Nested config dataclasses are left to their own
+    `validate()`. Raises UsageError naming `Class.field`.
+    """
+    cls = type(cfg).__name__
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kinds = {t.strip() for t in annotation.split("|")}
+        name = f"{cls}.{f.name}"
+        if value is None:
+            _check("None" in kinds, name, value, f"a value of type {annotation}")
+        elif "bool" in kinds:
+            _check(isinstance(value, bool), name, value, "true or false")
+        elif "int" in kinds:
+            _check(isinstance(value, numbers.Integral) and not isinstance(value, bool), name, value, "an integer")
+        elif "float" in kinds:
+            _check(isinstance(value, numbers.Real) and not isinstance(value, bool), name, value, "a number")
+            _check(f.metadata.get("nonfinite", False) or math.isfinite(value), name, value, "a finite number")
+        elif "str" in kinds:
+            _check(isinstance(value, str), name, value, "a string")
 
 
 def _from_dict(cls, d: dict[str, Any]):
@@ -98,7 +128,11 @@ class RouterConfig:
     def validate(self, num_experts: int) -> RouterConfig:
         from moekit.routers import router_class  # late import: routers depend on this module
 
-        cls = router_class(self.kind)
+        check_fields(self)
+        try:
+            cls = router_class(self.kind)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         _check(self.score in SCORES, "RouterConfig.score", self.score, f"one of {SCORES}")
         _check(self.k >= 1, "RouterConfig.k", self.k, f"an integer in [1, num_experts={num_experts}]")
         _check(self.routed_scaling_factor > 0, "RouterConfig.routed_scaling_factor",
@@ -120,7 +154,12 @@ class RouterConfig:
         _check(self.gru_dim >= 1, "RouterConfig.gru_dim", self.gru_dim, "an integer >= 1")
         _check(self.select_rule in SELECT_RULES, "RouterConfig.select_rule", self.select_rule,
                f"one of {SELECT_RULES}")
-        cls.check_config(self, num_experts)
+        try:
+            cls.check_config(self, num_experts)
+        except ValueError as e:  # routers' own checks: a bad setting, so a usage error
+            if isinstance(e, UsageError):
+                raise
+            raise UsageError(str(e)) from None
         return self
 
     def describe(self) -> str:
@@ -191,6 +230,7 @@ class MoEConfig:
         return self.d_shared if self.d_shared is not None else self.num_shared_experts * self.d_expert
 
     def validate(self) -> MoEConfig:
+        check_fields(self)
         _check(self.d_model >= 1, "MoEConfig.d_model", self.d_model, "an integer >= 1")
         _check(self.d_expert >= 1, "MoEConfig.d_expert", self.d_expert, "an integer >= 1")
         _check(self.num_experts >= 1, "MoEConfig.num_experts", self.num_experts, "an integer >= 1")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import moekit
+from moekit.errors import UsageError
 from moekit.models import LMConfig
 from moekit.train import TrainConfig, evaluate, load_trained, train
 from moekit.train import checkpoint as ckpt
@@ -76,7 +77,7 @@ def test_gradient_accumulation_with_global_balance(tmp_path):
 
 def test_refuses_to_overwrite_a_run(tmp_path):
     train(tiny(), quick(steps=4), tmp_path / "run", progress=False, log=lambda *_: None)
-    with pytest.raises(FileExistsError, match="resume"):
+    with pytest.raises(UsageError, match="already holds a run; resume it"):
         train(tiny(), quick(steps=4), tmp_path / "run", progress=False, log=lambda *_: None)
 
 
@@ -131,11 +132,11 @@ def test_compare_refuses_unequal_training(tmp_path):
 
 
 def test_measured_active_params_follow_the_measured_experts_per_token():
-    from moekit.train.compare import _measured_active
+    from moekit.train.evaluate import measured_active_params
 
     cfg = tiny().validate()
-    assert _measured_active(cfg, [2.0, 2.0]) == cfg.num_active_params()  # top-2 measured = expected
-    one_fewer = _measured_active(cfg, [1.0, 2.0])
+    assert measured_active_params(cfg, [2.0, 2.0]) == cfg.num_active_params()  # top-2 measured = expected
+    one_fewer = measured_active_params(cfg, [1.0, 2.0])
     assert cfg.num_active_params() - one_fewer == 3 * 32 * 32  # one expert (3 matrices D x F) fewer in layer 0
 
 

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.config import CONFIG_VERSION, MoEConfig, _check, _from_dict
+from moekit.config import CONFIG_VERSION, MoEConfig, _check, _from_dict, check_fields
+from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
 from moekit.layers.moe import MoELayer
 from moekit.routers import RecurrentState, router_class
@@ -75,10 +76,14 @@ class LMConfig:
         return int(round(self.moe.expected_experts_per_token() * self.moe.d_expert)) + self.moe.shared_width
 
     def validate(self) -> LMConfig:
+        check_fields(self)
         _check(self.vocab_size >= 2, "LMConfig.vocab_size", self.vocab_size, "an integer >= 2")
+        _check(self.d_model >= 1, "LMConfig.d_model", self.d_model, "an integer >= 1")
         _check(self.n_layers >= 1, "LMConfig.n_layers", self.n_layers, "an integer >= 1")
         _check(self.n_heads >= 1 and self.d_model % self.n_heads == 0 and self.head_dim % 2 == 0,
                "LMConfig.n_heads", self.n_heads, f"a divisor of d_model={self.d_model} giving an even head dim")
+        _check(self.n_kv_heads is None or self.n_kv_heads >= 1, "LMConfig.n_kv_heads", self.n_kv_heads,
+               f"None or a divisor of n_heads={self.n_heads}")
         _check(self.n_heads % self.kv_heads == 0, "LMConfig.n_kv_heads", self.n_kv_heads,
                f"None or a divisor of n_heads={self.n_heads}")
         _check(0 <= self.n_dense <= self.n_layers, "LMConfig.n_dense", self.n_dense,
@@ -86,11 +91,14 @@ class LMConfig:
         _check(self.max_seq_len >= 1, "LMConfig.max_seq_len", self.max_seq_len, "an integer >= 1")
         _check(self.d_ff_dense is None or self.d_ff_dense >= 1, "LMConfig.d_ff_dense", self.d_ff_dense,
                "None or an integer >= 1")
+        _check(self.rope_theta > 0, "LMConfig.rope_theta", self.rope_theta, "a finite float > 0")
+        _check(self.norm_eps > 0, "LMConfig.norm_eps", self.norm_eps, "a finite float > 0")
+        _check(self.init_std > 0, "LMConfig.init_std", self.init_std, "a finite float > 0")
         if self.moe.d_model != self.d_model:
             self.moe = dataclasses.replace(self.moe, d_model=self.d_model)
         self.moe.validate()
         if not router_class(self.moe.router.kind).is_causal and not self.moe.router.allow_causal_leak:
-            raise ValueError(f"RouterConfig.kind={self.moe.router.kind!r} is not causal (a token's experts depend on "
+            raise UsageError(f"RouterConfig.kind={self.moe.router.kind!r} is not causal (a token's experts depend on "
                              "later tokens), so a causal LM would see the future; set allow_causal_leak=True to "
                              "train it anyway (its validation loss is then not comparable)")
         return self

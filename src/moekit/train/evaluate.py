@@ -7,6 +7,7 @@ into non-overlapping windows, so every window belongs to one domain.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -15,6 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from moekit.data import DOMAINS, encode_samples, load_corpus, unigram_bits_per_byte
+from moekit.errors import UsageError
+
+UNIGRAM_NOTE = ("unigram = bits per byte of a byte-frequency model fitted on the train split (no context): "
+                "the baseline a language model must beat")
 
 
 def token_bytes(tokenizer) -> np.ndarray:
@@ -36,9 +41,24 @@ def domain_windows(tokenizer, domain: str, seq_len: int, max_tokens: int, split:
     tokens, _ = encode_samples(load_corpus(split, domain), tokenizer)
     n = min((len(tokens) - 1) // seq_len, max(1, max_tokens // seq_len))
     if n <= 0:
-        raise ValueError(f"evaluate: the {split} split of {domain!r} has fewer than {seq_len + 1} tokens")
+        raise UsageError(f"evaluate: seq_len={seq_len} is too long for the {split} split of {domain!r} "
+                         f"({len(tokens)} tokens); allowed: at most {len(tokens) - 1}")
     idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     return torch.from_numpy(tokens[idx].astype(np.int64))
+
+
+@functools.lru_cache(maxsize=64)
+def unigram_bpb(split: str, domains: tuple[str, ...]) -> float:
+    """`unigram_bits_per_byte`, computed once per process (it reads the whole train split)."""
+    return unigram_bits_per_byte(split, list(domains))
+
+
+def measured_active_params(model_cfg, experts_per_token_L: list[float]) -> int:
+    """Parameters one token uses, with each MoE layer's experts per token as measured (e.g. on
+    validation) rather than the config's count, which for dynamic routers is their worst case."""
+    moe = model_cfg.moe
+    unused = sum((moe.num_experts - k) * moe._expert_params() for k in experts_per_token_L)
+    return int(round(model_cfg.num_params() - unused))
 
 
 @torch.no_grad()
@@ -76,7 +96,7 @@ def evaluate(model, tokenizer, seq_len: int = 128, max_tokens_per_domain: int = 
             "nll_nats": nll,
             "experts_per_token_by_layer": (experts_L / ntok).round(4).tolist(),
             "experts_per_token": float(experts_L.mean() / ntok) if len(layers) else 0.0,
-            "unigram_bpb": unigram_bits_per_byte(split, domain),
+            "unigram_bpb": unigram_bpb(split, (domain,)),
         }
     model.train(was_training)
     tot_nll = sum(d["nll_nats"] for d in per_domain.values())
@@ -90,6 +110,6 @@ def evaluate(model, tokenizer, seq_len: int = 128, max_tokens_per_domain: int = 
         "loss": tot_nll / tot_tok, "bpb": tot_nll / math.log(2) / max(tot_bytes, 1), "tokens": tot_tok,
         "experts_per_token": float(by_layer.mean()) if len(layers) else 0.0,
         "experts_per_token_by_layer": by_layer.round(4).tolist(),
-        "unigram_bpb": unigram_bits_per_byte(split, list(per_domain)),
+        "unigram_bpb": unigram_bpb(split, tuple(per_domain)),
         "per_domain": per_domain,
     }

@@ -2,15 +2,20 @@
 
 Sections: model (LMConfig), moe (MoEConfig), router (RouterConfig), train (TrainConfig).
 E.g. `--router.kind topp --router.p 0.3 --moe.num_experts 16 --train.steps 200`.
+Config errors name the flag: `TrainConfig.lr=inf is invalid` reads `--train.lr inf is invalid`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from moekit.config import MoEConfig, RouterConfig
+from moekit.errors import UsageError
 from moekit.models import LMConfig
 from moekit.train.trainer import TrainConfig
 
@@ -20,6 +25,30 @@ SECTIONS: dict[str, tuple[type, set[str]]] = {
     "router": (RouterConfig, set()),
     "train": (TrainConfig, set()),
 }
+_SECTION_OF = {cls.__name__: section for section, (cls, _) in SECTIONS.items()}
+_FIELD = re.compile(r"\b(LMConfig|MoEConfig|RouterConfig|TrainConfig)\.(\w+)(=?)")
+
+
+def flag_names(message: str) -> str:
+    """`TrainConfig.lr=inf ...` -> `--train.lr inf ...` (MoEConfig.d_model is --model.d_model)."""
+    def flag(m: re.Match) -> str:
+        section = "model" if (m[1], m[2]) == ("MoEConfig", "d_model") else _SECTION_OF[m[1]]
+        return f"--{section}.{m[2]}" + (" " if m[3] else "")
+
+    return _FIELD.sub(flag, message)
+
+
+@contextmanager
+def flag_errors() -> Iterator[None]:
+    """Re-raise UsageErrors of the block with config fields named as flags."""
+    try:
+        yield
+    except UsageError as e:
+        raise UsageError(flag_names(str(e))) from e
+
+
+def _section_objects(model_cfg: LMConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+    return {"model": model_cfg, "moe": model_cfg.moe, "router": model_cfg.moe.router, "train": train_cfg}
 
 
 def _converter(type_name: str, flag: str):
@@ -46,16 +75,23 @@ def _converter(type_name: str, flag: str):
     return convert
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, preset: tuple[LMConfig, TrainConfig] | None = None,
+                     preset_name: str = "") -> None:
+    """One flag per config field. Its help shows the value in `preset` (named `preset_name`), or,
+    without one, says that each preset keeps its own value."""
+    objects = _section_objects(*preset) if preset is not None else None
     for section, (cls, skip) in SECTIONS.items():
         group = parser.add_argument_group(f"{section} ({cls.__name__} fields)")
         for f in dataclasses.fields(cls):
             if f.name in skip:
                 continue
             flag = f"--{section}.{f.name}"
-            default = f.default if f.default is not dataclasses.MISSING else None
+            if objects is not None:
+                shown = f"(preset {preset_name}: {getattr(objects[section], f.name)!r})"
+            else:
+                shown = "(default: each preset's own value)"
             group.add_argument(flag, dest=f"{section}.{f.name}", type=_converter(str(f.type), flag), default=None,
-                               metavar=str(f.type).replace(" ", ""), help=f"(class default {default!r})")
+                               metavar=str(f.type).replace(" ", ""), help=shown.replace("%", "%%"))
 
 
 def apply_flags(model_cfg: LMConfig, train_cfg: TrainConfig, args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:

@@ -12,15 +12,22 @@ Per optimiser step s:
 
 A resumed run restores weights, optimiser state, RNG states and the step, and truncates
 metrics.jsonl to the steps before the checkpoint, so its loss curve is bit-identical to an
-uninterrupted run (same machine and thread count).
+uninterrupted run (same machine and thread count). It keeps its saved configuration: settings that
+differ from it are refused, never applied silently.
+
+A step whose loss or gradient norm is not finite stops the run before the optimiser updates the
+weights (DivergedError naming the step); the last checkpoint stays as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +38,21 @@ import torch
 import torch.nn.functional as F
 
 import moekit
-from moekit.config import _check
-from moekit.data import ByteTokenizer, encode_samples, load_bpe_tokenizer, load_corpus, unigram_bits_per_byte
+from moekit.config import CONFIG_VERSION, _check, _from_dict, check_fields
+from moekit.data import (
+    DOMAINS,
+    ByteTokenizer,
+    encode_samples,
+    load_bpe_tokenizer,
+    load_corpus,
+)
+from moekit.errors import DataError, MoekitError, UsageError
 from moekit.layers.moe import aux_loss_names
 from moekit.models import LMConfig, MoELM
 from moekit.train import checkpoint as ckpt
-from moekit.train.evaluate import evaluate
+from moekit.train import rundir
+from moekit.train.evaluate import UNIGRAM_NOTE, evaluate, measured_active_params, unigram_bpb
+from moekit.utils.io import atomic_write_text, remove_debris
 
 TOKENIZERS = ("byte", "bpe")
 
@@ -69,12 +85,22 @@ class TrainConfig:
     threads: int = 0
 
     def validate(self) -> TrainConfig:
-        for name in ("steps", "micro_batch", "grad_accum", "seq_len"):
+        """Raises UsageError naming the field and the allowed values (every float must be finite)."""
+        check_fields(self)
+        for name in ("steps", "micro_batch", "grad_accum", "seq_len", "checkpoint_every", "eval_tokens"):
             _check(getattr(self, name) >= 1, f"TrainConfig.{name}", getattr(self, name), "an integer >= 1")
-        _check(self.lr > 0, "TrainConfig.lr", self.lr, "a float > 0")
+        _check(self.lr > 0, "TrainConfig.lr", self.lr, "a finite float > 0")
         _check(0 <= self.min_lr_ratio <= 1, "TrainConfig.min_lr_ratio", self.min_lr_ratio, "a float in [0, 1]")
         _check(self.warmup_steps >= 0, "TrainConfig.warmup_steps", self.warmup_steps, "an integer >= 0")
-        _check(self.grad_clip >= 0, "TrainConfig.grad_clip", self.grad_clip, "a float >= 0 (0 = no clipping)")
+        _check(self.weight_decay >= 0, "TrainConfig.weight_decay", self.weight_decay, "a finite float >= 0")
+        for name in ("beta1", "beta2"):
+            _check(0 <= getattr(self, name) < 1, f"TrainConfig.{name}", getattr(self, name), "a float in [0, 1)")
+        _check(self.grad_clip >= 0, "TrainConfig.grad_clip", self.grad_clip, "a finite float >= 0 (0 = no clipping)")
+        _check(0 <= self.seed < 2**63, "TrainConfig.seed", self.seed, "an integer in [0, 2**63)")
+        for name in ("load_balance_coef", "z_loss_coef", "seq_balance_coef", "dynamic_coef"):
+            _check(getattr(self, name) >= 0, f"TrainConfig.{name}", getattr(self, name), "a finite float >= 0")
+        _check(self.eval_every >= 0, "TrainConfig.eval_every", self.eval_every,
+               "an integer >= 0 (0 = evaluate only at the end)")
         _check(self.tokenizer in TOKENIZERS, "TrainConfig.tokenizer", self.tokenizer, f"one of {TOKENIZERS}")
         _check(self.threads >= 0, "TrainConfig.threads", self.threads, "an integer >= 0 (0 = torch's default)")
         return self
@@ -89,11 +115,29 @@ class TrainConfig:
         return self.micro_batch * self.grad_accum * self.seq_len
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"type": type(self).__name__, "version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return cls(**_from_dict(cls, d))
 
 
 def make_tokenizer(name: str):
     return ByteTokenizer() if name == "byte" else load_bpe_tokenizer()
+
+
+@functools.lru_cache(maxsize=2)
+def train_stream(tokenizer_name: str) -> np.ndarray:
+    """The train split as one read-only token stream, encoded once per process and tokenizer."""
+    tokens, _ = encode_samples(load_corpus("train"), make_tokenizer(tokenizer_name))
+    tokens.flags.writeable = False
+    return tokens
+
+
+@functools.lru_cache(maxsize=2)
+def _validation_lengths(tokenizer_name: str) -> dict[str, int]:
+    tokenizer = make_tokenizer(tokenizer_name)
+    return {d: len(encode_samples(load_corpus("validation", d), tokenizer)[0]) for d in DOMAINS}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -127,30 +171,137 @@ def resolved_config(model_cfg: LMConfig, cfg: TrainConfig) -> dict[str, Any]:
     return {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "moekit_version": moekit.__version__}
 
 
-def load_run_config(run_dir: Path) -> tuple[LMConfig, TrainConfig]:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a moekit run: {path} is missing")
-    d = json.loads(path.read_text(encoding="utf-8"))
-    return LMConfig.from_dict(d["model"]), TrainConfig(**d["train"])
+def resolve_configs(model_cfg: LMConfig, cfg: TrainConfig) -> tuple[LMConfig, TrainConfig]:
+    """The configs as a run uses them: validated (UsageError), the model's vocabulary set to the
+    tokenizer's, and the sequence length within the model's `max_seq_len`."""
+    cfg.validate()
+    vocab_size = make_tokenizer(cfg.tokenizer).vocab_size
+    if vocab_size != model_cfg.vocab_size:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
+    model_cfg.validate()
+    _check(cfg.seq_len <= model_cfg.max_seq_len, "TrainConfig.seq_len", cfg.seq_len,
+           f"an integer in [1, {model_cfg.max_seq_len}] (at most LMConfig.max_seq_len)")
+    return model_cfg, cfg
 
 
-def load_trained(run_dir: Path) -> tuple[MoELM, TrainConfig, Any]:
-    """The latest checkpoint's model (eval mode), its TrainConfig and tokenizer."""
-    model_cfg, cfg = load_run_config(run_dir)
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """{"TrainConfig.lr": 0.003, "RouterConfig.p": 0.4, ...} of a resolved config."""
+    model = dict(config["model"])
+    moe = dict(model.pop("moe"))
+    router = moe.pop("router")
+    moe.pop("d_model")  # always LMConfig.d_model
+    sections = {"LMConfig": model, "MoEConfig": moe, "RouterConfig": router, "TrainConfig": config["train"]}
+    return {f"{cls}.{k}": v for cls, d in sections.items() for k, v in d.items() if k not in ("type", "version")}
+
+
+def config_differences(saved: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """Each setting of `requested` that differs from `saved` (resolved configs), as `Class.field=value
+    (the run has value)`."""
+    a, b = _settings(saved), _settings(requested)
+    return [f"{k}={b.get(k)!r} (the run has {a.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _configs_from(d: dict[str, Any], source: Path) -> tuple[LMConfig, TrainConfig]:
+    try:
+        return LMConfig.from_dict(d["model"]), TrainConfig.from_dict(d["train"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{source} does not hold a moekit run configuration ({type(e).__name__}: {e})") from None
+
+
+def _check_is_run(run_dir: Path) -> None:
+    if not (run_dir / "config.json").is_file() and not (run_dir / ckpt.CHECKPOINT_DIR).is_dir():
+        raise UsageError(f"{run_dir} is not a moekit run (it has no config.json or checkpoints/); expected the "
+                         "--out directory of `moekit train`")
+
+
+def load_run_config(run_dir: str | os.PathLike) -> tuple[LMConfig, TrainConfig]:
+    """The run's configuration: its latest checkpoint's own (verified through meta.json), or, before
+    the first checkpoint, the run's config.json (verified by its checksum)."""
+    run_dir = Path(run_dir)
+    _check_is_run(run_dir)
+    if ckpt.has_checkpoint(run_dir):
+        path = ckpt.latest_checkpoint(run_dir)
+        return _configs_from(ckpt.read_config(path), path / "config.json")
+    return _configs_from(ckpt.read_json(run_dir / "config.json"), run_dir / "config.json")
+
+
+def load_trained(run_dir: str | os.PathLike) -> tuple[MoELM, TrainConfig, Any]:
+    """The latest checkpoint's model (eval mode), built from the checkpoint's own verified config,
+    its TrainConfig and tokenizer. Raises UsageError for a directory that is not a run and
+    CheckpointError (a DataError) for a missing or damaged checkpoint."""
+    run_dir = Path(run_dir)
+    _check_is_run(run_dir)
     path = ckpt.latest_checkpoint(run_dir)
-    ckpt.read_meta(path)
+    model_cfg, cfg = _configs_from(ckpt.read_config(path), path / "config.json")
     model = MoELM(model_cfg)
     ckpt.load_model_weights(path, model)
     return model.eval(), cfg, make_tokenizer(cfg.tokenizer)
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
+def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[bytes]]:
     if not path.exists():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
+        return [], []
+    lines = path.read_bytes().split(b"\n")
+    rows, raw = [], []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError:  # (UnicodeDecodeError is a ValueError)
+            if all(not rest.strip() for rest in lines[i:]):
+                break  # the last line, cut short by a crash or a full disk: dropped
+            raise DataError(f"{path} line {i} is damaged; expected one JSON object per line") from None
+        rows.append(row)
+        raw.append(line)
+    return rows, raw
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl; a last line cut short (a crash mid-write) is dropped and a
+    damaged earlier line is a DataError naming the file and line."""
+    return _read_metrics(Path(path))[0]
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    rows, raw = _read_metrics(path)
+    kept = [line for row, line in zip(rows, raw, strict=True) if row.get("step", 0) <= last_step]
+    atomic_write_text(path, "".join(line.decode("utf-8") + "\n" for line in kept))
+
+
+def _append(f, data: bytes) -> None:
+    """Append a whole line or nothing: a failed write (a full disk) is cut back before it is raised."""
+    end = f.seek(0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view):]
+    except OSError:
+        try:
+            f.truncate(end)
+        except OSError:
+            pass  # the next --resume cuts the partial line
+        raise
+
+
+def _kept(last_saved: int) -> str:
+    return f"checkpoint step-{last_saved:08d} is intact" if last_saved else "no checkpoint was written yet"
+
+
+def _check_corpus_fits(tokenizer_name: str, seq_len: int) -> None:
+    """A window of seq_len + 1 tokens must fit in each validation domain's text (the train split is
+    far longer than any of them)."""
+    lengths = _validation_lengths(tokenizer_name)
+    shortest = min(lengths, key=lengths.get)
+    limit = lengths[shortest] - 1
+    _check(seq_len <= limit, "TrainConfig.seq_len", seq_len,
+           f"at most {limit} (the {shortest} validation text is {lengths[shortest]} tokens with this tokenizer)")
+
+
+class DivergedError(MoekitError):
+    """The training loss or gradient norm stopped being finite."""
 
 
 def _test_pause(step: int) -> float:
@@ -163,29 +314,60 @@ def _test_pause(step: int) -> float:
     return float(seconds) if int(at) == step else 0.0
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def train(model_cfg: LMConfig | None, cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = False,
           progress: bool = True, log=print) -> dict[str, Any]:
     """Train (or resume) a run in `run_dir`; returns the final evaluation.
 
-    When resuming, the run's saved config.json is used and `model_cfg` / `cfg` may be None.
+    `run_dir` must be absent, empty or a moekit run; the process holds its lock while it trains.
+    When resuming, the run's saved configuration is used; `model_cfg` / `cfg` may be None, and when
+    given must equal it. Progress goes to stderr: a bar on a terminal, otherwise about ten lines.
+
+    Raises NotOwnedError (a directory with files moekit did not write), DirectoryLockedError (another
+    process trains this run), UsageError (an invalid setting, a setting that differs from the resumed
+    run, or a new run over an existing one), DataError (a damaged file of the run), DivergedError
+    (a non-finite loss) and WriteError (a file that cannot be written, e.g. a full disk).
     """
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
     if resume:
-        model_cfg, cfg = load_run_config(run_dir)
-    cfg.validate()
+        _check_is_run(run_dir)
+    elif model_cfg is None or cfg is None:
+        raise UsageError("train: model_cfg and cfg are required for a new run (None only with resume=True)")
+    else:  # settings are checked before anything is written
+        model_cfg, cfg = resolve_configs(model_cfg, cfg)
+        _check_corpus_fits(cfg.tokenizer, cfg.seq_len)
+    try:
+        with rundir.locked_dir(run_dir, "run", "moekit train"):
+            remove_debris(run_dir / ckpt.CHECKPOINT_DIR)
+            return _train(model_cfg, cfg, run_dir, resume, progress, log)
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        raise ckpt.WriteError(f"cannot write to {e.filename or run_dir}: {ckpt.one_line(e)}; the last checkpoint "
+                              "is intact") from e
+
+
+def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> dict[str, Any]:
+    if resume:
+        saved = resolve_configs(*load_run_config(run_dir))
+        model_cfg, cfg = resolve_configs(saved[0] if model_cfg is None else model_cfg,
+                                         saved[1] if cfg is None else cfg)
+        differ = config_differences(resolved_config(*saved), resolved_config(model_cfg, cfg))
+        if differ:
+            raise UsageError(f"{run_dir} was trained with other settings, and a resumed run keeps its configuration "
+                             f"(drop them, or train into a new directory): {'; '.join(differ)}")
+    elif ckpt.has_checkpoint(run_dir) or any((run_dir / ckpt.CHECKPOINT_DIR).glob("step-*")):
+        raise UsageError(f"{run_dir} already holds a run; resume it (--resume) or choose another directory")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = make_tokenizer(cfg.tokenizer)
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    model_cfg.validate()
+    if resume:
+        _check_corpus_fits(cfg.tokenizer, cfg.seq_len)
+    tokens = train_stream(cfg.tokenizer)
     config = resolved_config(model_cfg, cfg)
-    if not resume:
-        if (run_dir / ckpt.CHECKPOINT_DIR).exists():
-            raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or choose another directory")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(config_path, json.dumps(config, indent=2))
+    ckpt.write_json(run_dir / "config.json", config)
 
     torch.manual_seed(cfg.seed)
     model = MoELM(model_cfg)
@@ -193,82 +375,113 @@ def train(model_cfg: LMConfig | None, cfg: TrainConfig | None, run_dir: str | os
                                   betas=(cfg.beta1, cfg.beta2))
     start_step = 0
     metrics_path = run_dir / "metrics.jsonl"
-    if resume:
+    if resume and ckpt.has_checkpoint(run_dir):
         path = ckpt.latest_checkpoint(run_dir)
         meta = ckpt.read_meta(path)
         ckpt.load_model_weights(path, model)
         ckpt.load_optimizer(path, optimizer, meta)
         ckpt.set_rng_state(meta["rng"])
         start_step = meta["step"]
-        _truncate_metrics(metrics_path, start_step)
         log(f"resumed from {path} at step {start_step}")
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    elif resume:
+        log(f"{run_dir} has no checkpoint yet: starting from step 0")
+    if start_step:
+        _truncate_metrics(metrics_path, start_step)
+    else:
+        metrics_path.unlink(missing_ok=True)
+    last_saved = start_step
 
-    log(f"model: {model_cfg.num_params():,} parameters, {model_cfg.num_active_params():,} active per token "
-        f"({model_cfg.moe.router.kind}: {model_cfg.moe.router.describe()})")
+    router = model_cfg.moe.router
+    count = (f"{model_cfg.num_active_params():,} active per token" if router.kind == "topk" else
+             f"{model_cfg.num_active_params():,} active per token by the config's count (dynamic routing: the "
+             "measured count follows the evaluation)")
+    log(f"model: {model_cfg.num_params():,} parameters, {count} ({router.kind}: {router.describe()})")
     produced = aux_loss_names(model_cfg.moe)
     terms = " + ".join(f"{c:g}*{n}" for n, c in cfg.aux_coefs.items() if c and n in produced) or "0"
     off = ", ".join(n for n, c in cfg.aux_coefs.items() if n in produced and not c)
     log(f"loss = lm_loss + {terms}" + (f" (off: {off})" if off else "") + ", aux losses averaged over MoE layers")
-    log(f"unigram baseline: {unigram_bits_per_byte('validation'):.3f} bits per byte (validation)")
-    tokens, _ = encode_samples(load_corpus("train"), tokenizer)
+    log(f"unigram baseline: {unigram_bpb('validation', tuple(DOMAINS)):.3f} bits per byte (validation; a byte-frequency "
+        "model with no context)")
 
-    steps_bar = range(start_step, cfg.steps)
-    if progress:
+    bar = None
+    if progress and sys.stderr.isatty():
         from tqdm import tqdm
 
-        steps_bar = tqdm(steps_bar, initial=start_step, total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(initial=start_step, total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
+    report_every = max(1, math.ceil(cfg.steps / 10))  # without a terminal: about ten plain lines
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
     model.train()
-    with open(metrics_path, "a", encoding="utf-8") as metrics_file:
-        for step in steps_bar:
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            sums: dict[str, float] = {}
-            experts_L = np.zeros(len(model.moe_layers()))
-            for micro in range(cfg.grad_accum):
-                ids_BT = batch_at(tokens, step, micro, cfg)
-                with autocast:
-                    logits_BTV = model(ids_BT[:, :-1])
-                lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), ids_BT[:, 1:].flatten())
-                aux = model.aux_losses()
-                loss = lm_loss + sum(cfg.aux_coefs.get(name, 0.0) * value for name, value in aux.items())
-                (loss / cfg.grad_accum).backward()
-                for name, value in {"loss": loss, "lm_loss": lm_loss, **aux}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
-                for j, layer in enumerate(model.moe_layers()):
-                    experts_L[j] += layer.routing_info().stats()["experts_per_token_mean"] / cfg.grad_accum
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                         if cfg.grad_clip > 0 else torch.tensor(0.0))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            moekit.after_optimizer_step(model)
-            dt = time.perf_counter() - t0
-            record = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr,
-                      "grad_norm": float(grad_norm), "tokens": (step + 1) * cfg.tokens_per_step,
-                      "tokens_per_s": cfg.tokens_per_step / dt,
-                      "experts_per_token": float(experts_L.mean()) if len(experts_L) else 0.0,
-                      "experts_per_token_by_layer": experts_L.round(4).tolist()}
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                ev = evaluate(model, tokenizer, cfg.seq_len, cfg.eval_tokens)
-                record.update(val_loss=ev["loss"], val_bpb=ev["bpb"])
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if progress:
-                steps_bar.set_postfix(loss=f"{sums['lm_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                      k=f"{record['experts_per_token']:.2f}")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                meta = {"seed": cfg.seed, "data_position": {"step": step + 1}, "rng": ckpt.rng_state(),
-                        "moekit_version": moekit.__version__, "tokens_seen": record["tokens"]}
-                ckpt.save_checkpoint(run_dir, step + 1, model, optimizer, config, meta,
-                                     pause_for_test=_test_pause(step + 1))
+    params = list(model.parameters())
+    try:
+        with open(metrics_path, "ab", buffering=0) as metrics_file:
+            for step in range(start_step, cfg.steps):
+                t0 = time.perf_counter()
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                sums: dict[str, float] = {}
+                experts_L = np.zeros(len(model.moe_layers()))
+                for micro in range(cfg.grad_accum):
+                    ids_BT = batch_at(tokens, step, micro, cfg)
+                    with autocast:
+                        logits_BTV = model(ids_BT[:, :-1])
+                    lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), ids_BT[:, 1:].flatten())
+                    aux = model.aux_losses()
+                    loss = lm_loss + sum(cfg.aux_coefs.get(name, 0.0) * value for name, value in aux.items())
+                    (loss / cfg.grad_accum).backward()
+                    for name, value in {"loss": loss, "lm_loss": lm_loss, **aux}.items():
+                        sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+                    for j, layer in enumerate(model.moe_layers()):
+                        experts_L[j] += layer.routing_info().stats()["experts_per_token_mean"] / cfg.grad_accum
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else
+                             torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                if not (math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))):
+                    raise DivergedError(
+                        f"training diverged at step {step + 1}: loss {sums['loss']:.4g}, gradient norm "
+                        f"{float(grad_norm):.4g}; stopped before updating the weights ({_kept(last_saved)}); lower "
+                        f"the learning rate (lr={cfg.lr}) or raise warmup_steps in a new run")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                moekit.after_optimizer_step(model)
+                dt = time.perf_counter() - t0
+                record = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr,
+                          "grad_norm": float(grad_norm), "tokens": (step + 1) * cfg.tokens_per_step,
+                          "tokens_per_s": cfg.tokens_per_step / dt,
+                          "experts_per_token": float(experts_L.mean()) if len(experts_L) else 0.0,
+                          "experts_per_token_by_layer": experts_L.round(4).tolist()}
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                    ev = evaluate(model, tokenizer, cfg.seq_len, cfg.eval_tokens)
+                    record.update(val_loss=ev["loss"], val_bpb=ev["bpb"])
+                try:
+                    _append(metrics_file, (json.dumps(record) + "\n").encode("utf-8"))
+                except OSError as e:
+                    raise ckpt.WriteError(f"cannot append to {metrics_path}: {ckpt.one_line(e)}; stopped at step "
+                                          f"{step + 1} ({_kept(last_saved)})") from e
+                status = (f"loss {sums['lm_loss']:.3f}, {record['tokens_per_s']:.0f} tokens/s, "
+                          f"{record['experts_per_token']:.2f} experts/token")
+                if bar is not None:
+                    bar.set_postfix_str(status, refresh=False)
+                    bar.update(1)
+                elif progress and ((step + 1) % report_every == 0 or step + 1 == cfg.steps):
+                    print(f"train step {step + 1}/{cfg.steps}: {status}", file=sys.stderr, flush=True)
+                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                    meta = {"seed": cfg.seed, "data_position": {"step": step + 1}, "rng": ckpt.rng_state(),
+                            "moekit_version": moekit.__version__, "tokens_seen": record["tokens"]}
+                    ckpt.save_checkpoint(run_dir, step + 1, model, optimizer, config, meta,
+                                         pause_for_test=_test_pause(step + 1))
+                    last_saved = step + 1
+    finally:
+        if bar is not None:
+            bar.close()
     result = evaluate(model, tokenizer, cfg.seq_len, cfg.eval_tokens)
-    result["active_params"] = model_cfg.num_active_params()
+    result["seq_len"], result["eval_tokens"] = cfg.seq_len, cfg.eval_tokens
     result["params"] = model_cfg.num_params()
-    ckpt.atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
-    log(f"validation: loss {result['loss']:.4f}, {result['bpb']:.3f} bits per byte "
-        f"(unigram {result['unigram_bpb']:.3f}), {result['experts_per_token']:.2f} experts per token")
+    result["active_params"] = measured_active_params(model_cfg, result["experts_per_token_by_layer"])
+    result["active_params_config"] = model_cfg.num_active_params()
+    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
+    log(f"validation ({cfg.eval_tokens} tokens per domain, windows of {cfg.seq_len}): loss {result['loss']:.4f}, "
+        f"{result['bpb']:.3f} bits per byte (unigram {result['unigram_bpb']:.3f}), "
+        f"{result['experts_per_token']:.2f} experts per token, {result['active_params']:,} active parameters per "
+        "token (measured)")
+    log(UNIGRAM_NOTE)
     return result
