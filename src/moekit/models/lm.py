@@ -10,8 +10,9 @@ Hk key/value heads, d head dim, V vocabulary.
   `scaled_dot_product_attention`, and a preallocated KV cache for generation.
 - FFN: a moekit `MoELayer` in every layer, except the first `n_dense` layers, which use a dense
   SwiGLU FFN (DeepSeek's `first_k_dense_replace`).
-- The recurrent router (RMoE) needs one GRU cell shared by all MoE layers: the model owns it
-  (`router_gru`) and passes the routing state from layer to layer in `forward`.
+- Routers that carry a routing state across layers (RMoE's GRU) get the module they share from their
+  config (`build_shared_module`): the model owns it (`router_shared`) and threads the state from
+  layer to layer in `forward` (each MoE layer's `routing_info().router_state`).
 
 The layout follows transformers' Mixtral / Qwen3-MoE, so a trained model can be exported to them.
 """
@@ -31,7 +32,6 @@ from moekit.config import CONFIG_VERSION, MoEConfig, _check, _from_dict, check_f
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
 from moekit.layers.moe import MoELayer
-from moekit.routers import RecurrentState, router_class
 
 
 @dataclass
@@ -97,15 +97,11 @@ class LMConfig:
         if self.moe.d_model != self.d_model:
             self.moe = dataclasses.replace(self.moe, d_model=self.d_model)
         self.moe.validate()
-        if not router_class(self.moe.router.kind).is_causal and not self.moe.router.allow_causal_leak:
+        if not self.moe.router.is_causal() and not self.moe.router.accepts_causal_leak():
             raise UsageError(f"RouterConfig.kind={self.moe.router.kind!r} is not causal (a token's experts depend on "
                              "later tokens), so a causal LM would see the future; set allow_causal_leak=True to "
                              "train it anyway (its validation loss is then not comparable)")
         return self
-
-    @property
-    def uses_recurrent_router(self) -> bool:
-        return self.moe.router.kind == "recurrent"
 
     # Parameter counts, without building.
     def _attn_params(self) -> int:
@@ -117,9 +113,9 @@ class LMConfig:
         embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
         per_layer = self._attn_params() + 2 * self.d_model
         dense = 3 * self.d_model * self.dense_width
-        gru = 6 * self.moe.router.gru_dim * (self.moe.router.gru_dim + 1) if self.uses_recurrent_router else 0
+        shared = self.moe.router.shared_module_params()  # e.g. RMoE's GRU, one per model
         return (embed + self.n_layers * per_layer + self.n_dense * dense + n_moe * self.moe.num_params()
-                + self.d_model + gru)
+                + self.d_model + shared)
 
     def num_active_params(self) -> int:
         """Parameters one token uses on average (experts at the router's expected count)."""
@@ -219,10 +215,8 @@ class Block(nn.Module):
         h_BTD = self.ffn_norm(x_BTD)
         if not self.is_moe:
             return x_BTD + self.ffn(h_BTD), router_state
-        if router_state is None:
-            return x_BTD + self.ffn(h_BTD, padding_mask), None
-        y_BTD, router_state = self.ffn(h_BTD, padding_mask, router_state=router_state)
-        return x_BTD + y_BTD, router_state
+        y_BTD = self.ffn(h_BTD, padding_mask, router_state=router_state)
+        return x_BTD + y_BTD, self.ffn.routing_info().router_state
 
 
 class MoELM(nn.Module):
@@ -233,8 +227,9 @@ class MoELM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.router_gru = (nn.GRUCell(cfg.moe.router.gru_dim, cfg.moe.router.gru_dim)
-                           if cfg.uses_recurrent_router else None)
+        # A module every MoE layer's router shares (RMoE's GRU), or None.
+        self.router_shared = cfg.moe.router.build_shared_module()
+        self.register_load_state_dict_pre_hook(_rename_router_gru)
         self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -280,7 +275,7 @@ class MoELM(nn.Module):
             raise ValueError(f"MoELM: positions {start}..{start + T - 1} exceed the limit of {limit} tokens")
         cos_Td, sin_Td = rotary_tables(self.cfg, torch.arange(start, start + T, device=input_ids_BT.device))
         x_BTD = self.embed(input_ids_BT)
-        router_state = RecurrentState(self.router_gru) if self.router_gru is not None else None
+        router_state = self.cfg.moe.router.initial_state(self.router_shared)
         for block in self.layers:
             x_BTD, router_state = block(x_BTD, cos_Td, sin_Td, cache, padding_mask_BT, router_state)
         if cache is not None:
@@ -298,3 +293,11 @@ class MoELM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"params={self.cfg.num_params():,}, active_params={self.cfg.num_active_params():,}"
+
+
+def _rename_router_gru(module: MoELM, state_dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: checkpoints written before routers owned their configs call the shared
+    module `router_gru`."""
+    old = prefix + "router_gru."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "router_shared." + key[len(old):]] = state_dict.pop(key)

@@ -8,7 +8,8 @@ Per optimiser step s:
                    the step, and a resumed run sees exactly the batches it would have seen
       loss = cross-entropy + sum_name coef[name] * aux[name]   (aux averaged over MoE layers)
       backward(loss / grad_accum)     -- the global-batch balance loss accumulates here
-  clip the gradient norm, AdamW step, then `after_optimizer_step` (aux-loss-free bias, k schedules)
+  clip the gradient norm, AdamW step; its step hook (moekit.train.balance.BalanceTracker) runs the
+  routers' once-per-step updates (aux-loss-free bias, k schedules)
 
 A resumed run restores weights, optimiser state, RNG states and the step, and truncates
 metrics.jsonl to the steps before the checkpoint, so its loss curve is bit-identical to an
@@ -51,6 +52,7 @@ from moekit.layers.moe import aux_loss_names
 from moekit.models import LMConfig, MoELM
 from moekit.train import checkpoint as ckpt
 from moekit.train import rundir
+from moekit.train.balance import BalanceTracker
 from moekit.train.evaluate import UNIGRAM_NOTE, evaluate, measured_active_params, unigram_bpb
 from moekit.utils.io import atomic_write_text, remove_debris
 
@@ -392,7 +394,7 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
     last_saved = start_step
 
     router = model_cfg.moe.router
-    count = (f"{model_cfg.num_active_params():,} active per token" if router.kind == "topk" else
+    count = (f"{model_cfg.num_active_params():,} active per token" if router.fixed_experts_per_token() else
              f"{model_cfg.num_active_params():,} active per token by the config's count (dynamic routing: the "
              "measured count follows the evaluation)")
     log(f"model: {model_cfg.num_params():,} parameters, {count} ({router.kind}: {router.describe()})")
@@ -410,6 +412,7 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
         bar = tqdm(initial=start_step, total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
     report_every = max(1, math.ceil(cfg.steps / 10))  # without a terminal: about ten plain lines
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    BalanceTracker(model).attach(optimizer)  # the routers' once-per-step updates run in optimizer.step()
     model.train()
     params = list(model.parameters())
     try:
@@ -442,7 +445,6 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
                         f"the learning rate (lr={cfg.lr}) or raise warmup_steps in a new run")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                moekit.after_optimizer_step(model)
                 dt = time.perf_counter() - t0
                 record = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr,
                           "grad_norm": float(grad_norm), "tokens": (step + 1) * cfg.tokens_per_step,
