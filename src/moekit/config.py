@@ -203,6 +203,11 @@ class RouterConfig:
         the common ones)."""
         return self.router_losses
 
+    def aux_loss_coefs(self) -> dict[str, float]:
+        """Coefficients a trainer gives the router's own losses when its config names none (e.g. a loss
+        the router already scales by an adaptive coefficient of its own takes 1.0)."""
+        return {}
+
     # ----------------------------------------------------------------- validation and JSON
     def validate(self, num_experts: int) -> RouterConfig:
         check_fields(self, "RouterConfig")

@@ -124,6 +124,13 @@ class TrainConfig:
         return cls(**_from_dict(cls, d))
 
 
+def aux_coefs_for(model_cfg: LMConfig, cfg: TrainConfig) -> dict[str, float]:
+    """The coefficient of each aux loss in the training loss: TrainConfig's, and for the router's own
+    losses TrainConfig does not name, the router config's (`RouterConfig.aux_loss_coefs`)."""
+    own = cfg.aux_coefs
+    return {**own, **{n: c for n, c in model_cfg.moe.router.aux_loss_coefs().items() if n not in own}}
+
+
 def make_tokenizer(name: str):
     return ByteTokenizer() if name == "byte" else load_bpe_tokenizer()
 
@@ -399,8 +406,9 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
              "measured count follows the evaluation)")
     log(f"model: {model_cfg.num_params():,} parameters, {count} ({router.kind}: {router.describe()})")
     produced = aux_loss_names(model_cfg.moe)
-    terms = " + ".join(f"{c:g}*{n}" for n, c in cfg.aux_coefs.items() if c and n in produced) or "0"
-    off = ", ".join(n for n, c in cfg.aux_coefs.items() if n in produced and not c)
+    coefs = aux_coefs_for(model_cfg, cfg)
+    terms = " + ".join(f"{c:g}*{n}" for n, c in coefs.items() if c and n in produced) or "0"
+    off = ", ".join(n for n, c in coefs.items() if n in produced and not c)
     log(f"loss = lm_loss + {terms}" + (f" (off: {off})" if off else "") + ", aux losses averaged over MoE layers")
     log(f"unigram baseline: {unigram_bpb('validation', tuple(DOMAINS)):.3f} bits per byte (validation; a byte-frequency "
         "model with no context)")
@@ -430,7 +438,7 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
                         logits_BTV = model(ids_BT[:, :-1])
                     lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), ids_BT[:, 1:].flatten())
                     aux = model.aux_losses()
-                    loss = lm_loss + sum(cfg.aux_coefs.get(name, 0.0) * value for name, value in aux.items())
+                    loss = lm_loss + sum(coefs.get(name, 0.0) * value for name, value in aux.items())
                     (loss / cfg.grad_accum).backward()
                     for name, value in {"loss": loss, "lm_loss": lm_loss, **aux}.items():
                         sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
