@@ -107,14 +107,7 @@ class RouterConfig:
     def __new__(cls, *args, **kwargs):
         if cls is not RouterConfig:
             return object.__new__(cls)
-        kind = kwargs.get("kind", args[0] if args else "topk")
-        sub = router_config_class(kind)
-        allowed = {f.name for f in dataclasses.fields(sub)}
-        wrong = sorted(set(kwargs) - allowed)
-        if wrong:
-            raise UsageError(f"RouterConfig(kind={kind!r}): {', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} "
-                             f"not apply to this router; its fields: {', '.join(sorted(allowed))}")
-        return object.__new__(sub)
+        return object.__new__(router_config_for(kwargs.get("kind", args[0] if args else "topk"), kwargs))
 
     def __post_init__(self):
         own = type(self).__dataclass_fields__["kind"].default
@@ -223,12 +216,8 @@ class RouterConfig:
     def convert(self, kind: str, **changes) -> RouterConfig:
         """This config as router `kind`: the fields both kinds have keep their values, `changes` are
         applied, the rest take the new kind's defaults. A field `kind` does not have raises UsageError."""
-        sub = router_config_class(kind)
+        sub = router_config_for(kind, changes)
         names = {f.name for f in dataclasses.fields(sub)}
-        wrong = sorted(set(changes) - names)
-        if wrong:
-            raise UsageError(f"RouterConfig(kind={kind!r}): {', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} "
-                             f"not apply to this router; its fields: {', '.join(sorted(names))}")
         kept = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
         return sub(**{**kept, **changes, "kind": kind})
 
@@ -267,6 +256,18 @@ def router_config_class(kind: str) -> type[RouterConfig]:
     if kind not in _ROUTER_CONFIGS:
         raise UsageError(f"RouterConfig.kind: unknown router {kind!r}; registered: {sorted(_ROUTER_CONFIGS)}")
     return _ROUTER_CONFIGS[kind]
+
+
+def router_config_for(kind: str, fields) -> type[RouterConfig]:
+    """The config class of router `kind`, which must have every field named in `fields` (UsageError
+    naming those it lacks and the ones it has)."""
+    sub = router_config_class(kind)
+    names = {f.name for f in dataclasses.fields(sub)}
+    wrong = sorted(set(fields) - names)
+    if wrong:
+        raise UsageError(f"RouterConfig(kind={kind!r}): {', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} "
+                         f"not apply to this router; its fields: {', '.join(sorted(names))}")
+    return sub
 
 
 def router_fields() -> dict[str, dataclasses.Field]:

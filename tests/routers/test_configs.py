@@ -101,7 +101,7 @@ def test_route_overrides_convert_between_kinds(make_cfg):
     with pytest.raises(ValueError, match="route\\(\\): RouterConfig\\(kind='topp'\\): k does not apply"):
         with moekit.route(layer, kind="topp", k=3):
             pass
-    with pytest.raises(ValueError, match="p does not apply to router kind 'topk'"):
+    with pytest.raises(ValueError, match=r"route\(\): RouterConfig\(kind='topk'\): p does not apply"):
         with moekit.route(layer, p=0.3):
             pass
 

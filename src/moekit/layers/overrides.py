@@ -61,7 +61,7 @@ def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> I
         change = {n: v[j] for n, v in values.items()}
         kind = change.pop("kind", old_cfg.kind)
         try:
-            new_cfg = old_cfg.convert(kind, **change) if kind != old_cfg.kind else _replace(old_cfg, change)
+            new_cfg = old_cfg.convert(kind, **change)  # the same kind: its fields replaced
         except UsageError as e:
             raise ValueError(f"route(): {e}") from None
         if kind != old_cfg.kind and (old_cfg.carries_state() or new_cfg.carries_state()):
@@ -84,15 +84,6 @@ def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> I
         for layer, router, router_cfg, cfg in saved:
             layer.router, layer.cfg = router, cfg
             router.cfg = router_cfg
-
-
-def _replace(cfg, change: dict):
-    names = {f.name for f in dataclasses.fields(cfg)}
-    wrong = sorted(set(change) - names)
-    if wrong:
-        raise UsageError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to router kind "
-                         f"{cfg.kind!r}; its fields: {', '.join(sorted(names))}")
-    return dataclasses.replace(cfg, **change)
 
 
 def _rebuild(router: nn.Module, cfg) -> nn.Module:

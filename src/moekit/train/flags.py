@@ -126,4 +126,4 @@ def _apply_router_flags(router: RouterConfig, given: dict[str, Any]) -> RouterCo
         change = " (--router.kind changes it)" if kind == router.kind else ""
         raise UsageError(f"{flags} {'does' if len(wrong) == 1 else 'do'} not apply to router kind {kind!r}{change}; "
                          "its flags: " + ", ".join(f"--router.{n}" for n in sorted(names)))
-    return router.convert(kind, **given) if kind != router.kind else dataclasses.replace(router, **given)
+    return router.convert(kind, **given)
