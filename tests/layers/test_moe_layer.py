@@ -250,3 +250,26 @@ def test_empty_input_gives_empty_output_and_zero_aux_losses(make_cfg, kind, padd
         assert all(float(v.detach()) == 0.0 for v in aux.values()), aux
         (y.sum() + sum(aux.values())).backward()  # and backward runs
         assert layer.routing_info().stats()["tokens"] == 0
+
+
+def test_the_layer_calls_no_collective_and_no_private_torch_api():
+    """Step state, collectives and "am I inside backward" live in moekit.train.balance / moekit.utils."""
+    import ast
+    import inspect
+
+    from moekit.layers import moe
+
+    def chain(node):
+        parts = []
+        while isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+            node = node.value
+        return ".".join([getattr(node, "id", "?"), *reversed(parts)])
+
+    tree = ast.parse(inspect.getsource(moe))
+    used = {chain(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not {u for u in used if u.startswith(("torch.distributed", "torch._C", "dist."))}
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "torch.distributed" not in imported and not any(m.startswith("moekit.train") for m in imported)
+    layer = moekit.MoELayer(moekit.MoEConfig())  # no step counters: the only buffer is the selection bias
+    assert [n for n, _ in layer.named_buffers()] == ["router.e_score_correction_bias"]

@@ -8,8 +8,9 @@ Forward stages:
   3. plan:     sort by expert, counts, offsets; capacity drops counted
   4. experts:  grouped GEMMs over the stacked weights
   5. combine:  weighted scatter-add back to tokens; + shared experts (optionally sigmoid-gated)
-  6. losses:   unscaled aux losses returned in `routing_info().aux` (or attached to the output,
-               see `attach_aux_losses`)
+  6. losses:   aux losses returned in `routing_info().aux` (or attached to the output, see
+               `attach_aux_losses`): unscaled, except a router's own loss that carries its adaptive
+               coefficient (ReMoE's l1_reg; the router config says with `aux_loss_coefs`)
 
 Capacity (`capacity_factor`) drops only in training; eval mode drops only with `eval_capacity_factor`.
 
