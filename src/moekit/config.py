@@ -5,6 +5,7 @@ parameter counts come without building a model.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import numbers
@@ -27,7 +28,6 @@ def require(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise UsageError(f"{name}={value!r} is invalid; allowed: {allowed}")
 
 
-_check = require
 
 
 def check_fields(cfg: Any, name: str | None = None) -> None:
@@ -44,31 +44,52 @@ def check_fields(cfg: Any, name: str | None = None) -> None:
         kinds = {t.strip() for t in annotation.split("|")}
         name = f"{cls}.{f.name}"
         if value is None:
-            _check("None" in kinds, name, value, f"a value of type {annotation}")
+            require("None" in kinds, name, value, f"a value of type {annotation}")
         elif "bool" in kinds:
-            _check(isinstance(value, bool), name, value, "true or false")
+            require(isinstance(value, bool), name, value, "true or false")
         elif "int" in kinds:
-            _check(isinstance(value, numbers.Integral) and not isinstance(value, bool), name, value, "an integer")
+            require(isinstance(value, numbers.Integral) and not isinstance(value, bool), name, value, "an integer")
         elif "float" in kinds:
-            _check(isinstance(value, numbers.Real) and not isinstance(value, bool), name, value, "a number")
-            _check(f.metadata.get("nonfinite", False) or math.isfinite(value), name, value, "a finite number")
+            require(isinstance(value, numbers.Real) and not isinstance(value, bool), name, value, "a number")
+            require(f.metadata.get("nonfinite", False) or math.isfinite(value), name, value, "a finite number")
         elif "str" in kinds:
-            _check(isinstance(value, str), name, value, "a string")
+            require(isinstance(value, str), name, value, "a string")
 
 
-def _from_dict(cls, d: dict[str, Any]):
-    d = dict(d)
-    typ = d.pop("type", cls.__name__)
-    if typ != cls.__name__:
-        raise ValueError(f"config type {typ!r} cannot be read as {cls.__name__}")
-    version = d.pop("version", CONFIG_VERSION)
-    if version > CONFIG_VERSION:
-        raise ValueError(f"{cls.__name__} version {version} is newer than this moekit understands ({CONFIG_VERSION})")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown}", stacklevel=3)
-    return {k: v for k, v in d.items() if k in names}
+class Config:
+    """Base of moekit's dataclass configs: `to_dict()` / `from_dict()` round-trip JSON with a type field
+    and a version stamp (nested configs as their own dicts); `from_dict` refuses another type or a newer
+    version and warns about (and ignores) keys it does not know. Subclasses are dataclasses with a
+    `validate()` that raises UsageError naming `Class.field` (see `require`, `check_fields`)."""
+
+    VERSION: ClassVar[int] = CONFIG_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            d[f.name] = value.to_dict() if isinstance(value, Config) else copy.deepcopy(value)
+        return {"type": type(self).__name__, "version": self.VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        return cls(**cls.known_fields(d))
+
+    @classmethod
+    def known_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """The fields of `d` (a `to_dict()` of this class) that `cls` has, after checking type and version."""
+        d = dict(d)
+        typ = d.pop("type", cls.__name__)
+        if typ != cls.__name__:
+            raise ValueError(f"config type {typ!r} cannot be read as {cls.__name__}")
+        version = d.pop("version", cls.VERSION)
+        if version > cls.VERSION:
+            raise ValueError(f"{cls.__name__} version {version} is newer than this moekit understands ({cls.VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown}", stacklevel=3)
+        return {k: v for k, v in d.items() if k in names}
 
 
 ROUTER_CONFIG_VERSION = 2  # 1: one RouterConfig holding every router's fields (still read)
@@ -84,7 +105,7 @@ _ROUTER_CONFIGS: dict[str, type[RouterConfig]] = {}  # kind -> config class, fil
 
 
 @dataclass
-class RouterConfig:
+class RouterConfig(Config):
     """How tokens pick experts: the base of every router's own config.
 
     `kind` names a registered router (`moekit.registered_routers()`); each router file defines its
@@ -99,6 +120,8 @@ class RouterConfig:
     `from_dict` dispatches on "kind" and still reads version 1 (the union of every router's fields).
     Field errors name `RouterConfig.FIELD`, whichever kind.
     """
+
+    VERSION: ClassVar[int] = ROUTER_CONFIG_VERSION
 
     kind: str = "topk"
     jitter: float = 0.0
@@ -204,7 +227,7 @@ class RouterConfig:
     # ----------------------------------------------------------------- validation and JSON
     def validate(self, num_experts: int) -> RouterConfig:
         check_fields(self, "RouterConfig")
-        _check(0 <= self.jitter < 1, "RouterConfig.jitter", self.jitter, "a float in [0, 1)")
+        require(0 <= self.jitter < 1, "RouterConfig.jitter", self.jitter, "a float in [0, 1)")
         try:
             self.check(num_experts)
         except ValueError as e:  # a bad setting, so a usage error
@@ -222,7 +245,7 @@ class RouterConfig:
         return sub(**{**kept, **changes, "kind": kind})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "RouterConfig", "version": ROUTER_CONFIG_VERSION, **dataclasses.asdict(self)}
+        return {**super().to_dict(), "type": "RouterConfig"}  # every kind reads back through RouterConfig
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
@@ -280,7 +303,7 @@ def router_fields() -> dict[str, dataclasses.Field]:
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(Config):
     """One MoE feed-forward layer.
 
     d_expert is one routed expert's hidden width F. Shared experts are one always-on FFN of width
@@ -325,20 +348,20 @@ class MoEConfig:
 
     def validate(self) -> MoEConfig:
         check_fields(self)
-        _check(self.d_model >= 1, "MoEConfig.d_model", self.d_model, "an integer >= 1")
-        _check(self.d_expert >= 1, "MoEConfig.d_expert", self.d_expert, "an integer >= 1")
-        _check(self.num_experts >= 1, "MoEConfig.num_experts", self.num_experts, "an integer >= 1")
-        _check(self.activation in ACTIVATIONS, "MoEConfig.activation", self.activation, f"one of {ACTIVATIONS}")
-        _check(self.num_shared_experts >= 0, "MoEConfig.num_shared_experts", self.num_shared_experts,
+        require(self.d_model >= 1, "MoEConfig.d_model", self.d_model, "an integer >= 1")
+        require(self.d_expert >= 1, "MoEConfig.d_expert", self.d_expert, "an integer >= 1")
+        require(self.num_experts >= 1, "MoEConfig.num_experts", self.num_experts, "an integer >= 1")
+        require(self.activation in ACTIVATIONS, "MoEConfig.activation", self.activation, f"one of {ACTIVATIONS}")
+        require(self.num_shared_experts >= 0, "MoEConfig.num_shared_experts", self.num_shared_experts,
                "an integer >= 0")
-        _check(self.d_shared is None or self.d_shared >= 1, "MoEConfig.d_shared", self.d_shared,
+        require(self.d_shared is None or self.d_shared >= 1, "MoEConfig.d_shared", self.d_shared,
                "None or an integer >= 1")
-        _check(self.capacity_factor is None or self.capacity_factor > 0, "MoEConfig.capacity_factor",
+        require(self.capacity_factor is None or self.capacity_factor > 0, "MoEConfig.capacity_factor",
                self.capacity_factor, "None (dropless) or a float > 0")
-        _check(self.eval_capacity_factor is None or self.eval_capacity_factor > 0, "MoEConfig.eval_capacity_factor",
+        require(self.eval_capacity_factor is None or self.eval_capacity_factor > 0, "MoEConfig.eval_capacity_factor",
                self.eval_capacity_factor, "None (dropless in eval mode) or a float > 0")
-        _check(self.backend in BACKENDS, "MoEConfig.backend", self.backend, f"one of {BACKENDS}")
-        _check(self.balance_scope in BALANCE_SCOPES, "MoEConfig.balance_scope", self.balance_scope,
+        require(self.backend in BACKENDS, "MoEConfig.backend", self.backend, f"one of {BACKENDS}")
+        require(self.balance_scope in BALANCE_SCOPES, "MoEConfig.balance_scope", self.balance_scope,
                f"one of {BALANCE_SCOPES}")
         self.router.validate(self.num_experts)
         return self
@@ -346,7 +369,7 @@ class MoEConfig:
     def fine_grained(self, m: int) -> MoEConfig:
         """DeepSeekMoE fine-grained segmentation (arXiv 2401.06066): m*E experts of width F/m and
         m*k of them per token, so total and active parameters stay the same."""
-        _check(m >= 1 and self.d_expert % m == 0, "fine_grained(m)", m, f"a divisor of d_expert={self.d_expert}")
+        require(m >= 1 and self.d_expert % m == 0, "fine_grained(m)", m, f"a divisor of d_expert={self.d_expert}")
         return dataclasses.replace(self, num_experts=self.num_experts * m, d_expert=self.d_expert // m,
                                    router=self.router.fine_grained(m))
 
@@ -377,15 +400,3 @@ class MoEConfig:
         """Parameters one token uses on average (router + expected experts + shared)."""
         active = self.expected_experts_per_token() * self._expert_params()
         return int(round(self._router_params() + active + self._shared_params()))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["router"] = self.router.to_dict()
-        return {"type": type(self).__name__, "version": CONFIG_VERSION, **d}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
-        kw = _from_dict(cls, d)
-        if "router" in kw:
-            kw["router"] = RouterConfig.from_dict(kw["router"])
-        return cls(**kw)

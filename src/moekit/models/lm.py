@@ -22,20 +22,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.config import CONFIG_VERSION, MoEConfig, _check, _from_dict, check_fields
+from moekit.config import Config, MoEConfig, check_fields, require
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
 from moekit.layers.moe import MoELayer
 
 
 @dataclass
-class LMConfig:
+class LMConfig(Config):
     """The language model. `moe.d_model` always equals `d_model` (set by `validate`).
 
     d_ff_dense: width of the dense FFN in the first `n_dense` layers (default: the MoE layer's
@@ -77,23 +76,23 @@ class LMConfig:
 
     def validate(self) -> LMConfig:
         check_fields(self)
-        _check(self.vocab_size >= 2, "LMConfig.vocab_size", self.vocab_size, "an integer >= 2")
-        _check(self.d_model >= 1, "LMConfig.d_model", self.d_model, "an integer >= 1")
-        _check(self.n_layers >= 1, "LMConfig.n_layers", self.n_layers, "an integer >= 1")
-        _check(self.n_heads >= 1 and self.d_model % self.n_heads == 0 and self.head_dim % 2 == 0,
+        require(self.vocab_size >= 2, "LMConfig.vocab_size", self.vocab_size, "an integer >= 2")
+        require(self.d_model >= 1, "LMConfig.d_model", self.d_model, "an integer >= 1")
+        require(self.n_layers >= 1, "LMConfig.n_layers", self.n_layers, "an integer >= 1")
+        require(self.n_heads >= 1 and self.d_model % self.n_heads == 0 and self.head_dim % 2 == 0,
                "LMConfig.n_heads", self.n_heads, f"a divisor of d_model={self.d_model} giving an even head dim")
-        _check(self.n_kv_heads is None or self.n_kv_heads >= 1, "LMConfig.n_kv_heads", self.n_kv_heads,
+        require(self.n_kv_heads is None or self.n_kv_heads >= 1, "LMConfig.n_kv_heads", self.n_kv_heads,
                f"None or a divisor of n_heads={self.n_heads}")
-        _check(self.n_heads % self.kv_heads == 0, "LMConfig.n_kv_heads", self.n_kv_heads,
+        require(self.n_heads % self.kv_heads == 0, "LMConfig.n_kv_heads", self.n_kv_heads,
                f"None or a divisor of n_heads={self.n_heads}")
-        _check(0 <= self.n_dense <= self.n_layers, "LMConfig.n_dense", self.n_dense,
+        require(0 <= self.n_dense <= self.n_layers, "LMConfig.n_dense", self.n_dense,
                f"an integer in [0, n_layers={self.n_layers}]")
-        _check(self.max_seq_len >= 1, "LMConfig.max_seq_len", self.max_seq_len, "an integer >= 1")
-        _check(self.d_ff_dense is None or self.d_ff_dense >= 1, "LMConfig.d_ff_dense", self.d_ff_dense,
+        require(self.max_seq_len >= 1, "LMConfig.max_seq_len", self.max_seq_len, "an integer >= 1")
+        require(self.d_ff_dense is None or self.d_ff_dense >= 1, "LMConfig.d_ff_dense", self.d_ff_dense,
                "None or an integer >= 1")
-        _check(self.rope_theta > 0, "LMConfig.rope_theta", self.rope_theta, "a finite float > 0")
-        _check(self.norm_eps > 0, "LMConfig.norm_eps", self.norm_eps, "a finite float > 0")
-        _check(self.init_std > 0, "LMConfig.init_std", self.init_std, "a finite float > 0")
+        require(self.rope_theta > 0, "LMConfig.rope_theta", self.rope_theta, "a finite float > 0")
+        require(self.norm_eps > 0, "LMConfig.norm_eps", self.norm_eps, "a finite float > 0")
+        require(self.init_std > 0, "LMConfig.init_std", self.init_std, "a finite float > 0")
         if self.moe.d_model != self.d_model:
             self.moe = dataclasses.replace(self.moe, d_model=self.d_model)
         self.moe.validate()
@@ -121,18 +120,6 @@ class LMConfig:
         """Parameters one token uses on average (experts at the router's expected count)."""
         inactive = (self.n_layers - self.n_dense) * (self.moe.num_params() - self.moe.num_active_params())
         return self.num_params() - inactive
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["moe"] = self.moe.to_dict()
-        return {"type": type(self).__name__, "version": CONFIG_VERSION, **d}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LMConfig:
-        kw = _from_dict(cls, d)
-        if "moe" in kw:
-            kw["moe"] = MoEConfig.from_dict(kw["moe"])
-        return cls(**kw)
 
 
 class KVCache:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import moekit
-from moekit.config import CONFIG_VERSION, _check, _from_dict, check_fields
+from moekit.config import Config, check_fields, require
 from moekit.data import (
     DOMAINS,
     ByteTokenizer,
@@ -60,7 +60,7 @@ TOKENIZERS = ("byte", "bpe")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Optimisation and data. Aux-loss coefficients multiply the per-layer-averaged aux losses."""
 
     steps: int = 300
@@ -90,21 +90,21 @@ class TrainConfig:
         """Raises UsageError naming the field and the allowed values (every float must be finite)."""
         check_fields(self)
         for name in ("steps", "micro_batch", "grad_accum", "seq_len", "checkpoint_every", "eval_tokens"):
-            _check(getattr(self, name) >= 1, f"TrainConfig.{name}", getattr(self, name), "an integer >= 1")
-        _check(self.lr > 0, "TrainConfig.lr", self.lr, "a finite float > 0")
-        _check(0 <= self.min_lr_ratio <= 1, "TrainConfig.min_lr_ratio", self.min_lr_ratio, "a float in [0, 1]")
-        _check(self.warmup_steps >= 0, "TrainConfig.warmup_steps", self.warmup_steps, "an integer >= 0")
-        _check(self.weight_decay >= 0, "TrainConfig.weight_decay", self.weight_decay, "a finite float >= 0")
+            require(getattr(self, name) >= 1, f"TrainConfig.{name}", getattr(self, name), "an integer >= 1")
+        require(self.lr > 0, "TrainConfig.lr", self.lr, "a finite float > 0")
+        require(0 <= self.min_lr_ratio <= 1, "TrainConfig.min_lr_ratio", self.min_lr_ratio, "a float in [0, 1]")
+        require(self.warmup_steps >= 0, "TrainConfig.warmup_steps", self.warmup_steps, "an integer >= 0")
+        require(self.weight_decay >= 0, "TrainConfig.weight_decay", self.weight_decay, "a finite float >= 0")
         for name in ("beta1", "beta2"):
-            _check(0 <= getattr(self, name) < 1, f"TrainConfig.{name}", getattr(self, name), "a float in [0, 1)")
-        _check(self.grad_clip >= 0, "TrainConfig.grad_clip", self.grad_clip, "a finite float >= 0 (0 = no clipping)")
-        _check(0 <= self.seed < 2**63, "TrainConfig.seed", self.seed, "an integer in [0, 2**63)")
+            require(0 <= getattr(self, name) < 1, f"TrainConfig.{name}", getattr(self, name), "a float in [0, 1)")
+        require(self.grad_clip >= 0, "TrainConfig.grad_clip", self.grad_clip, "a finite float >= 0 (0 = no clipping)")
+        require(0 <= self.seed < 2**63, "TrainConfig.seed", self.seed, "an integer in [0, 2**63)")
         for name in ("load_balance_coef", "z_loss_coef", "seq_balance_coef", "dynamic_coef"):
-            _check(getattr(self, name) >= 0, f"TrainConfig.{name}", getattr(self, name), "a finite float >= 0")
-        _check(self.eval_every >= 0, "TrainConfig.eval_every", self.eval_every,
+            require(getattr(self, name) >= 0, f"TrainConfig.{name}", getattr(self, name), "a finite float >= 0")
+        require(self.eval_every >= 0, "TrainConfig.eval_every", self.eval_every,
                "an integer >= 0 (0 = evaluate only at the end)")
-        _check(self.tokenizer in TOKENIZERS, "TrainConfig.tokenizer", self.tokenizer, f"one of {TOKENIZERS}")
-        _check(self.threads >= 0, "TrainConfig.threads", self.threads, "an integer >= 0 (0 = torch's default)")
+        require(self.tokenizer in TOKENIZERS, "TrainConfig.tokenizer", self.tokenizer, f"one of {TOKENIZERS}")
+        require(self.threads >= 0, "TrainConfig.threads", self.threads, "an integer >= 0 (0 = torch's default)")
         return self
 
     @property
@@ -115,13 +115,6 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.micro_batch * self.grad_accum * self.seq_len
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": type(self).__name__, "version": CONFIG_VERSION, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        return cls(**_from_dict(cls, d))
 
 
 def aux_coefs_for(model_cfg: LMConfig, cfg: TrainConfig) -> dict[str, float]:
@@ -188,7 +181,7 @@ def resolve_configs(model_cfg: LMConfig, cfg: TrainConfig) -> tuple[LMConfig, Tr
     if vocab_size != model_cfg.vocab_size:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
     model_cfg.validate()
-    _check(cfg.seq_len <= model_cfg.max_seq_len, "TrainConfig.seq_len", cfg.seq_len,
+    require(cfg.seq_len <= model_cfg.max_seq_len, "TrainConfig.seq_len", cfg.seq_len,
            f"an integer in [1, {model_cfg.max_seq_len}] (at most LMConfig.max_seq_len)")
     return model_cfg, cfg
 
@@ -305,7 +298,7 @@ def _check_corpus_fits(tokenizer_name: str, seq_len: int) -> None:
     lengths = _validation_lengths(tokenizer_name)
     shortest = min(lengths, key=lengths.get)
     limit = lengths[shortest] - 1
-    _check(seq_len <= limit, "TrainConfig.seq_len", seq_len,
+    require(seq_len <= limit, "TrainConfig.seq_len", seq_len,
            f"at most {limit} (the {shortest} validation text is {lengths[shortest]} tokens with this tokenizer)")
 
 
