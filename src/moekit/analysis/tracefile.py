@@ -17,7 +17,10 @@ a zip archive (deflate) holding `header.json` and one `.npy` member per column. 
 The header names the format and version, E, L, S, R, N, the domain and layer names, free-form
 metadata and, per column, its dtype, shape and sha256 (of the array's raw bytes). Readers refuse
 another format, another version, a truncated or corrupted archive and a checksum mismatch, with a
-message that names the problem. Writes are atomic: temporary file, fsync, rename.
+message that names the problem. Every size the header declares is checked against the archive's
+real size before anything is read or allocated (`_check_sizes`): a header claiming 10^9 experts or
+rows is refused in milliseconds. Writes are atomic: temporary file, fsync, rename (moekit.utils.io);
+the temporary file of a killed write is removed by the next write to the same path.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -34,15 +36,23 @@ from pathlib import Path
 import numpy as np
 
 from moekit.analysis.metrics import RoutingTrace
+from moekit.errors import DataError
+from moekit.utils.io import atomic_write_with, remove_debris
 
-__all__ = ["FORMAT", "VERSION", "TraceFormatError", "load_trace", "read_header", "save_trace"]
+__all__ = ["FORMAT", "VERSION", "TraceFormatError", "check_memory", "load_trace", "read_header", "save_trace"]
 
 FORMAT = "moekit-routing-trace"
 VERSION = 1
 _HEADER = "header.json"
+# deflate cannot expand data by more than about 1032:1; a member claiming more is not a deflate stream.
+_MAX_DEFLATE_RATIO = 1100
+_NPY_HEADER_MAX = 1 << 16  # bytes of a .npy member beyond its array data (the .npy header)
+_COLUMN_DTYPES = {"seq_tokens": ("<i8",), "seq_domain": ("<i4",), "row_experts": ("|u1", "<u2", "<u4"),
+                  "expert_ids": ("|u1", "<u2", "<u4"), "expert_weights": ("<f4",)}
+_PREFETCH_DTYPES = ("<i2", "<i4")
 
 
-class TraceFormatError(ValueError):
+class TraceFormatError(DataError):  # a DataError is a ValueError, as before
     """A trace file that cannot be read: not a trace, truncated, corrupted or another version."""
 
 
@@ -112,38 +122,52 @@ def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> Path:
                     for name, a in cols.items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as z:
-                z.writestr(_HEADER, json.dumps(header, indent=1))
-                for name, a in cols.items():
-                    z.writestr(f"{name}.npy", _npy_bytes(a))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    remove_debris(path.parent, path.name)  # the temporary file of a killed write
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as z:
+            z.writestr(_HEADER, json.dumps(header, indent=1))
+            for name, a in cols.items():
+                z.writestr(f"{name}.npy", _npy_bytes(a))
+
+    atomic_write_with(path, write)
     return path
 
 
+def check_memory(nbytes: float, what: str) -> None:
+    """Refuse (DataError) work whose arrays would need more than half of this machine's memory, before
+    anything is allocated; `what` says which file or header field asks for it."""
+    try:
+        limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > limit:
+        raise DataError(f"{what} needs about {_gib(nbytes)} of memory, more than half of this machine's "
+                        f"{_gib(2 * limit)}; the file is damaged or too large to analyse here")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
 def _open(path: Path) -> zipfile.ZipFile:
+    """The archive, after checking that no member claims more bytes than the file can hold."""
     if not path.is_file():
         raise FileNotFoundError(f"routing trace {path} does not exist")
     try:
-        return zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise TraceFormatError(f"{path}: not a readable zip archive, the file is truncated or not a routing "
                                f"trace ({e})") from e
+    size = path.stat().st_size
+    for info in z.infolist():
+        ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
+        if info.compress_size > size or info.file_size > ratio * info.compress_size + 1024:
+            z.close()
+            raise TraceFormatError(f"{path}: member {info.filename!r} claims {info.file_size} bytes from "
+                                   f"{info.compress_size} compressed bytes in a {size}-byte file; the archive "
+                                   "is damaged")
+    return z
 
 
 def _read_member(z: zipfile.ZipFile, name: str, path: Path) -> bytes:
@@ -168,7 +192,53 @@ def _check_header(header: object, path: Path) -> dict:
     missing = [k for k in required if k not in header]
     if missing:
         raise TraceFormatError(f"{path}: header lacks {missing}")
+    for key, least in (("num_experts", 1), ("num_layers", 1), ("num_sequences", 0), ("num_rows", 0),
+                       ("num_assignments", 0)):
+        v = header[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise TraceFormatError(f"{path}: header field {key} is {v!r}, expected an integer >= {least}")
+    if not isinstance(header["columns"], dict):
+        raise TraceFormatError(f"{path}: header field columns is not an object")
+    dists = header.get("prefetch_distances", [])
+    if not isinstance(dists, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                                              for d in dists):
+        raise TraceFormatError(f"{path}: header field prefetch_distances is {dists!r}, expected integers >= 1")
     return header
+
+
+def _check_sizes(z: zipfile.ZipFile, header: dict, path: Path) -> None:
+    """Every column the header declares: a known dtype, the shape the header's counts imply, and array
+    bytes its member can really hold (the member's size was checked against the file's in `_open`).
+    The expert-id dtype must be the smallest unsigned type holding E - 1 (docs/trace-format.md), which
+    ties num_experts to the file: uint8 ids mean E <= 256, uint16 E <= 65536."""
+    E, S, R, N = (header[k] for k in ("num_experts", "num_sequences", "num_rows", "num_assignments"))
+    length = {"seq_tokens": S, "seq_domain": S, "row_experts": R, "expert_ids": N, "expert_weights": N}
+    length |= {f"prefetch_{d}": N for d in header.get("prefetch_distances", [])}
+    members = {info.filename: info for info in z.infolist()}
+    for name, spec in header["columns"].items():
+        allowed = _PREFETCH_DTYPES if name.startswith("prefetch_") else _COLUMN_DTYPES.get(name)
+        if not isinstance(spec, dict) or name not in length or allowed is None:
+            raise TraceFormatError(f"{path}: header lists an unknown column {name!r}")
+        if spec.get("dtype") not in allowed:
+            raise TraceFormatError(f"{path}: column {name!r} has dtype {spec.get('dtype')!r} in the header, "
+                                   f"expected one of {list(allowed)}")
+        if spec.get("shape") != [length[name]]:
+            raise TraceFormatError(f"{path}: column {name!r} has shape {spec.get('shape')!r} in the header, "
+                                   f"expected [{length[name]}] from the header's counts")
+        info = members.get(f"{name}.npy")
+        if info is None:
+            raise TraceFormatError(f"{path}: member {name + '.npy'!r} is missing (the file is incomplete or not "
+                                   "a routing trace)")
+        nbytes = length[name] * np.dtype(spec["dtype"]).itemsize
+        if not nbytes <= info.file_size <= nbytes + _NPY_HEADER_MAX:
+            raise TraceFormatError(f"{path}: column {name!r} declares {length[name]} values ({nbytes} bytes) but its "
+                                   f"member holds {info.file_size} bytes; the header is damaged")
+    ids = header["columns"].get("expert_ids")
+    if ids is not None and np.dtype(ids["dtype"]) != _smallest_uint(E - 1):
+        raise TraceFormatError(f"{path}: the header says num_experts = {E}, but expert ids are stored as "
+                               f"{np.dtype(ids['dtype'])}, which a trace uses for E <= "
+                               f"{np.iinfo(np.dtype(ids['dtype'])).max + 1} only (and the smallest type that fits); "
+                               "the header is damaged")
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -186,6 +256,7 @@ def read_header(path: str | os.PathLike) -> dict:
 def _read_columns(path: Path, header: dict) -> dict[str, np.ndarray]:
     cols = {}
     with _open(path) as z:
+        _check_sizes(z, header, path)
         for name, spec in header["columns"].items():
             raw = _read_member(z, f"{name}.npy", path)
             try:
@@ -225,6 +296,8 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
         raise bad(f"row_experts sums to {int(counts_R.sum())} but expert_ids has {ids_N.size} entries")
     if ids_N.size and ids_N.max() >= E:
         raise bad(f"expert id {int(ids_N.max())} >= num_experts {E}")
+    if counts_R.size and counts_R.max() > E:
+        raise bad(f"a row lists {int(counts_R.max())} experts, more than num_experts {E}")
     domains = header.get("domains")
     dom_idx = cols["seq_domain"]
     labels = None
@@ -235,6 +308,8 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
 
     # Ragged -> padded: slot of each assignment = its index minus its row's first index.
     K = int(counts_R.max()) if counts_R.size else 0
+    padded_arrays = 2 + ("expert_weights" in cols) + len(header.get("prefetch_distances", []))
+    check_memory(padded_arrays * 8 * counts_R.size * K, f"{path}: loading {counts_R.size} rows x {K} slots")
     start_R = np.cumsum(counts_R) - counts_R
     row_N = np.repeat(np.arange(counts_R.size), counts_R)
     slot_N = np.arange(ids_N.size) - start_R[row_N]

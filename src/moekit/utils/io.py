@@ -148,20 +148,23 @@ def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike, kind: str, wh
         shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_debris(directory: str | os.PathLike) -> list[Path]:
+def remove_debris(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Delete temporary files and directories (`.NAME.tmp-PID`, `.NAME.old-PID`) left in `directory` by
-    killed writers whose process is gone. Returns what was removed."""
+    killed writers whose process is gone; with `name`, only those of that one NAME (for a directory
+    that is not moekit's, e.g. the parent of an expert store). Returns what was removed."""
     directory = Path(directory)
     removed = []
     if not directory.is_dir():
         return removed
+    prefix = "." if name is None else f".{name}."
     for p in directory.iterdir():
-        name = p.name
-        if not name.startswith("."):
+        if not p.name.startswith(prefix):
             continue
         for tag in (TMP_TAG, ".old-"):
-            if tag in name:
-                pid = name.rsplit(tag, 1)[1]
+            if tag in p.name:
+                stem, pid = p.name.rsplit(tag, 1)
+                if name is not None and stem != f".{name}":
+                    break
                 if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                     removed.append(p)
