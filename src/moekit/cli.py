@@ -228,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
+        if argv is None:  # the `moekit` command itself, not a caller's main([...])
+            # NOTE: every finally block has run (temporary files removed, worker processes terminated);
+            # skip the interpreter's teardown, which takes seconds with torch loaded, so Ctrl-C ends now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130  # as a shell reports a process ended by SIGINT; nothing to add to the user's Ctrl-C
     except SystemExit as e:
         if isinstance(e.code, str) and not debug:  # raise SystemExit("message"): a usage error

@@ -60,6 +60,7 @@ from moekit.utils.io import (
     remove_debris,
     replace_dir,
     tmp_path,
+    writing,
 )
 
 __all__ = ["AnalysisConfig", "analyze", "check_report_dir", "compute_metrics", "render_html", "static_hits"]
@@ -681,16 +682,17 @@ def analyze(trace_or_path: RoutingTrace | str | os.PathLike, out_dir: str | os.P
     tmp = tmp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    try:
-        if source is None:
-            save_trace(trace, tmp / TRACE_FILE)
-        else:
-            shutil.copyfile(source, tmp / TRACE_FILE)
-            fsync_file(tmp / TRACE_FILE)
-        atomic_write_text(tmp / "metrics.json", json.dumps(m, indent=1))
-        atomic_write_text(tmp / "report.html", page)
-        replace_dir(tmp, out, KIND, "moekit analyze")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(out):  # a full disk names the target
+        try:
+            if source is None:
+                save_trace(trace, tmp / TRACE_FILE)
+            else:
+                shutil.copyfile(source, tmp / TRACE_FILE)
+                fsync_file(tmp / TRACE_FILE)
+            atomic_write_text(tmp / "metrics.json", json.dumps(m, indent=1))
+            atomic_write_text(tmp / "report.html", page)
+            replace_dir(tmp, out, KIND, "moekit analyze")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return m

@@ -37,7 +37,7 @@ import numpy as np
 
 from moekit.analysis.metrics import RoutingTrace
 from moekit.errors import DataError
-from moekit.utils.io import atomic_write_with, remove_debris
+from moekit.utils.io import atomic_write_with, remove_debris, writing
 
 __all__ = ["FORMAT", "VERSION", "TraceFormatError", "check_memory", "load_trace", "read_header", "save_trace"]
 
@@ -130,7 +130,8 @@ def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> Path:
             for name, a in cols.items():
                 z.writestr(f"{name}.npy", _npy_bytes(a))
 
-    atomic_write_with(path, write)
+    with writing(path):  # a full disk names the file
+        atomic_write_with(path, write)
     return path
 
 

@@ -58,6 +58,7 @@ from moekit.utils.io import (
     remove_debris,
     replace_dir,
     tmp_path,
+    writing,
 )
 
 __all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "check_store_target", "load_dense_lm",
@@ -187,43 +188,44 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
     remove_debris(out_dir.parent, out_dir.name)  # temporary directories of killed writes
     tmp = tmp_path(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        entries = [_write_layer_file(tmp / f"layer-{i:03d}.safetensors", bank, i) for i, bank in enumerate(banks)]
-        first = entries[0]
-        for i, ent in enumerate(entries):
-            if ent["_shapes"] != first["_shapes"] or ent["_dtype"] != first["_dtype"]:
-                raise ValueError(f"write_store: MoE layer {i} has expert shapes {ent['_shapes']} {ent['_dtype']}, "
-                                 f"layer 0 has {first['_shapes']} {first['_dtype']}; the store needs one expert size")
-        names = _tensor_names(banks[0].activation)
-        tensors, offset = [], 0
-        for name, shape, size in zip(names, first["_shapes"], first["_sizes"], strict=True):
-            tensors.append({"name": name, "shape": list(shape), "offset": offset, "nbytes": size})
-            offset += size
-        dense = None
-        if isinstance(model, MoELM):
-            dense_tensors, aliases = _dense_state(model, banks)
-            save_file(dense_tensors, str(tmp / DENSE))
-            with open(tmp / DENSE, "rb") as f:
-                os.fsync(f.fileno())
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-            dense = {"file": DENSE, "sha256": digest, "aliases": aliases, "model_config": model.cfg.to_dict()}
-        manifest = {
-            "format": FORMAT, "version": VERSION,
-            "num_layers": len(banks), "num_experts": banks[0].num_experts, "d_model": banks[0].d_model,
-            "d_expert": banks[0].d_expert, "activation": banks[0].activation,
-            "dtype": str(first["_dtype"]).removeprefix("torch."), "expert_nbytes": offset,
-            "tensors": tensors,
-            "layers": [{k: v for k, v in ent.items() if not k.startswith("_")} | {"name": name}
-                       for ent, name in zip(entries, _layer_names(model, layers), strict=True)],
-            "dense": dense,
-            "source": source or {},
-        }
-        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        replace_dir(tmp, out_dir, KIND, "write_store")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(out_dir):  # a full disk names the target
+        tmp.mkdir()
+        try:
+            entries = [_write_layer_file(tmp / f"layer-{i:03d}.safetensors", bank, i) for i, bank in enumerate(banks)]
+            first = entries[0]
+            for i, ent in enumerate(entries):
+                if ent["_shapes"] != first["_shapes"] or ent["_dtype"] != first["_dtype"]:
+                    raise ValueError(f"write_store: MoE layer {i} has expert shapes {ent['_shapes']} {ent['_dtype']}, "
+                                     f"layer 0 has {first['_shapes']} {first['_dtype']}; the store needs one expert size")
+            names = _tensor_names(banks[0].activation)
+            tensors, offset = [], 0
+            for name, shape, size in zip(names, first["_shapes"], first["_sizes"], strict=True):
+                tensors.append({"name": name, "shape": list(shape), "offset": offset, "nbytes": size})
+                offset += size
+            dense = None
+            if isinstance(model, MoELM):
+                dense_tensors, aliases = _dense_state(model, banks)
+                save_file(dense_tensors, str(tmp / DENSE))
+                with open(tmp / DENSE, "rb") as f:
+                    os.fsync(f.fileno())
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                dense = {"file": DENSE, "sha256": digest, "aliases": aliases, "model_config": model.cfg.to_dict()}
+            manifest = {
+                "format": FORMAT, "version": VERSION,
+                "num_layers": len(banks), "num_experts": banks[0].num_experts, "d_model": banks[0].d_model,
+                "d_expert": banks[0].d_expert, "activation": banks[0].activation,
+                "dtype": str(first["_dtype"]).removeprefix("torch."), "expert_nbytes": offset,
+                "tensors": tensors,
+                "layers": [{k: v for k, v in ent.items() if not k.startswith("_")} | {"name": name}
+                           for ent, name in zip(entries, _layer_names(model, layers), strict=True)],
+                "dense": dense,
+                "source": source or {},
+            }
+            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            replace_dir(tmp, out_dir, KIND, "write_store")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out_dir
 
 

@@ -13,11 +13,13 @@ with `NotOwnedError`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from moekit.errors import NotOwnedError
@@ -83,6 +85,25 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Name `path` in the OSError of a failed write: a full disk inside `f.write` says only "No space
+    left on device", and libraries written in Rust (safetensors) report it as their own error type with
+    "(os error 28)" in the text; both become OSError(errno, strerror, path)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except Exception as e:
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def sha256_file(path: str | os.PathLike) -> str:
