@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+import moekit
+
+SRC = str(Path(moekit.__file__).resolve().parents[1])  # the moekit under test, for child processes
 
 TINY_FLAGS = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2", "--moe.d_expert", "32",
               "--moe.num_experts", "4", "--train.steps", "2", "--train.micro_batch", "2", "--train.seq_len", "16",
@@ -94,7 +96,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def moekit_subprocess(args: list[str], **kw) -> subprocess.Popen:
-    """`python -m moekit.cli ARGS` with this checkout's sources first on the path."""
+    """`python -m moekit.cli ARGS` running the moekit this test process imported."""
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("MOEKIT_DEBUG", None)
     return subprocess.Popen([sys.executable, "-m", "moekit.cli", *args], env=env, text=True, **kw)
