@@ -160,3 +160,21 @@ def test_failed_store_write_leaves_nothing_and_keeps_the_old_store(tmp_path, mon
     with pytest.raises(OSError, match=f"No space left on device: '{path}'"):
         write_store(tiny_lm(seed=1), path)
     assert snapshot(tmp_path) == before
+
+
+def test_temporary_stores_of_killed_generations_are_removed(tmp_path, monkeypatch):
+    """Generation without a store directory writes a temporary store (as big as the experts); one left
+    by a killed process is removed by the next such generation, and each removes its own."""
+    import os
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    root = tmp_path / f"moekit-offload-{os.getuid()}"
+    killed = root / f".store-abcd.tmp-{dead_pid()}"
+    (killed / "store").mkdir(parents=True)
+    (killed / "store" / "layer-000.safetensors").write_bytes(b"x" * 1000)
+    running = root / ".store-efgh.tmp-1"  # pid 1 is alive: another process's store in use
+    running.mkdir()
+    r = offloaded_generate(tiny_lm(), [[1, 2, 3]], 2, "50%")
+    assert r.metrics["store"] == "(temporary)"
+    assert sorted(p.name for p in root.iterdir()) == [running.name]

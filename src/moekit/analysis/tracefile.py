@@ -37,7 +37,7 @@ import numpy as np
 
 from moekit.analysis.metrics import RoutingTrace
 from moekit.errors import DataError
-from moekit.utils.io import atomic_write_with, remove_debris, writing
+from moekit.utils.io import atomic_write_with, remove_debris
 
 __all__ = ["FORMAT", "VERSION", "TraceFormatError", "check_memory", "load_trace", "read_header", "save_trace"]
 
@@ -130,8 +130,7 @@ def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> Path:
             for name, a in cols.items():
                 z.writestr(f"{name}.npy", _npy_bytes(a))
 
-    with writing(path):  # a full disk names the file
-        atomic_write_with(path, write)
+    atomic_write_with(path, write)  # a full disk raises an OSError naming `path`
     return path
 
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -78,7 +77,13 @@ def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT: torch.T
     expert weights are freed (the CLI owns the model)."""
     from moekit.offload.generate import format_metrics, offloaded_generate, store_matches_model
     from moekit.offload.runtime import expert_shape, plan_offload
-    from moekit.offload.store import MANIFEST, ExpertStore, check_store_target, write_store
+    from moekit.offload.store import (
+        MANIFEST,
+        ExpertStore,
+        check_store_target,
+        temporary_store_dir,
+        write_store,
+    )
 
     if prompt_BT is None:
         prompt_BT = _prompt(args, tokenizer)
@@ -94,7 +99,7 @@ def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT: torch.T
     temp = None
     try:
         if store_dir is None:
-            temp = tempfile.mkdtemp(prefix="moekit-experts-")
+            temp = temporary_store_dir()
             store_dir = str(Path(temp) / "store")
         if not current:
             check_store_target(store_dir)

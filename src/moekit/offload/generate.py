@@ -22,7 +22,6 @@ import contextlib
 import os
 import resource
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,14 @@ from moekit.models.generate import decode
 from moekit.offload.cache import format_bytes
 from moekit.offload.runtime import OffloadRuntime, expert_shape, offload, plan_offload
 from moekit.offload.simulate import simulate_run
-from moekit.offload.store import MANIFEST, ExpertStore, check_store_target, load_dense_lm, write_store
+from moekit.offload.store import (
+    MANIFEST,
+    ExpertStore,
+    check_store_target,
+    load_dense_lm,
+    temporary_store_dir,
+    write_store,
+)
 
 __all__ = ["OffloadResult", "decode_loop", "offloaded_generate", "open_model_and_store", "store_matches_model"]
 
@@ -165,7 +171,7 @@ def open_model_and_store(model_or_run: nn.Module | str | os.PathLike, store_dir:
         temp = store_dir is None
         if not temp:
             check_store_target(store_dir)
-        path = Path(tempfile.mkdtemp(prefix="moekit-experts-")) / "store" if temp else Path(store_dir)
+        path = temporary_store_dir() / "store" if temp else Path(store_dir)
         try:
             write_store(model, path, source={"kind": type(model).__name__})
         except BaseException:

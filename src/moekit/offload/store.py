@@ -38,6 +38,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ from moekit.layers.moe import MoELayer
 from moekit.layers.overrides import moe_layers
 from moekit.utils.io import (
     MARKER,
+    TMP_TAG,
     atomic_write_text,
     check_writable_dir,
     marker_kind,
@@ -62,7 +64,7 @@ from moekit.utils.io import (
 )
 
 __all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "check_store_target", "load_dense_lm",
-           "write_store"]
+           "temporary_store_dir", "write_store"]
 
 FORMAT = "moekit-expert-store"
 VERSION = 1
@@ -239,6 +241,16 @@ def check_store_target(out_dir: str | os.PathLike) -> None:
                             f"{MARKER} ownership marker, so moekit will not replace it (it can still be read); "
                             f"delete it yourself (rm -r {out_dir}) or choose another directory")
     check_writable_dir(out_dir, KIND, "write_store")
+
+
+def temporary_store_dir() -> Path:
+    """A fresh directory for a temporary store (generation of a transformers model without
+    --expert-store): TMPDIR/moekit-offload-UID/.store-XXXX.tmp-PID. Those of killed processes (as big
+    as the model's experts) are removed first; the caller removes its own when done."""
+    root = Path(tempfile.gettempdir()) / f"moekit-offload-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    remove_debris(root)
+    return Path(tempfile.mkdtemp(prefix=".store-", suffix=f"{TMP_TAG}{os.getpid()}", dir=root))
 
 
 def _manifest_format(path: Path) -> str | None:

@@ -54,11 +54,12 @@ def tmp_path(path: str | os.PathLike) -> Path:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write the whole file or nothing (temporary file, fsync, rename, directory fsync)."""
+    """Write the whole file or nothing (temporary file, fsync, rename, directory fsync); a failed write
+    (a full disk) raises an OSError naming `path` (see `writing`)."""
     path = Path(path)
     tmp = tmp_path(path)
     try:
-        with open(tmp, "wb") as f:
+        with writing(path), open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -78,8 +79,9 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
     path = Path(path)
     tmp = tmp_path(path)
     try:
-        write(tmp)
-        fsync_file(tmp)
+        with writing(path):
+            write(tmp)
+            fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
