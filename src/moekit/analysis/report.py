@@ -682,7 +682,7 @@ def analyze(trace_or_path: RoutingTrace | str | os.PathLike, out_dir: str | os.P
     tmp = tmp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    with writing(out):  # a full disk names the target
+    with writing(out, tmp):  # a full disk names the target
         try:
             if source is None:
                 save_trace(trace, tmp / TRACE_FILE)

@@ -150,7 +150,7 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> P
     remove_debris(out_dir.parent, out_dir.name)
     tmp = tmp_path(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
-    with writing(out_dir):  # a full disk names the target
+    with writing(out_dir, tmp):  # a full disk names the target
         try:
             hf.save_pretrained(tmp)
             loaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True).float().eval()

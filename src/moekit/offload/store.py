@@ -190,7 +190,7 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
     remove_debris(out_dir.parent, out_dir.name)  # temporary directories of killed writes
     tmp = tmp_path(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
-    with writing(out_dir):  # a full disk names the target
+    with writing(out_dir, tmp):  # a full disk names the target
         tmp.mkdir()
         try:
             entries = [_write_layer_file(tmp / f"layer-{i:03d}.safetensors", bank, i) for i, bank in enumerate(banks)]

@@ -90,14 +90,17 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
 
 
 @contextlib.contextmanager
-def writing(path: str | os.PathLike) -> Iterator[None]:
+def writing(path: str | os.PathLike, tmp: str | os.PathLike | None = None) -> Iterator[None]:
     """Name `path` in the OSError of a failed write: a full disk inside `f.write` says only "No space
     left on device", and libraries written in Rust (safetensors) report it as their own error type with
-    "(os error 28)" in the text; both become OSError(errno, strerror, path)."""
+    "(os error 28)" in the text; both become OSError(errno, strerror, path). `tmp`: the temporary
+    directory being built for `path`; an error naming a file inside it names `path` instead (the
+    temporary is gone when the user reads the message)."""
     try:
         yield
     except OSError as e:
-        if e.filename is None and e.errno is not None:
+        inside = tmp is not None and e.filename is not None and str(e.filename).startswith(str(tmp))
+        if e.errno is not None and (e.filename is None or inside):
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     except Exception as e:
