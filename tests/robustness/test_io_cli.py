@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,18 +13,7 @@ import pytest
 from moekit.analysis import RoutingTrace, save_trace
 from moekit.cli import main
 
-from .io_support import random_trace, rewrite_trace, snapshot, train_tiny
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("io-cli") / "run")
-
-
-@pytest.fixture
-def run(trained, tmp_path):
-    """A fresh copy of the run per test: what one test writes into it cannot hide another's writes."""
-    return Path(shutil.copytree(trained, tmp_path / "run"))
+from .io_support import random_trace, rewrite_trace, snapshot
 
 
 def one_line(capsys, command: str) -> str:
@@ -48,46 +35,46 @@ GEN = ["--prompt", "ab", "--max-new-tokens", "2"]
     ("1%", 2, r"holds 0 expert\(s\) of each layer's cache .* one token needs 2 experts"),
     ("nan%", 2, r"not a finite percentage"),
 ])
-def test_bad_expert_budget_is_one_line_and_writes_nothing(run, capsys, budget, code, message):
-    before = snapshot(run)
-    assert main(["generate", str(run), *GEN, "--expert-budget", budget]) == code
+def test_bad_expert_budget_is_one_line_and_writes_nothing(io_run, capsys, budget, code, message):
+    before = snapshot(io_run)
+    assert main(["generate", str(io_run), *GEN, "--expert-budget", budget]) == code
     assert re.search(message, one_line(capsys, "generate"))
-    assert snapshot(run) == before  # no expert store was written before the budget was checked
+    assert snapshot(io_run) == before  # no expert store was written before the budget was checked
 
 
-def test_static_policy_without_hot_set_is_refused_before_writing(run, capsys):
-    before = snapshot(run)
-    assert main(["generate", str(run), *GEN, "--expert-budget", "50%", "--policy", "static"]) == 2
+def test_static_policy_without_hot_set_is_refused_before_writing(io_run, capsys):
+    before = snapshot(io_run)
+    assert main(["generate", str(io_run), *GEN, "--expert-budget", "50%", "--policy", "static"]) == 2
     assert "needs a hot set" in one_line(capsys, "generate")
-    assert main(["generate", str(run), *GEN, "--expert-budget", "50%", "--policy", "static",
-                 "--hot-trace", str(run / "missing.npz")]) == 2
+    assert main(["generate", str(io_run), *GEN, "--expert-budget", "50%", "--policy", "static",
+                 "--hot-trace", str(io_run / "missing.npz")]) == 2
     assert "missing.npz does not exist" in one_line(capsys, "generate")
-    assert snapshot(run) == before
+    assert snapshot(io_run) == before
 
 
 @pytest.fixture
-def store(run, tmp_path, capsys):
+def store(io_run, tmp_path, capsys):
     out = tmp_path / "store"
-    assert main(["offload", str(run), str(out)]) == 0
+    assert main(["offload", str(io_run), str(out)]) == 0
     capsys.readouterr()
     return out
 
 
 @pytest.mark.parametrize("key", ["num_experts", "expert_nbytes", "layers", "tensors", "dtype"])
-def test_store_manifest_missing_a_key_is_named(run, store, capsys, key):
+def test_store_manifest_missing_a_key_is_named(io_run, store, capsys, key):
     manifest = store / "manifest.json"
     m = json.loads(manifest.read_text())
     del m[key]
     manifest.write_text(json.dumps(m))
-    assert main(["generate", str(run), *GEN, "--expert-budget", "50%", "--expert-store", str(store)]) == 1
+    assert main(["generate", str(io_run), *GEN, "--expert-budget", "50%", "--expert-store", str(store)]) == 1
     msg = one_line(capsys, "generate")
     assert str(manifest) in msg and f"key '{key}' is missing" in msg
 
 
-def test_truncated_store_manifest_names_the_file(run, store, capsys):
+def test_truncated_store_manifest_names_the_file(io_run, store, capsys):
     manifest = store / "manifest.json"
     manifest.write_bytes(manifest.read_bytes()[:200])
-    assert main(["generate", str(run), *GEN, "--expert-budget", "50%", "--expert-store", str(store)]) == 1
+    assert main(["generate", str(io_run), *GEN, "--expert-budget", "50%", "--expert-store", str(store)]) == 1
     msg = one_line(capsys, "generate")
     assert f"{manifest} is not valid JSON" in msg and "damaged" in msg
 
@@ -127,31 +114,31 @@ def test_one_token_trace_still_renders_a_report(tmp_path, capsys):
     assert m["trace"]["num_tokens"] == 1 and (out / "trace.npz").is_file()
 
 
-def test_samples_per_domain_zero_is_a_usage_error(run, tmp_path, capsys):
+def test_samples_per_domain_zero_is_a_usage_error(io_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["analyze", str(run), "--out", str(tmp_path / "rep"), "--samples-per-domain", "0"])
+        main(["analyze", str(io_run), "--out", str(tmp_path / "rep"), "--samples-per-domain", "0"])
     assert e.value.code == 2
     assert "argument --samples-per-domain: expected an integer >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "rep").exists()
 
 
-def test_non_utf8_prompt_is_refused_clearly(run, capsys):
+def test_non_utf8_prompt_is_refused_clearly(io_run, capsys):
     prompt = b"abc\xff\xfe".decode("utf-8", "surrogateescape")  # what Python makes of such an argv entry
     with pytest.raises(SystemExit) as e:
-        main(["generate", str(run), "--prompt", prompt, "--max-new-tokens", "2"])
+        main(["generate", str(io_run), "--prompt", prompt, "--max-new-tokens", "2"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "argument --prompt: the prompt is not valid UTF-8 text (byte 0xff at character 3)" in err
 
 
-def test_offload_into_a_folder_that_is_not_a_store_is_refused(run, tmp_path, capsys):
+def test_offload_into_a_folder_that_is_not_a_store_is_refused(io_run, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "manifest.json").write_text('{"my": "data"}')
     (mine / "notes.txt").write_text("keep me")
     before = snapshot(mine)
-    assert main(["offload", str(run), str(mine)]) == 2
+    assert main(["offload", str(io_run), str(mine)]) == 2
     assert "holds files moekit did not write; refusing to overwrite it" in one_line(capsys, "offload")
     assert snapshot(mine) == before
 
@@ -162,12 +149,12 @@ def test_missing_run_directory(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_moekit_debug_shows_the_traceback(run, capsys, monkeypatch):
+def test_moekit_debug_shows_the_traceback(io_run, capsys, monkeypatch):
     monkeypatch.setenv("MOEKIT_DEBUG", "1")
     from moekit.errors import UsageError
 
     with pytest.raises(UsageError, match="not a finite size"):
-        main(["generate", str(run), *GEN, "--expert-budget", "1e999"])
+        main(["generate", str(io_run), *GEN, "--expert-budget", "1e999"])
 
 
 def test_ctrl_c_exits_130_quietly(tmp_path, capsys, monkeypatch):

@@ -18,12 +18,7 @@ import pytest
 from moekit.analysis import load_trace, save_trace
 from moekit.cli import main
 
-from .io_support import moekit_subprocess, random_trace, snapshot, train_tiny
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("io-disk") / "run", router="topk")
+from .io_support import moekit_subprocess, random_trace, snapshot
 
 
 @pytest.fixture
@@ -62,12 +57,12 @@ def one_failure_line(capsys, command: str, target: Path) -> str:
     return err
 
 
-def test_store_write_on_a_full_disk(run, tmp_path, capsys, enospc_on):
+def test_store_write_on_a_full_disk(io_run, tmp_path, capsys, enospc_on):
     out = tmp_path / "store"
     enospc_on("layer-001.safetensors")
-    assert main(["offload", str(run), str(out)]) == 1
+    assert main(["offload", str(io_run), str(out)]) == 1
     one_failure_line(capsys, "offload", out)
-    assert list(tmp_path.iterdir()) == []  # no store, no temporary directory
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no store, no temporary directory
 
 
 def test_trace_write_on_a_full_disk_keeps_the_old_file(tmp_path, enospc_on):
@@ -97,7 +92,7 @@ def test_analyze_writes_its_set_or_nothing(tmp_path, capsys, enospc_on, monkeypa
     assert snapshot(tmp_path) == before  # the earlier set is whole: no new metrics.json beside an old page
 
 
-def test_export_on_a_full_disk(run, tmp_path, capsys, monkeypatch):
+def test_export_on_a_full_disk(io_run, tmp_path, capsys, monkeypatch):
     """transformers writes through safetensors (Rust), whose error is not an OSError."""
     import transformers.modeling_utils as mu
 
@@ -106,9 +101,9 @@ def test_export_on_a_full_disk(run, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(mu, "safe_save_file", full)
     out = tmp_path / "hf"
-    assert main(["export", str(run), "--to", "hf", str(out)]) == 1
+    assert main(["export", str(io_run), "--to", "hf", str(out)]) == 1
     one_failure_line(capsys, "export", out)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no export, no temporary directory
 
 
 # ----------------------------------------------------------------------------- a real full disk
@@ -146,18 +141,18 @@ def small_disk(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["offload", "analyze", "export"])
-def test_a_real_full_disk(run, tmp_path, small_disk, command):
+def test_a_real_full_disk(io_run, tmp_path, small_disk, command):
     disk, limit = small_disk
     (disk / "keep.txt").write_text("the user's file")
     before = snapshot(disk)
     out = disk / "out"
     if command == "offload":
-        args = ["offload", str(run), str(out)]
+        args = ["offload", str(io_run), str(out)]
     elif command == "analyze":
         args = ["analyze", str(save_trace(random_trace(T=200), tmp_path / "t.npz")), "--out", str(out),
                 "--workers", "1", "--boot", "5", "--no-progress"]
     else:
-        args = ["export", str(run), "--to", "hf", str(out)]
+        args = ["export", str(io_run), "--to", "hf", str(out)]
     p = moekit_subprocess(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limit)
     _, err = p.communicate(timeout=300)
     lines = without_progress_bars(err).splitlines()

@@ -40,7 +40,7 @@ class CountingBar:
         pass
 
 
-def test_sigint_terminates_the_workers_and_cancels_queued_tasks(monkeypatch, watchdog_60s):
+def test_sigint_terminates_the_workers_and_cancels_queued_tasks(monkeypatch):
     import tqdm.auto
 
     import moekit.analysis.report as report
@@ -68,18 +68,6 @@ def test_sigint_terminates_the_workers_and_cancels_queued_tasks(monkeypatch, wat
     assert multiprocessing.active_children() == []  # terminated and joined: no task runs on
     time.sleep(0.2)  # a result arriving late would still be counted
     assert CountingBar.finished < 10, f"{CountingBar.finished} of 27 tasks finished: the queue was not cancelled"
-
-
-@pytest.fixture
-def watchdog_60s():
-    def timeout(*_):
-        raise TimeoutError("watchdog: the interrupted analysis did not stop within 60 s")
-
-    old = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 def test_ctrl_c_in_moekit_analyze_exits_130_within_seconds(tmp_path):

@@ -5,7 +5,6 @@ the command line, in Python and in docs/offload.md, and is checked before anythi
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,24 +15,14 @@ from moekit.errors import UsageError
 from moekit.offload import ExpertStore, offloaded_generate, parse_budget
 from moekit.utils.io import marker_kind
 
-from .io_support import snapshot, train_tiny
+from .io_support import snapshot
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "offload.md"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("io-offload") / "run")
-
-
-@pytest.fixture
-def run(trained, tmp_path):
-    return Path(shutil.copytree(trained, tmp_path / "run"))
-
-
-def test_offload_command_writes_a_store_that_generate_reuses(run, tmp_path, capsys):
+def test_offload_command_writes_a_store_that_generate_reuses(io_run, tmp_path, capsys):
     out = tmp_path / "store"
-    assert main(["offload", str(run), str(out)]) == 0
+    assert main(["offload", str(io_run), str(out)]) == 0
     said = capsys.readouterr().out
     assert f"wrote {out}: 2 MoE layers x 4 experts" in said and f"--expert-store {out}" in said
     assert marker_kind(out) == "store"
@@ -41,7 +30,7 @@ def test_offload_command_writes_a_store_that_generate_reuses(run, tmp_path, caps
         st.verify_all()  # every expert against its sha256
         assert st.manifest["source"]["kind"] == "moekit-run"
     stamp = (out / "manifest.json").stat().st_mtime_ns
-    gen = ["generate", str(run), "--prompt", "def f(", "--max-new-tokens", "6"]
+    gen = ["generate", str(io_run), "--prompt", "def f(", "--max-new-tokens", "6"]
     assert main(gen) == 0
     resident = capsys.readouterr().out
     assert main([*gen, "--expert-budget", "50%", "--expert-store", str(out)]) == 0
@@ -52,11 +41,11 @@ def test_offload_command_writes_a_store_that_generate_reuses(run, tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "store"]  # nothing temporary left
 
 
-def test_offload_command_rewrites_its_own_store(run, tmp_path, capsys):
+def test_offload_command_rewrites_its_own_store(io_run, tmp_path, capsys):
     out = tmp_path / "store"
-    assert main(["offload", str(run), str(out)]) == 0
+    assert main(["offload", str(io_run), str(out)]) == 0
     (out / "layer-000.safetensors").write_bytes(b"damaged")
-    assert main(["offload", str(run), str(out)]) == 0
+    assert main(["offload", str(io_run), str(out)]) == 0
     with ExpertStore(out) as st:
         st.verify_all()
 
@@ -81,15 +70,15 @@ def test_offload_command_for_a_transformers_checkpoint(tmp_path, capsys):
     assert "writing the expert store" not in capsys.readouterr().err
 
 
-def test_python_api_checks_the_budget_before_writing_a_store(run):
-    before = snapshot(run)
+def test_python_api_checks_the_budget_before_writing_a_store(io_run):
+    before = snapshot(io_run)
     with pytest.raises(UsageError, match="less than one byte; for a fraction of the experts write '25%'"):
-        offloaded_generate(run, [[1, 2, 3]], 2, budget=0.25)
+        offloaded_generate(io_run, [[1, 2, 3]], 2, budget=0.25)
     with pytest.raises(UsageError, match="less than one byte"):
-        offloaded_generate(run, [[1, 2, 3]], 2, budget="0.25")
+        offloaded_generate(io_run, [[1, 2, 3]], 2, budget="0.25")
     with pytest.raises(UsageError, match="one token needs"):
-        offloaded_generate(run, [[1, 2, 3]], 2, budget=100)
-    assert snapshot(run) == before  # RUN/expert-store was never written
+        offloaded_generate(io_run, [[1, 2, 3]], 2, budget=100)
+    assert snapshot(io_run) == before  # RUN/expert-store was never written
 
 
 def documented_budgets() -> list[tuple[str, str]]:
