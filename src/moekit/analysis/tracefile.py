@@ -47,9 +47,6 @@ _HEADER = "header.json"
 # deflate cannot expand data by more than about 1032:1; a member claiming more is not a deflate stream.
 _MAX_DEFLATE_RATIO = 1100
 _NPY_HEADER_MAX = 1 << 16  # bytes of a .npy member beyond its array data (the .npy header)
-_COLUMN_DTYPES = {"seq_tokens": ("<i8",), "seq_domain": ("<i4",), "row_experts": ("|u1", "<u2", "<u4"),
-                  "expert_ids": ("|u1", "<u2", "<u4"), "expert_weights": ("<f4",)}
-_PREFETCH_DTYPES = ("<i2", "<i4")
 
 
 class TraceFormatError(DataError):  # a DataError is a ValueError, as before
@@ -207,31 +204,38 @@ def _check_header(header: object, path: Path) -> dict:
 
 
 def _check_sizes(z: zipfile.ZipFile, header: dict, path: Path) -> None:
-    """Every column the header declares: a known dtype, the shape the header's counts imply, and array
-    bytes its member can really hold (the member's size was checked against the file's in `_open`).
-    The expert-id dtype must be the smallest unsigned type holding E - 1 (docs/trace-format.md), which
-    ties num_experts to the file: uint8 ids mean E <= 256, uint16 E <= 65536."""
+    """Every column the header declares, before it is read: a plain numeric dtype, a 1-D shape, the
+    length the header's counts imply where the format fixes one ((S,), (R,) or (N,); other and
+    unknown optional columns are bounded by their member alone), and array bytes its member really
+    holds (whose size `_open` checked against the file's). The expert-id dtype must be the smallest
+    unsigned type holding E - 1 (docs/trace-format.md), which ties num_experts to the file: uint8 ids
+    mean E <= 256, uint16 E <= 65536."""
     E, S, R, N = (header[k] for k in ("num_experts", "num_sequences", "num_rows", "num_assignments"))
     length = {"seq_tokens": S, "seq_domain": S, "row_experts": R, "expert_ids": N, "expert_weights": N}
-    length |= {f"prefetch_{d}": N for d in header.get("prefetch_distances", [])}
     members = {info.filename: info for info in z.infolist()}
     for name, spec in header["columns"].items():
-        allowed = _PREFETCH_DTYPES if name.startswith("prefetch_") else _COLUMN_DTYPES.get(name)
-        if not isinstance(spec, dict) or name not in length or allowed is None:
-            raise TraceFormatError(f"{path}: header lists an unknown column {name!r}")
-        if spec.get("dtype") not in allowed:
+        if not isinstance(spec, dict):
+            raise TraceFormatError(f"{path}: header entry of column {name!r} is not an object")
+        try:
+            dtype = np.dtype(spec.get("dtype"))
+        except TypeError:
+            dtype = None
+        if dtype is None or dtype.kind not in "iuf" or dtype.itemsize > 8:
             raise TraceFormatError(f"{path}: column {name!r} has dtype {spec.get('dtype')!r} in the header, "
-                                   f"expected one of {list(allowed)}")
-        if spec.get("shape") != [length[name]]:
-            raise TraceFormatError(f"{path}: column {name!r} has shape {spec.get('shape')!r} in the header, "
-                                   f"expected [{length[name]}] from the header's counts")
+                                   "expected a numpy integer or float type")
+        shape = spec.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
+            raise TraceFormatError(f"{path}: column {name!r} has shape {shape!r} in the header, expected [length]")
+        if name in length and shape[0] != length[name]:
+            raise TraceFormatError(f"{path}: column {name!r} has shape {shape!r} in the header, expected "
+                                   f"[{length[name]}] from the header's counts")
         info = members.get(f"{name}.npy")
         if info is None:
             raise TraceFormatError(f"{path}: member {name + '.npy'!r} is missing (the file is incomplete or not "
                                    "a routing trace)")
-        nbytes = length[name] * np.dtype(spec["dtype"]).itemsize
+        nbytes = shape[0] * dtype.itemsize
         if not nbytes <= info.file_size <= nbytes + _NPY_HEADER_MAX:
-            raise TraceFormatError(f"{path}: column {name!r} declares {length[name]} values ({nbytes} bytes) but its "
+            raise TraceFormatError(f"{path}: column {name!r} declares {shape[0]} values ({nbytes} bytes) but its "
                                    f"member holds {info.file_size} bytes; the header is damaged")
     ids = header["columns"].get("expert_ids")
     if ids is not None and np.dtype(ids["dtype"]) != _smallest_uint(E - 1):
@@ -333,6 +337,8 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
         name = f"prefetch_{d}"
         if name not in cols:
             raise TraceFormatError(f"{path}: column {name!r} is missing")
+        if cols[name].size != ids_N.size:
+            raise bad(f"{name} has {cols[name].size} entries, expert_ids {ids_N.size}")
         prefetch[int(d)] = padded(cols[name].astype(np.int64), -1, np.int64)
     try:
         return RoutingTrace(seqs, E, labels, weights, prefetch or None, header.get("layer_names"),
