@@ -48,8 +48,8 @@ def _info(_args) -> int:
 def _bench(args) -> int:
     script = Path(__file__).resolve().parents[2] / "benchmarks" / f"{args.name}.py"
     if not script.is_file():
-        raise FileNotFoundError(errno.ENOENT, "not found; benchmarks run from a source checkout of moekit",
-                                str(script))
+        raise FileNotFoundError(errno.ENOENT, "benchmark script not found (benchmarks run from a source checkout "
+                                "of moekit)", str(script))
     sys.argv = [str(script), *args.rest]
     runpy.run_path(str(script), run_name="__main__")
     return 0
