@@ -13,7 +13,7 @@ from moekit.analysis import save_trace
 from moekit.analysis.report import AnalysisConfig, analyze
 from moekit.errors import NotOwnedError
 from moekit.offload import ExpertStore, offloaded_generate, write_store
-from moekit.utils.io import MARKER, marker_kind
+from moekit.utils.io import MARKER, marker_kind, remove_debris
 
 from .io_support import dead_pid, random_trace, snapshot, tiny_lm
 
@@ -122,23 +122,30 @@ def test_export_replaces_only_its_own_export(tmp_path):
 
 @pytest.mark.parametrize("kind", ["store", "report", "trace"])
 def test_debris_of_killed_writes_is_removed_at_the_next_start(tmp_path, kind, no_plots):
-    """`.NAME.tmp-PID` of a dead process goes; a live process's and other names' temporaries stay."""
+    """`.NAME.tmp-PID` (and a stale `.NAME.old-PID`) of a dead process goes; a live process's and
+    other names' temporaries stay."""
     name = {"store": "s", "report": "rep", "trace": "t.npz"}[kind]
+
+    def write(seed: int) -> None:
+        if kind == "store":
+            write_store(tiny_lm(seed), tmp_path / name)
+        elif kind == "report":
+            analyze(random_trace(seed=seed), tmp_path / name, SMALL, progress=False)
+        else:
+            save_trace(random_trace(seed=seed), tmp_path / name)
+
+    write(0)  # an earlier complete write
     dead, live = dead_pid(), 1  # pid 1 is always running
     debris = tmp_path / f".{name}.tmp-{dead}"
     debris.mkdir()
     (debris / "layer-000.safetensors").write_bytes(b"half a file")
     old = tmp_path / f".{name}.old-{dead}"
-    old.mkdir()
+    if kind != "trace":  # directories are replaced by two renames; files by one
+        old.mkdir()
     kept = [tmp_path / f".{name}.tmp-{live}", tmp_path / f".other.tmp-{dead}", tmp_path / "notes.tmp-1"]
     for p in kept:
         p.write_text("not moekit's to delete")
-    if kind == "store":
-        write_store(tiny_lm(), tmp_path / name)
-    elif kind == "report":
-        analyze(random_trace(), tmp_path / name, SMALL, progress=False)
-    else:
-        save_trace(random_trace(), tmp_path / name)
+    write(1)
     assert not debris.exists() and not old.exists()
     assert all(p.exists() for p in kept)
 
@@ -178,3 +185,16 @@ def test_temporary_stores_of_killed_generations_are_removed(tmp_path, monkeypatc
     r = offloaded_generate(tiny_lm(), [[1, 2, 3]], 2, "50%")
     assert r.metrics["store"] == "(temporary)"
     assert sorted(p.name for p in root.iterdir()) == [running.name]
+
+
+def test_a_store_moved_aside_by_a_killed_replace_is_put_back(tmp_path):
+    """replace_dir renames the old store aside, then the new one in; a kill between the two leaves
+    only `.s.old-PID`. The next write's start restores it rather than deleting the only copy."""
+    model = tiny_lm(seed=2)
+    path = write_store(model, tmp_path / "s")
+    aside = tmp_path / f".s.old-{dead_pid()}"
+    path.rename(aside)
+    remove_debris(tmp_path, "s")
+    assert not aside.exists()
+    with ExpertStore(path) as st:
+        assert torch.equal(st.load(1, 3)[1], model.moe_layers()[1].experts.down_proj[3])

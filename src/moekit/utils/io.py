@@ -177,7 +177,9 @@ def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike, kind: str, wh
 def remove_debris(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Delete temporary files and directories (`.NAME.tmp-PID`, `.NAME.old-PID`) left in `directory` by
     killed writers whose process is gone; with `name`, only those of that one NAME (for a directory
-    that is not moekit's, e.g. the parent of an expert store). Returns what was removed."""
+    that is not moekit's, e.g. the parent of an expert store). An `.NAME.old-PID` whose NAME is
+    missing (a writer killed between `replace_dir`'s two renames) is renamed back to NAME instead.
+    Returns what was removed."""
     directory = Path(directory)
     removed = []
     if not directory.is_dir():
@@ -192,6 +194,12 @@ def remove_debris(directory: str | os.PathLike, name: str | None = None) -> list
                 if name is not None and stem != f".{name}":
                     break
                 if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                    target = directory / stem[1:]
+                    if tag == ".old-" and not target.exists():
+                        # Killed between replace_dir's two renames: the old one is the only copy.
+                        os.replace(p, target)
+                        fsync_dir(directory)
+                        break
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                     removed.append(p)
                 break
