@@ -50,8 +50,10 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="RUN OUT",
-                        help="a moekit run directory and the store directory to write (with --hf DIR: OUT only)")
+    parser.usage = "%(prog)s [-h] RUN OUT | %(prog)s [-h] --hf DIR OUT"
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="RUN OUT: a moekit run directory and the store directory to write (absent, empty or "
+                             "a moekit store); with --hf DIR: OUT only")
     parser.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint directory instead of RUN")
 
 
