@@ -8,7 +8,11 @@ Stages:
      with a tqdm bar: basic statistics, SRP(n) with bootstrap intervals, the per-layer caches
      (every policy and every C from k to 8k in one Mattson pass, stack.py), one task per
      (policy, C) of the whole-model cache (heap simulators, cache.py), prefetch recall;
-  3. gather `metrics.json` and draw the plots with matplotlib's Agg backend into one HTML page.
+  3. gather `metrics.json` and draw the plots with matplotlib's Agg backend into one HTML page;
+  4. write `metrics.json`, `report.html` and the trace (`trace.npz`) as one set: into a temporary
+     sibling directory, then one rename (moekit.utils.io.replace_dir). The output directory must be
+     absent, empty or an earlier moekit report (marker kind "report"); a failure or Ctrl-C leaves it
+     as it was. Ctrl-C terminates the worker processes at once (queued work is cancelled).
 
 Definitions: docs/analysis-metrics.md; how to read the page: docs/analyze.md.
 """
@@ -22,10 +26,11 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
+import signal
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,14 +52,25 @@ from moekit.analysis.metrics import (
     srp_random_baseline,
 )
 from moekit.analysis.stack import stack_hit_curves
-from moekit.analysis.tracefile import load_trace
-from moekit.utils.io import atomic_write_text
+from moekit.analysis.tracefile import check_memory, load_trace, save_trace
+from moekit.errors import DataError
+from moekit.utils.io import (
+    atomic_write_text,
+    check_writable_dir,
+    fsync_file,
+    remove_debris,
+    replace_dir,
+    tmp_path,
+    writing,
+)
 
-__all__ = ["AnalysisConfig", "analyze", "compute_metrics", "render_html", "static_hits"]
+__all__ = ["AnalysisConfig", "analyze", "check_report_dir", "compute_metrics", "render_html", "static_hits"]
 
 BOUNDS = ("set_min", "bypass_min")
 BOUND_LABELS = {"set_min": "set_min (optimum keeping each step's experts; bounds LRU, LFU)",
                 "bypass_min": "bypass_min (optimal bound of every policy here)"}
+KIND = "report"  # ownership marker kind of an analyze output directory (moekit.utils.io)
+TRACE_FILE = "trace.npz"
 
 
 @dataclass
@@ -125,6 +141,12 @@ _TRACE: RoutingTrace | None = None
 def _install(trace: RoutingTrace) -> None:
     global _TRACE
     _TRACE = trace
+
+
+def _init_worker(trace: RoutingTrace) -> None:
+    # Ctrl-C reaches the whole process group: the parent alone handles it (and terminates the workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _install(trace)
 
 
 def _run(fn: Callable, *args) -> tuple[dict, dict[str, float]]:
@@ -264,6 +286,7 @@ def _capacity_unit(trace: RoutingTrace) -> tuple[int, float]:
 def compute_metrics(trace: RoutingTrace, cfg: AnalysisConfig | None = None, progress: bool = True) -> dict:
     """Every metric of docs/analysis-metrics.md for `trace`, as a JSON-ready dict."""
     cfg = (cfg or AnalysisConfig()).validate()
+    _check_analysable(trace)
     k_ref, mean_k = _capacity_unit(trace)
     L, E = trace.num_layers, trace.num_experts
     # Workers need only the expert ids; weights and gate predictions stay in this process.
@@ -297,12 +320,19 @@ def compute_metrics(trace: RoutingTrace, cfg: AnalysisConfig | None = None, prog
             if bar is not None:
                 bar.update()
     else:
-        with _pool(cfg.workers, lean) as pool:
-            futures: dict[Future, str] = {pool.submit(_run, fn, *args): name for name, fn, args, _ in tasks}
-            for f in futures:
-                f.add_done_callback(lambda _f: bar.update() if bar is not None else None)
-            for f, name in futures.items():
-                results[name], timings[name] = f.result()
+        pool = _pool(cfg.workers, lean)
+        try:
+            pending = {name: pool.apply_async(_run, (fn, *args),
+                                              callback=lambda _r: bar.update() if bar is not None else None)
+                       for name, fn, args, _ in tasks}
+            pool.close()
+            for name, result in pending.items():
+                results[name], timings[name] = result.get()
+        except BaseException:
+            pool.terminate()  # Ctrl-C or a failed task: cancel the queued tasks, stop the running ones now
+            raise
+        finally:
+            pool.join()
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t0
@@ -383,11 +413,25 @@ def compute_metrics(trace: RoutingTrace, cfg: AnalysisConfig | None = None, prog
     return _jsonable(metrics)
 
 
-def _pool(workers: int, trace: RoutingTrace) -> ProcessPoolExecutor:
-    # NOTE: fork shares the trace with the workers without pickling it; spawn elsewhere.
+def _pool(workers: int, trace: RoutingTrace):
+    # NOTE: fork shares the trace with the workers without pickling it; spawn elsewhere. A
+    # multiprocessing.Pool (not concurrent.futures) because terminate() stops running tasks at once.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                               initializer=_install, initargs=(trace,))
+    return multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=(trace,))
+
+
+def _check_analysable(trace: RoutingTrace) -> None:
+    """Refuse a trace with no tokens, and one whose arrays would not fit in memory (a header claiming
+    10^9 experts), before any work is queued."""
+    if trace.num_tokens == 0:
+        raise DataError(f"the trace holds no tokens ({len(trace.seqs)} sequence(s), all empty); nothing to "
+                        "analyse (record at least one token)")
+    L, E = trace.num_layers, trace.num_experts
+    T_max = max(s.shape[1] for s in trace.seqs)
+    # The largest arrays: cross-layer affinity (L-1) x E x E, per-window SRP counts (T + 1) x (E + 1),
+    # and a few (L, E) tables per task.
+    need = 8 * ((L - 1) * E * E + (T_max + 2) * (E + 1) + 16 * L * E)
+    check_memory(need, f"analysing a trace of E = {E} experts x L = {L} layers")
 
 
 # ----------------------------------------------------------------------------- plots
@@ -480,24 +524,26 @@ def _plots(m: dict) -> dict[str, str]:
     axes[0].set_ylabel("hit rate (cold cache)")
     plots["cache"] = _png(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3.8))
     ns = np.array(m["srp"]["n"], dtype=np.float64)
     val = _arr([m["srp"]["model"][str(int(n))]["value"] for n in ns])
-    lo = _arr([m["srp"]["model"][str(int(n))]["lo"] for n in ns])
-    hi = _arr([m["srp"]["model"][str(int(n))]["hi"] for n in ns])
-    ax.errorbar(ns, val, yerr=[np.nan_to_num(val - lo), np.nan_to_num(hi - val)], fmt="o-", capsize=4,
-                label="whole model (95% bootstrap interval)")
-    per_layer = np.array([_arr(m["srp"]["layer"][str(int(n))]["value_L"]) for n in ns])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # n longer than every sequence: all-nan column
-        ax.fill_between(ns, np.nanmin(per_layer, axis=1), np.nanmax(per_layer, axis=1), alpha=0.2,
-                        label="range over layers")
-    ax.axhline(m["srp"]["random_baseline"], ls=":", c="gray", label="random routing 2k/(E+k)")
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="segment length n (tokens)", ylabel="SRP(n)", title="Segment routing best performance")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    plots["srp"] = _png(fig)
+    # Every n longer than every sequence (a one-token trace): no window, no plot; the page says so.
+    if not np.isnan(val).all():
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        lo = _arr([m["srp"]["model"][str(int(n))]["lo"] for n in ns])
+        hi = _arr([m["srp"]["model"][str(int(n))]["hi"] for n in ns])
+        ax.errorbar(ns, val, yerr=[np.nan_to_num(val - lo), np.nan_to_num(hi - val)], fmt="o-", capsize=4,
+                    label="whole model (95% bootstrap interval)")
+        per_layer = np.array([_arr(m["srp"]["layer"][str(int(n))]["value_L"]) for n in ns])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # n longer than every sequence: all-nan column
+            ax.fill_between(ns, np.nanmin(per_layer, axis=1), np.nanmax(per_layer, axis=1), alpha=0.2,
+                            label="range over layers")
+        ax.axhline(m["srp"]["random_baseline"], ls=":", c="gray", label="random routing 2k/(E+k)")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="segment length n (tokens)", ylabel="SRP(n)", title="Segment routing best performance")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        plots["srp"] = _png(fig)
 
     aff = m.get("affinity")
     if aff:
@@ -631,17 +677,44 @@ def render_html(m: dict, plots: dict[str, str]) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
+def check_report_dir(out_dir: str | os.PathLike) -> None:
+    """Refuse (NotOwnedError) an output directory that exists, is not empty and is not a moekit report."""
+    check_writable_dir(out_dir, KIND, "moekit analyze")
+
+
 def analyze(trace_or_path: RoutingTrace | str | os.PathLike, out_dir: str | os.PathLike,
             cfg: AnalysisConfig | None = None, progress: bool = True) -> dict:
-    """Compute every metric of `trace_or_path` and write `out_dir/metrics.json` and
-    `out_dir/report.html`. Returns the metrics dict."""
-    trace = trace_or_path if isinstance(trace_or_path, RoutingTrace) else load_trace(trace_or_path)
+    """Compute every metric of `trace_or_path` and write `out_dir/metrics.json`, `out_dir/report.html`
+    and the trace `out_dir/trace.npz` as one set (module doc, stage 4). Returns the metrics dict.
+
+    Raises NotOwnedError (out_dir holds other files), DataError / TraceFormatError (an empty,
+    damaged or oversized trace), FileNotFoundError, OSError (e.g. a full disk: nothing is written).
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_report_dir(out)
+    source = None if isinstance(trace_or_path, RoutingTrace) else Path(trace_or_path)
+    trace = trace_or_path if source is None else load_trace(source)
     m = compute_metrics(trace, cfg, progress)
     t0 = time.perf_counter()
     plots = _plots(m)
+    page = render_html(m, plots)
     m["timing_s"]["plots_and_html"] = time.perf_counter() - t0
-    atomic_write_text(out / "metrics.json", json.dumps(m, indent=1))
-    atomic_write_text(out / "report.html", render_html(m, plots))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_debris(out.parent, out.name)  # the temporary set of a killed analyze
+    tmp = tmp_path(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with writing(out, tmp):  # a full disk names the target
+        try:
+            if source is None:
+                save_trace(trace, tmp / TRACE_FILE)
+            else:
+                shutil.copyfile(source, tmp / TRACE_FILE)
+                fsync_file(tmp / TRACE_FILE)
+            atomic_write_text(tmp / "metrics.json", json.dumps(m, indent=1))
+            atomic_write_text(tmp / "report.html", page)
+            replace_dir(tmp, out, KIND, "moekit analyze")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return m

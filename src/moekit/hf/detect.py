@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import MoEConfig, RouterConfig
+from moekit.errors import UsageError
 from moekit.layers.moe import MoELayer
 
 try:  # the decorator's silu(gate) * up; a family with its own `_apply_gate` computes something else
@@ -36,7 +37,7 @@ except ImportError:  # pragma: no cover
     _default_apply_gate = None
 
 
-class UnsupportedBlockError(ValueError):
+class UnsupportedBlockError(UsageError):  # a UsageError is a ValueError, as before
     """A transformers MoE block whose structure or routing rule moekit cannot run exactly."""
 
 

@@ -37,17 +37,19 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from moekit.errors import MoekitError, UsageError
 from moekit.offload.store import ExpertStore
 
-__all__ = ["POLICIES", "SCOPES", "CachePlan", "CacheStats", "ExpertCache", "PrefetchError", "PrefetchWorker",
-           "format_bytes", "hot_keys_from_counts", "parse_budget", "plan_cache"]
+__all__ = ["POLICIES", "SCOPES", "CachePlan", "CacheStats", "ExpertCache", "ExpertShape", "PrefetchError",
+           "PrefetchWorker", "format_bytes", "hot_keys_from_counts", "parse_budget", "plan_cache"]
 
 POLICIES = ("lru", "lfu", "static", "predictive")
 SCOPES = ("layer", "shared")
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+BUDGET_FORMS = "a percentage of all expert bytes ('25%') or a size with a unit ('512MB', '1.5GiB')"
 
 
 def format_bytes(n: float) -> str:
@@ -58,39 +60,75 @@ def format_bytes(n: float) -> str:
 
 
 def parse_budget(budget: str | int | float, total_nbytes: int) -> int:
-    """Budget in bytes from "25%", "512MiB", "1.5GB", "4096", an int (bytes) or a float in (0, 1]
-    (a fraction of `total_nbytes`, the bytes of all experts)."""
+    """An expert budget in bytes. The same rule on the command line (`--expert-budget`), in Python and
+    in docs/offload.md:
+
+      "25%"                         a percentage in (0, 100] of `total_nbytes` (the bytes of all experts)
+      "512MB", "1.5GiB", "4096 B"   a size with a unit: B, kB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB
+                                    (powers of 1024), any case
+      "4096", 4096, 4096.0          a bare number >= 1: a whole number of bytes
+
+    A bare number below 1 ("0.25", 0.25) is refused with a hint rather than read as a fraction of a
+    byte (it usually means a fraction of the experts: write "25%"); so are non-finite values
+    ("1e999"), fractions of a byte, zero, negative and malformed budgets.
+    Raises UsageError (a ValueError) naming the budget; TypeError for another type.
+    """
     what = f"expert budget {budget!r}"
     if isinstance(budget, bool):
-        raise ValueError(f"{what}: expected a percentage such as '25%', a byte count or a fraction in (0, 1]")
-    if isinstance(budget, int):
-        nbytes = budget
-    elif isinstance(budget, float):
-        if not 0 < budget <= 1:
-            raise ValueError(f"{what}: a float budget is a fraction of all expert bytes and must lie in (0, 1]")
-        nbytes = math.floor(budget * total_nbytes)
-    elif isinstance(budget, str):
-        s = budget.strip()
-        if s.endswith("%"):
-            try:
-                pct = float(s[:-1])
-            except ValueError:
-                raise ValueError(f"{what}: {s[:-1]!r} is not a number; expected e.g. '25%'") from None
-            if not 0 < pct <= 100:
-                raise ValueError(f"{what}: a percentage must lie in (0, 100]; {s} "
-                                 f"{'leaves no room for any expert' if pct <= 0 else 'is more than all experts'}")
-            nbytes = math.floor(pct / 100 * total_nbytes)
-        else:
-            m = _BUDGET_RE.match(s)
-            if m is None or m.group(2).lower() not in _UNITS:
-                raise ValueError(f"{what}: expected a percentage ('25%'), bytes ('1073741824') or bytes with a unit "
-                                 f"({', '.join(u for u in _UNITS if u)}), e.g. '512MiB'")
-            nbytes = math.floor(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    else:
+        raise UsageError(f"{what}: expected {BUDGET_FORMS}")
+    if not isinstance(budget, str | int | float):
         raise TypeError(f"{what}: expected str, int or float, got {type(budget).__name__}")
+    if isinstance(budget, str) and budget.strip().endswith("%"):
+        text = budget.strip()[:-1].strip()
+        try:
+            pct = float(text)
+        except ValueError:
+            raise UsageError(f"{what}: {text!r} is not a number; expected e.g. '25%'") from None
+        if not math.isfinite(pct):
+            raise UsageError(f"{what}: not a finite percentage; expected a percentage in (0, 100], e.g. '25%'")
+        if not 0 < pct <= 100:
+            raise UsageError(f"{what}: a percentage must lie in (0, 100]; {budget.strip()} "
+                             f"{'leaves no room for any expert' if pct <= 0 else 'is more than all experts'}")
+        nbytes = math.floor(pct / 100 * total_nbytes)
+    else:
+        if isinstance(budget, str):
+            m = _BUDGET_RE.match(budget)
+            if m is None or (m.group(2) and m.group(2).lower() not in _UNITS):
+                raise UsageError(f"{what}: expected {BUDGET_FORMS}, or a whole number of bytes ('1073741824')")
+            value, unit = float(m.group(1)), m.group(2).lower()
+        else:
+            value, unit = budget, ""
+        if not math.isfinite(value):
+            raise UsageError(f"{what} is not a finite size; expected {BUDGET_FORMS}")
+        if unit:
+            nbytes = math.floor(value * _UNITS[unit])
+        elif value == 0:
+            nbytes = 0
+        elif value < 1:
+            raise UsageError(f"{what}: a bare number is a count of bytes, and {value:g} is less than one byte; "
+                             f"for a fraction of the experts write '{100 * value:g}%', for a size give a unit "
+                             "('512MB')")
+        elif value != int(value):
+            raise UsageError(f"{what}: a bare number is a whole number of bytes; give a unit for a fractional "
+                             "size ('1.5MB')")
+        else:
+            nbytes = int(value)
     if nbytes <= 0:
-        raise ValueError(f"{what} is {nbytes} bytes; it must be positive")
+        raise UsageError(f"{what} is {nbytes} bytes; it must be positive (expected {BUDGET_FORMS})")
     return nbytes
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """What a budget is planned against: the store's shape, known from the model before it is written."""
+
+    num_layers: int
+    num_experts: int
+    expert_nbytes: int
+
+    @property
+    def total_nbytes(self) -> int:
+        return self.num_layers * self.num_experts * self.expert_nbytes
 
 
 @dataclass(frozen=True)
@@ -119,13 +157,14 @@ class CachePlan:
                 f"{format_bytes(self.total_nbytes)})")
 
 
-def plan_cache(budget: str | int | float, store: ExpertStore, policy: str = "lru", scope: str = "layer",
-               experts_per_token: int = 2) -> CachePlan:
-    """Check a budget and turn it into cache capacities (see the module doc)."""
+def plan_cache(budget: str | int | float, store: ExpertStore | ExpertShape, policy: str = "lru",
+               scope: str = "layer", experts_per_token: int = 2) -> CachePlan:
+    """Check a budget and turn it into cache capacities (see the module doc). `store` may be the
+    `ExpertShape` of a model whose store is not written yet: a budget is refused before any write."""
     if policy not in POLICIES:
-        raise ValueError(f"cache policy {policy!r} is unknown; allowed: {POLICIES}")
+        raise UsageError(f"cache policy {policy!r} is unknown; allowed: {POLICIES}")
     if scope not in SCOPES:
-        raise ValueError(f"cache scope {scope!r} is unknown; allowed: {SCOPES}")
+        raise UsageError(f"cache scope {scope!r} is unknown; allowed: {SCOPES}")
     L, E, S = store.num_layers, store.num_experts, store.expert_nbytes
     total = store.total_nbytes
     nbytes = parse_budget(budget, total)
@@ -135,7 +174,7 @@ def plan_cache(budget: str | int | float, store: ExpertStore, policy: str = "lru
     if C < K:
         need = caches * K * S
         where = "of each layer's cache" if scope == "layer" else "of the shared cache"
-        raise ValueError(f"expert budget {budget!r} = {format_bytes(nbytes)} holds {C} expert(s) {where} "
+        raise UsageError(f"expert budget {budget!r} = {format_bytes(nbytes)} holds {C} expert(s) {where} "
                          f"({format_bytes(S)} each), but one token needs {K} experts of a layer resident at once; "
                          f"give at least {need} bytes ({100 * need / total:.2f}% of {format_bytes(total)})")
     static = policy == "static"
@@ -157,7 +196,7 @@ def hot_keys_from_counts(counts_LE: np.ndarray, plan: CachePlan) -> list[list[in
 # ----------------------------------------------------------------------------- background loads
 
 
-class PrefetchError(RuntimeError):
+class PrefetchError(MoekitError, RuntimeError):
     """A prefetch could not complete because the background loader stopped."""
 
 

@@ -19,11 +19,9 @@ Stages:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import resource
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +34,16 @@ from moekit.analysis.metrics import RoutingTrace
 from moekit.analysis.trace import TraceRecorder
 from moekit.models.generate import decode
 from moekit.offload.cache import format_bytes
-from moekit.offload.runtime import OffloadRuntime, offload
+from moekit.offload.runtime import OffloadRuntime, expert_shape, offload, plan_offload
 from moekit.offload.simulate import simulate_run
-from moekit.offload.store import MANIFEST, ExpertStore, load_dense_lm, write_store
+from moekit.offload.store import (
+    MANIFEST,
+    ExpertStore,
+    check_store_target,
+    load_dense_lm,
+    temporary_store_dir,
+    write_store,
+)
 
 __all__ = ["OffloadResult", "decode_loop", "offloaded_generate", "open_model_and_store", "store_matches_model"]
 
@@ -140,17 +145,21 @@ def store_matches_model(store: ExpertStore, model: nn.Module) -> bool:
 
 
 def _run_source(run_dir: Path) -> dict[str, Any]:
-    from moekit.train.checkpoint import latest_checkpoint
+    """What a run's store is written from: the latest checkpoint and its weights' sha256, read through
+    the checkpoint module (which verifies meta.json and the files it lists)."""
+    from moekit.train.checkpoint import latest_checkpoint, read_meta
 
     ckpt = latest_checkpoint(run_dir)
-    meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+    meta = read_meta(ckpt)
     return {"kind": "moekit-run", "checkpoint": ckpt.name, "model_sha256": meta["sha256"]["model.safetensors"]}
 
 
 def open_model_and_store(model_or_run: nn.Module | str | os.PathLike, store_dir: str | os.PathLike | None = None,
-                         log=None) -> tuple[nn.Module, Path, bool]:
-    """(model, store directory, whether the store is temporary) for offloaded_generate."""
+                         log=None, before_write=None) -> tuple[nn.Module, Path, bool]:
+    """(model, store directory, whether the store is temporary) for offloaded_generate.
+    `before_write(model)` runs before a store is written (offloaded_generate checks the budget there)."""
     say = log or (lambda *_: None)
+    check = before_write or (lambda _model: None)
     if isinstance(model_or_run, nn.Module):
         model = model_or_run
         if store_dir is not None and (Path(store_dir) / MANIFEST).is_file():
@@ -158,9 +167,17 @@ def open_model_and_store(model_or_run: nn.Module | str | os.PathLike, store_dir:
                 if store_matches_model(st, model):
                     return model, Path(store_dir), False
             say(f"expert store {store_dir} does not match this model; rewriting it")
+        check(model)
         temp = store_dir is None
-        path = Path(tempfile.mkdtemp(prefix="moekit-experts-")) / "store" if temp else Path(store_dir)
-        write_store(model, path, source={"kind": type(model).__name__})
+        if not temp:
+            check_store_target(store_dir)
+        path = temporary_store_dir() / "store" if temp else Path(store_dir)
+        try:
+            write_store(model, path, source={"kind": type(model).__name__})
+        except BaseException:
+            if temp:
+                shutil.rmtree(path.parent, ignore_errors=True)
+            raise
         return model, path, temp
     path = Path(model_or_run)
     if (path / MANIFEST).is_file():
@@ -171,13 +188,16 @@ def open_model_and_store(model_or_run: nn.Module | str | os.PathLike, store_dir:
     store = Path(store_dir) if store_dir is not None else path / "expert-store"
     source = _run_source(path)
     if (store / MANIFEST).is_file():
-        current = json.loads((store / MANIFEST).read_text(encoding="utf-8")).get("source")
-        if current == source:
+        with ExpertStore(store) as st:  # a damaged manifest is refused here, naming the file
+            current = st.manifest.get("source") == source
+        if current:
             return load_dense_lm(store), store, False
         say(f"expert store {store} was written from another checkpoint; rewriting it")
+        check_store_target(store)
     from moekit.train import load_trained
 
     full, _, _ = load_trained(path)
+    check(full)
     write_store(full, store, source=source)
     del full
     return load_dense_lm(store), store, False
@@ -212,7 +232,10 @@ def offloaded_generate(model_or_run: nn.Module | str | os.PathLike, prompt_ids: 
     prompt_BT = torch.as_tensor(prompt_ids, dtype=torch.long)
     if prompt_BT.dim() == 1:
         prompt_BT = prompt_BT.unsqueeze(0)
-    model, store_path, temporary = open_model_and_store(model_or_run, store_dir, log)
+    # The budget, policy and hot set are checked before a store is written (and again against the store).
+    model, store_path, temporary = open_model_and_store(
+        model_or_run, store_dir, log, before_write=lambda m: plan_offload(m, expert_shape(m), budget, policy, scope,
+                                                                         hot_set))
     owns_model = not isinstance(model_or_run, nn.Module)
     try:
         with ExpertStore(store_path, verify=verify) as store, \
