@@ -292,27 +292,34 @@ def check(family: str, config: str) -> tuple[str, str, str]:
         model.set_experts_implementation("eager")
         note = "(ref: eager experts; transformers' grouped_mm fails on this width) "
         ref = _outputs(model, ids)
-    try:
-        ref_gen = _greedy(model, ids)
-    except Exception as e:
-        ref_gen, note = None, note + f"(no generation check: {type(e).__name__}: {_one_line(e, 80)}) "
     before = {n: m for n, m in model.named_modules()}
+    # Wrap first: most families are refused, and a refusal needs no reference generation (wrap changes nothing
+    # then). A wrapped model is unwrapped again for the reference tokens, then wrapped for the comparison.
     try:
         moekit.hf.wrap(model)
     except moekit.hf.UnsupportedBlockError as e:
         return block_names, "refused", note + re.sub(r"^moekit\.hf cannot wrap \w+: ", "", _one_line(e))
     except Exception as e:
         return block_names, "error", f"wrap raised {type(e).__name__}: {_one_line(e)} @ {_where(e)}"
+    try:
+        moekit.hf.unwrap(model)
+        ref_gen = _greedy(model, ids)
+    except Exception as e:
+        ref_gen, note = None, note + f"(no generation check: {type(e).__name__}: {_one_line(e, 80)}) "
+    try:
+        moekit.hf.wrap(model)
+    except Exception as e:
+        return block_names, "error", f"wrapping again after unwrap raised {type(e).__name__}: {_one_line(e)}"
     wrapped = {layer.hf_class for layer in moekit.hf.wrapped_blocks(model)}
     try:
         got = _outputs(model, ids)
         if got.shape != ref.shape or not torch.allclose(got, ref, atol=1e-5, rtol=1e-5):
             diff = (got - ref).abs().max().item() if got.shape == ref.shape else float("nan")
-            return block_names, "MISMATCH", f"wrapped output differs by {diff:.3g} (> 1e-5)"
+            return block_names, "MISMATCH", note + f"wrapped output differs by {diff:.3g} (> 1e-5)"
         if ref_gen is not None:
             gen = _greedy(model, ids)
             if gen.shape != ref_gen.shape or not torch.equal(gen, ref_gen):
-                return block_names, "MISMATCH", f"{NEW_TOKENS} greedy tokens with the KV cache differ"
+                return block_names, "MISMATCH", note + f"{NEW_TOKENS} greedy tokens with the KV cache differ"
         moekit.hf.unwrap(model)
         after = {n: m for n, m in model.named_modules()}
         if after.keys() != before.keys() or any(after[n] is not before[n] for n in before):
