@@ -12,6 +12,7 @@ is an error (the hook did not intercept). Exit status: 0, or 1 when any family h
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import pathlib
@@ -101,15 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         cp, cw = counts(plain["tests"]), counts(wrapped["tests"])
         print(f"{family:<13} {cp['passed']}/{cp['failed']}/{cp['skipped']:<11} "
               f"{cw['passed']}/{cw['failed']}/{cw['skipped']:<9} {len(only)}", flush=True)
-        for t, msg in sorted(only.items()):
-            print(f"    {t}: {msg}")
+        for msg, n in collections.Counter(only.values()).most_common():  # one line per cause; the tests in --out
+            print(f"    {n} x {msg}")
         report[family] = {"unwrapped": cp, "wrapped": cw, "plugin": wrapped["plugin"], "wrapped_only": only,
                           "unwrapped_only": fixed,
                           "both_failed": sorted(t for t, (s, _) in plain["tests"].items()
                                                 if s == "failed" and wrapped["tests"].get(t, ("", ""))[0] == "failed"),
                           "unwrapped_failures": {t: m for t, (s, m) in plain["tests"].items() if s == "failed"}}
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
+        if args.out:  # after every family, so that a long run keeps what it has
+            args.out.write_text(json.dumps(report, indent=1))
     return 1 if any_wrapped_only else 0
 
 
