@@ -107,6 +107,9 @@ OVERRIDES: dict[str, dict] = {
     "deepseek_ocr2": {"all": dict(mlp_layer_types=["dense", "sparse", "sparse"])},
     "diffusion_gemma": {"all": dict(enable_moe_block=True, top_k_experts=2)},
     "doge": {"all": dict(is_moe=True, num_experts=16, num_experts_per_tok=2)},
+    # a third layer is a large attention variant here; the shared expert has its own width field
+    "dots3_note": {"all": dict(num_hidden_layers=2, shared_experts_intermediate_size=36),
+                   "aligned": dict(shared_experts_intermediate_size=32), "native": dict(shared_experts_intermediate_size=32)},
     "ernie4_5_vl_moe": {"all": dict(moe_intermediate_size=[12, 12], rope_parameters={
         "rope_type": "default", "rope_theta": 500000.0, "mrope_section": [2, 2, 4]})},
     "gemma4": {"all": dict(enable_moe_block=True, top_k_experts=2, vocab_size_per_layer_input=VOCAB,
@@ -137,7 +140,9 @@ OVERRIDES: dict[str, dict] = {
     "qwen3_5_moe": {"all": dict(HYBRID4, layer_types=["linear_attention", "full_attention"] * 2)},
     "qwen3_next": {"all": dict(HYBRID4, layer_types=["linear_attention", "full_attention"] * 2)},
     "zaya": {"all": dict(num_experts_per_tok=1)},
-    "qwen4_exp": {"all": dict(HYBRID4, layer_types=["linear_attention", "full_attention"] * 2, hidden_act="silu")},
+    # its config rejects a GELU output gate; COMMON's index_* sizes would switch on the QSA indexer (needs a budget)
+    "qwen4_exp": {"all": dict(HYBRID4, layer_types=["linear_attention", "full_attention"] * 2, hidden_act="silu",
+                              indexer_n_heads=None, indexer_head_dim=None)},
     "step3p7": {"all": dict(mlp_layer_types=["dense", "sparse", "sparse"], share_expert_dim=36),
                 "aligned": dict(share_expert_dim=32), "native": dict(share_expert_dim=32)},
     "switch_transformers": {"all": dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_sparse_encoder_layers=1,
