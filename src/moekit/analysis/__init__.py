@@ -20,7 +20,6 @@ from moekit.analysis.cache import (
 )
 from moekit.analysis.metrics import (
     LoadStats,
-    RoutingTrace,
     affinity,
     affinity_prefetch_recall,
     coefficient_of_variation,
@@ -41,6 +40,7 @@ from moekit.analysis.metrics import (
     static_hot_set,
 )
 from moekit.analysis.report import AnalysisConfig, analyze, compute_metrics
+from moekit.analysis.routing_trace import RoutingTrace
 from moekit.analysis.stack import StackCurves, stack_hit_curves
 from moekit.analysis.trace import TokenBatch, TraceRecorder, corpus_batches, record_trace
 from moekit.analysis.tracefile import TraceFormatError, load_trace, read_header, save_trace

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moekit.analysis.metrics import RoutingTrace
+from moekit.analysis.routing_trace import RoutingTrace
 
 __all__ = [
     "CacheResult", "RequestStream", "bypass_min", "layer_requests", "model_requests", "prepare_requests", "set_min",

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moekit.analysis.metrics import RoutingTrace
+from moekit.analysis.routing_trace import RoutingTrace
 from moekit.analysis.tracefile import save_trace
 from moekit.layers.moe import MoELayer
 from moekit.routers.predict import can_predict, predict_experts

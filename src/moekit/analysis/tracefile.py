@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.analysis.metrics import RoutingTrace
+from moekit.analysis.routing_trace import RoutingTrace
 from moekit.errors import DataError
 from moekit.utils.io import atomic_write_with, remove_debris
 

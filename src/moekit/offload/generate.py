@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moekit.analysis.metrics import RoutingTrace
+from moekit.analysis.routing_trace import RoutingTrace
 from moekit.analysis.trace import TraceRecorder
 from moekit.models.generate import decode
 from moekit.offload.cache import format_bytes

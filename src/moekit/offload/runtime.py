@@ -56,7 +56,7 @@ def hot_counts(source, num_layers: int, num_experts: int):
     """Per-(layer, expert) use counts (L, E) from a RoutingTrace, a trace file path or an array."""
     import numpy as np
 
-    from moekit.analysis.metrics import RoutingTrace
+    from moekit.analysis.routing_trace import RoutingTrace
     from moekit.analysis.tracefile import load_trace
 
     if isinstance(source, str) or hasattr(source, "__fspath__"):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moekit.analysis.cache import bypass_min, set_min, simulate_lfu, simulate_lru, simulate_static
-from moekit.analysis.metrics import RoutingTrace
+from moekit.analysis.routing_trace import RoutingTrace
 from moekit.offload.cache import CachePlan
 
 __all__ = ["RunStream", "run_streams", "simulate_predictive", "simulate_run"]
