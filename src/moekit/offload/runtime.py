@@ -29,7 +29,8 @@ from moekit.errors import UsageError
 from moekit.experts import ExpertBank
 from moekit.layers.moe import MoELayer
 from moekit.layers.overrides import moe_layers
-from moekit.offload.cache import CachePlan, ExpertCache, ExpertShape, hot_keys_from_counts, plan_cache
+from moekit.offload.budget import CachePlan, ExpertShape, hot_keys_from_counts, plan_cache
+from moekit.offload.cache import ExpertCache
 from moekit.offload.store import ExpertStore, _expert_tensors
 from moekit.ops.grouped import compute_dtype
 from moekit.routers.predict import can_predict, predict_experts, priority_order

@@ -24,7 +24,7 @@ import numpy as np
 
 from moekit.analysis.cache import bypass_min, set_min, simulate_lfu, simulate_lru, simulate_static
 from moekit.analysis.routing_trace import RoutingTrace
-from moekit.offload.cache import CachePlan
+from moekit.offload.budget import CachePlan
 
 __all__ = ["RunStream", "run_streams", "simulate_predictive", "simulate_run"]
 

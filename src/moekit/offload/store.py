@@ -63,8 +63,8 @@ from moekit.utils.io import (
     writing,
 )
 
-__all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "check_store_target", "load_dense_lm",
-           "temporary_store_dir", "write_store"]
+__all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "check_store_target", "temporary_store_dir",
+           "write_store"]
 
 FORMAT = "moekit-expert-store"
 VERSION = 1
@@ -529,46 +529,10 @@ class ExpertStore:
                                        f"MoE layer {i} of the model has {got}")
 
 
-def load_dense_lm(store: str | os.PathLike | ExpertStore) -> nn.Module:
-    """The moekit `MoELM` of a store written from one, built without allocating its experts: every
-    non-expert weight comes from dense.safetensors and every ExpertBank stays on the meta device
-    (attach the store with `moekit.offload.offload` before running it)."""
-    from safetensors.torch import load_file
+def __getattr__(name: str):
+    # load_dense_lm (building a model from a store) moved to moekit.offload.load; still importable from here.
+    if name == "load_dense_lm":
+        from moekit.offload.load import load_dense_lm
 
-    from moekit.models.lm import LMConfig, MoELM
-
-    st = store if isinstance(store, ExpertStore) else ExpertStore(store)
-    dense = st.manifest.get("dense")
-    if not dense:
-        raise ExpertStoreError(f"expert store {st.path} holds experts only (written from a {st.manifest['source'].get('kind', 'non-moekit')} "
-                               "model): load the model itself, then attach the store with moekit.offload.offload")
-    cfg = LMConfig.from_dict(dense["model_config"])
-    with torch.device("meta"):
-        model = MoELM(cfg)
-    # Materialise everything but the experts; non-persistent buffers are routing statistics (zeros).
-    for module in model.modules():
-        if isinstance(module, ExpertBank):
-            continue
-        for name, p in list(module.named_parameters(recurse=False)):
-            setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad))
-        for name, b in list(module.named_buffers(recurse=False)):
-            module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
-    path = st.path / dense["file"]
-    with open(path, "rb") as f:
-        if hashlib.file_digest(f, "sha256").hexdigest() != dense["sha256"]:
-            raise ExpertStoreError(f"expert store {st.path}: {dense['file']} fails its checksum; rewrite the store")
-    state = load_file(str(path))
-    expert_keys = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, ExpertBank)
-                   for p, _ in m.named_parameters()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    left = sorted(set(missing) - expert_keys - set(dense["aliases"]))
-    if left or unexpected:
-        raise ExpertStoreError(f"expert store {st.path}: {dense['file']} does not fit the model config "
-                               f"(missing {left[:5]}, unexpected {list(unexpected)[:5]})")
-    for alias, target in dense["aliases"].items():
-        owner_name, _, leaf = alias.rpartition(".")
-        t_owner, _, t_leaf = target.rpartition(".")
-        setattr(model.get_submodule(owner_name), leaf, getattr(model.get_submodule(t_owner), t_leaf))
-    if not isinstance(store, ExpertStore):
-        st.close()
-    return model.eval()
+        return load_dense_lm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
