@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import UsageError
@@ -32,6 +31,7 @@ from moekit.layers.overrides import moe_layers
 from moekit.offload.budget import CachePlan, ExpertShape, hot_keys_from_counts, plan_cache
 from moekit.offload.cache import ExpertCache
 from moekit.offload.store import ExpertStore, _expert_tensors
+from moekit.ops.ffn import hidden
 from moekit.ops.grouped import compute_dtype
 from moekit.routers.predict import can_predict, predict_experts, priority_order
 
@@ -226,11 +226,7 @@ class OffloadRuntime:
             ranges = [(starts[e], ends[e]) for e in group]
             r0, r1 = ranges[0][0], ranges[-1][1]
             _linear_rows(x_ND, [w[0] for w in weights], ranges, upcast, h_NX)
-            if swiglu:
-                gate_MF, up_MF = h_NX[r0:r1].chunk(2, dim=-1)
-                h_NF[r0:r1] = F.silu(gate_MF) * up_MF
-            else:
-                h_NF[r0:r1] = F.gelu(h_NX[r0:r1])
+            h_NF[r0:r1] = hidden(h_NX[r0:r1], self.store.activation)  # the expert FFN's own activation
             _linear_rows(h_NF, [w[1] for w in weights], ranges, upcast, y_ND)
             self.cache.end_step(layer_idx)
         return y_ND
