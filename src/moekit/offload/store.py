@@ -25,8 +25,9 @@ no memory map); when opened it checks every manifest field against the files' re
 anything is allocated, and the safetensors headers (a truncated file is refused, naming the first
 expert it cut off); it checks each expert's sha256 on its first read
 (`verify="first"`), on every read (`"always"`) or never (`"never"`). Writes are atomic: the store
-is written into a temporary directory (every file fsynced), which is renamed into place; the
-temporary directories of killed writes are removed by the next `write_store` to the same place.
+is written into a temporary directory (every file fsynced), which is renamed into place
+(moekit.utils.io.atomic_dir); the temporary directories of killed writes are removed by the next
+`write_store` to the same place.
 
 Legend: L MoE layers, E experts per layer, D model dim, F expert hidden dim, S_e bytes per expert.
 """
@@ -36,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 import tempfile
 import threading
@@ -54,13 +54,11 @@ from moekit.layers.overrides import moe_layers
 from moekit.utils.io import (
     MARKER,
     TMP_TAG,
-    atomic_write_text,
+    atomic_dir,
     check_writable_dir,
     marker_kind,
     remove_debris,
-    replace_dir,
-    tmp_path,
-    writing,
+    sha256_file,
 )
 
 __all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "check_store_target", "temporary_store_dir",
@@ -134,8 +132,6 @@ def _write_layer_file(path: Path, bank: nn.Module, layer: int) -> dict[str, Any]
                 h.update(b)
                 f.write(b)
             experts.append({"offset": data_start + e * S_e, "sha256": h.hexdigest()})
-        f.flush()
-        os.fsync(f.fileno())
     return {"index": layer, "file": path.name, "file_nbytes": data_start + E * S_e, "data_start": data_start,
             "experts": experts, "_shapes": shapes, "_sizes": sizes, "_dtype": dtype}
 
@@ -186,48 +182,36 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
             raise ValueError(f"write_store: MoE layer {i}'s expert weights are on the meta device (not loaded)")
         banks.append(bank)
     check_store_target(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_debris(out_dir.parent, out_dir.name)  # temporary directories of killed writes
-    tmp = tmp_path(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(out_dir, tmp):  # a full disk names the target
-        tmp.mkdir()
-        try:
-            entries = [_write_layer_file(tmp / f"layer-{i:03d}.safetensors", bank, i) for i, bank in enumerate(banks)]
-            first = entries[0]
-            for i, ent in enumerate(entries):
-                if ent["_shapes"] != first["_shapes"] or ent["_dtype"] != first["_dtype"]:
-                    raise ValueError(f"write_store: MoE layer {i} has expert shapes {ent['_shapes']} {ent['_dtype']}, "
-                                     f"layer 0 has {first['_shapes']} {first['_dtype']}; the store needs one expert size")
-            names = _tensor_names(banks[0].activation)
-            tensors, offset = [], 0
-            for name, shape, size in zip(names, first["_shapes"], first["_sizes"], strict=True):
-                tensors.append({"name": name, "shape": list(shape), "offset": offset, "nbytes": size})
-                offset += size
-            dense = None
-            if isinstance(model, MoELM):
-                dense_tensors, aliases = _dense_state(model, banks)
-                save_file(dense_tensors, str(tmp / DENSE))
-                with open(tmp / DENSE, "rb") as f:
-                    os.fsync(f.fileno())
-                    digest = hashlib.file_digest(f, "sha256").hexdigest()
-                dense = {"file": DENSE, "sha256": digest, "aliases": aliases, "model_config": model.cfg.to_dict()}
-            manifest = {
-                "format": FORMAT, "version": VERSION,
-                "num_layers": len(banks), "num_experts": banks[0].num_experts, "d_model": banks[0].d_model,
-                "d_expert": banks[0].d_expert, "activation": banks[0].activation,
-                "dtype": str(first["_dtype"]).removeprefix("torch."), "expert_nbytes": offset,
-                "tensors": tensors,
-                "layers": [{k: v for k, v in ent.items() if not k.startswith("_")} | {"name": name}
-                           for ent, name in zip(entries, _layer_names(model, layers), strict=True)],
-                "dense": dense,
-                "source": source or {},
-            }
-            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            replace_dir(tmp, out_dir, KIND, "write_store")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with atomic_dir(out_dir, KIND, "write_store") as tmp:
+        entries = [_write_layer_file(tmp / f"layer-{i:03d}.safetensors", bank, i) for i, bank in enumerate(banks)]
+        first = entries[0]
+        for i, ent in enumerate(entries):
+            if ent["_shapes"] != first["_shapes"] or ent["_dtype"] != first["_dtype"]:
+                raise ValueError(f"write_store: MoE layer {i} has expert shapes {ent['_shapes']} {ent['_dtype']}, "
+                                 f"layer 0 has {first['_shapes']} {first['_dtype']}; the store needs one expert size")
+        names = _tensor_names(banks[0].activation)
+        tensors, offset = [], 0
+        for name, shape, size in zip(names, first["_shapes"], first["_sizes"], strict=True):
+            tensors.append({"name": name, "shape": list(shape), "offset": offset, "nbytes": size})
+            offset += size
+        dense = None
+        if isinstance(model, MoELM):
+            dense_tensors, aliases = _dense_state(model, banks)
+            save_file(dense_tensors, str(tmp / DENSE))
+            digest = sha256_file(tmp / DENSE)
+            dense = {"file": DENSE, "sha256": digest, "aliases": aliases, "model_config": model.cfg.to_dict()}
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "num_layers": len(banks), "num_experts": banks[0].num_experts, "d_model": banks[0].d_model,
+            "d_expert": banks[0].d_expert, "activation": banks[0].activation,
+            "dtype": str(first["_dtype"]).removeprefix("torch."), "expert_nbytes": offset,
+            "tensors": tensors,
+            "layers": [{k: v for k, v in ent.items() if not k.startswith("_")} | {"name": name}
+                       for ent, name in zip(entries, _layer_names(model, layers), strict=True)],
+            "dense": dense,
+            "source": source or {},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return out_dir
 
 

@@ -25,15 +25,7 @@ from moekit.analysis.report.html import render_html
 from moekit.analysis.report.tasks import AnalysisConfig, compute_metrics, static_hits
 from moekit.analysis.routing_trace import RoutingTrace
 from moekit.analysis.tracefile import load_trace, save_trace
-from moekit.utils.io import (
-    atomic_write_text,
-    check_writable_dir,
-    fsync_file,
-    remove_debris,
-    replace_dir,
-    tmp_path,
-    writing,
-)
+from moekit.utils.io import atomic_dir, check_writable_dir
 
 __all__ = ["AnalysisConfig", "analyze", "check_report_dir", "compute_metrics", "render_html", "static_hits"]
 
@@ -63,22 +55,11 @@ def analyze(trace_or_path: RoutingTrace | str | os.PathLike, out_dir: str | os.P
     figures = plots.draw_plots(m)
     page = render_html(m, figures)
     m["timing_s"]["plots_and_html"] = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_debris(out.parent, out.name)  # the temporary set of a killed analyze
-    tmp = tmp_path(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with writing(out, tmp):  # a full disk names the target
-        try:
-            if source is None:
-                save_trace(trace, tmp / TRACE_FILE)
-            else:
-                shutil.copyfile(source, tmp / TRACE_FILE)
-                fsync_file(tmp / TRACE_FILE)
-            atomic_write_text(tmp / "metrics.json", json.dumps(m, indent=1))
-            atomic_write_text(tmp / "report.html", page)
-            replace_dir(tmp, out, KIND, "moekit analyze")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with atomic_dir(out, KIND, "moekit analyze") as tmp:  # a full disk names `out`; nothing half-written
+        if source is None:
+            save_trace(trace, tmp / TRACE_FILE)
+        else:
+            shutil.copyfile(source, tmp / TRACE_FILE)
+        (tmp / "metrics.json").write_text(json.dumps(m, indent=1), encoding="utf-8")
+        (tmp / "report.html").write_text(page, encoding="utf-8")
     return m
