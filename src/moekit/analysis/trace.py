@@ -34,7 +34,7 @@ from torch import nn
 
 from moekit.analysis.routing_trace import RoutingTrace
 from moekit.analysis.tracefile import save_trace
-from moekit.layers.moe import MoELayer
+from moekit.layers.moe import MoELayer, moe_layer_names, moe_layers
 from moekit.routers.predict import can_predict, predict_experts
 
 __all__ = ["TokenBatch", "TraceRecorder", "corpus_batches", "record_trace"]
@@ -67,13 +67,13 @@ class TraceRecorder:
     """
 
     def __init__(self, model: nn.Module, gate_lookahead: int = 3):
-        named = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
-        if not named:
+        layers = moe_layers(model)
+        if not layers:
             raise ValueError(f"TraceRecorder: {type(model).__name__} contains no moekit MoELayer to record")
         if gate_lookahead < 0:
             raise ValueError(f"gate_lookahead must be >= 0, got {gate_lookahead}")
-        self.layer_names = [name or type(m).__name__ for name, m in named]
-        self.layers = [m for _, m in named]
+        self.layer_names = moe_layer_names(model)
+        self.layers = layers
         experts = {m.cfg.num_experts for m in self.layers}
         if len(experts) != 1:
             raise ValueError(f"TraceRecorder: MoE layers have different expert counts {sorted(experts)}; "

@@ -30,6 +30,7 @@ from torch import nn
 from moekit.hf.block import HFMoEBlock, transformers_records_router_logits
 from moekit.hf.detect import TESTED_BLOCKS, BlockSpec, UnsupportedBlockError, looks_like_moe_block, read_block
 from moekit.hf.version import check_transformers_version
+from moekit.layers import moe_layers
 
 PROBE_TOKENS = 16
 
@@ -72,7 +73,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def wrapped_blocks(model: nn.Module) -> list[HFMoEBlock]:
     """The HFMoEBlocks of a wrapped model, in module order (the order of `moekit.route(layers=...)`)."""
-    return [m for m in model.modules() if isinstance(m, HFMoEBlock)]
+    return [m for m in moe_layers(model) if isinstance(m, HFMoEBlock)]
 
 
 def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moekit.experts import ExpertBank
-from moekit.layers.overrides import moe_layers
+from moekit.layers import moe_layers
 from moekit.offload.store import (
     MANIFEST,
     ExpertStore,
@@ -85,7 +85,7 @@ def load_dense_lm(store: str | os.PathLike | ExpertStore) -> nn.Module:
 def store_matches_model(store: ExpertStore, model: nn.Module) -> bool:
     """Shapes match and the first and last expert of every layer have the stored bytes (a cheap
     check that the store was written from these weights)."""
-    layers = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+    layers = moe_layers(model)
     try:
         store.check_matches(layers)
     except Exception:  # any mismatch means "not this model's store"

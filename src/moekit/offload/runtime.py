@@ -26,8 +26,7 @@ from torch import nn
 
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank
-from moekit.layers.moe import MoELayer
-from moekit.layers.overrides import moe_layers
+from moekit.layers.moe import MoELayer, moe_layers
 from moekit.offload.budget import CachePlan, ExpertShape, hot_keys_from_counts, plan_cache
 from moekit.offload.cache import ExpertCache
 from moekit.offload.store import ExpertStore, _expert_tensors
@@ -128,7 +127,7 @@ class OffloadRuntime:
         self.model = model
         self.store = store
         self.plan = plan
-        self.layers: list[MoELayer] = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+        self.layers = moe_layers(model)
         store.check_matches(self.layers)
         for i, layer in enumerate(self.layers):
             if layer.use_reference:
@@ -282,7 +281,7 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: str | int | floa
 
 
 def _layers(model: nn.Module, what: str) -> list[MoELayer]:
-    layers = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+    layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{what}: {type(model).__name__} contains no moekit MoELayer")
     return layers

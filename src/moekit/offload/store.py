@@ -49,8 +49,7 @@ from torch import nn
 
 from moekit.errors import DataError, NotOwnedError
 from moekit.experts import ExpertBank
-from moekit.layers.moe import MoELayer
-from moekit.layers.overrides import moe_layers
+from moekit.layers.moe import MoELayer, moe_layer_names, moe_layers
 from moekit.utils.io import (
     MARKER,
     TMP_TAG,
@@ -169,7 +168,7 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
     from moekit.models.lm import MoELM
 
     out_dir = Path(out_dir)
-    layers: list[MoELayer] = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+    layers = moe_layers(model)
     if not layers:
         raise ValueError(f"write_store: {type(model).__name__} contains no moekit MoELayer")
     banks = []
@@ -207,7 +206,7 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
             "dtype": str(first["_dtype"]).removeprefix("torch."), "expert_nbytes": offset,
             "tensors": tensors,
             "layers": [{k: v for k, v in ent.items() if not k.startswith("_")} | {"name": name}
-                       for ent, name in zip(entries, _layer_names(model, layers), strict=True)],
+                       for ent, name in zip(entries, moe_layer_names(model), strict=True)],
             "dense": dense,
             "source": source or {},
         }
@@ -243,11 +242,6 @@ def _manifest_format(path: Path) -> str | None:
     except (OSError, ValueError):
         return None
     return m.get("format") if isinstance(m, dict) else None
-
-
-def _layer_names(model: nn.Module, layers: list[MoELayer]) -> list[str]:
-    names = {id(m): n for n, m in model.named_modules()}
-    return [names.get(id(m), f"moe{i}") for i, m in enumerate(layers)]
 
 
 # ----------------------------------------------------------------------------- reading
