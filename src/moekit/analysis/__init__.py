@@ -3,6 +3,13 @@ expert caches against their optimal bounds, and write an HTML report.
 
 Metrics and simulators are pure numpy; only the recorder (trace.py) touches torch models.
 See docs/analysis-metrics.md (definitions), docs/trace-format.md (file) and docs/analyze.md (report).
+
+Shape letters: the core's (L layers, T tokens, E experts, K expert slots per token or step, N
+assignments, i.e. valid requests in order), and analysis' own: S sequences, G domains, R bootstrap
+replicates, C cache capacity (and stack depth), Q steps of a request stream (a token at one layer,
+or at every layer; a trace row), U SRP scoring units, V window counts 0..n, J layer pairs (l, l + d),
+P cache policies, Z (policy, stream) rows of the stack simulation. moekit.offload's simulation uses
+the same letters.
 """
 
 from moekit.analysis.cache import (

@@ -1,19 +1,17 @@
 """Routing-trace metrics in pure numpy: load balance, experts per token, domain
 divergence, segment routing locality (SRP), cross-layer affinity and skew.
 
-Every definition follows /work/shared/design/offload.md; docs/analysis-metrics.md
-restates them with the conventions chosen here.
+Definitions, with the paper each comes from: docs/analysis-metrics.md. The trace itself:
+moekit.analysis.routing_trace.
 
-Legend of shape suffixes:
+Legend (the analysis letters of moekit.analysis):
   L  MoE layers             T  tokens of one sequence
   K  expert slots per token (K_max of the padded view; -1 marks an empty slot)
   E  experts per layer      C  cache capacity in experts
-  S  sequences              D  domains
-  B  bootstrap replicates   U  scoring units (1, or E for unit="expert")
-
-A routing trace is a list of sequences, each an int array `experts_LTK` holding the
-*executed* expert ids per layer and token, padded with -1 where a dynamic router
-used fewer than K_max experts. Sequences may differ in T (and in K_max).
+  S  sequences              G  domains
+  R  bootstrap replicates   U  scoring units (1, or E for unit="expert")
+  V  window counts 0..n     J  layer pairs (l, l + d)
+  W  distinct expert sets of a source layer (affinity prediction)
 """
 
 from __future__ import annotations
@@ -209,14 +207,14 @@ def domain_distributions(trace: RoutingTrace) -> dict[str, np.ndarray]:
 
 
 def domain_divergence(trace: RoutingTrace) -> tuple[list[str], np.ndarray]:
-    """(domains, js_DDL): Jensen-Shannon divergence (nats) between the per-layer expert
+    """(domains, js_GGL): Jensen-Shannon divergence (nats) between the per-layer expert
     distributions of every pair of domains; symmetric, 0 on the diagonal, ln 2 for disjoint experts."""
     dist = domain_distributions(trace)
     names = sorted(dist)
-    D, L = len(names), trace.num_layers
-    js = np.zeros((D, D, L))
-    for a in range(D):
-        for b in range(a + 1, D):
+    G, L = len(names), trace.num_layers
+    js = np.zeros((G, G, L))
+    for a in range(G):
+        for b in range(a + 1, G):
             for layer in range(L):
                 js[a, b, layer] = js[b, a, layer] = js_divergence(dist[names[a]][layer], dist[names[b]][layer])
     return names, js
@@ -238,7 +236,7 @@ def _window_hist(experts_TK: np.ndarray, E: int, n: int) -> np.ndarray:
         return np.zeros((E, n + 1), dtype=np.int64)
     cs_ET = np.zeros((E, T + 1), dtype=np.int32)
     np.cumsum(_onehot_ET(experts_TK, E), axis=1, out=cs_ET[:, 1:])
-    c_EW = cs_ET[:, n:] - cs_ET[:, :-n]  # c[s, e] of offload.md, one column per window s
+    c_EW = cs_ET[:, n:] - cs_ET[:, :-n]  # c[s, e] of docs/analysis-metrics.md (SRP), one column per window s
     # Offset by expert so one bincount yields every expert's histogram.
     c_EW += (np.arange(E, dtype=np.int32) * (n + 1))[:, None]
     return np.bincount(c_EW.ravel(), minlength=E * (n + 1)).reshape(E, n + 1)
@@ -304,36 +302,36 @@ def srp_bootstrap(trace: RoutingTrace, n: int, unit: str = "layer", n_boot: int 
 
     Each replicate resamples the sequences with replacement and recomputes SRP from the
     resampled counts (sum counts first, then max over tau), shapes as in `srp`. Memory grows
-    with S * U * (n+1) per layer plus B * L * U * (n+1): unit='expert' with large n is the
+    with S * U * (n+1) per layer plus R * L * U * (n+1): unit='expert' with large n is the
     costly case.
     """
     _check_unit(unit, n)
     S = len(trace.seqs)
     rng = np.random.default_rng(seed)
     # Multiplicity of each sequence in each replicate: resampling = weighted sum of per-sequence counts.
-    w_BS = rng.multinomial(S, np.full(S, 1.0 / S), size=n_boot).astype(np.float64)
+    w_RS = rng.multinomial(S, np.full(S, 1.0 / S), size=n_boot).astype(np.float64)
     value, boot = [], []
     for layer in range(trace.num_layers):
         h_SUV = _per_sequence_hists(trace, n, layer, unit).astype(np.float64)
         value.append(h_SUV.sum(axis=0))
-        boot.append((w_BS @ h_SUV.reshape(S, -1)).reshape(n_boot, *h_SUV.shape[1:]))
-    value_LUV, boot_BLUV = np.stack(value), np.stack(boot, axis=1)
+        boot.append((w_RS @ h_SUV.reshape(S, -1)).reshape(n_boot, *h_SUV.shape[1:]))
+    value_LUV, boot_RLUV = np.stack(value), np.stack(boot, axis=1)
     if unit == "model":
         point = float(_srp_from_hist(value_LUV.sum(axis=(0, 1)), n))
-        lo, hi = _interval(_srp_from_hist(boot_BLUV.sum(axis=(1, 2)), n))
+        lo, hi = _interval(_srp_from_hist(boot_RLUV.sum(axis=(1, 2)), n))
         return point, float(lo), float(hi)
     point = _srp_from_hist(value_LUV, n)
-    lo, hi = _interval(_srp_from_hist(boot_BLUV, n))
+    lo, hi = _interval(_srp_from_hist(boot_RLUV, n))
     if unit == "layer":
         return point[:, 0], lo[:, 0], hi[:, 0]
     return point, lo, hi
 
 
-def _interval(reps_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _interval(reps_R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """2.5 and 97.5 percentiles over the replicate axis, nan where every replicate is nan."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-nan units are expected (unused experts)
-        lo, hi = np.nanpercentile(reps_B, [2.5, 97.5], axis=0)
+        lo, hi = np.nanpercentile(reps_R, [2.5, 97.5], axis=0)
     return lo, hi
 
 
@@ -391,16 +389,16 @@ def _affinity_hits(A_EE: np.ndarray, src_TK: np.ndarray, dst_TK: np.ndarray) -> 
     K = src_sorted.shape[1]
     if K * np.log2(E + 1) < 62:  # one int64 key per set: digits id+1 in base E+1 (a 1-d unique is fast)
         key_T = ((src_sorted + 1) * (E + 1) ** np.arange(K, dtype=np.int64)).sum(axis=1)
-        _, first_U, inv_T = np.unique(key_T, return_index=True, return_inverse=True)
-        uniq_UK = src_sorted[first_U]
+        _, first_W, inv_T = np.unique(key_T, return_index=True, return_inverse=True)
+        uniq_WK = src_sorted[first_W]
     else:
-        uniq_UK, inv_T = np.unique(src_sorted, axis=0, return_inverse=True)
+        uniq_WK, inv_T = np.unique(src_sorted, axis=0, return_inverse=True)
     inv_T = inv_T.reshape(-1)
-    scores_UE = np.where((uniq_UK >= 0)[:, :, None], A_EE[np.maximum(uniq_UK, 0)], 0.0).sum(axis=1)
-    order_UE = np.argsort(-scores_UE, axis=1, kind="stable")  # stable: equal scores keep id order
-    rank_UE = np.empty_like(order_UE)
-    np.put_along_axis(rank_UE, order_UE, np.arange(E)[None, :].repeat(len(uniq_UK), 0), axis=1)
-    rank_TK = rank_UE[inv_T[:, None], np.maximum(dst_TK, 0)]
+    scores_WE = np.where((uniq_WK >= 0)[:, :, None], A_EE[np.maximum(uniq_WK, 0)], 0.0).sum(axis=1)
+    order_WE = np.argsort(-scores_WE, axis=1, kind="stable")  # stable: equal scores keep id order
+    rank_WE = np.empty_like(order_WE)
+    np.put_along_axis(rank_WE, order_WE, np.arange(E)[None, :].repeat(len(uniq_WK), 0), axis=1)
+    rank_TK = rank_WE[inv_T[:, None], np.maximum(dst_TK, 0)]
     return int((ok_TK & (rank_TK < k_T[:, None])).sum()), int(k_T.sum())
 
 
@@ -448,7 +446,7 @@ def _gate_prefetch_counts(trace: RoutingTrace) -> dict[int, tuple[np.ndarray, ..
         for s, p in zip(trace.seqs, preds, strict=True):
             ok_LTK = s >= 0
             has |= (p >= 0).any(axis=(1, 2))
-            # executed_LTK vs predicted_LTJ: is each executed expert among the token's predictions?
+            # executed_LTK vs predicted_LTK: is each executed expert among the token's predictions?
             found_LTK = ((s[:, :, :, None] == p[:, :, None, :]) & ok_LTK[..., None]).any(axis=3)
             hits += found_LTK.sum(axis=(1, 2))
             reqs += ok_LTK.sum(axis=(1, 2))

@@ -5,7 +5,7 @@ expert ids per layer and token, padded with -1 where a dynamic router used fewer
 Sequences may differ in T (and in K_max). Files: `moekit.analysis.tracefile` (docs/trace-format.md).
 
 Legend (analysis letters, see moekit.analysis): L MoE layers, T tokens of one sequence, K expert
-slots per token (-1 marks an empty slot), J predicted experts per token, E experts per layer.
+slots per token, executed or predicted (-1 marks an empty slot), E experts per layer.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class RoutingTrace:
     domains: optional domain label per sequence.
     weights: optional combine weights, one float array per sequence shaped like its `seqs`
         entry (0 in padded slots).
-    prefetch: optional router-based predictions {d: per-sequence `predicted_LTJ`} (L and T as the
-        sequence's experts, any width J): for layer l >= d, the experts layer l's router picks from
+    prefetch: optional router-based predictions {d: per-sequence `predicted_LTK`} (L and T as the
+        sequence's experts, any width K): for layer l >= d, the experts layer l's router picks from
         the input of layer l - d (moekit.routers.predict), -1 = empty slot. A layer has predictions
         at distance d iff some token there has one (none for l < d or a recurrent router).
     layer_names: optional module name of each MoE layer.

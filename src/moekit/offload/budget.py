@@ -171,8 +171,8 @@ def hot_keys_from_counts(counts_LE: np.ndarray, plan: CachePlan) -> list[list[in
     counts_LE = np.asarray(counts_LE)
     if counts_LE.ndim != 2:
         raise ValueError(f"hot-set counts must be (layers, experts), got shape {counts_LE.shape}")
-    H = plan.hot_capacity
+    hot = plan.hot_capacity
     if plan.scope == "layer":
-        return [np.argsort(-row, kind="stable")[:H].tolist() for row in counts_LE]
-    return [np.argsort(-counts_LE.reshape(-1), kind="stable")[:H].tolist()]
+        return [np.argsort(-row, kind="stable")[:hot].tolist() for row in counts_LE]
+    return [np.argsort(-counts_LE.reshape(-1), kind="stable")[:hot].tolist()]
 

@@ -1,4 +1,4 @@
-"""Generation under an expert-memory budget, with the figures of /work/shared/design/offload.md.
+"""Generation under an expert-memory budget, with the figures of docs/offload.md.
 
     result = offloaded_generate(model_or_run, prompt_ids, 64, budget="25%", policy="predictive")
     result.ids_BT, result.metrics, result.trace

@@ -1,6 +1,7 @@
 """Plain PyTorch references: the test oracle for every fast path (not a production branch).
 
-Legend: T tokens, D model dim, E experts, F expert hidden dim, N assignments.
+Legend: T tokens, D model dim, E experts, F expert hidden dim, N assignments, M the assignments of
+one expert.
 
 `moe_reference` runs the whole routed computation as a loop over experts, reading only the
 ragged (token, expert, weight) assignment: for each expert, gather its tokens, run its FFN

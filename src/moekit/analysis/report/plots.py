@@ -66,15 +66,15 @@ def draw_plots(m: dict) -> dict[str, str]:
 
     spec = m.get("specialisation")
     if spec:
-        dist = np.array(spec["dist_DLE"], dtype=np.float64)  # (D, L, E)
-        D = dist.shape[0]
-        fig, axes = plt.subplots(2, 1, figsize=(min(16, 4 + L * E * 0.01), 2.2 + 0.3 * D + 2.5),
-                                 gridspec_kw={"height_ratios": [max(1.0, 0.3 * D), 1.6]})
-        im = axes[0].imshow(dist.reshape(D, L * E) * E, aspect="auto", cmap="magma", interpolation="nearest",
+        dist = np.array(spec["dist_GLE"], dtype=np.float64)  # (G, L, E)
+        G = dist.shape[0]
+        fig, axes = plt.subplots(2, 1, figsize=(min(16, 4 + L * E * 0.01), 2.2 + 0.3 * G + 2.5),
+                                 gridspec_kw={"height_ratios": [max(1.0, 0.3 * G), 1.6]})
+        im = axes[0].imshow(dist.reshape(G, L * E) * E, aspect="auto", cmap="magma", interpolation="nearest",
                             vmax=max(2.0, float(np.nanpercentile(dist * E, 99))))
         for layer in range(1, L):
             axes[0].axvline(layer * E - 0.5, color="w", lw=0.5)
-        axes[0].set_yticks(range(D), spec["domains"])
+        axes[0].set_yticks(range(G), spec["domains"])
         axes[0].set(xlabel="layer x expert (white lines separate layers)",
                     title="Domain specialisation: share of the domain's assignments x E (1 = uniform)")
         fig.colorbar(im, ax=axes[0], label="share x E")

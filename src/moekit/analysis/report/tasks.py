@@ -142,13 +142,13 @@ def _task_basic(trace: RoutingTrace, k_ref: int, cfg: AnalysisConfig) -> dict:
     if trace.domains is not None:
         out["experts_per_token"]["by_domain"] = {
             d: {"mean_L": m, "hist_LK": h} for d, (m, h) in sorted(experts_per_token_by_domain(trace).items())}
-        names, js_DDL = domain_divergence(trace)
+        names, js_GGL = domain_divergence(trace)
         dist = domain_distributions(trace)
-        D = len(names)
-        pairs = [(a, b) for a in range(D) for b in range(a + 1, D)]
+        G = len(names)
+        pairs = [(a, b) for a in range(G) for b in range(a + 1, G)]
         out["specialisation"] = {
-            "domains": names, "dist_DLE": np.stack([dist[d] for d in names]), "js_DDL": js_DDL,
-            "mean_pairwise_js_L": (np.mean([js_DDL[a, b] for a, b in pairs], axis=0) if pairs
+            "domains": names, "dist_GLE": np.stack([dist[d] for d in names]), "js_GGL": js_GGL,
+            "mean_pairwise_js_L": (np.mean([js_GGL[a, b] for a, b in pairs], axis=0) if pairs
                                    else np.full(trace.num_layers, np.nan)),
         }
     # Best static hot set: per layer and over the whole model, every capacity of the sweeps.
@@ -197,10 +197,10 @@ def _task_srp(trace: RoutingTrace, n: int, cfg: AnalysisConfig) -> dict:
 
 
 def _task_layer_caches(trace: RoutingTrace, k_ref: int, cfg: AnalysisConfig) -> dict:
-    req_LNK = np.stack(cache_mod.layer_requests(trace))
+    req_LQK = np.stack(cache_mod.layer_requests(trace))
     policies = [("lru", 1), ("lfu", 1)] + [("sch", n) for n in cfg.sch_n] + [("set_min", 1), ("bypass_min", 1)]
     C_list = list(range(k_ref, cfg.max_multiple * k_ref + 1))
-    curves = stack_hit_curves(req_LNK, trace.num_experts, max(C_list), policies)
+    curves = stack_hit_curves(req_LQK, trace.num_experts, max(C_list), policies)
     total = curves.requests_L.sum()
     out = {"C": C_list, "requests": int(total), "policies": {}}
     for label in curves.policies:
