@@ -18,14 +18,13 @@ of killed exports are removed by the next export to the same place.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from moekit.errors import UsageError
 from moekit.models import MoELM
-from moekit.utils.io import check_writable_dir, fsync_file, remove_debris, replace_dir, tmp_path, writing
+from moekit.utils.io import atomic_dir, check_writable_dir
 
 KIND = "export"  # ownership marker kind (moekit.utils.io)
 
@@ -147,30 +146,19 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> P
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(hf_cfg).float().eval()
     _copy_weights(model, hf)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_debris(out_dir.parent, out_dir.name)
-    tmp = tmp_path(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(out_dir, tmp):  # a full disk names the target
-        try:
-            hf.save_pretrained(tmp)
-            loaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True).float().eval()
-            ids_BT = torch.randint(0, model.cfg.vocab_size, (2, min(24, model.cfg.max_seq_len)),
-                                   generator=torch.Generator().manual_seed(0))
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                ours = model(ids_BT).float()
-                theirs = loaded(input_ids=ids_BT).logits.float()
-            model.train(was_training)
-            diff = float((ours - theirs).abs().max())
-            if diff > atol:
-                raise ExportVerificationError(f"moekit export: {type(loaded).__name__} logits differ from moekit's by "
-                                              f"{diff:.2e} (> {atol}); the export was not written")
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    fsync_file(f)
-            replace_dir(tmp, out_dir, KIND, "moekit export")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out_dir, KIND, "moekit export") as tmp:  # a full disk names out_dir; nothing half-written
+        hf.save_pretrained(tmp)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True).float().eval()
+        ids_BT = torch.randint(0, model.cfg.vocab_size, (2, min(24, model.cfg.max_seq_len)),
+                               generator=torch.Generator().manual_seed(0))
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            ours = model(ids_BT).float()
+            theirs = loaded(input_ids=ids_BT).logits.float()
+        model.train(was_training)
+        diff = float((ours - theirs).abs().max())
+        if diff > atol:
+            raise ExportVerificationError(f"moekit export: {type(loaded).__name__} logits differ from moekit's by "
+                                          f"{diff:.2e} (> {atol}); the export was not written")
     return out_dir

@@ -287,6 +287,17 @@ class MoELayer(nn.Module):
                 f"active_params={cfg.num_active_params():,}")
 
 
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """Every MoELayer of `model` (itself included), in module order: the order in which MoE-layer
+    indices count everywhere (`moekit.route(layers=...)`, `mask_experts`, traces, expert stores)."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def moe_layer_names(model: nn.Module) -> list[str]:
+    """The module name of each of `moe_layers(model)` (the class name for `model` itself)."""
+    return [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (where activation checkpointing recomputes)."""
     return torch._C._current_graph_task_id() != -1
@@ -301,9 +312,8 @@ def _detached(route: RouterOutput) -> RouterOutput:
 def after_optimizer_step(model: nn.Module) -> None:
     """Call once after each `optimizer.step()`: router state updates (aux-loss-free selection bias,
     k schedules) for every MoELayer of `model`."""
-    for m in model.modules():
-        if isinstance(m, MoELayer):
-            m.after_optimizer_step()
+    for m in moe_layers(model):
+        m.after_optimizer_step()
 
 
 def attach_aux_losses(model: nn.Module, coefs: Mapping[str, float] | None) -> list[MoELayer]:
@@ -318,7 +328,7 @@ def attach_aux_losses(model: nn.Module, coefs: Mapping[str, float] | None) -> li
     walks is built inside backward. Divide the coefficients by the number of gradient-accumulation
     micro-batches if the task loss is divided so. Names: one of AUX_LOSS_NAMES. Returns the layers.
     """
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    layers = moe_layers(model)
     if not layers:
         raise ValueError(f"attach_aux_losses(): {type(model).__name__} contains no MoELayer")
     per_layer = None

@@ -22,15 +22,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank
-from moekit.layers.moe import MoELayer
-from moekit.layers.overrides import moe_layers
-from moekit.offload.cache import CachePlan, ExpertCache, ExpertShape, hot_keys_from_counts, plan_cache
+from moekit.layers.moe import MoELayer, moe_layers
+from moekit.offload.budget import CachePlan, ExpertShape, hot_keys_from_counts, plan_cache
+from moekit.offload.cache import ExpertCache
 from moekit.offload.store import ExpertStore, _expert_tensors
+from moekit.ops.ffn import hidden
 from moekit.ops.grouped import compute_dtype
 from moekit.routers.predict import can_predict, predict_experts, priority_order
 
@@ -56,7 +56,7 @@ def hot_counts(source, num_layers: int, num_experts: int):
     """Per-(layer, expert) use counts (L, E) from a RoutingTrace, a trace file path or an array."""
     import numpy as np
 
-    from moekit.analysis.metrics import RoutingTrace
+    from moekit.analysis.routing_trace import RoutingTrace
     from moekit.analysis.tracefile import load_trace
 
     if isinstance(source, str) or hasattr(source, "__fspath__"):
@@ -127,7 +127,7 @@ class OffloadRuntime:
         self.model = model
         self.store = store
         self.plan = plan
-        self.layers: list[MoELayer] = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+        self.layers = moe_layers(model)
         store.check_matches(self.layers)
         for i, layer in enumerate(self.layers):
             if layer.use_reference:
@@ -225,11 +225,7 @@ class OffloadRuntime:
             ranges = [(starts[e], ends[e]) for e in group]
             r0, r1 = ranges[0][0], ranges[-1][1]
             _linear_rows(x_ND, [w[0] for w in weights], ranges, upcast, h_NX)
-            if swiglu:
-                gate_MF, up_MF = h_NX[r0:r1].chunk(2, dim=-1)
-                h_NF[r0:r1] = F.silu(gate_MF) * up_MF
-            else:
-                h_NF[r0:r1] = F.gelu(h_NX[r0:r1])
+            h_NF[r0:r1] = hidden(h_NX[r0:r1], self.store.activation)  # the expert FFN's own activation
             _linear_rows(h_NF, [w[1] for w in weights], ranges, upcast, y_ND)
             self.cache.end_step(layer_idx)
         return y_ND
@@ -285,7 +281,7 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: str | int | floa
 
 
 def _layers(model: nn.Module, what: str) -> list[MoELayer]:
-    layers = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+    layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{what}: {type(model).__name__} contains no moekit MoELayer")
     return layers

@@ -183,7 +183,7 @@ class Router(nn.Module):
         """Raise ValueError for settings this router cannot honour (override in routers)."""
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        # NOTE: gate math in fp32 whatever the model dtype (algorithms.md §0).
+        # NOTE: gate math in fp32 whatever the model dtype (docs/routing.md, Precision).
         return torch.nn.functional.linear(x_TD.float(), self.weight.float())
 
     def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> RouterOutput:
