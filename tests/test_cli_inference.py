@@ -7,7 +7,6 @@ import torch
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
 from moekit.cli import main
-from moekit.errors import UsageError
 
 TINY = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2", "--moe.d_expert", "32",
         "--moe.num_experts", "4", "--train.steps", "2", "--train.micro_batch", "2", "--train.seq_len", "16",
@@ -58,11 +57,16 @@ def test_analyze_hf_and_run_write_report_and_trace(hf_dir, tmp_path, capsys):
     assert metrics["trace"]["num_layers"] == 2
     # the saved trace can be analysed again on its own
     assert main(["analyze", str(tmp_path / "b" / "trace.npz"), "--out", str(tmp_path / "c"), *args]) == 0
-    with pytest.raises(UsageError, match="exactly one of RUN and --hf"):
-        main(["eval", str(run), "--hf", str(hf_dir)])
+    capsys.readouterr()
+    assert main(["eval", str(run), "--hf", str(hf_dir)]) == 2
+    assert capsys.readouterr().err == "moekit eval: give exactly one of RUN and --hf DIR\n"
 
 
-def test_exactly_one_source_is_required(hf_dir, tmp_path):
-    with pytest.raises(UsageError, match="exactly one of RUN and --hf"):
-        main(["eval"])
+def test_exactly_one_source_is_required(hf_dir, tmp_path, capsys):
+    assert main(["eval"]) == 2
+    assert capsys.readouterr().err == "moekit eval: give exactly one of RUN and --hf DIR\n"
     assert main(["analyze", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("moekit analyze: give exactly one of SOURCE (run directory or trace file) and "
+                                       "--hf DIR\n")
+    assert main(["offload", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "moekit offload: give RUN OUT, or --hf DIR OUT (got 1 paths)\n"

@@ -7,12 +7,18 @@
   moekit compare --presets A,B,...     equal-terms training of router families, one table
   moekit export RUN --to hf DIR        a transformers checkpoint with the identical routing rule
   moekit analyze RUN|--hf DIR|TRACE    routing metrics and an HTML report
+  moekit offload RUN|--hf DIR OUT      write an expert store for `generate --expert-budget`
   moekit bench NAME [ARGS]             a benchmark script (JSON lines)
+
+Every mistake ends in one line, `moekit COMMAND: message`, with exit code 2 for a usage error (a bad
+flag, argument or path) and 1 for a failure (a damaged file, a full disk); Ctrl-C exits with 130.
+MOEKIT_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -23,6 +29,7 @@ from pathlib import Path
 import torch
 
 import moekit
+from moekit.errors import MoekitError
 from moekit.ops.grouped import compute_dtype, cpu_has_native_low_precision, grouped_mm_available
 
 BENCHMARKS = ("layer", "hf", "analysis", "offload", "train")
@@ -42,8 +49,8 @@ def _info(_args) -> int:
 def _bench(args) -> int:
     script = Path(__file__).resolve().parents[2] / "benchmarks" / f"{args.name}.py"
     if not script.is_file():
-        print(f"moekit bench: {script} not found; benchmarks run from a source checkout of moekit", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(errno.ENOENT, "benchmark script not found (benchmarks run from a source checkout "
+                                "of moekit)", str(script))
     sys.argv = [str(script), *args.rest]
     runpy.run_path(str(script), run_name="__main__")
     return 0
@@ -222,15 +229,12 @@ def _compare(args) -> int:
 
 
 def _export(args) -> int:
-    from moekit.hf.export import ExportError, export_hf
+    from moekit.hf.export import check_export_target, export_hf
     from moekit.train import load_trained
 
+    check_export_target(args.dir)  # before the model is loaded
     model, _, _ = load_trained(args.run)
-    try:
-        path = export_hf(model, args.dir)
-    except (ExportError, FileExistsError) as e:
-        print(e, file=sys.stderr)
-        return 2
+    path = export_hf(model, args.dir)
     print(f"moekit export: wrote {path} (config.json + safetensors); load it with "
           f"AutoModelForCausalLM.from_pretrained({str(path)!r})")
     return 0
@@ -252,14 +256,71 @@ def _preset_in(argv: list[str]) -> str:
 
 
 def _add_offload_arguments(parser) -> None:
-    try:
-        from moekit.offload.cli import add_offload_arguments
-    except ImportError:  # the offload package is optional until it lands
-        return
+    from moekit.offload.cli import add_offload_arguments
+
     add_offload_arguments(parser)
 
 
+def _one_line(e: BaseException) -> str:
+    """The message of an error as one line (OSErrors as 'reason: path')."""
+    if isinstance(e, OSError) and e.strerror:
+        msg = e.strerror + (f": {e.filename}" if e.filename else "")
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            msg += "; nothing was left half-written: free some space (or raise the limit) and run it again"
+    elif isinstance(e, MemoryError):
+        msg = f"out of memory{': ' + str(e) if str(e) else ''}"
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(part.strip() for part in msg.splitlines() if part.strip())
+
+
+def _exit_code(e: BaseException) -> int:
+    """2 for a usage error (bad flag, argument or path), 1 for a failure."""
+    if isinstance(e, MoekitError):
+        return e.exit_code
+    if isinstance(e, FileNotFoundError | NotADirectoryError | IsADirectoryError | FileExistsError):
+        return 2
+    if isinstance(e, ValueError) and not isinstance(e, UnicodeDecodeError | json.JSONDecodeError):
+        return 2  # config validation and argument checks raise ValueError naming the field
+    return 1
+
+
+# What main() reports as one line; anything else is a bug in moekit and keeps its traceback.
+_USER_ERRORS = (MoekitError, ValueError, OSError, MemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every error a user can cause ends as one line on stderr (see the module doc)."""
+    parser = _parser(argv)
+    args = parser.parse_args(argv)  # argparse prints usage errors itself and exits with 2
+    debug = os.environ.get("MOEKIT_DEBUG", "") not in ("", "0")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        if argv is None:  # the `moekit` command itself, not a caller's main([...])
+            # NOTE: every finally block has run (temporary files removed, worker processes terminated);
+            # skip the interpreter's teardown, which takes seconds with torch loaded, so Ctrl-C ends now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        return 130  # as a shell reports a process ended by SIGINT; nothing to add to the user's Ctrl-C
+    except SystemExit as e:
+        if isinstance(e.code, str) and not debug:  # raise SystemExit("message"): a usage error
+            print(_one_line(e.code if e.code.startswith("moekit ") else f"moekit {args.command}: {e.code}"),
+                  file=sys.stderr)
+            return 2
+        raise
+    except _USER_ERRORS as e:
+        if debug:
+            raise
+        msg = _one_line(e)
+        print(msg if msg.startswith(f"moekit {args.command}") else f"moekit {args.command}: {msg}", file=sys.stderr)
+        return _exit_code(e)
+
+
+def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts models with dynamic routing.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, routers and compute backends").set_defaults(func=_info)
@@ -287,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="generate text from a run or a transformers checkpoint")
     g.add_argument("run", nargs="?", help="a moekit run directory")
     g.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint directory (wrapped by moekit)")
-    g.add_argument("--prompt", default="")
+    g.add_argument("--prompt", default="", help="text to continue (UTF-8; other bytes go to a byte-level model as they are)")
     g.add_argument("--bos", action="store_true", help="start with the BOS token")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -311,12 +372,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--no-progress", action="store_true")
     add_config_flags(c)
     c.set_defaults(func=_compare)
+    o = sub.add_parser("offload", help="write an expert store (checksummed, atomic) for memory-constrained inference")
+    from moekit.offload import cli as offload_cli
+
+    offload_cli.add_store_arguments(o)
+    o.set_defaults(func=offload_cli.write_store_command)
     b = sub.add_parser("bench", help="run a benchmark script (prints JSON lines)")
     b.add_argument("name", choices=BENCHMARKS)
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark, e.g. --quick")
     b.set_defaults(func=_bench)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
 
 
 if __name__ == "__main__":

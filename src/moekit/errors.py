@@ -7,6 +7,12 @@ for failures (`MOEKIT_DEBUG=1` shows the traceback).
     DataError (ValueError)      a file that is damaged, truncated, of another version or not moekit's
     NotOwnedError (FileExistsError)
                                 moekit refuses to write into or replace a directory it did not create
+
+Errors of one subsystem subclass these and keep the base class they had before the hierarchy, so
+that `except RuntimeError` / `except ValueError` written against older moekit still catches them:
+ExpertStoreError (DataError, RuntimeError), PrefetchError (MoekitError, RuntimeError),
+TraceFormatError (DataError), ExportError (UsageError; ExportVerificationError exits 1),
+UnsupportedBlockError (UsageError).
 """
 
 from __future__ import annotations

@@ -229,21 +229,30 @@ def test_wrong_version_and_format_are_refused(tmp_path):
 
 def test_inconsistent_columns_are_refused(tmp_path):
     path = save_trace(sample_trace(), tmp_path / "i.trace")
+    assignment_columns = ("expert_ids", "expert_weights", "prefetch_1")
 
     def drop_one(name, a):
-        return a[:-1] if name == "expert_ids" else a
+        return a[:-1] if name in assignment_columns else a
 
-    def fix_header(h):
-        spec = h["columns"]["expert_ids"]
+    def fix_specs(h):
         with zipfile.ZipFile(bad) as z:
-            a = np.lib.format.read_array(io.BytesIO(z.read("expert_ids.npy")))
-        spec["shape"], spec["sha256"] = list(a.shape), hashlib.sha256(a.tobytes()).hexdigest()
+            for name in assignment_columns:
+                a = np.lib.format.read_array(io.BytesIO(z.read(f"{name}.npy")))
+                spec = h["columns"][name]
+                spec["shape"], spec["sha256"] = list(a.shape), hashlib.sha256(a.tobytes()).hexdigest()
+        return h
+
+    def fix_count(h):
+        h["num_assignments"] -= 1
         return h
 
     bad = rewrite(path, tmp_path / "bad.trace", column_fn=drop_one)
     with pytest.raises(TraceFormatError, match="has dtype .* shape"):
         load_trace(bad)
-    fixed = rewrite(bad, tmp_path / "fixed.trace", header_fn=fix_header)
+    fixed = rewrite(bad, tmp_path / "fixed.trace", header_fn=fix_specs)
+    with pytest.raises(TraceFormatError, match=r"column 'expert_ids' has shape \[\d+\] in the header, expected"):
+        load_trace(fixed)  # the header's own count disagrees with the columns' declared shapes
+    fixed = rewrite(fixed, tmp_path / "fixed2.trace", header_fn=fix_count)
     with pytest.raises(TraceFormatError, match="row_experts sums to"):
         load_trace(fixed)
 

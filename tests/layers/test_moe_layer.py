@@ -1,4 +1,4 @@
-"""MoELayer invariants (conventions.md §4) and the fast path against the reference loop."""
+"""MoELayer invariants and the fast path against the reference loop."""
 
 import pytest
 import torch

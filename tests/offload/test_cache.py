@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moekit.analysis.cache import bypass_min, simulate_lfu, simulate_lru, simulate_static
+from moekit.errors import UsageError
 from moekit.offload import (
     ExpertCache,
     ExpertStore,
@@ -17,7 +18,7 @@ from moekit.offload import (
     simulate_predictive,
     write_store,
 )
-from moekit.offload.cache import hot_keys_from_counts
+from moekit.offload.budget import hot_keys_from_counts
 
 from .conftest import tiny_lm
 
@@ -38,18 +39,32 @@ def test_parse_budget_forms():
     assert parse_budget("100%", total) == 1000
     assert parse_budget(300, total) == 300
     assert parse_budget("300", total) == 300
-    assert parse_budget(0.5, total) == 500
+    assert parse_budget(300.0, total) == 300 and parse_budget("3e2", total) == 300
+    assert parse_budget(1, total) == 1 and parse_budget("1", total) == 1  # a bare number >= 1 is bytes
     assert parse_budget("2KiB", total) == 2048 and parse_budget("1.5MB", total) == 1_500_000
-    assert parse_budget("1 GiB", total) == 2**30
+    assert parse_budget("1 GiB", total) == 2**30 and parse_budget("512mb", total) == 512 * 10**6
+
+
+@pytest.mark.parametrize("budget", [300, 300.0, 4096, 1, 2.0, "7KiB", "25%"])
+def test_python_and_command_line_budgets_mean_the_same(budget):
+    assert parse_budget(budget, 10**6) == parse_budget(str(budget), 10**6)
 
 
 @pytest.mark.parametrize("bad, match", [
     ("0%", r"\(0, 100\].*leaves no room"), ("-5%", r"\(0, 100\]"), ("150%", "more than all experts"),
     ("abc%", "not a number"), ("12 parsecs", "expected a percentage"), (0, "must be positive"),
-    (1.5, r"fraction .* \(0, 1\]"), (0.0, r"\(0, 1\]"), ("0", "must be positive"), (True, "expected a percentage"),
+    ("0", "must be positive"), (0.0, "must be positive"), (True, "expected a percentage"),
+    (0.5, "less than one byte; for a fraction of the experts write '50%'"),
+    ("0.25", "less than one byte; for a fraction of the experts write '25%'"),
+    (1.5, "whole number of bytes"), ("1e999", "not a finite size"), (float("inf"), "not a finite size"),
+    (float("nan"), "not a finite size"), ("nan%", "not a finite percentage"), ("1e999%", "not a finite"),
+    ("-3", "expected a percentage"), ("0.5MB", None),
 ])
 def test_parse_budget_refuses_clearly(bad, match):
-    with pytest.raises(ValueError, match=match):
+    if match is None:  # a unit makes a fraction meaningful
+        assert parse_budget(bad, 1000) == 500_000
+        return
+    with pytest.raises(UsageError, match=match):
         parse_budget(bad, 1000)
 
 

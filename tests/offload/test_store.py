@@ -95,7 +95,7 @@ def test_missing_manifest_wrong_version_and_foreign_directories(model, tmp_path)
         ExpertStore(store_dir)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not an expert store"):
+    with pytest.raises(FileExistsError, match="holds files moekit did not write"):
         write_store(model, tmp_path / "mine")
     # Rewriting a store replaces it whole.
     other = tiny_lm(seed=3)

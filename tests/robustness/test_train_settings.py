@@ -188,3 +188,14 @@ def test_a_directory_that_is_not_a_run_is_one_line(tmp_path):
         with pytest.raises(UsageError, match=r"is not a moekit run \(it has no config.json or checkpoints/\)"):
             main(argv)
     assert not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.parametrize("flags,line", [
+    (["--train.lr", "inf"], "moekit train: --train.lr inf is invalid; allowed: a finite number\n"),
+    (["--train.checkpoint_every", "0"], "moekit train: --train.checkpoint_every 0 is invalid; allowed: an integer >= 1\n"),
+])
+def test_the_command_prints_the_same_line(flags, line, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MOEKIT_DEBUG")
+    assert main(["train", "--out", str(tmp_path / "r"), *TINY, *flags]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] + "\n" == line
+    assert not (tmp_path / "r").exists()

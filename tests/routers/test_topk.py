@@ -21,7 +21,7 @@ def test_softmax_topk_renormalised_equals_softmax_over_topk_logits():
     out = r(x)
     idx_TK, w_TK = out.to_padded()
     logits = out.logits_TE
-    # algorithms.md §0: softmax over the top-k logits == renormalised top-k of the full softmax
+    # softmax over the top-k logits == renormalised top-k of the full softmax
     expected = torch.softmax(logits.gather(1, idx_TK), dim=-1)
     torch.testing.assert_close(w_TK, expected)
     # and the chosen experts are the k largest logits

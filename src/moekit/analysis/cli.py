@@ -2,7 +2,10 @@
 
 RUN (a moekit run directory) and --hf DIR (a local transformers checkpoint, wrapped) are first run
 over the embedded corpus's validation split while a `TraceRecorder` records their routing; the
-trace is saved as DIR/trace.npz next to the report. TRACE is an existing trace file.
+trace is saved as OUT/trace.npz next to the report. TRACE is an existing trace file (copied there).
+The three files are written as one set or not at all (moekit.analysis.report.analyze); OUT is
+checked (absent, empty or an earlier report) before any recording starts. Errors are raised;
+moekit.cli prints them as one line.
 
 The top-level CLI wires it up with:
 
@@ -14,7 +17,6 @@ The top-level CLI wires it up with:
 from __future__ import annotations
 
 import argparse
-import sys
 
 __all__ = ["add_arguments", "run"]
 
@@ -29,43 +31,51 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", nargs="?", help="a moekit run directory or a routing-trace file (docs/trace-format.md)")
     parser.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint directory instead of SOURCE")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per validation sample when recording (default 256)")
-    parser.add_argument("--samples-per-domain", type=int, default=32,
+    parser.add_argument("--seq-len", type=_positive, default=256,
+                        help="tokens per validation sample when recording (default 256)")
+    parser.add_argument("--samples-per-domain", type=_positive, default=32,
                         help="validation samples per domain when recording (default 32)")
-    parser.add_argument("--out", required=True, help="output directory for report.html and metrics.json")
-    parser.add_argument("--workers", type=int, default=2, help="processes for the simulations (default 2)")
+    parser.add_argument("--out", required=True,
+                        help="output directory for report.html, metrics.json and trace.npz (absent, empty or an "
+                             "earlier report)")
+    parser.add_argument("--workers", type=_positive, default=2, help="processes for the simulations (default 2)")
     parser.add_argument("--srp-n", type=_ints, default=(4, 16, 64, 256), help="SRP segment lengths (default 4,16,64,256)")
     parser.add_argument("--sch-n", type=_ints, default=(4, 16, 64), help="SCH segment lengths, per-layer caches")
     parser.add_argument("--model-sch-n", type=_ints, default=(16,), help="SCH segment lengths, whole-model cache")
-    parser.add_argument("--max-multiple", type=int, default=8, help="per-layer caches: C from k to this times k")
+    parser.add_argument("--max-multiple", type=_positive, default=8, help="per-layer caches: C from k to this times k")
     parser.add_argument("--model-multiples", type=_ints, default=(1, 2, 4, 8),
                         help="whole-model cache: C = L x multiple x k (default 1,2,4,8)")
-    parser.add_argument("--boot", type=int, default=200, help="bootstrap replicates for SRP intervals")
+    parser.add_argument("--boot", type=_positive, default=200, help="bootstrap replicates for SRP intervals")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from moekit.analysis.report import AnalysisConfig, analyze
-    from moekit.analysis.tracefile import TraceFormatError
+    from moekit.analysis.report import AnalysisConfig, analyze, check_report_dir
 
     cfg = AnalysisConfig(srp_n=args.srp_n, n_boot=args.boot, sch_n=args.sch_n, model_sch_n=args.model_sch_n,
                          max_multiple=args.max_multiple, model_multiples=args.model_multiples,
-                         workers=args.workers, seed=args.seed)
-    try:
-        cfg.validate()
-        trace = _trace_source(args)
-        m = analyze(trace, args.out, cfg, progress=not args.no_progress)
-    except (FileNotFoundError, TraceFormatError, ValueError) as e:
-        print(f"moekit analyze: {e}", file=sys.stderr)
-        return 2
+                         workers=args.workers, seed=args.seed).validate()
+    check_report_dir(args.out)  # before minutes of recording
+    trace = _trace_source(args)
+    m = analyze(trace, args.out, cfg, progress=not args.no_progress)
     t = m["trace"]
     print(f"moekit analyze: {t['num_sequences']} sequences, {t['num_rows']} (token, layer) rows, "
           f"L={t['num_layers']} E={t['num_experts']} k={t['mean_experts_per_token']:.2f}; "
-          f"wrote {args.out}/report.html and {args.out}/metrics.json")
+          f"wrote {args.out}/report.html, metrics.json and trace.npz")
     return 0
 
 
@@ -73,14 +83,15 @@ def _trace_source(args: argparse.Namespace):
     """A trace path, or a trace recorded now from a run directory or a transformers checkpoint."""
     from pathlib import Path
 
+    from moekit.errors import UsageError
+
     if (args.source is None) == (args.hf is None):
-        raise ValueError("give exactly one of SOURCE (run directory or trace file) and --hf DIR")
+        raise UsageError("give exactly one of SOURCE (run directory or trace file) and --hf DIR")
     if args.source is not None and not Path(args.source).is_dir():
         return args.source
     import torch
 
     from moekit.analysis.trace import corpus_batches, record_trace
-    from moekit.analysis.tracefile import save_trace
     from moekit.data import DOMAINS, load_corpus
 
     if args.hf is not None:
@@ -97,12 +108,8 @@ def _trace_source(args: argparse.Namespace):
         model, _, tokenizer = load_trained(args.source)
         label = {"source": "run", "path": str(args.source)}
     samples = [s for d in DOMAINS for s in load_corpus("validation", d)[: args.samples_per_domain]]
-    if args.seq_len < 1:
-        raise ValueError(f"--seq-len={args.seq_len} is invalid; allowed: an integer >= 1")
     seq_len = min(args.seq_len, getattr(getattr(model, "cfg", None), "max_seq_len", args.seq_len))
     with torch.no_grad():
-        trace = record_trace(model, corpus_batches(samples, tokenizer, seq_len, 8),
-                             forward=lambda ids, mask: model(ids, mask) if args.hf else model(ids),
-                             meta=label, progress=not args.no_progress)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    return save_trace(trace, Path(args.out) / "trace.npz")
+        return record_trace(model, corpus_batches(samples, tokenizer, seq_len, 8),
+                            forward=lambda ids, mask: model(ids, mask) if args.hf else model(ids),
+                            meta=label, progress=not args.no_progress)

@@ -7,11 +7,11 @@ a zip archive (deflate) holding `header.json` and one `.npy` member per column. 
 
   seq_tokens      int64   (S,)  tokens of each sequence
   seq_domain      int32   (S,)  index into header["domains"], -1 = no label
-  row_experts     uint8/16 (R,) experts of each row, R = sum over sequences of L * T
+  row_experts     uint8/16 (Q,) experts of each row, Q = sum over sequences of L * T
   expert_ids      uint8/16/32 (N,) executed expert ids, N = sum(row_experts), rows in order,
                                   slot order within a row kept
   expert_weights  float32 (N,)  combine weights (optional)
-  prefetch_rows_<d> uint8/16 (R,) predicted experts of each row at distance d (optional)
+  prefetch_rows_<d> uint8/16 (Q,) predicted experts of each row at distance d (optional)
   prefetch_<d>    uint8/16/32 (P_d,) the predicted ids of layer l's router applied to the input of
                                   layer l - d, rows in order, best first (a ragged column of its own)
 
@@ -19,10 +19,13 @@ Version 1 (still read) stored `prefetch_<d>` in the slots of `expert_ids` (int16
 could hold no more predictions than the token executed experts; version 2 predicts whole router
 choices (moekit.routers.predict), whose size need not match.
 
-The header names the format and version, E, L, S, R, N, the domain and layer names, free-form
+The header names the format and version, E, L, S, Q, N, the domain and layer names, free-form
 metadata and, per column, its dtype, shape and sha256 (of the array's raw bytes). Readers refuse
-another format, an unknown version, a truncated or corrupted archive and a checksum mismatch, with
-a message that names the problem. Writes are atomic (moekit.utils.io).
+another format, an unknown version, a truncated or corrupted archive and a checksum mismatch, with a
+message that names the problem. Every size the header declares is checked against the archive's
+real size before anything is read or allocated (`_check_sizes`): a header claiming 10^9 experts or
+rows is refused in milliseconds. Writes are atomic: temporary file, fsync, rename (moekit.utils.io);
+the temporary file of a killed write is removed by the next write to the same path.
 """
 
 from __future__ import annotations
@@ -37,18 +40,22 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.analysis.metrics import RoutingTrace
-from moekit.utils.io import atomic_write_with
+from moekit.analysis.routing_trace import RoutingTrace
+from moekit.errors import DataError
+from moekit.utils.io import atomic_write_with, remove_debris
 
-__all__ = ["FORMAT", "VERSION", "TraceFormatError", "load_trace", "read_header", "save_trace"]
+__all__ = ["FORMAT", "VERSION", "TraceFormatError", "check_memory", "load_trace", "read_header", "save_trace"]
 
 FORMAT = "moekit-routing-trace"
 VERSION = 2
 READS = (1, 2)  # versions this moekit reads
 _HEADER = "header.json"
+# deflate cannot expand data by more than about 1032:1; a member claiming more is not a deflate stream.
+_MAX_DEFLATE_RATIO = 1100
+_NPY_HEADER_MAX = 1 << 16  # bytes of a .npy member beyond its array data (the .npy header)
 
 
-class TraceFormatError(ValueError):
+class TraceFormatError(DataError):  # a DataError is a ValueError, as before
     """A trace file that cannot be read: not a trace, truncated, corrupted or another version."""
 
 
@@ -119,6 +126,7 @@ def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> Path:
                     for name, a in cols.items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_debris(path.parent, path.name)  # the temporary file of a killed write
 
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as z:
@@ -126,18 +134,44 @@ def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> Path:
             for name, a in cols.items():
                 z.writestr(f"{name}.npy", _npy_bytes(a))
 
-    atomic_write_with(path, write)
+    atomic_write_with(path, write)  # a full disk raises an OSError naming `path`
     return path
 
 
+def check_memory(nbytes: float, what: str) -> None:
+    """Refuse (DataError) work whose arrays would need more than half of this machine's memory, before
+    anything is allocated; `what` says which file or header field asks for it."""
+    try:
+        limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > limit:
+        raise DataError(f"{what} needs about {_gib(nbytes)} of memory, more than half of this machine's "
+                        f"{_gib(2 * limit)}; the file is damaged or too large to analyse here")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
 def _open(path: Path) -> zipfile.ZipFile:
+    """The archive, after checking that no member claims more bytes than the file can hold."""
     if not path.is_file():
         raise FileNotFoundError(f"routing trace {path} does not exist")
     try:
-        return zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise TraceFormatError(f"{path}: not a readable zip archive, the file is truncated or not a routing "
                                f"trace ({e})") from e
+    size = path.stat().st_size
+    for info in z.infolist():
+        ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
+        if info.compress_size > size or info.file_size > ratio * info.compress_size + 1024:
+            z.close()
+            raise TraceFormatError(f"{path}: member {info.filename!r} claims {info.file_size} bytes from "
+                                   f"{info.compress_size} compressed bytes in a {size}-byte file; the archive "
+                                   "is damaged")
+    return z
 
 
 def _read_member(z: zipfile.ZipFile, name: str, path: Path) -> bytes:
@@ -162,7 +196,60 @@ def _check_header(header: object, path: Path) -> dict:
     missing = [k for k in required if k not in header]
     if missing:
         raise TraceFormatError(f"{path}: header lacks {missing}")
+    for key, least in (("num_experts", 1), ("num_layers", 1), ("num_sequences", 0), ("num_rows", 0),
+                       ("num_assignments", 0)):
+        v = header[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise TraceFormatError(f"{path}: header field {key} is {v!r}, expected an integer >= {least}")
+    if not isinstance(header["columns"], dict):
+        raise TraceFormatError(f"{path}: header field columns is not an object")
+    dists = header.get("prefetch_distances", [])
+    if not isinstance(dists, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                                              for d in dists):
+        raise TraceFormatError(f"{path}: header field prefetch_distances is {dists!r}, expected integers >= 1")
     return header
+
+
+def _check_sizes(z: zipfile.ZipFile, header: dict, path: Path) -> None:
+    """Every column the header declares, before it is read: a plain numeric dtype, a 1-D shape, the
+    length the header's counts imply where the format fixes one ((S,), (Q,) or (N,); other and
+    unknown optional columns are bounded by their member alone), and array bytes its member really
+    holds (whose size `_open` checked against the file's). The expert-id dtype must be the smallest
+    unsigned type holding E - 1 (docs/trace-format.md), which ties num_experts to the file: uint8 ids
+    mean E <= 256, uint16 E <= 65536."""
+    E, S, Q, N = (header[k] for k in ("num_experts", "num_sequences", "num_rows", "num_assignments"))
+    length = {"seq_tokens": S, "seq_domain": S, "row_experts": Q, "expert_ids": N, "expert_weights": N}
+    members = {info.filename: info for info in z.infolist()}
+    for name, spec in header["columns"].items():
+        if not isinstance(spec, dict):
+            raise TraceFormatError(f"{path}: header entry of column {name!r} is not an object")
+        try:
+            dtype = np.dtype(spec.get("dtype"))
+        except TypeError:
+            dtype = None
+        if dtype is None or dtype.kind not in "iuf" or dtype.itemsize > 8:
+            raise TraceFormatError(f"{path}: column {name!r} has dtype {spec.get('dtype')!r} in the header, "
+                                   "expected a numpy integer or float type")
+        shape = spec.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
+            raise TraceFormatError(f"{path}: column {name!r} has shape {shape!r} in the header, expected [length]")
+        if name in length and shape[0] != length[name]:
+            raise TraceFormatError(f"{path}: column {name!r} has shape {shape!r} in the header, expected "
+                                   f"[{length[name]}] from the header's counts")
+        info = members.get(f"{name}.npy")
+        if info is None:
+            raise TraceFormatError(f"{path}: member {name + '.npy'!r} is missing (the file is incomplete or not "
+                                   "a routing trace)")
+        nbytes = shape[0] * dtype.itemsize
+        if not nbytes <= info.file_size <= nbytes + _NPY_HEADER_MAX:
+            raise TraceFormatError(f"{path}: column {name!r} declares {shape[0]} values ({nbytes} bytes) but its "
+                                   f"member holds {info.file_size} bytes; the header is damaged")
+    ids = header["columns"].get("expert_ids")
+    if ids is not None and np.dtype(ids["dtype"]) != _smallest_uint(E - 1):
+        raise TraceFormatError(f"{path}: the header says num_experts = {E}, but expert ids are stored as "
+                               f"{np.dtype(ids['dtype'])}, which a trace uses for E <= "
+                               f"{np.iinfo(np.dtype(ids['dtype'])).max + 1} only (and the smallest type that fits); "
+                               "the header is damaged")
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -180,6 +267,7 @@ def read_header(path: str | os.PathLike) -> dict:
 def _read_columns(path: Path, header: dict) -> dict[str, np.ndarray]:
     cols = {}
     with _open(path) as z:
+        _check_sizes(z, header, path)
         for name, spec in header["columns"].items():
             raw = _read_member(z, f"{name}.npy", path)
             try:
@@ -198,21 +286,21 @@ def _read_columns(path: Path, header: dict) -> dict[str, np.ndarray]:
     return cols
 
 
-def _ragged_to_padded(values_N: np.ndarray, counts_R: np.ndarray, T_S: np.ndarray, L: int, fill=-1,
+def _ragged_to_padded(values_N: np.ndarray, counts_Q: np.ndarray, T_S: np.ndarray, L: int, fill=-1,
                       dtype=np.int64) -> list[np.ndarray]:
-    """Per sequence (L, T, K) arrays from a ragged column (rows in order, counts_R entries each);
+    """Per sequence (L, T, K) arrays from a ragged column (rows in order, counts_Q entries each);
     K = the most entries of any row of that sequence."""
-    K = int(counts_R.max()) if counts_R.size else 0
-    start_R = np.cumsum(counts_R) - counts_R
-    row_N = np.repeat(np.arange(counts_R.size), counts_R)
-    slot_N = np.arange(values_N.size) - start_R[row_N]  # slot = index minus the row's first index
-    out_RK = np.full((counts_R.size, K), fill, dtype=dtype)
-    out_RK[row_N, slot_N] = values_N
+    K = int(counts_Q.max()) if counts_Q.size else 0
+    start_Q = np.cumsum(counts_Q) - counts_Q
+    row_N = np.repeat(np.arange(counts_Q.size), counts_Q)
+    slot_N = np.arange(values_N.size) - start_Q[row_N]  # slot = index minus the row's first index
+    out_QK = np.full((counts_Q.size, K), fill, dtype=dtype)
+    out_QK[row_N, slot_N] = values_N
     seqs, r0 = [], 0
     for T in T_S:
         rows = int(L * T)
-        k = int(counts_R[r0:r0 + rows].max()) if rows else 0
-        seqs.append(out_RK[r0:r0 + rows, :k].reshape(L, int(T), k))
+        k = int(counts_Q[r0:r0 + rows].max()) if rows else 0
+        seqs.append(out_QK[r0:r0 + rows, :k].reshape(L, int(T), k))
         r0 += rows
     return seqs
 
@@ -224,7 +312,7 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
     cols = _read_columns(path, header)
     E, L, S = header["num_experts"], header["num_layers"], header["num_sequences"]
     T_S = cols["seq_tokens"].astype(np.int64)
-    counts_R = cols["row_experts"].astype(np.int64)
+    counts_Q = cols["row_experts"].astype(np.int64)
     ids_N = cols["expert_ids"].astype(np.int64)
 
     def bad(msg: str) -> TraceFormatError:
@@ -232,12 +320,14 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
 
     if T_S.size != S or cols["seq_domain"].size != S:
         raise bad(f"the header says {S} sequences, seq_tokens has {T_S.size}, seq_domain {cols['seq_domain'].size}")
-    if counts_R.size != int(L * T_S.sum()) or counts_R.size != header["num_rows"]:
-        raise bad(f"row_experts has {counts_R.size} rows, expected layers x tokens = {int(L * T_S.sum())}")
-    if int(counts_R.sum()) != ids_N.size or ids_N.size != header["num_assignments"]:
-        raise bad(f"row_experts sums to {int(counts_R.sum())} but expert_ids has {ids_N.size} entries")
+    if counts_Q.size != int(L * T_S.sum()) or counts_Q.size != header["num_rows"]:
+        raise bad(f"row_experts has {counts_Q.size} rows, expected layers x tokens = {int(L * T_S.sum())}")
+    if int(counts_Q.sum()) != ids_N.size or ids_N.size != header["num_assignments"]:
+        raise bad(f"row_experts sums to {int(counts_Q.sum())} but expert_ids has {ids_N.size} entries")
     if ids_N.size and ids_N.max() >= E:
         raise bad(f"expert id {int(ids_N.max())} >= num_experts {E}")
+    if counts_Q.size and counts_Q.max() > E:
+        raise bad(f"a row lists {int(counts_Q.max())} experts, more than num_experts {E}")
     domains = header.get("domains")
     dom_idx = cols["seq_domain"]
     labels = None
@@ -246,8 +336,12 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
             raise bad(f"seq_domain indexes outside the {len(domains)} domain names")
         labels = [domains[i] for i in dom_idx]
 
+    K = int(counts_Q.max()) if counts_Q.size else 0
+    padded_arrays = 2 + ("expert_weights" in cols) + len(header.get("prefetch_distances", []))
+    check_memory(padded_arrays * 8 * counts_Q.size * K, f"{path}: loading {counts_Q.size} rows x {K} slots")
+
     def padded(values_N: np.ndarray, fill, dtype) -> list[np.ndarray]:
-        return _ragged_to_padded(values_N, counts_R, T_S, L, fill, dtype)
+        return _ragged_to_padded(values_N, counts_Q, T_S, L, fill, dtype)
 
     seqs = padded(ids_N, -1, np.int64)
     weights = padded(cols["expert_weights"], 0.0, np.float32) if "expert_weights" in cols else None
@@ -265,13 +359,13 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
         rows_name = f"prefetch_rows_{d}"
         if rows_name not in cols:
             raise TraceFormatError(f"{path}: column {rows_name!r} is missing")
-        pred_R = cols[rows_name].astype(np.int64)
-        if pred_R.size != counts_R.size or int(pred_R.sum()) != pred.size:
-            raise bad(f"{rows_name} has {pred_R.size} rows summing to {int(pred_R.sum())}, expected "
-                      f"{counts_R.size} rows summing to the {pred.size} entries of {name}")
+        pred_Q = cols[rows_name].astype(np.int64)
+        if pred_Q.size != counts_Q.size or int(pred_Q.sum()) != pred.size:
+            raise bad(f"{rows_name} has {pred_Q.size} rows summing to {int(pred_Q.sum())}, expected "
+                      f"{counts_Q.size} rows summing to the {pred.size} entries of {name}")
         if pred.size and pred.max() >= E:
             raise bad(f"{name} holds expert id {int(pred.max())} >= num_experts {E}")
-        prefetch[int(d)] = _ragged_to_padded(pred, pred_R, T_S, L)
+        prefetch[int(d)] = _ragged_to_padded(pred, pred_Q, T_S, L)
     try:
         return RoutingTrace(seqs, E, labels, weights, prefetch or None, header.get("layer_names"),
                             header.get("meta") or {})

@@ -8,22 +8,35 @@ Routers transformers cannot express (those whose config has no `hf_routing()`: t
 recurrent, expert choice, random, ...) and settings without a counterpart (capacity dropping, a sigmoid shared-expert gate, ...) raise
 `ExportError` naming what does not fit. The written checkpoint is loaded back with
 `AutoModelForCausalLM.from_pretrained` and its logits compared with the moekit model's before the
-directory is moved into place.
+directory is moved into place (one rename; every file fsynced first).
+
+The target must be absent, empty, or an earlier moekit export (it carries moekit's `.moekit` marker,
+kind "export"); anything else is the user's and is refused with NotOwnedError. Temporary directories
+of killed exports are removed by the next export to the same place.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from moekit.errors import UsageError
 from moekit.models import MoELM
+from moekit.utils.io import atomic_dir, check_writable_dir
+
+KIND = "export"  # ownership marker kind (moekit.utils.io)
 
 
-class ExportError(ValueError):
+class ExportError(UsageError):  # a UsageError is a ValueError, as before
     """The model's routing or structure has no identical transformers architecture."""
+
+
+class ExportVerificationError(ExportError):
+    """The written checkpoint, loaded back by transformers, does not compute what the model does."""
+
+    exit_code = 1
 
 
 def _refuse(why: str) -> None:
@@ -120,14 +133,19 @@ def _copy_weights(model: MoELM, hf) -> None:
                 getattr(layer.mlp.shared_experts, name).weight.copy_(getattr(moe.shared_experts, name).weight)
 
 
+def check_export_target(out_dir: str | os.PathLike) -> None:
+    """Refuse (NotOwnedError) an export directory that exists, is not empty and is not a moekit export."""
+    check_writable_dir(out_dir, KIND, "moekit export")
+
+
 def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> Path:
     """Write `model` as a transformers checkpoint in `out_dir` (config.json + safetensors), verified by
-    loading it back and comparing logits; nothing is left in `out_dir` if anything fails."""
+    loading it back and comparing logits; `out_dir` is untouched if anything fails (see the module doc).
+    Raises ExportError (nothing exportable), ExportVerificationError, NotOwnedError, OSError."""
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"moekit export: {out_dir} exists and is not empty")
+    check_export_target(out_dir)
     hf_cfg = hf_config_for(model.cfg)
     if model.cfg.moe.router.hf_routing()["scoring_func"] == "softmax" and any(
             bool(layer.router.e_score_correction_bias.any()) for layer in model.moe_layers()):
@@ -136,9 +154,7 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> P
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(hf_cfg).float().eval()
     _copy_weights(model, hf)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out_dir, KIND, "moekit export") as tmp:  # a full disk names out_dir; nothing half-written
         hf.save_pretrained(tmp)
         loaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True).float().eval()
         ids_BT = torch.randint(0, model.cfg.vocab_size, (2, min(24, model.cfg.max_seq_len)),
@@ -151,11 +167,6 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> P
         model.train(was_training)
         diff = float((ours - theirs).abs().max())
         if diff > atol:
-            raise ExportError(f"moekit export: {type(loaded).__name__} logits differ from moekit's by {diff:.2e} "
-                              f"(> {atol}); the export was not written")
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            raise ExportVerificationError(f"moekit export: {type(loaded).__name__} logits differ from moekit's by "
+                                          f"{diff:.2e} (> {atol}); the export was not written")
     return out_dir

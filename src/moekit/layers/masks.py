@@ -12,7 +12,7 @@ Keys are MoE-layer indices in module order, as in `moekit.route(layers=...)` (fo
 first decoder layers are dense, such as DeepSeek-V3, MoE layer 0 is the first *sparse* layer).
 Values are expert ids in [0, E). Works on moekit models and on `moekit.hf.wrap`-ped models.
 
-The rule (algorithms.md §8), applied by the routers (`Router.expert_mask_E`):
+The rule (MoTE, arXiv 2502.11096), applied by the routers (`Router.expert_mask_E`):
   * disabled: the expert's router logit is -inf before selection, so its probability is 0, it is
     never selected and never runs. With softmax scores the other experts' probabilities are
     renormalised over the experts left (this changes the combine weights of families that do not

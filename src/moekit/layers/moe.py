@@ -237,6 +237,17 @@ class MoELayer(nn.Module):
                 f"active_params={cfg.num_active_params():,}")
 
 
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """Every MoELayer of `model` (itself included), in module order: the order in which MoE-layer
+    indices count everywhere (`moekit.route(layers=...)`, `mask_experts`, traces, expert stores)."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def moe_layer_names(model: nn.Module) -> list[str]:
+    """The module name of each of `moe_layers(model)` (the class name for `model` itself)."""
+    return [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
 def attach_aux_losses(model: nn.Module, coefs: Mapping[str, float] | None) -> list[MoELayer]:
     """Attach the aux losses to every MoELayer's output, or detach them again (`coefs=None`).
 
@@ -249,7 +260,7 @@ def attach_aux_losses(model: nn.Module, coefs: Mapping[str, float] | None) -> li
     walks is built inside backward. Divide the coefficients by the number of gradient-accumulation
     micro-batches if the task loss is divided so. Names: see `all_aux_loss_names()`. Returns the layers.
     """
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    layers = moe_layers(model)
     if not layers:
         raise ValueError(f"attach_aux_losses(): {type(model).__name__} contains no MoELayer")
     per_layer = None

@@ -22,12 +22,8 @@ from torch import nn
 
 from moekit.config import router_fields
 from moekit.errors import UsageError
-from moekit.layers.moe import MoELayer
+from moekit.layers.moe import MoELayer, moe_layers  # moe_layers: also importable from here, where it was
 from moekit.routers import router_class
-
-
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 def _per_layer(value, n: int, name: str) -> list:

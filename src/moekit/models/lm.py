@@ -30,7 +30,7 @@ from torch import nn
 from moekit.config import Config, MoEConfig, check_fields, require
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
-from moekit.layers.moe import MoELayer
+from moekit.layers.moe import MoELayer, moe_layers
 
 
 @dataclass
@@ -250,7 +250,7 @@ class MoELM(nn.Module):
                 nn.init.ones_(module.weight)
 
     def moe_layers(self) -> list[MoELayer]:
-        return [b.ffn for b in self.layers if b.is_moe]
+        return moe_layers(self)
 
     def forward(self, input_ids_BT: torch.Tensor, cache: KVCache | None = None,
                 padding_mask_BT: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,13 @@
-"""`moekit generate RUN|--hf DIR --expert-budget 25% --policy lru|lfu|static|predictive`.
+"""Command-line parts of moekit.offload, wired up by moekit.cli:
 
-moekit.cli calls `add_offload_arguments(generate_parser)` and, when --expert-budget is given,
-`run_offloaded(args, model, tokenizer, prompt_BT)` with the model it loaded.
+  moekit generate RUN|--hf DIR --expert-budget 25% --policy lru|lfu|static|predictive
+      `add_offload_arguments(generate_parser)`; with --expert-budget, moekit.cli calls
+      `run_offloaded(args, model, tokenizer, prompt_BT)` with the model it loaded.
+  moekit offload RUN|--hf DIR OUT
+      `add_store_arguments(parser)` and `write_store_command(args)`: write the expert store OUT
+      (checksummed, atomic, marked as moekit's) that `generate --expert-store OUT` then reuses.
+
+Errors are raised (UsageError, ExpertStoreError, NotOwnedError, ...); moekit.cli prints them as one line.
 """
 
 from __future__ import annotations
@@ -10,22 +16,23 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from moekit.offload.cache import POLICIES, SCOPES
+from moekit.errors import UsageError
+from moekit.offload.budget import POLICIES, SCOPES
 from moekit.offload.store import VERIFY_MODES
 
-__all__ = ["add_offload_arguments", "run_offloaded"]
+__all__ = ["add_offload_arguments", "add_store_arguments", "run_offloaded", "write_store_command"]
 
 
 def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("memory-constrained inference (moekit.offload)")
     g.add_argument("--expert-budget", metavar="BUDGET", default=None,
-                   help="keep at most this much expert weight resident: '25%%' of all experts, bytes, or bytes "
-                        "with a unit ('512MiB'); experts are read from an expert store on disk")
+                   help="keep at most this much expert weight resident: a percentage of all experts ('25%%') or "
+                        "a size with a unit ('512MB', '1.5GiB'); a bare number is a whole number of bytes (one "
+                        "below 1 is refused); experts are read from an expert store on disk")
     g.add_argument("--policy", choices=POLICIES, default="lru",
                    help="expert cache policy (default lru); static needs --hot-trace; predictive prefetches the "
                         "next layer's experts from its gate")
@@ -33,7 +40,7 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
                    help="one cache per MoE layer (default) or one shared by all layers")
     g.add_argument("--expert-store", metavar="DIR", default=None,
                    help="expert store directory (default: RUN/expert-store, reused while the checkpoint is "
-                        "unchanged; a temporary one for --hf)")
+                        "unchanged; a temporary one for --hf); write one with `moekit offload`")
     g.add_argument("--hot-trace", metavar="FILE", default=None,
                    help="routing trace whose most used experts form the static hot set (e.g. OUT/trace.npz of "
                         "`moekit analyze`)")
@@ -42,11 +49,19 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--offload-json", metavar="FILE", default=None, help="also write the run's figures as JSON")
 
 
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.usage = "%(prog)s [-h] RUN OUT | %(prog)s [-h] --hf DIR OUT"
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="RUN OUT: a moekit run directory and the store directory to write (absent, empty or "
+                             "a moekit store); with --hf DIR: OUT only")
+    parser.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint directory instead of RUN")
+
+
 def _source(args, model) -> dict:
     if getattr(args, "run", None):
-        from moekit.offload.generate import _run_source
+        from moekit.offload.load import run_source
 
-        return _run_source(Path(args.run))
+        return run_source(Path(args.run))
     return {"kind": "hf", "path": str(Path(args.hf).resolve())}
 
 
@@ -54,32 +69,42 @@ def _prompt(args, tokenizer) -> torch.Tensor:
     ids = [tokenizer.bos_id] if getattr(args, "bos", False) else []
     ids += tokenizer.encode(getattr(args, "prompt", "") or "")
     if not ids:
-        raise ValueError("empty prompt (give --prompt TEXT or --bos)")
+        raise UsageError("empty prompt (give --prompt TEXT or --bos)")
     return torch.tensor([ids])
 
 
 def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT: torch.Tensor | None = None) -> int:
     """Generate with the model's experts offloaded; prints the text and the run's figures.
-    The model's resident expert weights are freed (the CLI owns the model)."""
+    The budget, policy and hot set are checked before anything is written; the model's resident
+    expert weights are freed (the CLI owns the model)."""
     from moekit.offload.generate import format_metrics, offloaded_generate, store_matches_model
-    from moekit.offload.store import MANIFEST, ExpertStore, ExpertStoreError, write_store
+    from moekit.offload.runtime import expert_shape, plan_offload
+    from moekit.offload.store import (
+        MANIFEST,
+        ExpertStore,
+        check_store_target,
+        temporary_store_dir,
+        write_store,
+    )
 
+    if prompt_BT is None:
+        prompt_BT = _prompt(args, tokenizer)
+    plan_offload(model, expert_shape(model), args.expert_budget, args.policy, args.cache_scope, args.hot_trace)
+    store_dir = args.expert_store
+    if store_dir is None and getattr(args, "run", None):
+        store_dir = str(Path(args.run) / "expert-store")
+    source = _source(args, model)
+    current = False
+    if store_dir is not None and (Path(store_dir) / MANIFEST).is_file():
+        with ExpertStore(store_dir) as st:
+            current = st.manifest.get("source") == source and store_matches_model(st, model)
     temp = None
     try:
-        if prompt_BT is None:
-            prompt_BT = _prompt(args, tokenizer)
-        store_dir = args.expert_store
-        if store_dir is None and getattr(args, "run", None):
-            store_dir = str(Path(args.run) / "expert-store")
         if store_dir is None:
-            temp = tempfile.mkdtemp(prefix="moekit-experts-")
+            temp = temporary_store_dir()
             store_dir = str(Path(temp) / "store")
-        source = _source(args, model)
-        current = False
-        if (Path(store_dir) / MANIFEST).is_file():
-            with ExpertStore(store_dir) as st:
-                current = st.manifest.get("source") == source and store_matches_model(st, model)
         if not current:
+            check_store_target(store_dir)
             print(f"moekit generate: writing the expert store {store_dir}", file=sys.stderr)
             write_store(model, store_dir, source=source)
         result = offloaded_generate(model, prompt_BT, args.max_new_tokens, args.expert_budget, args.policy,
@@ -87,9 +112,6 @@ def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT: torch.T
                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                     eos_id=getattr(tokenizer, "eos_id", None), verify=args.verify_experts,
                                     release=True)
-    except (ValueError, FileNotFoundError, ExpertStoreError) as e:
-        print(f"moekit generate: {e}", file=sys.stderr)
-        return 2
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
@@ -99,4 +121,34 @@ def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT: torch.T
         from moekit.utils.io import atomic_write_text
 
         atomic_write_text(Path(args.offload_json), json.dumps(result.metrics, indent=2, default=float) + "\n")
+    return 0
+
+
+def write_store_command(args: argparse.Namespace) -> int:
+    """`moekit offload RUN|--hf DIR OUT`: write the expert store OUT (refused before loading the model if
+    OUT is not absent, empty or a moekit store); `generate ... --expert-store OUT` reuses it."""
+    from moekit.offload.budget import format_bytes
+    from moekit.offload.store import ExpertStore, check_store_target, write_store
+
+    want = 1 if args.hf is not None else 2
+    if len(args.paths) != want:
+        raise UsageError("give RUN OUT, or --hf DIR OUT" + (f" (got {len(args.paths)} paths)" if args.paths else ""))
+    args.run, out = (None, args.paths[0]) if args.hf is not None else args.paths
+    check_store_target(out)
+    if args.hf is not None:
+        import moekit.hf
+        from moekit.hf.adapters import HFCausalLM
+
+        hf_model, _ = moekit.hf.load_pretrained(args.hf)
+        model = HFCausalLM(hf_model).eval()
+    else:
+        from moekit.train import load_trained
+
+        model, _, _ = load_trained(args.run)
+    path = write_store(model, out, source=_source(args, model))
+    with ExpertStore(path) as st:
+        print(f"moekit offload: wrote {path}: {st.num_layers} MoE layers x {st.num_experts} experts, "
+              f"{format_bytes(st.total_nbytes)} of experts ({format_bytes(st.expert_nbytes)} each), sha256 per expert")
+    src = f"--hf {args.hf}" if args.hf is not None else args.run
+    print(f"next: moekit generate {src} --prompt TEXT --expert-budget 25% --expert-store {path}")
     return 0

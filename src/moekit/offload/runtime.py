@@ -20,18 +20,20 @@ Nothing of size T x E x D is built. Inference only (no autograd through the load
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moekit.errors import UsageError
 from moekit.experts import ExpertBank
-from moekit.layers.moe import MoELayer
-from moekit.layers.overrides import moe_layers
-from moekit.offload.cache import CachePlan, ExpertCache, hot_keys_from_counts, plan_cache
-from moekit.offload.store import ExpertStore
+from moekit.layers.moe import MoELayer, moe_layers
+from moekit.offload.budget import CachePlan, ExpertShape, hot_keys_from_counts, plan_cache
+from moekit.offload.cache import ExpertCache
+from moekit.offload.store import ExpertStore, _expert_tensors
+from moekit.ops.ffn import hidden
 from moekit.ops.grouped import compute_dtype
 from moekit.routers.predict import can_predict, predict_experts, priority_order
 
-__all__ = ["OffloadRuntime", "OffloadedExperts", "hot_counts", "offload", "token_experts"]
+__all__ = ["OffloadRuntime", "OffloadedExperts", "expert_shape", "hot_counts", "offload", "plan_offload",
+           "token_experts"]
 
 
 def token_experts(layer: MoELayer) -> int:
@@ -46,7 +48,7 @@ def hot_counts(source, num_layers: int, num_experts: int):
     """Per-(layer, expert) use counts (L, E) from a RoutingTrace, a trace file path or an array."""
     import numpy as np
 
-    from moekit.analysis.metrics import RoutingTrace
+    from moekit.analysis.routing_trace import RoutingTrace
     from moekit.analysis.tracefile import load_trace
 
     if isinstance(source, str) or hasattr(source, "__fspath__"):
@@ -117,7 +119,7 @@ class OffloadRuntime:
         self.model = model
         self.store = store
         self.plan = plan
-        self.layers: list[MoELayer] = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+        self.layers = moe_layers(model)
         store.check_matches(self.layers)
         for i, layer in enumerate(self.layers):
             if not isinstance(layer.experts, ExpertBank):
@@ -212,11 +214,7 @@ class OffloadRuntime:
             ranges = [(starts[e], ends[e]) for e in group]
             r0, r1 = ranges[0][0], ranges[-1][1]
             _linear_rows(x_ND, [w[0] for w in weights], ranges, upcast, h_NX)
-            if swiglu:
-                gate_MF, up_MF = h_NX[r0:r1].chunk(2, dim=-1)
-                h_NF[r0:r1] = F.silu(gate_MF) * up_MF
-            else:
-                h_NF[r0:r1] = F.gelu(h_NX[r0:r1])
+            h_NF[r0:r1] = hidden(h_NX[r0:r1], self.store.activation)  # the expert FFN's own activation
             _linear_rows(h_NF, [w[1] for w in weights], ranges, upcast, y_ND)
             self.cache.end_step(layer_idx)
         return y_ND
@@ -258,7 +256,8 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: str | int | floa
             device: str | torch.device | None = None) -> OffloadRuntime:
     """Replace every MoE layer's experts of `model` by cached experts from `store`.
 
-    budget: "25%", bytes ("512MiB", 1 << 30) or a fraction in (0, 1] of all expert bytes.
+    budget: "25%" of all expert bytes, a size with a unit ("512MB", "1.5GiB") or a whole number of
+        bytes >= 1 (1 << 30); a bare number below 1 is refused (see `moekit.offload.parse_budget`).
     policy: lru | lfu | static | predictive.  scope: "layer" (one cache per layer) | "shared".
     hot_set (static): a RoutingTrace, a trace file, or (L, E) use counts; the hot set is the most
         used experts (per layer or overall).
@@ -266,15 +265,40 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: str | int | floa
         put back on close.
     """
     st = store if isinstance(store, ExpertStore) else ExpertStore(store, verify=verify)
-    layers = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
-    if not layers:
-        raise ValueError(f"offload: {type(model).__name__} contains no moekit MoELayer")
-    K = max(token_experts(layer) for layer in layers)
-    plan = plan_cache(budget, st, policy, scope, K)
-    hot_keys = None
-    if policy == "static":
-        if hot_set is None:
-            raise ValueError("policy 'static' needs a hot set: pass hot_set= a routing trace (file or RoutingTrace, "
-                             "e.g. from `moekit analyze`) or per-(layer, expert) counts of shape (L, E)")
-        hot_keys = hot_keys_from_counts(hot_counts(hot_set, st.num_layers, st.num_experts), plan)
+    plan, hot_keys = plan_offload(model, st, budget, policy, scope, hot_set)
     return OffloadRuntime(model, st, plan, hot_keys=hot_keys, release=release, device=device)
+
+
+def _layers(model: nn.Module, what: str) -> list[MoELayer]:
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{what}: {type(model).__name__} contains no moekit MoELayer")
+    return layers
+
+
+def expert_shape(model: nn.Module) -> ExpertShape:
+    """The shape of the store `write_store(model, ...)` would write (L, E, bytes per expert), read from
+    the model without writing anything: budgets are checked against it before a store is written."""
+    layers = _layers(model, "expert_shape")
+    bank = layers[0].experts
+    if not isinstance(bank, ExpertBank):
+        raise ValueError(f"expert_shape: the model's experts are {type(bank).__name__}, not an ExpertBank "
+                         "(is it already offloaded?)")
+    nbytes = sum(t.numel() * t.element_size() for t in _expert_tensors(bank, 0))
+    return ExpertShape(len(layers), bank.num_experts, nbytes)
+
+
+def plan_offload(model: nn.Module, shape: ExpertStore | ExpertShape, budget: str | int | float = "25%",
+                 policy: str = "lru", scope: str = "layer", hot_set=None) -> tuple[CachePlan, list[list[int]] | None]:
+    """Check a budget, policy, scope and static hot set against a store (or the `expert_shape` of the
+    store a model will get) and return the cache plan and the hot keys (static) or None. Raises
+    UsageError / ValueError / FileNotFoundError / TraceFormatError before anything is loaded or written."""
+    layers = _layers(model, "offload")
+    K = max(token_experts(layer) for layer in layers)
+    plan = plan_cache(budget, shape, policy, scope, K)
+    if policy != "static":
+        return plan, None
+    if hot_set is None:
+        raise UsageError("policy 'static' needs a hot set: pass hot_set= a routing trace (file or RoutingTrace, "
+                         "e.g. from `moekit analyze`) or per-(layer, expert) counts of shape (L, E)")
+    return plan, hot_keys_from_counts(hot_counts(hot_set, shape.num_layers, shape.num_experts), plan)

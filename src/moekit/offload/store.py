@@ -8,6 +8,11 @@ Format "moekit-expert-store" version 1 (docs/offload.md is the specification). A
     dense.safetensors        moekit models only: every other weight, so that the model can be built
                              without ever materialising its experts (`load_dense_lm`)
 
+Ownership: a store directory carries moekit's marker (`.moekit`, kind "store"). `write_store` replaces
+only a marked store or an empty directory; anything else (a folder that merely holds a file called
+manifest.json, or a store written before markers existed) is refused with NotOwnedError. Old unmarked
+stores are still read.
+
 Each layer file is a valid safetensors file (any safetensors reader opens it) written in expert
 order, so that one expert's tensors are one contiguous byte range: expert e of layer l is the
 `expert_nbytes` bytes at `layers[l].experts[e].offset` of the layer's file, gate_up (or up) first
@@ -16,10 +21,13 @@ and down second. The header is padded with spaces so that the data starts on a 4
 sha256 covers exactly that byte range.
 
 `ExpertStore` reads one expert with one `os.preadv` straight into the caller's buffer (no copy,
-no memory map); it checks file sizes and safetensors headers when opened (a truncated file is
-refused, naming the first expert it cut off) and each expert's sha256 on its first read
+no memory map); when opened it checks every manifest field against the files' real sizes before
+anything is allocated, and the safetensors headers (a truncated file is refused, naming the first
+expert it cut off); it checks each expert's sha256 on its first read
 (`verify="first"`), on every read (`"always"`) or never (`"never"`). Writes are atomic: the store
-is written into a temporary directory (every file fsynced), which is renamed into place.
+is written into a temporary directory (every file fsynced), which is renamed into place
+(moekit.utils.io.atomic_dir); the temporary directories of killed writes are removed by the next
+`write_store` to the same place.
 
 Legend: L MoE layers, E experts per layer, D model dim, F expert hidden dim, S_e bytes per expert.
 """
@@ -29,8 +37,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,25 +47,35 @@ from typing import Any
 import torch
 from torch import nn
 
+from moekit.errors import DataError, NotOwnedError
 from moekit.experts import ExpertBank
-from moekit.layers.moe import MoELayer
-from moekit.layers.overrides import moe_layers
-from moekit.utils.io import fsync_dir as _fsync_dir
+from moekit.layers.moe import MoELayer, moe_layer_names, moe_layers
+from moekit.utils.io import (
+    MARKER,
+    TMP_TAG,
+    atomic_dir,
+    check_writable_dir,
+    marker_kind,
+    remove_debris,
+    sha256_file,
+)
 
-__all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "load_dense_lm", "write_store"]
+__all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "check_store_target", "temporary_store_dir",
+           "write_store"]
 
 FORMAT = "moekit-expert-store"
 VERSION = 1
 MANIFEST = "manifest.json"
 DENSE = "dense.safetensors"
 _ALIGN = 4096  # data start of every layer file: page-aligned expert reads
+KIND = "store"  # ownership marker kind (moekit.utils.io)
 VERIFY_MODES = ("first", "always", "never")
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 _TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in _ST_DTYPES}
 
 
-class ExpertStoreError(RuntimeError):
+class ExpertStoreError(DataError, RuntimeError):
     """A store that cannot be used: missing, another format or version, truncated, or corrupted."""
 
 
@@ -113,8 +131,6 @@ def _write_layer_file(path: Path, bank: nn.Module, layer: int) -> dict[str, Any]
                 h.update(b)
                 f.write(b)
             experts.append({"offset": data_start + e * S_e, "sha256": h.hexdigest()})
-        f.flush()
-        os.fsync(f.fileno())
     return {"index": layer, "file": path.name, "file_nbytes": data_start + E * S_e, "data_start": data_start,
             "experts": experts, "_shapes": shapes, "_sizes": sizes, "_dtype": dtype}
 
@@ -152,7 +168,7 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
     from moekit.models.lm import MoELM
 
     out_dir = Path(out_dir)
-    layers: list[MoELayer] = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+    layers = moe_layers(model)
     if not layers:
         raise ValueError(f"write_store: {type(model).__name__} contains no moekit MoELayer")
     banks = []
@@ -164,13 +180,8 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
         if bank.gate_up_proj is not None and bank.gate_up_proj.is_meta or bank.down_proj.is_meta:
             raise ValueError(f"write_store: MoE layer {i}'s expert weights are on the meta device (not loaded)")
         banks.append(bank)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise FileExistsError(f"write_store: {out_dir} exists and is not an expert store; refusing to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    check_store_target(out_dir)
+    with atomic_dir(out_dir, KIND, "write_store") as tmp:
         entries = [_write_layer_file(tmp / f"layer-{i:03d}.safetensors", bank, i) for i, bank in enumerate(banks)]
         first = entries[0]
         for i, ent in enumerate(entries):
@@ -186,9 +197,7 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
         if isinstance(model, MoELM):
             dense_tensors, aliases = _dense_state(model, banks)
             save_file(dense_tensors, str(tmp / DENSE))
-            with open(tmp / DENSE, "rb") as f:
-                os.fsync(f.fileno())
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            digest = sha256_file(tmp / DENSE)
             dense = {"file": DENSE, "sha256": digest, "aliases": aliases, "model_config": model.cfg.to_dict()}
         manifest = {
             "format": FORMAT, "version": VERSION,
@@ -197,35 +206,121 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
             "dtype": str(first["_dtype"]).removeprefix("torch."), "expert_nbytes": offset,
             "tensors": tensors,
             "layers": [{k: v for k, v in ent.items() if not k.startswith("_")} | {"name": name}
-                       for ent, name in zip(entries, _layer_names(model, layers), strict=True)],
+                       for ent, name in zip(entries, moe_layer_names(model), strict=True)],
             "dense": dense,
             "source": source or {},
         }
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return out_dir
 
 
-def _layer_names(model: nn.Module, layers: list[MoELayer]) -> list[str]:
-    names = {id(m): n for n, m in model.named_modules()}
-    return [names.get(id(m), f"moe{i}") for i, m in enumerate(layers)]
+def check_store_target(out_dir: str | os.PathLike) -> None:
+    """Refuse (NotOwnedError) to write a store into `out_dir` unless it is absent, empty or a store
+    moekit marked as its own. A store written before ownership markers existed is refused with a hint
+    (it can still be read)."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and marker_kind(out_dir) is None and _manifest_format(out_dir / MANIFEST) == FORMAT:
+        raise NotOwnedError(f"write_store: {out_dir} is an expert store written by an older moekit, without the "
+                            f"{MARKER} ownership marker, so moekit will not replace it (it can still be read); "
+                            f"delete it yourself (rm -r {out_dir}) or choose another directory")
+    check_writable_dir(out_dir, KIND, "write_store")
+
+
+def temporary_store_dir() -> Path:
+    """A fresh directory for a temporary store (generation of a transformers model without
+    --expert-store): TMPDIR/moekit-offload-UID/.store-XXXX.tmp-PID. Those of killed processes (as big
+    as the model's experts) are removed first; the caller removes its own when done."""
+    root = Path(tempfile.gettempdir()) / f"moekit-offload-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    remove_debris(root)
+    return Path(tempfile.mkdtemp(prefix=".store-", suffix=f"{TMP_TAG}{os.getpid()}", dir=root))
+
+
+def _manifest_format(path: Path) -> str | None:
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return m.get("format") if isinstance(m, dict) else None
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def _is_int(v: Any, least: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _check_manifest(m: Any, man_path: Path) -> None:
+    """Every manifest field the reader uses: present, of the right type, and consistent with the others
+    (tensor sizes with shapes and dtype, expert offsets with the expert size, file sizes with both), so
+    that checking each file's real size against `file_nbytes` bounds every read and allocation."""
+
+    def bad(what: str) -> ExpertStoreError:
+        return ExpertStoreError(f"{man_path}: {what}; the store is damaged or was not written by moekit "
+                                "(rewrite it with `moekit offload` or write_store)")
+
+    def need(obj: Any, key: str, ok, expected: str, where: str = "") -> Any:
+        if not isinstance(obj, dict) or key not in obj:
+            raise bad(f"key {where}{key!r} is missing")
+        if not ok(obj[key]):
+            raise bad(f"{where}{key} is {obj[key]!r}, expected {expected}")
+        return obj[key]
+
+    if not isinstance(m, dict):
+        raise bad(f"holds a JSON {type(m).__name__}, expected an object")
+    if m.get("format") != FORMAT:
+        raise ExpertStoreError(f"{man_path}: format {m.get('format')!r}, expected {FORMAT!r}")
+    if m.get("version") != VERSION:
+        raise ExpertStoreError(f"{man_path}: version {m.get('version')!r}, this moekit reads version {VERSION}")
+    positive = (lambda v: _is_int(v, 1), "an integer >= 1")
+    L = need(m, "num_layers", *positive)
+    E = need(m, "num_experts", *positive)
+    D = need(m, "d_model", *positive)
+    F = need(m, "d_expert", *positive)
+    activation = need(m, "activation", lambda v: isinstance(v, str), "a string")
+    dtype = _TORCH_DTYPES[need(m, "dtype", lambda v: v in _TORCH_DTYPES, f"one of {sorted(_TORCH_DTYPES)}")]
+    S = need(m, "expert_nbytes", *positive)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    names = _tensor_names(activation)
+    shapes = ([2 * F, D] if activation == "swiglu" else [F, D], [D, F])
+    tensors = need(m, "tensors", lambda v: isinstance(v, list) and len(v) == len(names),
+                   f"a list of {len(names)} tensor entries")
+    offset = 0
+    for i, (t, name, shape) in enumerate(zip(tensors, names, shapes, strict=True)):
+        where = f"tensors[{i}]."
+        need(t, "name", lambda v, n=name: v == n, repr(name), where)
+        need(t, "shape", lambda v, s=shape: v == s, f"{shape} (from d_model, d_expert and activation)", where)
+        need(t, "offset", lambda v, o=offset: v == o, f"{offset} (tensors are contiguous)", where)
+        nbytes = itemsize * shape[0] * shape[1]
+        need(t, "nbytes", lambda v, n=nbytes: v == n, f"{nbytes} (shape x dtype size)", where)
+        offset += nbytes
+    if S != offset:
+        raise bad(f"expert_nbytes is {S}, but its tensors take {offset} bytes")
+    layers = need(m, "layers", lambda v: isinstance(v, list) and len(v) == L, f"a list of num_layers = {L} entries")
+    for li, layer in enumerate(layers):
+        where = f"layers[{li}]."
+        need(layer, "index", lambda v, i=li: v == i, str(li), where)
+        need(layer, "file", lambda v: isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v,
+             "a file name inside the store", where)
+        start = need(layer, "data_start", lambda v: _is_int(v, 8), "an integer >= 8", where)
+        need(layer, "file_nbytes", lambda v, n=start + E * S: v == n, f"data_start + E x expert_nbytes = "
+             f"{start + E * S}", where)
+        experts = need(layer, "experts", lambda v: isinstance(v, list) and len(v) == E,
+                       f"a list of num_experts = {E} entries", where)
+        for e, x in enumerate(experts):
+            need(x, "offset", lambda v, o=start + e * S: v == o, f"{start + e * S}", f"{where}experts[{e}].")
+            need(x, "sha256", lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest",
+                 f"{where}experts[{e}].")
+    dense = m.get("dense")
+    if dense is not None:
+        need(dense, "file", lambda v: isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v,
+             "a file name inside the store", "dense.")
+        need(dense, "sha256", lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest", "dense.")
+        need(dense, "aliases", lambda v: isinstance(v, dict), "an object", "dense.")
+        need(dense, "model_config", lambda v: isinstance(v, dict), "an object", "dense.")
+    if not isinstance(m.get("source", {}), dict):
+        raise bad(f"source is {m['source']!r}, expected an object")
 
 
 @dataclass(frozen=True)
@@ -266,10 +361,7 @@ class ExpertStore:
             m = json.loads(man_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ExpertStoreError(f"{man_path} is not valid JSON ({e}); the store is damaged") from e
-        if m.get("format") != FORMAT:
-            raise ExpertStoreError(f"{man_path}: format {m.get('format')!r}, expected {FORMAT!r}")
-        if m.get("version") != VERSION:
-            raise ExpertStoreError(f"{man_path}: version {m.get('version')!r}, this moekit reads version {VERSION}")
+        _check_manifest(m, man_path)
         self.manifest = m
         self.num_layers: int = m["num_layers"]
         self.num_experts: int = m["num_experts"]
@@ -293,6 +385,7 @@ class ExpertStore:
             raise
 
     def _open_layer(self, layer: dict[str, Any]) -> int:
+        """Open one layer file after checking its real size against the (already consistent) manifest."""
         path = self.path / layer["file"]
         li = layer["index"]
         if not path.is_file():
@@ -414,46 +507,10 @@ class ExpertStore:
                                        f"MoE layer {i} of the model has {got}")
 
 
-def load_dense_lm(store: str | os.PathLike | ExpertStore) -> nn.Module:
-    """The moekit `MoELM` of a store written from one, built without allocating its experts: every
-    non-expert weight comes from dense.safetensors and every ExpertBank stays on the meta device
-    (attach the store with `moekit.offload.offload` before running it)."""
-    from safetensors.torch import load_file
+def __getattr__(name: str):
+    # load_dense_lm (building a model from a store) moved to moekit.offload.load; still importable from here.
+    if name == "load_dense_lm":
+        from moekit.offload.load import load_dense_lm
 
-    from moekit.models.lm import LMConfig, MoELM
-
-    st = store if isinstance(store, ExpertStore) else ExpertStore(store)
-    dense = st.manifest.get("dense")
-    if not dense:
-        raise ExpertStoreError(f"expert store {st.path} holds experts only (written from a {st.manifest['source'].get('kind', 'non-moekit')} "
-                               "model): load the model itself, then attach the store with moekit.offload.offload")
-    cfg = LMConfig.from_dict(dense["model_config"])
-    with torch.device("meta"):
-        model = MoELM(cfg)
-    # Materialise everything but the experts; non-persistent buffers are routing statistics (zeros).
-    for module in model.modules():
-        if isinstance(module, ExpertBank):
-            continue
-        for name, p in list(module.named_parameters(recurse=False)):
-            setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad))
-        for name, b in list(module.named_buffers(recurse=False)):
-            module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
-    path = st.path / dense["file"]
-    with open(path, "rb") as f:
-        if hashlib.file_digest(f, "sha256").hexdigest() != dense["sha256"]:
-            raise ExpertStoreError(f"expert store {st.path}: {dense['file']} fails its checksum; rewrite the store")
-    state = load_file(str(path))
-    expert_keys = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, ExpertBank)
-                   for p, _ in m.named_parameters()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    left = sorted(set(missing) - expert_keys - set(dense["aliases"]))
-    if left or unexpected:
-        raise ExpertStoreError(f"expert store {st.path}: {dense['file']} does not fit the model config "
-                               f"(missing {left[:5]}, unexpected {list(unexpected)[:5]})")
-    for alias, target in dense["aliases"].items():
-        owner_name, _, leaf = alias.rpartition(".")
-        t_owner, _, t_leaf = target.rpartition(".")
-        setattr(model.get_submodule(owner_name), leaf, getattr(model.get_submodule(t_owner), t_leaf))
-    if not isinstance(store, ExpertStore):
-        st.close()
-    return model.eval()
+        return load_dense_lm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

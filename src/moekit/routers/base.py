@@ -195,7 +195,7 @@ class Router(nn.Module):
         self.expert_mask_E: torch.Tensor | None = None
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        # NOTE: gate math in fp32 whatever the model dtype (algorithms.md §0).
+        # NOTE: gate math in fp32 whatever the model dtype (docs/routing.md, Precision).
         return torch.nn.functional.linear(x_TD.float(), self.weight.float())
 
     def jittered(self, x_TD: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,7 @@ class RecurrentRouter(Router):
         if gru.input_size != self.cfg.gru_dim or gru.hidden_size != self.cfg.gru_dim:
             raise ValueError(f"recurrent router: the shared GRU is {gru.input_size}->{gru.hidden_size}, "
                              f"but RouterConfig.gru_dim={self.cfg.gru_dim}")
-        # NOTE: gate math in fp32 whatever the model dtype (algorithms.md §0), the GRU included.
+        # NOTE: gate math in fp32 whatever the model dtype (docs/routing.md, Precision), the GRU included.
         xin_TH = torch.nn.functional.linear(x_TD.float(), self.input_proj.float())
         r_prev_TH = state.hidden_TH if state.hidden_TH is not None else xin_TH.new_zeros(xin_TH.shape)
         if r_prev_TH.shape != xin_TH.shape:

@@ -2,8 +2,10 @@
 
 Durability: write a temporary file in the target's directory, flush and fsync it, rename it over the
 target (atomic on POSIX), then fsync the directory so the rename itself survives a crash. A reader
-sees the old file or the new one, never half of one. Directories are built the same way: a temporary
-sibling directory, every file fsynced, one rename.
+sees the old file or the new one, never half of one. Directories are built the same way
+(`atomic_dir`): a temporary sibling directory, every file fsynced, one rename. Every file moekit
+writes goes through `atomic_write_bytes` / `atomic_write_text` / `atomic_write_with` or `atomic_dir`;
+nothing else in moekit calls os.replace or fsync (a test checks).
 
 Ownership: a directory moekit creates as a unit (a run, an expert store, a report, an export, a
 compare directory) carries a small marker file, `.moekit`, naming its kind. moekit deletes or replaces
@@ -13,11 +15,13 @@ with `NotOwnedError`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from moekit.errors import NotOwnedError
@@ -52,11 +56,12 @@ def tmp_path(path: str | os.PathLike) -> Path:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write the whole file or nothing (temporary file, fsync, rename, directory fsync)."""
+    """Write the whole file or nothing (temporary file, fsync, rename, directory fsync); a failed write
+    (a full disk) raises an OSError naming `path` (see `writing`)."""
     path = Path(path)
     tmp = tmp_path(path)
     try:
-        with open(tmp, "wb") as f:
+        with writing(path), open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -76,13 +81,36 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
     path = Path(path)
     tmp = tmp_path(path)
     try:
-        write(tmp)
-        fsync_file(tmp)
+        with writing(path):
+            write(tmp)
+            fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, tmp: str | os.PathLike | None = None) -> Iterator[None]:
+    """Name `path` in the OSError of a failed write: a full disk inside `f.write` says only "No space
+    left on device", and libraries written in Rust (safetensors) report it as their own error type with
+    "(os error 28)" in the text; both become OSError(errno, strerror, path). `tmp`: the temporary
+    directory being built for `path`; an error naming a file inside it names `path` instead (the
+    temporary is gone when the user reads the message)."""
+    try:
+        yield
+    except OSError as e:
+        inside = tmp is not None and e.filename is not None and str(e.filename).startswith(str(tmp))
+        if e.errno is not None and (e.filename is None or inside):
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except Exception as e:
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -129,14 +157,16 @@ def check_writable_dir(directory: str | os.PathLike, kind: str, what: str = "moe
                             f"directory or a moekit {kind}); choose another directory")
 
 
-def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike, kind: str, what: str = "moekit") -> None:
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike, kind: str | None, what: str = "moekit") -> None:
     """Move the finished directory `tmp` to `target` atomically, replacing an old moekit `kind` there.
 
-    `tmp` gets the marker first; `target` must be absent, empty or marked as `kind`.
+    `tmp` gets the marker first; `target` must be absent, empty or marked as `kind`. kind None: a
+    directory inside one moekit owns (a checkpoint inside a run), replaced whole, without a marker.
     """
     tmp, target = Path(tmp), Path(target)
-    check_writable_dir(target, kind, what)
-    write_marker(tmp, kind)
+    if kind is not None:
+        check_writable_dir(target, kind, what)
+        write_marker(tmp, kind)
     fsync_dir(tmp)
     old = None
     if target.exists():
@@ -148,21 +178,61 @@ def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike, kind: str, wh
         shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_debris(directory: str | os.PathLike) -> list[Path]:
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, kind: str | None, what: str = "moekit") -> Iterator[Path]:
+    """Write the directory `target` as one unit: yields an empty temporary sibling (`.NAME.tmp-PID`) to
+    fill; when the block ends normally every file in it is fsynced and it replaces `target` with one
+    rename (`replace_dir`: `target` must be absent, empty or a moekit `kind`, and gets its marker).
+    When the block raises (Ctrl-C included) the temporary is removed and `target` is as it was; a full
+    disk raises an OSError naming `target`. Temporaries of killed writers of `target` are removed first.
+    kind None: a directory inside one moekit owns (a checkpoint inside a run): no marker, no ownership
+    check. Raises NotOwnedError before anything is written if `target` is not moekit's to replace.
+    """
+    target = Path(target)
+    if kind is not None:
+        check_writable_dir(target, kind, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_debris(target.parent, target.name)
+    tmp = tmp_path(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with writing(target, tmp):
+            tmp.mkdir()
+            yield tmp
+            for f in sorted(tmp.rglob("*")):
+                if f.is_file():
+                    fsync_file(f)
+            replace_dir(tmp, target, kind, what)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_debris(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Delete temporary files and directories (`.NAME.tmp-PID`, `.NAME.old-PID`) left in `directory` by
-    killed writers whose process is gone. Returns what was removed."""
+    killed writers whose process is gone; with `name`, only those of that one NAME (for a directory
+    that is not moekit's, e.g. the parent of an expert store). An `.NAME.old-PID` whose NAME is
+    missing (a writer killed between `replace_dir`'s two renames) is renamed back to NAME instead.
+    Returns what was removed."""
     directory = Path(directory)
     removed = []
     if not directory.is_dir():
         return removed
+    prefix = "." if name is None else f".{name}."
     for p in directory.iterdir():
-        name = p.name
-        if not name.startswith("."):
+        if not p.name.startswith(prefix):
             continue
         for tag in (TMP_TAG, ".old-"):
-            if tag in name:
-                pid = name.rsplit(tag, 1)[1]
+            if tag in p.name:
+                stem, pid = p.name.rsplit(tag, 1)
+                if name is not None and stem != f".{name}":
+                    break
                 if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                    target = directory / stem[1:]
+                    if tag == ".old-" and not target.exists():
+                        # Killed between replace_dir's two renames: the old one is the only copy.
+                        os.replace(p, target)
+                        fsync_dir(directory)
+                        break
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                     removed.append(p)
                 break
