@@ -43,14 +43,6 @@ PEER_EDGES = {
 # Edges that break the rules today, each to be removed by the work named. At merge the lead empties
 # this list (the test then fails on any edge left): keep it explicit, one edge per line.
 ALLOWLIST = {
-    # config becomes a leaf (removed by arch-routers: per-router config classes, config.py imports nothing)
-    ("moekit.config", "moekit.routers"): "removed by arch-routers",
-    ("moekit.config", "moekit.ops.grouped"): "removed by arch-routers",
-    # private helpers of config used by other packages (removed by arch-routers: the Config base class)
-    ("moekit.models.lm", "moekit.config._check"): "removed by arch-routers",
-    ("moekit.models.lm", "moekit.config._from_dict"): "removed by arch-routers",
-    ("moekit.train.trainer", "moekit.config._check"): "removed by arch-routers",
-    ("moekit.train.trainer", "moekit.config._from_dict"): "removed by arch-routers",
     # command-line code inside a library package (removed by the cli/ package, issue 13 item 6)
     ("moekit.analysis.cli", "moekit.train"): "removed by the cli/ package",
 }

@@ -4,8 +4,8 @@
     top-k softmax (renormalised or not), q/k RMSNorm               -> Qwen3-MoE (dense layers: mlp_only_layers)
     top-k sigmoid (groups, selection bias, scaling, shared experts) -> GLM-4-MoE (full rotary)
 
-Routers transformers cannot express (top-p, null experts, recurrent, expert choice, random) and
-settings without a counterpart (capacity dropping, a sigmoid shared-expert gate, ...) raise
+Routers transformers cannot express (those whose config has no `hf_routing()`: top-p, null experts,
+recurrent, expert choice, random, ...) and settings without a counterpart (capacity dropping, a sigmoid shared-expert gate, ...) raise
 `ExportError` naming what does not fit. The written checkpoint is loaded back with
 `AutoModelForCausalLM.from_pretrained` and its logits compared with the moekit model's before the
 directory is moved into place (one rename; every file fsynced first).
@@ -43,42 +43,48 @@ def _refuse(why: str) -> None:
     raise ExportError(f"moekit export --to hf: {why}")
 
 
-def _common(cfg) -> dict:
+def _common(cfg, routing: dict) -> dict:
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
                 num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
                 tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attention_dropout=0.0,
-                num_experts_per_tok=cfg.moe.router.k, dtype="float32")
+                num_experts_per_tok=routing["num_experts_per_tok"], dtype="float32")
 
 
 def hf_config_for(cfg):
     """The transformers config whose model computes exactly what `MoELM(cfg)` computes."""
     from transformers import Glm4MoeConfig, MixtralConfig, Qwen3MoeConfig
 
-    moe, router = cfg.moe, cfg.moe.router
-    if router.kind != "topk":
-        _refuse(f"transformers has no model with the {router.kind!r} router (top-p, null experts, recurrent, "
-                "expert choice and random routers are moekit-only); re-route to kind='topk' before exporting")
+    moe = cfg.moe
+    routing = moe.router.hf_routing()
+    if routing is None:
+        from moekit.routers import registered_routers, router_class
+
+        exportable = [k for k in registered_routers() if router_class(k).config_class().hf_routing() is not None]
+        _refuse(f"transformers has no model with the {moe.router.kind!r} router ({moe.router.describe()}); "
+                f"routers with a transformers counterpart: {', '.join(exportable)}. Re-route to one of them "
+                "before exporting")
     if moe.activation != "swiglu":
         _refuse(f"MoEConfig.activation={moe.activation!r}; transformers' MoE models use SwiGLU experts")
     # capacity_factor drops only in training (moekit never drops in eval mode unless asked to)
     if moe.eval_capacity_factor is not None:
         _refuse("eval_capacity_factor drops tokens at inference; transformers' MoE models are dropless")
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
-    if router.score == "softmax":
-        if router.n_group > 1 or router.routed_scaling_factor != 1.0 or router.bias_update_rate > 0:
+    if routing["scoring_func"] == "softmax":
+        if routing["n_group"] > 1 or routing["routed_scaling_factor"] != 1.0 or routing["selection_bias"]:
             _refuse("softmax routing with groups, scaling or a selection bias has no transformers counterpart")
         if moe.num_shared_experts:
             _refuse("softmax top-k with shared experts (ungated) has no identical transformers model")
         if cfg.qk_norm:
-            return Qwen3MoeConfig(**_common(cfg), num_experts=moe.num_experts, moe_intermediate_size=moe.d_expert,
-                                  intermediate_size=cfg.dense_width, norm_topk_prob=router.normalizes(),
+            return Qwen3MoeConfig(**_common(cfg, routing), num_experts=moe.num_experts,
+                                  moe_intermediate_size=moe.d_expert,
+                                  intermediate_size=cfg.dense_width, norm_topk_prob=routing["norm_topk_prob"],
                                   decoder_sparse_step=1, mlp_only_layers=list(range(cfg.n_dense)),
                                   rope_parameters=rope, attention_bias=False, output_router_logits=False)
-        if not router.normalizes() or cfg.n_dense:
+        if not routing["norm_topk_prob"] or cfg.n_dense:
             _refuse("softmax top-k without q/k norm maps to Mixtral, which always renormalises and has no dense "
                     "layers; train with model.qk_norm=true (Qwen3-MoE) for other settings")
-        return MixtralConfig(**_common(cfg), num_local_experts=moe.num_experts, intermediate_size=moe.d_expert,
+        return MixtralConfig(**_common(cfg, routing), num_local_experts=moe.num_experts, intermediate_size=moe.d_expert,
                              rope_parameters=rope, router_jitter_noise=0.0, sliding_window=None,
                              output_router_logits=False)
     if moe.shared_gate:
@@ -88,10 +94,12 @@ def hf_config_for(cfg):
                 f"{moe.num_shared_experts * moe.d_expert} wide, this model's are {moe.shared_width}")
     if moe.num_shared_experts == 0:
         _refuse("sigmoid routing without shared experts: GLM-4-MoE always has a shared expert")
-    return Glm4MoeConfig(**_common(cfg), n_routed_experts=moe.num_experts, moe_intermediate_size=moe.d_expert,
-                         n_shared_experts=moe.num_shared_experts, intermediate_size=cfg.dense_width,
-                         first_k_dense_replace=cfg.n_dense, n_group=router.n_group, topk_group=router.topk_group,
-                         norm_topk_prob=router.normalizes(), routed_scaling_factor=router.routed_scaling_factor,
+    return Glm4MoeConfig(**_common(cfg, routing), n_routed_experts=moe.num_experts,
+                         moe_intermediate_size=moe.d_expert, n_shared_experts=moe.num_shared_experts,
+                         intermediate_size=cfg.dense_width, first_k_dense_replace=cfg.n_dense,
+                         n_group=routing["n_group"], topk_group=routing["topk_group"],
+                         norm_topk_prob=routing["norm_topk_prob"],
+                         routed_scaling_factor=routing["routed_scaling_factor"],
                          use_qk_norm=cfg.qk_norm, attention_bias=False,
                          rope_parameters={**rope, "partial_rotary_factor": 1.0})
 
@@ -139,7 +147,7 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> P
     out_dir = Path(out_dir)
     check_export_target(out_dir)
     hf_cfg = hf_config_for(model.cfg)
-    if model.cfg.moe.router.score == "softmax" and any(
+    if model.cfg.moe.router.hf_routing()["scoring_func"] == "softmax" and any(
             bool(layer.router.e_score_correction_bias.any()) for layer in model.moe_layers()):
         _refuse("the softmax routers carry a non-zero selection bias (aux-loss-free balancing), which Mixtral and "
                 "Qwen3-MoE do not have")

@@ -39,7 +39,7 @@ PROBE_TOKENS = 16
 def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.Module:
     """Replace every sparse MoE block of `model` with an HFMoEBlock sharing its Parameters; in place.
 
-    backend: the MoEConfig backend of the new layers ("auto" or "reference").
+    backend: the MoEConfig backend of the new layers ("auto" or "grouped_mm").
     verify: check each block against its own forward on a probe input first (cheap: 16 tokens).
     Idempotent: blocks already wrapped are left as they are. Returns `model`.
     """

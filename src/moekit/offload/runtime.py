@@ -19,8 +19,6 @@ Nothing of size T x E x D is built. Inference only (no autograd through the load
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -39,17 +37,11 @@ __all__ = ["OffloadRuntime", "OffloadedExperts", "expert_shape", "hot_counts", "
 
 
 def token_experts(layer: MoELayer) -> int:
-    """K: experts one token needs resident at once at this layer, the least a cache must hold.
-
-    Top-k families: k. Top-p: its cap max_k, else min_k (NOTE: an uncapped top-p token may use up
-    to E experts; requiring E would forbid any budget below 100%, so a token whose experts do not
-    fit is run in several cache steps instead). Other dynamic routers: the expected count, rounded up.
-    """
-    r = layer.cfg.router
-    rule = r.select_rule if r.kind == "recurrent" else r.kind
-    if rule == "topp":
-        return max(1, min(r.max_k or r.min_k, layer.cfg.num_experts))
-    return max(1, math.ceil(layer.cfg.expected_experts_per_token()))
+    """K: experts one token needs resident at once at this layer, the least a cache must hold: the
+    router's own answer (`RouterConfig.min_resident_experts`; top-k: k; top-p: its cap max_k, else
+    min_k, and a token whose experts do not fit runs in several cache steps; other dynamic routers:
+    the expected count, rounded up)."""
+    return layer.cfg.router.min_resident_experts(layer.cfg.num_experts)
 
 
 def hot_counts(source, num_layers: int, num_experts: int):
@@ -130,9 +122,6 @@ class OffloadRuntime:
         self.layers = moe_layers(model)
         store.check_matches(self.layers)
         for i, layer in enumerate(self.layers):
-            if layer.use_reference:
-                raise ValueError(f"MoE layer {i} uses backend='reference', which reads the stacked weights directly; "
-                                 "offloading replaces the grouped expert path (use backend 'auto' or 'grouped_mm')")
             if not isinstance(layer.experts, ExpertBank):
                 raise ValueError(f"MoE layer {i} holds {type(layer.experts).__name__}; is the model offloaded already?")
         if device is None:
