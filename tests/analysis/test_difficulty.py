@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 import moekit
-from moekit.analysis import RoutingTrace, difficulty_vs_experts, load_trace, record_trace, save_trace, spearman
+from moekit.analysis import (
+    RoutingTrace,
+    difficulty_vs_experts,
+    load_trace,
+    record_trace,
+    save_trace,
+    spearman,
+)
 from moekit.analysis.report import AnalysisConfig, compute_metrics
 from moekit.analysis.report.html import render_html
 from moekit.analysis.trace import TokenBatch, token_losses
