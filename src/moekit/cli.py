@@ -217,14 +217,18 @@ def _generate(args) -> int:
 
 
 def _compare(args) -> int:
-    from moekit.train.compare import compare
-    from moekit.train.flags import apply_flags, flag_errors
+    from moekit.train.compare import compare, sweep_variants
+    from moekit.train.flags import apply_flags, flag_errors, parse_sweep
     from moekit.train.presets import preset
     from moekit.train.trainer import resolve_configs
 
     with flag_errors():
-        variants = {name: resolve_configs(*apply_flags(*preset(name), args)) for name in args.presets.split(",")}
-        compare(variants, args.out, progress=not args.no_progress)
+        base = {name: apply_flags(*preset(name), args) for name in args.presets.split(",")}
+        if args.sweep or args.seeds != 1:
+            variants, groups = sweep_variants(base, [parse_sweep(s) for s in args.sweep or []], args.seeds)
+        else:
+            variants, groups = {name: resolve_configs(*cfgs) for name, cfgs in base.items()}, None
+        compare(variants, args.out, progress=not args.no_progress, groups=groups)
     return 0
 
 
@@ -369,6 +373,12 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train router families on equal terms and print one table")
     c.add_argument("--presets", default="topk,topp", help="comma-separated preset names (default topk,topp)")
     c.add_argument("--out", default="runs/compare")
+    c.add_argument("--sweep", action="append", metavar="SECTION.FIELD=V1,V2,...",
+                   help="run each preset that has the field once per value (repeatable: a cartesian product), "
+                        "e.g. router.p=0.2,0.3,0.4 and router.k=1,2,3")
+    c.add_argument("--seeds", type=int, default=1,
+                   help="replicates per setting with train seeds seed, seed+1, ... (default 1); compare.md gives "
+                        "mean ± std and pareto.png the quality / experts trade-off")
     c.add_argument("--no-progress", action="store_true")
     add_config_flags(c)
     c.set_defaults(func=_compare)
