@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moekit.analysis import RoutingTrace, affinity, affinity_prefetch_recall, gate_prefetch_recall, save_trace
-from moekit.analysis.cli import add_arguments, run
+from moekit.cli.analyze import add_arguments, run
 from moekit.analysis.report import AnalysisConfig, analyze, compute_metrics
 from moekit.analysis.tracefile import TraceFormatError
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import moekit
-from moekit.cli import _prompt_ids, main
+from moekit.cli import main
+from moekit.cli.generate import prompt_ids as _prompt_ids
 from moekit.config import MoEConfig, RouterConfig
 from moekit.errors import UsageError
 from moekit.models import LMConfig

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from moekit import losses
-from moekit.config import RouterConfig, require
+from moekit.config import RouterConfig, require, setting
 from moekit.routers.base import RouteExtras, Router, RouterOutput, warn_if_k1_normalized
 from moekit.routers.registry import register
 from moekit.routers.topk import SCORES, select_topk
@@ -50,16 +50,18 @@ class RecurrentConfig(RouterConfig):
     ("topk"|"topp": the selection applied to the GRU's logits, with that rule's own fields: k, score,
     normalize, routed_scaling_factor for top-k; p, min_k, max_k, normalize for top-p)."""
 
-    kind: str = "recurrent"
-    gru_dim: int = 256
-    select_rule: str = "topk"
-    k: int = 2
-    score: str = "softmax"
-    normalize: bool | None = None
-    routed_scaling_factor: float = 1.0
-    p: float = 0.4
-    min_k: int = 1
-    max_k: int | None = None
+    kind: str = setting("recurrent", "router: how tokens pick experts (moekit info lists them)")
+    gru_dim: int = setting(256, "hidden size of the GRU shared by all layers (RMoE, arXiv 2408.06793)")
+    select_rule: str = setting("topk", "selection applied to the GRU's logits", choices=SELECT_RULES)
+    k: int = setting(2, "experts per token (select_rule topk)")
+    score: str = setting("softmax", "router score function (select_rule topk)", choices=SCORES)
+    normalize: bool | None = setting(None, "renormalise the chosen experts' weights (None = the selection "
+                                           "rule's default)")
+    routed_scaling_factor: float = setting(1.0, "multiply the routed experts' weights by this (select_rule "
+                                                "topk)")
+    p: float = setting(0.4, "cumulative-probability threshold (select_rule topp)")
+    min_k: int = setting(1, "fewest experts per token (select_rule topp)")
+    max_k: int | None = setting(None, "most experts per token (select_rule topp; None = no cap)")
 
     router_losses = ("dynamic",)
 

@@ -1,0 +1,52 @@
+"""The one timing loop of moekit's benchmarks: competing implementations are timed round-robin (one
+run of each in turn, after a warm-up of each), so that transient load on a shared machine falls on all
+of them alike and their ratios stay honest; plus peak memory and the load average to report with them.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+
+def round_robin(steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                before_each: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Seconds of each of `repeats` runs of every step, taken round-robin after `warmup` runs of each.
+
+    before_each: called (untimed) before every timed run, e.g. to flush caches. A step that times
+    itself (e.g. one run in a worker process) returns its own seconds as a float; any other return
+    value is ignored and the call is timed here with perf_counter.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if before_each is not None:
+                before_each()
+            t0 = time.perf_counter()
+            result = step()
+            elapsed = time.perf_counter() - t0
+            times[name].append(float(result) if isinstance(result, float) else elapsed)
+    return times
+
+
+def median_s(steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+             before_each: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median seconds per run of each step, measured with `round_robin`."""
+    return {name: statistics.median(ts) for name, ts in round_robin(steps, repeats, warmup, before_each).items()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (ru_maxrss)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_average() -> dict[str, float]:
+    """`uptime`'s load averages over 1, 5 and 15 minutes (how busy the machine was around a measurement)."""
+    one, five, fifteen = os.getloadavg()
+    return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2)}
