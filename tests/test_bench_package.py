@@ -15,7 +15,7 @@ import pytest
 import setuptools
 
 from moekit.bench import BENCHMARKS
-from moekit.bench.timing import load_average, median_s, peak_rss_mb, round_robin
+from moekit.bench.timing import append_json_lines, load_average, median_s, peak_rss_mb, round_robin
 from moekit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +57,13 @@ def test_round_robin_interleaves_and_takes_a_steps_own_time():
     assert times["b"] == [0.25] * 3 and all(0 <= t < 1 for t in times["a"])
     assert set(median_s({"x": lambda: None}, 3)) == {"x"}
     assert set(load_average()) == {"load_1m", "load_5m", "load_15m"} and peak_rss_mb() > 0
+
+
+def test_results_are_appended_as_json_lines(tmp_path):
+    out = tmp_path / "r.jsonl"
+    append_json_lines(out, [{"bench": "a"}])
+    append_json_lines(out, [{"bench": "b"}, {"bench": "c"}])
+    assert out.read_text() == '{"bench": "a"}\n{"bench": "b"}\n{"bench": "c"}\n'
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ def train_tiny(run: Path, router: str = "topk") -> Path:
     model_cfg, train_cfg = preset("tiny")
     model_cfg.d_model, model_cfg.n_layers, model_cfg.n_heads = 32, 2, 2
     model_cfg.moe.d_expert, model_cfg.moe.num_experts = 32, 4
-    model_cfg.moe.router.kind = router
+    model_cfg.moe.router = model_cfg.moe.router.convert(router)  # a config class per router kind
     train_cfg.steps, train_cfg.micro_batch, train_cfg.seq_len, train_cfg.eval_tokens = 2, 2, 16, 64
     train_cfg.threads = 1
     train(model_cfg.validate(), train_cfg.validate(), run, progress=False, log=lambda *a, **k: None)

@@ -49,7 +49,7 @@ from transformers.utils import logging
 
 import moekit
 import moekit.hf
-from moekit.bench.timing import load_average, median_s, peak_rss_mb
+from moekit.bench.timing import append_json_lines, load_average, median_s, peak_rss_mb
 
 logging.set_verbosity_error()
 BATCHED_MM_LIMIT_BYTES = 2 * 2**30  # batched_mm gathers a copy of the expert weights for every assignment
@@ -182,8 +182,7 @@ def main(argv=None) -> int:
     for arch in args.archs.split(","):
         lines += run_arch(arch, cfgs[arch], args)
     if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
+        append_json_lines(args.out, lines)
     return 0
 
 

@@ -33,7 +33,7 @@ from transformers import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
 import moekit
-from moekit.bench.timing import load_average, median_s, peak_rss_mb
+from moekit.bench.timing import append_json_lines, load_average, median_s, peak_rss_mb
 from moekit.ops.grouped import compute_dtype
 
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
@@ -241,9 +241,7 @@ def main(argv=None) -> int:
                     lines.append(res)
                     print(json.dumps(res), flush=True)
     if args.out:
-        with open(args.out, "a") as f:
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
+        append_json_lines(args.out, lines)
     return 0
 
 

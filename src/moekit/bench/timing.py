@@ -5,11 +5,13 @@ of them alike and their ratios stay honest; plus peak memory and the load averag
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def round_robin(steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
@@ -50,3 +52,13 @@ def load_average() -> dict[str, float]:
     """`uptime`'s load averages over 1, 5 and 15 minutes (how busy the machine was around a measurement)."""
     one, five, fifteen = os.getloadavg()
     return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2)}
+
+
+def append_json_lines(path: str | Path, lines: list[dict]) -> None:
+    """Append `lines` as JSON lines to the results file `path`: the whole file is rewritten atomically,
+    so an interrupted run leaves the earlier results whole."""
+    from moekit.utils.io import atomic_write_text
+
+    path = Path(path)
+    before = path.read_text() if path.exists() else ""
+    atomic_write_text(path, before + "".join(json.dumps(line) + "\n" for line in lines))

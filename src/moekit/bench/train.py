@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 
-from moekit.bench.timing import load_average, peak_rss_mb, round_robin
+from moekit.bench.timing import append_json_lines, load_average, peak_rss_mb, round_robin
 
 MOEKIT_PRESETS = {"moekit_tiny": "tiny", "moekit_topk": "topk"}
 
@@ -312,8 +312,7 @@ def main(argv=None) -> int:
     lines.append(summary)
     print(json.dumps(summary), flush=True)
     if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
+        append_json_lines(args.out, lines)
     return 0
 
 
