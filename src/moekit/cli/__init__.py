@@ -61,14 +61,21 @@ def late_arguments(parser: argparse.ArgumentParser, add: Callable[[argparse.Argu
     parser.set_defaults(late_arguments=add)
 
 
+def _debug() -> bool:
+    return os.environ.get("MOEKIT_DEBUG", "") not in ("", "0")
+
+
 @contextmanager
 def config_errors(parser: argparse.ArgumentParser):
-    """A config error (UsageError) in the block goes through `parser.error`: one line naming the flag, exit 2."""
+    """A config error (UsageError) in the block goes through `parser.error`: one line naming the flag, exit 2
+    (with MOEKIT_DEBUG=1 it is raised, flags named, for its traceback)."""
     from moekit.cli.flags import flag_names
 
     try:
         yield
     except UsageError as e:
+        if _debug():
+            raise UsageError(flag_names(str(e))) from e
         parser.error(flag_names(str(e)))
 
 
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     An error in the command line itself raises SystemExit(2) after printing its line, as argparse does;
     errors found once the command runs (config errors through `parser.error` included) return the exit code."""
     args = build_parser(argv).parse_args(argv)
-    debug = os.environ.get("MOEKIT_DEBUG", "") not in ("", "0")
+    debug = _debug()
     try:
         return args.func(args)
     except KeyboardInterrupt:

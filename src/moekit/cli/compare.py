@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from moekit.cli.flags import apply_flags
+    from moekit.cli.flags import apply_flags, flag_errors
     from moekit.errors import UsageError
     from moekit.train.compare import compare
     from moekit.train.presets import PRESETS, preset
@@ -33,5 +33,6 @@ def run(args) -> int:
             raise UsageError(f"--presets: unknown preset {', '.join(map(repr, unknown))}; allowed: "
                              f"{', '.join(sorted(PRESETS))}")
         variants = {name: resolve_configs(*apply_flags(*preset(name), args)) for name in names}
-    compare(variants, args.out, progress=not args.no_progress)
+    with flag_errors():  # e.g. a run in --out trained with other settings: named by their flags
+        compare(variants, args.out, progress=not args.no_progress)
     return 0
