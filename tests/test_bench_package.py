@@ -15,7 +15,16 @@ import pytest
 import setuptools
 
 from moekit.bench import BENCHMARKS
-from moekit.bench.timing import append_json_lines, load_average, median_s, peak_rss_mb, round_robin
+from moekit.bench.timing import (
+    append_json_lines,
+    load_average,
+    median_s,
+    peak_rss_bytes,
+    peak_rss_mb,
+    reset_peak_rss,
+    round_robin,
+    status_bytes,
+)
 from moekit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +66,16 @@ def test_round_robin_interleaves_and_takes_a_steps_own_time():
     assert times["b"] == [0.25] * 3 and all(0 <= t < 1 for t in times["a"])
     assert set(median_s({"x": lambda: None}, 3)) == {"x"}
     assert set(load_average()) == {"load_1m", "load_5m", "load_15m"} and peak_rss_mb() > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self")
+def test_peak_rss_can_be_reset_for_each_case():
+    block = bytearray(256 * 2**20)  # touched: 256 MiB resident, then returned to the system
+    high = peak_rss_bytes()
+    del block
+    reset_peak_rss()
+    assert 0 < status_bytes("VmRSS") <= peak_rss_bytes() < high - 128 * 2**20
+    assert status_bytes("NoSuchField") == -1
 
 
 def test_results_are_appended_as_json_lines(tmp_path):

@@ -28,12 +28,12 @@ import json
 import platform
 
 import torch
-import torch.nn.functional as F
 from transformers import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
 import moekit
 from moekit.bench.timing import append_json_lines, load_average, median_s, peak_rss_mb
+from moekit.ops.ffn import expert_ffn
 from moekit.ops.grouped import compute_dtype
 
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
@@ -122,8 +122,7 @@ def run_case(dtype, E, T, backward, args, bandwidth_gbs):
     x_rows = torch.randn(T * k, D, dtype=dtype, requires_grad=backward)
 
     def dense(x_MD, c=cdt):
-        g, u = F.linear(x_MD.to(c), w_gu.to(c)).chunk(2, dim=-1)
-        return F.linear(F.silu(g) * u, w_d.to(c)).to(x_MD.dtype)
+        return expert_ffn(x_MD.to(c), w_gu.to(c), w_d.to(c), "swiglu").to(x_MD.dtype)
 
     steps["dense_ms"] = timed_step(dense, x_rows, backward, [w_gu, w_d])
     if dtype != cdt and not backward:

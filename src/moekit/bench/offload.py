@@ -49,7 +49,7 @@ import torch
 
 import moekit
 from moekit.analysis.trace import TraceRecorder
-from moekit.bench.timing import load_average
+from moekit.bench.timing import load_average, peak_rss_bytes, reset_peak_rss, status_bytes
 from moekit.config import MoEConfig, RouterConfig
 from moekit.models.lm import LMConfig, MoELM
 from moekit.offload import ExpertStore, offloaded_generate, write_store
@@ -67,27 +67,6 @@ def model_config(E: int) -> LMConfig:
 def build_model(E: int, seed: int) -> MoELM:
     torch.manual_seed(seed)
     return MoELM(model_config(E)).eval()
-
-
-def reset_peak_rss() -> None:
-    """Reset this process's peak RSS (VmHWM) so each case reports its own (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return -1
-
-
-def peak_rss_bytes() -> int:
-    return _status_bytes("VmHWM")
 
 
 def store_bandwidth(store_dir: Path) -> dict:
@@ -221,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         ref_ids, tps0 = resident_run(model, prompt, args.tokens)
         del model
         gc.collect()
-        rss_before_sweep = _status_bytes("VmRSS")  # the process without the model: torch, buffers, ...
+        rss_before_sweep = status_bytes("VmRSS")  # the process without the model: torch, buffers, ...
         cases = [(b, pol, "layer") for b in budgets for pol in policies]
         cases += [("25%", pol, "shared") for pol in ("lru", "predictive")]
         off = sweep(store_dir, prompt, args.tokens, ref_ids, tps0, hot, bandwidth, cases, "random")

@@ -48,6 +48,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss() -> None:
+    """Reset this process's peak RSS (VmHWM) so each case reports its own (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def status_bytes(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS, VmHWM, ...; Linux) in bytes; -1 if it has no such field."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return -1
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory since the last `reset_peak_rss()` (VmHWM, Linux), bytes."""
+    return status_bytes("VmHWM")
+
+
 def load_average() -> dict[str, float]:
     """`uptime`'s load averages over 1, 5 and 15 minutes (how busy the machine was around a measurement)."""
     one, five, fifteen = os.getloadavg()
