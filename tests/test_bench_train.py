@@ -12,7 +12,7 @@ import pytest
 
 from moekit.cli import main
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train.py"  # the thin script
 
 
 def test_moekit_bench_train_is_a_choice(capsys):

@@ -29,7 +29,7 @@ TINY = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2"
 def test_flags_map_one_to_one_onto_config_fields():
     import argparse
 
-    from moekit.train.flags import add_config_flags, apply_flags
+    from moekit.cli.flags import add_config_flags, apply_flags
     from moekit.train.presets import preset
 
     p = argparse.ArgumentParser()

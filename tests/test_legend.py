@@ -17,9 +17,7 @@ CORE = {"T": ("token",), "D": ("model dim",), "F": ("hidden",), "E": ("expert",)
 ANALYSIS = {"S": ("sequence",), "G": ("domain",), "R": ("replicate",), "C": ("capacity", "depth")}
 ANALYSIS_FILES = ("analysis/", "offload/simulate.py")
 # Collisions in files other work is rewriting, each to be fixed there (the lead empties this list).
-KNOWN = {
-    ("routers/recurrent.py", "H"): "H = the GRU's hidden size (gru_dim): another letter, with the router rewrite",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 ENTRY = re.compile(r"(?:^|[,;]|\s{2,}|\.\s)\s*([A-Z])\s{1,2}(?:=\s*)?([A-Za-z][^,;]*?)"
                    r"(?=\s*(?:[,;]|$|\.\s)|\s{2,}[A-Z]\s{1,2}[A-Za-z])")

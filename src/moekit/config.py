@@ -28,6 +28,11 @@ def require(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise UsageError(f"{name}={value!r} is invalid; allowed: {allowed}")
 
 
+def setting(default: Any, help: str, *, choices: tuple | None = None) -> Any:
+    """A dataclass field with its help text (the command line's `--SECTION.FIELD` help) and, for an
+    enumeration, its allowed values (the flag's choices)."""
+    metadata = {"help": help, **({"choices": tuple(choices)} if choices is not None else {})}
+    return field(default=default, metadata=metadata)
 
 
 def check_fields(cfg: Any, name: str | None = None) -> None:
@@ -102,6 +107,23 @@ V1_ROUTER_FIELDS = frozenset((
     "k_schedule", "k_schedule_steps", "gru_dim", "select_rule"))
 
 _ROUTER_CONFIGS: dict[str, type[RouterConfig]] = {}  # kind -> config class, filled by moekit.routers.registry
+# Imports the router files (which register themselves) on the first look-up: `moekit/__init__.py` sets it, so
+# that `import moekit` stays cheap (no torch) while `RouterConfig(kind=...)` always finds every router.
+_router_loader: Any = None
+
+
+def set_router_loader(load) -> None:
+    """Call `load()` (which must register every router) before the first look-up of a router kind."""
+    global _router_loader
+    _router_loader = load
+
+
+def _registered() -> dict[str, type[RouterConfig]]:
+    global _router_loader
+    if _router_loader is not None:
+        load, _router_loader = _router_loader, None  # once, and not again while it runs
+        load()
+    return _ROUTER_CONFIGS
 
 
 @dataclass
@@ -123,8 +145,8 @@ class RouterConfig(Config):
 
     VERSION: ClassVar[int] = ROUTER_CONFIG_VERSION
 
-    kind: str = "topk"
-    jitter: float = 0.0
+    kind: str = setting("topk", "router: how tokens pick experts (moekit info lists them)")
+    jitter: float = setting(0.0, "multiply the router input by U(1 - eps, 1 + eps) in training (0 = off)")
     router_losses: ClassVar[tuple[str, ...]] = ()  # every router-specific aux loss this router may return
 
     def __new__(cls, *args, **kwargs):
@@ -281,9 +303,10 @@ def add_router_config(kind: str, cls: type[RouterConfig]) -> None:
 
 def router_config_class(kind: str) -> type[RouterConfig]:
     """The config class of router `kind` (UsageError naming the registered kinds if there is none)."""
-    if kind not in _ROUTER_CONFIGS:
-        raise UsageError(f"RouterConfig.kind: unknown router {kind!r}; registered: {sorted(_ROUTER_CONFIGS)}")
-    return _ROUTER_CONFIGS[kind]
+    registered = _registered()
+    if kind not in registered:
+        raise UsageError(f"RouterConfig.kind: unknown router {kind!r}; registered: {sorted(registered)}")
+    return registered[kind]
 
 
 def router_config_for(kind: str, fields) -> type[RouterConfig]:
@@ -301,7 +324,7 @@ def router_config_for(kind: str, fields) -> type[RouterConfig]:
 def router_fields() -> dict[str, dataclasses.Field]:
     """Every registered router config's fields by name (the first registered owner's definition)."""
     out: dict[str, dataclasses.Field] = {}
-    for sub in _ROUTER_CONFIGS.values():
+    for sub in _registered().values():
         for f in dataclasses.fields(sub):
             out.setdefault(f.name, f)
     return out
@@ -323,18 +346,22 @@ class MoEConfig(Config):
     step and all data-parallel ranks (arXiv 2501.11873).
     """
 
-    d_model: int = 32
-    d_expert: int = 64
-    num_experts: int = 4
+    d_model: int = setting(32, "model width D (always the LM's d_model)")
+    d_expert: int = setting(64, "hidden width F of one routed expert")
+    num_experts: int = setting(4, "routed experts E per MoE layer")
     router: RouterConfig = field(default_factory=RouterConfig)
-    activation: str = "swiglu"
-    num_shared_experts: int = 0
-    d_shared: int | None = None
-    shared_gate: bool = False
-    capacity_factor: float | None = None
-    eval_capacity_factor: float | None = None
-    backend: str = "auto"
-    balance_scope: str = "micro"
+    activation: str = setting("swiglu", "expert FFN activation", choices=ACTIVATIONS)
+    num_shared_experts: int = setting(0, "always-on shared experts (one FFN of width d_shared; 0 = none)")
+    d_shared: int | None = setting(None, "width of the shared expert FFN (None = num_shared_experts * "
+                                   "d_expert)")
+    shared_gate: bool = setting(False, "scale the shared expert by a sigmoid gate (Qwen2-MoE)")
+    capacity_factor: float | None = setting(None, "cap each expert at ceil(factor * N / E) assignments in "
+                                            "training, dropping the overflow (None = dropless)")
+    eval_capacity_factor: float | None = setting(None, "the same cap in eval mode (None = dropless)")
+    backend: str = setting("auto", "expert GEMMs: auto (grouped kernel where available, else a loop) or "
+                           "grouped_mm", choices=BACKENDS)
+    balance_scope: str = setting("micro", "load-balancing frequencies per micro-batch, or global over the "
+                                 "optimiser step and ranks (arXiv 2501.11873)", choices=BALANCE_SCOPES)
 
     def __post_init__(self):
         if isinstance(self.router, dict):

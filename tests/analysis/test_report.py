@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from moekit.analysis import RoutingTrace, affinity, affinity_prefetch_recall, gate_prefetch_recall, save_trace
-from moekit.analysis.cli import add_arguments, run
 from moekit.analysis.report import AnalysisConfig, analyze, compute_metrics
 from moekit.analysis.tracefile import TraceFormatError
+from moekit.cli.analyze import add_arguments, run
 
 SMALL = AnalysisConfig(srp_n=(2, 8), n_boot=20, sch_n=(2, 4), model_sch_n=(4,), max_multiple=4,
                        model_multiples=(1, 2), prefetch_distance=2, workers=1)

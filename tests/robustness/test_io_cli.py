@@ -156,7 +156,7 @@ def test_moekit_debug_shows_the_traceback(io_run, capsys, monkeypatch):
 
 
 def test_ctrl_c_exits_130_quietly(tmp_path, capsys, monkeypatch):
-    import moekit.analysis.cli as analysis_cli
+    import moekit.cli.analyze as analysis_cli
 
     def interrupted(_args):
         raise KeyboardInterrupt
@@ -168,7 +168,7 @@ def test_ctrl_c_exits_130_quietly(tmp_path, capsys, monkeypatch):
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     """Only errors a user can cause are turned into one line; a bug in moekit is not hidden."""
-    import moekit.analysis.cli as analysis_cli
+    import moekit.cli.analyze as analysis_cli
 
     def bug(_args):
         raise ZeroDivisionError("division by zero")

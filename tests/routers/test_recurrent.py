@@ -20,7 +20,7 @@ def run(layers, gru, x):
     for layer in layers:
         x = layer(x, router_state=state)  # the layer returns y; the next state is in its routing info
         state = layer.routing_info().router_state
-        states.append(state.hidden_TH)
+        states.append(state.hidden_TR)
     return x, states
 
 
@@ -38,9 +38,9 @@ def test_second_layer_uses_first_layers_state(make_cfg):
     x = torch.randn(2, 3, 32)
     y0 = layers[0](x, router_state=RecurrentState(gru))
     state0 = layers[0].routing_info().router_state
-    assert state0.hidden_TH.shape == (6, 16) and state0.gru is gru
+    assert state0.hidden_TR.shape == (6, 16) and state0.gru is gru
     layers[1](y0, router_state=state0)
-    r1 = gru(y0.reshape(6, 32) @ layers[1].router.input_proj.T, state0.hidden_TH)
+    r1 = gru(y0.reshape(6, 32) @ layers[1].router.input_proj.T, state0.hidden_TR)
     torch.testing.assert_close(layers[1].routing_info().route.logits_TE, r1 @ layers[1].router.weight.T)
     # a different previous state changes the routing of the same input: the state is really used
     layers[1](y0, router_state=RecurrentState(gru))

@@ -204,8 +204,8 @@ def test_trace_and_offloaded_generation(tmp_path):
 def test_flags_configure_remoe():
     import argparse
 
+    from moekit.cli.flags import add_config_flags, apply_flags
     from moekit.errors import UsageError
-    from moekit.train.flags import add_config_flags, apply_flags
     from moekit.train.presets import preset
 
     parser = argparse.ArgumentParser()

@@ -2,9 +2,10 @@
 
 import pytest
 
+from moekit.cli.compare import sweep_variants
+from moekit.cli.flags import parse_sweep
 from moekit.errors import UsageError
-from moekit.train.compare import summarise_groups, sweep_variants
-from moekit.train.flags import parse_sweep
+from moekit.train.compare import summarise_groups
 from moekit.train.presets import preset
 
 

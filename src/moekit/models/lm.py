@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.config import Config, MoEConfig, check_fields, require
+from moekit.config import Config, MoEConfig, check_fields, require, setting
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
 from moekit.layers.moe import MoELayer, moe_layers
@@ -41,20 +41,21 @@ class LMConfig(Config):
     expected active width, k * d_expert + shared width, so dense and MoE layers cost the same).
     """
 
-    vocab_size: int = 259
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None
-    qk_norm: bool = False
-    max_seq_len: int = 512
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    n_dense: int = 0
-    d_ff_dense: int | None = None
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    moe: MoEConfig = field(default_factory=MoEConfig)
+    vocab_size: int = setting(259, "vocabulary size (set from the tokenizer when training)")
+    d_model: int = setting(128, "model width D")
+    n_layers: int = setting(4, "transformer blocks L")
+    n_heads: int = setting(4, "attention heads")
+    n_kv_heads: int | None = setting(None, "key/value heads for grouped-query attention (None = n_heads)")
+    qk_norm: bool = setting(False, "RMSNorm on queries and keys")
+    max_seq_len: int = setting(512, "longest sequence the model accepts (rotary positions)")
+    rope_theta: float = setting(10000.0, "rotary embedding base")
+    norm_eps: float = setting(1e-6, "RMSNorm epsilon")
+    n_dense: int = setting(0, "the first n_dense blocks use a dense FFN instead of a MoE layer")
+    d_ff_dense: int | None = setting(None, "width of those dense FFNs (None = the MoE layer's expected "
+                                            "active width)")
+    tie_embeddings: bool = setting(True, "share the input embedding with the output projection")
+    init_std: float = setting(0.02, "standard deviation of the weight initialisation")
+    moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": 'the MoE layer (MoEConfig)'})
 
     def __post_init__(self):
         if isinstance(self.moe, dict):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.config import RouterConfig, require
+from moekit.config import RouterConfig, require, setting
 from moekit.routers.base import Router, RouterOutput
 from moekit.routers.registry import register
 
@@ -27,9 +27,10 @@ class ExpertChoiceConfig(RouterConfig):
     """Expert choice: each expert takes round(ec_capacity_factor * T / E) tokens; allow_causal_leak lets a
     causal language model train with it anyway (its routing then sees later tokens)."""
 
-    kind: str = "expert_choice"
-    ec_capacity_factor: float = 2.0
-    allow_causal_leak: bool = False
+    kind: str = setting("expert_choice", "router: how tokens pick experts (moekit info lists them)")
+    ec_capacity_factor: float = setting(2.0, "expert choice: each expert takes round(factor * T / E) tokens")
+    allow_causal_leak: bool = setting(False, "let a causal LM train with expert choice (its routing then "
+                                      "sees later tokens)")
 
     def describe(self) -> str:
         return f"ec_capacity_factor={self.ec_capacity_factor}"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moekit.config import RouterConfig, require
+from moekit.config import RouterConfig, require, setting
 from moekit.losses import load_balance_loss
 from moekit.routers.base import RouteExtras, Router, RouterOutput, warn_if_k1_normalized
 from moekit.routers.registry import register
@@ -38,10 +38,10 @@ class NullConfig(RouterConfig):
     """Null experts (AdaMoE, arXiv 2406.13233): n_null parameter-free null experts, k (top-k over
     E + n_null), normalize (over the chosen real experts; default: for k > 1)."""
 
-    kind: str = "null"
-    k: int = 2
-    normalize: bool | None = None
-    n_null: int = 2
+    kind: str = setting("null", "router: how tokens pick experts (moekit info lists them)")
+    k: int = setting(2, "top-k over the real and the null experts (AdaMoE)")
+    normalize: bool | None = setting(None, "renormalise over the chosen real experts (None = yes for k > 1)")
+    n_null: int = setting(2, "parameter-free null experts (AdaMoE, arXiv 2406.13233)")
 
     def normalizes(self) -> bool:
         return self.normalize if self.normalize is not None else self.k > 1

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moekit.config import RouterConfig, require
+from moekit.config import RouterConfig, require, setting
 from moekit.routers.base import Router, RouterOutput, StepCounts
 from moekit.routers.registry import register
 
@@ -60,12 +60,12 @@ class RandomConfig(RouterConfig):
     """SMoE-Dropout (arXiv 2303.01610): a frozen random router whose k grows in training from min_k to
     max_k (None = E) over k_schedule_steps optimiser steps along k_schedule; k is the inference k."""
 
-    kind: str = "random"
-    k: int = 2
-    min_k: int = 1
-    max_k: int | None = None
-    k_schedule: str = "linear"
-    k_schedule_steps: int = 1000
+    kind: str = setting("random", "router: how tokens pick experts (moekit info lists them)")
+    k: int = setting(2, "experts per token at inference (SMoE-Dropout, arXiv 2303.01610)")
+    min_k: int = setting(1, "experts per token at the start of training")
+    max_k: int | None = setting(None, "experts per token at the end of the schedule (None = E)")
+    k_schedule: str = setting("linear", "how k grows from min_k to max_k in training", choices=SCHEDULES)
+    k_schedule_steps: int = setting(1000, "optimiser steps over which k grows")
 
     def describe(self) -> str:
         return (f"k={self.k}, min_k={self.min_k}, max_k={self.max_k}, k_schedule={self.k_schedule}, "

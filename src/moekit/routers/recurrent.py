@@ -1,10 +1,10 @@
 """Recurrent router: RMoE, "Layerwise Recurrent Router for Mixture-of-Experts"
 (Qiu et al., arXiv 2408.06793).
 
-Legend: T tokens, D model dim, H GRU hidden size (gru_dim, 256 in the paper), E experts.
+Legend: T tokens, D model dim, R recurrent state size (GRU hidden size gru_dim; 256 in the paper), E experts.
 
 One GRU cell is shared by all MoE layers and owned by the model. Layer l has its own
-W1^l (D -> H) and W2^l (H -> E):
+W1^l (D -> R) and W2^l (R -> E):
     x_l = W1^l h_l;   r_l = GRU(x_l, r_{l-1}), r_0 = 0;   logits_l = W2^l r_l      (arXiv 2408.06793 §3)
 then the usual selection rule (`select_rule`: top-k or top-p) on the logits. The state r is per
 token over depth, so it needs no KV-cache entry; it passes to the next layer without detach so
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from moekit import losses
-from moekit.config import RouterConfig, require
+from moekit.config import RouterConfig, require, setting
 from moekit.routers.base import RouteExtras, Router, RouterOutput, warn_if_k1_normalized
 from moekit.routers.registry import register
 from moekit.routers.topk import SCORES, select_topk
@@ -41,7 +41,7 @@ class RecurrentState:
     layer's GRU output r_{l-1} per token (None = r_0 = 0, before the first MoE layer)."""
 
     gru: nn.GRUCell
-    hidden_TH: torch.Tensor | None = None
+    hidden_TR: torch.Tensor | None = None
 
 
 @dataclass
@@ -50,16 +50,18 @@ class RecurrentConfig(RouterConfig):
     ("topk"|"topp": the selection applied to the GRU's logits, with that rule's own fields: k, score,
     normalize, routed_scaling_factor for top-k; p, min_k, max_k, normalize for top-p)."""
 
-    kind: str = "recurrent"
-    gru_dim: int = 256
-    select_rule: str = "topk"
-    k: int = 2
-    score: str = "softmax"
-    normalize: bool | None = None
-    routed_scaling_factor: float = 1.0
-    p: float = 0.4
-    min_k: int = 1
-    max_k: int | None = None
+    kind: str = setting("recurrent", "router: how tokens pick experts (moekit info lists them)")
+    gru_dim: int = setting(256, "hidden size of the GRU shared by all layers (RMoE, arXiv 2408.06793)")
+    select_rule: str = setting("topk", "selection applied to the GRU's logits", choices=SELECT_RULES)
+    k: int = setting(2, "experts per token (select_rule topk)")
+    score: str = setting("softmax", "router score function (select_rule topk)", choices=SCORES)
+    normalize: bool | None = setting(None, "renormalise the chosen experts' weights (None = the selection "
+                                           "rule's default)")
+    routed_scaling_factor: float = setting(1.0, "multiply the routed experts' weights by this (select_rule "
+                                                "topk)")
+    p: float = setting(0.4, "cumulative-probability threshold (select_rule topp)")
+    min_k: int = setting(1, "fewest experts per token (select_rule topp)")
+    max_k: int | None = setting(None, "most experts per token (select_rule topp; None = no cap)")
 
     router_losses = ("dynamic",)
 
@@ -127,11 +129,11 @@ class RecurrentConfig(RouterConfig):
 class RecurrentRouter(Router):
     def __init__(self, cfg: RecurrentConfig, d_model: int, num_experts: int):
         super().__init__(cfg, d_model, num_experts)
-        H = cfg.gru_dim
-        self.input_proj = nn.Parameter(torch.empty(H, d_model))  # W1 (H, D)
-        self.weight = nn.Parameter(torch.empty(num_experts, H))  # W2 (E, H): the gate proper
+        R = cfg.gru_dim
+        self.input_proj = nn.Parameter(torch.empty(R, d_model))  # W1 (R, D)
+        self.weight = nn.Parameter(torch.empty(num_experts, R))  # W2 (E, R): the gate proper
         nn.init.normal_(self.input_proj, std=d_model**-0.5)
-        nn.init.normal_(self.weight, std=H**-0.5)
+        nn.init.normal_(self.weight, std=R**-0.5)
 
     def adopt(self, old: Router) -> None:
         raise ValueError("a recurrent router's gate reads the GRU state, not the token: it cannot take over "
@@ -150,24 +152,24 @@ class RecurrentRouter(Router):
             raise ValueError(f"recurrent router: the shared GRU is {gru.input_size}->{gru.hidden_size}, "
                              f"but RouterConfig.gru_dim={self.cfg.gru_dim}")
         # NOTE: gate math in fp32 whatever the model dtype (docs/routing.md, Precision), the GRU included.
-        xin_TH = torch.nn.functional.linear(x_TD.float(), self.input_proj.float())
-        r_prev_TH = state.hidden_TH if state.hidden_TH is not None else xin_TH.new_zeros(xin_TH.shape)
-        if r_prev_TH.shape != xin_TH.shape:
-            raise ValueError(f"recurrent router: state has shape {tuple(r_prev_TH.shape)}, expected "
-                             f"{tuple(xin_TH.shape)} (one GRU state per token)")
+        xin_TR = torch.nn.functional.linear(x_TD.float(), self.input_proj.float())
+        r_prev_TR = state.hidden_TR if state.hidden_TR is not None else xin_TR.new_zeros(xin_TR.shape)
+        if r_prev_TR.shape != xin_TR.shape:
+            raise ValueError(f"recurrent router: state has shape {tuple(r_prev_TR.shape)}, expected "
+                             f"{tuple(xin_TR.shape)} (one GRU state per token)")
 
         def fp32(p):
             return None if p is None else p.float()
 
-        r_TH = torch.gru_cell(xin_TH, r_prev_TH.float(), gru.weight_ih.float(), gru.weight_hh.float(),
+        r_TR = torch.gru_cell(xin_TR, r_prev_TR.float(), gru.weight_ih.float(), gru.weight_hh.float(),
                               fp32(gru.bias_ih), fp32(gru.bias_hh))
-        logits_TE = torch.nn.functional.linear(r_TH, self.weight.float())
+        logits_TE = torch.nn.functional.linear(r_TR, self.weight.float())
         cfg = self.cfg
         if cfg.select_rule == "topp":
             route = select_topp(logits_TE, cfg.p, cfg.min_k, cfg.max_k, cfg.normalizes())
         else:
             route = select_topk(logits_TE, cfg.k, cfg.score, cfg.normalizes(), cfg.routed_scaling_factor)
-        return dataclasses.replace(route, extras=RouteExtras(state=RecurrentState(gru, r_TH)))
+        return dataclasses.replace(route, extras=RouteExtras(state=RecurrentState(gru, r_TR)))
 
     def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
         if self.cfg.select_rule == "topp":

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.config import RouterConfig, require
+from moekit.config import RouterConfig, require, setting
 from moekit.routers.base import Router, RouterOutput, StepCounts
 from moekit.routers.registry import register
 
@@ -50,11 +50,13 @@ class ReMoEConfig(RouterConfig):
     target 1 - k/E); l1_coef_init (lambda_0), l1_coef_multiplier (alpha) of the adaptive L1 coefficient;
     l1_balance: the load-balanced L1 penalty (as the reference code) rather than the plain one."""
 
-    kind: str = "remoe"
-    k: int = 2
-    l1_coef_init: float = 1e-8
-    l1_coef_multiplier: float = 1.2
-    l1_balance: bool = True
+    kind: str = setting("remoe", "router: how tokens pick experts (moekit info lists them)")
+    k: int = setting(2, "target average of active experts per token (ReMoE, arXiv 2412.14711)")
+    l1_coef_init: float = setting(1e-8, "initial coefficient lambda_0 of the adaptive L1 penalty")
+    l1_coef_multiplier: float = setting(1.2, "alpha: factor by which the L1 coefficient rises or falls each "
+                                        "step")
+    l1_balance: bool = setting(True, "the load-balanced L1 penalty (as the reference code) rather than the "
+                               "plain one")
 
     router_losses = ("l1_reg",)
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from moekit import losses
-from moekit.config import RouterConfig, require
+from moekit.config import RouterConfig, require, setting
 from moekit.routers.base import Router, RouterOutput, StepCounts, warn_if_k1_normalized
 from moekit.routers.registry import register
 
@@ -41,15 +41,16 @@ class TopKConfig(RouterConfig):
     sum(bias) = 0.
     """
 
-    kind: str = "topk"
-    k: int = 2
-    score: str = "softmax"
-    normalize: bool | None = None
-    routed_scaling_factor: float = 1.0
-    n_group: int = 1
-    topk_group: int = 1
-    bias_update_rate: float = 0.0
-    bias_recenter: bool = False
+    kind: str = setting("topk", "router: how tokens pick experts (moekit info lists them)")
+    k: int = setting(2, "experts per token")
+    score: str = setting("softmax", "router score function", choices=SCORES)
+    normalize: bool | None = setting(None, "renormalise the chosen experts' weights (None = yes for k > 1)")
+    routed_scaling_factor: float = setting(1.0, "multiply the routed experts' weights by this (DeepSeek-V3)")
+    n_group: int = setting(1, "expert groups for group-limited selection (DeepSeek-V2/V3; 1 = off)")
+    topk_group: int = setting(1, "groups a token may pick its experts from")
+    bias_update_rate: float = setting(0.0, "gamma of aux-loss-free balancing: selection-bias step per "
+                                      "optimiser step (0 = off)")
+    bias_recenter: bool = setting(False, "keep the selection bias summing to zero")
 
     def normalizes(self) -> bool:
         """Whether the chosen experts' weights are renormalised: `normalize` when set, else yes for k > 1,

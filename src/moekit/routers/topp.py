@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.config import RouterConfig, require
+from moekit.config import RouterConfig, require, setting
 from moekit.routers.base import Router, RouterOutput
 from moekit.routers.registry import register
 
@@ -33,11 +33,12 @@ class TopPConfig(RouterConfig):
     """Top-p routing (arXiv 2403.07652): p (cumulative-probability threshold), min_k, max_k (optional cap),
     normalize (renormalise the chosen weights; None = no, the paper's raw probabilities)."""
 
-    kind: str = "topp"
-    p: float = 0.4
-    min_k: int = 1
-    max_k: int | None = None
-    normalize: bool | None = None
+    kind: str = setting("topp", "router: how tokens pick experts (moekit info lists them)")
+    p: float = setting(0.4, "top-p: cumulative-probability threshold (arXiv 2403.07652)")
+    min_k: int = setting(1, "fewest experts per token")
+    max_k: int | None = setting(None, "most experts per token (None = no cap)")
+    normalize: bool | None = setting(None, "renormalise the chosen experts' weights (None = no: the paper's "
+                                           "raw probabilities)")
 
     router_losses = ("dynamic",)
 

@@ -6,7 +6,7 @@ recipe (e.g. SMoE-Dropout trains with none), and is evaluated on the same valida
 validation loss and bits per byte overall and per domain, average activated experts per token
 (overall, per layer, per domain), parameters, measured active parameters and training tokens/s.
 
-Sweeps and seeds (`sweep_variants`, `moekit compare --sweep router.p=0.2,0.3 --seeds 3`): each
+Sweeps and seeds (`moekit.cli.compare.sweep_variants`, `moekit compare --sweep router.p=0.2,0.3 --seeds 3`): each
 preset runs once per value of every swept field it has (a cartesian product over several sweeps) and
 once per seed (seed, seed + 1, ...: initialisation and data order both change). Runs of one setting
 form a group; compare.json's `groups` gives each group's mean and sample standard deviation of
@@ -22,10 +22,7 @@ labelled with settings they were not trained with.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import io
-import itertools
 import json
 import statistics
 from pathlib import Path
@@ -66,39 +63,6 @@ def _check_saved_runs(variants: dict[str, tuple[LMConfig, TrainConfig]], out_dir
         if differ:
             raise UsageError(f"compare: {run_dir} holds a run trained with other settings ({'; '.join(differ)}); "
                              "choose another --out to compare with these settings")
-
-
-def sweep_variants(base: dict[str, tuple[LMConfig, TrainConfig]], sweeps: list[tuple[str, list]] = (),
-                   seeds: int = 1) -> tuple[dict[str, tuple[LMConfig, TrainConfig]], dict[str, str]]:
-    """Expand presets by swept fields and seeds: returns (variants, group of each variant).
-
-    base: {preset name: (LMConfig, TrainConfig)} with the command line's other flags applied, not yet
-        resolved. sweeps: [("SECTION.FIELD", values)] as `flags.parse_sweep` returns; a sweep applies
-        to every preset whose configs have the field (router fields: routers that have it).
-    seeds: replicates per setting, with train seeds seed, seed + 1, ... .
-    Names: `PRESET-FIELDVALUE...` for a group, `-sI` appended per seed when seeds > 1.
-    Raises UsageError for seeds < 1, or a sweep no preset has a field for.
-    """
-    from moekit.train.flags import applies_to, apply_flags
-
-    if not isinstance(seeds, int) or seeds < 1:
-        raise UsageError(f"--seeds {seeds!r}: expected an integer >= 1")
-    unused = [key for key, _ in sweeps if not any(applies_to(key, m) for m, _ in base.values())]
-    if unused:
-        raise UsageError(f"--sweep {', '.join(unused)}: no preset among {', '.join(base)} has this field")
-    variants: dict[str, tuple[LMConfig, TrainConfig]] = {}
-    groups: dict[str, str] = {}
-    for name, (model_cfg, train_cfg) in base.items():
-        mine = [(key, values) for key, values in sweeps if applies_to(key, model_cfg)]
-        for combo in itertools.product(*(values for _, values in mine)):
-            setting = argparse.Namespace(**{key: v for (key, _), v in zip(mine, combo, strict=True)})
-            m, t = apply_flags(model_cfg, train_cfg, setting)
-            group = name + "".join(f"-{key.split('.', 1)[1]}{v}" for (key, _), v in zip(mine, combo, strict=True))
-            for i in range(seeds):
-                run = group if seeds == 1 else f"{group}-s{i}"
-                variants[run] = resolve_configs(m, dataclasses.replace(t, seed=t.seed + i))
-                groups[run] = group
-    return variants, groups
 
 
 def _spread(values: list[float]) -> dict[str, float | None]:
@@ -152,7 +116,7 @@ def compare(variants: dict[str, tuple[LMConfig, TrainConfig]], out_dir: str | Pa
     """Train (or resume) each variant in `out_dir/NAME` and write compare.json and compare.md (and
     pareto.png with two or more groups).
 
-    groups: the setting each variant replicates (`sweep_variants`); default: each its own. Only aux-loss
+    groups: the setting each variant replicates (`moekit.cli.compare.sweep_variants`); default: each its own. Only aux-loss
     coefficients (each family's recipe) and the seed may differ between variants.
     Raises UsageError when the variants train differently otherwise or a saved run's settings differ
     from the requested ones, NotOwnedError when `out_dir` holds files moekit did not write, and

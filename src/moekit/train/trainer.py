@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import moekit
-from moekit.config import Config, check_fields, require
+from moekit.config import Config, check_fields, require, setting
 from moekit.data import (
     DOMAINS,
     ByteTokenizer,
@@ -63,28 +63,28 @@ TOKENIZERS = ("byte", "bpe")
 class TrainConfig(Config):
     """Optimisation and data. Aux-loss coefficients multiply the per-layer-averaged aux losses."""
 
-    steps: int = 300
-    micro_batch: int = 16
-    grad_accum: int = 1
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 0
-    bf16: bool = False
-    tokenizer: str = "byte"
-    load_balance_coef: float = 0.01
-    z_loss_coef: float = 1e-3
-    seq_balance_coef: float = 0.0
-    dynamic_coef: float = 1e-4
-    eval_every: int = 0
-    eval_tokens: int = 8192
-    checkpoint_every: int = 100
-    threads: int = 0
+    steps: int = setting(300, "optimiser steps")
+    micro_batch: int = setting(16, "sequences per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimiser step")
+    seq_len: int = setting(128, "tokens per training sequence")
+    lr: float = setting(3e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = setting(0.1, "final learning rate of the cosine decay, as a fraction of lr")
+    warmup_steps: int = setting(30, "linear warm-up steps")
+    weight_decay: float = setting(0.1, "AdamW weight decay on matrices")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = no clipping)")
+    seed: int = setting(0, "seed of initialisation and data order")
+    bf16: bool = setting(False, "train in bfloat16 autocast")
+    tokenizer: str = setting("byte", "byte (259 ids) or the embedded BPE tokenizer", choices=TOKENIZERS)
+    load_balance_coef: float = setting(0.01, "coefficient of the Switch load-balancing loss")
+    z_loss_coef: float = setting(1e-3, "coefficient of the router z-loss")
+    seq_balance_coef: float = setting(0.0, "coefficient of the sequence-wise balance loss (DeepSeek-V3)")
+    dynamic_coef: float = setting(1e-4, "coefficient of the dynamic (entropy) loss of top-p routing")
+    eval_every: int = setting(0, "evaluate every this many steps (0 = only at the end)")
+    eval_tokens: int = setting(8192, "validation tokens per domain in each evaluation")
+    checkpoint_every: int = setting(100, "write a checkpoint every this many steps")
+    threads: int = setting(0, "torch CPU threads (0 = torch's default)")
 
     def validate(self) -> TrainConfig:
         """Raises UsageError naming the field and the allowed values (every float must be finite)."""

@@ -6,19 +6,13 @@ trace is saved as OUT/trace.npz next to the report. TRACE is an existing trace f
 The three files are written as one set or not at all (moekit.analysis.report.analyze); OUT is
 checked (absent, empty or an earlier report) before any recording starts. Errors are raised;
 moekit.cli prints them as one line.
-
-The top-level CLI wires it up with:
-
-    a = sub.add_parser("analyze", help="routing metrics and an HTML report from a trace")
-    moekit.analysis.cli.add_arguments(a)
-    a.set_defaults(func=moekit.analysis.cli.run)
 """
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "add_parser", "run"]
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -41,7 +35,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def add_parser(subparsers) -> None:
+    add_arguments(subparsers.add_parser("analyze", help="routing metrics and an HTML report (RUN, --hf DIR or a "
+                                        "trace file)"))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `moekit analyze`."""
     parser.add_argument("source", nargs="?", help="a moekit run directory or a routing-trace file (docs/trace-format.md)")
     parser.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint directory instead of SOURCE")
     parser.add_argument("--seq-len", type=_positive, default=256,
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-multiples", type=_ints, default=(1, 2, 4, 8),
                         help="whole-model cache: C = L x multiple x k (default 1,2,4,8)")
     parser.add_argument("--boot", type=_positive, default=200, help="bootstrap replicates for SRP intervals")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the simulations (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -1,11 +1,12 @@
-"""Command-line parts of moekit.offload, wired up by moekit.cli:
+"""`moekit offload RUN|--hf DIR OUT`, and the offload part of `moekit generate`.
 
-  moekit generate RUN|--hf DIR --expert-budget 25% --policy lru|lfu|static|predictive
-      `add_offload_arguments(generate_parser)`; with --expert-budget, moekit.cli calls
-      `run_offloaded(args, model, tokenizer, prompt_BT)` with the model it loaded.
   moekit offload RUN|--hf DIR OUT
-      `add_store_arguments(parser)` and `write_store_command(args)`: write the expert store OUT
-      (checksummed, atomic, marked as moekit's) that `generate --expert-store OUT` then reuses.
+      write the expert store OUT (checksummed, atomic, marked as moekit's) that `generate
+      --expert-store OUT` then reuses.
+  moekit generate RUN|--hf DIR --expert-budget 25% --policy lru|lfu|static|predictive
+      `add_offload_arguments(generate_parser)` (they import moekit.offload, so moekit.cli.generate adds
+      them late); with --expert-budget, generate calls `run_offloaded(args, model, tokenizer, prompt_BT)`
+      with the model it loaded.
 
 Errors are raised (UsageError, ExpertStoreError, NotOwnedError, ...); moekit.cli prints them as one line.
 """
@@ -18,16 +19,16 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from moekit.errors import UsageError
-from moekit.offload.budget import POLICIES, SCOPES
-from moekit.offload.store import VERIFY_MODES
 
-__all__ = ["add_offload_arguments", "add_store_arguments", "run_offloaded", "write_store_command"]
+__all__ = ["add_offload_arguments", "add_parser", "run", "run_offloaded"]
 
 
 def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --expert-budget group of `moekit generate` (imports moekit.offload, hence torch)."""
+    from moekit.offload.budget import POLICIES, SCOPES
+    from moekit.offload.store import VERIFY_MODES
+
     g = parser.add_argument_group("memory-constrained inference (moekit.offload)")
     g.add_argument("--expert-budget", metavar="BUDGET", default=None,
                    help="keep at most this much expert weight resident: a percentage of all experts ('25%%') or "
@@ -49,7 +50,9 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--offload-json", metavar="FILE", default=None, help="also write the run's figures as JSON")
 
 
-def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("offload", help="write an expert store (checksummed, atomic) for memory-constrained "
+                                   "inference")
     parser.usage = "%(prog)s [-h] RUN OUT | %(prog)s [-h] --hf DIR OUT"
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="RUN OUT: a moekit run directory and the store directory to write (absent, empty or "
@@ -65,15 +68,7 @@ def _source(args, model) -> dict:
     return {"kind": "hf", "path": str(Path(args.hf).resolve())}
 
 
-def _prompt(args, tokenizer) -> torch.Tensor:
-    ids = [tokenizer.bos_id] if getattr(args, "bos", False) else []
-    ids += tokenizer.encode(getattr(args, "prompt", "") or "")
-    if not ids:
-        raise UsageError("empty prompt (give --prompt TEXT or --bos)")
-    return torch.tensor([ids])
-
-
-def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT: torch.Tensor | None = None) -> int:
+def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT) -> int:
     """Generate with the model's experts offloaded; prints the text and the run's figures.
     The budget, policy and hot set are checked before anything is written; the model's resident
     expert weights are freed (the CLI owns the model)."""
@@ -87,8 +82,6 @@ def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT: torch.T
         write_store,
     )
 
-    if prompt_BT is None:
-        prompt_BT = _prompt(args, tokenizer)
     plan_offload(model, expert_shape(model), args.expert_budget, args.policy, args.cache_scope, args.hot_trace)
     store_dir = args.expert_store
     if store_dir is None and getattr(args, "run", None):
@@ -124,7 +117,7 @@ def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT: torch.T
     return 0
 
 
-def write_store_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """`moekit offload RUN|--hf DIR OUT`: write the expert store OUT (refused before loading the model if
     OUT is not absent, empty or a moekit store); `generate ... --expert-store OUT` reuses it."""
     from moekit.offload.budget import format_bytes

@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from moekit.config import MoEConfig, RouterConfig, router_fields
+from moekit.config import MoEConfig, RouterConfig, router_config_class, router_fields
 from moekit.errors import UsageError
 from moekit.models import LMConfig
+from moekit.routers import registered_routers
 from moekit.train.trainer import TrainConfig
 
 SECTIONS: dict[str, tuple[type, set[str]]] = {
@@ -79,26 +80,55 @@ def _converter(type_name: str, flag: str):
     return convert
 
 
+def _router_field(name: str, preset_router: RouterConfig | None) -> dataclasses.Field:
+    """The definition of router field `name` to describe: the preset's router's own, else the first
+    registered router's that has it."""
+    owners = [type(preset_router)] if preset_router is not None else []
+    for cls in owners + [RouterConfig] + [router_config_class(k) for k in registered_routers()]:
+        found = {f.name: f for f in dataclasses.fields(cls)}.get(name)
+        if found is not None and "help" in found.metadata:
+            return found
+    return router_fields()[name]
+
+
+def _owners(name: str) -> list[str]:
+    """The registered router kinds whose config has field `name`."""
+    return [k for k in registered_routers() if name in router_config_class(k).__dataclass_fields__]
+
+
+def config_flag_fields(preset_router: RouterConfig | None = None) -> Iterator[tuple[str, dataclasses.Field]]:
+    """(section, field) of every generated `--SECTION.FIELD` flag."""
+    for section, (cls, skip) in SECTIONS.items():
+        names = router_fields() if cls is RouterConfig else [f.name for f in dataclasses.fields(cls)]
+        for name in names:
+            if name not in skip:
+                yield section, (_router_field(name, preset_router) if cls is RouterConfig
+                                else cls.__dataclass_fields__[name])
+
+
 def add_config_flags(parser: argparse.ArgumentParser, preset: tuple[LMConfig, TrainConfig] | None = None,
                      preset_name: str = "") -> None:
-    """One flag per config field. Its help shows the value in `preset` (named `preset_name`), or,
-    without one, says that each preset keeps its own value."""
+    """One flag per config field, with the field's help text (`setting(help=...)` metadata) and, for an
+    enumeration, its choices. The help ends with the value in `preset` (named `preset_name`), or, without
+    one, says that each preset keeps its own value."""
     objects = _section_objects(*preset) if preset is not None else None
-    for section, (cls, skip) in SECTIONS.items():
-        group = parser.add_argument_group(f"{section} ({cls.__name__} fields)")
-        fields = router_fields().values() if cls is RouterConfig else dataclasses.fields(cls)
-        for f in fields:
-            if f.name in skip:
-                continue
-            flag = f"--{section}.{f.name}"
-            if objects is not None and hasattr(objects[section], f.name):
-                shown = f"(preset {preset_name}: {getattr(objects[section], f.name)!r})"
-            elif objects is not None:
-                shown = f"(not a field of the preset's router kind {objects[section].kind!r})"
-            else:
-                shown = "(default: each preset's own value)"
-            group.add_argument(flag, dest=f"{section}.{f.name}", type=_converter(str(f.type), flag), default=None,
-                               metavar=str(f.type).replace(" ", ""), help=shown.replace("%", "%%"))
+    groups = {section: parser.add_argument_group(f"{section} ({cls.__name__} fields)")
+              for section, (cls, _) in SECTIONS.items()}
+    for section, f in config_flag_fields(objects["router"] if objects is not None else None):
+        flag = f"--{section}.{f.name}"
+        if objects is not None and hasattr(objects[section], f.name):
+            shown = f"preset {preset_name}: {getattr(objects[section], f.name)!r}"
+        elif objects is not None:
+            shown = (f"router kinds {', '.join(_owners(f.name))}; not a field of the preset's router kind "
+                     f"{objects[section].kind!r}")
+        else:
+            shown = "default: each preset's own value"
+        choices = registered_routers() if (section, f.name) == ("router", "kind") else f.metadata.get("choices")
+        text = f"{f.metadata.get('help', '')} ({shown})".strip()
+        groups[section].add_argument(flag, dest=f"{section}.{f.name}", type=_converter(str(f.type), flag),
+                                     default=None, choices=choices,
+                                     metavar=None if choices else str(f.type).replace(" ", ""),
+                                     help=text.replace("%", "%%"))
 
 
 def apply_flags(model_cfg: LMConfig, train_cfg: TrainConfig, args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:

@@ -1,0 +1,7 @@
+"""`python -m moekit ARGS`: the `moekit` command."""
+
+import sys
+
+from moekit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,190 @@
+"""Whole-model CPU speed of moekit.hf-wrapped transformers MoE models against transformers itself.
+
+For each architecture (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3) a small random model
+(hidden 256, 16 routed experts of width 512, 4 layers, fp32) is built once; transformers runs it
+with each of its experts implementations that works on this machine (`eager` plus every entry of
+`transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`: grouped_mm, batched_mm; GPU-only ones fail
+their trial run and are listed as skipped), and moekit runs a `moekit.hf.wrap`-ped copy with the
+same weights. All variants of a case are timed round-robin in this one process (one run each in
+turn, median of --repeats after warm-up), so load on the shared machine falls on all alike.
+
+Cases:
+  prefill   one forward of a (batch, seq) prompt, no grad; tokens = batch * seq
+  decode    greedy generate() of --new-tokens tokens with the KV cache from a short prompt;
+            tokens = batch * new tokens (the MoE layers see `batch` tokens per step)
+
+One JSON line per (architecture, case):
+  tokens_per_s_moekit          the wrapped model
+  tokens_per_s_hf_<impl>       transformers with that experts implementation
+  tokens_per_s_hf_best, hf_best_impl   the fastest transformers implementation
+  ratio_hf                     moekit time / best transformers time (<= 1.0: moekit at least as fast)
+  speedup_vs_hf                best transformers time / moekit time (= 1 / ratio_hf)
+  max_abs_logit_diff           wrapped vs transformers logits on the prefill prompt (same computation)
+  peak_rss_mb                  peak resident memory of the process so far (all copies of the model
+                               live in this one process, so it bounds, not measures, one variant)
+The first line describes the machine.
+
+Usage: moekit bench hf [--quick] [--out docs/results/hf-cpu.jsonl]   (or python benchmarks/hf.py ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    MixtralConfig,
+    OlmoeConfig,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+from transformers import __version__ as transformers_version
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.utils import logging
+
+import moekit
+import moekit.hf
+from moekit.bench.timing import append_json_lines, load_average, median_s, peak_rss_mb
+
+logging.set_verbosity_error()
+BATCHED_MM_LIMIT_BYTES = 2 * 2**30  # batched_mm gathers a copy of the expert weights for every assignment
+
+
+def configs(d: int, f: int, e: int, layers: int, vocab: int) -> dict:
+    common = dict(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return {
+        "mixtral": MixtralConfig(**common, intermediate_size=f, num_local_experts=e, num_experts_per_tok=2),
+        "olmoe": OlmoeConfig(**common, intermediate_size=f, num_experts=e, num_experts_per_tok=2),
+        "qwen2_moe": Qwen2MoeConfig(**common, intermediate_size=4 * d, moe_intermediate_size=f,
+                                    shared_expert_intermediate_size=2 * f, num_experts=e, num_experts_per_tok=2),
+        "qwen3_moe": Qwen3MoeConfig(**common, head_dim=d // 4, intermediate_size=4 * d, moe_intermediate_size=f,
+                                    num_experts=e, num_experts_per_tok=2, norm_topk_prob=True),
+        "deepseek_v3": DeepseekV3Config(**common, intermediate_size=4 * d, moe_intermediate_size=f, n_routed_experts=e,
+                                        num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1,
+                                        routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=d // 2,
+                                        kv_lora_rank=d // 2, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32),
+    }
+
+
+def build(cfg) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # transformers' init leaves routers at zero: every score would tie
+        for name, p in model.named_parameters():
+            if "norm" not in name and p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    return model
+
+
+def hf_variants(model, ids) -> tuple[dict, dict]:
+    """One copy of the model per experts implementation that runs here; the others with a reason."""
+    variants, skipped = {}, {}
+    for impl in ["eager", *ALL_EXPERTS_FUNCTIONS.keys()]:
+        m = copy.deepcopy(model)
+        try:
+            m.set_experts_implementation(impl)
+            with torch.no_grad():
+                m(ids[:, :4])
+        except Exception as e:  # GPU-only kernels (deepgemm, sonicmoe, ...) fail here on a CPU
+            skipped[impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            continue
+        variants[impl] = m
+    return variants, skipped
+
+
+def run_arch(arch, cfg, args) -> list[dict]:
+    base = build(cfg)
+    wrapped = moekit.hf.wrap(copy.deepcopy(base))
+    layer = moekit.hf.wrapped_blocks(wrapped)[0]
+    g = torch.Generator().manual_seed(1)
+    prefill_ids = torch.randint(3, cfg.vocab_size, (args.batch, args.seq), generator=g)
+    decode_ids = torch.randint(3, cfg.vocab_size, (args.batch, 8), generator=g)
+    E, k, D, Fw = layer.cfg.num_experts, layer.cfg.router.k, layer.cfg.d_model, layer.cfg.d_expert
+    variants, unavailable = hf_variants(base, prefill_ids)
+    with torch.no_grad():
+        diff = float((wrapped(prefill_ids).logits - base(prefill_ids).logits).abs().max())
+
+    def prefill(m):
+        def step():
+            with torch.no_grad():
+                m(prefill_ids)
+        return step
+
+    def decode(m):
+        def step():
+            with torch.no_grad():
+                m.generate(decode_ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                           do_sample=False, pad_token_id=0)
+        return step
+
+    common = {"bench": "hf", "arch": arch, "hf_class": layer.hf_class, "dtype": "float32", "D": D, "F": Fw, "E": E,
+              "k": k, "layers": cfg.num_hidden_layers, "moe_layers": len(moekit.hf.wrapped_blocks(wrapped)),
+              "router": layer.cfg.router.describe(), "shared_expert": layer.cfg.num_shared_experts > 0}
+    lines = []
+    cases = (("prefill", prefill, args.batch * args.seq, {"batch": args.batch, "seq": args.seq}),
+             ("decode", decode, args.batch * args.new_tokens,
+              {"batch": args.batch, "prompt": 8, "new_tokens": args.new_tokens}))
+    for case, make, tokens, shape in cases:
+        skipped = dict(unavailable)
+        gather_bytes = tokens * k * 3 * D * Fw * 4
+        if "batched_mm" in variants and gather_bytes > BATCHED_MM_LIMIT_BYTES:
+            skipped["batched_mm"] = f"would gather {gather_bytes / 2**30:.1f} GiB of expert weights"
+        steps = {"moekit": make(wrapped),
+                 **{f"hf_{impl}": make(m) for impl, m in variants.items() if impl not in skipped}}
+        secs = median_s(steps, args.repeats, args.warmup)
+        hf = {name[3:]: s for name, s in secs.items() if name.startswith("hf_")}
+        best = min(hf, key=hf.get)
+        res = {**common, "case": case, **shape, "tokens": tokens,
+               "tokens_per_s_moekit": tokens / secs["moekit"],
+               **{f"tokens_per_s_hf_{impl}": tokens / s for impl, s in hf.items()},
+               "tokens_per_s_hf_best": tokens / hf[best], "hf_best_impl": best,
+               "ratio_hf": secs["moekit"] / hf[best], "speedup_vs_hf": hf[best] / secs["moekit"],
+               "hf_impls_skipped": skipped, "max_abs_logit_diff": diff, "repeats": args.repeats,
+               "peak_rss_mb": round(peak_rss_mb(), 1)}
+        res = {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in res.items()}
+        res["max_abs_logit_diff"] = float(f"{diff:.2e}")
+        print(json.dumps(res), flush=True)
+        lines.append(res)
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a <= 1 minute run: batch 2 x seq 64, 4 new tokens, 2 repeats")
+    p.add_argument("--archs", default="mixtral,olmoe,qwen2_moe,qwen3_moe,deepseek_v3")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-expert", type=int, default=512)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", help="also append the JSON lines to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.seq, args.new_tokens, args.repeats, args.warmup = 2, 64, 4, 2, 1
+    machine = {"bench": "machine", "cpu": platform.processor() or platform.machine(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers_version,
+               "moekit": moekit.__version__, "quick": args.quick, **load_average()}
+    print(json.dumps(machine), flush=True)
+    lines = [machine]
+    cfgs = configs(args.d_model, args.d_expert, args.experts, args.layers, args.vocab)
+    for arch in args.archs.split(","):
+        lines += run_arch(arch, cfgs[arch], args)
+    if args.out:
+        append_json_lines(args.out, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
