@@ -68,3 +68,27 @@ def test_compare_writes_one_table(tmp_path, capsys):
         assert set(row["experts_per_token_by_domain"]) == set(moekit.data.DOMAINS)
     md = (out / "compare.md").read_text()
     assert md.count("\n| top") == 2 and "bpb japanese" in md
+
+
+def test_compare_sweeps_a_field_over_seeds_into_groups_and_a_pareto_plot(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["compare", "--presets", "topp", "--sweep", "router.p=0.3,0.6", "--seeds", "2", "--out", str(out),
+                 *TINY]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert set(report["runs"]) == {"topp-p0.3-s0", "topp-p0.3-s1", "topp-p0.6-s0", "topp-p0.6-s1"}
+    assert report["seeds"] == [0, 1] and report["runs"]["topp-p0.6-s1"]["seed"] == 1
+    assert "p=0.6" in report["runs"]["topp-p0.6-s0"]["router"]
+    g = report["groups"]["topp-p0.3"]
+    assert g["runs"] == ["topp-p0.3-s0", "topp-p0.3-s1"]
+    bpb = [report["runs"][r]["val_bpb"] for r in g["runs"]]
+    assert g["val_bpb"]["mean"] == pytest.approx(sum(bpb) / 2)
+    assert g["val_bpb"]["std"] == pytest.approx(abs(bpb[0] - bpb[1]) / 2 ** 0.5)
+    assert bpb[0] != bpb[1]  # another seed: another initialisation and data order
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "compare.md").read_text()
+    assert "seeds 0, 1" in md and "| topp-p0.3 | 2 |" in md and " ± " in md
+    capsys.readouterr()
+    assert main(["compare", "--presets", "topk", "--sweep", "router.p=0.3", "--out", str(tmp_path / "x"), *TINY]) == 2
+    assert capsys.readouterr().err == "moekit compare: --sweep router.p: no preset among topk has this field\n"
+    assert main(["compare", "--sweep", "router.p=a", "--out", str(tmp_path / "x"), *TINY]) == 2
+    assert "expected float" in capsys.readouterr().err

@@ -50,11 +50,15 @@ def test_analyze_hf_and_run_write_report_and_trace(hf_dir, tmp_path, capsys):
     assert main(["analyze", "--hf", str(hf_dir), "--out", str(tmp_path / "a"), *args]) == 0
     for f in ("report.html", "metrics.json", "trace.npz"):
         assert (tmp_path / "a" / f).is_file()
+    # a fixed top-k model: difficulty is recorded, its correlation undefined (constant k), not 0
+    hf_metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert hf_metrics["difficulty"]["n_tokens"] > 0 and hf_metrics["difficulty"]["overall"] is None
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *TINY]) == 0
     assert main(["analyze", str(run), "--out", str(tmp_path / "b"), *args]) == 0
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics["trace"]["num_layers"] == 2
+    assert len(metrics["difficulty"]["per_layer"]) == 2 and len(metrics["difficulty"]["per_domain"]) == 6
     # the saved trace can be analysed again on its own
     assert main(["analyze", str(tmp_path / "b" / "trace.npz"), "--out", str(tmp_path / "c"), *args]) == 0
     capsys.readouterr()

@@ -8,7 +8,7 @@ Shape letters: the core's (L layers, T tokens, E experts, K expert slots per tok
 assignments, i.e. valid requests in order), and analysis' own: S sequences, G domains, R bootstrap
 replicates, C cache capacity (and stack depth), Q steps of a request stream (a token at one layer,
 or at every layer; a trace row), U SRP scoring units, V window counts 0..n, J layer pairs (l, l + d),
-P cache policies, Z (policy, stream) rows of the stack simulation. moekit.offload's simulation uses
+P cache policies, Z (policy, stream) rows of the stack simulation, X tokens pooled over sequences. moekit.offload's simulation uses
 the same letters.
 """
 
@@ -25,6 +25,7 @@ from moekit.analysis.cache import (
     simulate_static,
     simulate_trace,
 )
+from moekit.analysis.difficulty import difficulty_vs_experts, spearman
 from moekit.analysis.metrics import (
     LoadStats,
     affinity,
@@ -49,17 +50,17 @@ from moekit.analysis.metrics import (
 from moekit.analysis.report import AnalysisConfig, analyze, compute_metrics
 from moekit.analysis.routing_trace import RoutingTrace
 from moekit.analysis.stack import StackCurves, stack_hit_curves
-from moekit.analysis.trace import TokenBatch, TraceRecorder, corpus_batches, record_trace
+from moekit.analysis.trace import TokenBatch, TraceRecorder, corpus_batches, record_trace, token_losses
 from moekit.analysis.tracefile import TraceFormatError, load_trace, read_header, save_trace
 
 __all__ = [
     "AnalysisConfig", "CacheResult", "LoadStats", "RoutingTrace", "StackCurves", "TokenBatch", "TraceFormatError",
     "TraceRecorder", "affinity", "affinity_prefetch_recall", "analyze", "bypass_min", "coefficient_of_variation",
-    "compute_metrics", "corpus_batches", "domain_distributions", "domain_divergence", "entropy", "expert_counts",
+    "compute_metrics", "corpus_batches", "difficulty_vs_experts", "domain_distributions", "domain_divergence", "entropy", "expert_counts",
     "experts_per_token", "experts_per_token_by_domain", "gate_prefetch_precision", "gate_prefetch_recall", "gini",
     "js_divergence",
-    "layer_requests", "load_stats", "load_trace", "model_requests", "read_header", "record_trace", "save_trace",
+    "layer_requests", "load_stats", "load_trace", "model_requests", "read_header", "record_trace", "save_trace", "token_losses",
     "set_min", "simulate_lfu", "simulate_lru", "simulate_sch", "simulate_sch_keep", "simulate_static", "simulate_trace",
-    "srp",
+    "spearman", "srp",
     "srp_bootstrap", "srp_random_baseline", "stack_hit_curves", "static_hot_set",
 ]

@@ -33,6 +33,9 @@ class RoutingTrace:
         at distance d iff some token there has one (none for l < d or a recurrent router).
     layer_names: optional module name of each MoE layer.
     meta: free-form JSON-serialisable description (model, router, corpus, ...).
+    token_loss: optional float32 `loss_T` per sequence: the model's next-token loss (nats) at each
+        token, i.e. -log p(token t+1 | tokens <= t); NaN at the last token (nothing to predict). The
+        difficulty analysis (`moekit.analysis.difficulty`) correlates it with the experts a token used.
     """
 
     seqs: list[np.ndarray]
@@ -42,6 +45,7 @@ class RoutingTrace:
     prefetch: dict[int, list[np.ndarray]] | None = None
     layer_names: list[str] | None = None
     meta: dict | None = None
+    token_loss: list[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -77,6 +81,14 @@ class RoutingTrace:
                         raise ValueError(f"prefetch[{d}] of sequence {i} has shape {p.shape}, expected "
                                          f"({s.shape[0]}, {s.shape[1]}, J) (its layers and tokens)")
                     _check_ids(p, self.num_experts, f"prefetch[{d}] of sequence {i}")
+        if self.token_loss is not None:
+            self.token_loss = [np.asarray(x, dtype=np.float32) for x in self.token_loss]
+            if len(self.token_loss) != len(self.seqs):
+                raise ValueError(f"token_loss has {len(self.token_loss)} arrays for {len(self.seqs)} sequences")
+            for i, (x, s) in enumerate(zip(self.token_loss, self.seqs, strict=True)):
+                if x.shape != (s.shape[1],):
+                    raise ValueError(f"token_loss of sequence {i} has shape {x.shape}, expected ({s.shape[1]},) "
+                                     "(one value per token)")
         if self.layer_names is not None:
             self.layer_names = [str(n) for n in self.layer_names]
             if len(self.layer_names) != L:
@@ -114,7 +126,9 @@ class RoutingTrace:
         doms = None if self.domains is None else [self.domains[i] for i in idx]
         w = None if self.weights is None else [self.weights[i] for i in idx]
         pf = None if self.prefetch is None else {d: [p[i] for i in idx] for d, p in self.prefetch.items()}
-        return RoutingTrace([self.seqs[i] for i in idx], self.num_experts, doms, w, pf, self.layer_names, self.meta)
+        loss = None if self.token_loss is None else [self.token_loss[i] for i in idx]
+        return RoutingTrace([self.seqs[i] for i in idx], self.num_experts, doms, w, pf, self.layer_names, self.meta,
+                            loss)
 
     def stacked(self) -> np.ndarray:
         """experts_LTK of all sequences concatenated along T (padded to the global K_max)."""

@@ -9,7 +9,9 @@ Stages, per forward of a batch:
   3. optionally (gate_lookahead = G > 0) layer l's router predicts, from the input of layer l - d
      (d = 1..G), the experts it would pick (`moekit.routers.predict`, the rule offload's predictive
      prefetch uses too): the gate look-ahead a trace alone cannot reconstruct;
-  4. `end_batch` cuts the batch into sequences, each with its domain label.
+  4. optionally, `add_token_loss(loss_BT)` after the forward gives each token's next-token loss
+     (`token_losses` computes it from the logits; record_trace(token_loss=True) does both);
+  5. `end_batch` cuts the batch into sequences, each with its domain label.
 
     with TraceRecorder(model) as rec:
         rec.begin_batch(domains=["python", "german"], padding_mask=mask_BT)
@@ -37,7 +39,7 @@ from moekit.analysis.tracefile import save_trace
 from moekit.layers.moe import MoELayer, moe_layer_names, moe_layers
 from moekit.routers.predict import can_predict, predict_experts
 
-__all__ = ["TokenBatch", "TraceRecorder", "corpus_batches", "record_trace"]
+__all__ = ["TokenBatch", "TraceRecorder", "corpus_batches", "record_trace", "token_losses"]
 
 
 @dataclass
@@ -86,6 +88,8 @@ class TraceRecorder:
         self._weights: list[np.ndarray] = []
         self._preds: dict[int, list[np.ndarray]] = {d: [] for d in range(1, self.gate_lookahead + 1)}
         self._domains: list[str | None] = []
+        self._losses: list[np.ndarray | None] = []
+        self._batch_loss: np.ndarray | None = None
         self._batch_domains: list[str] | None = None
         self._batch_mask: np.ndarray | None = None
         self._explicit = False
@@ -172,9 +176,18 @@ class TraceRecorder:
                 raise ValueError(f"begin_batch: padding_mask must be (B, T), got shape {m.shape}")
             self._batch_mask = m.astype(bool)
 
+    def add_token_loss(self, loss_BT: torch.Tensor | np.ndarray) -> None:
+        """The next-token loss (B, T) of the forward just run (NaN where there is none), kept with
+        the trace (`RoutingTrace.token_loss`); call it after the forward, before `end_batch`."""
+        if not self._calls:
+            raise RuntimeError("TraceRecorder.add_token_loss: no forward recorded in this batch yet")
+        loss = loss_BT.detach().to("cpu", torch.float32).numpy() if isinstance(loss_BT, torch.Tensor) else loss_BT
+        self._batch_loss = np.asarray(loss, dtype=np.float32)
+
     def end_batch(self) -> None:
         """Cut the recorded forward into sequences (called by begin_batch and on exit)."""
         calls, self._calls = self._calls, {}
+        loss_BT, self._batch_loss = self._batch_loss, None
         self._inputs.clear()
         domains, self._batch_domains, self._explicit = self._batch_domains, None, False
         self._batch_mask = None
@@ -189,6 +202,8 @@ class TraceRecorder:
         if domains is not None and len(domains) != B:
             raise ValueError(f"begin_batch: {len(domains)} domain labels for a batch of {B} sequences")
         L = len(self.layers)
+        if loss_BT is not None and loss_BT.shape != valid_BT.shape:
+            raise ValueError(f"TraceRecorder.add_token_loss: got shape {loss_BT.shape}, the batch has {valid_BT.shape}")
 
         def stack(b: np.ndarray, get, fill, dtype) -> np.ndarray:
             """(L, T_b, width) for sequence b from each layer's (B, T, width_l) array (None = none)."""
@@ -206,6 +221,7 @@ class TraceRecorder:
             for d in self._preds:
                 self._preds[d].append(stack(b, lambda c, d=d: c.preds.get(d), -1, np.int64))
             self._domains.append(None if domains is None else domains[b])
+            self._losses.append(None if loss_BT is None else loss_BT[b][valid_BT[b]])
 
     def to_trace(self, meta: dict | None = None) -> RoutingTrace:
         """Everything recorded so far as a RoutingTrace."""
@@ -219,17 +235,43 @@ class TraceRecorder:
         routers = sorted({f"{m.cfg.router.kind}({m.cfg.router.describe()})" for m in self.layers})
         meta = {"routers": routers, "gate_lookahead": self.gate_lookahead, **(meta or {})}
         preds = {d: p for d, p in self._preds.items() if p}
+        with_loss = [x is not None for x in self._losses]
+        if any(with_loss) and not all(with_loss):
+            raise ValueError("TraceRecorder: some batches have token losses and others not; give every batch one")
         return RoutingTrace(list(self._seqs), self.num_experts, self._domains if all(labelled) else None,
-                            list(self._weights), preds or None, self.layer_names, meta)
+                            list(self._weights), preds or None, self.layer_names, meta,
+                            list(self._losses) if all(with_loss) else None)
 
     def save(self, path: str | os.PathLike, meta: dict | None = None) -> Path:
         return save_trace(self.to_trace(meta), path)
 
 
+def token_losses(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, padding_mask_BT: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """Next-token loss (B, T) float32 in nats: -log softmax(logits[b, t])[ids[b, t + 1]], NaN at the
+    last real token of each sequence and at padding (there is no next token to predict)."""
+    B, T = ids_BT.shape
+    if logits_BTV.shape[:2] != (B, T):
+        raise ValueError(f"token_losses: logits of shape {tuple(logits_BTV.shape)} for ids of shape {(B, T)}")
+    loss_BT = torch.full((B, T), float("nan"), dtype=torch.float32, device=logits_BTV.device)
+    if T > 1:
+        logp = torch.log_softmax(logits_BTV[:, :-1].float(), dim=-1)
+        loss_BT[:, :-1] = -logp.gather(-1, ids_BT[:, 1:, None]).squeeze(-1)
+    if padding_mask_BT is not None:
+        real_BT = padding_mask_BT.to(torch.bool)
+        has_next_BT = torch.zeros_like(real_BT)
+        has_next_BT[:, :-1] = real_BT[:, 1:]
+        loss_BT = loss_BT.masked_fill(~(real_BT & has_next_BT), float("nan"))
+    return loss_BT
+
+
 def record_trace(model: nn.Module, batches: Iterable[TokenBatch], forward: Callable | None = None, *,
-                 gate_lookahead: int = 3, meta: dict | None = None, progress: bool = False) -> RoutingTrace:
+                 gate_lookahead: int = 3, meta: dict | None = None, progress: bool = False,
+                 token_loss: bool = False) -> RoutingTrace:
     """Run `forward(ids_BT, padding_mask_BT)` over `batches` (default: `model(ids_BT)`) in eval mode
     without gradients and return the recorded trace. Training flags are restored afterwards.
+    token_loss: also keep each token's next-token loss (`RoutingTrace.token_loss`); `forward` must then
+    return logits (B, T, V) or an object with `.logits`.
 
     For a causal LM with right padding the default forward is correct: padding tokens come after
     the real ones and are dropped from the trace. Pass `forward` to hand the model its mask, e.g.
@@ -250,7 +292,13 @@ def record_trace(model: nn.Module, batches: Iterable[TokenBatch], forward: Calla
                 if not isinstance(batch, TokenBatch):
                     batch = TokenBatch(*batch)
                 rec.begin_batch(batch.domains, batch.padding_mask_BT)
-                forward(batch.ids_BT, batch.padding_mask_BT)
+                out = forward(batch.ids_BT, batch.padding_mask_BT)
+                if token_loss:
+                    logits = getattr(out, "logits", out)
+                    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+                        raise ValueError("record_trace(token_loss=True): the forward must return logits (B, T, V) "
+                                         f"or an object with .logits, got {type(out).__name__}")
+                    rec.add_token_loss(token_losses(logits, batch.ids_BT, batch.padding_mask_BT))
                 rec.end_batch()
         return rec.to_trace(meta)
     finally:

@@ -11,6 +11,8 @@ a zip archive (deflate) holding `header.json` and one `.npy` member per column. 
   expert_ids      uint8/16/32 (N,) executed expert ids, N = sum(row_experts), rows in order,
                                   slot order within a row kept
   expert_weights  float32 (N,)  combine weights (optional)
+  token_loss      float32 (sum of seq_tokens,) next-token loss of each token, sequences in order,
+                                  NaN where there is no next token (optional)
   prefetch_rows_<d> uint8/16 (Q,) predicted experts of each row at distance d (optional)
   prefetch_<d>    uint8/16/32 (P_d,) the predicted ids of layer l's router applied to the input of
                                   layer l - d, rows in order, best first (a ragged column of its own)
@@ -98,6 +100,8 @@ def trace_columns(trace: RoutingTrace) -> tuple[dict[str, np.ndarray], list[str]
     if trace.weights is not None:
         cols["expert_weights"] = np.concatenate(
             [w[v] for w, v in zip(trace.weights, valid, strict=True)]).astype(np.float32)
+    if trace.token_loss is not None:
+        cols["token_loss"] = np.concatenate(trace.token_loss).astype(np.float32)
     for d, preds in sorted((trace.prefetch or {}).items()):
         rows = np.concatenate([(p >= 0).sum(axis=2).ravel() for p in preds])
         cols[f"prefetch_rows_{d}"] = rows.astype(_smallest_uint(int(rows.max()) if rows.size else 0))
@@ -366,8 +370,14 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
         if pred.size and pred.max() >= E:
             raise bad(f"{name} holds expert id {int(pred.max())} >= num_experts {E}")
         prefetch[int(d)] = _ragged_to_padded(pred, pred_Q, T_S, L)
+    token_loss = None
+    if "token_loss" in cols:
+        loss = cols["token_loss"].astype(np.float32)
+        if loss.size != int(T_S.sum()):
+            raise bad(f"token_loss has {loss.size} entries for the {int(T_S.sum())} tokens of seq_tokens")
+        token_loss = np.split(loss, np.cumsum(T_S)[:-1])
     try:
         return RoutingTrace(seqs, E, labels, weights, prefetch or None, header.get("layer_names"),
-                            header.get("meta") or {})
+                            header.get("meta") or {}, token_loss)
     except ValueError as e:
         raise bad(str(e)) from e

@@ -112,4 +112,4 @@ def _trace_source(args: argparse.Namespace):
     with torch.no_grad():
         return record_trace(model, corpus_batches(samples, tokenizer, seq_len, 8),
                             forward=lambda ids, mask: model(ids, mask) if args.hf else model(ids),
-                            meta=label, progress=not args.no_progress)
+                            meta=label, progress=not args.no_progress, token_loss=True)

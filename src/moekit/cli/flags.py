@@ -157,3 +157,35 @@ def _apply_router_flags(router: RouterConfig, given: dict[str, Any]) -> RouterCo
         raise UsageError(f"{flags} {'does' if len(wrong) == 1 else 'do'} not apply to router kind {kind!r}{change}; "
                          "its flags: " + ", ".join(f"--router.{n}" for n in sorted(names)))
     return router.convert(kind, **given)
+
+
+def parse_sweep(spec: str) -> tuple[str, list[Any]]:
+    """`SECTION.FIELD=V1,V2,...` (as `moekit compare --sweep router.p=0.2,0.3`) -> ("SECTION.FIELD",
+    [values converted to the field's type]). Raises UsageError naming the problem."""
+    name, sep, values = spec.partition("=")
+    section, _, field = name.partition(".")
+    if not sep or not field or not values.strip(","):
+        raise UsageError(f"--sweep {spec!r}: expected SECTION.FIELD=V1,V2,... (e.g. router.p=0.2,0.3)")
+    if section not in SECTIONS:
+        raise UsageError(f"--sweep {spec!r}: unknown section {section!r}; expected one of {', '.join(SECTIONS)}")
+    cls, skip = SECTIONS[section]
+    fields = router_fields() if cls is RouterConfig else {f.name: f for f in dataclasses.fields(cls)}
+    if field not in fields or field in skip or field == "kind":
+        raise UsageError(f"--sweep {spec!r}: --{section}.{field} is not a field that can be swept")
+    convert = _converter(str(fields[field].type), f"--{section}.{field}")
+    try:
+        parsed = [convert(v.strip()) for v in values.split(",") if v.strip()]
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"--sweep {spec!r}: {e}") from None
+    if len(set(map(repr, parsed))) != len(parsed):
+        raise UsageError(f"--sweep {spec!r}: a value is repeated")
+    return f"{section}.{field}", parsed
+
+
+def applies_to(key: str, model_cfg: LMConfig) -> bool:
+    """Whether the flag `key` (SECTION.FIELD) is a field of this model's configs (a router field only
+    of routers that have it)."""
+    section, field = key.split(".", 1)
+    if section == "router":
+        return hasattr(model_cfg.moe.router, field)
+    return True

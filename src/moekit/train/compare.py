@@ -6,6 +6,14 @@ recipe (e.g. SMoE-Dropout trains with none), and is evaluated on the same valida
 validation loss and bits per byte overall and per domain, average activated experts per token
 (overall, per layer, per domain), parameters, measured active parameters and training tokens/s.
 
+Sweeps and seeds (`moekit.cli.compare.sweep_variants`, `moekit compare --sweep router.p=0.2,0.3 --seeds 3`): each
+preset runs once per value of every swept field it has (a cartesian product over several sweeps) and
+once per seed (seed, seed + 1, ...: initialisation and data order both change). Runs of one setting
+form a group; compare.json's `groups` gives each group's mean and sample standard deviation of
+validation bits per byte and experts per token, and whether it lies on the Pareto front (no other
+group has lower-or-equal bits per byte with lower-or-equal experts, one of them strictly); with
+two or more groups, pareto.png plots them with their seed spread.
+
 The output directory is marked as a moekit compare directory and locked while it is written. Into
 an existing one, a run is resumed (or, finished, only re-evaluated) only when its saved configuration
 equals the requested one; otherwise compare refuses before training anything, so results are never
@@ -14,7 +22,9 @@ labelled with settings they were not trained with.
 
 from __future__ import annotations
 
+import io
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +43,7 @@ from moekit.train.trainer import (
     resolved_config,
     train,
 )
-from moekit.utils.io import atomic_write_text
+from moekit.utils.io import atomic_write_bytes, atomic_write_text
 
 
 def _mean_tokens_per_s(run_dir: Path) -> float:
@@ -55,17 +65,68 @@ def _check_saved_runs(variants: dict[str, tuple[LMConfig, TrainConfig]], out_dir
                              "choose another --out to compare with these settings")
 
 
-def compare(variants: dict[str, tuple[LMConfig, TrainConfig]], out_dir: str | Path, progress: bool = True,
-            log=print) -> dict[str, Any]:
-    """Train (or resume) each variant in `out_dir/NAME` and write compare.json and compare.md.
+def _spread(values: list[float]) -> dict[str, float | None]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
 
-    Raises UsageError when the variants train differently or a saved run's settings differ from the
-    requested ones, NotOwnedError when `out_dir` holds files moekit did not write, and
+
+def summarise_groups(rows: dict[str, dict], groups: dict[str, str]) -> dict[str, dict]:
+    """Mean and sample std over each group's runs of val_bpb and experts_per_token, and the Pareto
+    front of (experts per token, val bpb), both lower-is-better."""
+    out: dict[str, dict] = {}
+    for group in dict.fromkeys(groups[name] for name in rows):
+        runs = [name for name in rows if groups[name] == group]
+        out[group] = {"runs": runs,
+                      "val_bpb": _spread([rows[r]["val_bpb"] for r in runs]),
+                      "experts_per_token": _spread([rows[r]["experts_per_token"] for r in runs]),
+                      "active_params": statistics.fmean(rows[r]["active_params"] for r in runs)}
+    for g, v in out.items():
+        b, k = v["val_bpb"]["mean"], v["experts_per_token"]["mean"]
+        v["pareto"] = not any(o["val_bpb"]["mean"] <= b and o["experts_per_token"]["mean"] <= k
+                              and (o["val_bpb"]["mean"] < b or o["experts_per_token"]["mean"] < k)
+                              for h, o in out.items() if h != g)
+    return out
+
+
+def pareto_png(summary: dict[str, dict]) -> bytes:
+    """A PNG of validation bits per byte against experts per token, one point per group with its
+    seed spread (±1 sample std) as error bars, the Pareto front joined."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for g, v in summary.items():
+        ax.errorbar(v["experts_per_token"]["mean"], v["val_bpb"]["mean"], xerr=v["experts_per_token"]["std"] or 0,
+                    yerr=v["val_bpb"]["std"] or 0, fmt="o" if v["pareto"] else "s", capsize=3, label=g)
+    front = sorted((v["experts_per_token"]["mean"], v["val_bpb"]["mean"]) for v in summary.values() if v["pareto"])
+    if len(front) > 1:
+        ax.plot(*zip(*front, strict=True), "k--", lw=1, label="Pareto front")
+    ax.set(xlabel="activated experts per token (validation)", ylabel="validation bits per byte",
+           title="Quality against activated experts (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def compare(variants: dict[str, tuple[LMConfig, TrainConfig]], out_dir: str | Path, progress: bool = True,
+            log=print, groups: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train (or resume) each variant in `out_dir/NAME` and write compare.json and compare.md (and
+    pareto.png with two or more groups).
+
+    groups: the setting each variant replicates (`moekit.cli.compare.sweep_variants`); default: each its own. Only aux-loss
+    coefficients (each family's recipe) and the seed may differ between variants.
+    Raises UsageError when the variants train differently otherwise or a saved run's settings differ
+    from the requested ones, NotOwnedError when `out_dir` holds files moekit did not write, and
     DirectoryLockedError while another process writes it.
     """
     out_dir = Path(out_dir)
-    # Aux-loss coefficients are part of each router family's recipe (presets.LOSS_RECIPES); all else is equal.
-    trains = {name: {k: v for k, v in t.to_dict().items() if not k.endswith("_coef")}
+    groups = groups or {name: name for name in variants}
+    # Aux-loss coefficients are part of each router family's recipe (presets.LOSS_RECIPES), the seed
+    # is what replicates vary; all else is equal.
+    trains = {name: {k: v for k, v in t.to_dict().items() if not k.endswith("_coef") and k != "seed"}
               for name, (_, t) in variants.items()}
     reference = next(iter(trains.values()))
     for name, t in trains.items():
@@ -81,6 +142,7 @@ def compare(variants: dict[str, tuple[LMConfig, TrainConfig]], out_dir: str | Pa
             resume = (run_dir / "config.json").is_file() or ckpt.has_checkpoint(run_dir)
             result = train(model_cfg, train_cfg, run_dir, resume=resume, progress=progress, log=log)
             rows[name] = {
+                "group": groups[name], "seed": train_cfg.seed,
                 "router": f"{model_cfg.moe.router.kind}({model_cfg.moe.router.describe()})",
                 "params": result["params"], "active_params": result["active_params"],
                 "active_params_config": result["active_params_config"],
@@ -91,7 +153,11 @@ def compare(variants: dict[str, tuple[LMConfig, TrainConfig]], out_dir: str | Pa
                 "experts_per_token_by_domain": {d: v["experts_per_token"] for d, v in result["per_domain"].items()},
                 "tokens_per_s": _mean_tokens_per_s(run_dir),
             }
-        report = {"train": reference, "unigram_bpb": result["unigram_bpb"], "runs": rows}
+        summary = summarise_groups(rows, groups)
+        report = {"train": reference, "seeds": sorted({r["seed"] for r in rows.values()}),
+                  "unigram_bpb": result["unigram_bpb"], "runs": rows, "groups": summary}
+        if len(summary) > 1:
+            atomic_write_bytes(out_dir / "pareto.png", pareto_png(summary))
         atomic_write_text(out_dir / "compare.json", json.dumps(report, indent=2))
         md = to_markdown(report)
         atomic_write_text(out_dir / "compare.md", md)
@@ -105,8 +171,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     t = report["train"]
     header = ["run", "router", "params", "active/token (measured)", "val loss", "val bpb",
               *(f"bpb {d}" for d in domains), "experts/token", "by layer", *(f"k {d}" for d in domains), "tokens/s"]
+    seeds = report.get("seeds") or [t.get("seed", 0)]
     lines = [f"Training: {t['steps']} steps x {t['micro_batch'] * t['grad_accum'] * t['seq_len']} tokens, "
-             f"seed {t['seed']}, tokenizer {t['tokenizer']}. Unigram baseline {report['unigram_bpb']:.3f} bits/byte "
+             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, tokenizer {t['tokenizer']}. Unigram baseline {report['unigram_bpb']:.3f} bits/byte "
              f"({UNIGRAM_NOTE}).",
              "",
              "| " + " | ".join(header) + " |",
@@ -117,4 +184,16 @@ def to_markdown(report: dict[str, Any]) -> str:
                  f"{r['experts_per_token']:.3f}", " / ".join(f"{x:.2f}" for x in r["experts_per_token_by_layer"]),
                  *(f"{r['experts_per_token_by_domain'][d]:.2f}" for d in domains), f"{r['tokens_per_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    summary = report.get("groups") or {}
+    if any(len(v["runs"]) > 1 for v in summary.values()):
+
+        def pm(x: dict) -> str:
+            return f"{x['mean']:.4f}" + ("" if x["std"] is None else f" ± {x['std']:.4f}")
+
+        lines += ["", "Per setting, mean ± sample std over its seeds; Pareto: no other setting has lower-or-equal "
+                  "bits per byte with lower-or-equal experts per token (pareto.png plots them).", "",
+                  "| setting | runs | val bpb | experts/token | Pareto |", "|---|---|---|---|---|"]
+        for g, v in summary.items():
+            lines.append(f"| {g} | {len(v['runs'])} | {pm(v['val_bpb'])} | {pm(v['experts_per_token'])} | "
+                         f"{'yes' if v['pareto'] else ''} |")
     return "\n".join(lines) + "\n"

@@ -101,6 +101,18 @@ def render_html(m: dict, plots: dict[str, str]) -> str:
          + _table(["predictor", "layers ahead", "mean recall", "mean precision"], pf_rows),
          pf["note"]),
     ]
+    dif = m.get("difficulty")
+    if dif:
+        rows = [["all", dif["n_tokens"], _fmt(dif["overall"]), *(_fmt(r) for r in dif["per_layer"])]]
+        rows += [[d, v["n_tokens"], _fmt(v["overall"]), *(_fmt(r) for r in v["per_layer"])]
+                 for d, v in (dif["per_domain"] or {}).items()]
+        header = ["tokens", "n", "all layers", *(f"layer {i}" for i in range(len(dif["per_layer"])))]
+        sections.append(("Harder tokens, more experts?", img("difficulty", "experts per token by loss quantile")
+                         + _table(header, rows),
+                         "Spearman rank correlation between a token's next-token loss under this model and the "
+                         "experts it executed (arXiv 2403.07652 claims harder tokens get more): positive means "
+                         "harder tokens use more experts. '–': undefined (a fixed-k router's constant count). "
+                         "The plot shows mean experts per token per layer in five equal-count loss bins."))
     body = "".join(f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(note)}</p>{content}"
                    for title, content, note in sections)
     title = "moekit routing analysis"

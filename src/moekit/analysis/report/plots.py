@@ -37,7 +37,7 @@ def _arr(x) -> np.ndarray:
 
 def draw_plots(m: dict) -> dict[str, str]:
     """One base64 PNG per section of the page, by key (load, experts_per_token, specialisation, cache,
-    srp, affinity, prefetch); a section the trace has no data for has no key."""
+    srp, affinity, prefetch, difficulty); a section the trace has no data for has no key."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -151,5 +151,15 @@ def draw_plots(m: dict) -> dict[str, str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     plots["prefetch"] = _png(fig)
+
+    dif = m.get("difficulty")
+    if dif and dif["by_loss_quantile"]["loss_mean"]:
+        q = dif["by_loss_quantile"]
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        ax.plot(q["loss_mean"], q["experts_mean"], "o-")
+        ax.set(xlabel="mean next-token loss of the bin (nats)", ylabel="experts per token per layer",
+               title="Experts per token by loss quintile (easiest left)")
+        ax.grid(alpha=0.3)
+        plots["difficulty"] = _png(fig)
     return plots
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from moekit.analysis import cache as cache_mod
+from moekit.analysis.difficulty import difficulty_vs_experts
 from moekit.analysis.metrics import (
     affinity,
     affinity_prefetch_recall,
@@ -381,6 +382,8 @@ def compute_metrics(trace: RoutingTrace, cfg: AnalysisConfig | None = None, prog
                  "layer runs. Affinity-based recall predicts as many experts as the token runs from the "
                  "experts of layer l-d only (2-fold, by sequence), so its recall equals its precision."),
     }
+    # Difficulty against experts reads the token losses, which only traces recorded with them hold.
+    metrics["difficulty"] = None if trace.token_loss is None else difficulty_vs_experts(trace)
     metrics["timing_s"] = {"wall": wall, "tasks_cpu_total": sum(t["cpu"] for t in timings.values()),
                            "tasks": dict(sorted(timings.items()))}
     return _jsonable(metrics)
