@@ -1,0 +1,210 @@
+"""The adapter layer contract, plain LoRA, and the helpers routed adapters share.
+
+Legend: T tokens (all leading dims flattened), I in_features, O out_features, r LoRA rank,
+E experts, N assignments.
+
+An adapter layer wraps one `nn.Linear` (`base_layer`, frozen) and adds an update:
+
+    forward(x) = base_layer(x) + delta(x)
+
+`delta` runs in the adapter's own dtype (fp32 parameters, as PEFT's default `autocast_adapter_dtype`)
+and is cast back to the base output's dtype. Aux losses are computed when autograd is on and kept on
+the layer until the next forward (`aux`, unscaled; `aux_loss()`, weighted by the config).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from moekit import losses
+from moekit.adapters.config import AdapterConfig, LoRAConfig, _RoutedConfig
+from moekit.errors import UsageError
+from moekit.routers import router_class
+
+_LAYERS: dict[str, type[AdapterLayer]] = {}
+
+
+def register_layer(cls: type[AdapterLayer]) -> type[AdapterLayer]:
+    """Class decorator: the layer that implements `cls.config_class.method` (duplicates raise)."""
+    method = cls.config_class.method
+    if method in _LAYERS:
+        raise ValueError(f"adapter method {method!r} already has a layer ({_LAYERS[method].__name__})")
+    _LAYERS[method] = cls
+    return cls
+
+
+def layer_class(method: str) -> type[AdapterLayer]:
+    if method not in _LAYERS:
+        raise UsageError(f"adapter method {method!r} has no layer; registered: {sorted(_LAYERS)}")
+    return _LAYERS[method]
+
+
+class AdapterLayer(nn.Module):
+    """Base of every adapter layer: `base_layer` (the wrapped nn.Linear) plus `delta(x_TI)`.
+
+    `index`: the layer's position among the model's adapted modules (seeds per-layer randomness).
+    Subclasses set `config_class` and implement `delta`; mergeable ones implement `delta_weight`.
+    """
+
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+
+    def __init__(self, base_layer: nn.Linear, cfg: AdapterConfig, index: int = 0):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"{type(self).__name__} wraps a torch.nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.cfg = cfg
+        self.index = index
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.scaling = cfg.scaling
+        self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+        self.aux: dict[str, torch.Tensor] = {}
+        self._original_weight: torch.Tensor | None = None
+        self._lead_shape: torch.Size = torch.Size()
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_layer.weight.device
+
+    def adapter_dtype(self) -> torch.dtype:
+        for p in self.parameters(recurse=True):
+            if p is not self.base_layer.weight and p is not self.base_layer.bias:
+                return p.dtype
+        return torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.disabled or self.merged:
+            return y
+        self._lead_shape = x.shape[:-1]
+        x_TI = x.reshape(-1, self.in_features).to(self.adapter_dtype())
+        delta_TO = self.delta(x_TI)
+        return y + delta_TO.to(y.dtype).view(*x.shape[:-1], self.out_features)
+
+    def delta(self, x_TI: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The last forward's aux losses, weighted by the config (None when it has none)."""
+        return None
+
+    def after_optimizer_step(self) -> None:
+        """Once per optimiser step: stateful routing updates (default: none)."""
+
+    # ------------------------------------------------------------------ merging
+    def delta_weight(self) -> torch.Tensor:
+        """The update as one (O, I) matrix, for methods whose update does not depend on the input."""
+        raise UsageError(f"{self.cfg.method} adapters cannot be merged into the base weights: their update depends "
+                         "on the input (a router or a top-k mask picks it per token); only lora merges")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W += delta_weight (computed in fp32, rounded once to W's dtype). The original W is kept, so
+        `unmerge` restores it bit for bit."""
+        if self.merged:
+            raise UsageError("merge: this adapter is already merged")
+        W = self.base_layer.weight
+        delta_OI = self.delta_weight().float()
+        self._original_weight = W.detach().clone()
+        W.copy_((W.float() + delta_OI.to(W.device)).to(W.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise UsageError("unmerge: this adapter is not merged")
+        self.base_layer.weight.copy_(self._original_weight)
+        self._original_weight = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{self.cfg.describe()}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+@register_layer
+class LoRALinear(AdapterLayer):
+    """Plain LoRA (arXiv 2106.09685): delta = (lora_alpha / r) * B A dropout(x). A is initialised as
+    nn.Linear's default (Kaiming uniform, a = sqrt(5)), B to zero, as PEFT does."""
+
+    config_class = LoRAConfig
+
+    def __init__(self, base_layer: nn.Linear, cfg: LoRAConfig, index: int = 0):
+        super().__init__(base_layer, cfg, index)
+        self.lora_A = nn.Linear(self.in_features, cfg.r, bias=False, device=self.device)
+        self.lora_B = nn.Linear(cfg.r, self.out_features, bias=False, device=self.device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta(self, x_TI: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(self.lora_dropout(x_TI))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+
+def init_expert_A(A_ErI: torch.Tensor) -> None:
+    """Each expert's A as a fresh nn.Linear(I, r) would be (Kaiming uniform, a = sqrt(5))."""
+    for e in range(A_ErI.shape[0]):
+        nn.init.kaiming_uniform_(A_ErI.data[e], a=math.sqrt(5))
+
+
+class RoutedMixin:
+    """What MixLoRA and SMoRA share: a moekit router over the layer input, its weighted aux losses and
+    the step counts its stateful updates (selection bias, k schedules) read once per optimiser step.
+
+    The router is built and used only through its public surface: `router_class(kind)(cfg, d, E)`,
+    `router(x_TD)` -> RouterOutput, and `after_optimizer_step(counts_E)`.
+    """
+
+    router: nn.Module
+    cfg: _RoutedConfig
+
+    def _build_router(self, cfg: _RoutedConfig, d_model: int, num_experts: int, device) -> nn.Module:
+        router = router_class(cfg.router.kind)(cfg.router, d_model, num_experts).to(device)
+        if not getattr(router, "is_causal", True) and not getattr(cfg.router, "allow_causal_leak", False):
+            raise UsageError(f"{type(cfg).__name__}.router.kind={cfg.router.kind!r} is not causal (a token's experts "
+                             "depend on later tokens), so a causal LM would see the future; set "
+                             "allow_causal_leak=True in its RouterConfig to use it anyway")
+        self.register_buffer("step_counts_E", torch.zeros(num_experts, dtype=torch.int64, device=device),
+                             persistent=False)
+        return router
+
+    def _route(self, x_TI: torch.Tensor):
+        route = self.router(x_TI)
+        if self.training and torch.is_grad_enabled():
+            self.step_counts_E += torch.bincount(route.expert_idx_N, minlength=self.step_counts_E.numel())
+        self.aux = self._router_losses(route) if torch.is_grad_enabled() else {}
+        return route
+
+    def _router_losses(self, route) -> dict[str, torch.Tensor]:
+        """Unscaled losses over the T rows: the router's own, the Switch balance loss (f counts the
+        router's choices, P its probabilities, normalised per token for sigmoid scores) and the z-loss."""
+        aux = dict(route.aux)
+        E = route.scores_TE.shape[1]
+        counts_E = torch.bincount(route.expert_idx_N, minlength=E)
+        sigmoid = getattr(self.cfg.router, "score", "softmax") == "sigmoid"
+        probs_TE = losses.token_normalized(route.scores_TE) if sigmoid else route.scores_TE
+        aux["load_balance"] = losses.load_balance_loss(probs_TE, counts_E, route.scores_TE.shape[0])
+        aux["z_loss"] = losses.z_loss(route.logits_TE)
+        return aux
+
+    def aux_loss(self) -> torch.Tensor | None:
+        if not self.aux:
+            return None
+        cfg = self.cfg
+        total = cfg.load_balance_coef * self.aux["load_balance"] + cfg.z_loss_coef * self.aux["z_loss"]
+        for name, value in self.aux.items():
+            if name not in ("load_balance", "z_loss"):
+                total = total + cfg.router_aux_coef * value
+        return total
+
+    def after_optimizer_step(self) -> None:
+        # NOTE: the one call into the router's stateful API (aux-loss-free bias, k schedules).
+        self.router.after_optimizer_step(self.step_counts_E.clone())
+        self.step_counts_E.zero_()

@@ -1,0 +1,141 @@
+"""Saving and loading adapters: a directory in PEFT's layout.
+
+  DIR/adapter_config.json        the config (`to_dict()`: type, version, method, fields), the adapted
+                                 module names, and for plain LoRA PEFT's own fields (peft_type "LORA",
+                                 r, lora_alpha, lora_dropout, target_modules, bias "none", task_type) so
+                                 that `peft.PeftModel.from_pretrained` reads it
+  DIR/adapter_model.safetensors  every adapter tensor (parameters and persistent buffers such as FlyLoRA's
+                                 frozen projection or a router's selection bias), keyed as PEFT keys
+                                 them: "base_model.model.<module name>.<tensor name>", e.g.
+                                 base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+
+The directory is written whole or not at all (a temporary sibling, then one rename) and carries
+moekit's ownership marker (kind "adapter"): a directory moekit did not write is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from moekit.adapters.config import AdapterConfig
+from moekit.adapters.model import adapter_config, adapter_layers, add_adapters, remove_adapters
+from moekit.errors import DataError
+from moekit.utils.io import atomic_write_text, atomic_write_with, check_writable_dir, replace_dir, tmp_path
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+KIND = "adapter"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor of `model` under its PEFT key (the base layers' weights excluded)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in adapter_layers(model):
+        for key, value in layer.state_dict().items():
+            if not key.startswith("base_layer."):
+                state[f"{PREFIX}{name}.{key}"] = value
+    if not state:
+        raise DataError(f"{type(model).__name__} has no adapters to save")
+    return state
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "the state") -> None:
+    """Copy `state` (keys as `adapter_state_dict`) into the model's adapters. DataError naming the first
+    missing, unexpected or misshapen tensor."""
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which this model's adapters do not"
+        raise DataError(f"{source} does not fit the model's adapters: it {what} ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected)")
+    with torch.no_grad():
+        for key, target in expected.items():
+            value = state[key]
+            if value.shape != target.shape:
+                raise DataError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
+            target.copy_(value.to(target.dtype))
+
+
+def _config_json(model: nn.Module) -> dict:
+    cfg = adapter_config(model)
+    d = cfg.to_dict()
+    d["modules"] = [name for name, _ in adapter_layers(model)]
+    if cfg.method == "lora":  # PEFT's own fields: PeftModel.from_pretrained reads this directory
+        d.update(peft_type="LORA", task_type="CAUSAL_LM", bias="none", fan_in_fan_out=False,
+                 modules_to_save=None, base_model_name_or_path=None, inference_mode=True)
+    return d
+
+
+def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the model's adapters to `directory` (absent, empty or an earlier adapter directory).
+    Raises NotOwnedError for a directory moekit did not write."""
+    directory = Path(directory)
+    check_writable_dir(directory, KIND, "save_adapters")
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    config = _config_json(model)
+    tmp = tmp_path(directory)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        atomic_write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+        atomic_write_with(tmp / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        replace_dir(tmp, directory, KIND, "save_adapters")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, list[str]]:
+    """(config, adapted module names) of a saved adapter directory (DataError if damaged or missing)."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        modules = d.pop("modules")
+        for key in ("peft_type", "task_type", "bias", "fan_in_fan_out", "modules_to_save",
+                    "base_model_name_or_path", "inference_mode"):
+            d.pop(key, None)
+        return AdapterConfig.from_dict(d), list(modules)
+    except FileNotFoundError:
+        raise DataError(f"{directory} is not an adapter directory (no {CONFIG_NAME}); expected the output of "
+                        "save_adapters") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path} is damaged or not a moekit adapter config ({type(e).__name__}: {e})") from None
+
+
+def read_adapter_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{directory} has no {WEIGHTS_NAME}") from None
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise DataError(f"{path} is damaged ({type(e).__name__}: {e})") from None
+
+
+def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Add the saved adapters to `model` (same base architecture) and load their tensors. Returns
+    `model`. DataError when the directory's modules or tensors do not fit the model."""
+    cfg, modules = read_adapter_config(directory)
+    state = read_adapter_state(directory)
+    add_adapters(model, cfg)
+    try:
+        names = [name for name, _ in adapter_layers(model)]
+        if names != modules:
+            extra = sorted(set(names) - set(modules)) or sorted(set(modules) - set(names))
+            raise DataError(f"{directory} adapts other modules than this model's targets give (e.g. {extra[:1]}); "
+                            "was it saved from another architecture?")
+        load_adapter_state(model, state, str(directory))
+    except BaseException:
+        remove_adapters(model)  # the model is left as it came
+        raise
+    return model
