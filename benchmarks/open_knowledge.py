@@ -94,7 +94,10 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens per target (at most)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine two threads wait on each other)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.lora_steps, args.router_steps, args.eval_tokens, args.k_shot = 4, 3, 256, 4
     torch.manual_seed(args.seed)
