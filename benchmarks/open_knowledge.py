@@ -145,7 +145,9 @@ def main() -> None:
 
         scores = ad.score_library(base, bank, kshot_ids, max_len=base.cfg.max_seq_len - 1)
         selection = ad.select_experts(bank, scores, args.candidates, args.experts)
-        measure = lambda model: bpb(model, tokenizer, target, seq_len, args.eval_tokens)  # noqa: E731
+
+        def measure(model, target=target):
+            return bpb(model, tokenizer, target, seq_len, args.eval_tokens)
 
         row = {"bench": "open_knowledge", "target": target, "k_shot": args.k_shot, "bank": sorted(bank),
                "selected": selection.experts,

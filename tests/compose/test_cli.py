@@ -14,9 +14,9 @@ from moekit.cli import main
 @pytest.fixture(scope="module")
 def experts(tmp_path_factory):
     """A two-step dense moekit run, and a LoRA on it (random B, so the variant differs from the base)."""
+    from moekit.config import MoEConfig, RouterConfig
     from moekit.models import LMConfig
     from moekit.train import TrainConfig, load_trained, train
-    from moekit.config import MoEConfig, RouterConfig
 
     root = tmp_path_factory.mktemp("compose")
     moe = MoEConfig(d_model=32, d_expert=32, num_experts=2, router=RouterConfig(kind="topk", k=1))
