@@ -136,16 +136,23 @@ class LoRALinear(AdapterLayer):
 
     def __init__(self, base_layer: nn.Linear, cfg: LoRAConfig, index: int = 0):
         super().__init__(base_layer, cfg, index)
-        self.lora_A = nn.Linear(self.in_features, cfg.r, bias=False, device=self.device)
-        self.lora_B = nn.Linear(cfg.r, self.out_features, bias=False, device=self.device)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        self.lora_A, self.lora_B = lora_pair(self.in_features, cfg.r, self.out_features, self.device)
 
     def delta(self, x_TI: torch.Tensor) -> torch.Tensor:
         return self.lora_B(self.lora_A(self.lora_dropout(x_TI))) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+
+def lora_pair(in_features: int, r: int, out_features: int, device) -> tuple[nn.Linear, nn.Linear]:
+    """lora_A = nn.Linear(in, r) with nn.Linear's default init (Kaiming uniform, a = sqrt(5)) and
+    lora_B = nn.Linear(r, out) initialised to zero, as PEFT makes them."""
+    lora_A = nn.Linear(in_features, r, bias=False, device=device)
+    lora_B = nn.Linear(r, out_features, bias=False, device=device)
+    nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+    nn.init.zeros_(lora_B.weight)
+    return lora_A, lora_B
 
 
 def init_expert_A(A_ErI: torch.Tensor) -> None:

@@ -12,13 +12,11 @@ The rank gate is the diagonal matrix of the paper's block-activation form (B dia
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from moekit.adapters.config import SMoRAConfig
-from moekit.adapters.layer import AdapterLayer, RoutedMixin, register_layer
+from moekit.adapters.layer import AdapterLayer, RoutedMixin, lora_pair, register_layer
 
 
 @register_layer
@@ -27,10 +25,7 @@ class SMoRALinear(RoutedMixin, AdapterLayer):
 
     def __init__(self, base_layer: nn.Linear, cfg: SMoRAConfig, index: int = 0):
         super().__init__(base_layer, cfg, index)
-        self.lora_A = nn.Linear(self.in_features, cfg.r, bias=False, device=self.device)
-        self.lora_B = nn.Linear(cfg.r, self.out_features, bias=False, device=self.device)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        self.lora_A, self.lora_B = lora_pair(self.in_features, cfg.r, self.out_features, self.device)
         self.router = self._build_router(cfg, self.in_features, cfg.r, self.device)
 
     def delta(self, x_TI: torch.Tensor) -> torch.Tensor:
