@@ -18,6 +18,8 @@ ROUTERS = {
     "topp": moekit.RouterConfig(kind="topp", p=0.3),  # a varying number of experts per token
     "null": moekit.RouterConfig(kind="null", k=2, n_null=4),  # some tokens get no expert at all
     "sigmoid": moekit.RouterConfig(kind="topk", k=3, score="sigmoid"),
+    "random": moekit.RouterConfig(kind="random", k=2, min_k=1, max_k=3),  # frozen router, scheduled k
+    "expert_choice": moekit.RouterConfig(kind="expert_choice", allow_causal_leak=True),  # 0..E experts a token
 }
 
 

@@ -127,6 +127,22 @@ class AdapterLayer(nn.Module):
         return f"{self.cfg.describe()}, in_features={self.in_features}, out_features={self.out_features}"
 
 
+def lora_pair(in_features: int, r: int, out_features: int, device) -> tuple[nn.Linear, nn.Linear]:
+    """lora_A = nn.Linear(in, r) with nn.Linear's default init (Kaiming uniform, a = sqrt(5)) and
+    lora_B = nn.Linear(r, out) initialised to zero, as PEFT makes them."""
+    lora_A = nn.Linear(in_features, r, bias=False, device=device)
+    lora_B = nn.Linear(r, out_features, bias=False, device=device)
+    nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+    nn.init.zeros_(lora_B.weight)
+    return lora_A, lora_B
+
+
+def init_expert_A(A_ErI: torch.Tensor) -> None:
+    """Each expert's A as a fresh nn.Linear(I, r) would be (Kaiming uniform, a = sqrt(5))."""
+    for e in range(A_ErI.shape[0]):
+        nn.init.kaiming_uniform_(A_ErI.data[e], a=math.sqrt(5))
+
+
 @register_layer
 class LoRALinear(AdapterLayer):
     """Plain LoRA (arXiv 2106.09685): delta = (lora_alpha / r) * B A dropout(x). A is initialised as
@@ -143,22 +159,6 @@ class LoRALinear(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-
-
-def lora_pair(in_features: int, r: int, out_features: int, device) -> tuple[nn.Linear, nn.Linear]:
-    """lora_A = nn.Linear(in, r) with nn.Linear's default init (Kaiming uniform, a = sqrt(5)) and
-    lora_B = nn.Linear(r, out) initialised to zero, as PEFT makes them."""
-    lora_A = nn.Linear(in_features, r, bias=False, device=device)
-    lora_B = nn.Linear(r, out_features, bias=False, device=device)
-    nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
-    nn.init.zeros_(lora_B.weight)
-    return lora_A, lora_B
-
-
-def init_expert_A(A_ErI: torch.Tensor) -> None:
-    """Each expert's A as a fresh nn.Linear(I, r) would be (Kaiming uniform, a = sqrt(5))."""
-    for e in range(A_ErI.shape[0]):
-        nn.init.kaiming_uniform_(A_ErI.data[e], a=math.sqrt(5))
 
 
 class RoutedMixin:

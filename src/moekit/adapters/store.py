@@ -2,8 +2,9 @@
 
   DIR/adapter_config.json        the config (`to_dict()`: type, version, method, fields), the adapted
                                  module names, and for plain LoRA PEFT's own fields (peft_type "LORA",
-                                 r, lora_alpha, lora_dropout, target_modules, bias "none", task_type) so
-                                 that `peft.PeftModel.from_pretrained` reads it
+                                 r, lora_alpha, lora_dropout, target_modules, bias "none", task_type),
+                                 meant for `peft.PeftModel.from_pretrained` (untested: PEFT is not a
+                                 dependency)
   DIR/adapter_model.safetensors  every adapter tensor (parameters and persistent buffers such as FlyLoRA's
                                  frozen projection or a router's selection bias), keyed as PEFT keys
                                  them: "base_model.model.<module name>.<tensor name>", e.g.
