@@ -14,7 +14,8 @@ model, in two stages as the paper's router does.
 Experts are moekit runs (`moekit train --out RUN`), optionally with adapters on top (a LoRA variant of
 one base: `ExpertSpec(name, run, adapter)`), loaded on first use and kept.
 
-Legend: R requests, W windows, L window length, V vocabulary.
+Legend: N requests, W windows, P positions of a window or sequence, B sequences of a generation
+group, V vocabulary.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _limit(model: nn.Module) -> int:
 def score_batch(model: nn.Module, tokenizer, texts: list[str], seq_len: int) -> list[tuple[float, int, int]]:
     """(nll in nats, UTF-8 bytes predicted, tokens predicted) of each text under `model`, from ONE forward
     over all texts' windows: each text's tokens cut into windows of seq_len + 1 with stride seq_len
-    (every token but the first predicted once, as moekit's evaluate does), right-padded to one (W, L)
+    (every token but the first predicted once, as moekit's evaluate does), right-padded to one (W, P)
     batch. A text of fewer than 2 tokens scores (0, 0, 0)."""
     seq_len = min(seq_len, _limit(model))
     nbytes_V = torch.from_numpy(token_bytes(tokenizer))
@@ -94,18 +95,18 @@ def score_batch(model: nn.Module, tokenizer, texts: list[str], seq_len: int) -> 
     if not windows:
         return out
     device = next(model.parameters()).device
-    L = max(len(w) for w in windows)
-    ids_WL = torch.full((len(windows), L), tokenizer.pad_id, dtype=torch.long)
-    mask_WL = torch.zeros(len(windows), L - 1, dtype=torch.bool)
+    P = max(len(w) for w in windows)
+    ids_WP = torch.full((len(windows), P), tokenizer.pad_id, dtype=torch.long)
+    mask_WP = torch.zeros(len(windows), P - 1, dtype=torch.bool)
     for i, w in enumerate(windows):
-        ids_WL[i, :len(w)] = torch.tensor(w)
-        mask_WL[i, :len(w) - 1] = True
-    logits_WLV = logits_of(model, ids_WL[:, :-1].to(device)).float().cpu()
-    target_WL = ids_WL[:, 1:]
-    nll_WL = F.cross_entropy(logits_WLV.flatten(0, 1), target_WL.flatten(), reduction="none").view_as(target_WL)
-    nll_W = (nll_WL * mask_WL).sum(1)
-    bytes_W = (nbytes_V[target_WL] * mask_WL).sum(1)
-    tokens_W = mask_WL.sum(1)
+        ids_WP[i, :len(w)] = torch.tensor(w)
+        mask_WP[i, :len(w) - 1] = True
+    logits_WPV = logits_of(model, ids_WP[:, :-1].to(device)).float().cpu()
+    target_WP = ids_WP[:, 1:]
+    nll_WP = F.cross_entropy(logits_WPV.flatten(0, 1), target_WP.flatten(), reduction="none").view_as(target_WP)
+    nll_W = (nll_WP * mask_WP).sum(1)
+    bytes_W = (nbytes_V[target_WP] * mask_WP).sum(1)
+    tokens_W = mask_WP.sum(1)
     acc = defaultdict(lambda: [0.0, 0, 0])
     for i, r in enumerate(owner):
         acc[r][0] += float(nll_W[i])
@@ -130,21 +131,21 @@ def generate_batch(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     B = len(seqs)
     lengths_B = torch.tensor([len(s) for s in seqs])
     prompt_B = lengths_B.clone()
-    ids_BL = torch.full((B, int(lengths_B.max()) + max_new_tokens), tokenizer.pad_id, dtype=torch.long)
+    ids_BP = torch.full((B, int(lengths_B.max()) + max_new_tokens), tokenizer.pad_id, dtype=torch.long)
     for b, s in enumerate(seqs):
-        ids_BL[b, :len(s)] = torch.tensor(s)
+        ids_BP[b, :len(s)] = torch.tensor(s)
     done_B = torch.zeros(B, dtype=torch.bool)
     rows_B = torch.arange(B)
     for _ in range(max_new_tokens):
-        logits_BLV = logits_of(model, ids_BL[:, :int(lengths_B.max())].to(device)).cpu()
-        next_B = logits_BLV[rows_B, lengths_B - 1].argmax(-1)
+        logits_BPV = logits_of(model, ids_BP[:, :int(lengths_B.max())].to(device)).cpu()
+        next_B = logits_BPV[rows_B, lengths_B - 1].argmax(-1)
         live_B = ~done_B
-        ids_BL[rows_B[live_B], lengths_B[live_B]] = next_B[live_B]
+        ids_BP[rows_B[live_B], lengths_B[live_B]] = next_B[live_B]
         lengths_B = lengths_B + live_B.long()
         done_B |= live_B & (next_B == tokenizer.eos_id)
         if bool(done_B.all()):
             break
-    return [tokenizer.decode([t for t in ids_BL[b, prompt_B[b]:lengths_B[b]].tolist() if t != tokenizer.eos_id])
+    return [tokenizer.decode([t for t in ids_BP[b, prompt_B[b]:lengths_B[b]].tolist() if t != tokenizer.eos_id])
             for b in range(B)]
 
 

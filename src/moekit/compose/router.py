@@ -1,15 +1,15 @@
 """The category router of a Composition of Experts: a text classifier over hashed byte n-grams.
 
-Legend: R requests, F hashed features, C categories.
+Legend: N requests, X hashed features, C categories.
 
   features  each request's UTF-8 bytes (its first `max_bytes`) -> counts of its 1-, 2- and 3-byte
-            n-grams hashed into F buckets -> log(1 + count) -> L2-normalised        (R, F) fp32
-  logits    features @ weight.T + bias                                               (R, C)
+            n-grams hashed into X buckets -> log(1 + count) -> L2-normalised        (N, X) fp32
+  logits    features @ weight.T + bias                                               (N, C)
   training  multinomial logistic regression (cross-entropy + weight decay, full batch, Adam)
 
 NOTE: the paper (arXiv 2412.01868) fine-tunes a text-embedding model as its category router; a hashed
 n-gram classifier is the smallest text classifier that needs nothing downloaded, and byte n-grams
-separate languages and code well. Any classifier with `predict_proba(texts) -> (R, C)` can replace it.
+separate languages and code well. Any classifier with `predict_proba(texts) -> (N, C)` can replace it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _MULT = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads n-gram codes
 
 
 def hashed_ngrams(text: str, num_features: int, max_bytes: int) -> np.ndarray:
-    """(F,) fp32 features of one text (see the module doc); deterministic across processes."""
+    """(X,) fp32 features of one text (see the module doc); deterministic across processes."""
     b = np.frombuffer(text.encode("utf-8")[:max_bytes], dtype=np.uint8).astype(np.uint64)
     codes = [b]
     if len(b) >= 2:
@@ -56,12 +56,12 @@ class CategoryRouter(nn.Module):
         return torch.from_numpy(np.stack([hashed_ngrams(t, self.num_features, self.max_bytes) for t in texts])) \
             if texts else torch.zeros(0, self.num_features)
 
-    def forward(self, feats_RF: torch.Tensor) -> torch.Tensor:
-        return F.linear(feats_RF, self.weight, self.bias)
+    def forward(self, feats_NX: torch.Tensor) -> torch.Tensor:
+        return F.linear(feats_NX, self.weight, self.bias)
 
     @torch.no_grad()
     def predict_proba(self, texts: list[str]) -> torch.Tensor:
-        """(R, C) category probabilities."""
+        """(N, C) category probabilities."""
         return torch.softmax(self(self.features(texts)), dim=-1)
 
     def fit(self, texts: list[str], categories: list[str], steps: int = 300, lr: float = 0.1,
@@ -74,12 +74,12 @@ class CategoryRouter(nn.Module):
         if not texts:
             raise UsageError("CategoryRouter.fit: no labelled examples")
         torch.manual_seed(seed)
-        feats_RF = self.features(texts)
-        labels_R = torch.tensor([self.categories.index(c) for c in categories])
+        feats_NX = self.features(texts)
+        labels_N = torch.tensor([self.categories.index(c) for c in categories])
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         history = []
         for _ in range(steps):
-            loss = F.cross_entropy(self(feats_RF), labels_R) + weight_decay * self.weight.pow(2).sum()
+            loss = F.cross_entropy(self(feats_NX), labels_N) + weight_decay * self.weight.pow(2).sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
