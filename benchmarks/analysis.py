@@ -38,7 +38,7 @@ def synthetic_trace(rows: int, L: int = 16, E: int = 64, k: int = 2, seq_len: in
     get a bonus)."""
     rng = np.random.default_rng(seed)
     S = max(1, rows // (L * seq_len))
-    logp_DLE = np.log(rng.dirichlet(np.full(E, 0.3), size=(domains, L)) + 1e-9)
+    logp_GLE = np.log(rng.dirichlet(np.full(E, 0.3), size=(domains, L)) + 1e-9)
     perm_LE = np.stack([rng.permutation(E) for _ in range(L)])
     seqs, labels = [], []
     for s in range(S):
@@ -46,7 +46,7 @@ def synthetic_trace(rows: int, L: int = 16, E: int = 64, k: int = 2, seq_len: in
         out_LTK = np.empty((L, seq_len, k), dtype=np.int64)
         prev_TK = None
         for layer in range(L):
-            logits_TE = logp_DLE[d, layer] + rng.gumbel(size=(seq_len, E))
+            logits_TE = logp_GLE[d, layer] + rng.gumbel(size=(seq_len, E))
             if prev_TK is not None:
                 follow_TK = perm_LE[layer][prev_TK]
                 np.put_along_axis(logits_TE, follow_TK, np.take_along_axis(logits_TE, follow_TK, axis=1) + 2.0, axis=1)

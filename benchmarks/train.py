@@ -92,6 +92,7 @@ def _build(impl: str, args):
         info = {"experts_implementation": model.config._experts_implementation}
     else:
         model = MoELM(model_cfg.validate())
+        moekit.BalanceTracker(model)  # counts each step for after_optimizer_step, as the trainer's does
         coefs = train_cfg.aux_coefs
 
         def loss_of(ids_BT):

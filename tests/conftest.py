@@ -23,3 +23,41 @@ def make_cfg():
         return moekit.MoEConfig(**{**base, **layer_kw}, router=moekit.RouterConfig(**kw))
 
     return make
+
+
+class ReferenceTwin(torch.nn.Module):
+    """A MoELayer's twin (a deep copy: same config and weights, its own gradients) whose routed experts run
+    the reference loop, `moekit.ops.reference.moe_reference`, over the layer's own routing and dispatch
+    plan: the test oracle of the grouped path (permute, expert GEMMs, combine)."""
+
+    def __init__(self, layer: moekit.MoELayer):
+        super().__init__()
+        import copy
+
+        self.layer = copy.deepcopy(layer)
+
+    def forward(self, x, padding_mask=None, router_state=None):
+        from moekit.dispatch import make_plan
+        from moekit.ops.reference import moe_reference
+
+        layer = self.layer
+        x_TD = x.reshape(-1, layer.cfg.d_model)
+        valid_T = None if padding_mask is None else padding_mask.reshape(-1).to(torch.bool)
+        route = layer.router(x_TD, valid_T=valid_T, state=router_state)
+        if valid_T is not None:
+            route = route.keep(valid_T[route.token_idx_N])
+        capacity = layer.cfg.capacity_factor if layer.training else layer.cfg.eval_capacity_factor
+        plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, layer.cfg.num_experts, capacity)
+        y_TD = moe_reference(x_TD, plan.token_N, plan.expert_N, plan.weight_N, layer.experts)
+        if layer.shared_experts is not None:
+            shared_TD = layer.shared_experts(x_TD)
+            if layer.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(layer.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+        return y_TD.view(x.shape)
+
+
+@pytest.fixture(scope="session")
+def reference_twin():
+    """Factory: `reference_twin(layer)` -> the layer's ReferenceTwin (the oracle of the grouped path)."""
+    return ReferenceTwin

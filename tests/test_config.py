@@ -36,7 +36,7 @@ def test_wrong_type_and_newer_version_are_refused(make_cfg):
 @pytest.mark.parametrize("kw,match", [
     ({"k": 5}, r"RouterConfig.k=5 .*\[1, num_experts=4\]"),
     ({"k": 0}, r"RouterConfig.k=0"),
-    ({"kind": "nope"}, r"RouterConfig.kind: unknown router 'nope'; registered: \['expert_choice', 'null', 'random', 'recurrent', 'topk', 'topp'\]"),
+    ({"kind": "nope"}, r"RouterConfig.kind: unknown router 'nope'; registered: \['expert_choice', 'null', .*'topk', 'topp'.*\]"),
     ({"capacity_factor": 0.0}, r"MoEConfig.capacity_factor=0.0 .*None \(dropless\) or a float > 0"),
     ({"capacity_factor": -1.0}, r"MoEConfig.capacity_factor"),
     ({"eval_capacity_factor": 0.0}, r"MoEConfig.eval_capacity_factor=0.0 .*None \(dropless in eval mode\) or a float > 0"),
@@ -45,7 +45,7 @@ def test_wrong_type_and_newer_version_are_refused(make_cfg):
     ({"n_group": 2, "topk_group": 3}, r"RouterConfig.topk_group=3 .*\[1, n_group=2\]"),
     ({"n_group": 4, "topk_group": 1, "k": 2}, r"k <= topk_group \* num_experts / n_group = 1"),
     ({"activation": "tanh"}, r"MoEConfig.activation='tanh'"),
-    ({"backend": "triton"}, r"MoEConfig.backend='triton' .*one of \('auto', 'grouped_mm', 'reference'\)"),
+    ({"backend": "triton"}, r"MoEConfig.backend='triton' .*one of \('auto', 'grouped_mm'\)"),
     ({"d_model": 0}, r"MoEConfig.d_model=0"),
     ({"ec_capacity_factor": 0.0, "kind": "expert_choice"}, r"RouterConfig.ec_capacity_factor"),
 ])
@@ -104,7 +104,7 @@ def test_normalize_default_resolves_per_rule(kw, expected):
 
 @pytest.mark.parametrize("cls,kw,match", [
     (moekit.RouterConfig, {"k": 2.5}, r"^RouterConfig.k=2.5 is invalid; allowed: an integer$"),
-    (moekit.RouterConfig, {"p": "0.3"}, r"^RouterConfig.p='0.3' is invalid; allowed: a number$"),
+    (moekit.RouterConfig, {"kind": "topp", "p": "0.3"}, r"^RouterConfig.p='0.3' is invalid; allowed: a number$"),
     (moekit.RouterConfig, {"normalize": 1}, r"^RouterConfig.normalize=1 is invalid; allowed: true or false$"),
     (moekit.RouterConfig, {"routed_scaling_factor": float("inf")}, r"RouterConfig.routed_scaling_factor=inf .*finite"),
     (moekit.RouterConfig, {"jitter": float("nan")}, r"RouterConfig.jitter=nan .*finite"),

@@ -91,6 +91,7 @@ def collapsed_layer(**kw):
     """E = 4, k = 1, every token routed to expert 0 with probability 77 / 80 = 0.9625."""
     cfg = moekit.MoEConfig(d_model=16, d_expert=8, num_experts=4, router=moekit.RouterConfig(k=1), **kw)
     layer = moekit.MoELayer(cfg)
+    moekit.BalanceTracker(layer)  # global-batch balance keeps the step's f there
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[0, 0] = math.log(77.0)

@@ -5,193 +5,305 @@ parameter counts come without building a model.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from moekit.errors import UsageError
 
 CONFIG_VERSION = 1
 
-SCORES = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu")
-BACKENDS = ("auto", "grouped_mm", "reference")
-SELECT_RULES = ("topk", "topp")
+BACKENDS = ("auto", "grouped_mm")
 BALANCE_SCOPES = ("micro", "global")
 
 
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+def require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """Raise UsageError `NAME=VALUE is invalid; allowed: ALLOWED` unless `ok`."""
     if not ok:
         raise UsageError(f"{name}={value!r} is invalid; allowed: {allowed}")
 
 
-def check_fields(cfg: Any) -> None:
+
+
+def check_fields(cfg: Any, name: str | None = None) -> None:
     """Check every field of the dataclass `cfg` against its annotation: the type (bool, int, float,
     str, None where the annotation allows it) and, for floats, finiteness -- a NaN or infinite
     setting trains silently to NaN. A field that may be non-finite says so with
     `field(metadata={"nonfinite": True})`. Nested config dataclasses are left to their own
-    `validate()`. Raises UsageError naming `Class.field`.
+    `validate()`. Raises UsageError naming `Class.field` (`name.field` when `name` is given).
     """
-    cls = type(cfg).__name__
+    cls = name or type(cfg).__name__
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         kinds = {t.strip() for t in annotation.split("|")}
         name = f"{cls}.{f.name}"
         if value is None:
-            _check("None" in kinds, name, value, f"a value of type {annotation}")
+            require("None" in kinds, name, value, f"a value of type {annotation}")
         elif "bool" in kinds:
-            _check(isinstance(value, bool), name, value, "true or false")
+            require(isinstance(value, bool), name, value, "true or false")
         elif "int" in kinds:
-            _check(isinstance(value, numbers.Integral) and not isinstance(value, bool), name, value, "an integer")
+            require(isinstance(value, numbers.Integral) and not isinstance(value, bool), name, value, "an integer")
         elif "float" in kinds:
-            _check(isinstance(value, numbers.Real) and not isinstance(value, bool), name, value, "a number")
-            _check(f.metadata.get("nonfinite", False) or math.isfinite(value), name, value, "a finite number")
+            require(isinstance(value, numbers.Real) and not isinstance(value, bool), name, value, "a number")
+            require(f.metadata.get("nonfinite", False) or math.isfinite(value), name, value, "a finite number")
         elif "str" in kinds:
-            _check(isinstance(value, str), name, value, "a string")
+            require(isinstance(value, str), name, value, "a string")
 
 
-def _from_dict(cls, d: dict[str, Any]):
-    d = dict(d)
-    typ = d.pop("type", cls.__name__)
-    if typ != cls.__name__:
-        raise ValueError(f"config type {typ!r} cannot be read as {cls.__name__}")
-    version = d.pop("version", CONFIG_VERSION)
-    if version > CONFIG_VERSION:
-        raise ValueError(f"{cls.__name__} version {version} is newer than this moekit understands ({CONFIG_VERSION})")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown}", stacklevel=3)
-    return {k: v for k, v in d.items() if k in names}
+class Config:
+    """Base of moekit's dataclass configs: `to_dict()` / `from_dict()` round-trip JSON with a type field
+    and a version stamp (nested configs as their own dicts); `from_dict` refuses another type or a newer
+    version and warns about (and ignores) keys it does not know. Subclasses are dataclasses with a
+    `validate()` that raises UsageError naming `Class.field` (see `require`, `check_fields`)."""
+
+    VERSION: ClassVar[int] = CONFIG_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            d[f.name] = value.to_dict() if isinstance(value, Config) else copy.deepcopy(value)
+        return {"type": type(self).__name__, "version": self.VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        return cls(**cls.known_fields(d))
+
+    @classmethod
+    def known_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """The fields of `d` (a `to_dict()` of this class) that `cls` has, after checking type and version."""
+        d = dict(d)
+        typ = d.pop("type", cls.__name__)
+        if typ != cls.__name__:
+            raise ValueError(f"config type {typ!r} cannot be read as {cls.__name__}")
+        version = d.pop("version", cls.VERSION)
+        if version > cls.VERSION:
+            raise ValueError(f"{cls.__name__} version {version} is newer than this moekit understands ({cls.VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown}", stacklevel=3)
+        return {k: v for k, v in d.items() if k in names}
+
+
+ROUTER_CONFIG_VERSION = 2  # 1: one RouterConfig holding every router's fields (still read)
+
+# The fields of the version-1 RouterConfig, which held every router's fields: a version-1 file carries all
+# of them, and the ones the file's kind does not use are dropped silently when it is read.
+V1_ROUTER_FIELDS = frozenset((
+    "kind", "k", "score", "normalize", "routed_scaling_factor", "n_group", "topk_group", "bias_update_rate",
+    "bias_recenter", "jitter", "ec_capacity_factor", "allow_causal_leak", "p", "min_k", "max_k", "n_null",
+    "k_schedule", "k_schedule_steps", "gru_dim", "select_rule"))
+
+_ROUTER_CONFIGS: dict[str, type[RouterConfig]] = {}  # kind -> config class, filled by moekit.routers.registry
 
 
 @dataclass
-class RouterConfig:
-    """How tokens pick experts. `kind` names a registered router (see `moekit.routers`).
+class RouterConfig(Config):
+    """How tokens pick experts: the base of every router's own config.
 
-    Fields used by `topk` (the Mixtral / OLMoE / Qwen / DeepSeek family):
-      k, score ("softmax"|"sigmoid"), normalize (renormalise the chosen weights; transformers'
-      `norm_topk_prob`; None = the rule's default, see `normalizes()`),
-      routed_scaling_factor, n_group/topk_group (group-limited
-      selection), bias_update_rate (gamma of aux-loss-free balancing; 0 disables the bias),
-      bias_recenter (keep sum(bias)=0), jitter (multiply the router input by U(1-eps, 1+eps) in
-      training).
-    Fields used by `topp` (arXiv 2403.07652): p (cumulative-probability threshold), min_k, max_k
-    (optional cap), normalize.
-    Fields used by `null` (AdaMoE, arXiv 2406.13233): n_null parameter-free null experts, k (top-k
-    over E + n_null), normalize (over the chosen real experts; default True).
-    Fields used by `random` (SMoE-Dropout, arXiv 2303.01610): min_k, max_k (None = E),
-    k_schedule ("linear"|"cosine"|"exponential"|"multistep"), k_schedule_steps; k = inference k.
-    Fields used by `expert_choice`: ec_capacity_factor (each expert takes
-    round(ec_capacity_factor*T/E) tokens), allow_causal_leak.
-    Fields used by `recurrent` (RMoE, arXiv 2408.06793): gru_dim (hidden size of the GRU shared by
-    all layers), select_rule ("topk"|"topp": the selection applied to the GRU's logits, with that
-    rule's own fields).
+    `kind` names a registered router (`moekit.registered_routers()`); each router file defines its
+    config as a subclass holding that router's fields, registered together with the router
+    (`moekit.routers.register(name, config=...)`). `RouterConfig(kind="topp", p=0.4)` returns the
+    registered subclass (here `TopPConfig`); a field the kind does not have is refused (UsageError).
+    `jitter` (every router): multiply the router input by U(1 - eps, 1 + eps) in training.
+
+    The capability methods below are what the layer, models, offload, export and the trainer ask a
+    router config instead of switching on its kind; a router overrides those that differ from the
+    defaults. JSON: `{"type": "RouterConfig", "version": 2, "kind": ..., <the kind's fields>}`;
+    `from_dict` dispatches on "kind" and still reads version 1 (the union of every router's fields).
+    Field errors name `RouterConfig.FIELD`, whichever kind.
     """
 
+    VERSION: ClassVar[int] = ROUTER_CONFIG_VERSION
+
     kind: str = "topk"
-    k: int = 2
-    score: str = "softmax"
-    normalize: bool | None = None
-    routed_scaling_factor: float = 1.0
-    n_group: int = 1
-    topk_group: int = 1
-    bias_update_rate: float = 0.0
-    bias_recenter: bool = False
     jitter: float = 0.0
-    ec_capacity_factor: float = 2.0
-    allow_causal_leak: bool = False
-    p: float = 0.4
-    min_k: int = 1
-    max_k: int | None = None
-    n_null: int = 0
-    k_schedule: str = "linear"
-    k_schedule_steps: int = 1000
-    gru_dim: int = 256
-    select_rule: str = "topk"
+    router_losses: ClassVar[tuple[str, ...]] = ()  # every router-specific aux loss this router may return
 
-    def normalizes(self) -> bool:
-        """Whether the chosen experts' weights are renormalised: `normalize` when set, else the rule's
-        default — top-p: no (arXiv 2403.07652 uses the raw probabilities); top-k and null experts: yes
-        for k > 1, and no for k = 1, where a renormalised weight is always exactly 1 and the gate
-        would learn nothing from the task loss (Switch Transformer, arXiv 2101.03961, uses the raw
-        probability)."""
-        if self.normalize is not None:
-            return self.normalize
-        rule = self.select_rule if self.kind == "recurrent" else self.kind
-        return rule != "topp" and self.k > 1
+    def __new__(cls, *args, **kwargs):
+        if cls is not RouterConfig:
+            return object.__new__(cls)
+        return object.__new__(router_config_for(kwargs.get("kind", args[0] if args else "topk"), kwargs))
 
+    def __post_init__(self):
+        own = type(self).__dataclass_fields__["kind"].default
+        if self.kind != own:
+            raise UsageError(f"RouterConfig.kind={self.kind!r} does not match {type(self).__name__} (kind {own!r}); "
+                             "change the kind with RouterConfig.convert(kind, ...) or moekit.route(model, kind=...)")
+
+    # ----------------------------------------------------------------- capabilities (defaults)
+    def describe(self) -> str:
+        """The settings that define the selection rule, for repr and logs (`kind` not included)."""
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                         if f.name not in ("kind", "jitter"))
+
+    def check(self, num_experts: int) -> None:
+        """Raise UsageError for settings this router cannot honour with `num_experts` (override)."""
+
+    def num_params(self, d_model: int, num_experts: int) -> int:
+        """Router parameters of one layer (default: a linear gate (E, D))."""
+        return num_experts * d_model
+
+    def expected_experts_per_token(self, num_experts: int) -> float:
+        """Experts per token for active-parameter counts (a dynamic router's worst case or its balance value)."""
+        raise NotImplementedError(f"{type(self).__name__}.expected_experts_per_token")
+
+    def min_resident_experts(self, num_experts: int) -> int:
+        """The least number of a layer's experts an offload cache must hold at once (one token's experts;
+        default: the expected count, rounded up)."""
+        return max(1, math.ceil(self.expected_experts_per_token(num_experts)))
+
+    def fixed_experts_per_token(self) -> bool:
+        """Whether every token uses exactly `expected_experts_per_token` experts in evaluation."""
+        return False
+
+    def fine_grained(self, m: int) -> RouterConfig:
+        """The config for DeepSeekMoE segmentation into m times more, m times narrower experts (the
+        experts-per-token count `k`, where the router has one, times m)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, k=self.k * m) if "k" in names else self
+
+    def min_enabled_experts(self) -> int:
+        """Experts a token must be able to choose from (expert masks keep at least this many enabled)."""
+        return 1
+
+    def check_expert_mask(self, mask_E) -> None:
+        """Raise ValueError if the router cannot honour the int8 expert mask `mask_E` (-1 disabled, +1
+        forced; see moekit.mask_experts). Default: disabling is applied by `Router.forward`; forcing
+        needs a selection rule that ranks forced experts first, which this one does not."""
+        if bool((mask_E > 0).any()):
+            raise ValueError(f"router kind {self.kind!r}, whose selection rule does not rank forced experts "
+                             "first; allowed with routers that do (e.g. kind='topk'): disable experts instead, or "
+                             "route(kind='topk') first")
+
+    def carries_state(self) -> bool:
+        """Whether the router reads a routing state handed from the previous MoE layer (RMoE)."""
+        return False
+
+    def build_shared_module(self):
+        """A module shared by every MoE layer and owned by the model (None: no such module)."""
+        return None
+
+    def shared_module_params(self) -> int:
+        """Parameters of `build_shared_module()`, counted once per model."""
+        return 0
+
+    def initial_state(self, shared):
+        """The routing state handed to the first MoE layer, from the model's shared module (None: the
+        router carries no state)."""
+        return None
+
+    def is_causal(self) -> bool:
+        """False when a token's experts depend on other tokens (later ones included)."""
+        return True
+
+    def accepts_causal_leak(self) -> bool:
+        """Whether the config accepts training a non-causal router in a causal LM."""
+        return False
+
+    def hf_routing(self) -> dict[str, Any] | None:
+        """The transformers routing settings equal to this rule (keys num_experts_per_tok, scoring_func,
+        norm_topk_prob, n_group, topk_group, routed_scaling_factor, selection_bias), or None when no
+        transformers model routes this way (export refuses)."""
+        return None
+
+    def aux_loss_names(self) -> tuple[str, ...]:
+        """Names of the router-specific losses a training forward returns with this config (the layer adds
+        the common ones)."""
+        return self.router_losses
+
+    def aux_loss_coefs(self) -> dict[str, float]:
+        """Coefficients a trainer gives the router's own losses when its config names none (e.g. a loss
+        the router already scales by an adaptive coefficient of its own takes 1.0)."""
+        return {}
+
+    # ----------------------------------------------------------------- validation and JSON
     def validate(self, num_experts: int) -> RouterConfig:
-        from moekit.routers import router_class  # late import: routers depend on this module
-
-        check_fields(self)
+        check_fields(self, "RouterConfig")
+        require(0 <= self.jitter < 1, "RouterConfig.jitter", self.jitter, "a float in [0, 1)")
         try:
-            cls = router_class(self.kind)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        _check(self.score in SCORES, "RouterConfig.score", self.score, f"one of {SCORES}")
-        _check(self.k >= 1, "RouterConfig.k", self.k, f"an integer in [1, num_experts={num_experts}]")
-        _check(self.routed_scaling_factor > 0, "RouterConfig.routed_scaling_factor",
-               self.routed_scaling_factor, "a float > 0")
-        _check(self.n_group >= 1 and num_experts % self.n_group == 0, "RouterConfig.n_group", self.n_group,
-               f"a divisor of num_experts={num_experts}")
-        _check(1 <= self.topk_group <= self.n_group, "RouterConfig.topk_group", self.topk_group,
-               f"an integer in [1, n_group={self.n_group}]")
-        _check(self.bias_update_rate >= 0, "RouterConfig.bias_update_rate", self.bias_update_rate, "a float >= 0")
-        _check(0 <= self.jitter < 1, "RouterConfig.jitter", self.jitter, "a float in [0, 1)")
-        _check(0 < self.p <= 1, "RouterConfig.p", self.p, "a float in (0, 1]")
-        _check(1 <= self.min_k <= num_experts, "RouterConfig.min_k", self.min_k,
-               f"an integer in [1, num_experts={num_experts}]")
-        _check(self.max_k is None or self.min_k <= self.max_k <= num_experts, "RouterConfig.max_k", self.max_k,
-               f"None or an integer in [min_k={self.min_k}, num_experts={num_experts}]")
-        _check(self.n_null >= 0, "RouterConfig.n_null", self.n_null, "an integer >= 0")
-        _check(self.ec_capacity_factor > 0, "RouterConfig.ec_capacity_factor", self.ec_capacity_factor,
-               "a float > 0")
-        _check(self.gru_dim >= 1, "RouterConfig.gru_dim", self.gru_dim, "an integer >= 1")
-        _check(self.select_rule in SELECT_RULES, "RouterConfig.select_rule", self.select_rule,
-               f"one of {SELECT_RULES}")
-        try:
-            cls.check_config(self, num_experts)
-        except ValueError as e:  # routers' own checks: a bad setting, so a usage error
+            self.check(num_experts)
+        except ValueError as e:  # a bad setting, so a usage error
             if isinstance(e, UsageError):
                 raise
             raise UsageError(str(e)) from None
         return self
 
-    def describe(self) -> str:
-        if self.kind == "recurrent":
-            inner = dataclasses.replace(self, kind=self.select_rule).describe()
-            return f"gru_dim={self.gru_dim}, select_rule={self.select_rule}, {inner}"
-        if self.kind == "expert_choice":
-            return f"ec_capacity_factor={self.ec_capacity_factor}"
-        if self.kind == "topp":
-            cap = f", max_k={self.max_k}" if self.max_k is not None else ""
-            return f"p={self.p}, min_k={self.min_k}{cap}, normalize={self.normalizes()}"
-        parts = [f"k={self.k}", f"score={self.score}", f"normalize={self.normalizes()}"]
-        if self.kind == "null":
-            parts.append(f"n_null={self.n_null}")
-        if self.routed_scaling_factor != 1.0:
-            parts.append(f"scale={self.routed_scaling_factor}")
-        if self.n_group > 1:
-            parts.append(f"groups={self.topk_group}/{self.n_group}")
-        if self.bias_update_rate > 0:
-            parts.append(f"bias_update_rate={self.bias_update_rate}")
-        return ", ".join(parts)
+    def convert(self, kind: str, **changes) -> RouterConfig:
+        """This config as router `kind`: the fields both kinds have keep their values, `changes` are
+        applied, the rest take the new kind's defaults. A field `kind` does not have raises UsageError."""
+        sub = router_config_for(kind, changes)
+        names = {f.name for f in dataclasses.fields(sub)}
+        kept = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
+        return sub(**{**kept, **changes, "kind": kind})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": type(self).__name__, "version": CONFIG_VERSION, **dataclasses.asdict(self)}
+        return {**super().to_dict(), "type": "RouterConfig"}  # every kind reads back through RouterConfig
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
-        return cls(**_from_dict(cls, d))
+        d = dict(d)
+        typ = d.pop("type", "RouterConfig")
+        if typ != "RouterConfig":
+            raise ValueError(f"config type {typ!r} cannot be read as RouterConfig")
+        version = d.pop("version", ROUTER_CONFIG_VERSION)
+        if version > ROUTER_CONFIG_VERSION:
+            raise ValueError(f"RouterConfig version {version} is newer than this moekit understands "
+                             f"({ROUTER_CONFIG_VERSION})")
+        sub = router_config_class(d.get("kind", "topk"))
+        names = {f.name for f in dataclasses.fields(sub)}
+        # Version 1 held every router's fields: those of other routers are expected, not unknown.
+        ignorable = V1_ROUTER_FIELDS if version == 1 else frozenset()
+        unknown = sorted(set(d) - names - ignorable)
+        if unknown:
+            warnings.warn(f"RouterConfig(kind={sub.kind!r}): ignoring unknown keys {unknown}", stacklevel=2)
+        return sub(**{k: v for k, v in d.items() if k in names})
+
+
+def add_router_config(kind: str, cls: type[RouterConfig]) -> None:
+    """Make `cls` the config of router `kind` (called by `moekit.routers.register`)."""
+    if kind in _ROUTER_CONFIGS:
+        raise ValueError(f"router config {kind!r} is already registered (by {_ROUTER_CONFIGS[kind].__name__})")
+    _ROUTER_CONFIGS[kind] = cls
+
+
+def router_config_class(kind: str) -> type[RouterConfig]:
+    """The config class of router `kind` (UsageError naming the registered kinds if there is none)."""
+    if kind not in _ROUTER_CONFIGS:
+        raise UsageError(f"RouterConfig.kind: unknown router {kind!r}; registered: {sorted(_ROUTER_CONFIGS)}")
+    return _ROUTER_CONFIGS[kind]
+
+
+def router_config_for(kind: str, fields) -> type[RouterConfig]:
+    """The config class of router `kind`, which must have every field named in `fields` (UsageError
+    naming those it lacks and the ones it has)."""
+    sub = router_config_class(kind)
+    names = {f.name for f in dataclasses.fields(sub)}
+    wrong = sorted(set(fields) - names)
+    if wrong:
+        raise UsageError(f"RouterConfig(kind={kind!r}): {', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} "
+                         f"not apply to this router; its fields: {', '.join(sorted(names))}")
+    return sub
+
+
+def router_fields() -> dict[str, dataclasses.Field]:
+    """Every registered router config's fields by name (the first registered owner's definition)."""
+    out: dict[str, dataclasses.Field] = {}
+    for sub in _ROUTER_CONFIGS.values():
+        for f in dataclasses.fields(sub):
+            out.setdefault(f.name, f)
+    return out
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(Config):
     """One MoE feed-forward layer.
 
     d_expert is one routed expert's hidden width F. Shared experts are one always-on FFN of width
@@ -222,6 +334,11 @@ class MoEConfig:
     def __post_init__(self):
         if isinstance(self.router, dict):
             self.router = RouterConfig.from_dict(self.router)
+        if self.backend == "reference":
+            # The reference loop is the test oracle (moekit.ops.reference.moe_reference), not a backend.
+            warnings.warn("MoEConfig.backend='reference' is no longer a layer backend (the reference loop is the "
+                          "test oracle, moekit.ops.reference.moe_reference); using 'auto'", UserWarning, stacklevel=3)
+            self.backend = "auto"
 
     @property
     def shared_width(self) -> int:
@@ -231,36 +348,30 @@ class MoEConfig:
 
     def validate(self) -> MoEConfig:
         check_fields(self)
-        _check(self.d_model >= 1, "MoEConfig.d_model", self.d_model, "an integer >= 1")
-        _check(self.d_expert >= 1, "MoEConfig.d_expert", self.d_expert, "an integer >= 1")
-        _check(self.num_experts >= 1, "MoEConfig.num_experts", self.num_experts, "an integer >= 1")
-        _check(self.activation in ACTIVATIONS, "MoEConfig.activation", self.activation, f"one of {ACTIVATIONS}")
-        _check(self.num_shared_experts >= 0, "MoEConfig.num_shared_experts", self.num_shared_experts,
+        require(self.d_model >= 1, "MoEConfig.d_model", self.d_model, "an integer >= 1")
+        require(self.d_expert >= 1, "MoEConfig.d_expert", self.d_expert, "an integer >= 1")
+        require(self.num_experts >= 1, "MoEConfig.num_experts", self.num_experts, "an integer >= 1")
+        require(self.activation in ACTIVATIONS, "MoEConfig.activation", self.activation, f"one of {ACTIVATIONS}")
+        require(self.num_shared_experts >= 0, "MoEConfig.num_shared_experts", self.num_shared_experts,
                "an integer >= 0")
-        _check(self.d_shared is None or self.d_shared >= 1, "MoEConfig.d_shared", self.d_shared,
+        require(self.d_shared is None or self.d_shared >= 1, "MoEConfig.d_shared", self.d_shared,
                "None or an integer >= 1")
-        _check(self.capacity_factor is None or self.capacity_factor > 0, "MoEConfig.capacity_factor",
+        require(self.capacity_factor is None or self.capacity_factor > 0, "MoEConfig.capacity_factor",
                self.capacity_factor, "None (dropless) or a float > 0")
-        _check(self.eval_capacity_factor is None or self.eval_capacity_factor > 0, "MoEConfig.eval_capacity_factor",
+        require(self.eval_capacity_factor is None or self.eval_capacity_factor > 0, "MoEConfig.eval_capacity_factor",
                self.eval_capacity_factor, "None (dropless in eval mode) or a float > 0")
-        _check(self.backend in BACKENDS, "MoEConfig.backend", self.backend, f"one of {BACKENDS}")
-        _check(self.balance_scope in BALANCE_SCOPES, "MoEConfig.balance_scope", self.balance_scope,
+        require(self.backend in BACKENDS, "MoEConfig.backend", self.backend, f"one of {BACKENDS}")
+        require(self.balance_scope in BALANCE_SCOPES, "MoEConfig.balance_scope", self.balance_scope,
                f"one of {BALANCE_SCOPES}")
-        if self.backend == "grouped_mm":
-            from moekit.ops.grouped import grouped_mm_available
-
-            _check(grouped_mm_available(), "MoEConfig.backend", self.backend,
-                   "'auto' or 'reference' (torch._grouped_mm is missing from this torch build)")
         self.router.validate(self.num_experts)
         return self
 
     def fine_grained(self, m: int) -> MoEConfig:
         """DeepSeekMoE fine-grained segmentation (arXiv 2401.06066): m*E experts of width F/m and
         m*k of them per token, so total and active parameters stay the same."""
-        _check(m >= 1 and self.d_expert % m == 0, "fine_grained(m)", m, f"a divisor of d_expert={self.d_expert}")
-        router = dataclasses.replace(self.router, k=self.router.k * m)
+        require(m >= 1 and self.d_expert % m == 0, "fine_grained(m)", m, f"a divisor of d_expert={self.d_expert}")
         return dataclasses.replace(self, num_experts=self.num_experts * m, d_expert=self.d_expert // m,
-                                   router=router)
+                                   router=self.router.fine_grained(m))
 
     # Parameter counts, without building anything.
     def _expert_params(self) -> int:
@@ -274,43 +385,18 @@ class MoEConfig:
         return mats * self.d_model * self.shared_width + (self.d_model if self.shared_gate else 0)
 
     def _router_params(self) -> int:
-        if self.router.kind == "recurrent":
-            # per-layer W1 (d -> gru_dim) and W2 (gru_dim -> E); the shared GRU belongs to the model
-            return self.router.gru_dim * (self.d_model + self.num_experts)
-        rows = self.num_experts + (self.router.n_null if self.router.kind == "null" else 0)
-        bias = self.num_experts if self.router.kind == "random" else 0
-        return rows * self.d_model + bias
+        return self.router.num_params(self.d_model, self.num_experts)
 
     def num_params(self) -> int:
         return self._router_params() + self.num_experts * self._expert_params() + self._shared_params()
 
     def expected_experts_per_token(self) -> float:
-        """Experts per token used for active-parameter counts. Dynamic routers choose per token:
-        top-p counts its cap (max_k, else all E) as the worst case; measure the real average with
-        `routing_info().stats()`."""
-        if self.router.kind == "expert_choice":
-            return float(min(self.num_experts, self.router.ec_capacity_factor))
-        rule = self.router.select_rule if self.router.kind == "recurrent" else self.router.kind
-        if rule == "topp":
-            return float(self.router.max_k or self.num_experts)
-        if self.router.kind == "null":
-            # real experts per token at balance: k * E / (E + n_null)  (AdaMoE)
-            return self.router.k * self.num_experts / (self.num_experts + self.router.n_null)
-        return float(min(self.router.k, self.num_experts))
+        """Experts per token used for active-parameter counts (the router's own count: dynamic routers
+        give their worst case or their value at balance; measure the real average with
+        `routing_info().stats()`)."""
+        return self.router.expected_experts_per_token(self.num_experts)
 
     def num_active_params(self) -> int:
         """Parameters one token uses on average (router + expected experts + shared)."""
         active = self.expected_experts_per_token() * self._expert_params()
         return int(round(self._router_params() + active + self._shared_params()))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["router"] = self.router.to_dict()
-        return {"type": type(self).__name__, "version": CONFIG_VERSION, **d}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MoEConfig:
-        kw = _from_dict(cls, d)
-        if "router" in kw:
-            kw["router"] = RouterConfig.from_dict(kw["router"])
-        return cls(**kw)

@@ -47,7 +47,7 @@ def random_trace(seed: int, L: int = 2, E: int = 5, K: int = 2, S: int = 3, T_ma
 
 
 def brute_srp(trace: RoutingTrace, n: int, unit: str):
-    """SRP straight from offload.md: enumerate windows, thresholds and groups one by one."""
+    """SRP straight from its definition (docs/analysis-metrics.md): enumerate windows, thresholds and groups one by one."""
     L, E = trace.num_layers, trace.num_experts
     units = [(layer, e) for layer in range(L) for e in range(E)]
     # per unit key and tau: [matches, preds, acts]

@@ -73,7 +73,7 @@ def test_two_disjoint_domains():
     spec = m["specialisation"]
     assert spec["domains"] == ["code", "de"]
     assert spec["mean_pairwise_js_L"] == [pytest.approx(math.log(2))] * L
-    dist = np.array(spec["dist_DLE"])
+    dist = np.array(spec["dist_GLE"])
     assert dist[0, :, 2:].sum() == 0 and dist[1, :, :2].sum() == 0
     np.testing.assert_allclose(dist.sum(axis=2), 1.0)
 

@@ -287,7 +287,7 @@ def test_two_ranks_equal_one_process(two_ranks, name):
     assert_matches_one_process(case, results)
     stats = [r["stats"] for r in results]
     if name == "rank1_receives_nothing":
-        assert sum(stats[1].rows_recv_W) == 0 and sum(stats[1].load_L) == 0
+        assert sum(stats[1].rows_recv_W) == 0 and sum(stats[1].load_P) == 0
         assert stats[1].rows_sent_W[0] > 0
     if name == "rank1_has_no_tokens":
         assert results[1]["y"].shape == (0, D) and sum(stats[1].rows_sent_W) == 0 and sum(stats[1].rows_recv_W) > 0

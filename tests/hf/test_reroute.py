@@ -150,7 +150,7 @@ def test_mask_errors_name_the_problem(make_model):
     with moekit.route(model, k=4), pytest.raises(ValueError, match="forced experts lie in 3 groups"):
         with moekit.mask_experts(model, forced={0: [0, 2, 4]}):
             pass
-    with moekit.route(model, kind="random", score="softmax"):
+    with moekit.route(model, kind="random"):
         with pytest.raises(ValueError, match="router kind 'random', whose selection rule does not rank forced"):
             with moekit.mask_experts(model, forced={0: [1]}):
                 pass
@@ -169,11 +169,11 @@ def test_rerouting_never_modifies_the_weights(make_model, prompt, tmp_path):
 
     moekit.hf.wrap(model)
     model.save_pretrained(tmp_path / "wrapped")  # a wrapped model saves as the original
-    with moekit.route(model, kind="topp", p=0.5, score="softmax"):
+    with moekit.route(model, kind="topp", p=0.5):  # converted: top-k's score and groups do not carry over
         _run(model, ids)
     with moekit.route(model, k=[1, 4]):
         _run(model, ids)
-    with moekit.route(model, kind="null", n_null=4, k=3, score="softmax", n_group=1, topk_group=1):
+    with moekit.route(model, kind="null", n_null=4, k=3):
         _run(model, ids)
     with moekit.mask_experts(model, disabled={0: [1, 2]}, forced={1: [3]}):
         with torch.no_grad():

@@ -117,14 +117,15 @@ def test_repr_names_the_family_and_rule(make_model):
 def test_wrapped_layers_train(make_model, prompt):
     """Wrapped layers are ordinary MoELayers: training mode, aux losses and gradients into the HF weights."""
     model = moekit.hf.wrap(make_model("olmoe")).train()
+    tracker = moekit.BalanceTracker(model)
     ids = prompt()
     model(ids, labels=ids).loss.backward()
     layer = moekit.hf.wrapped_blocks(model)[0]
     assert layer.training and set(layer.routing_info().aux) >= {"load_balance", "z_loss"}
     assert layer.experts.gate_up_proj.grad.abs().max() > 0
-    assert int(layer.step_counts_E.sum()) == ids.numel() * 2  # k=2 assignments per token counted
+    assert int(tracker.counts(layer).executed_E.sum()) == ids.numel() * 2  # k=2 assignments per token counted
     moekit.after_optimizer_step(model)
-    assert int(layer.step_counts_E.sum()) == 0
+    assert int(tracker.counts(layer).executed_E.sum()) == 0
 
 
 # ------------------------------------------------------------------------------------------- refusals

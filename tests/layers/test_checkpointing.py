@@ -31,6 +31,7 @@ def train_step(mode: str, attach: bool, scope: str = "micro", n_layers: int = 1,
     """Two micro-batches of one optimiser step; returns counts, gradients, aux values and the new biases."""
     model = make_model(scope, n_layers)
     layers = moekit.moe_layers(model)
+    tracker = moekit.BalanceTracker(model)
     if attach:
         moekit.attach_aux_losses(model, coefs)
     g = torch.Generator().manual_seed(1)
@@ -43,7 +44,7 @@ def train_step(mode: str, attach: bool, scope: str = "micro", n_layers: int = 1,
             aux = [layer.routing_info().aux for layer in layers]
             loss = loss + sum(c * sum(a[n] for a in aux) / len(aux) for n, c in coefs.items() if n in aux[0])
         loss.backward()
-    counts = torch.stack([layer.step_counts_E.clone() for layer in layers])
+    counts = torch.stack([tracker.counts(layer).executed_E for layer in layers])
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     aux = {n: float(v.detach()) for n, v in layers[-1].routing_info().aux.items()}
     moekit.after_optimizer_step(model)
@@ -88,9 +89,10 @@ def test_reentrant_without_attached_losses_counts_right_and_warns(monkeypatch):
 def test_no_grad_forwards_in_training_mode_count_nothing():
     model = make_model("global", 1)
     layer = model[0]
+    tracker = moekit.BalanceTracker(model)
     with torch.no_grad():
         model(torch.randn(2, 6, 16))
-    assert not layer.step_counts_E.any() and int(layer.global_tokens) == 0
+    assert not tracker.counts(layer).executed_E.any() and tracker.global_counts(layer)[1] == 0
     moekit.after_optimizer_step(model)
     assert not layer.router.e_score_correction_bias.any()
 

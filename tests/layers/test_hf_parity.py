@@ -32,6 +32,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBl
 
 import moekit
 from moekit.ops import grouped
+from moekit.ops.reference import ReferenceExperts
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 GRAD_TOL = {"atol": 1e-4, "rtol": 1e-4}
@@ -39,12 +40,15 @@ D = 32
 B, T = 2, 7
 IMPLS = {"eager": None, "grouped_mm": grouped_mm_experts_forward, "batched_mm": batched_mm_experts_forward}
 # moekit's expert GEMMs: the grouped path forced to the kernel or to the loop (so each is compared,
-# and the comparison is known to be of that path), or the reference backend.
+# and the comparison is known to be of that path), or the reference loop (the oracle's experts,
+# moekit.ops.reference.ReferenceExperts, in the layer's place of `experts`).
 BACKENDS = ["kernel", "loop", "reference"]
 
 
-def _backend(path: str) -> str:
-    return "reference" if path == "reference" else "auto"
+def _on_reference(layer: moekit.MoELayer, path: str) -> moekit.MoELayer:
+    if path == "reference":
+        layer.experts = ReferenceExperts(layer.experts)
+    return layer
 
 
 @contextlib.contextmanager
@@ -111,9 +115,10 @@ def _olmoe(norm: bool, impl: str = "eager", backend: str = "auto", seed: int = 0
     block = OlmoeSparseMoeBlock(cfg)
     _randomize(block, seed)
     layer = moekit.MoELayer(moekit.MoEConfig(
-        d_model=D, d_expert=64, num_experts=8, backend=_backend(backend),
+        d_model=D, d_expert=64, num_experts=8,
         router=moekit.RouterConfig(kind="topk", k=2, score="softmax", normalize=norm)))
     _copy_weights(layer, block)
+    _on_reference(layer, backend)
     return block, layer
 
 
@@ -178,10 +183,10 @@ def _deepseek(impl: str = "eager", backend: str = "auto", seed: int = 3):
         block.gate.e_score_correction_bias.copy_(bias)
     layer = moekit.MoELayer(moekit.MoEConfig(
         d_model=D, d_expert=16, num_experts=16, num_shared_experts=1, d_shared=16 * 1, shared_gate=False,
-        backend=_backend(backend),
         router=moekit.RouterConfig(kind="topk", k=4, score="sigmoid", normalize=True, routed_scaling_factor=2.5,
                                    n_group=4, topk_group=2)))
     _copy_weights(layer, block)
+    _on_reference(layer, backend)
     return block, layer
 
 
@@ -239,8 +244,9 @@ def test_qwen2_moe_shared_gate_parity(norm, backend):
     _randomize(block, seed=5)
     layer = moekit.MoELayer(moekit.MoEConfig(
         d_model=D, d_expert=16, num_experts=8, num_shared_experts=1, d_shared=48, shared_gate=True,
-        backend=_backend(backend), router=moekit.RouterConfig(kind="topk", k=2, score="softmax", normalize=norm)))
+        router=moekit.RouterConfig(kind="topk", k=2, score="softmax", normalize=norm)))
     _copy_weights(layer, block)
+    _on_reference(layer, backend)
     x = _inputs()
     with torch.no_grad():
         ref = block(x)

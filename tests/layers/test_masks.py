@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -15,7 +17,10 @@ E, D, T = 8, 16, 64
 
 
 def _model(**router_kw) -> nn.Module:
-    cfg = moekit.MoEConfig(d_model=D, d_expert=32, num_experts=E, router=moekit.RouterConfig(**router_kw))
+    """Two MoE layers routed by `router_kw`, of which the fields the kind has (k=2, n_null=2 for any kind)."""
+    fields = {f.name for f in dataclasses.fields(moekit.RouterConfig(kind=router_kw.get("kind", "topk")))}
+    router = moekit.RouterConfig(**{k: v for k, v in router_kw.items() if k in fields})
+    cfg = moekit.MoEConfig(d_model=D, d_expert=32, num_experts=E, router=router)
     return nn.Sequential(moekit.MoELayer(cfg), moekit.MoELayer(cfg))
 
 
@@ -132,7 +137,7 @@ def test_null_router_disabled_real_experts():
         model[0](x)
         info = model[0].routing_info()
     assert info.route.num_assignments > 0 and bool((info.route.expert_idx_N >= 6).all())
-    assert info.route.null_scores_TM.shape == (T, 4) and info.num_null > 0  # null experts are never masked
+    assert info.route.extras.null_scores_TM.shape == (T, 4) and info.num_null > 0  # null experts are never masked
 
 
 @pytest.mark.parametrize("kind", ["topp", "null"])

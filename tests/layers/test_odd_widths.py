@@ -2,8 +2,6 @@
 in transformers' tiny test configs, F = 1, F = 129, odd D) run through the MoELayer forward and
 backward and equal the reference loop (issue 11, item 14)."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -16,17 +14,11 @@ def _layer(D, F, activation="swiglu", E=4, k=2):
                                             router=moekit.RouterConfig(k=k)))
 
 
-def _twin64(layer):
-    ref = moekit.MoELayer(dataclasses.replace(layer.cfg, backend="reference"))
-    ref.load_state_dict(layer.state_dict())
-    return ref.double()
-
-
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("D,F", [(32, 1), (32, 37), (32, 129), (33, 64), (33, 37)])
-def test_odd_widths_equal_the_float64_reference_forward_and_backward(D, F, activation):
+def test_odd_widths_equal_the_float64_reference_forward_and_backward(D, F, activation, reference_twin):
     layer = _layer(D, F, activation)
-    ref = _twin64(layer)
+    ref = reference_twin(layer).double()
     x = torch.randn(2, 24, D, requires_grad=True)  # 96 rows over 4 experts: the kernel where it can
     x64 = x.detach().double().requires_grad_()
     g = torch.randn(2, 24, D, dtype=torch.float64)
@@ -44,9 +36,9 @@ def test_odd_widths_equal_the_float64_reference_forward_and_backward(D, F, activ
 
 
 @pytest.mark.parametrize("F", [1, 37, 129])
-def test_odd_width_bf16_layer_runs_forward_and_backward(F):
+def test_odd_width_bf16_layer_runs_forward_and_backward(F, reference_twin):
     layer = _layer(32, F).to(torch.bfloat16)
-    ref = _twin64(layer)  # the bf16-rounded weights, in float64
+    ref = reference_twin(layer).double()  # the bf16-rounded weights, in float64
     for T in (3, 96):  # few rows per expert (native bf16) and many (fp32 compute on AVX2 CPUs)
         x = torch.randn(T, 32, dtype=torch.bfloat16, requires_grad=True)
         y = layer(x)

@@ -9,10 +9,12 @@ import moekit
 from moekit.models import KVCache, LMConfig, MoELM
 from moekit.models.generate import generate, sample_next
 
+ROUTER_KW = {"topk": {"k": 2}, "topp": {}, "null": {"k": 2, "n_null": 4}, "recurrent": {"k": 2, "gru_dim": 16},
+             "random": {"k": 2}, "expert_choice": {"allow_causal_leak": True}}
+
 
 def lm_cfg(kind="topk", **kw):
-    router = moekit.RouterConfig(kind=kind, k=2, gru_dim=16, n_null=4 if kind == "null" else 0,
-                                 allow_causal_leak=kind == "expert_choice")
+    router = moekit.RouterConfig(kind=kind, **ROUTER_KW[kind])
     moe = moekit.MoEConfig(d_expert=32, num_experts=4, router=router)
     return LMConfig(**{"vocab_size": 50, "d_model": 32, "n_layers": 3, "n_heads": 4, "max_seq_len": 64,
                        "moe": moe, **kw})
@@ -81,7 +83,7 @@ def test_sample_next_top_p_keeps_the_nucleus_only():
 def test_recurrent_router_state_flows_through_the_model():
     model = MoELM(lm_cfg("recurrent", n_dense=1))
     model(torch.randint(0, 50, (2, 8))).sum().backward()
-    assert model.router_gru.weight_hh.grad.abs().sum() > 0
+    assert model.router_shared.weight_hh.grad.abs().sum() > 0  # the GRU the routers share
     # the second MoE layer's routing depends on the first one's state
     first = model.moe_layers()[0].router
     assert first.input_proj.grad.abs().sum() > 0

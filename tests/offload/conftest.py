@@ -3,6 +3,7 @@ never hinges on rounding (the canonical init gives near-uniform logits)."""
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 
 import pytest
@@ -17,8 +18,14 @@ def tiny_lm(E: int = 8, k: int = 2, n_layers: int = 3, activation: str = "swiglu
     torch.manual_seed(seed)
     cfg = LMConfig(vocab_size=256, d_model=d_model, n_layers=n_layers, n_heads=4, max_seq_len=128, init_std=0.2,
                    moe=MoEConfig(d_model=d_model, d_expert=d_expert, num_experts=E, activation=activation,
-                                 router=RouterConfig(kind=router.pop("kind", "topk"), k=k, **router)))
+                                 router=_router(k=k, **router)))
     return MoELM(cfg).to(dtype).eval()
+
+
+def _router(kind: str = "topk", **kw) -> RouterConfig:
+    """RouterConfig of `kind` with those of `kw` it has (k=2 is given to every kind)."""
+    fields = {f.name for f in dataclasses.fields(RouterConfig(kind=kind))}
+    return RouterConfig(kind=kind, **{n: v for n, v in kw.items() if n in fields})
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from moekit.offload import (
     simulate_predictive,
     write_store,
 )
-from moekit.offload.cache import hot_keys_from_counts
+from moekit.offload.budget import hot_keys_from_counts
 
 from .conftest import tiny_lm
 

@@ -15,7 +15,8 @@ from moekit.analysis.trace import TraceRecorder
 from moekit.experts import ExpertBank
 from moekit.models.generate import generate
 from moekit.offload import ExpertStore, ExpertStoreError, offload, offloaded_generate, write_store
-from moekit.offload.cache import ExpertCache, plan_cache
+from moekit.offload.budget import plan_cache
+from moekit.offload.cache import ExpertCache
 from moekit.offload.generate import decode_loop
 
 from .conftest import tiny_lm

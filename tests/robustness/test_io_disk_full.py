@@ -76,9 +76,9 @@ def test_trace_write_on_a_full_disk_keeps_the_old_file(tmp_path, enospc_on):
 
 
 def test_analyze_writes_its_set_or_nothing(tmp_path, capsys, enospc_on, monkeypatch):
-    import moekit.analysis.report as report
+    from moekit.analysis.report import plots
 
-    monkeypatch.setattr(report, "_plots", lambda m: {})  # the set's writing is under test, not the plots
+    monkeypatch.setattr(plots, "draw_plots", lambda m: {})  # the set's writing is under test, not the plots
     trace = save_trace(random_trace(seed=0), tmp_path / "t.npz")
     out = tmp_path / "rep"
     args = ["analyze", str(trace), "--out", str(out), "--workers", "1", "--boot", "5", "--no-progress"]

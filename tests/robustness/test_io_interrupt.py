@@ -43,7 +43,7 @@ class CountingBar:
 def test_sigint_terminates_the_workers_and_cancels_queued_tasks(monkeypatch):
     import tqdm.auto
 
-    import moekit.analysis.report as report
+    import moekit.analysis.report.tasks as report
 
     started = threading.Event()
     make_pool = report._pool

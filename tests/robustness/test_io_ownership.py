@@ -24,9 +24,9 @@ SMALL = AnalysisConfig(srp_n=(2,), n_boot=5, sch_n=(2,), model_sch_n=(2,), max_m
 @pytest.fixture
 def no_plots(monkeypatch):
     """Directory handling is under test here, not the plots (which take seconds to draw)."""
-    import moekit.analysis.report as report
+    from moekit.analysis.report import plots
 
-    monkeypatch.setattr(report, "_plots", lambda m: {})
+    monkeypatch.setattr(plots, "draw_plots", lambda m: {})
 
 
 def users_folder(path):

@@ -42,7 +42,10 @@ def run(tmp_path_factory):
     (["--train.lr", "nan"], "--train.lr nan is invalid; allowed: a finite number"),
     (["--train.z_loss_coef", "nan"], "--train.z_loss_coef nan is invalid; allowed: a finite number"),
     (["--train.load_balance_coef", "-1"], "--train.load_balance_coef -1.0 is invalid; allowed: a finite float >= 0"),
-    (["--router.routed_scaling_factor", "inf"], "--router.routed_scaling_factor inf is invalid"),
+    (["--router.kind", "topk", "--router.routed_scaling_factor", "inf"], "--router.routed_scaling_factor inf is invalid"),
+    (["--router.k", "3"], "--router.k does not apply to router kind 'topp' (--router.kind changes it); its flags: "
+                          "--router.jitter, --router.kind, --router.max_k"),
+    (["--router.kind", "nope"], "--router.kind: unknown router 'nope'; registered: ['expert_choice', "),
     (["--model.norm_eps=-1e-6"], "--model.norm_eps -1e-06 is invalid; allowed: a finite float > 0"),
     (["--model.init_std", "nan"], "--model.init_std nan is invalid"),
     (["--model.rope_theta", "0"], "--model.rope_theta 0.0 is invalid; allowed: a finite float > 0"),
@@ -71,13 +74,17 @@ def test_bad_settings_are_refused_naming_the_flag_before_anything_is_written(tmp
 
 
 def _float_fields():
-    for cls in (LMConfig, MoEConfig, RouterConfig, TrainConfig):
+    for cls in (LMConfig, MoEConfig, TrainConfig):
         for f in dataclasses.fields(cls):
             if "float" in str(f.type):
-                yield cls, f.name
+                yield cls, f.name, None
+    for kind in moekit.registered_routers():  # every router's own config
+        for f in dataclasses.fields(RouterConfig(kind=kind)):
+            if "float" in str(f.type):
+                yield RouterConfig, f.name, kind
 
 
-def _with(cls, name, value):
+def _with(cls, name, value, kind=None):
     model, train_cfg = tiny(), quick()
     if cls is TrainConfig:
         return model, dataclasses.replace(train_cfg, **{name: value})
@@ -85,14 +92,14 @@ def _with(cls, name, value):
         return dataclasses.replace(model, **{name: value}), train_cfg
     if cls is MoEConfig:
         return dataclasses.replace(model, moe=dataclasses.replace(model.moe, **{name: value})), train_cfg
-    router = dataclasses.replace(model.moe.router, **{name: value})
+    router = model.moe.router.convert(kind, **{name: value})
     return dataclasses.replace(model, moe=dataclasses.replace(model.moe, router=router)), train_cfg
 
 
-@pytest.mark.parametrize("cls,name", list(_float_fields()), ids=lambda x: getattr(x, "__name__", x))
+@pytest.mark.parametrize("cls,name,kind", list(_float_fields()), ids=lambda x: getattr(x, "__name__", x))
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
-def test_every_float_field_of_every_config_must_be_finite(tmp_path, cls, name, value):
-    model_cfg, train_cfg = _with(cls, name, value)
+def test_every_float_field_of_every_config_must_be_finite(tmp_path, cls, name, kind, value):
+    model_cfg, train_cfg = _with(cls, name, value, kind)
     with pytest.raises(UsageError, match=rf"^{cls.__name__}\.{name}=(nan|inf|-inf) is invalid"):
         train(model_cfg, train_cfg, tmp_path / "run", **QUIET)
     assert not (tmp_path / "run").exists()

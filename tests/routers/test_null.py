@@ -65,22 +65,22 @@ def test_balance_loss_replaces_null_counts_by_their_mean(make_cfg):
     E, M, k, T = 4, 4, 2, 25
     null_total = k * T - r.num_assignments
     counts = torch.cat([r.counts_E().float(), torch.full((M,), null_total / M)])
-    probs = torch.cat([r.scores_TE, r.null_scores_TM], -1)
+    probs = torch.cat([r.scores_TE, r.extras.null_scores_TM], -1)
     torch.testing.assert_close(info.aux["load_balance"].detach(), losses.load_balance_loss(probs, counts, T))
     # at balance the expected number of real experts per token is k*E/(E+M)
     assert layer.cfg.expected_experts_per_token() == pytest.approx(k * E / (E + M))
 
 
-def test_null_layer_matches_reference_backend(make_cfg):
-    a, b = null_layer(make_cfg), null_layer(make_cfg, backend="reference")
-    b.load_state_dict(a.state_dict())
+def test_null_layer_matches_reference_backend(make_cfg, reference_twin):
+    a = null_layer(make_cfg)
+    b = reference_twin(a)
     x = torch.randn(2, 9, 32)
     torch.testing.assert_close(a(x), b(x))
 
 
 def test_null_config_errors():
     with pytest.raises(ValueError, match="n_null=0 is invalid for kind='null'"):
-        moekit.RouterConfig(kind="null").validate(4)
+        moekit.RouterConfig(kind="null", n_null=0).validate(4)
     with pytest.raises(ValueError, match=r"num_experts \+ n_null = 6"):
         moekit.RouterConfig(kind="null", n_null=2, k=7).validate(4)
 

@@ -75,7 +75,7 @@ def test_recurrent_router_is_refused():
     assert not can_predict(router) and can_predict(make("topk"))
     with pytest.raises(ValueError, match="cannot predict experts from a hidden state"):
         predict_route(router, torch.randn(2, D))
-    assert router(torch.randn(2, D), RecurrentState(torch.nn.GRUCell(8, 8))).num_assignments == 4
+    assert router(torch.randn(2, D), state=RecurrentState(torch.nn.GRUCell(8, 8))).num_assignments == 4
 
 
 def test_priority_order_is_rank_major():

@@ -18,7 +18,8 @@ def run(layers, gru, x):
     state = RecurrentState(gru)
     states = []
     for layer in layers:
-        x, state = layer(x, router_state=state)
+        x = layer(x, router_state=state)  # the layer returns y; the next state is in its routing info
+        state = layer.routing_info().router_state
         states.append(state.hidden_TH)
     return x, states
 
@@ -35,7 +36,8 @@ def test_first_layer_logits_follow_the_rmoe_formula(make_cfg):
 def test_second_layer_uses_first_layers_state(make_cfg):
     layers, gru = stack(make_cfg, n_layers=2)
     x = torch.randn(2, 3, 32)
-    y0, state0 = layers[0](x, router_state=RecurrentState(gru))
+    y0 = layers[0](x, router_state=RecurrentState(gru))
+    state0 = layers[0].routing_info().router_state
     assert state0.hidden_TH.shape == (6, 16) and state0.gru is gru
     layers[1](y0, router_state=state0)
     r1 = gru(y0.reshape(6, 32) @ layers[1].router.input_proj.T, state0.hidden_TH)
@@ -96,7 +98,8 @@ def test_missing_state_or_wrong_gru_is_a_clear_error(make_cfg):
 
 def test_other_routers_hand_the_state_on_and_counts(make_cfg):
     state = RecurrentState(nn.GRUCell(16, 16), torch.randn(3, 16))
-    y, out = MoELayer(make_cfg())(torch.randn(3, 32), router_state=state)
-    assert out is state and y.shape == (3, 32)
+    layer = MoELayer(make_cfg())
+    y = layer(torch.randn(3, 32), router_state=state)
+    assert layer.routing_info().router_state is state and y.shape == (3, 32)
     cfg = make_cfg(kind="recurrent", gru_dim=16)
     assert cfg.num_params() == sum(p.numel() for p in MoELayer(cfg).parameters())

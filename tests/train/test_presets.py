@@ -5,7 +5,7 @@ import torch
 
 from moekit.train import train
 from moekit.train.compare import compare
-from moekit.train.presets import PRESETS, preset
+from moekit.train.presets import LOSS_RECIPES, PRESETS, preset
 
 
 def test_random_preset_trains_no_balance_and_no_z_loss():
@@ -20,7 +20,7 @@ def test_deepseek_preset_trains_bias_and_sequence_loss_not_switch():
     assert train_cfg.aux_coefs["seq_balance"] == pytest.approx(1e-4)  # DeepSeek-V3's alpha
 
 
-@pytest.mark.parametrize("name", sorted(set(PRESETS) - {"random", "deepseek"}))
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - set(LOSS_RECIPES)))
 def test_other_presets_keep_the_default_recipe(name):
     _, train_cfg = preset(name)
     assert train_cfg.aux_coefs == {"load_balance": 0.01, "z_loss": 1e-3, "seq_balance": 0.0, "dynamic": 1e-4}
@@ -81,3 +81,28 @@ def test_compare_accepts_per_family_loss_recipes(tmp_path, monkeypatch):
         topk, random = preset("topk"), preset("random")
         random[1].steps = 9
         compare({"topk": topk, "random": random}, tmp_path, progress=False, log=lambda *_: None)
+
+
+def test_a_routers_own_loss_takes_the_coefficient_its_config_declares(monkeypatch, tmp_path):
+    """A loss TrainConfig does not name (e.g. one a router scales by its own adaptive coefficient) gets
+    the router config's coefficient (RouterConfig.aux_loss_coefs); TrainConfig's own fields win."""
+    from moekit.routers.topp import TopPConfig
+    from moekit.train.trainer import aux_coefs_for
+
+    monkeypatch.setattr(TopPConfig, "aux_loss_coefs", lambda self: {"probe": 1.0, "dynamic": 9.0})
+    monkeypatch.setattr(TopPConfig, "aux_loss_names", lambda self: ("dynamic", "probe"))
+    model_cfg, train_cfg = preset("topp")
+    coefs = aux_coefs_for(model_cfg, train_cfg)
+    assert coefs["probe"] == 1.0 and coefs["dynamic"] == train_cfg.dynamic_coef == 1e-4
+    lines = []
+
+    def log(line):
+        if line.startswith("unigram baseline"):
+            raise Stop
+        lines.append(line)
+
+    with pytest.raises(Stop):
+        train(model_cfg, train_cfg, tmp_path / "run", progress=False, log=log)
+    assert [line for line in lines if line.startswith("loss = ")] == [
+        "loss = lm_loss + 0.01*load_balance + 0.001*z_loss + 0.0001*dynamic + 1*probe (off: seq_balance), "
+        "aux losses averaged over MoE layers"]

@@ -3,6 +3,13 @@ expert caches against their optimal bounds, and write an HTML report.
 
 Metrics and simulators are pure numpy; only the recorder (trace.py) touches torch models.
 See docs/analysis-metrics.md (definitions), docs/trace-format.md (file) and docs/analyze.md (report).
+
+Shape letters: the core's (L layers, T tokens, E experts, K expert slots per token or step, N
+assignments, i.e. valid requests in order), and analysis' own: S sequences, G domains, R bootstrap
+replicates, C cache capacity (and stack depth), Q steps of a request stream (a token at one layer,
+or at every layer; a trace row), U SRP scoring units, V window counts 0..n, J layer pairs (l, l + d),
+P cache policies, Z (policy, stream) rows of the stack simulation. moekit.offload's simulation uses
+the same letters.
 """
 
 from moekit.analysis.cache import (
@@ -20,7 +27,6 @@ from moekit.analysis.cache import (
 )
 from moekit.analysis.metrics import (
     LoadStats,
-    RoutingTrace,
     affinity,
     affinity_prefetch_recall,
     coefficient_of_variation,
@@ -41,6 +47,7 @@ from moekit.analysis.metrics import (
     static_hot_set,
 )
 from moekit.analysis.report import AnalysisConfig, analyze, compute_metrics
+from moekit.analysis.routing_trace import RoutingTrace
 from moekit.analysis.stack import StackCurves, stack_hit_curves
 from moekit.analysis.trace import TokenBatch, TraceRecorder, corpus_batches, record_trace
 from moekit.analysis.tracefile import TraceFormatError, load_trace, read_header, save_trace

@@ -1,13 +1,13 @@
 """Expert-cache simulators over routing traces: LRU, LFU, SCH (arXiv 2505.16056, as its
 authors' code computes it), SCH-keep, static, and the two optimal bounds bypass-MIN and
-set-MIN (definitions in /work/shared/design/offload.md and docs/analysis-metrics.md).
+set-MIN (definitions: docs/analysis-metrics.md).
 
-Legend of shape suffixes:
-  N  steps (one token of one layer)   K  expert slots per step (-1 = empty slot)
-  R  valid requests, flattened in step order, row order within a step
+Legend (the analysis letters of moekit.analysis):
+  Q  steps (one token of one layer)   K  expert slots per step (-1 = empty slot)
+  N  valid requests, flattened in step order, row order within a step
   L  layers   E  experts per layer   C  cache capacity in experts
 
-A request stream `requests_NK` lists, per step, the SET of expert ids it needs. Per-layer
+A request stream `requests_QK` lists, per step, the SET of expert ids it needs. Per-layer
 caches see one stream per layer (steps = tokens); the whole-model cache sees one stream
 of (token, layer) steps in execution order (token 0 layer 0, token 0 layer 1, ...), with
 ids offset by layer * E; the paper's whole-model SCH takes one step per token holding every
@@ -20,9 +20,9 @@ Conventions shared by every simulator:
     earlier step's experts.
   * cold: the cache starts empty, every first touch misses.
     warm: compulsory misses while fewer than C distinct experts have been seen count as
-    hits (the convention of arXiv 2505.16056). The first touches of the first min(C, D)
-    distinct experts miss under every policy, so warm_hits = hits + min(C, D) for every
-    policy (D = distinct experts in the stream) and both conventions order policies alike.
+    hits (the convention of arXiv 2505.16056). The first touches of the first min(C, n_distinct)
+    distinct experts miss under every policy, so warm_hits = hits + min(C, n_distinct) for every
+    policy (n_distinct = distinct experts in the stream) and both conventions order policies alike.
   * LRU, LFU, SCH-keep and set-MIN keep all of a step's experts resident (they need
     C >= K_max) and evict only experts the current step does not request; set-MIN bounds them.
   * SCH (the paper's) judges a step's requests against the cache as the step began and may
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moekit.analysis.metrics import RoutingTrace
+from moekit.analysis.routing_trace import RoutingTrace
 
 __all__ = [
     "CacheResult", "RequestStream", "bypass_min", "layer_requests", "model_requests", "prepare_requests", "set_min",
@@ -55,15 +55,20 @@ __all__ = [
 class CacheResult:
     """Outcome of one simulation (or a sum of several, e.g. one cache per layer).
 
-    hits: cold-cache hits. warm_hits: hits counting the first min(C, D) compulsory misses
-    as hits. requests: valid requests. hit_R: per-request hit flags in step order, row
-    order within a step (None for sums of several streams).
+    hits: cold-cache hits. warm_hits: hits counting the first min(C, distinct experts)
+    compulsory misses as hits. requests: valid requests. hit_N: per-request hit flags in step
+    order, row order within a step (None for sums of several streams; also readable as `hit_R`,
+    its name before the analysis legend gave R to bootstrap replicates).
     """
 
     hits: int
     warm_hits: int
     requests: int
-    hit_R: np.ndarray | None = None
+    hit_N: np.ndarray | None = None
+
+    @property
+    def hit_R(self) -> np.ndarray | None:
+        return self.hit_N
 
     @property
     def hit_rate(self) -> float:
@@ -84,54 +89,54 @@ class CacheResult:
 @dataclass
 class RequestStream:
     """A request stream flattened to Python lists for fast sequential loops. Every simulator accepts
-    one in place of requests_NK: `prepare_requests` once, then simulate many capacities and
+    one in place of requests_QK: `prepare_requests` once, then simulate many capacities and
     policies without flattening again (next uses are computed once too)."""
 
     ids: list[int]        # expert id of each request
-    step_R: np.ndarray    # step index of each request
+    step_N: np.ndarray    # step index of each request
     last: list[bool]      # True on the last request of its step: end-of-step work happens there
     num_steps: int
     k_max: int            # most requests in one step
     num_ids: int          # ids lie in 0..num_ids-1
-    distinct: int         # D, distinct experts requested
+    distinct: int         # distinct experts requested
     next_use: list[int] | None = None  # step of each request's next use (num_steps if none), lazily
 
 
-def prepare_requests(requests_NK: np.ndarray) -> RequestStream:
+def prepare_requests(requests_QK: np.ndarray) -> RequestStream:
     """Validate and flatten a request stream once, for several simulations."""
-    return _flatten(requests_NK)
+    return _flatten(requests_QK)
 
 
-def _flatten(requests_NK: np.ndarray | RequestStream) -> RequestStream:
-    if isinstance(requests_NK, RequestStream):
-        return requests_NK
-    r = np.asarray(requests_NK)
+def _flatten(requests_QK: np.ndarray | RequestStream) -> RequestStream:
+    if isinstance(requests_QK, RequestStream):
+        return requests_QK
+    r = np.asarray(requests_QK)
     if r.ndim != 2 or not np.issubdtype(r.dtype, np.integer):
-        raise ValueError(f"requests_NK must be a 2-d integer array (steps, K_max), got {r.dtype} {r.shape}")
+        raise ValueError(f"requests_QK must be a 2-d integer array (steps, K_max), got {r.dtype} {r.shape}")
     valid = r >= 0
     if r.size and r.min() < -1:
         raise ValueError(f"expert ids must be >= 0 (or -1 for an empty slot), found {r.min()}")
     srt = np.sort(r, axis=1)
     if np.any((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)):
         raise ValueError("a step requests the same expert twice; each step must request a set")
-    step_R = np.nonzero(valid)[0]
-    ids_R = r[valid].astype(np.int64)
-    last_R = np.ones(ids_R.size, dtype=bool)
-    last_R[:-1] = step_R[1:] != step_R[:-1]
-    return RequestStream(ids_R.tolist(), step_R, last_R.tolist(), r.shape[0],
+    step_N = np.nonzero(valid)[0]
+    ids_N = r[valid].astype(np.int64)
+    last_N = np.ones(ids_N.size, dtype=bool)
+    last_N[:-1] = step_N[1:] != step_N[:-1]
+    return RequestStream(ids_N.tolist(), step_N, last_N.tolist(), r.shape[0],
                    int(valid.sum(axis=1).max()) if r.size else 0,
-                   int(ids_R.max()) + 1 if ids_R.size else 0, int(np.unique(ids_R).size))
+                   int(ids_N.max()) + 1 if ids_N.size else 0, int(np.unique(ids_N).size))
 
 
 def _next_use(st: RequestStream, never: int) -> list[int]:
     """Step of the next request of the same expert, `never` if none (one backward pass, vectorised)."""
-    ids_R = np.asarray(st.ids, dtype=np.int64)
-    nxt_R = np.full(ids_R.size, never, dtype=np.int64)
-    if ids_R.size:
-        order = np.argsort(ids_R, kind="stable")  # stable: per expert, requests stay in step order
-        same = ids_R[order[1:]] == ids_R[order[:-1]]
-        nxt_R[order[:-1][same]] = st.step_R[order[1:][same]]
-    return nxt_R.tolist()
+    ids_N = np.asarray(st.ids, dtype=np.int64)
+    nxt_N = np.full(ids_N.size, never, dtype=np.int64)
+    if ids_N.size:
+        order = np.argsort(ids_N, kind="stable")  # stable: per expert, requests stay in step order
+        same = ids_N[order[1:]] == ids_N[order[:-1]]
+        nxt_N[order[:-1][same]] = st.step_N[order[1:][same]]
+    return nxt_N.tolist()
 
 
 def _result(hit: list[bool], st: RequestStream, C: int) -> CacheResult:
@@ -150,9 +155,9 @@ def _check_capacity(C: int, st: RequestStream, needs_k: bool) -> None:
 # ----------------------------------------------------------------------------- online policies
 
 
-def simulate_lru(requests_NK: np.ndarray | RequestStream, C: int) -> CacheResult:
+def simulate_lru(requests_QK: np.ndarray | RequestStream, C: int) -> CacheResult:
     """Least recently used: insert every requested expert, evict the least recently used."""
-    st = _flatten(requests_NK)
+    st = _flatten(requests_QK)
     _check_capacity(C, st, needs_k=True)
     cache: OrderedDict[int, None] = OrderedDict()
     hit = []
@@ -171,10 +176,10 @@ def simulate_lru(requests_NK: np.ndarray | RequestStream, C: int) -> CacheResult
     return _result(hit, st, C)
 
 
-def simulate_lfu(requests_NK: np.ndarray | RequestStream, C: int) -> CacheResult:
+def simulate_lfu(requests_QK: np.ndarray | RequestStream, C: int) -> CacheResult:
     """Least frequently used: evict the resident with the fewest uses so far (counted over the
     whole stream, also before an eviction: "perfect" LFU), ties by least recent use."""
-    st = _flatten(requests_NK)
+    st = _flatten(requests_QK)
     _check_capacity(C, st, needs_k=True)
     ids, B = st.ids, len(st.ids) + 1
     resident = [False] * st.num_ids
@@ -230,7 +235,7 @@ def _evict_lowest_key(heap: list[int], n_res: int, C: int, B: int, ids: list[int
     return n_res
 
 
-def simulate_sch(requests_NK: np.ndarray | RequestStream, C: int, n: int) -> CacheResult:
+def simulate_sch(requests_QK: np.ndarray | RequestStream, C: int, n: int) -> CacheResult:
     """SCH(n, C), segment cache hit rate as arXiv 2505.16056 computes it (ljcleo/moe-lrc,
     src/41_sch_calc.py, `calc_fsf` with future_len = n); steps are tokens.
 
@@ -246,10 +251,10 @@ def simulate_sch(requests_NK: np.ndarray | RequestStream, C: int, n: int) -> Cac
     """
     if n < 1:
         raise ValueError(f"segment length n must be >= 1, got {n}")
-    st = _flatten(requests_NK)
+    st = _flatten(requests_QK)
     _check_capacity(C, st, needs_k=False)
-    ids, step_R, R = st.ids, st.step_R.tolist(), len(st.ids)
-    B = R + 1
+    ids, step_N, N = st.ids, st.step_N.tolist(), len(st.ids)
+    B = N + 1
     resident = [False] * st.num_ids
     window = [0] * st.num_ids     # unprocessed uses in steps t .. t+n-1 of the current step t
     last_use = [-1] * st.num_ids
@@ -257,15 +262,15 @@ def simulate_sch(requests_NK: np.ndarray | RequestStream, C: int, n: int) -> Cac
     # window count only grows (it falls only when the expert itself is processed, which pushes a
     # new key), so a stored key is a lower bound, refreshed when popped.
     heap: list[int] = []
-    hit = [False] * R
+    hit = [False] * N
     n_res, hi, i = 0, 0, 0
-    while i < R:
-        t = step_R[i]
+    while i < N:
+        t = step_N[i]
         end = i
-        while end < R and step_R[end] == t:
+        while end < N and step_N[end] == t:
             hit[end] = resident[ids[end]]  # judged against the cache as the step began
             end += 1
-        while hi < R and step_R[hi] <= t + n - 1:
+        while hi < N and step_N[hi] <= t + n - 1:
             window[ids[hi]] += 1
             hi += 1
         for j in range(i, end):
@@ -286,7 +291,7 @@ def simulate_sch(requests_NK: np.ndarray | RequestStream, C: int, n: int) -> Cac
     return _result(hit, st, C)
 
 
-def simulate_sch_keep(requests_NK: np.ndarray | RequestStream, C: int, n: int, steps_per_token: int = 1) -> CacheResult:
+def simulate_sch_keep(requests_QK: np.ndarray | RequestStream, C: int, n: int, steps_per_token: int = 1) -> CacheResult:
     """SCH-keep(n, C): SCH's priority (fewest uses in the next n-1 tokens, ties by least recent use)
     in a cache that, like LRU, LFU and set-MIN, never evicts an expert the current step requests,
     so every requested expert ends the step resident (C >= K_max) and SCH-keep <= set-MIN. n = 1
@@ -298,10 +303,10 @@ def simulate_sch_keep(requests_NK: np.ndarray | RequestStream, C: int, n: int, s
     """
     if n < 1:
         raise ValueError(f"segment length n must be >= 1, got {n}")
-    st = _flatten(requests_NK)
+    st = _flatten(requests_QK)
     _check_capacity(C, st, needs_k=True)
-    ids, step_R, R = st.ids, st.step_R.tolist(), len(st.ids)
-    B = R + 1
+    ids, step_N, N = st.ids, st.step_N.tolist(), len(st.ids)
+    B = N + 1
     lookahead = (n - 1) * steps_per_token
     resident = [False] * st.num_ids
     window = [0] * st.num_ids     # uses in steps t+1 .. t+lookahead of the current step t
@@ -321,11 +326,11 @@ def simulate_sch_keep(requests_NK: np.ndarray | RequestStream, C: int, n: int, s
         if not last:
             continue
         # Slide the look-ahead window to (t, t + lookahead]: requests [lo, hi) lie inside it.
-        t = step_R[i]
-        while hi < R and step_R[hi] <= t + lookahead:
+        t = step_N[i]
+        while hi < N and step_N[hi] <= t + lookahead:
             window[ids[hi]] += 1
             hi += 1
-        while lo < R and step_R[lo] <= t:
+        while lo < N and step_N[lo] <= t:
             window[ids[lo]] -= 1
             lo += 1
         for j in range(step_start, i + 1):
@@ -340,31 +345,31 @@ def simulate_sch_keep(requests_NK: np.ndarray | RequestStream, C: int, n: int, s
     return _result(hit, st, C)
 
 
-def simulate_static(requests_NK: np.ndarray | RequestStream, C: int, hot_set: np.ndarray | None = None) -> CacheResult:
+def simulate_static(requests_QK: np.ndarray | RequestStream, C: int, hot_set: np.ndarray | None = None) -> CacheResult:
     """Static cache: only the experts of `hot_set` (at most C) are ever cached, filled on first
     use and never evicted; others bypass. hot_set=None takes the C most requested experts of
     this stream (ties to the lower id): the best static set, an oracle."""
-    st = _flatten(requests_NK)
+    st = _flatten(requests_QK)
     _check_capacity(C, st, needs_k=False)
-    ids_R = np.asarray(st.ids, dtype=np.int64)
+    ids_N = np.asarray(st.ids, dtype=np.int64)
     if hot_set is None:
-        freq = np.bincount(ids_R, minlength=st.num_ids)
+        freq = np.bincount(ids_N, minlength=st.num_ids)
         hot_set = np.argsort(-freq, kind="stable")[:C]
     hot_set = np.unique(np.asarray(hot_set, dtype=np.int64))
     if hot_set.size > C:
         raise ValueError(f"hot_set has {hot_set.size} experts, more than the capacity C={C}")
-    first = np.zeros(ids_R.size, dtype=bool)
-    first[np.unique(ids_R, return_index=True)[1]] = True
-    hit_R = np.isin(ids_R, hot_set) & ~first  # cold: the first touch of a hot expert still misses
-    return CacheResult(int(hit_R.sum()), int(hit_R.sum()) + min(C, st.distinct), ids_R.size, hit_R)
+    first = np.zeros(ids_N.size, dtype=bool)
+    first[np.unique(ids_N, return_index=True)[1]] = True
+    hit_N = np.isin(ids_N, hot_set) & ~first  # cold: the first touch of a hot expert still misses
+    return CacheResult(int(hit_N.sum()), int(hit_N.sum()) + min(C, st.distinct), ids_N.size, hit_N)
 
 
 # ----------------------------------------------------------------------------- optimal bounds
 
 
-def _min_policy(requests_NK: np.ndarray | RequestStream, C: int, protect_step: bool) -> CacheResult:
+def _min_policy(requests_QK: np.ndarray | RequestStream, C: int, protect_step: bool) -> CacheResult:
     """Belady-style furthest-next-use eviction; protect_step keeps the step's experts (set-MIN)."""
-    st = _flatten(requests_NK)
+    st = _flatten(requests_QK)
     _check_capacity(C, st, needs_k=protect_step)
     ids, B = st.ids, len(st.ids) + 1
     if st.next_use is None:
@@ -406,20 +411,20 @@ def _min_policy(requests_NK: np.ndarray | RequestStream, C: int, protect_step: b
     return _result(hit, st, C)
 
 
-def bypass_min(requests_NK: np.ndarray | RequestStream, C: int) -> CacheResult:
+def bypass_min(requests_QK: np.ndarray | RequestStream, C: int) -> CacheResult:
     """Optimal hits when experts may bypass the cache: after each step keep, among the cache and
     the step's experts, the C whose next use is soonest. Bounds every policy whose cache after a
     step is a subset of (cache before it) + (the step's experts), bypassing or not: LRU, LFU,
     SCH, SCH-keep, static."""
-    return _min_policy(requests_NK, C, protect_step=False)
+    return _min_policy(requests_QK, C, protect_step=False)
 
 
-def set_min(requests_NK: np.ndarray | RequestStream, C: int) -> CacheResult:
+def set_min(requests_QK: np.ndarray | RequestStream, C: int) -> CacheResult:
     """Optimal hits when all of a step's experts must be resident (C >= K_max): Belady, evicting
     among residents not requested by the step the one used furthest in the future. Bounds
     LRU, LFU, SCH-keep and any other policy that keeps every requested expert - not the paper's
     SCH, which may evict a requested expert and can exceed it."""
-    return _min_policy(requests_NK, C, protect_step=True)
+    return _min_policy(requests_QK, C, protect_step=True)
 
 
 # ----------------------------------------------------------------------------- traces
@@ -433,7 +438,7 @@ def _pad(a_xK: np.ndarray, K: int) -> np.ndarray:
 
 
 def layer_requests(trace: RoutingTrace, seq_idx: list[int] | None = None) -> list[np.ndarray]:
-    """One request stream per layer, requests_NK with the sequences concatenated in order."""
+    """One request stream per layer, requests_QK with the sequences concatenated in order."""
     seqs = [trace.seqs[i] for i in (range(len(trace.seqs)) if seq_idx is None else seq_idx)]
     K = max(s.shape[2] for s in seqs)
     return [np.concatenate([_pad(s[layer], K) for s in seqs]) for layer in range(trace.num_layers)]
@@ -455,7 +460,7 @@ def model_requests(trace: RoutingTrace, seq_idx: list[int] | None = None, per_to
 
 def simulate_trace(trace: RoutingTrace, simulator: Callable[..., CacheResult], C: int, *,
                    shared: bool = False, reset_per_sequence: bool = False, **kwargs) -> CacheResult:
-    """Run `simulator(requests_NK, C, **kwargs)` on a trace and sum the results.
+    """Run `simulator(requests_QK, C, **kwargs)` on a trace and sum the results.
 
     shared=False: one cache of C experts per layer. shared=True: one cache of C experts for the
     whole model. By default the cache persists from one sequence to the next (a server handling

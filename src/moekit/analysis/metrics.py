@@ -1,19 +1,17 @@
 """Routing-trace metrics in pure numpy: load balance, experts per token, domain
 divergence, segment routing locality (SRP), cross-layer affinity and skew.
 
-Every definition follows /work/shared/design/offload.md; docs/analysis-metrics.md
-restates them with the conventions chosen here.
+Definitions, with the paper each comes from: docs/analysis-metrics.md. The trace itself:
+moekit.analysis.routing_trace.
 
-Legend of shape suffixes:
+Legend (the analysis letters of moekit.analysis):
   L  MoE layers             T  tokens of one sequence
   K  expert slots per token (K_max of the padded view; -1 marks an empty slot)
   E  experts per layer      C  cache capacity in experts
-  S  sequences              D  domains
-  B  bootstrap replicates   U  scoring units (1, or E for unit="expert")
-
-A routing trace is a list of sequences, each an int array `experts_LTK` holding the
-*executed* expert ids per layer and token, padded with -1 where a dynamic router
-used fewer than K_max experts. Sequences may differ in T (and in K_max).
+  S  sequences              G  domains
+  R  bootstrap replicates   U  scoring units (1, or E for unit="expert")
+  V  window counts 0..n     J  layer pairs (l, l + d)
+  W  distinct expert sets of a source layer (affinity prediction)
 """
 
 from __future__ import annotations
@@ -24,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moekit.analysis.routing_trace import RoutingTrace  # also importable from here, where it used to live
+
 __all__ = [
     "LoadStats", "RoutingTrace", "affinity", "affinity_prefetch_recall", "coefficient_of_variation", "domain_distributions",
     "domain_divergence", "entropy", "expert_counts", "experts_per_token", "experts_per_token_by_domain",
@@ -33,132 +33,6 @@ __all__ = [
 ]
 
 _UNITS = ("layer", "model", "expert")
-
-
-# ----------------------------------------------------------------------------- trace
-
-
-@dataclass
-class RoutingTrace:
-    """Executed routing of several sequences.
-
-    seqs: one int array `experts_LTK` (L, T, K_max) per sequence; -1 pads empty slots.
-    num_experts: E, experts per layer (ids lie in 0..E-1).
-    domains: optional domain label per sequence.
-    weights: optional combine weights, one float array per sequence shaped like its `seqs`
-        entry (0 in padded slots).
-    prefetch: optional router-based predictions {d: per-sequence `predicted_LTJ`} (L and T as the
-        sequence's experts, any width J): for layer l >= d, the experts layer l's router picks from
-        the input of layer l - d (moekit.routers.predict), -1 = empty slot. A layer has predictions
-        at distance d iff some token there has one (none for l < d or a recurrent router).
-    layer_names: optional module name of each MoE layer.
-    meta: free-form JSON-serialisable description (model, router, corpus, ...).
-    """
-
-    seqs: list[np.ndarray]
-    num_experts: int
-    domains: list[str] | None = None
-    weights: list[np.ndarray] | None = None
-    prefetch: dict[int, list[np.ndarray]] | None = None
-    layer_names: list[str] | None = None
-    meta: dict | None = None
-
-    def __post_init__(self) -> None:
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
-        if not self.seqs:
-            raise ValueError("a RoutingTrace needs at least one sequence")
-        seqs = [np.asarray(s) for s in self.seqs]
-        L = seqs[0].shape[0] if seqs[0].ndim == 3 else -1
-        for i, s in enumerate(seqs):
-            if s.ndim != 3 or s.shape[0] != L:
-                raise ValueError(f"sequence {i}: expected experts_LTK of shape ({L}, T, K_max), got {s.shape}")
-            if not np.issubdtype(s.dtype, np.integer):
-                raise ValueError(f"sequence {i}: expert ids must be integers, got dtype {s.dtype}")
-            _check_ids(s, self.num_experts, f"sequence {i}")
-        self.seqs = [s.astype(np.int64, copy=False) for s in seqs]
-        if self.domains is not None:
-            self.domains = [str(d) for d in self.domains]
-            if len(self.domains) != len(self.seqs):
-                raise ValueError(f"domains has {len(self.domains)} labels for {len(self.seqs)} sequences")
-        if self.weights is not None:
-            self.weights = [np.asarray(w, dtype=np.float32) for w in self.weights]
-            self._check_parallel(self.weights, "weights")
-        if self.prefetch is not None:
-            self.prefetch = {int(d): [np.asarray(p).astype(np.int64, copy=False) for p in preds]
-                             for d, preds in self.prefetch.items()}
-            for d, preds in self.prefetch.items():
-                if d < 1:
-                    raise ValueError(f"prefetch distance must be >= 1, got {d}")
-                if len(preds) != len(self.seqs):
-                    raise ValueError(f"prefetch[{d}] has {len(preds)} arrays for {len(self.seqs)} sequences")
-                for i, (p, s) in enumerate(zip(preds, self.seqs, strict=True)):
-                    if p.ndim != 3 or p.shape[:2] != s.shape[:2]:
-                        raise ValueError(f"prefetch[{d}] of sequence {i} has shape {p.shape}, expected "
-                                         f"({s.shape[0]}, {s.shape[1]}, J) (its layers and tokens)")
-                    _check_ids(p, self.num_experts, f"prefetch[{d}] of sequence {i}")
-        if self.layer_names is not None:
-            self.layer_names = [str(n) for n in self.layer_names]
-            if len(self.layer_names) != L:
-                raise ValueError(f"layer_names has {len(self.layer_names)} names for {L} layers")
-
-    def _check_parallel(self, arrays: list[np.ndarray], what: str) -> None:
-        if len(arrays) != len(self.seqs):
-            raise ValueError(f"{what} has {len(arrays)} arrays for {len(self.seqs)} sequences")
-        for i, (a, s) in enumerate(zip(arrays, self.seqs, strict=True)):
-            if a.shape != s.shape:
-                raise ValueError(f"{what} of sequence {i} has shape {a.shape}, expected {s.shape} (its experts)")
-
-    @classmethod
-    def from_layer(cls, seqs_TK: Sequence[np.ndarray], num_experts: int,
-                   domains: Sequence[str] | None = None) -> RoutingTrace:
-        """A one-layer trace from per-sequence `experts_TK` arrays."""
-        return cls([np.asarray(s)[None] for s in seqs_TK], num_experts, None if domains is None else list(domains))
-
-    @property
-    def num_layers(self) -> int:
-        return self.seqs[0].shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.shape[1] for s in self.seqs)
-
-    @property
-    def k_max(self) -> int:
-        """Most experts any token uses at any layer."""
-        return max(int((s >= 0).sum(axis=2).max()) if s.size else 0 for s in self.seqs)
-
-    def subset(self, idx: Sequence[int]) -> RoutingTrace:
-        """The trace restricted to the sequences `idx` (repeats allowed, e.g. for a bootstrap)."""
-        idx = list(idx)
-        doms = None if self.domains is None else [self.domains[i] for i in idx]
-        w = None if self.weights is None else [self.weights[i] for i in idx]
-        pf = None if self.prefetch is None else {d: [p[i] for i in idx] for d, p in self.prefetch.items()}
-        return RoutingTrace([self.seqs[i] for i in idx], self.num_experts, doms, w, pf, self.layer_names, self.meta)
-
-    def stacked(self) -> np.ndarray:
-        """experts_LTK of all sequences concatenated along T (padded to the global K_max)."""
-        K = max(s.shape[2] for s in self.seqs)
-        return np.concatenate([_pad_last(s, K) for s in self.seqs], axis=1)
-
-
-def _pad_last(a_xK: np.ndarray, K: int) -> np.ndarray:
-    if a_xK.shape[-1] == K:
-        return a_xK
-    pad = np.full((*a_xK.shape[:-1], K - a_xK.shape[-1]), -1, dtype=a_xK.dtype)
-    return np.concatenate([a_xK, pad], axis=-1)
-
-
-def _check_ids(experts_xK: np.ndarray, E: int, what: str) -> None:
-    """Ids must lie in -1..E-1 and a token may not list the same expert twice."""
-    if experts_xK.size == 0:
-        return
-    lo, hi = int(experts_xK.min()), int(experts_xK.max())
-    if lo < -1 or hi >= E:
-        raise ValueError(f"{what}: expert ids must lie in 0..{E - 1} (or -1 for padding), found {lo}..{hi}")
-    srt = np.sort(experts_xK, axis=-1)
-    if np.any((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)):
-        raise ValueError(f"{what}: a token lists the same expert twice")
 
 
 def _onehot_ET(experts_TK: np.ndarray, E: int) -> np.ndarray:
@@ -333,14 +207,14 @@ def domain_distributions(trace: RoutingTrace) -> dict[str, np.ndarray]:
 
 
 def domain_divergence(trace: RoutingTrace) -> tuple[list[str], np.ndarray]:
-    """(domains, js_DDL): Jensen-Shannon divergence (nats) between the per-layer expert
+    """(domains, js_GGL): Jensen-Shannon divergence (nats) between the per-layer expert
     distributions of every pair of domains; symmetric, 0 on the diagonal, ln 2 for disjoint experts."""
     dist = domain_distributions(trace)
     names = sorted(dist)
-    D, L = len(names), trace.num_layers
-    js = np.zeros((D, D, L))
-    for a in range(D):
-        for b in range(a + 1, D):
+    G, L = len(names), trace.num_layers
+    js = np.zeros((G, G, L))
+    for a in range(G):
+        for b in range(a + 1, G):
             for layer in range(L):
                 js[a, b, layer] = js[b, a, layer] = js_divergence(dist[names[a]][layer], dist[names[b]][layer])
     return names, js
@@ -362,7 +236,7 @@ def _window_hist(experts_TK: np.ndarray, E: int, n: int) -> np.ndarray:
         return np.zeros((E, n + 1), dtype=np.int64)
     cs_ET = np.zeros((E, T + 1), dtype=np.int32)
     np.cumsum(_onehot_ET(experts_TK, E), axis=1, out=cs_ET[:, 1:])
-    c_EW = cs_ET[:, n:] - cs_ET[:, :-n]  # c[s, e] of offload.md, one column per window s
+    c_EW = cs_ET[:, n:] - cs_ET[:, :-n]  # c[s, e] of docs/analysis-metrics.md (SRP), one column per window s
     # Offset by expert so one bincount yields every expert's histogram.
     c_EW += (np.arange(E, dtype=np.int32) * (n + 1))[:, None]
     return np.bincount(c_EW.ravel(), minlength=E * (n + 1)).reshape(E, n + 1)
@@ -428,36 +302,36 @@ def srp_bootstrap(trace: RoutingTrace, n: int, unit: str = "layer", n_boot: int 
 
     Each replicate resamples the sequences with replacement and recomputes SRP from the
     resampled counts (sum counts first, then max over tau), shapes as in `srp`. Memory grows
-    with S * U * (n+1) per layer plus B * L * U * (n+1): unit='expert' with large n is the
+    with S * U * (n+1) per layer plus R * L * U * (n+1): unit='expert' with large n is the
     costly case.
     """
     _check_unit(unit, n)
     S = len(trace.seqs)
     rng = np.random.default_rng(seed)
     # Multiplicity of each sequence in each replicate: resampling = weighted sum of per-sequence counts.
-    w_BS = rng.multinomial(S, np.full(S, 1.0 / S), size=n_boot).astype(np.float64)
+    w_RS = rng.multinomial(S, np.full(S, 1.0 / S), size=n_boot).astype(np.float64)
     value, boot = [], []
     for layer in range(trace.num_layers):
         h_SUV = _per_sequence_hists(trace, n, layer, unit).astype(np.float64)
         value.append(h_SUV.sum(axis=0))
-        boot.append((w_BS @ h_SUV.reshape(S, -1)).reshape(n_boot, *h_SUV.shape[1:]))
-    value_LUV, boot_BLUV = np.stack(value), np.stack(boot, axis=1)
+        boot.append((w_RS @ h_SUV.reshape(S, -1)).reshape(n_boot, *h_SUV.shape[1:]))
+    value_LUV, boot_RLUV = np.stack(value), np.stack(boot, axis=1)
     if unit == "model":
         point = float(_srp_from_hist(value_LUV.sum(axis=(0, 1)), n))
-        lo, hi = _interval(_srp_from_hist(boot_BLUV.sum(axis=(1, 2)), n))
+        lo, hi = _interval(_srp_from_hist(boot_RLUV.sum(axis=(1, 2)), n))
         return point, float(lo), float(hi)
     point = _srp_from_hist(value_LUV, n)
-    lo, hi = _interval(_srp_from_hist(boot_BLUV, n))
+    lo, hi = _interval(_srp_from_hist(boot_RLUV, n))
     if unit == "layer":
         return point[:, 0], lo[:, 0], hi[:, 0]
     return point, lo, hi
 
 
-def _interval(reps_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _interval(reps_R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """2.5 and 97.5 percentiles over the replicate axis, nan where every replicate is nan."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-nan units are expected (unused experts)
-        lo, hi = np.nanpercentile(reps_B, [2.5, 97.5], axis=0)
+        lo, hi = np.nanpercentile(reps_R, [2.5, 97.5], axis=0)
     return lo, hi
 
 
@@ -515,16 +389,16 @@ def _affinity_hits(A_EE: np.ndarray, src_TK: np.ndarray, dst_TK: np.ndarray) -> 
     K = src_sorted.shape[1]
     if K * np.log2(E + 1) < 62:  # one int64 key per set: digits id+1 in base E+1 (a 1-d unique is fast)
         key_T = ((src_sorted + 1) * (E + 1) ** np.arange(K, dtype=np.int64)).sum(axis=1)
-        _, first_U, inv_T = np.unique(key_T, return_index=True, return_inverse=True)
-        uniq_UK = src_sorted[first_U]
+        _, first_W, inv_T = np.unique(key_T, return_index=True, return_inverse=True)
+        uniq_WK = src_sorted[first_W]
     else:
-        uniq_UK, inv_T = np.unique(src_sorted, axis=0, return_inverse=True)
+        uniq_WK, inv_T = np.unique(src_sorted, axis=0, return_inverse=True)
     inv_T = inv_T.reshape(-1)
-    scores_UE = np.where((uniq_UK >= 0)[:, :, None], A_EE[np.maximum(uniq_UK, 0)], 0.0).sum(axis=1)
-    order_UE = np.argsort(-scores_UE, axis=1, kind="stable")  # stable: equal scores keep id order
-    rank_UE = np.empty_like(order_UE)
-    np.put_along_axis(rank_UE, order_UE, np.arange(E)[None, :].repeat(len(uniq_UK), 0), axis=1)
-    rank_TK = rank_UE[inv_T[:, None], np.maximum(dst_TK, 0)]
+    scores_WE = np.where((uniq_WK >= 0)[:, :, None], A_EE[np.maximum(uniq_WK, 0)], 0.0).sum(axis=1)
+    order_WE = np.argsort(-scores_WE, axis=1, kind="stable")  # stable: equal scores keep id order
+    rank_WE = np.empty_like(order_WE)
+    np.put_along_axis(rank_WE, order_WE, np.arange(E)[None, :].repeat(len(uniq_WK), 0), axis=1)
+    rank_TK = rank_WE[inv_T[:, None], np.maximum(dst_TK, 0)]
     return int((ok_TK & (rank_TK < k_T[:, None])).sum()), int(k_T.sum())
 
 
@@ -572,7 +446,7 @@ def _gate_prefetch_counts(trace: RoutingTrace) -> dict[int, tuple[np.ndarray, ..
         for s, p in zip(trace.seqs, preds, strict=True):
             ok_LTK = s >= 0
             has |= (p >= 0).any(axis=(1, 2))
-            # executed_LTK vs predicted_LTJ: is each executed expert among the token's predictions?
+            # executed_LTK vs predicted_LTK: is each executed expert among the token's predictions?
             found_LTK = ((s[:, :, :, None] == p[:, :, None, :]) & ok_LTK[..., None]).any(axis=3)
             hits += found_LTK.sum(axis=(1, 2))
             reqs += ok_LTK.sum(axis=(1, 2))

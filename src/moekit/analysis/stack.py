@@ -7,9 +7,9 @@ techniques for storage hierarchies", IBM Systems Journal 1970) showed that such 
 ordered stack holds every capacity at once (cache_C = stack[:C]) and a request at stack
 position p hits exactly for C > p. One pass gives the hit counts for every C <= C_max.
 
-Legend of shape suffixes:
-  R  rows: (policy, stream) pairs simulated side by side   D  stack depth (C_max)
-  N  steps   K  expert slots per step (-1 = empty)   E  expert ids of a stream
+Legend (the analysis letters of moekit.analysis):
+  Z  rows: (policy, stream) pairs simulated side by side   C  stack depth (C_max positions)
+  Q  steps   K  expert slots per step (-1 = empty)   E  expert ids of a stream
   P  policies   L  streams (one per layer)
 
 Update of one request x (keys: larger = kept longer). Let U = [x] + stack. For every C below
@@ -73,12 +73,12 @@ _NEG = np.iinfo(np.int64).min  # key of an empty stack entry: below every real k
 _CHUNK = 2048  # steps whose per-step inputs are prepared at once (bounds memory)
 
 
-def _next_step_LNK(req_LNK: np.ndarray) -> np.ndarray:
-    """Step of the next request of the same expert in the same stream (N if none)."""
-    L, N, K = req_LNK.shape
-    nxt = np.full(req_LNK.shape, N, dtype=np.int64)
+def _next_step_LQK(req_LQK: np.ndarray) -> np.ndarray:
+    """Step of the next request of the same expert in the same stream (Q if none)."""
+    L, Q, K = req_LQK.shape
+    nxt = np.full(req_LQK.shape, Q, dtype=np.int64)
     for layer in range(L):
-        ids = req_LNK[layer].ravel()
+        ids = req_LQK[layer].ravel()
         pos = np.nonzero(ids >= 0)[0]
         order = pos[np.argsort(ids[pos], kind="stable")]  # per expert, requests in step order
         same = ids[order[1:]] == ids[order[:-1]]
@@ -86,12 +86,12 @@ def _next_step_LNK(req_LNK: np.ndarray) -> np.ndarray:
     return nxt
 
 
-def _use_count_LNK(req_LNK: np.ndarray) -> np.ndarray:
+def _use_count_LQK(req_LQK: np.ndarray) -> np.ndarray:
     """How many times the request's expert has been requested so far, this request included."""
-    L, N, K = req_LNK.shape
-    out = np.zeros(req_LNK.shape, dtype=np.int64)
+    L, Q, K = req_LQK.shape
+    out = np.zeros(req_LQK.shape, dtype=np.int64)
     for layer in range(L):
-        ids = req_LNK[layer].ravel()
+        ids = req_LQK[layer].ravel()
         pos = np.nonzero(ids >= 0)[0]
         order = pos[np.argsort(ids[pos], kind="stable")]
         sorted_ids = ids[order]
@@ -101,36 +101,36 @@ def _use_count_LNK(req_LNK: np.ndarray) -> np.ndarray:
     return out
 
 
-def _window_uses_LNK(req_LNK: np.ndarray, num_ids: int, lookahead: int) -> np.ndarray:
+def _window_uses_LQK(req_LQK: np.ndarray, num_ids: int, lookahead: int) -> np.ndarray:
     """Uses of the request's expert in the next `lookahead` steps (SCH's eviction count)."""
-    L, N, K = req_LNK.shape
-    out = np.zeros(req_LNK.shape, dtype=np.int64)
+    L, Q, K = req_LQK.shape
+    out = np.zeros(req_LQK.shape, dtype=np.int64)
     for layer in range(L):
-        r = req_LNK[layer]
+        r = req_LQK[layer]
         ok = r >= 0
-        cs_NE = np.zeros((N + 1, num_ids + 1), dtype=np.int32)
+        cs_QE = np.zeros((Q + 1, num_ids + 1), dtype=np.int32)
         t_idx = np.nonzero(ok)[0]
-        np.add.at(cs_NE, (t_idx + 1, r[ok]), 1)
-        np.cumsum(cs_NE, axis=0, out=cs_NE)
-        hi = np.minimum(np.arange(N) + 1 + lookahead, N)  # steps t+1 .. t+lookahead
+        np.add.at(cs_QE, (t_idx + 1, r[ok]), 1)
+        np.cumsum(cs_QE, axis=0, out=cs_QE)
+        hi = np.minimum(np.arange(Q) + 1 + lookahead, Q)  # steps t+1 .. t+lookahead
         x = np.where(ok, r, num_ids)
-        out[layer] = cs_NE[hi[:, None], x] - cs_NE[np.arange(N)[:, None] + 1, x]
+        out[layer] = cs_QE[hi[:, None], x] - cs_QE[np.arange(Q)[:, None] + 1, x]
     return out
 
 
-def stack_hit_curves(req_LNK: np.ndarray, num_ids: int, C_max: int,
+def stack_hit_curves(req_LQK: np.ndarray, num_ids: int, C_max: int,
                      policies: Sequence[tuple[str, int]]) -> StackCurves:
     """Hits of every capacity 1..C_max for every (policy, n) on L parallel request streams.
 
-    req_LNK: L streams of N steps (the per-layer streams of a trace share their token steps),
+    req_LQK: L streams of Q steps (the per-layer streams of a trace share their token steps),
     expert ids in 0..num_ids-1, -1 = empty slot; a step must not repeat an expert.
     policies: (name, n) pairs, name in POLICIES; n is the segment length of SCH and SCH-keep (ignored
     otherwise; their look-ahead covers the next n-1 steps). Returns StackCurves with labels "lru",
     "lfu", "sch{n}", "sch_keep{n}", "set_min", "bypass_min" in the order given. Steps are tokens.
     """
-    req_LNK = np.asarray(req_LNK, dtype=np.int64)
-    if req_LNK.ndim != 3:
-        raise ValueError(f"req_LNK must have shape (streams, steps, K_max), got {req_LNK.shape}")
+    req_LQK = np.asarray(req_LQK, dtype=np.int64)
+    if req_LQK.ndim != 3:
+        raise ValueError(f"req_LQK must have shape (streams, steps, K_max), got {req_LQK.shape}")
     for name, n in policies:
         if name not in POLICIES:
             raise ValueError(f"unknown policy {name!r}; stack policies are {POLICIES}")
@@ -138,115 +138,115 @@ def stack_hit_curves(req_LNK: np.ndarray, num_ids: int, C_max: int,
             raise ValueError(f"SCH segment length n must be >= 1, got {n}")
     if C_max < 1:
         raise ValueError(f"C_max must be >= 1, got {C_max}")
-    L, N, K = req_LNK.shape
-    P, E, D = len(policies), num_ids, C_max
-    R = P * L
+    L, Q, K = req_LQK.shape
+    P, E = len(policies), num_ids
+    Z = P * L
     labels = [f"{name}{n}" if name in ("sch", "sch_keep") else name for name, n in policies]
-    valid_LNK = req_LNK >= 0
-    requests_L = valid_LNK.sum(axis=(1, 2))
-    distinct_L = np.array([np.unique(req_LNK[layer][valid_LNK[layer]]).size for layer in range(L)])
-    k_max_L = valid_LNK.sum(axis=2).max(axis=1) if N * K else np.zeros(L, dtype=np.int64)
+    valid_LQK = req_LQK >= 0
+    requests_L = valid_LQK.sum(axis=(1, 2))
+    distinct_L = np.array([np.unique(req_LQK[layer][valid_LQK[layer]]).size for layer in range(L)])
+    k_max_L = valid_LQK.sum(axis=2).max(axis=1) if Q * K else np.zeros(L, dtype=np.int64)
     demand_P = np.array([name not in ("bypass_min", "sch") for name, _ in policies])  # need C >= K_max
-    if N == 0 or K == 0:
-        return StackCurves(labels, _mask_small(np.zeros((P, L, D)), demand_P, k_max_L), requests_L,
+    if Q == 0 or K == 0:
+        return StackCurves(labels, _mask_small(np.zeros((P, L, C_max)), demand_P, k_max_L), requests_L,
                            distinct_L, k_max_L)
 
     # Keys: larger = kept longer; hi * B + lo with lo = the request's recency index t*K + slot.
-    B = N * K + 1
-    top = N + 1  # hi of the step's protected experts: above any count, window or -next use
-    rec_LNK = np.broadcast_to(np.arange(N)[:, None] * K + np.arange(K), req_LNK.shape)
-    min_key_LNK = (-(_next_step_LNK(req_LNK) * B + rec_LNK)
+    B = Q * K + 1
+    top = Q + 1  # hi of the step's protected experts: above any count, window or -next use
+    rec_LQK = np.broadcast_to(np.arange(Q)[:, None] * K + np.arange(K), req_LQK.shape)
+    min_key_LQK = (-(_next_step_LQK(req_LQK) * B + rec_LQK)
                    if any(name.endswith("min") for name, _ in policies) else None)
-    protected_LNK = top * B + rec_LNK
+    protected_LQK = top * B + rec_LQK
     post, pre, sch = [], [], []  # per policy: key after the step, key during it (shared arrays, not copies)
     for name, n in policies:
         if name == "lru":
-            after = rec_LNK
+            after = rec_LQK
         elif name == "lfu":
-            after = _use_count_LNK(req_LNK) * B + rec_LNK
+            after = _use_count_LQK(req_LQK) * B + rec_LQK
         elif name in ("sch", "sch_keep"):
-            after = _window_uses_LNK(req_LNK, E, n - 1) * B + rec_LNK
+            after = _window_uses_LQK(req_LQK, E, n - 1) * B + rec_LQK
         else:
-            after = min_key_LNK
+            after = min_key_LQK
         post.append(after)
-        pre.append(after if name == "bypass_min" else protected_LNK)
+        pre.append(after if name == "bypass_min" else protected_LQK)
         sch.append(name in ("sch", "sch_keep") and n > 1)
     sch_P = np.array(sch)
     # Rows of the paper's SCH: only the request being inserted is protected (see the module doc).
-    lrc_R = np.repeat(np.array([name == "sch" for name, _ in policies]), L)
-    lrc = bool(lrc_R.any())
+    lrc_Z = np.repeat(np.array([name == "sch" for name, _ in policies]), L)
+    lrc = bool(lrc_Z.any())
     n_P = np.array([n for _, n in policies])
 
-    # State: plane 0 of SK_2DR holds the stack (ids, E = empty), plane 1 the keys of its entries.
+    # State: plane 0 of SK_2CZ holds the stack (ids, E = empty), plane 1 the keys of its entries.
     # Empty entries have the lowest key, so the running minimum stops at the first empty slot.
     W = E + 2  # key table columns: ids, E = empty (lowest key, never written), E + 1 = write sink
-    key_flat = np.zeros(R * W, dtype=np.int64)
-    off_R = np.arange(R) * W
-    key_flat[off_R + E] = _NEG
-    SK_2DR = np.empty((2, D, R), dtype=np.int64)
-    SK_2DR[0], SK_2DR[1] = E, _NEG
+    key_flat = np.zeros(Z * W, dtype=np.int64)
+    off_Z = np.arange(Z) * W
+    key_flat[off_Z + E] = _NEG
+    SK_2CZ = np.empty((2, C_max, Z), dtype=np.int64)
+    SK_2CZ[0], SK_2CZ[1] = E, _NEG
     fill_211 = np.array([E, _NEG], dtype=np.int64)[:, None, None]
-    pos_NKR = np.empty((N, K, R), dtype=np.int16)  # stack position of each request before its step
-    j_D1 = np.arange(D + 1)[:, None]
-    flat_base_DR = np.arange(D)[:, None] * 0 + np.arange(R)  # column offsets within a (D+1, R) plane
+    pos_QKZ = np.empty((Q, K, Z), dtype=np.int16)  # stack position of each request before its step
+    j_C1 = np.arange(C_max + 1)[:, None]
+    flat_base_CZ = np.arange(C_max)[:, None] * 0 + np.arange(Z)  # column offsets within a (C_max+1, Z) plane
     sch_p = [p for p in range(P) if sch_P[p]]
 
-    for c0 in range(0, N, _CHUNK):
-        c1 = min(N, c0 + _CHUNK)
-        # Per-step inputs, (steps, K, R) with policy-major rows; invalid slots read the empty
+    for c0 in range(0, Q, _CHUNK):
+        c1 = min(Q, c0 + _CHUNK)
+        # Per-step inputs, (steps, K, Z) with policy-major rows; invalid slots read the empty
         # column (lowest key) and write to the sink column.
-        x_TKR = np.tile(np.where(valid_LNK[:, c0:c1], req_LNK[:, c0:c1], E).transpose(1, 2, 0), (1, 1, P))
-        ok_TKR = x_TKR < E
-        write_TKR = np.where(ok_TKR, x_TKR, E + 1) + off_R
-        pre_TKR = np.stack([a[:, c0:c1] for a in pre]).transpose(2, 3, 0, 1).reshape(c1 - c0, K, R)
-        post_TKR = np.stack([a[:, c0:c1] for a in post]).transpose(2, 3, 0, 1).reshape(c1 - c0, K, R)
-        top_TK21R = np.stack([x_TKR, np.where(ok_TKR, pre_TKR, _NEG)], axis=2)[:, :, :, None, :]
+        x_TKZ = np.tile(np.where(valid_LQK[:, c0:c1], req_LQK[:, c0:c1], E).transpose(1, 2, 0), (1, 1, P))
+        ok_TKZ = x_TKZ < E
+        write_TKZ = np.where(ok_TKZ, x_TKZ, E + 1) + off_Z
+        pre_TKZ = np.stack([a[:, c0:c1] for a in pre]).transpose(2, 3, 0, 1).reshape(c1 - c0, K, Z)
+        post_TKZ = np.stack([a[:, c0:c1] for a in post]).transpose(2, 3, 0, 1).reshape(c1 - c0, K, Z)
+        top_TK21Z = np.stack([x_TKZ, np.where(ok_TKZ, pre_TKZ, _NEG)], axis=2)[:, :, :, None, :]
         if sch_p:
             # The window slides from (t, t+n-1] to (t+1, t+n] after step t: step t+1 leaves it,
             # step t+n enters it.
-            ext = np.where(valid_LNK, req_LNK, E + 1)
+            ext = np.where(valid_LQK, req_LQK, E + 1)
             leave, enter = [], []
             for p in sch_p:
                 steps = np.arange(c0, c1)
-                lv = np.where((steps + 1 < N)[:, None, None], ext[:, np.minimum(steps + 1, N - 1)].transpose(1, 2, 0), E + 1)
-                en = np.where((steps + n_P[p] < N)[:, None, None],
-                              ext[:, np.minimum(steps + n_P[p], N - 1)].transpose(1, 2, 0), E + 1)
-                leave.append(lv + off_R[p * L:(p + 1) * L])
-                enter.append(en + off_R[p * L:(p + 1) * L])
+                lv = np.where((steps + 1 < Q)[:, None, None], ext[:, np.minimum(steps + 1, Q - 1)].transpose(1, 2, 0), E + 1)
+                en = np.where((steps + n_P[p] < Q)[:, None, None],
+                              ext[:, np.minimum(steps + n_P[p], Q - 1)].transpose(1, 2, 0), E + 1)
+                leave.append(lv + off_Z[p * L:(p + 1) * L])
+                enter.append(en + off_Z[p * L:(p + 1) * L])
             leave_TX = np.concatenate(leave, axis=2).reshape(c1 - c0, -1)
             enter_TX = np.concatenate(enter, axis=2).reshape(c1 - c0, -1)
         for i in range(c1 - c0):
             t = c0 + i
-            x_KR = x_TKR[i]
+            x_KZ = x_TKZ[i]
             if lrc:
                 # Pending experts of the step count this step's use: their key + one window use.
-                pending_KR = key_flat[write_TKR[i]] + B
-            key_flat[write_TKR[i]] = pre_TKR[i]
+                pending_KZ = key_flat[write_TKZ[i]] + B
+            key_flat[write_TKZ[i]] = pre_TKZ[i]
             if lrc:
-                key_flat[write_TKR[i][:, lrc_R]] = pending_KR[:, lrc_R]
-            stack_DR = SK_2DR[0]
-            SK_2DR[1] = key_flat[stack_DR + off_R]
-            eq_KDR = stack_DR[None] == x_KR[:, None, :]
-            pos_NKR[t] = np.where(eq_KDR.any(axis=1) & ok_TKR[i], eq_KDR.argmax(axis=1), D)
+                key_flat[write_TKZ[i][:, lrc_Z]] = pending_KZ[:, lrc_Z]
+            stack_CZ = SK_2CZ[0]
+            SK_2CZ[1] = key_flat[stack_CZ + off_Z]
+            eq_KCZ = stack_CZ[None] == x_KZ[:, None, :]
+            pos_QKZ[t] = np.where(eq_KCZ.any(axis=1) & ok_TKZ[i], eq_KCZ.argmax(axis=1), C_max)
             for j in range(K):
                 # Remove x's old entry (it becomes an empty slot), put x on top, sink running minima.
-                eq_DR = eq_KDR[j] if j == 0 else SK_2DR[0] == x_KR[j]
-                UK_2D1R = np.concatenate([top_TK21R[i, j], np.where(eq_DR, fill_211, SK_2DR)], axis=1)
-                key_D1R = UK_2D1R[1]
-                newmin_D1R = key_D1R == np.minimum.accumulate(key_D1R, axis=0)
-                arg_D1R = np.maximum.accumulate(np.where(newmin_D1R, j_D1, 0), axis=0)
-                idx_DR = np.where(newmin_D1R[1:], arg_D1R[:-1], j_D1[1:])
-                SK_2DR = UK_2D1R.reshape(2, -1).take(idx_DR * R + flat_base_DR, axis=1).reshape(2, D, R)
+                eq_CZ = eq_KCZ[j] if j == 0 else SK_2CZ[0] == x_KZ[j]
+                UK_2C1Z = np.concatenate([top_TK21Z[i, j], np.where(eq_CZ, fill_211, SK_2CZ)], axis=1)
+                key_C1Z = UK_2C1Z[1]
+                newmin_C1Z = key_C1Z == np.minimum.accumulate(key_C1Z, axis=0)
+                arg_C1Z = np.maximum.accumulate(np.where(newmin_C1Z, j_C1, 0), axis=0)
+                idx_CZ = np.where(newmin_C1Z[1:], arg_C1Z[:-1], j_C1[1:])
+                SK_2CZ = UK_2C1Z.reshape(2, -1).take(idx_CZ * Z + flat_base_CZ, axis=1).reshape(2, C_max, Z)
                 if lrc:  # x, now on top, takes its true key: later experts of the step may evict it
-                    SK_2DR[1, 0] = np.where(lrc_R & ok_TKR[i, j], post_TKR[i, j], SK_2DR[1, 0])
-            key_flat[write_TKR[i]] = post_TKR[i]
+                    SK_2CZ[1, 0] = np.where(lrc_Z & ok_TKZ[i, j], post_TKZ[i, j], SK_2CZ[1, 0])
+            key_flat[write_TKZ[i]] = post_TKZ[i]
             if sch_p:
                 key_flat[leave_TX[i]] -= B
                 key_flat[enter_TX[i]] += B
 
-    pos_RX = pos_NKR.transpose(2, 0, 1).reshape(R, -1).astype(np.int64)
-    counts_RD = np.stack([np.bincount(row[row < D], minlength=D) for row in pos_RX]) if R else np.zeros((0, D))
-    hits_PLC = np.cumsum(counts_RD, axis=1).astype(np.float64).reshape(P, L, D)  # hit at C iff position < C
+    pos_ZX = pos_QKZ.transpose(2, 0, 1).reshape(Z, -1).astype(np.int64)
+    counts_ZC = np.stack([np.bincount(row[row < C_max], minlength=C_max) for row in pos_ZX]) if Z else np.zeros((0, C_max))
+    hits_PLC = np.cumsum(counts_ZC, axis=1).astype(np.float64).reshape(P, L, C_max)  # hit at C iff position < C
     return StackCurves(labels, _mask_small(hits_PLC, demand_P, k_max_L), requests_L, distinct_L, k_max_L)
 
 

@@ -17,8 +17,8 @@ Stages, per forward of a batch:
     rec.save("routing.trace")            # or rec.to_trace() -> RoutingTrace
 
 `record_trace(model, batches)` runs this loop over TokenBatch items in eval mode, no_grad.
-Legend: B sequences in a batch, T tokens, D model dim, E experts, K experts per token (padded),
-J predicted experts per token (padded).
+Legend: B sequences in a batch, T tokens, D model dim, E experts, K experts per token (executed or
+predicted; padded with -1), A the batch's non-padding tokens.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from moekit.analysis.metrics import RoutingTrace
+from moekit.analysis.routing_trace import RoutingTrace
 from moekit.analysis.tracefile import save_trace
-from moekit.layers.moe import MoELayer
+from moekit.layers.moe import MoELayer, moe_layer_names, moe_layers
 from moekit.routers.predict import can_predict, predict_experts
 
 __all__ = ["TokenBatch", "TraceRecorder", "corpus_batches", "record_trace"]
@@ -54,7 +54,7 @@ class _LayerCall:
     ids_BTK: np.ndarray
     weights_BTK: np.ndarray
     valid_BT: np.ndarray
-    preds: dict[int, np.ndarray]  # distance -> predicted_BTJ
+    preds: dict[int, np.ndarray]  # distance -> predicted_BTK
 
 
 class TraceRecorder:
@@ -67,13 +67,13 @@ class TraceRecorder:
     """
 
     def __init__(self, model: nn.Module, gate_lookahead: int = 3):
-        named = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
-        if not named:
+        layers = moe_layers(model)
+        if not layers:
             raise ValueError(f"TraceRecorder: {type(model).__name__} contains no moekit MoELayer to record")
         if gate_lookahead < 0:
             raise ValueError(f"gate_lookahead must be >= 0, got {gate_lookahead}")
-        self.layer_names = [name or type(m).__name__ for name, m in named]
-        self.layers = [m for _, m in named]
+        self.layer_names = moe_layer_names(model)
+        self.layers = layers
         experts = {m.cfg.num_experts for m in self.layers}
         if len(experts) != 1:
             raise ValueError(f"TraceRecorder: MoE layers have different expert counts {sorted(experts)}; "
@@ -145,10 +145,10 @@ class TraceRecorder:
                     raise RuntimeError(f"TraceRecorder: MoE layer {i - d} did not run before layer {i}; the gate "
                                        f"look-ahead needs the layers to run in module order (use gate_lookahead=0)")
                 # Only real tokens are routed, as the layer routes them (expert choice picks among them).
-                pred_VJ = predict_experts(module.router, src_TD[valid_T])
-                pred_TJ = pred_VJ.new_full((T_flat, pred_VJ.shape[1]), -1)
-                pred_TJ[valid_T] = pred_VJ
-                preds[d] = pred_TJ.to("cpu").numpy().reshape(B, T, -1)
+                pred_AK = predict_experts(module.router, src_TD[valid_T])
+                pred_TK = pred_AK.new_full((T_flat, pred_AK.shape[1]), -1)
+                pred_TK[valid_T] = pred_AK
+                preds[d] = pred_TK.to("cpu").numpy().reshape(B, T, -1)
             self._inputs[i] = x_TD
             self._inputs.pop(i - self.gate_lookahead, None)
         self._calls[i] = _LayerCall(ids_TK.to("cpu").numpy().reshape(B, T, K),

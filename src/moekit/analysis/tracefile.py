@@ -7,11 +7,11 @@ a zip archive (deflate) holding `header.json` and one `.npy` member per column. 
 
   seq_tokens      int64   (S,)  tokens of each sequence
   seq_domain      int32   (S,)  index into header["domains"], -1 = no label
-  row_experts     uint8/16 (R,) experts of each row, R = sum over sequences of L * T
+  row_experts     uint8/16 (Q,) experts of each row, Q = sum over sequences of L * T
   expert_ids      uint8/16/32 (N,) executed expert ids, N = sum(row_experts), rows in order,
                                   slot order within a row kept
   expert_weights  float32 (N,)  combine weights (optional)
-  prefetch_rows_<d> uint8/16 (R,) predicted experts of each row at distance d (optional)
+  prefetch_rows_<d> uint8/16 (Q,) predicted experts of each row at distance d (optional)
   prefetch_<d>    uint8/16/32 (P_d,) the predicted ids of layer l's router applied to the input of
                                   layer l - d, rows in order, best first (a ragged column of its own)
 
@@ -19,7 +19,7 @@ Version 1 (still read) stored `prefetch_<d>` in the slots of `expert_ids` (int16
 could hold no more predictions than the token executed experts; version 2 predicts whole router
 choices (moekit.routers.predict), whose size need not match.
 
-The header names the format and version, E, L, S, R, N, the domain and layer names, free-form
+The header names the format and version, E, L, S, Q, N, the domain and layer names, free-form
 metadata and, per column, its dtype, shape and sha256 (of the array's raw bytes). Readers refuse
 another format, an unknown version, a truncated or corrupted archive and a checksum mismatch, with a
 message that names the problem. Every size the header declares is checked against the archive's
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moekit.analysis.metrics import RoutingTrace
+from moekit.analysis.routing_trace import RoutingTrace
 from moekit.errors import DataError
 from moekit.utils.io import atomic_write_with, remove_debris
 
@@ -212,13 +212,13 @@ def _check_header(header: object, path: Path) -> dict:
 
 def _check_sizes(z: zipfile.ZipFile, header: dict, path: Path) -> None:
     """Every column the header declares, before it is read: a plain numeric dtype, a 1-D shape, the
-    length the header's counts imply where the format fixes one ((S,), (R,) or (N,); other and
+    length the header's counts imply where the format fixes one ((S,), (Q,) or (N,); other and
     unknown optional columns are bounded by their member alone), and array bytes its member really
     holds (whose size `_open` checked against the file's). The expert-id dtype must be the smallest
     unsigned type holding E - 1 (docs/trace-format.md), which ties num_experts to the file: uint8 ids
     mean E <= 256, uint16 E <= 65536."""
-    E, S, R, N = (header[k] for k in ("num_experts", "num_sequences", "num_rows", "num_assignments"))
-    length = {"seq_tokens": S, "seq_domain": S, "row_experts": R, "expert_ids": N, "expert_weights": N}
+    E, S, Q, N = (header[k] for k in ("num_experts", "num_sequences", "num_rows", "num_assignments"))
+    length = {"seq_tokens": S, "seq_domain": S, "row_experts": Q, "expert_ids": N, "expert_weights": N}
     members = {info.filename: info for info in z.infolist()}
     for name, spec in header["columns"].items():
         if not isinstance(spec, dict):
@@ -286,21 +286,21 @@ def _read_columns(path: Path, header: dict) -> dict[str, np.ndarray]:
     return cols
 
 
-def _ragged_to_padded(values_N: np.ndarray, counts_R: np.ndarray, T_S: np.ndarray, L: int, fill=-1,
+def _ragged_to_padded(values_N: np.ndarray, counts_Q: np.ndarray, T_S: np.ndarray, L: int, fill=-1,
                       dtype=np.int64) -> list[np.ndarray]:
-    """Per sequence (L, T, K) arrays from a ragged column (rows in order, counts_R entries each);
+    """Per sequence (L, T, K) arrays from a ragged column (rows in order, counts_Q entries each);
     K = the most entries of any row of that sequence."""
-    K = int(counts_R.max()) if counts_R.size else 0
-    start_R = np.cumsum(counts_R) - counts_R
-    row_N = np.repeat(np.arange(counts_R.size), counts_R)
-    slot_N = np.arange(values_N.size) - start_R[row_N]  # slot = index minus the row's first index
-    out_RK = np.full((counts_R.size, K), fill, dtype=dtype)
-    out_RK[row_N, slot_N] = values_N
+    K = int(counts_Q.max()) if counts_Q.size else 0
+    start_Q = np.cumsum(counts_Q) - counts_Q
+    row_N = np.repeat(np.arange(counts_Q.size), counts_Q)
+    slot_N = np.arange(values_N.size) - start_Q[row_N]  # slot = index minus the row's first index
+    out_QK = np.full((counts_Q.size, K), fill, dtype=dtype)
+    out_QK[row_N, slot_N] = values_N
     seqs, r0 = [], 0
     for T in T_S:
         rows = int(L * T)
-        k = int(counts_R[r0:r0 + rows].max()) if rows else 0
-        seqs.append(out_RK[r0:r0 + rows, :k].reshape(L, int(T), k))
+        k = int(counts_Q[r0:r0 + rows].max()) if rows else 0
+        seqs.append(out_QK[r0:r0 + rows, :k].reshape(L, int(T), k))
         r0 += rows
     return seqs
 
@@ -312,7 +312,7 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
     cols = _read_columns(path, header)
     E, L, S = header["num_experts"], header["num_layers"], header["num_sequences"]
     T_S = cols["seq_tokens"].astype(np.int64)
-    counts_R = cols["row_experts"].astype(np.int64)
+    counts_Q = cols["row_experts"].astype(np.int64)
     ids_N = cols["expert_ids"].astype(np.int64)
 
     def bad(msg: str) -> TraceFormatError:
@@ -320,14 +320,14 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
 
     if T_S.size != S or cols["seq_domain"].size != S:
         raise bad(f"the header says {S} sequences, seq_tokens has {T_S.size}, seq_domain {cols['seq_domain'].size}")
-    if counts_R.size != int(L * T_S.sum()) or counts_R.size != header["num_rows"]:
-        raise bad(f"row_experts has {counts_R.size} rows, expected layers x tokens = {int(L * T_S.sum())}")
-    if int(counts_R.sum()) != ids_N.size or ids_N.size != header["num_assignments"]:
-        raise bad(f"row_experts sums to {int(counts_R.sum())} but expert_ids has {ids_N.size} entries")
+    if counts_Q.size != int(L * T_S.sum()) or counts_Q.size != header["num_rows"]:
+        raise bad(f"row_experts has {counts_Q.size} rows, expected layers x tokens = {int(L * T_S.sum())}")
+    if int(counts_Q.sum()) != ids_N.size or ids_N.size != header["num_assignments"]:
+        raise bad(f"row_experts sums to {int(counts_Q.sum())} but expert_ids has {ids_N.size} entries")
     if ids_N.size and ids_N.max() >= E:
         raise bad(f"expert id {int(ids_N.max())} >= num_experts {E}")
-    if counts_R.size and counts_R.max() > E:
-        raise bad(f"a row lists {int(counts_R.max())} experts, more than num_experts {E}")
+    if counts_Q.size and counts_Q.max() > E:
+        raise bad(f"a row lists {int(counts_Q.max())} experts, more than num_experts {E}")
     domains = header.get("domains")
     dom_idx = cols["seq_domain"]
     labels = None
@@ -336,12 +336,12 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
             raise bad(f"seq_domain indexes outside the {len(domains)} domain names")
         labels = [domains[i] for i in dom_idx]
 
-    K = int(counts_R.max()) if counts_R.size else 0
+    K = int(counts_Q.max()) if counts_Q.size else 0
     padded_arrays = 2 + ("expert_weights" in cols) + len(header.get("prefetch_distances", []))
-    check_memory(padded_arrays * 8 * counts_R.size * K, f"{path}: loading {counts_R.size} rows x {K} slots")
+    check_memory(padded_arrays * 8 * counts_Q.size * K, f"{path}: loading {counts_Q.size} rows x {K} slots")
 
     def padded(values_N: np.ndarray, fill, dtype) -> list[np.ndarray]:
-        return _ragged_to_padded(values_N, counts_R, T_S, L, fill, dtype)
+        return _ragged_to_padded(values_N, counts_Q, T_S, L, fill, dtype)
 
     seqs = padded(ids_N, -1, np.int64)
     weights = padded(cols["expert_weights"], 0.0, np.float32) if "expert_weights" in cols else None
@@ -359,13 +359,13 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
         rows_name = f"prefetch_rows_{d}"
         if rows_name not in cols:
             raise TraceFormatError(f"{path}: column {rows_name!r} is missing")
-        pred_R = cols[rows_name].astype(np.int64)
-        if pred_R.size != counts_R.size or int(pred_R.sum()) != pred.size:
-            raise bad(f"{rows_name} has {pred_R.size} rows summing to {int(pred_R.sum())}, expected "
-                      f"{counts_R.size} rows summing to the {pred.size} entries of {name}")
+        pred_Q = cols[rows_name].astype(np.int64)
+        if pred_Q.size != counts_Q.size or int(pred_Q.sum()) != pred.size:
+            raise bad(f"{rows_name} has {pred_Q.size} rows summing to {int(pred_Q.sum())}, expected "
+                      f"{counts_Q.size} rows summing to the {pred.size} entries of {name}")
         if pred.size and pred.max() >= E:
             raise bad(f"{name} holds expert id {int(pred.max())} >= num_experts {E}")
-        prefetch[int(d)] = _ragged_to_padded(pred, pred_R, T_S, L)
+        prefetch[int(d)] = _ragged_to_padded(pred, pred_Q, T_S, L)
     try:
         return RoutingTrace(seqs, E, labels, weights, prefetch or None, header.get("layer_names"),
                             header.get("meta") or {})

@@ -1,11 +1,11 @@
 """Expert-parallel dispatch: the experts of a layer sharded over the ranks of a process group.
 
 Legend: T local tokens, D model dim, E experts of the layer, W ranks of the expert-parallel (EP)
-group, L = E/W experts per rank (local experts), N local assignments, R rows (one per token and
+group, P = E/W experts per rank (local experts), N local assignments, R rows (one per token and
 destination rank), M assignments a rank receives, X fields of the counts message.
 
 Each rank routes its own tokens (a ragged assignment: any number of experts per token, zero
-included) and holds L experts (`Placement`: expert -> (rank, local index)). Forward stages:
+included) and holds P experts (`Placement`: expert -> (rank, local index)). Forward stages:
   0. capacity (optional): one all-gather of per-rank counts per expert; every rank then keeps the
      assignments one process would keep over the concatenated global batch (ranks in order), and
      knows the global number dropped;
@@ -63,7 +63,7 @@ class ExchangeStats:
     rows_recv_W: tuple[int, ...]  # rows it received from each rank (each goes back as one partial sum)
     assignments_sent_W: tuple[int, ...]  # (token, expert) assignments sent to each rank
     assignments_recv_W: tuple[int, ...]
-    load_L: tuple[int, ...]  # assignments each local expert computed (all ranks' tokens)
+    load_P: tuple[int, ...]  # assignments each local expert computed (all ranks' tokens)
     row_bytes: int  # one row: D * element size of x
     weight_bytes: int  # element size of the combine weights
     counts_bytes: int  # the counts message to one rank (and, with a capacity, the gathered counts from one rank)
@@ -134,33 +134,33 @@ class ExpertParallel:
         """y_TD[t] = sum over t's assignments n of weight_n * FFN_{expert_n}(x_TD[t]), experts anywhere.
 
         x_TD (T, D) float; token_idx_N, expert_idx_N (N,) int64 (global expert ids); weight_N (N,)
-        float; local_bank: this rank's shard, called as `local_bank(x_ND, offsets_L) -> y_ND` with
+        float; local_bank: this rank's shard, called as `local_bank(x_ND, offsets_P) -> y_ND` with
         rows grouped by local expert (an `ExpertBank` of E/W experts). Returns y_TD in x's dtype.
         """
-        W, L = self.world, self.placement.experts_per_rank
+        W, P = self.world, self.placement.experts_per_rank
         problem = self._input_problem(x_TD, token_idx_N, expert_idx_N, weight_N, local_bank)
         kept_N, dropped_global = None, 0
         if self.capacity_factor is not None:  # 0. (raises on every rank if any rank's input is invalid)
             kept_N, dropped_global = self._capacity(expert_idx_N, problem)
             token_idx_N, expert_idx_N, weight_N = token_idx_N[kept_N], expert_idx_N[kept_N], weight_N[kept_N]
         elif problem is not None:  # tell the other ranks through the counts exchange they expect; all raise
-            self._exchange_counts(torch.zeros(W, L + 1, dtype=torch.int64, device=x_TD.device), problem)
+            self._exchange_counts(torch.zeros(W, P + 1, dtype=torch.int64, device=x_TD.device), problem)
         T, D = x_TD.shape
         device = x_TD.device
 
         # 1. plan: assignments sorted by destination slot (rank, local expert); one row per (token, rank)
-        plan = make_plan(token_idx_N, self._slot_E.to(device)[expert_idx_N], weight_N, W * L)
-        dest_N = plan.expert_N // L
+        plan = make_plan(token_idx_N, self._slot_E.to(device)[expert_idx_N], weight_N, W * P)
+        dest_N = plan.expert_N // P
         row_key_R, row_of_N = torch.unique(dest_N * T + plan.token_N, sorted=True, return_inverse=True)
         row_token_R = row_key_R % max(T, 1)
         rows_sent_W = torch.bincount(row_key_R // max(T, 1), minlength=W)
         row_in_chunk_N = row_of_N - (torch.cumsum(rows_sent_W, 0) - rows_sent_W)[dest_N]
 
         # 2. counts per (destination, local expert) and rows per destination
-        counts_WL = plan.counts_E.view(W, L)
-        recv_WX = self._exchange_counts(torch.cat([counts_WL, rows_sent_W.unsqueeze(1)], dim=1), None)
-        recv_counts_WL, rows_recv_W = recv_WX[:, :L], recv_WX[:, L]
-        sent_assign_W, recv_assign_W = counts_WL.sum(1), recv_counts_WL.sum(1)
+        counts_WP = plan.counts_E.view(W, P)
+        recv_WX = self._exchange_counts(torch.cat([counts_WP, rows_sent_W.unsqueeze(1)], dim=1), None)
+        recv_counts_WP, rows_recv_W = recv_WX[:, :P], recv_WX[:, P]
+        sent_assign_W, recv_assign_W = counts_WP.sum(1), recv_counts_WP.sum(1)
 
         # 3. row index and weight of each assignment, then the rows themselves
         send_a, recv_a = sent_assign_W.tolist(), recv_assign_W.tolist()
@@ -179,8 +179,8 @@ class ExpertParallel:
         # 4. local experts: received assignments -> (row, local expert, weight) triples, planned like one process
         src_M = torch.repeat_interleave(torch.arange(W, device=device), recv_assign_W)
         row_M = row_in_chunk_M + (torch.cumsum(rows_recv_W, 0) - rows_recv_W)[src_M]
-        local_M = torch.repeat_interleave(torch.arange(L, device=device).repeat(W), recv_counts_WL.reshape(-1))
-        local_plan = make_plan(row_M, local_M, weight_M, L)
+        local_M = torch.repeat_interleave(torch.arange(P, device=device).repeat(W), recv_counts_WP.reshape(-1))
+        local_plan = make_plan(row_M, local_M, weight_M, P)
         y_MD = local_bank(permute(recv_rows_RD, local_plan), local_plan.offsets_E)
         partial_RD = combine(y_MD, local_plan, recv_rows_RD.shape[0], x_TD.dtype)
 
@@ -192,9 +192,9 @@ class ExpertParallel:
         self.last_stats = ExchangeStats(
             rank=self.rank, rows_sent_W=tuple(send_r), rows_recv_W=tuple(recv_r),
             assignments_sent_W=tuple(send_a), assignments_recv_W=tuple(recv_a),
-            load_L=tuple(local_plan.counts_E.tolist()), row_bytes=D * x_TD.element_size(),
+            load_P=tuple(local_plan.counts_E.tolist()), row_bytes=D * x_TD.element_size(),
             weight_bytes=weight_N.element_size(),
-            counts_bytes=8 * (L + 2 + (self.placement.num_experts + 1 if self.capacity_factor is not None else 0)),
+            counts_bytes=8 * (P + 2 + (self.placement.num_experts + 1 if self.capacity_factor is not None else 0)),
             num_dropped=0 if kept_N is None else int((~kept_N).sum()), num_dropped_global=dropped_global,
             kept_N=kept_N)
         return y_TD.to(x_TD.dtype)
@@ -203,7 +203,7 @@ class ExpertParallel:
 
     def _input_problem(self, x_TD, token_idx_N, expert_idx_N, weight_N, local_bank) -> str | None:
         """A one-line description of what is wrong with this rank's input, or None."""
-        E, L = self.placement.num_experts, self.placement.experts_per_rank
+        E, P = self.placement.num_experts, self.placement.experts_per_rank
         if x_TD.dim() != 2 or not x_TD.is_floating_point():
             return f"x_TD must be a float (tokens, d_model) tensor, got dtype {x_TD.dtype} shape {tuple(x_TD.shape)}"
         n = token_idx_N.numel()
@@ -217,9 +217,9 @@ class ExpertParallel:
                     f"{int(expert_idx_N.max())}")
         if n and not (0 <= int(token_idx_N.min()) and int(token_idx_N.max()) < x_TD.shape[0]):
             return f"token ids must lie in 0..{x_TD.shape[0] - 1}, got {int(token_idx_N.min())}..{int(token_idx_N.max())}"
-        bank_experts = getattr(local_bank, "num_experts", L)
-        if bank_experts != L:
-            return f"the local expert bank holds {bank_experts} experts; expected E / W = {E} / {self.world} = {L}"
+        bank_experts = getattr(local_bank, "num_experts", P)
+        if bank_experts != P:
+            return f"the local expert bank holds {bank_experts} experts; expected E / W = {E} / {self.world} = {P}"
         return None
 
     def _capacity(self, expert_idx_N: torch.Tensor, problem: str | None) -> tuple[torch.Tensor, int]:

@@ -1,7 +1,7 @@
 """Where experts live across the ranks of an expert-parallel group, and what a placement costs.
 
 Legend: E experts per layer, W ranks of the expert-parallel (EP) group, L MoE layers, T tokens,
-K experts per token (padded with -1), R ranks as a column index.
+K experts per token (padded with -1).
 
 A `Placement` maps each expert of one layer to (rank, local index): rank r stacks its E/W experts
 in local-index order, so slot = rank * E/W + local is the expert's position in the rank-major
@@ -139,13 +139,13 @@ def _check_ranks(rank_LE, num_layers: int, num_ranks: int) -> np.ndarray:
     return rank_LE
 
 
-def _ranks_used_TR(experts_TK: np.ndarray, rank_E: np.ndarray, num_ranks: int) -> np.ndarray:
+def _ranks_used_TW(experts_TK: np.ndarray, rank_E: np.ndarray, num_ranks: int) -> np.ndarray:
     """(T, W) int64: how many of each token's experts live on each rank."""
     T = experts_TK.shape[0]
-    used_TR = np.zeros((T, num_ranks), dtype=np.int64)
+    used_TW = np.zeros((T, num_ranks), dtype=np.int64)
     t_idx, k_idx = np.nonzero(experts_TK >= 0)
-    np.add.at(used_TR, (t_idx, rank_E[experts_TK[t_idx, k_idx]]), 1)
-    return used_TR
+    np.add.at(used_TW, (t_idx, rank_E[experts_TK[t_idx, k_idx]]), 1)
+    return used_TW
 
 
 @dataclass(frozen=True)
@@ -210,13 +210,13 @@ def traffic(experts_LTK, rank_LE, num_ranks: int, home_LT=None) -> Traffic:
     remote_L = np.zeros(L, dtype=np.int64)
     tokens = np.arange(T)
     for layer in range(L):
-        used_TR = _ranks_used_TR(experts_LTK[layer], rank_LE[layer], num_ranks)
+        used_TW = _ranks_used_TW(experts_LTK[layer], rank_LE[layer], num_ranks)
         home_T, next_T = home_LT[layer], home_LT[min(layer + 1, L - 1)]
-        held_T = (used_TR > 0).sum(1)
-        at_home_T, at_next_T = used_TR[tokens, home_T] > 0, used_TR[tokens, next_T] > 0
+        held_T = (used_TW > 0).sum(1)
+        at_home_T, at_next_T = used_TW[tokens, home_T] > 0, used_TW[tokens, next_T] > 0
         dispatch_L[layer] = (held_T - at_home_T).sum()
         combine_L[layer] = (held_T - at_next_T).sum() + (~at_next_T & (next_T != home_T)).sum()
-        remote_L[layer] = used_TR.sum() - used_TR[tokens, home_T].sum()
+        remote_L[layer] = used_TW.sum() - used_TW[tokens, home_T].sum()
     return Traffic(dispatch_L, combine_L, remote_L, T)
 
 
@@ -244,13 +244,13 @@ def colocated_pairs(experts_LTK, rank_LE, num_experts: int) -> float:
     return same / total if total else 1.0
 
 
-def _assign_min_cost(cost_NN: np.ndarray) -> np.ndarray:
+def _assign_min_cost(cost_EE: np.ndarray) -> np.ndarray:
     """Column of each row in a minimum-cost perfect assignment of a square cost matrix.
 
     The Hungarian method (Kuhn-Munkres) in its O(n^3) shortest-augmenting-path form, with potentials
     u (rows) and v (columns); the inner scan over columns is vectorised.
     """
-    n = cost_NN.shape[0]
+    n = cost_EE.shape[0]
     u, v = np.zeros(n + 1), np.zeros(n + 1)
     match = np.zeros(n + 1, dtype=np.int64)  # match[j] = row (1-based) assigned to column j; 0 = none
     way = np.zeros(n + 1, dtype=np.int64)
@@ -262,7 +262,7 @@ def _assign_min_cost(cost_NN: np.ndarray) -> np.ndarray:
         while True:
             used[col] = True
             i0 = match[col]
-            slack = cost_NN[i0 - 1] - u[i0] - v[1:]
+            slack = cost_EE[i0 - 1] - u[i0] - v[1:]
             free = ~used[1:]
             better = free & (slack < min_slack[1:])
             min_slack[1:][better] = slack[better]
@@ -285,13 +285,13 @@ def _assign_min_cost(cost_NN: np.ndarray) -> np.ndarray:
     return col_of_row
 
 
-def _balanced_ranks(score_ER: np.ndarray) -> np.ndarray:
-    """(E,) ranks maximising sum_e score_ER[e, rank_e] with exactly E/W experts per rank (exact: an
+def _balanced_ranks(score_EW: np.ndarray) -> np.ndarray:
+    """(E,) ranks maximising sum_e score_EW[e, rank_e] with exactly E/W experts per rank (exact: an
     assignment of experts to the W * E/W rank slots)."""
-    E, W = score_ER.shape
+    E, W = score_EW.shape
     slots_per_rank = E // W
-    cost_NN = -np.repeat(score_ER, slots_per_rank, axis=1)  # column c is a slot of rank c // (E/W)
-    return _assign_min_cost(cost_NN) // slots_per_rank
+    cost_EE = -np.repeat(score_EW, slots_per_rank, axis=1)  # column c is a slot of rank c // (E/W)
+    return _assign_min_cost(cost_EE) // slots_per_rank
 
 
 def affinity_placement(experts_LTK, num_experts: int, num_ranks: int, max_sweeps: int = 10) -> np.ndarray:
@@ -317,22 +317,22 @@ def affinity_placement(experts_LTK, num_experts: int, num_ranks: int, max_sweeps
     pairs = _pair_counts(experts_LTK, num_experts)
     rank_LE = np.empty((L, num_experts), dtype=np.int64)
     rank_LE[0] = np.arange(num_experts) // (num_experts // num_ranks)
-    eye_RR = np.eye(num_ranks)
+    eye_WW = np.eye(num_ranks)
 
-    def score_ER(layer: int, use_next: bool) -> np.ndarray:
+    def score_EW(layer: int, use_next: bool) -> np.ndarray:
         score = np.zeros((num_experts, num_ranks))
         if layer > 0:
-            score += pairs[layer - 1].T @ eye_RR[rank_LE[layer - 1]]
+            score += pairs[layer - 1].T @ eye_WW[rank_LE[layer - 1]]
         if use_next and layer < L - 1:
-            score += pairs[layer] @ eye_RR[rank_LE[layer + 1]]
+            score += pairs[layer] @ eye_WW[rank_LE[layer + 1]]
         return score
 
     for layer in range(1, L):
-        rank_LE[layer] = _balanced_ranks(score_ER(layer, use_next=False))
+        rank_LE[layer] = _balanced_ranks(score_EW(layer, use_next=False))
     best = colocated_pairs(experts_LTK, rank_LE, num_experts)
     for _ in range(max_sweeps):
         for layer in range(L):
-            rank_LE[layer] = _balanced_ranks(score_ER(layer, use_next=True))
+            rank_LE[layer] = _balanced_ranks(score_EW(layer, use_next=True))
         now = colocated_pairs(experts_LTK, rank_LE, num_experts)
         if now <= best + 1e-12:
             break
@@ -368,19 +368,19 @@ def speculative_homes(experts_TK, rank_E, num_ranks: int, capacity: int | None =
     if capacity * num_ranks < T:
         raise UsageError(f"speculative_homes: capacity={capacity} tokens per rank cannot hold {T} tokens on "
                          f"{num_ranks} ranks; expected capacity >= {math.ceil(T / num_ranks)}")
-    used_TR = _ranks_used_TR(_check_experts(experts_TK[None], rank_E.size)[0], rank_E, num_ranks)
-    score_TR = (used_TR > 0) * (T * experts_TK.shape[1] + 1) + used_TR
-    top2_T2 = -np.sort(-score_TR, axis=1)[:, :2] if num_ranks > 1 else np.pad(score_TR, ((0, 0), (0, 1)))
+    used_TW = _ranks_used_TW(_check_experts(experts_TK[None], rank_E.size)[0], rank_E, num_ranks)
+    score_TW = (used_TW > 0) * (T * experts_TK.shape[1] + 1) + used_TW
+    top2_T2 = -np.sort(-score_TW, axis=1)[:, :2] if num_ranks > 1 else np.pad(score_TW, ((0, 0), (0, 1)))
     regret_T = top2_T2[:, 0] - top2_T2[:, 1]
-    prefs_TR = np.argsort(-score_TR, axis=1, kind="stable")
-    room_R = np.full(num_ranks, capacity, dtype=np.int64)
+    prefs_TW = np.argsort(-score_TW, axis=1, kind="stable")
+    room_W = np.full(num_ranks, capacity, dtype=np.int64)
     home_T = np.empty(T, dtype=np.int64)
     # stable: among equal regrets, earlier tokens first (deterministic)
     for t in np.argsort(-regret_T, kind="stable"):
-        prefs = prefs_TR[t]
-        rank = prefs[np.argmax(room_R[prefs] > 0)]
+        prefs = prefs_TW[t]
+        rank = prefs[np.argmax(room_W[prefs] > 0)]
         home_T[t] = rank
-        room_R[rank] -= 1
+        room_W[rank] -= 1
     return home_T
 
 

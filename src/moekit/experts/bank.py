@@ -10,9 +10,9 @@ Weights use the transformers v5 layout so a pretrained block can be wrapped with
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moekit.ops.ffn import expert_ffn, hidden, swiglu
 from moekit.ops.grouped import grouped_linear
 
 
@@ -35,13 +35,14 @@ class ExpertBank(nn.Module):
                 nn.init.normal_(w, std=w.shape[-1] ** -0.5)
 
     def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        """Each row through its expert's FFN; rows sorted by expert, offsets_E int32 ends."""
-        if self.activation == "swiglu":
-            gate_NF, up_NF = grouped_linear(x_ND, self.gate_up_proj, offsets_E).chunk(2, dim=-1)
-            h_NF = F.silu(gate_NF) * up_NF
-        else:
-            h_NF = F.gelu(grouped_linear(x_ND, self.up_proj, offsets_E))
-        return grouped_linear(h_NF, self.down_proj, offsets_E)
+        """Each row through its expert's FFN (moekit.ops.ffn); rows sorted by expert, offsets_E int32 ends."""
+        return expert_ffn(x_ND, self.w_in, self.down_proj, self.activation,
+                          linear=lambda h, w_EOI: grouped_linear(h, w_EOI, offsets_E))
+
+    @property
+    def w_in(self) -> torch.Tensor:
+        """The stacked input projection: gate_up_proj (E, 2F, D) for SwiGLU, up_proj (E, F, D) for GELU."""
+        return self.gate_up_proj if self.activation == "swiglu" else self.up_proj
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, d_expert={self.d_expert}, {self.activation}"
@@ -59,5 +60,5 @@ class SharedExpert(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is not None:
-            return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
-        return self.down_proj(F.gelu(self.up_proj(x_TD)))
+            return self.down_proj(swiglu(self.gate_proj(x_TD), self.up_proj(x_TD)))
+        return self.down_proj(hidden(self.up_proj(x_TD), "gelu"))

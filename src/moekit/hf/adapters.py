@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moekit.data import ByteTokenizer
-from moekit.layers.overrides import moe_layers
+from moekit.layers import moe_layers
 
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 

@@ -22,12 +22,8 @@ import torch
 from torch import nn
 
 from moekit.hf.detect import BlockSpec, UnsupportedBlockError
+from moekit.hf.private_api import OutputRecorder, active_collector, record_specs
 from moekit.layers.moe import MoELayer
-
-try:  # where transformers' `output_router_logits=True` collects router logits (v5)
-    from transformers.utils.output_capturing import OutputRecorder, _active_collector
-except ImportError:  # pragma: no cover - a transformers without it simply records nothing
-    OutputRecorder = _active_collector = None
 
 
 class HFMoEBlock(MoELayer):
@@ -82,7 +78,8 @@ class HFMoEBlock(MoELayer):
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The HF block's call: hidden states (B, T, D) -> (B, T, D). transformers passes no padding
         mask; moekit callers may, as to any MoELayer."""
-        collected = _active_collector.get() if self.records_router_logits and _active_collector else None
+        # Where transformers' `output_router_logits=True` collects router logits (None outside such a forward).
+        collected = active_collector.get() if self.records_router_logits else None
         if collected is None or "router_logits" not in collected:
             return super().forward(hidden_states, padding_mask)
         # `output_router_logits=True`: hand transformers the (T, E) router logits, with their gradient
@@ -144,11 +141,8 @@ def _state_dict_to_hf(module: HFMoEBlock, state_dict, prefix: str, local_metadat
 
 def transformers_records_router_logits(model: nn.Module, gate: nn.Module) -> bool:
     """Whether transformers would record `gate`'s logits for `output_router_logits=True`."""
-    if OutputRecorder is None:
-        return False
     for m in model.modules():
-        spec = getattr(type(m), "_can_record_outputs", None) or {}
-        specs = spec.get("router_logits")
+        specs = record_specs(m).get("router_logits")
         for s in specs if isinstance(specs, list) else [specs]:
             target = s.target_class if isinstance(s, OutputRecorder) else s
             if isinstance(target, type) and isinstance(gate, target):

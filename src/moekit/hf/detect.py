@@ -29,12 +29,8 @@ from torch import nn
 
 from moekit.config import MoEConfig, RouterConfig
 from moekit.errors import UsageError
+from moekit.hf.private_api import default_apply_gate
 from moekit.layers.moe import MoELayer
-
-try:  # the decorator's silu(gate) * up; a family with its own `_apply_gate` computes something else
-    from transformers.integrations.moe import _default_apply_gate
-except ImportError:  # pragma: no cover
-    _default_apply_gate = None
 
 
 class UnsupportedBlockError(UsageError):  # a UsageError is a ValueError, as before
@@ -115,7 +111,8 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     odd = {k: getattr(experts, k) for k, want in flags.items() if getattr(experts, k, want) != want}
     if odd:
         raise refuse(f"its experts use {odd}; moekit runs concatenated [gate; up] SwiGLU experts without bias")
-    if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+    # The decorator's silu(gate) * up; a family with its own `_apply_gate` computes something else.
+    if getattr(type(experts), "_apply_gate", default_apply_gate) is not default_apply_gate:
         raise refuse(f"{type(experts).__name__} defines its own gating (_apply_gate), not silu(gate) * up")
     if not _is_silu(getattr(experts, "act_fn", None)):
         raise refuse(f"its experts' activation {type(getattr(experts, 'act_fn', None)).__name__} is not SiLU")

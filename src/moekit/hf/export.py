@@ -4,8 +4,8 @@
     top-k softmax (renormalised or not), q/k RMSNorm               -> Qwen3-MoE (dense layers: mlp_only_layers)
     top-k sigmoid (groups, selection bias, scaling, shared experts) -> GLM-4-MoE (full rotary)
 
-Routers transformers cannot express (top-p, null experts, recurrent, expert choice, random) and
-settings without a counterpart (capacity dropping, a sigmoid shared-expert gate, ...) raise
+Routers transformers cannot express (those whose config has no `hf_routing()`: top-p, null experts,
+recurrent, expert choice, random, ...) and settings without a counterpart (capacity dropping, a sigmoid shared-expert gate, ...) raise
 `ExportError` naming what does not fit. The written checkpoint is loaded back with
 `AutoModelForCausalLM.from_pretrained` and its logits compared with the moekit model's before the
 directory is moved into place (one rename; every file fsynced first).
@@ -18,14 +18,13 @@ of killed exports are removed by the next export to the same place.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from moekit.errors import UsageError
 from moekit.models import MoELM
-from moekit.utils.io import check_writable_dir, fsync_file, remove_debris, replace_dir, tmp_path, writing
+from moekit.utils.io import atomic_dir, check_writable_dir
 
 KIND = "export"  # ownership marker kind (moekit.utils.io)
 
@@ -44,42 +43,48 @@ def _refuse(why: str) -> None:
     raise ExportError(f"moekit export --to hf: {why}")
 
 
-def _common(cfg) -> dict:
+def _common(cfg, routing: dict) -> dict:
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
                 num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
                 tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attention_dropout=0.0,
-                num_experts_per_tok=cfg.moe.router.k, dtype="float32")
+                num_experts_per_tok=routing["num_experts_per_tok"], dtype="float32")
 
 
 def hf_config_for(cfg):
     """The transformers config whose model computes exactly what `MoELM(cfg)` computes."""
     from transformers import Glm4MoeConfig, MixtralConfig, Qwen3MoeConfig
 
-    moe, router = cfg.moe, cfg.moe.router
-    if router.kind != "topk":
-        _refuse(f"transformers has no model with the {router.kind!r} router (top-p, null experts, recurrent, "
-                "expert choice and random routers are moekit-only); re-route to kind='topk' before exporting")
+    moe = cfg.moe
+    routing = moe.router.hf_routing()
+    if routing is None:
+        from moekit.routers import registered_routers, router_class
+
+        exportable = [k for k in registered_routers() if router_class(k).config_class().hf_routing() is not None]
+        _refuse(f"transformers has no model with the {moe.router.kind!r} router ({moe.router.describe()}); "
+                f"routers with a transformers counterpart: {', '.join(exportable)}. Re-route to one of them "
+                "before exporting")
     if moe.activation != "swiglu":
         _refuse(f"MoEConfig.activation={moe.activation!r}; transformers' MoE models use SwiGLU experts")
     # capacity_factor drops only in training (moekit never drops in eval mode unless asked to)
     if moe.eval_capacity_factor is not None:
         _refuse("eval_capacity_factor drops tokens at inference; transformers' MoE models are dropless")
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
-    if router.score == "softmax":
-        if router.n_group > 1 or router.routed_scaling_factor != 1.0 or router.bias_update_rate > 0:
+    if routing["scoring_func"] == "softmax":
+        if routing["n_group"] > 1 or routing["routed_scaling_factor"] != 1.0 or routing["selection_bias"]:
             _refuse("softmax routing with groups, scaling or a selection bias has no transformers counterpart")
         if moe.num_shared_experts:
             _refuse("softmax top-k with shared experts (ungated) has no identical transformers model")
         if cfg.qk_norm:
-            return Qwen3MoeConfig(**_common(cfg), num_experts=moe.num_experts, moe_intermediate_size=moe.d_expert,
-                                  intermediate_size=cfg.dense_width, norm_topk_prob=router.normalizes(),
+            return Qwen3MoeConfig(**_common(cfg, routing), num_experts=moe.num_experts,
+                                  moe_intermediate_size=moe.d_expert,
+                                  intermediate_size=cfg.dense_width, norm_topk_prob=routing["norm_topk_prob"],
                                   decoder_sparse_step=1, mlp_only_layers=list(range(cfg.n_dense)),
                                   rope_parameters=rope, attention_bias=False, output_router_logits=False)
-        if not router.normalizes() or cfg.n_dense:
+        if not routing["norm_topk_prob"] or cfg.n_dense:
             _refuse("softmax top-k without q/k norm maps to Mixtral, which always renormalises and has no dense "
                     "layers; train with model.qk_norm=true (Qwen3-MoE) for other settings")
-        return MixtralConfig(**_common(cfg), num_local_experts=moe.num_experts, intermediate_size=moe.d_expert,
+        return MixtralConfig(**_common(cfg, routing), num_local_experts=moe.num_experts, intermediate_size=moe.d_expert,
                              rope_parameters=rope, router_jitter_noise=0.0, sliding_window=None,
                              output_router_logits=False)
     if moe.shared_gate:
@@ -89,10 +94,12 @@ def hf_config_for(cfg):
                 f"{moe.num_shared_experts * moe.d_expert} wide, this model's are {moe.shared_width}")
     if moe.num_shared_experts == 0:
         _refuse("sigmoid routing without shared experts: GLM-4-MoE always has a shared expert")
-    return Glm4MoeConfig(**_common(cfg), n_routed_experts=moe.num_experts, moe_intermediate_size=moe.d_expert,
-                         n_shared_experts=moe.num_shared_experts, intermediate_size=cfg.dense_width,
-                         first_k_dense_replace=cfg.n_dense, n_group=router.n_group, topk_group=router.topk_group,
-                         norm_topk_prob=router.normalizes(), routed_scaling_factor=router.routed_scaling_factor,
+    return Glm4MoeConfig(**_common(cfg, routing), n_routed_experts=moe.num_experts,
+                         moe_intermediate_size=moe.d_expert, n_shared_experts=moe.num_shared_experts,
+                         intermediate_size=cfg.dense_width, first_k_dense_replace=cfg.n_dense,
+                         n_group=routing["n_group"], topk_group=routing["topk_group"],
+                         norm_topk_prob=routing["norm_topk_prob"],
+                         routed_scaling_factor=routing["routed_scaling_factor"],
                          use_qk_norm=cfg.qk_norm, attention_bias=False,
                          rope_parameters={**rope, "partial_rotary_factor": 1.0})
 
@@ -140,37 +147,26 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> P
     out_dir = Path(out_dir)
     check_export_target(out_dir)
     hf_cfg = hf_config_for(model.cfg)
-    if model.cfg.moe.router.score == "softmax" and any(
+    if model.cfg.moe.router.hf_routing()["scoring_func"] == "softmax" and any(
             bool(layer.router.e_score_correction_bias.any()) for layer in model.moe_layers()):
         _refuse("the softmax routers carry a non-zero selection bias (aux-loss-free balancing), which Mixtral and "
                 "Qwen3-MoE do not have")
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(hf_cfg).float().eval()
     _copy_weights(model, hf)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_debris(out_dir.parent, out_dir.name)
-    tmp = tmp_path(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(out_dir, tmp):  # a full disk names the target
-        try:
-            hf.save_pretrained(tmp)
-            loaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True).float().eval()
-            ids_BT = torch.randint(0, model.cfg.vocab_size, (2, min(24, model.cfg.max_seq_len)),
-                                   generator=torch.Generator().manual_seed(0))
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                ours = model(ids_BT).float()
-                theirs = loaded(input_ids=ids_BT).logits.float()
-            model.train(was_training)
-            diff = float((ours - theirs).abs().max())
-            if diff > atol:
-                raise ExportVerificationError(f"moekit export: {type(loaded).__name__} logits differ from moekit's by "
-                                              f"{diff:.2e} (> {atol}); the export was not written")
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    fsync_file(f)
-            replace_dir(tmp, out_dir, KIND, "moekit export")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out_dir, KIND, "moekit export") as tmp:  # a full disk names out_dir; nothing half-written
+        hf.save_pretrained(tmp)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True).float().eval()
+        ids_BT = torch.randint(0, model.cfg.vocab_size, (2, min(24, model.cfg.max_seq_len)),
+                               generator=torch.Generator().manual_seed(0))
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            ours = model(ids_BT).float()
+            theirs = loaded(input_ids=ids_BT).logits.float()
+        model.train(was_training)
+        diff = float((ours - theirs).abs().max())
+        if diff > atol:
+            raise ExportVerificationError(f"moekit export: {type(loaded).__name__} logits differ from moekit's by "
+                                          f"{diff:.2e} (> {atol}); the export was not written")
     return out_dir

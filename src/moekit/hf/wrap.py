@@ -29,7 +29,9 @@ from torch import nn
 
 from moekit.hf.block import HFMoEBlock, transformers_records_router_logits
 from moekit.hf.detect import TESTED_BLOCKS, BlockSpec, UnsupportedBlockError, looks_like_moe_block, read_block
+from moekit.hf.private_api import experts_implementation, set_experts_implementation
 from moekit.hf.version import check_transformers_version
+from moekit.layers import moe_layers
 
 PROBE_TOKENS = 16
 
@@ -37,7 +39,7 @@ PROBE_TOKENS = 16
 def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.Module:
     """Replace every sparse MoE block of `model` with an HFMoEBlock sharing its Parameters; in place.
 
-    backend: the MoEConfig backend of the new layers ("auto" or "reference").
+    backend: the MoEConfig backend of the new layers ("auto" or "grouped_mm").
     verify: check each block against its own forward on a probe input first (cheap: 16 tokens).
     Idempotent: blocks already wrapped are left as they are. Returns `model`.
     """
@@ -72,7 +74,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def wrapped_blocks(model: nn.Module) -> list[HFMoEBlock]:
     """The HFMoEBlocks of a wrapped model, in module order (the order of `moekit.route(layers=...)`)."""
-    return [m for m in model.modules() if isinstance(m, HFMoEBlock)]
+    return [m for m in moe_layers(model) if isinstance(m, HFMoEBlock)]
 
 
 def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
@@ -123,16 +125,16 @@ def _eager_experts(experts: nn.Module):
     whose rows are not 16-byte aligned (F = 37 in its own tiny test configs), so the probe would
     refuse a block moekit runs fine. Only this config object is switched (not its sub-configs), and
     only for the probe."""
-    config = getattr(experts, "config", None)
-    current = getattr(config, "_experts_implementation_internal", None)
+    config = getattr(experts, "config", None)  # set by transformers' @use_experts_implementation
+    current = None if config is None else experts_implementation(config)
     if current is None or current == "eager":
         yield
         return
-    config._experts_implementation_internal = "eager"
+    set_experts_implementation(config, "eager")
     try:
         yield
     finally:
-        config._experts_implementation_internal = current
+        set_experts_implementation(config, current)
 
 
 def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> None:

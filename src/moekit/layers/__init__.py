@@ -1,6 +1,6 @@
 """Layers built from routers, dispatch and experts."""
 
-from moekit.layers.moe import MoELayer, RoutingInfo, after_optimizer_step, attach_aux_losses
-from moekit.layers.overrides import moe_layers, route
+from moekit.layers.moe import MoELayer, RoutingInfo, attach_aux_losses, moe_layers
+from moekit.layers.overrides import route
 
-__all__ = ["MoELayer", "RoutingInfo", "moe_layers", "route", "after_optimizer_step", "attach_aux_losses"]
+__all__ = ["MoELayer", "RoutingInfo", "moe_layers", "route", "attach_aux_losses"]

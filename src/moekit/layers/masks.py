@@ -12,15 +12,16 @@ Keys are MoE-layer indices in module order, as in `moekit.route(layers=...)` (fo
 first decoder layers are dense, such as DeepSeek-V3, MoE layer 0 is the first *sparse* layer).
 Values are expert ids in [0, E). Works on moekit models and on `moekit.hf.wrap`-ped models.
 
-The rule (algorithms.md §8), applied by the routers (`Router.expert_mask_E`):
+The rule (MoTE, arXiv 2502.11096), applied by the routers (`Router.expert_mask_E`):
   * disabled: the expert's router logit is -inf before selection, so its probability is 0, it is
     never selected and never runs. With softmax scores the other experts' probabilities are
     renormalised over the experts left (this changes the combine weights of families that do not
     renormalise the top-k, e.g. OLMoE). Pruning an expert at inference time is disabling it: the
     weights stay in place, untouched.
-  * forced: the expert's *selection* score is +inf, so it takes one of the token's k slots; its
-    combine weight is still its own (unforced) score. Only routers with a fixed k rank experts this
-    way today (`topk`: Mixtral, OLMoE, Qwen, DeepSeek); top-p and null-expert routers refuse it.
+  * forced: the expert's *selection* score is +inf, so it takes one of the token's k slots (top-k:
+    Mixtral, OLMoE, Qwen, DeepSeek; null experts), or joins every token's prefix (top-p); its combine
+    weight is still its own (unforced) score. Routers whose rule cannot rank experts so refuse it
+    (each router config says which masks it honours: `RouterConfig.check_expert_mask`).
   * routers with a selection bias (DeepSeek-V3's e_score_correction_bias) get both on the *biased*
     scores, so a bias cannot bring a disabled expert back.
 No weight is copied or modified. Masks nest: an inner block adds to the outer one and wins where both
@@ -107,37 +108,16 @@ def _by_layer(ids: ExpertIds | None, name: str, layers: list[MoELayer]) -> dict[
 
 def _check(i: int, router: Router, mask_E: torch.Tensor) -> None:
     """Refuse masks a router cannot honour, rather than let it pick a disabled expert or drop a forced one."""
-    kind, cfg = router.kind, router.cfg
-    if type(router).forward is not Router.forward:
-        raise ValueError(f"mask_experts(): layer {i} uses router kind {kind!r}, which computes its logits in its "
-                         "own forward, so expert masks would not be applied; allowed: routers built on "
-                         "Router.forward (topk, topp, null, random, expert_choice)")
-    n_off = int((mask_E == _DISABLED).sum())
-    n_on = int((mask_E == _FORCED).sum())
-    if n_on and not router.supports_forced_experts:
-        raise ValueError(f"mask_experts(forced=...): layer {i} uses router kind {kind!r}, whose selection rule "
-                         "does not rank forced experts first; allowed with kind='topk', 'topp' or 'null' (disable experts instead, "
-                         "or route(kind='topk') first)")
-    # Experts a token must get: the rule's fixed count (top-k), its minimum (top-p), or the real
-    # picks a null-expert router cannot send to null experts.
-    need = {"topk": cfg.k, "topp": cfg.min_k, "null": cfg.k - cfg.n_null}.get(kind, 1)
-    enabled = router.num_experts - n_off
-    if enabled < max(need, 1):
+    cfg = router.cfg
+    try:
+        cfg.check_expert_mask(mask_E)
+    except ValueError as e:
+        what = "forced=..." if bool((mask_E == _FORCED).any()) else "..."
+        raise ValueError(f"mask_experts({what}): layer {i}: {e}") from None
+    # Experts a token must be able to get: the rule's fixed count (top-k), its minimum (top-p), or the
+    # real picks a null-expert router cannot send to null experts.
+    need = max(cfg.min_enabled_experts(), 1)
+    enabled = router.num_experts - int((mask_E == _DISABLED).sum())
+    if enabled < need:
         raise ValueError(f"mask_experts(disabled=...): layer {i} would keep {enabled} enabled experts, but router "
-                         f"{kind!r} ({cfg.describe()}) needs at least {max(need, 1)}")
-    if kind == "topk" and n_on > cfg.k:
-        raise ValueError(f"mask_experts(forced=...): layer {i}: {n_on} forced experts do not fit in k={cfg.k} slots")
-    if kind == "topk" and cfg.n_group > 1 and n_on:
-        per_group = router.num_experts // cfg.n_group
-        mask_GE = mask_E.view(cfg.n_group, per_group)
-        forced_groups = int((mask_GE == _FORCED).any(-1).sum())
-        if forced_groups > cfg.topk_group:
-            raise ValueError(f"mask_experts(forced=...): layer {i}: forced experts lie in {forced_groups} groups, "
-                             f"but group-limited routing keeps only topk_group={cfg.topk_group} of {cfg.n_group}")
-        if cfg.score == "sigmoid":
-            # DeepSeek-V3 scores a group by its top-2 experts: +inf (forced) plus -inf (disabled) is NaN.
-            lonely = ((mask_GE == _FORCED).any(-1) & ((mask_GE != _DISABLED).sum(-1) < 2)).nonzero().flatten()
-            if lonely.numel():
-                raise ValueError(f"mask_experts(): layer {i}: groups {lonely.tolist()} hold a forced expert and no "
-                                 "other enabled expert; a group's score sums its top-2 experts, so keep one more "
-                                 "expert of that group enabled")
+                         f"{cfg.kind!r} ({cfg.describe()}) needs at least {need}")

@@ -8,20 +8,26 @@ Forward stages:
   3. plan:     sort by expert, counts, offsets; capacity drops counted
   4. experts:  grouped GEMMs over the stacked weights
   5. combine:  weighted scatter-add back to tokens; + shared experts (optionally sigmoid-gated)
-  6. losses:   unscaled aux losses returned in `routing_info().aux` (or attached to the output,
-               see `attach_aux_losses`)
+  6. losses:   aux losses returned in `routing_info().aux` (or attached to the output, see
+               `attach_aux_losses`): unscaled, except a router's own loss that carries its adaptive
+               coefficient (ReMoE's l1_reg; the router config says with `aux_loss_coefs`)
 
 Capacity (`capacity_factor`) drops only in training; eval mode drops only with `eval_capacity_factor`.
 
-Recurrent routers (RMoE) need the routing state of the previous MoE layer: pass
-`router_state=RecurrentState(gru)` to the first layer and each returned state to the next;
-with `router_state` given, forward returns `(y, next_state)` (other routers hand it on unchanged).
+`forward` always returns the output. A router that carries a routing state across layers (RMoE)
+reads `router_state`; the state for the next layer is `routing_info().router_state` (for other
+routers, the given state unchanged), and the model threads it (moekit.models.MoELM).
+
+What concerns the optimiser step (step counts, global-batch f, selection-bias updates, k schedules)
+lives in moekit.train.balance: a `BalanceTracker` sets `balance_tracker` on the layers it tracks, and
+each training forward reports to it. The layer itself calls no collective and keeps no step state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,24 +35,30 @@ from torch import nn
 from moekit import losses
 from moekit.config import MoEConfig
 from moekit.dispatch import combine, make_plan, permute
+from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
 from moekit.ops.grouped import grouped_mm_available, warn_missing_kernel
-from moekit.ops.reference import moe_reference
-from moekit.routers import RecurrentState, RouterOutput, router_class
-from moekit.routers.base import warn_once
+from moekit.routers import RouterOutput, router_class
+from moekit.routers.registry import router_aux_loss_names
 
 
-@dataclass
+@dataclass(frozen=True)
 class RoutingInfo:
-    """What the last forward did. Tensors are detached, except the aux losses."""
+    """What the last forward did. Tensors are detached, except the aux losses.
 
-    route: RouterOutput  # chosen: the router's assignments of valid tokens, before capacity dropping
+    route: what the router chose (its assignments of valid tokens, before capacity dropping).
+    executed: what ran (`route` after capacity dropping; rows grouped by expert when anything dropped).
+    router_state: the routing state for the next MoE layer (see the module doc).
+    """
+
+    route: RouterOutput
     counts_E: torch.Tensor  # executed assignments per expert
     num_dropped: int
     num_tokens: int  # valid tokens
     num_null: int = 0  # picks of null experts (AdaMoE), which were never dispatched
-    aux: dict[str, torch.Tensor] = field(default_factory=dict)
-    executed: RouterOutput | None = None  # what ran: `route` after capacity dropping (rows grouped by expert)
+    aux: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    executed: RouterOutput | None = None
+    router_state: Any = None
 
     @property
     def experts_per_token_T(self) -> torch.Tensor:
@@ -72,12 +84,16 @@ class RoutingInfo:
 
 
 LAYER_AUX_LOSS_NAMES = ("load_balance", "z_loss", "seq_balance")  # every router; seq_balance for (B, T, D) input
-AUX_LOSS_NAMES = (*LAYER_AUX_LOSS_NAMES, "dynamic")  # + the top-p rule's entropy loss
 
 
 def aux_loss_names(cfg: MoEConfig) -> tuple[str, ...]:
     """The aux losses a training forward of a layer with this config returns in `routing_info().aux`."""
-    return LAYER_AUX_LOSS_NAMES + router_class(cfg.router.kind).aux_loss_names(cfg.router)
+    return LAYER_AUX_LOSS_NAMES + cfg.router.aux_loss_names()
+
+
+def all_aux_loss_names() -> tuple[str, ...]:
+    """Every aux loss name a layer can return with any registered router."""
+    return LAYER_AUX_LOSS_NAMES + tuple(n for n in router_aux_loss_names() if n not in LAYER_AUX_LOSS_NAMES)
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -100,6 +116,9 @@ class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         cfg.validate()
+        if cfg.backend == "grouped_mm" and not grouped_mm_available():
+            raise UsageError("MoEConfig.backend='grouped_mm' is invalid; allowed: 'auto' (torch._grouped_mm is "
+                             "missing from this torch build)")
         self.cfg = cfg
         self.router = router_class(cfg.router.kind)(cfg.router, cfg.d_model, cfg.num_experts)
         self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.d_expert, cfg.activation)
@@ -107,29 +126,19 @@ class MoELayer(nn.Module):
                                if cfg.num_shared_experts > 0 else None)
         self.shared_expert_gate = (nn.Linear(cfg.d_model, 1, bias=False)
                                    if cfg.num_shared_experts > 0 and cfg.shared_gate else None)
-        self.use_reference = cfg.backend == "reference"
         if not grouped_mm_available():
             warn_missing_kernel()
-        # Executed assignments per expert over the current optimiser step (training only), read by
-        # the aux-loss-free bias update. Non-persistent: it is step state, not model state.
-        self.register_buffer("step_counts_E", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
-        # Global-batch balance (balance_scope="global"): chosen counts and valid tokens summed
-        # over this step's micro-batches so far (all-reduced over ranks); reset every optimiser step.
-        self.register_buffer("global_counts_E", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False)
-        self.register_buffer("global_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
-        self._global_f_E: torch.Tensor | None = None  # f of the last counted forward, reused by recomputation
-        # Training forwards run without autograd and not yet recomputed: each may be the first pass of a
-        # reentrant activation checkpoint, whose recompute (inside backward) is then the pass that counts.
-        self._unrecomputed = 0
         # Per-layer coefficients of aux losses attached to the output (see `attach_aux_losses`).
         self.aux_loss_coefs: dict[str, float] | None = None
+        # Set by moekit.train.balance.BalanceTracker: told about every training forward (see the module doc).
+        self.balance_tracker = None
         self._info: RoutingInfo | None = None
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                router_state: RecurrentState | None = None) -> torch.Tensor | tuple[torch.Tensor, RecurrentState]:
+                router_state: Any = None) -> torch.Tensor:
         """x: (B, T, D) or (T, D) (T = 0 gives an empty output and zero aux losses). padding_mask: same
-        leading shape, True/1 for real tokens. router_state: the recurrent routing state (see the module
-        doc); when given, returns (y, state)."""
+        leading shape, True/1 for real tokens. router_state: the routing state from the previous MoE
+        layer, for routers that carry one (see the module doc). Returns y, shaped like x."""
         if x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"MoELayer: input last dim is {x.shape[-1]}, expected d_model={self.cfg.d_model}")
         if x.dim() not in (2, 3):
@@ -143,12 +152,10 @@ class MoELayer(nn.Module):
                 raise ValueError(f"MoELayer: padding_mask shape {tuple(padding_mask.shape)} does not match "
                                  f"the input's leading shape {tuple(lead_shape)}")
             valid_T = padding_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
-        counted = self._counted_pass()
+        tracker = self.balance_tracker if self.training else None
+        counted = tracker.begin_pass(self) if tracker is not None else False
 
-        if self.router.kind == "recurrent":
-            route = self.router(x_TD, router_state, valid_T=valid_T)
-        else:
-            route = self.router(x_TD, valid_T=valid_T)
+        route = self.router(x_TD, valid_T=valid_T, state=router_state)
         if valid_T is not None:
             route = route.keep(valid_T[route.token_idx_N])
         num_valid = T if valid_T is None else int(valid_T.sum())
@@ -156,11 +163,8 @@ class MoELayer(nn.Module):
         # Capacity limits are a training device: in eval mode only eval_capacity_factor drops.
         capacity_factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
         plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, self.cfg.num_experts, capacity_factor)
-        if self.use_reference:
-            y_TD = moe_reference(x_TD, plan.token_N, plan.expert_N, plan.weight_N, self.experts)
-        else:
-            y_ND = self.experts(permute(x_TD, plan), plan.offsets_E)
-            y_TD = combine(y_ND, plan, T, x_TD.dtype)
+        y_ND = self.experts(permute(x_TD, plan), plan.offsets_E)
+        y_TD = combine(y_ND, plan, T, x_TD.dtype)
 
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
@@ -175,61 +179,27 @@ class MoELayer(nn.Module):
             if isinstance(total, torch.Tensor) and total.requires_grad:
                 y_TD = _AttachAuxLoss.apply(y_TD, total)
             aux = {name: value.detach() for name, value in aux.items()}
-        elif aux and counted and _in_backward():
-            warn_once("reentrant-aux", "MoELayer: this forward ran inside backward (activation checkpointing with "
-                      "use_reentrant=True), so its aux losses cannot join a loss computed before backward; "
-                      "call moekit.attach_aux_losses(model, coefs) to attach them to the layer output")
-        route.aux.update(aux)
-        num_null = 0 if route.null_scores_TM is None else self.cfg.router.k * num_valid - route.num_assignments
-        chosen = _detached(route)
+        null_picks_T = route.extras.null_picks_T
+        num_null = 0 if null_picks_T is None else int((null_picks_T if valid_T is None else null_picks_T[valid_T]).sum())
+        chosen = route.detached()
         executed = chosen if plan.num_dropped == 0 else RouterOutput(
-            plan.token_N, plan.expert_N, plan.weight_N.detach(), chosen.scores_TE, chosen.logits_TE, {},
-            chosen.null_scores_TM)
+            plan.token_N, plan.expert_N, plan.weight_N.detach(), chosen.scores_TE, chosen.logits_TE, {}, chosen.extras)
+        next_state = route.extras.state if route.extras.state is not None else router_state
         self._info = RoutingInfo(route=chosen, counts_E=plan.counts_E.detach(), num_dropped=plan.num_dropped,
-                                 num_tokens=num_valid, num_null=num_null, aux=aux, executed=executed)
+                                 num_tokens=num_valid, num_null=num_null, aux=aux, executed=executed,
+                                 router_state=next_state)
         if counted:
-            # Megatron-LM updates its expert bias from the routing map after token dropping: executed counts.
-            self.step_counts_E += plan.counts_E.detach()
-        y = y_TD.view(*lead_shape, self.cfg.d_model)
-        if router_state is None:
-            return y
-        if route.state_TH is not None:
-            router_state = RecurrentState(router_state.gru, route.state_TH)
-        return y, router_state
-
-    def _counted_pass(self) -> bool:
-        """Whether this forward's routing counts for the optimiser step (step counts, global-batch f).
-
-        Exactly one pass per training micro-batch counts, whatever the activation checkpointing:
-          no checkpointing, or use_reentrant=False: the forward (autograd on, outside backward);
-            a non-reentrant recompute inside backward reuses it and counts nothing;
-          use_reentrant=True: the forward runs without autograd, and its recompute inside backward
-            (autograd on) is the pass whose graph backward walks, so that recompute counts.
-        Eval mode and inference (autograd off) never count.
-        """
-        if not self.training:
-            return False
-        if not torch.is_grad_enabled():
-            if not _in_backward():
-                self._unrecomputed += 1  # maybe a reentrant checkpoint's first pass: its recompute will count
-            return False
-        if not _in_backward():
-            self._unrecomputed = 0
-            return True
-        if self._unrecomputed > 0:
-            self._unrecomputed -= 1
-            return True
-        return False
+            tracker.record(self, self._info)
+        return y_TD.view(*lead_shape, self.cfg.d_model)
 
     def _aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None, num_valid: int,
                     lead_shape: torch.Size, counted: bool) -> dict[str, torch.Tensor]:
-        aux = dict(route.aux)
         E = self.cfg.num_experts
         # f counts the router's choices before capacity dropping (see moekit.losses).
         token_idx_N, expert_idx_N = self.router.balance_assignment(route, valid_T)
         chosen_E = torch.bincount(expert_idx_N, minlength=E)
-        # P averages probabilities: sigmoid scores are normalised per token first (Megatron-LM).
-        probs_TE = losses.token_normalized(route.scores_TE) if self.cfg.router.score == "sigmoid" else route.scores_TE
+        probs_TE = self.router.balance_probs(route)
+        aux = {}
         if self.cfg.balance_scope == "global":
             aux["load_balance"] = losses.global_load_balance_loss(
                 probs_TE, self._global_f(chosen_E, num_valid, counted), valid_T)
@@ -245,40 +215,20 @@ class MoELayer(nn.Module):
         return aux
 
     def _global_f(self, chosen_E: torch.Tensor, num_valid: int, counted: bool) -> torch.Tensor:
-        """f for global-batch balance (arXiv 2501.11873): micro-batch j of a step uses the chosen counts
-        of micro-batches 1..j over all data-parallel ranks, divided by their valid tokens."""
-        if not counted:
-            if self.training and _in_backward() and self._global_f_E is not None:
-                return self._global_f_E  # non-reentrant recomputation: the same f as the counted forward
-            return chosen_E.float() / max(num_valid, 1)  # eval: nothing accumulates
-        # One all-reduce of E + 1 numbers per layer per micro-batch.
-        counts_X = torch.cat([chosen_E.detach().to(torch.int64), chosen_E.new_tensor([num_valid], dtype=torch.int64)])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts_X)
-        self.global_counts_E += counts_X[:-1]
-        self.global_tokens += counts_X[-1]
-        self._global_f_E = self.global_counts_E.float() / self.global_tokens.clamp(min=1).float()
-        return self._global_f_E
+        """f for global-batch balance (arXiv 2501.11873): in training, the step's running f from the
+        BalanceTracker (micro-batch j uses micro-batches 1..j of every data-parallel rank); in eval, this
+        batch's own."""
+        if not self.training:
+            return chosen_E.float() / max(num_valid, 1)
+        if self.balance_tracker is None:
+            raise UsageError("MoEConfig.balance_scope='global' accumulates f over an optimiser step: create "
+                             "moekit.BalanceTracker(model, group=...) before the first training forward")
+        return self.balance_tracker.global_f(self, chosen_E, num_valid, counted)
 
     def routing_info(self) -> RoutingInfo:
         if self._info is None:
             raise RuntimeError("MoELayer.routing_info(): no forward has run yet")
         return self._info
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """Once per optimiser step: hand the router this step's executed counts (all-reduced over
-        data-parallel ranks when torch.distributed is initialised) — the aux-loss-free bias update and
-        k schedules use them — then reset them."""
-        counts_E = self.step_counts_E.clone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts_E)
-        self.router.after_optimizer_step(counts_E)
-        self.step_counts_E.zero_()
-        self.global_counts_E.zero_()
-        self.global_tokens.zero_()
-        self._global_f_E = None
-        self._unrecomputed = 0
 
     def extra_repr(self) -> str:
         cfg = self.cfg
@@ -287,23 +237,15 @@ class MoELayer(nn.Module):
                 f"active_params={cfg.num_active_params():,}")
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (where activation checkpointing recomputes)."""
-    return torch._C._current_graph_task_id() != -1
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """Every MoELayer of `model` (itself included), in module order: the order in which MoE-layer
+    indices count everywhere (`moekit.route(layers=...)`, `mask_experts`, traces, expert stores)."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def _detached(route: RouterOutput) -> RouterOutput:
-    null = None if route.null_scores_TM is None else route.null_scores_TM.detach()
-    return RouterOutput(route.token_idx_N, route.expert_idx_N, route.weight_N.detach(),
-                        route.scores_TE.detach(), route.logits_TE.detach(), {}, null)
-
-
-def after_optimizer_step(model: nn.Module) -> None:
-    """Call once after each `optimizer.step()`: router state updates (aux-loss-free selection bias,
-    k schedules) for every MoELayer of `model`."""
-    for m in model.modules():
-        if isinstance(m, MoELayer):
-            m.after_optimizer_step()
+def moe_layer_names(model: nn.Module) -> list[str]:
+    """The module name of each of `moe_layers(model)` (the class name for `model` itself)."""
+    return [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, MoELayer)]
 
 
 def attach_aux_losses(model: nn.Module, coefs: Mapping[str, float] | None) -> list[MoELayer]:
@@ -316,16 +258,17 @@ def attach_aux_losses(model: nn.Module, coefs: Mapping[str, float] | None) -> li
     them to a loss changes its value, not its gradient). This is the way aux losses reach the
     optimiser under activation checkpointing with use_reentrant=True, where the graph that backward
     walks is built inside backward. Divide the coefficients by the number of gradient-accumulation
-    micro-batches if the task loss is divided so. Names: one of AUX_LOSS_NAMES. Returns the layers.
+    micro-batches if the task loss is divided so. Names: see `all_aux_loss_names()`. Returns the layers.
     """
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    layers = moe_layers(model)
     if not layers:
         raise ValueError(f"attach_aux_losses(): {type(model).__name__} contains no MoELayer")
     per_layer = None
     if coefs is not None:
-        unknown = sorted(set(coefs) - set(AUX_LOSS_NAMES))
+        allowed = all_aux_loss_names()
+        unknown = sorted(set(coefs) - set(allowed))
         if unknown:
-            raise ValueError(f"attach_aux_losses(): unknown aux losses {unknown}; allowed: {list(AUX_LOSS_NAMES)}")
+            raise ValueError(f"attach_aux_losses(): unknown aux losses {unknown}; allowed: {list(allowed)}")
         per_layer = {name: float(c) / len(layers) for name, c in coefs.items() if c}
     for layer in layers:
         layer.aux_loss_coefs = per_layer

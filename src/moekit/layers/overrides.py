@@ -5,9 +5,11 @@
     with moekit.route(model, k=[4, 3, 2, 1]):        # one value per selected layer
     with moekit.route(model, kind="topp", p=0.5):    # another selection rule, same gate weights
 
-Each field is a RouterConfig field. The new config is validated before anything changes. A new
-`kind` builds that router around the *same* gate Parameter (and selection bias), so no weight is
-copied or modified; the old router module is put back on exit, even after an exception.
+Each field is a field of the (new) kind's router config. The new config is validated before anything
+changes. A new `kind` converts the config (`RouterConfig.convert`: the fields both kinds have keep
+their values) and builds that router around the *same* gate Parameter (`Router.adopt`: the selection
+bias too), so no weight is copied or modified; the old router module is put back on exit, even after
+an exception. Routers that carry a routing state across layers (RMoE) cannot be swapped with others.
 """
 
 from __future__ import annotations
@@ -18,12 +20,10 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from moekit.layers.moe import MoELayer
+from moekit.config import router_fields
+from moekit.errors import UsageError
+from moekit.layers.moe import MoELayer, moe_layers  # moe_layers: also importable from here, where it was
 from moekit.routers import router_class
-
-
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 def _per_layer(value, n: int, name: str) -> list:
@@ -43,8 +43,8 @@ def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> I
     for i in chosen:
         if not 0 <= i < len(all_layers):
             raise ValueError(f"route(layers=...): layer {i} is out of range; the model has {len(all_layers)} MoE layers")
-    fields = {f.name for f in dataclasses.fields(all_layers[0].cfg.router)}
-    unknown = sorted(set(changes) - fields)
+    fields = router_fields()
+    unknown = sorted(set(changes) - set(fields))
     if unknown:
         raise ValueError(f"route(): unknown RouterConfig fields {unknown}; allowed: {sorted(fields)}")
     values = {name: _per_layer(v, len(chosen), name) for name, v in changes.items()}
@@ -53,10 +53,17 @@ def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> I
     plans = []
     for j, i in enumerate(chosen):
         layer = all_layers[i]
-        new_cfg = dataclasses.replace(layer.router.cfg, **{n: v[j] for n, v in values.items()})
-        if new_cfg.kind != layer.router.kind and "recurrent" in (new_cfg.kind, layer.router.kind):
-            raise ValueError(f"route(kind={new_cfg.kind!r}): a recurrent router's gate reads the GRU state, not the "
-                             f"token, so it cannot be swapped with {layer.router.kind!r}; change select_rule instead")
+        old_cfg = layer.router.cfg
+        change = {n: v[j] for n, v in values.items()}
+        kind = change.pop("kind", old_cfg.kind)
+        try:
+            new_cfg = old_cfg.convert(kind, **change)  # the same kind: its fields replaced
+        except UsageError as e:
+            raise ValueError(f"route(): {e}") from None
+        if kind != old_cfg.kind and (old_cfg.carries_state() or new_cfg.carries_state()):
+            raise ValueError(f"route(kind={kind!r}): a router that carries a routing state across layers reads that "
+                             f"state, not the token, so {old_cfg.kind!r} cannot be swapped with {kind!r}; change "
+                             "its own fields instead")
         new_cfg.validate(layer.cfg.num_experts)
         plans.append((layer, new_cfg))
 
@@ -76,13 +83,7 @@ def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> I
 
 
 def _rebuild(router: nn.Module, cfg) -> nn.Module:
-    cls = router_class(cfg.kind)
-    new = cls(cfg, router.d_model, router.num_experts).to(router.weight.device)
-    new.weight = router.weight  # share the gate Parameter: nothing is copied
-    if hasattr(new, "reset_null_rows"):
-        new.reset_null_rows()  # AdaMoE: null rows start as tiles of the *shared* (e.g. pretrained) gate rows
-    new.expert_mask_E = router.expert_mask_E  # a mask entered outside the override stays in force
-    if hasattr(router, "e_score_correction_bias") and hasattr(new, "e_score_correction_bias"):
-        new.e_score_correction_bias = router.e_score_correction_bias
+    new = router_class(cfg.kind)(cfg, router.d_model, router.num_experts).to(router.weight.device)
+    new.adopt(router)  # the same gate Parameter (and shared state): nothing is copied; a mask stays in force
     new.train(router.training)
     return new

@@ -10,8 +10,9 @@ Hk key/value heads, d head dim, V vocabulary.
   `scaled_dot_product_attention`, and a preallocated KV cache for generation.
 - FFN: a moekit `MoELayer` in every layer, except the first `n_dense` layers, which use a dense
   SwiGLU FFN (DeepSeek's `first_k_dense_replace`).
-- The recurrent router (RMoE) needs one GRU cell shared by all MoE layers: the model owns it
-  (`router_gru`) and passes the routing state from layer to layer in `forward`.
+- Routers that carry a routing state across layers (RMoE's GRU) get the module they share from their
+  config (`build_shared_module`): the model owns it (`router_shared`) and threads the state from
+  layer to layer in `forward` (each MoE layer's `routing_info().router_state`).
 
 The layout follows transformers' Mixtral / Qwen3-MoE, so a trained model can be exported to them.
 """
@@ -21,21 +22,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.config import CONFIG_VERSION, MoEConfig, _check, _from_dict, check_fields
+from moekit.config import Config, MoEConfig, check_fields, require
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
-from moekit.layers.moe import MoELayer
-from moekit.routers import RecurrentState, router_class
+from moekit.layers.moe import MoELayer, moe_layers
 
 
 @dataclass
-class LMConfig:
+class LMConfig(Config):
     """The language model. `moe.d_model` always equals `d_model` (set by `validate`).
 
     d_ff_dense: width of the dense FFN in the first `n_dense` layers (default: the MoE layer's
@@ -77,35 +76,31 @@ class LMConfig:
 
     def validate(self) -> LMConfig:
         check_fields(self)
-        _check(self.vocab_size >= 2, "LMConfig.vocab_size", self.vocab_size, "an integer >= 2")
-        _check(self.d_model >= 1, "LMConfig.d_model", self.d_model, "an integer >= 1")
-        _check(self.n_layers >= 1, "LMConfig.n_layers", self.n_layers, "an integer >= 1")
-        _check(self.n_heads >= 1 and self.d_model % self.n_heads == 0 and self.head_dim % 2 == 0,
+        require(self.vocab_size >= 2, "LMConfig.vocab_size", self.vocab_size, "an integer >= 2")
+        require(self.d_model >= 1, "LMConfig.d_model", self.d_model, "an integer >= 1")
+        require(self.n_layers >= 1, "LMConfig.n_layers", self.n_layers, "an integer >= 1")
+        require(self.n_heads >= 1 and self.d_model % self.n_heads == 0 and self.head_dim % 2 == 0,
                "LMConfig.n_heads", self.n_heads, f"a divisor of d_model={self.d_model} giving an even head dim")
-        _check(self.n_kv_heads is None or self.n_kv_heads >= 1, "LMConfig.n_kv_heads", self.n_kv_heads,
+        require(self.n_kv_heads is None or self.n_kv_heads >= 1, "LMConfig.n_kv_heads", self.n_kv_heads,
                f"None or a divisor of n_heads={self.n_heads}")
-        _check(self.n_heads % self.kv_heads == 0, "LMConfig.n_kv_heads", self.n_kv_heads,
+        require(self.n_heads % self.kv_heads == 0, "LMConfig.n_kv_heads", self.n_kv_heads,
                f"None or a divisor of n_heads={self.n_heads}")
-        _check(0 <= self.n_dense <= self.n_layers, "LMConfig.n_dense", self.n_dense,
+        require(0 <= self.n_dense <= self.n_layers, "LMConfig.n_dense", self.n_dense,
                f"an integer in [0, n_layers={self.n_layers}]")
-        _check(self.max_seq_len >= 1, "LMConfig.max_seq_len", self.max_seq_len, "an integer >= 1")
-        _check(self.d_ff_dense is None or self.d_ff_dense >= 1, "LMConfig.d_ff_dense", self.d_ff_dense,
+        require(self.max_seq_len >= 1, "LMConfig.max_seq_len", self.max_seq_len, "an integer >= 1")
+        require(self.d_ff_dense is None or self.d_ff_dense >= 1, "LMConfig.d_ff_dense", self.d_ff_dense,
                "None or an integer >= 1")
-        _check(self.rope_theta > 0, "LMConfig.rope_theta", self.rope_theta, "a finite float > 0")
-        _check(self.norm_eps > 0, "LMConfig.norm_eps", self.norm_eps, "a finite float > 0")
-        _check(self.init_std > 0, "LMConfig.init_std", self.init_std, "a finite float > 0")
+        require(self.rope_theta > 0, "LMConfig.rope_theta", self.rope_theta, "a finite float > 0")
+        require(self.norm_eps > 0, "LMConfig.norm_eps", self.norm_eps, "a finite float > 0")
+        require(self.init_std > 0, "LMConfig.init_std", self.init_std, "a finite float > 0")
         if self.moe.d_model != self.d_model:
             self.moe = dataclasses.replace(self.moe, d_model=self.d_model)
         self.moe.validate()
-        if not router_class(self.moe.router.kind).is_causal and not self.moe.router.allow_causal_leak:
+        if not self.moe.router.is_causal() and not self.moe.router.accepts_causal_leak():
             raise UsageError(f"RouterConfig.kind={self.moe.router.kind!r} is not causal (a token's experts depend on "
                              "later tokens), so a causal LM would see the future; set allow_causal_leak=True to "
                              "train it anyway (its validation loss is then not comparable)")
         return self
-
-    @property
-    def uses_recurrent_router(self) -> bool:
-        return self.moe.router.kind == "recurrent"
 
     # Parameter counts, without building.
     def _attn_params(self) -> int:
@@ -117,26 +112,14 @@ class LMConfig:
         embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
         per_layer = self._attn_params() + 2 * self.d_model
         dense = 3 * self.d_model * self.dense_width
-        gru = 6 * self.moe.router.gru_dim * (self.moe.router.gru_dim + 1) if self.uses_recurrent_router else 0
+        shared = self.moe.router.shared_module_params()  # e.g. RMoE's GRU, one per model
         return (embed + self.n_layers * per_layer + self.n_dense * dense + n_moe * self.moe.num_params()
-                + self.d_model + gru)
+                + self.d_model + shared)
 
     def num_active_params(self) -> int:
         """Parameters one token uses on average (experts at the router's expected count)."""
         inactive = (self.n_layers - self.n_dense) * (self.moe.num_params() - self.moe.num_active_params())
         return self.num_params() - inactive
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["moe"] = self.moe.to_dict()
-        return {"type": type(self).__name__, "version": CONFIG_VERSION, **d}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LMConfig:
-        kw = _from_dict(cls, d)
-        if "moe" in kw:
-            kw["moe"] = MoEConfig.from_dict(kw["moe"])
-        return cls(**kw)
 
 
 class KVCache:
@@ -219,10 +202,8 @@ class Block(nn.Module):
         h_BTD = self.ffn_norm(x_BTD)
         if not self.is_moe:
             return x_BTD + self.ffn(h_BTD), router_state
-        if router_state is None:
-            return x_BTD + self.ffn(h_BTD, padding_mask), None
-        y_BTD, router_state = self.ffn(h_BTD, padding_mask, router_state=router_state)
-        return x_BTD + y_BTD, router_state
+        y_BTD = self.ffn(h_BTD, padding_mask, router_state=router_state)
+        return x_BTD + y_BTD, self.ffn.routing_info().router_state
 
 
 class MoELM(nn.Module):
@@ -233,8 +214,9 @@ class MoELM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.router_gru = (nn.GRUCell(cfg.moe.router.gru_dim, cfg.moe.router.gru_dim)
-                           if cfg.uses_recurrent_router else None)
+        # A module every MoE layer's router shares (RMoE's GRU), or None.
+        self.router_shared = cfg.moe.router.build_shared_module()
+        self.register_load_state_dict_pre_hook(_rename_router_gru)
         self.init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -268,7 +250,7 @@ class MoELM(nn.Module):
                 nn.init.ones_(module.weight)
 
     def moe_layers(self) -> list[MoELayer]:
-        return [b.ffn for b in self.layers if b.is_moe]
+        return moe_layers(self)
 
     def forward(self, input_ids_BT: torch.Tensor, cache: KVCache | None = None,
                 padding_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
@@ -280,7 +262,7 @@ class MoELM(nn.Module):
             raise ValueError(f"MoELM: positions {start}..{start + T - 1} exceed the limit of {limit} tokens")
         cos_Td, sin_Td = rotary_tables(self.cfg, torch.arange(start, start + T, device=input_ids_BT.device))
         x_BTD = self.embed(input_ids_BT)
-        router_state = RecurrentState(self.router_gru) if self.router_gru is not None else None
+        router_state = self.cfg.moe.router.initial_state(self.router_shared)
         for block in self.layers:
             x_BTD, router_state = block(x_BTD, cos_Td, sin_Td, cache, padding_mask_BT, router_state)
         if cache is not None:
@@ -298,3 +280,11 @@ class MoELM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"params={self.cfg.num_params():,}, active_params={self.cfg.num_active_params():,}"
+
+
+def _rename_router_gru(module: MoELM, state_dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: checkpoints written before routers owned their configs call the shared
+    module `router_gru`."""
+    old = prefix + "router_gru."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "router_shared." + key[len(old):]] = state_dict.pop(key)

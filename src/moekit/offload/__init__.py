@@ -8,19 +8,14 @@ static hot set, predictive prefetch), and generation that keeps only cached expe
 See docs/offload.md for the store format, the cache conventions and measured numbers.
 """
 
-from moekit.offload.cache import (
-    POLICIES,
-    SCOPES,
-    CachePlan,
-    ExpertCache,
-    PrefetchError,
-    parse_budget,
-    plan_cache,
-)
+from moekit.offload.budget import POLICIES, SCOPES, CachePlan, parse_budget, plan_cache
+from moekit.offload.cache import ExpertCache
 from moekit.offload.generate import OffloadResult, decode_loop, offloaded_generate, run_metrics
+from moekit.offload.load import load_dense_lm
+from moekit.offload.prefetch import PrefetchError
 from moekit.offload.runtime import OffloadedExperts, OffloadRuntime, offload
 from moekit.offload.simulate import simulate_predictive, simulate_run
-from moekit.offload.store import ExpertStore, ExpertStoreError, load_dense_lm, write_store
+from moekit.offload.store import ExpertStore, ExpertStoreError, write_store
 
 __all__ = [
     "POLICIES", "SCOPES", "CachePlan", "ExpertCache", "ExpertStore", "ExpertStoreError", "OffloadResult",

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from moekit.errors import UsageError
-from moekit.offload.cache import POLICIES, SCOPES
+from moekit.offload.budget import POLICIES, SCOPES
 from moekit.offload.store import VERIFY_MODES
 
 __all__ = ["add_offload_arguments", "add_store_arguments", "run_offloaded", "write_store_command"]
@@ -59,9 +59,9 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _source(args, model) -> dict:
     if getattr(args, "run", None):
-        from moekit.offload.generate import _run_source
+        from moekit.offload.load import run_source
 
-        return _run_source(Path(args.run))
+        return run_source(Path(args.run))
     return {"kind": "hf", "path": str(Path(args.hf).resolve())}
 
 
@@ -127,7 +127,7 @@ def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT: torch.T
 def write_store_command(args: argparse.Namespace) -> int:
     """`moekit offload RUN|--hf DIR OUT`: write the expert store OUT (refused before loading the model if
     OUT is not absent, empty or a moekit store); `generate ... --expert-store OUT` reuses it."""
-    from moekit.offload.cache import format_bytes
+    from moekit.offload.budget import format_bytes
     from moekit.offload.store import ExpertStore, check_store_target, write_store
 
     want = 1 if args.hf is not None else 2

@@ -1,13 +1,13 @@
-"""Generation under an expert-memory budget, with the figures of /work/shared/design/offload.md.
+"""Generation under an expert-memory budget, with the figures of docs/offload.md.
 
     result = offloaded_generate(model_or_run, prompt_ids, 64, budget="25%", policy="predictive")
     result.ids_BT, result.metrics, result.trace
 
 Stages:
-  1. model and store: a module (its experts are written to `store_dir`, or a temporary store), a
-     moekit run directory (its store RUN/expert-store is written once and reused while the
-     checkpoint is unchanged; the model is then built without its experts), or a store directory
-     written from a moekit model;
+  1. model and store (moekit.offload.load): a module (its experts are written to `store_dir`, or a
+     temporary store), a moekit run directory (its store RUN/expert-store is written once and
+     reused while the checkpoint is unchanged; the model is then built without its experts), or a
+     store directory written from a moekit model;
   2. `offload` the model (OffloadRuntime), record the executed routing with TraceRecorder;
   3. the loop of moekit.models.generate (KV cache, same sampling), prefill timed apart from
      decode; transformers models step with their own cache (`past_key_values`);
@@ -23,27 +23,20 @@ import os
 import resource
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from moekit.analysis.metrics import RoutingTrace
+from moekit.analysis.routing_trace import RoutingTrace
 from moekit.analysis.trace import TraceRecorder
 from moekit.models.generate import decode
-from moekit.offload.cache import format_bytes
+from moekit.offload.budget import format_bytes
+from moekit.offload.load import open_model_and_store, store_matches_model  # lived here before load.py
 from moekit.offload.runtime import OffloadRuntime, expert_shape, offload, plan_offload
 from moekit.offload.simulate import simulate_run
-from moekit.offload.store import (
-    MANIFEST,
-    ExpertStore,
-    check_store_target,
-    load_dense_lm,
-    temporary_store_dir,
-    write_store,
-)
+from moekit.offload.store import ExpertStore
 
 __all__ = ["OffloadResult", "decode_loop", "offloaded_generate", "open_model_and_store", "store_matches_model"]
 
@@ -116,91 +109,6 @@ def decode_loop(model: nn.Module, prompt_ids_BT: torch.Tensor, max_new_tokens: i
         model.train(was_training)
     trace = rec.to_trace({"source": "offloaded_generate"}) if rec is not None else None
     return ids_BT, {"prefill_s": seconds[0], "latencies_s": seconds[1:], "batch": B, "prompt_tokens": T}, trace
-
-
-# ----------------------------------------------------------------------------- model and store
-
-
-def store_matches_model(store: ExpertStore, model: nn.Module) -> bool:
-    """Shapes match and the first and last expert of every layer have the stored bytes (a cheap
-    check that the store was written from these weights)."""
-    import hashlib
-
-    from moekit.layers.overrides import moe_layers
-    from moekit.offload.store import _as_bytes, _expert_tensors
-
-    layers = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
-    try:
-        store.check_matches(layers)
-    except Exception:  # any mismatch means "not this model's store"
-        return False
-    for i, layer in enumerate(layers):
-        for e in {0, store.num_experts - 1}:
-            h = hashlib.sha256()
-            for t in _expert_tensors(layer.experts, e):
-                h.update(_as_bytes(t))
-            if h.hexdigest() != store.manifest["layers"][i]["experts"][e]["sha256"]:
-                return False
-    return True
-
-
-def _run_source(run_dir: Path) -> dict[str, Any]:
-    """What a run's store is written from: the latest checkpoint and its weights' sha256, read through
-    the checkpoint module (which verifies meta.json and the files it lists)."""
-    from moekit.train.checkpoint import latest_checkpoint, read_meta
-
-    ckpt = latest_checkpoint(run_dir)
-    meta = read_meta(ckpt)
-    return {"kind": "moekit-run", "checkpoint": ckpt.name, "model_sha256": meta["sha256"]["model.safetensors"]}
-
-
-def open_model_and_store(model_or_run: nn.Module | str | os.PathLike, store_dir: str | os.PathLike | None = None,
-                         log=None, before_write=None) -> tuple[nn.Module, Path, bool]:
-    """(model, store directory, whether the store is temporary) for offloaded_generate.
-    `before_write(model)` runs before a store is written (offloaded_generate checks the budget there)."""
-    say = log or (lambda *_: None)
-    check = before_write or (lambda _model: None)
-    if isinstance(model_or_run, nn.Module):
-        model = model_or_run
-        if store_dir is not None and (Path(store_dir) / MANIFEST).is_file():
-            with ExpertStore(store_dir) as st:
-                if store_matches_model(st, model):
-                    return model, Path(store_dir), False
-            say(f"expert store {store_dir} does not match this model; rewriting it")
-        check(model)
-        temp = store_dir is None
-        if not temp:
-            check_store_target(store_dir)
-        path = temporary_store_dir() / "store" if temp else Path(store_dir)
-        try:
-            write_store(model, path, source={"kind": type(model).__name__})
-        except BaseException:
-            if temp:
-                shutil.rmtree(path.parent, ignore_errors=True)
-            raise
-        return model, path, temp
-    path = Path(model_or_run)
-    if (path / MANIFEST).is_file():
-        return load_dense_lm(path), path, False
-    if not (path / "checkpoints").is_dir():
-        raise FileNotFoundError(f"{str(path)!r} is neither a moekit run directory (checkpoints/) nor an expert "
-                                f"store ({MANIFEST})")
-    store = Path(store_dir) if store_dir is not None else path / "expert-store"
-    source = _run_source(path)
-    if (store / MANIFEST).is_file():
-        with ExpertStore(store) as st:  # a damaged manifest is refused here, naming the file
-            current = st.manifest.get("source") == source
-        if current:
-            return load_dense_lm(store), store, False
-        say(f"expert store {store} was written from another checkpoint; rewriting it")
-        check_store_target(store)
-    from moekit.train import load_trained
-
-    full, _, _ = load_trained(path)
-    check(full)
-    write_store(full, store, source=source)
-    del full
-    return load_dense_lm(store), store, False
 
 
 # ----------------------------------------------------------------------------- the run

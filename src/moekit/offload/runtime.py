@@ -19,18 +19,16 @@ Nothing of size T x E x D is built. Inference only (no autograd through the load
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank
-from moekit.layers.moe import MoELayer
-from moekit.layers.overrides import moe_layers
-from moekit.offload.cache import CachePlan, ExpertCache, ExpertShape, hot_keys_from_counts, plan_cache
+from moekit.layers.moe import MoELayer, moe_layers
+from moekit.offload.budget import CachePlan, ExpertShape, hot_keys_from_counts, plan_cache
+from moekit.offload.cache import ExpertCache
 from moekit.offload.store import ExpertStore, _expert_tensors
+from moekit.ops.ffn import hidden
 from moekit.ops.grouped import compute_dtype
 from moekit.routers.predict import can_predict, predict_experts, priority_order
 
@@ -39,24 +37,18 @@ __all__ = ["OffloadRuntime", "OffloadedExperts", "expert_shape", "hot_counts", "
 
 
 def token_experts(layer: MoELayer) -> int:
-    """K: experts one token needs resident at once at this layer, the least a cache must hold.
-
-    Top-k families: k. Top-p: its cap max_k, else min_k (NOTE: an uncapped top-p token may use up
-    to E experts; requiring E would forbid any budget below 100%, so a token whose experts do not
-    fit is run in several cache steps instead). Other dynamic routers: the expected count, rounded up.
-    """
-    r = layer.cfg.router
-    rule = r.select_rule if r.kind == "recurrent" else r.kind
-    if rule == "topp":
-        return max(1, min(r.max_k or r.min_k, layer.cfg.num_experts))
-    return max(1, math.ceil(layer.cfg.expected_experts_per_token()))
+    """K: experts one token needs resident at once at this layer, the least a cache must hold: the
+    router's own answer (`RouterConfig.min_resident_experts`; top-k: k; top-p: its cap max_k, else
+    min_k, and a token whose experts do not fit runs in several cache steps; other dynamic routers:
+    the expected count, rounded up)."""
+    return layer.cfg.router.min_resident_experts(layer.cfg.num_experts)
 
 
 def hot_counts(source, num_layers: int, num_experts: int):
     """Per-(layer, expert) use counts (L, E) from a RoutingTrace, a trace file path or an array."""
     import numpy as np
 
-    from moekit.analysis.metrics import RoutingTrace
+    from moekit.analysis.routing_trace import RoutingTrace
     from moekit.analysis.tracefile import load_trace
 
     if isinstance(source, str) or hasattr(source, "__fspath__"):
@@ -127,12 +119,9 @@ class OffloadRuntime:
         self.model = model
         self.store = store
         self.plan = plan
-        self.layers: list[MoELayer] = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+        self.layers = moe_layers(model)
         store.check_matches(self.layers)
         for i, layer in enumerate(self.layers):
-            if layer.use_reference:
-                raise ValueError(f"MoE layer {i} uses backend='reference', which reads the stacked weights directly; "
-                                 "offloading replaces the grouped expert path (use backend 'auto' or 'grouped_mm')")
             if not isinstance(layer.experts, ExpertBank):
                 raise ValueError(f"MoE layer {i} holds {type(layer.experts).__name__}; is the model offloaded already?")
         if device is None:
@@ -225,11 +214,7 @@ class OffloadRuntime:
             ranges = [(starts[e], ends[e]) for e in group]
             r0, r1 = ranges[0][0], ranges[-1][1]
             _linear_rows(x_ND, [w[0] for w in weights], ranges, upcast, h_NX)
-            if swiglu:
-                gate_MF, up_MF = h_NX[r0:r1].chunk(2, dim=-1)
-                h_NF[r0:r1] = F.silu(gate_MF) * up_MF
-            else:
-                h_NF[r0:r1] = F.gelu(h_NX[r0:r1])
+            h_NF[r0:r1] = hidden(h_NX[r0:r1], self.store.activation)  # the expert FFN's own activation
             _linear_rows(h_NF, [w[1] for w in weights], ranges, upcast, y_ND)
             self.cache.end_step(layer_idx)
         return y_ND
@@ -285,7 +270,7 @@ def offload(model: nn.Module, store: ExpertStore | str, budget: str | int | floa
 
 
 def _layers(model: nn.Module, what: str) -> list[MoELayer]:
-    layers = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+    layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{what}: {type(model).__name__} contains no moekit MoELayer")
     return layers

@@ -1,13 +1,14 @@
 """Re-simulate an offloaded run from its recorded routing trace: the same policy (which must agree
 exactly with the measured cache) and the optimal bounds set-MIN and bypass-MIN.
 
-Legend: L MoE layers, E experts, B sequences per forward, G step size (experts per cache step),
-N steps, R requests, C capacity in experts.
+Legend (the analysis letters, as moekit.analysis.cache): L MoE layers, E experts, B sequences per
+forward, K experts per cache step (at most the plan's step size), Q steps, N requests, C capacity in
+experts.
 
 The request stream of a run follows from the trace alone (plus the cache plan): forward f of the
 generation loop (f = 0 the prefill, f >= 1 one decode token each) recorded B sequences; at layer l
-the forward needs U = the sorted union of the experts its tokens executed, cut into steps of at
-most G experts (`OffloadRuntime.groups`). Per-layer caches see one stream per layer; the shared
+the forward needs the sorted union of the experts its tokens executed, cut into steps of at
+most `step_size` experts (`OffloadRuntime.groups`). Per-layer caches see one stream per layer; the shared
 cache sees steps in execution order (f, l, step) with ids l * E + e. Prefill requests warm the
 cache but are reported apart; hit rates are over decode requests, cache cold when generation
 starts (the analysis' "warm" convention does not apply).
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from moekit.analysis.cache import bypass_min, set_min, simulate_lfu, simulate_lru, simulate_static
-from moekit.analysis.metrics import RoutingTrace
-from moekit.offload.cache import CachePlan
+from moekit.analysis.routing_trace import RoutingTrace
+from moekit.offload.budget import CachePlan
 
 __all__ = ["RunStream", "run_streams", "simulate_predictive", "simulate_run"]
 
@@ -34,13 +35,13 @@ class RunStream:
     """The requests one cache saw: steps (ids, -1 padded), the phase of each request, and the
     event order of steps and prefetches (predictive)."""
 
-    requests_NG: np.ndarray
-    decode_R: np.ndarray             # True for requests of decode forwards
+    requests_QK: np.ndarray
+    decode_N: np.ndarray             # True for requests of decode forwards
     events: list[tuple]              # ("step", ids, layer) | ("prefetch", ids, layer)
 
 
-def _pad(steps: list[list[int]], G: int) -> np.ndarray:
-    out = np.full((len(steps), max(G, 1)), -1, dtype=np.int64)
+def _pad(steps: list[list[int]], step_size: int) -> np.ndarray:
+    out = np.full((len(steps), max(step_size, 1)), -1, dtype=np.int64)
     for i, s in enumerate(steps):
         out[i, :len(s)] = s
     return out
@@ -49,7 +50,7 @@ def _pad(steps: list[list[int]], G: int) -> np.ndarray:
 def run_streams(trace: RoutingTrace, batch: int, plan: CachePlan,
                 predictions: list[tuple[int, int, list[int]]] | None = None) -> list[RunStream]:
     """One RunStream per cache (L per-layer caches, or one shared), built from the trace of a run."""
-    L, E, G = trace.num_layers, trace.num_experts, plan.step_size
+    L, E, step_size = trace.num_layers, trace.num_experts, plan.step_size
     if len(trace.seqs) % batch:
         raise ValueError(f"trace has {len(trace.seqs)} sequences, not a multiple of the batch size {batch}")
     pred = {(f, layer): ids for f, layer, ids in (predictions or [])}
@@ -63,7 +64,7 @@ def run_streams(trace: RoutingTrace, batch: int, plan: CachePlan,
             c, off = (layer, 0) if plan.scope == "layer" else (0, layer * E)
             ids = np.unique(np.concatenate([s[layer].ravel() for s in seqs]))
             active = [int(e) for e in ids if e >= 0]
-            groups = [active[i:i + G] for i in range(0, len(active), G)]
+            groups = [active[i:i + step_size] for i in range(0, len(active), step_size)]
             if (f, layer) in pred and plan.scope == "layer":
                 events[c].append(("prefetch", [off + e for e in pred[(f, layer)]], layer))
             for gi, g in enumerate(groups):
@@ -75,7 +76,7 @@ def run_streams(trace: RoutingTrace, batch: int, plan: CachePlan,
                 if gi == 0 and plan.scope == "shared" and (f, layer + 1) in pred:
                     events[c].append(("prefetch", [(layer + 1) * E + e for e in pred[(f, layer + 1)]], layer + 1))
                 events[c].append(("end", [], layer))
-    return [RunStream(_pad(steps[c], G), np.array(phases[c], dtype=bool), events[c]) for c in range(n_caches)]
+    return [RunStream(_pad(steps[c], step_size), np.array(phases[c], dtype=bool), events[c]) for c in range(n_caches)]
 
 
 def simulate_predictive(events: list[tuple], C: int) -> tuple[np.ndarray, dict[str, int]]:
@@ -145,20 +146,20 @@ def simulate_run(trace: RoutingTrace, batch: int, plan: CachePlan, *, hot_keys=N
     extra = {"prefetch_loads": 0, "useful_prefetches": 0, "wasted_prefetches": 0}
     for c, s in enumerate(streams):
         if plan.policy == "lru":
-            res = simulate_lru(s.requests_NG, C).hit_R
+            res = simulate_lru(s.requests_QK, C).hit_N
         elif plan.policy == "lfu":
-            res = simulate_lfu(s.requests_NG, C).hit_R
+            res = simulate_lfu(s.requests_QK, C).hit_N
         elif plan.policy == "static":
-            res = simulate_static(s.requests_NG, max(plan.hot_capacity, 1),
-                                  np.asarray(hot_keys[c], dtype=np.int64)).hit_R
+            res = simulate_static(s.requests_QK, max(plan.hot_capacity, 1),
+                                  np.asarray(hot_keys[c], dtype=np.int64)).hit_N
         else:
             res, counters = simulate_predictive(s.events, C)
             for k in extra:
                 extra[k] += counters[k]
         flags["policy"].append(res)
-        flags["set_min"].append(set_min(s.requests_NG, C).hit_R)
-        flags["bypass_min"].append(bypass_min(s.requests_NG, C).hit_R)
-    decode = [s.decode_R for s in streams]
+        flags["set_min"].append(set_min(s.requests_QK, C).hit_N)
+        flags["bypass_min"].append(bypass_min(s.requests_QK, C).hit_N)
+    decode = [s.decode_N for s in streams]
     out = {"streams": streams, "flags": flags, "decode": decode, **extra}
     for name, per_cache in flags.items():
         hits = sum(int(f[d].sum()) for f, d in zip(per_cache, decode, strict=True))

@@ -25,8 +25,9 @@ no memory map); when opened it checks every manifest field against the files' re
 anything is allocated, and the safetensors headers (a truncated file is refused, naming the first
 expert it cut off); it checks each expert's sha256 on its first read
 (`verify="first"`), on every read (`"always"`) or never (`"never"`). Writes are atomic: the store
-is written into a temporary directory (every file fsynced), which is renamed into place; the
-temporary directories of killed writes are removed by the next `write_store` to the same place.
+is written into a temporary directory (every file fsynced), which is renamed into place
+(moekit.utils.io.atomic_dir); the temporary directories of killed writes are removed by the next
+`write_store` to the same place.
 
 Legend: L MoE layers, E experts per layer, D model dim, F expert hidden dim, S_e bytes per expert.
 """
@@ -36,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 import tempfile
 import threading
@@ -49,22 +49,19 @@ from torch import nn
 
 from moekit.errors import DataError, NotOwnedError
 from moekit.experts import ExpertBank
-from moekit.layers.moe import MoELayer
-from moekit.layers.overrides import moe_layers
+from moekit.layers.moe import MoELayer, moe_layer_names, moe_layers
 from moekit.utils.io import (
     MARKER,
     TMP_TAG,
-    atomic_write_text,
+    atomic_dir,
     check_writable_dir,
     marker_kind,
     remove_debris,
-    replace_dir,
-    tmp_path,
-    writing,
+    sha256_file,
 )
 
-__all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "check_store_target", "load_dense_lm",
-           "temporary_store_dir", "write_store"]
+__all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "check_store_target", "temporary_store_dir",
+           "write_store"]
 
 FORMAT = "moekit-expert-store"
 VERSION = 1
@@ -134,8 +131,6 @@ def _write_layer_file(path: Path, bank: nn.Module, layer: int) -> dict[str, Any]
                 h.update(b)
                 f.write(b)
             experts.append({"offset": data_start + e * S_e, "sha256": h.hexdigest()})
-        f.flush()
-        os.fsync(f.fileno())
     return {"index": layer, "file": path.name, "file_nbytes": data_start + E * S_e, "data_start": data_start,
             "experts": experts, "_shapes": shapes, "_sizes": sizes, "_dtype": dtype}
 
@@ -173,7 +168,7 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
     from moekit.models.lm import MoELM
 
     out_dir = Path(out_dir)
-    layers: list[MoELayer] = model.moe_layers() if hasattr(model, "moe_layers") else moe_layers(model)
+    layers = moe_layers(model)
     if not layers:
         raise ValueError(f"write_store: {type(model).__name__} contains no moekit MoELayer")
     banks = []
@@ -186,48 +181,36 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
             raise ValueError(f"write_store: MoE layer {i}'s expert weights are on the meta device (not loaded)")
         banks.append(bank)
     check_store_target(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_debris(out_dir.parent, out_dir.name)  # temporary directories of killed writes
-    tmp = tmp_path(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(out_dir, tmp):  # a full disk names the target
-        tmp.mkdir()
-        try:
-            entries = [_write_layer_file(tmp / f"layer-{i:03d}.safetensors", bank, i) for i, bank in enumerate(banks)]
-            first = entries[0]
-            for i, ent in enumerate(entries):
-                if ent["_shapes"] != first["_shapes"] or ent["_dtype"] != first["_dtype"]:
-                    raise ValueError(f"write_store: MoE layer {i} has expert shapes {ent['_shapes']} {ent['_dtype']}, "
-                                     f"layer 0 has {first['_shapes']} {first['_dtype']}; the store needs one expert size")
-            names = _tensor_names(banks[0].activation)
-            tensors, offset = [], 0
-            for name, shape, size in zip(names, first["_shapes"], first["_sizes"], strict=True):
-                tensors.append({"name": name, "shape": list(shape), "offset": offset, "nbytes": size})
-                offset += size
-            dense = None
-            if isinstance(model, MoELM):
-                dense_tensors, aliases = _dense_state(model, banks)
-                save_file(dense_tensors, str(tmp / DENSE))
-                with open(tmp / DENSE, "rb") as f:
-                    os.fsync(f.fileno())
-                    digest = hashlib.file_digest(f, "sha256").hexdigest()
-                dense = {"file": DENSE, "sha256": digest, "aliases": aliases, "model_config": model.cfg.to_dict()}
-            manifest = {
-                "format": FORMAT, "version": VERSION,
-                "num_layers": len(banks), "num_experts": banks[0].num_experts, "d_model": banks[0].d_model,
-                "d_expert": banks[0].d_expert, "activation": banks[0].activation,
-                "dtype": str(first["_dtype"]).removeprefix("torch."), "expert_nbytes": offset,
-                "tensors": tensors,
-                "layers": [{k: v for k, v in ent.items() if not k.startswith("_")} | {"name": name}
-                           for ent, name in zip(entries, _layer_names(model, layers), strict=True)],
-                "dense": dense,
-                "source": source or {},
-            }
-            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            replace_dir(tmp, out_dir, KIND, "write_store")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with atomic_dir(out_dir, KIND, "write_store") as tmp:
+        entries = [_write_layer_file(tmp / f"layer-{i:03d}.safetensors", bank, i) for i, bank in enumerate(banks)]
+        first = entries[0]
+        for i, ent in enumerate(entries):
+            if ent["_shapes"] != first["_shapes"] or ent["_dtype"] != first["_dtype"]:
+                raise ValueError(f"write_store: MoE layer {i} has expert shapes {ent['_shapes']} {ent['_dtype']}, "
+                                 f"layer 0 has {first['_shapes']} {first['_dtype']}; the store needs one expert size")
+        names = _tensor_names(banks[0].activation)
+        tensors, offset = [], 0
+        for name, shape, size in zip(names, first["_shapes"], first["_sizes"], strict=True):
+            tensors.append({"name": name, "shape": list(shape), "offset": offset, "nbytes": size})
+            offset += size
+        dense = None
+        if isinstance(model, MoELM):
+            dense_tensors, aliases = _dense_state(model, banks)
+            save_file(dense_tensors, str(tmp / DENSE))
+            digest = sha256_file(tmp / DENSE)
+            dense = {"file": DENSE, "sha256": digest, "aliases": aliases, "model_config": model.cfg.to_dict()}
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "num_layers": len(banks), "num_experts": banks[0].num_experts, "d_model": banks[0].d_model,
+            "d_expert": banks[0].d_expert, "activation": banks[0].activation,
+            "dtype": str(first["_dtype"]).removeprefix("torch."), "expert_nbytes": offset,
+            "tensors": tensors,
+            "layers": [{k: v for k, v in ent.items() if not k.startswith("_")} | {"name": name}
+                       for ent, name in zip(entries, moe_layer_names(model), strict=True)],
+            "dense": dense,
+            "source": source or {},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return out_dir
 
 
@@ -259,11 +242,6 @@ def _manifest_format(path: Path) -> str | None:
     except (OSError, ValueError):
         return None
     return m.get("format") if isinstance(m, dict) else None
-
-
-def _layer_names(model: nn.Module, layers: list[MoELayer]) -> list[str]:
-    names = {id(m): n for n, m in model.named_modules()}
-    return [names.get(id(m), f"moe{i}") for i, m in enumerate(layers)]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -529,46 +507,10 @@ class ExpertStore:
                                        f"MoE layer {i} of the model has {got}")
 
 
-def load_dense_lm(store: str | os.PathLike | ExpertStore) -> nn.Module:
-    """The moekit `MoELM` of a store written from one, built without allocating its experts: every
-    non-expert weight comes from dense.safetensors and every ExpertBank stays on the meta device
-    (attach the store with `moekit.offload.offload` before running it)."""
-    from safetensors.torch import load_file
+def __getattr__(name: str):
+    # load_dense_lm (building a model from a store) moved to moekit.offload.load; still importable from here.
+    if name == "load_dense_lm":
+        from moekit.offload.load import load_dense_lm
 
-    from moekit.models.lm import LMConfig, MoELM
-
-    st = store if isinstance(store, ExpertStore) else ExpertStore(store)
-    dense = st.manifest.get("dense")
-    if not dense:
-        raise ExpertStoreError(f"expert store {st.path} holds experts only (written from a {st.manifest['source'].get('kind', 'non-moekit')} "
-                               "model): load the model itself, then attach the store with moekit.offload.offload")
-    cfg = LMConfig.from_dict(dense["model_config"])
-    with torch.device("meta"):
-        model = MoELM(cfg)
-    # Materialise everything but the experts; non-persistent buffers are routing statistics (zeros).
-    for module in model.modules():
-        if isinstance(module, ExpertBank):
-            continue
-        for name, p in list(module.named_parameters(recurse=False)):
-            setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad))
-        for name, b in list(module.named_buffers(recurse=False)):
-            module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
-    path = st.path / dense["file"]
-    with open(path, "rb") as f:
-        if hashlib.file_digest(f, "sha256").hexdigest() != dense["sha256"]:
-            raise ExpertStoreError(f"expert store {st.path}: {dense['file']} fails its checksum; rewrite the store")
-    state = load_file(str(path))
-    expert_keys = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, ExpertBank)
-                   for p, _ in m.named_parameters()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    left = sorted(set(missing) - expert_keys - set(dense["aliases"]))
-    if left or unexpected:
-        raise ExpertStoreError(f"expert store {st.path}: {dense['file']} does not fit the model config "
-                               f"(missing {left[:5]}, unexpected {list(unexpected)[:5]})")
-    for alias, target in dense["aliases"].items():
-        owner_name, _, leaf = alias.rpartition(".")
-        t_owner, _, t_leaf = target.rpartition(".")
-        setattr(model.get_submodule(owner_name), leaf, getattr(model.get_submodule(t_owner), t_leaf))
-    if not isinstance(store, ExpertStore):
-        st.close()
-    return model.eval()
+        return load_dense_lm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,7 @@
 """Grouped GEMM facade: y_NO = x_NI @ w_EOI[e].T for the rows of each expert e.
 
-Legend: N assignments (rows, grouped by expert), E experts, I input width, O output width.
+Legend: N assignments (rows, grouped by expert), E experts, I input width, O output width, A experts
+with rows (active).
 `offsets_E` are int32 end offsets (cumsum of counts), as `torch._grouped_mm` wants them.
 
 One autograd Function, so that backward layouts, dtypes and the no-kernel fallback are ours:

@@ -1,7 +1,14 @@
-"""Routers, one file each; importing this package registers them all."""
+"""Routers, one file each; importing this package registers them all.
 
-from moekit.routers import expert_choice, null, random, recurrent, topk, topp  # noqa: F401  (registration side effect)
-from moekit.routers.base import Router, RouterOutput, register, registered_routers, router_class
+A router file defines its config (a `RouterConfig` subclass) and its router (a `Router` subclass) and
+registers them together: `@register("name", config=NameConfig)`. Adding a router is that file plus its
+name in the import list below.
+"""
+
+from moekit.routers import expert_choice, null, random, recurrent, remoe, topk, topp  # noqa: F401  (registration side effect)
+from moekit.routers.base import RouteExtras, Router, RouterOutput, StepCounts
 from moekit.routers.recurrent import RecurrentState
+from moekit.routers.registry import register, registered_routers, router_class
 
-__all__ = ["RecurrentState", "Router", "RouterOutput", "register", "registered_routers", "router_class"]
+__all__ = ["RecurrentState", "RouteExtras", "Router", "RouterOutput", "StepCounts", "register",
+           "registered_routers", "router_class"]

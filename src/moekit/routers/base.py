@@ -9,10 +9,11 @@ A router maps `x_TD` to a `RouterOutput`:
   weight_N     (N,) float   combine weight (fp32)
   scores_TE    (T, E) fp32  full router probabilities (for losses and analysis)
   logits_TE    (T, E) fp32  raw router logits
-  null_scores_TM (T, M) fp32 or None: probabilities of M null experts (AdaMoE); null picks are
-               never in the assignment (they cost nothing and output nothing)
-  state_TH     (T, H) fp32 or None: a recurrent router's state for the next layer (RMoE)
-  aux          dict[str, Tensor]  unscaled auxiliary losses (returned, never global)
+  aux          dict[str, Tensor]  auxiliary losses (returned, never global)
+  extras       RouteExtras        router-specific extras in one typed place: null experts' probabilities
+               and picks (AdaMoE: null picks are never in the assignment, they cost nothing and output
+               nothing) and the routing state for the next layer (RMoE)
+A RouterOutput is immutable (a frozen dataclass): `keep` and `dataclasses.replace` make new ones.
 
 Padding is an encoding detail for analysis only (`to_padded`); dispatch reads the
 ragged triples, so a token using one expert costs one expert's FLOPs.
@@ -20,51 +21,46 @@ ragged triples, so a token using one expert costs one expert's FLOPs.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from moekit.config import RouterConfig
 
-_ROUTERS: dict[str, type[Router]] = {}
+
+@dataclass(frozen=True)
+class RouteExtras:
+    """Router-specific parts of a RouterOutput (None where a router has none).
+
+    null_scores_TM (T, M) fp32: probabilities of M parameter-free null experts (AdaMoE).
+    null_picks_T   (T,) int64: picks of null experts per token (never dispatched).
+    state: the routing state for the next MoE layer (RMoE's `RecurrentState`).
+    """
+
+    null_scores_TM: torch.Tensor | None = None
+    null_picks_T: torch.Tensor | None = None
+    state: Any = None
+
+    def detached(self) -> RouteExtras:
+        """Without autograd history, and without the state (RoutingInfo.router_state hands that on)."""
+        null = None if self.null_scores_TM is None else self.null_scores_TM.detach()
+        return dataclasses.replace(self, null_scores_TM=null, state=None)
 
 
-def register(name: str):
-    """Class decorator: make a router available to configs and the CLI by `name`."""
-
-    def deco(cls: type[Router]) -> type[Router]:
-        if name in _ROUTERS:
-            raise ValueError(f"router {name!r} is already registered (by {_ROUTERS[name].__name__})")
-        cls.kind = name
-        _ROUTERS[name] = cls
-        return cls
-
-    return deco
-
-
-def router_class(name: str) -> type[Router]:
-    if name not in _ROUTERS:
-        raise ValueError(f"RouterConfig.kind: unknown router {name!r}; registered: {sorted(_ROUTERS)}")
-    return _ROUTERS[name]
-
-
-def registered_routers() -> list[str]:
-    return sorted(_ROUTERS)
-
-
-@dataclass
+@dataclass(frozen=True)
 class RouterOutput:
     token_idx_N: torch.Tensor
     expert_idx_N: torch.Tensor
     weight_N: torch.Tensor
     scores_TE: torch.Tensor
     logits_TE: torch.Tensor
-    aux: dict[str, torch.Tensor] = field(default_factory=dict)
-    null_scores_TM: torch.Tensor | None = None
-    state_TH: torch.Tensor | None = None  # recurrent routers: the state handed to the next layer
+    aux: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    extras: RouteExtras = field(default_factory=RouteExtras)
 
     @property
     def num_tokens(self) -> int:
@@ -116,10 +112,28 @@ class RouterOutput:
 
     def keep(self, mask_N: torch.Tensor) -> RouterOutput:
         """A copy with only the assignments where `mask_N` is true."""
-        return RouterOutput(
-            self.token_idx_N[mask_N], self.expert_idx_N[mask_N], self.weight_N[mask_N],
-            self.scores_TE, self.logits_TE, self.aux, self.null_scores_TM, self.state_TH,
-        )
+        return dataclasses.replace(self, token_idx_N=self.token_idx_N[mask_N],
+                                   expert_idx_N=self.expert_idx_N[mask_N], weight_N=self.weight_N[mask_N])
+
+    def detached(self) -> RouterOutput:
+        """A copy without autograd history and without aux losses (what RoutingInfo keeps)."""
+        return RouterOutput(self.token_idx_N, self.expert_idx_N, self.weight_N.detach(), self.scores_TE.detach(),
+                            self.logits_TE.detach(), {}, self.extras.detached())
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """One MoE layer's routing over an optimiser step (all micro-batches; summed over the ranks of the
+    tracker's process group), handed to `Router.after_optimizer_step`.
+
+    executed_E (E,) int64: executed assignments per expert (after capacity dropping).
+    chosen_E   (E,) int64: the router's own choices per expert over valid tokens (before dropping).
+    tokens: valid tokens routed.
+    """
+
+    executed_E: torch.Tensor
+    chosen_E: torch.Tensor
+    tokens: int
 
 
 _WARNED: set[str] = set()
@@ -144,19 +158,20 @@ def warn_if_k1_normalized(cfg: RouterConfig) -> None:
 class Router(nn.Module):
     """Base class: a linear gate `weight` (E, D) in the transformers layout plus a selection rule.
 
-    Subclasses implement `select(logits_TE, x_TD)`; the base computes logits in fp32.
-    `is_causal` is False for routers whose choice for a token depends on other tokens
-    (expert choice): causal language models refuse those unless told otherwise.
+    Subclasses implement `select(logits_TE, x_TD, valid_T)`; the base computes logits in fp32. Each
+    router is registered with its own config class (`moekit.routers.register(name, config=...)`),
+    which answers what callers need to know about the rule (see `RouterConfig`).
 
     `expert_mask_E` (int8 (E,) or None; set by `moekit.mask_experts`): -1 disabled, +1 forced,
     0 free. The base applies "disabled" for every router whose logits go through `forward`;
-    "forced" needs the selection rule to rank forced experts first, which a router declares with
-    `supports_forced_experts`.
+    "forced" needs the selection rule to rank forced experts first (`RouterConfig.check_expert_mask`).
 
     `valid_T` (bool (T,) or None): which tokens are real. Token-choice rules pick per token, so
     padding cannot change another token's experts and the layer simply drops padding assignments
     afterwards; a rule whose choice for a token depends on the other tokens (expert choice) must
     exclude padding *before* it selects.
+
+    `state`: the routing state handed from the previous MoE layer; routers that carry none ignore it.
 
     Buffers named in `fp32_buffers` (routing state such as a selection bias) stay fp32 when the
     module is cast (`.to(torch.bfloat16)`, `.half()`): rounding them would re-route tokens and swallow
@@ -164,13 +179,14 @@ class Router(nn.Module):
     """
 
     kind: ClassVar[str] = "base"
-    is_causal: ClassVar[bool] = True
-    supports_forced_experts: ClassVar[bool] = False
+    config_class: ClassVar[type[RouterConfig]] = RouterConfig
     fp32_buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
         super().__init__()
-        self.check_config(cfg, num_experts)
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
+        cfg.validate(num_experts)
         self.cfg = cfg
         self.d_model = d_model
         self.num_experts = num_experts
@@ -178,18 +194,19 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=d_model**-0.5)
         self.expert_mask_E: torch.Tensor | None = None
 
-    @classmethod
-    def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:
-        """Raise ValueError for settings this router cannot honour (override in routers)."""
-
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        # NOTE: gate math in fp32 whatever the model dtype (algorithms.md §0).
+        # NOTE: gate math in fp32 whatever the model dtype (docs/routing.md, Precision).
         return torch.nn.functional.linear(x_TD.float(), self.weight.float())
 
-    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> RouterOutput:
+    def jittered(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Switch Transformer input jitter in training: x * U(1 - eps, 1 + eps)."""
         if self.training and self.cfg.jitter > 0:
             eps = self.cfg.jitter
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        return x_TD
+
+    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, state: Any = None) -> RouterOutput:
+        x_TD = self.jittered(x_TD)
         logits_TE = self.logits(x_TD)
         if self.expert_mask_E is None:
             return self.select(logits_TE, x_TD, valid_T)
@@ -206,17 +223,16 @@ class Router(nn.Module):
                valid_T: torch.Tensor | None = None) -> RouterOutput:
         raise NotImplementedError
 
-    def after_optimizer_step(self, counts_E: torch.Tensor) -> None:
-        """Stateful updates, once per optimiser step, with the step's executed counts (default: none)."""
+    def adopt(self, old: Router) -> None:
+        """Take over `old`'s gate Parameter and expert mask (`moekit.route(kind=...)` builds a router of
+        another kind around the same weights: nothing is copied). Routers extend it for state they share."""
+        self.weight = old.weight
+        self.expert_mask_E = old.expert_mask_E
 
+    # ---------------------------------------------------------------- losses
     def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Router-specific unscaled losses over valid tokens (the layer adds the common ones)."""
+        """Router-specific losses over valid tokens (the layer adds the common ones)."""
         return {}
-
-    @classmethod
-    def aux_loss_names(cls, cfg: RouterConfig) -> tuple[str, ...]:
-        """Names of the router-specific losses `aux_losses` returns for this config."""
-        return ()
 
     def balance_assignment(self, route: RouterOutput,
                            valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,6 +240,22 @@ class Router(nn.Module):
         choices over valid tokens (`route`, before any capacity dropping: counting only executed
         assignments would let a collapsed router look balanced)."""
         return route.token_idx_N, route.expert_idx_N
+
+    def balance_probs(self, route: RouterOutput) -> torch.Tensor:
+        """P_TE of the balance losses (default: the router's probabilities `scores_TE`)."""
+        return route.scores_TE
+
+    # ---------------------------------------------------------------- once per optimiser step
+    def after_optimizer_step(self, counts: StepCounts) -> None:
+        """Stateful updates, once per optimiser step, with the step's counts (default: none)."""
+
+    @classmethod
+    def after_optimizer_step_all(cls, routers: list[Router], counts: list[StepCounts]) -> None:
+        """The step update of every MoE layer of a model routed by this class, in layer order (called by
+        moekit.train.balance). Default: each router's own `after_optimizer_step`; a rule whose state
+        is shared by all layers (ReMoE's L1 coefficient) overrides this."""
+        for router, c in zip(routers, counts, strict=True):
+            router.after_optimizer_step(c)
 
     def _apply(self, fn, recurse=True):
         # Casts must not round routing state: keep the fp32 values, on the new device.

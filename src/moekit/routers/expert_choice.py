@@ -13,14 +13,42 @@ tokens of the batch, later ones included, so causal language models refuse this 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from moekit.routers.base import Router, RouterOutput, register
+from moekit.config import RouterConfig, require
+from moekit.routers.base import Router, RouterOutput
+from moekit.routers.registry import register
 
 
-@register("expert_choice")
+@dataclass
+class ExpertChoiceConfig(RouterConfig):
+    """Expert choice: each expert takes round(ec_capacity_factor * T / E) tokens; allow_causal_leak lets a
+    causal language model train with it anyway (its routing then sees later tokens)."""
+
+    kind: str = "expert_choice"
+    ec_capacity_factor: float = 2.0
+    allow_causal_leak: bool = False
+
+    def describe(self) -> str:
+        return f"ec_capacity_factor={self.ec_capacity_factor}"
+
+    def check(self, num_experts: int) -> None:
+        require(self.ec_capacity_factor > 0, "RouterConfig.ec_capacity_factor", self.ec_capacity_factor, "a float > 0")
+
+    def expected_experts_per_token(self, num_experts: int) -> float:
+        return float(min(num_experts, self.ec_capacity_factor))
+
+    def is_causal(self) -> bool:
+        return False
+
+    def accepts_causal_leak(self) -> bool:
+        return self.allow_causal_leak
+
+
+@register("expert_choice", config=ExpertChoiceConfig)
 class ExpertChoiceRouter(Router):
-    is_causal = False
 
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor,
                valid_T: torch.Tensor | None = None) -> RouterOutput:

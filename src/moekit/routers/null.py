@@ -21,31 +21,65 @@ Balance loss (the paper's rule): each null expert's count is replaced by the mea
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from moekit.config import RouterConfig
+from moekit.config import RouterConfig, require
 from moekit.losses import load_balance_loss
-from moekit.routers.base import Router, RouterOutput, register, warn_if_k1_normalized
+from moekit.routers.base import RouteExtras, Router, RouterOutput, warn_if_k1_normalized
+from moekit.routers.registry import register
 
 
-@register("null")
+@dataclass
+class NullConfig(RouterConfig):
+    """Null experts (AdaMoE, arXiv 2406.13233): n_null parameter-free null experts, k (top-k over
+    E + n_null), normalize (over the chosen real experts; default: for k > 1)."""
+
+    kind: str = "null"
+    k: int = 2
+    normalize: bool | None = None
+    n_null: int = 2
+
+    def normalizes(self) -> bool:
+        return self.normalize if self.normalize is not None else self.k > 1
+
+    def describe(self) -> str:
+        return f"k={self.k}, score=softmax, normalize={self.normalizes()}, n_null={self.n_null}"
+
+    def check(self, num_experts: int) -> None:
+        if self.n_null < 1:
+            raise ValueError(f"RouterConfig.n_null={self.n_null} is invalid for kind='null'; allowed: an integer >= 1")
+        require(1 <= self.k <= num_experts + self.n_null, "RouterConfig.k", self.k,
+                f"an integer in [1, num_experts + n_null = {num_experts + self.n_null}]")
+        warn_if_k1_normalized(self)
+
+    def num_params(self, d_model: int, num_experts: int) -> int:
+        return (num_experts + self.n_null) * d_model
+
+    def expected_experts_per_token(self, num_experts: int) -> float:
+        # real experts per token at balance: k * E / (E + n_null)  (AdaMoE)
+        return self.k * num_experts / (num_experts + self.n_null)
+
+    def min_enabled_experts(self) -> int:
+        return self.k - self.n_null  # the real picks a token cannot send to null experts
+
+    def check_expert_mask(self, mask_E) -> None:
+        """Forced real experts take k slots first; null experts are never masked."""
+
+
+@register("null", config=NullConfig)
 class NullExpertRouter(Router):
-    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
+    def __init__(self, cfg: NullConfig, d_model: int, num_experts: int):
         super().__init__(cfg, d_model, num_experts)
         self.null_weight = nn.Parameter(torch.empty(cfg.n_null, d_model))
         self.reset_null_rows()
 
-    @classmethod
-    def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:
-        if cfg.n_null < 1:
-            raise ValueError(f"RouterConfig.n_null={cfg.n_null} is invalid for kind='null'; allowed: an integer >= 1")
-        if cfg.k > num_experts + cfg.n_null:
-            raise ValueError(f"RouterConfig.k={cfg.k} is invalid; allowed: an integer in "
-                             f"[1, num_experts + n_null = {num_experts + cfg.n_null}]")
-        if cfg.score != "softmax":
-            raise ValueError(f"RouterConfig.score={cfg.score!r} is invalid for kind='null'; allowed: 'softmax'")
-        warn_if_k1_normalized(cfg)
+    def adopt(self, old: Router) -> None:
+        super().adopt(old)
+        self.reset_null_rows()  # AdaMoE: null rows start as tiles of the *shared* (e.g. pretrained) gate rows
 
     @torch.no_grad()
     def reset_null_rows(self) -> None:
@@ -56,8 +90,6 @@ class NullExpertRouter(Router):
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         w = torch.cat([self.weight, self.null_weight]).float()
         return torch.nn.functional.linear(x_TD.float(), w)
-
-    supports_forced_experts = True
 
     def select(self, logits_TX: torch.Tensor, x_TD: torch.Tensor,
                valid_T: torch.Tensor | None = None) -> RouterOutput:
@@ -76,8 +108,8 @@ class NullExpertRouter(Router):
             sum_T1 = w_TK.sum(-1, keepdim=True)
             w_TK = w_TK / torch.where(sum_T1 == 0, 1.0, sum_T1)  # all-null rows stay 0, not NaN
         route = RouterOutput.from_topk(idx_TK, w_TK, probs_TX[:, :E], logits_TX[:, :E])
-        route.null_scores_TM = probs_TX[:, E:]
-        return route.keep(real_TK.reshape(-1))
+        extras = RouteExtras(null_scores_TM=probs_TX[:, E:], null_picks_T=(~real_TK).sum(-1))
+        return dataclasses.replace(route, extras=extras).keep(real_TK.reshape(-1))
 
     def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
         T = route.num_tokens
@@ -86,5 +118,5 @@ class NullExpertRouter(Router):
         real_counts_E = route.counts_E().float()
         null_total = self.cfg.k * n_valid - real_counts_E.sum()
         counts_X = torch.cat([real_counts_E, (null_total / M).expand(M)])
-        probs_TX = torch.cat([route.scores_TE, route.null_scores_TM], dim=-1)
+        probs_TX = torch.cat([route.scores_TE, route.extras.null_scores_TM], dim=-1)
         return {"load_balance": load_balance_loss(probs_TX, counts_X, n_valid, valid_T)}

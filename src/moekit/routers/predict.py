@@ -13,10 +13,10 @@ own input the prediction equals the layer's choice (tested). Null-expert picks (
 appear: they have no weights to load. The router runs in its current mode, as the layer would
 (eval: no jitter; the random router's inference k).
 
-Routers that cannot predict from a token: the recurrent router (RMoE, arXiv 2408.06793) computes
-its logits from a GRU state carried across layers, which does not exist before the layers in
-between have run. `can_predict` is False for it and `predict_route` raises; callers record no
-prediction for such a layer.
+Routers that cannot predict from a token: those that carry a routing state across layers
+(`RouterConfig.carries_state()`, e.g. RMoE, arXiv 2408.06793, whose logits read a GRU state) - that
+state does not exist before the layers in between have run. `can_predict` is False for them and
+`predict_route` raises; callers record no prediction for such a layer.
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ from __future__ import annotations
 import torch
 
 from moekit.routers.base import Router, RouterOutput
-from moekit.routers.recurrent import RecurrentRouter
 
 __all__ = ["can_predict", "predict_experts", "predict_route", "priority_order"]
 
 
 def can_predict(router: Router) -> bool:
     """Whether `router` can predict a token's experts from its hidden state alone."""
-    return not isinstance(router, RecurrentRouter)
+    return not router.cfg.carries_state()
 
 
 @torch.no_grad()

@@ -25,12 +25,14 @@ the exponent floor(300 * s / S), so it still decays 300 times over S.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from moekit.config import RouterConfig
-from moekit.routers.base import Router, RouterOutput, register
+from moekit.config import RouterConfig, require
+from moekit.routers.base import Router, RouterOutput, StepCounts
+from moekit.routers.registry import register
 
 SCHEDULES = ("linear", "cosine", "exponential", "multistep")
 MULTISTEP_KS = (1, 2, 4, 8, 16)  # the reference's custom_gate_number
@@ -53,24 +55,52 @@ def scheduled_k(schedule: str, step: int, total_steps: int, k_min: int, k_max: i
     return max(k_min, min(k_max, k))
 
 
-@register("random")
+@dataclass
+class RandomConfig(RouterConfig):
+    """SMoE-Dropout (arXiv 2303.01610): a frozen random router whose k grows in training from min_k to
+    max_k (None = E) over k_schedule_steps optimiser steps along k_schedule; k is the inference k."""
+
+    kind: str = "random"
+    k: int = 2
+    min_k: int = 1
+    max_k: int | None = None
+    k_schedule: str = "linear"
+    k_schedule_steps: int = 1000
+
+    def describe(self) -> str:
+        return (f"k={self.k}, min_k={self.min_k}, max_k={self.max_k}, k_schedule={self.k_schedule}, "
+                f"k_schedule_steps={self.k_schedule_steps}")
+
+    def check(self, num_experts: int) -> None:
+        E = num_experts
+        require(1 <= self.k <= E, "RouterConfig.k", self.k, f"an integer in [1, num_experts={E}]")
+        require(1 <= self.min_k <= E, "RouterConfig.min_k", self.min_k, f"an integer in [1, num_experts={E}]")
+        require(self.max_k is None or self.min_k <= self.max_k <= E, "RouterConfig.max_k", self.max_k,
+                f"None or an integer in [min_k={self.min_k}, num_experts={E}]")
+        if self.k_schedule not in SCHEDULES:
+            raise ValueError(f"RouterConfig.k_schedule={self.k_schedule!r} is invalid; allowed: one of {SCHEDULES}")
+        if self.k_schedule_steps < 1:
+            raise ValueError(f"RouterConfig.k_schedule_steps={self.k_schedule_steps} is invalid; allowed: an integer >= 1")
+
+    def num_params(self, d_model: int, num_experts: int) -> int:
+        return num_experts * d_model + num_experts  # frozen gate with bias
+
+    def expected_experts_per_token(self, num_experts: int) -> float:
+        return float(min(self.k, num_experts))  # the inference k
+
+    def fixed_experts_per_token(self) -> bool:
+        return True
+
+
+@register("random", config=RandomConfig)
 class RandomRouter(Router):
-    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
+    def __init__(self, cfg: RandomConfig, d_model: int, num_experts: int):
         super().__init__(cfg, d_model, num_experts)
         self.weight.requires_grad_(False)
         self.bias = nn.Parameter(torch.empty(num_experts).uniform_(-d_model**-0.5, d_model**-0.5),
                                  requires_grad=False)
         # Optimiser steps seen; persistent so that a resumed run continues the schedule.
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-
-    @classmethod
-    def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:
-        if cfg.k_schedule not in SCHEDULES:
-            raise ValueError(f"RouterConfig.k_schedule={cfg.k_schedule!r} is invalid; allowed: one of {SCHEDULES}")
-        if cfg.k_schedule_steps < 1:
-            raise ValueError(f"RouterConfig.k_schedule_steps={cfg.k_schedule_steps} is invalid; allowed: an integer >= 1")
-        if cfg.k > num_experts:
-            raise ValueError(f"RouterConfig.k={cfg.k} is invalid; allowed: an integer in [1, num_experts={num_experts}]")
 
     def current_k(self) -> int:
         if not self.training:
@@ -87,5 +117,5 @@ class RandomRouter(Router):
         w_TK = torch.softmax(top_TK.values, dim=-1)
         return RouterOutput.from_topk(top_TK.indices, w_TK, torch.softmax(logits_TE, dim=-1), logits_TE)
 
-    def after_optimizer_step(self, counts_E: torch.Tensor) -> None:
+    def after_optimizer_step(self, counts: StepCounts) -> None:
         self.step += 1

@@ -10,21 +10,29 @@ then the usual selection rule (`select_rule`: top-k or top-p) on the logits. The
 token over depth, so it needs no KV-cache entry; it passes to the next layer without detach so
 that gradients flow through the GRU across layers.
 
-The model passes the state explicitly: `y, state = moe_layer(x, router_state=state)`, starting
-from `RecurrentState(model.router_gru)`. Nothing is kept in globals or on the module.
+The model passes the state explicitly: `y = moe_layer(x, router_state=state)`, then
+`state = moe_layer.routing_info().router_state`, starting from `cfg.initial_state(gru)` =
+`RecurrentState(gru)` with the GRU the model owns (`cfg.build_shared_module()`). Nothing is kept in
+globals or on the module.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from moekit.config import RouterConfig
-from moekit.routers.base import Router, RouterOutput, register, warn_if_k1_normalized
-from moekit.routers.topk import select_topk
-from moekit.routers.topp import dynamic_loss, select_topp
+from moekit import losses
+from moekit.config import RouterConfig, require
+from moekit.routers.base import RouteExtras, Router, RouterOutput, warn_if_k1_normalized
+from moekit.routers.registry import register
+from moekit.routers.topk import SCORES, select_topk
+from moekit.routers.topp import check_topp_fields, dynamic_loss, select_topp
+
+SELECT_RULES = ("topk", "topp")
 
 
 @dataclass(frozen=True)
@@ -36,9 +44,88 @@ class RecurrentState:
     hidden_TH: torch.Tensor | None = None
 
 
-@register("recurrent")
+@dataclass
+class RecurrentConfig(RouterConfig):
+    """RMoE (arXiv 2408.06793): gru_dim (hidden size of the GRU shared by all layers), select_rule
+    ("topk"|"topp": the selection applied to the GRU's logits, with that rule's own fields: k, score,
+    normalize, routed_scaling_factor for top-k; p, min_k, max_k, normalize for top-p)."""
+
+    kind: str = "recurrent"
+    gru_dim: int = 256
+    select_rule: str = "topk"
+    k: int = 2
+    score: str = "softmax"
+    normalize: bool | None = None
+    routed_scaling_factor: float = 1.0
+    p: float = 0.4
+    min_k: int = 1
+    max_k: int | None = None
+
+    router_losses = ("dynamic",)
+
+    def normalizes(self) -> bool:
+        if self.select_rule == "topp":
+            return bool(self.normalize)
+        return self.normalize if self.normalize is not None else self.k > 1
+
+    def describe(self) -> str:
+        return f"gru_dim={self.gru_dim}, select_rule={self.select_rule}, {self.convert(self.select_rule).describe()}"
+
+    def check(self, num_experts: int) -> None:
+        E = num_experts
+        require(self.gru_dim >= 1, "RouterConfig.gru_dim", self.gru_dim, "an integer >= 1")
+        require(self.select_rule in SELECT_RULES, "RouterConfig.select_rule", self.select_rule,
+                f"one of {SELECT_RULES}")
+        require(self.score in SCORES, "RouterConfig.score", self.score, f"one of {SCORES}")
+        require(self.routed_scaling_factor > 0, "RouterConfig.routed_scaling_factor", self.routed_scaling_factor,
+                "a float > 0")
+        check_topp_fields(self, E)
+        if self.select_rule == "topk":
+            require(1 <= self.k <= E, "RouterConfig.k", self.k, f"an integer in [1, num_experts={E}]")
+            warn_if_k1_normalized(self)
+        elif self.score != "softmax":
+            raise ValueError(f"RouterConfig.score={self.score!r} is invalid with select_rule='topp'; allowed: 'softmax'")
+
+    def num_params(self, d_model: int, num_experts: int) -> int:
+        # per-layer W1 (d -> gru_dim) and W2 (gru_dim -> E); the shared GRU belongs to the model
+        return self.gru_dim * (d_model + num_experts)
+
+    def expected_experts_per_token(self, num_experts: int) -> float:
+        if self.select_rule == "topp":
+            return float(self.max_k or num_experts)
+        return float(min(self.k, num_experts))
+
+    def min_resident_experts(self, num_experts: int) -> int:
+        if self.select_rule == "topp":
+            return max(1, min(self.max_k or self.min_k, num_experts))
+        return max(1, math.ceil(self.expected_experts_per_token(num_experts)))
+
+    def fixed_experts_per_token(self) -> bool:
+        return self.select_rule == "topk"
+
+    def check_expert_mask(self, mask_E) -> None:
+        raise ValueError(f"router kind {self.kind!r}, which computes its logits in its own forward, so expert masks "
+                         "would not be applied; allowed: routers built on Router.forward")
+
+    def carries_state(self) -> bool:
+        return True
+
+    def build_shared_module(self) -> nn.Module:
+        return nn.GRUCell(self.gru_dim, self.gru_dim)
+
+    def shared_module_params(self) -> int:
+        return 6 * self.gru_dim * (self.gru_dim + 1)  # GRUCell: W_ih, W_hh (3H, H) and two biases (3H)
+
+    def initial_state(self, shared) -> RecurrentState:
+        return RecurrentState(shared)
+
+    def aux_loss_names(self) -> tuple[str, ...]:
+        return ("dynamic",) if self.select_rule == "topp" else ()
+
+
+@register("recurrent", config=RecurrentConfig)
 class RecurrentRouter(Router):
-    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
+    def __init__(self, cfg: RecurrentConfig, d_model: int, num_experts: int):
         super().__init__(cfg, d_model, num_experts)
         H = cfg.gru_dim
         self.input_proj = nn.Parameter(torch.empty(H, d_model))  # W1 (H, D)
@@ -46,32 +133,23 @@ class RecurrentRouter(Router):
         nn.init.normal_(self.input_proj, std=d_model**-0.5)
         nn.init.normal_(self.weight, std=H**-0.5)
 
-    @classmethod
-    def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:
-        if cfg.select_rule == "topk" and cfg.k > num_experts:
-            raise ValueError(f"RouterConfig.k={cfg.k} is invalid; allowed: an integer in [1, num_experts={num_experts}]")
-        if cfg.select_rule == "topp" and cfg.score != "softmax":
-            raise ValueError(f"RouterConfig.score={cfg.score!r} is invalid with select_rule='topp'; allowed: 'softmax'")
-        if cfg.n_group > 1:
-            raise ValueError(f"RouterConfig.n_group={cfg.n_group} is invalid for kind='recurrent'; allowed: 1")
-        if cfg.select_rule == "topk":
-            warn_if_k1_normalized(cfg)
+    def adopt(self, old: Router) -> None:
+        raise ValueError("a recurrent router's gate reads the GRU state, not the token: it cannot take over "
+                         f"another router's gate ({old.kind!r})")
 
-    def forward(self, x_TD: torch.Tensor, state: RecurrentState | None = None,
-                valid_T: torch.Tensor | None = None) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None,
+                state: RecurrentState | None = None) -> RouterOutput:
         """valid_T is unused: top-k and top-p pick per token, so padding cannot change other tokens'
         experts (the layer drops padding assignments afterwards)."""
         if state is None:
             raise ValueError("recurrent router: pass router_state=RecurrentState(gru) (the GRU cell shared by all "
                              "MoE layers, owned by the model) and feed each layer's returned state to the next")
-        if self.training and self.cfg.jitter > 0:
-            eps = self.cfg.jitter
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        x_TD = self.jittered(x_TD)
         gru = state.gru
         if gru.input_size != self.cfg.gru_dim or gru.hidden_size != self.cfg.gru_dim:
             raise ValueError(f"recurrent router: the shared GRU is {gru.input_size}->{gru.hidden_size}, "
                              f"but RouterConfig.gru_dim={self.cfg.gru_dim}")
-        # NOTE: gate math in fp32 whatever the model dtype (algorithms.md §0), the GRU included.
+        # NOTE: gate math in fp32 whatever the model dtype (docs/routing.md, Precision), the GRU included.
         xin_TH = torch.nn.functional.linear(x_TD.float(), self.input_proj.float())
         r_prev_TH = state.hidden_TH if state.hidden_TH is not None else xin_TH.new_zeros(xin_TH.shape)
         if r_prev_TH.shape != xin_TH.shape:
@@ -84,18 +162,18 @@ class RecurrentRouter(Router):
         r_TH = torch.gru_cell(xin_TH, r_prev_TH.float(), gru.weight_ih.float(), gru.weight_hh.float(),
                               fp32(gru.bias_ih), fp32(gru.bias_hh))
         logits_TE = torch.nn.functional.linear(r_TH, self.weight.float())
-        if self.cfg.select_rule == "topp":
-            route = select_topp(logits_TE, self.cfg)
+        cfg = self.cfg
+        if cfg.select_rule == "topp":
+            route = select_topp(logits_TE, cfg.p, cfg.min_k, cfg.max_k, cfg.normalizes())
         else:
-            route = select_topk(logits_TE, self.cfg)
-        route.state_TH = r_TH
-        return route
+            route = select_topk(logits_TE, cfg.k, cfg.score, cfg.normalizes(), cfg.routed_scaling_factor)
+        return dataclasses.replace(route, extras=RouteExtras(state=RecurrentState(gru, r_TH)))
 
     def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
         if self.cfg.select_rule == "topp":
             return {"dynamic": dynamic_loss(route.scores_TE, valid_T)}
         return {}
 
-    @classmethod
-    def aux_loss_names(cls, cfg: RouterConfig) -> tuple[str, ...]:
-        return ("dynamic",) if cfg.select_rule == "topp" else ()
+    def balance_probs(self, route: RouterOutput) -> torch.Tensor:
+        # P averages probabilities: sigmoid scores are normalised per token first (Megatron-LM).
+        return losses.token_normalized(route.scores_TE) if self.cfg.score == "sigmoid" else route.scores_TE

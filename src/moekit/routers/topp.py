@@ -19,54 +19,95 @@ Dynamic loss L_d = mean_t sum_i entr(P_ti): the router entropy, returned as aux[
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from moekit.config import RouterConfig
-from moekit.routers.base import Router, RouterOutput, register
+from moekit.config import RouterConfig, require
+from moekit.routers.base import Router, RouterOutput
+from moekit.routers.registry import register
 
 
-@register("topp")
+@dataclass
+class TopPConfig(RouterConfig):
+    """Top-p routing (arXiv 2403.07652): p (cumulative-probability threshold), min_k, max_k (optional cap),
+    normalize (renormalise the chosen weights; None = no, the paper's raw probabilities)."""
+
+    kind: str = "topp"
+    p: float = 0.4
+    min_k: int = 1
+    max_k: int | None = None
+    normalize: bool | None = None
+
+    router_losses = ("dynamic",)
+
+    def normalizes(self) -> bool:
+        return bool(self.normalize)  # arXiv 2403.07652 combines with the raw probabilities
+
+    def describe(self) -> str:
+        cap = f", max_k={self.max_k}" if self.max_k is not None else ""
+        return f"p={self.p}, min_k={self.min_k}{cap}, normalize={self.normalizes()}"
+
+    def check(self, num_experts: int) -> None:
+        check_topp_fields(self, num_experts)
+
+    def expected_experts_per_token(self, num_experts: int) -> float:
+        # per token: the worst case (its cap, else all experts); measure the real average
+        return float(self.max_k or num_experts)
+
+    def min_resident_experts(self, num_experts: int) -> int:
+        # NOTE: an uncapped top-p token may use up to E experts; requiring E would forbid any budget
+        # below 100%, so a token whose experts do not fit runs in several cache steps instead.
+        return max(1, min(self.max_k or self.min_k, num_experts))
+
+    def min_enabled_experts(self) -> int:
+        return self.min_k
+
+    def check_expert_mask(self, mask_E) -> None:
+        """Forced experts join every token on top of the prefix."""
+
+
+def check_topp_fields(cfg, num_experts: int) -> None:
+    """The top-p fields' ranges (shared with routers that select by top-p)."""
+    E = num_experts
+    require(0 < cfg.p <= 1, "RouterConfig.p", cfg.p, "a float in (0, 1]")
+    require(1 <= cfg.min_k <= E, "RouterConfig.min_k", cfg.min_k, f"an integer in [1, num_experts={E}]")
+    require(cfg.max_k is None or cfg.min_k <= cfg.max_k <= E, "RouterConfig.max_k", cfg.max_k,
+            f"None or an integer in [min_k={cfg.min_k}, num_experts={E}]")
+
+
+@register("topp", config=TopPConfig)
 class TopPRouter(Router):
-    @classmethod
-    def check_config(cls, cfg: RouterConfig, num_experts: int) -> None:
-        if cfg.score != "softmax":
-            raise ValueError(f"RouterConfig.score={cfg.score!r} is invalid for kind='topp'; allowed: 'softmax' "
-                             "(top-p needs a probability distribution over experts)")
-
-    supports_forced_experts = True
-
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor,
                valid_T: torch.Tensor | None = None) -> RouterOutput:
-        return select_topp(logits_TE, self.cfg, self.expert_mask_E)
+        cfg = self.cfg
+        return select_topp(logits_TE, cfg.p, cfg.min_k, cfg.max_k, cfg.normalizes(), self.expert_mask_E)
 
     def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
         return {"dynamic": dynamic_loss(route.scores_TE, valid_T)}
 
-    @classmethod
-    def aux_loss_names(cls, cfg: RouterConfig) -> tuple[str, ...]:
-        return ("dynamic",)
 
-
-def select_topp(logits_TE: torch.Tensor, cfg: RouterConfig, mask_E: torch.Tensor | None = None) -> RouterOutput:
+def select_topp(logits_TE: torch.Tensor, p: float, min_k: int = 1, max_k: int | None = None,
+                normalize: bool = False, mask_E: torch.Tensor | None = None) -> RouterOutput:
     """The top-p selection rule on fp32 logits (shared with routers that compute logits differently).
     mask_E: optional int8 expert mask; forced experts (+1) are always selected, on top of the prefix."""
     scores_TE = torch.softmax(logits_TE, dim=-1)
     P_TS, idx_TS = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
     # arXiv 2403.07652 eq. 5-6: smallest prefix whose cumulative probability exceeds p.
     mass_before_TS = torch.nn.functional.pad(torch.cumsum(P_TS, dim=-1)[:, :-1], (1, 0))
-    keep_TS = mass_before_TS <= cfg.p
-    if cfg.p >= 1:
+    keep_TS = mass_before_TS <= p
+    if p >= 1:
         keep_TS.fill_(True)  # fp32 sums may exceed 1 before the last expert
     slot_S = torch.arange(P_TS.shape[-1], device=P_TS.device)
-    keep_TS |= slot_S < cfg.min_k
-    if cfg.max_k is not None:
-        keep_TS &= slot_S < cfg.max_k
+    keep_TS |= slot_S < min_k
+    if max_k is not None:
+        keep_TS &= slot_S < max_k
     if mask_E is not None:
         keep_TS |= (mask_E > 0)[idx_TS]  # MoTE (arXiv 2502.11096): forced experts join every token
     token_idx_N, slot_N = keep_TS.nonzero(as_tuple=True)
     expert_idx_N = idx_TS[token_idx_N, slot_N]
     weight_N = P_TS[token_idx_N, slot_N]
-    if cfg.normalizes():
+    if normalize:
         mass_T = (P_TS * keep_TS).sum(-1)
         weight_N = weight_N / mass_T[token_idx_N]
     return RouterOutput(token_idx_N, expert_idx_N, weight_N, scores_TE, logits_TE)

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from moekit.errors import DataError, MoekitError
-from moekit.utils.io import atomic_write_text, fsync_dir, fsync_file, sha256_bytes, sha256_file, tmp_path
+from moekit.utils.io import atomic_dir, atomic_write_text, sha256_bytes, sha256_file
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "LATEST"
@@ -143,38 +143,25 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     Raises WriteError (after removing the temporary directory) when a file cannot be written.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     final = root / name
-    tmp = tmp_path(final)  # .step-XXXXXXXX.tmp-PID: removed by the next start if this process dies
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        if pause_for_test:  # tests kill the process here, with half a checkpoint on disk
-            import time
+        # Built in .step-XXXXXXXX.tmp-PID (removed by the next start if this process dies), then one rename.
+        with atomic_dir(final, None) as tmp:
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+            opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            if pause_for_test:  # tests kill the process here, with half a checkpoint on disk
+                import time
 
-            time.sleep(pause_for_test)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-        for f in FILES:
-            fsync_file(tmp / f)
-        meta = {**meta, "step": step, "optimizer": opt_meta, "sha256": {f: sha256_file(tmp / f) for f in FILES}}
-        write_json(tmp / "meta.json", meta)
-        fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
+                time.sleep(pause_for_test)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+            meta = {**meta, "step": step, "optimizer": opt_meta, "sha256": {f: sha256_file(tmp / f) for f in FILES}}
+            write_json(tmp / "meta.json", meta)
         write_json(root / LATEST, {"checkpoint": name, "meta_sha256": sha256_file(final / "meta.json")})
     except (OSError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise WriteError(f"cannot write checkpoint {name} in {root}: {one_line(e)}; the previous checkpoint "
                          "is intact") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     # A later step than this one is from an abandoned attempt (LATEST never named it): not a keeper.
     stale = [p for p in root.glob("step-*") if p.is_dir() and p.name > name]
     old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name <= name)[:-keep]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from moekit.data import DOMAINS, encode_samples, load_corpus, unigram_bits_per_byte
 from moekit.errors import UsageError
+from moekit.layers.moe import moe_layers
 
 UNIGRAM_NOTE = ("unigram = bits per byte of a byte-frequency model fitted on the train split (no context): "
                 "the baseline a language model must beat")
@@ -66,13 +67,13 @@ def evaluate(model, tokenizer, seq_len: int = 128, max_tokens_per_domain: int = 
              domains=None, split: str = "validation", autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Loss and bits per byte overall and per domain, with experts per token by layer and domain.
 
-    `model(ids_BT)` returns logits; MoE statistics are read from `model.moe_layers()` when it has them.
+    `model(ids_BT)` returns logits; MoE statistics are read from its MoE layers (`moekit.moe_layers`), if any.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     nbytes_V = torch.from_numpy(token_bytes(tokenizer))
-    layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+    layers = moe_layers(model)
     per_domain: dict[str, dict[str, Any]] = {}
     for domain in domains or DOMAINS:
         windows = domain_windows(tokenizer, domain, seq_len, max_tokens_per_domain, split)

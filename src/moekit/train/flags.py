@@ -3,6 +3,10 @@
 Sections: model (LMConfig), moe (MoEConfig), router (RouterConfig), train (TrainConfig).
 E.g. `--router.kind topp --router.p 0.3 --moe.num_experts 16 --train.steps 200`.
 Config errors name the flag: `TrainConfig.lr=inf is invalid` reads `--train.lr inf is invalid`.
+
+`--router.FIELD` flags exist for the fields of every registered router; the router is the preset's
+(or `--router.kind`'s, converted from the preset's: fields both kinds have keep the preset's values),
+and a flag that is not one of its fields is refused with one line naming the fields it has.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from moekit.config import MoEConfig, RouterConfig
+from moekit.config import MoEConfig, RouterConfig, router_fields
 from moekit.errors import UsageError
 from moekit.models import LMConfig
 from moekit.train.trainer import TrainConfig
@@ -82,12 +86,15 @@ def add_config_flags(parser: argparse.ArgumentParser, preset: tuple[LMConfig, Tr
     objects = _section_objects(*preset) if preset is not None else None
     for section, (cls, skip) in SECTIONS.items():
         group = parser.add_argument_group(f"{section} ({cls.__name__} fields)")
-        for f in dataclasses.fields(cls):
+        fields = router_fields().values() if cls is RouterConfig else dataclasses.fields(cls)
+        for f in fields:
             if f.name in skip:
                 continue
             flag = f"--{section}.{f.name}"
-            if objects is not None:
+            if objects is not None and hasattr(objects[section], f.name):
                 shown = f"(preset {preset_name}: {getattr(objects[section], f.name)!r})"
+            elif objects is not None:
+                shown = f"(not a field of the preset's router kind {objects[section].kind!r})"
             else:
                 shown = "(default: each preset's own value)"
             group.add_argument(flag, dest=f"{section}.{f.name}", type=_converter(str(f.type), flag), default=None,
@@ -102,7 +109,21 @@ def apply_flags(model_cfg: LMConfig, train_cfg: TrainConfig, args: argparse.Name
             section, name = key.split(".", 1)
             if section in given:
                 given[section][name] = value
-    router = dataclasses.replace(model_cfg.moe.router, **given["router"])
+    router = _apply_router_flags(model_cfg.moe.router, given["router"])
     moe = dataclasses.replace(model_cfg.moe, **given["moe"], router=router)
     model_cfg = dataclasses.replace(model_cfg, **given["model"], moe=moe)
     return model_cfg, dataclasses.replace(train_cfg, **given["train"])
+
+
+def _apply_router_flags(router: RouterConfig, given: dict[str, Any]) -> RouterConfig:
+    """The preset's router with `--router.*` flags applied; `--router.kind` converts it to that kind."""
+    given = dict(given)
+    kind = given.pop("kind", router.kind)
+    names = {f.name for f in dataclasses.fields(router if kind == router.kind else RouterConfig(kind=kind))}
+    wrong = sorted(set(given) - names)
+    if wrong:
+        flags = " ".join(f"--router.{n}" for n in wrong)
+        change = " (--router.kind changes it)" if kind == router.kind else ""
+        raise UsageError(f"{flags} {'does' if len(wrong) == 1 else 'do'} not apply to router kind {kind!r}{change}; "
+                         "its flags: " + ", ".join(f"--router.{n}" for n in sorted(names)))
+    return router.convert(kind, **given)

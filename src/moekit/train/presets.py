@@ -12,6 +12,7 @@ balance — 2 experts of width F = 256 (2F):
                  aux-loss-free bias, + 1 shared expert of width F/2          6F/4 + F/2 = 2F
   recurrent      RMoE GRU router (gru_dim 64), top-2                        2 x F
   random         SMoE-Dropout: frozen random router, k grows 1 -> 4, inference k = 2
+  remoe          ReMoE: ReLU gates, adaptive L1 steers the average to 2 experts   2 x F on average
 
 Each preset also trains the aux losses its paper used (TrainConfig coefficients; the rest share the
 default recipe: Switch balance 0.01, z-loss 1e-3, top-p's dynamic loss 1e-4):
@@ -19,6 +20,8 @@ default recipe: Switch balance 0.01, z-loss 1e-3, top-p's dynamic loss 1e-4):
             gradients would only reach the hidden states)
   deepseek  the aux-loss-free selection bias plus the sequence-wise balance loss with a small
             alpha = 1e-4 (DeepSeek-V3, arXiv 2412.19437 §2.1.2), no Switch loss, no z-loss
+  remoe     its load-balanced L1 penalty with the adaptive coefficient only (arXiv 2412.14711; the
+            reference ReLU router applies no Switch loss and no z-loss)
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ PRESETS = {
     "deepseek": _deepseek,
     "recurrent": lambda: _base(RouterConfig(kind="recurrent", k=2, gru_dim=64)),
     "random": lambda: _base(RouterConfig(kind="random", k=2, min_k=1, max_k=4, k_schedule_steps=300)),
+    "remoe": lambda: _base(RouterConfig(kind="remoe", k=2)),
 }
 
 TRAIN = TrainConfig(steps=400, micro_batch=16, seq_len=128, lr=3e-3, warmup_steps=40, checkpoint_every=100,
@@ -60,6 +64,7 @@ TRAIN = TrainConfig(steps=400, micro_batch=16, seq_len=128, lr=3e-3, warmup_step
 LOSS_RECIPES = {
     "random": {"load_balance_coef": 0.0, "z_loss_coef": 0.0},
     "deepseek": {"load_balance_coef": 0.0, "z_loss_coef": 0.0, "seq_balance_coef": 1e-4},
+    "remoe": {"load_balance_coef": 0.0, "z_loss_coef": 0.0},
 }
 
 

@@ -8,7 +8,8 @@ Per optimiser step s:
                    the step, and a resumed run sees exactly the batches it would have seen
       loss = cross-entropy + sum_name coef[name] * aux[name]   (aux averaged over MoE layers)
       backward(loss / grad_accum)     -- the global-batch balance loss accumulates here
-  clip the gradient norm, AdamW step, then `after_optimizer_step` (aux-loss-free bias, k schedules)
+  clip the gradient norm, AdamW step; its step hook (moekit.train.balance.BalanceTracker) runs the
+  routers' once-per-step updates (aux-loss-free bias, k schedules)
 
 A resumed run restores weights, optimiser state, RNG states and the step, and truncates
 metrics.jsonl to the steps before the checkpoint, so its loss curve is bit-identical to an
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import moekit
-from moekit.config import CONFIG_VERSION, _check, _from_dict, check_fields
+from moekit.config import Config, check_fields, require
 from moekit.data import (
     DOMAINS,
     ByteTokenizer,
@@ -51,6 +52,7 @@ from moekit.layers.moe import aux_loss_names
 from moekit.models import LMConfig, MoELM
 from moekit.train import checkpoint as ckpt
 from moekit.train import rundir
+from moekit.train.balance import BalanceTracker
 from moekit.train.evaluate import UNIGRAM_NOTE, evaluate, measured_active_params, unigram_bpb
 from moekit.utils.io import atomic_write_text, remove_debris
 
@@ -58,7 +60,7 @@ TOKENIZERS = ("byte", "bpe")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Optimisation and data. Aux-loss coefficients multiply the per-layer-averaged aux losses."""
 
     steps: int = 300
@@ -88,21 +90,21 @@ class TrainConfig:
         """Raises UsageError naming the field and the allowed values (every float must be finite)."""
         check_fields(self)
         for name in ("steps", "micro_batch", "grad_accum", "seq_len", "checkpoint_every", "eval_tokens"):
-            _check(getattr(self, name) >= 1, f"TrainConfig.{name}", getattr(self, name), "an integer >= 1")
-        _check(self.lr > 0, "TrainConfig.lr", self.lr, "a finite float > 0")
-        _check(0 <= self.min_lr_ratio <= 1, "TrainConfig.min_lr_ratio", self.min_lr_ratio, "a float in [0, 1]")
-        _check(self.warmup_steps >= 0, "TrainConfig.warmup_steps", self.warmup_steps, "an integer >= 0")
-        _check(self.weight_decay >= 0, "TrainConfig.weight_decay", self.weight_decay, "a finite float >= 0")
+            require(getattr(self, name) >= 1, f"TrainConfig.{name}", getattr(self, name), "an integer >= 1")
+        require(self.lr > 0, "TrainConfig.lr", self.lr, "a finite float > 0")
+        require(0 <= self.min_lr_ratio <= 1, "TrainConfig.min_lr_ratio", self.min_lr_ratio, "a float in [0, 1]")
+        require(self.warmup_steps >= 0, "TrainConfig.warmup_steps", self.warmup_steps, "an integer >= 0")
+        require(self.weight_decay >= 0, "TrainConfig.weight_decay", self.weight_decay, "a finite float >= 0")
         for name in ("beta1", "beta2"):
-            _check(0 <= getattr(self, name) < 1, f"TrainConfig.{name}", getattr(self, name), "a float in [0, 1)")
-        _check(self.grad_clip >= 0, "TrainConfig.grad_clip", self.grad_clip, "a finite float >= 0 (0 = no clipping)")
-        _check(0 <= self.seed < 2**63, "TrainConfig.seed", self.seed, "an integer in [0, 2**63)")
+            require(0 <= getattr(self, name) < 1, f"TrainConfig.{name}", getattr(self, name), "a float in [0, 1)")
+        require(self.grad_clip >= 0, "TrainConfig.grad_clip", self.grad_clip, "a finite float >= 0 (0 = no clipping)")
+        require(0 <= self.seed < 2**63, "TrainConfig.seed", self.seed, "an integer in [0, 2**63)")
         for name in ("load_balance_coef", "z_loss_coef", "seq_balance_coef", "dynamic_coef"):
-            _check(getattr(self, name) >= 0, f"TrainConfig.{name}", getattr(self, name), "a finite float >= 0")
-        _check(self.eval_every >= 0, "TrainConfig.eval_every", self.eval_every,
+            require(getattr(self, name) >= 0, f"TrainConfig.{name}", getattr(self, name), "a finite float >= 0")
+        require(self.eval_every >= 0, "TrainConfig.eval_every", self.eval_every,
                "an integer >= 0 (0 = evaluate only at the end)")
-        _check(self.tokenizer in TOKENIZERS, "TrainConfig.tokenizer", self.tokenizer, f"one of {TOKENIZERS}")
-        _check(self.threads >= 0, "TrainConfig.threads", self.threads, "an integer >= 0 (0 = torch's default)")
+        require(self.tokenizer in TOKENIZERS, "TrainConfig.tokenizer", self.tokenizer, f"one of {TOKENIZERS}")
+        require(self.threads >= 0, "TrainConfig.threads", self.threads, "an integer >= 0 (0 = torch's default)")
         return self
 
     @property
@@ -114,12 +116,12 @@ class TrainConfig:
     def tokens_per_step(self) -> int:
         return self.micro_batch * self.grad_accum * self.seq_len
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": type(self).__name__, "version": CONFIG_VERSION, **dataclasses.asdict(self)}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        return cls(**_from_dict(cls, d))
+def aux_coefs_for(model_cfg: LMConfig, cfg: TrainConfig) -> dict[str, float]:
+    """The coefficient of each aux loss in the training loss: TrainConfig's, and for the router's own
+    losses TrainConfig does not name, the router config's (`RouterConfig.aux_loss_coefs`)."""
+    own = cfg.aux_coefs
+    return {**own, **{n: c for n, c in model_cfg.moe.router.aux_loss_coefs().items() if n not in own}}
 
 
 def make_tokenizer(name: str):
@@ -179,7 +181,7 @@ def resolve_configs(model_cfg: LMConfig, cfg: TrainConfig) -> tuple[LMConfig, Tr
     if vocab_size != model_cfg.vocab_size:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
     model_cfg.validate()
-    _check(cfg.seq_len <= model_cfg.max_seq_len, "TrainConfig.seq_len", cfg.seq_len,
+    require(cfg.seq_len <= model_cfg.max_seq_len, "TrainConfig.seq_len", cfg.seq_len,
            f"an integer in [1, {model_cfg.max_seq_len}] (at most LMConfig.max_seq_len)")
     return model_cfg, cfg
 
@@ -296,7 +298,7 @@ def _check_corpus_fits(tokenizer_name: str, seq_len: int) -> None:
     lengths = _validation_lengths(tokenizer_name)
     shortest = min(lengths, key=lengths.get)
     limit = lengths[shortest] - 1
-    _check(seq_len <= limit, "TrainConfig.seq_len", seq_len,
+    require(seq_len <= limit, "TrainConfig.seq_len", seq_len,
            f"at most {limit} (the {shortest} validation text is {lengths[shortest]} tokens with this tokenizer)")
 
 
@@ -392,13 +394,14 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
     last_saved = start_step
 
     router = model_cfg.moe.router
-    count = (f"{model_cfg.num_active_params():,} active per token" if router.kind == "topk" else
+    count = (f"{model_cfg.num_active_params():,} active per token" if router.fixed_experts_per_token() else
              f"{model_cfg.num_active_params():,} active per token by the config's count (dynamic routing: the "
              "measured count follows the evaluation)")
     log(f"model: {model_cfg.num_params():,} parameters, {count} ({router.kind}: {router.describe()})")
     produced = aux_loss_names(model_cfg.moe)
-    terms = " + ".join(f"{c:g}*{n}" for n, c in cfg.aux_coefs.items() if c and n in produced) or "0"
-    off = ", ".join(n for n, c in cfg.aux_coefs.items() if n in produced and not c)
+    coefs = aux_coefs_for(model_cfg, cfg)
+    terms = " + ".join(f"{c:g}*{n}" for n, c in coefs.items() if c and n in produced) or "0"
+    off = ", ".join(n for n, c in coefs.items() if n in produced and not c)
     log(f"loss = lm_loss + {terms}" + (f" (off: {off})" if off else "") + ", aux losses averaged over MoE layers")
     log(f"unigram baseline: {unigram_bpb('validation', tuple(DOMAINS)):.3f} bits per byte (validation; a byte-frequency "
         "model with no context)")
@@ -410,6 +413,7 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
         bar = tqdm(initial=start_step, total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
     report_every = max(1, math.ceil(cfg.steps / 10))  # without a terminal: about ten plain lines
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    BalanceTracker(model).attach(optimizer)  # the routers' once-per-step updates run in optimizer.step()
     model.train()
     params = list(model.parameters())
     try:
@@ -427,7 +431,7 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
                         logits_BTV = model(ids_BT[:, :-1])
                     lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), ids_BT[:, 1:].flatten())
                     aux = model.aux_losses()
-                    loss = lm_loss + sum(cfg.aux_coefs.get(name, 0.0) * value for name, value in aux.items())
+                    loss = lm_loss + sum(coefs.get(name, 0.0) * value for name, value in aux.items())
                     (loss / cfg.grad_accum).backward()
                     for name, value in {"loss": loss, "lm_loss": lm_loss, **aux}.items():
                         sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
@@ -442,7 +446,6 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
                         f"the learning rate (lr={cfg.lr}) or raise warmup_steps in a new run")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                moekit.after_optimizer_step(model)
                 dt = time.perf_counter() - t0
                 record = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr,
                           "grad_norm": float(grad_norm), "tokens": (step + 1) * cfg.tokens_per_step,

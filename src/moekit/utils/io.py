@@ -2,8 +2,10 @@
 
 Durability: write a temporary file in the target's directory, flush and fsync it, rename it over the
 target (atomic on POSIX), then fsync the directory so the rename itself survives a crash. A reader
-sees the old file or the new one, never half of one. Directories are built the same way: a temporary
-sibling directory, every file fsynced, one rename.
+sees the old file or the new one, never half of one. Directories are built the same way
+(`atomic_dir`): a temporary sibling directory, every file fsynced, one rename. Every file moekit
+writes goes through `atomic_write_bytes` / `atomic_write_text` / `atomic_write_with` or `atomic_dir`;
+nothing else in moekit calls os.replace or fsync (a test checks).
 
 Ownership: a directory moekit creates as a unit (a run, an expert store, a report, an export, a
 compare directory) carries a small marker file, `.moekit`, naming its kind. moekit deletes or replaces
@@ -155,14 +157,16 @@ def check_writable_dir(directory: str | os.PathLike, kind: str, what: str = "moe
                             f"directory or a moekit {kind}); choose another directory")
 
 
-def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike, kind: str, what: str = "moekit") -> None:
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike, kind: str | None, what: str = "moekit") -> None:
     """Move the finished directory `tmp` to `target` atomically, replacing an old moekit `kind` there.
 
-    `tmp` gets the marker first; `target` must be absent, empty or marked as `kind`.
+    `tmp` gets the marker first; `target` must be absent, empty or marked as `kind`. kind None: a
+    directory inside one moekit owns (a checkpoint inside a run), replaced whole, without a marker.
     """
     tmp, target = Path(tmp), Path(target)
-    check_writable_dir(target, kind, what)
-    write_marker(tmp, kind)
+    if kind is not None:
+        check_writable_dir(target, kind, what)
+        write_marker(tmp, kind)
     fsync_dir(tmp)
     old = None
     if target.exists():
@@ -172,6 +176,35 @@ def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike, kind: str, wh
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, kind: str | None, what: str = "moekit") -> Iterator[Path]:
+    """Write the directory `target` as one unit: yields an empty temporary sibling (`.NAME.tmp-PID`) to
+    fill; when the block ends normally every file in it is fsynced and it replaces `target` with one
+    rename (`replace_dir`: `target` must be absent, empty or a moekit `kind`, and gets its marker).
+    When the block raises (Ctrl-C included) the temporary is removed and `target` is as it was; a full
+    disk raises an OSError naming `target`. Temporaries of killed writers of `target` are removed first.
+    kind None: a directory inside one moekit owns (a checkpoint inside a run): no marker, no ownership
+    check. Raises NotOwnedError before anything is written if `target` is not moekit's to replace.
+    """
+    target = Path(target)
+    if kind is not None:
+        check_writable_dir(target, kind, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_debris(target.parent, target.name)
+    tmp = tmp_path(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with writing(target, tmp):
+            tmp.mkdir()
+            yield tmp
+            for f in sorted(tmp.rglob("*")):
+                if f.is_file():
+                    fsync_file(f)
+            replace_dir(tmp, target, kind, what)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_debris(directory: str | os.PathLike, name: str | None = None) -> list[Path]:

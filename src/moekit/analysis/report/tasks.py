@@ -1,44 +1,31 @@
-"""`analyze(trace, out_dir)`: every routing metric of a trace, `metrics.json` and a self-contained
-`report.html` (plots embedded as base64 PNG, no script, no network).
+"""The work of `moekit.analysis.analyze`: every metric of a trace as independent tasks on a process pool.
 
-Stages:
-  1. load the trace (a RoutingTrace or a trace file) and choose the capacity unit k (the mean
-     experts per token, rounded);
+Stages (of `compute_metrics`):
+  1. choose the capacity unit k (the mean experts per token, rounded);
   2. split the work into independent tasks and run them on `workers` processes, longest first,
      with a tqdm bar: basic statistics, SRP(n) with bootstrap intervals, the per-layer caches
-     (every policy and every C from k to 8k in one Mattson pass, stack.py), one task per
-     (policy, C) of the whole-model cache (heap simulators, cache.py), prefetch recall;
-  3. gather `metrics.json` and draw the plots with matplotlib's Agg backend into one HTML page;
-  4. write `metrics.json`, `report.html` and the trace (`trace.npz`) as one set: into a temporary
-     sibling directory, then one rename (moekit.utils.io.replace_dir). The output directory must be
-     absent, empty or an earlier moekit report (marker kind "report"); a failure or Ctrl-C leaves it
-     as it was. Ctrl-C terminates the worker processes at once (queued work is cancelled).
+     (every policy and every C from k to 8k in one Mattson pass, moekit.analysis.stack), one task
+     per (policy, C) of the whole-model cache (heap simulators, moekit.analysis.cache), prefetch
+     recall; Ctrl-C terminates the worker processes at once (queued work is cancelled);
+  3. gather the results into one JSON-ready dict (`metrics.json`).
 
-Definitions: docs/analysis-metrics.md; how to read the page: docs/analyze.md.
+Definitions: docs/analysis-metrics.md. Legend: the analysis letters of moekit.analysis.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import json
 import math
 import multiprocessing
-import os
-import shutil
 import signal
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from moekit.analysis import cache as cache_mod
 from moekit.analysis.metrics import (
-    RoutingTrace,
     affinity,
     affinity_prefetch_recall,
     domain_distributions,
@@ -51,26 +38,12 @@ from moekit.analysis.metrics import (
     srp_bootstrap,
     srp_random_baseline,
 )
+from moekit.analysis.routing_trace import RoutingTrace
 from moekit.analysis.stack import stack_hit_curves
-from moekit.analysis.tracefile import check_memory, load_trace, save_trace
+from moekit.analysis.tracefile import check_memory
 from moekit.errors import DataError
-from moekit.utils.io import (
-    atomic_write_text,
-    check_writable_dir,
-    fsync_file,
-    remove_debris,
-    replace_dir,
-    tmp_path,
-    writing,
-)
 
-__all__ = ["AnalysisConfig", "analyze", "check_report_dir", "compute_metrics", "render_html", "static_hits"]
-
-BOUNDS = ("set_min", "bypass_min")
-BOUND_LABELS = {"set_min": "set_min (optimum keeping each step's experts; bounds LRU, LFU)",
-                "bypass_min": "bypass_min (optimal bound of every policy here)"}
-KIND = "report"  # ownership marker kind of an analyze output directory (moekit.utils.io)
-TRACE_FILE = "trace.npz"
+__all__ = ["AnalysisConfig", "compute_metrics", "static_hits"]
 
 
 @dataclass
@@ -169,13 +142,13 @@ def _task_basic(trace: RoutingTrace, k_ref: int, cfg: AnalysisConfig) -> dict:
     if trace.domains is not None:
         out["experts_per_token"]["by_domain"] = {
             d: {"mean_L": m, "hist_LK": h} for d, (m, h) in sorted(experts_per_token_by_domain(trace).items())}
-        names, js_DDL = domain_divergence(trace)
+        names, js_GGL = domain_divergence(trace)
         dist = domain_distributions(trace)
-        D = len(names)
-        pairs = [(a, b) for a in range(D) for b in range(a + 1, D)]
+        G = len(names)
+        pairs = [(a, b) for a in range(G) for b in range(a + 1, G)]
         out["specialisation"] = {
-            "domains": names, "dist_DLE": np.stack([dist[d] for d in names]), "js_DDL": js_DDL,
-            "mean_pairwise_js_L": (np.mean([js_DDL[a, b] for a, b in pairs], axis=0) if pairs
+            "domains": names, "dist_GLE": np.stack([dist[d] for d in names]), "js_GGL": js_GGL,
+            "mean_pairwise_js_L": (np.mean([js_GGL[a, b] for a, b in pairs], axis=0) if pairs
                                    else np.full(trace.num_layers, np.nan)),
         }
     # Best static hot set: per layer and over the whole model, every capacity of the sweeps.
@@ -224,10 +197,10 @@ def _task_srp(trace: RoutingTrace, n: int, cfg: AnalysisConfig) -> dict:
 
 
 def _task_layer_caches(trace: RoutingTrace, k_ref: int, cfg: AnalysisConfig) -> dict:
-    req_LNK = np.stack(cache_mod.layer_requests(trace))
+    req_LQK = np.stack(cache_mod.layer_requests(trace))
     policies = [("lru", 1), ("lfu", 1)] + [("sch", n) for n in cfg.sch_n] + [("set_min", 1), ("bypass_min", 1)]
     C_list = list(range(k_ref, cfg.max_multiple * k_ref + 1))
-    curves = stack_hit_curves(req_LNK, trace.num_experts, max(C_list), policies)
+    curves = stack_hit_curves(req_LQK, trace.num_experts, max(C_list), policies)
     total = curves.requests_L.sum()
     out = {"C": C_list, "requests": int(total), "policies": {}}
     for label in curves.policies:
@@ -433,288 +406,3 @@ def _check_analysable(trace: RoutingTrace) -> None:
     need = 8 * ((L - 1) * E * E + (T_max + 2) * (E + 1) + 16 * L * E)
     check_memory(need, f"analysing a trace of E = {E} experts x L = {L} layers")
 
-
-# ----------------------------------------------------------------------------- plots
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _integer_ticks():
-    from matplotlib.ticker import MaxNLocator
-
-    return MaxNLocator(integer=True)  # layers are whole numbers
-
-
-def _arr(x) -> np.ndarray:
-    return np.array([np.nan if v is None else v for v in x], dtype=np.float64) if not isinstance(x[0], list) \
-        else np.array([[np.nan if v is None else v for v in row] for row in x], dtype=np.float64)
-
-
-def _plots(m: dict) -> dict[str, str]:
-    import matplotlib
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    L, E = m["trace"]["num_layers"], m["trace"]["num_experts"]
-    plots: dict[str, str] = {}
-
-    counts = _arr(m["load"]["counts_LE"])
-    mean = counts.mean(axis=1, keepdims=True)
-    fig, ax = plt.subplots(figsize=(min(14, 3 + E * 0.12), 1.5 + L * 0.25))
-    im = ax.imshow(counts / np.where(mean > 0, mean, 1), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set(xlabel="expert", ylabel="layer", title="Load per expert (tokens / mean tokens per expert)")
-    fig.colorbar(im, ax=ax, label="load / mean")
-    plots["load"] = _png(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    layers = np.arange(L)
-    ax.plot(layers, _arr(m["experts_per_token"]["mean_L"]), "k-o", lw=2, label="all")
-    for d, v in m["experts_per_token"]["by_domain"].items():
-        ax.plot(layers, _arr(v["mean_L"]), marker=".", label=d)
-    ax.set(xlabel="layer", ylabel="experts per token (mean)", title="Experts per token by layer and domain")
-    ax.xaxis.set_major_locator(_integer_ticks())
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
-    plots["experts_per_token"] = _png(fig)
-
-    spec = m.get("specialisation")
-    if spec:
-        dist = np.array(spec["dist_DLE"], dtype=np.float64)  # (D, L, E)
-        D = dist.shape[0]
-        fig, axes = plt.subplots(2, 1, figsize=(min(16, 4 + L * E * 0.01), 2.2 + 0.3 * D + 2.5),
-                                 gridspec_kw={"height_ratios": [max(1.0, 0.3 * D), 1.6]})
-        im = axes[0].imshow(dist.reshape(D, L * E) * E, aspect="auto", cmap="magma", interpolation="nearest",
-                            vmax=max(2.0, float(np.nanpercentile(dist * E, 99))))
-        for layer in range(1, L):
-            axes[0].axvline(layer * E - 0.5, color="w", lw=0.5)
-        axes[0].set_yticks(range(D), spec["domains"])
-        axes[0].set(xlabel="layer x expert (white lines separate layers)",
-                    title="Domain specialisation: share of the domain's assignments x E (1 = uniform)")
-        fig.colorbar(im, ax=axes[0], label="share x E")
-        axes[1].plot(layers, _arr(spec["mean_pairwise_js_L"]), "o-")
-        axes[1].axhline(math.log(2), ls=":", c="gray", label="ln 2 (disjoint experts)")
-        axes[1].set(xlabel="layer", ylabel="JS divergence (nats)", title="Mean pairwise divergence between domains")
-        axes[1].xaxis.set_major_locator(_integer_ticks())
-        axes[1].legend(fontsize=8)
-        axes[1].grid(alpha=0.3)
-        fig.tight_layout()
-        plots["specialisation"] = _png(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    for ax, scope, title in [(axes[0], "per_layer", "One cache of C experts per layer"),
-                             (axes[1], "whole_model", "One whole-model cache of L x C experts (same memory)")]:
-        c = m["cache"][scope]
-        x = np.array(c["C_over_k"], dtype=np.float64)
-        for label, v in c["policies"].items():
-            y = _arr(v["cold"])
-            if label in BOUNDS:
-                ax.plot(x, y, "k--" if label == "set_min" else "k:", lw=2.2, marker=".",
-                        label=BOUND_LABELS[label])
-            else:
-                ax.plot(x, y, marker="o", ms=3, label=label)
-        ax.set(xlabel="cache size per layer C / k", title=title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("hit rate (cold cache)")
-    plots["cache"] = _png(fig)
-
-    ns = np.array(m["srp"]["n"], dtype=np.float64)
-    val = _arr([m["srp"]["model"][str(int(n))]["value"] for n in ns])
-    # Every n longer than every sequence (a one-token trace): no window, no plot; the page says so.
-    if not np.isnan(val).all():
-        fig, ax = plt.subplots(figsize=(7, 3.8))
-        lo = _arr([m["srp"]["model"][str(int(n))]["lo"] for n in ns])
-        hi = _arr([m["srp"]["model"][str(int(n))]["hi"] for n in ns])
-        ax.errorbar(ns, val, yerr=[np.nan_to_num(val - lo), np.nan_to_num(hi - val)], fmt="o-", capsize=4,
-                    label="whole model (95% bootstrap interval)")
-        per_layer = np.array([_arr(m["srp"]["layer"][str(int(n))]["value_L"]) for n in ns])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # n longer than every sequence: all-nan column
-            ax.fill_between(ns, np.nanmin(per_layer, axis=1), np.nanmax(per_layer, axis=1), alpha=0.2,
-                            label="range over layers")
-        ax.axhline(m["srp"]["random_baseline"], ls=":", c="gray", label="random routing 2k/(E+k)")
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="segment length n (tokens)", ylabel="SRP(n)", title="Segment routing best performance")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        plots["srp"] = _png(fig)
-
-    aff = m.get("affinity")
-    if aff:
-        A = np.array(aff["A_JEE"], dtype=np.float64)
-        pairs = sorted({0, A.shape[0] // 2, A.shape[0] - 1})
-        fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.9), squeeze=False)
-        for ax, j in zip(axes[0], pairs, strict=True):
-            im = ax.imshow(A[j], cmap="viridis", interpolation="nearest", vmin=0)
-            ax.set(xlabel=f"expert at layer {j + 1}", ylabel=f"expert at layer {j}",
-                   title=f"P(next | current), layers {j}->{j + 1}")
-            fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.tight_layout()
-        plots["affinity"] = _png(fig)
-
-    pf = m["prefetch"]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for kind, style in (("gate", "o-"), ("affinity", "s--")):
-        rec = pf.get(kind) or {}
-        for d, r in sorted(rec.items(), key=lambda kv: int(kv[0])):
-            ax.plot(layers, _arr(r), style, ms=4, label=f"{kind}, {d} layer{'s' if int(d) > 1 else ''} ahead")
-    ax.axhline(pf["random_baseline"], ls=":", c="gray", label="random k/E")
-    ax.set(xlabel="target layer", ylabel="recall", title="Prefetch recall of the experts a layer executes",
-           ylim=(0, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    plots["prefetch"] = _png(fig)
-    return plots
-
-
-# ----------------------------------------------------------------------------- HTML
-
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;font-size:.9em;margin:.6em 0}td,th{border:1px solid #ddd;padding:.25em .6em;
-text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
-img{max-width:100%;display:block;margin:.8em 0}p.note{color:#555;font-size:.92em}"""
-
-
-def _fmt(x, digits: int = 3) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _nanmean(x) -> float:
-    a = _arr(x)
-    return float(np.mean(a[~np.isnan(a)])) if np.any(~np.isnan(a)) else math.nan
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _cache_table(c: dict) -> str:
-    xs = c["C_over_k"]
-    pick = [i for i, x in enumerate(xs) if x in (1, 2, 4, 8)] or list(range(len(xs)))
-    header = ["policy"] + [f"C/k={xs[i]:g} cold / warm" for i in pick]
-    rows = [[label] + [f"{_fmt(v['cold'][i])} / {_fmt(v['warm'][i])}" for i in pick]
-            for label, v in c["policies"].items()]
-    return _table(header, rows)
-
-
-def render_html(m: dict, plots: dict[str, str]) -> str:
-    t = m["trace"]
-
-    def img(key: str, alt: str) -> str:
-        if key not in plots:
-            return f"<p class='note'>{html.escape(alt)}: not available for this trace.</p>"
-        return f'<img class="plot" id="plot-{key}" alt="{html.escape(alt)}" src="data:image/png;base64,{plots[key]}">'
-
-    ls = m["load"]
-    summary = _table(["quantity", "value"], [
-        ["layers L / experts E", f"{t['num_layers']} / {t['num_experts']}"],
-        ["sequences / tokens / (token, layer) rows", f"{t['num_sequences']} / {t['num_tokens']} / {t['num_rows']}"],
-        ["mean experts per token (k) / max", f"{_fmt(t['mean_experts_per_token'])} / {t['k_max']}"],
-        ["domains", ", ".join(f"{d} ({n})" for d, n in (t["domains"] or {}).items()) or "unlabelled"],
-        ["routers", ", ".join((t.get("meta") or {}).get("routers", [])) or "–"],
-        ["load CV (mean over layers)", _fmt(_nanmean(ls["cv_L"]))],
-        ["load Gini (mean over layers)", _fmt(_nanmean(ls["gini_L"]))],
-        ["normalised entropy (mean over layers)", _fmt(_nanmean(ls["norm_entropy_L"]))],
-        ["SRP random baseline 2k/(E+k)", _fmt(m["srp"]["random_baseline"])],
-        ["analysis wall time", f"{m['timing_s']['wall']:.1f} s"],
-    ])
-    srp_rows = [[n, _fmt(v["value"]), f"[{_fmt(v['lo'])}, {_fmt(v['hi'])}]"] for n, v in m["srp"]["model"].items()]
-    pf = m["prefetch"]
-    pf_rows = []
-    for kind in ("gate", "affinity"):
-        precision = (pf.get("gate_precision") or {}) if kind == "gate" else (pf.get(kind) or {})
-        for d, r in sorted((pf.get(kind) or {}).items(), key=lambda kv: int(kv[0])):
-            pf_rows.append([kind, d, _fmt(_nanmean(r)), _fmt(_nanmean(precision.get(d, [None])))])
-    sections = [
-        ("Load per expert", img("load", "load heatmap, layer by expert"),
-         "Tokens routed to each expert of each layer divided by the layer's mean: 1 is a perfectly balanced "
-         "expert, bright cells are hot experts, dark ones idle."),
-        ("Experts per token", img("experts_per_token", "experts per token by layer and domain"),
-         "Mean number of executed experts per token at each layer, overall and per domain (constant k for "
-         "top-k routers; varies with top-p, null-expert and other dynamic routers)."),
-        ("Domain specialisation", img("specialisation", "domain by expert specialisation heatmap"),
-         "Each domain's share of assignments per expert, times E (1 = what uniform routing gives), and the "
-         "mean pairwise Jensen-Shannon divergence between domains per layer (0 identical, ln 2 disjoint)."),
-        ("Expert caches", img("cache", "hit rate versus cache size for every policy")
-         + _cache_table(m["cache"]["per_layer"]) + "<p class='note'>whole-model cache:</p>"
-         + _cache_table(m["cache"]["whole_model"]),
-         "Hit rate against cache size in units of k for LRU, LFU, SCH(n), the oracle static hot set and the "
-         "two optimal caches (set-MIN dashed, bypass-MIN dotted). Plots use the cold convention; tables show "
-         "cold / warm. set-MIN is the best a cache can do when all of a token's experts must be resident: "
-         "it bounds LRU and LFU. SCH(n) is the paper's (arXiv 2505.16056, as its authors' code computes it): "
-         "a later expert of a token may evict an earlier one, so it can exceed set-MIN; nothing that only "
-         "chooses what to keep, SCH and static included, can exceed bypass-MIN. '–': LRU, LFU and set-MIN "
-         "have no value when C is below the most experts one step requests (k_max)."),
-        ("Segment routing locality", img("srp", "SRP versus segment length")
-         + _table(["n", "SRP (whole model)", "95% interval"], srp_rows),
-         "SRP(n): the best F1 of predicting one fixed expert group for each window of n tokens. Far above the "
-         "random baseline means routing is stable over segments and per-segment caching pays."),
-        ("Cross-layer affinity", img("affinity", "inter-layer affinity heatmaps"),
-         "P(expert p at layer j+1 | expert i at layer j) for three layer pairs: concentrated rows mean the "
-         "next layer's experts are predictable from this layer's."),
-        ("Prefetch recall", img("prefetch", "prefetch recall by layer and distance")
-         + _table(["predictor", "layers ahead", "mean recall", "mean precision"], pf_rows),
-         pf["note"]),
-    ]
-    body = "".join(f"<h2>{html.escape(title)}</h2><p class='note'>{html.escape(note)}</p>{content}"
-                   for title, content, note in sections)
-    title = "moekit routing analysis"
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
-            f"<style>{_CSS}</style></head><body><h1>{title}</h1>{summary}{body}"
-            "<p class='note'>Every number is in metrics.json next to this page; definitions in "
-            "docs/analysis-metrics.md.</p></body></html>")
-
-
-# ----------------------------------------------------------------------------- entry point
-
-
-def check_report_dir(out_dir: str | os.PathLike) -> None:
-    """Refuse (NotOwnedError) an output directory that exists, is not empty and is not a moekit report."""
-    check_writable_dir(out_dir, KIND, "moekit analyze")
-
-
-def analyze(trace_or_path: RoutingTrace | str | os.PathLike, out_dir: str | os.PathLike,
-            cfg: AnalysisConfig | None = None, progress: bool = True) -> dict:
-    """Compute every metric of `trace_or_path` and write `out_dir/metrics.json`, `out_dir/report.html`
-    and the trace `out_dir/trace.npz` as one set (module doc, stage 4). Returns the metrics dict.
-
-    Raises NotOwnedError (out_dir holds other files), DataError / TraceFormatError (an empty,
-    damaged or oversized trace), FileNotFoundError, OSError (e.g. a full disk: nothing is written).
-    """
-    out = Path(out_dir)
-    check_report_dir(out)
-    source = None if isinstance(trace_or_path, RoutingTrace) else Path(trace_or_path)
-    trace = trace_or_path if source is None else load_trace(source)
-    m = compute_metrics(trace, cfg, progress)
-    t0 = time.perf_counter()
-    plots = _plots(m)
-    page = render_html(m, plots)
-    m["timing_s"]["plots_and_html"] = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_debris(out.parent, out.name)  # the temporary set of a killed analyze
-    tmp = tmp_path(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with writing(out, tmp):  # a full disk names the target
-        try:
-            if source is None:
-                save_trace(trace, tmp / TRACE_FILE)
-            else:
-                shutil.copyfile(source, tmp / TRACE_FILE)
-                fsync_file(tmp / TRACE_FILE)
-            atomic_write_text(tmp / "metrics.json", json.dumps(m, indent=1))
-            atomic_write_text(tmp / "report.html", page)
-            replace_dir(tmp, out, KIND, "moekit analyze")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return m

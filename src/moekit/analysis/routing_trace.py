@@ -1,0 +1,141 @@
+"""`RoutingTrace`: the executed routing of several sequences, as analysis and offload read it.
+
+A routing trace is a list of sequences, each an int array `experts_LTK` holding the *executed*
+expert ids per layer and token, padded with -1 where a dynamic router used fewer than K_max experts.
+Sequences may differ in T (and in K_max). Files: `moekit.analysis.tracefile` (docs/trace-format.md).
+
+Legend (analysis letters, see moekit.analysis): L MoE layers, T tokens of one sequence, K expert
+slots per token, executed or predicted (-1 marks an empty slot), E experts per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["RoutingTrace"]
+
+
+@dataclass
+class RoutingTrace:
+    """Executed routing of several sequences.
+
+    seqs: one int array `experts_LTK` (L, T, K_max) per sequence; -1 pads empty slots.
+    num_experts: E, experts per layer (ids lie in 0..E-1).
+    domains: optional domain label per sequence.
+    weights: optional combine weights, one float array per sequence shaped like its `seqs`
+        entry (0 in padded slots).
+    prefetch: optional router-based predictions {d: per-sequence `predicted_LTK`} (L and T as the
+        sequence's experts, any width K): for layer l >= d, the experts layer l's router picks from
+        the input of layer l - d (moekit.routers.predict), -1 = empty slot. A layer has predictions
+        at distance d iff some token there has one (none for l < d or a recurrent router).
+    layer_names: optional module name of each MoE layer.
+    meta: free-form JSON-serialisable description (model, router, corpus, ...).
+    """
+
+    seqs: list[np.ndarray]
+    num_experts: int
+    domains: list[str] | None = None
+    weights: list[np.ndarray] | None = None
+    prefetch: dict[int, list[np.ndarray]] | None = None
+    layer_names: list[str] | None = None
+    meta: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not self.seqs:
+            raise ValueError("a RoutingTrace needs at least one sequence")
+        seqs = [np.asarray(s) for s in self.seqs]
+        L = seqs[0].shape[0] if seqs[0].ndim == 3 else -1
+        for i, s in enumerate(seqs):
+            if s.ndim != 3 or s.shape[0] != L:
+                raise ValueError(f"sequence {i}: expected experts_LTK of shape ({L}, T, K_max), got {s.shape}")
+            if not np.issubdtype(s.dtype, np.integer):
+                raise ValueError(f"sequence {i}: expert ids must be integers, got dtype {s.dtype}")
+            _check_ids(s, self.num_experts, f"sequence {i}")
+        self.seqs = [s.astype(np.int64, copy=False) for s in seqs]
+        if self.domains is not None:
+            self.domains = [str(d) for d in self.domains]
+            if len(self.domains) != len(self.seqs):
+                raise ValueError(f"domains has {len(self.domains)} labels for {len(self.seqs)} sequences")
+        if self.weights is not None:
+            self.weights = [np.asarray(w, dtype=np.float32) for w in self.weights]
+            self._check_parallel(self.weights, "weights")
+        if self.prefetch is not None:
+            self.prefetch = {int(d): [np.asarray(p).astype(np.int64, copy=False) for p in preds]
+                             for d, preds in self.prefetch.items()}
+            for d, preds in self.prefetch.items():
+                if d < 1:
+                    raise ValueError(f"prefetch distance must be >= 1, got {d}")
+                if len(preds) != len(self.seqs):
+                    raise ValueError(f"prefetch[{d}] has {len(preds)} arrays for {len(self.seqs)} sequences")
+                for i, (p, s) in enumerate(zip(preds, self.seqs, strict=True)):
+                    if p.ndim != 3 or p.shape[:2] != s.shape[:2]:
+                        raise ValueError(f"prefetch[{d}] of sequence {i} has shape {p.shape}, expected "
+                                         f"({s.shape[0]}, {s.shape[1]}, J) (its layers and tokens)")
+                    _check_ids(p, self.num_experts, f"prefetch[{d}] of sequence {i}")
+        if self.layer_names is not None:
+            self.layer_names = [str(n) for n in self.layer_names]
+            if len(self.layer_names) != L:
+                raise ValueError(f"layer_names has {len(self.layer_names)} names for {L} layers")
+
+    def _check_parallel(self, arrays: list[np.ndarray], what: str) -> None:
+        if len(arrays) != len(self.seqs):
+            raise ValueError(f"{what} has {len(arrays)} arrays for {len(self.seqs)} sequences")
+        for i, (a, s) in enumerate(zip(arrays, self.seqs, strict=True)):
+            if a.shape != s.shape:
+                raise ValueError(f"{what} of sequence {i} has shape {a.shape}, expected {s.shape} (its experts)")
+
+    @classmethod
+    def from_layer(cls, seqs_TK: Sequence[np.ndarray], num_experts: int,
+                   domains: Sequence[str] | None = None) -> RoutingTrace:
+        """A one-layer trace from per-sequence `experts_TK` arrays."""
+        return cls([np.asarray(s)[None] for s in seqs_TK], num_experts, None if domains is None else list(domains))
+
+    @property
+    def num_layers(self) -> int:
+        return self.seqs[0].shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.shape[1] for s in self.seqs)
+
+    @property
+    def k_max(self) -> int:
+        """Most experts any token uses at any layer."""
+        return max(int((s >= 0).sum(axis=2).max()) if s.size else 0 for s in self.seqs)
+
+    def subset(self, idx: Sequence[int]) -> RoutingTrace:
+        """The trace restricted to the sequences `idx` (repeats allowed, e.g. for a bootstrap)."""
+        idx = list(idx)
+        doms = None if self.domains is None else [self.domains[i] for i in idx]
+        w = None if self.weights is None else [self.weights[i] for i in idx]
+        pf = None if self.prefetch is None else {d: [p[i] for i in idx] for d, p in self.prefetch.items()}
+        return RoutingTrace([self.seqs[i] for i in idx], self.num_experts, doms, w, pf, self.layer_names, self.meta)
+
+    def stacked(self) -> np.ndarray:
+        """experts_LTK of all sequences concatenated along T (padded to the global K_max)."""
+        K = max(s.shape[2] for s in self.seqs)
+        return np.concatenate([_pad_last(s, K) for s in self.seqs], axis=1)
+
+
+def _pad_last(a_xK: np.ndarray, K: int) -> np.ndarray:
+    if a_xK.shape[-1] == K:
+        return a_xK
+    pad = np.full((*a_xK.shape[:-1], K - a_xK.shape[-1]), -1, dtype=a_xK.dtype)
+    return np.concatenate([a_xK, pad], axis=-1)
+
+
+def _check_ids(experts_xK: np.ndarray, E: int, what: str) -> None:
+    """Ids must lie in -1..E-1 and a token may not list the same expert twice."""
+    if experts_xK.size == 0:
+        return
+    lo, hi = int(experts_xK.min()), int(experts_xK.max())
+    if lo < -1 or hi >= E:
+        raise ValueError(f"{what}: expert ids must lie in 0..{E - 1} (or -1 for padding), found {lo}..{hi}")
+    srt = np.sort(experts_xK, axis=-1)
+    if np.any((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)):
+        raise ValueError(f"{what}: a token lists the same expert twice")

@@ -1,0 +1,76 @@
+"""The private transformers names moekit.hf relies on, in one place, without a silent fallback.
+
+transformers promises nothing about names that start with `_`; moekit.hf uses the few below because
+no public name does the same job. Each is imported (or read) here and nowhere else, with no `None`
+fallback: if a transformers release drops one, `import moekit.hf` (or the call that needs it) fails
+with an error naming it, instead of a feature quietly switching off. tests/hf/test_private_api.py
+imports each of them and checks that they still do what moekit.hf assumes.
+
+  transformers.utils.output_capturing.OutputRecorder     the record specs of `output_router_logits=True`
+  transformers.utils.output_capturing._active_collector  the outputs being collected by this forward
+  transformers.integrations.moe._default_apply_gate      the experts' silu(gate) * up, to recognise it
+  PreTrainedModel._can_record_outputs (class attribute)  which module outputs a model can record
+  PretrainedConfig._experts_implementation_internal      the experts implementation a config selects
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import transformers
+
+from moekit.hf.version import SUPPORTED_TRANSFORMERS
+
+__all__ = ["PRIVATE_ATTRIBUTES", "PRIVATE_SYMBOLS", "OutputRecorder", "active_collector", "default_apply_gate",
+           "experts_implementation", "record_specs", "set_experts_implementation"]
+
+# (module, name) of every private (or undocumented) transformers symbol moekit.hf imports.
+PRIVATE_SYMBOLS = (
+    ("transformers.utils.output_capturing", "OutputRecorder"),
+    ("transformers.utils.output_capturing", "_active_collector"),
+    ("transformers.integrations.moe", "_default_apply_gate"),
+)
+# Private attributes moekit.hf reads on transformers objects, and on what.
+PRIVATE_ATTRIBUTES = {
+    "_can_record_outputs": "a PreTrainedModel class: {output name: OutputRecorder | module class | list of them}",
+    "_experts_implementation_internal": "a PretrainedConfig: the experts implementation ('eager', 'grouped_mm', ...)",
+}
+
+
+def _missing(what: str, why: object) -> ImportError:
+    return ImportError(f"moekit.hf needs {what}, which transformers {transformers.__version__} does not have "
+                       f"({why}); moekit.hf is tested with transformers {SUPPORTED_TRANSFORMERS}: install a "
+                       f"tested version (pip install 'transformers{SUPPORTED_TRANSFORMERS}')")
+
+
+def _require(module: str, name: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise _missing(f"{module}.{name}", e) from None
+
+
+OutputRecorder = _require(*PRIVATE_SYMBOLS[0])
+active_collector = _require(*PRIVATE_SYMBOLS[1])
+default_apply_gate = _require(*PRIVATE_SYMBOLS[2])
+
+
+def record_specs(module: Any) -> dict:
+    """The `_can_record_outputs` specs of `module`'s class ({} for a module that records nothing, such
+    as any non-transformers module)."""
+    return getattr(type(module), "_can_record_outputs", None) or {}
+
+
+def experts_implementation(config: Any) -> str | None:
+    """The experts implementation `config` (a PretrainedConfig) selects. Raises ImportError naming the
+    attribute if transformers no longer has it."""
+    try:
+        return config._experts_implementation_internal
+    except AttributeError as e:
+        raise _missing(f"{type(config).__name__}._experts_implementation_internal", e) from None
+
+
+def set_experts_implementation(config: Any, value: str | None) -> None:
+    experts_implementation(config)  # the attribute must exist: setting a new one would change nothing
+    config._experts_implementation_internal = value
