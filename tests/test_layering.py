@@ -1,7 +1,7 @@
 """The allowed import direction between moekit's packages, read from every `import` in src/ with `ast`.
 
     errors  <-  config, utils, data  <-  losses, ops  <-  routers, dispatch, experts  <-  layers
-            <-  models, hf  <-  train, analysis, offload  <-  cli
+            <-  models, hf  <-  adapters  <-  train, analysis, offload  <-  compose  <-  cli
 
 A package may import packages on lower levels only; packages on one level do not import each other,
 except for the edges in PEER_EDGES. No package imports another package's `_private` names. Imports
@@ -24,7 +24,9 @@ LEVELS = [
     ("routers", "dispatch", "experts"),
     ("layers",),
     ("models", "hf"),
+    ("adapters",),  # adapters on dense linears, moekit expert banks and wrapped transformers models
     ("train", "analysis", "offload"),
+    ("compose",),  # Composition of Experts: scores moekit runs (train) with adapters on top
     ("cli",),
 ]
 LEVEL = {pkg: i for i, pkgs in enumerate(LEVELS) for pkg in pkgs}

@@ -379,8 +379,7 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     o.set_defaults(func=offload_cli.write_store_command)
     from moekit.compose import cli as compose_cli  # moekit compose build|eval|serve (Composition of Experts)
 
-    compose_cli.add_arguments(m := sub.add_parser("compose", help="Composition of Experts: build, evaluate, serve"))
-    m.set_defaults(func=compose_cli.run)
+    compose_cli.add_parser(sub)
     b = sub.add_parser("bench", help="run a benchmark script (prints JSON lines)")
     b.add_argument("name", choices=BENCHMARKS)
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark, e.g. --quick")

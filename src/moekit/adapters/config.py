@@ -150,9 +150,10 @@ class _RoutedConfig(AdapterConfig):
     def _check_router(self, num_experts: int, what: str) -> None:
         cls = type(self).__name__
         _check(isinstance(self.router, RouterConfig), f"{cls}.router", self.router, "a moekit.RouterConfig")
-        if self.router.kind == "recurrent":
-            raise UsageError(f"{cls}.router.kind='recurrent' is invalid here: the RMoE router carries a state from one "
-                             f"MoE layer to the next, and {what} are independent layers; allowed: any other router")
+        if self.router.carries_state():
+            raise UsageError(f"{cls}.router.kind={self.router.kind!r} is invalid here: the router carries a state from "
+                             f"one MoE layer to the next, and {what} are independent layers; allowed: a router that "
+                             "carries no state")
         self.router.validate(num_experts)
         for name in ("load_balance_coef", "z_loss_coef", "router_aux_coef"):
             value = getattr(self, name)

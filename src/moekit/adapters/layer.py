@@ -23,7 +23,7 @@ from torch import nn
 from moekit import losses
 from moekit.adapters.config import AdapterConfig, LoRAConfig, _RoutedConfig
 from moekit.errors import UsageError
-from moekit.routers import router_class
+from moekit.routers import StepCounts, router_class
 
 _LAYERS: dict[str, type[AdapterLayer]] = {}
 
@@ -166,7 +166,7 @@ class RoutedMixin:
     the step counts its stateful updates (selection bias, k schedules) read once per optimiser step.
 
     The router is built and used only through its public surface: `router_class(kind)(cfg, d, E)`,
-    `router(x_TD)` -> RouterOutput, and `after_optimizer_step(counts_E)`.
+    `router(x_TD)` -> RouterOutput, its balance and aux-loss methods, and `after_optimizer_step(StepCounts)`.
     """
 
     router: nn.Module
@@ -174,31 +174,33 @@ class RoutedMixin:
 
     def _build_router(self, cfg: _RoutedConfig, d_model: int, num_experts: int, device) -> nn.Module:
         router = router_class(cfg.router.kind)(cfg.router, d_model, num_experts).to(device)
-        if not getattr(router, "is_causal", True) and not getattr(cfg.router, "allow_causal_leak", False):
+        if not cfg.router.is_causal() and not cfg.router.accepts_causal_leak():
             raise UsageError(f"{type(cfg).__name__}.router.kind={cfg.router.kind!r} is not causal (a token's experts "
                              "depend on later tokens), so a causal LM would see the future; set "
                              "allow_causal_leak=True in its RouterConfig to use it anyway")
         self.register_buffer("step_counts_E", torch.zeros(num_experts, dtype=torch.int64, device=device),
                              persistent=False)
+        self.step_tokens = 0
         return router
 
     def _route(self, x_TI: torch.Tensor):
         route = self.router(x_TI)
         if self.training and torch.is_grad_enabled():
+            # Every choice runs (adapters drop nothing), so executed and chosen counts are the same.
             self.step_counts_E += torch.bincount(route.expert_idx_N, minlength=self.step_counts_E.numel())
+            self.step_tokens += route.num_tokens
         self.aux = self._router_losses(route) if torch.is_grad_enabled() else {}
         return route
 
     def _router_losses(self, route) -> dict[str, torch.Tensor]:
-        """Unscaled losses over the T rows: the router's own, the Switch balance loss (f counts the
-        router's choices, P its probabilities, normalised per token for sigmoid scores) and the z-loss."""
-        aux = dict(route.aux)
+        """Unscaled losses over the T rows: the Switch balance loss (f and P as the router defines them
+        for balancing: `balance_assignment`, `balance_probs`), the z-loss, and the router's own losses."""
         E = route.scores_TE.shape[1]
-        counts_E = torch.bincount(route.expert_idx_N, minlength=E)
-        sigmoid = getattr(self.cfg.router, "score", "softmax") == "sigmoid"
-        probs_TE = losses.token_normalized(route.scores_TE) if sigmoid else route.scores_TE
-        aux["load_balance"] = losses.load_balance_loss(probs_TE, counts_E, route.scores_TE.shape[0])
-        aux["z_loss"] = losses.z_loss(route.logits_TE)
+        _, expert_idx_N = self.router.balance_assignment(route, None)
+        counts_E = torch.bincount(expert_idx_N, minlength=E)
+        aux = {"load_balance": losses.load_balance_loss(self.router.balance_probs(route), counts_E, route.num_tokens),
+               "z_loss": losses.z_loss(route.logits_TE)}
+        aux.update(self.router.aux_losses(route, None))  # router-specific rules take precedence
         return aux
 
     def aux_loss(self) -> torch.Tensor | None:
@@ -213,5 +215,7 @@ class RoutedMixin:
 
     def after_optimizer_step(self) -> None:
         # NOTE: the one call into the router's stateful API (aux-loss-free bias, k schedules).
-        self.router.after_optimizer_step(self.step_counts_E.clone())
+        counts_E = self.step_counts_E.clone()
+        self.router.after_optimizer_step(StepCounts(executed_E=counts_E, chosen_E=counts_E, tokens=self.step_tokens))
         self.step_counts_E.zero_()
+        self.step_tokens = 0

@@ -15,11 +15,8 @@
         written: {"category", "expert", "confidence", "text"} (greedy continuation), or with --score
         {"category", "expert", "confidence", "bpb"}. No network is involved.
 
-The top-level CLI wires it up with:
-
-    c = sub.add_parser("compose", help=...)
-    moekit.compose.cli.add_arguments(c)
-    c.set_defaults(func=moekit.compose.cli.run)
+The top-level CLI registers it with one line: `compose_cli.add_parser(sub)`; the parser's `func` is
+`run(args) -> int`.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ import argparse
 import json
 import sys
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_parser", "run"]
 
 
 def _positive(text: str) -> int:
@@ -61,7 +58,10 @@ def _expert(text: str):
     return ExpertSpec(name, run, adapter or None)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `compose` (with build, eval and serve) to the top-level `subparsers`; returns its parser."""
+    parser = subparsers.add_parser("compose", help="Composition of Experts: build, evaluate, serve")
+    parser.set_defaults(func=run)
     sub = parser.add_subparsers(dest="compose_command", required=True)
     b = sub.add_parser("build", help="train the category router and map categories to experts")
     b.add_argument("--expert", type=_expert, action="append", required=True, metavar="NAME=RUN[@ADAPTER]",
@@ -91,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-size", type=_positive, default=8, help="requests per batch (default 8)")
     s.add_argument("--max-new-tokens", type=_positive, default=64, help="greedy continuation length (default 64)")
     s.add_argument("--score", action="store_true", help="write each request's bits per byte instead of a continuation")
+    return parser
 
 
 def _read_jsonl(path: str) -> tuple[list[str], list[str]]:
