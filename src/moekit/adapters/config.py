@@ -25,6 +25,7 @@ from moekit.config import RouterConfig
 from moekit.errors import UsageError
 
 ADAPTER_CONFIG_VERSION = 1
+EXPERT_ADAPTERS = ("per_expert", "shared")
 
 _CONFIGS: dict[str, type[AdapterConfig]] = {}
 
@@ -66,12 +67,17 @@ class AdapterConfig:
                "a finite number > 0")
         _check(_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, f"{cls}.lora_dropout",
                self.lora_dropout, "a number in [0, 1)")
-        ok = (isinstance(self.target_modules, list | tuple) and len(self.target_modules) > 0
+        ok = (isinstance(self.target_modules, list | tuple)
+              and (len(self.target_modules) > 0 or self.targets_parameters())
               and all(isinstance(t, str) and t.strip(".") for t in self.target_modules))
         _check(ok, f"{cls}.target_modules", self.target_modules, "a non-empty list of module names, e.g. "
-               "['q_proj', 'v_proj']")
+               "['q_proj', 'v_proj']" + (" (or [] with target_parameters)" if self.method == "lora" else ""))
         self.target_modules = list(self.target_modules)
         return self
+
+    def targets_parameters(self) -> bool:
+        """Whether the config also targets stacked expert weights (`target_parameters`, LoRA only)."""
+        return False
 
     def describe(self) -> str:
         return f"{self.method}(r={self.r}, lora_alpha={self.lora_alpha:g})"
@@ -131,6 +137,37 @@ class LoRAConfig(AdapterConfig):
 
     method: ClassVar[str] = "lora"
     mergeable: ClassVar[bool] = True
+
+    # LoRA on fused MoE experts (moekit.adapters.experts): stacked (E, O, I) weights of moekit expert banks,
+    # named as PEFT's `target_parameters` ("experts.gate_up_proj", "experts.down_proj", "experts.up_proj";
+    # matched as target_modules: the full parameter name, or its last dotted parts).
+    target_parameters: list[str] = field(default_factory=list)
+    # "per_expert": A (E, r, I), B (E, O, r), one pair per expert; "shared": one (r, I), (O, r) pair for all
+    expert_adapter: str = "per_expert"
+
+    def validate(self) -> LoRAConfig:
+        if self.target_parameters is None:  # PEFT writes null for "no parameter targets"
+            self.target_parameters = []
+        ok = (isinstance(self.target_parameters, list | tuple)
+              and all(isinstance(t, str) and t.strip(".") for t in self.target_parameters))
+        _check(ok, "LoRAConfig.target_parameters", self.target_parameters, "a list of stacked expert weight names, "
+               "e.g. ['experts.gate_up_proj', 'experts.down_proj']")
+        self.target_parameters = list(self.target_parameters)
+        super().validate()
+        _check(self.expert_adapter in EXPERT_ADAPTERS, "LoRAConfig.expert_adapter", self.expert_adapter,
+               f"one of {EXPERT_ADAPTERS}")
+        # NOTE: as PEFT's ParamWrapper, which refuses lora_dropout for parameter targets.
+        _check(not (self.target_parameters and self.lora_dropout), "LoRAConfig.lora_dropout", self.lora_dropout,
+               "0 when target_parameters is set (LoRA on stacked expert weights takes no dropout, as in PEFT)")
+        return self
+
+    def targets_parameters(self) -> bool:
+        return bool(self.target_parameters)
+
+    def describe(self) -> str:
+        if not self.target_parameters:
+            return super().describe()
+        return f"lora(r={self.r}, lora_alpha={self.lora_alpha:g}, experts={self.expert_adapter})"
 
 
 @dataclass

@@ -123,6 +123,27 @@ class AdapterLayer(nn.Module):
         self._original_weight = None
         self.merged = False
 
+    def base_weights(self) -> list[torch.Tensor]:
+        """The base tensors `merge` changes."""
+        return [self.base_layer.weight]
+
+    def unload(self) -> nn.Linear:
+        """The base layer, without the copy of its original weight that a merge keeps (merge_and_unload)."""
+        self._original_weight = None
+        return self.base_layer
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors (parameters and persistent buffers; the base layer's excluded), keyed by
+        their names in this module, as saved (see moekit.adapters.store)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.")}
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy tensors of `adapter_state`'s keys and shapes into the adapter."""
+        own = self.adapter_state()
+        for key, value in state.items():
+            own[key].copy_(value.to(own[key].dtype))
+
     def extra_repr(self) -> str:
         return f"{self.cfg.describe()}, in_features={self.in_features}, out_features={self.out_features}"
 

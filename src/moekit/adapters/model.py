@@ -1,7 +1,9 @@
 """Put adapters into a model, and what a model with adapters can do (summary, losses, merging).
 
 Works on any module whose targeted layers are `torch.nn.Linear`: transformers causal LMs (Llama,
-Qwen2, ...) and moekit's own models (attention projections, dense FFNs). PEFT's conventions:
+Qwen2, ...) and moekit's own models (attention projections, dense FFNs). Plain LoRA also targets the
+stacked expert weights of moekit expert banks (`LoRAConfig.target_parameters`; moekit MoE layers and
+transformers MoE models wrapped by moekit.hf.wrap; see moekit.adapters.experts). PEFT's conventions:
 
   add_adapters(model, cfg)   wrap each targeted nn.Linear in the method's layer (`base_layer` keeps the
                              original module), freeze every other parameter; a target that matches no
@@ -24,8 +26,13 @@ import torch
 from torch import nn
 
 from moekit.adapters.config import AdapterConfig
+from moekit.adapters.experts import BANK_PARAMS, ExpertLoRA
 from moekit.adapters.layer import AdapterLayer, layer_class
 from moekit.errors import UsageError
+from moekit.experts import ExpertBank
+
+# What `adapter_layers` finds: adapters on linear layers, and LoRA on expert banks.
+ADAPTER_MODULES = (AdapterLayer, ExpertLoRA)
 
 
 def _matches(name: str, target: str) -> bool:
@@ -50,18 +57,64 @@ def find_targets(model: nn.Module, target_modules: list[str]) -> list[str]:
         found.extend(h for h in hits if h not in found)
     for name in found:
         module = model.get_submodule(name)
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, ADAPTER_MODULES):
             raise UsageError(f"target_modules: {name} already has a {module.cfg.method} adapter; remove_adapters() "
                              "first")
+        if isinstance(module, ExpertBank):
+            raise UsageError(f"target_modules: {name} is a moekit ExpertBank (stacked expert weights), not a "
+                             "torch.nn.Linear; target its weights with LoRAConfig(target_parameters=['experts."
+                             "gate_up_proj', 'experts.down_proj'])")
         if not isinstance(module, nn.Linear):
             raise UsageError(f"target_modules: {name} is a {type(module).__name__}, not a torch.nn.Linear; adapters "
                              f"wrap linear layers (here: {', '.join(_linear_kinds(model)) or '(none)'})")
     return found
 
 
-def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
-    """(name, layer) of every adapter layer, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterLayer)]
+def _bank_weights(model: nn.Module) -> list[str]:
+    """Distinct "<module>.<weight>" endings of the expert-bank weights of `model` (for error messages)."""
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, ExpertBank):
+            for p in BANK_PARAMS:
+                short = f"{name.rsplit('.', 1)[-1]}.{p}"
+                if getattr(m, p) is not None and short not in found:
+                    found.append(short)
+    return found
+
+
+def find_parameter_targets(model: nn.Module, target_parameters: list[str]) -> dict[str, list[str]]:
+    """{expert bank name: [weight names]} that `target_parameters` selects (PEFT's rule for its
+    `target_parameters`: the parameter's full name equals an entry or ends with "." + entry). UsageError
+    naming the entry that matches no parameter, or the module whose matched parameter is not a moekit
+    expert bank's stacked weight (e.g. an unwrapped transformers experts module)."""
+    params = [(module_name, p, m) for module_name, m in model.named_modules()
+              for p, _ in m.named_parameters(recurse=False, prefix="")]
+    found: dict[str, list[str]] = {}
+    for target in target_parameters:
+        hits = [(n, p, m) for n, p, m in params if _matches(f"{n}.{p}" if n else p, target)]
+        if not hits:
+            banks = _bank_weights(model)
+            raise UsageError(f"target_parameters: {target!r} matches no parameter of {type(model).__name__}; "
+                             + (f"its expert banks' weights are {', '.join(banks)}" if banks else
+                                "it has no moekit expert bank (a transformers MoE model needs moekit.hf.wrap(model) "
+                                "first)"))
+        for name, p, module in hits:
+            if isinstance(module, ADAPTER_MODULES):
+                raise UsageError(f"target_parameters: {name} already has a {module.cfg.method} adapter; "
+                                 "remove_adapters() first")
+            if not isinstance(module, ExpertBank) or p not in BANK_PARAMS:
+                hint = (" (a transformers experts module: wrap the model with moekit.hf.wrap(model) first)"
+                        if getattr(module, p).dim() == 3 else "")
+                raise UsageError(f"target_parameters: {name}.{p} is a parameter of {name} ({type(module).__name__}), "
+                                 f"not a stacked weight of a moekit ExpertBank{hint}")
+            if p not in found.setdefault(name, []):
+                found[name].append(p)
+    return found
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer | ExpertLoRA]]:
+    """(name, layer) of every adapter layer (on a linear layer or an expert bank), in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ADAPTER_MODULES)]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -72,20 +125,28 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def add_adapters(model: nn.Module, cfg: AdapterConfig) -> AdapterSummary:
     """Wrap the targeted linear layers of `model` (in place) and freeze every non-adapter parameter.
 
-    Returns the summary (`str()` of it reads "lora(r=8, lora_alpha=16) on 8 of 8 targeted modules ...").
-    Raises UsageError for an invalid config, an unknown target, a target that is not an nn.Linear, or a
-    model that already has adapters.
+    With `LoRAConfig.target_parameters`, each expert bank holding a targeted stacked weight is replaced by
+    an ExpertLoRA (per-expert or shared adapters on those weights).
+
+    Returns the summary (`str()` of it reads "lora(r=8, lora_alpha=16) on 8 modules (...)", and for expert
+    banks "LoRA on 128 of 128 experts in 24 layers"). Raises UsageError for an invalid config, an unknown
+    target, a target that is not an nn.Linear (or an expert bank's stacked weight), or a model that
+    already has adapters.
     """
     cfg.validate()
     if adapter_layers(model):
         raise UsageError(f"add_adapters: {type(model).__name__} already has adapters; remove_adapters() first")
     targets = find_targets(model, cfg.target_modules)
+    banks = find_parameter_targets(model, cfg.target_parameters) if cfg.targets_parameters() else {}
     cls = layer_class(cfg.method)
     for p in model.parameters():
         p.requires_grad_(False)
     for index, name in enumerate(targets):
         layer = cls(model.get_submodule(name), cfg, index)
         _set_submodule(model, name, layer.train(model.training))  # new modules follow the model's mode
+    for index, (name, params) in enumerate(banks.items(), start=len(targets)):
+        layer = ExpertLoRA(model.get_submodule(name), cfg, params, index)
+        _set_submodule(model, name, layer.train(model.training))
     return summary(model)
 
 
@@ -104,6 +165,10 @@ class AdapterSummary:
     modules: list[str]
     trainable: int
     total: int
+    experts_adapted: int = 0  # experts whose stacked weights carry LoRA, summed over expert banks
+    experts_total: int = 0  # experts of every expert bank of the model
+    expert_layers: int = 0  # expert banks with LoRA
+    expert_weights: tuple[str, ...] = ()  # the adapted stacked weights (gate_up_proj, down_proj, ...)
 
     @property
     def kinds(self) -> Counter:
@@ -119,8 +184,15 @@ class AdapterSummary:
         kinds = ", ".join(f"{k} x{n}" for k, n in sorted(self.kinds.items()))
         where = f" in {self.num_blocks} layers" if self.num_blocks else ""
         share = 100.0 * self.trainable / max(self.total, 1)
-        return (f"{self.describe} on {len(self.modules)} modules ({kinds}){where}; trainable {self.trainable:,} of "
-                f"{self.total:,} parameters ({share:.2f}%)")
+        experts = (f"LoRA on {self.experts_adapted} of {self.experts_total} experts in {self.expert_layers} layers "
+                   f"({', '.join(self.expert_weights)})")
+        if not self.expert_layers:
+            what = f" on {len(self.modules)} modules ({kinds}){where}"
+        elif self.expert_layers == len(self.modules):
+            what = f": {experts}"
+        else:
+            what = f" on {len(self.modules)} modules ({kinds}){where}; {experts}"
+        return f"{self.describe}{what}; trainable {self.trainable:,} of {self.total:,} parameters ({share:.2f}%)"
 
 
 def summary(model: nn.Module) -> AdapterSummary:
@@ -129,8 +201,13 @@ def summary(model: nn.Module) -> AdapterSummary:
         raise UsageError(f"{type(model).__name__} has no adapters")
     cfg = layers[0][1].cfg
     unique = {id(p): p for p in model.parameters()}.values()
+    banks = [layer for _, layer in layers if isinstance(layer, ExpertLoRA)]
     return AdapterSummary(cfg.method, cfg.describe(), [name for name, _ in layers],
-                          sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique))
+                          sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique),
+                          experts_adapted=sum(b.num_experts for b in banks),
+                          experts_total=sum(m.num_experts for m in model.modules() if isinstance(m, ExpertBank)),
+                          expert_layers=len(banks),
+                          expert_weights=tuple(p for p in BANK_PARAMS if any(p in b.targets for b in banks)))
 
 
 def adapter_config(model: nn.Module) -> AdapterConfig:
@@ -196,10 +273,12 @@ def merge(model: nn.Module) -> None:
         raise UsageError(f"merge: {type(model).__name__} has no adapters")
     tied = _tied(model)
     for name, layer in layers:
-        owners = tied.get(id(layer.base_layer.weight), [])
-        if len(owners) > 1:
-            raise UsageError(f"merge: {name}'s weight is shared with {', '.join(o for o in owners if not o.startswith(name))} "
-                             "(tied weights); merging would change those too")
+        for weight in layer.base_weights():
+            owners = tied.get(id(weight), [])
+            if len(owners) > 1:
+                raise UsageError(f"merge: {name}'s weight is shared with "
+                                 f"{', '.join(o for o in owners if not o.startswith(name))} (tied weights); merging "
+                                 "would change those too")
         layer.delta_weight()  # refuses unmergeable methods before anything changes
     for _, layer in layers:
         layer.merge()
@@ -216,8 +295,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     with no copy of the original weights kept. Returns `model`."""
     merge(model)
     for name, layer in adapter_layers(model):
-        layer._original_weight = None
-        _set_submodule(model, name, layer.base_layer)
+        _set_submodule(model, name, layer.unload())
     return model
 
 

@@ -5,10 +5,15 @@
                                  r, lora_alpha, lora_dropout, target_modules, bias "none", task_type),
                                  meant for `peft.PeftModel.from_pretrained` (untested: PEFT is not a
                                  dependency)
+                                 LoRA on fused MoE experts adds target_parameters (PEFT's field for 3-D
+                                 expert weights) and expert_adapter; a shared expert adapter gets no
+                                 PEFT fields (PEFT has no such adapter)
   DIR/adapter_model.safetensors  every adapter tensor (parameters and persistent buffers such as FlyLoRA's
                                  frozen projection or a router's selection bias), keyed as PEFT keys
                                  them: "base_model.model.<module name>.<tensor name>", e.g.
-                                 base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+                                 base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight; expert
+                                 banks as PEFT's ParamWrapper (moekit.adapters.experts), e.g.
+                                 base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight
 
 The directory is written whole or not at all (a temporary sibling, then one rename) and carries
 moekit's ownership marker (kind "adapter"): a directory moekit did not write is never overwritten.
@@ -36,43 +41,53 @@ PREFIX = "base_model.model."
 KIND = "adapter"
 
 
+def _layer_keys(model: nn.Module) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
+    """PEFT key -> (adapter layer, key in the layer's `adapter_state`, tensor) of every adapter tensor."""
+    keys = {}
+    for name, layer in adapter_layers(model):
+        for key, value in layer.adapter_state().items():
+            keys[f"{PREFIX}{name}.{key}"] = (layer, key, value)
+    if not keys:
+        raise DataError(f"{type(model).__name__} has no adapters to save")
+    return keys
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every adapter tensor of `model` under its PEFT key (the base layers' weights excluded)."""
-    state: dict[str, torch.Tensor] = {}
-    for name, layer in adapter_layers(model):
-        for key, value in layer.state_dict().items():
-            if not key.startswith("base_layer."):
-                state[f"{PREFIX}{name}.{key}"] = value
-    if not state:
-        raise DataError(f"{type(model).__name__} has no adapters to save")
-    return state
+    return {key: value for key, (_, _, value) in _layer_keys(model).items()}
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "the state") -> None:
     """Copy `state` (keys as `adapter_state_dict`) into the model's adapters. DataError naming the first
     missing, unexpected or misshapen tensor."""
-    expected = adapter_state_dict(model)
+    expected = _layer_keys(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         what = f"lacks {missing[0]}" if missing else f"has {unexpected[0]}, which this model's adapters do not"
         raise DataError(f"{source} does not fit the model's adapters: it {what} ({len(missing)} missing, "
                         f"{len(unexpected)} unexpected)")
-    with torch.no_grad():
-        for key, target in expected.items():
-            value = state[key]
-            if value.shape != target.shape:
-                raise DataError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
-            target.copy_(value.to(target.dtype))
+    per_layer: dict[int, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
+    for key, (layer, own_key, target) in expected.items():
+        value = state[key]
+        if value.shape != target.shape:
+            raise DataError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
+        per_layer.setdefault(id(layer), (layer, {}))[1][own_key] = value
+    for layer, layer_state in per_layer.values():
+        layer.load_adapter_state(layer_state)
 
 
 def _config_json(model: nn.Module) -> dict:
     cfg = adapter_config(model)
     d = cfg.to_dict()
     d["modules"] = [name for name, _ in adapter_layers(model)]
-    if cfg.method == "lora":  # PEFT's own fields: PeftModel.from_pretrained reads this directory
-        d.update(peft_type="LORA", task_type="CAUSAL_LM", bias="none", fan_in_fan_out=False,
-                 modules_to_save=None, base_model_name_or_path=None, inference_mode=True)
+    if cfg.method == "lora":
+        d["target_parameters"] = d["target_parameters"] or None  # PEFT's "no parameter targets"
+        # PEFT's own fields, where PEFT can express the adapter (not one LoRA shared by all experts):
+        # PeftModel.from_pretrained reads this directory (untested: PEFT is not a dependency).
+        if not (cfg.target_parameters and cfg.expert_adapter == "shared"):
+            d.update(peft_type="LORA", task_type="CAUSAL_LM", bias="none", fan_in_fan_out=False,
+                     modules_to_save=None, base_model_name_or_path=None, inference_mode=True)
     return d
 
 
