@@ -246,3 +246,64 @@ def test_save_load_round_trip_in_peft_layout(mode, tmp_path, ids):
     fresh = hf_moe("qwen2_moe")
     ad.load_adapters(fresh, tmp_path / "a")
     assert torch.equal(logits(fresh, ids), expected)
+
+
+def test_only_routed_rows_reach_the_adapters(monkeypatch):
+    """Every adapter GEMM sees the N routed rows (a top-p route: a varying number per token), never T x E."""
+    from moekit.adapters import experts
+
+    model = moekit_moe(moekit.RouterConfig(kind="topp", p=0.4))
+    ad.add_adapters(model, ad.LoRAConfig(r=4, target_modules=[], target_parameters=BOTH))
+    layer = model.layers[0].ffn
+    rows = []
+    real = experts.grouped_linear
+
+    def spy(x_NI, w, offsets):
+        rows.append(x_NI.shape[0])
+        return real(x_NI, w, offsets)
+
+    monkeypatch.setattr(experts, "grouped_linear", spy)
+    x_TD = torch.randn(30, 32)
+    with torch.no_grad():
+        layer(x_TD)
+    N = layer.routing_info().route.num_assignments
+    assert len(rows) == 6 and set(rows) == {N}
+    assert N != 30 and N < 30 * 4  # dynamic k: not one expert per token, not every expert
+
+
+def test_merge_and_unload_then_unwrap_gives_the_adapted_transformers_model(ids):
+    model = hf_moe("mixtral")
+    ad.add_adapters(model, ad.LoRAConfig(r=4, target_modules=[], target_parameters=BOTH))
+    randomize(model)
+    adapted = logits(model, ids)
+    ad.merge_and_unload(model)
+    moekit.hf.unwrap(model)
+    assert type(model.model.layers[0].mlp).__name__ == "MixtralSparseMoeBlock"
+    assert torch.allclose(logits(model, ids), adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_bank_merge_unmerge_is_exact(ids):
+    model = moekit_moe().to(torch.bfloat16)
+    ad.add_adapters(model, ad.LoRAConfig(r=4, target_modules=[], target_parameters=BOTH))
+    randomize(model)
+    bank = model.layers[0].ffn.experts
+    assert bank.lora_A["down_proj"].dtype == torch.float32  # adapters in fp32 over a bf16 bank
+    adapted = logits(model, ids)
+    assert adapted.dtype == torch.bfloat16
+    before = [w.clone() for w in bank.base_weights()]
+    ad.merge(model)
+    assert torch.allclose(logits(model, ids).float(), adapted.float(), atol=0.1)
+    ad.unmerge(model)
+    assert all(torch.equal(w, b) for w, b in zip(bank.base_weights(), before, strict=True))
+
+
+def test_unwrap_with_adapters_is_refused():
+    model = hf_moe("mixtral")
+    ad.add_adapters(model, ad.LoRAConfig(r=4, target_modules=[], target_parameters=["layers.1.mlp.experts.down_proj"]))
+    with pytest.raises(UsageError, match=r"experts of this MixtralSparseMoeBlock are wrapped by a ExpertLoRA; call "
+                                         r"moekit.adapters.remove_adapters\(model\)"):
+        moekit.hf.unwrap(model)
+    assert type(model.model.layers[0].mlp).__name__ == "HFMoEBlock"  # nothing was unwrapped
+    ad.remove_adapters(model)
+    moekit.hf.unwrap(model)
+    assert type(model.model.layers[1].mlp).__name__ == "MixtralSparseMoeBlock"
