@@ -9,6 +9,9 @@ JSON with a type field and a version stamp, and warn about unknown keys.
   smora      SMoRAConfig      s * B (g(x) * A x), g: the router's picks among the r ranks (arXiv 2501.15103)
   flylora    FlyLoRAConfig    s * B (mask_k(A x + b) * A x), A frozen sparse random (FlyLoRA, NeurIPS 2025)
 
+LoRAConfig(target_parameters=[...]) also puts LoRA on the stacked expert weights of moekit expert banks
+(per expert or shared by all experts; moekit.adapters.experts).
+
 s = lora_alpha / r (PEFT's scaling). Names follow PEFT: `r`, `lora_alpha`, `lora_dropout`,
 `target_modules` (a module is targeted when its name equals an entry or ends with "." + the entry).
 """

@@ -2,7 +2,7 @@
 transformers MoE blocks wrapped by `moekit.hf.wrap`, whose banks hold the block's own Parameters).
 
 Legend: N assignments (the routed rows, grouped by expert), E experts, I in width, O out width, r LoRA rank,
-D model dim, F expert hidden dim.
+D model dim, F expert hidden dim, X the input projection's width (2F for SwiGLU, F for GELU).
 
 `ExpertLoRA` takes the bank's place in its MoE layer (`layer.experts`); the bank is kept as `base_layer`.
 For each targeted stacked weight W (E, O, I) (gate_up_proj (E, 2F, D), up_proj (E, F, D), down_proj (E, D, F)),
