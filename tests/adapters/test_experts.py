@@ -16,6 +16,8 @@ from moekit.dispatch import make_plan, permute
 from moekit.errors import UsageError
 from moekit.ops import grouped
 
+from .conftest import logits, randomize_adapters
+
 BOTH = ["experts.gate_up_proj", "experts.down_proj"]
 MODES = ["per_expert", "shared"]
 
@@ -55,22 +57,8 @@ MODELS = {"moekit": moekit_moe, "moekit_topp": lambda: moekit_moe(moekit.RouterC
 EXPERTS = {"moekit": 8, "moekit_topp": 8, "mixtral": 12, "qwen2_moe": 16}  # experts over both layers
 
 
-def logits(model, ids):
-    return ad.logits_of(model, ids)
-
-
-@torch.no_grad()
-def randomize(model, seed: int = 1, scale: float = 0.3):
-    g = torch.Generator().manual_seed(seed)
-    for _, layer in ad.adapter_layers(model):
-        for name, p in layer.named_parameters():
-            if not name.startswith("base_layer."):
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-
-
-@pytest.fixture
-def ids():
-    return torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(7))
+def randomize(model):
+    randomize_adapters(model, scale=0.3)
 
 
 @pytest.mark.parametrize("mode", MODES)
