@@ -132,11 +132,16 @@ class RouterConfig(Config):
             return object.__new__(cls)
         return object.__new__(router_config_for(kwargs.get("kind", args[0] if args else "topk"), kwargs))
 
-    def __post_init__(self):
-        own = type(self).__dataclass_fields__["kind"].default
-        if self.kind != own:
-            raise UsageError(f"RouterConfig.kind={self.kind!r} does not match {type(self).__name__} (kind {own!r}); "
-                             "change the kind with RouterConfig.convert(kind, ...) or moekit.route(model, kind=...)")
+    def __setattr__(self, name, value):
+        # The kind is the config's class: assigning another kind (cfg.kind = "topk" on a TopPConfig)
+        # would leave the other kind's fields behind, so it is refused here, at the assignment.
+        if name == "kind":
+            own = type(self).__dataclass_fields__["kind"].default
+            if value != own:
+                raise UsageError(f"RouterConfig.kind={value!r} does not match {type(self).__name__} (kind {own!r}); "
+                                 "build RouterConfig(kind=..., ...), or change the kind with "
+                                 "RouterConfig.convert(kind, ...) or moekit.route(model, kind=...)")
+        super().__setattr__(name, value)
 
     # ----------------------------------------------------------------- capabilities (defaults)
     def describe(self) -> str:

@@ -25,13 +25,14 @@ TINY_FLAGS = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads
 
 def train_tiny(run: Path, router: str = "topk") -> Path:
     """A two-step run of the tiny preset (E = 4, 2 layers); topk so that it can also be exported."""
+    from moekit.config import RouterConfig
     from moekit.train import train
     from moekit.train.presets import preset
 
     model_cfg, train_cfg = preset("tiny")
     model_cfg.d_model, model_cfg.n_layers, model_cfg.n_heads = 32, 2, 2
     model_cfg.moe.d_expert, model_cfg.moe.num_experts = 32, 4
-    model_cfg.moe.router.kind = router
+    model_cfg.moe.router = RouterConfig(kind=router, k=2)
     train_cfg.steps, train_cfg.micro_batch, train_cfg.seq_len, train_cfg.eval_tokens = 2, 2, 16, 64
     train_cfg.threads = 1
     train(model_cfg.validate(), train_cfg.validate(), run, progress=False, log=lambda *a, **k: None)

@@ -61,6 +61,9 @@ def test_fields_of_other_routers_are_refused_at_construction():
     cfg = moekit.RouterConfig(kind="topp", p=0.3)
     with pytest.raises(UsageError, match=r"kind='topk' does not match TopPConfig .*convert"):
         dataclasses.replace(cfg, kind="topk")  # a config never changes kind in place
+    with pytest.raises(UsageError, match=r"kind='topk' does not match TopPConfig .*RouterConfig\(kind=\.\.\."):
+        cfg.kind = "topk"  # nor by assignment, which would keep top-p's fields under top-k's name
+    assert cfg.kind == "topp"
 
 
 def test_version_1_union_json_loads_silently_and_unknown_keys_warn():
