@@ -295,3 +295,13 @@ def test_unwrap_with_adapters_is_refused():
     ad.remove_adapters(model)
     moekit.hf.unwrap(model)
     assert type(model.model.layers[1].mlp).__name__ == "MixtralSparseMoeBlock"
+
+
+def test_libraries_refuse_expert_loras():
+    model = moekit_moe()
+    cfg = ad.LoRAConfig(r=2, target_modules=[], target_parameters=BOTH)
+    ad.add_adapters(model, cfg)
+    lora = (cfg, ad.adapter_state_dict(model))
+    with pytest.raises(UsageError, match=r"LoRA 0 adapts stacked expert weights \(experts.gate_up_proj, "
+                                         r"experts.down_proj\); libraries hold LoRAs on linear layers"):
+        ad.merge_loras([lora, lora])

@@ -35,6 +35,9 @@ def _check_library(loras: list[tuple[LoRAConfig, dict[str, torch.Tensor]]]) -> l
     for i, (cfg, state) in enumerate(loras):
         if cfg.method != "lora":
             raise UsageError(f"LoRA {i} is a {cfg.method} adapter; libraries hold plain LoRAs")
+        if cfg.target_parameters:
+            raise UsageError(f"LoRA {i} adapts stacked expert weights ({', '.join(cfg.target_parameters)}); libraries "
+                             "hold LoRAs on linear layers (target_modules only)")
         if (cfg.r, cfg.lora_alpha) != (cfg0.r, cfg0.lora_alpha) or _modules(state) != modules:
             raise UsageError(f"LoRA {i} differs from LoRA 0 (r={cfg.r}, lora_alpha={cfg.lora_alpha}, "
                              f"{len(_modules(state))} modules vs r={cfg0.r}, lora_alpha={cfg0.lora_alpha}, "

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from torch import nn
 from moekit.adapters.config import AdapterConfig
 from moekit.adapters.model import adapter_config, adapter_layers, add_adapters, remove_adapters
 from moekit.errors import DataError
-from moekit.utils.io import atomic_write_text, atomic_write_with, check_writable_dir, replace_dir, tmp_path
+from moekit.utils.io import atomic_dir, check_writable_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -95,19 +94,12 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the model's adapters to `directory` (absent, empty or an earlier adapter directory).
     Raises NotOwnedError for a directory moekit did not write."""
     directory = Path(directory)
-    check_writable_dir(directory, KIND, "save_adapters")
+    check_writable_dir(directory, KIND, "save_adapters")  # before computing anything
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     config = _config_json(model)
-    tmp = tmp_path(directory)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        atomic_write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-        atomic_write_with(tmp / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-        replace_dir(tmp, directory, KIND, "save_adapters")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(directory, KIND, "save_adapters") as tmp:  # whole or not at all
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     return directory
 
 

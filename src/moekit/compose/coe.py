@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from moekit.adapters import load_adapters, logits_of
 from moekit.compose.router import CategoryRouter
 from moekit.errors import DataError, UsageError
 from moekit.train.evaluate import token_bytes
-from moekit.utils.io import atomic_write_text, atomic_write_with, check_writable_dir, replace_dir, tmp_path
+from moekit.utils.io import atomic_dir
 
 KIND = "compose"
 CONFIG_NAME = "compose.json"
@@ -236,22 +235,14 @@ class Composition:
         """DIR/compose.json (experts, categories, mapping, fallback) and DIR/router.safetensors, written
         whole or not at all; DIR must be absent, empty or an earlier composition."""
         directory = Path(directory)
-        check_writable_dir(directory, KIND, "moekit compose")
         config = {"type": "Composition", "version": VERSION, "experts": [asdict(e) for e in self.experts.values()],
                   "categories": self.categories, "mapping": self.mapping, "fallback": self.fallback,
                   "min_confidence": self.min_confidence, "mapping_bpb": self.mapping_bpb,
                   "router": {"num_features": self.router.num_features, "max_bytes": self.router.max_bytes}}
         tensors = {k: v.detach().contiguous() for k, v in self.router.state_dict().items()}
-        tmp = tmp_path(directory)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            atomic_write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-            atomic_write_with(tmp / ROUTER_NAME, lambda p: save_file(tensors, str(p)))
-            replace_dir(tmp, directory, KIND, "moekit compose")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with atomic_dir(directory, KIND, "moekit compose") as tmp:  # whole or not at all
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            save_file(tensors, str(tmp / ROUTER_NAME))
         return directory
 
     @classmethod
