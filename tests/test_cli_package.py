@@ -63,7 +63,7 @@ def test_every_command_module_is_cheap_and_complete():
 
 
 def test_a_command_module_is_registered_with_one_line(monkeypatch, capsys):
-    """A package's own `cli.py` (as moekit.compose.cli will be) joins with its module path in COMMANDS."""
+    """A package's own `cli.py` (as moekit.cli.compose is) joins with its module path in COMMANDS."""
     hello = types.ModuleType("moekit_test_hello_cli")
 
     def add_parser(subparsers):

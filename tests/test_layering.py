@@ -1,7 +1,8 @@
 """The allowed import direction between moekit's packages, read from every `import` in src/ with `ast`.
 
     errors  <-  config, utils, data  <-  losses, ops  <-  routers, dispatch, experts  <-  layers
-            <-  models, hf  <-  train, analysis, offload  <-  bench  <-  cli  <-  __main__
+            <-  models, hf  <-  adapters  <-  train, analysis, offload  <-  compose  <-  bench  <-  cli
+            <-  __main__
 
 A package may import packages on lower levels only; packages on one level do not import each other,
 except for the edges in PEER_EDGES. No package imports another package's `_private` names. Imports
@@ -24,7 +25,9 @@ LEVELS = [
     ("routers", "dispatch", "experts"),
     ("layers",),
     ("models", "hf"),
+    ("adapters",),  # adapters on dense linears, moekit expert banks and wrapped transformers models
     ("train", "analysis", "offload"),
+    ("compose",),  # Composition of Experts: scores moekit runs (train) with adapters on top
     ("bench",),  # the benchmarks: they time the whole library; `moekit bench` runs them
     ("cli",),
     ("__main__",),  # moekit/__main__.py: `python -m moekit` runs the command line

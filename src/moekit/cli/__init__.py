@@ -8,6 +8,7 @@
   moekit export RUN --to hf DIR        a transformers checkpoint with the identical routing rule
   moekit analyze RUN|--hf DIR|TRACE    routing metrics and an HTML report
   moekit offload RUN|--hf DIR OUT      write an expert store for `generate --expert-budget`
+  moekit compose build|eval|serve      Composition of Experts: route requests to whole models
   moekit bench NAME [ARGS]             a benchmark (JSON lines)
 
 A subcommand is a module with `add_parser(subparsers)` (adds its parser; cheap: torch and transformers
@@ -44,6 +45,7 @@ COMMANDS = (
     "moekit.cli.analyze",
     "moekit.cli.compare",
     "moekit.cli.offload",
+    "moekit.cli.compose",
     "moekit.cli.bench",
 )
 

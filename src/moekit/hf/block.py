@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moekit.errors import UsageError
+from moekit.experts import ExpertBank
 from moekit.hf.detect import BlockSpec, UnsupportedBlockError
 from moekit.hf.private_api import OutputRecorder, active_collector, record_specs
 from moekit.layers.moe import MoELayer
@@ -95,7 +97,12 @@ class HFMoEBlock(MoELayer):
 
     def original(self) -> nn.Module:
         """The wrapped transformers block, with any tensor this layer now holds (after `.to()`, say)
-        put back in its place."""
+        put back in its place. UsageError when its experts are wrapped (LoRA on fused experts):
+        `moekit.adapters.remove_adapters` or `merge_and_unload` first."""
+        if not isinstance(self.experts, ExpertBank):
+            raise UsageError(f"moekit.hf.unwrap: the experts of this {self.hf_class} are wrapped by a "
+                             f"{type(self.experts).__name__}; call moekit.adapters.remove_adapters(model) or "
+                             "merge_and_unload(model) first")
         block = self._hf_block
         for mine, theirs in self._hf_names.items():
             tensor = _get_tensor(self, mine)

@@ -67,8 +67,9 @@ def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Put every wrapped block's original transformers module back; in place. Returns `model`."""
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, HFMoEBlock)]:
-        _replace(model, name, layer.original())
+    blocks = [(name, layer.original()) for name, layer in model.named_modules() if isinstance(layer, HFMoEBlock)]
+    for name, block in blocks:  # every block was ready before the first is replaced: all or nothing
+        _replace(model, name, block)
     return model
 
 

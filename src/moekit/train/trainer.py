@@ -413,7 +413,8 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
         bar = tqdm(initial=start_step, total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
     report_every = max(1, math.ceil(cfg.steps / 10))  # without a terminal: about ten plain lines
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
-    BalanceTracker(model).attach(optimizer)  # the routers' once-per-step updates run in optimizer.step()
+    if model.moe_layers():  # an all-dense model (n_dense == n_layers) has no routing state
+        BalanceTracker(model).attach(optimizer)  # the routers' once-per-step updates run in optimizer.step()
     model.train()
     params = list(model.parameters())
     try:
