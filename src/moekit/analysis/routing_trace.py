@@ -33,6 +33,10 @@ class RoutingTrace:
         at distance d iff some token there has one (none for l < d or a recurrent router).
     layer_names: optional module name of each MoE layer.
     meta: free-form JSON-serialisable description (model, router, corpus, ...).
+    iterations: optional Chain-of-Experts iteration axis (arXiv 2506.18945), one uint8 array per
+        sequence shaped like its `seqs` entry: bit t is set where iteration t of the layer ran that
+        expert for that token (0 in padded slots). A slot lists an expert once, whatever the number
+        of iterations that ran it (its weight is then the sum of theirs). None: one iteration (bit 0).
     """
 
     seqs: list[np.ndarray]
@@ -42,6 +46,7 @@ class RoutingTrace:
     prefetch: dict[int, list[np.ndarray]] | None = None
     layer_names: list[str] | None = None
     meta: dict | None = None
+    iterations: list[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -64,6 +69,13 @@ class RoutingTrace:
         if self.weights is not None:
             self.weights = [np.asarray(w, dtype=np.float32) for w in self.weights]
             self._check_parallel(self.weights, "weights")
+        if self.iterations is not None:
+            self.iterations = [np.asarray(m).astype(np.uint8, copy=False) for m in self.iterations]
+            self._check_parallel(self.iterations, "iterations")
+            for i, (m, s) in enumerate(zip(self.iterations, self.seqs, strict=True)):
+                if np.any((m == 0) != (s < 0)):
+                    raise ValueError(f"iterations of sequence {i}: a used slot needs a nonzero iteration mask "
+                                     "and a padded slot mask 0")
         if self.prefetch is not None:
             self.prefetch = {int(d): [np.asarray(p).astype(np.int64, copy=False) for p in preds]
                              for d, preds in self.prefetch.items()}
@@ -114,7 +126,16 @@ class RoutingTrace:
         doms = None if self.domains is None else [self.domains[i] for i in idx]
         w = None if self.weights is None else [self.weights[i] for i in idx]
         pf = None if self.prefetch is None else {d: [p[i] for i in idx] for d, p in self.prefetch.items()}
-        return RoutingTrace([self.seqs[i] for i in idx], self.num_experts, doms, w, pf, self.layer_names, self.meta)
+        its = None if self.iterations is None else [self.iterations[i] for i in idx]
+        return RoutingTrace([self.seqs[i] for i in idx], self.num_experts, doms, w, pf, self.layer_names, self.meta,
+                            its)
+
+    def iteration_masks(self) -> list[np.ndarray]:
+        """Per sequence the uint8 iteration mask of every slot (bit 0 for every used slot of a trace
+        without an iteration axis; 0 in padded slots)."""
+        if self.iterations is not None:
+            return self.iterations
+        return [(s >= 0).astype(np.uint8) for s in self.seqs]
 
     def stacked(self) -> np.ndarray:
         """experts_LTK of all sequences concatenated along T (padded to the global K_max)."""

@@ -227,7 +227,7 @@ class OffloadRuntime:
         router = self.layers[nxt].router
         if not can_predict(router):  # e.g. the recurrent router: its gate reads a state, not the token
             return
-        order = priority_order(predict_experts(router, x_TD))
+        order = priority_order(predict_experts(router, x_TD, self.layers[nxt].cfg.num_experts))
         self.predictions.append((self.forward_idx, nxt, order))
         self.cache.prefetch(nxt, order)
 
