@@ -319,3 +319,33 @@ def test_molae_model_converts_every_layer_and_keeps_its_config():
     assert len(reports) == 3 and new.cfg.moe.latent_dim == 32 and model.cfg.moe.latent_dim is None
     assert new.cfg.num_params() == sum(p.numel() for p in new.parameters())
     assert dataclasses.replace(new.cfg.moe, latent_dim=None) == model.cfg.moe
+
+
+def test_zero_computation_experts_are_never_predicted_nor_counted_resident():
+    from moekit.offload.runtime import token_experts
+    from moekit.routers.predict import predict_experts
+
+    model = _lm(**ARCHS["moepp"])
+    layer = model.moe_layers()[1]
+    with torch.no_grad():
+        layer.router.weight[8:] += 5.0 * layer.router.weight[:8].mean(0)  # make zero-computation picks common
+    x = torch.randn(64, 32)
+    raw = layer.router(x).expert_idx_N
+    assert bool((raw >= 8).any())
+    pred = predict_experts(layer.router, x, layer.cfg.num_experts)
+    assert int(pred.max()) < 8
+    assert token_experts(layer) == 2  # top-3 of 12 slots, 8 of them FFN experts: 2 at balance
+
+
+def test_evaluate_reports_zero_computation_picks_per_layer_and_domain():
+    from moekit.data import ByteTokenizer
+    from moekit.train.evaluate import evaluate
+
+    model = _lm(**ARCHS["moepp"])
+    res = evaluate(model, ByteTokenizer(), seq_len=16, max_tokens_per_domain=32, domains=["python", "german"])
+    for domain in ("python", "german"):
+        per_layer = res["per_domain"][domain]["zero_compute_per_token_by_layer"]
+        assert len(per_layer) == 3 and all(0 < z <= 3 for z in per_layer)
+        # every pick is an FFN expert or a zero-computation one: 3 per token
+        ffn = res["per_domain"][domain]["experts_per_token_by_layer"]
+        assert all(f + z == pytest.approx(3) for f, z in zip(ffn, per_layer, strict=True))
