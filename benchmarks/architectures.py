@@ -64,7 +64,7 @@ def main() -> None:
                         m["recall"] = prefetch_recall(rt.predictions, trace) if policy == "predictive" else None
                         rows.append(m)
 
-            def mean(key):
+            def mean(key, rows=rows):
                 vals = [r[key] for r in rows if r[key] is not None]
                 return sum(vals) / len(vals) if vals else None
 
