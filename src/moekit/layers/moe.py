@@ -375,7 +375,10 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         cfg = self.cfg
-        return (f"router={cfg.router.kind}({cfg.router.describe()}), E={cfg.num_experts}, "
+        arch = "".join(f", {name}={getattr(cfg, name)}" for name, default in (
+            ("iterations", 1), ("zero_experts", 0), ("copy_experts", 0), ("constant_experts", 0),
+            ("gating_residual", False), ("latent_dim", None), ("pregated", False)) if getattr(cfg, name) != default)
+        return (f"router={cfg.router.kind}({cfg.router.describe()}), E={cfg.num_experts}{arch}, "
                 f"shared={cfg.num_shared_experts}, params={cfg.num_params():,}, "
                 f"active_params={cfg.num_active_params():,}")
 
