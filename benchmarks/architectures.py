@@ -7,6 +7,10 @@ temporary directory, policies lru and predictive (the next layer's router applie
 input: gate look-ahead on a normal model, exact for a pre-gated one). Prefetch recall is the share
 of the experts a decode step ran at layers >= 1 that the prediction for that step named.
 
+Then one "routing" line per run: the Chain-of-Experts intra-layer re-use per layer (a trace of 4
+validation samples per domain, 128 tokens each; None without iterations) and the zero-computation
+picks per token by layer and domain (`evaluate`, 1024 validation tokens per domain).
+
     python benchmarks/architectures.py COMPARE_DIR [--budget 25%] [--runs topk,pregated]
 """
 
@@ -73,6 +77,24 @@ def main() -> None:
                               "decode_tokens_per_s": mean("decode_tokens_per_s"), "prefetch_recall": mean("recall"),
                               "dense_bytes": rows[0]["dense_bytes"], "total_expert_bytes": rows[0]["total_expert_bytes"],
                               "capacity_experts": rows[0]["capacity_experts"]}), flush=True)
+        print(json.dumps(routing_line(root / name)), flush=True)
+
+
+def routing_line(run_dir: Path) -> dict:
+    from moekit.analysis.metrics import intra_layer_reuse
+    from moekit.analysis.trace import corpus_batches, record_trace
+    from moekit.data import DOMAINS
+    from moekit.train.evaluate import evaluate
+    from moekit.train.trainer import load_trained
+
+    model, cfg, tokenizer = load_trained(run_dir)
+    samples = [s for d in DOMAINS for s in load_corpus("validation", d)[:4]]
+    trace = record_trace(model, corpus_batches(samples, tokenizer, seq_len=128, batch_size=8), gate_lookahead=0)
+    reuse = intra_layer_reuse(trace)
+    res = evaluate(model, tokenizer, seq_len=cfg.seq_len, max_tokens_per_domain=1024)
+    return {"run": run_dir.name, "intra_layer_reuse": None if reuse is None else [round(float(x), 4) for x in reuse],
+            "zero_compute_per_token_by_domain": {d: v["zero_compute_per_token_by_layer"]
+                                                 for d, v in res["per_domain"].items()}}
 
 
 if __name__ == "__main__":

@@ -395,8 +395,9 @@ class MoEConfig(Config):
             require(getattr(self, name) >= 0, f"MoEConfig.{name}", getattr(self, name), "an integer >= 0")
         require(self.latent_dim is None or self.latent_dim >= 1, "MoEConfig.latent_dim", self.latent_dim,
                 "None or an integer >= 1")
-        require(self.num_zero_compute == 0 or self.balance_scope == "micro", "MoEConfig.balance_scope",
-                self.balance_scope, "'micro' with zero-computation experts")
+        require((self.num_zero_compute == 0 and self.iterations == 1) or self.balance_scope == "micro",
+                "MoEConfig.balance_scope", self.balance_scope,
+                "'micro' with zero-computation experts or Chain-of-Experts iterations")
         stateful = self.router.carries_state()
         for name, on in (("iterations", self.iterations > 1), ("gating_residual", self.gating_residual),
                          ("pregated", self.pregated)):

@@ -353,7 +353,7 @@ class MoELayer(nn.Module):
             B, T = lead_shape
             aux["seq_balance"] = losses.sequence_balance_loss(
                 route.scores_TE.view(B, T, E), expert_idx_N, token_idx_N,
-                self.cfg.expected_experts_per_token(), None if valid_T is None else valid_T.view(B, T))
+                self.cfg.router.expected_experts_per_token(self.cfg.router_slots), None if valid_T is None else valid_T.view(B, T))
         aux.update(router.aux_losses(route, valid_T))  # router-specific rules take precedence
         return aux
 
