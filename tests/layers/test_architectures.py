@@ -349,3 +349,19 @@ def test_evaluate_reports_zero_computation_picks_per_layer_and_domain():
         # every pick is an FFN expert or a zero-computation one: 3 per token
         ffn = res["per_domain"][domain]["experts_per_token_by_layer"]
         assert all(f + z == pytest.approx(3) for f, z in zip(ffn, per_layer, strict=True))
+
+
+def test_analysis_metrics_report_intra_layer_reuse_of_a_coe_model():
+    from moekit.analysis.report.tasks import AnalysisConfig, compute_metrics
+
+    model = _lm(**ARCHS["coe"])
+    ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(5))
+    trace = record_trace(model, [TokenBatch(ids, ["python", "german", "python", "german"])])
+    m = compute_metrics(trace, AnalysisConfig(workers=1, n_boot=4, srp_n=(4,), sch_n=(4,), model_sch_n=(4,),
+                                              max_multiple=2, model_multiples=(1,)), progress=False)
+    assert m["intra_layer_reuse"] == pytest.approx(intra_layer_reuse(trace).tolist())
+    assert len(m["intra_layer_reuse"]) == 3
+    plain = record_trace(_lm(), [TokenBatch(ids, ["python", "german", "python", "german"])])
+    assert "intra_layer_reuse" not in compute_metrics(plain, AnalysisConfig(
+        workers=1, n_boot=4, srp_n=(4,), sch_n=(4,), model_sch_n=(4,), max_multiple=2, model_multiples=(1,)),
+        progress=False)
