@@ -135,7 +135,8 @@ def intra_layer_reuse(trace: RoutingTrace) -> np.ndarray | None:
     made no later-iteration picks; None for a trace without an iteration axis."""
     if trace.iterations is None:
         return None
-    popcount = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)
+    # int64: an unsigned count minus 1 would wrap at padded slots (mask 0)
+    popcount = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.int64)
     repeats_L = np.zeros(trace.num_layers)
     later_L = np.zeros(trace.num_layers)
     for m_LTK in trace.iterations:
