@@ -366,3 +366,13 @@ def test_analysis_metrics_report_intra_layer_reuse_of_a_coe_model():
     assert "intra_layer_reuse" not in compute_metrics(plain, AnalysisConfig(
         workers=1, n_boot=4, srp_n=(4,), sch_n=(4,), model_sch_n=(4,), max_multiple=2, model_multiples=(1,)),
         progress=False)
+
+
+def test_expert_masks_reach_every_iteration_router():
+    model = _lm(**ARCHS["coe"])
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(6))
+    with moekit.mask_experts(model, disabled={0: [0, 1, 2, 3, 4, 5]}), torch.no_grad():
+        model(ids)
+        ran = model.moe_layers()[0].routing_info().route.expert_idx_N
+        assert set(ran.tolist()) <= {6, 7} and ran.numel() == 2 * 32  # both iterations, enabled experts only
+    assert all(r.expert_mask_E is None for r in model.moe_layers()[0].iteration_routers())
