@@ -398,6 +398,10 @@ class MoEConfig(Config):
         require((self.num_zero_compute == 0 and self.iterations == 1) or self.balance_scope == "micro",
                 "MoEConfig.balance_scope", self.balance_scope,
                 "'micro' with zero-computation experts or Chain-of-Experts iterations")
+        # Step updates (a selection bias) count the E FFN experts; zero-computation columns have no counts.
+        require(self.num_zero_compute == 0 or not getattr(self.router, "bias_update_rate", 0),
+                "RouterConfig.bias_update_rate", getattr(self.router, "bias_update_rate", 0),
+                "0 with zero-computation experts")
         stateful = self.router.carries_state()
         for name, on in (("iterations", self.iterations > 1), ("gating_residual", self.gating_residual),
                          ("pregated", self.pregated)):

@@ -376,3 +376,17 @@ def test_expert_masks_reach_every_iteration_router():
         ran = model.moe_layers()[0].routing_info().route.expert_idx_N
         assert set(ran.tolist()) <= {6, 7} and ran.numel() == 2 * 32  # both iterations, enabled experts only
     assert all(r.expert_mask_E is None for r in model.moe_layers()[0].iteration_routers())
+
+
+def test_step_updates_reach_every_iteration_router_and_zero_experts_refuse_a_bias():
+    from moekit.train.balance import BalanceTracker
+
+    layer = _layer(dtype=torch.float32, iterations=2, router=RouterConfig(kind="topk", k=1, bias_update_rate=0.1))
+    BalanceTracker(layer)
+    layer.train()
+    layer(_x(dtype=torch.float32)).sum().backward()
+    moekit.after_optimizer_step(layer)
+    biases = [r.e_score_correction_bias for r in layer.iteration_routers()]
+    assert all(b.abs().sum() > 0 for b in biases)
+    with pytest.raises(UsageError, match="bias_update_rate"):
+        MoEConfig(zero_experts=1, router=RouterConfig(kind="topk", k=2, bias_update_rate=0.1)).validate()
