@@ -390,3 +390,11 @@ def test_step_updates_reach_every_iteration_router_and_zero_experts_refuse_a_bia
     assert all(b.abs().sum() > 0 for b in biases)
     with pytest.raises(UsageError, match="bias_update_rate"):
         MoEConfig(zero_experts=1, router=RouterConfig(kind="topk", k=2, bias_update_rate=0.1)).validate()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_export_to_transformers_refuses_the_architectures(arch):
+    from moekit.hf.export import ExportError, hf_config_for
+
+    with pytest.raises(ExportError, match="plain MoE layer"):
+        hf_config_for(_lm(**{**ARCHS[arch], "router": RouterConfig(kind="topk", k=2)}).cfg)
