@@ -210,6 +210,11 @@ class RouterConfig(Config):
                              "first; allowed with routers that do (e.g. kind='topk'): disable experts instead, or "
                              "route(kind='topk') first")
 
+    def normalizes(self) -> bool:
+        """Whether a token's combine weights are renormalised over its picks (default: no). The layer
+        renormalises over the picks that are not zero experts when this is true (MoE++, arXiv 2410.07348)."""
+        return False
+
     def carries_state(self) -> bool:
         """Whether the router reads a routing state handed from the previous MoE layer (RMoE)."""
         return False
@@ -344,6 +349,20 @@ class MoEConfig(Config):
     balance_scope: "micro" computes the load-balancing loss's expert frequencies f per micro-batch
     (most frameworks' default); "global" accumulates them over the micro-batches of an optimiser
     step and all data-parallel ranks (arXiv 2501.11873).
+
+    Layer architectures (moekit.layers.moe explains each):
+    iterations=C: Chain-of-Experts (arXiv 2506.18945), the expert bank applied C times in sequence,
+        one router per iteration, with an inner residual; iteration_shared re-applies the shared
+        experts in every iteration (else once, to the layer input).
+    zero_experts / copy_experts / constant_experts: MoE++ zero-computation experts (arXiv 2410.07348;
+        LongCat-Flash's "zero experts" are copy experts) beside the FFN experts, chosen by the same
+        router over num_experts + their number; gating_residual adds a learned map of the previous MoE
+        layer's router logits to this layer's (MoE++ pathway-aware routing).
+    latent_dim=l: routed experts work in l dims between a shared D->l and l->D projection (NVIDIA
+        LatentMoE, transformers' nemotron_h `fc1_latent_proj`/`fc2_latent_proj`); router and shared
+        experts stay in D.
+    pregated: the router reads the previous MoE layer's input (Pre-gated MoE, arXiv 2308.12066), so
+        a layer's experts are known one layer ahead.
     """
 
     d_model: int = setting(32, "model width D (always the LM's d_model)")
@@ -362,6 +381,18 @@ class MoEConfig(Config):
                            "grouped_mm", choices=BACKENDS)
     balance_scope: str = setting("micro", "load-balancing frequencies per micro-batch, or global over the "
                                  "optimiser step and ranks (arXiv 2501.11873)", choices=BALANCE_SCOPES)
+    iterations: int = setting(1, "Chain-of-Experts iterations C: the expert bank applied C times in the layer, "
+                              "each iteration with its own router (arXiv 2506.18945; 1 = a plain layer)")
+    iteration_shared: bool = setting(True, "re-apply the shared experts in every Chain-of-Experts iteration")
+    zero_experts: int = setting(0, "zero-computation experts whose output is 0 (MoE++ arXiv 2410.07348)")
+    copy_experts: int = setting(0, "zero-computation experts whose output is their input (MoE++; LongCat-Flash)")
+    constant_experts: int = setting(0, "zero-computation experts whose output mixes the input with a trained "
+                                       "vector (MoE++)")
+    gating_residual: bool = setting(False, "add the previous MoE layer's router logits to this layer's (MoE++)")
+    latent_dim: int | None = setting(None, "routed experts work in a latent width: shared D->latent and "
+                                           "latent->D projections around the bank (None = off)")
+    pregated: bool = setting(False, "the router reads the previous MoE layer's input, so experts are known a "
+                                    "layer ahead (Pre-gated MoE arXiv 2308.12066)")
 
     def __post_init__(self):
         if isinstance(self.router, dict):
@@ -395,8 +426,40 @@ class MoEConfig(Config):
         require(self.backend in BACKENDS, "MoEConfig.backend", self.backend, f"one of {BACKENDS}")
         require(self.balance_scope in BALANCE_SCOPES, "MoEConfig.balance_scope", self.balance_scope,
                f"one of {BALANCE_SCOPES}")
-        self.router.validate(self.num_experts)
+        require(1 <= self.iterations <= 8, "MoEConfig.iterations", self.iterations, "an integer in [1, 8]")
+        for name in ("zero_experts", "copy_experts", "constant_experts"):
+            require(getattr(self, name) >= 0, f"MoEConfig.{name}", getattr(self, name), "an integer >= 0")
+        require(self.latent_dim is None or self.latent_dim >= 1, "MoEConfig.latent_dim", self.latent_dim,
+                "None or an integer >= 1")
+        require((self.num_zero_compute == 0 and self.iterations == 1) or self.balance_scope == "micro",
+                "MoEConfig.balance_scope", self.balance_scope,
+                "'micro' with zero-computation experts or Chain-of-Experts iterations")
+        # Step updates (a selection bias) count the E FFN experts; zero-computation columns have no counts.
+        require(self.num_zero_compute == 0 or not getattr(self.router, "bias_update_rate", 0),
+                "RouterConfig.bias_update_rate", getattr(self.router, "bias_update_rate", 0),
+                "0 with zero-computation experts")
+        stateful = self.router.carries_state()
+        for name, on in (("iterations", self.iterations > 1), ("gating_residual", self.gating_residual),
+                         ("pregated", self.pregated)):
+            require(not (on and stateful), f"MoEConfig.{name}", getattr(self, name),
+                    f"its default with router kind {self.router.kind!r}, which carries a routing state across layers")
+        self.router.validate(self.router_slots)
         return self
+
+    @property
+    def num_zero_compute(self) -> int:
+        """Zero-computation experts (zero + copy + constant): router columns past num_experts."""
+        return self.zero_experts + self.copy_experts + self.constant_experts
+
+    @property
+    def router_slots(self) -> int:
+        """X: the columns each router scores (FFN experts, then zero, copy and constant experts)."""
+        return self.num_experts + self.num_zero_compute
+
+    @property
+    def expert_dim(self) -> int:
+        """The width routed experts read and write: latent_dim, else d_model."""
+        return self.latent_dim if self.latent_dim is not None else self.d_model
 
     def fine_grained(self, m: int) -> MoEConfig:
         """DeepSeekMoE fine-grained segmentation (arXiv 2401.06066): m*E experts of width F/m and
@@ -408,7 +471,18 @@ class MoEConfig(Config):
     # Parameter counts, without building anything.
     def _expert_params(self) -> int:
         mats = 3 if self.activation == "swiglu" else 2
-        return mats * self.d_model * self.d_expert
+        return mats * self.expert_dim * self.d_expert
+
+    def expert_flops(self) -> int:
+        """Multiply-adds x 2 of one token through one routed FFN expert (zero-computation experts: 0)."""
+        return 2 * self._expert_params()
+
+    def _layer_extra_params(self) -> int:
+        """Parameters of the layer options: latent projections, constant experts, the gating-residual map."""
+        latent = 2 * self.d_model * self.latent_dim if self.latent_dim is not None else 0
+        constant = self.constant_experts * 3 * self.d_model  # a vector v and a (2, D) mixing gate each
+        residual = self.router_slots ** 2 if self.gating_residual else 0
+        return latent + constant + residual
 
     def _shared_params(self) -> int:
         if self.num_shared_experts == 0:
@@ -417,18 +491,22 @@ class MoEConfig(Config):
         return mats * self.d_model * self.shared_width + (self.d_model if self.shared_gate else 0)
 
     def _router_params(self) -> int:
-        return self.router.num_params(self.d_model, self.num_experts)
+        return self.iterations * self.router.num_params(self.d_model, self.router_slots)
 
     def num_params(self) -> int:
-        return self._router_params() + self.num_experts * self._expert_params() + self._shared_params()
+        return (self._router_params() + self.num_experts * self._expert_params() + self._shared_params()
+                + self._layer_extra_params())
 
     def expected_experts_per_token(self) -> float:
         """Experts per token used for active-parameter counts (the router's own count: dynamic routers
         give their worst case or their value at balance; measure the real average with
         `routing_info().stats()`)."""
-        return self.router.expected_experts_per_token(self.num_experts)
+        # Zero-computation experts take their share of the picks at balance (as AdaMoE's null experts);
+        # Chain-of-Experts runs the routed experts once per iteration.
+        per_iteration = self.router.expected_experts_per_token(self.router_slots)
+        return self.iterations * per_iteration * self.num_experts / self.router_slots
 
     def num_active_params(self) -> int:
         """Parameters one token uses on average (router + expected experts + shared)."""
         active = self.expected_experts_per_token() * self._expert_params()
-        return int(round(self._router_params() + active + self._shared_params()))
+        return int(round(self._router_params() + active + self._shared_params() + self._layer_extra_params()))

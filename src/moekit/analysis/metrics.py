@@ -28,7 +28,7 @@ __all__ = [
     "LoadStats", "RoutingTrace", "affinity", "affinity_prefetch_recall", "coefficient_of_variation", "domain_distributions",
     "domain_divergence", "entropy", "expert_counts", "experts_per_token", "experts_per_token_by_domain",
     "gate_prefetch_precision", "gate_prefetch_recall",
-    "gini", "js_divergence", "load_stats", "srp", "srp_bootstrap", "srp_random_baseline",
+    "gini", "intra_layer_reuse", "js_divergence", "load_stats", "srp", "srp_bootstrap", "srp_random_baseline",
     "static_hot_set",
 ]
 
@@ -126,6 +126,25 @@ def load_stats(trace: RoutingTrace) -> LoadStats:
     norm = ent / np.log(E) if E > 1 else np.ones_like(ent)
     g = np.array([gini(c) for c in counts_LE])
     return LoadStats(counts_LE, cv, mx, ent, norm, g)
+
+
+def intra_layer_reuse(trace: RoutingTrace) -> np.ndarray | None:
+    """reuse_L: per layer, the share of the picks of Chain-of-Experts iterations t >= 1 (arXiv
+    2506.18945) whose expert an earlier iteration of the same layer already ran for that token
+    (0: every iteration picks new experts; 1: the chain re-applies the same ones). nan where a layer
+    made no later-iteration picks; None for a trace without an iteration axis."""
+    if trace.iterations is None:
+        return None
+    # int64: an unsigned count minus 1 would wrap at padded slots (mask 0)
+    popcount = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.int64)
+    repeats_L = np.zeros(trace.num_layers)
+    later_L = np.zeros(trace.num_layers)
+    for m_LTK in trace.iterations:
+        picks_LTK = popcount[m_LTK]
+        repeats_L += np.maximum(picks_LTK - 1, 0).sum(axis=(1, 2))  # picks of an expert already run
+        later_L += popcount[m_LTK >> 1].sum(axis=(1, 2))  # picks of iterations t >= 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(later_L > 0, repeats_L / later_L, np.nan)
 
 
 def static_hot_set(trace: RoutingTrace, C: int, unit: str = "layer") -> tuple[np.ndarray, np.ndarray]:

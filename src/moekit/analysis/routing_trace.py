@@ -36,6 +36,10 @@ class RoutingTrace:
     token_loss: optional float32 `loss_T` per sequence: the model's next-token loss (nats) at each
         token, i.e. -log p(token t+1 | tokens <= t); NaN at the last token (nothing to predict). The
         difficulty analysis (`moekit.analysis.difficulty`) correlates it with the experts a token used.
+    iterations: optional Chain-of-Experts iteration axis (arXiv 2506.18945), one uint8 array per
+        sequence shaped like its `seqs` entry: bit t is set where iteration t of the layer ran that
+        expert for that token (0 in padded slots). A slot lists an expert once, whatever the number
+        of iterations that ran it (its weight is then the sum of theirs). None: one iteration (bit 0).
     """
 
     seqs: list[np.ndarray]
@@ -46,6 +50,7 @@ class RoutingTrace:
     layer_names: list[str] | None = None
     meta: dict | None = None
     token_loss: list[np.ndarray] | None = None
+    iterations: list[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -68,6 +73,13 @@ class RoutingTrace:
         if self.weights is not None:
             self.weights = [np.asarray(w, dtype=np.float32) for w in self.weights]
             self._check_parallel(self.weights, "weights")
+        if self.iterations is not None:
+            self.iterations = [np.asarray(m).astype(np.uint8, copy=False) for m in self.iterations]
+            self._check_parallel(self.iterations, "iterations")
+            for i, (m, s) in enumerate(zip(self.iterations, self.seqs, strict=True)):
+                if np.any((m == 0) != (s < 0)):
+                    raise ValueError(f"iterations of sequence {i}: a used slot needs a nonzero iteration mask "
+                                     "and a padded slot mask 0")
         if self.prefetch is not None:
             self.prefetch = {int(d): [np.asarray(p).astype(np.int64, copy=False) for p in preds]
                              for d, preds in self.prefetch.items()}
@@ -127,8 +139,16 @@ class RoutingTrace:
         w = None if self.weights is None else [self.weights[i] for i in idx]
         pf = None if self.prefetch is None else {d: [p[i] for i in idx] for d, p in self.prefetch.items()}
         loss = None if self.token_loss is None else [self.token_loss[i] for i in idx]
+        its = None if self.iterations is None else [self.iterations[i] for i in idx]
         return RoutingTrace([self.seqs[i] for i in idx], self.num_experts, doms, w, pf, self.layer_names, self.meta,
-                            loss)
+                            token_loss=loss, iterations=its)
+
+    def iteration_masks(self) -> list[np.ndarray]:
+        """Per sequence the uint8 iteration mask of every slot (bit 0 for every used slot of a trace
+        without an iteration axis; 0 in padded slots)."""
+        if self.iterations is not None:
+            return self.iterations
+        return [(s >= 0).astype(np.uint8) for s in self.seqs]
 
     def stacked(self) -> np.ndarray:
         """experts_LTK of all sequences concatenated along T (padded to the global K_max)."""

@@ -25,6 +25,7 @@ predicted; padded with -1), A the batch's non-padding tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class _LayerCall:
     weights_BTK: np.ndarray
     valid_BT: np.ndarray
     preds: dict[int, np.ndarray]  # distance -> predicted_BTK
+    iters_BTK: np.ndarray | None = None  # Chain-of-Experts iteration masks (None: one iteration)
 
 
 class TraceRecorder:
@@ -90,6 +92,7 @@ class TraceRecorder:
         self._domains: list[str | None] = []
         self._losses: list[np.ndarray | None] = []
         self._batch_loss: np.ndarray | None = None
+        self._iters: list[np.ndarray] = []  # Chain-of-Experts iteration masks, once any layer has them
         self._batch_domains: list[str] | None = None
         self._batch_mask: np.ndarray | None = None
         self._explicit = False
@@ -124,7 +127,11 @@ class TraceRecorder:
         # NOTE: the executed assignments (after capacity dropping), not the router's choice: a trace
         # replays what the experts computed (RoutingInfo.route keeps the choice).
         ran = info.executed if info.executed is not None else info.route
-        ids_TK, w_TK = ran.to_padded()
+        iters_TK = None
+        if info.iteration_N is None:
+            ids_TK, w_TK = ran.to_padded()
+        else:
+            ids_TK, w_TK, iters_TK = _merge_iterations(ran, info.iteration_N)
         T_flat = ids_TK.shape[0]
         if self._batch_mask is not None:
             if self._batch_mask.size != T_flat:
@@ -149,14 +156,15 @@ class TraceRecorder:
                     raise RuntimeError(f"TraceRecorder: MoE layer {i - d} did not run before layer {i}; the gate "
                                        f"look-ahead needs the layers to run in module order (use gate_lookahead=0)")
                 # Only real tokens are routed, as the layer routes them (expert choice picks among them).
-                pred_AK = predict_experts(module.router, src_TD[valid_T])
+                pred_AK = predict_experts(module.router, src_TD[valid_T], module.cfg.num_experts)
                 pred_TK = pred_AK.new_full((T_flat, pred_AK.shape[1]), -1)
                 pred_TK[valid_T] = pred_AK
                 preds[d] = pred_TK.to("cpu").numpy().reshape(B, T, -1)
             self._inputs[i] = x_TD
             self._inputs.pop(i - self.gate_lookahead, None)
         self._calls[i] = _LayerCall(ids_TK.to("cpu").numpy().reshape(B, T, K),
-                                    w_TK.to("cpu", torch.float32).numpy().reshape(B, T, K), valid_BT, preds)
+                                    w_TK.to("cpu", torch.float32).numpy().reshape(B, T, K), valid_BT, preds,
+                                    None if iters_TK is None else iters_TK.to("cpu").numpy().reshape(B, T, K))
 
     # ------------------------------------------------------------------ batches
 
@@ -222,6 +230,9 @@ class TraceRecorder:
                 self._preds[d].append(stack(b, lambda c, d=d: c.preds.get(d), -1, np.int64))
             self._domains.append(None if domains is None else domains[b])
             self._losses.append(None if loss_BT is None else loss_BT[b][valid_BT[b]])
+            if any(c.iters_BTK is not None for c in calls.values()) or self._iters:
+                self._iters.append(stack(b, lambda c: c.iters_BTK if c.iters_BTK is not None
+                                         else (c.ids_BTK >= 0).astype(np.uint8), 0, np.uint8))
 
     def to_trace(self, meta: dict | None = None) -> RoutingTrace:
         """Everything recorded so far as a RoutingTrace."""
@@ -238,9 +249,14 @@ class TraceRecorder:
         with_loss = [x is not None for x in self._losses]
         if any(with_loss) and not all(with_loss):
             raise ValueError("TraceRecorder: some batches have token losses and others not; give every batch one")
+        iters = None
+        if self._iters:
+            if len(self._iters) != len(self._seqs):
+                raise RuntimeError("TraceRecorder: some batches have Chain-of-Experts iterations and others not")
+            iters = list(self._iters)
         return RoutingTrace(list(self._seqs), self.num_experts, self._domains if all(labelled) else None,
                             list(self._weights), preds or None, self.layer_names, meta,
-                            list(self._losses) if all(with_loss) else None)
+                            token_loss=list(self._losses) if all(with_loss) else None, iterations=iters)
 
     def save(self, path: str | os.PathLike, meta: dict | None = None) -> Path:
         return save_trace(self.to_trace(meta), path)
@@ -263,6 +279,20 @@ def token_losses(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, padding_mask_BT
         has_next_BT[:, :-1] = real_BT[:, 1:]
         loss_BT = loss_BT.masked_fill(~(real_BT & has_next_BT), float("nan"))
     return loss_BT
+def _merge_iterations(ran, iteration_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids_TK, weights_TK, iteration masks_TK) of a Chain-of-Experts layer's executed assignments: one
+    slot per (token, expert), its weight summed over the iterations that ran it, bit t of its mask set
+    where iteration t did (a token's slots in ascending expert order; padding -1 / 0 / 0)."""
+    E = ran.num_experts
+    key_N = ran.token_idx_N * E + ran.expert_idx_N
+    key_U, inv_N = torch.unique(key_N, return_inverse=True)
+    w_U = ran.weight_N.new_zeros(key_U.numel()).index_add(0, inv_N, ran.weight_N)
+    # Each (token, expert, iteration) occurs once, so a sum of distinct bits is their OR.
+    bits_U = torch.zeros_like(key_U).index_add(0, inv_N, torch.ones_like(iteration_N) << iteration_N)
+    merged = dataclasses.replace(ran, token_idx_N=key_U // E, expert_idx_N=key_U % E, weight_N=w_U)
+    ids_TK, w_TK = merged.to_padded()
+    _, bits_TK = dataclasses.replace(merged, weight_N=bits_U.double()).to_padded()
+    return ids_TK, w_TK, bits_TK.to(torch.uint8)
 
 
 def record_trace(model: nn.Module, batches: Iterable[TokenBatch], forward: Callable | None = None, *,

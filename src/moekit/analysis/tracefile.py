@@ -13,6 +13,8 @@ a zip archive (deflate) holding `header.json` and one `.npy` member per column. 
   expert_weights  float32 (N,)  combine weights (optional)
   token_loss      float32 (sum of seq_tokens,) next-token loss of each token, sequences in order,
                                   NaN where there is no next token (optional)
+  expert_iterations uint8 (N,)  Chain-of-Experts iteration mask of each executed id: bit t = iteration t
+                                  ran it (optional; absent = one iteration, as every older file)
   prefetch_rows_<d> uint8/16 (Q,) predicted experts of each row at distance d (optional)
   prefetch_<d>    uint8/16/32 (P_d,) the predicted ids of layer l's router applied to the input of
                                   layer l - d, rows in order, best first (a ragged column of its own)
@@ -102,6 +104,9 @@ def trace_columns(trace: RoutingTrace) -> tuple[dict[str, np.ndarray], list[str]
             [w[v] for w, v in zip(trace.weights, valid, strict=True)]).astype(np.float32)
     if trace.token_loss is not None:
         cols["token_loss"] = np.concatenate(trace.token_loss).astype(np.float32)
+    if trace.iterations is not None:
+        cols["expert_iterations"] = np.concatenate(
+            [m[v] for m, v in zip(trace.iterations, valid, strict=True)]).astype(np.uint8)
     for d, preds in sorted((trace.prefetch or {}).items()):
         rows = np.concatenate([(p >= 0).sum(axis=2).ravel() for p in preds])
         cols[f"prefetch_rows_{d}"] = rows.astype(_smallest_uint(int(rows.max()) if rows.size else 0))
@@ -222,7 +227,8 @@ def _check_sizes(z: zipfile.ZipFile, header: dict, path: Path) -> None:
     unsigned type holding E - 1 (docs/trace-format.md), which ties num_experts to the file: uint8 ids
     mean E <= 256, uint16 E <= 65536."""
     E, S, Q, N = (header[k] for k in ("num_experts", "num_sequences", "num_rows", "num_assignments"))
-    length = {"seq_tokens": S, "seq_domain": S, "row_experts": Q, "expert_ids": N, "expert_weights": N}
+    length = {"seq_tokens": S, "seq_domain": S, "row_experts": Q, "expert_ids": N, "expert_weights": N,
+              "expert_iterations": N}
     members = {info.filename: info for info in z.infolist()}
     for name, spec in header["columns"].items():
         if not isinstance(spec, dict):
@@ -341,7 +347,7 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
         labels = [domains[i] for i in dom_idx]
 
     K = int(counts_Q.max()) if counts_Q.size else 0
-    padded_arrays = 2 + ("expert_weights" in cols) + len(header.get("prefetch_distances", []))
+    padded_arrays = 2 + ("expert_weights" in cols) + ("expert_iterations" in cols) + len(header.get("prefetch_distances", []))
     check_memory(padded_arrays * 8 * counts_Q.size * K, f"{path}: loading {counts_Q.size} rows x {K} slots")
 
     def padded(values_N: np.ndarray, fill, dtype) -> list[np.ndarray]:
@@ -349,6 +355,7 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
 
     seqs = padded(ids_N, -1, np.int64)
     weights = padded(cols["expert_weights"], 0.0, np.float32) if "expert_weights" in cols else None
+    iterations = padded(cols["expert_iterations"], 0, np.uint8) if "expert_iterations" in cols else None
     prefetch = {}
     for d in header.get("prefetch_distances", []):
         name = f"prefetch_{d}"
@@ -378,6 +385,6 @@ def load_trace(path: str | os.PathLike) -> RoutingTrace:
         token_loss = np.split(loss, np.cumsum(T_S)[:-1])
     try:
         return RoutingTrace(seqs, E, labels, weights, prefetch or None, header.get("layer_names"),
-                            header.get("meta") or {}, token_loss)
+                            header.get("meta") or {}, token_loss=token_loss, iterations=iterations)
     except ValueError as e:
         raise bad(str(e)) from e

@@ -66,6 +66,13 @@ def hf_config_for(cfg):
                 "before exporting")
     if moe.activation != "swiglu":
         _refuse(f"MoEConfig.activation={moe.activation!r}; transformers' MoE models use SwiGLU experts")
+    # The layer architectures (docs/routing.md) change the layer's computation itself.
+    arch = {name: getattr(moe, name) for name, plain in (
+        ("iterations", 1), ("zero_experts", 0), ("copy_experts", 0), ("constant_experts", 0),
+        ("gating_residual", False), ("latent_dim", None), ("pregated", False)) if getattr(moe, name) != plain}
+    if arch:
+        _refuse(f"MoEConfig {', '.join(f'{k}={v}' for k, v in arch.items())}: the Mixtral / Qwen3-MoE / GLM-4-MoE "
+                "families export computes a plain MoE layer")
     # capacity_factor drops only in training (moekit never drops in eval mode unless asked to)
     if moe.eval_capacity_factor is not None:
         _refuse("eval_capacity_factor drops tokens at inference; transformers' MoE models are dropless")

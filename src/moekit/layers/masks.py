@@ -73,7 +73,8 @@ def mask_experts(model: nn.Module, disabled: ExpertIds | None = None,
         mask_E[sorted(off)] = _DISABLED
         mask_E[sorted(on)] = _FORCED
         _check(i, router, mask_E)
-        plans.append((router, mask_E))
+        # Chain-of-Experts: every iteration's router gets the mask (a disabled expert runs in no iteration).
+        plans.extend((r, mask_E) for r in layer.iteration_routers())
 
     saved = [(router, router.expert_mask_E) for router, _ in plans]
     try:

@@ -14,6 +14,23 @@ Forward stages:
 
 Capacity (`capacity_factor`) drops only in training; eval mode drops only with `eval_capacity_factor`.
 
+Layer architectures (MoEConfig options, each a branch of this one forward, none a separate layer):
+  - Chain-of-Experts (iterations=C, arXiv 2506.18945): stages 1-5 run C times on a chain state
+    h(0) = x, h(t) = h(t-1) + sum_i g(t,i) E_i(h(t-1)) [+ shared(h(t-1)) with iteration_shared], one router
+    per iteration (`iteration_routers()`); the layer returns h(C) - x, the sum of the iterations'
+    updates, so that C = 1 is the plain layer and the block's own residual adds x once. Aux losses are
+    summed over the iteration gates (one loss per gate).
+  - zero-computation experts (MoE++, arXiv 2410.07348): router columns E.. are zero experts (output 0;
+    AdaMoE's null expert is the same thing), copy experts (output h, LongCat-Flash's "zero experts")
+    and constant experts (a1*h + a2*v, [a1, a2] = softmax(W_c h)); none is dispatched or costs a GEMM.
+    With a normalising router, weights are renormalised over the picks that are not zero experts (MoE++
+    `gating`). gating_residual adds gate_map(previous MoE layer's logits) to this layer's logits.
+  - latent experts (latent_dim=l, NVIDIA LatentMoE as transformers' nemotron_h): routed experts run in
+    l dims between `fc1_latent_proj` (D->l, before dispatch) and `fc2_latent_proj` (l->D, after
+    combine); router and shared experts read the D-dim input.
+  - pre-gated routing (pregated, arXiv 2308.12066): the router reads the previous MoE layer's input.
+Cross-layer inputs (pre-gating, gating residual) travel with the router state as a `LayerCarry`.
+
 `forward` always returns the output. A router that carries a routing state across layers (RMoE)
 reads `router_state`; the state for the next layer is `routing_info().router_state` (for other
 routers, the given state unchanged), and the model threads it (moekit.models.MoELM).
@@ -25,6 +42,7 @@ each training forward reports to it. The layer itself calls no collective and ke
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +77,9 @@ class RoutingInfo:
     aux: Mapping[str, torch.Tensor] = field(default_factory=dict)
     executed: RouterOutput | None = None
     router_state: Any = None
+    iteration_N: torch.Tensor | None = None  # per executed assignment: its Chain-of-Experts iteration
+    zero_compute: Mapping[str, int] = field(default_factory=dict)  # picks of zero / copy / constant experts
+    expert_flops: int = 0  # FLOPs of the routed FFN experts that ran (zero-computation experts: none)
 
     @property
     def experts_per_token_T(self) -> torch.Tensor:
@@ -79,8 +100,21 @@ class RoutingInfo:
             "experts_per_token_hist": torch.bincount(per_token).tolist() if per_token.numel() else [],
             "dropped_rate": self.num_dropped / total,
             "null_rate": self.null_rate(),
+            "zero_compute": dict(self.zero_compute),
+            "expert_flops": self.expert_flops,
             "counts": self.counts_E.tolist(),
         }
+
+
+@dataclass(frozen=True)
+class LayerCarry:
+    """What an MoE layer hands the next one (as its `router_state`) when the next one needs more than
+    the router's own state: the gate input (pre-gated routing reads it) and the router logits over
+    all X columns (the MoE++ gating residual adds a map of them)."""
+
+    router_state: Any = None
+    x_TD: torch.Tensor | None = None
+    logits_TX: torch.Tensor | None = None
 
 
 LAYER_AUX_LOSS_NAMES = ("load_balance", "z_loss", "seq_balance")  # every router; seq_balance for (B, T, D) input
@@ -120,8 +154,24 @@ class MoELayer(nn.Module):
             raise UsageError("MoEConfig.backend='grouped_mm' is invalid; allowed: 'auto' (torch._grouped_mm is "
                              "missing from this torch build)")
         self.cfg = cfg
-        self.router = router_class(cfg.router.kind)(cfg.router, cfg.d_model, cfg.num_experts)
-        self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.d_expert, cfg.activation)
+        X = cfg.router_slots
+        self.router = router_class(cfg.router.kind)(cfg.router, cfg.d_model, X)
+        # Chain-of-Experts: iteration t > 0 has a router of its own (arXiv 2506.18945).
+        self.chain_routers = nn.ModuleList(router_class(cfg.router.kind)(cfg.router, cfg.d_model, X)
+                                           for _ in range(cfg.iterations - 1))
+        self.experts = ExpertBank(cfg.num_experts, cfg.expert_dim, cfg.d_expert, cfg.activation)
+        # Latent experts: names as transformers' NemotronHMoE, so its Parameters can be shared.
+        self.fc1_latent_proj = self.fc2_latent_proj = None
+        if cfg.latent_dim is not None:
+            self.fc1_latent_proj = nn.Linear(cfg.d_model, cfg.latent_dim, bias=False)
+            self.fc2_latent_proj = nn.Linear(cfg.latent_dim, cfg.d_model, bias=False)
+        # MoE++ constant experts: a vector v_j and a 2-way mixing gate W_c each (arXiv 2410.07348).
+        self.constant_vec = self.constant_gate = None
+        if cfg.constant_experts:
+            self.constant_vec = nn.Parameter(torch.randn(cfg.constant_experts, cfg.d_model))
+            self.constant_gate = nn.Parameter(torch.randn(cfg.constant_experts, 2, cfg.d_model) * cfg.d_model**-0.5)
+        # MoE++ gating residual: logits += gate_map(previous layer's logits).
+        self.gate_map = nn.Linear(X, X, bias=False) if cfg.gating_residual else None
         self.shared_experts = (SharedExpert(cfg.d_model, cfg.shared_width, cfg.activation)
                                if cfg.num_shared_experts > 0 else None)
         self.shared_expert_gate = (nn.Linear(cfg.d_model, 1, bias=False)
@@ -154,51 +204,144 @@ class MoELayer(nn.Module):
             valid_T = padding_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
         tracker = self.balance_tracker if self.training else None
         counted = tracker.begin_pass(self) if tracker is not None else False
-
-        route = self.router(x_TD, valid_T=valid_T, state=router_state)
-        if valid_T is not None:
-            route = route.keep(valid_T[route.token_idx_N])
+        cfg = self.cfg
+        carry = router_state if isinstance(router_state, LayerCarry) else LayerCarry(router_state)
         num_valid = T if valid_T is None else int(valid_T.sum())
-
+        # Pre-gated MoE (arXiv 2308.12066): the gate reads the previous MoE layer's input.
+        gate_in_TD = x_TD
+        if cfg.pregated and carry.x_TD is not None:
+            if carry.x_TD.shape != x_TD.shape:
+                raise ValueError(f"MoELayer(pregated): the previous layer's input has shape {tuple(carry.x_TD.shape)}, "
+                                 f"expected {tuple(x_TD.shape)}")
+            gate_in_TD = carry.x_TD.to(x_TD.dtype)
+        # MoE++ gating residual (arXiv 2410.07348): W_g applied to the previous layer's logits.
+        logit_bias_TX = None
+        if self.gate_map is not None and carry.logits_TX is not None:
+            logit_bias_TX = torch.nn.functional.linear(carry.logits_TX, self.gate_map.weight.float())
         # Capacity limits are a training device: in eval mode only eval_capacity_factor drops.
-        capacity_factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
-        plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, self.cfg.num_experts, capacity_factor)
-        y_ND = self.experts(permute(x_TD, plan), plan.offsets_E)
-        y_TD = combine(y_ND, plan, T, x_TD.dtype)
+        capacity_factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        want_aux = torch.is_grad_enabled()  # aux losses exist to be backpropagated: skip them in inference
 
-        if self.shared_experts is not None:
-            shared_TD = self.shared_experts(x_TD)
-            if self.shared_expert_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
+        h_TD = x_TD  # Chain-of-Experts chain state h(t)
+        y_TD = None
+        aux: dict[str, torch.Tensor] = {}
+        chosen, executed, iteration_N, counts_E = [], [], [], None
+        num_dropped, zero_compute, flops = 0, {"zero": 0, "copy": 0, "constant": 0}, 0
+        next_router_state, logits_out_TX = carry.router_state, None
+        for t, router in enumerate(self.iteration_routers()):
+            kwargs = {} if t or logit_bias_TX is None else {"logit_bias_TE": logit_bias_TX}
+            route = router(gate_in_TD if t == 0 else h_TD, valid_T=valid_T, state=carry.router_state, **kwargs)
+            if t == 0:
+                logits_out_TX = route.logits_TE
+                if route.extras.state is not None:
+                    next_router_state = route.extras.state
+            if valid_T is not None:
+                route = route.keep(valid_T[route.token_idx_N])
+            if want_aux:
+                for name, value in self._aux_losses(router, route, valid_T, num_valid, lead_shape, counted).items():
+                    aux[name] = aux[name] + value if name in aux else value  # one loss per iteration gate
+            route, zc_route, zc_counts = self._split_zero_compute(route)
+            plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, cfg.num_experts, capacity_factor)
+            e_in_TD = h_TD if self.fc1_latent_proj is None else self.fc1_latent_proj(h_TD)
+            delta_TD = combine(self.experts(permute(e_in_TD, plan), plan.offsets_E), plan, T, e_in_TD.dtype)
+            if self.fc2_latent_proj is not None:
+                delta_TD = self.fc2_latent_proj(delta_TD)
+            if zc_route is not None:
+                delta_TD = delta_TD + self._zero_compute_out(h_TD, zc_route)
+            if self.shared_experts is not None and (t == 0 or cfg.iteration_shared):
+                shared_TD = self.shared_experts(h_TD)
+                if self.shared_expert_gate is not None:
+                    shared_TD = torch.sigmoid(self.shared_expert_gate(h_TD)) * shared_TD
+                delta_TD = delta_TD + shared_TD
+            y_TD = delta_TD if y_TD is None else y_TD + delta_TD
+            if t + 1 < cfg.iterations:
+                h_TD = h_TD + delta_TD  # CoE inner residual (arXiv 2506.18945)
 
-        # Aux losses exist to be backpropagated: skip them when autograd is off (inference).
-        aux = self._aux_losses(route, valid_T, num_valid, lead_shape, counted) if torch.is_grad_enabled() else {}
+            route_d = route.detached()
+            chosen.append(route_d)
+            executed.append(route_d if plan.num_dropped == 0 else RouterOutput(
+                plan.token_N, plan.expert_N, plan.weight_N.detach(), route_d.scores_TE, route_d.logits_TE, {},
+                route_d.extras))
+            iteration_N.append(torch.full_like(executed[-1].token_idx_N, t))
+            counts_E = plan.counts_E.detach() if counts_E is None else counts_E + plan.counts_E.detach()
+            num_dropped += plan.num_dropped
+            flops += (plan.token_N.numel() if plan.num_dropped else route.num_assignments) * cfg.expert_flops()
+            for name, n in zc_counts.items():
+                zero_compute[name] += n
+
         if aux and self.training and self.aux_loss_coefs is not None:
             total = sum(c * aux[name] for name, c in self.aux_loss_coefs.items() if name in aux)
             if isinstance(total, torch.Tensor) and total.requires_grad:
                 y_TD = _AttachAuxLoss.apply(y_TD, total)
             aux = {name: value.detach() for name, value in aux.items()}
-        null_picks_T = route.extras.null_picks_T
+        null_picks_T = chosen[0].extras.null_picks_T
         num_null = 0 if null_picks_T is None else int((null_picks_T if valid_T is None else null_picks_T[valid_T]).sum())
-        chosen = route.detached()
-        executed = chosen if plan.num_dropped == 0 else RouterOutput(
-            plan.token_N, plan.expert_N, plan.weight_N.detach(), chosen.scores_TE, chosen.logits_TE, {}, chosen.extras)
-        next_state = route.extras.state if route.extras.state is not None else router_state
-        self._info = RoutingInfo(route=chosen, counts_E=plan.counts_E.detach(), num_dropped=plan.num_dropped,
-                                 num_tokens=num_valid, num_null=num_null, aux=aux, executed=executed,
-                                 router_state=next_state)
+        num_null += zero_compute["zero"]  # a zero expert is a null expert (AdaMoE)
+        if cfg.pregated or cfg.gating_residual:
+            next_router_state = LayerCarry(next_router_state, x_TD if cfg.pregated else None,
+                                           logits_out_TX if cfg.gating_residual else None)
+        self._info = RoutingInfo(route=_concat(chosen), counts_E=counts_E, num_dropped=num_dropped,
+                                 num_tokens=num_valid, num_null=num_null, aux=aux, executed=_concat(executed),
+                                 router_state=next_router_state,
+                                 iteration_N=torch.cat(iteration_N) if cfg.iterations > 1 else None,
+                                 zero_compute={k: v for k, v in zero_compute.items() if v or cfg.num_zero_compute},
+                                 expert_flops=flops)
         if counted:
             tracker.record(self, self._info)
         return y_TD.view(*lead_shape, self.cfg.d_model)
 
-    def _aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None, num_valid: int,
+    def iteration_routers(self) -> list[nn.Module]:
+        """The router of each Chain-of-Experts iteration (`[self.router]` for a plain layer)."""
+        return [self.router, *self.chain_routers]
+
+    def _split_zero_compute(self, route: RouterOutput):
+        """(FFN-expert route with scores over the E FFN experts, zero-computation route or None, picks per kind).
+        MoE++ zeroes a zero expert's gate and renormalises the others (SkyworkAI/MoE-plus-plus `gating`)."""
+        cfg = self.cfg
+        if cfg.num_zero_compute == 0:
+            return route, None, {}
+        E, Z, C = cfg.num_experts, cfg.zero_experts, cfg.copy_experts
+        idx_N = route.expert_idx_N
+        counts = {"zero": int(((idx_N >= E) & (idx_N < E + Z)).sum()),
+                  "copy": int(((idx_N >= E + Z) & (idx_N < E + Z + C)).sum()),
+                  "constant": int((idx_N >= E + Z + C).sum())}
+        nonzero_N = (idx_N < E) | (idx_N >= E + Z)
+        route = route.keep(nonzero_N)
+        if Z and cfg.router.normalizes():
+            sum_T = torch.zeros(route.num_tokens, dtype=route.weight_N.dtype, device=idx_N.device)
+            sum_T = sum_T.index_add(0, route.token_idx_N, route.weight_N)
+            sum_T = torch.where(sum_T == 0, 1.0, sum_T)  # a token whose picks are all zero experts outputs 0
+            route = dataclasses.replace(route, weight_N=route.weight_N / sum_T[route.token_idx_N])
+        ffn_N = route.expert_idx_N < E
+        ffn = dataclasses.replace(route.keep(ffn_N), scores_TE=route.scores_TE[:, :E], logits_TE=route.logits_TE[:, :E])
+        zc = route.keep(~ffn_N)
+        return ffn, zc, counts
+
+    def _zero_compute_out(self, h_TD: torch.Tensor, zc: RouterOutput) -> torch.Tensor:
+        """sum over a token's copy and constant picks of weight * output (arXiv 2410.07348); rows only
+        for the N picks, no GEMM. Copy: h. Constant j: a1*h + a2*v_j with [a1, a2] = softmax(W_c,j h)."""
+        cfg = self.cfg
+        out_TD = torch.zeros_like(h_TD)
+        if zc.num_assignments == 0:
+            return out_TD
+        first_const = cfg.num_experts + cfg.zero_experts + cfg.copy_experts
+        h_ND = h_TD[zc.token_idx_N]
+        out_ND = h_ND
+        const_N = zc.expert_idx_N >= first_const
+        if self.constant_vec is not None and bool(const_N.any()):
+            j_N = (zc.expert_idx_N - first_const).clamp(min=0)
+            a_N2 = torch.softmax(torch.einsum("nd,nkd->nk", h_ND.float(), self.constant_gate[j_N].float()), dim=-1)
+            const_ND = a_N2[:, :1] * h_ND.float() + a_N2[:, 1:] * self.constant_vec[j_N].float()
+            out_ND = torch.where(const_N[:, None], const_ND.to(h_ND.dtype), h_ND)
+        return out_TD.index_add(0, zc.token_idx_N, out_ND * zc.weight_N[:, None].to(h_ND.dtype))
+
+    def _aux_losses(self, router, route: RouterOutput, valid_T: torch.Tensor | None, num_valid: int,
                     lead_shape: torch.Size, counted: bool) -> dict[str, torch.Tensor]:
-        E = self.cfg.num_experts
+        E = route.num_experts  # every column the router scores: zero-computation experts are balanced too
         # f counts the router's choices before capacity dropping (see moekit.losses).
-        token_idx_N, expert_idx_N = self.router.balance_assignment(route, valid_T)
+        token_idx_N, expert_idx_N = router.balance_assignment(route, valid_T)
         chosen_E = torch.bincount(expert_idx_N, minlength=E)
-        probs_TE = self.router.balance_probs(route)
+        probs_TE = router.balance_probs(route)
         aux = {}
         if self.cfg.balance_scope == "global":
             aux["load_balance"] = losses.global_load_balance_loss(
@@ -210,8 +353,8 @@ class MoELayer(nn.Module):
             B, T = lead_shape
             aux["seq_balance"] = losses.sequence_balance_loss(
                 route.scores_TE.view(B, T, E), expert_idx_N, token_idx_N,
-                self.cfg.expected_experts_per_token(), None if valid_T is None else valid_T.view(B, T))
-        aux.update(self.router.aux_losses(route, valid_T))  # router-specific rules take precedence
+                self.cfg.router.expected_experts_per_token(self.cfg.router_slots), None if valid_T is None else valid_T.view(B, T))
+        aux.update(router.aux_losses(route, valid_T))  # router-specific rules take precedence
         return aux
 
     def _global_f(self, chosen_E: torch.Tensor, num_valid: int, counted: bool) -> torch.Tensor:
@@ -232,9 +375,22 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         cfg = self.cfg
-        return (f"router={cfg.router.kind}({cfg.router.describe()}), E={cfg.num_experts}, "
+        arch = "".join(f", {name}={getattr(cfg, name)}" for name, default in (
+            ("iterations", 1), ("zero_experts", 0), ("copy_experts", 0), ("constant_experts", 0),
+            ("gating_residual", False), ("latent_dim", None), ("pregated", False)) if getattr(cfg, name) != default)
+        return (f"router={cfg.router.kind}({cfg.router.describe()}), E={cfg.num_experts}{arch}, "
                 f"shared={cfg.num_shared_experts}, params={cfg.num_params():,}, "
                 f"active_params={cfg.num_active_params():,}")
+
+
+def _concat(routes: list[RouterOutput]) -> RouterOutput:
+    """One RouterOutput of the Chain-of-Experts iterations' assignments (scores of the first iteration)."""
+    if len(routes) == 1:
+        return routes[0]
+    first = routes[0]
+    return dataclasses.replace(first, token_idx_N=torch.cat([r.token_idx_N for r in routes]),
+                               expert_idx_N=torch.cat([r.expert_idx_N for r in routes]),
+                               weight_N=torch.cat([r.weight_N for r in routes]))
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

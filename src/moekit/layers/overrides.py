@@ -64,22 +64,31 @@ def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> I
             raise ValueError(f"route(kind={kind!r}): a router that carries a routing state across layers reads that "
                              f"state, not the token, so {old_cfg.kind!r} cannot be swapped with {kind!r}; change "
                              "its own fields instead")
-        new_cfg.validate(layer.cfg.num_experts)
+        new_cfg.validate(layer.cfg.router_slots)
         plans.append((layer, new_cfg))
 
-    saved = [(layer, layer.router, layer.router.cfg, layer.cfg) for layer, _ in plans]
+    # Every router of a layer changes: Chain-of-Experts layers have one per iteration.
+    saved = [(layer, layer.iteration_routers(), [r.cfg for r in layer.iteration_routers()], layer.cfg)
+             for layer, _ in plans]
     try:
         for layer, new_cfg in plans:
+            routers = layer.iteration_routers()
             if new_cfg.kind == layer.router.kind:
-                layer.router.cfg = new_cfg  # routers read their cfg at every forward
+                for router in routers:
+                    router.cfg = new_cfg  # routers read their cfg at every forward
             else:
-                layer.router = _rebuild(layer.router, new_cfg)
+                layer.router = _rebuild(routers[0], new_cfg)
+                for t, router in enumerate(routers[1:]):
+                    layer.chain_routers[t] = _rebuild(router, new_cfg)
             layer.cfg = dataclasses.replace(layer.cfg, router=new_cfg)
         yield [layer for layer, _ in plans]
     finally:
-        for layer, router, router_cfg, cfg in saved:
-            layer.router, layer.cfg = router, cfg
-            router.cfg = router_cfg
+        for layer, routers, router_cfgs, cfg in saved:
+            layer.router, layer.cfg = routers[0], cfg
+            for t, router in enumerate(routers[1:]):
+                layer.chain_routers[t] = router
+            for router, router_cfg in zip(routers, router_cfgs, strict=True):
+                router.cfg = router_cfg
 
 
 def _rebuild(router: nn.Module, cfg) -> nn.Module:

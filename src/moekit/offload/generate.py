@@ -191,6 +191,8 @@ def run_metrics(rt: OffloadRuntime, timing: dict, trace: RoutingTrace | None, si
         "stall_s": dec.stall_s, "load_s": dec.load_s, "prefetch_load_s": dec.prefetch_load_s,
         "load_bandwidth_bytes_per_s": all_loaded / load_time if load_time > 0 else float("nan"),
         "peak_resident_expert_bytes": cache.peak_resident_nbytes,
+        # Everything resident besides the cached experts: latent projections and the like count here.
+        "dense_bytes": sum(p.numel() * p.element_size() for p in rt.model.parameters() if not p.is_meta),
         "peak_rss_bytes": peak_rss_bytes(),
         "decode_stats": dec.as_dict(), "prefill_stats": pre.as_dict(),
     }

@@ -19,6 +19,8 @@ Nothing of size T x E x D is built. Inference only (no autograd through the load
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -40,8 +42,14 @@ def token_experts(layer: MoELayer) -> int:
     """K: experts one token needs resident at once at this layer, the least a cache must hold: the
     router's own answer (`RouterConfig.min_resident_experts`; top-k: k; top-p: its cap max_k, else
     min_k, and a token whose experts do not fit runs in several cache steps; other dynamic routers:
-    the expected count, rounded up)."""
-    return layer.cfg.router.min_resident_experts(layer.cfg.num_experts)
+    the expected count, rounded up). Zero-computation experts (MoE++) need no weights: such a layer
+    needs its expected FFN experts per token and iteration, rounded up (a token that picks more runs
+    in several cache steps)."""
+    cfg = layer.cfg
+    K = cfg.router.min_resident_experts(cfg.router_slots)
+    if cfg.num_zero_compute:
+        K = min(K, max(1, math.ceil(cfg.expected_experts_per_token() / cfg.iterations)))
+    return K
 
 
 def hot_counts(source, num_layers: int, num_experts: int):
@@ -227,7 +235,7 @@ class OffloadRuntime:
         router = self.layers[nxt].router
         if not can_predict(router):  # e.g. the recurrent router: its gate reads a state, not the token
             return
-        order = priority_order(predict_experts(router, x_TD))
+        order = priority_order(predict_experts(router, x_TD, self.layers[nxt].cfg.num_experts))
         self.predictions.append((self.forward_idx, nxt, order))
         self.cache.prefetch(nxt, order)
 

@@ -500,7 +500,7 @@ class ExpertStore:
             raise ExpertStoreError(f"expert store {self.path} has {self.num_layers} MoE layers, the model has {len(layers)}")
         for i, layer in enumerate(layers):
             cfg = layer.cfg
-            got = (cfg.num_experts, cfg.d_model, cfg.d_expert, cfg.activation)
+            got = (cfg.num_experts, cfg.expert_dim, cfg.d_expert, cfg.activation)
             want = (self.num_experts, self.d_model, self.d_expert, self.activation)
             if got != want:
                 raise ExpertStoreError(f"expert store {self.path} holds experts (E, D, F, activation) = {want}, "

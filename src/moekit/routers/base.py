@@ -205,9 +205,14 @@ class Router(nn.Module):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         return x_TD
 
-    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, state: Any = None) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, state: Any = None,
+                logit_bias_TE: torch.Tensor | None = None) -> RouterOutput:
+        """`logit_bias_TE` (T, E) fp32 is added to the logits before selection (MoE++'s gating residual,
+        arXiv 2410.07348, which the layer computes from the previous MoE layer's logits)."""
         x_TD = self.jittered(x_TD)
         logits_TE = self.logits(x_TD)
+        if logit_bias_TE is not None:
+            logits_TE = logits_TE + logit_bias_TE
         if self.expert_mask_E is None:
             return self.select(logits_TE, x_TD, valid_T)
         # Expert masks (MoTE, arXiv 2502.11096): a disabled expert's logit is -inf before selection.

@@ -21,6 +21,8 @@ state does not exist before the layers in between have run. `can_predict` is Fal
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from moekit.routers.base import Router, RouterOutput
@@ -34,23 +36,30 @@ def can_predict(router: Router) -> bool:
 
 
 @torch.no_grad()
-def predict_route(router: Router, x_TD: torch.Tensor) -> RouterOutput:
+def predict_route(router: Router, x_TD: torch.Tensor, num_experts: int | None = None) -> RouterOutput:
     """The experts `router` would pick for the tokens `x_TD` (T, D): its own forward, no gradient.
 
-    Returns a RouterOutput (ragged token/expert/weight, real experts only). Raises ValueError for a
-    router that cannot predict from a token (see the module doc).
+    Returns a RouterOutput (ragged token/expert/weight, real experts only: with `num_experts` = E, the
+    picks of router columns >= E - zero-computation experts, which have no weights to load - are
+    left out and the scores cut to E columns). Raises ValueError for a router that cannot predict
+    from a token (see the module doc).
     """
     if not can_predict(router):
         raise ValueError(f"{type(router).__name__} (kind={router.kind!r}) cannot predict experts from a hidden "
                          f"state: its logits read a routing state carried across layers; no prediction is made "
                          f"for such layers")
-    return router(x_TD)
+    route = router(x_TD)
+    if num_experts is None or num_experts >= route.num_experts:
+        return route
+    route = route.keep(route.expert_idx_N < num_experts)
+    return dataclasses.replace(route, scores_TE=route.scores_TE[:, :num_experts],
+                               logits_TE=route.logits_TE[:, :num_experts])
 
 
-def predict_experts(router: Router, x_TD: torch.Tensor) -> torch.Tensor:
+def predict_experts(router: Router, x_TD: torch.Tensor, num_experts: int | None = None) -> torch.Tensor:
     """predicted_TK (int64, -1 = empty slot): per token, the experts `predict_route` picks, best first
     by the router's score (ties to the lower id). K = the most experts any token gets (0 if none)."""
-    route = predict_route(router, x_TD)
+    route = predict_route(router, x_TD, num_experts)
     ids_TK, _ = route.to_padded()
     E = route.num_experts
     # Sort the picks by id (empty slots last), then stably by score: best first, ties to the lower id.

@@ -203,8 +203,11 @@ class BalanceTracker:
             counts = StepCounts(flat[offset:offset + E], flat[offset + E:offset + 2 * E], int(flat[offset + 2 * E]))
             offset += 2 * E + 1
             routers, per_layer = by_class.setdefault(type(layer.router), ([], []))
-            routers.append(layer.router)
-            per_layer.append(counts)
+            # NOTE: a Chain-of-Experts layer's iteration routers each get the layer's counts (summed over its
+            # iterations): the step state is kept per layer, not per iteration.
+            for router in layer.iteration_routers():
+                routers.append(router)
+                per_layer.append(counts)
         for cls, (routers, per_layer) in by_class.items():
             cls.after_optimizer_step_all(routers, per_layer)
         for s in self._state:

@@ -151,6 +151,8 @@ def compare(variants: dict[str, tuple[LMConfig, TrainConfig]], out_dir: str | Pa
                 "experts_per_token": result["experts_per_token"],
                 "experts_per_token_by_layer": result["experts_per_token_by_layer"],
                 "experts_per_token_by_domain": {d: v["experts_per_token"] for d, v in result["per_domain"].items()},
+                "zero_compute_per_token_by_domain": {d: v.get("zero_compute_per_token_by_layer")
+                                                     for d, v in result["per_domain"].items()},
                 "tokens_per_s": _mean_tokens_per_s(run_dir),
             }
         summary = summarise_groups(rows, groups)

@@ -81,6 +81,7 @@ def evaluate(model, tokenizer, seq_len: int = 128, max_tokens_per_domain: int = 
         nbytes = 0
         ntok = 0
         experts_L = np.zeros(len(layers))
+        zero_compute_L = np.zeros(len(layers))  # picks of zero-computation / null experts (no GEMM)
         for i in range(0, len(windows), batch_size):
             ids_BT = windows[i:i + batch_size].to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -92,11 +93,14 @@ def evaluate(model, tokenizer, seq_len: int = 128, max_tokens_per_domain: int = 
             for j, layer in enumerate(layers):
                 # Executed assignments (after any capacity dropping): what the active-parameter count measures.
                 experts_L[j] += layer.routing_info().executed.num_assignments
+                zero_compute_L[j] += layer.routing_info().num_null + sum(
+                    n for kind, n in layer.routing_info().zero_compute.items() if kind != "zero")
         per_domain[domain] = {
             "loss": nll / ntok, "bpb": nll / math.log(2) / max(nbytes, 1), "tokens": ntok, "bytes": nbytes,
             "nll_nats": nll,
             "experts_per_token_by_layer": (experts_L / ntok).round(4).tolist(),
             "experts_per_token": float(experts_L.mean() / ntok) if len(layers) else 0.0,
+            "zero_compute_per_token_by_layer": (zero_compute_L / ntok).round(4).tolist(),
             "unigram_bpb": unigram_bpb(split, (domain,)),
         }
     model.train(was_training)

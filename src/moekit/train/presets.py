@@ -14,6 +14,16 @@ balance — 2 experts of width F = 256 (2F):
   random         SMoE-Dropout: frozen random router, k grows 1 -> 4, inference k = 2
   remoe          ReMoE: ReLU gates, adaptive L1 steers the average to 2 experts   2 x F on average
 
+Layer architectures (MoEConfig options; the same active expert FLOPs per token as top-2):
+  coe            Chain-of-Experts CoE-2(1): top-1 per iteration, 2 iterations,   2 x F (the same bank twice)
+                 one router per iteration, inner residual (arXiv 2506.18945)
+  moepp          MoE++: 8 FFN + 1 zero + 1 copy + 2 constant experts, top-3     3 x 8/12 = 2 x F at balance
+                 over 12, gating residual (arXiv 2410.07348)
+  latent         latent experts: D -> l = 64 -> D shared projections, 16 experts  4 x F in l = D/2 dims
+                 of F in l dims, top-4 (LatentMoE / nemotron_h)                 (+ 2 D l projection)
+  pregated       top-2 whose router reads the previous MoE layer's input         2 x F
+                 (Pre-gated MoE, arXiv 2308.12066)
+
 Each preset also trains the aux losses its paper used (TrainConfig coefficients; the rest share the
 default recipe: Switch balance 0.01, z-loss 1e-3, top-p's dynamic loss 1e-4):
   random    no balance loss, no z-loss (arXiv 2303.01610: the router is frozen, so these losses'
@@ -55,6 +65,11 @@ PRESETS = {
     "recurrent": lambda: _base(RouterConfig(kind="recurrent", k=2, gru_dim=64)),
     "random": lambda: _base(RouterConfig(kind="random", k=2, min_k=1, max_k=4, k_schedule_steps=300)),
     "remoe": lambda: _base(RouterConfig(kind="remoe", k=2)),
+    "coe": lambda: _base(RouterConfig(kind="topk", k=1), iterations=2),
+    "moepp": lambda: _base(RouterConfig(kind="topk", k=3), zero_experts=1, copy_experts=1, constant_experts=2,
+                           gating_residual=True),
+    "latent": lambda: _base(RouterConfig(kind="topk", k=4), num_experts=16, latent_dim=64),
+    "pregated": lambda: _base(RouterConfig(kind="topk", k=2), pregated=True),
 }
 
 TRAIN = TrainConfig(steps=400, micro_batch=16, seq_len=128, lr=3e-3, warmup_steps=40, checkpoint_every=100,

@@ -35,6 +35,7 @@ from moekit.analysis.metrics import (
     experts_per_token_by_domain,
     gate_prefetch_precision,
     gate_prefetch_recall,
+    intra_layer_reuse,
     load_stats,
     srp_bootstrap,
     srp_random_baseline,
@@ -323,6 +324,9 @@ def compute_metrics(trace: RoutingTrace, cfg: AnalysisConfig | None = None, prog
         "config": asdict(cfg),
     }
     metrics.update(results["basic"])
+    reuse_L = intra_layer_reuse(trace)
+    if reuse_L is not None:  # Chain-of-Experts: the iteration axis (docs/analysis-metrics.md)
+        metrics["intra_layer_reuse"] = [None if math.isnan(x) else float(x) for x in reuse_L]
     metrics["srp"] = {
         "n": list(cfg.srp_n),
         "random_baseline": srp_random_baseline(mean_k, E),
