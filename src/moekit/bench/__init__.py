@@ -17,6 +17,10 @@ BENCHMARKS = {
     "analysis": "`moekit analyze` on a 1M-row synthetic trace, and the cost of recording a trace",
     "offload": "offloaded generation: expert budgets x cache policies against fully resident decoding",
     "train": "training throughput of the tiny preset against transformers' OlmoeForCausalLM",
+    "architectures": "offloaded decoding of each `moekit compare` run: hit rate, bytes moved and tokens/s at an expert budget",
+    "molae": "MoLAE conversion of a trained run: reconstruction, bits-per-byte delta and bytes saved per rank",
+    "composition": "Composition of Experts: routed vs oracle vs single models, bits per byte and router accuracy",
+    "open_knowledge": "LoRA library per domain, K-shot selection, MoE of selected LoRAs vs base, singles and merges",
 }
 
 

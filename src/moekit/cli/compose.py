@@ -112,23 +112,8 @@ def _read_jsonl(path: str) -> tuple[list[str], list[str]]:
     return texts, categories
 
 
-def _corpus(split: str, per_category: int | None) -> tuple[list[str], list[str]]:
-    from moekit.data import DOMAINS, load_corpus
-
-    texts, categories = [], []
-    for domain in DOMAINS:
-        samples = load_corpus(split, domain)
-        if per_category is not None and split == "train":
-            step = max(1, len(samples) // per_category)  # spread over the domain, not its first pages
-            samples = samples[::step]
-        samples = samples[:per_category] if per_category is not None else samples
-        texts += [s.text for s in samples]
-        categories += [domain] * len(samples)
-    return texts, categories
-
-
 def _build(args) -> int:
-    from moekit.compose.coe import build_composition
+    from moekit.compose.coe import build_composition, corpus_examples
     from moekit.errors import UsageError
     from moekit.utils.io import check_writable_dir
 
@@ -136,7 +121,7 @@ def _build(args) -> int:
     names = [e.name for e in args.expert]
     if args.fallback is not None and args.fallback not in names:
         raise UsageError(f"--fallback {args.fallback!r} is not one of the --expert names {names}")
-    texts, categories = _read_jsonl(args.examples) if args.examples else _corpus("train", args.per_category)
+    texts, categories = _read_jsonl(args.examples) if args.examples else corpus_examples("train", args.per_category)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     comp = build_composition(args.expert, texts, categories, args.mapping_per_category, seq_len=args.seq_len,
                              fallback=args.fallback, min_confidence=args.min_confidence, seed=args.seed, log=log)
@@ -162,7 +147,7 @@ def _table(result: dict) -> str:
 
 
 def _eval(args) -> int:
-    from moekit.compose.coe import Composition, evaluate_composition
+    from moekit.compose.coe import Composition, corpus_examples, evaluate_composition
 
     comp = Composition.load(args.dir)
     if args.requests:
@@ -171,7 +156,7 @@ def _eval(args) -> int:
             kept = [i for i, c in enumerate(categories) if categories[:i].count(c) < args.per_category]
             texts, categories = [texts[i] for i in kept], [categories[i] for i in kept]
     else:
-        texts, categories = _corpus("validation", args.per_category)
+        texts, categories = corpus_examples("validation", args.per_category)
     result = evaluate_composition(comp, texts, categories, args.batch_size, args.seq_len)
     print(json.dumps(result, indent=2) if args.json else _table(result))
     return 0

@@ -328,3 +328,21 @@ def evaluate_composition(comp: Composition, texts: list[str], categories: list[s
                                                                                      strict=True)])), 4),
             "overall": {s: round(bits_per_byte(scores[s]), 4) for s in strategies},
             "per_category": per_category, "mapping": comp.mapping, "requests": len(texts)}
+
+
+def corpus_examples(split: str, per_category: int | None) -> tuple[list[str], list[str]]:
+    """(texts, categories) of the embedded corpus's `split`, the domain as the category; at most
+    `per_category` samples per domain (spread over the train split, the first ones otherwise)."""
+    from moekit.data import DOMAINS, load_corpus
+
+
+    texts, categories = [], []
+    for domain in DOMAINS:
+        samples = load_corpus(split, domain)
+        if per_category is not None and split == "train":
+            step = max(1, len(samples) // per_category)  # spread over the domain, not its first pages
+            samples = samples[::step]
+        samples = samples[:per_category] if per_category is not None else samples
+        texts += [s.text for s in samples]
+        categories += [domain] * len(samples)
+    return texts, categories
