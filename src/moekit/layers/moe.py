@@ -39,6 +39,7 @@ from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
 from moekit.ops.grouped import grouped_mm_available, warn_missing_kernel
 from moekit.routers import RouterOutput, router_class
+from moekit.routers.base import FrozenAux
 from moekit.routers.registry import router_aux_loss_names
 
 
@@ -59,6 +60,10 @@ class RoutingInfo:
     aux: Mapping[str, torch.Tensor] = field(default_factory=dict)
     executed: RouterOutput | None = None
     router_state: Any = None
+
+    def __post_init__(self):
+        if not isinstance(self.aux, FrozenAux):  # read-only, like RouterOutput.aux
+            object.__setattr__(self, "aux", FrozenAux(self.aux))
 
     @property
     def experts_per_token_T(self) -> torch.Tensor:
