@@ -10,21 +10,27 @@ What counts as a switch (read with `ast`, so docstrings and comments never count
      `self.cfg.kind`, ...) with any string constant (other things called kind, e.g. a trace event's, are
      not router kinds);
   3. a dict literal keyed by router names (a lookup table by kind), and a `match` case on a router name;
-  4. importing a router's own module (moekit.routers.<name>) or one of its classes.
+  4. importing a router's own module (moekit.routers.<name>) or one of its classes;
+  5. probing for or reading a router's own field (`getattr(cfg, "n_group", 1)`, `hasattr(cfg, "p")`,
+     `layer.cfg.router.k`): a field that only some routers' configs have (not the base's `kind`, `jitter`)
+     stands for their kinds.
 Allowed: router names as keyword arguments of calls (`RouterConfig(kind="topk", k=2)`: presets, the
 transformers reader), in f-strings and messages, and the preset table's keys in train/presets.py (preset
 names, some of which are router names).
 """
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import moekit
+from moekit.config import RouterConfig, router_fields
 
 SRC = Path(moekit.__file__).parent
 ROUTERS = SRC / "routers"
 NAMES = set(moekit.registered_routers()) | {"topk", "topp"}
 PRESET_TABLE = SRC / "train" / "presets.py"
+OWN_FIELDS = set(router_fields()) - {f.name for f in dataclasses.fields(RouterConfig)}
 
 
 def _names_in(node: ast.AST) -> set[str]:
@@ -67,6 +73,11 @@ def switches(source: str, name: str, preset_table: bool = False) -> list[str]:
         elif isinstance(node, ast.match_case):
             if isinstance(node.pattern, ast.MatchValue) and _names_in(node.pattern.value):
                 found.append(f"{where}: a match case on a router name")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in OWN_FIELDS):
+            found.append(f"{where}: probes for the router field {node.args[1].value!r}")
+        elif isinstance(node, ast.Attribute) and node.attr in OWN_FIELDS and "router" in ast.unparse(node.value):
+            found.append(f"{where}: reads the router field {node.attr!r}")
         elif isinstance(node, ast.ImportFrom) and node.module:
             parts = node.module.split(".")
             if parts[:2] == ["moekit", "routers"] and len(parts) > 2 and parts[2] in NAMES:
@@ -90,13 +101,18 @@ def test_the_check_catches_each_kind_of_switch():
              'if kind == "gate": pass\n'  # allowed: not a router's kind
              'need = {"topk": 1}.get(kind)\n'
              'from moekit.routers.null import NullExpertRouter\n'
+             'groups = getattr(getattr(router, "cfg", None), "n_group", 1)\n'
+             'if hasattr(cfg, "p"): pass\n'
+             'step = getattr(layer, "router", None)\n'  # allowed: not a router config's own field
+             'print(layer.cfg.router.k, layer.cfg.router.jitter, hf_config.n_group)\n'  # k only: jitter is the base's
              'RouterConfig(kind="topk", k=2)\n'  # allowed: construction
              'print(f"router {cfg.kind!r} is not topk")\n')  # allowed: messages
     found = switches(probe, "probe.py")
     assert [f.split(": ", 1)[1] for f in found] == [
         "compares with router name(s) ['recurrent']", "compares with router name(s) ['topp']",
         "compares a kind with a string", "a table keyed by router name(s) ['topk']",
-        "imports the 'null' router's own module"]
+        "imports the 'null' router's own module", "probes for the router field 'n_group'",
+        "probes for the router field 'p'", "reads the router field 'k'"]
 
 
 def test_config_is_a_leaf():

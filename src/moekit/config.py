@@ -197,6 +197,11 @@ class RouterConfig(Config):
         names = {f.name for f in dataclasses.fields(self)}
         return dataclasses.replace(self, k=self.k * m) if "k" in names else self
 
+    def expert_groups(self) -> int:
+        """Groups of consecutive experts the selection rule ranks as units (group-limited routing; default 1):
+        renumbering experts (moekit.dispatch.placement.permute_experts_) must move whole groups."""
+        return 1
+
     def min_enabled_experts(self) -> int:
         """Experts a token must be able to choose from (expert masks keep at least this many enabled)."""
         return 1

@@ -138,3 +138,26 @@ def test_router_output_is_immutable_and_routing_info_says_chosen_and_executed(ma
     assert info.route.num_assignments == 16 and info.executed.num_assignments == 16 - info.num_dropped
     assert torch.equal(info.executed.counts_E(), info.counts_E)
     assert info.router_state is None
+
+
+def test_router_output_aux_is_read_only_and_still_copies_and_pickles(make_cfg):
+    """A frozen dataclass whose aux is a plain dict is not immutable: `route.aux["x"] = ...` would change
+    the losses every holder of the output sees."""
+    cfg = make_cfg(k=2, num_experts=4)
+    router = router_class(cfg.router.kind)(cfg.router, 32, 4)
+    route = router(torch.randn(6, 32))
+    route = dataclasses.replace(route, aux={"z": torch.tensor(1.0)})
+    with pytest.raises(TypeError):
+        route.aux["x"] = torch.tensor(2.0)
+    assert dict(route.aux) == {"z": torch.tensor(1.0)} and list(route.keep(route.weight_N > 0).aux) == ["z"]
+    layer = moekit.MoELayer(cfg)
+    layer(torch.randn(2, 3, 32))
+    info = layer.routing_info()
+    with pytest.raises(TypeError):
+        info.aux["x"] = torch.tensor(2.0)
+    assert set(info.aux) >= {"load_balance", "z_loss"}
+    detached = dataclasses.replace(info, aux={k: v.detach() for k, v in info.aux.items()})
+    for copied in (copy.deepcopy(detached), pickle.loads(pickle.dumps(detached))):
+        assert set(copied.aux) == set(info.aux)
+        with pytest.raises(TypeError):
+            copied.aux["x"] = torch.tensor(2.0)

@@ -80,3 +80,26 @@ def test_routers_of_one_class_update_together_in_layer_order(monkeypatch):
     model(torch.randn(5, 16))
     tracker.step()
     assert calls == [([layer.router for layer in model], [5, 5, 5])]
+
+
+def test_every_collective_goes_over_the_given_group_only(monkeypatch):
+    """Global-batch f (one per layer per counted micro-batch) and the step's stacked counts (one per step)
+    are summed over the tracker's group, never the default one, whatever the accumulation."""
+    groups = []
+    monkeypatch.setattr(torch.distributed, "all_reduce",
+                        lambda tensor, op=None, group=None, async_op=False: groups.append(group))
+    given = object()  # stands for a data-parallel subgroup: any use of the default group shows as None
+    cfg = moekit.MoEConfig(d_model=16, d_expert=8, num_experts=4, balance_scope="global",
+                           router=moekit.RouterConfig(k=2, score="sigmoid", bias_update_rate=1e-2))
+    model = nn.Sequential(*[moekit.MoELayer(cfg) for _ in range(2)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    tracker = BalanceTracker(model, group=given).attach(opt)
+    calls = []
+    monkeypatch.setattr(BalanceTracker, "step", lambda self, _step=BalanceTracker.step: calls.append(1) or _step(self))
+    tracker.attach(opt)  # re-attached: the hook replaces the first, it does not add a second
+    for _ in range(3):  # gradient accumulation: three micro-batches, one optimiser step
+        model(torch.randn(5, 16)).sum().backward()
+    opt.step()
+    moekit.after_optimizer_step(model)  # by hand as well: the attached tracker already ran
+    assert calls == [1]
+    assert groups == [given] * (3 * 2 + 1)  # 3 micro-batches x 2 layers of f, then ONE stacked sum

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moekit.config import RouterConfig
 from moekit.errors import UsageError
 
 __all__ = ["Placement", "Traffic", "affinity_placement", "colocated_pairs", "contiguous_homes",
@@ -411,7 +412,8 @@ def permute_experts_(order_E, bank: torch.nn.Module, router: torch.nn.Module) ->
     order_E = torch.as_tensor(np.asarray(order_E), dtype=torch.int64)
     if order_E.shape != (E,) or not torch.equal(order_E.sort().values, torch.arange(E)):
         raise ValueError(f"permute_experts_: order_E must be a permutation of 0..{E - 1}, got {order_E.tolist()}")
-    n_group = getattr(getattr(router, "cfg", None), "n_group", 1) or 1
+    cfg = getattr(router, "cfg", None)
+    n_group = cfg.expert_groups() if isinstance(cfg, RouterConfig) else 1  # the router config says (#13)
     if n_group > 1:
         per_group = E // n_group
         groups_GP = (order_E // per_group).view(n_group, per_group)

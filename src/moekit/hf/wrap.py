@@ -151,7 +151,7 @@ def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> No
     idx_TK, w_TK = layer.router(x_TD).to_padded()
     if idx_TK.shape != hf_idx_TK.shape:
         raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: its router picks {hf_idx_TK.shape[-1]} "
-                                    f"experts per token, moekit read k={layer.cfg.router.k}")
+                                    f"experts per token, moekit read {layer.cfg.router.describe()}")
     hf_order, order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1)
     same_idx = (hf_idx_TK.gather(1, hf_order).to(idx_TK.dtype) == idx_TK.gather(1, order)).all(-1)
     same_w = torch.isclose(hf_w_TK.float().gather(1, hf_order), w_TK.gather(1, order), rtol=1e-5, atol=1e-6).all(-1)

@@ -57,6 +57,7 @@ from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
 from moekit.ops.grouped import grouped_mm_available, warn_missing_kernel
 from moekit.routers import RouterOutput, router_class
+from moekit.routers.base import FrozenAux
 from moekit.routers.registry import router_aux_loss_names
 
 
@@ -80,6 +81,10 @@ class RoutingInfo:
     iteration_N: torch.Tensor | None = None  # per executed assignment: its Chain-of-Experts iteration
     zero_compute: Mapping[str, int] = field(default_factory=dict)  # picks of zero / copy / constant experts
     expert_flops: int = 0  # FLOPs of the routed FFN experts that ran (zero-computation experts: none)
+
+    def __post_init__(self):
+        if not isinstance(self.aux, FrozenAux):  # read-only, like RouterOutput.aux
+            object.__setattr__(self, "aux", FrozenAux(self.aux))
 
     @property
     def experts_per_token_T(self) -> torch.Tensor:

@@ -13,7 +13,8 @@ A router maps `x_TD` to a `RouterOutput`:
   extras       RouteExtras        router-specific extras in one typed place: null experts' probabilities
                and picks (AdaMoE: null picks are never in the assignment, they cost nothing and output
                nothing) and the routing state for the next layer (RMoE)
-A RouterOutput is immutable (a frozen dataclass): `keep` and `dataclasses.replace` make new ones.
+A RouterOutput is immutable (a frozen dataclass whose `aux` is a read-only `FrozenAux`): `keep` and
+`dataclasses.replace` make new ones.
 
 Padding is an encoding detail for analysis only (`to_padded`); dispatch reads the
 ragged triples, so a token using one expert costs one expert's FLOPs.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,6 +32,32 @@ import torch
 from torch import nn
 
 from moekit.config import RouterConfig
+
+
+class FrozenAux(Mapping):
+    """A read-only name -> tensor mapping (the aux losses of a RouterOutput or RoutingInfo): a frozen
+    dataclass holding a dict would still let `out.aux[name] = ...` change what every holder sees.
+    Copies and pickles like the dict it wraps."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self, items: Mapping[str, torch.Tensor] = ()):
+        self._d = dict(items)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._d[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __repr__(self) -> str:
+        return f"FrozenAux({self._d!r})"
+
+    def __reduce__(self):
+        return (FrozenAux, (self._d,))
 
 
 @dataclass(frozen=True)
@@ -61,6 +88,10 @@ class RouterOutput:
     logits_TE: torch.Tensor
     aux: Mapping[str, torch.Tensor] = field(default_factory=dict)
     extras: RouteExtras = field(default_factory=RouteExtras)
+
+    def __post_init__(self):
+        if not isinstance(self.aux, FrozenAux):
+            object.__setattr__(self, "aux", FrozenAux(self.aux))
 
     @property
     def num_tokens(self) -> int:

@@ -119,6 +119,9 @@ class TopKConfig(RouterConfig):
                                      "a group's score sums its top-2 experts, so keep one more expert of that "
                                      "group enabled")
 
+    def expert_groups(self) -> int:
+        return self.n_group
+
     def hf_routing(self) -> dict[str, Any] | None:
         return {"num_experts_per_tok": self.k, "scoring_func": self.score, "norm_topk_prob": self.normalizes(),
                 "n_group": self.n_group, "topk_group": self.topk_group,
