@@ -8,6 +8,7 @@ Forward stages:
   3. plan:     sort by expert, counts, offsets; capacity drops counted
   4. experts:  grouped GEMMs over the stacked weights
   5. combine:  weighted scatter-add back to tokens; + shared experts (optionally sigmoid-gated)
+  (3-5 go through `expert_dispatch` instead when moekit.parallel shards the experts over ranks)
   6. losses:   aux losses returned in `routing_info().aux` (or attached to the output, see
                `attach_aux_losses`): unscaled, except a router's own loss that carries its adaptive
                coefficient (ReMoE's l1_reg; the router config says with `aux_loss_coefs`)
@@ -47,7 +48,8 @@ class RoutingInfo:
     """What the last forward did. Tensors are detached, except the aux losses.
 
     route: what the router chose (its assignments of valid tokens, before capacity dropping).
-    executed: what ran (`route` after capacity dropping; rows grouped by expert when anything dropped).
+    executed: what ran (`route` after capacity dropping; rows grouped by expert when anything dropped;
+        in route order when the experts are sharded over ranks).
     router_state: the routing state for the next MoE layer (see the module doc).
     """
 
@@ -132,6 +134,10 @@ class MoELayer(nn.Module):
         self.aux_loss_coefs: dict[str, float] | None = None
         # Set by moekit.train.balance.BalanceTracker: told about every training forward (see the module doc).
         self.balance_tracker = None
+        # Set by moekit.parallel.apply_expert_parallel: runs stages 3-5 over experts sharded across ranks,
+        # called as expert_dispatch(x_TD, token_idx_N, expert_idx_N, weight_N, experts, capacity_factor)
+        # -> (y_TD, kept_N or None). None: this process holds every expert.
+        self.expert_dispatch = None
         self._info: RoutingInfo | None = None
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
@@ -162,9 +168,21 @@ class MoELayer(nn.Module):
 
         # Capacity limits are a training device: in eval mode only eval_capacity_factor drops.
         capacity_factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
-        plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, self.cfg.num_experts, capacity_factor)
-        y_ND = self.experts(permute(x_TD, plan), plan.offsets_E)
-        y_TD = combine(y_ND, plan, T, x_TD.dtype)
+        if self.expert_dispatch is None:
+            plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, self.cfg.num_experts,
+                             capacity_factor)
+            y_ND = self.experts(permute(x_TD, plan), plan.offsets_E)
+            y_TD = combine(y_ND, plan, T, x_TD.dtype)
+            executed_N = (plan.token_N, plan.expert_N, plan.weight_N) if plan.num_dropped else None
+            counts_E, num_dropped = plan.counts_E, plan.num_dropped
+        else:  # experts on other ranks too; a capacity is decided over the whole expert-parallel group
+            y_TD, kept_N = self.expert_dispatch(x_TD, route.token_idx_N, route.expert_idx_N, route.weight_N,
+                                                self.experts, capacity_factor)
+            num_dropped = 0 if kept_N is None else int((~kept_N).sum())
+            executed_N = ((route.token_idx_N[kept_N], route.expert_idx_N[kept_N], route.weight_N[kept_N])
+                          if num_dropped else None)
+            kept_experts_N = route.expert_idx_N if executed_N is None else executed_N[1]
+            counts_E = torch.bincount(kept_experts_N, minlength=self.cfg.num_experts)
 
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
@@ -182,10 +200,10 @@ class MoELayer(nn.Module):
         null_picks_T = route.extras.null_picks_T
         num_null = 0 if null_picks_T is None else int((null_picks_T if valid_T is None else null_picks_T[valid_T]).sum())
         chosen = route.detached()
-        executed = chosen if plan.num_dropped == 0 else RouterOutput(
-            plan.token_N, plan.expert_N, plan.weight_N.detach(), chosen.scores_TE, chosen.logits_TE, {}, chosen.extras)
+        executed = chosen if executed_N is None else RouterOutput(
+            executed_N[0], executed_N[1], executed_N[2].detach(), chosen.scores_TE, chosen.logits_TE, {}, chosen.extras)
         next_state = route.extras.state if route.extras.state is not None else router_state
-        self._info = RoutingInfo(route=chosen, counts_E=plan.counts_E.detach(), num_dropped=plan.num_dropped,
+        self._info = RoutingInfo(route=chosen, counts_E=counts_E.detach(), num_dropped=num_dropped,
                                  num_tokens=num_valid, num_null=num_null, aux=aux, executed=executed,
                                  router_state=next_state)
         if counted:
@@ -203,6 +221,11 @@ class MoELayer(nn.Module):
         if self.cfg.balance_scope == "global":
             aux["load_balance"] = losses.global_load_balance_loss(
                 probs_TE, self._global_f(chosen_E, num_valid, counted), valid_T)
+        elif self.training and self.balance_tracker is not None and self.balance_tracker.group is not None:
+            # The micro-batch is split over data-parallel ranks: f counts the whole micro-batch, as one
+            # process holding it would (each rank's P_i is its own tokens' mean; their average is the global P_i).
+            aux["load_balance"] = losses.global_load_balance_loss(
+                probs_TE, self.balance_tracker.micro_f(self, chosen_E, num_valid, counted), valid_T)
         else:
             aux["load_balance"] = losses.load_balance_loss(probs_TE, chosen_E, num_valid, valid_T)
         aux["z_loss"] = losses.z_loss(route.logits_TE, valid_T)

@@ -16,6 +16,7 @@ forward of a layer then reports to it:
   2. `global_f` (balance_scope="global", arXiv 2501.11873): micro-batch j of a step uses the chosen
      counts of micro-batches 1..j over the ranks of `group` divided by their valid tokens: one
      all-reduce of E + 1 numbers per layer per counted micro-batch. The layer calls no collective.
+     With a group, balance_scope="micro" likewise counts the micro-batch of every rank (`micro_f`).
   3. `record`: the counted pass's executed and chosen counts and valid tokens.
 After `optimizer.step()` (a step post-hook), `step()` sums every layer's counts over the ranks of
 `group` in ONE all-reduce, hands them to the routers (`Router.after_optimizer_step_all`: aux-loss-free
@@ -51,6 +52,7 @@ class _LayerStep:
     global_E: torch.Tensor  # int64 (E,): balance counts of this step's micro-batches so far, all ranks
     global_tokens: torch.Tensor  # int64 (): their valid tokens, all ranks
     global_f_E: torch.Tensor | None = None  # f of the last counted pass, reused by its recompute
+    micro_f_E: torch.Tensor | None = None  # the same for `micro_f`
     unrecomputed: int = 0  # no-grad training passes that may be a reentrant checkpoint's first pass
 
     @staticmethod
@@ -123,7 +125,8 @@ class BalanceTracker:
         device = layer.router.weight.device
         if s.executed_E.device != device:  # the model moved since: the counts follow it
             self._state[i] = s = _LayerStep(*(t.to(device) for t in (s.executed_E, s.chosen_E, s.tokens, s.global_E,
-                                                                      s.global_tokens)), s.global_f_E, s.unrecomputed)
+                                                                      s.global_tokens)), s.global_f_E, s.micro_f_E,
+                                                                     s.unrecomputed)
         return s
 
     def begin_pass(self, layer: MoELayer) -> bool:
@@ -156,6 +159,21 @@ class BalanceTracker:
         s.global_tokens += counts_X[-1]
         s.global_f_E = s.global_E.float() / s.global_tokens.clamp(min=1).float()
         return s.global_f_E
+
+    def micro_f(self, layer: MoELayer, chosen_E: torch.Tensor, num_valid: int, counted: bool) -> torch.Tensor:
+        """f_E of the Switch balance loss over this micro-batch of every rank of `group` (a micro-batch
+        split over data-parallel ranks balances as one process holding all of it would): one all-reduce
+        of E + 1 numbers per layer per counted micro-batch; a recompute reuses the counted pass's f."""
+        s = self._of(layer)
+        if not counted and in_backward() and s.micro_f_E is not None:
+            return s.micro_f_E
+        counts_X = torch.cat([chosen_E.detach().to(torch.int64), chosen_E.new_tensor([num_valid], dtype=torch.int64)])
+        if self.group is not None:
+            torch.distributed.all_reduce(counts_X, group=self.group)
+        f_E = counts_X[:-1].float() / counts_X[-1].clamp(min=1).float()
+        if counted:
+            s.micro_f_E = f_E
+        return f_E
 
     def record(self, layer: MoELayer, info: RoutingInfo) -> None:
         """The counted pass's routing: executed and chosen counts, valid tokens."""
@@ -210,7 +228,7 @@ class BalanceTracker:
         for s in self._state:
             for t in (s.executed_E, s.chosen_E, s.tokens, s.global_E, s.global_tokens):
                 t.zero_()
-            s.global_f_E = None
+            s.global_f_E = s.micro_f_E = None
             s.unrecomputed = 0
 
 
