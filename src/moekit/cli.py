@@ -72,7 +72,7 @@ def _print_config(model_cfg, train_cfg) -> None:
 
 def _train(args) -> int:
     from moekit.train import train
-    from moekit.train.flags import apply_flags, flag_errors
+    from moekit.train.flags import apply_flags, flag_errors, parallel_config
     from moekit.train.presets import preset
     from moekit.train.rundir import check_owned
     from moekit.train.trainer import load_run_config, resolve_configs
@@ -85,8 +85,13 @@ def _train(args) -> int:
             model_cfg, train_cfg = apply_flags(*base, args)
         else:
             model_cfg, train_cfg = resolve_configs(*_configs(args))
-        _print_config(model_cfg, train_cfg)
-        result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress)
+        rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 prints
+        if rank0:
+            _print_config(model_cfg, train_cfg)
+        result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress,
+                       parallel=parallel_config(args))
+    if not rank0:
+        return 0
     print(_eval_table(result))
     print("experts per token by layer: " + " ".join(f"{k:.2f}" for k in result["experts_per_token_by_layer"]))
     print(f"next: moekit analyze {args.out} --out {args.out}/report   (HTML report of the routing)")

@@ -46,7 +46,7 @@ from moekit.experts import ExpertBank
 from moekit.layers.moe import MoELayer, moe_layer_names, moe_layers
 from moekit.parallel.config import ParallelConfig
 
-__all__ = ["ExpertParallelModel", "apply_expert_parallel", "init_parallel"]
+__all__ = ["ExpertParallelModel", "agree", "apply_expert_parallel", "init_parallel"]
 
 _BANK_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
 
@@ -233,13 +233,20 @@ class ExpertParallelModel:
 
     # ----------------------------------------------------------------------------------------- agreement
     def agree(self, problem: str | None) -> None:
-        """Every rank says whether it failed; all raise together when one did (none is left waiting).
-        Raises ExchangeError naming the first rank that failed and its message."""
-        problems: list[str | None] = [None] * self.world
-        dist.all_gather_object(problems, problem, group=self.data_group)
-        bad = [r for r, m in enumerate(problems) if m is not None]
-        if bad:
-            raise ExchangeError(f"rank {bad[0]} of {self.world} failed: {problems[bad[0]]}; rank {self.rank} stops too")
+        """`agree` over every rank."""
+        agree(problem, self.data_group)
+
+
+def agree(problem: str | None, group=None) -> None:
+    """Every rank of `group` says whether it failed (`problem`: a one-line message, or None); when one
+    did, all raise together and none is left waiting: ExchangeError naming the first rank that failed
+    and its message. A collective: every rank calls it at the same point."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    problems: list[str | None] = [None] * world
+    dist.all_gather_object(problems, problem, group=group)
+    bad = [r for r, m in enumerate(problems) if m is not None]
+    if bad:
+        raise ExchangeError(f"rank {bad[0]} of {world} failed: {problems[bad[0]]}; rank {rank} stops too")
 
 
 def _check_same_everywhere(model: nn.Module, layers: list[MoELayer]) -> None:

@@ -1,6 +1,7 @@
 """Command-line flags that map one-to-one onto config fields: `--SECTION.FIELD VALUE`.
 
-Sections: model (LMConfig), moe (MoEConfig), router (RouterConfig), train (TrainConfig).
+Sections: model (LMConfig), moe (MoEConfig), router (RouterConfig), train (TrainConfig), parallel
+(ParallelConfig: the process layout, not part of the run's configuration; `parallel_config(args)`).
 E.g. `--router.kind topp --router.p 0.3 --moe.num_experts 16 --train.steps 200`.
 Config errors name the flag: `TrainConfig.lr=inf is invalid` reads `--train.lr inf is invalid`.
 
@@ -21,6 +22,7 @@ from typing import Any
 from moekit.config import MoEConfig, RouterConfig, router_fields
 from moekit.errors import UsageError
 from moekit.models import LMConfig
+from moekit.parallel import ParallelConfig
 from moekit.train.trainer import TrainConfig
 
 SECTIONS: dict[str, tuple[type, set[str]]] = {
@@ -28,9 +30,10 @@ SECTIONS: dict[str, tuple[type, set[str]]] = {
     "moe": (MoEConfig, {"router", "d_model"}),  # moe.d_model always follows model.d_model
     "router": (RouterConfig, set()),
     "train": (TrainConfig, set()),
+    "parallel": (ParallelConfig, set()),
 }
 _SECTION_OF = {cls.__name__: section for section, (cls, _) in SECTIONS.items()}
-_FIELD = re.compile(r"\b(LMConfig|MoEConfig|RouterConfig|TrainConfig)\.(\w+)(=?)")
+_FIELD = re.compile(r"\b(LMConfig|MoEConfig|RouterConfig|TrainConfig|ParallelConfig)\.(\w+)(=?)")
 
 
 def flag_names(message: str) -> str:
@@ -52,7 +55,8 @@ def flag_errors() -> Iterator[None]:
 
 
 def _section_objects(model_cfg: LMConfig, train_cfg: TrainConfig) -> dict[str, Any]:
-    return {"model": model_cfg, "moe": model_cfg.moe, "router": model_cfg.moe.router, "train": train_cfg}
+    return {"model": model_cfg, "moe": model_cfg.moe, "router": model_cfg.moe.router, "train": train_cfg,
+            "parallel": ParallelConfig()}
 
 
 def _converter(type_name: str, flag: str):
@@ -97,6 +101,8 @@ def add_config_flags(parser: argparse.ArgumentParser, preset: tuple[LMConfig, Tr
                 shown = f"(not a field of the preset's router kind {objects[section].kind!r})"
             else:
                 shown = "(default: each preset's own value)"
+            if "help" in f.metadata:
+                shown = f"{f.metadata['help']} {shown}"
             group.add_argument(flag, dest=f"{section}.{f.name}", type=_converter(str(f.type), flag), default=None,
                                metavar=str(f.type).replace(" ", ""), help=shown.replace("%", "%%"))
 
@@ -127,3 +133,9 @@ def _apply_router_flags(router: RouterConfig, given: dict[str, Any]) -> RouterCo
         raise UsageError(f"{flags} {'does' if len(wrong) == 1 else 'do'} not apply to router kind {kind!r}{change}; "
                          "its flags: " + ", ".join(f"--router.{n}" for n in sorted(names)))
     return router.convert(kind, **given)
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    """The ParallelConfig of the `--parallel.FIELD` flags given (defaults for the rest), validated."""
+    given = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("parallel.") and v is not None}
+    return dataclasses.replace(ParallelConfig(), **given).validate()
