@@ -26,6 +26,7 @@ LEVELS = [
     ("models", "hf", "parallel"),  # parallel: applied to a built model (its layers), used by train
     ("train", "analysis", "offload"),
     ("cli",),
+    ("__main__",),  # moekit/__main__.py: `python -m moekit` (and torchrun -m moekit) runs the command line
 ]
 LEVEL = {pkg: i for i, pkgs in enumerate(LEVELS) for pkg in pkgs}
 ROOT = "moekit"  # the package root (moekit/__init__.py)

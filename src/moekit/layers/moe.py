@@ -216,16 +216,19 @@ class MoELayer(nn.Module):
         # f counts the router's choices before capacity dropping (see moekit.losses).
         token_idx_N, expert_idx_N = self.router.balance_assignment(route, valid_T)
         chosen_E = torch.bincount(expert_idx_N, minlength=E)
+        tracker = self.balance_tracker
+        batch_counts = (tracker.micro_counts(self, chosen_E, num_valid, counted)
+                        if self.training and tracker is not None and tracker.group is not None else None)
         probs_TE = self.router.balance_probs(route)
         aux = {}
         if self.cfg.balance_scope == "global":
             aux["load_balance"] = losses.global_load_balance_loss(
                 probs_TE, self._global_f(chosen_E, num_valid, counted), valid_T)
-        elif self.training and self.balance_tracker is not None and self.balance_tracker.group is not None:
+        elif batch_counts is not None:
             # The micro-batch is split over data-parallel ranks: f counts the whole micro-batch, as one
             # process holding it would (each rank's P_i is its own tokens' mean; their average is the global P_i).
-            aux["load_balance"] = losses.global_load_balance_loss(
-                probs_TE, self.balance_tracker.micro_f(self, chosen_E, num_valid, counted), valid_T)
+            f_E = batch_counts[0].float() / batch_counts[1].clamp(min=1).float()
+            aux["load_balance"] = losses.global_load_balance_loss(probs_TE, f_E, valid_T)
         else:
             aux["load_balance"] = losses.load_balance_loss(probs_TE, chosen_E, num_valid, valid_T)
         aux["z_loss"] = losses.z_loss(route.logits_TE, valid_T)
@@ -234,7 +237,7 @@ class MoELayer(nn.Module):
             aux["seq_balance"] = losses.sequence_balance_loss(
                 route.scores_TE.view(B, T, E), expert_idx_N, token_idx_N,
                 self.cfg.expected_experts_per_token(), None if valid_T is None else valid_T.view(B, T))
-        aux.update(self.router.aux_losses(route, valid_T))  # router-specific rules take precedence
+        aux.update(self.router.aux_losses(route, valid_T, batch_counts))  # router-specific rules take precedence
         return aux
 
     def _global_f(self, chosen_E: torch.Tensor, num_valid: int, counted: bool) -> torch.Tensor:

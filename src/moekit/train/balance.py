@@ -16,7 +16,8 @@ forward of a layer then reports to it:
   2. `global_f` (balance_scope="global", arXiv 2501.11873): micro-batch j of a step uses the chosen
      counts of micro-batches 1..j over the ranks of `group` divided by their valid tokens: one
      all-reduce of E + 1 numbers per layer per counted micro-batch. The layer calls no collective.
-     With a group, balance_scope="micro" likewise counts the micro-batch of every rank (`micro_f`).
+     With a group, balance_scope="micro" (and a router's own count-ratio losses) count the micro-batch
+     of every rank (`micro_counts`).
   3. `record`: the counted pass's executed and chosen counts and valid tokens.
 After `optimizer.step()` (a step post-hook), `step()` sums every layer's counts over the ranks of
 `group` in ONE all-reduce, hands them to the routers (`Router.after_optimizer_step_all`: aux-loss-free
@@ -52,7 +53,7 @@ class _LayerStep:
     global_E: torch.Tensor  # int64 (E,): balance counts of this step's micro-batches so far, all ranks
     global_tokens: torch.Tensor  # int64 (): their valid tokens, all ranks
     global_f_E: torch.Tensor | None = None  # f of the last counted pass, reused by its recompute
-    micro_f_E: torch.Tensor | None = None  # the same for `micro_f`
+    micro_counts_X: torch.Tensor | None = None  # the same for `micro_counts`
     unrecomputed: int = 0  # no-grad training passes that may be a reentrant checkpoint's first pass
 
     @staticmethod
@@ -125,7 +126,7 @@ class BalanceTracker:
         device = layer.router.weight.device
         if s.executed_E.device != device:  # the model moved since: the counts follow it
             self._state[i] = s = _LayerStep(*(t.to(device) for t in (s.executed_E, s.chosen_E, s.tokens, s.global_E,
-                                                                      s.global_tokens)), s.global_f_E, s.micro_f_E,
+                                                                      s.global_tokens)), s.global_f_E, s.micro_counts_X,
                                                                      s.unrecomputed)
         return s
 
@@ -160,20 +161,20 @@ class BalanceTracker:
         s.global_f_E = s.global_E.float() / s.global_tokens.clamp(min=1).float()
         return s.global_f_E
 
-    def micro_f(self, layer: MoELayer, chosen_E: torch.Tensor, num_valid: int, counted: bool) -> torch.Tensor:
-        """f_E of the Switch balance loss over this micro-batch of every rank of `group` (a micro-batch
-        split over data-parallel ranks balances as one process holding all of it would): one all-reduce
-        of E + 1 numbers per layer per counted micro-batch; a recompute reuses the counted pass's f."""
+    def micro_counts(self, layer: MoELayer, chosen_E: torch.Tensor, num_valid: int,
+                     counted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's chosen counts (E,) and valid tokens () of this micro-batch over every rank of
+        `group`: a micro-batch split over data-parallel ranks balances as one process holding all of it
+        would. One all-reduce of E + 1 numbers per layer per forward; a recompute reuses the counted pass's."""
         s = self._of(layer)
-        if not counted and in_backward() and s.micro_f_E is not None:
-            return s.micro_f_E
+        if not counted and in_backward() and s.micro_counts_X is not None:
+            return s.micro_counts_X[:-1], s.micro_counts_X[-1]
         counts_X = torch.cat([chosen_E.detach().to(torch.int64), chosen_E.new_tensor([num_valid], dtype=torch.int64)])
         if self.group is not None:
             torch.distributed.all_reduce(counts_X, group=self.group)
-        f_E = counts_X[:-1].float() / counts_X[-1].clamp(min=1).float()
         if counted:
-            s.micro_f_E = f_E
-        return f_E
+            s.micro_counts_X = counts_X
+        return counts_X[:-1], counts_X[-1]
 
     def record(self, layer: MoELayer, info: RoutingInfo) -> None:
         """The counted pass's routing: executed and chosen counts, valid tokens."""
@@ -228,7 +229,7 @@ class BalanceTracker:
         for s in self._state:
             for t in (s.executed_E, s.chosen_E, s.tokens, s.global_E, s.global_tokens):
                 t.zero_()
-            s.global_f_E = s.micro_f_E = None
+            s.global_f_E = s.micro_counts_X = None
             s.unrecomputed = 0
 
 

@@ -48,6 +48,7 @@ from moekit.data import (
     load_bpe_tokenizer,
     load_corpus,
 )
+from moekit.dispatch.expert_parallel import ExchangeError
 from moekit.errors import DataError, MoekitError, UsageError
 from moekit.layers.moe import aux_loss_names
 from moekit.models import LMConfig, MoELM
@@ -386,7 +387,11 @@ def _train_distributed(model_cfg, cfg, run_dir: Path, resume: bool, progress: bo
             if error is not None:
                 raise error from None
             raise
-        return _train(model_cfg, cfg, run_dir, resume, progress and writer, log if writer else _quiet, mesh=mesh)
+        try:
+            return _train(model_cfg, cfg, run_dir, resume, progress and writer, log if writer else _quiet, mesh=mesh)
+        except torch.distributed.DistError as e:  # a collective outside the expert exchange (DDP, reductions)
+            raise ExchangeError(f"rank {torch.distributed.get_rank()}: a collective failed; another rank probably "
+                                f"failed first (see its error). Cause: {ckpt.one_line(e)}") from e
 
 
 def _quiet(*args, **kwargs) -> None:
