@@ -23,6 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -110,6 +111,37 @@ def _one_step(kind: str, world: int = 1, rank: int = 0, disabled=None, experts: 
     return out
 
 
+def _placement_case(world: int = 1, rank: int = 0) -> dict:
+    """ExFlow's affinity placement of a fp64 top-k model's trace, applied by renumbering experts
+    (`permute_experts_`) before sharding: logits, and with world > 1 the measured exchange."""
+    from moekit.dispatch.placement import Placement, affinity_placement, permute_experts_, traffic
+    from moekit.parallel import apply_expert_parallel, init_parallel
+
+    torch.manual_seed(0)
+    model = MoELM(tiny("topk", experts=8)).double().eval()
+    ids = torch.randint(0, 259, (4, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model(ids)
+    layers = model.moe_layers()
+    experts_LTK = np.stack([layer.routing_info().executed.to_padded()[0].numpy() for layer in layers])
+    rank_LE = affinity_placement(experts_LTK, 8, 2)
+    out = {"logits": logits, "predicted": traffic(experts_LTK, rank_LE, 2),
+           "current": traffic(experts_LTK, np.arange(8) // 4, 2)}
+    if world == 1:
+        return out
+    for layer, rank_E in zip(layers, rank_LE, strict=True):
+        permute_experts_(Placement.from_ranks(rank_E, 2).order_E(), layer.experts, layer.router)
+    par = apply_expert_parallel(model, init_parallel(ParallelConfig(ep=world)))
+    with torch.no_grad():
+        out["logits"] = model(ids[par.batch_rows(4)])
+    stats = [layer.expert_dispatch.ep.last_stats for layer in layers]
+    out["rows"] = sum(st.rows_sent_W[1 - rank] + st.rows_recv_W[1 - rank] for st in stats)
+    out["remote_assignments"] = sum(st.assignments_sent_W[1 - rank] for st in stats)
+    out["bytes"] = sum(st.bytes_sent - (world - 1) * st.counts_bytes for st in stats)
+    out["weight_bytes"] = stats[0].weight_bytes
+    return out
+
+
 class _nothing:
     def __enter__(self):
         return None
@@ -155,6 +187,8 @@ def _worker(rank: int, world: int, port: int, outdir: str, jobs: list[tuple]) ->
             if what == "step":
                 kind, disabled = STEP_CASES[name]
                 result = _one_step(kind, world, rank, disabled)
+            elif what == "placement":
+                result = _placement_case(world, rank)
             elif what == "refuse":
                 try:
                     _one_step(name, world, rank)
@@ -229,11 +263,13 @@ def two_ranks(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("par2")
     jobs = [("step", name) for name in STEP_CASES]
     jobs.append(("refuse", "expert_choice"))
+    jobs.append(("placement", "placement"))
     jobs += [("train", f"ep2_{kind}", kind, {"ep": 2}) for kind in TRAIN_KINDS]
     jobs.append(("resume", "ep2_topp_resumed", "ep2_topp", 10, {"ep": 2}))
     jobs.append(("crash", "crash"))
     ctx = start_ranks(2, outdir, jobs)
-    refs = {"steps": {name: _one_step(kind, disabled=disabled) for name, (kind, disabled) in STEP_CASES.items()}}
+    refs = {"steps": {name: _one_step(kind, disabled=disabled) for name, (kind, disabled) in STEP_CASES.items()},
+            "placement": _placement_case()}
     for kind in TRAIN_KINDS:
         train(tiny(kind), quick(), outdir / f"one_{kind}", progress=False, log=lambda *_: None)
     exitcodes = join_ranks(ctx, outdir)
@@ -263,6 +299,18 @@ def test_expert_choice_is_refused_with_one_line(two_ranks):
         message = result(two_ranks["dir"], "expert_choice", r)
         assert message is not None and "\n" not in message
         assert "expert_choice" in message and "token-choice router" in message
+
+
+def test_applied_placement_keeps_outputs_and_moves_the_predicted_bytes(two_ranks):
+    ref = two_ranks["refs"]["placement"]
+    ranks = [result(two_ranks["dir"], "placement", r) for r in range(2)]
+    torch.testing.assert_close(torch.cat([r["logits"] for r in ranks]), ref["logits"], **FP64)
+    predicted = ref["predicted"]
+    assert sum(r["rows"] for r in ranks) == predicted.rows
+    assert sum(r["remote_assignments"] for r in ranks) == int(predicted.remote_assignments_L.sum())
+    expected_bytes = predicted.bytes_per_token(32, 8, ranks[0]["weight_bytes"]) * predicted.num_tokens
+    assert sum(r["bytes"] for r in ranks) == pytest.approx(expected_bytes, rel=1e-12)
+    assert predicted.rows != ref["current"].rows  # the placement changed what crosses ranks
 
 
 @pytest.mark.parametrize("kind", TRAIN_KINDS)
