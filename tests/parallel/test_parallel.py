@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -204,6 +205,11 @@ def _worker(rank: int, world: int, port: int, outdir: str, jobs: list[tuple]) ->
                 torch.distributed.barrier()
                 train(None, None, out / name, resume=True, parallel=ParallelConfig(**job[4]), **quiet)
                 result = "done"
+            elif what == "killed":  # rank 0 stalls inside the step-4 checkpoint's write; the test kills both
+                if rank == 0:
+                    os.environ["MOEKIT_TEST_CHECKPOINT_PAUSE"] = "4:120"
+                train(tiny(), quick(steps=4, checkpoint_every=2), out / name, parallel=ParallelConfig(ep=world), **quiet)
+                result = "not killed"
             elif what == "crash":  # rank 1 fails at its third forward; rank 0 must end with an error
                 if rank == 1:
                     _fail_on_rank1_at_step(3)
@@ -338,6 +344,16 @@ def test_checkpoint_holds_every_expert_and_loads_in_one_process(two_ranks):
         torch.testing.assert_close(got[n], w, atol=2e-4, rtol=0, msg=f"weight {n}")
 
 
+@pytest.mark.slow  # transformers' import and the export's own check: ~10 s
+def test_ep2_checkpoint_exports_to_transformers(two_ranks, tmp_path):
+    from moekit.hf.export import export_hf
+    from moekit.train import load_trained
+
+    model, _, _ = load_trained(two_ranks["dir"] / "ep2_topk")
+    export_hf(model, tmp_path / "hf")  # verifies the exported model's logits against moekit's
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
 def test_resume_with_the_same_layout_is_bit_identical(two_ranks):
     out = two_ranks["dir"]
     assert losses(out / "ep2_topp_resumed") == losses(out / "ep2_topp")
@@ -359,6 +375,29 @@ def test_one_rank_failing_ends_every_rank_with_an_error(two_ranks):
     assert crash["type"] == "ExchangeError" and "another rank probably failed first" in crash["message"]
     assert "\n" not in crash["message"]
     assert result(out, "crash", 1)["message"] == "rank 1 crashed on purpose"
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+    ctx = start_ranks(2, tmp_path, [("killed", "killed")])
+    run = tmp_path / "killed"
+    try:
+        train(tiny(), quick(steps=4, checkpoint_every=2), tmp_path / "one", progress=False, log=lambda *_: None)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not list((run / "checkpoints").glob(".step-00000004.tmp-*")):
+            assert all(p.is_alive() for p in ctx.processes), "a rank ended before the second checkpoint"
+            assert time.monotonic() < deadline, "the ranks never reached the second checkpoint"
+            time.sleep(0.1)
+        time.sleep(0.3)  # inside the write: weights and optimiser state are on disk, meta.json is not
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+        join_ranks(ctx, tmp_path, timeout=30)
+    assert ckpt.latest_checkpoint(run).name == "step-00000002"
+    ckpt.read_meta(ckpt.latest_checkpoint(run))  # the previous checkpoint is intact
+    train(None, None, run, resume=True, progress=False, log=lambda *_: None)  # and resumes, here in one process
+    got, want = losses(run), losses(tmp_path / "one")
+    torch.testing.assert_close(torch.tensor([r[1:] for r in got]), torch.tensor([r[1:] for r in want]), **FP32)
 
 
 # ------------------------------------------------------------------------------------------ slow: 4 ranks, torchrun
