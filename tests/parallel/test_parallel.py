@@ -240,13 +240,8 @@ def start_ranks(world: int, outdir: Path, jobs: list[tuple]):
                               start_method="fork")
 
 
-def join_ranks(ctx, outdir: Path, timeout: float = TIMEOUT_S) -> list[int | None]:
-    deadline = time.monotonic() + timeout
-    for p in ctx.processes:
-        p.join(max(0.0, deadline - time.monotonic()))
-    alive = [i for i, p in enumerate(ctx.processes) if p.is_alive()]
-    for i in alive:
-        ctx.processes[i].kill()
+def join_ranks(ctx, outdir: Path, join_within, timeout: float = TIMEOUT_S) -> list[int | None]:
+    alive = join_within(ctx.processes, timeout)
     errors = "\n".join(p.read_text() for p in sorted(outdir.glob("*.error")))
     if alive:
         pytest.fail(f"ranks {alive} were still running after {timeout} s: a collective hangs\n{errors}")
@@ -265,7 +260,7 @@ TRAIN_KINDS = ("topk", "topp", "null")
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def two_ranks(tmp_path_factory, join_within):
     outdir = tmp_path_factory.mktemp("par2")
     jobs = [("step", name) for name in STEP_CASES]
     jobs.append(("refuse", "expert_choice"))
@@ -278,7 +273,7 @@ def two_ranks(tmp_path_factory):
             "placement": _placement_case()}
     for kind in TRAIN_KINDS:
         train(tiny(kind), quick(), outdir / f"one_{kind}", progress=False, log=lambda *_: None)
-    exitcodes = join_ranks(ctx, outdir)
+    exitcodes = join_ranks(ctx, outdir, join_within)
     return {"dir": outdir, "refs": refs, "exitcodes": exitcodes}
 
 
@@ -377,7 +372,7 @@ def test_one_rank_failing_ends_every_rank_with_an_error(two_ranks):
     assert result(out, "crash", 1)["message"] == "rank 1 crashed on purpose"
 
 
-def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, join_within):
     ctx = start_ranks(2, tmp_path, [("killed", "killed")])
     run = tmp_path / "killed"
     try:
@@ -392,7 +387,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
         for p in ctx.processes:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGKILL)
-        join_ranks(ctx, tmp_path, timeout=30)
+        join_ranks(ctx, tmp_path, join_within, timeout=30)
     assert ckpt.latest_checkpoint(run).name == "step-00000002"
     ckpt.read_meta(ckpt.latest_checkpoint(run))  # the previous checkpoint is intact
     train(None, None, run, resume=True, progress=False, log=lambda *_: None)  # and resumes, here in one process
@@ -404,12 +399,12 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_four_rank_layouts_equal_one_process(tmp_path):
+def test_four_rank_layouts_equal_one_process(tmp_path, join_within):
     jobs = [("train", "ep4", "topp", {"ep": 4}), ("train", "ep2dp2", "topp", {"ep": 2, "dp": 2}),
             ("resume", "ep4_from_ep2", "ep2dp2", 10, {"ep": 4})]
     ctx = start_ranks(4, tmp_path, jobs)
     train(tiny("topp"), quick(), tmp_path / "one", progress=False, log=lambda *_: None)
-    join_ranks(ctx, tmp_path, timeout=900)
+    join_ranks(ctx, tmp_path, join_within, timeout=900)
     want = torch.tensor([r[1:] for r in losses(tmp_path / "one")])
     for name in ("ep4", "ep2dp2", "ep4_from_ep2"):
         torch.testing.assert_close(torch.tensor([r[1:] for r in losses(tmp_path / name)]), want, **FP32,
