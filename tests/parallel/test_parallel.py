@@ -432,3 +432,14 @@ def subprocess_run(argv: list[str], env: dict):
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def test_a_layout_that_does_not_fit_the_processes_is_refused_with_one_line(tmp_path, capsys):
+    from moekit.cli import main
+
+    code = main(["train", "--preset", "tiny", "--train.steps", "2", "--parallel.ep", "2", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "--parallel.ep 2 x --parallel.dp 1 = 2 ranks, but 1 process(es) run" in err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+    with pytest.raises(UsageError, match=r"ParallelConfig.backend='mpi' is invalid"):
+        ParallelConfig(backend="mpi").validate()
