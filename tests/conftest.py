@@ -61,3 +61,22 @@ class ReferenceTwin(torch.nn.Module):
 def reference_twin():
     """Factory: `reference_twin(layer)` -> the layer's ReferenceTwin (the oracle of the grouped path)."""
     return ReferenceTwin
+
+
+@pytest.fixture(scope="session")
+def join_within():
+    """`join_within(processes, timeout_s) -> indices still alive`: wait for worker processes at most
+    timeout_s in all, then kill the ones left (a hang fails a test instead of blocking the suite)."""
+    import time
+
+    def join(processes, timeout_s: float) -> list[int]:
+        deadline = time.monotonic() + timeout_s
+        for p in processes:
+            p.join(max(0.0, deadline - time.monotonic()))
+        alive = [i for i, p in enumerate(processes) if p.is_alive()]
+        for i in alive:
+            processes[i].kill()
+        return alive
+
+    return join
+

@@ -106,4 +106,5 @@ def test_config_errors_are_one_line_with_exit_code_2(argv, line, tmp_path, capsy
 
 
 def test_sections_name_the_config_classes():
-    assert {cls.__name__ for cls, _ in SECTIONS.values()} == {"LMConfig", "MoEConfig", "RouterConfig", "TrainConfig"}
+    assert {cls.__name__ for cls, _ in SECTIONS.values()} == {"LMConfig", "MoEConfig", "RouterConfig", "TrainConfig",
+                                                             "ParallelConfig"}

@@ -1,7 +1,7 @@
 """The allowed import direction between moekit's packages, read from every `import` in src/ with `ast`.
 
     errors  <-  config, utils, data  <-  losses, ops  <-  routers, dispatch, experts  <-  layers
-            <-  models, hf  <-  adapters  <-  train, analysis, offload  <-  compose  <-  bench  <-  cli
+            <-  models, hf, parallel  <-  adapters  <-  train, analysis, offload  <-  compose  <-  bench  <-  cli
             <-  __main__
 
 A package may import packages on lower levels only; packages on one level do not import each other,
@@ -24,13 +24,13 @@ LEVELS = [
     ("losses", "ops"),
     ("routers", "dispatch", "experts"),
     ("layers",),
-    ("models", "hf"),
+    ("models", "hf", "parallel"),  # parallel: applied to a built model (its layers), used by train
     ("adapters",),  # adapters on dense linears, moekit expert banks and wrapped transformers models
     ("train", "analysis", "offload"),
     ("compose",),  # Composition of Experts: scores moekit runs (train) with adapters on top
     ("bench",),  # the benchmarks: they time the whole library; `moekit bench` runs them
     ("cli",),
-    ("__main__",),  # moekit/__main__.py: `python -m moekit` runs the command line
+    ("__main__",),  # moekit/__main__.py: `python -m moekit` (and torchrun -m moekit) runs the command line
 ]
 LEVEL = {pkg: i for i, pkgs in enumerate(LEVELS) for pkg in pkgs}
 ROOT = "moekit"  # the package root (moekit/__init__.py)

@@ -211,27 +211,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, names: list[str], outdir: str, extras: bool) -> list[int | None]:
+def run_ranks(world: int, names: list[str], outdir: str, extras: bool, join_within) -> list[int | None]:
     """Spawn `world` gloo ranks; wait at most TIMEOUT_S; kill what is left (a hang fails, never blocks)."""
     # NOTE: fork, not spawn: a spawned rank re-imports torch and moekit (5-20 s on a loaded 2-core
     # machine); a forked one starts at once. Ranks use one thread (no OpenMP pool crosses the fork).
     ctx = mp.start_processes(_worker, args=(world, _free_port(), outdir, names, extras), nprocs=world,
                              join=False, start_method="fork")
-    deadline = time.monotonic() + TIMEOUT_S
-    for p in ctx.processes:
-        p.join(max(0.0, deadline - time.monotonic()))
-    alive = [i for i, p in enumerate(ctx.processes) if p.is_alive()]
-    for i in alive:
-        ctx.processes[i].kill()
+    alive = join_within(ctx.processes, TIMEOUT_S)
     if alive:
         pytest.fail(f"ranks {alive} were still running after {TIMEOUT_S} s: the exchange hangs")
     return [p.exitcode for p in ctx.processes]
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def two_ranks(tmp_path_factory, join_within):
     outdir = tmp_path_factory.mktemp("ep2")
-    exitcodes = run_ranks(2, list(CASES), str(outdir), extras=True)
+    exitcodes = run_ranks(2, list(CASES), str(outdir), extras=True, join_within=join_within)
     results = [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(2)]
     crash = [torch.load(outdir / f"crash{r}.pt", weights_only=False) if (outdir / f"crash{r}.pt").exists() else None
              for r in range(2)]
@@ -364,10 +359,10 @@ def test_usage_errors_are_named():
 
 
 @pytest.mark.slow
-def test_four_ranks_equal_one_process(tmp_path):
+def test_four_ranks_equal_one_process(tmp_path, join_within):
     names = ["topk", "ragged_topp", "null_experts", "rank1_has_no_tokens", "noncontiguous_placement",
              "capacity_noncontiguous"]
-    exitcodes = run_ranks(4, names, str(tmp_path), extras=False)
+    exitcodes = run_ranks(4, names, str(tmp_path), extras=False, join_within=join_within)
     assert exitcodes == [0, 0, 0, 0]
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
     for name in names:

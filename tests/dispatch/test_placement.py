@@ -253,3 +253,26 @@ def test_applying_a_placement_refuses_what_it_cannot_keep(make_cfg):
     layer.router.register_buffer("mystery_E", torch.zeros(8))
     with pytest.raises(ValueError, match="'mystery_E'"):
         permute_experts_(np.arange(8), layer.experts, layer.router)
+
+
+def test_placement_report_prices_each_scheme_with_traffic():
+    from moekit.dispatch.placement import following_homes, placement_report
+
+    rng = np.random.default_rng(3)
+    E, W, T = 8, 2, 64
+    experts_LTK = np.empty((3, T, 2), dtype=np.int64)
+    experts_LTK[0] = np.stack([rng.permutation(E)[:2] for _ in range(T)])
+    chain = rng.permutation(E)
+    for layer in (1, 2):
+        experts_LTK[layer] = chain[experts_LTK[layer - 1]]  # each layer's experts follow from the previous
+    report = placement_report(experts_LTK, E, W, d_model=16, itemsize=2)
+    contiguous_LE = np.broadcast_to(np.arange(E) // (E // W), (3, E))
+    assert report["bytes_per_token"]["current"] == traffic(experts_LTK, contiguous_LE, W).bytes_per_token(16, 2)
+    affinity_LE = np.asarray(report["affinity_rank_LE"])
+    assert report["bytes_per_token"]["affinity"] == traffic(
+        experts_LTK, affinity_LE, W, following_homes(experts_LTK, affinity_LE, W)).bytes_per_token(16, 2)
+    assert report["colocated_pairs"]["affinity"] > report["colocated_pairs"]["current"]
+    assert report["saved_fraction"]["affinity"] > 0 and report["saved_fraction"]["current"] == 0
+    # homes follow the first expert of the previous layer
+    homes_LT = following_homes(experts_LTK, affinity_LE, W)
+    assert (homes_LT[1] == affinity_LE[0][experts_LTK[0, :, 0]]).all()

@@ -21,6 +21,8 @@ BENCHMARKS = {
     "molae": "MoLAE conversion of a trained run: reconstruction, bits-per-byte delta and bytes saved per rank",
     "composition": "Composition of Experts: routed vs oracle vs single models, bits per byte and router accuracy",
     "open_knowledge": "LoRA library per domain, K-shot selection, MoE of selected LoRAs vs base, singles and merges",
+    "ep": "expert parallelism over gloo: step time, all-to-all bytes and time per EP size, bytes vs the lower bound",
+    "ep_placement": "cross-rank bytes per token of placements (current, ExFlow affinity, speculative shuffling) on traces",
 }
 
 

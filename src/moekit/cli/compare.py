@@ -38,6 +38,10 @@ def run(args) -> int:
 
     names = args.presets.split(",")
     with config_errors(args.parser):
+        parallel = sorted(k for k, v in vars(args).items() if k.startswith("parallel.") and v is not None)
+        if parallel:
+            raise UsageError(f"{', '.join('--' + k for k in parallel)}: compare trains in one process; launch "
+                             "`torchrun ... -m moekit train --parallel.ep N` per run instead")
         unknown = [n for n in names if n not in PRESETS]
         if unknown:
             raise UsageError(f"--presets: unknown preset {', '.join(map(repr, unknown))}; allowed: "

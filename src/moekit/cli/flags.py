@@ -1,6 +1,7 @@
 """Command-line flags that map one-to-one onto config fields: `--SECTION.FIELD VALUE`.
 
-Sections: model (LMConfig), moe (MoEConfig), router (RouterConfig), train (TrainConfig).
+Sections: model (LMConfig), moe (MoEConfig), router (RouterConfig), train (TrainConfig), parallel
+(ParallelConfig: the process layout, not part of the run's configuration; `parallel_config(args)`).
 E.g. `--router.kind topp --router.p 0.3 --moe.num_experts 16 --train.steps 200`.
 Config errors name the flag: `TrainConfig.lr=inf is invalid` reads `--train.lr inf is invalid`.
 
@@ -21,6 +22,7 @@ from typing import Any
 from moekit.config import MoEConfig, RouterConfig, router_config_class, router_fields
 from moekit.errors import UsageError
 from moekit.models import LMConfig
+from moekit.parallel import ParallelConfig
 from moekit.routers import registered_routers
 from moekit.train.trainer import TrainConfig
 
@@ -29,9 +31,10 @@ SECTIONS: dict[str, tuple[type, set[str]]] = {
     "moe": (MoEConfig, {"router", "d_model"}),  # moe.d_model always follows model.d_model
     "router": (RouterConfig, set()),
     "train": (TrainConfig, set()),
+    "parallel": (ParallelConfig, set()),
 }
 _SECTION_OF = {cls.__name__: section for section, (cls, _) in SECTIONS.items()}
-_FIELD = re.compile(r"\b(LMConfig|MoEConfig|RouterConfig|TrainConfig)\.(\w+)(=?)")
+_FIELD = re.compile(r"\b(LMConfig|MoEConfig|RouterConfig|TrainConfig|ParallelConfig)\.(\w+)(=?)")
 
 
 def flag_names(message: str) -> str:
@@ -53,7 +56,8 @@ def flag_errors() -> Iterator[None]:
 
 
 def _section_objects(model_cfg: LMConfig, train_cfg: TrainConfig) -> dict[str, Any]:
-    return {"model": model_cfg, "moe": model_cfg.moe, "router": model_cfg.moe.router, "train": train_cfg}
+    return {"model": model_cfg, "moe": model_cfg.moe, "router": model_cfg.moe.router, "train": train_cfg,
+            "parallel": ParallelConfig()}
 
 
 def _converter(type_name: str, flag: str):
@@ -189,3 +193,9 @@ def applies_to(key: str, model_cfg: LMConfig) -> bool:
     if section == "router":
         return hasattr(model_cfg.moe.router, field)
     return True
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    """The ParallelConfig of the `--parallel.FIELD` flags given (defaults for the rest), validated."""
+    given = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("parallel.") and v is not None}
+    return dataclasses.replace(ParallelConfig(), **given).validate()

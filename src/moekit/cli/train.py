@@ -5,6 +5,7 @@ command: their help shows the chosen preset's values."""
 from __future__ import annotations
 
 import json
+import os
 
 from moekit.cli import config_errors, late_arguments
 
@@ -44,7 +45,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from moekit.cli.common import eval_table
-    from moekit.cli.flags import apply_flags, flag_errors
+    from moekit.cli.flags import apply_flags, flag_errors, parallel_config
     from moekit.train import train
     from moekit.train.presets import preset
     from moekit.train.rundir import check_owned
@@ -59,9 +60,16 @@ def run(args) -> int:
     else:
         with config_errors(args.parser):
             model_cfg, train_cfg = resolve_configs(*apply_flags(*preset(args.preset or "tiny"), args))
-    print("resolved config:\n" + json.dumps(resolved_config(model_cfg, train_cfg), indent=2))
+    with config_errors(args.parser):
+        parallel = parallel_config(args)
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 prints (and writes the run)
+    if rank0:
+        print("resolved config:\n" + json.dumps(resolved_config(model_cfg, train_cfg), indent=2))
     with flag_errors():
-        result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress)
+        result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress,
+                       parallel=parallel)
+    if not rank0:
+        return 0
     print(eval_table(result))
     print("experts per token by layer: " + " ".join(f"{k:.2f}" for k in result["experts_per_token_by_layer"]))
     print(f"next: moekit analyze {args.out} --out {args.out}/report   (HTML report of the routing)")

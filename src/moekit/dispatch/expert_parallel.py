@@ -47,7 +47,8 @@ __all__ = ["ExchangeError", "ExchangeStats", "ExpertParallel"]
 
 
 class ExchangeError(MoekitError, RuntimeError):
-    """A collective of the expert-parallel exchange failed, or another rank of the group rejected its input."""
+    """A collective of expert- or data-parallel training failed (usually because another rank died first), or
+    another rank of the group rejected its input."""
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from moekit.config import RouterConfig
 from moekit.errors import UsageError
 
 __all__ = ["Placement", "Traffic", "affinity_placement", "colocated_pairs", "contiguous_homes",
-           "permute_experts_", "speculative_homes", "traffic"]
+           "following_homes", "permute_experts_", "placement_report", "speculative_homes", "traffic"]
 
 
 @dataclass(frozen=True)
@@ -383,6 +383,67 @@ def speculative_homes(experts_TK, rank_E, num_ranks: int, capacity: int | None =
         home_T[t] = rank
         room_W[rank] -= 1
     return home_T
+
+
+def following_homes(experts_LTK, rank_LE, num_ranks: int) -> np.ndarray:
+    """(L, T) int64 homes where a token follows its experts (ExFlow's setting, arXiv 2401.08383: the
+    token stays on the rank of its expert and the next layer runs there): layer 0 at `contiguous_homes`,
+    layer l + 1 at the rank of the token's first expert at layer l (its home again when it had none)."""
+    experts_LTK = _check_experts(experts_LTK)
+    L, T, _ = experts_LTK.shape
+    rank_LE = _check_ranks(rank_LE, L, num_ranks)
+    home_LT = np.empty((L, T), dtype=np.int64)
+    home_LT[0] = contiguous_homes(T, num_ranks)
+    for layer in range(L - 1):
+        first_T = experts_LTK[layer, :, 0] if experts_LTK.shape[2] else np.full(T, -1)
+        home_LT[layer + 1] = np.where(first_T >= 0, rank_LE[layer][np.maximum(first_T, 0)], home_LT[layer])
+    return home_LT
+
+
+def placement_report(experts_LTK, num_experts: int, num_ranks: int, d_model: int, itemsize: int = 2,
+                     predicted_LTK=None) -> dict:
+    """All-to-all bytes per token of a trace under (a) the current contiguous placement with fixed homes
+    (data-parallel attention: moekit's layout), and with tokens following their experts; (b) ExFlow's
+    affinity placement, tokens following their experts (its setting: `following_homes`); (c)
+    speculative token shuffling (contiguous placement), and (b)'s placement with (c); and the bytes each
+    saves against (a). Affinity only pays where tokens move with their experts: with fixed homes a
+    layer's cost does not depend on the next layer's placement.
+
+    experts_LTK: a trace's executed experts (L, T, K), -1 = empty slot (`RoutingTrace.stacked()`),
+    tokens split into W contiguous blocks as a data loader splits a batch. predicted_LTK: the experts
+    the shuffle may rely on (e.g. a trace's `prefetch` prediction; default: the executed ones, the
+    oracle bound). d_model, itemsize: a row's width and element size (2 = bf16). Returns a dict of
+    JSON-ready numbers: bytes_per_token per scheme, saved_fraction against the current placement, the
+    affinity placement's rank per (layer, expert), and the co-located consecutive-layer pairs.
+    """
+    experts_LTK = _check_experts(experts_LTK, num_experts)
+    L, T, _ = experts_LTK.shape
+    predicted_LTK = experts_LTK if predicted_LTK is None else _check_experts(predicted_LTK, num_experts)
+    contiguous_LE = np.broadcast_to(np.arange(num_experts) // (num_experts // num_ranks), (L, num_experts))
+    affinity_LE = affinity_placement(experts_LTK, num_experts, num_ranks)
+
+    def shuffled(rank_LE: np.ndarray) -> np.ndarray:
+        return np.stack([speculative_homes(predicted_LTK[layer], rank_LE[layer], num_ranks) for layer in range(L)])
+
+    schemes = {
+        "current": traffic(experts_LTK, contiguous_LE, num_ranks),
+        "current_follow": traffic(experts_LTK, contiguous_LE, num_ranks, following_homes(experts_LTK, contiguous_LE,
+                                                                                        num_ranks)),
+        "affinity": traffic(experts_LTK, affinity_LE, num_ranks, following_homes(experts_LTK, affinity_LE, num_ranks)),
+        "speculative": traffic(experts_LTK, contiguous_LE, num_ranks, shuffled(contiguous_LE)),
+        "affinity+speculative": traffic(experts_LTK, affinity_LE, num_ranks, shuffled(affinity_LE)),
+    }
+    per_token = {name: t.bytes_per_token(d_model, itemsize) for name, t in schemes.items()}
+    base = per_token["current"]
+    return {
+        "tokens": T, "layers": L, "experts": num_experts, "ranks": num_ranks, "d_model": d_model,
+        "itemsize": itemsize,
+        "bytes_per_token": per_token,
+        "saved_fraction": {name: (1 - v / base) if base else 0.0 for name, v in per_token.items()},
+        "colocated_pairs": {"current": colocated_pairs(experts_LTK, contiguous_LE, num_experts),
+                            "affinity": colocated_pairs(experts_LTK, affinity_LE, num_experts)},
+        "affinity_rank_LE": affinity_LE.tolist(),
+    }
 
 
 # Router tensors indexed by expert (dim 0), and router tensors that are not; anything else with a

@@ -8,6 +8,7 @@ Forward stages:
   3. plan:     sort by expert, counts, offsets; capacity drops counted
   4. experts:  grouped GEMMs over the stacked weights
   5. combine:  weighted scatter-add back to tokens; + shared experts (optionally sigmoid-gated)
+  (3-5 go through `expert_dispatch` instead when moekit.parallel shards the experts over ranks)
   6. losses:   aux losses returned in `routing_info().aux` (or attached to the output, see
                `attach_aux_losses`): unscaled, except a router's own loss that carries its adaptive
                coefficient (ReMoE's l1_reg; the router config says with `aux_loss_coefs`)
@@ -66,7 +67,8 @@ class RoutingInfo:
     """What the last forward did. Tensors are detached, except the aux losses.
 
     route: what the router chose (its assignments of valid tokens, before capacity dropping).
-    executed: what ran (`route` after capacity dropping; rows grouped by expert when anything dropped).
+    executed: what ran (`route` after capacity dropping; rows grouped by expert when anything dropped;
+        in route order when the experts are sharded over ranks).
     router_state: the routing state for the next MoE layer (see the module doc).
     """
 
@@ -187,6 +189,10 @@ class MoELayer(nn.Module):
         self.aux_loss_coefs: dict[str, float] | None = None
         # Set by moekit.train.balance.BalanceTracker: told about every training forward (see the module doc).
         self.balance_tracker = None
+        # Set by moekit.parallel.apply_expert_parallel: runs stages 3-5 over experts sharded across ranks,
+        # called as expert_dispatch(x_TD, token_idx_N, expert_idx_N, weight_N, experts, capacity_factor)
+        # -> (y_TD, kept_N or None). None: this process holds every expert.
+        self.expert_dispatch = None
         self._info: RoutingInfo | None = None
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
@@ -246,9 +252,20 @@ class MoELayer(nn.Module):
                 for name, value in self._aux_losses(router, route, valid_T, num_valid, lead_shape, counted).items():
                     aux[name] = aux[name] + value if name in aux else value  # one loss per iteration gate
             route, zc_route, zc_counts = self._split_zero_compute(route)
-            plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, cfg.num_experts, capacity_factor)
             e_in_TD = h_TD if self.fc1_latent_proj is None else self.fc1_latent_proj(h_TD)
-            delta_TD = combine(self.experts(permute(e_in_TD, plan), plan.offsets_E), plan, T, e_in_TD.dtype)
+            if self.expert_dispatch is None:
+                plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, cfg.num_experts,
+                                 capacity_factor)
+                delta_TD = combine(self.experts(permute(e_in_TD, plan), plan.offsets_E), plan, T, e_in_TD.dtype)
+                kept = None if plan.num_dropped == 0 else (plan.token_N, plan.expert_N, plan.weight_N)
+                step_counts_E = plan.counts_E
+            else:  # experts on other ranks too; a capacity is decided over the whole expert-parallel group
+                delta_TD, kept_N = self.expert_dispatch(e_in_TD, route.token_idx_N, route.expert_idx_N,
+                                                        route.weight_N, self.experts, capacity_factor)
+                kept = (None if kept_N is None or bool(kept_N.all()) else
+                        (route.token_idx_N[kept_N], route.expert_idx_N[kept_N], route.weight_N[kept_N]))
+                step_counts_E = torch.bincount(route.expert_idx_N if kept is None else kept[1],
+                                               minlength=cfg.num_experts)
             if self.fc2_latent_proj is not None:
                 delta_TD = self.fc2_latent_proj(delta_TD)
             if zc_route is not None:
@@ -264,13 +281,13 @@ class MoELayer(nn.Module):
 
             route_d = route.detached()
             chosen.append(route_d)
-            executed.append(route_d if plan.num_dropped == 0 else RouterOutput(
-                plan.token_N, plan.expert_N, plan.weight_N.detach(), route_d.scores_TE, route_d.logits_TE, {},
-                route_d.extras))
+            executed.append(route_d if kept is None else RouterOutput(
+                kept[0], kept[1], kept[2].detach(), route_d.scores_TE, route_d.logits_TE, {}, route_d.extras))
             iteration_N.append(torch.full_like(executed[-1].token_idx_N, t))
-            counts_E = plan.counts_E.detach() if counts_E is None else counts_E + plan.counts_E.detach()
-            num_dropped += plan.num_dropped
-            flops += (plan.token_N.numel() if plan.num_dropped else route.num_assignments) * cfg.expert_flops()
+            counts_E = step_counts_E.detach() if counts_E is None else counts_E + step_counts_E.detach()
+            dropped = 0 if kept is None else route.num_assignments - kept[0].numel()
+            num_dropped += dropped
+            flops += (route.num_assignments - dropped) * cfg.expert_flops()
             for name, n in zc_counts.items():
                 zero_compute[name] += n
 
@@ -346,11 +363,22 @@ class MoELayer(nn.Module):
         # f counts the router's choices before capacity dropping (see moekit.losses).
         token_idx_N, expert_idx_N = router.balance_assignment(route, valid_T)
         chosen_E = torch.bincount(expert_idx_N, minlength=E)
+        tracker = self.balance_tracker
+        # Micro scope over data-parallel ranks: f counts the whole split micro-batch (one all-reduce);
+        # global scope has its own running f (below).
+        batch_counts = (tracker.micro_counts(self, chosen_E, num_valid, counted)
+                        if self.training and tracker is not None and tracker.group is not None
+                        and self.cfg.balance_scope == "micro" else None)
         probs_TE = router.balance_probs(route)
         aux = {}
         if self.cfg.balance_scope == "global":
             aux["load_balance"] = losses.global_load_balance_loss(
                 probs_TE, self._global_f(chosen_E, num_valid, counted), valid_T)
+        elif batch_counts is not None:
+            # The micro-batch is split over data-parallel ranks: f counts the whole micro-batch, as one
+            # process holding it would (each rank's P_i is its own tokens' mean; their average is the global P_i).
+            f_E = batch_counts[0].float() / batch_counts[1].clamp(min=1).float()
+            aux["load_balance"] = losses.global_load_balance_loss(probs_TE, f_E, valid_T)
         else:
             aux["load_balance"] = losses.load_balance_loss(probs_TE, chosen_E, num_valid, valid_T)
         aux["z_loss"] = losses.z_loss(route.logits_TE, valid_T)
@@ -359,7 +387,7 @@ class MoELayer(nn.Module):
             aux["seq_balance"] = losses.sequence_balance_loss(
                 route.scores_TE.view(B, T, E), expert_idx_N, token_idx_N,
                 self.cfg.router.expected_experts_per_token(self.cfg.router_slots), None if valid_T is None else valid_T.view(B, T))
-        aux.update(router.aux_losses(route, valid_T))  # router-specific rules take precedence
+        aux.update(router.aux_losses(route, valid_T, batch_counts))  # router-specific rules take precedence
         return aux
 
     def _global_f(self, chosen_E: torch.Tensor, num_valid: int, counted: bool) -> torch.Tensor:

@@ -266,8 +266,14 @@ class Router(nn.Module):
         self.expert_mask_E = old.expert_mask_E
 
     # ---------------------------------------------------------------- losses
-    def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Router-specific losses over valid tokens (the layer adds the common ones)."""
+    def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None,
+                   batch_counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Router-specific losses over valid tokens (the layer adds the common ones).
+
+        batch_counts: (chosen counts int64 (E,), valid tokens int64 ()) of the whole micro-batch when it
+        is split over data-parallel ranks (moekit.parallel), else None (this call's own `route`). A loss
+        whose f is a ratio of counts (not linear in the tokens) takes f from them, so that the ranks'
+        losses average to the loss one process would compute over the whole micro-batch."""
         return {}
 
     def balance_assignment(self, route: RouterOutput,

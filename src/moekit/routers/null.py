@@ -111,11 +111,14 @@ class NullExpertRouter(Router):
         extras = RouteExtras(null_scores_TM=probs_TX[:, E:], null_picks_T=(~real_TK).sum(-1))
         return dataclasses.replace(route, extras=extras).keep(real_TK.reshape(-1))
 
-    def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None,
+                   batch_counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         T = route.num_tokens
         n_valid = T if valid_T is None else int(valid_T.sum())
-        M = self.cfg.n_null
         real_counts_E = route.counts_E().float()
+        if batch_counts is not None:  # f over the whole micro-batch (see Router.aux_losses)
+            real_counts_E, n_valid = batch_counts[0].float(), int(batch_counts[1])
+        M = self.cfg.n_null
         null_total = self.cfg.k * n_valid - real_counts_E.sum()
         counts_X = torch.cat([real_counts_E, (null_total / M).expand(M)])
         probs_TX = torch.cat([route.scores_TE, route.extras.null_scores_TM], dim=-1)

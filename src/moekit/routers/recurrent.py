@@ -171,7 +171,8 @@ class RecurrentRouter(Router):
             route = select_topk(logits_TE, cfg.k, cfg.score, cfg.normalizes(), cfg.routed_scaling_factor)
         return dataclasses.replace(route, extras=RouteExtras(state=RecurrentState(gru, r_TR)))
 
-    def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None,
+                   batch_counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         if self.cfg.select_rule == "topp":
             return {"dynamic": dynamic_loss(route.scores_TE, valid_T)}
         return {}

@@ -92,12 +92,16 @@ class ReMoERouter(Router):
         token_idx_N, expert_idx_N = (gates_TE > 0).nonzero(as_tuple=True)
         return RouterOutput(token_idx_N, expert_idx_N, gates_TE[token_idx_N, expert_idx_N], gates_TE, logits_TE)
 
-    def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None,
+                   batch_counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         gates_TE = route.scores_TE if valid_T is None else route.scores_TE * valid_T.unsqueeze(-1)
         V = max(route.num_tokens if valid_T is None else int(valid_T.sum()), 1)
         if self.cfg.l1_balance:
             # arXiv 2412.14711, load-balanced L1; the reference: sum_e (sum_t R_te) * count_e * E / (V^2 k)
-            f_E = route.counts_E().to(gates_TE.dtype) * (self.num_experts / (self.cfg.k * V))
+            counts_E, V_f = route.counts_E(), V
+            if batch_counts is not None:  # f over the whole micro-batch (see Router.aux_losses)
+                counts_E, V_f = batch_counts[0], max(int(batch_counts[1]), 1)
+            f_E = counts_E.to(gates_TE.dtype) * (self.num_experts / (self.cfg.k * V_f))
             penalty = (gates_TE.sum(0) * f_E).sum() / V
         else:
             penalty = gates_TE.sum() / V  # arXiv 2412.14711, plain L1: the mean L1 norm of the gates

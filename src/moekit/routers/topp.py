@@ -84,7 +84,8 @@ class TopPRouter(Router):
         cfg = self.cfg
         return select_topp(logits_TE, cfg.p, cfg.min_k, cfg.max_k, cfg.normalizes(), self.expert_mask_E)
 
-    def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None,
+                   batch_counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         return {"dynamic": dynamic_loss(route.scores_TE, valid_T)}
 
 

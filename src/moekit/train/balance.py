@@ -16,6 +16,8 @@ forward of a layer then reports to it:
   2. `global_f` (balance_scope="global", arXiv 2501.11873): micro-batch j of a step uses the chosen
      counts of micro-batches 1..j over the ranks of `group` divided by their valid tokens: one
      all-reduce of E + 1 numbers per layer per counted micro-batch. The layer calls no collective.
+     With a group, balance_scope="micro" (and a router's own count-ratio losses) count the micro-batch
+     of every rank (`micro_counts`).
   3. `record`: the counted pass's executed and chosen counts and valid tokens.
 After `optimizer.step()` (a step post-hook), `step()` sums every layer's counts over the ranks of
 `group` in ONE all-reduce, hands them to the routers (`Router.after_optimizer_step_all`: aux-loss-free
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moekit.dispatch.expert_parallel import ExchangeError
 from moekit.layers.moe import MoELayer, RoutingInfo
 from moekit.layers.overrides import moe_layers
 from moekit.routers.base import StepCounts, warn_once
@@ -51,6 +54,7 @@ class _LayerStep:
     global_E: torch.Tensor  # int64 (E,): balance counts of this step's micro-batches so far, all ranks
     global_tokens: torch.Tensor  # int64 (): their valid tokens, all ranks
     global_f_E: torch.Tensor | None = None  # f of the last counted pass, reused by its recompute
+    micro_counts_X: torch.Tensor | None = None  # the same for `micro_counts`
     unrecomputed: int = 0  # no-grad training passes that may be a reentrant checkpoint's first pass
 
     @staticmethod
@@ -123,7 +127,8 @@ class BalanceTracker:
         device = layer.router.weight.device
         if s.executed_E.device != device:  # the model moved since: the counts follow it
             self._state[i] = s = _LayerStep(*(t.to(device) for t in (s.executed_E, s.chosen_E, s.tokens, s.global_E,
-                                                                      s.global_tokens)), s.global_f_E, s.unrecomputed)
+                                                                      s.global_tokens)), s.global_f_E, s.micro_counts_X,
+                                                                     s.unrecomputed)
         return s
 
     def begin_pass(self, layer: MoELayer) -> bool:
@@ -151,11 +156,26 @@ class BalanceTracker:
         # One all-reduce of E + 1 numbers per layer per micro-batch.
         counts_X = torch.cat([chosen_E.detach().to(torch.int64), chosen_E.new_tensor([num_valid], dtype=torch.int64)])
         if self.group is not None:
-            torch.distributed.all_reduce(counts_X, group=self.group)
+            _all_reduce(counts_X, self.group, "global-batch expert counts")
         s.global_E += counts_X[:-1]
         s.global_tokens += counts_X[-1]
         s.global_f_E = s.global_E.float() / s.global_tokens.clamp(min=1).float()
         return s.global_f_E
+
+    def micro_counts(self, layer: MoELayer, chosen_E: torch.Tensor, num_valid: int,
+                     counted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's chosen counts (E,) and valid tokens () of this micro-batch over every rank of
+        `group`: a micro-batch split over data-parallel ranks balances as one process holding all of it
+        would. One all-reduce of E + 1 numbers per layer per forward; a recompute reuses the counted pass's."""
+        s = self._of(layer)
+        if not counted and in_backward() and s.micro_counts_X is not None:
+            return s.micro_counts_X[:-1], s.micro_counts_X[-1]
+        counts_X = torch.cat([chosen_E.detach().to(torch.int64), chosen_E.new_tensor([num_valid], dtype=torch.int64)])
+        if self.group is not None:
+            _all_reduce(counts_X, self.group, "the micro-batch's expert counts")
+        if counted:
+            s.micro_counts_X = counts_X
+        return counts_X[:-1], counts_X[-1]
 
     def record(self, layer: MoELayer, info: RoutingInfo) -> None:
         """The counted pass's routing: executed and chosen counts, valid tokens."""
@@ -190,7 +210,7 @@ class BalanceTracker:
         routers, reset."""
         flat = torch.cat([torch.cat([s.executed_E, s.chosen_E, s.tokens.view(1)]) for s in self._state])
         if self.group is not None:
-            torch.distributed.all_reduce(flat, group=self.group)
+            _all_reduce(flat, self.group, "the step's expert counts")
         elif torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             warn_once("balance-no-group", "BalanceTracker(group=None) in a distributed run: expert counts are not "
@@ -213,7 +233,7 @@ class BalanceTracker:
         for s in self._state:
             for t in (s.executed_E, s.chosen_E, s.tokens, s.global_E, s.global_tokens):
                 t.zero_()
-            s.global_f_E = None
+            s.global_f_E = s.micro_counts_X = None
             s.unrecomputed = 0
 
 
@@ -250,3 +270,13 @@ def _has_run(layer: MoELayer) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _all_reduce(t: torch.Tensor, group, what: str) -> None:
+    """all_reduce over `group`; a failure (typically: another rank died) becomes one clear error."""
+    try:
+        torch.distributed.all_reduce(t, group=group)
+    except RuntimeError as e:
+        rank = torch.distributed.get_rank(group)
+        raise ExchangeError(f"BalanceTracker: the all-reduce of {what} failed on rank {rank}; another rank "
+                            f"probably failed first (see its error). Cause: {e}") from e

@@ -123,8 +123,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
                                       for s in state["cuda"]])
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
+def _optimizer_tensors(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors = {}
     for pid, state in sd["state"].items():
         for key, value in state.items():
@@ -135,10 +135,11 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 # ----------------------------------------------------------------------------- writing
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | dict,
                     config: dict[str, Any], meta: dict[str, Any], keep: int = 2,
                     pause_for_test: float = 0.0) -> Path:
     """Write checkpoint `step` atomically and point LATEST at it; keep the newest `keep` ones.
+    `optimizer`: the optimiser, or a state dict of one (a consolidated one, see moekit.parallel).
 
     Raises WriteError (after removing the temporary directory) when a file cannot be written.
     """
@@ -243,10 +244,15 @@ def load_model_weights(ckpt: Path, model: torch.nn.Module) -> None:
     load_model(model, str(Path(ckpt) / "model.safetensors"), strict=True)
 
 
-def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+def read_optimizer_state(ckpt: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's optimiser state dict (as `optimizer.state_dict()` gives it)."""
     tensors = load_file(str(Path(ckpt) / "optimizer.safetensors"))
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    return {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
+
+
+def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    optimizer.load_state_dict(read_optimizer_state(ckpt, meta))

@@ -22,6 +22,7 @@ weights (DivergedError naming the step); the last checkpoint stays as it was.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -47,9 +48,11 @@ from moekit.data import (
     load_bpe_tokenizer,
     load_corpus,
 )
+from moekit.dispatch.expert_parallel import ExchangeError
 from moekit.errors import DataError, MoekitError, UsageError
 from moekit.layers.moe import aux_loss_names
 from moekit.models import LMConfig, MoELM
+from moekit.parallel import ParallelConfig, agree, apply_expert_parallel, init_parallel
 from moekit.train import checkpoint as ckpt
 from moekit.train import rundir
 from moekit.train.balance import BalanceTracker
@@ -320,8 +323,13 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def train(model_cfg: LMConfig | None, cfg: TrainConfig | None, run_dir: str | os.PathLike, resume: bool = False,
-          progress: bool = True, log=print) -> dict[str, Any]:
+          progress: bool = True, log=print, parallel: ParallelConfig | None = None) -> dict[str, Any]:
     """Train (or resume) a run in `run_dir`; returns the final evaluation.
+
+    `parallel`: expert x data parallelism over the processes torchrun started (moekit.parallel); every
+    rank calls `train` with the same arguments, each reads its share of every micro-batch, and rank 0
+    alone writes the run's files and reports progress. The losses equal one process's on the same
+    global batch; checkpoints are consolidated, so a run resumes with any layout.
 
     `run_dir` must be absent, empty or a moekit run; the process holds its lock while it trains.
     When resuming, the run's saved configuration is used; `model_cfg` / `cfg` may be None, and when
@@ -333,6 +341,9 @@ def train(model_cfg: LMConfig | None, cfg: TrainConfig | None, run_dir: str | os
     (a non-finite loss) and WriteError (a file that cannot be written, e.g. a full disk).
     """
     run_dir = Path(run_dir)
+    mesh = init_parallel(parallel) if parallel is not None else None
+    if mesh is not None:
+        return _train_distributed(model_cfg, cfg, run_dir, resume, progress, log, mesh)
     if resume:
         _check_is_run(run_dir)
     elif model_cfg is None or cfg is None:
@@ -351,7 +362,44 @@ def train(model_cfg: LMConfig | None, cfg: TrainConfig | None, run_dir: str | os
                               "is intact") from e
 
 
-def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> dict[str, Any]:
+def _train_distributed(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log, mesh) -> dict[str, Any]:
+    """`train` on every rank of `mesh`: rank 0 checks and locks the run directory, then every rank
+    learns whether it could (`agree`: one rank's error stops all, none waits)."""
+    writer = torch.distributed.get_rank() == 0
+    with contextlib.ExitStack() as stack:
+        problem, error = None, None
+        try:
+            if resume:
+                _check_is_run(run_dir)
+            elif model_cfg is None or cfg is None:
+                raise UsageError("train: model_cfg and cfg are required for a new run (None only with resume=True)")
+            else:
+                model_cfg, cfg = resolve_configs(model_cfg, cfg)
+                _check_corpus_fits(cfg.tokenizer, cfg.seq_len)
+            if writer:
+                stack.enter_context(rundir.locked_dir(run_dir, "run", "moekit train"))
+                remove_debris(run_dir / ckpt.CHECKPOINT_DIR)
+        except (MoekitError, ValueError, OSError) as e:
+            problem, error = ckpt.one_line(e), e
+        try:
+            agree(problem)
+        except MoekitError:
+            if error is not None:
+                raise error from None
+            raise
+        try:
+            return _train(model_cfg, cfg, run_dir, resume, progress and writer, log if writer else _quiet, mesh=mesh)
+        except torch.distributed.DistError as e:  # a collective outside the expert exchange (DDP, reductions)
+            raise ExchangeError(f"rank {torch.distributed.get_rank()}: a collective failed; another rank probably "
+                                f"failed first (see its error). Cause: {ckpt.one_line(e)}") from e
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
+def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log, mesh=None) -> dict[str, Any]:
+    writer = mesh is None or torch.distributed.get_rank() == 0
     if resume:
         saved = resolve_configs(*load_run_config(run_dir))
         model_cfg, cfg = resolve_configs(saved[0] if model_cfg is None else model_cfg,
@@ -369,29 +417,43 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
         _check_corpus_fits(cfg.tokenizer, cfg.seq_len)
     tokens = train_stream(cfg.tokenizer)
     config = resolved_config(model_cfg, cfg)
-    ckpt.write_json(run_dir / "config.json", config)
+    if writer:
+        ckpt.write_json(run_dir / "config.json", config)
 
     torch.manual_seed(cfg.seed)
-    model = MoELM(model_cfg)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2))
-    start_step = 0
+    device = torch.device("cpu") if mesh is None else torch.device(mesh.device_type, torch.accelerator.current_device_index()
+                                                                  if mesh.device_type != "cpu" else None)
+    model = MoELM(model_cfg).to(device)
+    start_step, meta = 0, None
     metrics_path = run_dir / "metrics.jsonl"
     if resume and ckpt.has_checkpoint(run_dir):
         path = ckpt.latest_checkpoint(run_dir)
         meta = ckpt.read_meta(path)
         ckpt.load_model_weights(path, model)
-        ckpt.load_optimizer(path, optimizer, meta)
         ckpt.set_rng_state(meta["rng"])
         start_step = meta["step"]
+    # Experts sharded after the full model is built (or loaded): checkpoints hold every expert.
+    par = apply_expert_parallel(model, mesh) if mesh is not None else None
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2))
+    if meta is not None:
+        state = ckpt.read_optimizer_state(path, meta)
+        optimizer.load_state_dict(state if par is None else par.shard_optimizer_state(optimizer, state))
         log(f"resumed from {path} at step {start_step}")
     elif resume:
         log(f"{run_dir} has no checkpoint yet: starting from step 0")
-    if start_step:
+    if not writer:
+        pass  # rank 0 owns the files
+    elif start_step:
         _truncate_metrics(metrics_path, start_step)
     else:
         metrics_path.unlink(missing_ok=True)
     last_saved = start_step
+    if par is not None:
+        log(f"layout: {par.world} ranks, expert parallel {par.ep_size} x data parallel {par.dp_size} "
+            f"({torch.distributed.get_backend()}); each rank "
+            f"reads {cfg.micro_batch // par.world} of every micro-batch's {cfg.micro_batch} sequences")
+        par.batch_rows(cfg.micro_batch)  # raises UsageError on every rank alike
 
     router = model_cfg.moe.router
     count = (f"{model_cfg.num_active_params():,} active per token" if router.fixed_experts_per_token() else
@@ -412,11 +474,13 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
 
         bar = tqdm(initial=start_step, total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
     report_every = max(1, math.ceil(cfg.steps / 10))  # without a terminal: about ten plain lines
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     if model.moe_layers():  # an all-dense model (n_dense == n_layers) has no routing state
-        BalanceTracker(model).attach(optimizer)  # the routers' once-per-step updates run in optimizer.step()
+        # the routers' once-per-step updates run in optimizer.step(), from the counts of every rank's tokens
+        BalanceTracker(model, group=None if par is None else par.data_group).attach(optimizer)
     model.train()
     params = list(model.parameters())
+    forward = model if par is None else par.module
     try:
         with open(metrics_path, "ab", buffering=0) as metrics_file:
             for step in range(start_step, cfg.steps):
@@ -428,18 +492,28 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
                 experts_L = np.zeros(len(model.moe_layers()))
                 for micro in range(cfg.grad_accum):
                     ids_BT = batch_at(tokens, step, micro, cfg)
-                    with autocast:
-                        logits_BTV = model(ids_BT[:, :-1])
-                    lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), ids_BT[:, 1:].flatten())
-                    aux = model.aux_losses()
-                    loss = lm_loss + sum(coefs.get(name, 0.0) * value for name, value in aux.items())
-                    (loss / cfg.grad_accum).backward()
+                    if par is not None:
+                        ids_BT = ids_BT[par.batch_rows(cfg.micro_batch)].to(device)
+                    # DDP averages dense gradients at the last micro-batch only
+                    sync = (contextlib.nullcontext() if par is None or micro == cfg.grad_accum - 1
+                            else par.module.no_sync())
+                    with sync:
+                        with autocast:
+                            logits_BTV = forward(ids_BT[:, :-1])
+                        lm_loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), ids_BT[:, 1:].flatten())
+                        aux = model.aux_losses()
+                        loss = lm_loss + sum(coefs.get(name, 0.0) * value for name, value in aux.items())
+                        (loss / cfg.grad_accum).backward()
                     for name, value in {"loss": loss, "lm_loss": lm_loss, **aux}.items():
                         sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
                     for j, layer in enumerate(model.moe_layers()):
                         experts_L[j] += layer.routing_info().stats()["experts_per_token_mean"] / cfg.grad_accum
-                grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else
-                             torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                if par is not None:  # the logged figures are the global batch's: the mean over ranks
+                    sums, experts_L = _mean_over_ranks(sums, experts_L, device)
+                    grad_norm = par.clip_grad_norm_(cfg.grad_clip)
+                else:
+                    grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else
+                                 torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
                 if not (math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))):
                     raise DivergedError(
                         f"training diverged at step {step + 1}: loss {sums['loss']:.4g}, gradient norm "
@@ -457,7 +531,8 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
                     ev = evaluate(model, tokenizer, cfg.seq_len, cfg.eval_tokens)
                     record.update(val_loss=ev["loss"], val_bpb=ev["bpb"])
                 try:
-                    _append(metrics_file, (json.dumps(record) + "\n").encode("utf-8"))
+                    if writer:
+                        _append(metrics_file, (json.dumps(record) + "\n").encode("utf-8"))
                 except OSError as e:
                     raise ckpt.WriteError(f"cannot append to {metrics_path}: {ckpt.one_line(e)}; stopped at step "
                                           f"{step + 1} ({_kept(last_saved)})") from e
@@ -471,21 +546,59 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log) -> 
                 if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                     meta = {"seed": cfg.seed, "data_position": {"step": step + 1}, "rng": ckpt.rng_state(),
                             "moekit_version": moekit.__version__, "tokens_seen": record["tokens"]}
-                    ckpt.save_checkpoint(run_dir, step + 1, model, optimizer, config, meta,
-                                         pause_for_test=_test_pause(step + 1))
+                    if par is None:
+                        ckpt.save_checkpoint(run_dir, step + 1, model, optimizer, config, meta,
+                                             pause_for_test=_test_pause(step + 1))
+                    else:
+                        _save_consolidated(par, model_cfg, optimizer, run_dir, step + 1, config, meta, writer)
                     last_saved = step + 1
     finally:
         if bar is not None:
             bar.close()
-    result = evaluate(model, tokenizer, cfg.seq_len, cfg.eval_tokens)
+    result = evaluate(model, tokenizer, cfg.seq_len, cfg.eval_tokens)  # every rank evaluates the same windows
     result["seq_len"], result["eval_tokens"] = cfg.seq_len, cfg.eval_tokens
     result["params"] = model_cfg.num_params()
     result["active_params"] = measured_active_params(model_cfg, result["experts_per_token_by_layer"])
     result["active_params_config"] = model_cfg.num_active_params()
-    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
+    if writer:
+        atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
     log(f"validation ({cfg.eval_tokens} tokens per domain, windows of {cfg.seq_len}): loss {result['loss']:.4f}, "
         f"{result['bpb']:.3f} bits per byte (unigram {result['unigram_bpb']:.3f}), "
         f"{result['experts_per_token']:.2f} experts per token, {result['active_params']:,} active parameters per "
         "token (measured)")
     log(UNIGRAM_NOTE)
     return result
+
+
+def _mean_over_ranks(sums: dict[str, float], experts_L: np.ndarray, device) -> tuple[dict[str, float], np.ndarray]:
+    """Per-rank means of equal shares of the global batch -> the global batch's means (one all-reduce)."""
+    flat = torch.tensor([*sums.values(), *experts_L.tolist()], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(flat)
+    flat = (flat / torch.distributed.get_world_size()).tolist()
+    return dict(zip(sums, flat[:len(sums)], strict=True)), np.asarray(flat[len(sums):])
+
+
+def _save_consolidated(par, model_cfg: LMConfig, optimizer, run_dir: Path, step: int, config, meta, writer: bool) -> None:
+    """Checkpoint `step` as one process would write it (every expert gathered: a collective), written by
+    rank 0 with the single-process atomic rules; every rank then learns whether the write succeeded."""
+    full_sd = par.full_state_dict()
+    opt_sd = par.full_optimizer_state(optimizer)
+    opt_sd["state"] = {pid: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+                       for pid, st in opt_sd["state"].items()}
+    problem, error = None, None
+    if writer:
+        with torch.device("meta"):
+            shadow = MoELM(model_cfg)  # no memory: its tensors are the gathered ones
+        shadow.load_state_dict({k: v.cpu() for k, v in full_sd.items()}, assign=True)
+        try:
+            ckpt.save_checkpoint(run_dir, step, shadow, opt_sd, config,
+                                 {**meta, "layout": {"ep": par.ep_size, "dp": par.dp_size}},
+                                 pause_for_test=_test_pause(step))
+        except MoekitError as e:
+            problem, error = ckpt.one_line(e), e
+    try:
+        par.agree(problem)
+    except MoekitError:
+        if error is not None:
+            raise error from None
+        raise
