@@ -1,7 +1,7 @@
 """The allowed import direction between moekit's packages, read from every `import` in src/ with `ast`.
 
     errors  <-  config, utils, data  <-  losses, ops  <-  routers, dispatch, experts  <-  layers
-            <-  models, hf  <-  train, analysis, offload  <-  cli
+            <-  models, hf  <-  compress  <-  train, analysis, offload  <-  cli
 
 A package may import packages on lower levels only; packages on one level do not import each other,
 except for the edges in PEER_EDGES. No package imports another package's `_private` names. Imports
@@ -24,6 +24,7 @@ LEVELS = [
     ("routers", "dispatch", "experts"),
     ("layers",),
     ("models", "hf"),
+    ("compress",),  # prune, merge, quantise a built model; train's loader rebuilds compressed models with it
     ("train", "analysis", "offload"),
     ("cli",),
 ]

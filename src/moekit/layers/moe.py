@@ -128,6 +128,9 @@ class MoELayer(nn.Module):
                                    if cfg.num_shared_experts > 0 and cfg.shared_gate else None)
         if not grouped_mm_available():
             warn_missing_kernel()
+        # Merged experts (moekit.compress.merge, MC-SMoE's semantics): the router keeps its E experts and
+        # expert_map_E (E,) int64 sends each to one of the bank's fewer experts. None: the identity.
+        self.register_buffer("expert_map_E", None)
         # Per-layer coefficients of aux losses attached to the output (see `attach_aux_losses`).
         self.aux_loss_coefs: dict[str, float] | None = None
         # Set by moekit.train.balance.BalanceTracker: told about every training forward (see the module doc).
@@ -162,7 +165,8 @@ class MoELayer(nn.Module):
 
         # Capacity limits are a training device: in eval mode only eval_capacity_factor drops.
         capacity_factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
-        plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, self.cfg.num_experts, capacity_factor)
+        expert_idx_N = route.expert_idx_N if self.expert_map_E is None else self.expert_map_E[route.expert_idx_N]
+        plan = make_plan(route.token_idx_N, expert_idx_N, route.weight_N, self.experts.num_experts, capacity_factor)
         y_ND = self.experts(permute(x_TD, plan), plan.offsets_E)
         y_TD = combine(y_ND, plan, T, x_TD.dtype)
 
