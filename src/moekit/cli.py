@@ -8,6 +8,7 @@
   moekit export RUN --to hf DIR        a transformers checkpoint with the identical routing rule
   moekit analyze RUN|--hf DIR|TRACE    routing metrics and an HTML report
   moekit offload RUN|--hf DIR OUT      write an expert store for `generate --expert-budget`
+  moekit compress RUN --out DIR        prune, merge or quantise the experts (a new run)
   moekit bench NAME [ARGS]             a benchmark script (JSON lines)
 
 Every mistake ends in one line, `moekit COMMAND: message`, with exit code 2 for a usage error (a bad
@@ -377,6 +378,9 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     offload_cli.add_store_arguments(o)
     o.set_defaults(func=offload_cli.write_store_command)
+    from moekit.compress import cli as compress_cli
+
+    compress_cli.add_parser(sub)
     b = sub.add_parser("bench", help="run a benchmark script (prints JSON lines)")
     b.add_argument("name", choices=BENCHMARKS)
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark, e.g. --quick")

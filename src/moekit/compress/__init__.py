@@ -10,6 +10,11 @@ that `moekit eval | generate | analyze` read like any other.
 """
 
 from moekit.compress.calibrate import Calibration, LayerStats, calibrate, calibration_windows
+from moekit.compress.merge import METHODS, MergeResult, merge
 from moekit.compress.prune import CRITERIA, PruneResult, prune
+from moekit.compress.quantize import QuantizedExpertBank, QuantizeResult, quantize
+from moekit.compress.record import new_record, restore
 
-__all__ = ["CRITERIA", "Calibration", "LayerStats", "PruneResult", "calibrate", "calibration_windows", "prune"]
+__all__ = ["CRITERIA", "METHODS", "Calibration", "LayerStats", "MergeResult", "PruneResult", "QuantizeResult",
+           "QuantizedExpertBank", "calibrate", "calibration_windows", "merge", "new_record", "prune", "quantize",
+           "restore"]

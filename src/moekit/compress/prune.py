@@ -192,4 +192,8 @@ def record_counts(model: nn.Module) -> None:
     if cfg is None or not hasattr(cfg, "moe_num_experts"):
         return
     counts = [m.router.num_experts for m in moe_layers(model)]
-    cfg.moe_num_experts = None if all(c == cfg.moe.num_experts for c in counts) else counts
+    if len(set(counts)) == 1:  # one count for every layer: an ordinary config (exports to transformers)
+        cfg.moe = dataclasses.replace(cfg.moe, num_experts=counts[0])
+        cfg.moe_num_experts = None
+    else:
+        cfg.moe_num_experts = counts

@@ -42,7 +42,7 @@ from moekit.layers.moe import MoELayer, moe_layers
 from moekit.ops.ffn import expert_ffn
 from moekit.ops.grouped import grouped_linear
 
-__all__ = ["BITS", "QuantizeResult", "QuantizedExpertBank", "dequantize", "mixed_bits", "parse_method",
+__all__ = ["BITS", "QuantizeResult", "QuantizedExpertBank", "dequantize", "expert_bytes", "mixed_bits", "parse_method",
            "quantize", "quantize_tensor", "super_experts"]
 
 BITS = (2, 4, 8)
@@ -259,6 +259,12 @@ def _bank_nbytes(bank: nn.Module) -> int:
     if isinstance(bank, QuantizedExpertBank):
         return sum(bank.expert_nbytes(e) for e in range(bank.num_experts))
     return sum(w.nbytes for w in (bank.w_in, bank.down_proj))
+
+
+def expert_bytes(model: nn.Module) -> int:
+    """Bytes of every routed expert of `model` as it holds them (quantised: codes and scales; merged: the
+    merged experts once)."""
+    return sum(_bank_nbytes(m.experts) for m in moe_layers(model))
 
 
 def quantize(model: nn.Module, method: str, calib: Calibration | None = None, group_size: int = 64,
