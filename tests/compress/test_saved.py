@@ -61,3 +61,25 @@ def test_a_damaged_record_is_refused(tiny_lm, windows, tmp_path):
         restore(tiny_lm(), {"format": "moekit-compression", "version": 99, "steps": []})
     with pytest.raises(DataError, match="unknown step"):
         restore(tiny_lm(), {"format": "moekit-compression", "version": 1, "steps": [{"method": "zip"}]})
+
+
+def test_expert_store_refuses_what_its_format_cannot_hold_and_takes_uniform_pruning(tiny_lm, windows, tmp_path):
+    from moekit.offload import ExpertStore, write_store
+
+    model = tiny_lm()
+    prune(model, calibrate(model, windows), 0.5, "reap")  # the same share in every layer: an ordinary model
+    store = ExpertStore(write_store(model, tmp_path / "s"))
+    assert store.num_experts == 4
+    per_layer = tiny_lm()
+    prune(per_layer, calibrate(per_layer, windows), 0.5, "freq", per_layer=True)
+    if per_layer.cfg.moe_num_experts is not None:
+        with pytest.raises(ValueError, match="one expert count"):
+            write_store(per_layer, tmp_path / "p")
+    q = tiny_lm()
+    quantize(q, "int4", group_size=16)
+    with pytest.raises(ValueError, match="quantised"):
+        write_store(q, tmp_path / "q")
+    m = tiny_lm()
+    merge(m, calibrate(m, windows), 0.5)
+    with pytest.raises(ValueError, match="merged"):
+        write_store(m, tmp_path / "m")

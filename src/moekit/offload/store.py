@@ -174,9 +174,20 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
     banks = []
     for i, layer in enumerate(layers):
         bank = layer.experts
+        if hasattr(bank, "expert_nbytes"):  # moekit.compress.QuantizedExpertBank
+            raise ValueError(f"write_store: MoE layer {i}'s experts are quantised; this store format (version "
+                             f"{VERSION}) holds full-precision experts of one size, so write the store of the "
+                             "unquantised model")
         if not isinstance(bank, ExpertBank):
             raise ValueError(f"write_store: MoE layer {i} holds {type(bank).__name__}, not an ExpertBank with its "
                              "weights (is the model already offloaded?)")
+        if layer.expert_map_E is not None:
+            raise ValueError(f"write_store: MoE layer {i}'s experts were merged (router experts map to fewer "
+                             f"experts), which this store format (version {VERSION}) cannot express")
+        if bank.num_experts != layers[0].experts.num_experts:
+            raise ValueError(f"write_store: MoE layer {i} has {bank.num_experts} experts and layer 0 "
+                             f"{layers[0].experts.num_experts}; this store format (version {VERSION}) needs one "
+                             "expert count (prune the same share of every layer)")
         if bank.gate_up_proj is not None and bank.gate_up_proj.is_meta or bank.down_proj.is_meta:
             raise ValueError(f"write_store: MoE layer {i}'s expert weights are on the meta device (not loaded)")
         banks.append(bank)
