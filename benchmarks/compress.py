@@ -79,7 +79,7 @@ def packed_int8_probe(D: int = 128, X: int = 512, rows: int = 4, reps: int = 200
         try:
             y = torch._weight_int8pack_mm(x, q_XD, s_X)
             out["weight_int8pack_mm_us"] = clock(lambda: torch._weight_int8pack_mm(x, q_XD, s_X))
-            out["weight_int8pack_mm_max_rel_err"] = float(((y - x @ w.T).abs().max() / (x @ w.T).abs().max()))
+            out["weight_int8pack_mm_max_rel_err"] = float((y - x @ w.T).abs().max() / (x @ w.T).abs().max())
         except RuntimeError as e:
             out["weight_int8pack_mm"] = f"unavailable: {' '.join(str(e).split())[:120]}"
     else:
