@@ -128,3 +128,18 @@ def test_task_criterion_keeps_the_experts_the_task_selects(tiny_lm, windows):
     assert 3 in result.kept[0]
     assert moekit.MoELayer  # the pruned model still runs
     model(windows)
+
+
+def test_a_model_with_different_counts_per_layer_traces(tiny_lm, windows):
+    from moekit.analysis.trace import TraceRecorder
+
+    model = tiny_lm()
+    calib = calibrate(model, windows)
+    for layer, keep in zip(moe_layers(model), ([0, 1, 2], [0, 1, 2, 3, 4, 5]), strict=True):
+        apply_keep(layer, keep)
+    with TraceRecorder(model, gate_lookahead=1) as rec:
+        model(windows[:2])
+    trace = rec.to_trace()
+    assert trace.num_experts == 6 and trace.meta["experts_per_layer"] == [3, 6]
+    assert int(trace.seqs[0][0].max()) < 3  # layer 0's ids lie below its own count
+    assert calib.tokens == windows.numel()
