@@ -5,16 +5,17 @@ import pytest
 import torch
 
 from moekit.compress import calibrate
-from moekit.compress.merge import hc_smoe_groups, linear_assignment, m_smoe_groups, merge, merge_groups
+from moekit.compress.merge import hc_smoe_groups, m_smoe_groups, merge, merge_groups
 from moekit.layers.moe import moe_layers
 from moekit.models import MoELM
+from moekit.utils.assign import assign_min_cost
 
 
-def test_linear_assignment_is_optimal():
+def test_the_neuron_assignment_is_optimal():
     rng = np.random.default_rng(0)
     for n in (1, 2, 5, 6):
         cost = rng.normal(size=(n, n))
-        p = linear_assignment(cost)
+        p = assign_min_cost(cost)
         best = min(sum(cost[i, q[i]] for i in range(n)) for q in itertools.permutations(range(n)))
         assert sorted(p.tolist()) == list(range(n))
         assert sum(cost[i, p[i]] for i in range(n)) == pytest.approx(best)

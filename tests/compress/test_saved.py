@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from moekit.compress import calibrate, merge, new_record, prune, quantize
+from moekit.compress.prune import apply_keep, record_counts
 from moekit.errors import DataError
 from moekit.hf.export import ExportError, export_hf
+from moekit.layers.moe import moe_layers
 from moekit.train import TrainConfig, load_trained, save_trained
 from moekit.train.checkpoint import read_json
 
@@ -29,21 +31,32 @@ def test_compressed_run_saves_and_loads_identically(tiny_lm, windows, tmp_path, 
     assert saved["compression"]["version"] == 1
 
 
-def test_export_refuses_compressed_models_in_one_line(tiny_lm, windows, tmp_path):
+def _compressed(tiny_lm, windows, kind):
     model = tiny_lm()
-    prune(model, calibrate(model, windows), 0.5, "freq", per_layer=True)
-    model.cfg.moe_num_experts = [3, 5]  # whatever the scores chose: layers of different counts
-    with pytest.raises(ExportError, match="different expert counts"):
+    if kind == "per-layer":
+        for layer, keep in zip(moe_layers(model), ([0, 1, 2], [0, 1, 2, 3, 4, 5]), strict=True):
+            apply_keep(layer, keep)
+        record_counts(model)
+        assert model.cfg.moe_num_experts == [3, 6]
+    elif kind == "quantised":
+        quantize(model, "int8", group_size=16)
+    else:
+        merge(model, calibrate(model, windows), 0.5)
+    return model
+
+
+@pytest.mark.parametrize(("kind", "export_why", "store_why"), [("per-layer", "different expert counts", "one expert count"),
+                                                               ("quantised", "quantised", "quantised"),
+                                                               ("merged", "merged", "merged")])
+def test_export_and_expert_store_refuse_what_they_cannot_hold(tiny_lm, windows, tmp_path, kind, export_why, store_why):
+    from moekit.offload import write_store
+
+    model = _compressed(tiny_lm, windows, kind)
+    with pytest.raises(ExportError, match=export_why):
         export_hf(model, tmp_path / "x")
-    q = tiny_lm()
-    quantize(q, "int8", group_size=16)
-    with pytest.raises(ExportError, match="quantised"):
-        export_hf(q, tmp_path / "y")
-    m = tiny_lm()
-    merge(m, calibrate(m, windows), 0.5)
-    with pytest.raises(ExportError, match="merged"):
-        export_hf(m, tmp_path / "z")
-    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match=store_why):
+        write_store(model, tmp_path / "s")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "s").exists()
 
 
 def test_uniformly_pruned_model_exports(tiny_lm, windows, tmp_path):
@@ -63,23 +76,10 @@ def test_a_damaged_record_is_refused(tiny_lm, windows, tmp_path):
         restore(tiny_lm(), {"format": "moekit-compression", "version": 1, "steps": [{"method": "zip"}]})
 
 
-def test_expert_store_refuses_what_its_format_cannot_hold_and_takes_uniform_pruning(tiny_lm, windows, tmp_path):
+def test_a_uniformly_pruned_model_goes_to_the_expert_store(tiny_lm, windows, tmp_path):
     from moekit.offload import ExpertStore, write_store
 
     model = tiny_lm()
     prune(model, calibrate(model, windows), 0.5, "reap")  # the same share in every layer: an ordinary model
     store = ExpertStore(write_store(model, tmp_path / "s"))
-    assert store.num_experts == 4
-    per_layer = tiny_lm()
-    prune(per_layer, calibrate(per_layer, windows), 0.5, "freq", per_layer=True)
-    if per_layer.cfg.moe_num_experts is not None:
-        with pytest.raises(ValueError, match="one expert count"):
-            write_store(per_layer, tmp_path / "p")
-    q = tiny_lm()
-    quantize(q, "int4", group_size=16)
-    with pytest.raises(ValueError, match="quantised"):
-        write_store(q, tmp_path / "q")
-    m = tiny_lm()
-    merge(m, calibrate(m, windows), 0.5)
-    with pytest.raises(ValueError, match="merged"):
-        write_store(m, tmp_path / "m")
+    assert store.num_experts == 4 and store.num_layers == 2

@@ -37,51 +37,11 @@ from moekit.compress.calibrate import Calibration
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank
 from moekit.layers.moe import MoELayer, moe_layers
+from moekit.utils.assign import assign_min_cost
 
-__all__ = ["METHODS", "MergeResult", "hc_smoe_groups", "linear_assignment", "m_smoe_groups", "merge", "merge_groups"]
+__all__ = ["METHODS", "MergeResult", "hc_smoe_groups", "m_smoe_groups", "merge", "merge_groups"]
 
 METHODS = ("m-smoe", "hc-smoe")
-
-
-def linear_assignment(cost: np.ndarray) -> np.ndarray:
-    """The permutation p minimising sum_i cost[i, p[i]] of a square matrix (Hungarian algorithm, O(n^3),
-    one vectorised row scan per step)."""
-    n = cost.shape[0]
-    INF = float("inf")
-    u, v = np.zeros(n + 1), np.zeros(n + 1)
-    p, way = np.zeros(n + 1, dtype=np.int64), np.zeros(n + 1, dtype=np.int64)
-    c = np.zeros((n + 1, n + 1))
-    c[1:, 1:] = cost
-    for i in range(1, n + 1):
-        p[0] = i
-        j0 = 0
-        minv = np.full(n + 1, INF)
-        used = np.zeros(n + 1, dtype=bool)
-        while True:
-            used[j0] = True
-            i0 = p[j0]
-            free = ~used
-            free[0] = False
-            cur = c[i0] - u[i0] - v
-            better = free & (cur < minv)
-            minv[better] = cur[better]
-            way[better] = j0
-            masked = np.where(free, minv, INF)
-            j1 = int(np.argmin(masked))
-            delta = masked[j1]
-            u[p[used]] += delta
-            v[used] -= delta
-            minv[free] -= delta
-            j0 = j1
-            if p[j0] == 0:
-                break
-        while j0:
-            j1 = way[j0]
-            p[j0] = p[j1]
-            j0 = j1
-    out = np.zeros(n, dtype=np.int64)
-    out[p[1:] - 1] = np.arange(n)
-    return out
 
 
 def _neurons(w_in_XD: torch.Tensor, down_DF: torch.Tensor, activation: str) -> torch.Tensor:
@@ -159,7 +119,7 @@ def merge_groups(layer: MoELayer, groups: list[list[int]], freq_E: torch.Tensor,
             w_in, down = bank.w_in[e].float(), bank.down_proj[e].float()
             if align:
                 cost = -(dom_feat @ _neurons(w_in, down, bank.activation).T).double().numpy()
-                perm = torch.from_numpy(linear_assignment(cost))
+                perm = torch.from_numpy(assign_min_cost(cost))
                 w_in, down = _permute(w_in, down, perm, bank.activation)
             acc_in += float(w[j]) * w_in
             acc_down += float(w[j]) * down
