@@ -46,7 +46,7 @@ def _compressed(tiny_lm, windows, kind):
 
 
 @pytest.mark.parametrize(("kind", "export_why", "store_why"), [("per-layer", "different expert counts", "one expert count"),
-                                                               ("quantised", "quantised", "quantised"),
+                                                               ("quantised", "quantised", None),
                                                                ("merged", "merged", "merged")])
 def test_export_and_expert_store_refuse_what_they_cannot_hold(tiny_lm, windows, tmp_path, kind, export_why, store_why):
     from moekit.offload import write_store
@@ -54,9 +54,12 @@ def test_export_and_expert_store_refuse_what_they_cannot_hold(tiny_lm, windows, 
     model = _compressed(tiny_lm, windows, kind)
     with pytest.raises(ExportError, match=export_why):
         export_hf(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    if store_why is None:  # the store holds quantised experts (one width)
+        return
     with pytest.raises(ValueError, match=store_why):
         write_store(model, tmp_path / "s")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "s").exists()
+    assert not (tmp_path / "s").exists()
 
 
 def test_uniformly_pruned_model_exports(tiny_lm, windows, tmp_path):
@@ -83,3 +86,48 @@ def test_a_uniformly_pruned_model_goes_to_the_expert_store(tiny_lm, windows, tmp
     prune(model, calibrate(model, windows), 0.5, "reap")  # the same share in every layer: an ordinary model
     store = ExpertStore(write_store(model, tmp_path / "s"))
     assert store.num_experts == 4 and store.num_layers == 2
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_quantised_store_round_trips_with_checksums_and_counts_compressed_bytes(tiny_lm, windows, tmp_path, method):
+    from moekit.compress.quantize import expert_bytes
+    from moekit.offload import ExpertStore, ExpertStoreError, offloaded_generate, plan_cache, write_store
+
+    full = tiny_lm()
+    model = tiny_lm()
+    quantize(model, method, group_size=16)
+    path = write_store(model, tmp_path / "s")
+    with ExpertStore(path, verify="always") as store:
+        assert store.quantization == {"bits": int(method[3:]), "group_size": 16}
+        assert store.total_nbytes == expert_bytes(model)  # the budget counts compressed bytes
+        bank = moe_layers(model)[1].experts
+        q_in, s_in, q_down, s_down = store.load(1, 5)
+        assert torch.equal(q_in, bank.w_in_q5) and torch.equal(s_down, bank.down_s5)
+        store.verify_all()
+        # the same byte budget holds more experts of the quantised model
+        budget = 2 * 2 * sum(t.nbytes for t in (moe_layers(full)[0].experts.w_in[0], moe_layers(full)[0].experts.down_proj[0]))
+        assert plan_cache(budget, store, "lru", "layer", 2).capacity >= 3 * plan_cache(
+            budget, ExpertStore(write_store(full, tmp_path / "f")), "lru", "layer", 2).capacity
+    # offloaded generation moves the compressed bytes and equals resident generation token for token
+    prompt = windows[:1, :8]
+    res = offloaded_generate(model, prompt, 6, budget="50%", policy="lru", simulate=False)
+    from moekit.models.generate import generate
+
+    assert torch.equal(res.ids_BT, generate(model, prompt, 6))
+    assert res.metrics["expert_bytes"] == expert_bytes(model) // (2 * 8)
+    # a corrupted byte fails its checksum
+    layer_file = path / "layer-000.safetensors"
+    raw = bytearray(layer_file.read_bytes())
+    raw[-1] ^= 0xFF
+    layer_file.write_bytes(bytes(raw))
+    with ExpertStore(path, verify="always") as store, pytest.raises(ExpertStoreError, match="checksum"):
+        store.verify_all()
+
+
+def test_a_store_of_mixed_widths_is_refused_in_one_line(tiny_lm, windows, tmp_path):
+    from moekit.offload import write_store
+
+    model = tiny_lm()
+    quantize(model, "mixed:4", calibrate(model, windows), group_size=16)
+    with pytest.raises(ValueError, match="one expert size"):
+        write_store(model, tmp_path / "s")
