@@ -9,8 +9,8 @@ For each trained run given (`--runs name=DIR,...`), from the run's own checkpoin
   3. evaluate each on the validation split (bits per byte overall and per domain, `--eval-tokens` per
      domain) and count its expert bytes;
   4. offloaded generation at one fixed byte budget (`--budget` of the UNCOMPRESSED model's expert
-     bytes, LRU, per-layer caches) for the variants the expert store holds: hit rate, bytes moved per
-     decoded token, decode tokens/s.
+     bytes, LRU, per-layer caches) for the variants the expert store holds (one expert count and one
+     width per store): hit rate, bytes moved per decoded token, decode tokens/s.
 Also: one expert projection at decode shape through the grouped path's dequantise-then-GEMM against
 torch's CPU weight-packed int8 matmul (`torch._weight_int8pack_mm`, per-channel scales), where present.
 
@@ -48,6 +48,8 @@ VARIANTS = {
     "merge50 hc-smoe": lambda m, c: merge(m, c, 0.5, "hc-smoe").summary(),
     "int8": lambda m, c: quantize(m, "int8", c, 64).summary(),
     "int4": lambda m, c: quantize(m, "int4", c, 64).summary(),
+    # one width for every expert (no super expert kept at int8): what the expert store holds
+    "int4 unprotected": lambda m, c: quantize(m, "int4", c, 64, protect_super=False).summary(),
     "mixed 3.5": lambda m, c: quantize(m, "mixed:3.5", c, 64).summary(),
 }
 
