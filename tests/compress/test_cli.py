@@ -43,3 +43,19 @@ def test_compress_errors_are_one_line(byte_run, tmp_path, capsys):
     assert main(["compress", "--hf", str(tmp_path), "--prune", "0.5", "--out", str(tmp_path / "d")]) == 2
     assert "--hf: not supported" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_quantised_run_generates_offloaded_from_its_compressed_store(byte_run, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["compress", str(byte_run), "--quantize", "int8", "--no-protect-super", "--group-size", "16",
+                 "--calib", "python", "--calib-tokens", "64", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "ab", "--max-new-tokens", "4", "--expert-budget", "50%"]) == 0
+    offloaded = capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt", "ab", "--max-new-tokens", "4"]) == 0
+    resident = capsys.readouterr().out
+    assert resident.strip() and resident.strip() in offloaded  # the same text, token for token
+    from moekit.offload import ExpertStore
+
+    with ExpertStore(out / "expert-store") as store:
+        assert store.quantization == {"bits": 8, "group_size": 16}
