@@ -1,6 +1,7 @@
 """A minimum-cost perfect assignment of a square cost matrix (the Hungarian method): used to place
 experts on ranks (moekit.dispatch.placement) and to align experts' hidden neurons before merging
-(moekit.compress.merge). Legend: E rows and columns of the cost matrix.
+(moekit.compress.merge). Legend: E experts, the rows and columns of the cost matrix (an expert's
+hidden neurons when aligning experts for merging).
 """
 
 from __future__ import annotations
