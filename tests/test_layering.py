@@ -1,7 +1,7 @@
 """The allowed import direction between moekit's packages, read from every `import` in src/ with `ast`.
 
     errors  <-  config, utils, data  <-  losses, ops  <-  routers, dispatch, experts  <-  layers
-            <-  models, hf, parallel  <-  adapters  <-  train, analysis, offload  <-  compose  <-  bench  <-  cli
+            <-  models, hf, parallel  <-  compress, adapters  <-  train, analysis, offload  <-  compose  <-  bench  <-  cli
             <-  __main__
 
 A package may import packages on lower levels only; packages on one level do not import each other,
@@ -25,7 +25,8 @@ LEVELS = [
     ("routers", "dispatch", "experts"),
     ("layers",),
     ("models", "hf", "parallel"),  # parallel: applied to a built model (its layers), used by train
-    ("adapters",),  # adapters on dense linears, moekit expert banks and wrapped transformers models
+    ("compress", "adapters"),  # compress: prune, merge, quantise a built model (train's loader rebuilds them);
+    # adapters: on dense linears, moekit expert banks and wrapped transformers models
     ("train", "analysis", "offload"),
     ("compose",),  # Composition of Experts: scores moekit runs (train) with adapters on top
     ("bench",),  # the benchmarks: they time the whole library; `moekit bench` runs them

@@ -78,11 +78,10 @@ class TraceRecorder:
             raise ValueError(f"gate_lookahead must be >= 0, got {gate_lookahead}")
         self.layer_names = moe_layer_names(model)
         self.layers = layers
-        experts = {m.cfg.num_experts for m in self.layers}
-        if len(experts) != 1:
-            raise ValueError(f"TraceRecorder: MoE layers have different expert counts {sorted(experts)}; "
-                             f"a trace needs one E")
-        self.num_experts = experts.pop()
+        # A pruned model's layers may keep different expert counts: the trace's E is the largest (every
+        # layer's ids lie below it) and the meta records each layer's own count.
+        self.experts_per_layer = [m.router.num_experts for m in self.layers]
+        self.num_experts = max(self.experts_per_layer)
         self.gate_lookahead = min(gate_lookahead, len(self.layers) - 1)  # no layer lies further ahead
         self._index = {id(m): i for i, m in enumerate(self.layers)}
         self._handles: list = []
@@ -245,6 +244,8 @@ class TraceRecorder:
             raise ValueError("TraceRecorder: some batches have domain labels and others not; label every batch")
         routers = sorted({f"{m.cfg.router.kind}({m.cfg.router.describe()})" for m in self.layers})
         meta = {"routers": routers, "gate_lookahead": self.gate_lookahead, **(meta or {})}
+        if len(set(self.experts_per_layer)) > 1:
+            meta["experts_per_layer"] = self.experts_per_layer
         preds = {d: p for d, p in self._preds.items() if p}
         with_loss = [x is not None for x in self._losses]
         if any(with_loss) and not all(with_loss):

@@ -23,6 +23,7 @@ BENCHMARKS = {
     "open_knowledge": "LoRA library per domain, K-shot selection, MoE of selected LoRAs vs base, singles and merges",
     "ep": "expert parallelism over gloo: step time, all-to-all bytes and time per EP size, bytes vs the lower bound",
     "ep_placement": "cross-rank bytes per token of placements (current, ExFlow affinity, speculative shuffling) on traces",
+    "compress": "compression on trained presets: bits per byte, expert bytes and offloaded decoding per method",
 }
 
 

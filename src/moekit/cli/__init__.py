@@ -8,6 +8,7 @@
   moekit export RUN --to hf DIR        a transformers checkpoint with the identical routing rule
   moekit analyze RUN|--hf DIR|TRACE    routing metrics and an HTML report
   moekit offload RUN|--hf DIR OUT      write an expert store for `generate --expert-budget`
+  moekit compress RUN --out DIR ...    prune, merge, quantise a run's experts
   moekit compose build|eval|serve      Composition of Experts: route requests to whole models
   moekit bench NAME [ARGS]             a benchmark (JSON lines)
 
@@ -45,6 +46,7 @@ COMMANDS = (
     "moekit.cli.analyze",
     "moekit.cli.compare",
     "moekit.cli.offload",
+    "moekit.cli.compress",
     "moekit.cli.compose",
     "moekit.cli.bench",
 )

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from moekit.cli.common import positive_int
+
 __all__ = ["add_arguments", "add_parser", "run"]
 
 
@@ -25,14 +27,6 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def add_parser(subparsers) -> None:
@@ -44,21 +38,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `moekit analyze`."""
     parser.add_argument("source", nargs="?", help="a moekit run directory or a routing-trace file (docs/trace-format.md)")
     parser.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint directory instead of SOURCE")
-    parser.add_argument("--seq-len", type=_positive, default=256,
+    parser.add_argument("--seq-len", type=positive_int, default=256,
                         help="tokens per validation sample when recording (default 256)")
-    parser.add_argument("--samples-per-domain", type=_positive, default=32,
+    parser.add_argument("--samples-per-domain", type=positive_int, default=32,
                         help="validation samples per domain when recording (default 32)")
     parser.add_argument("--out", required=True,
                         help="output directory for report.html, metrics.json and trace.npz (absent, empty or an "
                              "earlier report)")
-    parser.add_argument("--workers", type=_positive, default=2, help="processes for the simulations (default 2)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="processes for the simulations (default 2)")
     parser.add_argument("--srp-n", type=_ints, default=(4, 16, 64, 256), help="SRP segment lengths (default 4,16,64,256)")
     parser.add_argument("--sch-n", type=_ints, default=(4, 16, 64), help="SCH segment lengths, per-layer caches")
     parser.add_argument("--model-sch-n", type=_ints, default=(16,), help="SCH segment lengths, whole-model cache")
-    parser.add_argument("--max-multiple", type=_positive, default=8, help="per-layer caches: C from k to this times k")
+    parser.add_argument("--max-multiple", type=positive_int, default=8, help="per-layer caches: C from k to this times k")
     parser.add_argument("--model-multiples", type=_ints, default=(1, 2, 4, 8),
                         help="whole-model cache: C = L x multiple x k (default 1,2,4,8)")
-    parser.add_argument("--boot", type=_positive, default=200, help="bootstrap replicates for SRP intervals")
+    parser.add_argument("--boot", type=positive_int, default=200, help="bootstrap replicates for SRP intervals")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the simulations (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -7,6 +7,17 @@ import argparse
 from moekit.errors import UsageError
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def positive(value: int, flag: str) -> int:
     """`value` if it is >= 1, else UsageError naming `flag`."""
     if value < 1:

@@ -24,17 +24,11 @@ import argparse
 import json
 import sys
 
+from moekit.cli.common import positive_int
+
 __all__ = ["add_parser", "run"]
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def _probability(text: str) -> float:
@@ -68,27 +62,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output directory (absent, empty or an earlier composition)")
     b.add_argument("--examples", metavar="FILE", help="labelled examples, JSON lines {\"text\", \"category\"} "
                    "(default: the embedded corpus's train split, labelled by domain)")
-    b.add_argument("--per-category", type=_positive, default=64,
+    b.add_argument("--per-category", type=positive_int, default=64,
                    help="corpus samples per domain for the router (default 64)")
-    b.add_argument("--mapping-per-category", type=_positive, default=8,
+    b.add_argument("--mapping-per-category", type=positive_int, default=8,
                    help="examples per category on which the experts are compared (default 8)")
     b.add_argument("--fallback", metavar="NAME", help="expert for requests the router is unsure of")
     b.add_argument("--min-confidence", type=_probability, default=0.0,
                    help="with --fallback: route to it when the top category probability is lower (default 0)")
-    b.add_argument("--seq-len", type=_positive, default=128, help="scoring window length (default 128)")
+    b.add_argument("--seq-len", type=positive_int, default=128, help="scoring window length (default 128)")
     b.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("eval", help="bits per byte of routed, oracle and single-expert runs; router accuracy")
     e.add_argument("dir", help="a composition directory (the --out of build)")
     e.add_argument("--requests", metavar="FILE", help="JSON lines {\"text\", \"category\"} (default: the embedded "
                    "corpus's validation split)")
-    e.add_argument("--per-category", type=_positive, default=None, help="at most this many requests per category")
-    e.add_argument("--batch-size", type=_positive, default=16, help="requests per batch (default 16)")
-    e.add_argument("--seq-len", type=_positive, default=128, help="scoring window length (default 128)")
+    e.add_argument("--per-category", type=positive_int, default=None, help="at most this many requests per category")
+    e.add_argument("--batch-size", type=positive_int, default=16, help="requests per batch (default 16)")
+    e.add_argument("--seq-len", type=positive_int, default=128, help="scoring window length (default 128)")
     e.add_argument("--json", action="store_true", help="print the full JSON result")
     s = sub.add_parser("serve", help="route requests read from stdin (one per line) and write one JSON line each")
     s.add_argument("dir", help="a composition directory (the --out of build)")
-    s.add_argument("--batch-size", type=_positive, default=8, help="requests per batch (default 8)")
-    s.add_argument("--max-new-tokens", type=_positive, default=64, help="greedy continuation length (default 64)")
+    s.add_argument("--batch-size", type=positive_int, default=8, help="requests per batch (default 8)")
+    s.add_argument("--max-new-tokens", type=positive_int, default=64, help="greedy continuation length (default 64)")
     s.add_argument("--score", action="store_true", help="write each request's bits per byte instead of a continuation")
     return parser
 

@@ -35,6 +35,7 @@ import torch
 
 from moekit.config import RouterConfig
 from moekit.errors import UsageError
+from moekit.utils.assign import assign_min_cost as _assign_min_cost  # tests and this module use the old name
 
 __all__ = ["Placement", "Traffic", "affinity_placement", "colocated_pairs", "contiguous_homes",
            "following_homes", "permute_experts_", "placement_report", "speculative_homes", "traffic"]
@@ -243,47 +244,6 @@ def colocated_pairs(experts_LTK, rank_LE, num_experts: int) -> float:
     total = sum(float(a.sum()) for a in pairs)
     same = sum(float(a[rank_LE[layer][:, None] == rank_LE[layer + 1][None, :]].sum()) for layer, a in enumerate(pairs))
     return same / total if total else 1.0
-
-
-def _assign_min_cost(cost_EE: np.ndarray) -> np.ndarray:
-    """Column of each row in a minimum-cost perfect assignment of a square cost matrix.
-
-    The Hungarian method (Kuhn-Munkres) in its O(n^3) shortest-augmenting-path form, with potentials
-    u (rows) and v (columns); the inner scan over columns is vectorised.
-    """
-    n = cost_EE.shape[0]
-    u, v = np.zeros(n + 1), np.zeros(n + 1)
-    match = np.zeros(n + 1, dtype=np.int64)  # match[j] = row (1-based) assigned to column j; 0 = none
-    way = np.zeros(n + 1, dtype=np.int64)
-    for row in range(1, n + 1):
-        match[0] = row
-        col = 0
-        min_slack = np.full(n + 1, np.inf)
-        used = np.zeros(n + 1, dtype=bool)
-        while True:
-            used[col] = True
-            i0 = match[col]
-            slack = cost_EE[i0 - 1] - u[i0] - v[1:]
-            free = ~used[1:]
-            better = free & (slack < min_slack[1:])
-            min_slack[1:][better] = slack[better]
-            way[1:][better] = col
-            candidates = np.where(free, min_slack[1:], np.inf)
-            nxt = int(np.argmin(candidates)) + 1
-            delta = candidates[nxt - 1]
-            u[match[used]] += delta
-            v[used] -= delta
-            min_slack[~used] -= delta
-            col = nxt
-            if match[col] == 0:
-                break
-        while col:  # augment along the alternating path
-            prev = way[col]
-            match[col] = match[prev]
-            col = prev
-    col_of_row = np.empty(n, dtype=np.int64)
-    col_of_row[match[1:] - 1] = np.arange(n)
-    return col_of_row
 
 
 def _balanced_ranks(score_EW: np.ndarray) -> np.ndarray:

@@ -145,6 +145,23 @@ def check_export_target(out_dir: str | os.PathLike) -> None:
     check_writable_dir(out_dir, KIND, "moekit export")
 
 
+def _check_uncompressed(model: MoELM) -> None:
+    """Refuse what moekit.compress made that a transformers MoE checkpoint cannot hold."""
+    from moekit.experts import ExpertBank
+
+    if model.cfg.moe_num_experts is not None:
+        _refuse(f"its MoE layers keep different expert counts ({' '.join(map(str, model.cfg.moe_num_experts))}: "
+                "pruned per layer) and a transformers MoE config has one num_experts; prune the same share of "
+                "every layer (no --per-layer) to export")
+    for layer in model.moe_layers():
+        if layer.expert_map_E is not None:
+            _refuse("its experts were merged (router experts mapped to fewer merged experts), which transformers' "
+                    "MoE blocks cannot express; export before merging, or prune instead")
+        if not isinstance(layer.experts, ExpertBank):
+            _refuse("its experts are quantised (moekit's group-wise int codes), which transformers' MoE "
+                    "checkpoints do not hold; export the unquantised model")
+
+
 def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> Path:
     """Write `model` as a transformers checkpoint in `out_dir` (config.json + safetensors), verified by
     loading it back and comparing logits; `out_dir` is untouched if anything fails (see the module doc).
@@ -153,6 +170,7 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> P
 
     out_dir = Path(out_dir)
     check_export_target(out_dir)
+    _check_uncompressed(model)
     hf_cfg = hf_config_for(model.cfg)
     if model.cfg.moe.router.hf_routing()["scoring_func"] == "softmax" and any(
             bool(layer.router.e_score_correction_bias.any()) for layer in model.moe_layers()):

@@ -185,6 +185,9 @@ class MoELayer(nn.Module):
                                    if cfg.num_shared_experts > 0 and cfg.shared_gate else None)
         if not grouped_mm_available():
             warn_missing_kernel()
+        # Merged experts (moekit.compress.merge, MC-SMoE's semantics): the router keeps its E experts and
+        # expert_map_E (E,) int64 sends each to one of the bank's fewer experts. None: the identity.
+        self.register_buffer("expert_map_E", None)
         # Per-layer coefficients of aux losses attached to the output (see `attach_aux_losses`).
         self.aux_loss_coefs: dict[str, float] | None = None
         # Set by moekit.train.balance.BalanceTracker: told about every training forward (see the module doc).
@@ -254,7 +257,11 @@ class MoELayer(nn.Module):
             route, zc_route, zc_counts = self._split_zero_compute(route)
             e_in_TD = h_TD if self.fc1_latent_proj is None else self.fc1_latent_proj(h_TD)
             if self.expert_dispatch is None:
-                plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, cfg.num_experts,
+                # Merged experts (moekit.compress.merge): the router keeps its E experts, expert_map_E
+                # sends each to the bank's expert that now computes it.
+                expert_idx_N = (route.expert_idx_N if self.expert_map_E is None
+                                else self.expert_map_E[route.expert_idx_N])
+                plan = make_plan(route.token_idx_N, expert_idx_N, route.weight_N, self.experts.num_experts,
                                  capacity_factor)
                 delta_TD = combine(self.experts(permute(e_in_TD, plan), plan.offsets_E), plan, T, e_in_TD.dtype)
                 kept = None if plan.num_dropped == 0 else (plan.token_N, plan.expert_N, plan.weight_N)

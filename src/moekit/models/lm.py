@@ -39,6 +39,8 @@ class LMConfig(Config):
 
     d_ff_dense: width of the dense FFN in the first `n_dense` layers (default: the MoE layer's
     expected active width, k * d_expert + shared width, so dense and MoE layers cost the same).
+    moe_num_experts: routed experts of each MoE layer, in layer order (None: `moe.num_experts` in every
+    one). Pruning (moekit.compress) writes it, so that layers may keep different expert counts.
     """
 
     vocab_size: int = setting(259, "vocabulary size (set from the tokenizer when training)")
@@ -56,10 +58,23 @@ class LMConfig(Config):
     tie_embeddings: bool = setting(True, "share the input embedding with the output projection")
     init_std: float = setting(0.02, "standard deviation of the weight initialisation")
     moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": 'the MoE layer (MoEConfig)'})
+    moe_num_experts: list[int] | None = field(
+        default=None, metadata={"help": "routed experts of each MoE layer (written by pruning; None = moe.num_experts)"})
 
     def __post_init__(self):
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
+
+    @property
+    def n_moe(self) -> int:
+        return self.n_layers - self.n_dense
+
+    def moe_config(self, i: int) -> MoEConfig:
+        """The MoEConfig of MoE layer `i` (0-based among the MoE layers): `moe` with that layer's expert
+        count when `moe_num_experts` gives one."""
+        if self.moe_num_experts is None or self.moe_num_experts[i] == self.moe.num_experts:
+            return self.moe
+        return dataclasses.replace(self.moe, num_experts=self.moe_num_experts[i])
 
     @property
     def kv_heads(self) -> int:
@@ -97,6 +112,14 @@ class LMConfig(Config):
         if self.moe.d_model != self.d_model:
             self.moe = dataclasses.replace(self.moe, d_model=self.d_model)
         self.moe.validate()
+        if self.moe_num_experts is not None:
+            counts = self.moe_num_experts
+            require(isinstance(counts, list | tuple) and len(counts) == self.n_moe
+                    and all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in counts),
+                    "LMConfig.moe_num_experts", counts, f"None or a list of {self.n_moe} integers >= 1 (one per MoE layer)")
+            self.moe_num_experts = list(counts)
+            for i in range(self.n_moe):
+                self.moe_config(i).validate()
         if not self.moe.router.is_causal() and not self.moe.router.accepts_causal_leak():
             raise UsageError(f"RouterConfig.kind={self.moe.router.kind!r} is not causal (a token's experts depend on "
                              "later tokens), so a causal LM would see the future; set allow_causal_leak=True to "
@@ -109,17 +132,16 @@ class LMConfig(Config):
         return d * d * 2 + 2 * d * self.kv_heads * hd + (2 * hd if self.qk_norm else 0)
 
     def num_params(self) -> int:
-        n_moe = self.n_layers - self.n_dense
         embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
         per_layer = self._attn_params() + 2 * self.d_model
         dense = 3 * self.d_model * self.dense_width
         shared = self.moe.router.shared_module_params()  # e.g. RMoE's GRU, one per model
-        return (embed + self.n_layers * per_layer + self.n_dense * dense + n_moe * self.moe.num_params()
-                + self.d_model + shared)
+        moe = sum(self.moe_config(i).num_params() for i in range(self.n_moe))
+        return embed + self.n_layers * per_layer + self.n_dense * dense + moe + self.d_model + shared
 
     def num_active_params(self) -> int:
         """Parameters one token uses on average (experts at the router's expected count)."""
-        inactive = (self.n_layers - self.n_dense) * (self.moe.num_params() - self.moe.num_active_params())
+        inactive = sum(c.num_params() - c.num_active_params() for c in map(self.moe_config, range(self.n_moe)))
         return self.num_params() - inactive
 
 
@@ -196,7 +218,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.is_moe = layer_idx >= cfg.n_dense
-        self.ffn = MoELayer(cfg.moe) if self.is_moe else SharedExpert(cfg.d_model, cfg.dense_width)
+        self.ffn = MoELayer(cfg.moe_config(layer_idx - cfg.n_dense)) if self.is_moe else SharedExpert(cfg.d_model, cfg.dense_width)
 
     def forward(self, x_BTD, cos_Td, sin_Td, cache, padding_mask, router_state):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_Td, sin_Td, cache)

@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from moekit.compress.quantize import QuantizedExpertBank, dequantize
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank
 from moekit.layers.moe import MoELayer, moe_layers
@@ -130,7 +131,7 @@ class OffloadRuntime:
         self.layers = moe_layers(model)
         store.check_matches(self.layers)
         for i, layer in enumerate(self.layers):
-            if not isinstance(layer.experts, ExpertBank):
+            if not isinstance(layer.experts, ExpertBank | QuantizedExpertBank):
                 raise ValueError(f"MoE layer {i} holds {type(layer.experts).__name__}; is the model offloaded already?")
         if device is None:
             device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
@@ -215,8 +216,13 @@ class OffloadRuntime:
         width = self.store.layout.shapes[0][0]  # 2F (SwiGLU) or F
         h_NX = x_ND.new_empty(N, width)
         h_NF = x_ND.new_empty(N, width // 2 if swiglu else width)
+        quant = self.store.quantization
         for gi, group in enumerate(self.groups(active)):
             weights = self.cache.acquire(layer_idx, group)
+            if quant is not None:  # compressed bytes were moved; dequantise the step's experts only
+                weights = [(dequantize(q_in, s_in, quant["bits"], x_ND.dtype), dequantize(q_down, s_down, quant["bits"],
+                                                                                      x_ND.dtype))
+                           for q_in, s_in, q_down, s_down in weights]
             if gi == 0 and self.predict and self.phase == "decode" and len(active) <= self.plan.step_size:
                 self._prefetch_next(layer_idx)
             ranges = [(starts[e], ends[e]) for e in group]
@@ -246,6 +252,10 @@ class OffloadRuntime:
 def _release_bank(layer: MoELayer, bank: nn.Module) -> None:
     """Free the resident expert weights: the ExpertBank's Parameters (and a wrapped transformers
     block's own references to them) become meta tensors. Irreversible."""
+    if isinstance(bank, QuantizedExpertBank):  # codes and scales are buffers
+        for name, b in list(bank._buffers.items()):
+            bank._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device="meta")
+        return
     tensors = [t for t in (bank.gate_up_proj, bank.up_proj, bank.down_proj) if t is not None]
     ids = {id(t) for t in tensors}
     owners = [bank]
@@ -289,7 +299,7 @@ def expert_shape(model: nn.Module) -> ExpertShape:
     the model without writing anything: budgets are checked against it before a store is written."""
     layers = _layers(model, "expert_shape")
     bank = layers[0].experts
-    if not isinstance(bank, ExpertBank):
+    if not isinstance(bank, ExpertBank | QuantizedExpertBank):
         raise ValueError(f"expert_shape: the model's experts are {type(bank).__name__}, not an ExpertBank "
                          "(is it already offloaded?)")
     nbytes = sum(t.numel() * t.element_size() for t in _expert_tensors(bank, 0))

@@ -1,6 +1,7 @@
 """The expert store: every routed expert of every MoE layer on disk, readable one expert at a time.
 
-Format "moekit-expert-store" version 1 (docs/offload.md is the specification). A directory:
+Format "moekit-expert-store" version 1, and version 2 for quantised experts (moekit.compress: per-tensor
+dtypes, uint8 codes and fp32 scales, one width per store); docs/offload.md is the specification. A directory:
 
     manifest.json            format, version, shapes, dtype, byte ranges and a sha256 per expert
     layer-000.safetensors    MoE layer 0: tensors e0.gate_up, e0.down, e1.gate_up, ... (or e{i}.up for GELU)
@@ -65,13 +66,15 @@ __all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "check_store_
 
 FORMAT = "moekit-expert-store"
 VERSION = 1
+QUANTIZED_VERSION = 2  # stores of quantised experts (moekit.compress): per-tensor dtypes and a "quantization" key
 MANIFEST = "manifest.json"
 DENSE = "dense.safetensors"
 _ALIGN = 4096  # data start of every layer file: page-aligned expert reads
 KIND = "store"  # ownership marker kind (moekit.utils.io)
 VERIFY_MODES = ("first", "always", "never")
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.uint8: "U8"}
 _TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in _ST_DTYPES}
 
 
@@ -79,11 +82,32 @@ class ExpertStoreError(DataError, RuntimeError):
     """A store that cannot be used: missing, another format or version, truncated, or corrupted."""
 
 
-def _tensor_names(activation: str) -> tuple[str, str]:
-    return ("gate_up", "down") if activation == "swiglu" else ("up", "down")
+def _tensor_names(activation: str, quantization: dict | None = None) -> tuple[str, ...]:
+    first = "gate_up" if activation == "swiglu" else "up"
+    if quantization:  # group-wise int codes and their fp32 scales (moekit.compress.quantize)
+        return (f"{first}.q", f"{first}.scale", "down.q", "down.scale")
+    return (first, "down")
+
+
+def _is_quantized(bank: nn.Module) -> bool:
+    return hasattr(bank, "bits_E")  # moekit.compress.QuantizedExpertBank
+
+
+def _quantization(bank: nn.Module, layer: int) -> dict | None:
+    """{"bits", "group_size"} of a quantised bank (one width for every expert: the store holds one expert
+    size), or None."""
+    if not _is_quantized(bank):
+        return None
+    widths = sorted(set(bank.bits_E))
+    if len(widths) != 1:
+        raise ValueError(f"write_store: MoE layer {layer} mixes expert widths {widths} bits; the store holds one expert "
+                         "size: quantise every expert to one width (e.g. --quantize int4 --no-protect-super)")
+    return {"bits": widths[0], "group_size": bank.group_size}
 
 
 def _expert_tensors(bank: nn.Module, e: int) -> list[torch.Tensor]:
+    if _is_quantized(bank):
+        return [getattr(bank, f"{n}{e}") for n in ("w_in_q", "w_in_s", "down_q", "down_s")]
     first = bank.gate_up_proj if bank.activation == "swiglu" else bank.up_proj
     return [first[e], bank.down_proj[e]]
 
@@ -99,21 +123,22 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
 
 def _write_layer_file(path: Path, bank: nn.Module, layer: int) -> dict[str, Any]:
     """One layer's experts as a safetensors file in expert order; returns the manifest entry."""
-    names = _tensor_names(bank.activation)
+    names = _tensor_names(bank.activation, _quantization(bank, layer))
     E = bank.num_experts
     shapes = [tuple(t.shape) for t in _expert_tensors(bank, 0)]
-    dtype = _expert_tensors(bank, 0)[0].dtype
-    if dtype not in _ST_DTYPES:
-        raise ValueError(f"write_store: expert dtype {dtype} is not supported; expected one of "
-                         f"{sorted(str(d) for d in _ST_DTYPES)}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = [itemsize * int(torch.Size(s).numel()) for s in shapes]
+    dtypes = [t.dtype for t in _expert_tensors(bank, 0)]
+    dtype = dtypes[0]
+    for d in dtypes:
+        if d not in _ST_DTYPES:
+            raise ValueError(f"write_store: expert dtype {d} is not supported; expected one of "
+                             f"{sorted(str(x) for x in _ST_DTYPES)}")
+    sizes = [torch.empty((), dtype=d).element_size() * int(torch.Size(s).numel()) for s, d in zip(shapes, dtypes, strict=True)]
     S_e = sum(sizes)
     header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "version": str(VERSION), "layer": str(layer)}}
     for e in range(E):
         begin = e * S_e
-        for name, shape, size in zip(names, shapes, sizes, strict=True):
-            header[f"e{e}.{name}"] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+        for name, shape, size, d in zip(names, shapes, sizes, dtypes, strict=True):
+            header[f"e{e}.{name}"] = {"dtype": _ST_DTYPES[d], "shape": list(shape),
                                       "data_offsets": [begin, begin + size]}
             begin += size
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -132,13 +157,13 @@ def _write_layer_file(path: Path, bank: nn.Module, layer: int) -> dict[str, Any]
                 f.write(b)
             experts.append({"offset": data_start + e * S_e, "sha256": h.hexdigest()})
     return {"index": layer, "file": path.name, "file_nbytes": data_start + E * S_e, "data_start": data_start,
-            "experts": experts, "_shapes": shapes, "_sizes": sizes, "_dtype": dtype}
+            "experts": experts, "_shapes": shapes, "_sizes": sizes, "_dtype": dtype, "_dtypes": dtypes}
 
 
 def _dense_state(model: nn.Module, expert_banks: list[nn.Module]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of model.state_dict() except the routed experts; tied tensors stored once
     (aliases: name -> the stored name)."""
-    skip = {id(p) for bank in expert_banks for p in bank.parameters()}
+    skip = {id(p) for bank in expert_banks for p in (*bank.parameters(), *bank.buffers())}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple], str] = {}
@@ -174,24 +199,35 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
     banks = []
     for i, layer in enumerate(layers):
         bank = layer.experts
-        if not isinstance(bank, ExpertBank):
+        if not isinstance(bank, ExpertBank) and not _is_quantized(bank):
             raise ValueError(f"write_store: MoE layer {i} holds {type(bank).__name__}, not an ExpertBank with its "
                              "weights (is the model already offloaded?)")
-        if bank.gate_up_proj is not None and bank.gate_up_proj.is_meta or bank.down_proj.is_meta:
+        if layer.expert_map_E is not None:
+            raise ValueError(f"write_store: MoE layer {i}'s experts were merged (router experts map to fewer "
+                             "experts), which the store cannot express")
+        if bank.num_experts != layers[0].experts.num_experts:
+            raise ValueError(f"write_store: MoE layer {i} has {bank.num_experts} experts and layer 0 "
+                             f"{layers[0].experts.num_experts}; the store needs one "
+                             "expert count (prune the same share of every layer)")
+        if any(t.is_meta for t in _expert_tensors(bank, 0)):
             raise ValueError(f"write_store: MoE layer {i}'s expert weights are on the meta device (not loaded)")
         banks.append(bank)
+    quant = [_quantization(bank, i) for i, bank in enumerate(banks)]
+    if any(q != quant[0] for q in quant):
+        raise ValueError(f"write_store: MoE layers are quantised differently ({quant}); the store holds one expert size")
     check_store_target(out_dir)
     with atomic_dir(out_dir, KIND, "write_store") as tmp:
         entries = [_write_layer_file(tmp / f"layer-{i:03d}.safetensors", bank, i) for i, bank in enumerate(banks)]
         first = entries[0]
         for i, ent in enumerate(entries):
-            if ent["_shapes"] != first["_shapes"] or ent["_dtype"] != first["_dtype"]:
+            if ent["_shapes"] != first["_shapes"] or ent["_dtypes"] != first["_dtypes"]:
                 raise ValueError(f"write_store: MoE layer {i} has expert shapes {ent['_shapes']} {ent['_dtype']}, "
                                  f"layer 0 has {first['_shapes']} {first['_dtype']}; the store needs one expert size")
-        names = _tensor_names(banks[0].activation)
+        names = _tensor_names(banks[0].activation, quant[0])
         tensors, offset = [], 0
-        for name, shape, size in zip(names, first["_shapes"], first["_sizes"], strict=True):
-            tensors.append({"name": name, "shape": list(shape), "offset": offset, "nbytes": size})
+        for name, shape, size, d in zip(names, first["_shapes"], first["_sizes"], first["_dtypes"], strict=True):
+            tensors.append({"name": name, "shape": list(shape), "offset": offset, "nbytes": size,
+                            "dtype": str(d).removeprefix("torch.")})
             offset += size
         dense = None
         if isinstance(model, MoELM):
@@ -200,7 +236,7 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
             digest = sha256_file(tmp / DENSE)
             dense = {"file": DENSE, "sha256": digest, "aliases": aliases, "model_config": model.cfg.to_dict()}
         manifest = {
-            "format": FORMAT, "version": VERSION,
+            "format": FORMAT, "version": QUANTIZED_VERSION if quant[0] else VERSION, "quantization": quant[0],
             "num_layers": len(banks), "num_experts": banks[0].num_experts, "d_model": banks[0].d_model,
             "d_expert": banks[0].d_expert, "activation": banks[0].activation,
             "dtype": str(first["_dtype"]).removeprefix("torch."), "expert_nbytes": offset,
@@ -271,8 +307,12 @@ def _check_manifest(m: Any, man_path: Path) -> None:
         raise bad(f"holds a JSON {type(m).__name__}, expected an object")
     if m.get("format") != FORMAT:
         raise ExpertStoreError(f"{man_path}: format {m.get('format')!r}, expected {FORMAT!r}")
-    if m.get("version") != VERSION:
-        raise ExpertStoreError(f"{man_path}: version {m.get('version')!r}, this moekit reads version {VERSION}")
+    if m.get("version") not in (VERSION, QUANTIZED_VERSION):
+        raise ExpertStoreError(f"{man_path}: version {m.get('version')!r}, this moekit reads versions {VERSION} and "
+                               f"{QUANTIZED_VERSION}")
+    quant = m.get("quantization")
+    if (quant is not None) != (m["version"] == QUANTIZED_VERSION):
+        raise bad(f"version {m['version']} with quantization {quant!r} (quantised stores are version {QUANTIZED_VERSION})")
     positive = (lambda v: _is_int(v, 1), "an integer >= 1")
     L = need(m, "num_layers", *positive)
     E = need(m, "num_experts", *positive)
@@ -281,18 +321,25 @@ def _check_manifest(m: Any, man_path: Path) -> None:
     activation = need(m, "activation", lambda v: isinstance(v, str), "a string")
     dtype = _TORCH_DTYPES[need(m, "dtype", lambda v: v in _TORCH_DTYPES, f"one of {sorted(_TORCH_DTYPES)}")]
     S = need(m, "expert_nbytes", *positive)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    names = _tensor_names(activation)
-    shapes = ([2 * F, D] if activation == "swiglu" else [F, D], [D, F])
+    names = _tensor_names(activation, quant)
+    X = 2 * F if activation == "swiglu" else F
+    shapes = ([X, D], [D, F])
+    dtypes = (dtype, dtype)
+    if quant is not None:
+        b = need(quant, "bits", lambda v: v in (2, 4, 8), "2, 4 or 8", "quantization.")
+        G = need(quant, "group_size", lambda v: _is_int(v, 1) and D % v == 0 and F % v == 0,
+                 "a divisor of d_model and d_expert", "quantization.")
+        shapes = ([X, D * b // 8], [X, D // G], [D, F * b // 8], [D, F // G])
+        dtypes = (torch.uint8, torch.float32, torch.uint8, torch.float32)
     tensors = need(m, "tensors", lambda v: isinstance(v, list) and len(v) == len(names),
                    f"a list of {len(names)} tensor entries")
     offset = 0
-    for i, (t, name, shape) in enumerate(zip(tensors, names, shapes, strict=True)):
+    for i, (t, name, shape, d) in enumerate(zip(tensors, names, shapes, dtypes, strict=True)):
         where = f"tensors[{i}]."
         need(t, "name", lambda v, n=name: v == n, repr(name), where)
         need(t, "shape", lambda v, s=shape: v == s, f"{shape} (from d_model, d_expert and activation)", where)
         need(t, "offset", lambda v, o=offset: v == o, f"{offset} (tensors are contiguous)", where)
-        nbytes = itemsize * shape[0] * shape[1]
+        nbytes = torch.empty((), dtype=d).element_size() * shape[0] * shape[1]
         need(t, "nbytes", lambda v, n=nbytes: v == n, f"{nbytes} (shape x dtype size)", where)
         offset += nbytes
     if S != offset:
@@ -333,11 +380,13 @@ class ExpertLayout:
     nbytes: tuple[int, ...]
     dtype: torch.dtype
     expert_nbytes: int
+    dtypes: tuple[torch.dtype, ...] | None = None  # per tensor (quantised stores); None: all `dtype`
 
     def views(self, buf_u8: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The expert's tensors as views of a (expert_nbytes,) uint8 buffer (no copy)."""
-        return tuple(buf_u8[o:o + n].view(self.dtype).view(s)
-                     for o, n, s in zip(self.offsets, self.nbytes, self.shapes, strict=True))
+        dtypes = self.dtypes or (self.dtype,) * len(self.names)
+        return tuple(buf_u8[o:o + n].view(d).view(s)
+                     for o, n, s, d in zip(self.offsets, self.nbytes, self.shapes, dtypes, strict=True))
 
 
 class ExpertStore:
@@ -370,10 +419,13 @@ class ExpertStore:
         self.d_expert: int = m["d_expert"]
         self.expert_nbytes: int = m["expert_nbytes"]
         self.dtype: torch.dtype = _TORCH_DTYPES[m["dtype"]]
+        # {"bits", "group_size"} of a store of quantised experts (moekit.compress), else None.
+        self.quantization: dict | None = m.get("quantization")
         t = m["tensors"]
+        dtypes = tuple(_TORCH_DTYPES[x["dtype"]] for x in t) if self.quantization else None
         self.layout = ExpertLayout(tuple(x["name"] for x in t), tuple(tuple(x["shape"]) for x in t),
                                    tuple(x["offset"] for x in t), tuple(x["nbytes"] for x in t),
-                                   self.dtype, self.expert_nbytes)
+                                   self.dtype, self.expert_nbytes, dtypes)
         self._verified: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
         self._fds: list[int] = []
@@ -505,6 +557,13 @@ class ExpertStore:
             if got != want:
                 raise ExpertStoreError(f"expert store {self.path} holds experts (E, D, F, activation) = {want}, "
                                        f"MoE layer {i} of the model has {got}")
+            bank = layer.experts
+            if any(t.is_meta for t in _expert_tensors(bank, 0)):
+                continue  # a model built without its experts (load_dense_lm): the store says what they are
+            mine = _quantization(bank, i)
+            if mine != self.quantization:
+                raise ExpertStoreError(f"expert store {self.path} holds experts quantised as {self.quantization}, "
+                                       f"MoE layer {i} of the model has {mine}")
 
 
 def __getattr__(name: str):

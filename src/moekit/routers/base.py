@@ -204,6 +204,9 @@ class Router(nn.Module):
 
     `state`: the routing state handed from the previous MoE layer; routers that carry none ignore it.
 
+    `expert_tensors` names the parameters and buffers that hold one row per routed expert (the gate
+    rows, a selection bias): removing an expert (moekit.compress) removes its row from each.
+
     Buffers named in `fp32_buffers` (routing state such as a selection bias) stay fp32 when the
     module is cast (`.to(torch.bfloat16)`, `.half()`): rounding them would re-route tokens and swallow
     small updates (transformers keeps DeepSeek-V3's `e_score_correction_bias` in fp32 the same way).
@@ -212,6 +215,8 @@ class Router(nn.Module):
     kind: ClassVar[str] = "base"
     config_class: ClassVar[type[RouterConfig]] = RouterConfig
     fp32_buffers: ClassVar[tuple[str, ...]] = ()
+    # Parameters and buffers with one row (dim 0) per routed expert: what pruning removes with an expert.
+    expert_tensors: ClassVar[tuple[str, ...]] = ("weight",)
 
     def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
         super().__init__()

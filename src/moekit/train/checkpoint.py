@@ -135,7 +135,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[st
 # ----------------------------------------------------------------------------- writing
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | dict,
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | dict | None,
                     config: dict[str, Any], meta: dict[str, Any], keep: int = 2,
                     pause_for_test: float = 0.0) -> Path:
     """Write checkpoint `step` atomically and point LATEST at it; keep the newest `keep` ones.
@@ -150,7 +151,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         # Built in .step-XXXXXXXX.tmp-PID (removed by the next start if this process dies), then one rename.
         with atomic_dir(final, None) as tmp:
             save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
-            opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+            # No optimiser (a compressed model, saved for inference): an empty optimizer file.
+            opt_tensors, opt_meta = _optimizer_tensors(optimizer) if optimizer is not None else ({}, {"param_groups": []})
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             if pause_for_test:  # tests kill the process here, with half a checkpoint on disk
                 import time

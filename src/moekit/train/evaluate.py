@@ -58,7 +58,9 @@ def measured_active_params(model_cfg, experts_per_token_L: list[float]) -> int:
     """Parameters one token uses, with each MoE layer's experts per token as measured (e.g. on
     validation) rather than the config's count, which for dynamic routers is their worst case."""
     moe = model_cfg.moe
-    unused = sum((moe.num_experts - k) * moe._expert_params() for k in experts_per_token_L)
+    # A pruned model's layers may hold different expert counts (LMConfig.moe_num_experts).
+    counts_L = model_cfg.moe_num_experts or [moe.num_experts] * len(experts_per_token_L)
+    unused = sum((E - k) * moe._expert_params() for E, k in zip(counts_L, experts_per_token_L, strict=True))
     return int(round(model_cfg.num_params() - unused))
 
 

@@ -237,10 +237,29 @@ def load_trained(run_dir: str | os.PathLike) -> tuple[MoELM, TrainConfig, Any]:
     run_dir = Path(run_dir)
     _check_is_run(run_dir)
     path = ckpt.latest_checkpoint(run_dir)
-    model_cfg, cfg = _configs_from(ckpt.read_config(path), path / "config.json")
+    config = ckpt.read_config(path)
+    model_cfg, cfg = _configs_from(config, path / "config.json")
     model = MoELM(model_cfg)
+    if config.get("compression") is not None:  # written by moekit compress: merged or quantised experts
+        from moekit.compress import restore
+
+        restore(model, config["compression"])
     ckpt.load_model_weights(path, model)
     return model.eval(), cfg, make_tokenizer(cfg.tokenizer)
+
+
+def save_trained(model: MoELM, cfg: TrainConfig, run_dir: str | os.PathLike, compression: dict | None = None,
+                 step: int = 0, what: str = "moekit compress") -> Path:
+    """Write `model` as a run `load_trained` (and `moekit eval | generate | analyze | offload`) reads: the
+    run directory's config.json and one checkpoint (model weights, no optimiser state) whose config
+    carries the compression record. `run_dir` must be absent, empty or a moekit run (its checkpoints are
+    replaced). Returns the checkpoint path."""
+    run_dir = Path(run_dir)
+    config = {**resolved_config(model.cfg, cfg), "compression": compression}
+    with rundir.locked_dir(run_dir, "run", what):
+        ckpt.write_json(run_dir / "config.json", config)
+        meta = {"seed": cfg.seed, "moekit_version": moekit.__version__, "compressed": compression is not None}
+        return ckpt.save_checkpoint(run_dir, step, model, None, config, meta, keep=1)
 
 
 def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[bytes]]:
@@ -404,6 +423,9 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log, mes
         saved = resolve_configs(*load_run_config(run_dir))
         model_cfg, cfg = resolve_configs(saved[0] if model_cfg is None else model_cfg,
                                          saved[1] if cfg is None else cfg)
+        if ckpt.has_checkpoint(run_dir) and ckpt.read_config(ckpt.latest_checkpoint(run_dir)).get("compression"):
+            raise UsageError(f"{run_dir} was written by moekit compress and holds no optimiser state; it is not "
+                             "resumed (load it with moekit.train.load_trained and train it from Python)")
         differ = config_differences(resolved_config(*saved), resolved_config(model_cfg, cfg))
         if differ:
             raise UsageError(f"{run_dir} was trained with other settings, and a resumed run keeps its configuration "

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+import moekit
+from moekit.cli import main
+from moekit.models import LMConfig, MoELM
+from moekit.train import TrainConfig, load_trained, save_trained
+
+
+@pytest.fixture(scope="module")
+def byte_run(tmp_path_factory):
+    """An untrained byte-level run (vocab 259, 2 MoE layers of 8 experts) saved as `moekit train` would."""
+    torch.manual_seed(0)
+    moe = moekit.MoEConfig(d_model=32, d_expert=32, num_experts=8, router=moekit.RouterConfig(kind="topk", k=2))
+    model = MoELM(LMConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, moe=moe))
+    run = tmp_path_factory.mktemp("compress") / "run"
+    save_trained(model, TrainConfig(seq_len=32, eval_tokens=64), run, what="test")
+    return run
+
+
+def test_compress_eval_generate_on_the_result(byte_run, tmp_path, capsys):
+    out = tmp_path / "small"
+    rc = main(["compress", str(byte_run), "--prune", "0.5", "--per-layer", "--quantize", "int4", "--group-size", "16",
+               "--calib", "python,german", "--calib-tokens", "64", "--out", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "pruned 8 of 16 experts in" in text and "int4 on" in text and "expert bytes:" in text
+    model, _, _ = load_trained(out)
+    assert sum(m.router.num_experts for m in model.moe_layers()) == 8
+    assert main(["eval", str(out), "--tokens", "64", "--json"]) == 0
+    assert '"bpb"' in capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt", "ab", "--max-new-tokens", "3"]) == 0
+
+
+def test_compress_errors_are_one_line(byte_run, tmp_path, capsys):
+    assert main(["compress", str(byte_run), "--out", str(tmp_path / "a")]) == 2
+    assert "nothing to do" in capsys.readouterr().err
+    assert main(["compress", str(byte_run), "--quantize", "int5", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--quantize 'int5' is invalid" in err
+    assert main(["compress", str(byte_run), "--prune", "0.5", "--calib", "klingon", "--out", str(tmp_path / "c")]) == 2
+    assert "'klingon'" in capsys.readouterr().err
+    assert main(["compress", "--hf", str(tmp_path), "--prune", "0.5", "--out", str(tmp_path / "d")]) == 2
+    assert "--hf: not supported" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_quantised_run_generates_offloaded_from_its_compressed_store(byte_run, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["compress", str(byte_run), "--quantize", "int8", "--no-protect-super", "--group-size", "16",
+                 "--calib", "python", "--calib-tokens", "64", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "ab", "--max-new-tokens", "4", "--expert-budget", "50%"]) == 0
+    offloaded = capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt", "ab", "--max-new-tokens", "4"]) == 0
+    resident = capsys.readouterr().out
+    assert resident.strip() and resident.strip() in offloaded  # the same text, token for token
+    from moekit.offload import ExpertStore
+
+    with ExpertStore(out / "expert-store") as store:
+        assert store.quantization == {"bits": 8, "group_size": 16}
+
+
+def test_the_command_lines_choices_are_the_librarys():
+    from moekit.cli import compress as compress_cli
+    from moekit.compress.merge import METHODS
+    from moekit.compress.prune import CRITERIA
+
+    assert compress_cli.CRITERIA == CRITERIA and compress_cli.METHODS == METHODS

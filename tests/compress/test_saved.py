@@ -1,0 +1,133 @@
+import json
+
+import pytest
+import torch
+
+from moekit.compress import calibrate, merge, new_record, prune, quantize
+from moekit.compress.prune import apply_keep, record_counts
+from moekit.errors import DataError
+from moekit.hf.export import ExportError, export_hf
+from moekit.layers.moe import moe_layers
+from moekit.train import TrainConfig, load_trained, save_trained
+from moekit.train.checkpoint import read_json
+
+
+@pytest.mark.parametrize("steps", [("prune",), ("prune", "merge", "quantize"), ("merge",), ("quantize",)])
+def test_compressed_run_saves_and_loads_identically(tiny_lm, windows, tmp_path, steps):
+    model = tiny_lm()
+    record = new_record("test")
+    if "prune" in steps:
+        record["steps"].append(prune(model, calibrate(model, windows), 0.5, "reap", per_layer=True).to_dict())
+    if "merge" in steps:
+        record["steps"].append(merge(model, calibrate(model, windows), 0.5).to_dict())
+    if "quantize" in steps:
+        record["steps"].append(quantize(model, "mixed:4", calibrate(model, windows), group_size=16).to_dict())
+    cfg = TrainConfig(seq_len=32)
+    save_trained(model, cfg, tmp_path / "run", record)
+    loaded, cfg2, _ = load_trained(tmp_path / "run")
+    torch.testing.assert_close(loaded(windows), model(windows), rtol=0, atol=0)
+    saved = read_json(tmp_path / "run" / "config.json")
+    assert [s["method"] for s in saved["compression"]["steps"]] == list(steps)
+    assert saved["compression"]["version"] == 1
+
+
+def _compressed(tiny_lm, windows, kind):
+    model = tiny_lm()
+    if kind == "per-layer":
+        for layer, keep in zip(moe_layers(model), ([0, 1, 2], [0, 1, 2, 3, 4, 5]), strict=True):
+            apply_keep(layer, keep)
+        record_counts(model)
+        assert model.cfg.moe_num_experts == [3, 6]
+    elif kind == "quantised":
+        quantize(model, "int8", group_size=16)
+    else:
+        merge(model, calibrate(model, windows), 0.5)
+    return model
+
+
+@pytest.mark.parametrize(("kind", "export_why", "store_why"), [("per-layer", "different expert counts", "one expert count"),
+                                                               ("quantised", "quantised", None),
+                                                               ("merged", "merged", "merged")])
+def test_export_and_expert_store_refuse_what_they_cannot_hold(tiny_lm, windows, tmp_path, kind, export_why, store_why):
+    from moekit.offload import write_store
+
+    model = _compressed(tiny_lm, windows, kind)
+    with pytest.raises(ExportError, match=export_why):
+        export_hf(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    if store_why is None:  # the store holds quantised experts (one width)
+        return
+    with pytest.raises(ValueError, match=store_why):
+        write_store(model, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_uniformly_pruned_model_exports(tiny_lm, windows, tmp_path):
+    model = tiny_lm()
+    prune(model, calibrate(model, windows), 0.5, "reap")
+    assert model.cfg.moe.num_experts == 4 and model.cfg.moe_num_experts is None
+    path = export_hf(model, tmp_path / "hf")
+    assert json.loads((path / "config.json").read_text())["num_local_experts"] == 4
+
+
+def test_a_damaged_record_is_refused(tiny_lm, windows, tmp_path):
+    from moekit.compress import restore
+
+    with pytest.raises(DataError, match="newer"):
+        restore(tiny_lm(), {"format": "moekit-compression", "version": 99, "steps": []})
+    with pytest.raises(DataError, match="unknown step"):
+        restore(tiny_lm(), {"format": "moekit-compression", "version": 1, "steps": [{"method": "zip"}]})
+
+
+def test_a_uniformly_pruned_model_goes_to_the_expert_store(tiny_lm, windows, tmp_path):
+    from moekit.offload import ExpertStore, write_store
+
+    model = tiny_lm()
+    prune(model, calibrate(model, windows), 0.5, "reap")  # the same share in every layer: an ordinary model
+    store = ExpertStore(write_store(model, tmp_path / "s"))
+    assert store.num_experts == 4 and store.num_layers == 2
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_quantised_store_round_trips_with_checksums_and_counts_compressed_bytes(tiny_lm, windows, tmp_path, method):
+    from moekit.compress.quantize import expert_bytes
+    from moekit.offload import ExpertStore, ExpertStoreError, offloaded_generate, plan_cache, write_store
+
+    full = tiny_lm()
+    model = tiny_lm()
+    quantize(model, method, group_size=16)
+    path = write_store(model, tmp_path / "s")
+    with ExpertStore(path, verify="always") as store:
+        assert store.quantization == {"bits": int(method[3:]), "group_size": 16}
+        assert store.total_nbytes == expert_bytes(model)  # the budget counts compressed bytes
+        bank = moe_layers(model)[1].experts
+        q_in, s_in, q_down, s_down = store.load(1, 5)
+        assert torch.equal(q_in, bank.w_in_q5) and torch.equal(s_down, bank.down_s5)
+        store.verify_all()
+        # the same byte budget holds more experts of the quantised model
+        budget = 2 * 2 * sum(t.nbytes for t in (moe_layers(full)[0].experts.w_in[0], moe_layers(full)[0].experts.down_proj[0]))
+        assert plan_cache(budget, store, "lru", "layer", 2).capacity >= 3 * plan_cache(
+            budget, ExpertStore(write_store(full, tmp_path / "f")), "lru", "layer", 2).capacity
+    # offloaded generation moves the compressed bytes and equals resident generation token for token
+    prompt = windows[:1, :8]
+    res = offloaded_generate(model, prompt, 6, budget="50%", policy="lru", simulate=False)
+    from moekit.models.generate import generate
+
+    assert torch.equal(res.ids_BT, generate(model, prompt, 6))
+    assert res.metrics["expert_bytes"] == expert_bytes(model) // (2 * 8)
+    # a corrupted byte fails its checksum
+    layer_file = path / "layer-000.safetensors"
+    raw = bytearray(layer_file.read_bytes())
+    raw[-1] ^= 0xFF
+    layer_file.write_bytes(bytes(raw))
+    with ExpertStore(path, verify="always") as store, pytest.raises(ExpertStoreError, match="checksum"):
+        store.verify_all()
+
+
+def test_a_store_of_mixed_widths_is_refused_in_one_line(tiny_lm, windows, tmp_path):
+    from moekit.offload import write_store
+
+    model = tiny_lm()
+    quantize(model, "mixed:4", calibrate(model, windows), group_size=16)
+    with pytest.raises(ValueError, match="one expert size"):
+        write_store(model, tmp_path / "s")
