@@ -197,6 +197,10 @@ class RouterConfig(Config):
         names = {f.name for f in dataclasses.fields(self)}
         return dataclasses.replace(self, k=self.k * m) if "k" in names else self
 
+    def updates_selection_bias(self) -> bool:
+        """Whether the router trains an aux-loss-free selection bias from each step's expert counts."""
+        return False
+
     def expert_groups(self) -> int:
         """Groups of consecutive experts the selection rule ranks as units (group-limited routing; default 1):
         renumbering experts (moekit.dispatch.placement.permute_experts_) must move whole groups."""
@@ -440,9 +444,9 @@ class MoEConfig(Config):
                 "MoEConfig.balance_scope", self.balance_scope,
                 "'micro' with zero-computation experts or Chain-of-Experts iterations")
         # Step updates (a selection bias) count the E FFN experts; zero-computation columns have no counts.
-        require(self.num_zero_compute == 0 or not getattr(self.router, "bias_update_rate", 0),
-                "RouterConfig.bias_update_rate", getattr(self.router, "bias_update_rate", 0),
-                "0 with zero-computation experts")
+        require(self.num_zero_compute == 0 or not self.router.updates_selection_bias(),
+                "RouterConfig", self.router.describe(),
+                "no aux-loss-free selection bias (bias_update_rate 0) with zero-computation experts")
         stateful = self.router.carries_state()
         for name, on in (("iterations", self.iterations > 1), ("gating_residual", self.gating_residual),
                          ("pregated", self.pregated)):

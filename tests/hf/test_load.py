@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -14,7 +13,8 @@ import moekit.hf
 @pytest.mark.parametrize("version", ["4.57.1", "5.0.0.dev0", "6.0.0", "6.0.0.dev0", "not-a-version"])
 def test_unsupported_transformers_is_named(monkeypatch, make_model, version):
     model = make_model("olmoe")
-    monkeypatch.setattr(transformers, "__version__", version)
+    # the transformers module moekit.hf checks (another test may have re-imported transformers)
+    monkeypatch.setattr(moekit.hf.version.transformers, "__version__", version)
     with pytest.raises(RuntimeError, match=rf"supports transformers >=5.0,<6 .*transformers {version} is installed"):
         moekit.hf.wrap(model)
     assert not moekit.hf.wrapped_blocks(model)
@@ -22,7 +22,8 @@ def test_unsupported_transformers_is_named(monkeypatch, make_model, version):
 
 @pytest.mark.parametrize("version", ["5.0.0", "5.23.0", "5.24.0.dev0", "5.99.1"])
 def test_supported_transformers_versions(monkeypatch, version):
-    monkeypatch.setattr(transformers, "__version__", version)
+    # the transformers module moekit.hf checks (another test may have re-imported transformers)
+    monkeypatch.setattr(moekit.hf.version.transformers, "__version__", version)
     assert moekit.hf.check_transformers_version() == version
 
 

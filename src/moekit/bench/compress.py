@@ -36,6 +36,7 @@ from moekit.compress.quantize import expert_bytes
 from moekit.data import DOMAINS
 from moekit.offload import offloaded_generate, parse_budget
 from moekit.train import evaluate, load_trained
+from moekit.utils.io import atomic_write_text
 
 VARIANTS = {
     "baseline": lambda m, c: None,
@@ -142,11 +143,9 @@ def main(argv=None) -> int:
     lines.append(probe)
     print(json.dumps(probe), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            f.writelines(json.dumps(x) + "\n" for x in lines)
+        atomic_write_text(args.json, "".join(json.dumps(x) + "\n" for x in lines))
     if args.md:
-        with open(args.md, "w") as f:
-            f.write(_table(lines))
+        atomic_write_text(args.md, _table(lines))
     return 0
 
 

@@ -37,7 +37,6 @@ import socket
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -50,6 +49,7 @@ from moekit.parallel import ParallelConfig, apply_expert_parallel, init_parallel
 from moekit.train.balance import BalanceTracker  # noqa: E402
 from moekit.train.presets import preset  # noqa: E402
 from moekit.train.trainer import batch_at, train_stream  # noqa: E402
+from moekit.utils.io import atomic_write_text
 
 
 def _worker(rank: int, world: int, port: int, args, outdir: str) -> None:
@@ -153,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "".join(json.dumps(line) + "\n" for line in lines)
     print(text, end="")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        atomic_write_text(args.out, text)
     return 0
 
 

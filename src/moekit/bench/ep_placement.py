@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ import torch
 from moekit.analysis.trace import corpus_batches, record_trace  # noqa: E402
 from moekit.data import DOMAINS, ByteTokenizer, load_corpus  # noqa: E402
 from moekit.dispatch.placement import placement_report  # noqa: E402
+from moekit.utils.io import atomic_write_text
 
 
 def _samples(n: int):
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "".join(json.dumps(line) + "\n" for line in lines)
     print(text, end="")
     if args.out:
-        Path(args.out).write_text(text)
+        atomic_write_text(args.out, text)
     return 0
 
 

@@ -106,7 +106,7 @@ def run_arch(arch, cfg, args) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     prefill_ids = torch.randint(3, cfg.vocab_size, (args.batch, args.seq), generator=g)
     decode_ids = torch.randint(3, cfg.vocab_size, (args.batch, 8), generator=g)
-    E, k, D, Fw = layer.cfg.num_experts, layer.cfg.router.k, layer.cfg.d_model, layer.cfg.d_expert
+    E, k, D, Fw = layer.cfg.num_experts, round(layer.cfg.router.expected_experts_per_token(layer.cfg.num_experts)), layer.cfg.d_model, layer.cfg.d_expert
     variants, unavailable = hf_variants(base, prefill_ids)
     with torch.no_grad():
         diff = float((wrapped(prefill_ids).logits - base(prefill_ids).logits).abs().max())

@@ -52,7 +52,7 @@ def measure_bandwidth_gbs() -> float:
 def make_hf_block(layer: moekit.MoELayer, impl: str) -> OlmoeSparseMoeBlock:
     cfg = layer.cfg
     hf_cfg = OlmoeConfig(hidden_size=cfg.d_model, intermediate_size=cfg.d_expert, num_experts=cfg.num_experts,
-                         num_experts_per_tok=cfg.router.k, norm_topk_prob=cfg.router.normalizes())
+                         num_experts_per_tok=round(cfg.router.expected_experts_per_token(cfg.num_experts)), norm_topk_prob=cfg.router.normalizes())
     hf_cfg._experts_implementation = impl
     with torch.device("meta"):
         block = OlmoeSparseMoeBlock(hf_cfg)

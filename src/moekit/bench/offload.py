@@ -258,7 +258,7 @@ def trained_sweep(run: Path, tmp: Path, budgets, policies, args, emit) -> list[d
     with ExpertStore(store_dir) as st:
         emit({"bench": "resident", "model": f"trained:{run.name}", "decode_tokens_per_s_before": round(tps, 2),
               "experts_total_mb": round(st.total_nbytes / 1e6, 2), "layers": st.num_layers, "E": st.num_experts,
-              "router": model.cfg.moe.router.kind, "k": model.cfg.moe.router.k})
+              "router": model.cfg.moe.router.kind, "k": model.cfg.moe.router.expected_experts_per_token(model.cfg.moe.num_experts)})
     del model
     cases = [(b, pol, "layer") for b in budgets for pol in policies]
     return sweep(store_dir, prompt, args.tokens, ref_ids, tps, hot, None, cases, f"trained:{run.name}")

@@ -78,7 +78,7 @@ def _build(impl: str, args):
                           num_attention_heads=model_cfg.n_heads, num_key_value_heads=model_cfg.kv_heads,
                           max_position_embeddings=model_cfg.max_seq_len, rms_norm_eps=model_cfg.norm_eps,
                           tie_word_embeddings=model_cfg.tie_embeddings, num_experts=moe.num_experts,
-                          num_experts_per_tok=moe.router.k, norm_topk_prob=True, output_router_logits=True,
+                          num_experts_per_tok=round(moe.router.expected_experts_per_token(moe.num_experts)), norm_topk_prob=True, output_router_logits=True,
                           router_aux_loss_coef=train_cfg.load_balance_coef, use_cache=False, pad_token_id=0,
                           eos_token_id=None)
         model = OlmoeForCausalLM(cfg)
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
         # batched_mm gathers one copy of an expert's three matrices per assignment, kept for backward
         model_cfg, _ = preset("topk")
         moe = model_cfg.moe
-        gib = (args.batch * args.seq_len * moe.router.k * 3 * moe.d_model * moe.d_expert * 4
+        gib = (args.batch * args.seq_len * moe.router.expected_experts_per_token(moe.num_experts) * 3 * moe.d_model * moe.d_expert * 4
                * model_cfg.n_layers / 2**30)
         if gib > args.batched_mm_limit_gib:
             skipped["hf_batched_mm"] = f"would gather {gib:.1f} GiB of expert weights per step"

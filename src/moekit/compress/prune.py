@@ -77,7 +77,7 @@ def expert_scores(calib: Calibration, criterion: str) -> list[torch.Tensor]:
 
 def _groups(layer: MoELayer) -> int:
     # Group-limited routing (DeepSeek-V3) needs the same number of experts in every group.
-    return int(getattr(layer.cfg.router, "n_group", 1) or 1)
+    return layer.cfg.router.expert_groups()
 
 
 def min_experts(layer: MoELayer) -> int:

@@ -122,6 +122,9 @@ class TopKConfig(RouterConfig):
     def expert_groups(self) -> int:
         return self.n_group
 
+    def updates_selection_bias(self) -> bool:
+        return self.bias_update_rate > 0
+
     def hf_routing(self) -> dict[str, Any] | None:
         return {"num_experts_per_tok": self.k, "scoring_func": self.score, "norm_topk_prob": self.normalizes(),
                 "n_group": self.n_group, "topk_group": self.topk_group,
