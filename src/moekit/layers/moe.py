@@ -40,6 +40,7 @@ from moekit.experts import ExpertBank, SharedExpert
 from moekit.ops.grouped import grouped_mm_available, warn_missing_kernel
 from moekit.routers import RouterOutput, router_class
 from moekit.routers.registry import router_aux_loss_names
+from moekit.utils.counts import count_ids
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ class MoELayer(nn.Module):
         E = self.cfg.num_experts
         # f counts the router's choices before capacity dropping (see moekit.losses).
         token_idx_N, expert_idx_N = self.router.balance_assignment(route, valid_T)
-        chosen_E = torch.bincount(expert_idx_N, minlength=E)
+        chosen_E = count_ids(expert_idx_N, E)
         probs_TE = self.router.balance_probs(route)
         aux = {}
         if self.cfg.balance_scope == "global":
