@@ -84,3 +84,22 @@ def test_output_router_logits_and_aux_loss_match_on_more_families(fam, make_mode
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert ref.aux_loss > 0
     torch.testing.assert_close(out.aux_loss, ref.aux_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_init_weights_reinitialises_wrapped_routers_and_experts(make_model):
+    """transformers initialises module by module (`_init_weights`, what init_weights / from_pretrained's
+    missing-weight init call): a wrapped block is initialised as its original block, in place."""
+    model = make_model("qwen2_moe")
+    moekit.hf.wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    tensors = (layer.router.weight, layer.experts.gate_up_proj, layer.experts.down_proj,
+               layer.shared_experts.up_proj.weight)
+    with torch.no_grad():
+        for t in tensors:
+            t.zero_()
+    model.apply(model._init_weights)
+    std = model.config.initializer_range
+    for t in tensors:  # transformers' normal(0, initializer_range) init, on moekit's own Parameters
+        assert 0.5 * std < float(t.std()) < 2 * std
+    moekit.hf.unwrap(model)
+    assert "_init_weights" not in model.__dict__

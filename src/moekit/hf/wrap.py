@@ -31,7 +31,7 @@ from torch import nn
 from moekit.errors import UsageError
 from moekit.hf.block import HFMoEBlock, transformers_records_router_logits
 from moekit.hf.detect import TESTED_BLOCKS, BlockSpec, UnsupportedBlockError, looks_like_moe_block, read_block
-from moekit.hf.private_api import DECODE_SWITCH, experts_implementation, set_experts_implementation
+from moekit.hf.private_api import DECODE_SWITCH, INIT_HOOK, experts_implementation, set_experts_implementation
 from moekit.hf.version import check_transformers_version
 from moekit.layers import moe_layers
 
@@ -169,7 +169,7 @@ def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> No
 
 
 # Instance attributes wrap() sets on transformers (sub)models holding wrapped blocks; unwrap() removes them.
-_GUARDED = ("set_experts_implementation", DECODE_SWITCH)
+_GUARDED = ("set_experts_implementation", DECODE_SWITCH, INIT_HOOK)
 
 
 def _refuse_experts_implementation_switch(model: nn.Module) -> None:
@@ -183,6 +183,18 @@ def _refuse_experts_implementation_switch(model: nn.Module) -> None:
             m.set_experts_implementation = functools.partial(_experts_implementation_refused, type(m).__name__)
             if callable(getattr(type(m), DECODE_SWITCH, None)):
                 setattr(m, DECODE_SWITCH, contextlib.nullcontext)
+            if callable(getattr(type(m), INIT_HOOK, None)):
+                setattr(m, INIT_HOOK, functools.partial(_init_wrapped, getattr(m, INIT_HOOK)))
+
+
+def _init_wrapped(init_weights, module: nn.Module) -> None:
+    """transformers' `_init_weights(module)` on a wrapped model: a wrapped block is initialised as its
+    original block would be (the same Parameter objects, so in place for moekit too)."""
+    if isinstance(module, HFMoEBlock):
+        for sub in module.original().modules():
+            init_weights(sub)
+    else:
+        init_weights(module)
 
 
 def _experts_implementation_refused(model_class: str, *args, **kwargs) -> None:
