@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from moekit.utils.counts import count_ids
+
 
 def _masked_mean(v_T: torch.Tensor, valid_T: torch.Tensor | None) -> torch.Tensor:
     if valid_T is None:
@@ -47,7 +49,9 @@ def load_balance_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, num_token
     from; P_i = mean probability over valid tokens (carries the gradient).
     """
     E = scores_TE.shape[-1]
-    f_E = counts_E.detach().float() / max(float(num_tokens), 1.0)
+    # sym_max, not max(float(...)): a token count that is a traced (dynamic) size stays symbolic.
+    denom = num_tokens.clamp(min=1) if isinstance(num_tokens, torch.Tensor) else torch.sym_max(num_tokens, 1)
+    f_E = counts_E.detach().float() / denom
     if valid_T is None:
         P_E = scores_TE.float().mean(dim=0) if scores_TE.shape[0] else scores_TE.new_zeros(E)
     else:
@@ -82,7 +86,7 @@ def sequence_balance_loss(scores_BTE: torch.Tensor, expert_idx_N: torch.Tensor, 
     if B * T == 0:
         return scores_BTE.sum() * 0.0  # zero, still attached to the graph
     seq_N = token_idx_N // T
-    counts_BE = torch.bincount(seq_N * E + expert_idx_N, minlength=B * E).view(B, E).float()
+    counts_BE = count_ids(seq_N * E + expert_idx_N, B * E).view(B, E).float()
     if valid_BT is None:
         valid_BT = torch.ones(B, T, dtype=torch.bool, device=scores_BTE.device)
     t_B = valid_BT.sum(1).clamp(min=1).float()

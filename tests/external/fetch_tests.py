@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -107,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
     (cache / "conftest.py").write_text(
         "# written by moekit tests/external/fetch_tests.py: moekit's wrap hook (active with --moekit-wrap)\n"
-        "import sys\n"
-        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "import os\nimport sys\n"
+        # relative to this conftest: a checkout's absolute path would point another worktree at its own plugin
+        f"sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(__file__), {os.path.relpath(HERE, cache)!r})))\n"
         "pytest_plugins = ['moekit_wrap_plugin']\n")
     (cache / "pytest.ini").write_text(
         "[pytest]\naddopts = -p no:cacheprovider\nmarkers =\n" + "".join(f"    {m}\n" for m in MARKERS))

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moekit.utils.counts import count_ids
+
 
 @dataclass
 class DispatchPlan:
@@ -34,7 +36,7 @@ def make_plan(token_idx_N: torch.Tensor, expert_idx_N: torch.Tensor, weight_N: t
               num_experts: int, capacity_factor: float | None = None) -> DispatchPlan:
     order_N = torch.argsort(expert_idx_N, stable=True)
     expert_N = expert_idx_N[order_N]
-    counts_E = torch.bincount(expert_idx_N, minlength=num_experts)
+    counts_E = count_ids(expert_idx_N, num_experts)  # not bincount: see moekit.utils.counts
     num_dropped = 0
     if capacity_factor is not None and expert_N.numel() > 0:
         capacity = math.ceil(capacity_factor * expert_N.numel() / num_experts)

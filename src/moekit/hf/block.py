@@ -69,6 +69,14 @@ class HFMoEBlock(MoELayer):
         if unused:
             raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: its tensors {unused} have no "
                                         "place in moekit's MoELayer")
+        # HF child name -> moekit child name where only the first name differs (gate -> router,
+        # shared_expert -> shared_experts): `model.get_parameter(key)` resolves every state_dict key, and
+        # transformers' loading (get_submodule + setattr) sets moekit's own Parameter.
+        self._hf_children = {}
+        for mine, theirs in self._hf_names.items():
+            (m_head, _, m_rest), (t_head, _, t_rest) = mine.partition("."), theirs.partition(".")
+            if m_head != t_head and m_rest == t_rest:
+                self._hf_children[t_head] = m_head
         self.register_state_dict_post_hook(_state_dict_to_hf)
         self.register_load_state_dict_pre_hook(_load_hf_names)
 
@@ -94,6 +102,15 @@ class HFMoEBlock(MoELayer):
             handle.remove()
         collected["router_logits"].append(logits[0])
         return y
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            alias = self.__dict__.get("_hf_children", {}).get(name)
+            if alias is None:
+                raise
+            return super().__getattr__(alias)
 
     def original(self) -> nn.Module:
         """The wrapped transformers block, with any tensor this layer now holds (after `.to()`, say)

@@ -11,6 +11,10 @@ imports each of them and checks that they still do what moekit.hf assumes.
   transformers.integrations.moe._default_apply_gate      the experts' silu(gate) * up, to recognise it
   PreTrainedModel._can_record_outputs (class attribute)  which module outputs a model can record
   PretrainedConfig._experts_implementation_internal      the experts implementation a config selects
+  GenerationMixin._optimize_model_for_decode             generate()'s switch to 'batched_mm' while decoding
+                                                         on GPUs (a no-op on wrapped models)
+  PreTrainedModel._init_weights                          the per-module initialisation (re-initialises wrapped
+                                                         blocks through their original modules)
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import transformers
 
 from moekit.hf.version import SUPPORTED_TRANSFORMERS
 
-__all__ = ["PRIVATE_ATTRIBUTES", "PRIVATE_SYMBOLS", "OutputRecorder", "active_collector", "default_apply_gate",
+__all__ = ["DECODE_SWITCH", "INIT_HOOK", "PRIVATE_ATTRIBUTES", "PRIVATE_SYMBOLS", "OutputRecorder", "active_collector", "default_apply_gate",
            "experts_implementation", "record_specs", "set_experts_implementation"]
 
 # (module, name) of every private (or undocumented) transformers symbol moekit.hf imports.
@@ -35,7 +39,11 @@ PRIVATE_SYMBOLS = (
 PRIVATE_ATTRIBUTES = {
     "_can_record_outputs": "a PreTrainedModel class: {output name: OutputRecorder | module class | list of them}",
     "_experts_implementation_internal": "a PretrainedConfig: the experts implementation ('eager', 'grouped_mm', ...)",
+    "_optimize_model_for_decode": "a GenerationMixin model: a context manager generate() enters for decoding",
+    "_init_weights": "a PreTrainedModel: initialises one module (called on every module by init_weights)",
 }
+DECODE_SWITCH = "_optimize_model_for_decode"
+INIT_HOOK = "_init_weights"
 
 
 def _missing(what: str, why: object) -> ImportError:

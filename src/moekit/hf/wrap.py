@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import torch
 from torch import nn
 
+from moekit.errors import UsageError
 from moekit.hf.block import HFMoEBlock, transformers_records_router_logits
 from moekit.hf.detect import TESTED_BLOCKS, BlockSpec, UnsupportedBlockError, looks_like_moe_block, read_block
-from moekit.hf.private_api import experts_implementation, set_experts_implementation
+from moekit.hf.private_api import DECODE_SWITCH, INIT_HOOK, experts_implementation, set_experts_implementation
 from moekit.hf.version import check_transformers_version
 from moekit.layers import moe_layers
 
@@ -62,6 +64,7 @@ def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.
         new.append((name, layer))
     for name, layer in new:
         _replace(model, name, layer)
+    _refuse_experts_implementation_switch(model)
     return model
 
 
@@ -70,6 +73,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     blocks = [(name, layer.original()) for name, layer in model.named_modules() if isinstance(layer, HFMoEBlock)]
     for name, block in blocks:  # every block was ready before the first is replaced: all or nothing
         _replace(model, name, block)
+    for m in model.modules():
+        for attr in _GUARDED:
+            m.__dict__.pop(attr, None)
     return model
 
 
@@ -161,6 +167,41 @@ def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> No
             f"of it ({layer.cfg.router.describe()}) disagree on a probe input: other experts for "
             f"{int((~same_idx).sum())} and other weights for {int((~same_w).sum())} of {x_TD.shape[0]} tokens; "
             "its routing rule is not one moekit has")
+
+
+# Instance attributes wrap() sets on transformers (sub)models holding wrapped blocks; unwrap() removes them.
+_GUARDED = ("set_experts_implementation", DECODE_SWITCH, INIT_HOOK)
+
+
+def _refuse_experts_implementation_switch(model: nn.Module) -> None:
+    """`set_experts_implementation` on a (sub)model holding wrapped blocks raises: moekit runs those
+    experts, so switching transformers' implementation would silently change nothing. generate()'s own
+    switch to 'batched_mm' for decoding on GPUs (DECODE_SWITCH) becomes a no-op: moekit picks its GEMM
+    path per call."""
+    for m in model.modules():
+        if callable(getattr(type(m), "set_experts_implementation", None)) and \
+                any(isinstance(b, HFMoEBlock) for b in m.modules()):
+            m.set_experts_implementation = functools.partial(_experts_implementation_refused, type(m).__name__)
+            if callable(getattr(type(m), DECODE_SWITCH, None)):
+                setattr(m, DECODE_SWITCH, contextlib.nullcontext)
+            if callable(getattr(type(m), INIT_HOOK, None)):
+                setattr(m, INIT_HOOK, functools.partial(_init_wrapped, getattr(m, INIT_HOOK)))
+
+
+def _init_wrapped(init_weights, module: nn.Module) -> None:
+    """transformers' `_init_weights(module)` on a wrapped model: a wrapped block is initialised as its
+    original block would be (the same Parameter objects, so in place for moekit too)."""
+    if isinstance(module, HFMoEBlock):
+        for sub in module.original().modules():
+            init_weights(sub)
+    else:
+        init_weights(module)
+
+
+def _experts_implementation_refused(model_class: str, *args, **kwargs) -> None:
+    raise UsageError(f"{model_class}.set_experts_implementation(): its MoE blocks are wrapped by moekit.hf, which "
+                     "runs their experts itself (torch._grouped_mm or a per-expert loop, chosen per GEMM); "
+                     "call moekit.hf.unwrap(model) first to use transformers' experts implementations")
 
 
 def _named_modules_outside_moekit(model: nn.Module):

@@ -60,6 +60,7 @@ from moekit.ops.grouped import grouped_mm_available, warn_missing_kernel
 from moekit.routers import RouterOutput, router_class
 from moekit.routers.base import FrozenAux
 from moekit.routers.registry import router_aux_loss_names
+from moekit.utils.counts import count_ids
 
 
 @dataclass(frozen=True)
@@ -271,8 +272,7 @@ class MoELayer(nn.Module):
                                                         route.weight_N, self.experts, capacity_factor)
                 kept = (None if kept_N is None or bool(kept_N.all()) else
                         (route.token_idx_N[kept_N], route.expert_idx_N[kept_N], route.weight_N[kept_N]))
-                step_counts_E = torch.bincount(route.expert_idx_N if kept is None else kept[1],
-                                               minlength=cfg.num_experts)
+                step_counts_E = count_ids(route.expert_idx_N if kept is None else kept[1], cfg.num_experts)
             if self.fc2_latent_proj is not None:
                 delta_TD = self.fc2_latent_proj(delta_TD)
             if zc_route is not None:
@@ -369,7 +369,7 @@ class MoELayer(nn.Module):
         E = route.num_experts  # every column the router scores: zero-computation experts are balanced too
         # f counts the router's choices before capacity dropping (see moekit.losses).
         token_idx_N, expert_idx_N = router.balance_assignment(route, valid_T)
-        chosen_E = torch.bincount(expert_idx_N, minlength=E)
+        chosen_E = count_ids(expert_idx_N, E)
         tracker = self.balance_tracker
         # Micro scope over data-parallel ranks: f counts the whole split micro-batch (one all-reduce);
         # global scope has its own running f (below).

@@ -13,7 +13,14 @@ and data pointers only (never from the counts, so no host sync): float64 (tests)
 the kernel and operands the kernel cannot take (`kernel_refusal`: a row that is not a multiple of
 16 bytes, e.g. an expert width F = 37) run the loop.
 
-Tests choose the path with `force("kernel" | "loop")` and read which one ran with `record()`.
+Under tracing (`torch.compile`, `torch.export`) the choice reads no data pointer and no row count (a
+guard on a dynamic shape): a bfloat16 GEMM the kernel can take runs the kernel (torch 2.13 traces the
+kernel for bfloat16 only), and any other runs "masked",
+a per-expert GEMM over every row that keeps the rows of that expert (E times the FLOPs, but traceable,
+with no data-dependent slice). Neither path syncs with the host.
+
+Tests choose the path with `force("kernel" | "loop" | "masked")` and read which one ran with `record()`
+(nothing is recorded while tracing: a traced graph runs many times).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _KERNEL_DTYPES = (torch.float32, *_LOW_PRECISION)
-PATHS = ("kernel", "loop")
+PATHS = ("kernel", "loop", "masked")
 STAGES = ("forward", "dx", "dw")
 
 _forced: str | None = None
@@ -64,7 +71,7 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def kernel_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
+def kernel_refusal(a: torch.Tensor, b: torch.Tensor, check_pointers: bool = True) -> str | None:
     """Why `torch._grouped_mm(a, b, offs=...)` should not run these operands, or None when it can.
 
     The kernel takes float32 / bfloat16 / float16 operands of one dtype, each with a unit stride in
@@ -74,6 +81,7 @@ def kernel_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
     output's rows (b.shape[-1] values) must be 16-byte multiples too: CUDA pads unaligned output rows
     (a non-contiguous result) and the CPU kernel computes one-column outputs otherwise than one mm
     per expert (not bitwise the loop). Reads dtypes, shapes, strides and pointers: no host sync.
+    check_pointers=False skips the pointer test (traced tensors have no data; torch 2.13 needs none).
     """
     if not grouped_mm_available():
         return "torch._grouped_mm is missing from this torch build"
@@ -87,7 +95,7 @@ def kernel_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
         if lead * size % 16 or (m.dim() == 3 and m.stride(0) * size % 16):
             return (f"a row of {lead} {str(m.dtype).removeprefix('torch.')} values ({lead * size} bytes) is not "
                     "a multiple of 16 bytes")
-        if m.data_ptr() % 16:
+        if check_pointers and m.data_ptr() % 16:
             return "an operand whose data pointer is not 16-byte aligned"
     out_cols = b.shape[-1]
     if out_cols * a.element_size() % 16:
@@ -107,8 +115,37 @@ def _loop_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -
     return out
 
 
+def _masked_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """out[rows of e] = x[rows of e] @ w_EIO[e], as one GEMM over all rows per expert, keeping that
+    expert's rows: traceable (no slice by data), E times the loop's FLOPs; see the module doc."""
+    expert_N = _expert_of_rows(offsets_E, x_NI.shape[0])
+    out = x_NI.new_zeros(x_NI.shape[0], w_EIO.shape[2])
+    for e in range(w_EIO.shape[0]):
+        out = torch.where((expert_N == e).unsqueeze(1), x_NI @ w_EIO[e], out)
+    return out
+
+
+def _expert_of_rows(offsets_E: torch.Tensor, rows: int) -> torch.Tensor:
+    """(N,) the expert of each row, from the end offsets."""
+    return torch.searchsorted(offsets_E, torch.arange(rows, device=offsets_E.device, dtype=offsets_E.dtype),
+                              right=True)
+
+
+def _choose(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_experts: int) -> str:
+    """The path ("kernel", "loop" or "masked") of one GEMM `a @ b` over `rows` assignments (counted for
+    `record`)."""
+    if torch.compiler.is_compiling() and _forced is None:
+        # NOTE: torch 2.13 traces torch._grouped_mm for bfloat16 operands only (its meta function).
+        traceable = a.dtype == torch.bfloat16 and kernel_refusal(a, b, check_pointers=False) is None
+        return "kernel" if traceable else "masked"
+    path = "masked" if _forced == "masked" else "kernel" if _use_kernel(stage, a, b, rows, num_experts) else "loop"
+    for ran in _recorders:
+        ran[stage, path] += 1
+    return path
+
+
 def _use_kernel(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_experts: int) -> bool:
-    """Kernel or loop for one GEMM `a @ b` over `rows` assignments (the path is counted for `record`)."""
+    """Kernel or loop for one GEMM `a @ b` over `rows` assignments, outside tracing."""
     refusal = kernel_refusal(a, b)
     if _forced == "kernel":
         if refusal is not None:
@@ -126,23 +163,26 @@ def _use_kernel(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_exp
         use = rows >= 4 * num_experts
     else:
         use = True
-    for ran in _recorders:
-        ran[stage, "kernel" if use else "loop"] += 1
     return use
 
 
 def _mm(stage: str, x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    if _use_kernel(stage, x_NI, w_EIO, x_NI.shape[0], offsets_E.numel()):
+    path = _choose(stage, x_NI, w_EIO, x_NI.shape[0], offsets_E.numel())
+    if path == "kernel":
         return torch._grouped_mm(x_NI, w_EIO, offs=offsets_E)
-    return _loop_mm(x_NI, w_EIO, offsets_E)
+    return _loop_mm(x_NI, w_EIO, offsets_E) if path == "loop" else _masked_mm(x_NI, w_EIO, offsets_E)
 
 
 def _weight_grad(dy_NO: torch.Tensor, x_NI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """dw[e] = dy_e^T @ x_e, (E, O, I); experts without rows get zeros."""
     E = offsets_E.numel()
     dy_ON = dy_NO.t()
-    if _use_kernel("dw", dy_ON, x_NI, dy_NO.shape[0], E):
+    path = _choose("dw", dy_ON, x_NI, dy_NO.shape[0], E)
+    if path == "kernel":
         return torch._grouped_mm(dy_ON, x_NI, offs=offsets_E)
+    if path == "masked":
+        expert_N = _expert_of_rows(offsets_E, dy_NO.shape[0])
+        return torch.stack([(dy_NO * (expert_N == e).unsqueeze(1)).t() @ x_NI for e in range(E)])
     dw = dy_NO.new_zeros(E, dy_NO.shape[1], x_NI.shape[1])
     start = 0
     for e, end in enumerate(offsets_E.tolist()):
@@ -183,6 +223,9 @@ def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Ten
     cdt = compute_dtype(out_dtype, x_NI.device)
     if cdt == out_dtype:
         return _GroupedLinear.apply(x_NI, w_EOI, offsets_E)
+    if torch.compiler.is_compiling():  # no data-dependent subset of experts under tracing
+        return _GroupedLinear.apply(x_NI.to(cdt), w_EOI.to(cdt), offsets_E).to(out_dtype)
+    # NOTE: nonzero() reads the counts, but this branch is CPU-only (compute_dtype): no device to sync with.
     counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
     active_A = counts_E.nonzero().squeeze(1)
     if x_NI.shape[0] <= 16 * active_A.numel():
@@ -217,7 +260,8 @@ def force(path: str) -> Iterator[collections.Counter]:
     """Test-only: run every grouped GEMM inside the block through `path`, and count them.
 
     path: "kernel" (`torch._grouped_mm`; a GEMM the kernel cannot take raises RuntimeError instead of
-    falling back, so a test that forces the kernel never passes on the loop) or "loop".
+    falling back, so a test that forces the kernel never passes on the loop), "loop" or "masked" (the
+    path traced GEMMs take when the kernel refuses them).
     Yields the Counter of `record()`. Process-wide and not thread-safe; the innermost `force` wins.
     """
     global _forced

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from moekit.config import RouterConfig
+from moekit.utils.counts import count_ids
 
 
 class FrozenAux(Mapping):
@@ -79,6 +80,9 @@ class RouteExtras:
         return dataclasses.replace(self, null_scores_TM=null, state=None)
 
 
+NO_EXTRAS = RouteExtras()
+
+
 @dataclass(frozen=True)
 class RouterOutput:
     token_idx_N: torch.Tensor
@@ -87,7 +91,8 @@ class RouterOutput:
     scores_TE: torch.Tensor
     logits_TE: torch.Tensor
     aux: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    extras: RouteExtras = field(default_factory=RouteExtras)
+    # A shared immutable default, not default_factory: torch.compile cannot trace the factory call.
+    extras: RouteExtras = field(default=NO_EXTRAS)
 
     def __post_init__(self):
         if not isinstance(self.aux, FrozenAux):
@@ -107,11 +112,11 @@ class RouterOutput:
 
     def counts_E(self) -> torch.Tensor:
         """Assignments per expert (int64)."""
-        return torch.bincount(self.expert_idx_N, minlength=self.num_experts)
+        return count_ids(self.expert_idx_N, self.num_experts)
 
     def experts_per_token_T(self) -> torch.Tensor:
         """How many experts each token uses (int64; 0 is possible for expert choice or null experts)."""
-        return torch.bincount(self.token_idx_N, minlength=self.num_tokens)
+        return count_ids(self.token_idx_N, self.num_tokens)
 
     def to_padded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """View as padded `(T, K_max)` expert ids (-1 = padding) and weights (0 = padding), for analysis.
@@ -139,7 +144,7 @@ class RouterOutput:
         """Build the ragged form of a dense top-k selection (token-major order)."""
         T, K = idx_TK.shape
         token_idx_N = torch.arange(T, device=idx_TK.device).repeat_interleave(K)
-        return RouterOutput(token_idx_N, idx_TK.reshape(-1), w_TK.reshape(-1), scores_TE, logits_TE)
+        return RouterOutput(token_idx_N, idx_TK.reshape(-1), w_TK.reshape(-1), scores_TE, logits_TE, {}, NO_EXTRAS)
 
     def keep(self, mask_N: torch.Tensor) -> RouterOutput:
         """A copy with only the assignments where `mask_N` is true."""

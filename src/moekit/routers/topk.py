@@ -142,16 +142,13 @@ class TopKRouter(Router):
         # that checkpoints keep it. Same name as transformers' DeepSeek-V3 buffer.
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
 
-    @property
-    def uses_bias(self) -> bool:
-        return self.cfg.bias_update_rate > 0 or bool(self.e_score_correction_bias.any())
-
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor,
                valid_T: torch.Tensor | None = None) -> RouterOutput:
         cfg = self.cfg
+        # The bias is always added (adding a zero bias changes no score): asking whether it is zero would
+        # be a device->host sync per layer and a data-dependent branch that torch.export cannot trace.
         return select_topk(logits_TE, cfg.k, cfg.score, cfg.normalizes(), cfg.routed_scaling_factor, cfg.n_group,
-                           cfg.topk_group, self.e_score_correction_bias if self.uses_bias else None,
-                           self.expert_mask_E)
+                           cfg.topk_group, self.e_score_correction_bias, self.expert_mask_E)
 
     def adopt(self, old: Router) -> None:
         super().adopt(old)
@@ -162,9 +159,9 @@ class TopKRouter(Router):
     def balance_assignment(self, route: RouterOutput,
                            valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The plain top-k of the unbiased scores over valid tokens, before capacity dropping: with a
-        selection bias, a group limit or an expert mask this differs from the routed experts."""
-        if not (self.uses_bias or self.cfg.n_group > 1 or self.expert_mask_E is not None):
-            return route.token_idx_N, route.expert_idx_N
+        selection bias, a group limit or an expert mask this differs from the routed experts. Recomputed
+        always (one top-k over (T, E), only when autograd is on): whether the bias is zero is not known
+        without a device->host sync."""
         T = route.num_tokens
         idx_TK = torch.topk(route.scores_TE.detach(), self.cfg.k, dim=-1, sorted=False).indices
         token_idx_N = torch.arange(T, device=idx_TK.device).repeat_interleave(self.cfg.k)
