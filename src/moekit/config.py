@@ -17,7 +17,9 @@ from moekit.errors import UsageError
 
 CONFIG_VERSION = 1
 
-ACTIVATIONS = ("swiglu", "gelu")
+# Expert activations (their math: moekit.ops.ffn). Gated ones compute act(gate) * up.
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "reglu")
+ACTIVATIONS = (*GATED_ACTIVATIONS, "gelu", "gelu_tanh", "relu", "relu2", "silu")
 BACKENDS = ("auto", "grouped_mm")
 BALANCE_SCOPES = ("micro", "global")
 
@@ -316,6 +318,11 @@ class MoEConfig(Config):
     balance_scope: "micro" computes the load-balancing loss's expert frequencies f per micro-batch
     (most frameworks' default); "global" accumulates them over the micro-batches of an optimiser
     step and all data-parallel ranks (arXiv 2501.11873).
+    activation: the experts' (and shared experts') activation, one of ACTIVATIONS (moekit.ops.ffn);
+    activation_limit / activation_alpha / activation_up_offset: the clamped SwiGLU of gpt-oss (limit
+    7, alpha 1.702, up offset 1) or DeepSeek-V4 (limit only), on the routed experts' gated activation.
+    weight_on_input: the combine weight scales each expert's *input* instead of its output (Llama 4);
+    the same for linear experts, not for gated ones.
     """
 
     d_model: int = 32
@@ -323,9 +330,13 @@ class MoEConfig(Config):
     num_experts: int = 4
     router: RouterConfig = field(default_factory=RouterConfig)
     activation: str = "swiglu"
+    activation_limit: float | None = None
+    activation_alpha: float = 1.0
+    activation_up_offset: float = 0.0
     num_shared_experts: int = 0
     d_shared: int | None = None
     shared_gate: bool = False
+    weight_on_input: bool = False
     capacity_factor: float | None = None
     eval_capacity_factor: float | None = None
     backend: str = "auto"
@@ -352,6 +363,13 @@ class MoEConfig(Config):
         require(self.d_expert >= 1, "MoEConfig.d_expert", self.d_expert, "an integer >= 1")
         require(self.num_experts >= 1, "MoEConfig.num_experts", self.num_experts, "an integer >= 1")
         require(self.activation in ACTIVATIONS, "MoEConfig.activation", self.activation, f"one of {ACTIVATIONS}")
+        gated = self.activation in GATED_ACTIVATIONS
+        require(self.activation_limit is None or (gated and self.activation_limit > 0), "MoEConfig.activation_limit",
+                self.activation_limit, "None, or a float > 0 with a gated activation")
+        require(self.activation_alpha == 1.0 or (self.activation == "swiglu" and self.activation_alpha > 0),
+                "MoEConfig.activation_alpha", self.activation_alpha, "1.0, or a float > 0 with activation='swiglu'")
+        require(self.activation_up_offset == 0.0 or gated, "MoEConfig.activation_up_offset",
+                self.activation_up_offset, "0.0 unless the activation is gated")
         require(self.num_shared_experts >= 0, "MoEConfig.num_shared_experts", self.num_shared_experts,
                "an integer >= 0")
         require(self.d_shared is None or self.d_shared >= 1, "MoEConfig.d_shared", self.d_shared,
@@ -375,13 +393,13 @@ class MoEConfig(Config):
 
     # Parameter counts, without building anything.
     def _expert_params(self) -> int:
-        mats = 3 if self.activation == "swiglu" else 2
+        mats = 3 if self.activation in GATED_ACTIVATIONS else 2
         return mats * self.d_model * self.d_expert
 
     def _shared_params(self) -> int:
         if self.num_shared_experts == 0:
             return 0
-        mats = 3 if self.activation == "swiglu" else 2
+        mats = 3 if self.activation in GATED_ACTIVATIONS else 2
         return mats * self.d_model * self.shared_width + (self.d_model if self.shared_gate else 0)
 
     def _router_params(self) -> int:

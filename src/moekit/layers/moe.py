@@ -25,6 +25,7 @@ each training forward reports to it. The layer itself calls no collective and ke
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from moekit.config import MoEConfig
 from moekit.dispatch import combine, make_plan, permute
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
+from moekit.ops.ffn import Activation
 from moekit.ops.grouped import grouped_mm_available, warn_missing_kernel
 from moekit.routers import RouterOutput, router_class
 from moekit.routers.registry import router_aux_loss_names
@@ -121,7 +123,8 @@ class MoELayer(nn.Module):
                              "missing from this torch build)")
         self.cfg = cfg
         self.router = router_class(cfg.router.kind)(cfg.router, cfg.d_model, cfg.num_experts)
-        self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.d_expert, cfg.activation)
+        act = Activation(cfg.activation, cfg.activation_limit, cfg.activation_alpha, cfg.activation_up_offset)
+        self.experts = ExpertBank(cfg.num_experts, cfg.d_model, cfg.d_expert, act)
         self.shared_experts = (SharedExpert(cfg.d_model, cfg.shared_width, cfg.activation)
                                if cfg.num_shared_experts > 0 else None)
         self.shared_expert_gate = (nn.Linear(cfg.d_model, 1, bias=False)
@@ -163,8 +166,12 @@ class MoELayer(nn.Module):
         # Capacity limits are a training device: in eval mode only eval_capacity_factor drops.
         capacity_factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
         plan = make_plan(route.token_idx_N, route.expert_idx_N, route.weight_N, self.cfg.num_experts, capacity_factor)
-        y_ND = self.experts(permute(x_TD, plan), plan.offsets_E)
-        y_TD = combine(y_ND, plan, T, x_TD.dtype)
+        x_ND, summed = permute(x_TD, plan), plan
+        if self.cfg.weight_on_input:
+            # Llama 4: each expert runs on its weighted input, and outputs are summed unweighted.
+            x_ND = x_ND * plan.weight_N.to(x_ND.dtype).unsqueeze(-1)
+            summed = dataclasses.replace(plan, weight_N=torch.ones_like(plan.weight_N))
+        y_TD = combine(self.experts(x_ND, plan.offsets_E), summed, T, x_TD.dtype)
 
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
