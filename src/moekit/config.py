@@ -243,6 +243,11 @@ class RouterConfig(Config):
         applied, the rest take the new kind's defaults. A field `kind` does not have raises UsageError."""
         sub = router_config_for(kind, changes)
         names = {f.name for f in dataclasses.fields(sub)}
+        if getattr(self, "score", "softmax") != "softmax" and "score" not in names:
+            # Its probabilities would silently become a softmax over the same logits: another model.
+            raise UsageError(f"RouterConfig(kind={kind!r}) scores experts with a softmax and has no `score` field, so "
+                             f"this score={self.score!r} rule cannot be converted to it; kinds that keep the score: "
+                             f"{sorted(k for k, c in _ROUTER_CONFIGS.items() if 'score' in c.__dataclass_fields__)}")
         kept = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
         return sub(**{**kept, **changes, "kind": kind})
 
