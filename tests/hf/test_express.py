@@ -42,26 +42,14 @@ FAMILIES = {
 }
 
 
-def _randomize(model: torch.nn.Module) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                fan_in = p.shape[-1] if p.dim() > 1 else 1
-                p.copy_(torch.randn(p.shape, generator=g) * (1.5 * fan_in**-0.5 if p.dim() > 1 else 0.1))
-        for name, b in model.named_buffers():
-            if name.rpartition(".")[2] in ("e_score_correction_bias", "expert_bias"):
-                b.copy_(0.3 * torch.randn(b.shape, generator=g))
-    return model
+@pytest.fixture
+def build(randomized):
+    def make(family: str) -> torch.nn.Module:
+        cfg = AutoConfig.for_model(family.split("-")[0], **{**_BASE, **FAMILIES[family][0]})
+        torch.manual_seed(0)
+        return randomized(AutoModelForCausalLM.from_config(cfg)).eval()
 
-
-def _model(family: str) -> torch.nn.Module:
-    kwargs = FAMILIES[family][0]
-    cfg = AutoConfig.for_model(family.split("-")[0], **{**_BASE, **kwargs})
-    torch.manual_seed(0)
-    return _randomize(AutoModelForCausalLM.from_config(cfg)).eval()
+    return make
 
 
 def _blocks(model, cls_name):
@@ -69,9 +57,9 @@ def _blocks(model, cls_name):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_wraps_as_a_configuration_with_exact_parity(family):
+def test_family_wraps_as_a_configuration_with_exact_parity(family, build):
     _, cls_name, rule, act, layout = FAMILIES[family]
-    model = _model(family)
+    model = build(family)
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
@@ -100,20 +88,20 @@ def test_family_wraps_as_a_configuration_with_exact_parity(family):
         assert torch.equal(model(ids).logits, ref)
 
 
-def test_llama4_weight_on_input_is_read_from_the_block_not_assumed():
+def test_llama4_weight_on_input_is_read_from_the_block_not_assumed(build):
     """Llama 4's router output does not say where the weight goes; the block probe does (the other
     place gives other outputs for gated experts)."""
-    model = _model("llama4_text")
+    model = build("llama4_text")
     moekit.hf.wrap(model)
     layer = moekit.hf.wrapped_blocks(model)[0]
     assert layer.cfg.weight_on_input and layer.returns == "logits_TE"
-    mixtral = _model("mixtral-gelu")
+    mixtral = build("mixtral-gelu")
     moekit.hf.wrap(mixtral)
     assert not moekit.hf.wrapped_blocks(mixtral)[0].cfg.weight_on_input
 
 
-def test_gpt_oss_router_bias_and_layout_are_the_models_tensors():
-    model = _model("gpt_oss")
+def test_gpt_oss_router_bias_and_layout_are_the_models_tensors(build):
+    model = build("gpt_oss")
     (_, block), = _blocks(model, "GptOssMLP")[:1]
     moekit.hf.wrap(model)
     layer = moekit.hf.wrapped_blocks(model)[0]
@@ -132,8 +120,8 @@ def test_gpt_oss_router_bias_and_layout_are_the_models_tensors():
         layer.router.bias = saved
 
 
-def test_selection_bias_held_by_the_block_is_shared():
-    model = _model("minimax_m2")
+def test_selection_bias_held_by_the_block_is_shared(build):
+    model = build("minimax_m2")
     (_, block), = _blocks(model, "MiniMaxM2SparseMoeBlock")[:1]
     moekit.hf.wrap(model)
     layer = moekit.hf.wrapped_blocks(model)[0]
