@@ -351,7 +351,8 @@ def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection
         k=int(k),
         score=score,
         normalize=bool(read(("norm_topk_prob",), ("norm_topk_prob",), True)),
-        routed_scaling_factor=float(read(("routed_scaling_factor",), ("routed_scaling_factor",), 1.0)),
+        routed_scaling_factor=float(read(("routed_scaling_factor", "router_scaling_factor"),
+                                         ("routed_scaling_factor", "router_scaling_factor"), 1.0)),
         n_group=n_group,
         topk_group=topk_group,
         # NOTE: Mixtral jitters the router *and* expert input in training; moekit jitters the router
