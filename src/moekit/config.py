@@ -17,7 +17,9 @@ from moekit.errors import UsageError
 
 CONFIG_VERSION = 1
 
-ACTIVATIONS = ("swiglu", "gelu")
+# Expert activations (their math: moekit.ops.ffn). Gated ones compute act(gate) * up.
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "reglu")
+ACTIVATIONS = (*GATED_ACTIVATIONS, "gelu", "gelu_tanh", "relu", "relu2", "silu")
 BACKENDS = ("auto", "grouped_mm")
 BALANCE_SCOPES = ("micro", "global")
 
@@ -282,6 +284,11 @@ class RouterConfig(Config):
         applied, the rest take the new kind's defaults. A field `kind` does not have raises UsageError."""
         sub = router_config_for(kind, changes)
         names = {f.name for f in dataclasses.fields(sub)}
+        if getattr(self, "score", "softmax") != "softmax" and "score" not in names:
+            # Its probabilities would silently become a softmax over the same logits: another model.
+            raise UsageError(f"RouterConfig(kind={kind!r}) scores experts with a softmax and has no `score` field, so "
+                             f"this score={self.score!r} rule cannot be converted to it; kinds that keep the score: "
+                             f"{sorted(k for k, c in _ROUTER_CONFIGS.items() if 'score' in c.__dataclass_fields__)}")
         kept = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
         return sub(**{**kept, **changes, "kind": kind})
 
@@ -358,6 +365,11 @@ class MoEConfig(Config):
     balance_scope: "micro" computes the load-balancing loss's expert frequencies f per micro-batch
     (most frameworks' default); "global" accumulates them over the micro-batches of an optimiser
     step and all data-parallel ranks (arXiv 2501.11873).
+    activation: the experts' (and shared experts') activation, one of ACTIVATIONS (moekit.ops.ffn);
+    activation_limit / activation_alpha / activation_up_offset: the clamped SwiGLU of gpt-oss (limit
+    7, alpha 1.702, up offset 1) or DeepSeek-V4 (limit only), on the routed experts' gated activation.
+    weight_on_input: the combine weight scales each expert's *input* instead of its output (Llama 4);
+    the same for linear experts, not for gated ones.
 
     Layer architectures (moekit.layers.moe explains each):
     iterations=C: Chain-of-Experts (arXiv 2506.18945), the expert bank applied C times in sequence,
@@ -379,10 +391,15 @@ class MoEConfig(Config):
     num_experts: int = setting(4, "routed experts E per MoE layer")
     router: RouterConfig = field(default_factory=RouterConfig)
     activation: str = setting("swiglu", "expert FFN activation", choices=ACTIVATIONS)
+    activation_limit: float | None = setting(None, "clamp of the gated activation (gpt-oss 7.0; None = none)")
+    activation_alpha: float = setting(1.0, "sigmoid slope of the clamped SwiGLU (gpt-oss 1.702)")
+    activation_up_offset: float = setting(0.0, "added to the up projection in the clamped SwiGLU (gpt-oss 1)")
     num_shared_experts: int = setting(0, "always-on shared experts (one FFN of width d_shared; 0 = none)")
     d_shared: int | None = setting(None, "width of the shared expert FFN (None = num_shared_experts * "
                                    "d_expert)")
     shared_gate: bool = setting(False, "scale the shared expert by a sigmoid gate (Qwen2-MoE)")
+    weight_on_input: bool = setting(False, "the combine weight scales each expert's input, not its output "
+                                           "(Llama 4)")
     capacity_factor: float | None = setting(None, "cap each expert at ceil(factor * N / E) assignments in "
                                             "training, dropping the overflow (None = dropless)")
     eval_capacity_factor: float | None = setting(None, "the same cap in eval mode (None = dropless)")
@@ -424,6 +441,13 @@ class MoEConfig(Config):
         require(self.d_expert >= 1, "MoEConfig.d_expert", self.d_expert, "an integer >= 1")
         require(self.num_experts >= 1, "MoEConfig.num_experts", self.num_experts, "an integer >= 1")
         require(self.activation in ACTIVATIONS, "MoEConfig.activation", self.activation, f"one of {ACTIVATIONS}")
+        gated = self.activation in GATED_ACTIVATIONS
+        require(self.activation_limit is None or (gated and self.activation_limit > 0), "MoEConfig.activation_limit",
+                self.activation_limit, "None, or a float > 0 with a gated activation")
+        require(self.activation_alpha == 1.0 or (self.activation == "swiglu" and self.activation_alpha > 0),
+                "MoEConfig.activation_alpha", self.activation_alpha, "1.0, or a float > 0 with activation='swiglu'")
+        require(self.activation_up_offset == 0.0 or gated, "MoEConfig.activation_up_offset",
+                self.activation_up_offset, "0.0 unless the activation is gated")
         require(self.num_shared_experts >= 0, "MoEConfig.num_shared_experts", self.num_shared_experts,
                "an integer >= 0")
         require(self.d_shared is None or self.d_shared >= 1, "MoEConfig.d_shared", self.d_shared,
@@ -479,7 +503,7 @@ class MoEConfig(Config):
 
     # Parameter counts, without building anything.
     def _expert_params(self) -> int:
-        mats = 3 if self.activation == "swiglu" else 2
+        mats = 3 if self.activation in GATED_ACTIVATIONS else 2
         return mats * self.expert_dim * self.d_expert
 
     def expert_flops(self) -> int:
@@ -496,7 +520,7 @@ class MoEConfig(Config):
     def _shared_params(self) -> int:
         if self.num_shared_experts == 0:
             return 0
-        mats = 3 if self.activation == "swiglu" else 2
+        mats = 3 if self.activation in GATED_ACTIVATIONS else 2
         return mats * self.d_model * self.shared_width + (self.d_model if self.shared_gate else 0)
 
     def _router_params(self) -> int:

@@ -64,7 +64,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 fan_in = p.shape[-1] if p.dim() > 1 else 1
                 p.copy_(torch.randn(p.shape, generator=g) * (1.5 * fan_in**-0.5 if p.dim() > 1 else 0.1))
         for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
+            if name.rpartition(".")[2] in ("e_score_correction_bias", "expert_bias"):  # selection biases
                 b.copy_(0.3 * torch.randn(b.shape, generator=g))
     return model
 
@@ -91,6 +91,12 @@ def family(request) -> str:
 def make_model():
     """make_model(family, seed=0, **config overrides) -> a tiny randomised model in eval mode."""
     return _make_model
+
+
+@pytest.fixture
+def randomized():
+    """randomized(model, seed=0) -> the model with well separated random weights (see `randomize`)."""
+    return randomize
 
 
 @pytest.fixture

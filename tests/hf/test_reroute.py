@@ -150,9 +150,10 @@ def test_mask_errors_name_the_problem(make_model):
     with moekit.route(model, k=4), pytest.raises(ValueError, match="forced experts lie in 3 groups"):
         with moekit.mask_experts(model, forced={0: [0, 2, 4]}):
             pass
-    with moekit.route(model, kind="random"):
+    softmax_model = moekit.hf.wrap(make_model("olmoe"))  # a sigmoid rule does not convert to 'random'
+    with moekit.route(softmax_model, kind="random"):
         with pytest.raises(ValueError, match="router kind 'random', whose selection rule does not rank forced"):
-            with moekit.mask_experts(model, forced={0: [1]}):
+            with moekit.mask_experts(softmax_model, forced={0: [1]}):
                 pass
 
 
@@ -169,11 +170,11 @@ def test_rerouting_never_modifies_the_weights(make_model, prompt, tmp_path):
 
     moekit.hf.wrap(model)
     model.save_pretrained(tmp_path / "wrapped")  # a wrapped model saves as the original
-    with moekit.route(model, kind="topp", p=0.5):  # converted: top-k's score and groups do not carry over
+    with moekit.route(model, kind="topp", p=0.5):  # converted: the score carries over, the groups do not
         _run(model, ids)
     with moekit.route(model, k=[1, 4]):
         _run(model, ids)
-    with moekit.route(model, kind="null", n_null=4, k=3):
+    with moekit.route(model, kind="topp", p=0.9, normalize=False, routed_scaling_factor=1.0):
         _run(model, ids)
     with moekit.mask_experts(model, disabled={0: [1, 2]}, forced={1: [3]}):
         with torch.no_grad():
@@ -190,3 +191,42 @@ def test_rerouting_never_modifies_the_weights(make_model, prompt, tmp_path):
     state = model.state_dict()
     assert list(state) == list(ref_state)
     assert all(torch.equal(state[k], v) for k, v in ref_state.items())
+
+
+def test_topp_on_a_sigmoid_family_uses_the_normalised_affinities(make_model, prompt):
+    """DeepSeek-V3 (sigmoid scores, renormalised, x2.5): top-p keeps the rule's score, normalisation and
+    scale; the mass is that of s / sum(s) per token, the weights the renormalised raw s, times the scale."""
+    model = moekit.hf.wrap(make_model("deepseek_v3"))
+    ids = prompt()
+    with moekit.route(model, kind="topp", p=0.3):
+        layer = moekit.hf.wrapped_blocks(model)[0]
+        assert layer.router.cfg.score == "sigmoid" and layer.router.cfg.routed_scaling_factor == 2.5
+        _run(model, ids)
+        info = layer.routing_info()
+    s_TE = torch.sigmoid(info.route.logits_TE)
+    a_TE = s_TE / s_TE.sum(-1, keepdim=True)
+    idx_TK, w_TK = info.route.to_padded()
+    for t in range(s_TE.shape[0]):
+        order = torch.argsort(a_TE[t], descending=True, stable=True)
+        before = torch.cumsum(a_TE[t][order], 0) - a_TE[t][order]
+        want = order[before <= 0.3]
+        got = idx_TK[t][idx_TK[t] >= 0]
+        assert sorted(got.tolist()) == sorted(want.tolist())
+        w = s_TE[t, want] / s_TE[t, want].sum() * 2.5
+        torch.testing.assert_close(w_TK[t][: len(got)].sort().values, w.sort().values, rtol=1e-5, atol=1e-6)
+    assert info.experts_per_token_T.max() > 1  # dynamic, not top-1
+    # p -> 0: one expert per token (the best affinity), weight = the scale after renormalisation
+    with moekit.route(model, kind="topp", p=1e-6):
+        _run(model, ids)
+        info = moekit.hf.wrapped_blocks(model)[0].routing_info()
+    assert info.experts_per_token_T.max() == 1
+    assert torch.equal(info.route.expert_idx_N, torch.sigmoid(info.route.logits_TE).argmax(-1))
+    torch.testing.assert_close(info.route.weight_N, torch.full_like(info.route.weight_N, 2.5))
+
+
+def test_null_experts_on_a_sigmoid_family_are_refused_naming_why(make_model):
+    model = moekit.hf.wrap(make_model("deepseek_v3"))
+    with pytest.raises(ValueError, match=r"kind='null'.* softmax .*score='sigmoid' rule cannot be converted"):
+        with moekit.route(model, kind="null", n_null=4, k=3):
+            pass
+    assert all(layer.router.kind == "topk" for layer in moekit.hf.wrapped_blocks(model))  # nothing changed

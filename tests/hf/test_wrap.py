@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import GptOssConfig, OlmoeConfig
+from transformers import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
 import moekit
@@ -141,16 +141,16 @@ def test_moekit_models_are_not_transformers_blocks():
         moekit.hf.wrap(model)
 
 
-def test_unsupported_family_is_refused_by_class_name(make_model):
-    """GPT-OSS: a `router` with a bias, experts with biases and a clamped activation."""
-    cfg = GptOssConfig(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
-                       num_experts_per_tok=2, layer_types=["full_attention"])
-    from transformers import AutoModelForCausalLM
+def test_unsupported_family_is_refused_by_class_name():
+    """Switch Transformers: experts as a ModuleDict of separate dense MLPs (with capacity routing)."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
-    model = AutoModelForCausalLM.from_config(cfg)
+    cfg = SwitchTransformersConfig(vocab_size=128, d_model=32, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
+                                   num_heads=4, num_experts=4, num_sparse_encoder_layers=1,
+                                   num_sparse_decoder_layers=1, expert_capacity=8)
+    model = SwitchTransformersForConditionalGeneration(cfg)
     modules = dict(model.named_modules())
-    with pytest.raises(UnsupportedBlockError, match="cannot wrap GptOssMLP"):
+    with pytest.raises(UnsupportedBlockError, match="cannot wrap SwitchTransformersSparseMLP: .*separate MLP modules"):
         moekit.hf.wrap(model)
     assert all(dict(model.named_modules())[n] is m for n, m in modules.items())  # nothing replaced
 
@@ -189,7 +189,7 @@ def test_a_rule_moekit_does_not_read_is_caught_by_the_probe():
     hot.load_state_dict(block.gate.state_dict())
     block.gate = hot
     with pytest.raises(UnsupportedBlockError,
-                       match=r"cannot wrap OlmoeSparseMoeBlock: its router \(HotRouter\).*disagree"):
+                       match=r"cannot wrap OlmoeSparseMoeBlock: its router \(HotRouter\).*other experts or weights"):
         moekit.hf.wrap(_Parent(block))
     moekit.hf.wrap(_Parent(block), verify=False)  # the caller may skip the check, at their own risk
 
@@ -206,19 +206,23 @@ def test_a_block_forward_moekit_does_not_run_is_caught_by_the_probe():
 
 def test_extra_tensors_are_refused_by_name():
     block = _olmoe_block()
-    block.gate.bias = nn.Parameter(torch.zeros(4))  # a router bias moekit's gate would ignore
-    with pytest.raises(UnsupportedBlockError, match=r"OlmoeSparseMoeBlock: its tensors \['gate.bias'\]"):
+    block.gate.bias = nn.Parameter(torch.randn(4))  # a logit bias this router's forward ignores
+    with pytest.raises(UnsupportedBlockError, match=r"OlmoeSparseMoeBlock: its router .*other experts or weights"):
         moekit.hf.wrap(_Parent(block))
     block = _olmoe_block()
     block.post_norm = nn.LayerNorm(32)
-    with pytest.raises(UnsupportedBlockError, match=r"submodules \['post_norm'\]"):
+    with pytest.raises(UnsupportedBlockError, match=r"its child `post_norm` \(LayerNorm\) is neither a router"):
+        moekit.hf.wrap(_Parent(block))
+    block = _olmoe_block()
+    block.experts.scale = nn.Parameter(torch.ones(4))
+    with pytest.raises(UnsupportedBlockError, match=r"its experts hold tensors \['scale'\]"):
         moekit.hf.wrap(_Parent(block))
 
 
-def test_non_silu_experts_are_refused():
+def test_experts_with_an_activation_moekit_lacks_are_refused():
     block = _olmoe_block()
-    block.experts.act_fn = nn.GELU()
-    with pytest.raises(UnsupportedBlockError, match="activation GELU is not SiLU"):
+    block.experts.act_fn = nn.Tanh()
+    with pytest.raises(UnsupportedBlockError, match="gating .* matches none of moekit's gated activations"):
         moekit.hf.wrap(_Parent(block))
 
 

@@ -14,7 +14,7 @@ from moekit.ops.reference import moe_reference
 SRC = Path(__file__).resolve().parents[2] / "src" / "moekit"
 # Places that may name an activation function without computing an expert FFN, and why.
 NOT_AN_FFN = {
-    "hf/detect.py": "checks that a transformers block's activation *is* SiLU by comparing it with F.silu",
+    "hf/detect.py": "reads a transformers block's activation by value, comparing it with moekit's",
 }
 
 
@@ -30,8 +30,8 @@ def test_swiglu_and_gelu_formulas():
 
 
 def test_unknown_activation_is_refused():
-    with pytest.raises(ValueError, match="'relu' is unknown; expected one of"):
-        hidden(torch.zeros(2, 4), "relu")
+    with pytest.raises(ValueError, match="'tanh' is unknown; expected one of"):
+        hidden(torch.zeros(2, 4), "tanh")
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
@@ -68,3 +68,58 @@ def test_no_other_copy_of_the_ffn_math_in_src():
             if pattern.search(line):
                 found.append(f"{rel}:{i}: {line.strip()}")
     assert not found, "expert FFN math outside moekit/ops/ffn.py (use expert_ffn / hidden / swiglu):\n" + "\n".join(found)
+
+
+def test_clamped_swiglu_is_gpt_oss_formula():
+    """gpt-oss (openai/gpt-oss `swiglu`): interleaved gate/up, gate.clamp(max=7), up.clamp(+-7),
+    (up + 1) * gate * sigmoid(1.702 * gate)."""
+    from moekit.ops.ffn import Activation
+
+    h = torch.randn(5, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10
+    gate, up = h[:, ::2].clamp(max=7.0), h[:, 1::2].clamp(min=-7.0, max=7.0)
+    want = (up + 1) * (gate * torch.sigmoid(1.702 * gate))
+    got = Activation("swiglu", limit=7.0, alpha=1.702, up_offset=1.0, interleaved=True)(h)
+    torch.testing.assert_close(got, want)
+    # limit alone: DeepSeek-V4's clamped SiLU on [gate; up]
+    g2, u2 = h.chunk(2, dim=-1)
+    torch.testing.assert_close(Activation("swiglu", limit=5.0)(h), F.silu(g2.clamp(max=5.0)) * u2.clamp(-5.0, 5.0))
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "geglu_tanh", "reglu", "gelu", "gelu_tanh", "relu",
+                                        "relu2", "silu", "clamped"])
+@pytest.mark.parametrize("layout", ["standard", "gpt_oss", "dbrx"])
+def test_every_activation_and_layout_kernel_matches_the_reference_forward_and_backward(activation, layout):
+    from moekit.experts.bank import ExpertLayout
+    from moekit.ops.ffn import Activation
+    from moekit.ops.grouped import force, grouped_mm_available
+
+    if not grouped_mm_available():
+        pytest.skip("torch._grouped_mm is missing")
+    act = Activation("swiglu", 7.0, 1.702, 1.0) if activation == "clamped" else Activation(activation)
+    lay = {"standard": ExpertLayout(),
+           "gpt_oss": ExpertLayout(in_transposed=True, out_transposed=True, interleaved=act.gated, bias=True),
+           "dbrx": ExpertLayout(split=True, flat=True)}[layout]
+    if lay.split and not act.gated:
+        pytest.skip("separate gate/up stacks are gated by definition")
+    torch.manual_seed(0)
+    bank = ExpertBank(3, 16, 16, act, lay)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.normal_(0, 0.5)
+    counts_E = torch.tensor([5, 0, 7])
+    offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    x_ND = (torch.randn(12, 16) * 3).requires_grad_()
+    expert_N = torch.repeat_interleave(torch.arange(3), counts_E)
+    with force("kernel") as ran:
+        fast = bank(x_ND, offsets_E)
+        fast.square().sum().backward()
+    assert ran["forward", "kernel"] >= 2 and ran["dw", "kernel"] >= 2  # the fast path ran
+    fast_grads = [p.grad.clone() for p in bank.parameters()]
+    fast_dx, x_ND.grad = x_ND.grad.clone(), None
+    bank.zero_grad()
+    ref = moe_reference(x_ND, torch.arange(12), expert_N, torch.ones(12), bank)
+    ref.square().sum().backward()
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast_dx, x_ND.grad, atol=1e-3, rtol=1e-4)
+    for got, p in zip(fast_grads, bank.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, atol=1e-3, rtol=1e-4)

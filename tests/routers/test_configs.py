@@ -89,8 +89,10 @@ def test_version_1_union_json_loads_silently_and_unknown_keys_warn():
 def test_convert_keeps_the_fields_both_kinds_have():
     topk = moekit.RouterConfig(kind="topk", k=3, normalize=True, jitter=0.1, score="sigmoid")
     topp = topk.convert("topp", p=0.5)
-    assert topp == moekit.RouterConfig(kind="topp", p=0.5, normalize=True, jitter=0.1)
-    assert topp.convert("topk") == moekit.RouterConfig(kind="topk", normalize=True, jitter=0.1)  # k: the default
+    # score carries over: top-p over a sigmoid rule's normalised affinities (docs/routing.md)
+    assert topp == moekit.RouterConfig(kind="topp", p=0.5, normalize=True, jitter=0.1, score="sigmoid")
+    assert topp.convert("topk") == moekit.RouterConfig(kind="topk", normalize=True, jitter=0.1,
+                                                       score="sigmoid")  # k: the default
     with pytest.raises(UsageError, match="n_null does not apply"):
         topk.convert("topp", n_null=2)
 

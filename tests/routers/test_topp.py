@@ -103,8 +103,9 @@ def test_topp_config_errors():
         moekit.RouterConfig(kind="topp", p=1.5).validate(8)
     with pytest.raises(ValueError, match=r"RouterConfig.max_k=9"):
         moekit.RouterConfig(kind="topp", max_k=9).validate(8)
-    with pytest.raises(ValueError, match=r"score does not apply to this router"):  # top-p needs probabilities
-        moekit.RouterConfig(kind="topp", score="sigmoid").validate(8)
+    with pytest.raises(ValueError, match=r"RouterConfig.score='tanh' is invalid"):
+        moekit.RouterConfig(kind="topp", score="tanh").validate(8)
+    moekit.RouterConfig(kind="topp", score="sigmoid").validate(8)  # mass over normalised sigmoid affinities
 
 
 # --------------------------------------------------- the selection boundary of the authors' code (issue 11, item 1)

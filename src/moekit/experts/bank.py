@@ -1,64 +1,153 @@
 """Routed experts as stacked weights, and the always-on shared expert.
 
-Legend: N assignments (rows grouped by expert), D model dim, E experts, F expert hidden dim.
+Legend: N assignments (rows grouped by expert), D model dim, E experts, F expert hidden dim, X = 2F
+(gated) or F.
 
 Weights use the transformers v5 layout so a pretrained block can be wrapped without a copy:
-  SwiGLU: gate_up_proj (E, 2F, D) with [gate; up] concatenated, down_proj (E, D, F)
-  GELU:   up_proj (E, F, D), down_proj (E, D, F)
+  gated (SwiGLU, GeGLU, ...): gate_up_proj (E, 2F, D) with [gate; up] concatenated, down_proj (E, D, F)
+  non-gated (GELU, ReLU², ...): up_proj (E, F, D), down_proj (E, D, F)
+A pretrained model that stores its experts otherwise is read in place through an `ExpertLayout`
+(transposed, interleaved, separate or flat stacks, per-expert biases): the bank holds the model's
+own Parameters and takes views of them at each forward; nothing is copied.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from moekit.ops.ffn import expert_ffn, hidden, swiglu
+from moekit.ops.ffn import Activation, expert_ffn
 from moekit.ops.grouped import grouped_linear
 
 
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How a bank's weights are stored (the default is moekit's own, transformers v5's).
+
+    in_transposed: the input projection is stored (E, D, X) and applied as x @ W (gpt-oss, Llama 4).
+    out_transposed: the output projection is stored (E, F, D) (gpt-oss, Llama 4, DBRX's w2).
+    interleaved: gate and up columns alternate, [g0, u0, g1, u1, ...] (gpt-oss).
+    split: separate `gate_proj` and `up_proj` stacks instead of one `gate_up_proj` (DBRX w1, v1).
+    flat: every stack is stored 2-D, (E * F, D) (DBRX), and viewed 3-D.
+    bias: per-expert biases on the input projection (E, X) and the output (E, D) (gpt-oss).
+    """
+
+    in_transposed: bool = False
+    out_transposed: bool = False
+    interleaved: bool = False
+    split: bool = False
+    flat: bool = False
+    bias: bool = False
+
+    def describe(self) -> str:
+        on = [name for name, value in vars(self).items() if value]
+        return ", ".join(on) if on else "standard"
+
+
+STANDARD = ExpertLayout()
+
+
 class ExpertBank(nn.Module):
-    def __init__(self, num_experts: int, d_model: int, d_expert: int, activation: str = "swiglu"):
+    def __init__(self, num_experts: int, d_model: int, d_expert: int, activation: str | Activation = "swiglu",
+                 layout: ExpertLayout = STANDARD):
         super().__init__()
-        self.num_experts, self.d_model, self.d_expert, self.activation = num_experts, d_model, d_expert, activation
-        if activation == "swiglu":
-            self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * d_expert, d_model))
-            self.up_proj = None
+        act = activation if isinstance(activation, Activation) else Activation(activation)
+        if layout.interleaved != act.interleaved:
+            act = Activation(act.name, act.limit, act.alpha, act.up_offset, layout.interleaved)
+        if layout.split and (not act.gated or layout.interleaved or layout.bias):
+            raise ValueError(f"ExpertLayout(split=True) needs a gated activation without interleaving or biases, "
+                             f"got {act.describe()}, {layout.describe()}")
+        self.num_experts, self.d_model, self.d_expert = num_experts, d_model, d_expert
+        self.act, self.activation, self.layout = act, act.name, layout
+        E, D, Fdim = num_experts, d_model, d_expert
+        X = 2 * Fdim if act.gated else Fdim
+
+        def stack(rows: int, cols: int, transposed: bool) -> nn.Parameter:
+            shape = (E * rows, cols) if layout.flat else (E, cols, rows) if transposed else (E, rows, cols)
+            return nn.Parameter(torch.empty(shape))
+
+        self.gate_up_proj = self.gate_proj = self.up_proj = None
+        if layout.split:
+            self.gate_proj = stack(Fdim, D, layout.in_transposed)
+            self.up_proj = stack(Fdim, D, layout.in_transposed)
+        elif act.gated:
+            self.gate_up_proj = stack(X, D, layout.in_transposed)
         else:
-            self.gate_up_proj = None
-            self.up_proj = nn.Parameter(torch.empty(num_experts, d_expert, d_model))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_expert))
+            self.up_proj = stack(X, D, layout.in_transposed)
+        # Flat DBRX stacks hold every matrix as (F, D) rows: its output projection is the transposed one.
+        self.down_proj = stack(Fdim, D, True) if layout.flat else stack(D, Fdim, layout.out_transposed)
+        self.in_proj_bias = nn.Parameter(torch.empty(E, X)) if layout.bias else None
+        self.down_proj_bias = nn.Parameter(torch.empty(E, D)) if layout.bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for w in (self.gate_up_proj, self.up_proj, self.down_proj):
-            if w is not None:
-                nn.init.normal_(w, std=w.shape[-1] ** -0.5)
+        for w in (self.gate_up_proj, self.gate_proj, self.up_proj, self.down_proj):
+            if w is not None and not w.is_meta:
+                fan_in = self.d_expert if w is self.down_proj else self.d_model
+                nn.init.normal_(w, std=fan_in**-0.5)
+        for b in (self.in_proj_bias, self.down_proj_bias):
+            if b is not None and not b.is_meta:
+                nn.init.zeros_(b)
 
     def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """Each row through its expert's FFN (moekit.ops.ffn); rows sorted by expert, offsets_E int32 ends."""
-        return expert_ffn(x_ND, self.w_in, self.down_proj, self.activation,
-                          linear=lambda h, w_EOI: grouped_linear(h, w_EOI, offsets_E))
+        b_in = b_out = None
+        if self.layout.bias:
+            counts_E = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1, dtype=torch.int64))
+            expert_N = torch.repeat_interleave(torch.arange(self.num_experts, device=x_ND.device), counts_E,
+                                               output_size=x_ND.shape[0])
+            b_in, b_out = self.in_proj_bias[expert_N], self.down_proj_bias[expert_N]
+        return expert_ffn(x_ND, self.w_in, self.w_out, self.act,
+                          linear=lambda h, w_EOI: grouped_linear(h, w_EOI, offsets_E), b_in_X=b_in, b_out_D=b_out)
+
+    def _view(self, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """Stack `w` as (E, out, in) for x @ W^T: a view (flat: reshaped; transposed: swapped dims)."""
+        if self.layout.flat:
+            w = w.view(self.num_experts, -1, w.shape[-1])
+        return w.transpose(-2, -1) if transposed else w
 
     @property
-    def w_in(self) -> torch.Tensor:
-        """The stacked input projection: gate_up_proj (E, 2F, D) for SwiGLU, up_proj (E, F, D) for GELU."""
-        return self.gate_up_proj if self.activation == "swiglu" else self.up_proj
+    def w_in(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The input projection as (E, X, D) views: gate_up_proj (gated), up_proj (non-gated), or the
+        pair (gate_proj, up_proj), each (E, F, D), for separate stacks."""
+        t = self.layout.in_transposed
+        if self.layout.split:
+            return (self._view(self.gate_proj, t), self._view(self.up_proj, t))
+        return self._view(self.gate_up_proj if self.act.gated else self.up_proj, t)
+
+    @property
+    def w_out(self) -> torch.Tensor:
+        """The output projection as an (E, D, F) view."""
+        return self._view(self.down_proj, self.layout.flat or self.layout.out_transposed)
+
+    def expert(self, e: int):
+        """Expert e's (w_in (X, D) or (W_gate, W_up), w_out (D, F), b_in (X,) or None, b_out (D,) or None),
+        for the reference loop."""
+        w_in = self.w_in
+        w_in = tuple(w[e] for w in w_in) if isinstance(w_in, tuple) else w_in[e]
+        bias = self.layout.bias
+        return w_in, self.w_out[e], self.in_proj_bias[e] if bias else None, self.down_proj_bias[e] if bias else None
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_expert={self.d_expert}, {self.activation}"
+        layout = "" if self.layout == STANDARD else f", layout=({self.layout.describe()})"
+        return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_expert={self.d_expert}, "
+                f"{self.act.describe()}{layout}")
 
 
 class SharedExpert(nn.Module):
     """A dense FFN every token uses (DeepSeekMoE / Qwen2-MoE). Names follow transformers' MLPs."""
 
-    def __init__(self, d_model: int, width: int, activation: str = "swiglu"):
+    def __init__(self, d_model: int, width: int, activation: str | Activation = "swiglu"):
         super().__init__()
-        self.activation = activation
-        self.gate_proj = nn.Linear(d_model, width, bias=False) if activation == "swiglu" else None
+        self.act = activation if isinstance(activation, Activation) else Activation(activation)
+        self.activation = self.act.name
+        self.gate_proj = nn.Linear(d_model, width, bias=False) if self.act.gated else None
         self.up_proj = nn.Linear(d_model, width, bias=False)
         self.down_proj = nn.Linear(width, d_model, bias=False)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is not None:
-            return self.down_proj(swiglu(self.gate_proj(x_TD), self.up_proj(x_TD)))
-        return self.down_proj(hidden(self.up_proj(x_TD), "gelu"))
+            return self.down_proj(self.act.glu(self.gate_proj(x_TD), self.up_proj(x_TD)))
+        return self.down_proj(self.act(self.up_proj(x_TD)))

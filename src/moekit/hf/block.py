@@ -1,15 +1,16 @@
 """HFMoEBlock: moekit's MoELayer running a transformers sparse MoE block on the block's own weights.
 
-What is shared with the wrapped block (the same Python objects, nothing copied):
+What is shared with the wrapped block (the same Python objects, nothing copied), whatever the HF names
+(found by role, see detect.py):
   HF block                                  HFMoEBlock
-  gate.weight (E, D)                        router.weight
-  gate.e_score_correction_bias (E,)         router.e_score_correction_bias   (DeepSeek-V3 family)
-  experts.gate_up_proj (E, 2F, D)           experts.gate_up_proj
-  experts.down_proj (E, D, F)               experts.down_proj
-  shared_expert(s).{gate,up,down}_proj      shared_experts.{gate,up,down}_proj   (the Linear modules)
-  shared_expert_gate                        shared_expert_gate                    (the Linear module)
+  router weight (E, D) [, logit bias (E,)]  router.weight [, router.bias]   (`gate`, `router`, `gate.wg`, ...)
+  selection bias (E,), router's or block's  router.e_score_correction_bias   (DeepSeek-V3 rule)
+  experts' stacks and biases                experts.* (an ExpertBank with the block's ExpertLayout)
+  shared expert {gate,up,down}_proj         shared_experts.{gate,up,down}_proj   (the Linear modules)
+  shared-expert gate Linear(D, 1)           shared_expert_gate                    (the Linear module)
 
-The forward takes and returns what the HF block does: hidden states (B, T, D) -> (B, T, D).
+The forward takes and returns what the HF block does: hidden states (B, T, D) -> (B, T, D), or the
+tuple some blocks return (`_as_hf`).
 `state_dict()` uses the HF block's names (gate.weight, shared_expert.*, ...) and drops moekit-only
 state (a zero selection bias for softmax families), so a wrapped model saves and loads as the
 original; `load_state_dict` accepts those names back. The original block is kept, unregistered,
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from moekit.errors import UsageError
-from moekit.experts import ExpertBank
+from moekit.experts.bank import STANDARD, ExpertBank
 from moekit.hf.detect import BlockSpec, UnsupportedBlockError
 from moekit.hf.private_api import OutputRecorder, active_collector, record_specs
 from moekit.layers.moe import MoELayer
@@ -38,13 +39,18 @@ class HFMoEBlock(MoELayer):
         # real allocation (and random init) of E experts would cost a pretrained model's memory twice.
         with torch.device("meta"):
             super().__init__(spec.cfg)
+            if spec.layout != STANDARD:  # the block's own storage, read in place (views, never copies)
+                self.experts = ExpertBank(spec.cfg.num_experts, spec.cfg.d_model, spec.cfg.d_expert,
+                                          self.experts.act, spec.layout)
         block = spec.block
-        device = spec.gate.weight.device
-        self.router.weight = spec.gate.weight
-        if isinstance(getattr(spec.gate, "e_score_correction_bias", None), torch.Tensor):
-            self.router.e_score_correction_bias = spec.gate.e_score_correction_bias
-        self.experts.gate_up_proj = spec.experts.gate_up_proj
-        self.experts.down_proj = spec.experts.down_proj
+        device = spec.router_weight.device
+        self.router.weight = spec.router_weight
+        if spec.router_bias is not None:
+            self.router.bias = spec.router_bias
+        if spec.selection_bias is not None:
+            self.router.e_score_correction_bias = spec.selection_bias
+        for name, tensor in spec.bank.items():
+            setattr(self.experts, name, tensor)
         if spec.shared is not None:
             for name in ("gate_proj", "up_proj", "down_proj"):
                 setattr(self.shared_experts, name, getattr(spec.shared, name))
@@ -81,6 +87,7 @@ class HFMoEBlock(MoELayer):
         self.register_load_state_dict_pre_hook(_load_hf_names)
 
         self.hf_class = spec.class_name
+        self.returns: str | None = None  # set by moekit.hf.wrap from the block's own output (see `_as_hf`)
         self.records_router_logits = records_router_logits
         object.__setattr__(self, "_hf_block", block)  # not a submodule: no second copy in state_dict / .to()
         self.train(block.training)
@@ -91,7 +98,7 @@ class HFMoEBlock(MoELayer):
         # Where transformers' `output_router_logits=True` collects router logits (None outside such a forward).
         collected = active_collector.get() if self.records_router_logits else None
         if collected is None or "router_logits" not in collected:
-            return super().forward(hidden_states, padding_mask)
+            return self._as_hf(super().forward(hidden_states, padding_mask))
         # `output_router_logits=True`: hand transformers the (T, E) router logits, with their gradient
         # (routing_info() keeps a detached copy), as its own router would have.
         logits = []
@@ -101,7 +108,18 @@ class HFMoEBlock(MoELayer):
         finally:
             handle.remove()
         collected["router_logits"].append(logits[0])
-        return y
+        return self._as_hf(y)
+
+    def _as_hf(self, y: torch.Tensor):
+        """What the HF block returns: y, or a tuple (y, router output) for blocks that return one (`returns`:
+        "logits_TE" the (T, E) router logits (Llama 4), "weights_TK" the chosen weights (T, K) in
+        descending order (gpt-oss)); the decoder layers of those families unpack and drop the second."""
+        if self.returns is None:
+            return y
+        route = self._info.route
+        if self.returns == "logits_TE":
+            return y, route.logits_TE.to(y.dtype)
+        return y, route.to_padded()[1].sort(dim=-1, descending=True).values.to(y.dtype)
 
     def __getattr__(self, name: str):
         try:

@@ -22,7 +22,7 @@ Nothing is copied, and dtype and device stay as they are.
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import functools
 
 import torch
@@ -30,12 +30,19 @@ from torch import nn
 
 from moekit.errors import UsageError
 from moekit.hf.block import HFMoEBlock, transformers_records_router_logits
-from moekit.hf.detect import TESTED_BLOCKS, BlockSpec, UnsupportedBlockError, looks_like_moe_block, read_block
+from moekit.hf.detect import (
+    PROBE_TOKENS,
+    TESTED_BLOCKS,
+    BlockSpec,
+    UnsupportedBlockError,
+    call_router,
+    looks_like_moe_block,
+    read_block,
+    router_matches,
+)
 from moekit.hf.private_api import DECODE_SWITCH, INIT_HOOK, experts_implementation, set_experts_implementation
 from moekit.hf.version import check_transformers_version
 from moekit.layers import moe_layers
-
-PROBE_TOKENS = 16
 
 
 def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.Module:
@@ -51,21 +58,37 @@ def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.
         if any(isinstance(m, HFMoEBlock) for m in model.modules()):
             return model  # already wrapped
         raise UnsupportedBlockError(
-            f"moekit.hf.wrap(): found no sparse MoE block in {type(model).__name__} (looked for a module with a "
-            "router `gate` and stacked `experts` weights gate_up_proj (E, 2F, D) / down_proj (E, D, F), as in "
-            f"transformers v5 {', '.join(TESTED_BLOCKS)})")
+            f"moekit.hf.wrap(): found no sparse MoE block in {type(model).__name__} (looked for a module with an "
+            "`experts` child holding the experts' weights and a router beside it, as in transformers v5 "
+            f"{', '.join(TESTED_BLOCKS)})")
     model_config = getattr(model, "config", None)
     new = []
     for name, block in found:
         spec = read_block(block, model_config, backend)
-        layer = HFMoEBlock(spec, transformers_records_router_logits(model, spec.gate))
-        if verify:
-            verify_block(spec, layer)
-        new.append((name, layer))
+        new.append((name, _build(spec, transformers_records_router_logits(model, spec.gate), verify)))
     for name, layer in new:
         _replace(model, name, layer)
     _refuse_experts_implementation_switch(model)
     return model
+
+
+def _build(spec: BlockSpec, records_router_logits: bool, verify: bool) -> HFMoEBlock:
+    """The HFMoEBlock of the first reading (spec.cfg, then spec.alternatives) that reproduces the block on
+    the probe; the first reading's refusal if none does."""
+    if not verify:
+        layer = HFMoEBlock(spec, records_router_logits)
+        layer.returns = _returns(spec, None, None)
+        return layer
+    first: UnsupportedBlockError | None = None
+    for cfg in (spec.cfg, *spec.alternatives):
+        reading = dataclasses.replace(spec, cfg=cfg, alternatives=[])
+        layer = HFMoEBlock(reading, records_router_logits)
+        try:
+            verify_block(reading, layer)
+            return layer
+        except UnsupportedBlockError as e:
+            first = first or e
+    raise first
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -87,7 +110,7 @@ def wrapped_blocks(model: nn.Module) -> list[HFMoEBlock]:
 def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
     """Refuse a block whose output moekit's reading does not reproduce on a probe input."""
     block, cfg = spec.block, spec.cfg
-    weight = spec.experts.gate_up_proj
+    weight = next(iter(spec.bank.values()))
     if weight.is_meta:
         raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its weights are on the meta "
                                     "device (offloaded or not loaded); load the model onto a real device, or pass "
@@ -101,9 +124,11 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
         with torch.no_grad():
             _verify_router(spec, layer, x_BTD.reshape(-1, cfg.d_model).float())
             with _eager_experts(spec.experts):
-                y_hf = block(x_BTD)
-            y_hf = y_hf[0] if isinstance(y_hf, tuple) else y_hf
+                out_hf = block(x_BTD)
+            y_hf = out_hf[0] if isinstance(out_hf, tuple) else out_hf
+            layer.returns = _returns(spec, out_hf, PROBE_TOKENS)
             y_mk = layer(x_BTD)
+            y_mk = y_mk[0] if isinstance(y_mk, tuple) else y_mk
     finally:
         block.train(modes[0])
         layer.train(modes[1])
@@ -145,28 +170,55 @@ def _eager_experts(experts: nn.Module):
 
 
 def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> None:
-    """The HF router on an fp32 copy of itself (the gate is small: E x D) against moekit's fp32 router:
-    the same experts for every token and the same weights, free of rounding."""
-    out = copy.deepcopy(spec.gate).float()(x_TD)
-    # v5 routers return (router_logits, top_k_weights, top_k_index); other conventions skip to the block check.
-    if not (isinstance(out, tuple) and len(out) == 3 and all(isinstance(t, torch.Tensor) for t in out)):
-        return
-    _, hf_w_TK, hf_idx_TK = out
-    if hf_idx_TK.dtype.is_floating_point or hf_idx_TK.shape != hf_w_TK.shape or hf_idx_TK.shape[0] != x_TD.shape[0]:
-        return
-    idx_TK, w_TK = layer.router(x_TD).to_padded()
-    if idx_TK.shape != hf_idx_TK.shape:
-        raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: its router picks {hf_idx_TK.shape[-1]} "
+    """The HF router's own choice (where its output states one, see `call_router`) against moekit's fp32
+    router: the same experts for every token and the same weights, free of rounding."""
+    hf = call_router(spec, x_TD)
+    if hf is None:
+        return  # the block selects: the block probe decides
+    k = round(layer.cfg.router.expected_experts_per_token(layer.cfg.num_experts))
+    if hf[1].shape[-1] != k:
+        raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: its router picks {hf[1].shape[-1]} "
                                     f"experts per token, moekit read {layer.cfg.router.describe()}")
-    hf_order, order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1)
-    same_idx = (hf_idx_TK.gather(1, hf_order).to(idx_TK.dtype) == idx_TK.gather(1, order)).all(-1)
-    same_w = torch.isclose(hf_w_TK.float().gather(1, hf_order), w_TK.gather(1, order), rtol=1e-5, atol=1e-6).all(-1)
-    if not bool((same_idx & same_w).all()):
+    if not router_matches(spec, layer.cfg.router, x_TD, hf):
         raise UnsupportedBlockError(
             f"moekit.hf cannot wrap {spec.class_name}: its router ({type(spec.gate).__name__}) and moekit's reading "
-            f"of it ({layer.cfg.router.describe()}) disagree on a probe input: other experts for "
-            f"{int((~same_idx).sum())} and other weights for {int((~same_w).sum())} of {x_TD.shape[0]} tokens; "
-            "its routing rule is not one moekit has")
+            f"of it ({layer.cfg.router.describe()}) pick other experts or weights on a probe input; its routing "
+            "rule is not one moekit has")
+
+
+def _returns(spec: BlockSpec, out, num_tokens: int | None) -> str | None:
+    """How the block returns (see HFMoEBlock._as_hf), from its output on the probe (`out`), or, without
+    one, from a one-token call (nothing is read on meta tensors: then a plain tensor)."""
+    if out is None:
+        weight = next(iter(spec.bank.values()))
+        if weight.is_meta:
+            return None
+        x = torch.zeros(1, 1, spec.cfg.d_model, device=weight.device, dtype=weight.dtype)
+        was = spec.block.training
+        spec.block.eval()
+        try:
+            with torch.no_grad(), _eager_experts(spec.experts):
+                out = spec.block(x)
+        finally:
+            spec.block.train(was)
+        num_tokens = 1
+    if isinstance(out, torch.Tensor):
+        return None
+    E, K = spec.cfg.num_experts, spec.cfg.router.k
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], torch.Tensor):
+        shape = tuple(out[1].shape)
+        if shape == (num_tokens, E):
+            return "logits_TE"
+        if shape == (num_tokens, K):
+            return "weights_TK"
+    raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: it returns "
+                                f"{type(out).__name__} {_shapes(out)}; moekit reproduces a tensor, or a pair "
+                                f"(hidden, router logits (T, E) or chosen weights (T, K))")
+
+
+def _shapes(out) -> str:
+    return str([tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in out]) \
+        if isinstance(out, tuple) else ""
 
 
 # Instance attributes wrap() sets on transformers (sub)models holding wrapped blocks; unwrap() removes them.

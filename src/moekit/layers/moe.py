@@ -56,6 +56,7 @@ from moekit.config import MoEConfig
 from moekit.dispatch import combine, make_plan, permute
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
+from moekit.ops.ffn import Activation
 from moekit.ops.grouped import grouped_mm_available, warn_missing_kernel
 from moekit.routers import RouterOutput, router_class
 from moekit.routers.base import FrozenAux
@@ -167,7 +168,8 @@ class MoELayer(nn.Module):
         # Chain-of-Experts: iteration t > 0 has a router of its own (arXiv 2506.18945).
         self.chain_routers = nn.ModuleList(router_class(cfg.router.kind)(cfg.router, cfg.d_model, X)
                                            for _ in range(cfg.iterations - 1))
-        self.experts = ExpertBank(cfg.num_experts, cfg.expert_dim, cfg.d_expert, cfg.activation)
+        act = Activation(cfg.activation, cfg.activation_limit, cfg.activation_alpha, cfg.activation_up_offset)
+        self.experts = ExpertBank(cfg.num_experts, cfg.expert_dim, cfg.d_expert, act)
         # Latent experts: names as transformers' NemotronHMoE, so its Parameters can be shared.
         self.fc1_latent_proj = self.fc2_latent_proj = None
         if cfg.latent_dim is not None:
@@ -264,7 +266,12 @@ class MoELayer(nn.Module):
                                 else self.expert_map_E[route.expert_idx_N])
                 plan = make_plan(route.token_idx_N, expert_idx_N, route.weight_N, self.experts.num_experts,
                                  capacity_factor)
-                delta_TD = combine(self.experts(permute(e_in_TD, plan), plan.offsets_E), plan, T, e_in_TD.dtype)
+                x_ND, summed = permute(e_in_TD, plan), plan
+                if cfg.weight_on_input:
+                    # Llama 4: each expert runs on its weighted input, and outputs are summed unweighted.
+                    x_ND = x_ND * plan.weight_N.to(x_ND.dtype).unsqueeze(-1)
+                    summed = dataclasses.replace(plan, weight_N=torch.ones_like(plan.weight_N))
+                delta_TD = combine(self.experts(x_ND, plan.offsets_E), summed, T, e_in_TD.dtype)
                 kept = None if plan.num_dropped == 0 else (plan.token_N, plan.expert_N, plan.weight_N)
                 step_counts_E = plan.counts_E
             else:  # experts on other ranks too; a capacity is decided over the whole expert-parallel group

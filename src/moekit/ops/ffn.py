@@ -1,10 +1,18 @@
 """The expert FFN: the one place its math lives.
 
-Legend: N rows (tokens or assignments), D model dim, F expert hidden dim, X = 2F (SwiGLU, [gate; up]
-stacked) or F (GELU).
+Legend: N rows (tokens or assignments), D model dim, F expert hidden dim, X = 2F (gated: [gate; up]
+stacked, or interleaved [g0, u0, g1, u1, ...]) or F (non-gated).
 
-    SwiGLU (arXiv 2002.05202):  y = W_down (silu(W_gate x) * W_up x),  W_in = [W_gate; W_up] (2F, D)
-    GELU:                       y = W_down gelu(W_up x),                 W_in = W_up (F, D)
+    gated (GLU, arXiv 2002.05202):  y = W_down (act(W_gate x) * W_up x),  W_in = [W_gate; W_up] (2F, D)
+    non-gated:                      y = W_down act(W_up x),                W_in = W_up (F, D)
+
+Activations (`Activation.name`):
+  gated      "swiglu" (SiLU; SwiGLU), "geglu" (exact GELU), "geglu_tanh" (tanh GELU), "reglu" (ReLU)
+  non-gated  "gelu", "gelu_tanh", "relu", "relu2" (ReLU squared, arXiv 2109.08668), "silu"
+A gated activation may also carry gpt-oss's clamped SwiGLU settings (openai/gpt-oss,
+`gpt_oss/torch/model.py` `swiglu`): gate.clamp(max=limit), up.clamp(-limit, limit), the gate's SiLU
+as gate * sigmoid(alpha * gate), and (up + up_offset) — limit 7, alpha 1.702, up_offset 1 there;
+limit alone is DeepSeek-V4's clamped SiLU.
 
 Used by the routed experts (`moekit.experts.ExpertBank`, through the grouped GEMM), the reference
 loop (`moekit.ops.reference`, through plain `F.linear`), the shared expert and offloaded experts
@@ -15,34 +23,125 @@ reference oracle (ops) can use it without importing a layer above it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "expert_ffn", "hidden", "swiglu"]
+from moekit.config import ACTIVATIONS
+from moekit.config import GATED_ACTIVATIONS as GATED
 
-ACTIVATIONS = ("swiglu", "gelu")
+__all__ = ["ACTIVATIONS", "GATED", "Activation", "act_fn", "expert_ffn", "hidden", "swiglu"]
+
+
+# The elementwise function of each activation (a gated one applies it to the gate).
+_FN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "swiglu": F.silu, "silu": F.silu,
+    "geglu": F.gelu, "gelu": F.gelu,
+    "geglu_tanh": lambda h: F.gelu(h, approximate="tanh"), "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "reglu": F.relu, "relu": F.relu,
+    "relu2": lambda h: F.relu(h).square(),
+}
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An expert's activation: `name` (one of ACTIVATIONS) and, for gated ones, gpt-oss's clamp
+    settings (module doc): `limit` (None: no clamp), `alpha` (SwiGLU only; 1 is SiLU) and `up_offset`.
+    `interleaved`: the projection's gate and up columns alternate (gpt-oss) instead of [gate; up]."""
+
+    name: str = "swiglu"
+    limit: float | None = None
+    alpha: float = 1.0
+    up_offset: float = 0.0
+    interleaved: bool = False
+
+    def __post_init__(self):
+        if self.name not in ACTIVATIONS:
+            raise ValueError(f"expert activation {self.name!r} is unknown; expected one of {ACTIVATIONS}")
+        if not self.gated and (self.limit is not None or self.alpha != 1.0 or self.up_offset or self.interleaved):
+            raise ValueError(f"expert activation {self.name!r} is not gated: limit, alpha, up_offset and "
+                             "interleaved apply to gated activations only")
+        if self.alpha != 1.0 and self.name != "swiglu":
+            raise ValueError(f"alpha={self.alpha} applies to 'swiglu' only, not {self.name!r}")
+
+    @property
+    def gated(self) -> bool:
+        return self.name in GATED
+
+    def __call__(self, h_NX: torch.Tensor) -> torch.Tensor:
+        """The hidden activation (N, F) from the input projection h_NX = x W_in^T."""
+        if not self.gated:
+            return _FN[self.name](h_NX)
+        if self.interleaved:
+            gate_NF, up_NF = h_NX[..., ::2], h_NX[..., 1::2]
+        else:
+            gate_NF, up_NF = h_NX.chunk(2, dim=-1)
+        return self.glu(gate_NF, up_NF)
+
+    def glu(self, gate_NF: torch.Tensor, up_NF: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up, with the clamp settings (a gated activation)."""
+        if self.limit is not None:
+            gate_NF = gate_NF.clamp(max=self.limit)
+            up_NF = up_NF.clamp(min=-self.limit, max=self.limit)
+        if self.alpha != 1.0:
+            a_NF = gate_NF * torch.sigmoid(self.alpha * gate_NF)
+        else:
+            a_NF = _FN[self.name](gate_NF)
+        return a_NF * (up_NF + self.up_offset) if self.up_offset else a_NF * up_NF
+
+    def describe(self) -> str:
+        parts = [self.name]
+        if self.limit is not None:
+            parts.append(f"limit={self.limit:g}")
+        if self.alpha != 1.0:
+            parts.append(f"alpha={self.alpha:g}")
+        if self.up_offset:
+            parts.append(f"up+{self.up_offset:g}")
+        if self.interleaved:
+            parts.append("interleaved")
+        return " ".join(parts)
+
+
+def act_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The elementwise function of activation `name` (ValueError for an unknown name)."""
+    if name not in _FN:
+        raise ValueError(f"expert activation {name!r} is unknown; expected one of {ACTIVATIONS}")
+    return _FN[name]
 
 
 def swiglu(gate_NF: torch.Tensor, up_NF: torch.Tensor) -> torch.Tensor:
     return F.silu(gate_NF) * up_NF
 
 
-def hidden(h_NX: torch.Tensor, activation: str) -> torch.Tensor:
-    """The expert's hidden activation (N, F) from its input projection h_NX = x W_in^T: silu(gate) * up
-    of the stacked [gate; up] (N, 2F) for SwiGLU, gelu(h) (N, F) for GELU. Raises ValueError for
-    another activation."""
-    if activation == "swiglu":
-        gate_NF, up_NF = h_NX.chunk(2, dim=-1)
-        return swiglu(gate_NF, up_NF)
-    if activation == "gelu":
-        return F.gelu(h_NX)
-    raise ValueError(f"expert activation {activation!r} is unknown; expected one of {ACTIVATIONS}")
+def _as_activation(activation: str | Activation) -> Activation:
+    return activation if isinstance(activation, Activation) else Activation(activation)
 
 
-def expert_ffn(x_ND: torch.Tensor, w_in_XD: torch.Tensor, w_out_DF: torch.Tensor, activation: str,
-               linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear) -> torch.Tensor:
-    """y_ND = linear(hidden(linear(x_ND, w_in_XD)), w_out_DF), with `linear(x, w) = x @ w^T`: plain
-    `F.linear` for one expert's weights, or a grouped GEMM over stacked (E, ., .) weights with rows
-    grouped by expert (`ExpertBank`)."""
-    return linear(hidden(linear(x_ND, w_in_XD), activation), w_out_DF)
+def hidden(h_NX: torch.Tensor, activation: str | Activation) -> torch.Tensor:
+    """The expert's hidden activation (N, F) from its input projection h_NX = x W_in^T: act(gate) * up
+    of the stacked [gate; up] (N, 2F) for a gated activation, act(h) (N, F) otherwise. Raises
+    ValueError for an unknown activation."""
+    return _as_activation(activation)(h_NX)
+
+
+def expert_ffn(x_ND: torch.Tensor, w_in_XD: torch.Tensor | tuple[torch.Tensor, torch.Tensor], w_out_DF: torch.Tensor,
+               activation: str | Activation,
+               linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
+               b_in_X: torch.Tensor | None = None, b_out_D: torch.Tensor | None = None) -> torch.Tensor:
+    """y_ND = linear(hidden(linear(x_ND, w_in_XD) + b_in), w_out_DF) + b_out, with `linear(x, w) =
+    x @ w^T`: plain `F.linear` for one expert's weights, or a grouped GEMM over stacked (E, ., .)
+    weights with rows grouped by expert (`ExpertBank`). `w_in_XD` may be a pair (W_gate, W_up) of
+    separate (F, D) projections (gated activations only). Biases broadcast against the rows: (X,) /
+    (D,) for one expert, or (N, X) / (N, D) gathered per row."""
+    act = _as_activation(activation)
+    if isinstance(w_in_XD, tuple):
+        if not act.gated or act.interleaved or b_in_X is not None:
+            raise ValueError("separate gate and up projections need a gated, non-interleaved activation "
+                             "without an input bias")
+        h_NF = act.glu(linear(x_ND, w_in_XD[0]), linear(x_ND, w_in_XD[1]))
+    else:
+        h_NX = linear(x_ND, w_in_XD)
+        h_NF = act(h_NX if b_in_X is None else h_NX + b_in_X)
+    y_ND = linear(h_NF, w_out_DF)
+    return y_ND if b_out_D is None else y_ND + b_out_D

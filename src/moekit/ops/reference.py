@@ -27,8 +27,8 @@ def moe_reference(x_TD: torch.Tensor, token_idx_N: torch.Tensor, expert_idx_N: t
         if not bool(sel_N.any()):
             continue
         tok_M = token_idx_N[sel_N]
-        w_in = experts.gate_up_proj[e] if experts.activation == "swiglu" else experts.up_proj[e]
-        out_MD = expert_ffn(x_TD[tok_M], w_in, experts.down_proj[e], experts.activation)
+        w_in, w_out, b_in, b_out = experts.expert(e)
+        out_MD = expert_ffn(x_TD[tok_M], w_in, w_out, experts.act, b_in_X=b_in, b_out_D=b_out)
         y_TD = y_TD.index_add(0, tok_M, out_MD * weight_N[sel_N].unsqueeze(-1).to(out_MD.dtype))
     return y_TD
 
@@ -42,10 +42,15 @@ class ReferenceExperts(torch.nn.Module):
         super().__init__()
         self.bank = bank
         self.num_experts, self.d_model, self.activation = bank.num_experts, bank.d_model, bank.activation
+        self.act, self.layout = bank.act, bank.layout
 
     # The bank's stacked weights, read through (so code that reads `layer.experts.down_proj` still works).
     gate_up_proj = property(lambda self: self.bank.gate_up_proj)
     up_proj = property(lambda self: self.bank.up_proj)
+    gate_proj = property(lambda self: self.bank.gate_proj)
+    in_proj_bias = property(lambda self: self.bank.in_proj_bias)
+    down_proj_bias = property(lambda self: self.bank.down_proj_bias)
+    expert = property(lambda self: self.bank.expert)
     down_proj = property(lambda self: self.bank.down_proj)
 
     def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:

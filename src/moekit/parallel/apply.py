@@ -274,7 +274,8 @@ def untested_options(cfg) -> list[str]:
                                   ("zero-computation experts", cfg.num_zero_compute > 0),
                                   ("latent_dim", cfg.latent_dim is not None),
                                   ("pregated", cfg.pregated),
-                                  ("gating_residual", cfg.gating_residual)) if on]
+                                  ("gating_residual", cfg.gating_residual),
+                                  ("weight_on_input", cfg.weight_on_input)) if on]
 
 
 def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh,

@@ -192,7 +192,8 @@ def warn_if_k1_normalized(cfg: RouterConfig) -> None:
 
 
 class Router(nn.Module):
-    """Base class: a linear gate `weight` (E, D) in the transformers layout plus a selection rule.
+    """Base class: a linear gate `weight` (E, D) (and optionally a logit `bias` (E,)) in the transformers
+    layout plus a selection rule.
 
     Subclasses implement `select(logits_TE, x_TD, valid_T)`; the base computes logits in fp32. Each
     router is registered with its own config class (`moekit.routers.register(name, config=...)`),
@@ -233,11 +234,14 @@ class Router(nn.Module):
         self.num_experts = num_experts
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
+        # An additive logit bias (E,) where a pretrained router has one (gpt-oss); moekit's own routers have none.
+        self.register_parameter("bias", None)
         self.expert_mask_E: torch.Tensor | None = None
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         # NOTE: gate math in fp32 whatever the model dtype (docs/routing.md, Precision).
-        return torch.nn.functional.linear(x_TD.float(), self.weight.float())
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(x_TD.float(), self.weight.float(), bias)
 
     def jittered(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Switch Transformer input jitter in training: x * U(1 - eps, 1 + eps)."""
@@ -273,6 +277,8 @@ class Router(nn.Module):
         """Take over `old`'s gate Parameter and expert mask (`moekit.route(kind=...)` builds a router of
         another kind around the same weights: nothing is copied). Routers extend it for state they share."""
         self.weight = old.weight
+        if old.bias is not None:  # a pretrained logit bias belongs to the gate
+            self.bias = old.bias
         self.expert_mask_E = old.expert_mask_E
 
     # ---------------------------------------------------------------- losses

@@ -89,7 +89,9 @@ class NullExpertRouter(Router):
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         w = torch.cat([self.weight, self.null_weight]).float()
-        return torch.nn.functional.linear(x_TD.float(), w)
+        # A pretrained logit bias covers the real experts; null experts have none.
+        b = None if self.bias is None else torch.nn.functional.pad(self.bias.float(), (0, self.cfg.n_null))
+        return torch.nn.functional.linear(x_TD.float(), w, b)
 
     def select(self, logits_TX: torch.Tensor, x_TD: torch.Tensor,
                valid_T: torch.Tensor | None = None) -> RouterOutput:

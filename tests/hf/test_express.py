@@ -1,0 +1,129 @@
+"""Issue #14 families as configurations of moekit's pieces: detection by role, expert layouts read in
+place, activations by value, router features. Each family: logits to 1e-5, greedy tokens with the KV
+cache identical, the model's own Parameters shared (same objects, same storage), unwrap restores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import moekit
+import moekit.hf
+
+_BASE = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=8)
+
+# family -> (config kwargs, the HF block class, what moekit must read: router rule, activation, layout)
+FAMILIES = {
+    # a. the router child by role: `router` (Granite, Jamba), `gate.wg` with a `shared_mlp` (HunYuan)
+    "granitemoe": (dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2),
+                   "GraniteMoeMoE", "k=2, score=softmax, normalize=True", "swiglu", "standard"),
+    "jamba": (dict(intermediate_size=48, num_experts=6, num_experts_per_tok=2, num_hidden_layers=2,
+                   attn_layer_period=1, attn_layer_offset=0, expert_layer_period=2, expert_layer_offset=1),
+              "JambaSparseMoeBlock", "k=2, score=softmax, normalize=False", "swiglu", "standard"),
+    "hunyuan_v1_moe": (dict(intermediate_size=48, num_experts=6, moe_topk=2),
+                       "HunYuanMoEV1Moe", "k=2, score=softmax, normalize=True", "swiglu", "standard"),
+    # b.-d. gpt-oss: router bias; transposed interleaved stacks with biases; clamped SwiGLU; a tuple return
+    "gpt_oss": (dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2,
+                     layer_types=["full_attention", "sliding_attention"], sliding_window=16),
+                "GptOssMLP", "k=2, score=softmax, normalize=True", "swiglu limit=7 alpha=1.702 up+1 interleaved",
+                "in_transposed, out_transposed, interleaved, bias"),
+    # Llama 4: sigmoid of the top-k logits, not renormalised, the weight on the expert's input; transposed
+    "llama4_text": (dict(intermediate_size=48, intermediate_size_mlp=64, num_local_experts=6, num_experts_per_tok=1,
+                         interleave_moe_layer_step=1, no_rope_layers=[1, 1], attention_chunk_size=64),
+                    "Llama4TextMoe", "k=1, score=sigmoid, normalize=False", "swiglu", "in_transposed, out_transposed"),
+    # d. the selection bias held by the block and passed to the router (MiniMax-M2, LFM2-MoE)
+    "minimax_m2": (dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2),
+                   "MiniMaxM2SparseMoeBlock", "k=2, score=sigmoid, normalize=True", "swiglu", "standard"),
+    # c. transformers' own test activation: gated GELU
+    "mixtral-gelu": (dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2, hidden_act="gelu"),
+                     "MixtralSparseMoeBlock", "k=2, score=softmax, normalize=True", "geglu", "standard"),
+}
+
+
+@pytest.fixture
+def build(randomized):
+    def make(family: str) -> torch.nn.Module:
+        cfg = AutoConfig.for_model(family.split("-")[0], **{**_BASE, **FAMILIES[family][0]})
+        torch.manual_seed(0)
+        return randomized(AutoModelForCausalLM.from_config(cfg)).eval()
+
+    return make
+
+
+def _blocks(model, cls_name):
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ == cls_name]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_wraps_as_a_configuration_with_exact_parity(family, build):
+    _, cls_name, rule, act, layout = FAMILIES[family]
+    model = build(family)
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        ref_gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
+    blocks = _blocks(model, cls_name)
+    assert blocks
+    hf_ptrs = {p.data_ptr() for p in model.parameters()}
+    moekit.hf.wrap(model)
+    layers = moekit.hf.wrapped_blocks(model)
+    assert len(layers) == len(blocks)
+    layer = layers[0]
+    assert layer.cfg.router.describe() == rule
+    assert layer.experts.act.describe() == act and layer.experts.layout.describe() == layout
+    # No copies: every tensor of the wrapped layers is one of the model's own (storage included).
+    assert {p.data_ptr() for p in model.parameters()} == hf_ptrs
+    for (_, block), wrapped in zip(blocks, layers, strict=True):
+        theirs = {id(t) for t in block.state_dict(keep_vars=True).values()}
+        assert all(id(t) in theirs for t in wrapped.state_dict(keep_vars=True).values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
+    assert torch.equal(gen, ref_gen)
+    moekit.hf.unwrap(model)
+    assert [m for _, m in _blocks(model, cls_name)] == [b for _, b in blocks]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
+def test_llama4_weight_on_input_is_read_from_the_block_not_assumed(build):
+    """Llama 4's router output does not say where the weight goes; the block probe does (the other
+    place gives other outputs for gated experts)."""
+    model = build("llama4_text")
+    moekit.hf.wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    assert layer.cfg.weight_on_input and layer.returns == "logits_TE"
+    mixtral = build("mixtral-gelu")
+    moekit.hf.wrap(mixtral)
+    assert not moekit.hf.wrapped_blocks(mixtral)[0].cfg.weight_on_input
+
+
+def test_gpt_oss_router_bias_and_layout_are_the_models_tensors(build):
+    model = build("gpt_oss")
+    (_, block), = _blocks(model, "GptOssMLP")[:1]
+    moekit.hf.wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    assert layer.router.bias is block.router.bias and layer.router.weight is block.router.weight
+    assert layer.experts.gate_up_proj is block.experts.gate_up_proj  # stored (E, D, 2F), read as a view
+    assert layer.experts.in_proj_bias is block.experts.gate_up_proj_bias
+    assert layer.experts.down_proj_bias is block.experts.down_proj_bias
+    assert layer.returns == "weights_TK"
+    # The bias matters: without it the routing (and the output) changes.
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+        saved = layer.router.bias
+        layer.router.bias = None
+        assert not torch.allclose(model(ids).logits, ref, atol=1e-3)
+        layer.router.bias = saved
+
+
+def test_selection_bias_held_by_the_block_is_shared(build):
+    model = build("minimax_m2")
+    (_, block), = _blocks(model, "MiniMaxM2SparseMoeBlock")[:1]
+    moekit.hf.wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    assert layer.router.e_score_correction_bias is block.e_score_correction_bias
+    assert "mlp.e_score_correction_bias" in [k.partition("layers.0.")[2] for k in model.state_dict()]
