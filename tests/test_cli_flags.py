@@ -84,7 +84,7 @@ BAD = [
     (["train", "--moe.num_experts", "0"], "moekit train: --moe.num_experts 0 is invalid; allowed: an integer >= 1"),
     (["train", "--train.lr", "inf"], "moekit train: --train.lr inf is invalid; allowed: a finite number"),
     (["train", "--train.lr", "fast"], "moekit train: argument --train.lr: --train.lr: expected float, got 'fast'"),
-    (["train", "--moe.activation", "relu"], "moekit train: argument --moe.activation: invalid choice: 'relu'"),
+    (["train", "--moe.activation", "tanh"], "moekit train: argument --moe.activation: invalid choice: 'tanh'"),
     (["train", "--router.kind", "nope"], "moekit train: argument --router.kind: invalid choice: 'nope'"),
     (["compare", "--presets", "topk,nope"], "moekit compare: --presets: unknown preset 'nope'; allowed: "),
     (["compare", "--moe.num_experts", "0"], "moekit compare: --moe.num_experts 0 is invalid"),

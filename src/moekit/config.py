@@ -199,6 +199,10 @@ class RouterConfig(Config):
         names = {f.name for f in dataclasses.fields(self)}
         return dataclasses.replace(self, k=self.k * m) if "k" in names else self
 
+    def score_function(self) -> str:
+        """How the router turns logits into probabilities: "softmax" (default) or "sigmoid"."""
+        return "softmax"
+
     def updates_selection_bias(self) -> bool:
         """Whether the router trains an aux-loss-free selection bias from each step's expert counts."""
         return False
@@ -284,10 +288,10 @@ class RouterConfig(Config):
         applied, the rest take the new kind's defaults. A field `kind` does not have raises UsageError."""
         sub = router_config_for(kind, changes)
         names = {f.name for f in dataclasses.fields(sub)}
-        if getattr(self, "score", "softmax") != "softmax" and "score" not in names:
+        if self.score_function() != "softmax" and "score" not in names:
             # Its probabilities would silently become a softmax over the same logits: another model.
             raise UsageError(f"RouterConfig(kind={kind!r}) scores experts with a softmax and has no `score` field, so "
-                             f"this score={self.score!r} rule cannot be converted to it; kinds that keep the score: "
+                             f"this score={self.score_function()!r} rule cannot be converted to it; kinds that keep the score: "
                              f"{sorted(k for k, c in _ROUTER_CONFIGS.items() if 'score' in c.__dataclass_fields__)}")
         kept = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
         return sub(**{**kept, **changes, "kind": kind})

@@ -47,7 +47,7 @@ def test_a_refused_block_fails_the_construction(hook):
     hook.install()
     refused = hook.STATS["refused"]
     with pytest.raises(moekit.hf.UnsupportedBlockError, match="MixtralSparseMoeBlock"):
-        MixtralForCausalLM(_config(hidden_act="gelu", intermediate_size=48))
+        MixtralForCausalLM(_config(hidden_act="mish", intermediate_size=48))
     assert hook.STATS["refused"] == refused + 1
 
 

@@ -1,22 +1,16 @@
-"""benchmarks/hf.py: a family that moekit does not wrap gets a `refused` line, not a crash."""
+"""`moekit bench hf` (moekit.bench.hf): a family that moekit does not wrap gets a `refused` line, not a crash."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import types
-from pathlib import Path
 
 import moekit.hf
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "hf.py"
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_hf", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("moekit.bench.hf")
 
 
 def test_a_refused_family_gets_a_refused_line(monkeypatch, capsys):

@@ -30,7 +30,6 @@ Usage: python benchmarks/ep.py [--sizes 1,2,4] [--out docs/results/ep-cpu.jsonl]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import socket
@@ -43,13 +42,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from moekit.bench.timing import write_json_lines
 from moekit.dispatch import expert_parallel as ep_module  # noqa: E402
 from moekit.models import MoELM  # noqa: E402
 from moekit.parallel import ParallelConfig, apply_expert_parallel, init_parallel  # noqa: E402
 from moekit.train.balance import BalanceTracker  # noqa: E402
 from moekit.train.presets import preset  # noqa: E402
 from moekit.train.trainer import batch_at, train_stream  # noqa: E402
-from moekit.utils.io import atomic_write_text
 
 
 def _worker(rank: int, world: int, port: int, args, outdir: str) -> None:
@@ -150,12 +149,5 @@ def main(argv: list[str] | None = None) -> int:
                           "naive_ratio": round(naive / lower, 4) if lower else None,
                           "tokens_per_step": args.micro_batch * args.seq_len})
     lines[0]["load_after"] = os.getloadavg()[0]
-    text = "".join(json.dumps(line) + "\n" for line in lines)
-    print(text, end="")
-    if args.out:
-        atomic_write_text(args.out, text)
+    write_json_lines(lines, args.out)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,15 +16,14 @@ Usage: python benchmarks/ep_placement.py --run RUN [--samples 8] [--out docs/res
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import torch
 
 from moekit.analysis.trace import corpus_batches, record_trace  # noqa: E402
+from moekit.bench.timing import write_json_lines
 from moekit.data import DOMAINS, ByteTokenizer, load_corpus  # noqa: E402
 from moekit.dispatch.placement import placement_report  # noqa: E402
-from moekit.utils.io import atomic_write_text
 
 
 def _samples(n: int):
@@ -83,12 +82,5 @@ def main(argv: list[str] | None = None) -> int:
                               "bytes_per_token": {k: round(v, 1) for k, v in report["bytes_per_token"].items()},
                               "saved_fraction": {k: round(v, 4) for k, v in report["saved_fraction"].items()},
                               "colocated_pairs": {k: round(v, 4) for k, v in report["colocated_pairs"].items()}})
-    text = "".join(json.dumps(line) + "\n" for line in lines)
-    print(text, end="")
-    if args.out:
-        atomic_write_text(args.out, text)
+    write_json_lines(lines, args.out)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

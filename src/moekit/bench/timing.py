@@ -85,3 +85,13 @@ def append_json_lines(path: str | Path, lines: list[dict]) -> None:
     path = Path(path)
     before = path.read_text() if path.exists() else ""
     atomic_write_text(path, before + "".join(json.dumps(line) + "\n" for line in lines))
+
+
+def write_json_lines(lines: list[dict], out: str | Path | None) -> None:
+    """Print `lines` as JSON lines and, with `out`, write them (replacing the file) atomically."""
+    from moekit.utils.io import atomic_write_text
+
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    print(text, end="")
+    if out:
+        atomic_write_text(out, text)

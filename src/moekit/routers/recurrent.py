@@ -70,6 +70,9 @@ class RecurrentConfig(RouterConfig):
             return bool(self.normalize)
         return self.normalize if self.normalize is not None else self.k > 1
 
+    def score_function(self) -> str:
+        return self.score
+
     def describe(self) -> str:
         return f"gru_dim={self.gru_dim}, select_rule={self.select_rule}, {self.convert(self.select_rule).describe()}"
 

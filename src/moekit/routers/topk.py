@@ -58,6 +58,9 @@ class TopKConfig(RouterConfig):
         from the task loss (Switch Transformer, arXiv 2101.03961, uses the raw probability)."""
         return self.normalize if self.normalize is not None else self.k > 1
 
+    def score_function(self) -> str:
+        return self.score
+
     def describe(self) -> str:
         parts = [f"k={self.k}", f"score={self.score}", f"normalize={self.normalizes()}"]
         if self.routed_scaling_factor != 1.0:

@@ -56,6 +56,9 @@ class TopPConfig(RouterConfig):
     def normalizes(self) -> bool:
         return bool(self.normalize)  # arXiv 2403.07652 combines with the raw probabilities
 
+    def score_function(self) -> str:
+        return self.score
+
     def describe(self) -> str:
         cap = f", max_k={self.max_k}" if self.max_k is not None else ""
         score = f", score={self.score}" if self.score != "softmax" else ""
