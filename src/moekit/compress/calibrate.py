@@ -173,12 +173,28 @@ def _windows(ids: np.ndarray, seq_len: int, tokens: int, what: str) -> torch.Ten
 
 def expert_weights(layer: MoELayer, e: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(w_in (X, D), w_down (D, F)) of the router's expert `e` of `layer`, as floats (merged layers:
-    the bank's expert it maps to; quantised banks: dequantised)."""
+    the bank's expert it maps to; quantised banks: dequantised). Standard SwiGLU stacks only (merging
+    and quantisation refuse other banks)."""
     bank = layer.experts
     p = e if layer.expert_map_E is None else int(layer.expert_map_E[e])
     if hasattr(bank, "expert_weights"):
         return bank.expert_weights(p)
     return bank.w_in[p], bank.down_proj[p]
+
+
+def expert_output(layer: MoELayer, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+    """The router's expert `e` of `layer` applied to rows x_ND (float32), through the bank's own layout,
+    activation (clamped SwiGLU included) and biases (merged layers: the bank's expert it maps to;
+    quantised banks: dequantised)."""
+    bank = layer.experts
+    p = e if layer.expert_map_E is None else int(layer.expert_map_E[e])
+    if hasattr(bank, "expert_weights"):  # QuantizedExpertBank: standard SwiGLU stacks
+        w_in, w_down = bank.expert_weights(p)
+        return expert_ffn(x_ND, w_in.float(), w_down.float(), bank.activation)
+    w_in, w_out, b_in, b_out = bank.expert(p)
+    w_in = tuple(w.float() for w in w_in) if isinstance(w_in, tuple) else w_in.float()
+    return expert_ffn(x_ND, w_in, w_out.float(), bank.act, b_in_X=None if b_in is None else b_in.float(),
+                      b_out_D=None if b_out is None else b_out.float())
 
 
 @torch.no_grad()
@@ -193,11 +209,9 @@ def _layer_stats(layer: MoELayer, x_TD: torch.Tensor, stats: LayerStats, keep_in
     tok_N, exp_N, w_N = route.token_idx_N, route.expert_idx_N, route.weight_N.double()
     stats.count_E += torch.bincount(exp_N, minlength=stats.num_experts).double()
     stats.gate_sum_E += torch.zeros(stats.num_experts, dtype=torch.float64).index_add_(0, exp_N, w_N)
-    act = layer.cfg.activation
     for e in torch.unique(exp_N).tolist():
         rows = tok_N[exp_N == e]
-        w_in, w_down = expert_weights(layer, e)
-        y_ND = expert_ffn(x_TD[rows], w_in.float(), w_down.float(), act)
+        y_ND = expert_output(layer, e, x_TD[rows])
         norm_N = y_ND.double().norm(dim=-1)
         s_N = scores_TE[rows, e]
         stats.score_sum_E[e] += s_N.sum()
@@ -206,8 +220,7 @@ def _layer_stats(layer: MoELayer, x_TD: torch.Tensor, stats: LayerStats, keep_in
         stats.max_abs_E[e] = max(float(stats.max_abs_E[e]), float(y_ND.abs().max()))
     if stats.out_sum_ED is not None:
         for e in range(stats.num_experts):  # every token through every expert, one expert at a time
-            w_in, w_down = expert_weights(layer, e)
-            stats.out_sum_ED[e] += expert_ffn(x_TD, w_in.float(), w_down.float(), act).double().sum(0)
+            stats.out_sum_ED[e] += expert_output(layer, e, x_TD).double().sum(0)
     have = 0 if stats.inputs_TD is None else stats.inputs_TD.shape[0]
     if have < keep_inputs:
         new = x_TD[: keep_inputs - have].detach().clone()

@@ -36,7 +36,9 @@ from torch import nn
 from moekit.compress.calibrate import Calibration
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank
+from moekit.experts.bank import STANDARD
 from moekit.layers.moe import MoELayer, moe_layers
+from moekit.ops.ffn import Activation
 from moekit.utils.assign import assign_min_cost
 
 __all__ = ["METHODS", "MergeResult", "hc_smoe_groups", "m_smoe_groups", "merge", "merge_groups"]
@@ -103,6 +105,10 @@ def merge_groups(layer: MoELayer, groups: list[list[int]], freq_E: torch.Tensor,
     bank = layer.experts
     if not isinstance(bank, ExpertBank):
         raise UsageError("merge: quantised experts cannot be merged; merge first, then quantise")
+    if bank.layout != STANDARD or bank.act != Activation("swiglu"):
+        # Neuron alignment splits gate and up rows as SwiGLU stacks them.
+        raise UsageError(f"merge: the expert bank ({bank.extra_repr()}) is not the standard SwiGLU stack merging "
+                         "handles; expected activation swiglu and the standard layout")
     E = layer.router.num_experts
     covered = sorted(e for g in groups for e in g)
     if covered != list(range(E)):

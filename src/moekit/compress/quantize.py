@@ -38,8 +38,9 @@ from torch import nn
 
 from moekit.compress.calibrate import Calibration
 from moekit.errors import UsageError
+from moekit.experts.bank import STANDARD
 from moekit.layers.moe import MoELayer, moe_layers
-from moekit.ops.ffn import expert_ffn
+from moekit.ops.ffn import Activation, expert_ffn
 from moekit.ops.grouped import grouped_linear
 
 __all__ = ["BITS", "QuantizeResult", "QuantizedExpertBank", "dequantize", "expert_bytes", "mixed_bits", "parse_method",
@@ -102,7 +103,7 @@ class QuantizedExpertBank(nn.Module):
             raise ValueError(f"QuantizedExpertBank: {len(bits_E)} bit widths for {num_experts} experts")
         self.num_experts, self.d_model, self.d_expert, self.activation = num_experts, d_model, d_expert, activation
         self.bits_E, self.group_size = list(bits_E), group_size
-        X = 2 * d_expert if activation == "swiglu" else d_expert
+        X = 2 * d_expert if Activation(activation).gated else d_expert
         for c in (d_model, d_expert):
             if c % group_size:
                 raise UsageError(f"--group-size {group_size} is invalid: it must divide d_model={d_model} and "
@@ -119,7 +120,12 @@ class QuantizedExpertBank(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_bank(cls, bank: nn.Module, bits_E: list[int], group_size: int) -> QuantizedExpertBank:
-        """Quantise an `ExpertBank`'s experts (expert e at bits_E[e])."""
+        """Quantise an `ExpertBank`'s experts (expert e at bits_E[e]). Raises UsageError for a bank this
+        quantiser does not express (another layout than the standard stacks, expert biases, a clamped
+        activation, e.g. a wrapped gpt-oss block)."""
+        if bank.layout != STANDARD or bank.act != Activation(bank.activation):
+            raise UsageError(f"quantize: the expert bank ({bank.extra_repr()}) is not the standard SwiGLU stack this "
+                             "quantiser handles; expected the standard layout and an activation without parameters")
         new = cls(bank.num_experts, bank.d_model, bank.d_expert, bank.activation, bits_E, group_size)
         for e, b in enumerate(bits_E):
             for name, w in (("w_in", bank.w_in[e]), ("down", bank.down_proj[e])):
