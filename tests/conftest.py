@@ -1,3 +1,5 @@
+import signal
+
 import pytest
 import torch
 
@@ -5,6 +7,13 @@ import moekit
 
 _LAYER_FIELDS = {"num_shared_experts", "balance_scope", "shared_gate", "capacity_factor", "eval_capacity_factor",
                  "backend", "activation", "num_experts", "d_expert", "d_shared", "d_model"}
+
+
+# A suite started under `nohup` (or any parent that ignores SIGINT) inherits SIGINT as ignored, and Python
+# then installs no KeyboardInterrupt handler: the Ctrl-C tests would test nohup, not moekit. Restore the
+# interactive disposition (children started from here inherit it too).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
