@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from moekit.bench.timing import median_s
 from moekit.compress import calibrate, calibration_windows, merge, prune, quantize
 from moekit.compress.quantize import expert_bytes
 from moekit.data import DOMAINS
@@ -66,27 +67,21 @@ def packed_int8_probe(D: int = 128, X: int = 512, rows: int = 4, reps: int = 200
     x = torch.randn(rows, D)
     packed, scale = quantize_tensor(w, 8, 64)
 
-    def clock(fn):
-        fn()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps * 1e6
-
-    out = {"bench": "packed_int8", "rows": rows, "D": D, "X": X,
-           "fp32_us": clock(lambda: x @ w.T),
-           "dequantise_then_matmul_us": clock(lambda: x @ dequantize(packed, scale, 8).T)}
+    steps = {"fp32_us": lambda: x @ w.T, "dequantise_then_matmul_us": lambda: x @ dequantize(packed, scale, 8).T}
+    out = {"bench": "packed_int8", "rows": rows, "D": D, "X": X}
     if hasattr(torch, "_weight_int8pack_mm"):
         s_X = w.abs().amax(1) / 127
         q_XD = torch.round(w / s_X[:, None]).to(torch.int8)
         try:
             y = torch._weight_int8pack_mm(x, q_XD, s_X)
-            out["weight_int8pack_mm_us"] = clock(lambda: torch._weight_int8pack_mm(x, q_XD, s_X))
+            steps["weight_int8pack_mm_us"] = lambda: torch._weight_int8pack_mm(x, q_XD, s_X)
             out["weight_int8pack_mm_max_rel_err"] = float((y - x @ w.T).abs().max() / (x @ w.T).abs().max())
         except RuntimeError as e:
             out["weight_int8pack_mm"] = f"unavailable: {' '.join(str(e).split())[:120]}"
     else:
         out["weight_int8pack_mm"] = "unavailable in this torch build"
+    # the competing implementations round-robin (moekit.bench.timing), median per call in microseconds
+    out.update({name: t * 1e6 for name, t in median_s(steps, repeats=reps, warmup=1).items()})
     return out
 
 

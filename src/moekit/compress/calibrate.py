@@ -171,17 +171,6 @@ def _windows(ids: np.ndarray, seq_len: int, tokens: int, what: str) -> torch.Ten
     return torch.from_numpy(ids[starts[:, None] + np.arange(seq_len)[None, :]])
 
 
-def expert_weights(layer: MoELayer, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w_in (X, D), w_down (D, F)) of the router's expert `e` of `layer`, as floats (merged layers:
-    the bank's expert it maps to; quantised banks: dequantised). Standard SwiGLU stacks only (merging
-    and quantisation refuse other banks)."""
-    bank = layer.experts
-    p = e if layer.expert_map_E is None else int(layer.expert_map_E[e])
-    if hasattr(bank, "expert_weights"):
-        return bank.expert_weights(p)
-    return bank.w_in[p], bank.down_proj[p]
-
-
 def expert_output(layer: MoELayer, e: int, x_ND: torch.Tensor) -> torch.Tensor:
     """The router's expert `e` of `layer` applied to rows x_ND (float32), through the bank's own layout,
     activation (clamped SwiGLU included) and biases (merged layers: the bank's expert it maps to;
