@@ -163,3 +163,14 @@ def test_router_output_aux_is_read_only_and_still_copies_and_pickles(make_cfg):
         assert set(copied.aux) == set(info.aux)
         with pytest.raises(TypeError):
             copied.aux["x"] = torch.tensor(2.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_tensor_with_one_row_per_expert_is_declared_in_expert_tensors(kind):
+    """Pruning and expert renumbering (compress.prune, dispatch.placement.permute_experts_) touch exactly
+    the tensors a router declares; an undeclared per-expert tensor would silently keep the old experts."""
+    E, D = 7, 12  # sizes no other router dimension takes
+    router = router_class(kind)(moekit.RouterConfig(kind=kind), D, E)
+    tensors = dict(router.named_parameters(recurse=False)) | dict(router.named_buffers(recurse=False))
+    per_expert = {name for name, t in tensors.items() if t.dim() >= 1 and t.shape[0] == E}
+    assert per_expert == set(router_class(kind).expert_tensors) & set(tensors), kind
