@@ -36,6 +36,7 @@ router's; the ReMoE recipe trains them with coefficient 0 (the reference ReLU ro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -50,6 +51,7 @@ class ReMoEConfig(RouterConfig):
     target 1 - k/E); l1_coef_init (lambda_0), l1_coef_multiplier (alpha) of the adaptive L1 coefficient;
     l1_balance: the load-balanced L1 penalty (as the reference code) rather than the plain one."""
 
+    expert_count_fields: ClassVar[tuple[str, ...]] = ("k",)
     kind: str = setting("remoe", "router: how tokens pick experts (moekit info lists them)")
     k: int = setting(2, "target average of active experts per token (ReMoE, arXiv 2412.14711)")
     l1_coef_init: float = setting(1e-8, "initial coefficient lambda_0 of the adaptive L1 penalty")
