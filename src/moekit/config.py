@@ -150,6 +150,8 @@ class RouterConfig(Config):
     kind: str = setting("topk", "router: how tokens pick experts (moekit info lists them)")
     jitter: float = setting(0.0, "multiply the router input by U(1 - eps, 1 + eps) in training (0 = off)")
     router_losses: ClassVar[tuple[str, ...]] = ()  # every router-specific aux loss this router may return
+    # Fields counted in experts (k, min_k, a capacity factor, null experts): fine_grained(m) multiplies them.
+    expert_count_fields: ClassVar[tuple[str, ...]] = ()
 
     def __new__(cls, *args, **kwargs):
         if cls is not RouterConfig:
@@ -194,10 +196,11 @@ class RouterConfig(Config):
         return False
 
     def fine_grained(self, m: int) -> RouterConfig:
-        """The config for DeepSeekMoE segmentation into m times more, m times narrower experts (the
-        experts-per-token count `k`, where the router has one, times m)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        return dataclasses.replace(self, k=self.k * m) if "k" in names else self
+        """The config for DeepSeekMoE segmentation into m times more, m times narrower experts: every
+        field the router counts in experts (`expert_count_fields`: k, min_k, max_k, null experts, an
+        expert-choice capacity factor) times m, so the active expert width per token stays the same."""
+        return dataclasses.replace(self, **{name: getattr(self, name) * m for name in self.expert_count_fields
+                                            if getattr(self, name) is not None})
 
     def score_function(self) -> str:
         """How the router turns logits into probabilities: "softmax" (default) or "sigmoid"."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from moekit import MoELayer
+from moekit import MoEConfig, MoELayer, RouterConfig
 from moekit.dispatch.placement import (
     Placement,
     _assign_min_cost,
@@ -22,6 +22,7 @@ from moekit.dispatch.placement import (
     traffic,
 )
 from moekit.errors import UsageError
+from moekit.experts.bank import ExpertBank
 
 # ------------------------------------------------------------------------------------------ Placement
 
@@ -244,14 +245,16 @@ def test_applying_a_placement_leaves_outputs_unchanged(make_cfg, router):
     assert order_E[:4].tolist() == placement.local_experts(0)
 
 
-def test_applying_a_placement_refuses_what_it_cannot_keep(make_cfg):
+def test_applying_a_placement_refuses_what_it_cannot_keep(make_cfg, monkeypatch):
     layer = MoELayer(make_cfg(num_experts=8, k=2, score="sigmoid", n_group=2, topk_group=1))
     with pytest.raises(ValueError, match="moves whole groups"):
         permute_experts_(Placement.from_ranks([1, 0, 1, 0, 0, 1, 1, 0], 2).order_E(), layer.experts, layer.router)
     with pytest.raises(ValueError, match="permutation of 0..7"):
         permute_experts_([0, 1, 2, 3, 4, 5, 6, 6], layer.experts, layer.router)
-    layer.router.register_buffer("mystery_E", torch.zeros(8))
-    with pytest.raises(ValueError, match="'mystery_E'"):
+    # A per-expert tensor the router declares (Router.expert_tensors) must have one row per expert.
+    layer.router.register_buffer("mystery_E", torch.zeros(3))
+    monkeypatch.setattr(type(layer.router), "expert_tensors", (*type(layer.router).expert_tensors, "mystery_E"))
+    with pytest.raises(ValueError, match=r"'mystery_E' has shape \(3,\); expected 8 rows"):
         permute_experts_(np.arange(8), layer.experts, layer.router)
 
 
@@ -276,3 +279,22 @@ def test_placement_report_prices_each_scheme_with_traffic():
     # homes follow the first expert of the previous layer
     homes_LT = following_homes(experts_LTK, affinity_LE, W)
     assert (homes_LT[1] == affinity_LE[0][experts_LTK[0, :, 0]]).all()
+
+
+def test_permuting_experts_reaches_biases_and_every_layout():
+    """gpt-oss-style banks (transposed, interleaved, per-expert biases) and DBRX's flat stacks are
+    renumbered whole: the layer's outputs stay the same."""
+    from moekit.experts.bank import ExpertLayout
+
+    torch.manual_seed(0)
+    for layout, act in ((ExpertLayout(in_transposed=True, out_transposed=True, interleaved=True, bias=True), "swiglu"),
+                        (ExpertLayout(split=True, flat=True), "swiglu")):
+        cfg = MoEConfig(d_model=16, d_expert=8, num_experts=4, router=RouterConfig(k=2))
+        layer = MoELayer(cfg).eval()
+        layer.experts = ExpertBank(4, 16, 8, act, layout)
+        for w in layer.experts.parameters():
+            torch.nn.init.normal_(w)
+        x = torch.randn(2, 5, 16)
+        before = layer(x)
+        permute_experts_([2, 0, 3, 1], layer.experts, layer.router)
+        torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)

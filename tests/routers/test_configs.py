@@ -163,3 +163,29 @@ def test_router_output_aux_is_read_only_and_still_copies_and_pickles(make_cfg):
         assert set(copied.aux) == set(info.aux)
         with pytest.raises(TypeError):
             copied.aux["x"] = torch.tensor(2.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_tensor_with_one_row_per_expert_is_declared_in_expert_tensors(kind):
+    """Pruning and expert renumbering (compress.prune, dispatch.placement.permute_experts_) touch exactly
+    the tensors a router declares; an undeclared per-expert tensor would silently keep the old experts."""
+    E, D = 7, 12  # sizes no other router dimension takes
+    router = router_class(kind)(moekit.RouterConfig(kind=kind), D, E)
+    tensors = dict(router.named_parameters(recurse=False)) | dict(router.named_buffers(recurse=False))
+    per_expert = {name for name, t in tensors.items() if t.dim() >= 1 and t.shape[0] == E}
+    assert per_expert == set(router_class(kind).expert_tensors) & set(tensors), kind
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fine_grained_keeps_the_active_expert_width_of_every_router(kind):
+    """DeepSeekMoE segmentation (arXiv 2401.06066): m times more experts, m times narrower, so a token's
+    expert count (k, min_k/max_k, null experts, an expert-choice capacity) scales by m — for every router."""
+    cfg = moekit.MoEConfig(d_model=32, d_expert=16, num_experts=8, router=moekit.RouterConfig(kind=kind))
+    fine = cfg.fine_grained(4)
+    assert (fine.num_experts, fine.d_expert) == (32, 4)
+    assert fine.router.expected_experts_per_token(32) == pytest.approx(4 * cfg.router.expected_experts_per_token(8))
+    assert fine.router.min_resident_experts(32) >= cfg.router.min_resident_experts(8)
+    for name in type(cfg.router).expert_count_fields:
+        before = getattr(cfg.router, name)
+        assert getattr(fine.router, name) == (None if before is None else before * 4), name
+    fine.validate()

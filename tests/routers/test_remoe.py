@@ -125,6 +125,16 @@ def test_lambda_follows_the_mean_sparsity_of_all_layers(active, factor):
     torch.testing.assert_close(routers[0].l1_coef, torch.tensor(1e-3 * factor))
 
 
+def test_lambda_compares_with_each_layers_own_target_when_k_differs_by_layer():
+    """Per-layer k (route(k=[...]), per-layer configs): the target is the layers' mean 1 - k_l/E, not
+    layer 0's. Layer 0 wants k=1 (S* = 0.875), layer 1 k=4 (S* = 0.5): mean target 0.6875."""
+    routers = [router(k=1, l1_coef_init=1e-3), router(k=4, l1_coef_init=1e-3)]
+    # 10 tokens; 10 and 30 active: sparsity (0.875 + 0.625) / 2 = 0.75 >= 0.6875, so lambda shrinks
+    # (layer 0's target alone, 0.875, would have grown it).
+    ReMoERouter.after_optimizer_step_all(routers, [counts(10, 10), counts(30, 10)])
+    torch.testing.assert_close(routers[1].l1_coef, torch.tensor(1e-3 / 1.2))
+
+
 def test_the_optimizer_step_adapts_lambda_so_the_average_falls_to_the_target_k():
     """Closed loop through the trainer's step hook: a layer that starts with about half of its 8 experts
     open; every optimiser step multiplies lambda by alpha while tokens use more than k = 2 experts on

@@ -406,28 +406,20 @@ def placement_report(experts_LTK, num_experts: int, num_ranks: int, d_model: int
     }
 
 
-# Router tensors indexed by expert (dim 0), and router tensors that are not; anything else with a
-# dimension of size E is refused rather than guessed.
-# NOTE: after the router restructuring (#13) each router should declare its per-expert tensors itself.
-_ROUTER_PER_EXPERT = ("weight", "e_score_correction_bias", "bias", "expert_mask_E")
-_ROUTER_SHARED = ("null_weight", "input_proj", "step")
-_BANK_PER_EXPERT = ("gate_up_proj", "up_proj", "down_proj")
-
-
 @torch.no_grad()
 def permute_experts_(order_E, bank: torch.nn.Module, router: torch.nn.Module) -> None:
     """Renumber the experts of one layer in place: new expert j is old expert `order_E[j]`.
 
-    Permutes, consistently, the bank's stacked weights (`gate_up_proj`, `up_proj`, `down_proj`, dim 0)
-    and the router's per-expert tensors: gate rows `weight` (E, ...), selection bias
-    `e_score_correction_bias`, a gate `bias`, and `expert_mask_E`. The layer computes the same outputs;
-    only expert ids change (executed ids map through the inverse permutation).
+    Permutes, consistently, every per-expert tensor of the bank (`ExpertBank.expert_stacks`: weights in
+    any layout and expert biases) and of the router: the tensors its class declares in
+    `Router.expert_tensors` (gate rows, a selection bias, a gate bias) and `expert_mask_E`. The layer
+    computes the same outputs; only expert ids change (executed ids map through the inverse permutation).
     `Placement.order_E()` is the renumbering that makes a placement contiguous.
 
     Apply between optimiser steps and before building the optimiser (its per-parameter state is not
     permuted). Raises ValueError for a permutation of the wrong length or not a permutation, for
-    group-limited routing (n_group > 1) when experts would change group, and for a router with an
-    E-sized tensor this function does not know.
+    group-limited routing (n_group > 1) when experts would change group, and for a declared per-expert
+    tensor without one row per expert.
     """
     E = bank.num_experts
     order_E = torch.as_tensor(np.asarray(order_E), dtype=torch.int64)
@@ -441,22 +433,13 @@ def permute_experts_(order_E, bank: torch.nn.Module, router: torch.nn.Module) ->
         if not bool((groups_GP == groups_GP[:, :1]).all()):
             raise ValueError(f"permute_experts_: group-limited routing (n_group={n_group}) ranks groups of "
                              f"{per_group} consecutive experts; expected a permutation that moves whole groups")
-    router_state = dict(router.named_parameters(recurse=False)) | dict(router.named_buffers(recurse=False))
-    if getattr(router, "expert_mask_E", None) is not None:
-        router_state["expert_mask_E"] = router.expert_mask_E
-    for name, tensor in router_state.items():
-        if name in _ROUTER_SHARED or tensor is None:
-            continue
-        if name not in _ROUTER_PER_EXPERT:
-            if E in tensor.shape:
-                raise ValueError(f"permute_experts_: router {type(router).__name__} has a tensor {name!r} of shape "
-                                 f"{tuple(tensor.shape)} this function does not know how to permute")
+    per_expert = {name: getattr(router, name, None) for name in type(router).expert_tensors}
+    per_expert["expert_mask_E"] = getattr(router, "expert_mask_E", None)
+    per_expert |= {f"experts.{name}": w for name, w in bank.expert_stacks().items()}
+    for name, tensor in per_expert.items():
+        if tensor is None:
             continue
         if tensor.dim() == 0 or tensor.shape[0] != E:
-            raise ValueError(f"permute_experts_: router tensor {name!r} has shape {tuple(tensor.shape)}; expected "
+            raise ValueError(f"permute_experts_: tensor {name!r} has shape {tuple(tensor.shape)}; expected "
                              f"{E} rows, one per expert")
         tensor.copy_(tensor[order_E.to(tensor.device)])
-    for name in _BANK_PER_EXPERT:
-        w = getattr(bank, name, None)
-        if w is not None:
-            w.copy_(w[order_E.to(w.device)])

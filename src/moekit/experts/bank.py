@@ -122,6 +122,16 @@ class ExpertBank(nn.Module):
         """The output projection as an (E, D, F) view."""
         return self._view(self.down_proj, self.layout.flat or self.layout.out_transposed)
 
+    def expert_stacks(self) -> dict[str, torch.Tensor]:
+        """Every stored per-expert tensor by attribute name, as a view with one expert per row of dim 0
+        ((E, ...); flat stacks reshaped), so renumbering or removing experts reaches all of them."""
+        names = ("gate_up_proj", "gate_proj", "up_proj", "down_proj", "in_proj_bias", "down_proj_bias")
+        stacks = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if self.layout.flat:
+            stacks = {name: w.view(self.num_experts, -1, *w.shape[1:]) if w.dim() == 2 and name.endswith("proj")
+                      else w for name, w in stacks.items()}
+        return stacks
+
     def expert(self, e: int):
         """Expert e's (w_in (X, D) or (W_gate, W_up), w_out (D, F), b_in (X,) or None, b_out (D,) or None),
         for the reference loop."""

@@ -1,4 +1,4 @@
-"""Expert masks: switch routed experts off, or force them on, at inference time; undone on exit.
+"""Expert masks: switch routed experts off, or force them on, at inference time; undone on `with` exit.
 
 Mixture of Tunable Experts (MoTE, Dahlke et al., arXiv 2502.11096) steers a pretrained MoE model by
 deactivating (or force-activating) a handful of routed experts, with no training:
@@ -31,7 +31,6 @@ mask, so enter the mask inside the route override.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -40,18 +39,20 @@ from torch import nn
 from moekit.layers.moe import MoELayer
 from moekit.layers.overrides import moe_layers
 from moekit.routers import Router
+from moekit.utils.scoped import applied_now
 
 ExpertIds = Mapping[int, Iterable[int]]
 
 _FREE, _DISABLED, _FORCED = 0, -1, 1
 
 
-@contextlib.contextmanager
+@applied_now
 def mask_experts(model: nn.Module, disabled: ExpertIds | None = None,
                  forced: ExpertIds | None = None) -> Iterator[list[MoELayer]]:
-    """Disable / force routed experts of chosen MoE layers for the duration of the block.
+    """Disable / force routed experts of chosen MoE layers, from the call until `with` exits (or the
+    returned handle's `.restore()`, when called without `with`, as `torch.set_grad_enabled`).
 
-    Yields the masked MoELayers. Everything is validated before any router changes; the previous
+    The `with` value is the list of masked MoELayers. Everything is validated before any router changes; the previous
     masks come back on exit, even after an exception.
     """
     all_layers = moe_layers(model)

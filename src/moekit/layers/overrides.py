@@ -1,4 +1,4 @@
-"""Inference-time routing overrides on a built model, undone on exit.
+"""Inference-time routing overrides on a built model, undone on `with` exit (or `.restore()`).
 
     with moekit.route(model, p=0.3):                 # every MoE layer
     with moekit.route(model, layers=[0, 1], k=1):    # chosen layers (indices in module order)
@@ -10,11 +10,13 @@ changes. A new `kind` converts the config (`RouterConfig.convert`: the fields bo
 their values) and builds that router around the *same* gate Parameter (`Router.adopt`: the selection
 bias too), so no weight is copied or modified; the old router module is put back on exit, even after
 an exception. Routers that carry a routing state across layers (RMoE) cannot be swapped with others.
+
+Like `torch.set_grad_enabled`, the change is made when `route` is called: without `with` it stays
+until the returned handle's `.restore()` (it used to do nothing at all without `with`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
 
@@ -24,6 +26,7 @@ from moekit.config import router_fields
 from moekit.errors import UsageError
 from moekit.layers.moe import MoELayer, moe_layers  # moe_layers: also importable from here, where it was
 from moekit.routers import router_class
+from moekit.utils.scoped import applied_now
 
 
 def _per_layer(value, n: int, name: str) -> list:
@@ -34,8 +37,15 @@ def _per_layer(value, n: int, name: str) -> list:
     return [value] * n
 
 
-@contextlib.contextmanager
+@applied_now
 def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> Iterator[list[MoELayer]]:
+    """Change the routing rule of the chosen MoE layers (all by default); returns an `Applied` handle
+    whose `with` value is the list of changed MoELayers.
+
+    `changes` are RouterConfig fields (one value, or one per chosen layer), `kind` included.
+    Raises ValueError (before anything changes) for a model without MoE layers, a layer index out of
+    range, an unknown field, or a value the new router config refuses.
+    """
     all_layers = moe_layers(model)
     if not all_layers:
         raise ValueError(f"route(): {type(model).__name__} contains no MoELayer")

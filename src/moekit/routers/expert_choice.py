@@ -14,6 +14,7 @@ tokens of the batch, later ones included, so causal language models refuse this 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +28,7 @@ class ExpertChoiceConfig(RouterConfig):
     """Expert choice: each expert takes round(ec_capacity_factor * T / E) tokens; allow_causal_leak lets a
     causal language model train with it anyway (its routing then sees later tokens)."""
 
+    expert_count_fields: ClassVar[tuple[str, ...]] = ("ec_capacity_factor",)
     kind: str = setting("expert_choice", "router: how tokens pick experts (moekit info lists them)")
     ec_capacity_factor: float = setting(2.0, "expert choice: each expert takes round(factor * T / E) tokens")
     allow_causal_leak: bool = setting(False, "let a causal LM train with expert choice (its routing then "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ class NullConfig(RouterConfig):
     """Null experts (AdaMoE, arXiv 2406.13233): n_null parameter-free null experts, k (top-k over
     E + n_null), normalize (over the chosen real experts; default: for k > 1)."""
 
+    expert_count_fields: ClassVar[tuple[str, ...]] = ("k", "n_null")
     kind: str = setting("null", "router: how tokens pick experts (moekit info lists them)")
     k: int = setting(2, "top-k over the real and the null experts (AdaMoE)")
     normalize: bool | None = setting(None, "renormalise over the chosen real experts (None = yes for k > 1)")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -60,6 +61,7 @@ class RandomConfig(RouterConfig):
     """SMoE-Dropout (arXiv 2303.01610): a frozen random router whose k grows in training from min_k to
     max_k (None = E) over k_schedule_steps optimiser steps along k_schedule; k is the inference k."""
 
+    expert_count_fields: ClassVar[tuple[str, ...]] = ("k", "min_k", "max_k")
     kind: str = setting("random", "router: how tokens pick experts (moekit info lists them)")
     k: int = setting(2, "experts per token at inference (SMoE-Dropout, arXiv 2303.01610)")
     min_k: int = setting(1, "experts per token at the start of training")

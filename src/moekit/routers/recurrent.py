@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -50,6 +51,7 @@ class RecurrentConfig(RouterConfig):
     ("topk"|"topp": the selection applied to the GRU's logits, with that rule's own fields: k, score,
     normalize, routed_scaling_factor for top-k; p, min_k, max_k, normalize for top-p)."""
 
+    expert_count_fields: ClassVar[tuple[str, ...]] = ("k", "min_k", "max_k")
     kind: str = setting("recurrent", "router: how tokens pick experts (moekit info lists them)")
     gru_dim: int = setting(256, "hidden size of the GRU shared by all layers (RMoE, arXiv 2408.06793)")
     select_rule: str = setting("topk", "selection applied to the GRU's logits", choices=SELECT_RULES)

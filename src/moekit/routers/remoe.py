@@ -19,7 +19,7 @@ Stages:
        plain L1 (l1_balance=False):  L_reg = mean_t sum_e R_te
   4. after every optimiser step (`after_optimizer_step_all`, run by moekit.train.balance):
        S = 1 - (active assignments) / (V E), averaged over the model's MoE layers,
-       lambda <- lambda * alpha   if S < 1 - k/E   (too dense)
+       lambda <- lambda * alpha   if S < 1 - k/E   (too dense; per-layer k or E: both sides averaged over layers)
        lambda <- lambda / alpha   otherwise        (arXiv 2412.14711: lambda_{i+1} = lambda_i alpha^sign(...))
      lambda starts at l1_coef_init (1e-8) and alpha = l1_coef_multiplier (1.2), as the reference. The
      average active experts per token, E (1 - S), thus tracks the target k, while each token, and each
@@ -36,6 +36,7 @@ router's; the ReMoE recipe trains them with coefficient 0 (the reference ReLU ro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -50,6 +51,7 @@ class ReMoEConfig(RouterConfig):
     target 1 - k/E); l1_coef_init (lambda_0), l1_coef_multiplier (alpha) of the adaptive L1 coefficient;
     l1_balance: the load-balanced L1 penalty (as the reference code) rather than the plain one."""
 
+    expert_count_fields: ClassVar[tuple[str, ...]] = ("k",)
     kind: str = setting("remoe", "router: how tokens pick experts (moekit info lists them)")
     k: int = setting(2, "target average of active experts per token (ReMoE, arXiv 2412.14711)")
     l1_coef_init: float = setting(1e-8, "initial coefficient lambda_0 of the adaptive L1 penalty")
@@ -111,13 +113,14 @@ class ReMoERouter(Router):
     @torch.no_grad()
     def after_optimizer_step_all(cls, routers: list[ReMoERouter], counts: list[StepCounts]) -> None:
         """The reference's update of lambda from the step's sparsity averaged over layers (see the module doc)."""
-        sparsity_L = [1 - float(c.chosen_E.sum()) / (c.tokens * r.num_experts)
-                      for r, c in zip(routers, counts, strict=True) if c.tokens > 0]
-        if not sparsity_L:
+        routed = [(r, c) for r, c in zip(routers, counts, strict=True) if c.tokens > 0]
+        if not routed:
             return  # nothing was routed in training this step
+        sparsity = sum(1 - float(c.chosen_E.sum()) / (c.tokens * r.num_experts) for r, c in routed) / len(routed)
+        # Each layer's own target 1 - k/E (layers may differ: per-layer configs, fine-grained layers),
+        # averaged like the sparsity; with one k for all layers this is the reference's 1 - k/E.
+        target = sum(1 - r.cfg.k / r.num_experts for r, _ in routed) / len(routed)
         cfg = routers[0].cfg
-        target = 1 - cfg.k / routers[0].num_experts
-        sparsity = sum(sparsity_L) / len(sparsity_L)
         factor = cfg.l1_coef_multiplier if sparsity < target else 1 / cfg.l1_coef_multiplier
         coef = routers[0].l1_coef * factor
         for r in routers:

@@ -18,7 +18,7 @@ Megatron-LM's `compute_routing_scores_for_aux_loss` and DeepSeek-V3 eq. 18 do.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -41,6 +41,7 @@ class TopKConfig(RouterConfig):
     sum(bias) = 0.
     """
 
+    expert_count_fields: ClassVar[tuple[str, ...]] = ("k",)
     kind: str = setting("topk", "router: how tokens pick experts (moekit info lists them)")
     k: int = setting(2, "experts per token")
     score: str = setting("softmax", "router score function", choices=SCORES)

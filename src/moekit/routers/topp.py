@@ -24,6 +24,7 @@ Dynamic loss L_d = mean_t sum_i entr(P_ti): the router entropy, returned as aux[
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -41,6 +42,7 @@ class TopPConfig(RouterConfig):
     routed_scaling_factor on the weights. score, normalize and the scale carry over from a top-k rule
     converted with `moekit.route(model, kind="topp", p=...)`."""
 
+    expert_count_fields: ClassVar[tuple[str, ...]] = ("min_k", "max_k")
     kind: str = setting("topp", "router: how tokens pick experts (moekit info lists them)")
     p: float = setting(0.4, "top-p: cumulative-probability threshold (arXiv 2403.07652)")
     min_k: int = setting(1, "fewest experts per token")

@@ -1,0 +1,52 @@
+"""Changes that take effect when called and are undone on `with` exit, as `torch.set_grad_enabled`.
+
+`moekit.route(model, p=0.3)` used to be a generator-based context manager: called without `with` it
+returned an object and changed nothing, silently. A function decorated with `applied_now` is written
+as such a generator (set up, `yield` the value, undo in `finally`) but runs its set-up at call time:
+
+    moekit.route(model, p=0.3)            # the model routes with p = 0.3 from now on
+    with moekit.route(model, p=0.3):      # ... only inside the block
+    handle = moekit.route(model, p=0.3); handle.restore()
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Generator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Applied(Generic[T]):
+    """A change already made; `restore()` (or leaving a `with` block) undoes it, once.
+
+    `value` is what the change yielded (e.g. the layers it touched); `with` returns it."""
+
+    def __init__(self, gen: Generator[T, None, None]):
+        self._gen = gen
+        self.value = next(gen)  # the set-up runs (and validates) now
+        self.restored = False
+
+    def restore(self) -> None:
+        """Undo the change (idempotent)."""
+        if not self.restored:
+            self.restored = True
+            self._gen.close()  # runs the generator's `finally`
+
+    def __enter__(self) -> T:
+        return self.value
+
+    def __exit__(self, *exc) -> bool:
+        self.restore()
+        return False
+
+
+def applied_now(fn: Callable[..., Generator[T, None, None]]) -> Callable[..., Applied[T]]:
+    """Decorate a set-up / `yield` / undo-in-`finally` generator function: calling it applies the change."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs) -> Applied[T]:
+        return Applied(fn(*args, **kwargs))
+
+    return call

@@ -1,0 +1,48 @@
+"""`moekit.route` and `moekit.mask_experts` take effect when called (as torch.set_grad_enabled), so a
+call without `with` is never a silent no-op; `with` and `.restore()` undo them."""
+
+import pytest
+import torch
+
+import moekit
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = moekit.MoEConfig(d_model=16, d_expert=8, num_experts=4, router=moekit.RouterConfig(k=2))
+    return torch.nn.Sequential(moekit.MoELayer(cfg), moekit.MoELayer(cfg)).eval()
+
+
+def test_route_without_with_changes_the_routing_until_restored():
+    model, x = _model(), torch.randn(1, 6, 16)
+    before = model(x)
+    handle = moekit.route(model, k=1)
+    assert all(layer.router.cfg.k == 1 for layer in moekit.moe_layers(model))
+    assert not torch.allclose(model(x), before)
+    handle.restore()
+    handle.restore()  # idempotent
+    assert all(layer.router.cfg.k == 2 for layer in moekit.moe_layers(model))
+    torch.testing.assert_close(model(x), before)
+
+
+def test_route_with_block_restores_even_after_an_exception():
+    model = _model()
+    with pytest.raises(RuntimeError, match="boom"), moekit.route(model, kind="topp", p=0.5) as layers:
+        assert [layer.router.kind for layer in layers] == ["topp", "topp"]
+        raise RuntimeError("boom")
+    assert [layer.router.kind for layer in moekit.moe_layers(model)] == ["topk", "topk"]
+
+
+def test_bad_route_changes_nothing():
+    model = _model()
+    with pytest.raises(ValueError, match="unknown RouterConfig fields"):
+        moekit.route(model, nope=1)
+    assert all(layer.router.cfg.k == 2 for layer in moekit.moe_layers(model))
+
+
+def test_mask_experts_without_with_masks_until_restored():
+    model = _model()
+    handle = moekit.mask_experts(model, disabled={0: [1]})
+    assert moekit.moe_layers(model)[0].router.expert_mask_E.tolist() == [0, -1, 0, 0]
+    handle.restore()
+    assert moekit.moe_layers(model)[0].router.expert_mask_E is None
