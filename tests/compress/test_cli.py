@@ -40,8 +40,10 @@ def test_compress_errors_are_one_line(byte_run, tmp_path, capsys):
     assert err.count("\n") == 1 and "--quantize 'int5' is invalid" in err
     assert main(["compress", str(byte_run), "--prune", "0.5", "--calib", "klingon", "--out", str(tmp_path / "c")]) == 2
     assert "'klingon'" in capsys.readouterr().err
-    assert main(["compress", "--hf", str(tmp_path), "--prune", "0.5", "--out", str(tmp_path / "d")]) == 2
-    assert "--hf: not supported" in capsys.readouterr().err
+    assert main(["compress", "--prune", "0.5", "--out", str(tmp_path / "d")]) == 2
+    assert "give exactly one of RUN and --hf DIR" in capsys.readouterr().err
+    assert main(["compress", str(byte_run), "--hf", str(tmp_path), "--prune", "0.5", "--out", str(tmp_path / "d")]) == 2
+    assert "give exactly one of RUN and --hf DIR" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
