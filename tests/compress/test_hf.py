@@ -82,6 +82,8 @@ def test_per_layer_merged_quantised_wrapped_model_round_trips_and_export_refuses
     assert not (tmp_path / "exp").exists()
     with pytest.raises(OSError):  # transformers finds no weights it knows instead of loading random ones
         AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
+    with pytest.raises(UsageError, match="moekit's own format"):
+        moekit.hf.load_pretrained(tmp_path / "out")
 
 
 def test_pruning_a_wrapped_model_to_all_experts_is_the_identity_and_survivors_keep_their_output():
