@@ -103,3 +103,18 @@ def test_a_quantised_or_merged_run_refuses_to_train_in_one_line(byte_run, tmp_pa
     assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and why in err
+
+
+@pytest.mark.slow  # ~10 s: records a trace and runs the report's simulations
+def test_analyze_reads_a_run_pruned_per_layer_and_quantised(byte_run, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert main(["compress", str(byte_run), "--prune", "0.5", "--per-layer", "--quantize", "mixed:4", "--group-size",
+                 "16", "--calib", "python", "--calib-tokens", "64", "--out", str(out), "--no-progress"]) == 0
+    counts = [m.router.num_experts for m in load_trained(out)[0].moe_layers()]
+    assert len(set(counts)) > 1
+    assert main(["analyze", str(out), "--out", str(tmp_path / "rep"), "--samples-per-domain", "1", "--seq-len", "32",
+                 "--workers", "1", "--boot", "10", "--no-progress"]) == 0
+    from moekit.analysis.tracefile import load_trace
+
+    trace = load_trace(tmp_path / "rep" / "trace.npz")
+    assert trace.num_layers == 2 and trace.num_experts == max(counts)

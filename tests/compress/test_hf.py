@@ -121,6 +121,23 @@ def test_quantised_wrapped_block_equals_transformers_on_the_dequantised_weights(
     assert {m.experts.last_active for m in moe_layers(model)} - {0}  # the quantised grouped path ran
 
 
+def test_a_quantised_wrapped_model_offloads_its_compressed_bytes(tmp_path):
+    from moekit.compress.quantize import expert_bytes
+    from moekit.offload import ExpertStore, offloaded_generate, write_store
+
+    full, model = _wrapped("olmoe"), _wrapped("olmoe")
+    prune(model, _calib(model), 0.5)
+    quantize(model, "int4", group_size=16)
+    with ExpertStore(write_store(model, tmp_path / "s")) as store:
+        assert store.total_nbytes == expert_bytes(model) < expert_bytes(full) / 10  # half the experts at ~4.5 bits
+    prompt = IDS[:1, :6]
+    budget = expert_bytes(full) // 4
+    small = offloaded_generate(model, prompt, 4, budget=budget, policy="lru", simulate=False).metrics
+    big = offloaded_generate(full, prompt, 4, budget=budget, policy="lru", simulate=False).metrics
+    assert small["capacity_experts"] == 4 and big["capacity_experts"] < 4  # every one of the 4 kept experts fits
+    assert small["bytes_moved_per_token"] < big["bytes_moved_per_token"]
+
+
 @pytest.mark.slow  # ~15 s: four commands on a transformers model
 def test_compress_hf_cli_then_eval_generate_analyze_on_the_result(tmp_path, capsys):
     from moekit.cli import main
