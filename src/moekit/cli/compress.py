@@ -1,7 +1,7 @@
-"""`moekit compress RUN --out DIR [--prune SHARE] [--merge METHOD] [--quantize FORMAT]`.
+"""`moekit compress RUN|--hf DIR --out DIR [--prune SHARE] [--merge METHOD] [--quantize FORMAT]`.
 
-Loads a moekit run, calibrates on text (the embedded corpus's train split by domain, or a UTF-8
-file), then prunes, merges and quantises in that order (each step recalibrated on the model the
+Loads a moekit run (or a transformers checkpoint, wrapped; saved by moekit.compress.hf.save_hf),
+calibrates on text (the embedded corpus's train split by domain, or a UTF-8 file), then prunes, merges and quantises in that order (each step recalibrated on the model the
 previous step left), and saves a run that `moekit eval | generate | analyze | offload` read like any
 other; its config records what was done. Prints one line per step and a one-screen summary. Errors
 are raised; moekit.cli prints them as one line.
