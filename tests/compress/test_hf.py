@@ -58,6 +58,8 @@ def test_uniform_pruning_of_a_wrapped_model_is_a_transformers_checkpoint(family,
     saved = json.loads((tmp_path / "out" / RECORD).read_text())
     assert saved["version"] == 1 and saved["hf"]["transformers"] and saved["hf"]["counts"] == [4, 4]
     assert export_hf_dir(tmp_path / "out", tmp_path / "exp").is_dir()
+    with pytest.raises(UsageError, match="pruned, merged or quantised"):
+        moekit.hf.unwrap(model)
     assert (tmp_path / "exp" / "config.json").is_file()
 
 
@@ -84,6 +86,8 @@ def test_per_layer_merged_quantised_wrapped_model_round_trips_and_export_refuses
         AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
     with pytest.raises(UsageError, match="moekit's own format"):
         moekit.hf.load_pretrained(tmp_path / "out")
+    with pytest.raises(UsageError, match="pruned, merged or quantised by moekit.compress"):
+        moekit.hf.unwrap(loaded)
 
 
 def test_pruning_a_wrapped_model_to_all_experts_is_the_identity_and_survivors_keep_their_output():
