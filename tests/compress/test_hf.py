@@ -165,3 +165,10 @@ def test_compress_hf_cli_then_eval_generate_analyze_on_the_result(tmp_path, caps
     assert main(["analyze", "--hf", str(out), "--out", str(tmp_path / "trace"), "--samples-per-domain", "1", "--seq-len", "32", "--workers", "1", "--boot", "10", "--no-progress"]) == 0
     assert main(["compress", "--hf", str(out), "--prune", "0.5", "--out", str(tmp_path / "again")]) == 2
     assert "written by moekit compress" in capsys.readouterr().err
+    assert main(["export", str(out), "--to", "hf", str(tmp_path / "exp")]) == 2
+    assert "cannot be written as a transformers checkpoint: its experts are quantised" in capsys.readouterr().err
+    assert main(["compress", "--hf", str(src), "--prune", "0.5", "--calib", "python", "--calib-tokens", "64",
+                 "--seq-len", "32", "--out", str(tmp_path / "pruned"), "--no-progress"]) == 0
+    assert "a transformers checkpoint" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "pruned"), "--to", "hf", str(tmp_path / "exp")]) == 0
+    assert json.loads((tmp_path / "exp" / "config.json").read_text())["num_experts"] == 4
