@@ -355,8 +355,8 @@ def _check_manifest(m: Any, man_path: Path) -> None:
         start = need(layer, "data_start", lambda v: _is_int(v, 8), "an integer >= 8", where)
         need(layer, "file_nbytes", lambda v, n=start + E * S: v == n, f"data_start + E x expert_nbytes = "
              f"{start + E * S}", where)
-        experts = need(layer, "experts", lambda v: isinstance(v, list) and len(v) == E,
-                       f"a list of num_experts = {E} entries", where)
+        experts = need(layer, "experts", lambda v, n=E: isinstance(v, list) and len(v) == n,
+                       f"a list of the layer's {E} experts", where)
         for e, x in enumerate(experts):
             need(x, "offset", lambda v, o=start + e * S: v == o, f"{start + e * S}", f"{where}experts[{e}].")
             need(x, "sha256", lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest",
