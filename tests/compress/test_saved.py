@@ -141,6 +141,14 @@ def test_a_model_pruned_per_layer_offloads_from_a_store_of_its_counts(tiny_lm, w
             store.load(0, 3)
         shared = plan_cache("100%", store, "lru", "shared", 2)
         assert shared.capacity == 9  # a whole-model cache holds every expert there is
+    manifest = json.loads((path / "manifest.json").read_text())
+    for bad in ([3, 7], [3], [6, 3]):  # largest not num_experts; one per layer; counts that do not fit the files
+        (path / "manifest.json").write_text(json.dumps({**manifest, "experts_per_layer": bad}))
+        from moekit.offload import ExpertStoreError
+
+        with pytest.raises(ExpertStoreError, match="experts_per_layer|experts|file_nbytes"):
+            ExpertStore(path)
+    (path / "manifest.json").write_text(json.dumps(manifest))
     prompt = windows[:1, :8]
     for scope in ("layer", "shared"):
         res = offloaded_generate(model, prompt, 6, budget="50%", policy="lru", scope=scope, simulate=False)
