@@ -9,8 +9,8 @@ For each trained run given (`--runs name=DIR,...`), from the run's own checkpoin
   3. evaluate each on the validation split (bits per byte overall and per domain, `--eval-tokens` per
      domain) and count its expert bytes;
   4. offloaded generation at one fixed byte budget (`--budget` of the UNCOMPRESSED model's expert
-     bytes, LRU, per-layer caches) for the variants the expert store holds (one expert count and one
-     width per store): hit rate, bytes moved per decoded token, decode tokens/s.
+     bytes, LRU, per-layer caches) for the variants the expert store holds (one width per store, no
+     merged experts; per-layer counts are held): hit rate, bytes moved per decoded token, decode tokens/s.
 With --hf-random FAMILY, also a wrapped transformers model of that class with random weights (its quality
 numbers mean nothing; its bytes, hit rate and speed do).
 Also: one expert projection at decode shape through the grouped path's dequantise-then-GEMM against

@@ -1,7 +1,8 @@
 """The expert store: every routed expert of every MoE layer on disk, readable one expert at a time.
 
 Format "moekit-expert-store" version 1, and version 2 for quantised experts (moekit.compress: per-tensor
-dtypes, uint8 codes and fp32 scales, one width per store); docs/offload.md is the specification. A directory:
+dtypes, uint8 codes and fp32 scales, one width per store); layers may hold different expert counts
+(`experts_per_layer`, moekit.compress pruning per layer); docs/offload.md is the specification. A directory:
 
     manifest.json            format, version, shapes, dtype, byte ranges and a sha256 per expert
     layer-000.safetensors    MoE layer 0: tensors e0.gate_up, e0.down, e1.gate_up, ... (or e{i}.up for GELU)
