@@ -150,7 +150,7 @@ def test_compress_hf_cli_then_eval_generate_analyze_on_the_result(tmp_path, caps
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(FAMILIES["olmoe"](300)).save_pretrained(src)  # no tokenizer: byte fallback
     out = tmp_path / "small"
-    rc = main(["compress", "--hf", str(src), "--prune", "0.5", "--quantize", "int4", "--no-protect-super",
+    rc = main(["compress", "--hf", str(src), "--prune", "0.5", "--per-layer", "--quantize", "int4", "--no-protect-super",
                "--group-size", "16", "--calib", "python", "--calib-tokens", "64", "--seq-len", "32", "--out", str(out),
                "--no-progress"])
     text = capsys.readouterr().out
@@ -166,7 +166,7 @@ def test_compress_hf_cli_then_eval_generate_analyze_on_the_result(tmp_path, caps
     assert main(["compress", "--hf", str(out), "--prune", "0.5", "--out", str(tmp_path / "again")]) == 2
     assert "written by moekit compress" in capsys.readouterr().err
     assert main(["export", str(out), "--to", "hf", str(tmp_path / "exp")]) == 2
-    assert "cannot be written as a transformers checkpoint: its experts are quantised" in capsys.readouterr().err
+    assert "cannot be written as a transformers checkpoint: its layers keep different expert counts" in capsys.readouterr().err
     assert main(["compress", "--hf", str(src), "--prune", "0.5", "--calib", "python", "--calib-tokens", "64",
                  "--seq-len", "32", "--out", str(tmp_path / "pruned"), "--no-progress"]) == 0
     assert "a transformers checkpoint" in capsys.readouterr().out
