@@ -40,8 +40,10 @@ def test_compress_errors_are_one_line(byte_run, tmp_path, capsys):
     assert err.count("\n") == 1 and "--quantize 'int5' is invalid" in err
     assert main(["compress", str(byte_run), "--prune", "0.5", "--calib", "klingon", "--out", str(tmp_path / "c")]) == 2
     assert "'klingon'" in capsys.readouterr().err
-    assert main(["compress", "--hf", str(tmp_path), "--prune", "0.5", "--out", str(tmp_path / "d")]) == 2
-    assert "--hf: not supported" in capsys.readouterr().err
+    assert main(["compress", "--prune", "0.5", "--out", str(tmp_path / "d")]) == 2
+    assert "give exactly one of RUN and --hf DIR" in capsys.readouterr().err
+    assert main(["compress", str(byte_run), "--hf", str(tmp_path), "--prune", "0.5", "--out", str(tmp_path / "d")]) == 2
+    assert "give exactly one of RUN and --hf DIR" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
@@ -67,3 +69,52 @@ def test_the_command_lines_choices_are_the_librarys():
     from moekit.compress.prune import CRITERIA
 
     assert compress_cli.CRITERIA == CRITERIA and compress_cli.METHODS == METHODS
+
+
+@pytest.mark.slow  # ~11 s: trains two steps and evaluates
+def test_a_pruned_run_resumes_training(byte_run, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert main(["compress", str(byte_run), "--prune", "0.5", "--per-layer", "--calib", "python", "--calib-tokens", "64", "--out", str(out),
+                 "--no-progress"]) == 0
+    before, _, _ = load_trained(out)
+    counts = [m.experts.num_experts for m in before.moe_layers()]
+    capsys.readouterr()
+    # a new schedule from the compressed weights: train settings may change, the model may not
+    assert main(["train", "--resume", "--out", str(out), "--train.steps", "2", "--train.micro_batch", "2",
+                 "--train.eval_tokens", "32", "--train.warmup_steps", "1", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "fine-tuning the compressed model" in text
+    after, cfg, _ = load_trained(out)
+    assert cfg.steps == 2 and [m.experts.num_experts for m in after.moe_layers()] == counts
+    moved = [not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters(), strict=True)]
+    assert any(moved)  # it trained
+    # a later resume is an ordinary one (optimiser state of step 2)
+    assert main(["train", "--resume", "--out", str(out), "--train.steps", "3", "--no-progress"]) == 2
+    assert "trained with other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("step", "why"), [(["--quantize", "int8", "--group-size", "16"], "take no gradient"),
+                                         (["--merge", "m-smoe"], "merged experts")])
+def test_a_quantised_or_merged_run_refuses_to_train_in_one_line(byte_run, tmp_path, capsys, step, why):
+    out = tmp_path / "q"
+    assert main(["compress", str(byte_run), *step, "--calib", "python", "--calib-tokens", "64", "--out", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and why in err
+
+
+@pytest.mark.slow  # ~10 s: records a trace and runs the report's simulations
+def test_analyze_reads_a_run_pruned_per_layer_and_quantised(byte_run, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert main(["compress", str(byte_run), "--prune", "0.5", "--per-layer", "--quantize", "mixed:4", "--group-size",
+                 "16", "--calib", "python", "--calib-tokens", "64", "--out", str(out), "--no-progress"]) == 0
+    counts = [m.router.num_experts for m in load_trained(out)[0].moe_layers()]
+    assert len(set(counts)) > 1
+    assert main(["analyze", str(out), "--out", str(tmp_path / "rep"), "--samples-per-domain", "1", "--seq-len", "32",
+                 "--workers", "1", "--boot", "10", "--no-progress"]) == 0
+    from moekit.analysis.tracefile import load_trace
+
+    trace = load_trace(tmp_path / "rep" / "trace.npz")
+    assert trace.num_layers == 2 and trace.num_experts == max(counts)

@@ -45,7 +45,7 @@ def _compressed(tiny_lm, windows, kind):
     return model
 
 
-@pytest.mark.parametrize(("kind", "export_why", "store_why"), [("per-layer", "different expert counts", "one expert count"),
+@pytest.mark.parametrize(("kind", "export_why", "store_why"), [("per-layer", "different expert counts", None),
                                                                ("quantised", "quantised", None),
                                                                ("merged", "merged", "merged")])
 def test_export_and_expert_store_refuse_what_they_cannot_hold(tiny_lm, windows, tmp_path, kind, export_why, store_why):
@@ -55,7 +55,7 @@ def test_export_and_expert_store_refuse_what_they_cannot_hold(tiny_lm, windows, 
     with pytest.raises(ExportError, match=export_why):
         export_hf(model, tmp_path / "x")
     assert not (tmp_path / "x").exists()
-    if store_why is None:  # the store holds quantised experts (one width)
+    if store_why is None:  # the store holds quantised experts (one width) and per-layer counts
         return
     with pytest.raises(ValueError, match=store_why):
         write_store(model, tmp_path / "s")
@@ -122,6 +122,38 @@ def test_a_quantised_store_round_trips_with_checksums_and_counts_compressed_byte
     layer_file.write_bytes(bytes(raw))
     with ExpertStore(path, verify="always") as store, pytest.raises(ExpertStoreError, match="checksum"):
         store.verify_all()
+
+
+def test_a_model_pruned_per_layer_offloads_from_a_store_of_its_counts(tiny_lm, windows, tmp_path):
+    from moekit.compress.quantize import expert_bytes
+    from moekit.models.generate import generate
+    from moekit.offload import ExpertStore, offloaded_generate, plan_cache, write_store
+    from moekit.offload.runtime import expert_shape
+
+    model = _compressed(tiny_lm, windows, "per-layer")  # 3 and 6 experts
+    path = write_store(model, tmp_path / "s")
+    with ExpertStore(path, verify="always") as store:
+        assert store.experts_per_layer == [3, 6] and store.num_experts == 6
+        assert store.total_nbytes == expert_bytes(model) == expert_shape(model).total_nbytes  # 9 experts, not 12
+        store.verify_all()
+        assert torch.equal(store.load(0, 2)[0], moe_layers(model)[0].experts.w_in[2])
+        with pytest.raises(IndexError, match="layer 0: 3"):
+            store.load(0, 3)
+        shared = plan_cache("100%", store, "lru", "shared", 2)
+        assert shared.capacity == 9  # a whole-model cache holds every expert there is
+    manifest = json.loads((path / "manifest.json").read_text())
+    for bad in ([3, 7], [3], [6, 3]):  # largest not num_experts; one per layer; counts that do not fit the files
+        (path / "manifest.json").write_text(json.dumps({**manifest, "experts_per_layer": bad}))
+        from moekit.offload import ExpertStoreError
+
+        with pytest.raises(ExpertStoreError, match="experts_per_layer|experts|file_nbytes"):
+            ExpertStore(path)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    prompt = windows[:1, :8]
+    for scope in ("layer", "shared"):
+        res = offloaded_generate(model, prompt, 6, budget="50%", policy="lru", scope=scope, simulate=False)
+        assert torch.equal(res.ids_BT, generate(model, prompt, 6))
+        assert res.metrics["total_expert_bytes"] == expert_bytes(model)
 
 
 def test_a_store_of_mixed_widths_is_refused_in_one_line(tiny_lm, windows, tmp_path):

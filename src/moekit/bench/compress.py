@@ -9,8 +9,10 @@ For each trained run given (`--runs name=DIR,...`), from the run's own checkpoin
   3. evaluate each on the validation split (bits per byte overall and per domain, `--eval-tokens` per
      domain) and count its expert bytes;
   4. offloaded generation at one fixed byte budget (`--budget` of the UNCOMPRESSED model's expert
-     bytes, LRU, per-layer caches) for the variants the expert store holds (one expert count and one
-     width per store): hit rate, bytes moved per decoded token, decode tokens/s.
+     bytes, LRU, per-layer caches) for the variants the expert store holds (one width per store, no
+     merged experts; per-layer counts are held): hit rate, bytes moved per decoded token, decode tokens/s.
+With --hf-random FAMILY, also a wrapped transformers model of that class with random weights (its quality
+numbers mean nothing; its bytes, hit rate and speed do).
 Also: one expert projection at decode shape through the grouped path's dequantise-then-GEMM against
 torch's CPU weight-packed int8 matmul (`torch._weight_int8pack_mm`, per-channel scales), where present.
 
@@ -56,6 +58,27 @@ VARIANTS = {
 }
 
 PROMPT = "def parse(line):\n    "
+HF_FAMILIES = {"qwen3_moe": "Qwen3MoeConfig", "mixtral": "MixtralConfig", "olmoe": "OlmoeConfig"}
+
+
+def tiny_hf_model(family: str):
+    """(HFCausalLM over a wrapped transformers model of `family`, byte tokenizer): random weights (seed 0),
+    built from its config (nothing downloaded), the presets' shape: d_model 128, 4 MoE layers of 8
+    SwiGLU experts of width 256, top-2, byte vocabulary (259)."""
+    import transformers
+
+    import moekit.hf
+    from moekit.hf.adapters import HFCausalLM, tokenizer_for
+
+    width = {"Qwen3MoeConfig": {"moe_intermediate_size": 256, "num_experts": 8, "head_dim": 32},
+             "MixtralConfig": {"intermediate_size": 256, "num_local_experts": 8},
+             "OlmoeConfig": {"intermediate_size": 256, "num_experts": 8}}[HF_FAMILIES[family]]
+    config = getattr(transformers, HF_FAMILIES[family])(
+        vocab_size=259, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        num_experts_per_tok=2, max_position_embeddings=512, **width)
+    torch.manual_seed(0)
+    model = moekit.hf.wrap(transformers.AutoModelForCausalLM.from_config(config).eval())
+    return HFCausalLM(model).eval(), tokenizer_for(None, config.vocab_size)
 
 
 def packed_int8_probe(D: int = 128, X: int = 512, rows: int = 4, reps: int = 200) -> dict:
@@ -87,7 +110,9 @@ def packed_int8_probe(D: int = 128, X: int = 512, rows: int = 4, reps: int = 200
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", required=True, help="name=RUN_DIR,... trained moekit runs")
+    ap.add_argument("--runs", default="", help="name=RUN_DIR,... trained moekit runs")
+    ap.add_argument("--hf-random", default=None, choices=sorted(HF_FAMILIES),
+                    help="also a wrapped transformers model of this class with random weights (tiny_hf_model)")
     ap.add_argument("--eval-tokens", type=int, default=1024, help="validation tokens per domain")
     ap.add_argument("--calib-tokens", type=int, default=512, help="calibration tokens per domain (train split)")
     ap.add_argument("--budget", default="25%", help="expert budget for offloaded generation, of the uncompressed model")
@@ -100,10 +125,16 @@ def main(argv=None) -> int:
     lines = [{"bench": "machine", "cpu": platform.processor() or platform.machine(), "threads": args.threads,
               "torch": torch.__version__, "python": platform.python_version()}]
     print(json.dumps(lines[0]), flush=True)
-    for spec in args.runs.split(","):
-        name, run = spec.split("=", 1)
-        base, cfg, tok = load_trained(run)
-        seq_len = cfg.seq_len
+    sources = [spec.split("=", 1) for spec in args.runs.split(",")] if args.runs else []
+    if args.hf_random:
+        sources.append((f"hf {args.hf_random} (random)", None))
+    for name, run in sources:
+        if run is None:
+            base, tok = tiny_hf_model(args.hf_random)
+            seq_len = 128
+        else:
+            base, cfg, tok = load_trained(run)
+            seq_len = cfg.seq_len
         windows = calibration_windows(tok, "all", seq_len, args.calib_tokens)
         base_bytes = expert_bytes(base)
         budget = parse_budget(args.budget, base_bytes)

@@ -89,10 +89,10 @@ def _trace_source(args: argparse.Namespace):
     from moekit.data import DOMAINS, load_corpus
 
     if args.hf is not None:
-        import moekit.hf
+        from moekit.cli.common import load_hf_dir
         from moekit.hf.adapters import HFCausalLM, tokenizer_for
 
-        hf_model, tok = moekit.hf.load_pretrained(args.hf)
+        hf_model, tok = load_hf_dir(args.hf)
         model = HFCausalLM(hf_model)
         tokenizer = tokenizer_for(tok, hf_model.config.vocab_size)
         label = {"source": "hf", "path": str(args.hf)}

@@ -31,6 +31,15 @@ def add_model_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint directory (wrapped by moekit)")
 
 
+def load_hf_dir(path):
+    """(wrapped transformers model, tokenizer or None) from --hf DIR: a transformers checkpoint, or a
+    directory `moekit compress --hf` wrote (its record rebuilds the compressed blocks)."""
+    import moekit.hf
+    from moekit.compress.hf import is_compressed_hf, load_hf
+
+    return load_hf(path) if is_compressed_hf(path) else moekit.hf.load_pretrained(path)
+
+
 def load_for_inference(args: argparse.Namespace):
     """(model with moe_layers(), tokenizer, seq_len, the run's TrainConfig or None) from RUN or --hf DIR."""
     if (args.run is None) == (args.hf is None):
@@ -39,10 +48,9 @@ def load_for_inference(args: argparse.Namespace):
     if seq_len is not None:
         positive(seq_len, "--seq-len")
     if args.hf is not None:
-        import moekit.hf
         from moekit.hf.adapters import HFCausalLM, tokenizer_for
 
-        hf_model, tok = moekit.hf.load_pretrained(args.hf)
+        hf_model, tok = load_hf_dir(args.hf)
         return HFCausalLM(hf_model).eval(), tokenizer_for(tok, hf_model.config.vocab_size), seq_len or 256, None
     from moekit.train import load_trained
 

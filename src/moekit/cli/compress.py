@@ -1,7 +1,7 @@
-"""`moekit compress RUN --out DIR [--prune SHARE] [--merge METHOD] [--quantize FORMAT]`.
+"""`moekit compress RUN|--hf DIR --out DIR [--prune SHARE] [--merge METHOD] [--quantize FORMAT]`.
 
-Loads a moekit run, calibrates on text (the embedded corpus's train split by domain, or a UTF-8
-file), then prunes, merges and quantises in that order (each step recalibrated on the model the
+Loads a moekit run (or a transformers checkpoint, wrapped; saved by moekit.compress.hf.save_hf),
+calibrates on text (the embedded corpus's train split by domain, or a UTF-8 file), then prunes, merges and quantises in that order (each step recalibrated on the model the
 previous step left), and saves a run that `moekit eval | generate | analyze | offload` read like any
 other; its config records what was done. Prints one line per step and a one-screen summary. Errors
 are raised; moekit.cli prints them as one line.
@@ -12,6 +12,7 @@ Registered in moekit.cli.COMMANDS.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -40,8 +41,9 @@ def _share(text: str) -> float:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("compress", help="prune, merge or quantise a run's experts; writes a new run")
     p.add_argument("run", nargs="?", help="a moekit run directory")
-    p.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint (refused for now, see the error)")
-    p.add_argument("--out", required=True, help="output run directory (absent, empty or a moekit run)")
+    p.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint directory (wrapped by moekit); the output is a transformers "
+                        "checkpoint where transformers can hold the result, else moekit's own (moekit.compress.hf)")
+    p.add_argument("--out", required=True, help="output directory (absent, empty or what moekit compress wrote)")
     p.add_argument("--prune", type=_share, default=None, metavar="SHARE",
                    help="remove this share of the routed experts (e.g. 0.5)")
     p.add_argument("--criterion", choices=CRITERIA, default="reap",
@@ -75,24 +77,35 @@ def run(args) -> int:
     from moekit.train import load_trained, save_trained
     from moekit.train.rundir import check_owned
 
-    if args.hf is not None:
-        raise UsageError("moekit compress --hf: not supported yet: a wrapped transformers model keeps one expert "
-                         "count per config and full-precision expert tensors, so its compressed form cannot be "
-                         "saved as a transformers checkpoint; compress a moekit run")
-    if args.run is None:
-        raise UsageError("moekit compress: give a run directory (RUN)")
+    if (args.run is None) == (args.hf is None):
+        raise UsageError("moekit compress: give exactly one of RUN and --hf DIR")
     if args.prune is None and args.merge is None and args.quantize is None:
         raise UsageError("moekit compress: nothing to do; give --prune SHARE, --merge METHOD and/or --quantize FORMAT")
     if args.quantize is not None:
         parse_method(args.quantize)  # a bad format fails before any work
-    if Path(args.out).resolve() == Path(args.run).resolve():
-        raise UsageError("moekit compress: --out must differ from RUN (the source run is never overwritten)")
-    check_owned(args.out, "run", "moekit compress")
-    model, cfg, tokenizer = load_trained(args.run)
-    seq_len = args.seq_len or cfg.seq_len
-    if seq_len > model.cfg.max_seq_len:
-        raise UsageError(f"--seq-len {seq_len} is invalid; allowed: at most the model's max_seq_len "
-                         f"({model.cfg.max_seq_len})")
+    source = args.run if args.run is not None else args.hf
+    if Path(args.out).resolve() == Path(source).resolve():
+        raise UsageError("moekit compress: --out must differ from the source (the source is never overwritten)")
+    if args.hf is not None:
+        import moekit.hf
+        from moekit.compress.hf import KIND, is_compressed_hf
+        from moekit.hf.adapters import HFCausalLM, tokenizer_for
+        from moekit.utils.io import check_writable_dir
+
+        if is_compressed_hf(args.hf):
+            raise UsageError(f"moekit compress --hf {args.hf}: that directory was written by moekit compress; "
+                             "compress the original checkpoint (give every step in one command)")
+        check_writable_dir(args.out, KIND, "moekit compress")
+        hf_model, hf_tok = moekit.hf.load_pretrained(args.hf)
+        model, tokenizer, cfg = HFCausalLM(hf_model).eval(), tokenizer_for(hf_tok, hf_model.config.vocab_size), None
+        seq_len = args.seq_len or 128
+    else:
+        check_owned(args.out, "run", "moekit compress")
+        model, cfg, tokenizer = load_trained(args.run)
+        seq_len = args.seq_len or cfg.seq_len
+        if seq_len > model.cfg.max_seq_len:
+            raise UsageError(f"--seq-len {seq_len} is invalid; allowed: at most the model's max_seq_len "
+                             f"({model.cfg.max_seq_len})")
     windows = calibration_windows(tokenizer, args.calib, seq_len, args.calib_tokens)
     n_windows = sum(w.shape[0] for w in windows.values())
     passes = sum(x is not None for x in (args.prune, args.merge, args.quantize))
@@ -102,9 +115,10 @@ def run(args) -> int:
 
         bar = tqdm(total=n_windows * passes, desc="calibrate", unit="window", dynamic_ncols=True)
     progress = bar.update if bar is not None else None
-    params_before, bytes_before = model.cfg.num_params(), expert_bytes(model)
+    params_before = sum(p.numel() for p in model.parameters())
+    bytes_before = expert_bytes(model)
     calib_info = {"source": args.calib, "windows": n_windows, "seq_len": seq_len}
-    record = new_record(str(args.run), calib_info)
+    record = new_record(str(source), calib_info)
     lines = []
     try:
         if args.prune is not None:
@@ -125,14 +139,24 @@ def run(args) -> int:
     finally:
         if bar is not None:
             bar.close()
-    path = save_trained(model, cfg, args.out, record)
+    if args.hf is not None:
+        from moekit.compress.hf import RECORD, save_hf
+
+        path = save_hf(model.model, record, args.out, hf_tok)
+        why_not = json.loads((path / RECORD).read_text())["hf"]["why_not_transformers"]
+        where = ("a transformers checkpoint (AutoModelForCausalLM.from_pretrained reads it)" if why_not is None else
+                 f"not a transformers checkpoint: {why_not}")
+    else:
+        path = save_trained(model, cfg, args.out, record)
+        where = "a moekit run"
     bytes_after = expert_bytes(model)
-    print(f"moekit compress: {args.run} -> {args.out}")
+    print(f"moekit compress: {source} -> {args.out} ({where})")
     print(f"calibration: {n_windows} windows of {seq_len} tokens from {args.calib} (train split or file)")
     for line in lines:
         print(f"  {line}")
     print(f"expert bytes: {bytes_before:,} -> {bytes_after:,} ({bytes_after / max(bytes_before, 1):.1%}); "
-          f"parameters (config count, unquantised): {params_before:,} -> {model.cfg.num_params():,}")
+          f"parameters (unquantised count): {params_before:,} -> {sum(p.numel() for p in model.parameters()):,}")
     print(f"wrote {path}")
-    print(f"next: moekit eval {args.out}   |   moekit generate {args.out} --prompt ...")
+    flag = "--hf " if args.hf is not None else ""
+    print(f"next: moekit eval {flag}{args.out}   |   moekit generate {flag}{args.out} --prompt ...")
     return 0

@@ -129,10 +129,10 @@ def run(args: argparse.Namespace) -> int:
     args.run, out = (None, args.paths[0]) if args.hf is not None else args.paths
     check_store_target(out)
     if args.hf is not None:
-        import moekit.hf
+        from moekit.cli.common import load_hf_dir
         from moekit.hf.adapters import HFCausalLM
 
-        hf_model, _ = moekit.hf.load_pretrained(args.hf)
+        hf_model, _ = load_hf_dir(args.hf)
         model = HFCausalLM(hf_model).eval()
     else:
         from moekit.train import load_trained

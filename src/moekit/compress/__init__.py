@@ -6,7 +6,10 @@
     print(result.summary())          # "pruned 16 of 32 experts in 4 of 4 layers ..."
 
 Every method says what it touched; `moekit compress` runs them from the command line and saves a run
-that `moekit eval | generate | analyze` read like any other.
+that `moekit eval | generate | analyze` read like any other. Wrapped transformers models (moekit.hf)
+are compressed the same way and saved by `moekit.compress.hf.save_hf`. A pruned run trains on
+(`moekit train --resume`: a new schedule from the compressed weights, fresh optimiser); quantised and
+merged runs are inference-only and refuse to train in one line.
 """
 
 from moekit.compress.calibrate import Calibration, LayerStats, calibrate, calibration_windows

@@ -97,9 +97,6 @@ def hc_smoe_groups(features_ED: torch.Tensor, freq_E: torch.Tensor, M: int) -> l
 def merge_groups(layer: MoELayer, groups: list[list[int]], freq_E: torch.Tensor, align: bool) -> None:
     """Replace `layer`'s experts by one per group (the first member is the dominant one): neurons aligned
     to it when `align`, weights averaged by `freq_E` (uniformly within a group nobody used)."""
-    if type(layer) is not MoELayer:
-        raise UsageError(f"merge: {type(layer).__name__} (a wrapped transformers block) is refused: transformers "
-                         "has no place for a map from router experts to fewer merged experts")
     if layer.expert_map_E is not None:
         raise UsageError("merge: this layer was merged already")
     bank = layer.experts

@@ -135,16 +135,26 @@ def choose_experts(model: nn.Module, scores: list[torch.Tensor], ratio: float, p
     return [_top(s, n, g) for s, n, g in zip(scores, n_L, g_L, strict=True)]
 
 
+def _select_experts(bank: ExpertBank, idx: torch.Tensor) -> ExpertBank:
+    """A bank of the experts `idx` of `bank`, in the same layout, activation, dtype and device (copies)."""
+    new = ExpertBank(idx.numel(), bank.d_model, bank.d_expert, bank.act, bank.layout).to(bank.down_proj)
+    for name, w in bank.named_parameters(recurse=False):
+        rows = w.view(bank.num_experts, -1, w.shape[-1]) if bank.layout.flat else w  # flat: (E * F, D) stacks
+        kept = rows.index_select(0, idx)
+        getattr(new, name).copy_(kept.reshape(-1, w.shape[-1]) if bank.layout.flat else kept)
+        getattr(new, name).requires_grad_(w.requires_grad)
+    return new
+
+
 @torch.no_grad()
 def apply_keep(layer: MoELayer, keep: list[int]) -> None:
     """Keep only the experts `keep` (ascending original ids) in `layer`: its bank, its router's per-expert
-    rows (`Router.expert_tensors`, e.g. the gate rows and a selection bias) and any expert mask."""
+    rows (`Router.expert_tensors`, e.g. the gate rows and a selection bias) and any expert mask. A wrapped
+    transformers block (moekit.hf) is pruned the same way; its saved form is `moekit.compress.save_hf`'s."""
     if layer.expert_map_E is not None:
         raise UsageError("prune: this layer's experts were merged (expert_map_E); prune before merging")
-    if type(layer) is not MoELayer:
-        raise UsageError(f"prune: {type(layer).__name__} (a wrapped transformers block) keeps the transformers "
-                         "config's one expert count for every layer, which cannot say that layers lost experts; "
-                         "prune a moekit run, or quantise the wrapped model instead")
+    if not isinstance(layer.experts, ExpertBank):
+        raise UsageError(f"prune: the experts are a {type(layer.experts).__name__}; prune before quantising")
     E = layer.router.num_experts
     if keep == list(range(E)):
         return
@@ -158,18 +168,16 @@ def apply_keep(layer: MoELayer, keep: list[int]) -> None:
             state[name] = state[name].index_select(0, idx)
     with torch.device(old.weight.device):
         router = router_class(cfg.router.kind)(cfg.router, cfg.d_model, len(keep))
+        if "bias" in state and getattr(router, "bias", None) is None:  # a router logit bias (E,), wrapped models
+            router.bias = nn.Parameter(torch.empty(len(keep)))
+    if "bias" in state:
+        state["bias"] = state["bias"].index_select(0, idx)
     router.load_state_dict(state)
     router.to(dtype=old.weight.dtype).train(old.training)
     router.weight.requires_grad_(old.weight.requires_grad)
     if old.expert_mask_E is not None:
         router.expert_mask_E = old.expert_mask_E.index_select(0, idx)
-    bank = layer.experts
-    new = ExpertBank(len(keep), bank.d_model, bank.d_expert, bank.activation).to(bank.down_proj)
-    for name in ("gate_up_proj", "up_proj", "down_proj"):
-        w = getattr(bank, name)
-        if w is not None:
-            getattr(new, name).copy_(w.index_select(0, idx))
-    layer.router, layer.experts, layer.cfg = router, new, cfg
+    layer.router, layer.experts, layer.cfg = router, _select_experts(layer.experts, idx), cfg
 
 
 def prune(model: nn.Module, calib: Calibration, ratio: float, criterion: str = "reap",

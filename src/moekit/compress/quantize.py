@@ -257,9 +257,6 @@ def install(layer: MoELayer, bits_E: list[int], group_size: int) -> QuantizedExp
     """Replace `layer`'s ExpertBank with its quantised form (bits_E per bank expert)."""
     if isinstance(layer.experts, QuantizedExpertBank):
         raise UsageError("quantize: this model's experts are quantised already")
-    if type(layer) is not MoELayer:
-        raise UsageError(f"quantize: {type(layer).__name__} (a wrapped transformers block) shares its expert tensors "
-                         "with the transformers model, which saves them at full precision; compress a moekit run")
     layer.experts = QuantizedExpertBank.from_bank(layer.experts, bits_E, group_size)
     return layer.experts
 

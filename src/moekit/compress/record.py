@@ -4,7 +4,8 @@ model's structure from it before its weights are loaded.
     {"format": "moekit-compression", "version": 1, "source": "...", "calibration": {...},
      "steps": [{"method": "prune", ...}, {"method": "merge", ...}, {"method": "quantize", ...}]}
 
-Pruning needs nothing here (the model config's expert counts say it); merging replaces each layer's
+Pruning needs nothing for a moekit model (its config's expert counts say it); a wrapped transformers
+model is built with its config's one count (`before`) and pruned to `kept` here; merging replaces each layer's
 bank by one of M experts plus `expert_map_E`; quantising replaces it by a `QuantizedExpertBank` with
 each expert's bit width. Steps are replayed in order.
 """
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moekit.compress.prune import apply_keep
 from moekit.compress.quantize import QuantizedExpertBank
 from moekit.errors import DataError
 from moekit.experts import ExpertBank
@@ -44,13 +46,17 @@ def restore(model: nn.Module, record: dict[str, Any]) -> nn.Module:
         method = step.get("method")
         if method == "prune":
             got = [m.router.num_experts for m in layers]
-            if got != [len(k) for k in step["kept"]]:
-                raise DataError(f"the compression record's pruning kept {[len(k) for k in step['kept']]} experts per "
-                                f"layer; the model config has {got}")
+            kept = [len(k) for k in step["kept"]]
+            if got == step["before"] and got != kept:  # a wrapped transformers model: built with its config's count
+                for layer, keep in zip(layers, step["kept"], strict=True):
+                    apply_keep(layer, keep)
+            elif got != kept:
+                raise DataError(f"the compression record's pruning kept {kept} experts per layer; the model config "
+                                f"has {got}")
         elif method == "merge":
             for layer, groups in zip(layers, step["groups"], strict=True):
                 bank = layer.experts
-                layer.experts = ExpertBank(len(groups), bank.d_model, bank.d_expert, bank.activation)
+                layer.experts = ExpertBank(len(groups), bank.d_model, bank.d_expert, bank.activation).to(bank.down_proj)
                 layer.expert_map_E = torch.zeros(layer.router.num_experts, dtype=torch.long)
         elif method == "quantize":
             for layer, bits_E in zip(layers, step["bits"], strict=True):

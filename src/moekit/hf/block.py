@@ -87,6 +87,7 @@ class HFMoEBlock(MoELayer):
         self.register_load_state_dict_pre_hook(_load_hf_names)
 
         self.hf_class = spec.class_name
+        self._hf_num_experts = spec.cfg.num_experts  # what the block's own code expects (unwrap checks it)
         self.returns: str | None = None  # set by moekit.hf.wrap from the block's own output (see `_as_hf`)
         self.records_router_logits = records_router_logits
         object.__setattr__(self, "_hf_block", block)  # not a submodule: no second copy in state_dict / .to()
@@ -133,7 +134,13 @@ class HFMoEBlock(MoELayer):
     def original(self) -> nn.Module:
         """The wrapped transformers block, with any tensor this layer now holds (after `.to()`, say)
         put back in its place. UsageError when its experts are wrapped (LoRA on fused experts):
-        `moekit.adapters.remove_adapters` or `merge_and_unload` first."""
+        `moekit.adapters.remove_adapters` or `merge_and_unload` first; UsageError when moekit.compress
+        changed them (pruned, merged or quantised: the block's own code still expects its config's)."""
+        if (self.expert_map_E is not None or self.router.num_experts != self._hf_num_experts
+                or hasattr(self.experts, "bits_E")):
+            raise UsageError(f"moekit.hf.unwrap: the experts of this {self.hf_class} were pruned, merged or quantised "
+                             "by moekit.compress, which the transformers block cannot run; save the model with "
+                             "moekit.compress.hf.save_hf instead")
         if not isinstance(self.experts, ExpertBank):
             raise UsageError(f"moekit.hf.unwrap: the experts of this {self.hf_class} are wrapped by a "
                              f"{type(self.experts).__name__}; call moekit.adapters.remove_adapters(model) or "

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moekit.errors import UsageError
 from moekit.hf.version import check_transformers_version
 from moekit.hf.wrap import wrap
 
@@ -31,6 +32,9 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, *,
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"moekit.hf.load_pretrained(): {str(path)!r} has no config.json, so it is not a "
                                 "transformers checkpoint directory")
+    if (path / "moekit-compression.json").is_file() and not (path / "model.safetensors").is_file():
+        raise UsageError(f"moekit.hf.load_pretrained(): {str(path)!r} was written by moekit compress in moekit's own "
+                         "format (transformers cannot hold its experts); load it with moekit.compress.hf.load_hf")
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype

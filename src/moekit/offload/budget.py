@@ -107,12 +107,13 @@ class ExpertShape:
     """What a budget is planned against: the store's shape, known from the model before it is written."""
 
     num_layers: int
-    num_experts: int
+    num_experts: int  # the largest layer's
     expert_nbytes: int
+    experts_per_layer: tuple[int, ...] | None = None  # layers pruned to different counts; None: num_experts each
 
     @property
     def total_nbytes(self) -> int:
-        return self.num_layers * self.num_experts * self.expert_nbytes
+        return sum(self.experts_per_layer or [self.num_experts] * self.num_layers) * self.expert_nbytes
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def plan_cache(budget: str | int | float, store: ExpertStore | ExpertShape, poli
     total = store.total_nbytes
     nbytes = parse_budget(budget, total)
     K = max(1, min(int(experts_per_token), E))
-    caches, per_cache_max = (L, E) if scope == "layer" else (1, L * E)
+    caches, per_cache_max = (L, E) if scope == "layer" else (1, total // S)
     C = min(nbytes // (caches * S), per_cache_max)  # slots beyond every expert would never be used
     if C < K:
         need = caches * K * S

@@ -91,7 +91,7 @@ def store_matches_model(store: ExpertStore, model: nn.Module) -> bool:
     except Exception:  # any mismatch means "not this model's store"
         return False
     for i, layer in enumerate(layers):
-        for e in {0, store.num_experts - 1}:
+        for e in {0, store.experts_per_layer[i] - 1}:
             h = hashlib.sha256()
             for t in _expert_tensors(layer.experts, e):
                 h.update(_as_bytes(t))

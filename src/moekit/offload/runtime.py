@@ -303,7 +303,8 @@ def expert_shape(model: nn.Module) -> ExpertShape:
         raise ValueError(f"expert_shape: the model's experts are {type(bank).__name__}, not an ExpertBank "
                          "(is it already offloaded?)")
     nbytes = sum(t.numel() * t.element_size() for t in _expert_tensors(bank, 0))
-    return ExpertShape(len(layers), bank.num_experts, nbytes)
+    counts = [m.experts.num_experts for m in layers]
+    return ExpertShape(len(layers), max(counts), nbytes, tuple(counts) if len(set(counts)) > 1 else None)
 
 
 def plan_offload(model: nn.Module, shape: ExpertStore | ExpertShape, budget: str | int | float = "25%",

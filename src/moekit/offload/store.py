@@ -1,7 +1,8 @@
 """The expert store: every routed expert of every MoE layer on disk, readable one expert at a time.
 
 Format "moekit-expert-store" version 1, and version 2 for quantised experts (moekit.compress: per-tensor
-dtypes, uint8 codes and fp32 scales, one width per store); docs/offload.md is the specification. A directory:
+dtypes, uint8 codes and fp32 scales, one width per store); layers may hold different expert counts
+(`experts_per_layer`, moekit.compress pruning per layer); docs/offload.md is the specification. A directory:
 
     manifest.json            format, version, shapes, dtype, byte ranges and a sha256 per expert
     layer-000.safetensors    MoE layer 0: tensors e0.gate_up, e0.down, e1.gate_up, ... (or e{i}.up for GELU)
@@ -205,10 +206,6 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
         if layer.expert_map_E is not None:
             raise ValueError(f"write_store: MoE layer {i}'s experts were merged (router experts map to fewer "
                              "experts), which the store cannot express")
-        if bank.num_experts != layers[0].experts.num_experts:
-            raise ValueError(f"write_store: MoE layer {i} has {bank.num_experts} experts and layer 0 "
-                             f"{layers[0].experts.num_experts}; the store needs one "
-                             "expert count (prune the same share of every layer)")
         if any(t.is_meta for t in _expert_tensors(bank, 0)):
             raise ValueError(f"write_store: MoE layer {i}'s expert weights are on the meta device (not loaded)")
         banks.append(bank)
@@ -237,7 +234,7 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
             dense = {"file": DENSE, "sha256": digest, "aliases": aliases, "model_config": model.cfg.to_dict()}
         manifest = {
             "format": FORMAT, "version": QUANTIZED_VERSION if quant[0] else VERSION, "quantization": quant[0],
-            "num_layers": len(banks), "num_experts": banks[0].num_experts, "d_model": banks[0].d_model,
+            "num_layers": len(banks), "num_experts": max(b.num_experts for b in banks), "d_model": banks[0].d_model,
             "d_expert": banks[0].d_expert, "activation": banks[0].activation,
             "dtype": str(first["_dtype"]).removeprefix("torch."), "expert_nbytes": offset,
             "tensors": tensors,
@@ -246,6 +243,9 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
             "dense": dense,
             "source": source or {},
         }
+        counts = [b.num_experts for b in banks]
+        if len(set(counts)) > 1:  # pruned per layer (moekit.compress): num_experts is the largest
+            manifest["experts_per_layer"] = counts
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return out_dir
 
@@ -344,8 +344,11 @@ def _check_manifest(m: Any, man_path: Path) -> None:
         offset += nbytes
     if S != offset:
         raise bad(f"expert_nbytes is {S}, but its tensors take {offset} bytes")
+    counts = m.get("experts_per_layer", [E] * L)
+    if not (isinstance(counts, list) and len(counts) == L and all(_is_int(c, 1) for c in counts) and max(counts) == E):
+        raise bad(f"experts_per_layer is {counts!r}, expected {L} integers >= 1 whose largest is num_experts = {E}")
     layers = need(m, "layers", lambda v: isinstance(v, list) and len(v) == L, f"a list of num_layers = {L} entries")
-    for li, layer in enumerate(layers):
+    for li, (layer, E) in enumerate(zip(layers, counts, strict=True)):
         where = f"layers[{li}]."
         need(layer, "index", lambda v, i=li: v == i, str(li), where)
         need(layer, "file", lambda v: isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v,
@@ -353,8 +356,8 @@ def _check_manifest(m: Any, man_path: Path) -> None:
         start = need(layer, "data_start", lambda v: _is_int(v, 8), "an integer >= 8", where)
         need(layer, "file_nbytes", lambda v, n=start + E * S: v == n, f"data_start + E x expert_nbytes = "
              f"{start + E * S}", where)
-        experts = need(layer, "experts", lambda v: isinstance(v, list) and len(v) == E,
-                       f"a list of num_experts = {E} entries", where)
+        experts = need(layer, "experts", lambda v, n=E: isinstance(v, list) and len(v) == n,
+                       f"a list of the layer's {E} experts", where)
         for e, x in enumerate(experts):
             need(x, "offset", lambda v, o=start + e * S: v == o, f"{start + e * S}", f"{where}experts[{e}].")
             need(x, "sha256", lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest",
@@ -413,7 +416,8 @@ class ExpertStore:
         _check_manifest(m, man_path)
         self.manifest = m
         self.num_layers: int = m["num_layers"]
-        self.num_experts: int = m["num_experts"]
+        self.num_experts: int = m["num_experts"]  # the largest layer's (experts_per_layer: each layer's)
+        self.experts_per_layer: list[int] = m.get("experts_per_layer", [self.num_experts] * self.num_layers)
         self.activation: str = m["activation"]
         self.d_model: int = m["d_model"]
         self.d_expert: int = m["d_expert"]
@@ -497,11 +501,12 @@ class ExpertStore:
     @property
     def total_nbytes(self) -> int:
         """Bytes of all routed experts."""
-        return self.num_layers * self.num_experts * self.expert_nbytes
+        return sum(self.experts_per_layer) * self.expert_nbytes
 
     def _check_index(self, layer: int, expert: int) -> None:
-        if not (0 <= layer < self.num_layers and 0 <= expert < self.num_experts):
-            raise IndexError(f"expert store has layers 0..{self.num_layers - 1} and experts 0..{self.num_experts - 1}, "
+        if not (0 <= layer < self.num_layers and 0 <= expert < self.experts_per_layer[layer]):
+            raise IndexError(f"expert store has layers 0..{self.num_layers - 1} and experts 0..{self.num_experts - 1}"
+                             f"{'' if layer >= self.num_layers else f' (layer {layer}: {self.experts_per_layer[layer]})'}, "
                              f"asked for layer {layer} expert {expert}")
         if not self._fds:
             raise ExpertStoreError(f"expert store {self.path} is closed")
@@ -541,7 +546,7 @@ class ExpertStore:
         saved, self.verify = self.verify, "always"
         try:
             for layer in range(self.num_layers):
-                for e in range(self.num_experts):
+                for e in range(self.experts_per_layer[layer]):
                     self.read_into(layer, e, buf)
         finally:
             self.verify = saved
@@ -553,7 +558,7 @@ class ExpertStore:
         for i, layer in enumerate(layers):
             cfg = layer.cfg
             got = (cfg.num_experts, cfg.expert_dim, cfg.d_expert, cfg.activation)
-            want = (self.num_experts, self.d_model, self.d_expert, self.activation)
+            want = (self.experts_per_layer[i], self.d_model, self.d_expert, self.activation)
             if got != want:
                 raise ExpertStoreError(f"expert store {self.path} holds experts (E, D, F, activation) = {want}, "
                                        f"MoE layer {i} of the model has {got}")

@@ -413,20 +413,38 @@ def _train_distributed(model_cfg, cfg, run_dir: Path, resume: bool, progress: bo
                                 f"failed first (see its error). Cause: {ckpt.one_line(e)}") from e
 
 
+def _check_trainable(run_dir: Path, compression: dict[str, Any]) -> None:
+    """UsageError for a compressed run that cannot train: quantised experts are int codes without gradients;
+    merged layers route to E experts executed by fewer (the balance statistics count one of the two)."""
+    methods = {step.get("method") for step in compression.get("steps", [])}
+    if "quantize" in methods:
+        raise UsageError(f"{run_dir} holds quantised experts (moekit compress --quantize), which take no gradient and "
+                         "are not trained; train the unquantised (pruned) run, then quantise it")
+    if "merge" in methods:
+        raise UsageError(f"{run_dir} holds merged experts (moekit compress --merge: router experts mapped to fewer "
+                         "experts), which moekit does not train; train the run before merging, or prune instead")
+
+
 def _quiet(*args, **kwargs) -> None:
     """The log of ranks other than 0."""
 
 
 def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log, mesh=None) -> dict[str, Any]:
     writer = mesh is None or torch.distributed.get_rank() == 0
+    compression, fine_tune = None, False
     if resume:
         saved = resolve_configs(*load_run_config(run_dir))
         model_cfg, cfg = resolve_configs(saved[0] if model_cfg is None else model_cfg,
                                          saved[1] if cfg is None else cfg)
-        if ckpt.has_checkpoint(run_dir) and ckpt.read_config(ckpt.latest_checkpoint(run_dir)).get("compression"):
-            raise UsageError(f"{run_dir} was written by moekit compress and holds no optimiser state; it is not "
-                             "resumed (load it with moekit.train.load_trained and train it from Python)")
+        if ckpt.has_checkpoint(run_dir):
+            latest = ckpt.latest_checkpoint(run_dir)
+            compression = ckpt.read_config(latest).get("compression")
+            fine_tune = bool(ckpt.read_meta(latest).get("compressed"))
+        if compression is not None:
+            _check_trainable(run_dir, compression)
         differ = config_differences(resolved_config(*saved), resolved_config(model_cfg, cfg))
+        if fine_tune:  # a run moekit compress wrote starts a new schedule: only the model must stay
+            differ = [d for d in differ if not d.startswith("TrainConfig.")]
         if differ:
             raise UsageError(f"{run_dir} was trained with other settings, and a resumed run keeps its configuration "
                              f"(drop them, or train into a new directory): {'; '.join(differ)}")
@@ -439,21 +457,33 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log, mes
         _check_corpus_fits(cfg.tokenizer, cfg.seq_len)
     tokens = train_stream(cfg.tokenizer)
     config = resolved_config(model_cfg, cfg)
+    if compression is not None:  # every checkpoint of a compressed run carries the record (merged layers)
+        config["compression"] = compression
     if writer:
         ckpt.write_json(run_dir / "config.json", config)
 
     torch.manual_seed(cfg.seed)
     device = torch.device("cpu") if mesh is None else torch.device(mesh.device_type, torch.accelerator.current_device_index()
                                                                   if mesh.device_type != "cpu" else None)
-    model = MoELM(model_cfg).to(device)
+    model = MoELM(model_cfg)
+    if compression is not None:
+        from moekit.compress import restore
+
+        restore(model, compression)
+    model = model.to(device)
     start_step, meta = 0, None
     metrics_path = run_dir / "metrics.jsonl"
     if resume and ckpt.has_checkpoint(run_dir):
         path = ckpt.latest_checkpoint(run_dir)
         meta = ckpt.read_meta(path)
         ckpt.load_model_weights(path, model)
-        ckpt.set_rng_state(meta["rng"])
-        start_step = meta["step"]
+        if fine_tune:  # the compressed weights, no optimiser state and no RNG state: a fresh start from them
+            log(f"fine-tuning the compressed model of {path} from step 0 with a fresh optimiser "
+                f"({' + '.join(step['method'] for step in compression['steps'])})")
+            meta = None
+        else:
+            ckpt.set_rng_state(meta["rng"])
+            start_step = meta["step"]
     # Experts sharded after the full model is built (or loaded): checkpoints hold every expert.
     par = apply_expert_parallel(model, mesh) if mesh is not None else None
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
@@ -462,7 +492,7 @@ def _train(model_cfg, cfg, run_dir: Path, resume: bool, progress: bool, log, mes
         state = ckpt.read_optimizer_state(path, meta)
         optimizer.load_state_dict(state if par is None else par.shard_optimizer_state(optimizer, state))
         log(f"resumed from {path} at step {start_step}")
-    elif resume:
+    elif resume and not fine_tune:
         log(f"{run_dir} has no checkpoint yet: starting from step 0")
     if not writer:
         pass  # rank 0 owns the files
