@@ -87,6 +87,8 @@ class HFMoEBlock(MoELayer):
         self.register_load_state_dict_pre_hook(_load_hf_names)
 
         self.hf_class = spec.class_name
+        # The HF router's weights are this layer's / router_weight_scale (a scale its block applies after combining).
+        self.router_weight_scale = spec.router_weight_scale
         self.returns: str | None = None  # set by moekit.hf.wrap from the block's own output (see `_as_hf`)
         self.records_router_logits = records_router_logits
         object.__setattr__(self, "_hf_block", block)  # not a submodule: no second copy in state_dict / .to()
@@ -119,7 +121,10 @@ class HFMoEBlock(MoELayer):
         route = self._info.route
         if self.returns == "logits_TE":
             return y, route.logits_TE.to(y.dtype)
-        return y, route.to_padded()[1].sort(dim=-1, descending=True).values.to(y.dtype)
+        w_TK = route.to_padded()[1].sort(dim=-1, descending=True).values
+        if self.router_weight_scale != 1.0:
+            w_TK = w_TK / self.router_weight_scale
+        return y, w_TK.to(y.dtype)
 
     def __getattr__(self, name: str):
         try:
