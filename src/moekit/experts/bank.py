@@ -14,7 +14,6 @@ own Parameters and takes views of them at each forward; nothing is copied.
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 
 import torch
