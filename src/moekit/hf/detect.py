@@ -27,6 +27,7 @@ reproduces it exactly is kept, and a block none reproduces is refused, never run
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -83,6 +84,7 @@ class BlockSpec:
     # moekit's combine weights / the HF router's own: a scale the block applies to the combined experts'
     # output instead of in its router (Beam's routed_scaling_factor; the privacy filter's 1/K then x K).
     router_weight_scale: float = 1.0
+    model_config: Any = None  # the model's config, where the block and its experts hold none
 
     @property
     def class_name(self) -> str:
@@ -181,7 +183,7 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     except ValueError as e:
         raise refuse(f"its routing rule ({router.describe()}) is not one moekit can run: {e}") from e
     spec = BlockSpec(block, gate, router_weight, router_bias, selection_bias, experts, bank, layout, activation,
-                     shared, shared_gate, cfg)
+                     shared, shared_gate, cfg, model_config=model_config)
     _read_rule_from_router(spec)
     return spec
 
@@ -468,7 +470,26 @@ def _router_readings(spec: BlockSpec) -> list[RouterConfig]:
                 readings.append(r.validate(E))
         except ValueError:
             continue
+    # Phi-3.5-MoE's SparseMixer, its band from the router's `router_jitter_noise` (which Mixtral uses as input
+    # jitter instead), its input jitter from `input_jitter_noise`.
+    eps = _read_setting(spec, ("router_jitter_noise",), ("router_jitter_noise",), None)
+    if eps is not None:
+        jitter = float(_read_setting(spec, ("input_jitter_noise",), ("input_jitter_noise",), 0.0))
+        with contextlib.suppress(ValueError):
+            readings.append(RouterConfig(kind="sparsemixer", k=router.k, jitter_eps=float(eps),
+                                         jitter=jitter).validate(E))
     return readings
+
+
+def _read_setting(spec: BlockSpec, gate_names: tuple[str, ...], config_names: tuple[str, ...], default: Any) -> Any:
+    """A routing setting: the router's attribute, the block's, then the model config's (the first not None)."""
+    config = getattr(spec.experts, "config", None) or getattr(spec.block, "config", None) or spec.model_config
+    for obj, names in ((spec.gate, gate_names), (spec.block, gate_names), (config, config_names)):
+        for n in names:
+            value = getattr(obj, n, None) if obj is not None else None
+            if value is not None:
+                return value
+    return default
 
 
 def _read_rule_from_router(spec: BlockSpec) -> None:
@@ -526,6 +547,7 @@ def router_weight_ratio(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.T
         router.e_score_correction_bias = spec.selection_bias
     else:
         router.e_score_correction_bias = torch.zeros(E, device=x_TD.device)
+    router.eval()  # the rule itself (a training-mode router may sample, SparseMixer)
     with torch.no_grad():
         idx_TK, w_TK = router(x_TD).to_padded()
     hf_w_TK, hf_idx_TK = hf
