@@ -93,7 +93,9 @@ class TopKConfig(RouterConfig):
         if self.routed_scaling_factor != 1.0:
             parts.append(f"scale={self.routed_scaling_factor}")
         if self.n_group > 1:
-            parts.append(f"groups={self.topk_group}/{self.n_group} by {self.group_rule()}")
+            parts.append(f"groups={self.topk_group}/{self.n_group}")
+            if self.group_rule() != ("max" if self.score == "softmax" else "top2_sum"):
+                parts.append(f"group_score={self.group_rule()}")
         if self.selection_bias_on != "scores":
             parts.append(f"selection bias on {self.selection_bias_on}")
         if self.bias_update_rate > 0:
