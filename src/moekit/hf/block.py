@@ -49,6 +49,8 @@ class HFMoEBlock(MoELayer):
             self.router.bias = spec.router_bias
         if spec.selection_bias is not None:
             self.router.e_score_correction_bias = spec.selection_bias
+        for name, tensor in spec.router_tensors.items():  # a hash router's token id -> experts table
+            setattr(self.router, name, tensor)
         for name, tensor in spec.bank.items():
             setattr(self.experts, name, tensor)
         if spec.shared is not None:
@@ -94,19 +96,22 @@ class HFMoEBlock(MoELayer):
         object.__setattr__(self, "_hf_block", block)  # not a submodule: no second copy in state_dict / .to()
         self.train(block.training)
 
-    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The HF block's call: hidden states (B, T, D) -> (B, T, D). transformers passes no padding
-        mask; moekit callers may, as to any MoELayer."""
+        mask; moekit callers may, as to any MoELayer. `input_ids` (B, T): the token ids, which blocks of
+        families with hash routing take (DeepSeek-V4); a router that routes on them gets them as its state."""
+        state = input_ids if self.router.cfg.routes_on_token_ids() else None
         # Where transformers' `output_router_logits=True` collects router logits (None outside such a forward).
         collected = active_collector.get() if self.records_router_logits else None
         if collected is None or "router_logits" not in collected:
-            return self._as_hf(super().forward(hidden_states, padding_mask))
+            return self._as_hf(super().forward(hidden_states, padding_mask, router_state=state))
         # `output_router_logits=True`: hand transformers the (T, E) router logits, with their gradient
         # (routing_info() keeps a detached copy), as its own router would have.
         logits = []
         handle = self.router.register_forward_hook(lambda _m, _a, route: logits.append(route.logits_TE))
         try:
-            y = super().forward(hidden_states, padding_mask)
+            y = super().forward(hidden_states, padding_mask, router_state=state)
         finally:
             handle.remove()
         collected["router_logits"].append(logits[0])

@@ -85,6 +85,7 @@ class BlockSpec:
     # output instead of in its router (Beam's routed_scaling_factor; the privacy filter's 1/K then x K).
     router_weight_scale: float = 1.0
     model_config: Any = None  # the model's config, where the block and its experts hold none
+    router_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # moekit router attribute -> HF tensor
 
     @property
     def class_name(self) -> str:
@@ -146,6 +147,9 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                 continue  # the block's own tensors only; its children are read above
             if n.rpartition(".")[2] in _SELECTION_BIAS_NAMES and t.numel() == E:
                 selection_bias = t
+    # --- a token id -> experts table (V, K) of integers in the router: hash routing (DeepSeek-V4's `tid2eid`)
+    tables = [t for t in gate.buffers() if not t.dtype.is_floating_point and t.dim() == 2 and t.shape[1] <= E]
+    hash_table = tables[0] if len(tables) == 1 else None
     own = [n for n, t in itertools.chain(block.named_parameters(recurse=False), block.named_buffers(recurse=False))
            if t is not selection_bias]
     if own:
@@ -164,17 +168,18 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
             raise refuse(f"its shared expert's activation ({shared_act}) differs from its experts' "
                          f"({activation.name}); moekit's MoELayer uses one")
         width = lin[1].out_features
-        _check_shared_by_value(shared, shared_act, refuse)
+        shared_limit = _shared_clamp_by_value(shared, shared_act, activation, refuse)
     if shared_gate is not None and (shared is None or shared_gate.bias is not None):
         raise refuse("its shared-expert gate is not a Linear(D, 1) without bias gating a shared expert")
 
     config = getattr(experts, "config", None) or getattr(block, "config", None) or model_config
-    router = _router_config(block, gate, config, selection_bias is not None)
+    router = _router_config(block, gate, config, selection_bias is not None, hash_table)
     n_shared = getattr(config, "n_shared_experts", None) or 1
     cfg = MoEConfig(d_model=D, d_expert=Fdim, num_experts=E, router=router, activation=activation.name,
                     activation_limit=activation.limit, activation_alpha=activation.alpha,
                     activation_up_offset=activation.up_offset, activation_clamp_after=activation.clamp_after,
                     num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
+                    shared_activation_limit=shared_limit if shared is not None else None,
                     shared_gate=shared_gate is not None, backend=backend)
     try:
         with warnings.catch_warnings():  # a first reading, settled below; not a setting the user chose
@@ -183,33 +188,40 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     except ValueError as e:
         raise refuse(f"its routing rule ({router.describe()}) is not one moekit can run: {e}") from e
     spec = BlockSpec(block, gate, router_weight, router_bias, selection_bias, experts, bank, layout, activation,
-                     shared, shared_gate, cfg, model_config=model_config)
+                     shared, shared_gate, cfg, model_config=model_config,
+                     router_tensors={} if hash_table is None else {"tid2eid": hash_table})
     _read_rule_from_router(spec)
     return spec
 
 
-def _check_shared_by_value(shared: nn.Module, gated: str, refuse) -> None:
-    """Refuse a shared expert whose forward is not moekit's down(act(gate x) * up x) on a probe large
-    enough to reach any clamp (DeepSeek-V4 and Step-3.7 clamp their shared experts; a random model's
-    small activations never would). Run in the weights' own dtype; nothing on meta tensors."""
+def _shared_clamp_by_value(shared: nn.Module, gated: str, routed: Activation, refuse) -> float | None:
+    """The shared expert's clamp (None: none) with which moekit's down(act(gate x) * up x) reproduces its forward
+    on a probe large enough to reach any clamp (DeepSeek-V4 and Step-3.7 clamp their shared experts; a random
+    model's small activations never would): none, its own `limit`, or the routed experts' limit, each with the
+    routed experts' other clamp settings. Refused when none does. Run in the weights' own dtype; nothing is
+    probed on meta tensors (no clamp is read there)."""
     g, u, d = shared.gate_proj, shared.up_proj, shared.down_proj
+    own = getattr(shared, "limit", None)
+    own = float(own) if isinstance(own, int | float) and math.isfinite(own) and own > 0 else None
     if g.weight.is_meta:
-        return
+        return own
     gen = torch.Generator().manual_seed(0)
     x_TD = torch.randn(8, g.in_features, generator=gen).to(device=g.weight.device, dtype=g.weight.dtype)
+    low = g.weight.dtype in (torch.bfloat16, torch.float16)
     with torch.no_grad():
         reach = torch.cat([g(x_TD), u(x_TD)], dim=-1).abs().amax().float().clamp(min=1e-6)
         x_TD = x_TD * (64.0 / reach).to(x_TD.dtype)  # pre-activations up to +-64
         want = shared(x_TD)
-        got = d(Activation(gated).glu(g(x_TD), u(x_TD)))
-    low = g.weight.dtype in (torch.bfloat16, torch.float16)
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape or \
-            not torch.allclose(got.float(), want.float(), rtol=5e-2 if low else 1e-4,
-                               atol=(5e-2 if low else 1e-4) * float(want.float().abs().amax())):
-        limit = getattr(shared, "limit", None)
-        raise refuse(f"its shared expert {type(shared).__name__} computes something other than "
-                     f"down({gated}(gate, up)) on large inputs{f' (it clamps at limit={limit})' if limit else ''}; "
-                     "moekit's shared expert has no clamp")
+        for limit in dict.fromkeys((None, own, routed.limit)):
+            act = Activation(gated) if limit is None else dataclasses.replace(routed, limit=limit, interleaved=False)
+            got = d(act.glu(g(x_TD), u(x_TD)))
+            tol = 5e-2 if low else 1e-4
+            if isinstance(want, torch.Tensor) and want.shape == got.shape and torch.allclose(
+                    got.float(), want.float(), rtol=tol, atol=tol * float(want.float().abs().amax())):
+                return limit
+    raise refuse(f"its shared expert {type(shared).__name__} computes something other than down({gated}(gate, up)) "
+                 f"on large inputs{f' (it clamps at limit={own:g})' if own else ''}, with no clamp or the routed "
+                 f"experts' clamp settings ({routed.describe()}) at its limit")
 
 
 def _router_weight(child: nn.Module, E: int, D: int) -> tuple[nn.Parameter, nn.Parameter | None] | None:
@@ -368,7 +380,8 @@ def _read_activation(experts: nn.Module, gated: bool, layout: ExpertLayout, Fdim
                  f"limit={limit}, alpha={alpha}) on a probe")
 
 
-def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection_bias: bool) -> RouterConfig:
+def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection_bias: bool,
+                   hash_table: torch.Tensor | None = None) -> RouterConfig:
     def read(gate_names: tuple[str, ...], config_names: tuple[str, ...], default: Any) -> Any:
         for obj, names in ((gate, gate_names), (block, gate_names), (config, config_names)):
             for n in names:
@@ -383,6 +396,11 @@ def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection
     if read(("topk_method",), ("topk_method",), None) == "greedy":
         n_group = topk_group = 1  # DeepSeek-V2's plain top-k: the group fields are set but unused
     k = read(("top_k", "moe_topk"), ("num_experts_per_tok", "moe_topk", "moe_top_k"), 2)
+    if hash_table is not None:  # Hash Layers (arXiv 2106.04426): the experts come from the table, the weights from the gate
+        return RouterConfig(kind="hash", k=hash_table.shape[1], vocab_size=hash_table.shape[0], score=score,
+                            normalize=bool(read(("norm_topk_prob",), ("norm_topk_prob",), True)),
+                            routed_scaling_factor=float(read(("routed_scaling_factor",), ("routed_scaling_factor",),
+                                                             1.0)))
     # DBRX divides by the chosen weights' p-norm (p = moe_normalize_expert_weights, None: not at all).
     has_p = any(hasattr(obj, "moe_normalize_expert_weights") for obj in (gate, block, config) if obj is not None)
     normalize_p = read(("moe_normalize_expert_weights",), ("moe_normalize_expert_weights",), None)
@@ -423,7 +441,9 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor,
     args = [x_TD]
     params = [p for p in inspect.signature(gate.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
-    if len(params) >= 2 and spec.selection_bias is not None:
+    if len(params) >= 2 and params[1].name == "input_ids":
+        args.append(probe_token_ids(spec, x_TD.shape[0], x_TD.device))  # a hash router (DeepSeek-V4)
+    elif len(params) >= 2 and spec.selection_bias is not None:
         # a selection bias the block holds and passes in
         args.append((spec.selection_bias if selection_bias_E is None else selection_bias_E).float())
     try:
@@ -457,6 +477,9 @@ def _router_readings(spec: BlockSpec) -> list[RouterConfig]:
     other = {"softmax": "sigmoid"}.get(router.score, "softmax")
     scorings = ((router.score, router.normalize), (router.score, not router.normalize),
                 (other, router.normalize), (other, not router.normalize))
+    if router.routes_on_token_ids():  # a hash table picks the experts: only the weights' rule is open
+        return [r for score, normalize in scorings
+                if (r := _valid(dataclasses.replace(router, score=score, normalize=normalize), E)) is not None]
     groups = (None, "other") if router.n_group > 1 else (None,)
     bias_on = ("scores", "logits") if spec.selection_bias is not None else ("scores",)
     readings = []
@@ -464,12 +487,8 @@ def _router_readings(spec: BlockSpec) -> list[RouterConfig]:
         r = dataclasses.replace(router, score=score, normalize=normalize, selection_bias_on=on)
         if group == "other":  # the rule the score function does not default to
             r.group_score = {"max": "top2_sum", "top2_sum": "max"}[r.group_rule()]
-        try:
-            with warnings.catch_warnings():  # a candidate, not the user's setting (e.g. k=1 renormalised)
-                warnings.simplefilter("ignore")
-                readings.append(r.validate(E))
-        except ValueError:
-            continue
+        if (r := _valid(r, E)) is not None:
+            readings.append(r)
     # Phi-3.5-MoE's SparseMixer, its band from the router's `router_jitter_noise` (which Mixtral uses as input
     # jitter instead), its input jitter from `input_jitter_noise`.
     eps = _read_setting(spec, ("router_jitter_noise",), ("router_jitter_noise",), None)
@@ -479,6 +498,17 @@ def _router_readings(spec: BlockSpec) -> list[RouterConfig]:
             readings.append(RouterConfig(kind="sparsemixer", k=router.k, jitter_eps=float(eps),
                                          jitter=jitter).validate(E))
     return readings
+
+
+def _valid(router: RouterConfig, num_experts: int) -> RouterConfig | None:
+    """`router` if it validates with `num_experts`, else None (a candidate reading, not the user's setting:
+    its warnings, e.g. k=1 renormalised, are not shown)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return router.validate(num_experts)
+    except ValueError:
+        return None
 
 
 def _read_setting(spec: BlockSpec, gate_names: tuple[str, ...], config_names: tuple[str, ...], default: Any) -> Any:
@@ -527,6 +557,14 @@ def _read_rule_from_router(spec: BlockSpec) -> None:
     spec.cfg, spec.alternatives, spec.router_weight_scale = configs[0], configs[1:], scale
 
 
+def probe_token_ids(spec: BlockSpec, num_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Token ids (num_tokens,) int64 for a probe of a block that reads them (hash routing): drawn from a seeded
+    generator over the vocabulary its table maps (the model config's, else 2 ids)."""
+    table = spec.router_tensors.get("tid2eid")
+    vocab = table.shape[0] if table is not None else int(getattr(spec.model_config, "vocab_size", 2) or 2)
+    return torch.randint(0, vocab, (num_tokens,), generator=torch.Generator().manual_seed(0)).to(device)
+
+
 def router_weight_ratio(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.Tensor,
                         hf: tuple[torch.Tensor, torch.Tensor], selection_bias_E: torch.Tensor | None = None
                         ) -> float | None:
@@ -541,6 +579,8 @@ def router_weight_ratio(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.T
         router = router_class(router_cfg.kind)(router_cfg, D, E)
     router.weight = spec.router_weight
     router.bias = spec.router_bias
+    for name, tensor in spec.router_tensors.items():
+        setattr(router, name, tensor)
     if selection_bias_E is not None:
         router.e_score_correction_bias = selection_bias_E
     elif spec.selection_bias is not None:
@@ -548,8 +588,9 @@ def router_weight_ratio(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.T
     else:
         router.e_score_correction_bias = torch.zeros(E, device=x_TD.device)
     router.eval()  # the rule itself (a training-mode router may sample, SparseMixer)
+    ids = probe_token_ids(spec, x_TD.shape[0], x_TD.device) if router_cfg.routes_on_token_ids() else None
     with torch.no_grad():
-        idx_TK, w_TK = router(x_TD).to_padded()
+        idx_TK, w_TK = router(x_TD, state=ids).to_padded()
     hf_w_TK, hf_idx_TK = hf
     if idx_TK.shape != hf_idx_TK.shape:
         return None

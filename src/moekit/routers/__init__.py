@@ -7,6 +7,7 @@ name in the import list below.
 
 from moekit.routers import (  # noqa: F401  (registration side effect)
     expert_choice,
+    hash,
     null,
     random,
     recurrent,

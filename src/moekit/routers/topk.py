@@ -272,15 +272,15 @@ def select_topk(logits_TE: torch.Tensor, k: int, score: str = "softmax", normali
     idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=False).indices
     w_TK = scores_TE.gather(1, idx_TK)
     if normalize:
-        w_TK = w_TK / _denominator(w_TK, score, normalize_p, normalize_min)
+        w_TK = w_TK / renormalizer(w_TK, score, normalize_p, normalize_min)
     if routed_scaling_factor != 1.0:
         w_TK = w_TK * routed_scaling_factor
     return RouterOutput.from_topk(idx_TK, w_TK, scores_TE, logits_TE)
 
 
-def _denominator(w_TK: torch.Tensor, score: str, p: float, floor: float) -> torch.Tensor:
-    """What the chosen weights are divided by when renormalised: their p-norm (p = 1: their sum; the
-    weights are >= 0), clamped below at `floor` where one is set."""
+def renormalizer(w_TK: torch.Tensor, score: str, p: float = 1.0, floor: float = 0.0) -> torch.Tensor:
+    """What the chosen weights w_TK (T, K) of score function `score` are divided by when renormalised:
+    their p-norm (p = 1: their sum; the weights are >= 0), clamped below at `floor` where one is set (T, 1)."""
     norm_T1 = w_TK.sum(dim=-1, keepdim=True) if p == 1.0 else torch.linalg.vector_norm(w_TK, ord=p, dim=-1,
                                                                                       keepdim=True)
     if floor > 0:
