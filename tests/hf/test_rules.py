@@ -1,7 +1,8 @@
 """Routing rules of transformers families that moekit expresses as configuration: SparseMixer (Phi-3.5-MoE),
 a group scored by its best two softmax scores (Mistral 4, Mistral Large 4), a scale the block applies after
 combining (Beam, the privacy filter), a selection bias added to the logits (Kolibri-1), the clamp after the
-activation (Step-3.7), p-norm (DBRX) and clamp-floored (ERNIE 4.5) renormalisation.
+activation (Step-3.7), hash routing on the token ids and sqrt-softplus scores (DeepSeek-V4), p-norm (DBRX)
+and clamp-floored (ERNIE 4.5) renormalisation.
 
 Each family: a tiny random model of the real classes (fp32), its rule read as stated, logits to 1e-5, 16
 greedy tokens with the KV cache equal (a cached continuation for models without an LM head), `unwrap`
@@ -47,6 +48,13 @@ FAMILIES = {
                                 mlp_layer_types=["dense", "sparse", "sparse"], swiglu_limits=[0, 0.5, 0.8],
                                 sliding_window=64),
                 "k=2, score=sigmoid, normalize=True", "Step3p7TextModel"),
+    # Hash layers (token id -> experts table) first, then sqrt-softplus top-k; experts and shared expert clamped.
+    "deepseek_v4": ("deepseek_v4", dict(num_local_experts=8, num_experts_per_tok=2, q_lora_rank=16, o_lora_rank=16,
+                                        qk_rope_head_dim=8, index_topk=4, index_n_heads=2, index_head_dim=16,
+                                        mlp_layer_types=["hash_moe", "moe", "moe"], swiglu_limit=1.0,
+                                        routed_scaling_factor=1.5, sliding_window=64),
+                    ("k=2, hash over 128 token ids, score=sqrtsoftplus, normalize=True, scale=1.5",
+                     "k=2, score=sqrtsoftplus, normalize=True, scale=1.5"), None),
     "dbrx": ("dbrx", dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
                           attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                           ffn_config=dict(ffn_hidden_size=48, moe_num_experts=8, moe_top_k=2,
@@ -79,6 +87,8 @@ def _build(family: str, **changes) -> nn.Module:
         for name, b in model.named_buffers():
             if name.rpartition(".")[2] in ("e_score_correction_bias", "expert_bias"):
                 b.copy_(0.3 * torch.randn(b.shape, generator=g))
+            if name.endswith("tid2eid"):  # a hash table of distinct experts per token id (transformers': zeros)
+                b.copy_(torch.rand(b.shape[0], 8, generator=g).topk(b.shape[1], dim=-1).indices)
     return model.eval()
 
 
@@ -114,7 +124,8 @@ def test_family_wraps_with_its_rule(family):
     moekit.hf.wrap(model)
     layers = moekit.hf.wrapped_blocks(model)
     assert len(layers) == len(blocks) > 0
-    assert {layer.cfg.router.describe() for layer in layers} == {FAMILIES[family][2]}
+    rule = FAMILIES[family][2]
+    assert {layer.cfg.router.describe() for layer in layers} == ({rule} if isinstance(rule, str) else set(rule))
     torch.testing.assert_close(_main(_out(model, ids)), ref, atol=1e-5, rtol=1e-5)
     if lm:
         assert torch.equal(model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16), ref_tokens)
@@ -163,10 +174,27 @@ def test_selection_bias_on_logits_is_told_apart_on_a_random_model():
     assert all(layer.cfg.router.selection_bias_on == "logits" for layer in moekit.hf.wrapped_blocks(model))
 
 
-def test_a_shared_expert_clamp_moekit_lacks_is_refused():
-    """Step-3.7 clamps its shared expert too (swiglu_limits_shared); moekit's shared expert has no clamp, which a
-    random model's small activations would never show: the shared expert is probed on large inputs."""
-    model = _build("step3p7", swiglu_limits_shared=[0, 16.0, 16.0])
+def test_shared_expert_clamps_are_read_by_value():
+    """Step-3.7 clamps its shared experts at limits of their own (swiglu_limits_shared), after the SiLU as its
+    routed experts: read as MoEConfig.shared_activation_limit. A random model's small activations would hide a
+    clamp, so the shared expert is probed on large inputs."""
+    model = _build("step3p7", swiglu_limits_shared=[0, 0.7, 0.9])
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    ref = _main(_out(model, ids))
+    moekit.hf.wrap(model)
+    assert [layer.cfg.shared_activation_limit for layer in moekit.hf.wrapped_blocks(model)] == [0.7, 0.9]
+    torch.testing.assert_close(_main(_out(model, ids)), ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the clamp decides something here
+        for layer in moekit.hf.wrapped_blocks(model):
+            layer.shared_experts.act = type(layer.shared_experts.act)("swiglu")
+    assert not torch.allclose(_main(_out(model, ids)), ref, atol=1e-3)
+
+
+def test_a_shared_expert_clamp_moekit_cannot_express_is_refused():
+    """Routed experts without a clamp and a shared expert clamped after its SiLU: moekit's shared clamp takes the
+    routed experts' settings (a clamp before the activation here, which differs at a limit as low as 0.7), so the
+    block is refused, naming the clamp."""
+    model = _build("step3p7", swiglu_limits=None, swiglu_limits_shared=[0, 0.7, 0.7])
     with pytest.raises(moekit.hf.UnsupportedBlockError,
-                       match=r"cannot wrap Step3p7SparseMoeBlock: its shared expert .* clamps at limit=16"):
+                       match=r"cannot wrap Step3p7SparseMoeBlock: its shared expert .* clamps at limit=0.7"):
         moekit.hf.wrap(model)
