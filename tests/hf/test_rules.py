@@ -66,7 +66,7 @@ FAMILIES = {
 }
 
 
-def _build(family: str, **changes) -> nn.Module:
+def _build(randomized, family: str, **changes) -> nn.Module:
     model_type, kwargs, _, class_name = FAMILIES[family]
     cfg = AutoConfig.for_model(model_type, **{**_BASE, **kwargs, **changes})
     torch.manual_seed(0)
@@ -77,18 +77,9 @@ def _build(family: str, **changes) -> nn.Module:
 
         module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         model = getattr(module, class_name)(cfg)
-    # Well separated random weights (transformers' std 0.02 gives near-uniform routers) and a non-zero
-    # selection bias, so that every part of the rule decides something.
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if "norm" in name
-                    else torch.randn(p.shape, generator=g) * (1.5 * p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1))
-        for name, b in model.named_buffers():
-            if name.rpartition(".")[2] in ("e_score_correction_bias", "expert_bias"):
-                b.copy_(0.3 * torch.randn(b.shape, generator=g))
-            if name.endswith("tid2eid"):  # a hash table of distinct experts per token id (transformers': zeros)
-                b.copy_(torch.rand(b.shape[0], 8, generator=g).topk(b.shape[1], dim=-1).indices)
+    # Well separated random weights (transformers' std 0.02 gives near-uniform routers), a non-zero selection
+    # bias and a hash table of distinct experts, so that every part of the rule decides something.
+    randomized(model)
     return model.eval()
 
 
@@ -109,8 +100,8 @@ def _continued(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_wraps_with_its_rule(family):
-    model = _build(family)
+def test_family_wraps_with_its_rule(family, randomized):
+    model = _build(randomized, family)
     ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     blocks = {n: m for n, m in model.named_modules() if moekit.hf.detect.looks_like_moe_block(m)}
     ref = _main(_out(model, ids))
@@ -145,10 +136,10 @@ def test_family_wraps_with_its_rule(family):
     assert torch.equal(_main(_out(model, ids)), ref)
 
 
-def test_block_applied_scale_returns_the_routers_own_weights():
+def test_block_applied_scale_returns_the_routers_own_weights(randomized):
     """The privacy filter's router returns softmax / K and its block multiplies the output by K: moekit runs the
     softmax weights and hands back the block's second output (the router's weights) as the block does."""
-    model = _build("openai_privacy_filter")
+    model = _build(randomized, "openai_privacy_filter")
     block = next(m for m in model.modules() if moekit.hf.detect.looks_like_moe_block(m))
     x = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -162,10 +153,10 @@ def test_block_applied_scale_returns_the_routers_own_weights():
     torch.testing.assert_close(w2, w.sort(dim=-1, descending=True).values, atol=1e-6, rtol=1e-5)
 
 
-def test_selection_bias_on_logits_is_told_apart_on_a_random_model():
+def test_selection_bias_on_logits_is_told_apart_on_a_random_model(randomized):
     """A random model's selection bias is zero, where adding it to the scores or to the logits picks the same
     experts: the router probe uses a non-zero one, so the reading holds once a checkpoint's bias is loaded."""
-    model = _build("kolibri1")
+    model = _build(randomized, "kolibri1")
     with torch.no_grad():
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
@@ -174,11 +165,11 @@ def test_selection_bias_on_logits_is_told_apart_on_a_random_model():
     assert all(layer.cfg.router.selection_bias_on == "logits" for layer in moekit.hf.wrapped_blocks(model))
 
 
-def test_shared_expert_clamps_are_read_by_value():
+def test_shared_expert_clamps_are_read_by_value(randomized):
     """Step-3.7 clamps its shared experts at limits of their own (swiglu_limits_shared), after the SiLU as its
     routed experts: read as MoEConfig.shared_activation_limit. A random model's small activations would hide a
     clamp, so the shared expert is probed on large inputs."""
-    model = _build("step3p7", swiglu_limits_shared=[0, 0.7, 0.9])
+    model = _build(randomized, "step3p7", swiglu_limits_shared=[0, 0.7, 0.9])
     ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     ref = _main(_out(model, ids))
     moekit.hf.wrap(model)
@@ -190,11 +181,11 @@ def test_shared_expert_clamps_are_read_by_value():
     assert not torch.allclose(_main(_out(model, ids)), ref, atol=1e-3)
 
 
-def test_a_shared_expert_clamp_moekit_cannot_express_is_refused():
+def test_a_shared_expert_clamp_moekit_cannot_express_is_refused(randomized):
     """Routed experts without a clamp and a shared expert clamped after its SiLU: moekit's shared clamp takes the
     routed experts' settings (a clamp before the activation here, which differs at a limit as low as 0.7), so the
     block is refused, naming the clamp."""
-    model = _build("step3p7", swiglu_limits=None, swiglu_limits_shared=[0, 0.7, 0.7])
+    model = _build(randomized, "step3p7", swiglu_limits=None, swiglu_limits_shared=[0, 0.7, 0.7])
     with pytest.raises(moekit.hf.UnsupportedBlockError,
                        match=r"cannot wrap Step3p7SparseMoeBlock: its shared expert .* clamps at limit=0.7"):
         moekit.hf.wrap(model)
