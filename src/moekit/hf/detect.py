@@ -16,13 +16,18 @@ per-expert biases) and their activation by value (`moekit.ops.ffn.Activation`: S
 gpt-oss's clamped SwiGLU), so a family is a configuration of moekit's pieces, not a code path.
 
 The routing rule comes from what the router's forward uses: its own attributes first (`top_k`,
-`norm_topk_prob`, `routed_scaling_factor`, `num_group`/`n_group`, `topk_group`), then the model config
-(`num_experts_per_tok`, `norm_topk_prob`, `scoring_func`, ...). Settings no attribute states (whether
-the chosen weights are renormalised; softmax or sigmoid scores) are then read from the router's own
-output on a probe input, where it returns its choice ((logits, weights, indices), or dense (T, E)
-scores). Rules still ambiguous after that (the routing weight applied to the experts' input, Llama 4)
-become ordered alternatives that `moekit.hf.wrap` checks against the block's own forward; one that
-reproduces it exactly is kept, and a block none reproduces is refused, never run differently.
+`norm_topk_prob`, `routed_scaling_factor`, `num_group`/`n_group`, `topk_group`, `norm_min`), then the model
+config (`num_experts_per_tok`, `norm_topk_prob`, `scoring_func`, `moe_normalize_expert_weights`,
+`moe_norm_min`, ...); an integer (V, K) table in the router makes it a hash router (DeepSeek-V4's
+`tid2eid`). Settings no attribute states (renormalised or not; softmax or sigmoid; a group scored by its
+best expert or its best two; the selection bias added to the scores or the logits; SparseMixer) are then
+read from the router's own output on a probe input (a non-zero selection bias, token ids for a hash
+router), where it returns its choice ((logits, weights, indices), or dense (T, E) scores); a reading whose
+weights are one constant times the router's is kept with that constant as the block's own scale after
+combining (`router_weight_scale`). Rules still ambiguous after that (the routing weight applied to the
+experts' input, Llama 4) become ordered alternatives that `moekit.hf.wrap` checks against the block's own
+forward; one that reproduces it exactly is kept, and a block none reproduces is refused, never run
+differently. A shared expert is checked by value on inputs large enough to reach any clamp.
 """
 
 from __future__ import annotations
@@ -156,7 +161,7 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
         raise refuse(f"it holds tensors {own} directly that are no selection bias (E,) moekit knows")
 
     # --- shared expert (always on), optionally sigmoid-gated
-    width = 0
+    width, shared_limit = 0, None
     if shared is not None:
         lin = [getattr(shared, n) for n in ("gate_proj", "up_proj", "down_proj")]
         shared_fn = getattr(shared, "act_fn", None) or getattr(shared, "activation_fn", None)
@@ -179,7 +184,7 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                     activation_limit=activation.limit, activation_alpha=activation.alpha,
                     activation_up_offset=activation.up_offset, activation_clamp_after=activation.clamp_after,
                     num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
-                    shared_activation_limit=shared_limit if shared is not None else None,
+                    shared_activation_limit=shared_limit,
                     shared_gate=shared_gate is not None, backend=backend)
     try:
         with warnings.catch_warnings():  # a first reading, settled below; not a setting the user chose
