@@ -65,7 +65,7 @@ _SELECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
 PROBE_TOKENS = 16
 # The router alone is probed on more tokens (an E x D gate: cheap), so that rules that agree on most tokens
 # (a group scored by its best expert or its best two) are told apart.
-ROUTER_PROBE_TOKENS = 512
+ROUTER_PROBE_TOKENS = 256
 
 
 @dataclass
@@ -547,12 +547,17 @@ def _read_rule_from_router(spec: BlockSpec) -> None:
             bias_E = torch.randn(cfg.num_experts, generator=gen).to(x_TD.device) * spread
         hf = call_router(spec, x_TD, bias_E)
         if hf is not None:
-            ratios = [(r, router_weight_ratio(spec, r, x_TD, hf, bias_E)) for r in readings]
-            exact = [r for r, c in ratios if c == 1.0]
-            scaled = [(r, c) for r, c in ratios if c is not None and c != 1.0]
-            if exact:
-                readings = exact
-            elif scaled:  # the same experts, the weights a constant times the router's: the block rescales
+            # In order, up to the first reading that reproduces the router (a large model's gate is
+            # E x D per layer: no reading is run after that one).
+            scaled = []
+            for r in readings:
+                c = router_weight_ratio(spec, r, x_TD, hf, bias_E)
+                if c == 1.0:
+                    scaled = [(r, 1.0)]
+                    break
+                if c is not None:  # the same experts, the weights a constant times the router's: the block rescales
+                    scaled.append((r, c))
+            if scaled:
                 scale = scaled[0][1]
                 readings = [r for r, c in scaled if abs(c - scale) <= 1e-5 * scale]
             else:
