@@ -194,3 +194,16 @@ def test_a_shared_expert_clamp_moekit_cannot_express_is_refused(randomized):
     with pytest.raises(moekit.hf.UnsupportedBlockError,
                        match=r"cannot wrap Step3p7SparseMoeBlock: its shared expert .* clamps at limit=0.7"):
         moekit.hf.wrap(model)
+
+
+def test_a_scale_the_block_does_not_apply_is_refused(randomized):
+    """The router's weights a constant times moekit's reading only stand for a block that rescales its output:
+    a privacy-filter block made not to multiply by K (its router still divides by K) is refused by the block
+    probe, not run with moekit's weights."""
+    model = _build(randomized, "openai_privacy_filter")
+    for m in model.modules():
+        if moekit.hf.detect.looks_like_moe_block(m):
+            m.num_experts = 1  # the block's "x K" (transformers names K num_experts there)
+    with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"cannot wrap OpenAIPrivacyFilterMLP: read as .*differs "
+                                                              r"from the block's own"):
+        moekit.hf.wrap(model)
