@@ -237,6 +237,11 @@ class RouterConfig(Config):
         """Whether the router reads a routing state handed from the previous MoE layer (RMoE)."""
         return False
 
+    def routes_on_token_ids(self) -> bool:
+        """Whether the router picks experts from the token ids (hash routing), which the model hands each MoE
+        layer as its `router_state`."""
+        return False
+
     def build_shared_module(self):
         """A module shared by every MoE layer and owned by the model (None: no such module)."""
         return None
@@ -374,7 +379,10 @@ class MoEConfig(Config):
     step and all data-parallel ranks (arXiv 2501.11873).
     activation: the experts' (and shared experts') activation, one of ACTIVATIONS (moekit.ops.ffn);
     activation_limit / activation_alpha / activation_up_offset: the clamped SwiGLU of gpt-oss (limit
-    7, alpha 1.702, up offset 1) or DeepSeek-V4 (limit only), on the routed experts' gated activation.
+    7, alpha 1.702, up offset 1) or DeepSeek-V4 (limit only), on the routed experts' gated activation;
+    activation_clamp_after: the gate's clamp after its activation (Step-3.7), not before;
+    shared_activation_limit: the shared expert's clamp (None: none), with the routed experts' other clamp
+    settings (DeepSeek-V4 clamps both at swiglu_limit; Step-3.7 at its own limits).
     weight_on_input: the combine weight scales each expert's *input* instead of its output (Llama 4);
     the same for linear experts, not for gated ones.
 
@@ -401,6 +409,9 @@ class MoEConfig(Config):
     activation_limit: float | None = setting(None, "clamp of the gated activation (gpt-oss 7.0; None = none)")
     activation_alpha: float = setting(1.0, "sigmoid slope of the clamped SwiGLU (gpt-oss 1.702)")
     activation_up_offset: float = setting(0.0, "added to the up projection in the clamped SwiGLU (gpt-oss 1)")
+    activation_clamp_after: bool = setting(False, "clamp the gate after its activation, not before (Step-3.7)")
+    shared_activation_limit: float | None = setting(None, "the shared expert's clamp, with the routed experts' "
+                                                    "clamp settings (DeepSeek-V4, Step-3.7; None = no clamp)")
     num_shared_experts: int = setting(0, "always-on shared experts (one FFN of width d_shared; 0 = none)")
     d_shared: int | None = setting(None, "width of the shared expert FFN (None = num_shared_experts * "
                                    "d_expert)")
@@ -455,6 +466,11 @@ class MoEConfig(Config):
                 "MoEConfig.activation_alpha", self.activation_alpha, "1.0, or a float > 0 with activation='swiglu'")
         require(self.activation_up_offset == 0.0 or gated, "MoEConfig.activation_up_offset",
                 self.activation_up_offset, "0.0 unless the activation is gated")
+        require(not self.activation_clamp_after or self.activation_limit is not None,
+                "MoEConfig.activation_clamp_after", self.activation_clamp_after, "false unless activation_limit is set")
+        require(self.shared_activation_limit is None or (gated and self.shared_activation_limit > 0),
+                "MoEConfig.shared_activation_limit", self.shared_activation_limit,
+                "None, or a float > 0 with a gated activation")
         require(self.num_shared_experts >= 0, "MoEConfig.num_shared_experts", self.num_shared_experts,
                "an integer >= 0")
         require(self.d_shared is None or self.d_shared >= 1, "MoEConfig.d_shared", self.d_shared,

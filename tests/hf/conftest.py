@@ -66,6 +66,10 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for name, b in model.named_buffers():
             if name.rpartition(".")[2] in ("e_score_correction_bias", "expert_bias"):  # selection biases
                 b.copy_(0.3 * torch.randn(b.shape, generator=g))
+        for m in model.modules():  # a hash table (DeepSeek-V4; transformers': zeros): distinct experts per id
+            table, gate = getattr(m, "tid2eid", None), getattr(m, "weight", None)
+            if isinstance(table, torch.Tensor) and isinstance(gate, torch.Tensor):
+                table.copy_(torch.rand(table.shape[0], gate.shape[0], generator=g).topk(table.shape[1], dim=-1).indices)
     return model
 
 

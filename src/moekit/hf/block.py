@@ -49,6 +49,8 @@ class HFMoEBlock(MoELayer):
             self.router.bias = spec.router_bias
         if spec.selection_bias is not None:
             self.router.e_score_correction_bias = spec.selection_bias
+        for name, tensor in spec.router_tensors.items():  # a hash router's token id -> experts table
+            setattr(self.router, name, tensor)
         for name, tensor in spec.bank.items():
             setattr(self.experts, name, tensor)
         if spec.shared is not None:
@@ -88,24 +90,29 @@ class HFMoEBlock(MoELayer):
 
         self.hf_class = spec.class_name
         self._hf_num_experts = spec.cfg.num_experts  # what the block's own code expects (unwrap checks it)
+        # The HF router's weights are this layer's / router_weight_scale (a scale its block applies after combining).
+        self.router_weight_scale = spec.router_weight_scale
         self.returns: str | None = None  # set by moekit.hf.wrap from the block's own output (see `_as_hf`)
         self.records_router_logits = records_router_logits
         object.__setattr__(self, "_hf_block", block)  # not a submodule: no second copy in state_dict / .to()
         self.train(block.training)
 
-    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The HF block's call: hidden states (B, T, D) -> (B, T, D). transformers passes no padding
-        mask; moekit callers may, as to any MoELayer."""
+        mask; moekit callers may, as to any MoELayer. `input_ids` (B, T): the token ids, which blocks of
+        families with hash routing take (DeepSeek-V4); a router that routes on them gets them as its state."""
+        state = input_ids if self.router.cfg.routes_on_token_ids() else None
         # Where transformers' `output_router_logits=True` collects router logits (None outside such a forward).
         collected = active_collector.get() if self.records_router_logits else None
         if collected is None or "router_logits" not in collected:
-            return self._as_hf(super().forward(hidden_states, padding_mask))
+            return self._as_hf(super().forward(hidden_states, padding_mask, router_state=state))
         # `output_router_logits=True`: hand transformers the (T, E) router logits, with their gradient
         # (routing_info() keeps a detached copy), as its own router would have.
         logits = []
         handle = self.router.register_forward_hook(lambda _m, _a, route: logits.append(route.logits_TE))
         try:
-            y = super().forward(hidden_states, padding_mask)
+            y = super().forward(hidden_states, padding_mask, router_state=state)
         finally:
             handle.remove()
         collected["router_logits"].append(logits[0])
@@ -120,7 +127,10 @@ class HFMoEBlock(MoELayer):
         route = self._info.route
         if self.returns == "logits_TE":
             return y, route.logits_TE.to(y.dtype)
-        return y, route.to_padded()[1].sort(dim=-1, descending=True).values.to(y.dtype)
+        w_TK = route.to_padded()[1].sort(dim=-1, descending=True).values
+        if self.router_weight_scale != 1.0:
+            w_TK = w_TK / self.router_weight_scale
+        return y, w_TK.to(y.dtype)
 
     def __getattr__(self, name: str):
         try:

@@ -16,21 +16,28 @@ per-expert biases) and their activation by value (`moekit.ops.ffn.Activation`: S
 gpt-oss's clamped SwiGLU), so a family is a configuration of moekit's pieces, not a code path.
 
 The routing rule comes from what the router's forward uses: its own attributes first (`top_k`,
-`norm_topk_prob`, `routed_scaling_factor`, `num_group`/`n_group`, `topk_group`), then the model config
-(`num_experts_per_tok`, `norm_topk_prob`, `scoring_func`, ...). Settings no attribute states (whether
-the chosen weights are renormalised; softmax or sigmoid scores) are then read from the router's own
-output on a probe input, where it returns its choice ((logits, weights, indices), or dense (T, E)
-scores). Rules still ambiguous after that (the routing weight applied to the experts' input, Llama 4)
-become ordered alternatives that `moekit.hf.wrap` checks against the block's own forward; one that
-reproduces it exactly is kept, and a block none reproduces is refused, never run differently.
+`norm_topk_prob`, `routed_scaling_factor`, `num_group`/`n_group`, `topk_group`, `norm_min`), then the model
+config (`num_experts_per_tok`, `norm_topk_prob`, `scoring_func`, `moe_normalize_expert_weights`,
+`moe_norm_min`, ...); an integer (V, K) table in the router makes it a hash router (DeepSeek-V4's
+`tid2eid`). Settings no attribute states (renormalised or not; softmax or sigmoid; a group scored by its
+best expert or its best two; the selection bias added to the scores or the logits; SparseMixer) are then
+read from the router's own output on a probe input (a non-zero selection bias, token ids for a hash
+router), where it returns its choice ((logits, weights, indices), or dense (T, E) scores); a reading whose
+weights are one constant times the router's is kept with that constant as the block's own scale after
+combining (`router_weight_scale`). Rules still ambiguous after that (the routing weight applied to the
+experts' input, Llama 4) become ordered alternatives that `moekit.hf.wrap` checks against the block's own
+forward; one that reproduces it exactly is kept, and a block none reproduces is refused, never run
+differently. A shared expert is checked by value on inputs large enough to reach any clamp.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
 import itertools
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +63,9 @@ TESTED_BLOCKS = ("MixtralSparseMoeBlock", "OlmoeSparseMoeBlock", "Qwen2MoeSparse
 # Block-held selection biases (DeepSeek-V3's rule with the bias outside the router).
 _SELECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
 PROBE_TOKENS = 16
+# The router alone is probed on more tokens (an E x D gate: cheap), so that rules that agree on most tokens
+# (a group scored by its best expert or its best two) are told apart.
+ROUTER_PROBE_TOKENS = 256
 
 
 @dataclass
@@ -76,6 +86,11 @@ class BlockSpec:
     shared_gate: nn.Linear | None
     cfg: MoEConfig
     alternatives: list[MoEConfig] = field(default_factory=list)
+    # moekit's combine weights / the HF router's own: a scale the block applies to the combined experts'
+    # output instead of in its router (Beam's routed_scaling_factor; the privacy filter's 1/K then x K).
+    router_weight_scale: float = 1.0
+    model_config: Any = None  # the model's config, where the block and its experts hold none
+    router_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # moekit router attribute -> HF tensor
 
     @property
     def class_name(self) -> str:
@@ -137,13 +152,16 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                 continue  # the block's own tensors only; its children are read above
             if n.rpartition(".")[2] in _SELECTION_BIAS_NAMES and t.numel() == E:
                 selection_bias = t
+    # --- a token id -> experts table (V, K) of integers in the router: hash routing (DeepSeek-V4's `tid2eid`)
+    tables = [t for t in gate.buffers() if not t.dtype.is_floating_point and t.dim() == 2 and t.shape[1] <= E]
+    hash_table = tables[0] if len(tables) == 1 else None
     own = [n for n, t in itertools.chain(block.named_parameters(recurse=False), block.named_buffers(recurse=False))
            if t is not selection_bias]
     if own:
         raise refuse(f"it holds tensors {own} directly that are no selection bias (E,) moekit knows")
 
     # --- shared expert (always on), optionally sigmoid-gated
-    width = 0
+    width, shared_limit = 0, None
     if shared is not None:
         lin = [getattr(shared, n) for n in ("gate_proj", "up_proj", "down_proj")]
         shared_fn = getattr(shared, "act_fn", None) or getattr(shared, "activation_fn", None)
@@ -155,16 +173,18 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
             raise refuse(f"its shared expert's activation ({shared_act}) differs from its experts' "
                          f"({activation.name}); moekit's MoELayer uses one")
         width = lin[1].out_features
+        shared_limit = _shared_clamp_by_value(shared, shared_act, activation, refuse)
     if shared_gate is not None and (shared is None or shared_gate.bias is not None):
         raise refuse("its shared-expert gate is not a Linear(D, 1) without bias gating a shared expert")
 
     config = getattr(experts, "config", None) or getattr(block, "config", None) or model_config
-    router = _router_config(block, gate, config, selection_bias is not None)
+    router = _router_config(block, gate, config, selection_bias is not None, hash_table)
     n_shared = getattr(config, "n_shared_experts", None) or 1
     cfg = MoEConfig(d_model=D, d_expert=Fdim, num_experts=E, router=router, activation=activation.name,
                     activation_limit=activation.limit, activation_alpha=activation.alpha,
-                    activation_up_offset=activation.up_offset,
+                    activation_up_offset=activation.up_offset, activation_clamp_after=activation.clamp_after,
                     num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
+                    shared_activation_limit=shared_limit,
                     shared_gate=shared_gate is not None, backend=backend)
     try:
         with warnings.catch_warnings():  # a first reading, settled below; not a setting the user chose
@@ -173,9 +193,40 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     except ValueError as e:
         raise refuse(f"its routing rule ({router.describe()}) is not one moekit can run: {e}") from e
     spec = BlockSpec(block, gate, router_weight, router_bias, selection_bias, experts, bank, layout, activation,
-                     shared, shared_gate, cfg)
+                     shared, shared_gate, cfg, model_config=model_config,
+                     router_tensors={} if hash_table is None else {"tid2eid": hash_table})
     _read_rule_from_router(spec)
     return spec
+
+
+def _shared_clamp_by_value(shared: nn.Module, gated: str, routed: Activation, refuse) -> float | None:
+    """The shared expert's clamp (None: none) with which moekit's down(act(gate x) * up x) reproduces its forward
+    on a probe large enough to reach any clamp (DeepSeek-V4 and Step-3.7 clamp their shared experts; a random
+    model's small activations never would): none, its own `limit`, or the routed experts' limit, each with the
+    routed experts' other clamp settings. Refused when none does. Run in the weights' own dtype; nothing is
+    probed on meta tensors (no clamp is read there)."""
+    g, u, d = shared.gate_proj, shared.up_proj, shared.down_proj
+    own = getattr(shared, "limit", None)
+    own = float(own) if isinstance(own, int | float) and math.isfinite(own) and own > 0 else None
+    if g.weight.is_meta:
+        return own
+    gen = torch.Generator().manual_seed(0)
+    x_TD = torch.randn(8, g.in_features, generator=gen).to(device=g.weight.device, dtype=g.weight.dtype)
+    low = g.weight.dtype in (torch.bfloat16, torch.float16)
+    with torch.no_grad():
+        reach = torch.cat([g(x_TD), u(x_TD)], dim=-1).abs().amax().float().clamp(min=1e-6)
+        x_TD = x_TD * (64.0 / reach).to(x_TD.dtype)  # pre-activations up to +-64
+        want = shared(x_TD)
+        for limit in dict.fromkeys((None, own, routed.limit)):
+            act = Activation(gated) if limit is None else dataclasses.replace(routed, limit=limit, interleaved=False)
+            got = d(act.glu(g(x_TD), u(x_TD)))
+            tol = 5e-2 if low else 1e-4
+            if isinstance(want, torch.Tensor) and want.shape == got.shape and torch.allclose(
+                    got.float(), want.float(), rtol=tol, atol=tol * float(want.float().abs().amax())):
+                return limit
+    raise refuse(f"its shared expert {type(shared).__name__} computes something other than down({gated}(gate, up)) "
+                 f"on large inputs{f' (it clamps at limit={own:g})' if own else ''}, with no clamp or the routed "
+                 f"experts' clamp settings ({routed.describe()}) at its limit")
 
 
 def _router_weight(child: nn.Module, E: int, D: int) -> tuple[nn.Parameter, nn.Parameter | None] | None:
@@ -301,6 +352,8 @@ def _read_activation(experts: nn.Module, gated: bool, layout: ExpertLayout, Fdim
     config = getattr(experts, "config", None)
     limit = next((v for v in (getattr(experts, "limit", None), getattr(experts, "swiglu_limit", None),
                               getattr(config, "swiglu_limit", None)) if isinstance(v, int | float)), None)
+    if limit is not None and not math.isfinite(limit):
+        limit = None  # Step-3.7 states "no clamp" as an infinite limit
     alpha = next((v for v in (getattr(experts, "alpha", None), getattr(config, "swiglu_alpha", None))
                   if isinstance(v, int | float)), None)
     g = torch.Generator().manual_seed(0)
@@ -314,15 +367,16 @@ def _read_activation(experts: nn.Module, gated: bool, layout: ExpertLayout, Fdim
     base = _GATED_OF.get(_value_activation(act))
     names = [base] if base else []
     names += [n for n in GATED_ACTIVATIONS if n not in names]
-    settings = [(None, 1.0, 0.0)]
+    settings = [(None, 1.0, 0.0, False)]
     if limit is not None:
-        settings += [(float(limit), 1.0, 0.0), (float(limit), 1.0, 1.0)]
+        settings += [(float(limit), 1.0, 0.0, False), (float(limit), 1.0, 1.0, False),
+                     (float(limit), 1.0, 0.0, True)]  # the last: clamped after the activation (Step-3.7)
         if alpha is not None:
-            settings += [(float(limit), float(alpha), 1.0), (float(limit), float(alpha), 0.0)]
-    for name, (lim, a, off) in itertools.product(names, settings):
+            settings += [(float(limit), float(alpha), 1.0, False), (float(limit), float(alpha), 0.0, False)]
+    for name, (lim, a, off, after) in itertools.product(names, settings):
         if a != 1.0 and name != "swiglu":
             continue
-        cand = Activation(name, lim, a, off, layout.interleaved)
+        cand = Activation(name, lim, a, off, layout.interleaved, after)
         got = cand(h)
         if got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-5):
             return cand
@@ -331,7 +385,8 @@ def _read_activation(experts: nn.Module, gated: bool, layout: ExpertLayout, Fdim
                  f"limit={limit}, alpha={alpha}) on a probe")
 
 
-def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection_bias: bool) -> RouterConfig:
+def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection_bias: bool,
+                   hash_table: torch.Tensor | None = None) -> RouterConfig:
     def read(gate_names: tuple[str, ...], config_names: tuple[str, ...], default: Any) -> Any:
         for obj, names in ((gate, gate_names), (block, gate_names), (config, config_names)):
             for n in names:
@@ -346,11 +401,23 @@ def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection
     if read(("topk_method",), ("topk_method",), None) == "greedy":
         n_group = topk_group = 1  # DeepSeek-V2's plain top-k: the group fields are set but unused
     k = read(("top_k", "moe_topk"), ("num_experts_per_tok", "moe_topk", "moe_top_k"), 2)
+    if hash_table is not None:  # Hash Layers (arXiv 2106.04426): the experts come from the table, the weights from the gate
+        return RouterConfig(kind="hash", k=hash_table.shape[1], vocab_size=hash_table.shape[0], score=score,
+                            normalize=bool(read(("norm_topk_prob",), ("norm_topk_prob",), True)),
+                            routed_scaling_factor=float(read(("routed_scaling_factor",), ("routed_scaling_factor",),
+                                                             1.0)))
+    # DBRX divides by the chosen weights' p-norm (p = moe_normalize_expert_weights, None: not at all).
+    has_p = any(hasattr(obj, "moe_normalize_expert_weights") for obj in (gate, block, config) if obj is not None)
+    normalize_p = read(("moe_normalize_expert_weights",), ("moe_normalize_expert_weights",), None)
+    normalize = bool(read(("norm_topk_prob",), ("norm_topk_prob",), True)) if not has_p else normalize_p is not None
     return RouterConfig(
         kind="topk",
         k=int(k),
         score=score,
-        normalize=bool(read(("norm_topk_prob",), ("norm_topk_prob",), True)),
+        normalize=normalize,
+        normalize_p=float(normalize_p or 1.0),
+        # ERNIE 4.5 divides by clamp(sum, min=moe_norm_min).
+        normalize_min=float(read(("norm_min",), ("moe_norm_min",), 0.0)),
         routed_scaling_factor=float(read(("routed_scaling_factor", "router_scaling_factor"),
                                          ("routed_scaling_factor", "router_scaling_factor"), 1.0)),
         n_group=n_group,
@@ -361,17 +428,29 @@ def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection
     )
 
 
-def call_router(spec: BlockSpec, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def call_router(spec: BlockSpec, x_TD: torch.Tensor,
+                selection_bias_E: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The HF router's own choice on fp32 `x_TD`, run on an fp32 copy of it (the gate is small: E x D):
     (weights (T, K) fp32, expert indices (T, K)), or None where its output does not state a choice
     (a router returning logits only: the block selects). Two conventions: (logits, weights, indices)
-    (transformers v5) and dense (T, E) scores with zeros off the chosen experts (Llama 4)."""
+    (transformers v5) and dense (T, E) scores with zeros off the chosen experts (Llama 4).
+    `selection_bias_E` (E,) fp32, where given, takes the place of the block's selection bias (in the
+    copy, or as the argument a block-held bias is passed as): a probe value, the model's is untouched."""
     gate = copy.deepcopy(spec.gate).float()
+    E = spec.cfg.num_experts
+    if selection_bias_E is not None:
+        with torch.no_grad():
+            for n, t in itertools.chain(gate.named_buffers(), gate.named_parameters()):
+                if n.rpartition(".")[2] in _SELECTION_BIAS_NAMES and t.numel() == E:
+                    t.copy_(selection_bias_E.reshape(t.shape))
     args = [x_TD]
     params = [p for p in inspect.signature(gate.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
-    if len(params) >= 2 and spec.selection_bias is not None:
-        args.append(spec.selection_bias.float())  # a selection bias the block holds and passes in
+    if len(params) >= 2 and params[1].name == "input_ids":
+        args.append(probe_token_ids(spec, x_TD.shape[0], x_TD.device))  # a hash router (DeepSeek-V4)
+    elif len(params) >= 2 and spec.selection_bias is not None:
+        # a selection bias the block holds and passes in
+        args.append((spec.selection_bias if selection_bias_E is None else selection_bias_E).float())
     try:
         with torch.no_grad():
             out = gate(*args)
@@ -379,7 +458,7 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor) -> tuple[torch.Tensor, torc
         return None
     if not isinstance(out, tuple) or not all(isinstance(t, torch.Tensor) for t in out):
         return None
-    T, E = x_TD.shape[0], spec.cfg.num_experts
+    T = x_TD.shape[0]
     if len(out) == 3:
         _, w_TK, idx_TK = out
         if idx_TK.dtype.is_floating_point or idx_TK.shape != w_TK.shape or idx_TK.shape[0] != T:
@@ -395,39 +474,114 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor) -> tuple[torch.Tensor, torc
     return None
 
 
-def _read_rule_from_router(spec: BlockSpec) -> None:
-    """Settle what the attributes leave open (renormalisation, softmax or sigmoid) from the router's own
-    choice on a probe, and list the readings still open (the weight on the experts' input) as
-    alternatives for the block probe. Nothing is decided on meta tensors (no values to read)."""
-    cfg = spec.cfg
-    router = cfg.router
+def _router_readings(spec: BlockSpec) -> list[RouterConfig]:
+    """The routing rules the attributes leave possible, the attributes' own reading first: softmax or
+    sigmoid, renormalised or not, a group scored by its best expert or its best two (where there are
+    groups), the selection bias added to the scores or to the logits (where there is one)."""
+    router, E = spec.cfg.router, spec.cfg.num_experts
+    other = {"softmax": "sigmoid"}.get(router.score, "softmax")
+    scorings = ((router.score, router.normalize), (router.score, not router.normalize),
+                (other, router.normalize), (other, not router.normalize))
+    if router.routes_on_token_ids():  # a hash table picks the experts: only the weights' rule is open
+        return [r for score, normalize in scorings
+                if (r := _valid(dataclasses.replace(router, score=score, normalize=normalize), E)) is not None]
+    groups = (None, "other") if router.n_group > 1 else (None,)
+    bias_on = ("scores", "logits") if spec.selection_bias is not None else ("scores",)
     readings = []
-    for score, normalize in ((router.score, router.normalize), (router.score, not router.normalize),
-                             ({"softmax": "sigmoid"}.get(router.score, "softmax"), router.normalize),
-                             ({"softmax": "sigmoid"}.get(router.score, "softmax"), not router.normalize)):
-        try:
-            with warnings.catch_warnings():  # a candidate, not the user's setting (e.g. k=1 renormalised)
-                warnings.simplefilter("ignore")
-                r = dataclasses.replace(router, score=score, normalize=normalize).validate(cfg.num_experts)
-        except ValueError:
-            continue
-        readings.append(r)
+    for (score, normalize), group, on in itertools.product(scorings, groups, bias_on):
+        r = dataclasses.replace(router, score=score, normalize=normalize, selection_bias_on=on)
+        if group == "other":  # the rule the score function does not default to
+            r.group_score = {"max": "top2_sum", "top2_sum": "max"}[r.group_rule()]
+        if (r := _valid(r, E)) is not None:
+            readings.append(r)
+    # Phi-3.5-MoE's SparseMixer, its band from the router's `router_jitter_noise` (which Mixtral uses as input
+    # jitter instead), its input jitter from `input_jitter_noise`.
+    eps = _read_setting(spec, ("router_jitter_noise",), ("router_jitter_noise",), None)
+    if eps is not None:
+        jitter = float(_read_setting(spec, ("input_jitter_noise",), ("input_jitter_noise",), 0.0))
+        with contextlib.suppress(ValueError):
+            readings.append(RouterConfig(kind="sparsemixer", k=router.k, jitter_eps=float(eps),
+                                         jitter=jitter).validate(E))
+    return readings
+
+
+def _valid(router: RouterConfig, num_experts: int) -> RouterConfig | None:
+    """`router` if it validates with `num_experts`, else None (a candidate reading, not the user's setting:
+    its warnings, e.g. k=1 renormalised, are not shown)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return router.validate(num_experts)
+    except ValueError:
+        return None
+
+
+def _read_setting(spec: BlockSpec, gate_names: tuple[str, ...], config_names: tuple[str, ...], default: Any) -> Any:
+    """A routing setting: the router's attribute, the block's, then the model config's (the first not None)."""
+    config = getattr(spec.experts, "config", None) or getattr(spec.block, "config", None) or spec.model_config
+    for obj, names in ((spec.gate, gate_names), (spec.block, gate_names), (config, config_names)):
+        for n in names:
+            value = getattr(obj, n, None) if obj is not None else None
+            if value is not None:
+                return value
+    return default
+
+
+def _read_rule_from_router(spec: BlockSpec) -> None:
+    """Settle what the attributes leave open (renormalisation, softmax or sigmoid, the group score, where
+    the selection bias is added, a scale the block applies after combining) from the router's own choice
+    on a probe, and list the readings still open (the weight on the experts' input) as alternatives for
+    the block probe. Nothing is decided on meta tensors (no values to read)."""
+    cfg = spec.cfg
+    readings = _router_readings(spec)
+    scale = 1.0
     if not spec.router_weight.is_meta:
-        x_TD = torch.randn(PROBE_TOKENS, cfg.d_model, generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        x_TD = torch.randn(ROUTER_PROBE_TOKENS, cfg.d_model, generator=gen)
         x_TD = x_TD.to(spec.router_weight.device)
-        hf = call_router(spec, x_TD)
+        bias_E = None
+        if spec.selection_bias is not None:
+            # A random model's selection bias is zero, which cannot tell where the bias is added: probe with
+            # one the size of the logits' spread (the same value on both sides).
+            spread = torch.nn.functional.linear(x_TD, spec.router_weight.float()).std()
+            bias_E = torch.randn(cfg.num_experts, generator=gen).to(x_TD.device) * spread
+        hf = call_router(spec, x_TD, bias_E)
         if hf is not None:
-            matching = [r for r in readings if router_matches(spec, r, x_TD, hf)]
-            readings = matching or readings[:1]  # none: the first, which the probe then refuses with its reason
+            # In order, up to the first reading that reproduces the router (a large model's gate is
+            # E x D per layer: no reading is run after that one).
+            scaled = []
+            for r in readings:
+                c = router_weight_ratio(spec, r, x_TD, hf, bias_E)
+                if c == 1.0:
+                    scaled = [(r, 1.0)]
+                    break
+                if c is not None:  # the same experts, the weights a constant times the router's: the block rescales
+                    scaled.append((r, c))
+            if scaled:
+                scale = scaled[0][1]
+                readings = [r for r, c in scaled if abs(c - scale) <= 1e-5 * scale]
+            else:
+                readings = readings[:1]  # none: the first, which the probe then refuses with its reason
     configs = [dataclasses.replace(cfg, router=r, weight_on_input=w) for r in readings[:1] for w in (False, True)]
     configs += [dataclasses.replace(cfg, router=r) for r in readings[1:]]
-    spec.cfg, spec.alternatives = configs[0], configs[1:]
+    spec.cfg, spec.alternatives, spec.router_weight_scale = configs[0], configs[1:], scale
 
 
-def router_matches(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.Tensor,
-                   hf: tuple[torch.Tensor, torch.Tensor]) -> bool:
-    """Whether moekit's router with `router_cfg` on the block's gate picks the same experts as the HF
-    router's choice `hf` for every token of `x_TD`, with the same weights (fp32, 1e-5)."""
+def probe_token_ids(spec: BlockSpec, num_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Token ids (num_tokens,) int64 for a probe of a block that reads them (hash routing): drawn from a seeded
+    generator over the vocabulary its table maps (the model config's, else 2 ids)."""
+    table = spec.router_tensors.get("tid2eid")
+    vocab = table.shape[0] if table is not None else int(getattr(spec.model_config, "vocab_size", 2) or 2)
+    return torch.randint(0, vocab, (num_tokens,), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def router_weight_ratio(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.Tensor,
+                        hf: tuple[torch.Tensor, torch.Tensor], selection_bias_E: torch.Tensor | None = None
+                        ) -> float | None:
+    """moekit's combine weights / the HF router's, where moekit's router with `router_cfg` on the block's
+    gate picks the same experts as the HF router's choice `hf` for every token of `x_TD` and its weights
+    are one constant times the HF ones (fp32, 1e-5): 1.0 for the same weights, None otherwise.
+    `selection_bias_E`: the probe's selection bias (see `call_router`; default the block's own)."""
     from moekit.routers import router_class
 
     E, D = spec.cfg.num_experts, spec.cfg.d_model
@@ -435,16 +589,36 @@ def router_matches(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.Tensor
         router = router_class(router_cfg.kind)(router_cfg, D, E)
     router.weight = spec.router_weight
     router.bias = spec.router_bias
-    if spec.selection_bias is not None:
+    for name, tensor in spec.router_tensors.items():
+        setattr(router, name, tensor)
+    if selection_bias_E is not None:
+        router.e_score_correction_bias = selection_bias_E
+    elif spec.selection_bias is not None:
         router.e_score_correction_bias = spec.selection_bias
     else:
         router.e_score_correction_bias = torch.zeros(E, device=x_TD.device)
+    router.eval()  # the rule itself (a training-mode router may sample, SparseMixer)
+    ids = probe_token_ids(spec, x_TD.shape[0], x_TD.device) if router_cfg.routes_on_token_ids() else None
     with torch.no_grad():
-        idx_TK, w_TK = router(x_TD).to_padded()
+        idx_TK, w_TK = router(x_TD, state=ids).to_padded()
     hf_w_TK, hf_idx_TK = hf
     if idx_TK.shape != hf_idx_TK.shape:
-        return False
+        return None
     hf_order, order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1)
-    same_idx = (hf_idx_TK.gather(1, hf_order) == idx_TK.gather(1, order)).all()
-    same_w = torch.allclose(hf_w_TK.gather(1, hf_order), w_TK.gather(1, order), rtol=1e-5, atol=1e-6)
-    return bool(same_idx) and same_w
+    if not bool((hf_idx_TK.gather(1, hf_order) == idx_TK.gather(1, order)).all()):
+        return None
+    hf_w_TK, w_TK = hf_w_TK.gather(1, hf_order), w_TK.gather(1, order)
+    if torch.allclose(hf_w_TK, w_TK, rtol=1e-5, atol=1e-6):
+        return 1.0
+    total = float(hf_w_TK.sum())
+    c = float(f"{float(w_TK.sum()) / total:.6g}") if total > 0 else 0.0  # 2.0, not 1.9999998
+    return c if c > 0 and torch.allclose(hf_w_TK * c, w_TK, rtol=1e-5, atol=1e-6) else None
+
+
+def router_matches(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.Tensor,
+                   hf: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether moekit's router with `router_cfg` on the block's gate picks the same experts as the HF
+    router's choice `hf` for every token of `x_TD`, with the same weights times the block's
+    `router_weight_scale` (fp32, 1e-5)."""
+    c = router_weight_ratio(spec, router_cfg, x_TD, hf)
+    return c is not None and abs(c - spec.router_weight_scale) <= 1e-5 * spec.router_weight_scale

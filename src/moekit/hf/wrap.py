@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ from moekit.hf.detect import (
     UnsupportedBlockError,
     call_router,
     looks_like_moe_block,
+    probe_token_ids,
     read_block,
     router_matches,
 )
@@ -123,11 +125,12 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
     try:
         with torch.no_grad():
             _verify_router(spec, layer, x_BTD.reshape(-1, cfg.d_model).float())
+            ids = _token_ids(spec, PROBE_TOKENS)
             with _eager_experts(spec.experts):
-                out_hf = block(x_BTD)
+                out_hf = block(x_BTD, **ids)
             y_hf = out_hf[0] if isinstance(out_hf, tuple) else out_hf
             layer.returns = _returns(spec, out_hf, PROBE_TOKENS)
-            y_mk = layer(x_BTD)
+            y_mk = layer(x_BTD, **ids)
             y_mk = y_mk[0] if isinstance(y_mk, tuple) else y_mk
     finally:
         block.train(modes[0])
@@ -198,7 +201,7 @@ def _returns(spec: BlockSpec, out, num_tokens: int | None) -> str | None:
         spec.block.eval()
         try:
             with torch.no_grad(), _eager_experts(spec.experts):
-                out = spec.block(x)
+                out = spec.block(x, **_token_ids(spec, 1))
         finally:
             spec.block.train(was)
         num_tokens = 1
@@ -214,6 +217,13 @@ def _returns(spec: BlockSpec, out, num_tokens: int | None) -> str | None:
     raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: it returns "
                                 f"{type(out).__name__} {_shapes(out)}; moekit reproduces a tensor, or a pair "
                                 f"(hidden, router logits (T, E) or chosen weights (T, K))")
+
+
+def _token_ids(spec: BlockSpec, num_tokens: int) -> dict:
+    """{"input_ids": (1, num_tokens)} for a block whose forward takes the token ids (hash routing), else {}."""
+    if "input_ids" not in inspect.signature(spec.block.forward).parameters:
+        return {}
+    return {"input_ids": probe_token_ids(spec, num_tokens, spec.router_weight.device).reshape(1, -1)}
 
 
 def _shapes(out) -> str:

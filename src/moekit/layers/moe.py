@@ -168,7 +168,8 @@ class MoELayer(nn.Module):
         # Chain-of-Experts: iteration t > 0 has a router of its own (arXiv 2506.18945).
         self.chain_routers = nn.ModuleList(router_class(cfg.router.kind)(cfg.router, cfg.d_model, X)
                                            for _ in range(cfg.iterations - 1))
-        act = Activation(cfg.activation, cfg.activation_limit, cfg.activation_alpha, cfg.activation_up_offset)
+        act = Activation(cfg.activation, cfg.activation_limit, cfg.activation_alpha, cfg.activation_up_offset,
+                         clamp_after=cfg.activation_clamp_after)
         self.experts = ExpertBank(cfg.num_experts, cfg.expert_dim, cfg.d_expert, act)
         # Latent experts: names as transformers' NemotronHMoE, so its Parameters can be shared.
         self.fc1_latent_proj = self.fc2_latent_proj = None
@@ -182,7 +183,9 @@ class MoELayer(nn.Module):
             self.constant_gate = nn.Parameter(torch.randn(cfg.constant_experts, 2, cfg.d_model) * cfg.d_model**-0.5)
         # MoE++ gating residual: logits += gate_map(previous layer's logits).
         self.gate_map = nn.Linear(X, X, bias=False) if cfg.gating_residual else None
-        self.shared_experts = (SharedExpert(cfg.d_model, cfg.shared_width, cfg.activation)
+        shared_act = cfg.activation if cfg.shared_activation_limit is None else \
+            dataclasses.replace(act, limit=cfg.shared_activation_limit)
+        self.shared_experts = (SharedExpert(cfg.d_model, cfg.shared_width, shared_act)
                                if cfg.num_shared_experts > 0 else None)
         self.shared_expert_gate = (nn.Linear(cfg.d_model, 1, bias=False)
                                    if cfg.num_shared_experts > 0 and cfg.shared_gate else None)
