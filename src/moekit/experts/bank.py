@@ -32,6 +32,8 @@ class ExpertLayout:
     split: separate `gate_proj` and `up_proj` stacks instead of one `gate_up_proj` (DBRX w1, v1).
     flat: every stack is stored 2-D, (E * F, D) (DBRX), and viewed 3-D.
     bias: per-expert biases on the input projection (E, X) and the output (E, D) (gpt-oss).
+    spare: the input stack holds this many unused rows after the E experts' (LongCat-Flash allocates
+        gate_up_proj rows for its identity experts, which never read them); views take the first E.
     """
 
     in_transposed: bool = False
@@ -40,9 +42,10 @@ class ExpertLayout:
     split: bool = False
     flat: bool = False
     bias: bool = False
+    spare: int = 0
 
     def describe(self) -> str:
-        on = [name for name, value in vars(self).items() if value]
+        on = [name if value is True else f"{name}={value}" for name, value in vars(self).items() if value]
         return ", ".join(on) if on else "standard"
 
 
@@ -56,6 +59,9 @@ class ExpertBank(nn.Module):
         act = activation if isinstance(activation, Activation) else Activation(activation)
         if layout.interleaved != act.interleaved:
             act = Activation(act.name, act.limit, act.alpha, act.up_offset, layout.interleaved)
+        if layout.spare and (layout.flat or layout.split):
+            raise ValueError(f"ExpertLayout(spare={layout.spare}) needs one stacked (E, ., .) input projection, got "
+                             f"{layout.describe()}")
         if layout.split and (not act.gated or layout.interleaved or layout.bias):
             raise ValueError(f"ExpertLayout(split=True) needs a gated activation without interleaving or biases, "
                              f"got {act.describe()}, {layout.describe()}")
@@ -64,8 +70,9 @@ class ExpertBank(nn.Module):
         E, D, Fdim = num_experts, d_model, d_expert
         X = 2 * Fdim if act.gated else Fdim
 
-        def stack(rows: int, cols: int, transposed: bool) -> nn.Parameter:
-            shape = (E * rows, cols) if layout.flat else (E, cols, rows) if transposed else (E, rows, cols)
+        def stack(rows: int, cols: int, transposed: bool, spare: int = 0) -> nn.Parameter:
+            n = E + spare
+            shape = (E * rows, cols) if layout.flat else (n, cols, rows) if transposed else (n, rows, cols)
             return nn.Parameter(torch.empty(shape))
 
         self.gate_up_proj = self.gate_proj = self.up_proj = None
@@ -73,9 +80,9 @@ class ExpertBank(nn.Module):
             self.gate_proj = stack(Fdim, D, layout.in_transposed)
             self.up_proj = stack(Fdim, D, layout.in_transposed)
         elif act.gated:
-            self.gate_up_proj = stack(X, D, layout.in_transposed)
+            self.gate_up_proj = stack(X, D, layout.in_transposed, layout.spare)
         else:
-            self.up_proj = stack(X, D, layout.in_transposed)
+            self.up_proj = stack(X, D, layout.in_transposed, layout.spare)
         # Flat DBRX stacks hold every matrix as (F, D) rows: its output projection is the transposed one.
         self.down_proj = stack(Fdim, D, True) if layout.flat else stack(D, Fdim, layout.out_transposed)
         self.in_proj_bias = nn.Parameter(torch.empty(E, X)) if layout.bias else None
@@ -106,6 +113,8 @@ class ExpertBank(nn.Module):
         """Stack `w` as (E, out, in) for x @ W^T: a view (flat: reshaped; transposed: swapped dims)."""
         if self.layout.flat:
             w = w.view(self.num_experts, -1, w.shape[-1])
+        elif w.shape[0] > self.num_experts:  # spare rows (ExpertLayout.spare): a view of the first E
+            w = w[: self.num_experts]
         return w.transpose(-2, -1) if transposed else w
 
     @property

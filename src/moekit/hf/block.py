@@ -7,6 +7,7 @@ What is shared with the wrapped block (the same Python objects, nothing copied),
   selection bias (E,), router's or block's  router.e_score_correction_bias   (DeepSeek-V3 rule)
   experts' stacks and biases                experts.* (an ExpertBank with the block's ExpertLayout)
   shared expert {gate,up,down}_proj         shared_experts.{gate,up,down}_proj   (the Linear modules)
+  latent projections D->l, l->D             fc1_latent_proj, fc2_latent_proj      (the Linear modules)
   shared-expert gate Linear(D, 1)           shared_expert_gate                    (the Linear module)
 
 The forward takes and returns what the HF block does: hidden states (B, T, D) -> (B, T, D), or the
@@ -40,7 +41,7 @@ class HFMoEBlock(MoELayer):
         with torch.device("meta"):
             super().__init__(spec.cfg)
             if spec.layout != STANDARD:  # the block's own storage, read in place (views, never copies)
-                self.experts = ExpertBank(spec.cfg.num_experts, spec.cfg.d_model, spec.cfg.d_expert,
+                self.experts = ExpertBank(spec.cfg.num_experts, spec.cfg.expert_dim, spec.cfg.d_expert,
                                           self.experts.act, spec.layout)
         block = spec.block
         device = spec.router_weight.device
@@ -51,9 +52,12 @@ class HFMoEBlock(MoELayer):
             self.router.e_score_correction_bias = spec.selection_bias
         for name, tensor in spec.bank.items():
             setattr(self.experts, name, tensor)
-        if spec.shared is not None:
+        if spec.shared is not None:  # the HF Linear modules, biases included
             for name in ("gate_proj", "up_proj", "down_proj"):
-                setattr(self.shared_experts, name, getattr(spec.shared, name))
+                if getattr(self.shared_experts, name) is not None:
+                    setattr(self.shared_experts, name, getattr(spec.shared, name))
+        if spec.latent is not None:  # the HF Linear modules, biases included
+            self.fc1_latent_proj, self.fc2_latent_proj = spec.latent
         if spec.shared_gate is not None:
             self.shared_expert_gate = spec.shared_gate
         # moekit-only state (routing statistics, a zero bias for families without one) on the block's device.
@@ -75,14 +79,31 @@ class HFMoEBlock(MoELayer):
         if unused:
             raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: its tensors {unused} have no "
                                         "place in moekit's MoELayer")
-        # HF child name -> moekit child name where only the first name differs (gate -> router,
-        # shared_expert -> shared_experts): `model.get_parameter(key)` resolves every state_dict key, and
-        # transformers' loading (get_submodule + setattr) sets moekit's own Parameter.
+        # Every HF state_dict key resolves on this layer (`model.get_parameter(key)`, and transformers' loading
+        # by get_submodule + setattr sets moekit's own Parameter): the HF owner path leads to moekit's module
+        # holding the tensor. A first name that differs is an alias of this layer (`_hf_children`: gate ->
+        # router, shared_expert -> shared_experts); deeper names moekit lacks (`router.classifier`,
+        # `gate.wg`) are unregistered attributes pointing at that module (no second copy in state_dict).
         self._hf_children = {}
         for mine, theirs in self._hf_names.items():
-            (m_head, _, m_rest), (t_head, _, t_rest) = mine.partition("."), theirs.partition(".")
-            if m_head != t_head and m_rest == t_rest:
-                self._hf_children[t_head] = m_head
+            (m_owner, _, m_leaf), (t_owner, _, t_leaf) = mine.rpartition("."), theirs.rpartition(".")
+            if m_leaf != t_leaf or not t_owner or not m_owner:
+                continue
+            target = self.get_submodule(m_owner)
+            head, *rest = t_owner.split(".")
+            if head not in self._modules:
+                self._hf_children.setdefault(head, m_owner.split(".")[0])
+            module = self._modules.get(self._hf_children.get(head, head))
+            for part in rest:
+                if part in module._modules:
+                    module = module._modules[part]
+                elif isinstance(module.__dict__.get(part), nn.Module):
+                    module = module.__dict__[part]
+                elif part in module.__dict__ or hasattr(type(module), part):
+                    break  # a name moekit's module uses otherwise: this key stays unresolved
+                else:
+                    object.__setattr__(module, part, target)
+                    module = target
         self.register_state_dict_post_hook(_state_dict_to_hf)
         self.register_load_state_dict_pre_hook(_load_hf_names)
 

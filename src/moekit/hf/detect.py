@@ -76,6 +76,7 @@ class BlockSpec:
     shared_gate: nn.Linear | None
     cfg: MoEConfig
     alternatives: list[MoEConfig] = field(default_factory=list)
+    latent: tuple[nn.Linear, nn.Linear] | None = None  # (D -> l, l -> D) around the routed experts
 
     @property
     def class_name(self) -> str:
@@ -103,31 +104,39 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     if isinstance(experts, nn.ModuleList | nn.ModuleDict):
         raise refuse(f"its experts are a {type(experts).__name__} of separate MLP modules (modulelist_experts); "
                      "moekit's expert bank runs stacked (E, ., .) weights")
-    bank, layout, E, D, Fdim, gated = _read_bank(experts, refuse)
+    bank, layout, E, Din, Fdim, gated = _read_bank(experts, refuse)
     activation = _read_activation(experts, gated, layout, Fdim, refuse)
 
-    # --- the other children, by role
+    # --- the other children, by role (parameterless pass-throughs such as nn.Identity play none)
+    children = [(n, c) for n, c in block.named_children()
+                if c is not experts and not (isinstance(c, nn.Identity | nn.Dropout))]
+    latent = _latent_projections([c for _, c in children], Din)
+    D = Din if latent is None else latent[0].in_features
     gate = shared = shared_gate = None
     router_weight = router_bias = None
-    for child_name, child in block.named_children():
-        if child is experts:
+    for child_name, child in children:
+        if latent is not None and any(child is m for m in latent):
             continue
         if isinstance(child, nn.Linear) and child.out_features == 1 and child.in_features == D:
             shared_gate = child
             continue
-        if all(isinstance(getattr(child, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+        if _is_mlp(child):
             shared = child
             continue
         found = _router_weight(child, E, D)
         if found is None:
             raise refuse(f"its child `{child_name}` ({type(child).__name__}) is neither a router (weight (E={E}, "
-                         f"D={D})), a shared expert (gate_proj/up_proj/down_proj) nor a shared-expert gate "
-                         "Linear(D, 1); moekit's MoELayer has no place for it")
+                         f"D={D})), a shared expert (up_proj/down_proj [+ gate_proj] Linear), a shared-expert gate "
+                         "Linear(D, 1) nor a latent projection pair Linear(D, l), Linear(l, D); moekit's MoELayer "
+                         "has no place for it")
         if gate is not None:
             raise refuse(f"it has two routers (`{child_name}` and another child with a weight (E, D))")
         gate, (router_weight, router_bias) = child, found
     if gate is None:
         raise refuse(f"it has no router: no child with a weight (E={E}, D={D}) or a Linear(D, E)")
+    # Router columns past the E experts: zero-computation experts, read from what the experts do with them.
+    R = router_weight.shape[0]
+    zero, copy_ = _zero_compute_columns(experts, E, R, Din, refuse) if R > E else (0, 0)
 
     # --- selection bias: in the router (DeepSeek-V3, ERNIE) or held by the block (MiniMax-M2, LFM2-MoE)
     selection_bias = None
@@ -135,26 +144,27 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
         for n, t in itertools.chain(holder.named_buffers(), holder.named_parameters()):
             if holder is block and "." in n:
                 continue  # the block's own tensors only; its children are read above
-            if n.rpartition(".")[2] in _SELECTION_BIAS_NAMES and t.numel() == E:
+            if n.rpartition(".")[2] in _SELECTION_BIAS_NAMES and t.numel() == R:
                 selection_bias = t
     own = [n for n, t in itertools.chain(block.named_parameters(recurse=False), block.named_buffers(recurse=False))
            if t is not selection_bias]
     if own:
         raise refuse(f"it holds tensors {own} directly that are no selection bias (E,) moekit knows")
 
-    # --- shared expert (always on), optionally sigmoid-gated
+    # --- shared expert (always on, reading the D-dim input), optionally sigmoid-gated; its Linear modules
+    # (biases included) are bound as they are
     width = 0
     if shared is not None:
-        lin = [getattr(shared, n) for n in ("gate_proj", "up_proj", "down_proj")]
         shared_fn = getattr(shared, "act_fn", None) or getattr(shared, "activation_fn", None)
-        shared_act = _GATED_OF.get(_value_activation(shared_fn))
-        if any(m.bias is not None for m in lin) or shared_act is None:
-            raise refuse(f"its shared expert {type(shared).__name__} is not a gated MLP (gate_proj, up_proj, "
-                         "down_proj Linear without bias and an activation moekit has)")
+        value = _value_activation(shared_fn)
+        shared_act = _GATED_OF.get(value) if getattr(shared, "gate_proj", None) is not None else value
+        if shared_act is None:
+            raise refuse(f"its shared expert {type(shared).__name__}'s activation ({type(shared_fn).__name__}) is "
+                         f"none moekit has ({', '.join(ACTIVATIONS)})")
         if shared_act != activation.name:
             raise refuse(f"its shared expert's activation ({shared_act}) differs from its experts' "
                          f"({activation.name}); moekit's MoELayer uses one")
-        width = lin[1].out_features
+        width = shared.up_proj.out_features
     if shared_gate is not None and (shared is None or shared_gate.bias is not None):
         raise refuse("its shared-expert gate is not a Linear(D, 1) without bias gating a shared expert")
 
@@ -165,7 +175,8 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                     activation_limit=activation.limit, activation_alpha=activation.alpha,
                     activation_up_offset=activation.up_offset,
                     num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
-                    shared_gate=shared_gate is not None, backend=backend)
+                    shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
+                    latent_dim=Din if latent is not None else None, backend=backend)
     try:
         with warnings.catch_warnings():  # a first reading, settled below; not a setting the user chose
             warnings.simplefilter("ignore")
@@ -173,21 +184,75 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     except ValueError as e:
         raise refuse(f"its routing rule ({router.describe()}) is not one moekit can run: {e}") from e
     spec = BlockSpec(block, gate, router_weight, router_bias, selection_bias, experts, bank, layout, activation,
-                     shared, shared_gate, cfg)
+                     shared, shared_gate, cfg, latent=latent)
     _read_rule_from_router(spec)
     return spec
 
 
+def _is_mlp(child: nn.Module) -> bool:
+    """A dense MLP: Linear up_proj and down_proj, and a Linear gate_proj or none (non-gated)."""
+    gate = getattr(child, "gate_proj", None)
+    return all(isinstance(getattr(child, n, None), nn.Linear) for n in ("up_proj", "down_proj")) and \
+        (gate is None or isinstance(gate, nn.Linear))
+
+
+def _latent_projections(children: list[nn.Module], Din: int) -> tuple[nn.Linear, nn.Linear] | None:
+    """The block's latent projections (NVIDIA LatentMoE, transformers' nemotron_h): the one pair of Linear
+    children D -> l and l -> D around experts that read and write l = Din != D dims; None without one."""
+    fc1 = [c for c in children if isinstance(c, nn.Linear) and c.out_features == Din and c.in_features != Din]
+    fc2 = [c for c in children if isinstance(c, nn.Linear) and c.in_features == Din and c.out_features != Din]
+    pairs = [(a, b) for a in fc1 for b in fc2 if a.in_features == b.out_features]
+    return pairs[0] if len(pairs) == 1 else None
+
+
+def _zero_compute_columns(experts: nn.Module, E: int, R: int, Din: int, refuse) -> tuple[int, int]:
+    """(zero, copy): the router scores R > E columns; what the experts' forward does with a token sent to
+    each column past E, read on a probe: output 0 is a zero expert, the input itself a copy
+    (identity) expert (LongCat-Flash's "zero-computation experts"). MoE++'s order is zeros, then copies."""
+    weight = next(iter(experts.parameters()))
+    if weight.is_meta:
+        raise refuse(f"its router scores {R} columns and its experts hold {E}; what columns {E}..{R - 1} compute "
+                     "cannot be read on meta tensors (load the weights first)")
+    n = R - E
+    x_ND = torch.randn(n, Din, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    # Each token picks its column twice with weight 1/2 each (some expert loops need k > 1): exactly x or 0.
+    idx_N2 = torch.arange(E, R, device=weight.device).view(n, 1).expand(n, 2)
+    try:
+        with torch.no_grad():
+            y_ND = experts(x_ND, idx_N2, torch.full((n, 2), 0.5, device=weight.device, dtype=weight.dtype))
+    except Exception as e:
+        raise refuse(f"its router scores {R} columns and its experts hold {E}; calling the experts "
+                     f"({type(experts).__name__}) on columns {E}..{R - 1} failed ({type(e).__name__}: {e})") from None
+    kinds = []
+    for j in range(n):
+        if torch.equal(y_ND[j], x_ND[j]):
+            kinds.append("copy")
+        elif not bool(y_ND[j].any()):
+            kinds.append("zero")
+        else:
+            raise refuse(f"its router column {E + j} (past its {E} experts) is neither a zero nor an identity "
+                         "(copy) expert; moekit's zero-computation experts are those (and MoE++ constants)")
+    if kinds != sorted(kinds, key=("zero", "copy").index):
+        raise refuse(f"its zero-computation columns are ordered {kinds}; moekit's MoELayer takes zero experts "
+                     "before copy experts")
+    return kinds.count("zero"), kinds.count("copy")
+
+
 def _router_weight(child: nn.Module, E: int, D: int) -> tuple[nn.Parameter, nn.Parameter | None] | None:
-    """(weight (E, D), logit bias (E,) or None) of a router module: its own weight, or the weight of the
-    one Linear(D, E) inside it (`gate.wg`, `router.layer`, `router.classifier`)."""
-    own = child._parameters.get("weight")
-    if isinstance(own, nn.Parameter) and tuple(own.shape) == (E, D):
-        bias = child._parameters.get("bias")
-        return own, bias if isinstance(bias, nn.Parameter) and bias.numel() == E else None
-    inner = [m for m in child.modules() if isinstance(m, nn.Linear) and (m.out_features, m.in_features) == (E, D)]
-    if len(inner) == 1:
-        return inner[0].weight, inner[0].bias
+    """(weight (R, D), logit bias (R,) or None) of a router module: its own weight, or the weight of the
+    one Linear(D, R) inside it (`gate.wg`, `router.layer`, `router.classifier`). R = E, or more where
+    the router also scores zero-computation experts (read by `_zero_compute_columns`)."""
+    for exact in (True, False):
+        def fits(shape) -> bool:
+            return len(shape) == 2 and shape[1] == D and (shape[0] == E if exact else shape[0] > E)
+
+        own = child._parameters.get("weight")
+        if isinstance(own, nn.Parameter) and fits(tuple(own.shape)):
+            bias = child._parameters.get("bias")
+            return own, bias if isinstance(bias, nn.Parameter) and bias.numel() == own.shape[0] else None
+        inner = [m for m in child.modules() if isinstance(m, nn.Linear) and fits((m.out_features, m.in_features))]
+        if len(inner) == 1:
+            return inner[0].weight, inner[0].bias
     return None
 
 
@@ -199,14 +264,11 @@ def _read_bank(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int
     if getattr(experts, "has_post_expert_norm", False):
         raise refuse("its experts normalise every expert's output (has_post_expert_norm); moekit's expert "
                      "bank has no per-expert output norm")
-    zero = getattr(experts, "zero_expert_num", 0) or 0
-    if zero or any(isinstance(m, nn.Identity) for m in experts.children()):
-        raise refuse(f"its experts include {zero or 'some'} zero-computation (identity) experts, which moekit's expert "
-                     "bank does not have (identity_experts)")
     gate_up, up, down = leaf.get("gate_up_proj"), leaf.get("up_proj"), leaf.get("down_proj")
     bank: dict[str, torch.Tensor] = {}
     if gate_up is not None and down is not None and gate_up.dim() == down.dim() == 3:
-        E = gate_up.shape[0]
+        # E from the output stack: an input stack may hold spare rows (LongCat-Flash's, for identity experts)
+        E, spare = down.shape[0], gate_up.shape[0] - down.shape[0]
         # standard: gate_up (E, 2F, D), down (E, D, F); transposed: gate_up (E, D, 2F), down (E, F, D).
         # The two cannot both fit one pair of shapes; the decorator's flag, where there is one, decides.
         flag = getattr(experts, "is_transposed", None)
@@ -215,12 +277,13 @@ def _read_bank(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int
         two_F = gate_up.shape[2] if out_t else gate_up.shape[1]
         Fdim = two_F // 2
         want_down = (E, Fdim, D) if out_t else (E, D, Fdim)
-        if two_F % 2 or tuple(down.shape) != want_down:
+        if two_F % 2 or tuple(down.shape) != want_down or spare < 0:
             raise refuse(f"expert shapes gate_up_proj {tuple(gate_up.shape)}, down_proj {tuple(down.shape)} are "
                          "neither (E, 2F, D), (E, D, F) nor the transposed (E, D, 2F), (E, F, D)")
         interleaved = getattr(experts, "is_concatenated", True) is False
         bank.update(gate_up_proj=gate_up, down_proj=down)
-        gated, layout = True, ExpertLayout(in_transposed=out_t, out_transposed=out_t, interleaved=interleaved)
+        gated, layout = True, ExpertLayout(in_transposed=out_t, out_transposed=out_t, interleaved=interleaved,
+                                           spare=spare)
         X = two_F
     elif up is not None and down is not None and up.dim() == down.dim() == 3 and gate_up is None:
         # Non-gated experts (has_gate=False): up_proj (E, F, D), down_proj (E, D, F).
@@ -379,7 +442,7 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor) -> tuple[torch.Tensor, torc
         return None
     if not isinstance(out, tuple) or not all(isinstance(t, torch.Tensor) for t in out):
         return None
-    T, E = x_TD.shape[0], spec.cfg.num_experts
+    T, E = x_TD.shape[0], spec.cfg.router_slots
     if len(out) == 3:
         _, w_TK, idx_TK = out
         if idx_TK.dtype.is_floating_point or idx_TK.shape != w_TK.shape or idx_TK.shape[0] != T:
@@ -408,7 +471,7 @@ def _read_rule_from_router(spec: BlockSpec) -> None:
         try:
             with warnings.catch_warnings():  # a candidate, not the user's setting (e.g. k=1 renormalised)
                 warnings.simplefilter("ignore")
-                r = dataclasses.replace(router, score=score, normalize=normalize).validate(cfg.num_experts)
+                r = dataclasses.replace(router, score=score, normalize=normalize).validate(cfg.router_slots)
         except ValueError:
             continue
         readings.append(r)
@@ -430,7 +493,7 @@ def router_matches(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.Tensor
     router's choice `hf` for every token of `x_TD`, with the same weights (fp32, 1e-5)."""
     from moekit.routers import router_class
 
-    E, D = spec.cfg.num_experts, spec.cfg.d_model
+    E, D = spec.cfg.router_slots, spec.cfg.d_model
     with torch.device("meta"):
         router = router_class(router_cfg.kind)(router_cfg, D, E)
     router.weight = spec.router_weight

@@ -175,7 +175,7 @@ def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> No
     hf = call_router(spec, x_TD)
     if hf is None:
         return  # the block selects: the block probe decides
-    k = round(layer.cfg.router.expected_experts_per_token(layer.cfg.num_experts))
+    k = round(layer.cfg.router.expected_experts_per_token(layer.cfg.router_slots))
     if hf[1].shape[-1] != k:
         raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: its router picks {hf[1].shape[-1]} "
                                     f"experts per token, moekit read {layer.cfg.router.describe()}")
@@ -204,7 +204,7 @@ def _returns(spec: BlockSpec, out, num_tokens: int | None) -> str | None:
         num_tokens = 1
     if isinstance(out, torch.Tensor):
         return None
-    E, K = spec.cfg.num_experts, spec.cfg.router.k
+    E, K = spec.cfg.router_slots, spec.cfg.router.k
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], torch.Tensor):
         shape = tuple(out[1].shape)
         if shape == (num_tokens, E):
