@@ -366,6 +366,9 @@ class MoEConfig(Config):
     Capacity is a training device: in eval mode (evaluation, generation) nothing is dropped unless
     eval_capacity_factor (None = dropless) asks for it, so a sequence's output never depends on
     the other sequences of its batch and the KV-cached path equals the full forward.
+    expert_capacity=C is Switch Transformers' own rule as transformers runs it (arXiv 2101.03961): in
+    each sequence (a (B, T, D) input's rows; a (T, D) input is one sequence), an expert takes the
+    first C of the tokens routed to it, in token order, in training and eval alike; the rest drop.
     balance_scope: "micro" computes the load-balancing loss's expert frequencies f per micro-batch
     (most frameworks' default); "global" accumulates them over the micro-batches of an optimiser
     step and all data-parallel ranks (arXiv 2501.11873).
@@ -407,6 +410,8 @@ class MoEConfig(Config):
     capacity_factor: float | None = setting(None, "cap each expert at ceil(factor * N / E) assignments in "
                                             "training, dropping the overflow (None = dropless)")
     eval_capacity_factor: float | None = setting(None, "the same cap in eval mode (None = dropless)")
+    expert_capacity: int | None = setting(None, "a fixed cap per expert and sequence, first tokens first, in "
+                                          "training and eval (Switch Transformers; None = off)")
     backend: str = setting("auto", "expert GEMMs: auto (grouped kernel where available, else a loop) or "
                            "grouped_mm", choices=BACKENDS)
     balance_scope: str = setting("micro", "load-balancing frequencies per micro-batch, or global over the "
@@ -460,6 +465,8 @@ class MoEConfig(Config):
                self.capacity_factor, "None (dropless) or a float > 0")
         require(self.eval_capacity_factor is None or self.eval_capacity_factor > 0, "MoEConfig.eval_capacity_factor",
                self.eval_capacity_factor, "None (dropless in eval mode) or a float > 0")
+        require(self.expert_capacity is None or self.expert_capacity >= 1, "MoEConfig.expert_capacity",
+                self.expert_capacity, "None or an integer >= 1")
         require(self.backend in BACKENDS, "MoEConfig.backend", self.backend, f"one of {BACKENDS}")
         require(self.balance_scope in BALANCE_SCOPES, "MoEConfig.balance_scope", self.balance_scope,
                f"one of {BALANCE_SCOPES}")

@@ -49,6 +49,15 @@ def _blocks(model, cls_name):
     return [(n, m) for n, m in model.named_modules() if type(m).__name__ == cls_name]
 
 
+def assert_keys_resolve(model, keys) -> None:
+    """Every state_dict key names a Parameter or buffer of the wrapped model (transformers' loading and
+    `model.get_parameter(key)` walk these paths)."""
+    for key in keys:
+        owner, _, leaf = key.rpartition(".")
+        module = model.get_submodule(owner)
+        assert leaf in module._parameters or leaf in module._buffers, key
+
+
 def check_wrap_parity(model, cls_name: str, ids: torch.Tensor) -> list:
     """Wrap `model` and check the module doc's five properties; returns the wrapped layers."""
     with torch.no_grad():
@@ -66,9 +75,7 @@ def check_wrap_parity(model, cls_name: str, ids: torch.Tensor) -> list:
         theirs = {id(t) for t in block.state_dict(keep_vars=True).values()}
         assert all(id(t) in theirs for t in wrapped.state_dict(keep_vars=True).values())
     assert list(model.state_dict()) == keys
-    for key in keys:  # every key resolves on the wrapped model (transformers' loading needs it)
-        owner, _, leaf = key.rpartition(".")
-        assert leaf in model.get_submodule(owner)._parameters or leaf in model.get_submodule(owner)._buffers, key
+    assert_keys_resolve(model, keys)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
         gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
@@ -115,3 +122,76 @@ def test_nemotron_latent_and_shared_modules_are_the_models(build):
     assert layer.fc1_latent_proj is block.fc1_latent_proj and layer.fc2_latent_proj is block.fc2_latent_proj
     assert layer.shared_experts.up_proj is block.shared_experts.up_proj and layer.shared_experts.gate_proj is None
     assert layer.fc1_latent_proj.bias is not None  # mlp_bias: biases come with the modules
+
+
+def _switch(randomized, **kw):
+    from transformers import AutoModelForSeq2SeqLM, SwitchTransformersConfig
+
+    cfg = SwitchTransformersConfig(vocab_size=128, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                   num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_heads=4,
+                                   num_experts=8, dense_act_fn="relu", pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0, **kw)
+    torch.manual_seed(0)
+    return randomized(AutoModelForSeq2SeqLM.from_config(cfg)).eval()
+
+
+@pytest.mark.parametrize("capacity", [64, 2])
+def test_switch_listed_experts_and_its_capacity_rule(randomized, capacity):
+    """Switch's experts are separate wi/wo modules, held in place (ExpertLayout(listed)); its router is
+    top-1 with a fixed capacity per expert and sequence, first tokens first, in eval too: capacity 2 on
+    12-token prompts drops tokens, and the wrapped model drops the same ones (logits equal)."""
+    model = _switch(randomized, expert_capacity=capacity)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    blocks = _blocks(model, "SwitchTransformersSparseMLP")
+    with torch.no_grad():
+        ref = model(input_ids=ids, decoder_input_ids=ids).logits
+        ref_gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    moekit.hf.wrap(model)
+    layers = moekit.hf.wrapped_blocks(model)
+    assert len(layers) == len(blocks) == 2
+    layer = layers[0]
+    assert layer.cfg.expert_capacity == capacity and layer.cfg.router.describe() == "k=1, score=softmax, normalize=False"
+    assert layer.experts.layout.describe() == "listed" and layer.experts.in_proj[3] is blocks[0][1].experts["expert_3"].wi
+    assert_keys_resolve(model, model.state_dict())
+    with torch.no_grad():
+        got = model(input_ids=ids, decoder_input_ids=ids).logits
+        dropped = layers[0].routing_info().num_dropped
+        gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    assert (dropped > 0) == (capacity == 2)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(gen, ref_gen)
+    moekit.hf.unwrap(model)
+    assert [m for _, m in _blocks(model, "SwitchTransformersSparseMLP")] == [b for _, b in blocks]
+
+
+def test_sequence_capacity_keeps_the_first_tokens_of_each_sequence():
+    """MoEConfig.expert_capacity against a hand count: per (sequence, expert), the first C tokens."""
+    cfg = moekit.MoEConfig(d_model=8, d_expert=8, num_experts=2, activation="relu", expert_capacity=2,
+                           router=moekit.RouterConfig(kind="topk", k=1, normalize=False))
+    layer = moekit.MoELayer(cfg).eval()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 1.0  # expert 0 where x[0] > 0, else expert 1
+    x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = layer(x)
+    want_keep = torch.zeros(2, 6, dtype=torch.bool)
+    for b in range(2):
+        seen = [0, 0]
+        for t in range(6):
+            e = 0 if x[b, t, 0] > 0 else 1
+            want_keep[b, t] = seen[e] < 2
+            seen[e] += 1
+    assert torch.equal(y.abs().sum(-1) > 0, want_keep)
+    assert layer.routing_info().num_dropped == int((~want_keep).sum()) > 0
+
+
+def test_nllb_is_refused_by_class_with_the_reason(randomized):
+    from transformers import AutoModelForSeq2SeqLM, NllbMoeConfig
+
+    cfg = NllbMoeConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=48,
+                        decoder_ffn_dim=48, encoder_attention_heads=4, decoder_attention_heads=4, num_experts=8,
+                        encoder_sparse_step=2, decoder_sparse_step=2)
+    model = AutoModelForSeq2SeqLM.from_config(cfg).eval()
+    with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"NllbMoeSparseMLP: .*one-hot top-1 mask"):
+        moekit.hf.wrap(model)

@@ -34,6 +34,10 @@ class ExpertLayout:
     bias: per-expert biases on the input projection (E, X) and the output (E, D) (gpt-oss).
     spare: the input stack holds this many unused rows after the E experts' (LongCat-Flash allocates
         gate_up_proj rows for its identity experts, which never read them); views take the first E.
+    listed: no stacks: each expert is its own pair of Linear modules, `in_proj[e]` (F, D) and
+        `out_proj[e]` (D, F), biases in them where `bias` (Switch Transformers' `wi`/`wo`, NLLB-MoE's
+        `fc1`/`fc2`: a pretrained model's own modules, held in place); run by a per-expert loop;
+        non-gated activations only.
     """
 
     in_transposed: bool = False
@@ -43,6 +47,7 @@ class ExpertLayout:
     flat: bool = False
     bias: bool = False
     spare: int = 0
+    listed: bool = False
 
     def describe(self) -> str:
         on = [name if value is True else f"{name}={value}" for name, value in vars(self).items() if value]
@@ -65,10 +70,20 @@ class ExpertBank(nn.Module):
         if layout.split and (not act.gated or layout.interleaved or layout.bias):
             raise ValueError(f"ExpertLayout(split=True) needs a gated activation without interleaving or biases, "
                              f"got {act.describe()}, {layout.describe()}")
+        if layout.listed and (act.gated or layout != ExpertLayout(listed=True, bias=layout.bias)):
+            raise ValueError(f"ExpertLayout(listed=True) takes a non-gated activation and biases only, got "
+                             f"{act.describe()}, {layout.describe()}")
         self.num_experts, self.d_model, self.d_expert = num_experts, d_model, d_expert
         self.act, self.activation, self.layout = act, act.name, layout
         E, D, Fdim = num_experts, d_model, d_expert
         X = 2 * Fdim if act.gated else Fdim
+        self.in_proj = self.out_proj = None
+        if layout.listed:
+            self.gate_up_proj = self.gate_proj = self.up_proj = self.down_proj = None
+            self.in_proj_bias = self.down_proj_bias = None
+            self.in_proj = nn.ModuleList(nn.Linear(D, Fdim, bias=layout.bias) for _ in range(E))
+            self.out_proj = nn.ModuleList(nn.Linear(Fdim, D, bias=layout.bias) for _ in range(E))
+            return
 
         def stack(rows: int, cols: int, transposed: bool, spare: int = 0) -> nn.Parameter:
             n = E + spare
@@ -90,6 +105,8 @@ class ExpertBank(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.layout.listed:
+            return  # nn.Linear initialised its own
         for w in (self.gate_up_proj, self.gate_proj, self.up_proj, self.down_proj):
             if w is not None and not w.is_meta:
                 fan_in = self.d_expert if w is self.down_proj else self.d_model
@@ -100,6 +117,15 @@ class ExpertBank(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """Each row through its expert's FFN (moekit.ops.ffn); rows sorted by expert, offsets_E int32 ends."""
+        if self.layout.listed:  # separate modules: one plain FFN per expert that has rows
+            y_ND = x_ND.new_zeros(x_ND.shape[0], self.d_model)
+            start = 0
+            for e, end in enumerate(offsets_E.tolist()):
+                if end > start:
+                    w_in, w_out, b_in, b_out = self.expert(e)
+                    y_ND[start:end] = expert_ffn(x_ND[start:end], w_in, w_out, self.act, b_in_X=b_in, b_out_D=b_out)
+                start = end
+            return y_ND
         b_in = b_out = None
         if self.layout.bias:
             counts_E = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1, dtype=torch.int64))
@@ -121,6 +147,7 @@ class ExpertBank(nn.Module):
     def w_in(self) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The input projection as (E, X, D) views: gate_up_proj (gated), up_proj (non-gated), or the
         pair (gate_proj, up_proj), each (E, F, D), for separate stacks."""
+        self._stacked("w_in")
         t = self.layout.in_transposed
         if self.layout.split:
             return (self._view(self.gate_proj, t), self._view(self.up_proj, t))
@@ -129,11 +156,20 @@ class ExpertBank(nn.Module):
     @property
     def w_out(self) -> torch.Tensor:
         """The output projection as an (E, D, F) view."""
+        self._stacked("w_out")
         return self._view(self.down_proj, self.layout.flat or self.layout.out_transposed)
+
+    def _stacked(self, what: str) -> None:
+        if self.layout.listed:
+            raise ValueError(f"ExpertBank.{what}: this bank's experts are separate modules (ExpertLayout(listed=True)), "
+                             "not stacks; read them one by one with expert(e)")
 
     def expert(self, e: int):
         """Expert e's (w_in (X, D) or (W_gate, W_up), w_out (D, F), b_in (X,) or None, b_out (D,) or None),
         for the reference loop."""
+        if self.layout.listed:
+            w_in, w_out = self.in_proj[e], self.out_proj[e]
+            return w_in.weight, w_out.weight, w_in.bias, w_out.bias
         w_in = self.w_in
         w_in = tuple(w[e] for w in w_in) if isinstance(w_in, tuple) else w_in[e]
         bias = self.layout.bias

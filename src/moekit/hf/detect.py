@@ -53,6 +53,15 @@ class UnsupportedBlockError(UsageError):  # a UsageError is a ValueError, as bef
 TESTED_BLOCKS = ("MixtralSparseMoeBlock", "OlmoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
                  "DeepseekV3MoE", "GptOssMLP", "Llama4TextMoe", "GraniteMoeMoE", "JambaSparseMoeBlock")
 
+# Blocks refused by class, where a structural reading would find the parts but the forward does something
+# else (each reason checked against the installed transformers 5.x source).
+UNEXPRESSED = {
+    "NllbMoeSparseMLP": "its experts' forward (NllbMoeExperts) dispatches by the values of the router's one-hot "
+                        "top-1 mask, not by expert index: every token runs expert 1 with its top-1 weight and expert 0 "
+                        "with its top-2 weight, and experts 2.. never run (transformers 5.x); besides, moekit lacks "
+                        "NLLB's batch-wide top-2 capacity and its eval-mode output scale (1 - moe_token_dropout)",
+}
+
 # Block-held selection biases (DeepSeek-V3's rule with the bias outside the router).
 _SELECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
 PROBE_TOKENS = 16
@@ -79,6 +88,12 @@ class BlockSpec:
     latent: tuple[nn.Linear, nn.Linear] | None = None  # (D -> l, l -> D) around the routed experts
 
     @property
+    def expert_weight(self) -> torch.Tensor:
+        """One of the experts' weights (its device, dtype, and whether it is on the meta device)."""
+        first = next(iter(self.bank.values()))
+        return first if isinstance(first, torch.Tensor) else next(first.parameters())
+
+    @property
     def class_name(self) -> str:
         return type(self.block).__name__
 
@@ -100,12 +115,14 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     def refuse(why: str) -> UnsupportedBlockError:
         return UnsupportedBlockError(f"moekit.hf cannot wrap {name}: {why}")
 
+    if name in UNEXPRESSED:
+        raise refuse(UNEXPRESSED[name])
     experts = block.experts
     if isinstance(experts, nn.ModuleList | nn.ModuleDict):
-        raise refuse(f"its experts are a {type(experts).__name__} of separate MLP modules (modulelist_experts); "
-                     "moekit's expert bank runs stacked (E, ., .) weights")
-    bank, layout, E, Din, Fdim, gated = _read_bank(experts, refuse)
-    activation = _read_activation(experts, gated, layout, Fdim, refuse)
+        bank, layout, E, Din, Fdim, activation = _read_listed(experts, refuse)
+    else:
+        bank, layout, E, Din, Fdim, gated = _read_bank(experts, refuse)
+        activation = _read_activation(experts, gated, layout, Fdim, refuse)
 
     # --- the other children, by role (parameterless pass-throughs such as nn.Identity play none)
     children = [(n, c) for n, c in block.named_children()
@@ -176,7 +193,7 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                     activation_up_offset=activation.up_offset,
                     num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
                     shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
-                    latent_dim=Din if latent is not None else None, backend=backend)
+                    latent_dim=Din if latent is not None else None, expert_capacity=_capacity(gate), backend=backend)
     try:
         with warnings.catch_warnings():  # a first reading, settled below; not a setting the user chose
             warnings.simplefilter("ignore")
@@ -254,6 +271,47 @@ def _router_weight(child: nn.Module, E: int, D: int) -> tuple[nn.Parameter, nn.P
         if len(inner) == 1:
             return inner[0].weight, inner[0].bias
     return None
+
+
+def _read_listed(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int, int, Activation]:
+    """Experts as separate dense MLP modules (Switch Transformers, NLLB-MoE): each one Linear D -> F, an
+    activation, and one Linear F -> D (dropout aside). The bank holds these Linear modules in place
+    (ExpertLayout(listed=True)); the experts' module's own forward is checked on expert 0."""
+    mlps = list(experts.children())
+    mlps = [m for m in mlps if any(True for _ in m.parameters())]
+    lin = [[c for c in m.children() if isinstance(c, nn.Linear)] for m in mlps]
+    if not mlps or any(len(pair) != 2 for pair in lin):
+        raise refuse(f"its experts ({type(experts).__name__}) are separate modules that are not each one dense MLP of "
+                     "two Linear layers (a gated MLP per module is not read; moekit reads gated experts stacked)")
+    first_in, first_out = lin[0]
+    D, Fdim = first_in.in_features, first_in.out_features
+    bias = first_in.bias is not None
+    for m, (a, b) in zip(mlps, lin, strict=True):
+        if (a.in_features, a.out_features, b.in_features, b.out_features) != (D, Fdim, Fdim, D) or \
+                {a.bias is not None, b.bias is not None} != {bias} or \
+                sum(p.numel() for p in m.parameters()) != sum(p.numel() for p in (*a.parameters(), *b.parameters())):
+            raise refuse(f"its separate expert modules ({type(m).__name__}) are not all Linear(D={D}, F={Fdim}) then "
+                         f"Linear(F, D){' with biases' if bias else ''} and nothing else with weights")
+    act = next((getattr(mlps[0], n) for n in ("act", "act_fn", "activation_fn") if callable(getattr(mlps[0], n, None))),
+               None)
+    name = _value_activation(act)
+    if name is None:
+        raise refuse(f"its experts' activation {type(act).__name__} is none moekit has ({ACTIVATIONS})")
+    activation = Activation(name)
+    x_ND = torch.randn(4, D, generator=torch.Generator().manual_seed(0)).to(first_in.weight.device,
+                                                                            first_in.weight.dtype)
+    if not first_in.weight.is_meta:
+        was = mlps[0].training
+        mlps[0].eval()
+        with torch.no_grad():
+            want = mlps[0](x_ND)
+            got = first_out(activation(first_in(x_ND)))
+        mlps[0].train(was)
+        if not torch.allclose(want, got, atol=1e-5, rtol=1e-5):
+            raise refuse(f"its expert module {type(mlps[0]).__name__} does not compute Linear-activation-Linear "
+                         f"({name}) on a probe")
+    bank = {"in_proj": nn.ModuleList(a for a, _ in lin), "out_proj": nn.ModuleList(b for _, b in lin)}
+    return bank, ExpertLayout(listed=True, bias=bias), len(mlps), D, Fdim, activation
 
 
 def _read_bank(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int, int, bool]:
@@ -394,6 +452,12 @@ def _read_activation(experts: nn.Module, gated: bool, layout: ExpertLayout, Fdim
                  f"limit={limit}, alpha={alpha}) on a probe")
 
 
+def _capacity(gate: nn.Module) -> int | None:
+    """A fixed per-expert capacity the router states (Switch Transformers' `expert_capacity`)."""
+    value = getattr(gate, "expert_capacity", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection_bias: bool) -> RouterConfig:
     def read(gate_names: tuple[str, ...], config_names: tuple[str, ...], default: Any) -> Any:
         for obj, names in ((gate, gate_names), (block, gate_names), (config, config_names)):
@@ -443,6 +507,15 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor) -> tuple[torch.Tensor, torc
     if not isinstance(out, tuple) or not all(isinstance(t, torch.Tensor) for t in out):
         return None
     T, E = x_TD.shape[0], spec.cfg.router_slots
+    if len(out) == 3 and not out[0].dtype.is_floating_point and tuple(out[0].shape) == (T, E) and \
+            tuple(out[1].shape) == (T, 1):
+        # (one-hot dispatch mask (T, E), the chosen weight (T, 1), logits (T, E)): Switch Transformers' top-1.
+        # A token its capacity dropped has an empty mask row: its choice is the logits' argmax.
+        kept_T = out[0].sum(-1) == 1
+        idx_T1 = torch.where(kept_T[:, None], out[0].argmax(-1, keepdim=True), out[2].argmax(-1, keepdim=True))
+        if not bool((out[0].sum(-1) <= 1).all()) or not bool((idx_T1 == out[2].argmax(-1, keepdim=True)).all()):
+            return None
+        return out[1].float(), idx_T1
     if len(out) == 3:
         _, w_TK, idx_TK = out
         if idx_TK.dtype.is_floating_point or idx_TK.shape != w_TK.shape or idx_TK.shape[0] != T:
@@ -464,6 +537,14 @@ def _read_rule_from_router(spec: BlockSpec) -> None:
     alternatives for the block probe. Nothing is decided on meta tensors (no values to read)."""
     cfg = spec.cfg
     router = cfg.router
+    hf = x_TD = None
+    if not spec.router_weight.is_meta:
+        x_TD = torch.randn(PROBE_TOKENS, cfg.d_model, generator=torch.Generator().manual_seed(0))
+        x_TD = x_TD.to(spec.router_weight.device)
+        hf = call_router(spec, x_TD)
+        if hf is not None and hf[1].shape[-1] != router.k and 1 <= hf[1].shape[-1] <= cfg.router_slots:
+            # no attribute states k (Switch Transformers' top-1 router): the router's own choice does
+            router = dataclasses.replace(router, k=int(hf[1].shape[-1]))
     readings = []
     for score, normalize in ((router.score, router.normalize), (router.score, not router.normalize),
                              ({"softmax": "sigmoid"}.get(router.score, "softmax"), router.normalize),
@@ -475,13 +556,9 @@ def _read_rule_from_router(spec: BlockSpec) -> None:
         except ValueError:
             continue
         readings.append(r)
-    if not spec.router_weight.is_meta:
-        x_TD = torch.randn(PROBE_TOKENS, cfg.d_model, generator=torch.Generator().manual_seed(0))
-        x_TD = x_TD.to(spec.router_weight.device)
-        hf = call_router(spec, x_TD)
-        if hf is not None:
-            matching = [r for r in readings if router_matches(spec, r, x_TD, hf)]
-            readings = matching or readings[:1]  # none: the first, which the probe then refuses with its reason
+    if hf is not None:
+        matching = [r for r in readings if router_matches(spec, r, x_TD, hf)]
+        readings = matching or readings[:1]  # none: the first, which the probe then refuses with its reason
     configs = [dataclasses.replace(cfg, router=r, weight_on_input=w) for r in readings[:1] for w in (False, True)]
     configs += [dataclasses.replace(cfg, router=r) for r in readings[1:]]
     spec.cfg, spec.alternatives = configs[0], configs[1:]
@@ -496,6 +573,7 @@ def router_matches(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.Tensor
     E, D = spec.cfg.router_slots, spec.cfg.d_model
     with torch.device("meta"):
         router = router_class(router_cfg.kind)(router_cfg, D, E)
+    router.eval()  # a training-mode router would jitter its input (Switch's router_jitter_noise)
     router.weight = spec.router_weight
     router.bias = spec.router_bias
     if spec.selection_bias is not None:

@@ -110,7 +110,7 @@ def wrapped_blocks(model: nn.Module) -> list[HFMoEBlock]:
 def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
     """Refuse a block whose output moekit's reading does not reproduce on a probe input."""
     block, cfg = spec.block, spec.cfg
-    weight = next(iter(spec.bank.values()))
+    weight = spec.expert_weight
     if weight.is_meta:
         raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its weights are on the meta "
                                     "device (offloaded or not loaded); load the model onto a real device, or pass "
@@ -190,7 +190,7 @@ def _returns(spec: BlockSpec, out, num_tokens: int | None) -> str | None:
     """How the block returns (see HFMoEBlock._as_hf), from its output on the probe (`out`), or, without
     one, from a one-token call (nothing is read on meta tensors: then a plain tensor)."""
     if out is None:
-        weight = next(iter(spec.bank.values()))
+        weight = spec.expert_weight
         if weight.is_meta:
             return None
         x = torch.zeros(1, 1, spec.cfg.d_model, device=weight.device, dtype=weight.dtype)

@@ -264,8 +264,9 @@ class MoELayer(nn.Module):
                 # sends each to the bank's expert that now computes it.
                 expert_idx_N = (route.expert_idx_N if self.expert_map_E is None
                                 else self.expert_map_E[route.expert_idx_N])
+                fits_N = None if cfg.expert_capacity is None else self._within_capacity(route, lead_shape)
                 plan = make_plan(route.token_idx_N, expert_idx_N, route.weight_N, self.experts.num_experts,
-                                 capacity_factor)
+                                 capacity_factor, keep_N=fits_N)
                 x_ND, summed = permute(e_in_TD, plan), plan
                 if cfg.weight_on_input:
                     # Llama 4: each expert runs on its weighted input, and outputs are summed unweighted.
@@ -275,6 +276,9 @@ class MoELayer(nn.Module):
                 kept = None if plan.num_dropped == 0 else (plan.token_N, plan.expert_N, plan.weight_N)
                 step_counts_E = plan.counts_E
             else:  # experts on other ranks too; a capacity is decided over the whole expert-parallel group
+                if cfg.expert_capacity is not None:
+                    raise UsageError("MoEConfig.expert_capacity (a per-sequence cap) is not supported with experts "
+                                     "sharded over ranks; use capacity_factor")
                 delta_TD, kept_N = self.expert_dispatch(e_in_TD, route.token_idx_N, route.expert_idx_N,
                                                         route.weight_N, self.experts, capacity_factor)
                 kept = (None if kept_N is None or bool(kept_N.all()) else
@@ -325,6 +329,22 @@ class MoELayer(nn.Module):
         if counted:
             tracker.record(self, self._info)
         return y_TD.view(*lead_shape, self.cfg.d_model)
+
+    def _within_capacity(self, route: RouterOutput, lead_shape: torch.Size) -> torch.Tensor:
+        """keep_N: whether each assignment is among the first `expert_capacity` of its expert in its sequence,
+        in token order (Switch Transformers as transformers runs it: cumsum of the one-hot choice over the
+        sequence <= capacity). Sequences are the rows of a (B, T, D) input."""
+        T = route.num_tokens
+        seq_len = lead_shape[-1] if len(lead_shape) == 2 else T
+        X = route.scores_TE.shape[-1]
+        key_N = (route.token_idx_N // seq_len) * X + route.expert_idx_N
+        order_N = torch.argsort(key_N * T + route.token_idx_N)  # by (sequence, expert), then token
+        key_sorted_N = key_N[order_N]
+        counts_K = count_ids(key_sorted_N, (T // seq_len + 1) * X)
+        starts_K = torch.cumsum(counts_K, 0) - counts_K
+        rank_N = torch.empty_like(order_N)
+        rank_N[order_N] = torch.arange(order_N.numel(), device=order_N.device) - starts_K[key_sorted_N]
+        return rank_N < self.cfg.expert_capacity
 
     def iteration_routers(self) -> list[nn.Module]:
         """The router of each Chain-of-Experts iteration (`[self.router]` for a plain layer)."""
