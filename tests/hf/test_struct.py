@@ -195,3 +195,37 @@ def test_nllb_is_refused_by_class_with_the_reason(randomized):
     model = AutoModelForSeq2SeqLM.from_config(cfg).eval()
     with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"NllbMoeSparseMLP: .*one-hot top-1 mask"):
         moekit.hf.wrap(model)
+
+
+def _coverage_script():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "hf_coverage.py"
+    spec = importlib.util.spec_from_file_location("hf_coverage", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ernie_vl_text_and_vision_blocks_wrap_and_the_modality_split_matches():
+    """ERNIE-4.5-VL: each modality's sparse block (text_moe, vision_moe) wraps and returns what the HF one
+    does (flattened output and logits); the parent block scatters them by token type. Mixed text and
+    vision tokens through the parent: equal outputs and router logits; the whole text model: the
+    coverage check (logits, greedy tokens with the KV cache, unwrap)."""
+    cov = _coverage_script()
+    assert cov.check("ernie4_5_vl_moe", "native")[1:] == ("match", "")
+    model = cov.build("ernie4_5_vl_moe", "native")
+    parent = next(m for m in model.modules() if type(m).__name__ == "Ernie4_5_VLMoeMoeBlock")
+    x = torch.randn(2, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    types = torch.zeros(2, 7, dtype=torch.long)
+    types[0, 2:5], types[1, 4:] = 1, 2
+    with torch.no_grad():
+        ref_y, ref_logits = parent(x, types)
+    moekit.hf.wrap(model)
+    assert isinstance(parent.text_moe, moekit.hf.HFMoEBlock) and isinstance(parent.vision_moe, moekit.hf.HFMoEBlock)
+    with torch.no_grad():
+        y, logits = parent(x, types)
+    torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert parent.vision_moe.routing_info().num_tokens == int((types > 0).sum())

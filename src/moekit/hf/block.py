@@ -116,6 +116,8 @@ class HFMoEBlock(MoELayer):
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The HF block's call: hidden states (B, T, D) -> (B, T, D). transformers passes no padding
         mask; moekit callers may, as to any MoELayer."""
+        if self.returns == "flat_logits" and hidden_states.dim() == 1:
+            hidden_states = hidden_states.view(-1, self.cfg.d_model)  # ERNIE-VL's modality split passes it flat
         # Where transformers' `output_router_logits=True` collects router logits (None outside such a forward).
         collected = active_collector.get() if self.records_router_logits else None
         if collected is None or "router_logits" not in collected:
@@ -134,10 +136,13 @@ class HFMoEBlock(MoELayer):
     def _as_hf(self, y: torch.Tensor):
         """What the HF block returns: y, or a tuple (y, router output) for blocks that return one (`returns`:
         "logits_TE" the (T, E) router logits (Llama 4), "weights_TK" the chosen weights (T, K) in
-        descending order (gpt-oss)); the decoder layers of those families unpack and drop the second."""
+        descending order (gpt-oss), "flat_logits" y and the fp32 logits both flattened (ERNIE-4.5-VL's text
+        and vision blocks, whose parent scatters them by token modality)); the decoder layers of those families unpack and drop the second."""
         if self.returns is None:
             return y
         route = self._info.route
+        if self.returns == "flat_logits":
+            return y.flatten(), route.logits_TE.flatten()
         if self.returns == "logits_TE":
             return y, route.logits_TE.to(y.dtype)
         return y, route.to_padded()[1].sort(dim=-1, descending=True).values.to(y.dtype)

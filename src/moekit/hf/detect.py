@@ -320,8 +320,9 @@ def _read_bank(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int
     leaf = {n.rpartition(".")[2]: p for n, p in params.items()}
     # Flags set by transformers' @use_experts_implementation.
     if getattr(experts, "has_post_expert_norm", False):
-        raise refuse("its experts normalise every expert's output (has_post_expert_norm); moekit's expert "
-                     "bank has no per-expert output norm")
+        raise refuse("its experts normalise every expert's output before the routing weight (has_post_expert_norm: "
+                     f"{type(getattr(experts, 'post_expert_norm', None)).__name__}); moekit's expert bank has no "
+                     "per-expert output norm")
     gate_up, up, down = leaf.get("gate_up_proj"), leaf.get("up_proj"), leaf.get("down_proj")
     bank: dict[str, torch.Tensor] = {}
     if gate_up is not None and down is not None and gate_up.dim() == down.dim() == 3:

@@ -129,6 +129,8 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
             layer.returns = _returns(spec, out_hf, PROBE_TOKENS)
             y_mk = layer(x_BTD)
             y_mk = y_mk[0] if isinstance(y_mk, tuple) else y_mk
+            # per token, whatever shape the block returns them in (ERNIE-VL's blocks: flattened)
+            y_hf, y_mk = y_hf.reshape(-1, cfg.d_model), y_mk.reshape(-1, cfg.d_model)
     finally:
         block.train(modes[0])
         layer.train(modes[1])
@@ -205,6 +207,9 @@ def _returns(spec: BlockSpec, out, num_tokens: int | None) -> str | None:
     if isinstance(out, torch.Tensor):
         return None
     E, K = spec.cfg.router_slots, spec.cfg.router.k
+    if isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out) and \
+            tuple(out[0].shape) == (num_tokens * spec.cfg.d_model,) and tuple(out[1].shape) == (num_tokens * E,):
+        return "flat_logits"  # ERNIE-4.5-VL's text and vision blocks: both flattened, for its modality split
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], torch.Tensor):
         shape = tuple(out[1].shape)
         if shape == (num_tokens, E):
