@@ -424,6 +424,7 @@ class MoEConfig(Config):
     constant_experts: int = setting(0, "zero-computation experts whose output mixes the input with a trained "
                                        "vector (MoE++)")
     gating_residual: bool = setting(False, "add the previous MoE layer's router logits to this layer's (MoE++)")
+    output_bias: bool = setting(False, "a learned (D,) bias added to the layer's output (JetMoE)")
     latent_dim: int | None = setting(None, "routed experts work in a latent width: shared D->latent and "
                                            "latent->D projections around the bank (None = off)")
     pregated: bool = setting(False, "the router reads the previous MoE layer's input, so experts are known a "
@@ -522,11 +523,12 @@ class MoEConfig(Config):
         return 2 * self._expert_params()
 
     def _layer_extra_params(self) -> int:
-        """Parameters of the layer options: latent projections, constant experts, the gating-residual map."""
+        """Parameters of the layer options: latent projections, constant experts, the gating-residual map,
+        the output bias."""
         latent = 2 * self.d_model * self.latent_dim if self.latent_dim is not None else 0
         constant = self.constant_experts * 3 * self.d_model  # a vector v and a (2, D) mixing gate each
         residual = self.router_slots ** 2 if self.gating_residual else 0
-        return latent + constant + residual
+        return latent + constant + residual + (self.d_model if self.output_bias else 0)
 
     def _shared_params(self) -> int:
         if self.num_shared_experts == 0:

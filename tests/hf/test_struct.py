@@ -32,6 +32,8 @@ FAMILIES = {
     "nemotron_h-plain": (dict(layers_block_type=["attention", "moe"], n_routed_experts=8, num_experts_per_tok=2,
                               moe_intermediate_size=16, moe_shared_expert_intermediate_size=24),
                          "NemotronHMoE", dict(latent_dim=None, activation="relu2")),
+    "jetmoe": (dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                    kv_channels=8), "JetMoeMoE", dict(output_bias=True, activation="swiglu")),
 }
 
 
@@ -54,8 +56,8 @@ def assert_keys_resolve(model, keys) -> None:
     `model.get_parameter(key)` walk these paths)."""
     for key in keys:
         owner, _, leaf = key.rpartition(".")
-        module = model.get_submodule(owner)
-        assert leaf in module._parameters or leaf in module._buffers, key
+        value = getattr(model.get_submodule(owner), leaf)
+        assert isinstance(value, torch.Tensor) and value is model.state_dict(keep_vars=True)[key], key
 
 
 def check_wrap_parity(model, cls_name: str, ids: torch.Tensor) -> list:
@@ -229,3 +231,51 @@ def test_ernie_vl_text_and_vision_blocks_wrap_and_the_modality_split_matches():
     torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     assert parent.vision_moe.routing_info().num_tokens == int((types > 0).sum())
+
+
+def test_jetmoe_ffn_moe_wraps_and_its_mixture_of_attention_is_left_alone(build):
+    """JetMoeMoE has no `experts` child: its experts are two parallel (E, ., .) weights found by role, with
+    a (D,) bias on the block's output (MoEConfig.output_bias). JetMoeMoA (mixture of attention, inside
+    the attention) is not an FFN MoE: wrap leaves it as transformers runs it."""
+    model = build("jetmoe")
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    layer = check_wrap_parity(model, "JetMoeMoE", ids)[0]
+    block = layer.original()
+    assert layer.cfg.output_bias and layer.output_bias is block.bias
+    assert layer.experts.gate_up_proj is block.input_linear.weight and layer.cfg.router.describe().startswith("k=2")
+    assert model.get_parameter("model.layers.0.mlp.bias") is block.bias
+    assert sum(type(m).__name__ == "JetMoeMoA" for m in model.modules()) == 2  # untouched
+
+
+def test_router_columns_past_the_experts_that_are_no_identity_are_refused(build):
+    """Columns past E are read from what the experts do with them: a column that is neither 0 nor the
+    input (here LongCat's identity swapped for tanh) is refused, naming the column."""
+    model = build("longcat_flash")
+    for m in model.modules():
+        if type(m).__name__ == "LongcatFlashExperts":
+            m.identity_expert = torch.nn.Tanh()
+    with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"router column 8 .* neither a zero nor an identity"):
+        moekit.hf.wrap(model)
+
+
+def test_offload_runs_wrapped_identity_and_latent_experts_and_refuses_listed_ones(build, randomized, tmp_path):
+    """moekit.offload on wrapped LongCat-Flash (copy experts, spare stack rows) and Nemotron-H (latent,
+    ReLU^2): the offloaded model's logits equal the resident ones; Switch's separate expert modules are
+    refused by name."""
+    from moekit.offload import offload, write_store
+
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    for family in ("longcat_flash", "nemotron_h"):
+        model = build(family)
+        moekit.hf.wrap(model)
+        with torch.no_grad():
+            ref = model(ids).logits
+        write_store(model, tmp_path / family)
+        runtime = offload(model, tmp_path / family, budget="50%")
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        runtime.close()
+    switch = _switch(randomized)
+    moekit.hf.wrap(switch)
+    with pytest.raises(ValueError, match=r"separate modules \(ExpertLayout\(listed=True\)"):
+        write_store(switch, tmp_path / "switch")

@@ -58,6 +58,8 @@ class HFMoEBlock(MoELayer):
                     setattr(self.shared_experts, name, getattr(spec.shared, name))
         if spec.latent is not None:  # the HF Linear modules, biases included
             self.fc1_latent_proj, self.fc2_latent_proj = spec.latent
+        if spec.output_bias is not None:
+            self.output_bias = spec.output_bias
         if spec.shared_gate is not None:
             self.shared_expert_gate = spec.shared_gate
         # moekit-only state (routing statistics, a zero bias for families without one) on the block's device.
@@ -79,22 +81,37 @@ class HFMoEBlock(MoELayer):
         if unused:
             raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: its tensors {unused} have no "
                                         "place in moekit's MoELayer")
-        # Every HF state_dict key resolves on this layer (`model.get_parameter(key)`, and transformers' loading
-        # by get_submodule + setattr sets moekit's own Parameter): the HF owner path leads to moekit's module
-        # holding the tensor. A first name that differs is an alias of this layer (`_hf_children`: gate ->
-        # router, shared_expert -> shared_experts); deeper names moekit lacks (`router.classifier`,
-        # `gate.wg`) are unregistered attributes pointing at that module (no second copy in state_dict).
+        # Every HF state_dict key resolves on this layer (`model.get_parameter(key)`; transformers' loading
+        # walks the same path): a first name moekit lacks is an alias (`_hf_children`: gate -> router,
+        # shared_expert -> shared_experts, JetMoE's bias -> output_bias, or the HF child itself where the
+        # names below it differ too, JetMoE's input_linear); deeper names moekit lacks (`router.classifier`,
+        # `gate.wg`, Switch's `experts.expert_0.wi`) are unregistered attributes leading to the module that
+        # holds the tensor: moekit's own, or the HF one where moekit holds the HF module itself. Nothing is
+        # registered twice (state_dict has each tensor once).
         self._hf_children = {}
+        hf_modules = {id(m) for m in block.modules()}
         for mine, theirs in self._hf_names.items():
             (m_owner, _, m_leaf), (t_owner, _, t_leaf) = mine.rpartition("."), theirs.rpartition(".")
-            if m_leaf != t_leaf or not t_owner or not m_owner:
+            head, *rest = t_owner.split(".") if t_owner else (t_leaf,)
+            if head in self._modules or head in self._parameters or head in self._buffers:
+                pass
+            elif not t_owner:
+                if not m_owner:
+                    self._hf_children.setdefault(t_leaf, m_leaf)
+                continue
+            elif m_leaf != t_leaf or not m_owner:
+                self._hf_children.setdefault(head, block.get_submodule(head))
+                continue
+            else:
+                self._hf_children.setdefault(head, m_owner.split(".")[0])
+            if not t_owner or m_leaf != t_leaf or not m_owner:
                 continue
             target = self.get_submodule(m_owner)
-            head, *rest = t_owner.split(".")
-            if head not in self._modules:
-                self._hf_children.setdefault(head, m_owner.split(".")[0])
-            module = self._modules.get(self._hf_children.get(head, head))
+            alias = self._hf_children.get(head, head)
+            module = alias if isinstance(alias, nn.Module) else self._modules.get(alias)
+            path = head
             for part in rest:
+                path = f"{path}.{part}"
                 if part in module._modules:
                     module = module._modules[part]
                 elif isinstance(module.__dict__.get(part), nn.Module):
@@ -102,8 +119,9 @@ class HFMoEBlock(MoELayer):
                 elif part in module.__dict__ or hasattr(type(module), part):
                     break  # a name moekit's module uses otherwise: this key stays unresolved
                 else:
-                    object.__setattr__(module, part, target)
-                    module = target
+                    nxt = block.get_submodule(path) if id(target) in hf_modules else target
+                    object.__setattr__(module, part, nxt)
+                    module = nxt
         self.register_state_dict_post_hook(_state_dict_to_hf)
         self.register_load_state_dict_pre_hook(_load_hf_names)
 
@@ -154,7 +172,7 @@ class HFMoEBlock(MoELayer):
             alias = self.__dict__.get("_hf_children", {}).get(name)
             if alias is None:
                 raise
-            return super().__getattr__(alias)
+            return alias if isinstance(alias, nn.Module) else super().__getattr__(alias)
 
     def original(self) -> nn.Module:
         """The wrapped transformers block, with any tensor this layer now holds (after `.to()`, say)

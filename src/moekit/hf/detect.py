@@ -62,6 +62,14 @@ UNEXPRESSED = {
                         "NLLB's batch-wide top-2 capacity and its eval-mode output scale (1 - moe_token_dropout)",
 }
 
+# Modules with the parts of a sparse block that are not an FFN MoE: left as transformers runs them (wrap
+# does not touch them; docs/hf.md lists them).
+NOT_FFN_MOE = {
+    "JetMoeMoA": "JetMoE's mixture of attention: its experts are per-head query and output projections that the "
+                 "attention calls (map, then reduce around the attention), not an FFN",
+    "JetMoeAttention": "the attention holding JetMoE's mixture of attention (JetMoeMoA)",
+}
+
 # Block-held selection biases (DeepSeek-V3's rule with the bias outside the router).
 _SELECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
 PROBE_TOKENS = 16
@@ -86,6 +94,7 @@ class BlockSpec:
     cfg: MoEConfig
     alternatives: list[MoEConfig] = field(default_factory=list)
     latent: tuple[nn.Linear, nn.Linear] | None = None  # (D -> l, l -> D) around the routed experts
+    output_bias: nn.Parameter | None = None  # (D,) added to the block's output
 
     @property
     def expert_weight(self) -> torch.Tensor:
@@ -101,10 +110,24 @@ class BlockSpec:
 def looks_like_moe_block(module: nn.Module) -> bool:
     """A module with an `experts` child holding weights: a v5 sparse MoE block, supported or not.
     moekit's own layers are not transformers blocks."""
-    experts = getattr(module, "experts", None)
-    if isinstance(module, MoELayer) or not isinstance(experts, nn.Module):
+    if isinstance(module, MoELayer) or type(module).__name__ in NOT_FFN_MOE:
         return False
+    experts = getattr(module, "experts", None)
+    if not isinstance(experts, nn.Module):
+        return _parallel_experts(module) is not None
     return any(p.dim() >= 2 for p in experts.parameters())
+
+
+def _parallel_experts(block: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """A block without an `experts` child whose experts are two children holding one stacked weight each,
+    (E, X, D) in and (E, D, F) out (JetMoE's JetMoeParallelExperts `input_linear`, `output_linear`)."""
+    single = [c for c in block.children() if len(list(c.parameters())) == 1 and next(c.parameters()).dim() == 3]
+    pairs = [(a, b) for a in single for b in single if a is not b]
+    for a, b in pairs:
+        (E, X, D), (E2, D2, Fdim) = next(a.parameters()).shape, next(b.parameters()).shape
+        if E == E2 and D == D2 and X in (Fdim, 2 * Fdim) and len(pairs) == 2:
+            return a, b
+    return None
 
 
 def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto") -> BlockSpec:
@@ -117,16 +140,22 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
 
     if name in UNEXPRESSED:
         raise refuse(UNEXPRESSED[name])
-    experts = block.experts
-    if isinstance(experts, nn.ModuleList | nn.ModuleDict):
+    parallel = None if isinstance(getattr(block, "experts", None), nn.Module) else _parallel_experts(block)
+    experts = block if parallel is not None else block.experts
+    if parallel is not None:
+        bank, layout, E, Din, Fdim, gated = _read_parallel(*parallel)
+        activation = _read_activation(block, gated, layout, Fdim, refuse)
+    elif isinstance(experts, nn.ModuleList | nn.ModuleDict):
         bank, layout, E, Din, Fdim, activation = _read_listed(experts, refuse)
     else:
         bank, layout, E, Din, Fdim, gated = _read_bank(experts, refuse)
         activation = _read_activation(experts, gated, layout, Fdim, refuse)
 
-    # --- the other children, by role (parameterless pass-throughs such as nn.Identity play none)
+    # --- the other children, by role. Children without tensors (nn.Identity, dropout, an activation module)
+    # hold nothing to bind; what they do is checked by the block probe.
     children = [(n, c) for n, c in block.named_children()
-                if c is not experts and not (isinstance(c, nn.Identity | nn.Dropout))]
+                if c is not experts and any(True for _ in itertools.chain(c.parameters(), c.buffers()))
+                and not any(c is p for p in parallel or ())]
     latent = _latent_projections([c for _, c in children], Din)
     D = Din if latent is None else latent[0].in_features
     gate = shared = shared_gate = None
@@ -163,8 +192,10 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                 continue  # the block's own tensors only; its children are read above
             if n.rpartition(".")[2] in _SELECTION_BIAS_NAMES and t.numel() == R:
                 selection_bias = t
+    # A (D,) Parameter of the block itself: a bias on the block's output (JetMoE); the probe checks where it goes.
+    output_bias = next((p for p in block.parameters(recurse=False) if tuple(p.shape) == (D,)), None)
     own = [n for n, t in itertools.chain(block.named_parameters(recurse=False), block.named_buffers(recurse=False))
-           if t is not selection_bias]
+           if t is not selection_bias and t is not output_bias]
     if own:
         raise refuse(f"it holds tensors {own} directly that are no selection bias (E,) moekit knows")
 
@@ -193,7 +224,8 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                     activation_up_offset=activation.up_offset,
                     num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
                     shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
-                    latent_dim=Din if latent is not None else None, expert_capacity=_capacity(gate), backend=backend)
+                    latent_dim=Din if latent is not None else None, expert_capacity=_capacity(gate),
+                    output_bias=output_bias is not None, backend=backend)
     try:
         with warnings.catch_warnings():  # a first reading, settled below; not a setting the user chose
             warnings.simplefilter("ignore")
@@ -201,7 +233,7 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     except ValueError as e:
         raise refuse(f"its routing rule ({router.describe()}) is not one moekit can run: {e}") from e
     spec = BlockSpec(block, gate, router_weight, router_bias, selection_bias, experts, bank, layout, activation,
-                     shared, shared_gate, cfg, latent=latent)
+                     shared, shared_gate, cfg, latent=latent, output_bias=output_bias)
     _read_rule_from_router(spec)
     return spec
 
@@ -271,6 +303,15 @@ def _router_weight(child: nn.Module, E: int, D: int) -> tuple[nn.Parameter, nn.P
         if len(inner) == 1:
             return inner[0].weight, inner[0].bias
     return None
+
+
+def _read_parallel(w_in: nn.Module, w_out: nn.Module) -> tuple[dict, ExpertLayout, int, int, int, bool]:
+    """JetMoE-style parallel experts: one (E, X, D) and one (E, D, F) weight, X = 2F ([gate; up]) or F."""
+    a, b = next(w_in.parameters()), next(w_out.parameters())
+    E, X, D = a.shape
+    Fdim = b.shape[2]
+    gated = X == 2 * Fdim
+    return {"gate_up_proj" if gated else "up_proj": a, "down_proj": b}, STANDARD, E, D, Fdim, gated
 
 
 def _read_listed(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int, int, Activation]:
@@ -401,8 +442,8 @@ _GATED_OF = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu
 def _read_activation(experts: nn.Module, gated: bool, layout: ExpertLayout, Fdim: int, refuse) -> Activation:
     """The experts' activation, checked by value on a probe: the experts' own gating (`_apply_gate`, which
     transformers' decorator and families such as gpt-oss define) or their `act_fn`."""
-    act = next((getattr(experts, n) for n in ("act_fn", "activation_fn", "act") if callable(getattr(experts, n, None))),
-               None)
+    act = next((getattr(experts, n) for n in ("act_fn", "activation_fn", "act", "activation")
+                if callable(getattr(experts, n, None))), None)
     if act is None:
         mlp = getattr(experts, "mlp", None)
         act = getattr(mlp, "activation_fn", None) or getattr(mlp, "act_fn", None)

@@ -175,6 +175,8 @@ class MoELayer(nn.Module):
         if cfg.latent_dim is not None:
             self.fc1_latent_proj = nn.Linear(cfg.d_model, cfg.latent_dim, bias=False)
             self.fc2_latent_proj = nn.Linear(cfg.latent_dim, cfg.d_model, bias=False)
+        # A bias on the layer's output, every token's (JetMoE's MoE block).
+        self.output_bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.output_bias else None
         # MoE++ constant experts: a vector v_j and a 2-way mixing gate W_c each (arXiv 2410.07348).
         self.constant_vec = self.constant_gate = None
         if cfg.constant_experts:
@@ -309,6 +311,8 @@ class MoELayer(nn.Module):
             for name, n in zc_counts.items():
                 zero_compute[name] += n
 
+        if self.output_bias is not None:
+            y_TD = y_TD + self.output_bias.to(y_TD.dtype)
         if aux and self.training and self.aux_loss_coefs is not None:
             total = sum(c * aux[name] for name, c in self.aux_loss_coefs.items() if name in aux)
             if isinstance(total, torch.Tensor) and total.requires_grad:
