@@ -291,15 +291,15 @@ def _router_weight(child: nn.Module, E: int, D: int) -> tuple[nn.Parameter, nn.P
     """(weight (R, D), logit bias (R,) or None) of a router module: its own weight, or the weight of the
     one Linear(D, R) inside it (`gate.wg`, `router.layer`, `router.classifier`). R = E, or more where
     the router also scores zero-computation experts (read by `_zero_compute_columns`)."""
-    for exact in (True, False):
-        def fits(shape) -> bool:
-            return len(shape) == 2 and shape[1] == D and (shape[0] == E if exact else shape[0] > E)
+    def fits(shape, exact: bool) -> bool:
+        return len(shape) == 2 and shape[1] == D and (shape[0] == E if exact else shape[0] > E)
 
+    for exact in (True, False):
         own = child._parameters.get("weight")
-        if isinstance(own, nn.Parameter) and fits(tuple(own.shape)):
+        if isinstance(own, nn.Parameter) and fits(tuple(own.shape), exact):
             bias = child._parameters.get("bias")
             return own, bias if isinstance(bias, nn.Parameter) and bias.numel() == own.shape[0] else None
-        inner = [m for m in child.modules() if isinstance(m, nn.Linear) and fits((m.out_features, m.in_features))]
+        inner = [m for m in child.modules() if isinstance(m, nn.Linear) and fits((m.out_features, m.in_features), exact)]
         if len(inner) == 1:
             return inner[0].weight, inner[0].bias
     return None
