@@ -156,6 +156,11 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     children = [(n, c) for n, c in block.named_children()
                 if c is not experts and any(True for _ in itertools.chain(c.parameters(), c.buffers()))
                 and not any(c is p for p in parallel or ())]
+    attention = [n for n, c in children if type(c).__name__.endswith("Attention")]
+    if attention:
+        raise refuse(f"its experts sit inside a decoder layer (it also holds the attention `{attention[0]}`), whose own "
+                     "forward routes and combines them with its dense MLP and norms; there is no separate MoE block "
+                     "module for moekit to replace with a MoELayer")
     latent = _latent_projections([c for _, c in children], Din)
     D = Din if latent is None else latent[0].in_features
     gate = shared = shared_gate = None
@@ -299,8 +304,9 @@ def _router_weight(child: nn.Module, E: int, D: int) -> tuple[nn.Parameter, nn.P
         if isinstance(own, nn.Parameter) and fits(tuple(own.shape), exact):
             bias = child._parameters.get("bias")
             return own, bias if isinstance(bias, nn.Parameter) and bias.numel() == own.shape[0] else None
-        inner = [m for m in child.modules() if isinstance(m, nn.Linear) and fits((m.out_features, m.in_features), exact)]
-        if len(inner) == 1:
+        linears = [m for m in child.modules() if isinstance(m, nn.Linear)]
+        inner = [m for m in linears if fits((m.out_features, m.in_features), exact)]
+        if len(inner) == 1 and (exact or len(linears) == 1):  # more columns: only a lone Linear is a gate
             return inner[0].weight, inner[0].bias
     return None
 
