@@ -425,6 +425,8 @@ class MoEConfig(Config):
                                        "vector (MoE++)")
     gating_residual: bool = setting(False, "add the previous MoE layer's router logits to this layer's (MoE++)")
     output_bias: bool = setting(False, "a learned (D,) bias added to the layer's output (JetMoE)")
+    output_norm_eps: float | None = setting(None, "RMSNorm the layer's output with this epsilon (A.X-K1; "
+                                                  "None = no norm)")
     latent_dim: int | None = setting(None, "routed experts work in a latent width: shared D->latent and "
                                            "latent->D projections around the bank (None = off)")
     pregated: bool = setting(False, "the router reads the previous MoE layer's input, so experts are known a "
@@ -466,6 +468,8 @@ class MoEConfig(Config):
                self.capacity_factor, "None (dropless) or a float > 0")
         require(self.eval_capacity_factor is None or self.eval_capacity_factor > 0, "MoEConfig.eval_capacity_factor",
                self.eval_capacity_factor, "None (dropless in eval mode) or a float > 0")
+        require(self.output_norm_eps is None or self.output_norm_eps > 0, "MoEConfig.output_norm_eps",
+                self.output_norm_eps, "None or a float > 0")
         require(self.expert_capacity is None or self.expert_capacity >= 1, "MoEConfig.expert_capacity",
                 self.expert_capacity, "None or an integer >= 1")
         require(self.backend in BACKENDS, "MoEConfig.backend", self.backend, f"one of {BACKENDS}")
@@ -524,11 +528,12 @@ class MoEConfig(Config):
 
     def _layer_extra_params(self) -> int:
         """Parameters of the layer options: latent projections, constant experts, the gating-residual map,
-        the output bias."""
+        the output bias and norm."""
         latent = 2 * self.d_model * self.latent_dim if self.latent_dim is not None else 0
         constant = self.constant_experts * 3 * self.d_model  # a vector v and a (2, D) mixing gate each
         residual = self.router_slots ** 2 if self.gating_residual else 0
-        return latent + constant + residual + (self.d_model if self.output_bias else 0)
+        out = self.d_model * (int(self.output_bias) + int(self.output_norm_eps is not None))
+        return latent + constant + residual + out
 
     def _shared_params(self) -> int:
         if self.num_shared_experts == 0:

@@ -32,6 +32,11 @@ FAMILIES = {
     "nemotron_h-plain": (dict(layers_block_type=["attention", "moe"], n_routed_experts=8, num_experts_per_tok=2,
                               moe_intermediate_size=16, moe_shared_expert_intermediate_size=24),
                          "NemotronHMoE", dict(latent_dim=None, activation="relu2")),
+    # DeepSeek-V3's block with an RMSNorm on its output (MoEConfig.output_norm_eps)
+    "axk1": (dict(num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                  num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
+                  q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+             "AXK1MoE", dict(output_norm_eps=1e-6)),
     "jetmoe": (dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
                     kv_channels=8), "JetMoeMoE", dict(output_bias=True, activation="swiglu")),
 }

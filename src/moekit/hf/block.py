@@ -60,6 +60,8 @@ class HFMoEBlock(MoELayer):
             self.fc1_latent_proj, self.fc2_latent_proj = spec.latent
         if spec.output_bias is not None:
             self.output_bias = spec.output_bias
+        if spec.output_norm is not None:
+            self.output_norm.weight = spec.output_norm.weight
         if spec.shared_gate is not None:
             self.shared_expert_gate = spec.shared_gate
         # moekit-only state (routing statistics, a zero bias for families without one) on the block's device.

@@ -95,6 +95,7 @@ class BlockSpec:
     alternatives: list[MoEConfig] = field(default_factory=list)
     latent: tuple[nn.Linear, nn.Linear] | None = None  # (D -> l, l -> D) around the routed experts
     output_bias: nn.Parameter | None = None  # (D,) added to the block's output
+    output_norm: nn.Module | None = None  # an RMSNorm of the block's output (its `weight` (D,) is bound)
 
     @property
     def expert_weight(self) -> torch.Tensor:
@@ -163,7 +164,7 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                      "module for moekit to replace with a MoELayer")
     latent = _latent_projections([c for _, c in children], Din)
     D = Din if latent is None else latent[0].in_features
-    gate = shared = shared_gate = None
+    gate = shared = shared_gate = output_norm = None
     router_weight = router_bias = None
     for child_name, child in children:
         if latent is not None and any(child is m for m in latent):
@@ -173,6 +174,9 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
             continue
         if _is_mlp(child):
             shared = child
+            continue
+        if _norm_eps(child, D) is not None and output_norm is None:
+            output_norm = child  # applied to the block's output: the block probe checks that it is
             continue
         found = _router_weight(child, E, D)
         if found is None:
@@ -230,7 +234,8 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                     num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
                     shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
                     latent_dim=Din if latent is not None else None, expert_capacity=_capacity(gate),
-                    output_bias=output_bias is not None, backend=backend)
+                    output_bias=output_bias is not None,
+                    output_norm_eps=None if output_norm is None else _norm_eps(output_norm, D), backend=backend)
     try:
         with warnings.catch_warnings():  # a first reading, settled below; not a setting the user chose
             warnings.simplefilter("ignore")
@@ -238,9 +243,19 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     except ValueError as e:
         raise refuse(f"its routing rule ({router.describe()}) is not one moekit can run: {e}") from e
     spec = BlockSpec(block, gate, router_weight, router_bias, selection_bias, experts, bank, layout, activation,
-                     shared, shared_gate, cfg, latent=latent, output_bias=output_bias)
+                     shared, shared_gate, cfg, latent=latent, output_bias=output_bias, output_norm=output_norm)
     _read_rule_from_router(spec)
     return spec
+
+
+def _norm_eps(child: nn.Module, D: int) -> float | None:
+    """The epsilon of an RMSNorm-like child (one Parameter, `weight` (D,), and an epsilon attribute), else None.
+    Whether it computes an RMSNorm where moekit applies it is left to the block probe."""
+    params = dict(child.named_parameters())
+    eps = next((v for v in (getattr(child, n, None) for n in ("variance_epsilon", "eps")) if isinstance(v, float)), None)
+    if list(params) != ["weight"] or tuple(params["weight"].shape) != (D,) or any(True for _ in child.buffers()):
+        return None
+    return eps
 
 
 def _is_mlp(child: nn.Module) -> bool:

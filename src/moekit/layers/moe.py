@@ -177,6 +177,8 @@ class MoELayer(nn.Module):
             self.fc2_latent_proj = nn.Linear(cfg.latent_dim, cfg.d_model, bias=False)
         # A bias on the layer's output, every token's (JetMoE's MoE block).
         self.output_bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.output_bias else None
+        # An RMSNorm of the layer's output (A.X-K1's post_mlp_layernorm), after the bias.
+        self.output_norm = nn.RMSNorm(cfg.d_model, eps=cfg.output_norm_eps) if cfg.output_norm_eps else None
         # MoE++ constant experts: a vector v_j and a 2-way mixing gate W_c each (arXiv 2410.07348).
         self.constant_vec = self.constant_gate = None
         if cfg.constant_experts:
@@ -313,6 +315,8 @@ class MoELayer(nn.Module):
 
         if self.output_bias is not None:
             y_TD = y_TD + self.output_bias.to(y_TD.dtype)
+        if self.output_norm is not None:
+            y_TD = self.output_norm(y_TD)
         if aux and self.training and self.aux_loss_coefs is not None:
             total = sum(c * aux[name] for name, c in self.aux_loss_coefs.items() if name in aux)
             if isinstance(total, torch.Tensor) and total.requires_grad:
