@@ -405,6 +405,8 @@ class MoEConfig(Config):
     d_shared: int | None = setting(None, "width of the shared expert FFN (None = num_shared_experts * "
                                    "d_expert)")
     shared_gate: bool = setting(False, "scale the shared expert by a sigmoid gate (Qwen2-MoE)")
+    shared_clamped: bool = setting(False, "the shared expert uses the routed experts' clamp settings too "
+                                          "(activation_limit/alpha/up_offset; MiniMax-M3-VL)")
     weight_on_input: bool = setting(False, "the combine weight scales each expert's input, not its output "
                                            "(Llama 4)")
     capacity_factor: float | None = setting(None, "cap each expert at ceil(factor * N / E) assignments in "

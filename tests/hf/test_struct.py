@@ -37,6 +37,10 @@ FAMILIES = {
                   num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
                   q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
              "AXK1MoE", dict(output_norm_eps=1e-6)),
+    # a fused gate_up_proj shared MLP with the experts' clamped SwiGLU; the block scales the routed output itself
+    "minimax_m3_vl_text": (dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, intermediate_size=16,
+                                shared_intermediate_size=24, dense_intermediate_size=48, routed_scaling_factor=2.0),
+                           "MiniMaxM3VLSparseMoeBlock", dict(shared_clamped=True, d_shared=24)),
     "jetmoe": (dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
                     kv_channels=8), "JetMoeMoE", dict(output_bias=True, activation="swiglu")),
 }

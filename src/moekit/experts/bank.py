@@ -182,7 +182,8 @@ class ExpertBank(nn.Module):
 
 
 class SharedExpert(nn.Module):
-    """A dense FFN every token uses (DeepSeekMoE / Qwen2-MoE). Names follow transformers' MLPs."""
+    """A dense FFN every token uses (DeepSeekMoE / Qwen2-MoE). Names follow transformers' MLPs; a
+    model's fused `gate_up_proj` Linear may stand in for gate_proj and up_proj (moekit.hf)."""
 
     def __init__(self, d_model: int, width: int, activation: str | Activation = "swiglu"):
         super().__init__()
@@ -191,8 +192,12 @@ class SharedExpert(nn.Module):
         self.gate_proj = nn.Linear(d_model, width, bias=False) if self.act.gated else None
         self.up_proj = nn.Linear(d_model, width, bias=False)
         self.down_proj = nn.Linear(width, d_model, bias=False)
+        # A model's fused [gate; up] Linear (MiniMax-M3-VL), bound in place of gate_proj and up_proj.
+        self.gate_up_proj: nn.Linear | None = None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            return self.down_proj(self.act(self.gate_up_proj(x_TD)))
         if self.gate_proj is not None:
             return self.down_proj(self.act.glu(self.gate_proj(x_TD), self.up_proj(x_TD)))
         return self.down_proj(self.act(self.up_proj(x_TD)))

@@ -53,6 +53,9 @@ class HFMoEBlock(MoELayer):
         for name, tensor in spec.bank.items():
             setattr(self.experts, name, tensor)
         if spec.shared is not None:  # the HF Linear modules, biases included
+            if isinstance(getattr(spec.shared, "gate_up_proj", None), nn.Linear):  # fused [gate; up]
+                self.shared_experts.gate_proj = self.shared_experts.up_proj = None
+                self.shared_experts.gate_up_proj = spec.shared.gate_up_proj
             for name in ("gate_proj", "up_proj", "down_proj"):
                 if getattr(self.shared_experts, name) is not None:
                     setattr(self.shared_experts, name, getattr(spec.shared, name))

@@ -210,18 +210,9 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
 
     # --- shared expert (always on, reading the D-dim input), optionally sigmoid-gated; its Linear modules
     # (biases included) are bound as they are
-    width = 0
+    width, shared_clamped = 0, False
     if shared is not None:
-        shared_fn = getattr(shared, "act_fn", None) or getattr(shared, "activation_fn", None)
-        value = _value_activation(shared_fn)
-        shared_act = _GATED_OF.get(value) if getattr(shared, "gate_proj", None) is not None else value
-        if shared_act is None:
-            raise refuse(f"its shared expert {type(shared).__name__}'s activation ({type(shared_fn).__name__}) is "
-                         f"none moekit has ({', '.join(ACTIVATIONS)})")
-        if shared_act != activation.name:
-            raise refuse(f"its shared expert's activation ({shared_act}) differs from its experts' "
-                         f"({activation.name}); moekit's MoELayer uses one")
-        width = shared.up_proj.out_features
+        width, shared_clamped = _read_shared(shared, activation, refuse)
     if shared_gate is not None and (shared is None or shared_gate.bias is not None):
         raise refuse("its shared-expert gate is not a Linear(D, 1) without bias gating a shared expert")
 
@@ -235,7 +226,8 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                     shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
                     latent_dim=Din if latent is not None else None, expert_capacity=_capacity(gate),
                     output_bias=output_bias is not None,
-                    output_norm_eps=None if output_norm is None else _norm_eps(output_norm, D), backend=backend)
+                    output_norm_eps=None if output_norm is None else _norm_eps(output_norm, D),
+                    shared_clamped=shared_clamped, backend=backend)
     try:
         with warnings.catch_warnings():  # a first reading, settled below; not a setting the user chose
             warnings.simplefilter("ignore")
@@ -259,10 +251,62 @@ def _norm_eps(child: nn.Module, D: int) -> float | None:
 
 
 def _is_mlp(child: nn.Module) -> bool:
-    """A dense MLP: Linear up_proj and down_proj, and a Linear gate_proj or none (non-gated)."""
+    """A dense MLP: Linear down_proj, and Linear up_proj with a Linear gate_proj or none (non-gated), or one
+    fused Linear gate_up_proj ([gate; up])."""
     gate = getattr(child, "gate_proj", None)
-    return all(isinstance(getattr(child, n, None), nn.Linear) for n in ("up_proj", "down_proj")) and \
-        (gate is None or isinstance(gate, nn.Linear))
+    if not isinstance(getattr(child, "down_proj", None), nn.Linear):
+        return False
+    if isinstance(getattr(child, "gate_up_proj", None), nn.Linear):
+        return getattr(child, "up_proj", None) is None and gate is None
+    return isinstance(getattr(child, "up_proj", None), nn.Linear) and (gate is None or isinstance(gate, nn.Linear))
+
+
+def shared_forward(shared: nn.Module, act: Activation, x_TD: torch.Tensor) -> torch.Tensor:
+    """A dense MLP's output computed by moekit from its Linear modules (the SharedExpert forward)."""
+    fused = getattr(shared, "gate_up_proj", None)
+    if fused is not None:
+        return shared.down_proj(act(fused(x_TD)))
+    if getattr(shared, "gate_proj", None) is not None:
+        return shared.down_proj(act.glu(shared.gate_proj(x_TD), shared.up_proj(x_TD)))
+    return shared.down_proj(act(shared.up_proj(x_TD)))
+
+
+def _read_shared(shared: nn.Module, activation: Activation, refuse) -> tuple[int, bool]:
+    """(width, clamped) of the shared expert: it runs the experts' activation, plain or with the experts'
+    clamp settings (MiniMax-M3-VL), read from its own output on a probe (its `act_fn`, by value, on meta)."""
+    gated = getattr(shared, "gate_proj", None) is not None or getattr(shared, "gate_up_proj", None) is not None
+    width = shared.down_proj.in_features
+    plain = Activation(activation.name)
+    if gated != plain.gated:
+        raise refuse(f"its shared expert {type(shared).__name__} is {'' if gated else 'not '}gated and its experts "
+                     f"({activation.name}) are {'' if plain.gated else 'not '}; moekit's MoELayer uses one activation")
+    weight = shared.down_proj.weight
+    if weight.is_meta:  # no values: the activation its act_fn computes, by value
+        shared_fn = getattr(shared, "act_fn", None) or getattr(shared, "activation_fn", None)
+        value = _value_activation(shared_fn)
+        if (_GATED_OF.get(value) if gated else value) != activation.name:
+            raise refuse(f"its shared expert's activation ({type(shared_fn).__name__}) is not its experts' "
+                         f"({activation.name}); moekit's MoELayer uses one")
+        return width, False
+    full = dataclasses.replace(activation, interleaved=False)
+    x_TD = torch.randn(5, shared.down_proj.out_features, generator=torch.Generator().manual_seed(0))
+    x_TD = 3 * x_TD.to(weight.device, weight.dtype)
+    was = shared.training
+    shared.eval()
+    try:
+        with torch.no_grad():
+            if full.limit is not None:  # reach past the clamp, so that clamped and plain differ on the probe
+                first = getattr(shared, "gate_up_proj", None) or getattr(shared, "gate_proj", None) or shared.up_proj
+                x_TD = x_TD * max(1.0, 3 * full.limit / float(first(x_TD).abs().max().clamp(min=1e-6)))
+            want = shared(x_TD)
+            for clamped, act in ((False, plain), (True, full)):
+                if (not clamped or full != plain) and torch.allclose(shared_forward(shared, act, x_TD), want,
+                                                                     atol=1e-5, rtol=1e-4):
+                    return width, clamped
+    finally:
+        shared.train(was)
+    raise refuse(f"its shared expert {type(shared).__name__} computes neither {plain.describe()} nor the experts' "
+                 f"{full.describe()} on a probe; moekit's MoELayer uses one activation")
 
 
 def _latent_projections(children: list[nn.Module], Din: int) -> tuple[nn.Linear, nn.Linear] | None:
@@ -552,6 +596,16 @@ def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection
 
 
 def call_router(spec: BlockSpec, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`_call_router`, with a scaling factor the block holds and applies to the routed output itself
+    (MiniMax-M3-VL's `routed_scaling_factor`; moekit's router applies it to the weights, the same)."""
+    hf = _call_router(spec, x_TD)
+    scale = getattr(spec.block, "routed_scaling_factor", None)
+    if hf is None or not isinstance(scale, int | float) or hasattr(spec.gate, "routed_scaling_factor"):
+        return hf
+    return hf[0] * scale, hf[1]
+
+
+def _call_router(spec: BlockSpec, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The HF router's own choice on fp32 `x_TD`, run on an fp32 copy of it (the gate is small: E x D):
     (weights (T, K) fp32, expert indices (T, K)), or None where its output does not state a choice
     (a router returning logits only: the block selects). Two conventions: (logits, weights, indices)

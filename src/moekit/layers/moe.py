@@ -186,7 +186,7 @@ class MoELayer(nn.Module):
             self.constant_gate = nn.Parameter(torch.randn(cfg.constant_experts, 2, cfg.d_model) * cfg.d_model**-0.5)
         # MoE++ gating residual: logits += gate_map(previous layer's logits).
         self.gate_map = nn.Linear(X, X, bias=False) if cfg.gating_residual else None
-        self.shared_experts = (SharedExpert(cfg.d_model, cfg.shared_width, cfg.activation)
+        self.shared_experts = (SharedExpert(cfg.d_model, cfg.shared_width, act if cfg.shared_clamped else cfg.activation)
                                if cfg.num_shared_experts > 0 else None)
         self.shared_expert_gate = (nn.Linear(cfg.d_model, 1, bias=False)
                                    if cfg.num_shared_experts > 0 and cfg.shared_gate else None)
