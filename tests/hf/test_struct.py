@@ -60,51 +60,12 @@ def _blocks(model, cls_name):
     return [(n, m) for n, m in model.named_modules() if type(m).__name__ == cls_name]
 
 
-def assert_keys_resolve(model, keys) -> None:
-    """Every state_dict key names a Parameter or buffer of the wrapped model (transformers' loading and
-    `model.get_parameter(key)` walk these paths)."""
-    for key in keys:
-        owner, _, leaf = key.rpartition(".")
-        value = getattr(model.get_submodule(owner), leaf)
-        assert isinstance(value, torch.Tensor) and value is model.state_dict(keep_vars=True)[key], key
-
-
-def check_wrap_parity(model, cls_name: str, ids: torch.Tensor) -> list:
-    """Wrap `model` and check the module doc's five properties; returns the wrapped layers."""
-    with torch.no_grad():
-        ref = model(ids).logits
-        ref_gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
-    blocks = _blocks(model, cls_name)
-    assert blocks
-    hf_ptrs = {p.data_ptr() for p in model.parameters()}
-    keys = list(model.state_dict())
-    moekit.hf.wrap(model)
-    layers = moekit.hf.wrapped_blocks(model)
-    assert len(layers) == len(blocks)
-    assert {p.data_ptr() for p in model.parameters()} == hf_ptrs  # no copies
-    for (_, block), wrapped in zip(blocks, layers, strict=True):
-        theirs = {id(t) for t in block.state_dict(keep_vars=True).values()}
-        assert all(id(t) in theirs for t in wrapped.state_dict(keep_vars=True).values())
-    assert list(model.state_dict()) == keys
-    assert_keys_resolve(model, keys)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
-        gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
-    assert torch.equal(gen, ref_gen)
-    moekit.hf.unwrap(model)
-    assert [m for _, m in _blocks(model, cls_name)] == [b for _, b in blocks]
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, ref)
-    moekit.hf.wrap(model)
-    return layers
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_wraps_with_exact_parity(family, build):
+def test_family_wraps_with_exact_parity(family, build, wrap_parity):
     _, cls_name, want = FAMILIES[family]
     model = build(family)
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
-    layer = check_wrap_parity(model, cls_name, ids)[0]
+    layer = wrap_parity(model, cls_name, ids)[0]
     for name, value in want.items():
         got = layer.experts.layout.describe() if name == "layout" else getattr(layer.cfg, name)
         assert got == value, (name, got)
@@ -147,7 +108,7 @@ def _switch(randomized, **kw):
 
 
 @pytest.mark.parametrize("capacity", [64, 2])
-def test_switch_listed_experts_and_its_capacity_rule(randomized, capacity):
+def test_switch_listed_experts_and_its_capacity_rule(randomized, capacity, keys_resolve):
     """Switch's experts are separate wi/wo modules, held in place (ExpertLayout(listed)); its router is
     top-1 with a fixed capacity per expert and sequence, first tokens first, in eval too: capacity 2 on
     12-token prompts drops tokens, and the wrapped model drops the same ones (logits equal)."""
@@ -163,7 +124,7 @@ def test_switch_listed_experts_and_its_capacity_rule(randomized, capacity):
     layer = layers[0]
     assert layer.cfg.expert_capacity == capacity and layer.cfg.router.describe() == "k=1, score=softmax, normalize=False"
     assert layer.experts.layout.describe() == "listed" and layer.experts.in_proj[3] is blocks[0][1].experts["expert_3"].wi
-    assert_keys_resolve(model, model.state_dict())
+    keys_resolve(model, model.state_dict())
     with torch.no_grad():
         got = model(input_ids=ids, decoder_input_ids=ids).logits
         dropped = layers[0].routing_info().num_dropped
@@ -242,13 +203,13 @@ def test_ernie_vl_text_and_vision_blocks_wrap_and_the_modality_split_matches():
     assert parent.vision_moe.routing_info().num_tokens == int((types > 0).sum())
 
 
-def test_jetmoe_ffn_moe_wraps_and_its_mixture_of_attention_is_left_alone(build):
+def test_jetmoe_ffn_moe_wraps_and_its_mixture_of_attention_is_left_alone(build, wrap_parity):
     """JetMoeMoE has no `experts` child: its experts are two parallel (E, ., .) weights found by role, with
     a (D,) bias on the block's output (MoEConfig.output_bias). JetMoeMoA (mixture of attention, inside
     the attention) is not an FFN MoE: wrap leaves it as transformers runs it."""
     model = build("jetmoe")
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
-    layer = check_wrap_parity(model, "JetMoeMoE", ids)[0]
+    layer = wrap_parity(model, "JetMoeMoE", ids)[0]
     block = layer.original()
     assert layer.cfg.output_bias and layer.output_bias is block.bias
     assert layer.experts.gate_up_proj is block.input_linear.weight and layer.cfg.router.describe().startswith("k=2")

@@ -97,19 +97,18 @@ class HFMoEBlock(MoELayer):
         hf_modules = {id(m) for m in block.modules()}
         for mine, theirs in self._hf_names.items():
             (m_owner, _, m_leaf), (t_owner, _, t_leaf) = mine.rpartition("."), theirs.rpartition(".")
-            head, *rest = t_owner.split(".") if t_owner else (t_leaf,)
-            if head in self._modules or head in self._parameters or head in self._buffers:
-                pass
-            elif not t_owner:
-                if not m_owner:
-                    self._hf_children.setdefault(t_leaf, m_leaf)
+            if not t_owner:  # a tensor of the HF block itself (JetMoE's bias, MiniMax-M2's selection bias)
+                if t_leaf not in self._parameters and t_leaf not in self._buffers:
+                    self._hf_children.setdefault(t_leaf, mine)  # a dotted path: read when asked (buffers move)
                 continue
-            elif m_leaf != t_leaf or not m_owner:
-                self._hf_children.setdefault(head, block.get_submodule(head))
-                continue
-            else:
-                self._hf_children.setdefault(head, m_owner.split(".")[0])
-            if not t_owner or m_leaf != t_leaf or not m_owner:
+            head, *rest = t_owner.split(".")
+            if head not in self._modules:
+                # moekit lacks the HF child: alias moekit's child holding the tensor, or the HF child itself
+                # where the names below it differ too (JetMoE's input_linear.weight)
+                same_path = m_owner and (m_owner.split(".")[1:] == rest) and m_leaf == t_leaf
+                self._hf_children.setdefault(head, m_owner.split(".")[0] if m_owner and (same_path or m_leaf == t_leaf)
+                                             else block.get_submodule(head))
+            if not m_owner:
                 continue
             target = self.get_submodule(m_owner)
             alias = self._hf_children.get(head, head)
@@ -122,11 +121,15 @@ class HFMoEBlock(MoELayer):
                 elif isinstance(module.__dict__.get(part), nn.Module):
                     module = module.__dict__[part]
                 elif part in module.__dict__ or hasattr(type(module), part):
-                    break  # a name moekit's module uses otherwise: this key stays unresolved
+                    module = None  # a name moekit's module uses otherwise: this key stays unresolved
+                    break
                 else:
                     nxt = block.get_submodule(path) if id(target) in hf_modules else target
                     object.__setattr__(module, part, nxt)
                     module = nxt
+            if module is target and t_leaf != m_leaf and not hasattr(target, t_leaf):
+                # same module, another name (gpt-oss's experts.gate_up_proj_bias = moekit's in_proj_bias)
+                object.__setattr__(target, t_leaf, _get_tensor(self, mine))
         self.register_state_dict_post_hook(_state_dict_to_hf)
         self.register_load_state_dict_pre_hook(_load_hf_names)
 
@@ -177,7 +180,9 @@ class HFMoEBlock(MoELayer):
             alias = self.__dict__.get("_hf_children", {}).get(name)
             if alias is None:
                 raise
-            return alias if isinstance(alias, nn.Module) else super().__getattr__(alias)
+            if isinstance(alias, nn.Module):
+                return alias
+            return _get_tensor(self, alias) if "." in alias else super().__getattr__(alias)
 
     def original(self) -> nn.Module:
         """The wrapped transformers block, with any tensor this layer now holds (after `.to()`, say)
