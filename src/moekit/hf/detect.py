@@ -115,8 +115,19 @@ def looks_like_moe_block(module: nn.Module) -> bool:
         return False
     experts = getattr(module, "experts", None)
     if not isinstance(experts, nn.Module):
-        return _parallel_experts(module) is not None
+        return _parallel_experts(module) is not None or _embedding_experts(module) is not None
     return any(p.dim() >= 2 for p in experts.parameters())
+
+
+def _embedding_experts(block: nn.Module) -> int | None:
+    """E, for a block whose experts are rows of two embedding tables (E, D) picked by product keys: a Linear
+    child scoring 2 x floor(sqrt(E)) keys (DOGE's cross-domain MoE, PEER-style single-neuron experts)."""
+    tables = [c for c in block.children() if isinstance(c, nn.Embedding)]
+    if len(tables) < 2 or len({tuple(t.weight.shape) for t in tables}) != 1:
+        return None
+    E = tables[0].num_embeddings
+    keys = 2 * int(E ** 0.5)
+    return E if any(isinstance(c, nn.Linear) and c.out_features == keys for c in block.children()) else None
 
 
 def _parallel_experts(block: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -141,6 +152,10 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
 
     if name in UNEXPRESSED:
         raise refuse(UNEXPRESSED[name])
+    if not isinstance(getattr(block, "experts", None), nn.Module) and _embedding_experts(block) is not None:
+        raise refuse(f"its {_embedding_experts(block)} experts are single neurons, rows of two embedding tables picked "
+                     "by product keys (two top-k over sqrt(E) keys each, then a top-k of their sums); moekit's experts "
+                     "are FFNs chosen by one linear router")
     parallel = None if isinstance(getattr(block, "experts", None), nn.Module) else _parallel_experts(block)
     experts = block if parallel is not None else block.experts
     if parallel is not None:
