@@ -263,3 +263,47 @@ def test_structures_moekit_lacks_are_refused_naming_the_feature(family, why):
     (the coverage script's check: tiny model of the real classes)."""
     block, status, reason = _coverage_script().check(family, "native")
     assert status == "refused" and why in reason, (block, status, reason)
+
+
+def test_stack_rewriters_refuse_storage_read_in_place(build):
+    """prune and expert renumbering rewrite (E, ., .) stacks by row; on LongCat's input stack with spare
+    rows (or any layout read in place) they refuse instead of permuting the wrong rows."""
+    from moekit.compress.prune import apply_keep
+    from moekit.dispatch.placement import permute_experts_
+
+    model = build("longcat_flash")
+    moekit.hf.wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    before = layer.experts.gate_up_proj.clone()
+    with pytest.raises(ValueError, match=r"permute_experts_: .*read in place \(spare=2\)"):
+        permute_experts_(list(reversed(range(8))), layer.experts, layer.router)
+    with pytest.raises(ValueError, match=r"prune: .*read in place"):
+        apply_keep(layer, [0, 1, 2, 3])
+    assert torch.equal(layer.experts.gate_up_proj, before) and layer.experts.num_experts == 8
+
+
+def test_listed_and_spare_banks_match_the_reference_loop_forward_and_backward():
+    """ExpertLayout(listed) and ExpertLayout(spare) banks against moekit's reference loop (ops.reference),
+    outputs and gradients; the listed bank's per-expert modules receive the gradients."""
+    from moekit.experts.bank import ExpertBank, ExpertLayout
+    from moekit.ops.reference import ReferenceExperts
+
+    torch.manual_seed(0)
+    for layout, act in ((ExpertLayout(listed=True, bias=True), "relu"), (ExpertLayout(spare=2), "swiglu")):
+        bank = ExpertBank(4, 8, 6, act, layout)
+        if layout.listed:
+            for m in (*bank.in_proj, *bank.out_proj):
+                torch.nn.init.normal_(m.bias)
+        else:
+            torch.nn.init.normal_(bank.gate_up_proj[4:])  # spare rows never read: nonzero on purpose
+        x_ND = torch.randn(10, 8, requires_grad=True)
+        offsets_E = torch.tensor([3, 5, 7, 10], dtype=torch.int32)
+        y = bank(x_ND, offsets_E)
+        g_fast = torch.autograd.grad(y.square().sum(), [x_ND, *bank.parameters()])
+        y_ref = ReferenceExperts(bank)(x_ND, offsets_E)
+        g_ref = torch.autograd.grad(y_ref.square().sum(), [x_ND, *bank.parameters()])
+        torch.testing.assert_close(y, y_ref)
+        for a, b in zip(g_fast, g_ref, strict=True):
+            torch.testing.assert_close(a, b)
+        if not layout.listed:
+            assert bank.gate_up_proj.shape[0] == 6 and not g_fast[1][4:].any()

@@ -430,6 +430,8 @@ def permute_experts_(order_E, bank: torch.nn.Module, router: torch.nn.Module) ->
     E-sized tensor this function does not know.
     """
     E = bank.num_experts
+    if callable(getattr(bank, "require_standard", None)):
+        bank.require_standard("permute_experts_")
     order_E = torch.as_tensor(np.asarray(order_E), dtype=torch.int64)
     if order_E.shape != (E,) or not torch.equal(order_E.sort().values, torch.arange(E)):
         raise ValueError(f"permute_experts_: order_E must be a permutation of 0..{E - 1}, got {order_E.tolist()}")

@@ -159,6 +159,14 @@ class ExpertBank(nn.Module):
         self._stacked("w_out")
         return self._view(self.down_proj, self.layout.flat or self.layout.out_transposed)
 
+    def require_standard(self, what: str) -> None:
+        """Raise ValueError unless the bank holds moekit's own (E, ., .) stacks (ExpertLayout STANDARD):
+        `what` rewrites or shards the stacks by expert row, which a model's storage read in place (a
+        wrapped transformers block: transposed, flat, spare rows, separate modules) does not allow."""
+        if self.layout != STANDARD:
+            raise ValueError(f"{what}: the experts are a model's own storage read in place ({self.layout.describe()}); "
+                             "it rewrites standard (E, ., .) stacks only")
+
     def _stacked(self, what: str) -> None:
         if self.layout.listed:
             raise ValueError(f"ExpertBank.{what}: this bank's experts are separate modules (ExpertLayout(listed=True)), "
