@@ -8,6 +8,8 @@ What is shared with the wrapped block (the same Python objects, nothing copied),
   experts' stacks and biases                experts.* (an ExpertBank with the block's ExpertLayout)
   shared expert {gate,up,down}_proj         shared_experts.{gate,up,down}_proj   (the Linear modules)
   latent projections D->l, l->D             fc1_latent_proj, fc2_latent_proj      (the Linear modules)
+  separate expert modules' Linear layers    experts.in_proj[e], experts.out_proj[e] (ExpertLayout(listed))
+  block output bias (D,) / output norm      output_bias / output_norm.weight
   shared-expert gate Linear(D, 1)           shared_expert_gate                    (the Linear module)
 
 The forward takes and returns what the HF block does: hidden states (B, T, D) -> (B, T, D), or the

@@ -3,17 +3,30 @@
 Legend: T tokens, D model dim, E routed experts, F expert hidden dim, K experts per token, X = 2F
 (gated experts) or F.
 
-A block is any module with an `experts` child holding the routed experts' weights, and then, found by
-role rather than by child name:
+A block is any module with an `experts` child holding the routed experts' weights (stacked, or a
+ModuleList/ModuleDict of dense MLP modules: Switch Transformers), or with two children holding one
+stacked (E, ., .) weight each (JetMoE's parallel experts), and then, found by role rather than by
+child name:
   router         the one other child whose own `weight` is (E, D), or that holds one Linear(D, E)
                  (`gate`, `router`, `gate.wg`, `router.layer`, a Linear subclass); an optional logit
                  `bias` (E,) (gpt-oss) and a selection bias (DeepSeek-V3's `e_score_correction_bias`)
-                 in it or held by the block (MiniMax-M2, LFM2-MoE: passed to the router's forward)
-  shared expert  a child MLP with Linear gate_proj / up_proj / down_proj without bias (`shared_expert`,
-                 `shared_experts`, `shared_mlp`), optionally gated by a Linear(D, 1) child (Qwen2-MoE)
-The experts' storage is read into an `ExpertLayout` (transposed, interleaved, separate or flat stacks,
-per-expert biases) and their activation by value (`moekit.ops.ffn.Activation`: SiLU, GELU, ReLU, ...,
-gpt-oss's clamped SwiGLU), so a family is a configuration of moekit's pieces, not a code path.
+                 in it or held by the block (MiniMax-M2, LFM2-MoE: passed to the router's forward).
+                 A lone Linear(D, R) with R > E: columns E.. are zero-computation experts, read from
+                 what the experts' forward does with a token sent there (LongCat-Flash's identities)
+  shared expert  a child MLP with Linear up_proj / down_proj and gate_proj or none, or a fused
+                 gate_up_proj, biases allowed (`shared_expert`, `shared_experts`, `shared_mlp`,
+                 Nemotron-H's ReLU^2 MLP), its activation read from its own output; optionally gated
+                 by a Linear(D, 1) child (Qwen2-MoE)
+  latent pair    Linear(D, l) and Linear(l, D) children around experts that work in l dims (Nemotron-H)
+  output norm    a child with one (D,) `weight` and an epsilon (A.X-K1's post_mlp_layernorm)
+  output bias    a (D,) Parameter of the block itself (JetMoE)
+  children without tensors (activations, dropout, nn.Identity) hold nothing to bind.
+Blocks whose parts match but whose forward is something else are named in UNEXPRESSED (refused) and
+NOT_FFN_MOE (left alone: JetMoE's mixture of attention).
+The experts' storage is read into an `ExpertLayout` (transposed, interleaved, separate, flat or listed
+stacks, spare rows, per-expert biases) and their activation by value (`moekit.ops.ffn.Activation`:
+SiLU, GELU, ReLU, ..., gpt-oss's clamped SwiGLU), so a family is a configuration of moekit's pieces,
+not a code path; the block probe in `moekit.hf.wrap` checks the whole reading.
 
 The routing rule comes from what the router's forward uses: its own attributes first (`top_k`,
 `norm_topk_prob`, `routed_scaling_factor`, `num_group`/`n_group`, `topk_group`), then the model config
