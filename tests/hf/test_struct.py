@@ -118,6 +118,7 @@ def test_switch_listed_experts_and_its_capacity_rule(randomized, capacity, keys_
     with torch.no_grad():
         ref = model(input_ids=ids, decoder_input_ids=ids).logits
         ref_gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+        ref_aux = model(input_ids=ids, decoder_input_ids=ids, labels=ids, output_router_logits=True)
     moekit.hf.wrap(model)
     layers = moekit.hf.wrapped_blocks(model)
     assert len(layers) == len(blocks) == 2
@@ -129,7 +130,10 @@ def test_switch_listed_experts_and_its_capacity_rule(randomized, capacity, keys_
         got = model(input_ids=ids, decoder_input_ids=ids).logits
         dropped = layers[0].routing_info().num_dropped
         gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+        aux = model(input_ids=ids, decoder_input_ids=ids, labels=ids, output_router_logits=True)
     assert (dropped > 0) == (capacity == 2)
+    for name in ("loss", "encoder_z_loss", "encoder_aux_loss", "decoder_z_loss", "decoder_aux_loss"):
+        torch.testing.assert_close(getattr(aux, name), getattr(ref_aux, name))  # (B, T, E) router logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(gen, ref_gen)
     moekit.hf.unwrap(model)

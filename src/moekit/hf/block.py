@@ -22,6 +22,8 @@ for `moekit.hf.unwrap`.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -138,6 +140,7 @@ class HFMoEBlock(MoELayer):
         self.hf_class = spec.class_name
         self.returns: str | None = None  # set by moekit.hf.wrap from the block's own output (see `_as_hf`)
         self.records_router_logits = records_router_logits
+        self.router_logits_keep_batch = records_router_logits and _router_keeps_batch_dims(spec)
         object.__setattr__(self, "_hf_block", block)  # not a submodule: no second copy in state_dict / .to()
         self.train(block.training)
 
@@ -158,7 +161,9 @@ class HFMoEBlock(MoELayer):
             y = super().forward(hidden_states, padding_mask)
         finally:
             handle.remove()
-        collected["router_logits"].append(logits[0])
+        # in the shape the HF router returns them: (T, E), or (B, T, E) where it keeps the batch dims (Switch)
+        collected["router_logits"].append(logits[0].view(*hidden_states.shape[:-1], -1)
+                                          if self.router_logits_keep_batch else logits[0])
         return self._as_hf(y)
 
     def _as_hf(self, y: torch.Tensor):
@@ -235,6 +240,22 @@ def _state_dict_to_hf(module: HFMoEBlock, state_dict, prefix: str, local_metadat
         mine.pop(name, None)
     for name, value in mine.items():  # state an override added (e.g. null-expert rows): moekit's names
         state_dict[prefix + name] = value
+
+
+def _router_keeps_batch_dims(spec: BlockSpec) -> bool:
+    """Whether the HF router returns (B, T, E) logits for a (B, T, D) input (Switch Transformers) rather
+    than (T, E); read on a copy of it, on a 2 x 3-token probe (False on meta tensors)."""
+    if spec.router_weight.is_meta:
+        return False
+    gate = copy.deepcopy(spec.gate).float().eval()
+    E = spec.cfg.router_slots
+    try:
+        with torch.no_grad():
+            out = gate(torch.zeros(2, 3, spec.cfg.d_model, device=spec.router_weight.device))
+    except Exception:
+        return False
+    outs = out if isinstance(out, tuple) else (out,)
+    return any(isinstance(t, torch.Tensor) and tuple(t.shape) == (2, 3, E) and t.is_floating_point() for t in outs)
 
 
 def transformers_records_router_logits(model: nn.Module, gate: nn.Module) -> bool:
