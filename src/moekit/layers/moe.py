@@ -452,7 +452,8 @@ class MoELayer(nn.Module):
         cfg = self.cfg
         arch = "".join(f", {name}={getattr(cfg, name)}" for name, default in (
             ("iterations", 1), ("zero_experts", 0), ("copy_experts", 0), ("constant_experts", 0),
-            ("gating_residual", False), ("latent_dim", None), ("pregated", False)) if getattr(cfg, name) != default)
+            ("gating_residual", False), ("latent_dim", None), ("pregated", False), ("expert_capacity", None),
+            ("output_bias", False), ("output_norm_eps", None), ("shared_clamped", False)) if getattr(cfg, name) != default)
         return (f"router={cfg.router.kind}({cfg.router.describe()}), E={cfg.num_experts}{arch}, "
                 f"shared={cfg.num_shared_experts}, params={cfg.num_params():,}, "
                 f"active_params={cfg.num_active_params():,}")
