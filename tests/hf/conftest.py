@@ -168,3 +168,15 @@ def wrap_parity():
 def keys_resolve():
     """keys_resolve(model, keys): every state_dict key resolves to the model's own tensor."""
     return _assert_keys_resolve
+
+
+@pytest.fixture
+def build_causal():
+    """build_causal(model_type, **config kwargs) -> a tiny randomised AutoModelForCausalLM in eval mode."""
+    from transformers import AutoConfig
+
+    def make(model_type: str, **kwargs) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return randomize(AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))).eval()
+
+    return make

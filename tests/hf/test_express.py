@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 import moekit
 import moekit.hf
@@ -43,13 +42,8 @@ FAMILIES = {
 
 
 @pytest.fixture
-def build(randomized):
-    def make(family: str) -> torch.nn.Module:
-        cfg = AutoConfig.for_model(family.split("-")[0], **{**_BASE, **FAMILIES[family][0]})
-        torch.manual_seed(0)
-        return randomized(AutoModelForCausalLM.from_config(cfg)).eval()
-
-    return make
+def build(build_causal):
+    return lambda family: build_causal(family.split("-")[0], **{**_BASE, **FAMILIES[family][0]})
 
 
 def _blocks(model, cls_name):
