@@ -40,6 +40,10 @@ FAMILIES = {
     "minimax_m3_vl_text": (dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, intermediate_size=16,
                                 shared_intermediate_size=24, dense_intermediate_size=48, routed_scaling_factor=2.0),
                            "MiniMaxM3VLSparseMoeBlock", dict(shared_clamped=True, d_shared=24)),
+    # Inkling2's softcapped SwiGLU experts (Activation.softcap, read from mlp_gate_softcap / mlp_up_softcap)
+    "inkling2_text": (dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                           unpadded_vocab_size=128, mlp_gate_softcap=2.0, mlp_up_softcap=3.0),
+                      "Inkling2SparseMoeBlock", dict(activation_softcap=(2.0, 3.0))),
     "jetmoe": (dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
                     kv_channels=8), "JetMoeMoE", dict(output_bias=True, activation="swiglu")),
 }
@@ -228,8 +232,8 @@ def test_router_columns_past_the_experts_that_are_no_identity_are_refused(build)
 
 def test_offload_runs_wrapped_identity_and_latent_experts_and_refuses_listed_ones(build, randomized, tmp_path):
     """moekit.offload on wrapped LongCat-Flash (copy experts, spare stack rows) and Nemotron-H (latent,
-    ReLU^2): the offloaded model's logits equal the resident ones; Switch's separate expert modules are
-    refused by name."""
+    ReLU^2): the offloaded model's logits equal the resident ones; Switch's separate expert modules and
+    Inkling2's softcapped SwiGLU (the store records an activation name) are refused by name."""
     from moekit.offload import offload, write_store
 
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -247,6 +251,10 @@ def test_offload_runs_wrapped_identity_and_latent_experts_and_refuses_listed_one
     moekit.hf.wrap(switch)
     with pytest.raises(ValueError, match=r"separate modules \(ExpertLayout\(listed=True\)"):
         write_store(switch, tmp_path / "switch")
+    inkling2 = build("inkling2_text")
+    moekit.hf.wrap(inkling2)
+    with pytest.raises(ValueError, match=r"softcapped SwiGLU"):
+        write_store(inkling2, tmp_path / "inkling2")
 
 
 @pytest.mark.parametrize(("family", "why"), [

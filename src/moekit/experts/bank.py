@@ -13,6 +13,7 @@ own Parameters and takes views of them at each forward; nothing is copied.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +64,7 @@ class ExpertBank(nn.Module):
         super().__init__()
         act = activation if isinstance(activation, Activation) else Activation(activation)
         if layout.interleaved != act.interleaved:
-            act = Activation(act.name, act.limit, act.alpha, act.up_offset, layout.interleaved)
+            act = dataclasses.replace(act, interleaved=layout.interleaved)
         if layout.spare and (layout.flat or layout.split):
             raise ValueError(f"ExpertLayout(spare={layout.spare}) needs one stacked (E, ., .) input projection, got "
                              f"{layout.describe()}")

@@ -249,7 +249,7 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     n_shared = getattr(config, "n_shared_experts", None) or 1
     cfg = MoEConfig(d_model=D, d_expert=Fdim, num_experts=E, router=router, activation=activation.name,
                     activation_limit=activation.limit, activation_alpha=activation.alpha,
-                    activation_up_offset=activation.up_offset,
+                    activation_up_offset=activation.up_offset, activation_softcap=activation.softcap,
                     num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
                     shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
                     latent_dim=Din if latent is not None else None, expert_capacity=_capacity(gate),
@@ -575,10 +575,12 @@ def _read_activation(experts: nn.Module, gated: bool, layout: ExpertLayout, Fdim
         settings += [(float(limit), 1.0, 0.0), (float(limit), 1.0, 1.0)]
         if alpha is not None:
             settings += [(float(limit), float(alpha), 1.0), (float(limit), float(alpha), 0.0)]
-    for name, (lim, a, off) in itertools.product(names, settings):
-        if a != 1.0 and name != "swiglu":
-            continue
-        cand = Activation(name, lim, a, off, layout.interleaved)
+    caps = tuple(getattr(config, n, None) for n in ("mlp_gate_softcap", "mlp_up_softcap"))
+    candidates = [Activation(name, lim, a, off, layout.interleaved)
+                  for name, (lim, a, off) in itertools.product(names, settings) if a == 1.0 or name == "swiglu"]
+    if all(isinstance(c, int | float) and c > 0 for c in caps):  # Inkling2's softcapped SwiGLU, as its config states
+        candidates.append(Activation("swiglu", interleaved=layout.interleaved, softcap=(float(caps[0]), float(caps[1]))))
+    for cand in candidates:
         got = cand(h)
         if got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-5):
             return cand

@@ -168,7 +168,8 @@ class MoELayer(nn.Module):
         # Chain-of-Experts: iteration t > 0 has a router of its own (arXiv 2506.18945).
         self.chain_routers = nn.ModuleList(router_class(cfg.router.kind)(cfg.router, cfg.d_model, X)
                                            for _ in range(cfg.iterations - 1))
-        act = Activation(cfg.activation, cfg.activation_limit, cfg.activation_alpha, cfg.activation_up_offset)
+        act = Activation(cfg.activation, cfg.activation_limit, cfg.activation_alpha, cfg.activation_up_offset,
+                         softcap=None if cfg.activation_softcap is None else tuple(cfg.activation_softcap))
         self.experts = ExpertBank(cfg.num_experts, cfg.expert_dim, cfg.d_expert, act)
         # Latent experts: names as transformers' NemotronHMoE, so its Parameters can be shared.
         self.fc1_latent_proj = self.fc2_latent_proj = None

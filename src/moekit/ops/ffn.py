@@ -12,7 +12,9 @@ Activations (`Activation.name`):
 A gated activation may also carry gpt-oss's clamped SwiGLU settings (openai/gpt-oss,
 `gpt_oss/torch/model.py` `swiglu`): gate.clamp(max=limit), up.clamp(-limit, limit), the gate's SiLU
 as gate * sigmoid(alpha * gate), and (up + up_offset) — limit 7, alpha 1.702, up_offset 1 there;
-limit alone is DeepSeek-V4's clamped SiLU.
+limit alone is DeepSeek-V4's clamped SiLU. A SwiGLU may instead carry Inkling2's softcaps (c_g, c_u):
+c_g tanh(gate / c_g) * sigmoid(gate) * c_u tanh(up / c_u), computed in fp32 (transformers' inkling2
+`Inkling2SoftcappedSwiGLU`).
 
 Used by the routed experts (`moekit.experts.ExpertBank`, through the grouped GEMM), the reference
 loop (`moekit.ops.reference`, through plain `F.linear`), the shared expert and offloaded experts
@@ -55,6 +57,7 @@ class Activation:
     alpha: float = 1.0
     up_offset: float = 0.0
     interleaved: bool = False
+    softcap: tuple[float, float] | None = None  # (gate c, up c): Inkling2's softcapped SwiGLU (module doc)
 
     def __post_init__(self):
         if self.name not in ACTIVATIONS:
@@ -64,6 +67,9 @@ class Activation:
                              "interleaved apply to gated activations only")
         if self.alpha != 1.0 and self.name != "swiglu":
             raise ValueError(f"alpha={self.alpha} applies to 'swiglu' only, not {self.name!r}")
+        if self.softcap is not None and (self.name != "swiglu" or self.limit is not None or self.alpha != 1.0
+                                         or self.up_offset or min(self.softcap) <= 0):
+            raise ValueError(f"softcap={self.softcap} applies to a plain 'swiglu' only, with two caps > 0")
 
     @property
     def gated(self) -> bool:
@@ -81,6 +87,10 @@ class Activation:
 
     def glu(self, gate_NF: torch.Tensor, up_NF: torch.Tensor) -> torch.Tensor:
         """act(gate) * up, with the clamp settings (a gated activation)."""
+        if self.softcap is not None:  # c_g tanh(g / c_g) * sigmoid(g) * c_u tanh(u / c_u), in fp32
+            (c_g, c_u), dtype = self.softcap, gate_NF.dtype
+            g, u = gate_NF.float(), up_NF.float()
+            return (torch.tanh(g / c_g) * c_g * torch.sigmoid(g) * (torch.tanh(u / c_u) * c_u)).to(dtype)
         if self.limit is not None:
             gate_NF = gate_NF.clamp(max=self.limit)
             up_NF = up_NF.clamp(min=-self.limit, max=self.limit)
@@ -100,6 +110,8 @@ class Activation:
             parts.append(f"up+{self.up_offset:g}")
         if self.interleaved:
             parts.append("interleaved")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap[0]:g}/{self.softcap[1]:g}")
         return " ".join(parts)
 
 
