@@ -401,8 +401,9 @@ class MoEConfig(Config):
     activation_limit: float | None = setting(None, "clamp of the gated activation (gpt-oss 7.0; None = none)")
     activation_alpha: float = setting(1.0, "sigmoid slope of the clamped SwiGLU (gpt-oss 1.702)")
     activation_up_offset: float = setting(0.0, "added to the up projection in the clamped SwiGLU (gpt-oss 1)")
-    activation_softcap: tuple[float, float] | None = setting(None, "softcaps (gate, up) of Inkling2's softcapped "
-                                                                   "SwiGLU (None = none)")
+    activation_softcap_gate: float | None = setting(None, "gate softcap of Inkling2's softcapped SwiGLU (None = none; "
+                                                          "set with activation_softcap_up)")
+    activation_softcap_up: float | None = setting(None, "up softcap of Inkling2's softcapped SwiGLU (None = none)")
     num_shared_experts: int = setting(0, "always-on shared experts (one FFN of width d_shared; 0 = none)")
     d_shared: int | None = setting(None, "width of the shared expert FFN (None = num_shared_experts * "
                                    "d_expert)")
@@ -464,11 +465,12 @@ class MoEConfig(Config):
                 "MoEConfig.activation_alpha", self.activation_alpha, "1.0, or a float > 0 with activation='swiglu'")
         require(self.activation_up_offset == 0.0 or gated, "MoEConfig.activation_up_offset",
                 self.activation_up_offset, "0.0 unless the activation is gated")
-        require(self.activation_softcap is None or (self.activation == "swiglu" and len(self.activation_softcap) == 2
-                                                    and min(self.activation_softcap) > 0 and
-                                                    self.activation_limit is None),
-                "MoEConfig.activation_softcap", self.activation_softcap,
-                "None, or two caps > 0 with activation='swiglu' and no activation_limit")
+        caps = (self.activation_softcap_gate, self.activation_softcap_up)
+        require(caps == (None, None) or (None not in caps and min(caps) > 0 and self.activation == "swiglu"
+                                         and self.activation_limit is None),
+                "MoEConfig.activation_softcap_gate", self.activation_softcap_gate,
+                "None (with activation_softcap_up None), or two caps > 0 with activation='swiglu' and no "
+                "activation_limit")
         require(self.num_shared_experts >= 0, "MoEConfig.num_shared_experts", self.num_shared_experts,
                "an integer >= 0")
         require(self.d_shared is None or self.d_shared >= 1, "MoEConfig.d_shared", self.d_shared,

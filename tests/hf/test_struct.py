@@ -43,7 +43,7 @@ FAMILIES = {
     # Inkling2's softcapped SwiGLU experts (Activation.softcap, read from mlp_gate_softcap / mlp_up_softcap)
     "inkling2_text": (dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
                            unpadded_vocab_size=128, mlp_gate_softcap=2.0, mlp_up_softcap=3.0),
-                      "Inkling2SparseMoeBlock", dict(activation_softcap=(2.0, 3.0))),
+                      "Inkling2SparseMoeBlock", dict(activation_softcap_gate=2.0, activation_softcap_up=3.0)),
     "jetmoe": (dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
                     kv_channels=8), "JetMoeMoE", dict(output_bias=True, activation="swiglu")),
 }

@@ -249,7 +249,9 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     n_shared = getattr(config, "n_shared_experts", None) or 1
     cfg = MoEConfig(d_model=D, d_expert=Fdim, num_experts=E, router=router, activation=activation.name,
                     activation_limit=activation.limit, activation_alpha=activation.alpha,
-                    activation_up_offset=activation.up_offset, activation_softcap=activation.softcap,
+                    activation_up_offset=activation.up_offset,
+                    activation_softcap_gate=activation.softcap and activation.softcap[0],
+                    activation_softcap_up=activation.softcap and activation.softcap[1],
                     num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
                     shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
                     latent_dim=Din if latent is not None else None, expert_capacity=_capacity(gate),

@@ -169,7 +169,8 @@ class MoELayer(nn.Module):
         self.chain_routers = nn.ModuleList(router_class(cfg.router.kind)(cfg.router, cfg.d_model, X)
                                            for _ in range(cfg.iterations - 1))
         act = Activation(cfg.activation, cfg.activation_limit, cfg.activation_alpha, cfg.activation_up_offset,
-                         softcap=None if cfg.activation_softcap is None else tuple(cfg.activation_softcap))
+                         softcap=None if cfg.activation_softcap_gate is None
+                         else (cfg.activation_softcap_gate, cfg.activation_softcap_up))
         self.experts = ExpertBank(cfg.num_experts, cfg.expert_dim, cfg.d_expert, act)
         # Latent experts: names as transformers' NemotronHMoE, so its Parameters can be shared.
         self.fc1_latent_proj = self.fc2_latent_proj = None
