@@ -3,17 +3,30 @@
 Legend: T tokens, D model dim, E routed experts, F expert hidden dim, K experts per token, X = 2F
 (gated experts) or F.
 
-A block is any module with an `experts` child holding the routed experts' weights, and then, found by
-role rather than by child name:
+A block is any module with an `experts` child holding the routed experts' weights (stacked, or a
+ModuleList/ModuleDict of dense MLP modules: Switch Transformers), or with two children holding one
+stacked (E, ., .) weight each (JetMoE's parallel experts), and then, found by role rather than by
+child name:
   router         the one other child whose own `weight` is (E, D), or that holds one Linear(D, E)
                  (`gate`, `router`, `gate.wg`, `router.layer`, a Linear subclass); an optional logit
                  `bias` (E,) (gpt-oss) and a selection bias (DeepSeek-V3's `e_score_correction_bias`)
-                 in it or held by the block (MiniMax-M2, LFM2-MoE: passed to the router's forward)
-  shared expert  a child MLP with Linear gate_proj / up_proj / down_proj without bias (`shared_expert`,
-                 `shared_experts`, `shared_mlp`), optionally gated by a Linear(D, 1) child (Qwen2-MoE)
-The experts' storage is read into an `ExpertLayout` (transposed, interleaved, separate or flat stacks,
-per-expert biases) and their activation by value (`moekit.ops.ffn.Activation`: SiLU, GELU, ReLU, ...,
-gpt-oss's clamped SwiGLU), so a family is a configuration of moekit's pieces, not a code path.
+                 in it or held by the block (MiniMax-M2, LFM2-MoE: passed to the router's forward).
+                 A lone Linear(D, R) with R > E: columns E.. are zero-computation experts, read from
+                 what the experts' forward does with a token sent there (LongCat-Flash's identities)
+  shared expert  a child MLP with Linear up_proj / down_proj and gate_proj or none, or a fused
+                 gate_up_proj, biases allowed (`shared_expert`, `shared_experts`, `shared_mlp`,
+                 Nemotron-H's ReLU^2 MLP), its activation read from its own output; optionally gated
+                 by a Linear(D, 1) child (Qwen2-MoE)
+  latent pair    Linear(D, l) and Linear(l, D) children around experts that work in l dims (Nemotron-H)
+  output norm    a child with one (D,) `weight` and an epsilon (A.X-K1's post_mlp_layernorm)
+  output bias    a (D,) Parameter of the block itself (JetMoE)
+  children without tensors (activations, dropout, nn.Identity) hold nothing to bind.
+Blocks whose parts match but whose forward is something else are named in UNEXPRESSED (refused) and
+NOT_FFN_MOE (left alone: JetMoE's mixture of attention).
+The experts' storage is read into an `ExpertLayout` (transposed, interleaved, separate, flat or listed
+stacks, spare rows, per-expert biases) and their activation by value (`moekit.ops.ffn.Activation`:
+SiLU, GELU, ReLU, ..., gpt-oss's clamped SwiGLU), so a family is a configuration of moekit's pieces,
+not a code path; the block probe in `moekit.hf.wrap` checks the whole reading.
 
 The routing rule comes from what the router's forward uses: its own attributes first (`top_k`,
 `norm_topk_prob`, `routed_scaling_factor`, `num_group`/`n_group`, `topk_group`, `norm_min`), then the model
@@ -60,6 +73,23 @@ class UnsupportedBlockError(UsageError):  # a UsageError is a ValueError, as bef
 TESTED_BLOCKS = ("MixtralSparseMoeBlock", "OlmoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
                  "DeepseekV3MoE", "GptOssMLP", "Llama4TextMoe", "GraniteMoeMoE", "JambaSparseMoeBlock")
 
+# Blocks refused by class, where a structural reading would find the parts but the forward does something
+# else (each reason checked against the installed transformers 5.x source).
+UNEXPRESSED = {
+    "NllbMoeSparseMLP": "its experts' forward (NllbMoeExperts) dispatches by the values of the router's one-hot "
+                        "top-1 mask, not by expert index: every token runs expert 1 with its top-1 weight and expert 0 "
+                        "with its top-2 weight, and experts 2.. never run (transformers 5.x); besides, moekit lacks "
+                        "NLLB's batch-wide top-2 capacity and its eval-mode output scale (1 - moe_token_dropout)",
+}
+
+# Modules with the parts of a sparse block that are not an FFN MoE: left as transformers runs them (wrap
+# does not touch them; docs/hf.md lists them).
+NOT_FFN_MOE = {
+    "JetMoeMoA": "JetMoE's mixture of attention: its experts are per-head query and output projections that the "
+                 "attention calls (map, then reduce around the attention), not an FFN",
+    "JetMoeAttention": "the attention holding JetMoE's mixture of attention (JetMoeMoA)",
+}
+
 # Block-held selection biases (DeepSeek-V3's rule with the bias outside the router).
 _SELECTION_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
 PROBE_TOKENS = 16
@@ -91,6 +121,15 @@ class BlockSpec:
     router_weight_scale: float = 1.0
     model_config: Any = None  # the model's config, where the block and its experts hold none
     router_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # moekit router attribute -> HF tensor
+    latent: tuple[nn.Linear, nn.Linear] | None = None  # (D -> l, l -> D) around the routed experts
+    output_bias: nn.Parameter | None = None  # (D,) added to the block's output
+    output_norm: nn.Module | None = None  # an RMSNorm of the block's output (its `weight` (D,) is bound)
+
+    @property
+    def expert_weight(self) -> torch.Tensor:
+        """One of the experts' weights (its device, dtype, and whether it is on the meta device)."""
+        first = next(iter(self.bank.values()))
+        return first if isinstance(first, torch.Tensor) else next(first.parameters())
 
     @property
     def class_name(self) -> str:
@@ -100,10 +139,35 @@ class BlockSpec:
 def looks_like_moe_block(module: nn.Module) -> bool:
     """A module with an `experts` child holding weights: a v5 sparse MoE block, supported or not.
     moekit's own layers are not transformers blocks."""
-    experts = getattr(module, "experts", None)
-    if isinstance(module, MoELayer) or not isinstance(experts, nn.Module):
+    if isinstance(module, MoELayer) or type(module).__name__ in NOT_FFN_MOE:
         return False
+    experts = getattr(module, "experts", None)
+    if not isinstance(experts, nn.Module):
+        return _parallel_experts(module) is not None or _embedding_experts(module) is not None
     return any(p.dim() >= 2 for p in experts.parameters())
+
+
+def _embedding_experts(block: nn.Module) -> int | None:
+    """E, for a block whose experts are rows of two embedding tables (E, D) picked by product keys: a Linear
+    child scoring 2 x floor(sqrt(E)) keys (DOGE's cross-domain MoE, PEER-style single-neuron experts)."""
+    tables = [c for c in block.children() if isinstance(c, nn.Embedding)]
+    if len(tables) < 2 or len({tuple(t.weight.shape) for t in tables}) != 1:
+        return None
+    E = tables[0].num_embeddings
+    keys = 2 * int(E ** 0.5)
+    return E if any(isinstance(c, nn.Linear) and c.out_features == keys for c in block.children()) else None
+
+
+def _parallel_experts(block: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """A block without an `experts` child whose experts are two children holding one stacked weight each,
+    (E, X, D) in and (E, D, F) out (JetMoE's JetMoeParallelExperts `input_linear`, `output_linear`)."""
+    single = [c for c in block.children() if len(list(c.parameters())) == 1 and next(c.parameters()).dim() == 3]
+    pairs = [(a, b) for a in single for b in single if a is not b]
+    for a, b in pairs:
+        (E, X, D), (E2, D2, Fdim) = next(a.parameters()).shape, next(b.parameters()).shape
+        if E == E2 and D == D2 and X in (Fdim, 2 * Fdim) and len(pairs) == 2:
+            return a, b
+    return None
 
 
 def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto") -> BlockSpec:
@@ -114,35 +178,63 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     def refuse(why: str) -> UnsupportedBlockError:
         return UnsupportedBlockError(f"moekit.hf cannot wrap {name}: {why}")
 
-    experts = block.experts
-    if isinstance(experts, nn.ModuleList | nn.ModuleDict):
-        raise refuse(f"its experts are a {type(experts).__name__} of separate MLP modules (modulelist_experts); "
-                     "moekit's expert bank runs stacked (E, ., .) weights")
-    bank, layout, E, D, Fdim, gated = _read_bank(experts, refuse)
-    activation = _read_activation(experts, gated, layout, Fdim, refuse)
+    if name in UNEXPRESSED:
+        raise refuse(UNEXPRESSED[name])
+    if not isinstance(getattr(block, "experts", None), nn.Module) and _embedding_experts(block) is not None:
+        raise refuse(f"its {_embedding_experts(block)} experts are single neurons, rows of two embedding tables picked "
+                     "by product keys (two top-k over sqrt(E) keys each, then a top-k of their sums); moekit's experts "
+                     "are FFNs chosen by one linear router")
+    parallel = None if isinstance(getattr(block, "experts", None), nn.Module) else _parallel_experts(block)
+    experts = block if parallel is not None else block.experts
+    if parallel is not None:
+        bank, layout, E, Din, Fdim, gated = _read_parallel(*parallel)
+        activation = _read_activation(block, gated, layout, Fdim, refuse)
+    elif isinstance(experts, nn.ModuleList | nn.ModuleDict):
+        bank, layout, E, Din, Fdim, activation = _read_listed(experts, refuse)
+    else:
+        bank, layout, E, Din, Fdim, gated = _read_bank(experts, refuse)
+        activation = _read_activation(experts, gated, layout, Fdim, refuse)
 
-    # --- the other children, by role
-    gate = shared = shared_gate = None
+    # --- the other children, by role. Children without tensors (nn.Identity, dropout, an activation module)
+    # hold nothing to bind; what they do is checked by the block probe.
+    children = [(n, c) for n, c in block.named_children()
+                if c is not experts and any(True for _ in itertools.chain(c.parameters(), c.buffers()))
+                and not any(c is p for p in parallel or ())]
+    attention = [n for n, c in children if type(c).__name__.endswith("Attention")]
+    if attention:
+        raise refuse(f"its experts sit inside a decoder layer (it also holds the attention `{attention[0]}`), whose own "
+                     "forward routes and combines them with its dense MLP and norms; there is no separate MoE block "
+                     "module for moekit to replace with a MoELayer")
+    latent = _latent_projections([c for _, c in children], Din)
+    D = Din if latent is None else latent[0].in_features
+    gate = shared = shared_gate = output_norm = None
     router_weight = router_bias = None
-    for child_name, child in block.named_children():
-        if child is experts:
+    for child_name, child in children:
+        if latent is not None and any(child is m for m in latent):
             continue
         if isinstance(child, nn.Linear) and child.out_features == 1 and child.in_features == D:
             shared_gate = child
             continue
-        if all(isinstance(getattr(child, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+        if _is_mlp(child):
             shared = child
+            continue
+        if _norm_eps(child, D) is not None and output_norm is None:
+            output_norm = child  # applied to the block's output: the block probe checks that it is
             continue
         found = _router_weight(child, E, D)
         if found is None:
             raise refuse(f"its child `{child_name}` ({type(child).__name__}) is neither a router (weight (E={E}, "
-                         f"D={D})), a shared expert (gate_proj/up_proj/down_proj) nor a shared-expert gate "
-                         "Linear(D, 1); moekit's MoELayer has no place for it")
+                         f"D={D})), a shared expert (up_proj/down_proj [+ gate_proj] Linear), a shared-expert gate "
+                         "Linear(D, 1) nor a latent projection pair Linear(D, l), Linear(l, D); moekit's MoELayer "
+                         "has no place for it")
         if gate is not None:
             raise refuse(f"it has two routers (`{child_name}` and another child with a weight (E, D))")
         gate, (router_weight, router_bias) = child, found
     if gate is None:
         raise refuse(f"it has no router: no child with a weight (E={E}, D={D}) or a Linear(D, E)")
+    # Router columns past the E experts: zero-computation experts, read from what the experts do with them.
+    R = router_weight.shape[0]
+    zero, copy_ = _zero_compute_columns(experts, E, R, Din, refuse) if R > E else (0, 0)
 
     # --- selection bias: in the router (DeepSeek-V3, ERNIE) or held by the block (MiniMax-M2, LFM2-MoE)
     selection_bias = None
@@ -150,30 +242,23 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
         for n, t in itertools.chain(holder.named_buffers(), holder.named_parameters()):
             if holder is block and "." in n:
                 continue  # the block's own tensors only; its children are read above
-            if n.rpartition(".")[2] in _SELECTION_BIAS_NAMES and t.numel() == E:
+            if n.rpartition(".")[2] in _SELECTION_BIAS_NAMES and t.numel() == R:
                 selection_bias = t
     # --- a token id -> experts table (V, K) of integers in the router: hash routing (DeepSeek-V4's `tid2eid`)
     tables = [t for t in gate.buffers() if not t.dtype.is_floating_point and t.dim() == 2 and t.shape[1] <= E]
     hash_table = tables[0] if len(tables) == 1 else None
+    # A (D,) Parameter of the block itself: a bias on the block's output (JetMoE); the probe checks where it goes.
+    output_bias = next((p for p in block.parameters(recurse=False) if tuple(p.shape) == (D,)), None)
     own = [n for n, t in itertools.chain(block.named_parameters(recurse=False), block.named_buffers(recurse=False))
-           if t is not selection_bias]
+           if t is not selection_bias and t is not output_bias]
     if own:
         raise refuse(f"it holds tensors {own} directly that are no selection bias (E,) moekit knows")
 
-    # --- shared expert (always on), optionally sigmoid-gated
+    # --- shared expert (always on, reading the D-dim input), optionally sigmoid-gated; its Linear modules
+    # (biases included) are bound as they are
     width, shared_limit = 0, None
     if shared is not None:
-        lin = [getattr(shared, n) for n in ("gate_proj", "up_proj", "down_proj")]
-        shared_fn = getattr(shared, "act_fn", None) or getattr(shared, "activation_fn", None)
-        shared_act = _GATED_OF.get(_value_activation(shared_fn))
-        if any(m.bias is not None for m in lin) or shared_act is None:
-            raise refuse(f"its shared expert {type(shared).__name__} is not a gated MLP (gate_proj, up_proj, "
-                         "down_proj Linear without bias and an activation moekit has)")
-        if shared_act != activation.name:
-            raise refuse(f"its shared expert's activation ({shared_act}) differs from its experts' "
-                         f"({activation.name}); moekit's MoELayer uses one")
-        width = lin[1].out_features
-        shared_limit = _shared_clamp_by_value(shared, shared_act, activation, refuse)
+        width, shared_limit = _read_shared(shared, activation, refuse)
     if shared_gate is not None and (shared is None or shared_gate.bias is not None):
         raise refuse("its shared-expert gate is not a Linear(D, 1) without bias gating a shared expert")
 
@@ -183,9 +268,14 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     cfg = MoEConfig(d_model=D, d_expert=Fdim, num_experts=E, router=router, activation=activation.name,
                     activation_limit=activation.limit, activation_alpha=activation.alpha,
                     activation_up_offset=activation.up_offset, activation_clamp_after=activation.clamp_after,
+                    activation_softcap_gate=activation.softcap and activation.softcap[0],
+                    activation_softcap_up=activation.softcap and activation.softcap[1],
                     num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
                     shared_activation_limit=shared_limit,
-                    shared_gate=shared_gate is not None, backend=backend)
+                    shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
+                    latent_dim=Din if latent is not None else None, expert_capacity=_capacity(gate),
+                    output_bias=output_bias is not None,
+                    output_norm_eps=None if output_norm is None else _norm_eps(output_norm, D), backend=backend)
     try:
         with warnings.catch_warnings():  # a first reading, settled below; not a setting the user chose
             warnings.simplefilter("ignore")
@@ -194,52 +284,199 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
         raise refuse(f"its routing rule ({router.describe()}) is not one moekit can run: {e}") from e
     spec = BlockSpec(block, gate, router_weight, router_bias, selection_bias, experts, bank, layout, activation,
                      shared, shared_gate, cfg, model_config=model_config,
-                     router_tensors={} if hash_table is None else {"tid2eid": hash_table})
+                     router_tensors={} if hash_table is None else {"tid2eid": hash_table},
+                     latent=latent, output_bias=output_bias, output_norm=output_norm)
     _read_rule_from_router(spec)
     return spec
 
 
-def _shared_clamp_by_value(shared: nn.Module, gated: str, routed: Activation, refuse) -> float | None:
-    """The shared expert's clamp (None: none) with which moekit's down(act(gate x) * up x) reproduces its forward
-    on a probe large enough to reach any clamp (DeepSeek-V4 and Step-3.7 clamp their shared experts; a random
-    model's small activations never would): none, its own `limit`, or the routed experts' limit, each with the
-    routed experts' other clamp settings. Refused when none does. Run in the weights' own dtype; nothing is
-    probed on meta tensors (no clamp is read there)."""
-    g, u, d = shared.gate_proj, shared.up_proj, shared.down_proj
+def _norm_eps(child: nn.Module, D: int) -> float | None:
+    """The epsilon of an RMSNorm-like child (one Parameter, `weight` (D,), and an epsilon attribute), else None.
+    Whether it computes an RMSNorm where moekit applies it is left to the block probe."""
+    params = dict(child.named_parameters())
+    eps = next((v for v in (getattr(child, n, None) for n in ("variance_epsilon", "eps")) if isinstance(v, float)), None)
+    if list(params) != ["weight"] or tuple(params["weight"].shape) != (D,) or any(True for _ in child.buffers()):
+        return None
+    return eps
+
+
+def _is_mlp(child: nn.Module) -> bool:
+    """A dense MLP: Linear down_proj, and Linear up_proj with a Linear gate_proj or none (non-gated), or one
+    fused Linear gate_up_proj ([gate; up])."""
+    gate = getattr(child, "gate_proj", None)
+    if not isinstance(getattr(child, "down_proj", None), nn.Linear):
+        return False
+    if isinstance(getattr(child, "gate_up_proj", None), nn.Linear):
+        return getattr(child, "up_proj", None) is None and gate is None
+    return isinstance(getattr(child, "up_proj", None), nn.Linear) and (gate is None or isinstance(gate, nn.Linear))
+
+
+def shared_forward(shared: nn.Module, act: Activation, x_TD: torch.Tensor) -> torch.Tensor:
+    """A dense MLP's output computed by moekit from its Linear modules (the SharedExpert forward)."""
+    fused = getattr(shared, "gate_up_proj", None)
+    if fused is not None:
+        return shared.down_proj(act(fused(x_TD)))
+    if getattr(shared, "gate_proj", None) is not None:
+        return shared.down_proj(act.glu(shared.gate_proj(x_TD), shared.up_proj(x_TD)))
+    return shared.down_proj(act(shared.up_proj(x_TD)))
+
+
+def _read_shared(shared: nn.Module, activation: Activation, refuse) -> tuple[int, float | None]:
+    """(width, clamp limit or None) of the shared expert: it runs the experts' activation, plain or clamped at
+    the experts' limit (MiniMax-M3-VL) or at its own `limit` (DeepSeek-V4, Step-3.7), with the experts' other
+    clamp settings, read from its own output on a probe large enough to reach any clamp (a random model's
+    small activations never would); on meta tensors, its `act_fn` by value and its own limit."""
+    gated = getattr(shared, "gate_proj", None) is not None or getattr(shared, "gate_up_proj", None) is not None
+    width = shared.down_proj.in_features
+    plain = Activation(activation.name)
+    if gated != plain.gated:
+        raise refuse(f"its shared expert {type(shared).__name__} is {'' if gated else 'not '}gated and its experts "
+                     f"({activation.name}) are {'' if plain.gated else 'not '}; moekit's MoELayer uses one activation")
     own = getattr(shared, "limit", None)
     own = float(own) if isinstance(own, int | float) and math.isfinite(own) and own > 0 else None
-    if g.weight.is_meta:
-        return own
-    gen = torch.Generator().manual_seed(0)
-    x_TD = torch.randn(8, g.in_features, generator=gen).to(device=g.weight.device, dtype=g.weight.dtype)
-    low = g.weight.dtype in (torch.bfloat16, torch.float16)
-    with torch.no_grad():
-        reach = torch.cat([g(x_TD), u(x_TD)], dim=-1).abs().amax().float().clamp(min=1e-6)
-        x_TD = x_TD * (64.0 / reach).to(x_TD.dtype)  # pre-activations up to +-64
-        want = shared(x_TD)
-        for limit in dict.fromkeys((None, own, routed.limit)):
-            act = Activation(gated) if limit is None else dataclasses.replace(routed, limit=limit, interleaved=False)
-            got = d(act.glu(g(x_TD), u(x_TD)))
-            tol = 5e-2 if low else 1e-4
-            if isinstance(want, torch.Tensor) and want.shape == got.shape and torch.allclose(
-                    got.float(), want.float(), rtol=tol, atol=tol * float(want.float().abs().amax())):
-                return limit
-    raise refuse(f"its shared expert {type(shared).__name__} computes something other than down({gated}(gate, up)) "
-                 f"on large inputs{f' (it clamps at limit={own:g})' if own else ''}, with no clamp or the routed "
-                 f"experts' clamp settings ({routed.describe()}) at its limit")
+    weight = shared.down_proj.weight
+    if weight.is_meta:  # no values: the activation its act_fn computes, by value
+        shared_fn = getattr(shared, "act_fn", None) or getattr(shared, "activation_fn", None)
+        value = _value_activation(shared_fn)
+        if (_GATED_OF.get(value) if gated else value) != activation.name:
+            raise refuse(f"its shared expert's activation ({type(shared_fn).__name__}) is not its experts' "
+                         f"({activation.name}); moekit's MoELayer uses one")
+        return width, own if gated else None
+    limits = [None] + ([lim for lim in dict.fromkeys((own, activation.limit)) if lim is not None]
+                       if gated and activation.softcap is None else [])
+    x_TD = torch.randn(8, shared.down_proj.out_features, generator=torch.Generator().manual_seed(0))
+    x_TD = x_TD.to(weight.device, weight.dtype)
+    low = weight.dtype in (torch.bfloat16, torch.float16)
+    was = shared.training
+    shared.eval()
+    try:
+        with torch.no_grad():
+            first = getattr(shared, "gate_up_proj", None) or getattr(shared, "gate_proj", None) or shared.up_proj
+            x_TD = x_TD * (64.0 / first(x_TD).abs().amax().float().clamp(min=1e-6)).to(x_TD.dtype)  # up to +-64
+            want = shared(x_TD)
+            for limit in limits:
+                act = plain if limit is None else dataclasses.replace(activation, limit=limit, interleaved=False)
+                got = shared_forward(shared, act, x_TD)
+                tol = 5e-2 if low else 1e-4
+                if isinstance(want, torch.Tensor) and want.shape == got.shape and torch.allclose(
+                        got.float(), want.float(), rtol=tol, atol=tol * float(want.float().abs().amax())):
+                    return width, limit
+    finally:
+        shared.train(was)
+    raise refuse(f"its shared expert {type(shared).__name__} computes neither {plain.describe()} nor the experts' "
+                 f"clamp settings ({activation.describe()}) at its limit"
+                 f"{f' or its own (limit={own:g})' if own else ''} on a probe; moekit's MoELayer uses one activation")
+
+
+def _latent_projections(children: list[nn.Module], Din: int) -> tuple[nn.Linear, nn.Linear] | None:
+    """The block's latent projections (NVIDIA LatentMoE, transformers' nemotron_h): the one pair of Linear
+    children D -> l and l -> D around experts that read and write l = Din != D dims; None without one."""
+    fc1 = [c for c in children if isinstance(c, nn.Linear) and c.out_features == Din and c.in_features != Din]
+    fc2 = [c for c in children if isinstance(c, nn.Linear) and c.in_features == Din and c.out_features != Din]
+    pairs = [(a, b) for a in fc1 for b in fc2 if a.in_features == b.out_features]
+    return pairs[0] if len(pairs) == 1 else None
+
+
+def _zero_compute_columns(experts: nn.Module, E: int, R: int, Din: int, refuse) -> tuple[int, int]:
+    """(zero, copy): the router scores R > E columns; what the experts' forward does with a token sent to
+    each column past E, read on a probe: output 0 is a zero expert, the input itself a copy
+    (identity) expert (LongCat-Flash's "zero-computation experts"). MoE++'s order is zeros, then copies."""
+    weight = next(iter(experts.parameters()))
+    if weight.is_meta:
+        raise refuse(f"its router scores {R} columns and its experts hold {E}; what columns {E}..{R - 1} compute "
+                     "cannot be read on meta tensors (load the weights first)")
+    n = R - E
+    x_ND = torch.randn(n, Din, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    # Each token picks its column twice with weight 1/2 each (some expert loops need k > 1): exactly x or 0.
+    idx_N2 = torch.arange(E, R, device=weight.device).view(n, 1).expand(n, 2)
+    try:
+        with torch.no_grad():
+            y_ND = experts(x_ND, idx_N2, torch.full((n, 2), 0.5, device=weight.device, dtype=weight.dtype))
+    except Exception as e:
+        raise refuse(f"its router scores {R} columns and its experts hold {E}; calling the experts "
+                     f"({type(experts).__name__}) on columns {E}..{R - 1} failed ({type(e).__name__}: {e})") from None
+    kinds = []
+    for j in range(n):
+        if torch.equal(y_ND[j], x_ND[j]):
+            kinds.append("copy")
+        elif not bool(y_ND[j].any()):
+            kinds.append("zero")
+        else:
+            raise refuse(f"its router column {E + j} (past its {E} experts) is neither a zero nor an identity "
+                         "(copy) expert; moekit's zero-computation experts are those (and MoE++ constants)")
+    if kinds != sorted(kinds, key=("zero", "copy").index):
+        raise refuse(f"its zero-computation columns are ordered {kinds}; moekit's MoELayer takes zero experts "
+                     "before copy experts")
+    return kinds.count("zero"), kinds.count("copy")
 
 
 def _router_weight(child: nn.Module, E: int, D: int) -> tuple[nn.Parameter, nn.Parameter | None] | None:
-    """(weight (E, D), logit bias (E,) or None) of a router module: its own weight, or the weight of the
-    one Linear(D, E) inside it (`gate.wg`, `router.layer`, `router.classifier`)."""
-    own = child._parameters.get("weight")
-    if isinstance(own, nn.Parameter) and tuple(own.shape) == (E, D):
-        bias = child._parameters.get("bias")
-        return own, bias if isinstance(bias, nn.Parameter) and bias.numel() == E else None
-    inner = [m for m in child.modules() if isinstance(m, nn.Linear) and (m.out_features, m.in_features) == (E, D)]
-    if len(inner) == 1:
-        return inner[0].weight, inner[0].bias
+    """(weight (R, D), logit bias (R,) or None) of a router module: its own weight, or the weight of the
+    one Linear(D, R) inside it (`gate.wg`, `router.layer`, `router.classifier`). R = E, or more where
+    the router also scores zero-computation experts (read by `_zero_compute_columns`)."""
+    def fits(shape, exact: bool) -> bool:
+        return len(shape) == 2 and shape[1] == D and (shape[0] == E if exact else shape[0] > E)
+
+    for exact in (True, False):
+        own = child._parameters.get("weight")
+        if isinstance(own, nn.Parameter) and fits(tuple(own.shape), exact):
+            bias = child._parameters.get("bias")
+            return own, bias if isinstance(bias, nn.Parameter) and bias.numel() == own.shape[0] else None
+        linears = [m for m in child.modules() if isinstance(m, nn.Linear)]
+        inner = [m for m in linears if fits((m.out_features, m.in_features), exact)]
+        if len(inner) == 1 and (exact or len(linears) == 1):  # more columns: only a lone Linear is a gate
+            return inner[0].weight, inner[0].bias
     return None
+
+
+def _read_parallel(w_in: nn.Module, w_out: nn.Module) -> tuple[dict, ExpertLayout, int, int, int, bool]:
+    """JetMoE-style parallel experts: one (E, X, D) and one (E, D, F) weight, X = 2F ([gate; up]) or F."""
+    a, b = next(w_in.parameters()), next(w_out.parameters())
+    E, X, D = a.shape
+    Fdim = b.shape[2]
+    gated = X == 2 * Fdim
+    return {"gate_up_proj" if gated else "up_proj": a, "down_proj": b}, STANDARD, E, D, Fdim, gated
+
+
+def _read_listed(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int, int, Activation]:
+    """Experts as separate dense MLP modules (Switch Transformers, NLLB-MoE): each one Linear D -> F, an
+    activation, and one Linear F -> D (dropout aside). The bank holds these Linear modules in place
+    (ExpertLayout(listed=True)); the experts' module's own forward is checked on expert 0."""
+    mlps = list(experts.children())
+    mlps = [m for m in mlps if any(True for _ in m.parameters())]
+    lin = [[c for c in m.children() if isinstance(c, nn.Linear)] for m in mlps]
+    if not mlps or any(len(pair) != 2 for pair in lin):
+        raise refuse(f"its experts ({type(experts).__name__}) are separate modules that are not each one dense MLP of "
+                     "two Linear layers (a gated MLP per module is not read; moekit reads gated experts stacked)")
+    first_in, first_out = lin[0]
+    D, Fdim = first_in.in_features, first_in.out_features
+    bias = first_in.bias is not None
+    for m, (a, b) in zip(mlps, lin, strict=True):
+        if (a.in_features, a.out_features, b.in_features, b.out_features) != (D, Fdim, Fdim, D) or \
+                {a.bias is not None, b.bias is not None} != {bias} or \
+                sum(p.numel() for p in m.parameters()) != sum(p.numel() for p in (*a.parameters(), *b.parameters())):
+            raise refuse(f"its separate expert modules ({type(m).__name__}) are not all Linear(D={D}, F={Fdim}) then "
+                         f"Linear(F, D){' with biases' if bias else ''} and nothing else with weights")
+    act = next((getattr(mlps[0], n) for n in ("act", "act_fn", "activation_fn") if callable(getattr(mlps[0], n, None))),
+               None)
+    name = _value_activation(act)
+    if name is None:
+        raise refuse(f"its experts' activation {type(act).__name__} is none moekit has ({ACTIVATIONS})")
+    activation = Activation(name)
+    x_ND = torch.randn(4, D, generator=torch.Generator().manual_seed(0)).to(first_in.weight.device,
+                                                                            first_in.weight.dtype)
+    if not first_in.weight.is_meta:
+        was = mlps[0].training
+        mlps[0].eval()
+        with torch.no_grad():
+            want = mlps[0](x_ND)
+            got = first_out(activation(first_in(x_ND)))
+        mlps[0].train(was)
+        if not torch.allclose(want, got, atol=1e-5, rtol=1e-5):
+            raise refuse(f"its expert module {type(mlps[0]).__name__} does not compute Linear-activation-Linear "
+                         f"({name}) on a probe")
+    bank = {"in_proj": nn.ModuleList(a for a, _ in lin), "out_proj": nn.ModuleList(b for _, b in lin)}
+    return bank, ExpertLayout(listed=True, bias=bias), len(mlps), D, Fdim, activation
 
 
 def _read_bank(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int, int, bool]:
@@ -248,16 +485,14 @@ def _read_bank(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int
     leaf = {n.rpartition(".")[2]: p for n, p in params.items()}
     # Flags set by transformers' @use_experts_implementation.
     if getattr(experts, "has_post_expert_norm", False):
-        raise refuse("its experts normalise every expert's output (has_post_expert_norm); moekit's expert "
-                     "bank has no per-expert output norm")
-    zero = getattr(experts, "zero_expert_num", 0) or 0
-    if zero or any(isinstance(m, nn.Identity) for m in experts.children()):
-        raise refuse(f"its experts include {zero or 'some'} zero-computation (identity) experts, which moekit's expert "
-                     "bank does not have (identity_experts)")
+        raise refuse("its experts normalise every expert's output before the routing weight (has_post_expert_norm: "
+                     f"{type(getattr(experts, 'post_expert_norm', None)).__name__}); moekit's expert bank has no "
+                     "per-expert output norm")
     gate_up, up, down = leaf.get("gate_up_proj"), leaf.get("up_proj"), leaf.get("down_proj")
     bank: dict[str, torch.Tensor] = {}
     if gate_up is not None and down is not None and gate_up.dim() == down.dim() == 3:
-        E = gate_up.shape[0]
+        # E from the output stack: an input stack may hold spare rows (LongCat-Flash's, for identity experts)
+        E, spare = down.shape[0], gate_up.shape[0] - down.shape[0]
         # standard: gate_up (E, 2F, D), down (E, D, F); transposed: gate_up (E, D, 2F), down (E, F, D).
         # The two cannot both fit one pair of shapes; the decorator's flag, where there is one, decides.
         flag = getattr(experts, "is_transposed", None)
@@ -266,12 +501,13 @@ def _read_bank(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int
         two_F = gate_up.shape[2] if out_t else gate_up.shape[1]
         Fdim = two_F // 2
         want_down = (E, Fdim, D) if out_t else (E, D, Fdim)
-        if two_F % 2 or tuple(down.shape) != want_down:
+        if two_F % 2 or tuple(down.shape) != want_down or spare < 0:
             raise refuse(f"expert shapes gate_up_proj {tuple(gate_up.shape)}, down_proj {tuple(down.shape)} are "
                          "neither (E, 2F, D), (E, D, F) nor the transposed (E, D, 2F), (E, F, D)")
         interleaved = getattr(experts, "is_concatenated", True) is False
         bank.update(gate_up_proj=gate_up, down_proj=down)
-        gated, layout = True, ExpertLayout(in_transposed=out_t, out_transposed=out_t, interleaved=interleaved)
+        gated, layout = True, ExpertLayout(in_transposed=out_t, out_transposed=out_t, interleaved=interleaved,
+                                           spare=spare)
         X = two_F
     elif up is not None and down is not None and up.dim() == down.dim() == 3 and gate_up is None:
         # Non-gated experts (has_gate=False): up_proj (E, F, D), down_proj (E, D, F).
@@ -330,8 +566,8 @@ _GATED_OF = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu
 def _read_activation(experts: nn.Module, gated: bool, layout: ExpertLayout, Fdim: int, refuse) -> Activation:
     """The experts' activation, checked by value on a probe: the experts' own gating (`_apply_gate`, which
     transformers' decorator and families such as gpt-oss define) or their `act_fn`."""
-    act = next((getattr(experts, n) for n in ("act_fn", "activation_fn", "act") if callable(getattr(experts, n, None))),
-               None)
+    act = next((getattr(experts, n) for n in ("act_fn", "activation_fn", "act", "activation")
+                if callable(getattr(experts, n, None))), None)
     if act is None:
         mlp = getattr(experts, "mlp", None)
         act = getattr(mlp, "activation_fn", None) or getattr(mlp, "act_fn", None)
@@ -373,16 +609,24 @@ def _read_activation(experts: nn.Module, gated: bool, layout: ExpertLayout, Fdim
                      (float(limit), 1.0, 0.0, True)]  # the last: clamped after the activation (Step-3.7)
         if alpha is not None:
             settings += [(float(limit), float(alpha), 1.0, False), (float(limit), float(alpha), 0.0, False)]
-    for name, (lim, a, off, after) in itertools.product(names, settings):
-        if a != 1.0 and name != "swiglu":
-            continue
-        cand = Activation(name, lim, a, off, layout.interleaved, after)
+    caps = tuple(getattr(config, n, None) for n in ("mlp_gate_softcap", "mlp_up_softcap"))
+    candidates = [Activation(name, lim, a, off, layout.interleaved, after)
+                  for name, (lim, a, off, after) in itertools.product(names, settings) if a == 1.0 or name == "swiglu"]
+    if all(isinstance(c, int | float) and c > 0 for c in caps):  # Inkling2's softcapped SwiGLU, as its config states
+        candidates.append(Activation("swiglu", interleaved=layout.interleaved, softcap=(float(caps[0]), float(caps[1]))))
+    for cand in candidates:
         got = cand(h)
         if got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-5):
             return cand
     raise refuse(f"its experts' gating ({type(experts).__name__}: act {type(act).__name__}) matches none of moekit's "
                  f"gated activations ({', '.join(GATED_ACTIVATIONS)}, with the clamp settings it states: "
                  f"limit={limit}, alpha={alpha}) on a probe")
+
+
+def _capacity(gate: nn.Module) -> int | None:
+    """A fixed per-expert capacity the router states (Switch Transformers' `expert_capacity`)."""
+    value = getattr(gate, "expert_capacity", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection_bias: bool,
@@ -437,7 +681,7 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor,
     `selection_bias_E` (E,) fp32, where given, takes the place of the block's selection bias (in the
     copy, or as the argument a block-held bias is passed as): a probe value, the model's is untouched."""
     gate = copy.deepcopy(spec.gate).float()
-    E = spec.cfg.num_experts
+    E = spec.cfg.router_slots  # router columns: the experts and any zero-computation ones
     if selection_bias_E is not None:
         with torch.no_grad():
             for n, t in itertools.chain(gate.named_buffers(), gate.named_parameters()):
@@ -458,7 +702,16 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor,
         return None
     if not isinstance(out, tuple) or not all(isinstance(t, torch.Tensor) for t in out):
         return None
-    T = x_TD.shape[0]
+    T, E = x_TD.shape[0], spec.cfg.router_slots
+    if len(out) == 3 and not out[0].dtype.is_floating_point and tuple(out[0].shape) == (T, E) and \
+            tuple(out[1].shape) == (T, 1):
+        # (one-hot dispatch mask (T, E), the chosen weight (T, 1), logits (T, E)): Switch Transformers' top-1.
+        # A token its capacity dropped has an empty mask row: its choice is the logits' argmax.
+        kept_T = out[0].sum(-1) == 1
+        idx_T1 = torch.where(kept_T[:, None], out[0].argmax(-1, keepdim=True), out[2].argmax(-1, keepdim=True))
+        if not bool((out[0].sum(-1) <= 1).all()) or not bool((idx_T1 == out[2].argmax(-1, keepdim=True)).all()):
+            return None
+        return out[1].float(), idx_T1
     if len(out) == 3:
         _, w_TK, idx_TK = out
         if idx_TK.dtype.is_floating_point or idx_TK.shape != w_TK.shape or idx_TK.shape[0] != T:
@@ -478,7 +731,7 @@ def _router_readings(spec: BlockSpec) -> list[RouterConfig]:
     """The routing rules the attributes leave possible, the attributes' own reading first: softmax or
     sigmoid, renormalised or not, a group scored by its best expert or its best two (where there are
     groups), the selection bias added to the scores or to the logits (where there is one)."""
-    router, E = spec.cfg.router, spec.cfg.num_experts
+    router, E = spec.cfg.router, spec.cfg.router_slots
     other = {"softmax": "sigmoid"}.get(router.score, "softmax")
     scorings = ((router.score, router.normalize), (router.score, not router.normalize),
                 (other, router.normalize), (other, not router.normalize))
@@ -544,8 +797,12 @@ def _read_rule_from_router(spec: BlockSpec) -> None:
             # A random model's selection bias is zero, which cannot tell where the bias is added: probe with
             # one the size of the logits' spread (the same value on both sides).
             spread = torch.nn.functional.linear(x_TD, spec.router_weight.float()).std()
-            bias_E = torch.randn(cfg.num_experts, generator=gen).to(x_TD.device) * spread
+            bias_E = torch.randn(cfg.router_slots, generator=gen).to(x_TD.device) * spread
         hf = call_router(spec, x_TD, bias_E)
+        if hf is not None and hf[1].shape[-1] != cfg.router.k and 1 <= hf[1].shape[-1] <= cfg.router_slots:
+            # no attribute states k (Switch Transformers' top-1 router): the router's own choice does
+            spec.cfg = cfg = dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, k=int(hf[1].shape[-1])))
+            readings = _router_readings(spec)
         if hf is not None:
             # In order, up to the first reading that reproduces the router (a large model's gate is
             # E x D per layer: no reading is run after that one).
@@ -584,9 +841,10 @@ def router_weight_ratio(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.T
     `selection_bias_E`: the probe's selection bias (see `call_router`; default the block's own)."""
     from moekit.routers import router_class
 
-    E, D = spec.cfg.num_experts, spec.cfg.d_model
+    E, D = spec.cfg.router_slots, spec.cfg.d_model
     with torch.device("meta"):
         router = router_class(router_cfg.kind)(router_cfg, D, E)
+    router.eval()  # a training-mode router would jitter its input (Switch's router_jitter_noise)
     router.weight = spec.router_weight
     router.bias = spec.router_bias
     for name, tensor in spec.router_tensors.items():

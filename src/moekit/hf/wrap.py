@@ -112,7 +112,7 @@ def wrapped_blocks(model: nn.Module) -> list[HFMoEBlock]:
 def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
     """Refuse a block whose output moekit's reading does not reproduce on a probe input."""
     block, cfg = spec.block, spec.cfg
-    weight = next(iter(spec.bank.values()))
+    weight = spec.expert_weight
     if weight.is_meta:
         raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its weights are on the meta "
                                     "device (offloaded or not loaded); load the model onto a real device, or pass "
@@ -132,6 +132,8 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
             layer.returns = _returns(spec, out_hf, PROBE_TOKENS)
             y_mk = layer(x_BTD, **ids)
             y_mk = y_mk[0] if isinstance(y_mk, tuple) else y_mk
+            # per token, whatever shape the block returns them in (ERNIE-VL's blocks: flattened)
+            y_hf, y_mk = y_hf.reshape(-1, cfg.d_model), y_mk.reshape(-1, cfg.d_model)
     finally:
         block.train(modes[0])
         layer.train(modes[1])
@@ -178,7 +180,7 @@ def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> No
     hf = call_router(spec, x_TD)
     if hf is None:
         return  # the block selects: the block probe decides
-    k = round(layer.cfg.router.expected_experts_per_token(layer.cfg.num_experts))
+    k = round(layer.cfg.router.expected_experts_per_token(layer.cfg.router_slots))
     if hf[1].shape[-1] != k:
         raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: its router picks {hf[1].shape[-1]} "
                                     f"experts per token, moekit read {layer.cfg.router.describe()}")
@@ -193,7 +195,7 @@ def _returns(spec: BlockSpec, out, num_tokens: int | None) -> str | None:
     """How the block returns (see HFMoEBlock._as_hf), from its output on the probe (`out`), or, without
     one, from a one-token call (nothing is read on meta tensors: then a plain tensor)."""
     if out is None:
-        weight = next(iter(spec.bank.values()))
+        weight = spec.expert_weight
         if weight.is_meta:
             return None
         x = torch.zeros(1, 1, spec.cfg.d_model, device=weight.device, dtype=weight.dtype)
@@ -207,7 +209,10 @@ def _returns(spec: BlockSpec, out, num_tokens: int | None) -> str | None:
         num_tokens = 1
     if isinstance(out, torch.Tensor):
         return None
-    E, K = spec.cfg.num_experts, spec.cfg.router.k
+    E, K = spec.cfg.router_slots, spec.cfg.router.k
+    if isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out) and \
+            tuple(out[0].shape) == (num_tokens * spec.cfg.d_model,) and tuple(out[1].shape) == (num_tokens * E,):
+        return "flat_logits"  # ERNIE-4.5-VL's text and vision blocks: both flattened, for its modality split
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], torch.Tensor):
         shape = tuple(out[1].shape)
         if shape == (num_tokens, E):

@@ -203,6 +203,12 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
         if not isinstance(bank, ExpertBank) and not _is_quantized(bank):
             raise ValueError(f"write_store: MoE layer {i} holds {type(bank).__name__}, not an ExpertBank with its "
                              "weights (is the model already offloaded?)")
+        if getattr(getattr(bank, "act", None), "softcap", None) is not None:
+            raise ValueError(f"write_store: MoE layer {i}'s experts use a softcapped SwiGLU ({bank.act.describe()}), which "
+                             "the store's activation name cannot express")
+        if getattr(getattr(bank, "layout", None), "listed", False):
+            raise ValueError(f"write_store: MoE layer {i}'s experts are separate modules (ExpertLayout(listed=True), "
+                             "e.g. a wrapped Switch Transformers model), which the store cannot express")
         if layer.expert_map_E is not None:
             raise ValueError(f"write_store: MoE layer {i}'s experts were merged (router experts map to fewer "
                              "experts), which the store cannot express")

@@ -14,6 +14,9 @@ A gated activation may also carry gpt-oss's clamped SwiGLU settings (openai/gpt-
 as gate * sigmoid(alpha * gate), and (up + up_offset) — limit 7, alpha 1.702, up_offset 1 there;
 limit alone is DeepSeek-V4's clamped SiLU; with `clamp_after` the gate's clamp comes after its
 activation, min(act(gate), limit) (Step-3.7's `Step3p7Experts._apply_gate`, its checkpoint's layers 43-44).
+A SwiGLU may instead carry Inkling2's softcaps (c_g, c_u):
+c_g tanh(gate / c_g) * sigmoid(gate) * c_u tanh(up / c_u), computed in fp32 (transformers' inkling2
+`Inkling2SoftcappedSwiGLU`).
 
 Used by the routed experts (`moekit.experts.ExpertBank`, through the grouped GEMM), the reference
 loop (`moekit.ops.reference`, through plain `F.linear`), the shared expert and offloaded experts
@@ -58,6 +61,7 @@ class Activation:
     up_offset: float = 0.0
     interleaved: bool = False
     clamp_after: bool = False
+    softcap: tuple[float, float] | None = None  # (gate c, up c): Inkling2's softcapped SwiGLU (module doc)
 
     def __post_init__(self):
         if self.name not in ACTIVATIONS:
@@ -69,6 +73,9 @@ class Activation:
             raise ValueError("clamp_after=True needs a limit (the clamp it places after the activation)")
         if self.alpha != 1.0 and self.name != "swiglu":
             raise ValueError(f"alpha={self.alpha} applies to 'swiglu' only, not {self.name!r}")
+        if self.softcap is not None and (self.name != "swiglu" or self.limit is not None or self.alpha != 1.0
+                                         or self.up_offset or min(self.softcap) <= 0):
+            raise ValueError(f"softcap={self.softcap} applies to a plain 'swiglu' only, with two caps > 0")
 
     @property
     def gated(self) -> bool:
@@ -86,6 +93,10 @@ class Activation:
 
     def glu(self, gate_NF: torch.Tensor, up_NF: torch.Tensor) -> torch.Tensor:
         """act(gate) * up, with the clamp settings (a gated activation)."""
+        if self.softcap is not None:  # c_g tanh(g / c_g) * sigmoid(g) * c_u tanh(u / c_u), in fp32
+            (c_g, c_u), dtype = self.softcap, gate_NF.dtype
+            g, u = gate_NF.float(), up_NF.float()
+            return (torch.tanh(g / c_g) * c_g * torch.sigmoid(g) * (torch.tanh(u / c_u) * c_u)).to(dtype)
         if self.limit is not None:
             if not self.clamp_after:
                 gate_NF = gate_NF.clamp(max=self.limit)
@@ -108,6 +119,8 @@ class Activation:
             parts.append(f"up+{self.up_offset:g}")
         if self.interleaved:
             parts.append("interleaved")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap[0]:g}/{self.softcap[1]:g}")
         return " ".join(parts)
 
 
