@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import math
+import os
 import struct
 import tempfile
 import threading
