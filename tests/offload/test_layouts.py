@@ -43,18 +43,21 @@ def lm(layout: ExpertLayout, act: Activation, seed: int = 0, **moe) -> MoELM:
 
 
 @pytest.mark.parametrize("fmt", [GPT_OSS, LLAMA4, GEGLU, RELU2], ids=["gpt_oss", "llama4", "geglu", "relu2"])
-@pytest.mark.parametrize("B, T", [(1, 3), (2, 100)])  # decode-sized (CPU loop) and prefill-sized (kernel) GEMMs
+@pytest.mark.parametrize("B, T", [(1, 3), (2, 60)])  # decode-sized and prefill-sized GEMMs
 def test_offloaded_forward_is_bitwise_the_resident_one(tmp_path, fmt, B, T):
     model = lm(*fmt)
     ids = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad(), grouped.record() as ran:
-        ref = model(ids)
+    with torch.no_grad():
+        refs = {}
+        for path in ("loop", "kernel"):  # the resident forward through either grouped path
+            with grouped.force(path) as ran:
+                refs[path] = model(ids)
+            assert ran["forward", path] > 0
         store = write_store(model, tmp_path / "s")
         with offload(model, store, "25%", "lru") as rt:
             assert rt.plan.capacity == 2  # a prefill needing all 8 experts runs in four cache steps
             out = model(ids)
-    assert ran["forward", "kernel" if T == 100 else "loop"] > 0  # the resident path this case is about ran
-    assert torch.equal(out, ref)
+    assert torch.equal(out, refs["loop"]) and torch.equal(out, refs["kernel"])
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     plain = fmt[0] == ExpertLayout() and fmt[1].limit is None
     assert manifest["version"] == (1 if plain else 3)
