@@ -32,7 +32,7 @@ def _pair(family: str):
     torch.manual_seed(0)
     real = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # routers start at zero in transformers' init: every score would tie
-        for name, p in real.named_parameters():
+        for p in real.parameters():
             if p.dim() > 1:
                 p.normal_(0, p.shape[-1] ** -0.5)
     with torch.device("meta"):

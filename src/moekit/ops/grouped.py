@@ -230,6 +230,10 @@ def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Ten
     out_dtype = x_NI.dtype
     cdt = compute_dtype(out_dtype, x_NI.device)
     if cdt == out_dtype:
+        if not (torch.is_grad_enabled() and (x_NI.requires_grad or w_EOI.requires_grad)):
+            # Inference: _GroupedLinear.forward's GEMM without the autograd Function around it (~30 us a
+            # call on CPU, which decoding pays twice per MoE layer and token step).
+            return _mm("forward", x_NI, w_EOI.transpose(-2, -1), offsets_E)
         return _GroupedLinear.apply(x_NI, w_EOI, offsets_E)
     if torch.compiler.is_compiling():  # no data-dependent subset of experts under tracing
         return _GroupedLinear.apply(x_NI.to(cdt), w_EOI.to(cdt), offsets_E).to(out_dtype)
