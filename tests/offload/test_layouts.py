@@ -117,6 +117,15 @@ def test_formats_the_store_cannot_hold_or_does_not_match_are_refused(tmp_path):
     with pytest.raises(ValueError, match="stored as split, flat stacks .DBRX., which the expert store does not hold"):
         write_store(dbrx, tmp_path / "dbrx")
     assert not (tmp_path / "dbrx").exists()
+    # a storage option the store format does not know is refused by name, never ignored
+    import dataclasses
+
+    Extra = dataclasses.make_dataclass("Extra", [("spare", bool, True)], bases=(ExpertLayout,), frozen=True)
+    odd = lm(*LLAMA4)
+    for layer in odd.moe_layers():
+        object.__setattr__(layer.experts, "layout", Extra(in_transposed=True, out_transposed=True))
+    with pytest.raises(ValueError, match="stored with spare"):
+        write_store(odd, tmp_path / "odd")
     write_store(lm(*GPT_OSS), tmp_path / "oss")
     plain = lm(ExpertLayout(), Activation("swiglu"))
     with pytest.raises(ExpertStoreError, match="holds experts stored as .* with activation swiglu limit=7 alpha=1.702 up"):

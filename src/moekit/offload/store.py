@@ -40,6 +40,7 @@ Legend: L MoE layers, E experts per layer, D model dim, F expert hidden dim, S_e
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -126,6 +127,12 @@ def bank_format(bank: nn.Module, layer: int = 0) -> dict[str, Any]:
     if lay.split or lay.flat:
         raise ValueError(f"write_store: MoE layer {layer}'s experts are stored as {lay.describe()} stacks (DBRX), "
                          "which the expert store does not hold; expected one gate_up (or up) and one down stack")
+    # Any other storage option (a layout field this store format does not know) is refused, not ignored.
+    unknown = [f.name for f in dataclasses.fields(lay) if f.name not in (*_LAYOUT_FIELDS, "split", "flat")
+               and getattr(lay, f.name)]
+    if unknown:
+        raise ValueError(f"write_store: MoE layer {layer}'s experts are stored with {', '.join(unknown)} "
+                         f"({lay.describe()}), which the expert store does not hold")
     return {"layout": {f: getattr(lay, f) for f in _LAYOUT_FIELDS}, "activation_params": _activation_params(bank.act)}
 
 
