@@ -275,8 +275,9 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> P
     hf_cfg = hf_config_for(model.cfg)
     target = type(hf_cfg).__name__.removesuffix("Config")
     if target != "Glm4Moe" and any(bool(layer.router.e_score_correction_bias.any()) for layer in model.moe_layers()):
-        _refuse(f"the {model.cfg.moe.router.score} routers carry a non-zero selection bias (aux-loss-free balancing), "
-                f"which {target} does not have")
+        score = model.cfg.moe.router.hf_routing()["scoring_func"]
+        _refuse(f"the {score} routers carry a non-zero selection bias (aux-loss-free balancing), which {target} does "
+                "not have")
     if target != "GptOss" and any(getattr(layer.router, "bias", None) is not None for layer in model.moe_layers()):
         _refuse(f"the routers add a logit bias, which {target} does not have (GPT-OSS's router does)")
     torch.manual_seed(0)
