@@ -10,7 +10,8 @@ Stages of wrap:
   1. version guard (transformers >=5,<6)
   2. find blocks structurally (detect.py): a router `gate` plus stacked `experts`
   3. read each block's routing rule into a MoEConfig, and bind a HFMoEBlock to its Parameters
-  4. verify (default on): run the block and the HFMoEBlock on a probe input, the router alone in
+  4. verify (default on; for blocks whose weights are on the meta device, deferred to the block's first
+     forward or `verify(model)`, once the weights exist): run the block and the HFMoEBlock on a probe input, the router alone in
      fp32 (selected experts exactly, weights to 1e-5) and the whole block in the model's dtype,
      its experts run by transformers' eager loop (the plain form of the block's math, and one that
      takes any expert width); a block that disagrees is refused with its class name, before
@@ -67,7 +68,11 @@ def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.
     new = []
     for name, block in found:
         spec = read_block(block, model_config, backend)
-        new.append((name, _build(spec, transformers_records_router_logits(model, spec.gate), verify)))
+        records = transformers_records_router_logits(model, spec.gate)
+        if verify and _on_meta(spec):  # big-model loading: probe once the weights exist (`verify`)
+            new.append((name, _defer_probe(HFMoEBlock(spec, records), model_config, backend)))
+            continue
+        new.append((name, _build(spec, records, verify)))
     for name, layer in new:
         _replace(model, name, layer)
     _refuse_experts_implementation_switch(model)
@@ -93,6 +98,47 @@ def _build(spec: BlockSpec, records_router_logits: bool, verify: bool) -> HFMoEB
     raise first
 
 
+def verify(model: nn.Module) -> nn.Module:
+    """Run the parity probe `wrap` deferred for blocks whose weights were on the meta device (a model built
+    with `torch.device("meta")`), now that they exist: each such block is read again from its own weights
+    and kept only as a reading that reproduces it, exactly as `wrap` would have on a loaded model (all or
+    nothing). A wrapped block runs this itself at its first forward. Raises UnsupportedBlockError as `wrap`
+    does (weights still on the meta device included). Returns `model`."""
+    pending = [m for m in model.modules() if isinstance(m, HFMoEBlock) and m.__dict__.get("_deferred")]
+    built = [(layer, _build(read_block(layer.original(), *layer._deferred), layer.records_router_logits, True))
+             for layer in pending]
+    for layer, new in built:
+        _become(layer, new)
+    return model
+
+
+def _on_meta(spec: BlockSpec) -> bool:
+    return any(t.is_meta for t in (spec.router_weight, spec.expert_weight))
+
+
+def _defer_probe(layer: HFMoEBlock, model_config, backend: str) -> HFMoEBlock:
+    """Mark a layer built on meta weights (the first reading, unverified) to be probed at its first forward."""
+    layer._deferred = (model_config, backend)
+    layer._deferred_hook = layer.register_forward_pre_hook(_probe_at_first_forward)
+    return layer
+
+
+def _probe_at_first_forward(layer: HFMoEBlock, args) -> None:
+    """Forward pre-hook of a deferred layer: read and probe its block now that the weights exist, once."""
+    _become(layer, _build(read_block(layer.original(), *layer._deferred), layer.records_router_logits, True))
+
+
+def _become(layer: HFMoEBlock, verified: HFMoEBlock) -> None:
+    """Turn `layer` (the same object: its parent, `wrapped_blocks` and user references stay valid) into the
+    verified reading `verified` of the same block; the hooks others registered on `layer` are kept, the
+    deferral hook is dropped."""
+    layer._deferred_hook.remove()
+    hooks = {k: v for k, v in layer.__dict__.items() if k.startswith(("_forward_", "_backward_"))}
+    layer.__dict__.clear()
+    layer.__dict__.update(verified.__dict__)
+    layer.__dict__.update(hooks)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """Put every wrapped block's original transformers module back; in place. Returns `model`."""
     blocks = [(name, layer.original()) for name, layer in model.named_modules() if isinstance(layer, HFMoEBlock)]
@@ -115,8 +161,8 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
     weight = spec.expert_weight
     if weight.is_meta:
         raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its weights are on the meta "
-                                    "device (offloaded or not loaded); load the model onto a real device, or pass "
-                                    "verify=False")
+                                    "device (not loaded yet); load them (e.g. load_state_dict(..., assign=True), or "
+                                    "to_empty() and copy) before the first forward, or pass verify=False")
     gen = torch.Generator().manual_seed(0)
     x_BTD = torch.randn(1, PROBE_TOKENS, cfg.d_model, generator=gen).to(device=weight.device, dtype=weight.dtype)
     modes = (block.training, layer.training)

@@ -1,11 +1,16 @@
 """The expert store: every routed expert of every MoE layer on disk, readable one expert at a time.
 
-Format "moekit-expert-store" version 1, and version 2 for quantised experts (moekit.compress: per-tensor
-dtypes, uint8 codes and fp32 scales, one width per store); layers may hold different expert counts
-(`experts_per_layer`, moekit.compress pruning per layer); docs/offload.md is the specification. A directory:
+Format "moekit-expert-store" version 1, version 2 for quantised experts (moekit.compress: per-tensor
+dtypes, uint8 codes and fp32 scales, one width per store), and version 3 for experts kept in a pretrained
+bank's own format (a wrapped gpt-oss or Llama 4: transposed stacks, interleaved gate/up columns,
+per-expert biases, clamped SwiGLU; "layout" and "activation_params" keys); layers may hold different
+expert counts (`experts_per_layer`, moekit.compress pruning per layer); docs/offload.md is the
+specification. A directory:
 
     manifest.json            format, version, shapes, dtype, byte ranges and a sha256 per expert
-    layer-000.safetensors    MoE layer 0: tensors e0.gate_up, e0.down, e1.gate_up, ... (or e{i}.up for GELU)
+    layer-000.safetensors    MoE layer 0: tensors e0.gate_up, e0.down, e1.gate_up, ... (e{i}.up: non-gated;
+                             version 3: as the bank stores them, transposed or interleaved, then
+                             e{i}.in_bias, e{i}.down_bias)
     layer-001.safetensors    ...
     dense.safetensors        moekit models only: every other weight, so that the model can be built
                              without ever materialising its experts (`load_dense_lm`)
@@ -36,8 +41,10 @@ Legend: L MoE layers, E experts per layer, D model dim, F expert hidden dim, S_e
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -51,7 +58,9 @@ from torch import nn
 
 from moekit.errors import DataError, NotOwnedError
 from moekit.experts import ExpertBank
+from moekit.experts.bank import ExpertLayout as BankLayout
 from moekit.layers.moe import MoELayer, moe_layer_names, moe_layers
+from moekit.ops.ffn import ACTIVATIONS, Activation
 from moekit.utils.io import (
     MARKER,
     TMP_TAG,
@@ -62,12 +71,14 @@ from moekit.utils.io import (
     sha256_file,
 )
 
-__all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "check_store_target", "temporary_store_dir",
-           "write_store"]
+__all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "bank_format", "check_store_target",
+           "store_activation", "temporary_store_dir", "write_store"]
 
 FORMAT = "moekit-expert-store"
 VERSION = 1
 QUANTIZED_VERSION = 2  # stores of quantised experts (moekit.compress): per-tensor dtypes and a "quantization" key
+LAYOUT_VERSION = 3  # experts stored as a pretrained bank holds them: "layout" and "activation_params" keys
+VERSIONS = (VERSION, QUANTIZED_VERSION, LAYOUT_VERSION)
 MANIFEST = "manifest.json"
 DENSE = "dense.safetensors"
 _ALIGN = 4096  # data start of every layer file: page-aligned expert reads
@@ -83,11 +94,11 @@ class ExpertStoreError(DataError, RuntimeError):
     """A store that cannot be used: missing, another format or version, truncated, or corrupted."""
 
 
-def _tensor_names(activation: str, quantization: dict | None = None) -> tuple[str, ...]:
-    first = "gate_up" if activation == "swiglu" else "up"
+def _tensor_names(gated: bool, quantization: dict | None = None, bias: bool = False) -> tuple[str, ...]:
+    first = "gate_up" if gated else "up"
     if quantization:  # group-wise int codes and their fp32 scales (moekit.compress.quantize)
         return (f"{first}.q", f"{first}.scale", "down.q", "down.scale")
-    return (first, "down")
+    return (first, "down", "in_bias", "down_bias") if bias else (first, "down")
 
 
 def _is_quantized(bank: nn.Module) -> bool:
@@ -106,11 +117,54 @@ def _quantization(bank: nn.Module, layer: int) -> dict | None:
     return {"bits": widths[0], "group_size": bank.group_size}
 
 
+def bank_format(bank: nn.Module, layer: int = 0) -> dict[str, Any]:
+    """How a bank's experts are stored and computed, as the manifest records it (version 3 keys): its
+    `layout` (transposed stacks, interleaved gate/up columns, per-expert biases: moekit.experts.ExpertLayout)
+    and `activation_params` (the clamped SwiGLU's limit, alpha, up offset). ValueError for what the store
+    does not hold: separate gate/up stacks or flat 2-D stacks (DBRX)."""
+    if _is_quantized(bank):
+        return {"layout": dict(_PLAIN["layout"]), "activation_params": _activation_params(Activation(bank.activation))}
+    lay = bank.layout
+    if lay.split or lay.flat:
+        raise ValueError(f"write_store: MoE layer {layer}'s experts are stored as {lay.describe()} stacks (DBRX), "
+                         "which the expert store does not hold; expected one gate_up (or up) and one down stack")
+    # Any other storage option (a layout field this store format does not know) is refused, not ignored.
+    # Spare rows past the E experts (LongCat-Flash) are never read: rows 0..E-1 are the experts, stored as usual.
+    unknown = [f.name for f in dataclasses.fields(lay) if f.name not in (*_LAYOUT_FIELDS, "split", "flat", "spare")
+               and getattr(lay, f.name)]
+    if unknown:
+        raise ValueError(f"write_store: MoE layer {layer}'s experts are stored with {', '.join(unknown)} "
+                         f"({lay.describe()}), which the expert store does not hold")
+    return {"layout": {f: getattr(lay, f) for f in _LAYOUT_FIELDS}, "activation_params": _activation_params(bank.act)}
+
+
+_LAYOUT_FIELDS = ("in_transposed", "out_transposed", "interleaved", "bias")  # what a version-3 store records
+
+
+def _activation_params(act: Activation) -> dict[str, Any]:
+    return {"limit": act.limit, "alpha": act.alpha, "up_offset": act.up_offset, "clamp_after": act.clamp_after}
+
+
+_PLAIN = {"layout": {f: False for f in _LAYOUT_FIELDS}, "activation_params": _activation_params(Activation())}
+
+
+def store_activation(m: dict[str, Any]) -> Activation:
+    """The experts' Activation a manifest records (version 3: with its clamp settings and interleaving)."""
+    params = m.get("activation_params") or _PLAIN["activation_params"]
+    interleaved = bool((m.get("layout") or {}).get("interleaved", False))
+    return Activation(m["activation"], params["limit"], params["alpha"], params["up_offset"], interleaved,
+                      bool(params.get("clamp_after", False)))
+
+
 def _expert_tensors(bank: nn.Module, e: int) -> list[torch.Tensor]:
+    """Expert e's tensors as the bank stores them (views: transposed stacks stay transposed, biases last)."""
     if _is_quantized(bank):
         return [getattr(bank, f"{n}{e}") for n in ("w_in_q", "w_in_s", "down_q", "down_s")]
-    first = bank.gate_up_proj if bank.activation == "swiglu" else bank.up_proj
-    return [first[e], bank.down_proj[e]]
+    first = bank.gate_up_proj if bank.act.gated else bank.up_proj
+    tensors = [first[e], bank.down_proj[e]]
+    if bank.layout.bias:
+        tensors += [bank.in_proj_bias[e], bank.down_proj_bias[e]]
+    return tensors
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
@@ -124,7 +178,8 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
 
 def _write_layer_file(path: Path, bank: nn.Module, layer: int) -> dict[str, Any]:
     """One layer's experts as a safetensors file in expert order; returns the manifest entry."""
-    names = _tensor_names(bank.activation, _quantization(bank, layer))
+    names = _tensor_names(Activation(bank.activation).gated, _quantization(bank, layer),
+                          bank_format(bank, layer)["layout"]["bias"])
     E = bank.num_experts
     shapes = [tuple(t.shape) for t in _expert_tensors(bank, 0)]
     dtypes = [t.dtype for t in _expert_tensors(bank, 0)]
@@ -212,6 +267,9 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
         if layer.expert_map_E is not None:
             raise ValueError(f"write_store: MoE layer {i}'s experts were merged (router experts map to fewer "
                              "experts), which the store cannot express")
+        if bank_format(bank, i) != bank_format(layers[0].experts):
+            raise ValueError(f"write_store: MoE layer {i} stores or computes its experts otherwise than layer 0 "
+                             f"({bank_format(bank, i)} vs {bank_format(layers[0].experts)}); the store holds one format")
         if any(t.is_meta for t in _expert_tensors(bank, 0)):
             raise ValueError(f"write_store: MoE layer {i}'s expert weights are on the meta device (not loaded)")
         banks.append(bank)
@@ -226,7 +284,8 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
             if ent["_shapes"] != first["_shapes"] or ent["_dtypes"] != first["_dtypes"]:
                 raise ValueError(f"write_store: MoE layer {i} has expert shapes {ent['_shapes']} {ent['_dtype']}, "
                                  f"layer 0 has {first['_shapes']} {first['_dtype']}; the store needs one expert size")
-        names = _tensor_names(banks[0].activation, quant[0])
+        fmt = bank_format(banks[0])
+        names = _tensor_names(Activation(banks[0].activation).gated, quant[0], fmt["layout"]["bias"])
         tensors, offset = [], 0
         for name, shape, size, d in zip(names, first["_shapes"], first["_sizes"], first["_dtypes"], strict=True):
             tensors.append({"name": name, "shape": list(shape), "offset": offset, "nbytes": size,
@@ -238,12 +297,14 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
             save_file(dense_tensors, str(tmp / DENSE))
             digest = sha256_file(tmp / DENSE)
             dense = {"file": DENSE, "sha256": digest, "aliases": aliases, "model_config": model.cfg.to_dict()}
+        version = QUANTIZED_VERSION if quant[0] else VERSION if fmt == _PLAIN else LAYOUT_VERSION
         manifest = {
-            "format": FORMAT, "version": QUANTIZED_VERSION if quant[0] else VERSION, "quantization": quant[0],
+            "format": FORMAT, "version": version, "quantization": quant[0],
             "num_layers": len(banks), "num_experts": max(b.num_experts for b in banks), "d_model": banks[0].d_model,
             "d_expert": banks[0].d_expert, "activation": banks[0].activation,
             "dtype": str(first["_dtype"]).removeprefix("torch."), "expert_nbytes": offset,
             "tensors": tensors,
+            **(fmt if version == LAYOUT_VERSION else {}),
             "layers": [{k: v for k, v in ent.items() if not k.startswith("_")} | {"name": name}
                        for ent, name in zip(entries, moe_layer_names(model), strict=True)],
             "dense": dense,
@@ -313,9 +374,9 @@ def _check_manifest(m: Any, man_path: Path) -> None:
         raise bad(f"holds a JSON {type(m).__name__}, expected an object")
     if m.get("format") != FORMAT:
         raise ExpertStoreError(f"{man_path}: format {m.get('format')!r}, expected {FORMAT!r}")
-    if m.get("version") not in (VERSION, QUANTIZED_VERSION):
-        raise ExpertStoreError(f"{man_path}: version {m.get('version')!r}, this moekit reads versions {VERSION} and "
-                               f"{QUANTIZED_VERSION}")
+    if m.get("version") not in VERSIONS:
+        raise ExpertStoreError(f"{man_path}: version {m.get('version')!r}, this moekit reads versions "
+                               f"{', '.join(map(str, VERSIONS))}")
     quant = m.get("quantization")
     if (quant is not None) != (m["version"] == QUANTIZED_VERSION):
         raise bad(f"version {m['version']} with quantization {quant!r} (quantised stores are version {QUANTIZED_VERSION})")
@@ -324,13 +385,28 @@ def _check_manifest(m: Any, man_path: Path) -> None:
     E = need(m, "num_experts", *positive)
     D = need(m, "d_model", *positive)
     F = need(m, "d_expert", *positive)
-    activation = need(m, "activation", lambda v: isinstance(v, str), "a string")
+    activation = need(m, "activation", lambda v: v in ACTIVATIONS, f"one of {ACTIVATIONS}")
     dtype = _TORCH_DTYPES[need(m, "dtype", lambda v: v in _TORCH_DTYPES, f"one of {sorted(_TORCH_DTYPES)}")]
     S = need(m, "expert_nbytes", *positive)
-    names = _tensor_names(activation, quant)
-    X = 2 * F if activation == "swiglu" else F
-    shapes = ([X, D], [D, F])
-    dtypes = (dtype, dtype)
+    layout = {f: False for f in _LAYOUT_FIELDS}
+    if m["version"] == LAYOUT_VERSION:
+        lay = need(m, "layout", lambda v: isinstance(v, dict) and set(v) == set(_LAYOUT_FIELDS)
+                   and all(isinstance(x, bool) for x in v.values()), f"an object of booleans {_LAYOUT_FIELDS}")
+        layout.update(lay)
+        params = need(m, "activation_params", lambda v: isinstance(v, dict)
+                      and {"limit", "alpha", "up_offset"} <= set(v) <= {"limit", "alpha", "up_offset", "clamp_after"},
+                      "an object with limit, alpha, up_offset (and clamp_after)")
+        try:
+            store_activation(m)
+        except (TypeError, ValueError) as e:
+            raise bad(f"activation {activation!r} with {params} is not one moekit computes ({e})") from e
+    gated = Activation(activation).gated
+    names = _tensor_names(gated, quant, layout["bias"])
+    X = 2 * F if gated else F
+    shapes = ([D, X] if layout["in_transposed"] else [X, D], [F, D] if layout["out_transposed"] else [D, F])
+    if layout["bias"]:
+        shapes += ([X], [D])
+    dtypes = (dtype,) * len(shapes)
     if quant is not None:
         b = need(quant, "bits", lambda v: v in (2, 4, 8), "2, 4 or 8", "quantization.")
         G = need(quant, "group_size", lambda v: _is_int(v, 1) and D % v == 0 and F % v == 0,
@@ -345,7 +421,7 @@ def _check_manifest(m: Any, man_path: Path) -> None:
         need(t, "name", lambda v, n=name: v == n, repr(name), where)
         need(t, "shape", lambda v, s=shape: v == s, f"{shape} (from d_model, d_expert and activation)", where)
         need(t, "offset", lambda v, o=offset: v == o, f"{offset} (tensors are contiguous)", where)
-        nbytes = torch.empty((), dtype=d).element_size() * shape[0] * shape[1]
+        nbytes = torch.empty((), dtype=d).element_size() * math.prod(shape)
         need(t, "nbytes", lambda v, n=nbytes: v == n, f"{nbytes} (shape x dtype size)", where)
         offset += nbytes
     if S != offset:
@@ -425,6 +501,9 @@ class ExpertStore:
         self.num_experts: int = m["num_experts"]  # the largest layer's (experts_per_layer: each layer's)
         self.experts_per_layer: list[int] = m.get("experts_per_layer", [self.num_experts] * self.num_layers)
         self.activation: str = m["activation"]
+        # How the experts are computed and stored (version 3: a pretrained bank's own format; else moekit's).
+        self.act: Activation = store_activation(m)
+        self.bank_layout = BankLayout(**(m.get("layout") or _PLAIN["layout"]))
         self.d_model: int = m["d_model"]
         self.d_expert: int = m["d_expert"]
         self.expert_nbytes: int = m["expert_nbytes"]
@@ -569,6 +648,13 @@ class ExpertStore:
                 raise ExpertStoreError(f"expert store {self.path} holds experts (E, D, F, activation) = {want}, "
                                        f"MoE layer {i} of the model has {got}")
             bank = layer.experts
+            fmt = bank_format(bank, i)
+            mine = (fmt["layout"], fmt["activation_params"])
+            theirs = ({f: getattr(self.bank_layout, f) for f in _LAYOUT_FIELDS}, _activation_params(self.act))
+            if mine != theirs:
+                raise ExpertStoreError(f"expert store {self.path} holds experts stored as {theirs[0]} with activation "
+                                       f"{self.act.describe()}, MoE layer {i} of the model has {mine[0]}, "
+                                       f"{bank.act.describe() if hasattr(bank, 'act') else bank.activation}")
             if any(t.is_meta for t in _expert_tensors(bank, 0)):
                 continue  # a model built without its experts (load_dense_lm): the store says what they are
             mine = _quantization(bank, i)
