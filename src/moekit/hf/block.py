@@ -42,6 +42,10 @@ class HFMoEBlock(MoELayer):
             if spec.layout != STANDARD:  # the block's own storage, read in place (views, never copies)
                 self.experts = ExpertBank(spec.cfg.num_experts, spec.cfg.d_model, spec.cfg.d_expert,
                                           self.experts.act, spec.layout)
+        # The placeholders, held so that their ids stay theirs: "not bound" is "still a placeholder", not "on
+        # the meta device" (a model built under `with torch.device("meta")` has every tensor there).
+        placeholders = list(self.state_dict(keep_vars=True).values())
+        placeholder_ids = {id(t) for t in placeholders}
         block = spec.block
         device = spec.router_weight.device
         self.router.weight = spec.router_weight
@@ -61,7 +65,8 @@ class HFMoEBlock(MoELayer):
             for name, buf in module.named_buffers(recurse=False):
                 if buf.is_meta:
                     setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype, device=device))
-        left = [n for n, t in self.state_dict(keep_vars=True).items() if t.is_meta]
+        left = [n for n, t in self.state_dict(keep_vars=True).items() if id(t) in placeholder_ids]
+        del placeholders
         if left:
             raise RuntimeError(f"HFMoEBlock: {left} of {spec.class_name} were not bound to the block's tensors")
 

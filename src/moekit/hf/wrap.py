@@ -115,6 +115,12 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
         raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its weights are on the meta "
                                     "device (offloaded or not loaded); load the model onto a real device, or pass "
                                     "verify=False")
+    # Weights not initialised yet (torch.empty: NaN or garbage) give a probe nothing to compare: say so, rather
+    # than blame the routing rule (transformers builds models so, e.g. under its tests' skip_weight_init).
+    bad = [n for n, t in (("router", spec.router_weight), *spec.bank.items()) if not bool(t.isfinite().all())]
+    if bad:
+        raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its weights {bad} are not finite "
+                                    "(not initialised yet?); initialise or load them first, or pass verify=False")
     gen = torch.Generator().manual_seed(0)
     x_BTD = torch.randn(1, PROBE_TOKENS, cfg.d_model, generator=gen).to(device=weight.device, dtype=weight.dtype)
     modes = (block.training, layer.training)
