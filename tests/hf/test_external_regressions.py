@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig
+from transformers import AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, MixtralConfig, PreTrainedModel
 
+import moekit
 import moekit.hf
 from moekit.hf import HFMoEBlock
 
@@ -45,3 +46,91 @@ def test_weights_not_initialised_yet_are_named_not_blamed_on_the_rule():
         moekit.hf.wrap(model)
     assert moekit.hf.wrapped_blocks(model) == []  # all or nothing: the finite first block is not replaced either
     assert len(moekit.hf.wrapped_blocks(moekit.hf.wrap(model, verify=False))) == 2
+
+
+def test_deepseek_v3_with_every_expert_per_token_wraps_exactly():
+    # transformers' DeepSeek-V3 tester: k = 8 of 8 experts with topk_group=1 of n_group=2 (the top-k takes every
+    # expert, the dropped group's by its -inf ties); moekit refused k > the kept groups' 4 experts.
+    cfg = DeepseekV3Config(**{**_TINY, "num_key_value_heads": 4}, intermediate_size=32, moe_intermediate_size=16,
+                           n_routed_experts=8, num_experts_per_tok=8, n_group=2, topk_group=1, n_shared_experts=1,
+                           routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+                           qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        moekit.hf.wrap(model)
+        got = model(ids).logits
+    assert len(moekit.hf.wrapped_blocks(model)) == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_group_limited_k_between_the_kept_groups_and_all_experts_is_refused():
+    # k = E is every expert; 4 < k < 8 would take dropped-group experts by the order of -inf ties.
+    with pytest.raises(ValueError, match="k=6 is invalid with topk_group=1 groups of 4"):
+        moekit.RouterConfig(kind="topk", k=6, score="sigmoid", n_group=2, topk_group=1).validate(8)
+    assert moekit.RouterConfig(kind="topk", k=8, score="sigmoid", n_group=2, topk_group=1).validate(8).k == 8
+
+
+def test_gpt_oss_loads_into_a_model_wrapped_at_construction(tmp_path, monkeypatch):
+    # from_pretrained builds the model (wrapped at its post_init, as the external hook does), then sets each
+    # checkpoint tensor by its HF name: gpt-oss's `experts.gate_up_proj_bias` is the bank's `in_proj_bias`.
+    torch.manual_seed(0)
+    source = AutoModelForCausalLM.from_config(_config("gpt_oss")).eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_(0, 0.2)
+    source.save_pretrained(tmp_path)
+    ids = torch.randint(1, 64, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = source(ids).logits
+    original = PreTrainedModel.post_init
+
+    def post_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if not moekit.hf.wrapped_blocks(self):
+            moekit.hf.wrap(self, verify=False)
+
+    monkeypatch.setattr(PreTrainedModel, "post_init", post_init)
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    monkeypatch.undo()
+    assert len(moekit.hf.wrapped_blocks(model)) == 2
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    bank = moekit.hf.wrapped_blocks(model)[0].experts
+    assert model.get_parameter("model.layers.0.mlp.experts.gate_up_proj_bias") is bank.in_proj_bias
+    assert sorted(model.state_dict()) == sorted(source.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_deepseek_v3_built_under_the_meta_device_keeps_its_selection_bias():
+    # On the meta device moekit's placeholder buffers and the block's own e_score_correction_bias look alike:
+    # only the placeholders become moekit's zeros (the block's was replaced, then refused as "no place").
+    cfg = DeepseekV3Config(**{**_TINY, "num_key_value_heads": 4}, intermediate_size=32, moe_intermediate_size=16,
+                           n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                           q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+        hf_bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+        moekit.hf.wrap(model, verify=False)
+    assert moekit.hf.wrapped_blocks(model)[0].router.e_score_correction_bias is hf_bias
+
+
+def test_init_weights_resets_moekits_own_buffers():
+    # test_init_weights_can_init_buffers: built on meta, to_empty() (buffers hold whatever memory they get), then
+    # init_weights(); moekit's zero selection bias of a softmax family must come back as zeros.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_config("gpt_oss"))
+        moekit.hf.wrap(model, verify=False)
+    model.to_empty(device="cpu")
+    layers = moekit.hf.wrapped_blocks(model)
+    for layer in layers:
+        layer.router.e_score_correction_bias.fill_(float("nan"))  # what to_empty may leave
+    model.init_weights()
+    for layer in layers:
+        assert torch.equal(layer.router.e_score_correction_bias, torch.zeros(6))
+    assert all(bool(p.isfinite().all()) for p in model.parameters())

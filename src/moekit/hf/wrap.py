@@ -175,6 +175,16 @@ def _eager_experts(experts: nn.Module):
         set_experts_implementation(config, current)
 
 
+@contextlib.contextmanager
+def _stub(experts: nn.Module):
+    """The experts module returning zeros shaped as its input (no data-dependent expert loop on meta tensors)."""
+    experts.forward = lambda hidden_states, *args, **kwargs: torch.zeros_like(hidden_states)
+    try:
+        yield
+    finally:
+        del experts.forward
+
+
 def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> None:
     """The HF router's own choice (where its output states one, see `call_router`) against moekit's fp32
     router: the same experts for every token and the same weights, free of rounding."""
@@ -194,16 +204,15 @@ def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> No
 
 def _returns(spec: BlockSpec, out, num_tokens: int | None) -> str | None:
     """How the block returns (see HFMoEBlock._as_hf), from its output on the probe (`out`), or, without
-    one, from a one-token call (nothing is read on meta tensors: then a plain tensor)."""
+    one, from a one-token call (on meta weights, a meta call with the experts stubbed: the block's own code
+    decides what it returns, the experts only fill the hidden states, which have no values there)."""
     if out is None:
         weight = next(iter(spec.bank.values()))
-        if weight.is_meta:
-            return None
         x = torch.zeros(1, 1, spec.cfg.d_model, device=weight.device, dtype=weight.dtype)
         was = spec.block.training
         spec.block.eval()
         try:
-            with torch.no_grad(), _eager_experts(spec.experts):
+            with torch.no_grad(), _eager_experts(spec.experts) if not weight.is_meta else _stub(spec.experts):
                 out = spec.block(x)
         finally:
             spec.block.train(was)
@@ -252,6 +261,7 @@ def _init_wrapped(init_weights, module: nn.Module) -> None:
     if isinstance(module, HFMoEBlock):
         for sub in module.original().modules():
             init_weights(sub)
+        module.reset_moekit_state()
     else:
         init_weights(module)
 
