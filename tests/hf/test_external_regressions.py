@@ -105,6 +105,14 @@ def test_gpt_oss_loads_into_a_model_wrapped_at_construction(tmp_path, monkeypatc
     assert sorted(model.state_dict()) == sorted(source.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids).logits, want, rtol=1e-5, atol=1e-5)
+    # No checkpoint at all (test_can_init_all_missing_weights): every tensor is materialised from meta by its HF
+    # name (a plain tensor where the name is not in `_parameters`), then initialised.
+    monkeypatch.setattr(PreTrainedModel, "post_init", post_init)
+    fresh = type(source).from_pretrained(None, config=_config("gpt_oss"), state_dict={})
+    monkeypatch.undo()
+    bank = moekit.hf.wrapped_blocks(fresh)[1].experts
+    assert isinstance(bank.in_proj_bias, torch.nn.Parameter) and not bank.in_proj_bias.is_meta
+    assert not any(t.is_meta for t in fresh.state_dict().values())
 
 
 def test_deepseek_v3_built_under_the_meta_device_keeps_its_selection_bias():

@@ -199,6 +199,9 @@ class HFNamedExpertBank(ExpertBank):
 
     def __setattr__(self, name: str, value) -> None:
         alias = self.__dict__.get("_hf_leaves", {}).get(name)
+        if alias is not None and alias in self._parameters and type(value) is torch.Tensor:
+            # transformers' loading wraps a tensor in a Parameter only where the HF name is in `_parameters`
+            value = nn.Parameter(value, requires_grad=value.is_floating_point())
         super().__setattr__(name if alias is None else alias, value)
 
 
