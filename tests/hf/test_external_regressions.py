@@ -142,3 +142,22 @@ def test_init_weights_resets_moekits_own_buffers():
     for layer in layers:
         assert torch.equal(layer.router.e_score_correction_bias, torch.zeros(6))
     assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+def test_seeded_init_of_a_wrapped_model_draws_as_the_unwrapped_one(make_model):
+    # test_can_init_all_missing_weights: with the same seed, transformers' initialize_weights (children first,
+    # each module once) must give a wrapped model the unwrapped model's weights; the shared expert's Linears were
+    # drawn twice (as the wrapped layer's children, then again through the block), shifting every later draw.
+    def init(model):
+        torch.manual_seed(42)
+        for m in model.modules():
+            m.__dict__.pop("_is_hf_initialized", None)
+        model.initialize_weights()
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    model = make_model("qwen2_moe")
+    want = init(model)
+    moekit.hf.wrap(model)
+    got = init(model)
+    assert sorted(got) == sorted(want)
+    assert not [k for k in want if not torch.equal(got[k], want[k])]

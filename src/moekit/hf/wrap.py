@@ -252,18 +252,28 @@ def _refuse_experts_implementation_switch(model: nn.Module) -> None:
             if callable(getattr(type(m), DECODE_SWITCH, None)):
                 setattr(m, DECODE_SWITCH, contextlib.nullcontext)
             if callable(getattr(type(m), INIT_HOOK, None)):
-                setattr(m, INIT_HOOK, functools.partial(_init_wrapped, getattr(m, INIT_HOOK)))
+                inside = {id(x) for b in m.modules() if isinstance(b, HFMoEBlock) for x in b.modules() if x is not b}
+                setattr(m, INIT_HOOK, functools.partial(_init_wrapped, getattr(m, INIT_HOOK), inside))
 
 
-def _init_wrapped(init_weights, module: nn.Module) -> None:
+def _init_wrapped(init_weights, inside: set[int], module: nn.Module) -> None:
     """transformers' `_init_weights(module)` on a wrapped model: a wrapped block is initialised as its
-    original block would be (the same Parameter objects, so in place for moekit too)."""
+    original block would be (the same Parameter objects, so in place for moekit too), module by module in
+    the order transformers' `initialize_weights` visits them (children first), each once: the same random
+    draws as the unwrapped model (seeded inits match). The wrapped layer's own children (`inside`: moekit's
+    router and bank, the HF shared-expert Linears it holds) are reached through the block, not on their own."""
     if isinstance(module, HFMoEBlock):
-        for sub in module.original().modules():
+        for sub in _children_first(module.original()):
             init_weights(sub)
         module.reset_moekit_state()
-    else:
+    elif id(module) not in inside:
         init_weights(module)
+
+
+def _children_first(module: nn.Module):
+    for child in module.children():
+        yield from _children_first(child)
+    yield module
 
 
 def _experts_implementation_refused(model_class: str, *args, **kwargs) -> None:
