@@ -144,20 +144,36 @@ def test_init_weights_resets_moekits_own_buffers():
     assert all(bool(p.isfinite().all()) for p in model.parameters())
 
 
-def test_seeded_init_of_a_wrapped_model_draws_as_the_unwrapped_one(make_model):
-    # test_can_init_all_missing_weights: with the same seed, transformers' initialize_weights (children first,
-    # each module once) must give a wrapped model the unwrapped model's weights; the shared expert's Linears were
-    # drawn twice (as the wrapped layer's children, then again through the block), shifting every later draw.
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("reseed_every_step", [False, True])
+def test_seeded_init_of_a_wrapped_model_draws_as_the_unwrapped_one(family, reseed_every_step, make_model,
+                                                                  monkeypatch):
+    # test_can_init_all_missing_weights: transformers' initialize_weights (children first, each module once) must
+    # give a wrapped model the unwrapped one's weights, also where its tests reseed in every per-module step
+    # (seeded_weight_init). The shared expert's Linears were drawn twice, and a block's experts continued its
+    # router's draws instead of taking their own step.
+    if reseed_every_step:
+        step = PreTrainedModel._initialize_weights
+
+        def seeded(*args, **kwargs):
+            torch.manual_seed(42)
+            step(*args, **kwargs)
+
+        monkeypatch.setattr(PreTrainedModel, "_initialize_weights", seeded)
+
     def init(model):
         torch.manual_seed(42)
-        for m in model.modules():
+        originals = [m for b in moekit.hf.wrapped_blocks(model) for m in b.original().modules()]
+        for m in [*model.modules(), *originals]:  # as freshly built (from_pretrained's missing weights)
             m.__dict__.pop("_is_hf_initialized", None)
         model.initialize_weights()
         return {k: v.clone() for k, v in model.state_dict().items()}
 
-    model = make_model("qwen2_moe")
+    model = make_model(family)
     want = init(model)
     moekit.hf.wrap(model)
     got = init(model)
     assert sorted(got) == sorted(want)
     assert not [k for k in want if not torch.equal(got[k], want[k])]
+    moekit.hf.unwrap(model)
+    assert "_initialize_weights" not in model.__dict__ and "_initialize_weights" not in model.model.__dict__

@@ -40,7 +40,13 @@ from moekit.hf.detect import (
     read_block,
     router_matches,
 )
-from moekit.hf.private_api import DECODE_SWITCH, INIT_HOOK, experts_implementation, set_experts_implementation
+from moekit.hf.private_api import (
+    DECODE_SWITCH,
+    INIT_HOOK,
+    INIT_WALK,
+    experts_implementation,
+    set_experts_implementation,
+)
 from moekit.hf.version import check_transformers_version
 from moekit.layers import moe_layers
 
@@ -237,7 +243,7 @@ def _shapes(out) -> str:
 
 
 # Instance attributes wrap() sets on transformers (sub)models holding wrapped blocks; unwrap() removes them.
-_GUARDED = ("set_experts_implementation", DECODE_SWITCH, INIT_HOOK)
+_GUARDED = ("set_experts_implementation", DECODE_SWITCH, INIT_HOOK, INIT_WALK)
 
 
 def _refuse_experts_implementation_switch(model: nn.Module) -> None:
@@ -252,22 +258,37 @@ def _refuse_experts_implementation_switch(model: nn.Module) -> None:
             if callable(getattr(type(m), DECODE_SWITCH, None)):
                 setattr(m, DECODE_SWITCH, contextlib.nullcontext)
             if callable(getattr(type(m), INIT_HOOK, None)):
+                setattr(m, INIT_HOOK, functools.partial(_init_wrapped, getattr(m, INIT_HOOK)))
+            if callable(getattr(type(m), INIT_WALK, None)):
                 inside = {id(x) for b in m.modules() if isinstance(b, HFMoEBlock) for x in b.modules() if x is not b}
-                setattr(m, INIT_HOOK, functools.partial(_init_wrapped, getattr(m, INIT_HOOK), inside))
+                setattr(m, INIT_WALK, functools.partial(_initialize_wrapped, m, inside))
 
 
-def _init_wrapped(init_weights, inside: set[int], module: nn.Module) -> None:
+def _init_wrapped(init_weights, module: nn.Module) -> None:
     """transformers' `_init_weights(module)` on a wrapped model: a wrapped block is initialised as its
-    original block would be (the same Parameter objects, so in place for moekit too), module by module in
-    the order transformers' `initialize_weights` visits them (children first), each once: the same random
-    draws as the unwrapped model (seeded inits match). The wrapped layer's own children (`inside`: moekit's
-    router and bank, the HF shared-expert Linears it holds) are reached through the block, not on their own."""
+    original block would be (the same Parameter objects, so in place for moekit too)."""
     if isinstance(module, HFMoEBlock):
         for sub in _children_first(module.original()):
             init_weights(sub)
         module.reset_moekit_state()
-    elif id(module) not in inside:
+    else:
         init_weights(module)
+
+
+def _initialize_wrapped(model: nn.Module, inside: set[int], module: nn.Module, *args, **kwargs) -> None:
+    """transformers' `_initialize_weights(module)`, the step of `initialize_weights`' walk (children first;
+    what init_weights and from_pretrained's missing-weight init run), on a wrapped model: a wrapped block's
+    original modules each take that step, in the order the walk visits them in the unwrapped model, so that
+    each is initialised once, with its own flag check and whatever the class's step adds (a seed per module in
+    transformers' tests): the same draws as unwrapped. The wrapped layer's own children (`inside`: moekit's
+    router and bank, the HF shared-expert Linears it holds) are reached through the block, not on their own."""
+    step = getattr(type(model), INIT_WALK)  # looked up per call: a wrapper patched onto the class applies
+    if isinstance(module, HFMoEBlock):
+        for sub in _children_first(module.original()):
+            step(model, sub, *args, **kwargs)
+        module.reset_moekit_state()
+    elif id(module) not in inside:
+        step(model, module, *args, **kwargs)
 
 
 def _children_first(module: nn.Module):
