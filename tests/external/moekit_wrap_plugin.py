@@ -7,8 +7,9 @@ a test builds escapes it:
 
   - a model with no module that looks like a sparse MoE block is left alone (counted as `no_block`);
   - a model whose weights are on the meta device (from_pretrained builds the skeleton there and loads the
-    weights afterwards), or not initialised yet (not finite: built under the tests' `skip_weight_init`, whose
-    weights `init_weights` fills later), is wrapped with `verify=False`, since the parity probe needs real
+    weights afterwards), or not initialised yet (built under the tests' `skip_weight_init`, whose weights
+    `init_weights` fills later: not finite, or finite garbage the probe names by its non-finite output), is
+    wrapped with `verify=False`, since the parity probe needs real
     weights (counted as `unverified`; issue #14 item 4 asks for a deferred probe);
   - otherwise `moekit.hf.wrap(model)` with its parity probe; a refusal (UnsupportedBlockError) propagates, so
     the test fails with moekit's message.
@@ -133,8 +134,11 @@ def wrap_constructed(model) -> None:
     unready = any(p.is_meta or not bool(p.isfinite().all()) for p in model.parameters())
     try:
         moekit.hf.wrap(model, verify=not unready)
-    except moekit.hf.UnsupportedBlockError:
-        STATS["refused"] += 1
-        raise
+    except moekit.hf.UnsupportedBlockError as e:
+        if "not initialised yet?" not in str(e):  # finite garbage: the probe says its output is not finite
+            STATS["refused"] += 1
+            raise
+        moekit.hf.wrap(model, verify=False)
+        unready = True
     STATS["wrapped"] += 1
     STATS["unverified"] += int(unready)

@@ -81,3 +81,9 @@ def test_a_model_without_weights_yet_is_wrapped_unverified(hook):
     hook.wrap_constructed(model)
     assert len(moekit.hf.wrapped_blocks(model)) == 1
     assert hook.STATS["unverified"] == unverified + 2
+    model = MixtralForCausalLM(_config())  # finite garbage: the probe names the non-finite output
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj.fill_(3e38)
+    hook.wrap_constructed(model)
+    assert len(moekit.hf.wrapped_blocks(model)) == 1
+    assert hook.STATS["unverified"] == unverified + 3

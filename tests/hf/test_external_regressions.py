@@ -177,3 +177,13 @@ def test_seeded_init_of_a_wrapped_model_draws_as_the_unwrapped_one(family, resee
     assert not [k for k in want if not torch.equal(got[k], want[k])]
     moekit.hf.unwrap(model)
     assert "_initialize_weights" not in model.__dict__ and "_initialize_weights" not in model.model.__dict__
+
+
+def test_finite_garbage_weights_are_named_by_the_probe():
+    # torch.empty can hold huge finite values: the block's own output overflows to NaN on the probe; the probe
+    # names the weights (not initialised yet?) rather than a rule difference.
+    model = AutoModelForCausalLM.from_config(_config("mixtral"))
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj.fill_(3e38)
+    with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"own output on the probe is not finite or overflows"):
+        moekit.hf.wrap(model)

@@ -134,10 +134,14 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
     layer.eval()
     try:
         with torch.no_grad():
-            _verify_router(spec, layer, x_BTD.reshape(-1, cfg.d_model).float())
             with _eager_experts(spec.experts):
                 out_hf = block(x_BTD)
             y_hf = out_hf[0] if isinstance(out_hf, tuple) else out_hf
+            if not bool(y_hf.float().norm(dim=-1).isfinite().all()):  # garbage weights (torch.empty) overflow
+                raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its own output on the probe "
+                                            "is not finite or overflows (weights not initialised yet?); initialise "
+                                            "or load them first, or pass verify=False")
+            _verify_router(spec, layer, x_BTD.reshape(-1, cfg.d_model).float())
             layer.returns = _returns(spec, out_hf, PROBE_TOKENS)
             y_mk = layer(x_BTD)
             y_mk = y_mk[0] if isinstance(y_mk, tuple) else y_mk
