@@ -8,8 +8,9 @@ The cache (default tests/external/.cache/transformers-<version>/, git-ignored) g
                              test_configuration_common.py, test_pipeline_mixin.py, ...), which match the version;
   tests/causal_lm_tester.py, tests/generation/, tests/exporters/, tests/utils/test_configuration_utils.py,
   tests/models/<family>/     not in the sdist: copied from --from-dir, a transformers checkout at the tag
-                             v<version> (`git clone --depth 1 -b v<version> https://github.com/huggingface/transformers`);
-  shims                      for the three helper modules test_modeling_common imports, when neither source has
+                             v<version> (`git clone --depth 1 -b v<version> https://github.com/huggingface/transformers`)
+                             or a dir assembled by hand whose SOURCES.json names each file's source;
+  shims                      for the four helper modules test_modeling_common (and the TP mixin) import, when neither source has
                              them (tests/external/shims: generation and export mixins without tests), and an
                              empty tests/utils/tiny_model_summary.json (the hub-backed pipeline tests skip);
   src/transformers           a link to the installed package (test_pipeline_mixin imports it from there);
@@ -38,7 +39,8 @@ FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_os
 # Imported by the sdist's top-level files or the model tests, but not shipped in the sdist.
 HELPERS = ("causal_lm_tester.py", "generation/test_utils.py", "exporters/test_export.py",
            "utils/test_configuration_utils.py", "distributed_testing_utils.py")
-SHIMMED = ("generation/test_utils.py", "exporters/test_export.py", "utils/test_configuration_utils.py")
+SHIMMED = ("generation/test_utils.py", "exporters/test_export.py", "utils/test_configuration_utils.py",
+           "distributed_testing_utils.py")
 MARKERS = ("flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "generate", "torch_compile_test",
            "torch_export_test", "is_training_test", "is_pipeline_test", "is_staging_test", "bitsandbytes",
            "not_device_test", "tensor_parallel_ci", "mixed_precision", "flex_attn_test", "slow")
@@ -80,13 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     wanted = list(HELPERS) + [f"models/{f}/test_modeling_{f}.py" for f in args.families]
     if args.from_dir:
         root = args.from_dir / "tests" if (args.from_dir / "tests").is_dir() else args.from_dir
+        # A dir assembled by hand (not a tagged checkout) says where each file came from in SOURCES.json
+        # ({path under tests/: source}); MANIFEST.json records that instead of the bare directory.
+        notes_file = args.from_dir / "SOURCES.json"
+        notes = json.loads(notes_file.read_text()) if notes_file.is_file() else {}
         for rel in wanted:
             if (root / rel).is_file():
-                _place(root / rel, tests, rel, manifest, f"from-dir:{args.from_dir}")
+                _place(root / rel, tests, rel, manifest, notes.get(rel, f"from-dir:{args.from_dir}"))
         for rel in ("generation", "exporters"):  # sibling modules the helpers import
             for f in sorted((root / rel).glob("*.py")) if (root / rel).is_dir() else []:
                 if not (tests / rel / f.name).exists():
-                    _place(f, tests, f"{rel}/{f.name}", manifest, f"from-dir:{args.from_dir}")
+                    sub = f"{rel}/{f.name}"
+                    _place(f, tests, sub, manifest, notes.get(sub, f"from-dir:{args.from_dir}"))
     for rel in SHIMMED:
         if not (tests / rel).exists():
             _place(HERE / "shims" / rel, tests, rel, manifest, "shim (tests/external/shims)")
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     link.parent.mkdir(exist_ok=True)
     if not link.exists():
         link.symlink_to(pathlib.Path(transformers.__file__).parent, target_is_directory=True)
-    missing = [rel for rel in wanted if not (tests / rel).exists() and rel != "distributed_testing_utils.py"]
+    missing = [rel for rel in wanted if not (tests / rel).exists()]
     packages = {tests} | {d for p in tests.rglob("*.py") for d in p.relative_to(tests).parents if d.parts}
     for d in {tests, *(tests / d for d in packages if d != tests)}:
         if not (d / "__init__.py").exists():

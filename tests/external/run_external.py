@@ -16,6 +16,7 @@ import collections
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,8 +28,9 @@ from fetch_tests import FAMILIES, default_cache  # noqa: E402
 
 
 def run_family(cache: pathlib.Path, family: str, wrapped: bool, keyword: str | None, timeout: int,
-               override: str = "") -> dict:
-    """{test id: (status, message)} of one pytest run, plus the plugin's counts when wrapped."""
+               override: str = "", junit_dir: pathlib.Path | None = None) -> dict:
+    """{test id: (status, message)} of one pytest run, plus the plugin's counts when wrapped; with `junit_dir`,
+    the run's JUnit XML (full failure texts, per-test times) is kept there as <family>-<wrapped|unwrapped>.xml."""
     test_file = cache / "tests" / "models" / family / f"test_modeling_{family}.py"
     if not test_file.exists():
         raise FileNotFoundError(f"{test_file} is missing; run tests/external/fetch_tests.py first")
@@ -50,6 +52,9 @@ def run_family(cache: pathlib.Path, family: str, wrapped: bool, keyword: str | N
                                f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         results = parse_junit(junit)
         counts = json.loads(stats.read_text()) if stats.exists() else None
+        if junit_dir is not None:
+            junit_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(junit, junit_dir / f"{family}-{'wrapped' if wrapped else 'unwrapped'}.xml")
     if wrapped and (counts is None or counts["wrapped"] + counts["refused"] == 0):
         raise RuntimeError(f"the wrapped run of {family} wrapped no model: the moekit hook did not intercept "
                            f"construction (plugin counts: {counts})")
@@ -87,13 +92,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-k", dest="keyword", default=None, help="pytest -k expression (both runs)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per pytest run")
     ap.add_argument("--override", default="", help="--moekit-config-override for both runs (diagnostic variant)")
+    ap.add_argument("--junit-dir", type=pathlib.Path, default=None, help="keep each run's JUnit XML here")
+    ap.add_argument("--reuse-unwrapped", action="store_true",
+                    help="take a family's unwrapped results from <junit-dir>/<family>-unwrapped.xml when it exists "
+                         "(moekit changes cannot move them; same -k and --override assumed)")
     args = ap.parse_args(argv)
+    if args.reuse_unwrapped and args.junit_dir is None:
+        ap.error("--reuse-unwrapped needs --junit-dir")
     cache = args.cache or default_cache()
     report, any_wrapped_only = {}, False
     print(f"{'family':<13} {'unwrapped p/f/s':<17} {'wrapped p/f/s':<15} wrapped-only failures")
     for family in args.families:
-        plain = run_family(cache, family, False, args.keyword, args.timeout, args.override)
-        wrapped = run_family(cache, family, True, args.keyword, args.timeout, args.override)
+        kept = args.junit_dir / f"{family}-unwrapped.xml" if args.reuse_unwrapped and args.junit_dir else None
+        if kept is not None and kept.exists():
+            plain = {"tests": parse_junit(kept), "plugin": None}
+        else:
+            plain = run_family(cache, family, False, args.keyword, args.timeout, args.override, args.junit_dir)
+        wrapped = run_family(cache, family, True, args.keyword, args.timeout, args.override, args.junit_dir)
         only = {t: wrapped["tests"][t][1] for t, (s, _) in plain["tests"].items()
                 if s == "passed" and wrapped["tests"].get(t, ("missing", ""))[0] == "failed"}
         fixed = sorted(t for t, (s, _) in plain["tests"].items()

@@ -7,6 +7,7 @@ import importlib.util
 import pathlib
 
 import pytest
+import torch
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
 
 import moekit.hf
@@ -62,3 +63,27 @@ def test_config_override_applies_before_the_modules_are_built(hook):
     assert model.config.hidden_act == "silu"
     assert model.model.layers[0].mlp.experts.down_proj.shape[-1] == 48
     assert len(moekit.hf.wrapped_blocks(model)) == 1
+
+
+def test_a_model_without_weights_yet_is_wrapped_unverified(hook):
+    # transformers' tests build models under `torch.device("meta")` and with weight init skipped (NaN from
+    # torch.empty), then fill the weights; the hook wraps them without the parity probe and counts them.
+    hook.install()
+    unverified = hook.STATS["unverified"]
+    with torch.device("meta"):
+        model = MixtralForCausalLM(_config())
+    assert len(moekit.hf.wrapped_blocks(model)) == 1
+    assert hook.STATS["unverified"] == unverified + 1
+    hook.uninstall()
+    model = MixtralForCausalLM(_config())
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj.fill_(float("nan"))
+    hook.wrap_constructed(model)
+    assert len(moekit.hf.wrapped_blocks(model)) == 1
+    assert hook.STATS["unverified"] == unverified + 2
+    model = MixtralForCausalLM(_config())  # finite garbage: the probe names the non-finite output
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj.fill_(3e38)
+    hook.wrap_constructed(model)
+    assert len(moekit.hf.wrapped_blocks(model)) == 1
+    assert hook.STATS["unverified"] == unverified + 3

@@ -47,6 +47,10 @@ class HFMoEBlock(MoELayer):
             if spec.layout != STANDARD:  # the block's own storage, read in place (views, never copies)
                 self.experts = ExpertBank(spec.cfg.num_experts, spec.cfg.expert_dim, spec.cfg.d_expert,
                                           self.experts.act, spec.layout)
+        # The placeholders, held so that their ids stay theirs: "not bound" is "still a placeholder", not "on
+        # the meta device" (a model built under `with torch.device("meta")` has every tensor there).
+        placeholders = list(self.state_dict(keep_vars=True).values())
+        placeholder_ids = {id(t) for t in placeholders}
         block = spec.block
         device = spec.router_weight.device
         self.router.weight = spec.router_weight
@@ -76,10 +80,10 @@ class HFMoEBlock(MoELayer):
         # moekit-only state (routing statistics, a zero bias for families without one) on the block's device.
         for module in self.modules():
             for name, buf in module.named_buffers(recurse=False):
-                if buf.is_meta:
+                if id(buf) in placeholder_ids:
                     setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype, device=device))
-        # (A block built on the meta device binds meta tensors: nothing to tell apart until weights exist.)
-        left = [] if spec.router_weight.is_meta else [n for n, t in self.state_dict(keep_vars=True).items() if t.is_meta]
+        left = [n for n, t in self.state_dict(keep_vars=True).items() if id(t) in placeholder_ids]
+        del placeholders
         if left:
             raise RuntimeError(f"HFMoEBlock: {left} of {spec.class_name} were not bound to the block's tensors")
 
@@ -100,6 +104,15 @@ class HFMoEBlock(MoELayer):
         # `gate.wg`, Switch's `experts.expert_0.wi`) are unregistered attributes leading to the module that
         # holds the tensor: moekit's own, or the HF one where moekit holds the HF module itself. Nothing is
         # registered twice (state_dict has each tensor once).
+        # HF leaf names the bank spells otherwise (gpt-oss's `experts.gate_up_proj_bias` is the bank's
+        # `in_proj_bias`): the bank answers to both, so that transformers' loading (getattr, then setattr of the
+        # HF name) reaches the bank's own Parameter instead of failing or registering a second one.
+        leaves = {t[len("experts."):]: m[len("experts."):] for m, t in self._hf_names.items()
+                  if m != t and m.count(".") == t.count(".") == 1 and m.startswith("experts.")
+                  and t.startswith("experts.")}
+        if leaves and type(self.experts) is ExpertBank:
+            self.experts.__class__ = HFNamedExpertBank  # the same object and tensors, one more way to name them
+            self.experts._hf_leaves = leaves
         self._hf_children = {}
         hf_modules = {id(m) for m in block.modules()}
         for mine, theirs in self._hf_names.items():
@@ -149,6 +162,19 @@ class HFMoEBlock(MoELayer):
         self.router_logits_keep_batch = records_router_logits and _router_keeps_batch_dims(spec)
         object.__setattr__(self, "_hf_block", block)  # not a submodule: no second copy in state_dict / .to()
         self.train(block.training)
+        if device.type == "meta":  # built before the weights exist: moekit's own state follows them at first use
+            self._materialise_hook = self.register_forward_pre_hook(_materialise_moekit_state)
+
+    def reset_moekit_state(self) -> None:
+        """moekit's own buffers (a zero selection bias for families without one, routing statistics: nothing
+        the HF block holds) back to their initial zeros, on the device of the block's weights. transformers'
+        `init_weights` reaches them through this (after `to_empty` they hold whatever memory they got)."""
+        hf = {id(t) for t in self._hf_block.state_dict(keep_vars=True).values()}
+        device = self.router.weight.device
+        for module in self.modules():
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and id(buf) not in hf:
+                    module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -229,6 +255,32 @@ class HFMoEBlock(MoELayer):
 
     def extra_repr(self) -> str:
         return f"hf={self.hf_class}, {super().extra_repr()}"
+
+
+def _materialise_moekit_state(layer: HFMoEBlock, args) -> None:
+    """Forward pre-hook of a layer built on the meta device: once the weights exist (loaded by transformers,
+    say), moekit's own buffers still on the meta device become their initial zeros there; then it is removed."""
+    if layer.router.weight.is_meta:
+        return
+    if any(b.is_meta for b in layer.buffers()):
+        layer.reset_moekit_state()
+    layer._materialise_hook.remove()
+
+
+class HFNamedExpertBank(ExpertBank):
+    """The ExpertBank of a wrapped block whose HF leaf names differ from the bank's (`_hf_leaves`, HF name ->
+    bank name): getattr and setattr of an HF name act on the bank's tensor of that role."""
+
+    def __getattr__(self, name: str):
+        alias = self.__dict__.get("_hf_leaves", {}).get(name)
+        return super().__getattr__(name if alias is None else alias)
+
+    def __setattr__(self, name: str, value) -> None:
+        alias = self.__dict__.get("_hf_leaves", {}).get(name)
+        if alias is not None and alias in self._parameters and type(value) is torch.Tensor:
+            # transformers' loading wraps a tensor in a Parameter only where the HF name is in `_parameters`
+            value = nn.Parameter(value, requires_grad=value.is_floating_point())
+        super().__setattr__(name if alias is None else alias, value)
 
 
 def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:

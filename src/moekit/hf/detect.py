@@ -547,7 +547,8 @@ def _value_activation(act: Any) -> str | None:
     (None if none matches)."""
     if not callable(act):
         return None
-    x = torch.linspace(-6, 6, 49)
+    # On the CPU explicitly: under a `with torch.device("meta")` construction the probe would be meta, with no values.
+    x = torch.linspace(-6, 6, 49, device="cpu")
     try:
         y = act(x)
     except Exception:  # an activation that cannot take a plain fp32 tensor is not one moekit knows
@@ -594,7 +595,7 @@ def _read_activation(experts: nn.Module, gated: bool, layout: ExpertLayout, Fdim
                   if isinstance(v, int | float)), None)
     g = torch.Generator().manual_seed(0)
     scale = max(3.0, 2.0 * float(limit or 0))
-    h = torch.randn(7, 2 * Fdim, generator=g) * scale
+    h = torch.randn(7, 2 * Fdim, generator=g, device="cpu") * scale  # CPU even under torch.device("meta")
     try:
         with torch.no_grad():
             want = apply_gate(h)

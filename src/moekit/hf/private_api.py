@@ -26,7 +26,7 @@ import transformers
 
 from moekit.hf.version import SUPPORTED_TRANSFORMERS
 
-__all__ = ["DECODE_SWITCH", "INIT_HOOK", "PRIVATE_ATTRIBUTES", "PRIVATE_SYMBOLS", "OutputRecorder", "active_collector", "default_apply_gate",
+__all__ = ["DECODE_SWITCH", "INIT_HOOK", "INIT_WALK", "PRIVATE_ATTRIBUTES", "PRIVATE_SYMBOLS", "OutputRecorder", "active_collector", "default_apply_gate",
            "experts_implementation", "record_specs", "set_experts_implementation"]
 
 # (module, name) of every private (or undocumented) transformers symbol moekit.hf imports.
@@ -41,9 +41,12 @@ PRIVATE_ATTRIBUTES = {
     "_experts_implementation_internal": "a PretrainedConfig: the experts implementation ('eager', 'grouped_mm', ...)",
     "_optimize_model_for_decode": "a GenerationMixin model: a context manager generate() enters for decoding",
     "_init_weights": "a PreTrainedModel: initialises one module (called on every module by init_weights)",
+    "_initialize_weights": "a PreTrainedModel: the per-module step of initialize_weights' walk (checks the "
+                           "module's _is_hf_initialized, then _init_weights)",
 }
 DECODE_SWITCH = "_optimize_model_for_decode"
 INIT_HOOK = "_init_weights"
+INIT_WALK = "_initialize_weights"
 
 
 def _missing(what: str, why: object) -> ImportError:

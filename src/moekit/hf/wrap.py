@@ -43,7 +43,13 @@ from moekit.hf.detect import (
     read_block,
     router_matches,
 )
-from moekit.hf.private_api import DECODE_SWITCH, INIT_HOOK, experts_implementation, set_experts_implementation
+from moekit.hf.private_api import (
+    DECODE_SWITCH,
+    INIT_HOOK,
+    INIT_WALK,
+    experts_implementation,
+    set_experts_implementation,
+)
 from moekit.hf.version import check_transformers_version
 from moekit.layers import moe_layers
 
@@ -131,8 +137,10 @@ def _probe_at_first_forward(layer: HFMoEBlock, args) -> None:
 def _become(layer: HFMoEBlock, verified: HFMoEBlock) -> None:
     """Turn `layer` (the same object: its parent, `wrapped_blocks` and user references stay valid) into the
     verified reading `verified` of the same block; the hooks others registered on `layer` are kept, the
-    deferral hook is dropped."""
+    deferral hook and the meta-state hook are dropped (the verified reading is built on real weights)."""
     layer._deferred_hook.remove()
+    if "_materialise_hook" in layer.__dict__:
+        layer._materialise_hook.remove()
     hooks = {k: v for k, v in layer.__dict__.items() if k.startswith(("_forward_", "_backward_"))}
     layer.__dict__.clear()
     layer.__dict__.update(verified.__dict__)
@@ -163,6 +171,15 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
         raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its weights are on the meta "
                                     "device (not loaded yet); load them (e.g. load_state_dict(..., assign=True), or "
                                     "to_empty() and copy) before the first forward, or pass verify=False")
+    # Weights not initialised yet (torch.empty: NaN or garbage) give a probe nothing to compare: say so, rather
+    # than blame the routing rule (transformers builds models so, e.g. under its tests' skip_weight_init).
+    tensors = [("router", spec.router_weight)] + [
+        (n, t) for name, v in spec.bank.items()
+        for n, t in (((f"{name}.{k}", p) for k, p in v.named_parameters()) if isinstance(v, nn.Module) else ((name, v),))]
+    bad = [n for n, t in tensors if not bool(t.isfinite().all())]
+    if bad:
+        raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its weights {bad} are not finite "
+                                    "(not initialised yet?); initialise or load them first, or pass verify=False")
     gen = torch.Generator().manual_seed(0)
     x_BTD = torch.randn(1, PROBE_TOKENS, cfg.d_model, generator=gen).to(device=weight.device, dtype=weight.dtype)
     modes = (block.training, layer.training)
@@ -170,11 +187,15 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
     layer.eval()
     try:
         with torch.no_grad():
-            _verify_router(spec, layer, x_BTD.reshape(-1, cfg.d_model).float())
             ids = _token_ids(spec, PROBE_TOKENS)
             with _eager_experts(spec.experts):
                 out_hf = block(x_BTD, **ids)
             y_hf = out_hf[0] if isinstance(out_hf, tuple) else out_hf
+            if not bool(y_hf.float().norm(dim=-1).isfinite().all()):  # garbage weights (torch.empty) overflow
+                raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its own output on the probe "
+                                            "is not finite or overflows (weights not initialised yet?); initialise "
+                                            "or load them first, or pass verify=False")
+            _verify_router(spec, layer, x_BTD.reshape(-1, cfg.d_model).float())
             layer.returns = _returns(spec, out_hf, PROBE_TOKENS)
             y_mk = layer(x_BTD, **ids)
             y_mk = y_mk[0] if isinstance(y_mk, tuple) else y_mk
@@ -220,6 +241,16 @@ def _eager_experts(experts: nn.Module):
         set_experts_implementation(config, current)
 
 
+@contextlib.contextmanager
+def _stub(experts: nn.Module):
+    """The experts module returning zeros shaped as its input (no data-dependent expert loop on meta tensors)."""
+    experts.forward = lambda hidden_states, *args, **kwargs: torch.zeros_like(hidden_states)
+    try:
+        yield
+    finally:
+        del experts.forward
+
+
 def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> None:
     """The HF router's own choice (where its output states one, see `call_router`) against moekit's fp32
     router: the same experts for every token and the same weights, free of rounding."""
@@ -239,16 +270,15 @@ def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> No
 
 def _returns(spec: BlockSpec, out, num_tokens: int | None) -> str | None:
     """How the block returns (see HFMoEBlock._as_hf), from its output on the probe (`out`), or, without
-    one, from a one-token call (nothing is read on meta tensors: then a plain tensor)."""
+    one, from a one-token call (on meta weights, a meta call with the experts stubbed: the block's own code
+    decides what it returns, the experts only fill the hidden states, which have no values there)."""
     if out is None:
         weight = spec.expert_weight
-        if weight.is_meta:
-            return None
         x = torch.zeros(1, 1, spec.cfg.d_model, device=weight.device, dtype=weight.dtype)
         was = spec.block.training
         spec.block.eval()
         try:
-            with torch.no_grad(), _eager_experts(spec.experts):
+            with torch.no_grad(), _eager_experts(spec.experts) if not weight.is_meta else _stub(spec.experts):
                 out = spec.block(x, **_token_ids(spec, 1))
         finally:
             spec.block.train(was)
@@ -283,7 +313,7 @@ def _shapes(out) -> str:
 
 
 # Instance attributes wrap() sets on transformers (sub)models holding wrapped blocks; unwrap() removes them.
-_GUARDED = ("set_experts_implementation", DECODE_SWITCH, INIT_HOOK)
+_GUARDED = ("set_experts_implementation", DECODE_SWITCH, INIT_HOOK, INIT_WALK)
 
 
 def _refuse_experts_implementation_switch(model: nn.Module) -> None:
@@ -299,16 +329,42 @@ def _refuse_experts_implementation_switch(model: nn.Module) -> None:
                 setattr(m, DECODE_SWITCH, contextlib.nullcontext)
             if callable(getattr(type(m), INIT_HOOK, None)):
                 setattr(m, INIT_HOOK, functools.partial(_init_wrapped, getattr(m, INIT_HOOK)))
+            if callable(getattr(type(m), INIT_WALK, None)):
+                inside = {id(x) for b in m.modules() if isinstance(b, HFMoEBlock) for x in b.modules() if x is not b}
+                setattr(m, INIT_WALK, functools.partial(_initialize_wrapped, m, inside))
 
 
 def _init_wrapped(init_weights, module: nn.Module) -> None:
     """transformers' `_init_weights(module)` on a wrapped model: a wrapped block is initialised as its
     original block would be (the same Parameter objects, so in place for moekit too)."""
     if isinstance(module, HFMoEBlock):
-        for sub in module.original().modules():
+        for sub in _children_first(module.original()):
             init_weights(sub)
+        module.reset_moekit_state()
     else:
         init_weights(module)
+
+
+def _initialize_wrapped(model: nn.Module, inside: set[int], module: nn.Module, *args, **kwargs) -> None:
+    """transformers' `_initialize_weights(module)`, the step of `initialize_weights`' walk (children first;
+    what init_weights and from_pretrained's missing-weight init run), on a wrapped model: a wrapped block's
+    original modules each take that step, in the order the walk visits them in the unwrapped model, so that
+    each is initialised once, with its own flag check and whatever the class's step adds (a seed per module in
+    transformers' tests): the same draws as unwrapped. The wrapped layer's own children (`inside`: moekit's
+    router and bank, the HF shared-expert Linears it holds) are reached through the block, not on their own."""
+    step = getattr(type(model), INIT_WALK)  # looked up per call: a wrapper patched onto the class applies
+    if isinstance(module, HFMoEBlock):
+        for sub in _children_first(module.original()):
+            step(model, sub, *args, **kwargs)
+        module.reset_moekit_state()
+    elif id(module) not in inside:
+        step(model, module, *args, **kwargs)
+
+
+def _children_first(module: nn.Module):
+    for child in module.children():
+        yield from _children_first(child)
+    yield module
 
 
 def _experts_implementation_refused(model_class: str, *args, **kwargs) -> None:

@@ -122,10 +122,13 @@ class TopKConfig(RouterConfig):
                 f"one of {BIAS_ON}")
         if self.n_group > 1:
             per_group = E // self.n_group
-            if self.k > self.topk_group * per_group:
+            # k = E picks every expert whatever the groups (transformers' DeepSeek-V3 test config: k=8 of 8, one of
+            # two groups kept); in between, the top-k would take experts of dropped groups by the order of -inf ties.
+            if self.topk_group * per_group < self.k < E:
                 raise ValueError(
                     f"RouterConfig.k={self.k} is invalid with topk_group={self.topk_group} groups of {per_group} "
-                    f"experts; allowed: k <= topk_group * num_experts / n_group = {self.topk_group * per_group}")
+                    f"experts; allowed: k <= topk_group * num_experts / n_group = {self.topk_group * per_group}, "
+                    f"or k = num_experts = {E} (every expert)")
             if self.group_rule() == "top2_sum" and per_group < 2:
                 raise ValueError(f"RouterConfig.n_group={self.n_group} is invalid with group_score='top2_sum': group scores "
                                  f"sum the top-2 experts of a group, so each group needs >= 2 experts "
