@@ -1,6 +1,7 @@
 """`moekit generate --hf DIR --expert-budget 25%` and `moekit analyze --hf DIR` on wrapped gpt-oss (transposed,
 interleaved, biased experts with a clamped SwiGLU), Llama 4 text (transposed experts, score on the expert
-input, shared expert) and Granite MoE (router child `router`): tiny random checkpoints written with
+input, shared expert), Granite MoE (router child `router`) and the latent family Nemotron-H (shared D -> l -> D
+projections around non-gated ReLU^2 experts, a biased shared MLP): tiny random checkpoints written with
 save_pretrained, nothing downloaded (issue 14 item 6)."""
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ def _config(family: str):
     if family == "llama4":
         return tr.Llama4TextConfig(**IDS, **SMALL, head_dim=8, intermediate_size=32, intermediate_size_mlp=48,
                                    num_local_experts=8, num_experts_per_tok=1)
+    if family == "nemotron_h":
+        return tr.AutoConfig.for_model("nemotron_h", **IDS, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=8, layers_block_type=["attention", "moe", "moe"], n_routed_experts=8,
+                                       num_experts_per_tok=2, moe_intermediate_size=16,
+                                       moe_shared_expert_intermediate_size=24, moe_latent_size=16, mlp_bias=True,
+                                       n_group=2, topk_group=1)
     return tr.GraniteMoeConfig(**IDS, **SMALL, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
 
 
-@pytest.fixture(scope="module", params=["gpt_oss", "llama4", "granitemoe"])
+@pytest.fixture(scope="module", params=["gpt_oss", "llama4", "granitemoe", "nemotron_h"])
 def hf_dir(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
