@@ -47,10 +47,16 @@ def test_compress_errors_are_one_line(byte_run, tmp_path, capsys):
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
-def test_a_quantised_run_generates_offloaded_from_its_compressed_store(byte_run, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["int8", "mixed", "merged"])
+def test_a_compressed_run_generates_offloaded_from_its_compressed_store(byte_run, tmp_path, capsys, kind):
+    """One width, mixed widths (int4 and int8 experts: a store of per-expert sizes) and merged layers
+    (a store of the bank's experts, router ids mapped) all generate offloaded as they do resident."""
+    step = {"int8": ["--quantize", "int8", "--no-protect-super", "--group-size", "16"],
+            "mixed": ["--quantize", "mixed:6", "--group-size", "16"],
+            "merged": ["--merge", "m-smoe"]}[kind]
     out = tmp_path / "q"
-    assert main(["compress", str(byte_run), "--quantize", "int8", "--no-protect-super", "--group-size", "16",
-                 "--calib", "python", "--calib-tokens", "64", "--out", str(out), "--no-progress"]) == 0
+    assert main(["compress", str(byte_run), *step, "--calib", "python", "--calib-tokens", "64", "--out", str(out),
+                 "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "ab", "--max-new-tokens", "4", "--expert-budget", "50%"]) == 0
     offloaded = capsys.readouterr().out
@@ -60,7 +66,14 @@ def test_a_quantised_run_generates_offloaded_from_its_compressed_store(byte_run,
     from moekit.offload import ExpertStore
 
     with ExpertStore(out / "expert-store") as store:
-        assert store.quantization == {"bits": 8, "group_size": 16}
+        if kind == "int8":
+            assert store.quantization == {"bits": 8, "group_size": 16}
+        elif kind == "mixed":
+            assert sorted(store.layouts) == ["int4", "int8"] and store.manifest["version"] == 3
+            assert len({s for row in store.expert_nbytes_LE for s in row}) == 2
+        else:
+            assert all(m is not None and len(m) == 8 for m in store.expert_maps)
+            assert store.experts_per_layer == [4, 4]
 
 
 def test_the_command_lines_choices_are_the_librarys():
