@@ -91,6 +91,9 @@ def test_a_quantised_store_round_trips_with_checksums_and_counts_compressed_byte
     path = write_store(model, tmp_path / "s")
     with ExpertStore(path, verify="always") as store:
         assert store.quantization == {"bits": int(method[3:]), "group_size": 16}
+        # one width: still a version-2 store, which the moekit before version 3 reads
+        assert store.manifest["version"] == 2 and "formats" not in store.manifest
+        assert all("format" not in x for layer in store.manifest["layers"] for x in layer["experts"])
         assert store.total_nbytes == expert_bytes(model)  # the budget counts compressed bytes
         bank = moe_layers(model)[1].experts
         q_in, s_in, q_down, s_down = store.load(1, 5)
@@ -238,3 +241,26 @@ def test_a_merged_model_offloads_from_a_store_of_its_bank(tiny_lm, windows, tmp_
     (path / "manifest.json").write_text(json.dumps(bad))
     with pytest.raises(ExpertStoreError, match="expert_map"):
         ExpertStore(path)
+
+
+def test_a_cache_over_experts_of_different_sizes_counts_each_ones_bytes(tiny_lm, tmp_path):
+    from moekit.offload import ExpertStore, plan_cache, write_store
+    from moekit.offload.cache import ExpertCache
+
+    model = _mixed(tiny_lm)  # layer 0: expert 2 is int8, the others int4
+    with ExpertStore(write_store(model, tmp_path / "s")) as store:
+        s4, s8 = store.expert_nbytes_LE[0][0], store.expert_nbytes_LE[0][2]
+        plan = plan_cache(s8 + 2 * s4, store, "lru", "shared", 2)
+        cache = ExpertCache(store, plan)
+        for e in (0, 1, 3):  # three int4 experts fit where only two int8 ones would
+            cache.acquire(0, [e])
+            cache.end_step(0)
+        assert cache.resident_nbytes == 3 * s4 and set(cache.caches[0].entries) == {0, 1, 3}
+        cache.acquire(0, [2])  # the int8 expert evicts the least recently used int4 expert (0): then it fits
+        cache.end_step(0)
+        assert set(cache.caches[0].entries) == {1, 2, 3}
+        assert cache.resident_nbytes == 2 * s4 + s8 == plan.budget_nbytes
+        assert cache.peak_resident_nbytes <= plan.budget_nbytes
+        assert cache.stats["prefill"].loaded_nbytes == 3 * s4 + s8  # each load moved its expert's own bytes
+        w = cache.acquire(0, [2])[0]
+        assert torch.equal(w[0], moe_layers(model)[0].experts.w_in_q2)  # views in the int8 layout

@@ -521,7 +521,7 @@ class ExpertStore:
             dtypes = tuple(_TORCH_DTYPES[x["dtype"]] for x in t) if name != "dense" else None
             self.layouts[name] = ExpertLayout(tuple(x["name"] for x in t), tuple(tuple(x["shape"]) for x in t),
                                               tuple(x["offset"] for x in t), tuple(x["nbytes"] for x in t),
-                                              _TORCH_DTYPES[t[0]["dtype"]], spec["expert_nbytes"], dtypes)
+                                              self.dtype, spec["expert_nbytes"], dtypes)
         (only,) = specs if len(specs) == 1 else (None,)
         self.expert_format_LE: list[list[str]] = [[x.get("format", only) for x in layer["experts"]]
                                                   for layer in m["layers"]]
