@@ -1,8 +1,10 @@
 """The expert store: every routed expert of every MoE layer on disk, readable one expert at a time.
 
-Format "moekit-expert-store" version 1, and version 2 for quantised experts (moekit.compress: per-tensor
-dtypes, uint8 codes and fp32 scales, one width per store); layers may hold different expert counts
-(`experts_per_layer`, moekit.compress pruning per layer); docs/offload.md is the specification. A directory:
+Format "moekit-expert-store" version 1, version 2 for quantised experts (moekit.compress: per-tensor
+dtypes, uint8 codes and fp32 scales, one width per store) and version 3 for experts of different sizes
+(mixed widths: per-expert formats and `expert_nbytes`) or merged layers (per-layer `expert_map`, router
+expert -> stored expert); layers may hold different expert counts (`experts_per_layer`, moekit.compress
+pruning per layer); docs/offload.md is the specification. A directory:
 
     manifest.json            format, version, shapes, dtype, byte ranges and a sha256 per expert
     layer-000.safetensors    MoE layer 0: tensors e0.gate_up, e0.down, e1.gate_up, ... (or e{i}.up for GELU)
@@ -17,7 +19,7 @@ stores are still read.
 
 Each layer file is a valid safetensors file (any safetensors reader opens it) written in expert
 order, so that one expert's tensors are one contiguous byte range: expert e of layer l is the
-`expert_nbytes` bytes at `layers[l].experts[e].offset` of the layer's file, gate_up (or up) first
+`expert_nbytes` bytes (version 3: `layers[l].expert_nbytes[e]`) at `layers[l].experts[e].offset` of the layer's file, gate_up (or up) first
 and down second. The header is padded with spaces so that the data starts on a 4096-byte boundary
 (experts then start page-aligned whenever expert_nbytes is a multiple of 4096). The per-expert
 sha256 covers exactly that byte range.
