@@ -131,3 +131,33 @@ def test_analyze_reads_a_run_pruned_per_layer_and_quantised(byte_run, tmp_path, 
 
     trace = load_trace(tmp_path / "rep" / "trace.npz")
     assert trace.num_layers == 2 and trace.num_experts == max(counts)
+
+
+def test_compare_evaluates_a_run_and_its_compressed_form_on_the_same_windows(byte_run, tmp_path, capsys):
+    import json
+
+    from moekit.train import evaluate
+
+    small = tmp_path / "small"
+    assert main(["compress", str(byte_run), "--prune", "0.5", "--calib", "python", "--calib-tokens", "64",
+                 "--out", str(small), "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "cmp"
+    assert main(["compare", "--runs", f"{byte_run},{small}", "--out", str(out)]) == 0
+    assert "| small |" in capsys.readouterr().out
+    report = json.loads((out / "compare.json").read_text())
+    assert list(report["runs"]) == ["run", "small"] and report["evaluated_only"]
+    for name, run in (("run", byte_run), ("small", small)):
+        model, cfg, tok = load_trained(run)
+        want = evaluate(model, tok, cfg.seq_len, cfg.eval_tokens)  # the windows of the first run: equal settings here
+        row = report["runs"][name]
+        assert row["val_bpb"] == pytest.approx(want["bpb"], rel=1e-6)
+        assert row["experts_per_token"] == pytest.approx(want["experts_per_token"])
+    assert report["runs"]["small"]["params"] < report["runs"]["run"]["params"]  # 4 of 8 experts per layer
+    assert (out / "compare.md").is_file()
+    # training flags make no sense for existing runs; duplicate row names neither: one line each
+    assert main(["compare", "--runs", f"{byte_run},{small}", "--seeds", "2", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds" in err and err.strip().count("\n") <= 1
+    assert main(["compare", "--runs", f"{byte_run},{byte_run}", "--out", str(tmp_path / "y")]) == 2
+    assert "distinct run directories" in capsys.readouterr().err

@@ -32,7 +32,7 @@ from moekit.data import DOMAINS
 from moekit.errors import UsageError
 from moekit.models import LMConfig
 from moekit.train import checkpoint as ckpt
-from moekit.train.evaluate import UNIGRAM_NOTE
+from moekit.train.evaluate import UNIGRAM_NOTE, evaluate
 from moekit.train.rundir import locked_dir
 from moekit.train.trainer import (
     TrainConfig,
@@ -174,7 +174,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     header = ["run", "router", "params", "active/token (measured)", "val loss", "val bpb",
               *(f"bpb {d}" for d in domains), "experts/token", "by layer", *(f"k {d}" for d in domains), "tokens/s"]
     seeds = report.get("seeds") or [t.get("seed", 0)]
-    lines = [f"Training: {t['steps']} steps x {t['micro_batch'] * t['grad_accum'] * t['seq_len']} tokens, "
+    lines = [*(["Existing runs, evaluated on the first run's validation windows (nothing trained)."]
+               if report.get("evaluated_only") else []),
+             f"Training: {t['steps']} steps x {t['micro_batch'] * t['grad_accum'] * t['seq_len']} tokens, "
              f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, tokenizer {t['tokenizer']}. Unigram baseline {report['unigram_bpb']:.3f} bits/byte "
              f"({UNIGRAM_NOTE}).",
              "",
@@ -184,7 +186,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         cells = [name, r["router"], f"{r['params']:,}", f"{r['active_params']:,}", f"{r['val_loss']:.4f}",
                  f"{r['val_bpb']:.4f}", *(f"{r['bpb_by_domain'][d]:.3f}" for d in domains),
                  f"{r['experts_per_token']:.3f}", " / ".join(f"{x:.2f}" for x in r["experts_per_token_by_layer"]),
-                 *(f"{r['experts_per_token_by_domain'][d]:.2f}" for d in domains), f"{r['tokens_per_s']:.0f}"]
+                 *(f"{r['experts_per_token_by_domain'][d]:.2f}" for d in domains),
+                 "–" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     summary = report.get("groups") or {}
     if any(len(v["runs"]) > 1 for v in summary.values()):
@@ -199,3 +202,63 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {g} | {len(v['runs'])} | {pm(v['val_bpb'])} | {pm(v['experts_per_token'])} | "
                          f"{'yes' if v['pareto'] else ''} |")
     return "\n".join(lines) + "\n"
+
+
+def compare_runs(run_dirs: dict[str, str | Path], out_dir: str | Path, log=print) -> dict[str, Any]:
+    """Evaluate existing runs (trained, or compressed by `moekit compress`) on the same validation
+    windows - the first run's `seq_len` and `eval_tokens` - and write compare.json and compare.md as
+    `compare` does (nothing is trained). `tokens_per_s` is the run's training speed where it has a
+    metrics.jsonl (a compressed run has none: None).
+
+    run_dirs: {row name: run directory}. Raises UsageError for runs of different tokenizers or a
+    directory that is not a run, CheckpointError for a damaged checkpoint, NotOwnedError when `out_dir`
+    holds files moekit did not write, DirectoryLockedError while another process writes it.
+    """
+    from moekit.train.evaluate import measured_active_params
+    from moekit.train.trainer import load_trained
+
+    if not run_dirs:
+        raise UsageError("compare: no runs given; expected --runs DIR1,DIR2,...")
+    out_dir = Path(out_dir)
+    rows: dict[str, dict] = {}
+    reference: dict[str, Any] | None = None
+    with locked_dir(out_dir, "compare", "moekit compare"):
+        for name, run_dir in run_dirs.items():
+            model, train_cfg, tok = load_trained(run_dir)
+            t = train_cfg.to_dict()
+            if reference is None:
+                reference = t
+            elif t["tokenizer"] != reference["tokenizer"]:
+                raise UsageError(f"compare: run {run_dir} uses tokenizer {t['tokenizer']!r}, the first run "
+                                 f"{reference['tokenizer']!r}; bits per byte are comparable, the same windows are not")
+            log(f"== {name} ({run_dir})")
+            # Every run on the first run's windows: the same validation tokens for all.
+            result = evaluate(model, tok, reference["seq_len"], reference["eval_tokens"])
+            model_cfg = model.cfg
+            metrics = Path(run_dir) / "metrics.jsonl"
+            rows[name] = {
+                "group": name, "seed": t["seed"], "run_dir": str(run_dir),
+                "router": f"{model_cfg.moe.router.kind}({model_cfg.moe.router.describe()})",
+                "params": model_cfg.num_params(),
+                "active_params": measured_active_params(model_cfg, result["experts_per_token_by_layer"]),
+                "active_params_config": model_cfg.num_active_params(),
+                "val_loss": result["loss"], "val_bpb": result["bpb"],
+                "bpb_by_domain": {d: v["bpb"] for d, v in result["per_domain"].items()},
+                "experts_per_token": result["experts_per_token"],
+                "experts_per_token_by_layer": result["experts_per_token_by_layer"],
+                "experts_per_token_by_domain": {d: v["experts_per_token"] for d, v in result["per_domain"].items()},
+                "zero_compute_per_token_by_domain": {d: v.get("zero_compute_per_token_by_layer")
+                                                     for d, v in result["per_domain"].items()},
+                "tokens_per_s": _mean_tokens_per_s(Path(run_dir)) if metrics.is_file() else None,
+            }
+        groups = {name: name for name in rows}
+        summary = summarise_groups(rows, groups)
+        report = {"train": reference, "seeds": sorted({r["seed"] for r in rows.values()}),
+                  "unigram_bpb": result["unigram_bpb"], "runs": rows, "groups": summary, "evaluated_only": True}
+        if len(summary) > 1:
+            atomic_write_bytes(out_dir / "pareto.png", pareto_png(summary))
+        atomic_write_text(out_dir / "compare.json", json.dumps(report, indent=2))
+        md = to_markdown(report)
+        atomic_write_text(out_dir / "compare.md", md)
+    log(md)
+    return report
