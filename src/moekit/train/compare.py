@@ -141,30 +141,42 @@ def compare(variants: dict[str, tuple[LMConfig, TrainConfig]], out_dir: str | Pa
             run_dir = out_dir / name
             resume = (run_dir / "config.json").is_file() or ckpt.has_checkpoint(run_dir)
             result = train(model_cfg, train_cfg, run_dir, resume=resume, progress=progress, log=log)
-            rows[name] = {
-                "group": groups[name], "seed": train_cfg.seed,
-                "router": f"{model_cfg.moe.router.kind}({model_cfg.moe.router.describe()})",
-                "params": result["params"], "active_params": result["active_params"],
-                "active_params_config": result["active_params_config"],
-                "val_loss": result["loss"], "val_bpb": result["bpb"],
-                "bpb_by_domain": {d: v["bpb"] for d, v in result["per_domain"].items()},
-                "experts_per_token": result["experts_per_token"],
-                "experts_per_token_by_layer": result["experts_per_token_by_layer"],
-                "experts_per_token_by_domain": {d: v["experts_per_token"] for d, v in result["per_domain"].items()},
-                "zero_compute_per_token_by_domain": {d: v.get("zero_compute_per_token_by_layer")
-                                                     for d, v in result["per_domain"].items()},
-                "tokens_per_s": _mean_tokens_per_s(run_dir),
-            }
-        summary = summarise_groups(rows, groups)
-        report = {"train": reference, "seeds": sorted({r["seed"] for r in rows.values()}),
-                  "unigram_bpb": result["unigram_bpb"], "runs": rows, "groups": summary}
-        if len(summary) > 1:
-            atomic_write_bytes(out_dir / "pareto.png", pareto_png(summary))
-        atomic_write_text(out_dir / "compare.json", json.dumps(report, indent=2))
-        md = to_markdown(report)
-        atomic_write_text(out_dir / "compare.md", md)
+            rows[name] = _row(model_cfg, result, groups[name], train_cfg.seed, _mean_tokens_per_s(run_dir))
+        report, md = _write_report(out_dir, rows, groups, reference, result["unigram_bpb"])
     log(md)
     return report
+
+
+def _row(model_cfg: LMConfig, result: dict[str, Any], group: str, seed: int, tokens_per_s: float | None) -> dict:
+    """One run's compare.json row from its validation result (`moekit.train.evaluate` plus parameter counts)."""
+    return {
+        "group": group, "seed": seed,
+        "router": f"{model_cfg.moe.router.kind}({model_cfg.moe.router.describe()})",
+        "params": result["params"], "active_params": result["active_params"],
+        "active_params_config": result["active_params_config"],
+        "val_loss": result["loss"], "val_bpb": result["bpb"],
+        "bpb_by_domain": {d: v["bpb"] for d, v in result["per_domain"].items()},
+        "experts_per_token": result["experts_per_token"],
+        "experts_per_token_by_layer": result["experts_per_token_by_layer"],
+        "experts_per_token_by_domain": {d: v["experts_per_token"] for d, v in result["per_domain"].items()},
+        "zero_compute_per_token_by_domain": {d: v.get("zero_compute_per_token_by_layer")
+                                             for d, v in result["per_domain"].items()},
+        "tokens_per_s": tokens_per_s,
+    }
+
+
+def _write_report(out_dir: Path, rows: dict, groups: dict[str, str], reference: dict, unigram: float,
+                  **extra) -> tuple[dict[str, Any], str]:
+    """compare.json, compare.md and (two or more groups) pareto.png; returns the report and its markdown."""
+    summary = summarise_groups(rows, groups)
+    report = {"train": reference, "seeds": sorted({r["seed"] for r in rows.values()}),
+              "unigram_bpb": unigram, "runs": rows, "groups": summary, **extra}
+    if len(summary) > 1:
+        atomic_write_bytes(out_dir / "pareto.png", pareto_png(summary))
+    atomic_write_text(out_dir / "compare.json", json.dumps(report, indent=2))
+    md = to_markdown(report)
+    atomic_write_text(out_dir / "compare.md", md)
+    return report, md
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -235,30 +247,14 @@ def compare_runs(run_dirs: dict[str, str | Path], out_dir: str | Path, log=print
             # Every run on the first run's windows: the same validation tokens for all.
             result = evaluate(model, tok, reference["seq_len"], reference["eval_tokens"])
             model_cfg = model.cfg
+            result["params"] = model_cfg.num_params()
+            result["active_params"] = measured_active_params(model_cfg, result["experts_per_token_by_layer"])
+            result["active_params_config"] = model_cfg.num_active_params()
             metrics = Path(run_dir) / "metrics.jsonl"
-            rows[name] = {
-                "group": name, "seed": t["seed"], "run_dir": str(run_dir),
-                "router": f"{model_cfg.moe.router.kind}({model_cfg.moe.router.describe()})",
-                "params": model_cfg.num_params(),
-                "active_params": measured_active_params(model_cfg, result["experts_per_token_by_layer"]),
-                "active_params_config": model_cfg.num_active_params(),
-                "val_loss": result["loss"], "val_bpb": result["bpb"],
-                "bpb_by_domain": {d: v["bpb"] for d, v in result["per_domain"].items()},
-                "experts_per_token": result["experts_per_token"],
-                "experts_per_token_by_layer": result["experts_per_token_by_layer"],
-                "experts_per_token_by_domain": {d: v["experts_per_token"] for d, v in result["per_domain"].items()},
-                "zero_compute_per_token_by_domain": {d: v.get("zero_compute_per_token_by_layer")
-                                                     for d, v in result["per_domain"].items()},
-                "tokens_per_s": _mean_tokens_per_s(Path(run_dir)) if metrics.is_file() else None,
-            }
-        groups = {name: name for name in rows}
-        summary = summarise_groups(rows, groups)
-        report = {"train": reference, "seeds": sorted({r["seed"] for r in rows.values()}),
-                  "unigram_bpb": result["unigram_bpb"], "runs": rows, "groups": summary, "evaluated_only": True}
-        if len(summary) > 1:
-            atomic_write_bytes(out_dir / "pareto.png", pareto_png(summary))
-        atomic_write_text(out_dir / "compare.json", json.dumps(report, indent=2))
-        md = to_markdown(report)
-        atomic_write_text(out_dir / "compare.md", md)
+            rows[name] = _row(model_cfg, result, name, t["seed"],
+                              _mean_tokens_per_s(Path(run_dir)) if metrics.is_file() else None)
+            rows[name]["run_dir"] = str(run_dir)
+        report, md = _write_report(out_dir, rows, {name: name for name in rows}, reference, result["unigram_bpb"],
+                                   evaluated_only=True)
     log(md)
     return report
