@@ -415,9 +415,11 @@ def _check_manifest(m: Any, man_path: Path) -> None:
                  f"formats.{name}.")
         if S != max(sizes.values()):
             raise bad(f"expert_nbytes is {S}, expected the largest format's {max(sizes.values())}")
+        big = max(sizes, key=sizes.get)
+        need(m, "tensors", lambda v, b=big: v == formats[b]["tensors"], f"the largest format's ({big}) tensors")
     else:
         bits = None if quant is None else need(quant, "bits", lambda v: v in (2, 4, 8), "2, 4 or 8", "quantization.")
-        size = check_tensors(m.get("tensors"), bits, "")
+        size = check_tensors(need(m, "tensors", lambda v: isinstance(v, list), "a list of tensor entries"), bits, "")
         if S != size:
             raise bad(f"expert_nbytes is {S}, but its tensors take {size} bytes")
         sizes = {_format_name(bits): size}
