@@ -434,6 +434,9 @@ def _check_manifest(m: Any, man_path: Path) -> None:
         need(layer, "file", lambda v: isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v,
              "a file name inside the store", where)
         start = need(layer, "data_start", lambda v: _is_int(v, 8), "an integer >= 8", where)
+        if version != MIXED_VERSION:  # one size: the file's size follows from the count alone
+            need(layer, "file_nbytes", lambda v, n=start + E * S: v == n, f"data_start + E x expert_nbytes = "
+                 f"{start + E * S}", where)
         experts = need(layer, "experts", lambda v, n=E: isinstance(v, list) and len(v) == n,
                        f"a list of the layer's {E} experts", where)
         fmts = [only] * E
@@ -442,6 +445,8 @@ def _check_manifest(m: Any, man_path: Path) -> None:
                     for e, x in enumerate(experts)]
             want = [sizes[f] for f in fmts]
             need(layer, "expert_nbytes", lambda v, w=want: v == w, f"{want} (each expert's format size)", where)
+            end = start + sum(want)
+            need(layer, "file_nbytes", lambda v, n=end: v == n, f"data_start + the layer's expert bytes = {end}", where)
             if "expert_map" in layer:  # merged: every router expert sends its tokens to a stored expert
                 need(layer, "expert_map", lambda v, n=E: isinstance(v, list) and v and all(
                     _is_int(x) and x < n for x in v), f"a list of stored expert ids 0..{E - 1}", where)
@@ -451,8 +456,6 @@ def _check_manifest(m: Any, man_path: Path) -> None:
             need(x, "sha256", lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest",
                  f"{where}experts[{e}].")
             offset += sizes[fmts[e]]
-        need(layer, "file_nbytes", lambda v, n=offset: v == n, f"data_start + the layer's expert bytes = {offset}",
-             where)
     dense = m.get("dense")
     if dense is not None:
         need(dense, "file", lambda v: isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v,
