@@ -53,6 +53,7 @@ from transformers.models.auto.modeling_auto import (  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import moekit.hf  # noqa: E402
+from moekit.hf.detect import NOT_FFN_MOE  # noqa: E402
 
 hf_logging.set_verbosity_error()
 
@@ -243,12 +244,13 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def sparse_blocks(model: nn.Module) -> list[str]:
     """Class names of the model's sparse MoE blocks (independent of moekit's detection): modules holding an
-    experts child (stacked, listed or parallel), or DOGE's retrieval MoE."""
+    experts child (stacked, listed or parallel), or DOGE's retrieval MoE; not the mixtures of attention moekit
+    leaves alone (moekit.hf.detect.NOT_FFN_MOE: JetMoE's JetMoeMoA)."""
     found = []
     for m in model.modules():
         kids = [type(c).__name__ for c in m.children()]
         is_block = any(re.search(r"(?<!Shared)Experts$|NaiveMoe$", k) for k in kids) or type(m).__name__.endswith("CDMoE")
-        if is_block and type(m).__name__ not in found:
+        if is_block and type(m).__name__ not in found and type(m).__name__ not in NOT_FFN_MOE:
             found.append(type(m).__name__)
     return found
 

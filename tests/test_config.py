@@ -36,11 +36,11 @@ def test_wrong_type_and_newer_version_are_refused(make_cfg):
 @pytest.mark.parametrize("kw,match", [
     ({"k": 5}, r"RouterConfig.k=5 .*\[1, num_experts=4\]"),
     ({"k": 0}, r"RouterConfig.k=0"),
-    ({"kind": "nope"}, r"RouterConfig.kind: unknown router 'nope'; registered: \['expert_choice', 'null', .*'topk', 'topp'.*\]"),
+    ({"kind": "nope"}, r"RouterConfig.kind: unknown router 'nope'; registered: \['expert_choice', 'hash', 'null', .*'topk', 'topp'.*\]"),
     ({"capacity_factor": 0.0}, r"MoEConfig.capacity_factor=0.0 .*None \(dropless\) or a float > 0"),
     ({"capacity_factor": -1.0}, r"MoEConfig.capacity_factor"),
     ({"eval_capacity_factor": 0.0}, r"MoEConfig.eval_capacity_factor=0.0 .*None \(dropless in eval mode\) or a float > 0"),
-    ({"score": "relu"}, r"RouterConfig.score='relu' .*one of \('softmax', 'sigmoid'\)"),
+    ({"score": "relu"}, r"RouterConfig.score='relu' .*one of \('softmax', 'sigmoid', 'sqrtsoftplus'\)"),
     ({"n_group": 3}, r"RouterConfig.n_group=3 .*divisor of num_experts=4"),
     ({"n_group": 2, "topk_group": 3}, r"RouterConfig.topk_group=3 .*\[1, n_group=2\]"),
     ({"n_group": 4, "topk_group": 1, "k": 2}, r"k <= topk_group \* num_experts / n_group = 1"),

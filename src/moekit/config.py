@@ -237,6 +237,11 @@ class RouterConfig(Config):
         """Whether the router reads a routing state handed from the previous MoE layer (RMoE)."""
         return False
 
+    def routes_on_token_ids(self) -> bool:
+        """Whether the router picks experts from the token ids (hash routing), which the model hands each MoE
+        layer as its `router_state`."""
+        return False
+
     def build_shared_module(self):
         """A module shared by every MoE layer and owned by the model (None: no such module)."""
         return None
@@ -369,12 +374,18 @@ class MoEConfig(Config):
     Capacity is a training device: in eval mode (evaluation, generation) nothing is dropped unless
     eval_capacity_factor (None = dropless) asks for it, so a sequence's output never depends on
     the other sequences of its batch and the KV-cached path equals the full forward.
+    expert_capacity=C is Switch Transformers' own rule as transformers runs it (arXiv 2101.03961): in
+    each sequence (a (B, T, D) input's rows; a (T, D) input is one sequence), an expert takes the
+    first C of the tokens routed to it, in token order, in training and eval alike; the rest drop.
     balance_scope: "micro" computes the load-balancing loss's expert frequencies f per micro-batch
     (most frameworks' default); "global" accumulates them over the micro-batches of an optimiser
     step and all data-parallel ranks (arXiv 2501.11873).
     activation: the experts' (and shared experts') activation, one of ACTIVATIONS (moekit.ops.ffn);
     activation_limit / activation_alpha / activation_up_offset: the clamped SwiGLU of gpt-oss (limit
-    7, alpha 1.702, up offset 1) or DeepSeek-V4 (limit only), on the routed experts' gated activation.
+    7, alpha 1.702, up offset 1) or DeepSeek-V4 (limit only), on the routed experts' gated activation;
+    activation_clamp_after: the gate's clamp after its activation (Step-3.7), not before;
+    shared_activation_limit: the shared expert's clamp (None: none), with the routed experts' other clamp
+    settings (DeepSeek-V4 clamps both at swiglu_limit; Step-3.7 at its own limits).
     weight_on_input: the combine weight scales each expert's *input* instead of its output (Llama 4);
     the same for linear experts, not for gated ones.
 
@@ -401,6 +412,12 @@ class MoEConfig(Config):
     activation_limit: float | None = setting(None, "clamp of the gated activation (gpt-oss 7.0; None = none)")
     activation_alpha: float = setting(1.0, "sigmoid slope of the clamped SwiGLU (gpt-oss 1.702)")
     activation_up_offset: float = setting(0.0, "added to the up projection in the clamped SwiGLU (gpt-oss 1)")
+    activation_clamp_after: bool = setting(False, "clamp the gate after its activation, not before (Step-3.7)")
+    shared_activation_limit: float | None = setting(None, "the shared expert's clamp, with the routed experts' "
+                                                    "clamp settings (DeepSeek-V4, Step-3.7; None = no clamp)")
+    activation_softcap_gate: float | None = setting(None, "gate softcap of Inkling2's softcapped SwiGLU (None = none; "
+                                                          "set with activation_softcap_up)")
+    activation_softcap_up: float | None = setting(None, "up softcap of Inkling2's softcapped SwiGLU (None = none)")
     num_shared_experts: int = setting(0, "always-on shared experts (one FFN of width d_shared; 0 = none)")
     d_shared: int | None = setting(None, "width of the shared expert FFN (None = num_shared_experts * "
                                    "d_expert)")
@@ -410,6 +427,8 @@ class MoEConfig(Config):
     capacity_factor: float | None = setting(None, "cap each expert at ceil(factor * N / E) assignments in "
                                             "training, dropping the overflow (None = dropless)")
     eval_capacity_factor: float | None = setting(None, "the same cap in eval mode (None = dropless)")
+    expert_capacity: int | None = setting(None, "a fixed cap per expert and sequence, first tokens first, in "
+                                          "training and eval (Switch Transformers; None = off)")
     backend: str = setting("auto", "expert GEMMs: auto (grouped kernel where available, else a loop) or "
                            "grouped_mm", choices=BACKENDS)
     balance_scope: str = setting("micro", "load-balancing frequencies per micro-batch, or global over the "
@@ -422,6 +441,9 @@ class MoEConfig(Config):
     constant_experts: int = setting(0, "zero-computation experts whose output mixes the input with a trained "
                                        "vector (MoE++)")
     gating_residual: bool = setting(False, "add the previous MoE layer's router logits to this layer's (MoE++)")
+    output_bias: bool = setting(False, "a learned (D,) bias added to the layer's output (JetMoE)")
+    output_norm_eps: float | None = setting(None, "RMSNorm the layer's output with this epsilon (A.X-K1; "
+                                                  "None = no norm)")
     latent_dim: int | None = setting(None, "routed experts work in a latent width: shared D->latent and "
                                            "latent->D projections around the bank (None = off)")
     pregated: bool = setting(False, "the router reads the previous MoE layer's input, so experts are known a "
@@ -455,6 +477,17 @@ class MoEConfig(Config):
                 "MoEConfig.activation_alpha", self.activation_alpha, "1.0, or a float > 0 with activation='swiglu'")
         require(self.activation_up_offset == 0.0 or gated, "MoEConfig.activation_up_offset",
                 self.activation_up_offset, "0.0 unless the activation is gated")
+        require(not self.activation_clamp_after or self.activation_limit is not None,
+                "MoEConfig.activation_clamp_after", self.activation_clamp_after, "false unless activation_limit is set")
+        require(self.shared_activation_limit is None or (gated and self.shared_activation_limit > 0),
+                "MoEConfig.shared_activation_limit", self.shared_activation_limit,
+                "None, or a float > 0 with a gated activation")
+        caps = (self.activation_softcap_gate, self.activation_softcap_up)
+        require(caps == (None, None) or (None not in caps and min(caps) > 0 and self.activation == "swiglu"
+                                         and self.activation_limit is None),
+                "MoEConfig.activation_softcap_gate", self.activation_softcap_gate,
+                "None (with activation_softcap_up None), or two caps > 0 with activation='swiglu' and no "
+                "activation_limit")
         require(self.num_shared_experts >= 0, "MoEConfig.num_shared_experts", self.num_shared_experts,
                "an integer >= 0")
         require(self.d_shared is None or self.d_shared >= 1, "MoEConfig.d_shared", self.d_shared,
@@ -463,6 +496,10 @@ class MoEConfig(Config):
                self.capacity_factor, "None (dropless) or a float > 0")
         require(self.eval_capacity_factor is None or self.eval_capacity_factor > 0, "MoEConfig.eval_capacity_factor",
                self.eval_capacity_factor, "None (dropless in eval mode) or a float > 0")
+        require(self.output_norm_eps is None or self.output_norm_eps > 0, "MoEConfig.output_norm_eps",
+                self.output_norm_eps, "None or a float > 0")
+        require(self.expert_capacity is None or self.expert_capacity >= 1, "MoEConfig.expert_capacity",
+                self.expert_capacity, "None or an integer >= 1")
         require(self.backend in BACKENDS, "MoEConfig.backend", self.backend, f"one of {BACKENDS}")
         require(self.balance_scope in BALANCE_SCOPES, "MoEConfig.balance_scope", self.balance_scope,
                f"one of {BALANCE_SCOPES}")
@@ -518,11 +555,13 @@ class MoEConfig(Config):
         return 2 * self._expert_params()
 
     def _layer_extra_params(self) -> int:
-        """Parameters of the layer options: latent projections, constant experts, the gating-residual map."""
+        """Parameters of the layer options: latent projections, constant experts, the gating-residual map,
+        the output bias and norm."""
         latent = 2 * self.d_model * self.latent_dim if self.latent_dim is not None else 0
         constant = self.constant_experts * 3 * self.d_model  # a vector v and a (2, D) mixing gate each
         residual = self.router_slots ** 2 if self.gating_residual else 0
-        return latent + constant + residual
+        out = self.d_model * (int(self.output_bias) + int(self.output_norm_eps is not None))
+        return latent + constant + residual + out
 
     def _shared_params(self) -> int:
         if self.num_shared_experts == 0:

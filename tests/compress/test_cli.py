@@ -69,7 +69,7 @@ def test_a_compressed_run_generates_offloaded_from_its_compressed_store(byte_run
         if kind == "int8":
             assert store.quantization == {"bits": 8, "group_size": 16}
         elif kind == "mixed":
-            assert sorted(store.layouts) == ["int4", "int8"] and store.manifest["version"] == 3
+            assert sorted(store.layouts) == ["int4", "int8"] and store.manifest["version"] == 4
             assert len({s for row in store.expert_nbytes_LE for s in row}) == 2
         else:
             assert all(m is not None and len(m) == 8 for m in store.expert_maps)

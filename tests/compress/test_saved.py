@@ -91,7 +91,7 @@ def test_a_quantised_store_round_trips_with_checksums_and_counts_compressed_byte
     path = write_store(model, tmp_path / "s")
     with ExpertStore(path, verify="always") as store:
         assert store.quantization == {"bits": int(method[3:]), "group_size": 16}
-        # one width: still a version-2 store, which the moekit before version 3 reads
+        # one width: still a version-2 store, which a moekit without versions 3 and 4 reads
         assert store.manifest["version"] == 2 and "formats" not in store.manifest
         assert all("format" not in x for layer in store.manifest["layers"] for x in layer["experts"])
         assert store.total_nbytes == expert_bytes(model)  # the budget counts compressed bytes
@@ -170,7 +170,7 @@ def test_a_store_of_mixed_widths_holds_each_expert_at_its_size_and_offloads_exac
     model = _mixed(tiny_lm)
     path = write_store(model, tmp_path / "s")
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["version"] == 3 and sorted(manifest["formats"]) == ["int4", "int8"]
+    assert manifest["version"] == 4 and sorted(manifest["formats"]) == ["int4", "int8"]
     banks = [m.experts for m in moe_layers(model)]
     with ExpertStore(path, verify="always") as store:
         s4, s8 = banks[0].expert_nbytes(0), banks[0].expert_nbytes(2)

@@ -66,6 +66,10 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for name, b in model.named_buffers():
             if name.rpartition(".")[2] in ("e_score_correction_bias", "expert_bias"):  # selection biases
                 b.copy_(0.3 * torch.randn(b.shape, generator=g))
+        for m in model.modules():  # a hash table (DeepSeek-V4; transformers': zeros): distinct experts per id
+            table, gate = getattr(m, "tid2eid", None), getattr(m, "weight", None)
+            if isinstance(table, torch.Tensor) and isinstance(gate, torch.Tensor):
+                table.copy_(torch.rand(table.shape[0], gate.shape[0], generator=g).topk(table.shape[1], dim=-1).indices)
     return model
 
 
@@ -109,3 +113,74 @@ def prompt():
 def hf_blocks():
     """{family: (HF block class name, number of sparse blocks)}."""
     return BLOCKS
+
+
+def _assert_keys_resolve(model, keys) -> None:
+    """Every state_dict key names a Parameter or buffer of the (wrapped) model: transformers' loading and
+    `model.get_parameter(key)` walk these paths."""
+    for key in keys:
+        owner, _, leaf = key.rpartition(".")
+        value = getattr(model.get_submodule(owner), leaf)
+        assert isinstance(value, torch.Tensor) and value is model.state_dict(keep_vars=True)[key], key
+
+
+def _wrap_parity(model, cls_name: str, ids: torch.Tensor) -> list:
+    """Wrap `model` (blocks of class `cls_name`) and check: logits to 1e-5 and 16 greedy tokens with the KV
+    cache equal to unwrapped; the model's own tensors shared (no copies, each wrapped tensor one of its
+    block's); state_dict keys unchanged and resolving; unwrap restores the very same modules. Returns the
+    wrapped layers (the model is wrapped again at the end)."""
+    import moekit.hf
+
+    def blocks_of(m):
+        return [b for b in m.modules() if type(b).__name__ == cls_name]
+
+    with torch.no_grad():
+        ref = model(ids).logits
+        ref_gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
+    blocks = blocks_of(model)
+    assert blocks
+    hf_ptrs = {p.data_ptr() for p in model.parameters()}
+    keys = list(model.state_dict())
+    moekit.hf.wrap(model)
+    layers = moekit.hf.wrapped_blocks(model)
+    assert len(layers) == len(blocks)
+    assert {p.data_ptr() for p in model.parameters()} == hf_ptrs  # no copies
+    for block, wrapped in zip(blocks, layers, strict=True):
+        theirs = {id(t) for t in block.state_dict(keep_vars=True).values()}
+        assert all(id(t) in theirs for t in wrapped.state_dict(keep_vars=True).values())
+    assert list(model.state_dict()) == keys
+    _assert_keys_resolve(model, keys)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
+    assert torch.equal(gen, ref_gen)
+    moekit.hf.unwrap(model)
+    assert blocks_of(model) == blocks
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+    moekit.hf.wrap(model)
+    return layers
+
+
+@pytest.fixture
+def wrap_parity():
+    """wrap_parity(model, block class name, ids) -> wrapped layers, after the checks of `_wrap_parity`."""
+    return _wrap_parity
+
+
+@pytest.fixture
+def keys_resolve():
+    """keys_resolve(model, keys): every state_dict key resolves to the model's own tensor."""
+    return _assert_keys_resolve
+
+
+@pytest.fixture
+def build_causal():
+    """build_causal(model_type, **config kwargs) -> a tiny randomised AutoModelForCausalLM in eval mode."""
+    from transformers import AutoConfig
+
+    def make(model_type: str, **kwargs) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return randomize(AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))).eval()
+
+    return make

@@ -25,3 +25,30 @@ def test_a_refused_family_gets_a_refused_line(monkeypatch, capsys):
     lines = bench.run_arch("gpt_oss", cfgs["gpt_oss"], types.SimpleNamespace())
     assert lines == [{"bench": "hf", "arch": "gpt_oss", "refused": "moekit.hf cannot wrap X: no reason"}]
     assert json.loads(capsys.readouterr().out.strip()) == lines[0]
+
+
+def test_gpt_oss_and_llama4_are_timed_against_transformers(capsys):
+    """Both families wrap now (issue 14 item 7): each gets a prefill and a decode line with the speed ratio,
+    the best transformers implementation and wrapped = unwrapped logits."""
+    bench = _bench()
+    cfgs = bench.configs(32, 32, 4, 1, 64)
+    args = types.SimpleNamespace(batch=1, seq=8, new_tokens=2, repeats=1, warmup=0, clock="cpu")
+    for arch in ("gpt_oss", "llama4"):
+        lines = bench.run_arch(arch, cfgs[arch], args)
+        assert [line["case"] for line in lines] == ["prefill", "decode"]
+        for line in lines:
+            assert "refused" not in line and line["max_abs_logit_diff"] < 1e-4
+            assert line["speedup_vs_hf"] > 0 and line["hf_best_impl"] in ("eager", "grouped_mm", "batched_mm")
+            assert abs(line["speedup_vs_hf"] * line["ratio_hf"] - 1) < 1e-2 and line["clock"] == "cpu"
+    capsys.readouterr()
+
+
+def test_cpu_clock_needs_one_thread(monkeypatch):
+    bench = _bench()
+    monkeypatch.setattr(bench.torch, "get_num_threads", lambda: 2)
+    try:
+        bench.main(["--clock", "cpu", "--archs", "mixtral"])
+    except SystemExit as e:
+        assert "--clock cpu times one thread; this process runs 2" in str(e)
+    else:
+        raise AssertionError("--clock cpu ran with two threads")

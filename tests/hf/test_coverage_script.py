@@ -44,7 +44,9 @@ def test_verdicts_match_refused_and_the_test_config_activation():
     assert cov.check("granitemoe", "native")[1] == "match"  # a `router` child, found by role
     assert cov.check("mixtral", "aligned")[1] == "match"  # transformers' test activation: gated GELU
     block, status, reason = cov.check("jetmoe", "native")
-    assert status == "refused" and "stacked layout" in reason
+    assert (block, status) == ("JetMoeMoE", "match")  # JetMoeMoA, a mixture of attention, is not counted
+    block, status, reason = cov.check("nllb_moe", "native")
+    assert status == "refused" and "one-hot top-1 mask" in reason
 
 
 @pytest.mark.slow

@@ -22,6 +22,12 @@ CASES = {
     "Glm4MoeForCausalLM": lm(moekit.RouterConfig(k=2, score="sigmoid", n_group=2, topk_group=1,
                                                  routed_scaling_factor=2.5, bias_update_rate=1e-3),
                              {"num_shared_experts": 1}, n_dense=1, tie_embeddings=False),
+    # gpt-oss's rule and clamped SwiGLU (issue 14 item 6)
+    "GptOssForCausalLM": lm(moekit.RouterConfig(k=2), {"activation_limit": 7.0, "activation_alpha": 1.702,
+                                                      "activation_up_offset": 1.0}, n_kv_heads=1),
+    # Llama 4's rule: sigmoid of the top-k logits on the expert input, a shared expert; a dense first layer
+    "Llama4ForCausalLM": lm(moekit.RouterConfig(k=1, score="sigmoid", normalize=False),
+                            {"weight_on_input": True, "num_shared_experts": 1}, n_dense=1, tie_embeddings=False),
 }
 
 
@@ -29,7 +35,7 @@ CASES = {
 def test_export_loads_in_transformers_with_identical_logits_and_greedy_tokens(arch, tmp_path):
     torch.manual_seed(0)
     model = MoELM(CASES[arch]).eval()
-    if model.cfg.moe.router.score == "sigmoid":
+    if model.cfg.moe.router.hf_routing()["selection_bias"]:
         for layer in model.moe_layers():
             layer.router.e_score_correction_bias.normal_(0, 0.1)  # a trained selection bias travels too
     export_hf(model, tmp_path / "hf")
@@ -54,6 +60,24 @@ def test_export_loads_in_transformers_with_identical_logits_and_greedy_tokens(ar
 def test_routers_transformers_cannot_express_are_refused(router, match, tmp_path):
     with pytest.raises(ExportError, match=match):
         export_hf(MoELM(lm(router)), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+CLAMPED = {"activation_limit": 7.0, "activation_alpha": 1.702, "activation_up_offset": 1.0}
+
+
+@pytest.mark.parametrize("router, moe_kw, match", [
+    (moekit.RouterConfig(k=2), {"activation_limit": 7.0}, "GPT-OSS computes clamp.up, -limit, limit. . 1"),
+    (moekit.RouterConfig(k=2, normalize=False), CLAMPED, "GPT-OSS routes by a softmax over the top-k logits"),
+    (moekit.RouterConfig(k=2), {**CLAMPED, "num_shared_experts": 1}, "GPT-OSS has no shared expert"),
+    (moekit.RouterConfig(k=1, score="sigmoid", normalize=False), {"weight_on_input": True},
+     "Llama 4 has one ungated shared expert"),
+    (moekit.RouterConfig(k=2, score="sigmoid", normalize=True), {"weight_on_input": True, "num_shared_experts": 1},
+     "the score on the expert input is Llama 4's rule"),
+])
+def test_gpt_oss_and_llama4_rules_export_only_as_they_are(router, moe_kw, match, tmp_path):
+    with pytest.raises(ExportError, match=match):
+        export_hf(MoELM(lm(router, moe_kw)), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
 

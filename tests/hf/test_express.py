@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 import moekit
 import moekit.hf
@@ -43,13 +42,8 @@ FAMILIES = {
 
 
 @pytest.fixture
-def build(randomized):
-    def make(family: str) -> torch.nn.Module:
-        cfg = AutoConfig.for_model(family.split("-")[0], **{**_BASE, **FAMILIES[family][0]})
-        torch.manual_seed(0)
-        return randomized(AutoModelForCausalLM.from_config(cfg)).eval()
-
-    return make
+def build(build_causal):
+    return lambda family: build_causal(family.split("-")[0], **{**_BASE, **FAMILIES[family][0]})
 
 
 def _blocks(model, cls_name):
@@ -57,35 +51,13 @@ def _blocks(model, cls_name):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_wraps_as_a_configuration_with_exact_parity(family, build):
+def test_family_wraps_as_a_configuration_with_exact_parity(family, build, wrap_parity):
     _, cls_name, rule, act, layout = FAMILIES[family]
     model = build(family)
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = model(ids).logits
-        ref_gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
-    blocks = _blocks(model, cls_name)
-    assert blocks
-    hf_ptrs = {p.data_ptr() for p in model.parameters()}
-    moekit.hf.wrap(model)
-    layers = moekit.hf.wrapped_blocks(model)
-    assert len(layers) == len(blocks)
-    layer = layers[0]
+    layer = wrap_parity(model, cls_name, ids)[0]  # parity, no copies, keys, unwrap (conftest)
     assert layer.cfg.router.describe() == rule
     assert layer.experts.act.describe() == act and layer.experts.layout.describe() == layout
-    # No copies: every tensor of the wrapped layers is one of the model's own (storage included).
-    assert {p.data_ptr() for p in model.parameters()} == hf_ptrs
-    for (_, block), wrapped in zip(blocks, layers, strict=True):
-        theirs = {id(t) for t in block.state_dict(keep_vars=True).values()}
-        assert all(id(t) in theirs for t in wrapped.state_dict(keep_vars=True).values())
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
-        gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
-    assert torch.equal(gen, ref_gen)
-    moekit.hf.unwrap(model)
-    assert [m for _, m in _blocks(model, cls_name)] == [b for _, b in blocks]
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, ref)
 
 
 def test_llama4_weight_on_input_is_read_from_the_block_not_assumed(build):

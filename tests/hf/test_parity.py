@@ -58,8 +58,12 @@ def test_greedy_generation_with_kv_cache_matches_transformers(family, make_model
     with grouped.record() as ran:
         out = _generate(model, ids)
     assert torch.equal(out, ref)
-    # Decoding (2 tokens a step) runs the loop; the kernel's forward is compared in test_logits_match_transformers.
-    assert ran["forward", "loop"] >= 2 * (NEW_TOKENS - 1)
+    # Decoding (2 tokens a step) runs the path the CPU threshold picks for 2k rows over E experts (the kernel
+    # unless rows * CPU_KERNEL_ROWS_PER_EXPERT < E); each path's forward is compared in test_logits_match_transformers.
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    rows = 2 * round(layer.cfg.router.expected_experts_per_token(layer.cfg.num_experts))
+    path = "kernel" if rows * grouped.CPU_KERNEL_ROWS_PER_EXPERT >= layer.cfg.num_experts else "loop"
+    assert ran["forward", path] >= 2 * (NEW_TOKENS - 1)
     # The last decoding step went through moekit with the KV cache: one new token per sequence.
     assert moekit.hf.wrapped_blocks(model)[0].routing_info().num_tokens == 2
 

@@ -142,15 +142,16 @@ def test_moekit_models_are_not_transformers_blocks():
 
 
 def test_unsupported_family_is_refused_by_class_name():
-    """Switch Transformers: experts as a ModuleDict of separate dense MLPs (with capacity routing)."""
-    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+    """NLLB-MoE: its experts' forward dispatches by mask values, not expert index (Switch Transformers,
+    refused here before, wraps now: tests/hf/test_struct.py)."""
+    from transformers import AutoModelForSeq2SeqLM, NllbMoeConfig
 
-    cfg = SwitchTransformersConfig(vocab_size=128, d_model=32, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
-                                   num_heads=4, num_experts=4, num_sparse_encoder_layers=1,
-                                   num_sparse_decoder_layers=1, expert_capacity=8)
-    model = SwitchTransformersForConditionalGeneration(cfg)
+    cfg = NllbMoeConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=32,
+                        decoder_ffn_dim=32, encoder_attention_heads=4, decoder_attention_heads=4, num_experts=4,
+                        encoder_sparse_step=2, decoder_sparse_step=2)
+    model = AutoModelForSeq2SeqLM.from_config(cfg)
     modules = dict(model.named_modules())
-    with pytest.raises(UnsupportedBlockError, match="cannot wrap SwitchTransformersSparseMLP: .*separate MLP modules"):
+    with pytest.raises(UnsupportedBlockError, match="cannot wrap NllbMoeSparseMLP: .*not by expert index"):
         moekit.hf.wrap(model)
     assert all(dict(model.named_modules())[n] is m for n, m in modules.items())  # nothing replaced
 

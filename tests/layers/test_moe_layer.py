@@ -243,6 +243,8 @@ def test_empty_input_gives_empty_output_and_zero_aux_losses(make_cfg, kind, padd
     for T in [0, 3] if padded else [0]:
         x = torch.randn(2, T, 32, requires_grad=True)
         mask = torch.zeros(2, T, dtype=torch.bool) if padded else None
+        if cfg.router.routes_on_token_ids():  # hash routing: the model hands the layer its token ids
+            state = torch.zeros(2, T, dtype=torch.int64)
         y = layer(x, mask, router_state=state)
         assert y.shape == (2, T, 32) and not y.any()
         aux = layer.routing_info().aux

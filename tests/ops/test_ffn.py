@@ -85,8 +85,32 @@ def test_clamped_swiglu_is_gpt_oss_formula():
     torch.testing.assert_close(Activation("swiglu", limit=5.0)(h), F.silu(g2.clamp(max=5.0)) * u2.clamp(-5.0, 5.0))
 
 
+def test_clamp_after_the_activation_is_step37_formula():
+    """Step-3.7 (`Step3p7Experts._apply_gate`): act(gate).clamp(max=limit) * up.clamp(+-limit); the clamp after
+    the SiLU differs from gpt-oss's before it wherever the gate is large. A MoE layer built with
+    activation_clamp_after computes it in its bank."""
+    from moekit.config import MoEConfig
+    from moekit.layers.moe import MoELayer
+    from moekit.ops.ffn import Activation
+
+    h = torch.randn(5, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10
+    gate, up = h.chunk(2, dim=-1)
+    want = F.silu(gate).clamp(max=3.0) * up.clamp(min=-3.0, max=3.0)
+    after = Activation("swiglu", limit=3.0, clamp_after=True)
+    torch.testing.assert_close(after(h), want)
+    assert not torch.allclose(Activation("swiglu", limit=3.0)(h), want)
+    assert "limit=3 after act" in after.describe()
+    with pytest.raises(ValueError, match="clamp_after=True needs a limit"):
+        Activation("swiglu", clamp_after=True)
+    layer = MoELayer(MoEConfig(d_model=8, d_expert=6, num_experts=4, activation_limit=3.0,
+                               activation_clamp_after=True))
+    assert layer.experts.act == after
+    with pytest.raises(ValueError, match="MoEConfig.activation_clamp_after=True is invalid"):
+        MoEConfig(d_model=8, d_expert=6, num_experts=4, activation_clamp_after=True).validate()
+
+
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "geglu_tanh", "reglu", "gelu", "gelu_tanh", "relu",
-                                        "relu2", "silu", "clamped"])
+                                        "relu2", "silu", "clamped", "clamped_after"])
 @pytest.mark.parametrize("layout", ["standard", "gpt_oss", "dbrx"])
 def test_every_activation_and_layout_kernel_matches_the_reference_forward_and_backward(activation, layout):
     from moekit.experts.bank import ExpertLayout
@@ -95,7 +119,8 @@ def test_every_activation_and_layout_kernel_matches_the_reference_forward_and_ba
 
     if not grouped_mm_available():
         pytest.skip("torch._grouped_mm is missing")
-    act = Activation("swiglu", 7.0, 1.702, 1.0) if activation == "clamped" else Activation(activation)
+    act = {"clamped": Activation("swiglu", 7.0, 1.702, 1.0),
+           "clamped_after": Activation("swiglu", 2.0, clamp_after=True)}.get(activation) or Activation(activation)
     lay = {"standard": ExpertLayout(),
            "gpt_oss": ExpertLayout(in_transposed=True, out_transposed=True, interleaved=act.gated, bias=True),
            "dbrx": ExpertLayout(split=True, flat=True)}[layout]

@@ -51,3 +51,55 @@ def test_summary_gives_mean_sample_std_and_the_pareto_front():
     assert s["a"]["val_bpb"]["std"] == pytest.approx(0.1414213562)
     assert s["b"]["val_bpb"]["std"] is None  # one run: no spread
     assert [g for g, v in s.items() if v["pareto"]] == ["a", "b"]
+
+
+def _compare_dir(root, name, runs, steps=150):
+    """A compare directory as `moekit compare` leaves it (compare.json only: merge reads nothing else)."""
+    import json
+
+    d = root / name
+    d.mkdir()
+    rows = {r: {"group": g, "seed": s, "router": "topk(k=1)", "params": 20, "active_params": 10, "val_loss": 1.0,
+                "val_bpb": b, "bpb_by_domain": {"python": b}, "experts_per_token": k,
+                "experts_per_token_by_layer": [k], "experts_per_token_by_domain": {"python": k}, "tokens_per_s": 1.0}
+            for r, (g, s, b, k) in runs.items()}
+    train = {"steps": steps, "micro_batch": 2, "grad_accum": 1, "seq_len": 8, "tokenizer": "bpe"}
+    (d / "compare.json").write_text(json.dumps({"train": train, "seeds": [],
+                                                "unigram_bpb": 5.5, "runs": rows, "groups": {}}))
+    return d
+
+
+def test_merge_tabulates_parts_as_one_compare(tmp_path):
+    import json
+
+    from moekit.cli import main
+
+    a = _compare_dir(tmp_path, "a", {"x-s0": ("x", 0, 2.0, 1.0), "x-s1": ("x", 1, 2.2, 1.0)})
+    b = _compare_dir(tmp_path, "b", {"x-s2": ("x", 2, 2.4, 1.0), "y-s0": ("y", 0, 1.9, 2.0)})
+    assert main(["compare", "--merge", f"{a},{b}", "--out", str(tmp_path / "all")]) == 0
+    report = json.loads((tmp_path / "all" / "compare.json").read_text())
+    assert list(report["runs"]) == ["x-s0", "x-s1", "x-s2", "y-s0"] and report["seeds"] == [0, 1, 2]
+    assert report["groups"]["x"]["runs"] == ["x-s0", "x-s1", "x-s2"]
+    assert report["groups"]["x"]["val_bpb"]["mean"] == pytest.approx(2.2)
+    assert report["groups"]["x"]["val_bpb"]["std"] == pytest.approx(0.2)
+    assert report["merged_from"] == [str(a), str(b)]
+    assert (tmp_path / "all" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| x | 3 | 2.2000 ± 0.2000 |" in (tmp_path / "all" / "compare.md").read_text()
+
+
+def test_merge_refuses_unequal_training_a_repeated_run_and_other_flags(tmp_path):
+    from moekit.train.compare import merge
+
+    a = _compare_dir(tmp_path, "a", {"x-s0": ("x", 0, 2.0, 1.0)})
+    b = _compare_dir(tmp_path, "b", {"x-s1": ("x", 1, 2.2, 1.0)}, steps=300)
+    with pytest.raises(UsageError, match=r"trained differently .*\['steps'\]"):
+        merge([a, b], tmp_path / "out")
+    with pytest.raises(UsageError, match="'x-s0' is in two of the directories"):
+        merge([a, a], tmp_path / "out")
+    with pytest.raises(UsageError, match="holds no compare.json"):
+        merge([a, tmp_path], tmp_path / "out")
+    assert not (tmp_path / "out" / "compare.json").exists()
+    from moekit.cli import main
+
+    assert main(["compare", "--merge", str(a), "--seeds", "3", "--out", str(tmp_path / "o2")]) == 2
+    assert not (tmp_path / "o2").exists()

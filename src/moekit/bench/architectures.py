@@ -1,8 +1,8 @@
 """Offloaded decoding of the runs of `moekit compare` (docs/results/architectures.md): one JSON line per
 (run, policy) with the hit rate, expert bytes moved per token and decode tokens/s at an expert budget.
 
-For every run directory COMPARE/NAME: 3 validation prompts (one each of python, english, german; 48
-bytes each), 48 sampled tokens (temperature 1, seed 0, the same for every run), expert store in a
+For every run directory COMPARE/NAME: 3 validation prompts (one each of python, english, german; the
+first 48 tokens of each in the run's own tokenizer, byte or BPE), 48 sampled tokens (temperature 1, seed 0, the same for every run), expert store in a
 temporary directory, policies lru and predictive (the next layer's router applied to this layer's
 input: gate look-ahead on a normal model, exact for a pre-gated one). Prefetch recall is the share
 of the experts a decode step ran at layers >= 1 that the prediction for that step named.
@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from moekit.data import ByteTokenizer, load_corpus
+from moekit.data import load_corpus
 from moekit.offload.generate import decode_loop, run_metrics
 from moekit.offload.load import open_model_and_store
 from moekit.offload.runtime import offload
 from moekit.offload.store import ExpertStore
+from moekit.train.trainer import load_run_config, make_tokenizer
 
 
 def prefetch_recall(predictions, trace) -> float | None:
@@ -42,6 +43,14 @@ def prefetch_recall(predictions, trace) -> float | None:
     return hit / total if total else None
 
 
+def run_prompts(tokenizer_name: str, n_tokens: int = 48) -> list[list[int]]:
+    """The benchmark's prompts in a run's tokenizer ("byte" or "bpe"): the first `n_tokens` token ids
+    of the first validation sample of python, english and german. A BPE run fed byte ids would decode
+    from meaningless input, so the tokenizer is always the run's."""
+    tok = make_tokenizer(tokenizer_name)
+    return [tok.encode(load_corpus("validation", d)[0].text)[:n_tokens] for d in ("python", "english", "german")]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("compare_dir")
@@ -51,9 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     root = Path(args.compare_dir)
     names = args.runs.split(",") if args.runs else sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
-    tok = ByteTokenizer()
-    prompts = [tok.encode(load_corpus("validation", d)[0].text)[:48] for d in ("python", "english", "german")]
     for name in names:
+        prompts = run_prompts(load_run_config(root / name)[1].tokenizer)
         for policy in ("lru", "predictive"):
             rows = []
             for i, prompt in enumerate(prompts):

@@ -20,6 +20,8 @@ One JSON line per (architecture, case):
   ratio_hf                     moekit time / best transformers time (<= 1.0: moekit at least as fast)
   speedup_vs_hf                best transformers time / moekit time (= 1 / ratio_hf)
   max_abs_logit_diff           wrapped vs transformers logits on the prefill prompt (same computation)
+  clock, load_1m/5m/15m         what was timed (--clock wall: elapsed; cpu: the thread's CPU time) and the
+                               machine's load average when the line was written
   peak_rss_mb                  peak resident memory of the process so far (all copies of the model
                                live in this one process, so it bounds, not measures, one variant)
 The first line describes the machine. An architecture that `moekit.hf.wrap` refuses on this moekit gets one
@@ -34,6 +36,7 @@ import argparse
 import copy
 import json
 import platform
+import time
 
 import torch
 from transformers import (
@@ -93,7 +96,14 @@ def build(cfg) -> torch.nn.Module:
 def hf_variants(model, ids) -> tuple[dict, dict]:
     """One copy of the model per experts implementation that runs here; the others with a reason."""
     variants, skipped = {}, {}
+    # Experts classes decorated with transformers' @use_experts_implementation carry these flags and dispatch
+    # on the setting; others (Llama 4's dense bmm experts) run their own forward whatever it says, so
+    # listing each "implementation" would time one code path under several names.
+    switchable = any(hasattr(m, "is_concatenated") and hasattr(m, "has_gate") for m in model.modules())
     for impl in ["eager", *ALL_EXPERTS_FUNCTIONS.keys()]:
+        if impl != "eager" and not switchable:
+            skipped[impl] = f"{type(model).__name__}'s experts have one implementation, their own forward (eager)"
+            continue
         m = copy.deepcopy(model)
         try:
             m.set_experts_implementation(impl)
@@ -123,18 +133,31 @@ def run_arch(arch, cfg, args) -> list[dict]:
     with torch.no_grad():
         diff = float((wrapped(prefill_ids).logits - base(prefill_ids).logits).abs().max())
 
-    def prefill(m):
+    clock = time.thread_time if getattr(args, "clock", "wall") == "cpu" else None
+
+    def timed(run):
+        """A step timed by round_robin (wall clock), or one returning its own CPU seconds (--clock cpu)."""
+        if clock is None:
+            return run
+
         def step():
-            with torch.no_grad():
-                m(prefill_ids)
+            t0 = clock()
+            run()
+            return clock() - t0
         return step
 
+    def prefill(m):
+        def run():
+            with torch.no_grad():
+                m(prefill_ids)
+        return timed(run)
+
     def decode(m):
-        def step():
+        def run():
             with torch.no_grad():
                 m.generate(decode_ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                            do_sample=False, pad_token_id=0)
-        return step
+        return timed(run)
 
     common = {"bench": "hf", "arch": arch, "hf_class": layer.hf_class, "dtype": "float32", "D": D, "F": Fw, "E": E,
               "k": k, "layers": cfg.num_hidden_layers, "moe_layers": len(moekit.hf.wrapped_blocks(wrapped)),
@@ -159,6 +182,7 @@ def run_arch(arch, cfg, args) -> list[dict]:
                "tokens_per_s_hf_best": tokens / hf[best], "hf_best_impl": best,
                "ratio_hf": secs["moekit"] / hf[best], "speedup_vs_hf": hf[best] / secs["moekit"],
                "hf_impls_skipped": skipped, "max_abs_logit_diff": diff, "repeats": args.repeats,
+               "clock": getattr(args, "clock", "wall"), **load_average(),
                "peak_rss_mb": round(peak_rss_mb(), 1)}
         res = {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in res.items()}
         res["max_abs_logit_diff"] = float(f"{diff:.2e}")
@@ -181,8 +205,14 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time; cpu: this thread's CPU time (needs one thread, OMP_NUM_THREADS=1): "
+                        "on a loaded shared machine it counts the work done, not the time spent waiting for a core")
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        raise SystemExit(f"--clock cpu times one thread; this process runs {torch.get_num_threads()} (set "
+                         "OMP_NUM_THREADS=1)")
     if args.quick:
         args.batch, args.seq, args.new_tokens, args.repeats, args.warmup = 2, 64, 4, 2, 1
     machine = {"bench": "machine", "cpu": platform.processor() or platform.machine(),

@@ -1,6 +1,7 @@
 """`moekit compare --presets A,B,...`: train router families on equal terms and print one table;
 `moekit compare --runs DIR1,DIR2,...`: evaluate existing runs (trained or compressed) on the same
-validation windows and print the same table."""
+validation windows and print the same table;
+`moekit compare --merge DIR1,DIR2,...`: tabulate finished compare directories as one compare."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def add_parser(subparsers) -> None:
     c.add_argument("--seeds", type=int, default=1,
                    help="replicates per setting with train seeds seed, seed+1, ... (default 1); compare.md gives "
                         "mean ± std and pareto.png the quality / experts trade-off")
+    c.add_argument("--merge", default=None, metavar="DIR1,DIR2,...",
+                   help="train nothing: tabulate the runs of these finished compare directories as one compare in "
+                        "--out (a study trained in parts); no other flags")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def config_flags(parser, _argv):
@@ -37,12 +41,23 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from moekit.cli.flags import apply_flags, flag_errors, parse_sweep
     from moekit.errors import UsageError
-    from moekit.train.compare import compare
+    from moekit.train.compare import compare, merge
     from moekit.train.presets import PRESETS, preset
     from moekit.train.trainer import resolve_configs
 
+    if args.runs is not None and args.merge is not None:
+        with config_errors(args.parser):
+            raise UsageError("--runs evaluates existing runs, --merge tabulates finished compares: give one of them")
     if args.runs is not None:
         return _run_existing(args)
+    if args.merge is not None:
+        with config_errors(args.parser):
+            given = [f"--{k}" for k, v in vars(args).items() if "." in k and v is not None]
+            given += ["--sweep"] * bool(args.sweep) + ["--seeds"] * (args.seeds != 1)
+            if given:
+                raise UsageError(f"--merge tabulates finished runs as they were trained; it takes no {', '.join(given)}")
+            merge([d for d in args.merge.split(",") if d], args.out)
+        return 0
     names = args.presets.split(",")
     with config_errors(args.parser):
         parallel = sorted(k for k, v in vars(args).items() if k.startswith("parallel.") and v is not None)

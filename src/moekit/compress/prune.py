@@ -151,6 +151,8 @@ def apply_keep(layer: MoELayer, keep: list[int]) -> None:
     """Keep only the experts `keep` (ascending original ids) in `layer`: its bank, its router's per-expert
     rows (`Router.expert_tensors`, e.g. the gate rows and a selection bias) and any expert mask. A wrapped
     transformers block (moekit.hf) is pruned the same way; its saved form is `moekit.compress.save_hf`'s."""
+    if isinstance(layer.experts, ExpertBank):
+        layer.experts.require_standard("prune")
     if layer.expert_map_E is not None:
         raise UsageError("prune: this layer's experts were merged (expert_map_E); prune before merging")
     if not isinstance(layer.experts, ExpertBank):
@@ -185,6 +187,9 @@ def prune(model: nn.Module, calib: Calibration, ratio: float, criterion: str = "
     """Remove a share `ratio` of the routed experts of `model`, in place, by `criterion` scored on `calib`
     (see the module doc). A moekit MoELM gets `cfg.moe_num_experts`. Returns what was kept."""
     layers = moe_layers(model)
+    for layer in layers:  # before any layer changes
+        if isinstance(layer.experts, ExpertBank):
+            layer.experts.require_standard("prune")
     scores = expert_scores(calib, criterion)
     kept = choose_experts(model, scores, ratio, per_layer)
     before = [m.router.num_experts for m in layers]

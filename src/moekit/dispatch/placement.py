@@ -422,6 +422,10 @@ def permute_experts_(order_E, bank: torch.nn.Module, router: torch.nn.Module) ->
     tensor without one row per expert.
     """
     E = bank.num_experts
+    try:
+        stacks = bank.expert_stacks()  # before anything changes: refuses storage it cannot renumber by row
+    except ValueError as e:
+        raise ValueError(f"permute_experts_: {e}") from None
     order_E = torch.as_tensor(np.asarray(order_E), dtype=torch.int64)
     if order_E.shape != (E,) or not torch.equal(order_E.sort().values, torch.arange(E)):
         raise ValueError(f"permute_experts_: order_E must be a permutation of 0..{E - 1}, got {order_E.tolist()}")
@@ -435,7 +439,7 @@ def permute_experts_(order_E, bank: torch.nn.Module, router: torch.nn.Module) ->
                              f"{per_group} consecutive experts; expected a permutation that moves whole groups")
     per_expert = {name: getattr(router, name, None) for name in type(router).expert_tensors}
     per_expert["expert_mask_E"] = getattr(router, "expert_mask_E", None)
-    per_expert |= {f"experts.{name}": w for name, w in bank.expert_stacks().items()}
+    per_expert |= {f"experts.{name}": w for name, w in stacks.items()}
     for name, tensor in per_expert.items():
         if tensor is None:
             continue

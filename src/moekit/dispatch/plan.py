@@ -33,18 +33,25 @@ class DispatchPlan:
 
 
 def make_plan(token_idx_N: torch.Tensor, expert_idx_N: torch.Tensor, weight_N: torch.Tensor,
-              num_experts: int, capacity_factor: float | None = None) -> DispatchPlan:
+              num_experts: int, capacity_factor: float | None = None,
+              keep_N: torch.Tensor | None = None) -> DispatchPlan:
+    """keep_N (bool, optional): assignments a capacity rule of the caller's kept; the others are dropped
+    (and counted) before capacity_factor's cap."""
+    num_dropped = 0
+    if keep_N is not None and not bool(keep_N.all()):
+        num_dropped = int((~keep_N).sum())
+        token_idx_N, expert_idx_N, weight_N = token_idx_N[keep_N], expert_idx_N[keep_N], weight_N[keep_N]
     order_N = torch.argsort(expert_idx_N, stable=True)
     expert_N = expert_idx_N[order_N]
     counts_E = count_ids(expert_idx_N, num_experts)  # not bincount: see moekit.utils.counts
-    num_dropped = 0
     if capacity_factor is not None and expert_N.numel() > 0:
         capacity = math.ceil(capacity_factor * expert_N.numel() / num_experts)
         starts_E = torch.cumsum(counts_E, 0) - counts_E
         rank_N = torch.arange(expert_N.numel(), device=expert_N.device) - starts_E[expert_N]
         keep_N = rank_N < capacity
-        num_dropped = int(expert_N.numel() - keep_N.sum())
-        if num_dropped:
+        over = int(expert_N.numel() - keep_N.sum())
+        num_dropped += over
+        if over:
             order_N, expert_N = order_N[keep_N], expert_N[keep_N]
             counts_E = counts_E.clamp(max=capacity)
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)

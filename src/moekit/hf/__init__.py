@@ -13,9 +13,9 @@ from moekit.hf.block import HFMoEBlock
 from moekit.hf.detect import TESTED_BLOCKS, UnsupportedBlockError, read_block
 from moekit.hf.load import load_pretrained
 from moekit.hf.version import SUPPORTED_TRANSFORMERS, check_transformers_version
-from moekit.hf.wrap import unwrap, verify_block, wrap, wrapped_blocks
+from moekit.hf.wrap import unwrap, verify, verify_block, wrap, wrapped_blocks
 
 __all__ = [
     "SUPPORTED_TRANSFORMERS", "TESTED_BLOCKS", "HFMoEBlock", "UnsupportedBlockError", "check_transformers_version",
-    "load_pretrained", "read_block", "unwrap", "verify_block", "wrap", "wrapped_blocks",
+    "load_pretrained", "read_block", "unwrap", "verify", "verify_block", "wrap", "wrapped_blocks",
 ]

@@ -7,6 +7,9 @@ What is shared with the wrapped block (the same Python objects, nothing copied),
   selection bias (E,), router's or block's  router.e_score_correction_bias   (DeepSeek-V3 rule)
   experts' stacks and biases                experts.* (an ExpertBank with the block's ExpertLayout)
   shared expert {gate,up,down}_proj         shared_experts.{gate,up,down}_proj   (the Linear modules)
+  latent projections D->l, l->D             fc1_latent_proj, fc2_latent_proj      (the Linear modules)
+  separate expert modules' Linear layers    experts.in_proj[e], experts.out_proj[e] (ExpertLayout(listed))
+  block output bias (D,) / output norm      output_bias / output_norm.weight
   shared-expert gate Linear(D, 1)           shared_expert_gate                    (the Linear module)
 
 The forward takes and returns what the HF block does: hidden states (B, T, D) -> (B, T, D), or the
@@ -18,6 +21,8 @@ for `moekit.hf.unwrap`.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -40,7 +45,7 @@ class HFMoEBlock(MoELayer):
         with torch.device("meta"):
             super().__init__(spec.cfg)
             if spec.layout != STANDARD:  # the block's own storage, read in place (views, never copies)
-                self.experts = ExpertBank(spec.cfg.num_experts, spec.cfg.d_model, spec.cfg.d_expert,
+                self.experts = ExpertBank(spec.cfg.num_experts, spec.cfg.expert_dim, spec.cfg.d_expert,
                                           self.experts.act, spec.layout)
         block = spec.block
         device = spec.router_weight.device
@@ -49,11 +54,23 @@ class HFMoEBlock(MoELayer):
             self.router.bias = spec.router_bias
         if spec.selection_bias is not None:
             self.router.e_score_correction_bias = spec.selection_bias
+        for name, tensor in spec.router_tensors.items():  # a hash router's token id -> experts table
+            setattr(self.router, name, tensor)
         for name, tensor in spec.bank.items():
             setattr(self.experts, name, tensor)
-        if spec.shared is not None:
+        if spec.shared is not None:  # the HF Linear modules, biases included
+            if isinstance(getattr(spec.shared, "gate_up_proj", None), nn.Linear):  # fused [gate; up]
+                self.shared_experts.gate_proj = self.shared_experts.up_proj = None
+                self.shared_experts.gate_up_proj = spec.shared.gate_up_proj
             for name in ("gate_proj", "up_proj", "down_proj"):
-                setattr(self.shared_experts, name, getattr(spec.shared, name))
+                if getattr(self.shared_experts, name) is not None:
+                    setattr(self.shared_experts, name, getattr(spec.shared, name))
+        if spec.latent is not None:  # the HF Linear modules, biases included
+            self.fc1_latent_proj, self.fc2_latent_proj = spec.latent
+        if spec.output_bias is not None:
+            self.output_bias = spec.output_bias
+        if spec.output_norm is not None:
+            self.output_norm.weight = spec.output_norm.weight
         if spec.shared_gate is not None:
             self.shared_expert_gate = spec.shared_gate
         # moekit-only state (routing statistics, a zero bias for families without one) on the block's device.
@@ -61,7 +78,8 @@ class HFMoEBlock(MoELayer):
             for name, buf in module.named_buffers(recurse=False):
                 if buf.is_meta:
                     setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype, device=device))
-        left = [n for n, t in self.state_dict(keep_vars=True).items() if t.is_meta]
+        # (A block built on the meta device binds meta tensors: nothing to tell apart until weights exist.)
+        left = [] if spec.router_weight.is_meta else [n for n, t in self.state_dict(keep_vars=True).items() if t.is_meta]
         if left:
             raise RuntimeError(f"HFMoEBlock: {left} of {spec.class_name} were not bound to the block's tensors")
 
@@ -75,52 +93,104 @@ class HFMoEBlock(MoELayer):
         if unused:
             raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: its tensors {unused} have no "
                                         "place in moekit's MoELayer")
-        # HF child name -> moekit child name where only the first name differs (gate -> router,
-        # shared_expert -> shared_experts): `model.get_parameter(key)` resolves every state_dict key, and
-        # transformers' loading (get_submodule + setattr) sets moekit's own Parameter.
+        # Every HF state_dict key resolves on this layer (`model.get_parameter(key)`; transformers' loading
+        # walks the same path): a first name moekit lacks is an alias (`_hf_children`: gate -> router,
+        # shared_expert -> shared_experts, JetMoE's bias -> output_bias, or the HF child itself where the
+        # names below it differ too, JetMoE's input_linear); deeper names moekit lacks (`router.classifier`,
+        # `gate.wg`, Switch's `experts.expert_0.wi`) are unregistered attributes leading to the module that
+        # holds the tensor: moekit's own, or the HF one where moekit holds the HF module itself. Nothing is
+        # registered twice (state_dict has each tensor once).
         self._hf_children = {}
+        hf_modules = {id(m) for m in block.modules()}
         for mine, theirs in self._hf_names.items():
-            (m_head, _, m_rest), (t_head, _, t_rest) = mine.partition("."), theirs.partition(".")
-            if m_head != t_head and m_rest == t_rest:
-                self._hf_children[t_head] = m_head
+            (m_owner, _, m_leaf), (t_owner, _, t_leaf) = mine.rpartition("."), theirs.rpartition(".")
+            if not t_owner:  # a tensor of the HF block itself (JetMoE's bias, MiniMax-M2's selection bias)
+                if t_leaf not in self._parameters and t_leaf not in self._buffers:
+                    self._hf_children.setdefault(t_leaf, mine)  # a dotted path: read when asked (buffers move)
+                continue
+            head, *rest = t_owner.split(".")
+            if head not in self._modules:
+                # moekit lacks the HF child: alias moekit's child holding the tensor, or the HF child itself
+                # where the names below it differ too (JetMoE's input_linear.weight)
+                same_path = m_owner and (m_owner.split(".")[1:] == rest) and m_leaf == t_leaf
+                self._hf_children.setdefault(head, m_owner.split(".")[0] if m_owner and (same_path or m_leaf == t_leaf)
+                                             else block.get_submodule(head))
+            if not m_owner:
+                continue
+            target = self.get_submodule(m_owner)
+            alias = self._hf_children.get(head, head)
+            module = alias if isinstance(alias, nn.Module) else self._modules.get(alias)
+            path = head
+            for part in rest:
+                path = f"{path}.{part}"
+                if part in module._modules:
+                    module = module._modules[part]
+                elif isinstance(module.__dict__.get(part), nn.Module):
+                    module = module.__dict__[part]
+                elif part in module.__dict__ or hasattr(type(module), part):
+                    module = None  # a name moekit's module uses otherwise: this key stays unresolved
+                    break
+                else:
+                    nxt = block.get_submodule(path) if id(target) in hf_modules else target
+                    object.__setattr__(module, part, nxt)
+                    module = nxt
+            if module is target and t_leaf != m_leaf and not hasattr(target, t_leaf):
+                # same module, another name (gpt-oss's experts.gate_up_proj_bias = moekit's in_proj_bias)
+                object.__setattr__(target, t_leaf, _get_tensor(self, mine))
         self.register_state_dict_post_hook(_state_dict_to_hf)
         self.register_load_state_dict_pre_hook(_load_hf_names)
 
         self.hf_class = spec.class_name
-        self._hf_num_experts = spec.cfg.num_experts  # what the block's own code expects (unwrap checks it)
+        self._hf_num_experts = spec.cfg.router_slots  # router columns the block's own code expects (unwrap checks)
+        # The HF router's weights are this layer's / router_weight_scale (a scale its block applies after combining).
+        self.router_weight_scale = spec.router_weight_scale
         self.returns: str | None = None  # set by moekit.hf.wrap from the block's own output (see `_as_hf`)
         self.records_router_logits = records_router_logits
+        self.router_logits_keep_batch = records_router_logits and _router_keeps_batch_dims(spec)
         object.__setattr__(self, "_hf_block", block)  # not a submodule: no second copy in state_dict / .to()
         self.train(block.training)
 
-    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The HF block's call: hidden states (B, T, D) -> (B, T, D). transformers passes no padding
-        mask; moekit callers may, as to any MoELayer."""
+        mask; moekit callers may, as to any MoELayer. `input_ids` (B, T): the token ids, which blocks of
+        families with hash routing take (DeepSeek-V4); a router that routes on them gets them as its state."""
+        state = input_ids if self.router.cfg.routes_on_token_ids() else None
+        if self.returns == "flat_logits" and hidden_states.dim() == 1:
+            hidden_states = hidden_states.view(-1, self.cfg.d_model)  # ERNIE-VL's modality split passes it flat
         # Where transformers' `output_router_logits=True` collects router logits (None outside such a forward).
         collected = active_collector.get() if self.records_router_logits else None
         if collected is None or "router_logits" not in collected:
-            return self._as_hf(super().forward(hidden_states, padding_mask))
+            return self._as_hf(super().forward(hidden_states, padding_mask, router_state=state))
         # `output_router_logits=True`: hand transformers the (T, E) router logits, with their gradient
         # (routing_info() keeps a detached copy), as its own router would have.
         logits = []
         handle = self.router.register_forward_hook(lambda _m, _a, route: logits.append(route.logits_TE))
         try:
-            y = super().forward(hidden_states, padding_mask)
+            y = super().forward(hidden_states, padding_mask, router_state=state)
         finally:
             handle.remove()
-        collected["router_logits"].append(logits[0])
+        # in the shape the HF router returns them: (T, E), or (B, T, E) where it keeps the batch dims (Switch)
+        collected["router_logits"].append(logits[0].view(*hidden_states.shape[:-1], -1)
+                                          if self.router_logits_keep_batch else logits[0])
         return self._as_hf(y)
 
     def _as_hf(self, y: torch.Tensor):
         """What the HF block returns: y, or a tuple (y, router output) for blocks that return one (`returns`:
         "logits_TE" the (T, E) router logits (Llama 4), "weights_TK" the chosen weights (T, K) in
-        descending order (gpt-oss)); the decoder layers of those families unpack and drop the second."""
+        descending order (gpt-oss), "flat_logits" y and the fp32 logits both flattened (ERNIE-4.5-VL's text
+        and vision blocks, whose parent scatters them by token modality)); the decoder layers of those families unpack and drop the second."""
         if self.returns is None:
             return y
         route = self._info.route
+        if self.returns == "flat_logits":
+            return y.flatten(), route.logits_TE.flatten()
         if self.returns == "logits_TE":
             return y, route.logits_TE.to(y.dtype)
-        return y, route.to_padded()[1].sort(dim=-1, descending=True).values.to(y.dtype)
+        w_TK = route.to_padded()[1].sort(dim=-1, descending=True).values
+        if self.router_weight_scale != 1.0:
+            w_TK = w_TK / self.router_weight_scale
+        return y, w_TK.to(y.dtype)
 
     def __getattr__(self, name: str):
         try:
@@ -129,7 +199,9 @@ class HFMoEBlock(MoELayer):
             alias = self.__dict__.get("_hf_children", {}).get(name)
             if alias is None:
                 raise
-            return super().__getattr__(alias)
+            if isinstance(alias, nn.Module):
+                return alias
+            return _get_tensor(self, alias) if "." in alias else super().__getattr__(alias)
 
     def original(self) -> nn.Module:
         """The wrapped transformers block, with any tensor this layer now holds (after `.to()`, say)
@@ -186,6 +258,22 @@ def _state_dict_to_hf(module: HFMoEBlock, state_dict, prefix: str, local_metadat
         mine.pop(name, None)
     for name, value in mine.items():  # state an override added (e.g. null-expert rows): moekit's names
         state_dict[prefix + name] = value
+
+
+def _router_keeps_batch_dims(spec: BlockSpec) -> bool:
+    """Whether the HF router returns (B, T, E) logits for a (B, T, D) input (Switch Transformers) rather
+    than (T, E); read on a copy of it, on a 2 x 3-token probe (False on meta tensors)."""
+    if spec.router_weight.is_meta:
+        return False
+    gate = copy.deepcopy(spec.gate).float().eval()
+    E = spec.cfg.router_slots
+    try:
+        with torch.no_grad():
+            out = gate(torch.zeros(2, 3, spec.cfg.d_model, device=spec.router_weight.device))
+    except Exception:
+        return False
+    outs = out if isinstance(out, tuple) else (out,)
+    return any(isinstance(t, torch.Tensor) and tuple(t.shape) == (2, 3, E) and t.is_floating_point() for t in outs)
 
 
 def transformers_records_router_logits(model: nn.Module, gate: nn.Module) -> bool:

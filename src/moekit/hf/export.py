@@ -3,6 +3,14 @@
     top-k softmax, renormalised, no q/k norm, no dense layers      -> Mixtral
     top-k softmax (renormalised or not), q/k RMSNorm               -> Qwen3-MoE (dense layers: mlp_only_layers)
     top-k sigmoid (groups, selection bias, scaling, shared experts) -> GLM-4-MoE (full rotary)
+    top-k softmax renormalised, gpt-oss's clamped SwiGLU (limit, alpha, up + 1), no dense layers
+                                                                    -> GPT-OSS (attention sinks at -inf, no
+                                                                       attention biases, every layer full attention,
+                                                                       zero router and expert biases)
+    top-k sigmoid unnormalised with the score on the expert input, one shared expert of the experts' width
+                                                                    -> Llama 4 text (every layer RoPE, no q/k norm,
+                                                                       no chunked attention; q/k rows permuted to
+                                                                       its interleaved rotary pairs)
 
 Routers transformers cannot express (those whose config has no `hf_routing()`: top-p, null experts,
 recurrent, expert choice, random, ...) and settings without a counterpart (capacity dropping, a sigmoid shared-expert gate, ...) raise
@@ -66,6 +74,7 @@ def hf_config_for(cfg):
                 "before exporting")
     if moe.activation != "swiglu":
         _refuse(f"MoEConfig.activation={moe.activation!r}; transformers' MoE models use SwiGLU experts")
+    clamped = moe.activation_limit is not None or moe.activation_alpha != 1.0 or moe.activation_up_offset != 0.0
     # The layer architectures (docs/routing.md) change the layer's computation itself.
     arch = {name: getattr(moe, name) for name, plain in (
         ("iterations", 1), ("zero_experts", 0), ("copy_experts", 0), ("constant_experts", 0),
@@ -77,6 +86,10 @@ def hf_config_for(cfg):
     if moe.eval_capacity_factor is not None:
         _refuse("eval_capacity_factor drops tokens at inference; transformers' MoE models are dropless")
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if moe.weight_on_input:
+        return _llama4_config(cfg, routing, rope, clamped)
+    if clamped:
+        return _gpt_oss_config(cfg, routing, rope)
     if routing["scoring_func"] == "softmax":
         if routing["n_group"] > 1 or routing["routed_scaling_factor"] != 1.0 or routing["selection_bias"]:
             _refuse("softmax routing with groups, scaling or a selection bias has no transformers counterpart")
@@ -111,15 +124,103 @@ def hf_config_for(cfg):
                          rope_parameters={**rope, "partial_rotary_factor": 1.0})
 
 
+def _gpt_oss_config(cfg, routing: dict, rope: dict):
+    """GPT-OSS for gpt-oss's own rule: softmax over the top-k logits and the clamped SwiGLU with (up + 1)."""
+    from transformers import GptOssConfig
+
+    moe = cfg.moe
+    if moe.activation_up_offset != 1.0 or moe.activation_limit is None:
+        _refuse(f"clamped SwiGLU with limit={moe.activation_limit}, up_offset={moe.activation_up_offset}: GPT-OSS "
+                "computes clamp(up, -limit, limit) + 1 with a limit (its swiglu_limit), nothing else")
+    if routing["scoring_func"] != "softmax" or not routing["norm_topk_prob"] or routing["n_group"] > 1 \
+            or routing["routed_scaling_factor"] != 1.0 or routing["selection_bias"]:
+        _refuse(f"GPT-OSS routes by a softmax over the top-k logits (renormalised top-k softmax, no groups, scaling "
+                f"or selection bias); this model routes {moe.router.describe()}")
+    if moe.num_shared_experts or cfg.n_dense or cfg.qk_norm:
+        _refuse("GPT-OSS has no shared expert, no dense layers and no q/k norm; this model has "
+                f"num_shared_experts={moe.num_shared_experts}, n_dense={cfg.n_dense}, qk_norm={cfg.qk_norm}")
+    return GptOssConfig(**_common(cfg, routing), num_local_experts=moe.num_experts, intermediate_size=moe.d_expert,
+                        swiglu_limit=moe.activation_limit, swiglu_alpha=moe.activation_alpha, attention_bias=False,
+                        layer_types=["full_attention"] * cfg.n_layers, rope_parameters=rope,
+                        router_aux_loss_coef=0.0, output_router_logits=False)
+
+
+def _llama4_config(cfg, routing: dict, rope: dict, clamped: bool):
+    """Llama 4 text for its rule: sigmoid of the top-k logits, not renormalised, on the expert input."""
+    from transformers import Llama4TextConfig
+
+    moe = cfg.moe
+    if routing["scoring_func"] != "sigmoid" or routing["norm_topk_prob"] or routing["n_group"] > 1 \
+            or routing["routed_scaling_factor"] != 1.0 or routing["selection_bias"] or clamped:
+        _refuse(f"the score on the expert input is Llama 4's rule, which is the sigmoid of the top-k logits, not "
+                f"renormalised, unscaled, without groups or selection bias, with plain SwiGLU experts; this model "
+                f"routes {moe.router.describe()}{' with a clamped SwiGLU' if clamped else ''}")
+    if moe.num_shared_experts != 1 or moe.shared_gate or moe.shared_width != moe.d_expert or cfg.qk_norm:
+        _refuse(f"Llama 4 has one ungated shared expert of the routed experts' width ({moe.d_expert}) and no q/k "
+                f"RMSNorm; this model has num_shared_experts={moe.num_shared_experts}, shared_width="
+                f"{moe.shared_width}, shared_gate={moe.shared_gate}, qk_norm={cfg.qk_norm}")
+    n = cfg.n_layers
+    return Llama4TextConfig(**_common(cfg, routing), num_local_experts=moe.num_experts, intermediate_size=moe.d_expert,
+                            intermediate_size_mlp=cfg.dense_width, moe_layers=list(range(cfg.n_dense, n)),
+                            no_rope_layers=[1] * n, layer_types=["full_attention"] * n, attention_chunk_size=None,
+                            use_qk_norm=False, attn_temperature_tuning=False, attention_bias=False,
+                            rope_parameters=rope, router_aux_loss_coef=0.0, output_router_logits=False)
+
+
+def _interleaved_rows(head_dim: int, heads: int) -> torch.Tensor:
+    """Row order that turns moekit's rotate-half q/k projections (pair i, i + d/2) into Llama 4's interleaved
+    rotary pairs (2i, 2i + 1), head by head: q.k is unchanged when both are permuted alike."""
+    half = head_dim // 2
+    per_head = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
+    return torch.cat([per_head + h * head_dim for h in range(heads)])
+
+
+@torch.no_grad()
+def _copy_moe(moe, ffn, kind: str) -> None:
+    """The MoE block's weights into a GPT-OSS / Llama 4 block (transposed stacks; GPT-OSS: interleaved)."""
+    ffn.router.weight.copy_(moe.router.weight)
+    gate_up, down = moe.experts.gate_up_proj, moe.experts.down_proj  # (E, 2F, D), (E, D, F)
+    if kind == "gpt_oss":
+        F = gate_up.shape[1] // 2
+        bias = getattr(moe.router, "bias", None)
+        ffn.router.bias.copy_(bias) if bias is not None else ffn.router.bias.zero_()
+        ffn.experts.gate_up_proj[..., 0::2] = gate_up[:, :F].transpose(1, 2)
+        ffn.experts.gate_up_proj[..., 1::2] = gate_up[:, F:].transpose(1, 2)
+        ffn.experts.gate_up_proj_bias.zero_()
+        ffn.experts.down_proj_bias.zero_()
+    else:
+        ffn.experts.gate_up_proj.copy_(gate_up.transpose(1, 2))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(ffn.shared_expert, name).weight.copy_(getattr(moe.shared_experts, name).weight)
+    ffn.experts.down_proj.copy_(down.transpose(1, 2))
+
+
 @torch.no_grad()
 def _copy_weights(model: MoELM, hf) -> None:
     hf.model.embed_tokens.weight.copy_(model.embed.weight)
     hf.model.norm.weight.copy_(model.norm.weight)
     if not model.cfg.tie_embeddings:
         hf.lm_head.weight.copy_(model.lm_head.weight)
+    kind = {"GptOssConfig": "gpt_oss", "Llama4TextConfig": "llama4"}.get(type(hf.config).__name__)
+    cfg = model.cfg
     for block, layer in zip(model.layers, hf.model.layers, strict=True):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            getattr(layer.self_attn, name).weight.copy_(getattr(block.attn, name).weight)
+            w = getattr(block.attn, name).weight
+            if kind == "llama4" and name in ("q_proj", "k_proj"):
+                w = w[_interleaved_rows(cfg.head_dim, cfg.n_heads if name == "q_proj" else cfg.kv_heads)]
+            getattr(layer.self_attn, name).weight.copy_(w)
+        if kind == "gpt_oss":
+            layer.self_attn.sinks.fill_(float("-inf"))  # no sink: softmax over the keys alone
+        if kind is not None:
+            layer.input_layernorm.weight.copy_(block.attn_norm.weight)
+            layer.post_attention_layernorm.weight.copy_(block.ffn_norm.weight)
+            ffn = layer.mlp if kind == "gpt_oss" else layer.feed_forward
+            if block.is_moe:
+                _copy_moe(block.ffn, ffn, kind)
+            else:
+                for name in ("gate_proj", "up_proj", "down_proj"):
+                    getattr(ffn, name).weight.copy_(getattr(block.ffn, name).weight)
+            continue
         if model.cfg.qk_norm:
             layer.self_attn.q_norm.weight.copy_(block.attn.q_norm.weight)
             layer.self_attn.k_norm.weight.copy_(block.attn.k_norm.weight)
@@ -172,10 +273,13 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> P
     check_export_target(out_dir)
     _check_uncompressed(model)
     hf_cfg = hf_config_for(model.cfg)
-    if model.cfg.moe.router.hf_routing()["scoring_func"] == "softmax" and any(
-            bool(layer.router.e_score_correction_bias.any()) for layer in model.moe_layers()):
-        _refuse("the softmax routers carry a non-zero selection bias (aux-loss-free balancing), which Mixtral and "
-                "Qwen3-MoE do not have")
+    target = type(hf_cfg).__name__.removesuffix("Config")
+    if target != "Glm4Moe" and any(bool(layer.router.e_score_correction_bias.any()) for layer in model.moe_layers()):
+        score = model.cfg.moe.router.hf_routing()["scoring_func"]
+        _refuse(f"the {score} routers carry a non-zero selection bias (aux-loss-free balancing), which {target} does "
+                "not have")
+    if target != "GptOss" and any(getattr(layer.router, "bias", None) is not None for layer in model.moe_layers()):
+        _refuse(f"the routers add a logit bias, which {target} does not have (GPT-OSS's router does)")
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(hf_cfg).float().eval()
     _copy_weights(model, hf)

@@ -10,7 +10,8 @@ Stages of wrap:
   1. version guard (transformers >=5,<6)
   2. find blocks structurally (detect.py): a router `gate` plus stacked `experts`
   3. read each block's routing rule into a MoEConfig, and bind a HFMoEBlock to its Parameters
-  4. verify (default on): run the block and the HFMoEBlock on a probe input, the router alone in
+  4. verify (default on; for blocks whose weights are on the meta device, deferred to the block's first
+     forward or `verify(model)`, once the weights exist): run the block and the HFMoEBlock on a probe input, the router alone in
      fp32 (selected experts exactly, weights to 1e-5) and the whole block in the model's dtype,
      its experts run by transformers' eager loop (the plain form of the block's math, and one that
      takes any expert width); a block that disagrees is refused with its class name, before
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 
 import torch
 from torch import nn
@@ -37,6 +39,7 @@ from moekit.hf.detect import (
     UnsupportedBlockError,
     call_router,
     looks_like_moe_block,
+    probe_token_ids,
     read_block,
     router_matches,
 )
@@ -65,7 +68,11 @@ def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.
     new = []
     for name, block in found:
         spec = read_block(block, model_config, backend)
-        new.append((name, _build(spec, transformers_records_router_logits(model, spec.gate), verify)))
+        records = transformers_records_router_logits(model, spec.gate)
+        if verify and _on_meta(spec):  # big-model loading: probe once the weights exist (`verify`)
+            new.append((name, _defer_probe(HFMoEBlock(spec, records), model_config, backend)))
+            continue
+        new.append((name, _build(spec, records, verify)))
     for name, layer in new:
         _replace(model, name, layer)
     _refuse_experts_implementation_switch(model)
@@ -91,6 +98,47 @@ def _build(spec: BlockSpec, records_router_logits: bool, verify: bool) -> HFMoEB
     raise first
 
 
+def verify(model: nn.Module) -> nn.Module:
+    """Run the parity probe `wrap` deferred for blocks whose weights were on the meta device (a model built
+    with `torch.device("meta")`), now that they exist: each such block is read again from its own weights
+    and kept only as a reading that reproduces it, exactly as `wrap` would have on a loaded model (all or
+    nothing). A wrapped block runs this itself at its first forward. Raises UnsupportedBlockError as `wrap`
+    does (weights still on the meta device included). Returns `model`."""
+    pending = [m for m in model.modules() if isinstance(m, HFMoEBlock) and m.__dict__.get("_deferred")]
+    built = [(layer, _build(read_block(layer.original(), *layer._deferred), layer.records_router_logits, True))
+             for layer in pending]
+    for layer, new in built:
+        _become(layer, new)
+    return model
+
+
+def _on_meta(spec: BlockSpec) -> bool:
+    return any(t.is_meta for t in (spec.router_weight, spec.expert_weight))
+
+
+def _defer_probe(layer: HFMoEBlock, model_config, backend: str) -> HFMoEBlock:
+    """Mark a layer built on meta weights (the first reading, unverified) to be probed at its first forward."""
+    layer._deferred = (model_config, backend)
+    layer._deferred_hook = layer.register_forward_pre_hook(_probe_at_first_forward)
+    return layer
+
+
+def _probe_at_first_forward(layer: HFMoEBlock, args) -> None:
+    """Forward pre-hook of a deferred layer: read and probe its block now that the weights exist, once."""
+    _become(layer, _build(read_block(layer.original(), *layer._deferred), layer.records_router_logits, True))
+
+
+def _become(layer: HFMoEBlock, verified: HFMoEBlock) -> None:
+    """Turn `layer` (the same object: its parent, `wrapped_blocks` and user references stay valid) into the
+    verified reading `verified` of the same block; the hooks others registered on `layer` are kept, the
+    deferral hook is dropped."""
+    layer._deferred_hook.remove()
+    hooks = {k: v for k, v in layer.__dict__.items() if k.startswith(("_forward_", "_backward_"))}
+    layer.__dict__.clear()
+    layer.__dict__.update(verified.__dict__)
+    layer.__dict__.update(hooks)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """Put every wrapped block's original transformers module back; in place. Returns `model`."""
     blocks = [(name, layer.original()) for name, layer in model.named_modules() if isinstance(layer, HFMoEBlock)]
@@ -110,11 +158,11 @@ def wrapped_blocks(model: nn.Module) -> list[HFMoEBlock]:
 def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
     """Refuse a block whose output moekit's reading does not reproduce on a probe input."""
     block, cfg = spec.block, spec.cfg
-    weight = next(iter(spec.bank.values()))
+    weight = spec.expert_weight
     if weight.is_meta:
         raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its weights are on the meta "
-                                    "device (offloaded or not loaded); load the model onto a real device, or pass "
-                                    "verify=False")
+                                    "device (not loaded yet); load them (e.g. load_state_dict(..., assign=True), or "
+                                    "to_empty() and copy) before the first forward, or pass verify=False")
     gen = torch.Generator().manual_seed(0)
     x_BTD = torch.randn(1, PROBE_TOKENS, cfg.d_model, generator=gen).to(device=weight.device, dtype=weight.dtype)
     modes = (block.training, layer.training)
@@ -123,12 +171,15 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
     try:
         with torch.no_grad():
             _verify_router(spec, layer, x_BTD.reshape(-1, cfg.d_model).float())
+            ids = _token_ids(spec, PROBE_TOKENS)
             with _eager_experts(spec.experts):
-                out_hf = block(x_BTD)
+                out_hf = block(x_BTD, **ids)
             y_hf = out_hf[0] if isinstance(out_hf, tuple) else out_hf
             layer.returns = _returns(spec, out_hf, PROBE_TOKENS)
-            y_mk = layer(x_BTD)
+            y_mk = layer(x_BTD, **ids)
             y_mk = y_mk[0] if isinstance(y_mk, tuple) else y_mk
+            # per token, whatever shape the block returns them in (ERNIE-VL's blocks: flattened)
+            y_hf, y_mk = y_hf.reshape(-1, cfg.d_model), y_mk.reshape(-1, cfg.d_model)
     finally:
         block.train(modes[0])
         layer.train(modes[1])
@@ -175,7 +226,7 @@ def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> No
     hf = call_router(spec, x_TD)
     if hf is None:
         return  # the block selects: the block probe decides
-    k = round(layer.cfg.router.expected_experts_per_token(layer.cfg.num_experts))
+    k = round(layer.cfg.router.expected_experts_per_token(layer.cfg.router_slots))
     if hf[1].shape[-1] != k:
         raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: its router picks {hf[1].shape[-1]} "
                                     f"experts per token, moekit read {layer.cfg.router.describe()}")
@@ -190,7 +241,7 @@ def _returns(spec: BlockSpec, out, num_tokens: int | None) -> str | None:
     """How the block returns (see HFMoEBlock._as_hf), from its output on the probe (`out`), or, without
     one, from a one-token call (nothing is read on meta tensors: then a plain tensor)."""
     if out is None:
-        weight = next(iter(spec.bank.values()))
+        weight = spec.expert_weight
         if weight.is_meta:
             return None
         x = torch.zeros(1, 1, spec.cfg.d_model, device=weight.device, dtype=weight.dtype)
@@ -198,13 +249,16 @@ def _returns(spec: BlockSpec, out, num_tokens: int | None) -> str | None:
         spec.block.eval()
         try:
             with torch.no_grad(), _eager_experts(spec.experts):
-                out = spec.block(x)
+                out = spec.block(x, **_token_ids(spec, 1))
         finally:
             spec.block.train(was)
         num_tokens = 1
     if isinstance(out, torch.Tensor):
         return None
-    E, K = spec.cfg.num_experts, spec.cfg.router.k
+    E, K = spec.cfg.router_slots, spec.cfg.router.k
+    if isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out) and \
+            tuple(out[0].shape) == (num_tokens * spec.cfg.d_model,) and tuple(out[1].shape) == (num_tokens * E,):
+        return "flat_logits"  # ERNIE-4.5-VL's text and vision blocks: both flattened, for its modality split
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], torch.Tensor):
         shape = tuple(out[1].shape)
         if shape == (num_tokens, E):
@@ -214,6 +268,13 @@ def _returns(spec: BlockSpec, out, num_tokens: int | None) -> str | None:
     raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: it returns "
                                 f"{type(out).__name__} {_shapes(out)}; moekit reproduces a tensor, or a pair "
                                 f"(hidden, router logits (T, E) or chosen weights (T, K))")
+
+
+def _token_ids(spec: BlockSpec, num_tokens: int) -> dict:
+    """{"input_ids": (1, num_tokens)} for a block whose forward takes the token ids (hash routing), else {}."""
+    if "input_ids" not in inspect.signature(spec.block.forward).parameters:
+        return {}
+    return {"input_ids": probe_token_ids(spec, num_tokens, spec.router_weight.device).reshape(1, -1)}
 
 
 def _shapes(out) -> str:

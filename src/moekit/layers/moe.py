@@ -168,13 +168,20 @@ class MoELayer(nn.Module):
         # Chain-of-Experts: iteration t > 0 has a router of its own (arXiv 2506.18945).
         self.chain_routers = nn.ModuleList(router_class(cfg.router.kind)(cfg.router, cfg.d_model, X)
                                            for _ in range(cfg.iterations - 1))
-        act = Activation(cfg.activation, cfg.activation_limit, cfg.activation_alpha, cfg.activation_up_offset)
+        act = Activation(cfg.activation, cfg.activation_limit, cfg.activation_alpha, cfg.activation_up_offset,
+                         clamp_after=cfg.activation_clamp_after,
+                         softcap=None if cfg.activation_softcap_gate is None
+                         else (cfg.activation_softcap_gate, cfg.activation_softcap_up))
         self.experts = ExpertBank(cfg.num_experts, cfg.expert_dim, cfg.d_expert, act)
         # Latent experts: names as transformers' NemotronHMoE, so its Parameters can be shared.
         self.fc1_latent_proj = self.fc2_latent_proj = None
         if cfg.latent_dim is not None:
             self.fc1_latent_proj = nn.Linear(cfg.d_model, cfg.latent_dim, bias=False)
             self.fc2_latent_proj = nn.Linear(cfg.latent_dim, cfg.d_model, bias=False)
+        # A bias on the layer's output, every token's (JetMoE's MoE block).
+        self.output_bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.output_bias else None
+        # An RMSNorm of the layer's output (A.X-K1's post_mlp_layernorm), after the bias.
+        self.output_norm = nn.RMSNorm(cfg.d_model, eps=cfg.output_norm_eps) if cfg.output_norm_eps else None
         # MoE++ constant experts: a vector v_j and a 2-way mixing gate W_c each (arXiv 2410.07348).
         self.constant_vec = self.constant_gate = None
         if cfg.constant_experts:
@@ -182,7 +189,9 @@ class MoELayer(nn.Module):
             self.constant_gate = nn.Parameter(torch.randn(cfg.constant_experts, 2, cfg.d_model) * cfg.d_model**-0.5)
         # MoE++ gating residual: logits += gate_map(previous layer's logits).
         self.gate_map = nn.Linear(X, X, bias=False) if cfg.gating_residual else None
-        self.shared_experts = (SharedExpert(cfg.d_model, cfg.shared_width, cfg.activation)
+        shared_act = cfg.activation if cfg.shared_activation_limit is None else \
+            dataclasses.replace(act, limit=cfg.shared_activation_limit)
+        self.shared_experts = (SharedExpert(cfg.d_model, cfg.shared_width, shared_act)
                                if cfg.num_shared_experts > 0 else None)
         self.shared_expert_gate = (nn.Linear(cfg.d_model, 1, bias=False)
                                    if cfg.num_shared_experts > 0 and cfg.shared_gate else None)
@@ -264,8 +273,9 @@ class MoELayer(nn.Module):
                 # sends each to the bank's expert that now computes it.
                 expert_idx_N = (route.expert_idx_N if self.expert_map_E is None
                                 else self.expert_map_E[route.expert_idx_N])
+                fits_N = None if cfg.expert_capacity is None else self._within_capacity(route, lead_shape)
                 plan = make_plan(route.token_idx_N, expert_idx_N, route.weight_N, self.experts.num_experts,
-                                 capacity_factor)
+                                 capacity_factor, keep_N=fits_N)
                 x_ND, summed = permute(e_in_TD, plan), plan
                 if cfg.weight_on_input:
                     # Llama 4: each expert runs on its weighted input, and outputs are summed unweighted.
@@ -275,6 +285,9 @@ class MoELayer(nn.Module):
                 kept = None if plan.num_dropped == 0 else (plan.token_N, plan.expert_N, plan.weight_N)
                 step_counts_E = plan.counts_E
             else:  # experts on other ranks too; a capacity is decided over the whole expert-parallel group
+                if cfg.expert_capacity is not None:
+                    raise UsageError("MoEConfig.expert_capacity (a per-sequence cap) is not supported with experts "
+                                     "sharded over ranks; use capacity_factor")
                 delta_TD, kept_N = self.expert_dispatch(e_in_TD, route.token_idx_N, route.expert_idx_N,
                                                         route.weight_N, self.experts, capacity_factor)
                 kept = (None if kept_N is None or bool(kept_N.all()) else
@@ -305,6 +318,10 @@ class MoELayer(nn.Module):
             for name, n in zc_counts.items():
                 zero_compute[name] += n
 
+        if self.output_bias is not None:
+            y_TD = y_TD + self.output_bias.to(y_TD.dtype)
+        if self.output_norm is not None:
+            y_TD = self.output_norm(y_TD)
         if aux and self.training and self.aux_loss_coefs is not None:
             total = sum(c * aux[name] for name, c in self.aux_loss_coefs.items() if name in aux)
             if isinstance(total, torch.Tensor) and total.requires_grad:
@@ -325,6 +342,22 @@ class MoELayer(nn.Module):
         if counted:
             tracker.record(self, self._info)
         return y_TD.view(*lead_shape, self.cfg.d_model)
+
+    def _within_capacity(self, route: RouterOutput, lead_shape: torch.Size) -> torch.Tensor:
+        """keep_N: whether each assignment is among the first `expert_capacity` of its expert in its sequence,
+        in token order (Switch Transformers as transformers runs it: cumsum of the one-hot choice over the
+        sequence <= capacity). Sequences are the rows of a (B, T, D) input."""
+        T = route.num_tokens
+        seq_len = lead_shape[-1] if len(lead_shape) == 2 else T
+        X = route.scores_TE.shape[-1]
+        key_N = (route.token_idx_N // seq_len) * X + route.expert_idx_N
+        order_N = torch.argsort(key_N * T + route.token_idx_N)  # by (sequence, expert), then token
+        key_sorted_N = key_N[order_N]
+        counts_K = count_ids(key_sorted_N, (T // seq_len + 1) * X)
+        starts_K = torch.cumsum(counts_K, 0) - counts_K
+        rank_N = torch.empty_like(order_N)
+        rank_N[order_N] = torch.arange(order_N.numel(), device=order_N.device) - starts_K[key_sorted_N]
+        return rank_N < self.cfg.expert_capacity
 
     def iteration_routers(self) -> list[nn.Module]:
         """The router of each Chain-of-Experts iteration (`[self.router]` for a plain layer)."""
@@ -424,7 +457,8 @@ class MoELayer(nn.Module):
         cfg = self.cfg
         arch = "".join(f", {name}={getattr(cfg, name)}" for name, default in (
             ("iterations", 1), ("zero_experts", 0), ("copy_experts", 0), ("constant_experts", 0),
-            ("gating_residual", False), ("latent_dim", None), ("pregated", False)) if getattr(cfg, name) != default)
+            ("gating_residual", False), ("latent_dim", None), ("pregated", False), ("expert_capacity", None),
+            ("output_bias", False), ("output_norm_eps", None)) if getattr(cfg, name) != default)
         return (f"router={cfg.router.kind}({cfg.router.describe()}), E={cfg.num_experts}{arch}, "
                 f"shared={cfg.num_shared_experts}, params={cfg.num_params():,}, "
                 f"active_params={cfg.num_active_params():,}")

@@ -286,6 +286,8 @@ class MoELM(nn.Module):
         cos_Td, sin_Td = rotary_tables(self.cfg, torch.arange(start, start + T, device=input_ids_BT.device))
         x_BTD = self.embed(input_ids_BT)
         router_state = self.cfg.moe.router.initial_state(self.router_shared)
+        if router_state is None and any(m.router.cfg.routes_on_token_ids() for m in self.moe_layers()):
+            router_state = input_ids_BT  # hash routing (moekit.routers.hash) picks experts by token id
         for block in self.layers:
             x_BTD, router_state = block(x_BTD, cos_Td, sin_Td, cache, padding_mask_BT, router_state)
         if cache is not None:

@@ -30,8 +30,7 @@ from moekit.experts import ExpertBank
 from moekit.layers.moe import MoELayer, moe_layers
 from moekit.offload.budget import CachePlan, ExpertShape, hot_keys_from_counts, plan_cache
 from moekit.offload.cache import ExpertCache
-from moekit.offload.store import ExpertStore, _expert_tensors
-from moekit.ops.ffn import hidden
+from moekit.offload.store import ExpertStore, _expert_tensors, bank_format
 from moekit.ops.grouped import compute_dtype
 from moekit.routers.predict import can_predict, predict_experts, priority_order
 
@@ -211,11 +210,11 @@ class OffloadRuntime:
         # The dtype grouped_linear would compute in, decided on the whole forward as it does.
         cdt = compute_dtype(x_ND.dtype, x_ND.device)
         upcast = cdt if cdt != x_ND.dtype and N > 16 * len(active) else None
-        swiglu = self.store.activation == "swiglu"
+        act, lay = self.store.act, self.store.bank_layout
         # Full-size intermediates, filled step by step: each row where the resident forward has it.
-        width = self.store.layout.shapes[0][0]  # 2F (SwiGLU) or F
+        width = 2 * self.store.d_expert if act.gated else self.store.d_expert
         h_NX = x_ND.new_empty(N, width)
-        h_NF = x_ND.new_empty(N, width // 2 if swiglu else width)
+        h_NF = x_ND.new_empty(N, self.store.d_expert)
         quant = self.store.quantization
         for gi, group in enumerate(self.groups(active)):
             weights = self.cache.acquire(layer_idx, group)
@@ -227,9 +226,16 @@ class OffloadRuntime:
                 self._prefetch_next(layer_idx)
             ranges = [(starts[e], ends[e]) for e in group]
             r0, r1 = ranges[0][0], ranges[-1][1]
-            _linear_rows(x_ND, [w[0] for w in weights], ranges, upcast, h_NX)
-            h_NF[r0:r1] = hidden(h_NX[r0:r1], self.store.activation)  # the expert FFN's own activation
-            _linear_rows(h_NF, [w[1] for w in weights], ranges, upcast, y_ND)
+            # (out, in) views of the stored tensors, as ExpertBank.w_in / w_out view its stacks.
+            _linear_rows(x_ND, [w[0].t() if lay.in_transposed else w[0] for w in weights], ranges, upcast, h_NX)
+            if lay.bias:  # ExpertBank adds each row's expert bias before the activation and after down
+                for w, (s, t) in zip(weights, ranges, strict=True):
+                    h_NX[s:t] += w[2]
+            h_NF[r0:r1] = act(h_NX[r0:r1])  # the expert FFN's own activation (clamps, interleaving)
+            _linear_rows(h_NF, [w[1].t() if lay.out_transposed else w[1] for w in weights], ranges, upcast, y_ND)
+            if lay.bias:
+                for w, (s, t) in zip(weights, ranges, strict=True):
+                    y_ND[s:t] += w[3]
             self.cache.end_step(layer_idx)
         return y_ND
 
@@ -259,7 +265,8 @@ def _release_bank(layer: MoELayer, bank: nn.Module) -> None:
         for name, b in list(bank._buffers.items()):
             bank._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device="meta")
         return
-    tensors = [t for t in (bank.gate_up_proj, bank.up_proj, bank.down_proj) if t is not None]
+    tensors = [t for t in (bank.gate_up_proj, bank.gate_proj, bank.up_proj, bank.down_proj, bank.in_proj_bias,
+                           bank.down_proj_bias) if t is not None]
     ids = {id(t) for t in tensors}
     owners = [bank]
     original = getattr(layer, "original", None)
@@ -305,6 +312,7 @@ def expert_shape(model: nn.Module) -> ExpertShape:
     if not isinstance(bank, ExpertBank | QuantizedExpertBank):
         raise ValueError(f"expert_shape: the model's experts are {type(bank).__name__}, not an ExpertBank "
                          "(is it already offloaded?)")
+    bank_format(bank)  # refuses a bank the store cannot hold, before anything is written
     sizes_LE = tuple(tuple(sum(t.numel() * t.element_size() for t in _expert_tensors(m.experts, e))
                            for e in range(m.experts.num_experts)) for m in layers)
     counts = [len(row) for row in sizes_LE]

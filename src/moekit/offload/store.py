@@ -1,13 +1,18 @@
 """The expert store: every routed expert of every MoE layer on disk, readable one expert at a time.
 
 Format "moekit-expert-store" version 1, version 2 for quantised experts (moekit.compress: per-tensor
-dtypes, uint8 codes and fp32 scales, one width per store) and version 3 for experts of different sizes
-(mixed widths: per-expert formats and `expert_nbytes`) or merged layers (per-layer `expert_map`, router
-expert -> stored expert); layers may hold different expert counts (`experts_per_layer`, moekit.compress
-pruning per layer); docs/offload.md is the specification. A directory:
+dtypes, uint8 codes and fp32 scales, one width per store), version 3 for experts kept in a pretrained
+bank's own format (a wrapped gpt-oss or Llama 4: transposed stacks, interleaved gate/up columns,
+per-expert biases, clamped SwiGLU; "layout" and "activation_params" keys) and version 4 for experts of
+different sizes (mixed widths: per-expert formats and `expert_nbytes`) or merged layers (per-layer
+`expert_map`, router expert -> stored expert; moekit's own layout only); layers may hold different
+expert counts (`experts_per_layer`, moekit.compress pruning per layer); docs/offload.md is the
+specification. A directory:
 
     manifest.json            format, version, shapes, dtype, byte ranges and a sha256 per expert
-    layer-000.safetensors    MoE layer 0: tensors e0.gate_up, e0.down, e1.gate_up, ... (or e{i}.up for GELU)
+    layer-000.safetensors    MoE layer 0: tensors e0.gate_up, e0.down, e1.gate_up, ... (e{i}.up: non-gated;
+                             version 3: as the bank stores them, transposed or interleaved, then
+                             e{i}.in_bias, e{i}.down_bias)
     layer-001.safetensors    ...
     dense.safetensors        moekit models only: every other weight, so that the model can be built
                              without ever materialising its experts (`load_dense_lm`)
@@ -19,7 +24,7 @@ stores are still read.
 
 Each layer file is a valid safetensors file (any safetensors reader opens it) written in expert
 order, so that one expert's tensors are one contiguous byte range: expert e of layer l is the
-`expert_nbytes` bytes (version 3: `layers[l].expert_nbytes[e]`) at `layers[l].experts[e].offset` of the layer's file, gate_up (or up) first
+`expert_nbytes` bytes (version 4: `layers[l].expert_nbytes[e]`) at `layers[l].experts[e].offset` of the layer's file, gate_up (or up) first
 and down second. The header is padded with spaces so that the data starts on a 4096-byte boundary
 (experts then start page-aligned whenever expert_nbytes is a multiple of 4096). The per-expert
 sha256 covers exactly that byte range.
@@ -38,8 +43,10 @@ Legend: L MoE layers, E experts per layer, D model dim, F expert hidden dim, S_e
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -53,7 +60,9 @@ from torch import nn
 
 from moekit.errors import DataError, NotOwnedError
 from moekit.experts import ExpertBank
+from moekit.experts.bank import ExpertLayout as BankLayout
 from moekit.layers.moe import MoELayer, moe_layer_names, moe_layers
+from moekit.ops.ffn import ACTIVATIONS, Activation
 from moekit.utils.io import (
     MARKER,
     TMP_TAG,
@@ -64,13 +73,15 @@ from moekit.utils.io import (
     sha256_file,
 )
 
-__all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "check_store_target", "temporary_store_dir",
-           "write_store"]
+__all__ = ["FORMAT", "VERSION", "ExpertStore", "ExpertStoreError", "bank_format", "check_store_target",
+           "store_activation", "temporary_store_dir", "write_store"]
 
 FORMAT = "moekit-expert-store"
 VERSION = 1
 QUANTIZED_VERSION = 2  # stores of quantised experts (moekit.compress): per-tensor dtypes and a "quantization" key
-MIXED_VERSION = 3  # experts of different sizes (mixed widths) and merged layers: per-expert formats and sizes
+LAYOUT_VERSION = 3  # experts stored as a pretrained bank holds them: "layout" and "activation_params" keys
+MIXED_VERSION = 4  # experts of different sizes (mixed widths) and merged layers: per-expert formats and sizes
+VERSIONS = (VERSION, QUANTIZED_VERSION, LAYOUT_VERSION, MIXED_VERSION)
 MANIFEST = "manifest.json"
 DENSE = "dense.safetensors"
 _ALIGN = 4096  # data start of every layer file: page-aligned expert reads
@@ -86,11 +97,11 @@ class ExpertStoreError(DataError, RuntimeError):
     """A store that cannot be used: missing, another format or version, truncated, or corrupted."""
 
 
-def _tensor_names(activation: str, quantization: dict | None = None) -> tuple[str, ...]:
-    first = "gate_up" if activation == "swiglu" else "up"
+def _tensor_names(gated: bool, quantization: dict | None = None, bias: bool = False) -> tuple[str, ...]:
+    first = "gate_up" if gated else "up"
     if quantization:  # group-wise int codes and their fp32 scales (moekit.compress.quantize)
         return (f"{first}.q", f"{first}.scale", "down.q", "down.scale")
-    return (first, "down")
+    return (first, "down", "in_bias", "down_bias") if bias else (first, "down")
 
 
 def _is_quantized(bank: nn.Module) -> bool:
@@ -117,11 +128,54 @@ def _quantization(bank: nn.Module, layer: int) -> dict | None:
     return {"bits": widths[0], "group_size": bank.group_size}
 
 
+def bank_format(bank: nn.Module, layer: int = 0) -> dict[str, Any]:
+    """How a bank's experts are stored and computed, as the manifest records it (version 3 keys): its
+    `layout` (transposed stacks, interleaved gate/up columns, per-expert biases: moekit.experts.ExpertLayout)
+    and `activation_params` (the clamped SwiGLU's limit, alpha, up offset). ValueError for what the store
+    does not hold: separate gate/up stacks or flat 2-D stacks (DBRX)."""
+    if _is_quantized(bank):
+        return {"layout": dict(_PLAIN["layout"]), "activation_params": _activation_params(Activation(bank.activation))}
+    lay = bank.layout
+    if lay.split or lay.flat:
+        raise ValueError(f"write_store: MoE layer {layer}'s experts are stored as {lay.describe()} stacks (DBRX), "
+                         "which the expert store does not hold; expected one gate_up (or up) and one down stack")
+    # Any other storage option (a layout field this store format does not know) is refused, not ignored.
+    # Spare rows past the E experts (LongCat-Flash) are never read: rows 0..E-1 are the experts, stored as usual.
+    unknown = [f.name for f in dataclasses.fields(lay) if f.name not in (*_LAYOUT_FIELDS, "split", "flat", "spare")
+               and getattr(lay, f.name)]
+    if unknown:
+        raise ValueError(f"write_store: MoE layer {layer}'s experts are stored with {', '.join(unknown)} "
+                         f"({lay.describe()}), which the expert store does not hold")
+    return {"layout": {f: getattr(lay, f) for f in _LAYOUT_FIELDS}, "activation_params": _activation_params(bank.act)}
+
+
+_LAYOUT_FIELDS = ("in_transposed", "out_transposed", "interleaved", "bias")  # what a version-3 store records
+
+
+def _activation_params(act: Activation) -> dict[str, Any]:
+    return {"limit": act.limit, "alpha": act.alpha, "up_offset": act.up_offset, "clamp_after": act.clamp_after}
+
+
+_PLAIN = {"layout": {f: False for f in _LAYOUT_FIELDS}, "activation_params": _activation_params(Activation())}
+
+
+def store_activation(m: dict[str, Any]) -> Activation:
+    """The experts' Activation a manifest records (version 3: with its clamp settings and interleaving)."""
+    params = m.get("activation_params") or _PLAIN["activation_params"]
+    interleaved = bool((m.get("layout") or {}).get("interleaved", False))
+    return Activation(m["activation"], params["limit"], params["alpha"], params["up_offset"], interleaved,
+                      bool(params.get("clamp_after", False)))
+
+
 def _expert_tensors(bank: nn.Module, e: int) -> list[torch.Tensor]:
+    """Expert e's tensors as the bank stores them (views: transposed stacks stay transposed, biases last)."""
     if _is_quantized(bank):
         return [getattr(bank, f"{n}{e}") for n in ("w_in_q", "w_in_s", "down_q", "down_s")]
-    first = bank.gate_up_proj if bank.activation == "swiglu" else bank.up_proj
-    return [first[e], bank.down_proj[e]]
+    first = bank.gate_up_proj if bank.act.gated else bank.up_proj
+    tensors = [first[e], bank.down_proj[e]]
+    if bank.layout.bias:
+        tensors += [bank.in_proj_bias[e], bank.down_proj_bias[e]]
+    return tensors
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
@@ -137,6 +191,7 @@ def _write_layer_file(path: Path, bank: nn.Module, layer: int) -> dict[str, Any]
     """One layer's experts as a safetensors file in expert order, each expert in its own format (its
     width, moekit.compress) and size; returns the manifest entry."""
     bits_E = _expert_bits(bank)
+    bias = bank_format(bank, layer)["layout"]["bias"]
     E = bank.num_experts
     formats: dict[str, tuple] = {}  # name -> (tensor names, shapes, dtypes, sizes)
     for e in range(E):
@@ -149,7 +204,7 @@ def _write_layer_file(path: Path, bank: nn.Module, layer: int) -> dict[str, Any]
                 raise ValueError(f"write_store: expert dtype {t.dtype} is not supported; expected one of "
                                  f"{sorted(str(x) for x in _ST_DTYPES)}")
         q = None if bits_E[e] is None else {"bits": bits_E[e], "group_size": bank.group_size}
-        formats[name] = (_tensor_names(bank.activation, q), [tuple(t.shape) for t in ts], [t.dtype for t in ts],
+        formats[name] = (_tensor_names(Activation(bank.activation).gated, q, bias), [tuple(t.shape) for t in ts], [t.dtype for t in ts],
                          [t.numel() * t.element_size() for t in ts])
     nbytes_E = [sum(formats[_format_name(b)][3]) for b in bits_E]
     header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "version": str(VERSION), "layer": str(layer)}}
@@ -232,6 +287,15 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
         if not isinstance(bank, ExpertBank) and not _is_quantized(bank):
             raise ValueError(f"write_store: MoE layer {i} holds {type(bank).__name__}, not an ExpertBank with its "
                              "weights (is the model already offloaded?)")
+        if getattr(getattr(bank, "act", None), "softcap", None) is not None:
+            raise ValueError(f"write_store: MoE layer {i}'s experts use a softcapped SwiGLU ({bank.act.describe()}), which "
+                             "the store's activation name cannot express")
+        if getattr(getattr(bank, "layout", None), "listed", False):
+            raise ValueError(f"write_store: MoE layer {i}'s experts are separate modules (ExpertLayout(listed=True), "
+                             "e.g. a wrapped Switch Transformers model), which the store cannot express")
+        if bank_format(bank, i) != bank_format(layers[0].experts):
+            raise ValueError(f"write_store: MoE layer {i} stores or computes its experts otherwise than layer 0 "
+                             f"({bank_format(bank, i)} vs {bank_format(layers[0].experts)}); the store holds one format")
         if any(t.is_meta for t in _expert_tensors(bank, 0)):
             raise ValueError(f"write_store: MoE layer {i}'s expert weights are on the meta device (not loaded)")
         banks.append(bank)
@@ -243,10 +307,14 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
     groups = {bank.group_size for bank in banks if _is_quantized(bank)}
     if len(groups) > 1:
         raise ValueError(f"write_store: MoE layers use different quantisation group sizes {sorted(groups)}")
-    # Version 3 when experts differ in size (mixed widths) or layers were merged; else the older versions,
-    # which older moekits read.
+    # Version 4 when experts differ in size (mixed widths) or layers were merged, 3 for a pretrained bank's own
+    # layout; else the older versions, which older moekits read.
+    fmt = bank_format(banks[0])
     version = MIXED_VERSION if len(widths) > 1 or any(m is not None for m in maps) else (
-        VERSION if None in widths else QUANTIZED_VERSION)
+        QUANTIZED_VERSION if None not in widths else VERSION if fmt == _PLAIN else LAYOUT_VERSION)
+    if version == MIXED_VERSION and fmt != _PLAIN:
+        raise ValueError(f"write_store: mixed-width or merged experts in a bank's own layout ({fmt}) are not held; "
+                         "version-4 stores hold moekit's standard layout only")
     check_store_target(out_dir)
     with atomic_dir(out_dir, KIND, "write_store") as tmp:
         entries = [_write_layer_file(tmp / f"layer-{i:03d}.safetensors", bank, i) for i, bank in enumerate(banks)]
@@ -272,7 +340,7 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
         layer_entries = []
         for ent, name, m in zip(entries, moe_layer_names(model), maps, strict=True):
             e = {k: v for k, v in ent.items() if not k.startswith("_")} | {"name": name}
-            if version != MIXED_VERSION:  # versions 1 and 2: one format, one size
+            if version != MIXED_VERSION:  # versions 1 to 3: one format, one size
                 del e["expert_nbytes"]
                 e["experts"] = [{k: v for k, v in x.items() if k != "format"} for x in e["experts"]]
             elif m is not None:
@@ -285,6 +353,7 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
             "dtype": specs[big]["tensors"][0]["dtype"],
             "expert_nbytes": specs[big]["expert_nbytes"],
             "tensors": specs[big]["tensors"],
+            **(fmt if version == LAYOUT_VERSION else {}),
             "layers": layer_entries,
             "dense": dense,
             "source": source or {},
@@ -355,9 +424,9 @@ def _check_manifest(m: Any, man_path: Path) -> None:
         raise bad(f"holds a JSON {type(m).__name__}, expected an object")
     if m.get("format") != FORMAT:
         raise ExpertStoreError(f"{man_path}: format {m.get('format')!r}, expected {FORMAT!r}")
-    if m.get("version") not in (VERSION, QUANTIZED_VERSION, MIXED_VERSION):
-        raise ExpertStoreError(f"{man_path}: version {m.get('version')!r}, this moekit reads versions {VERSION}, "
-                               f"{QUANTIZED_VERSION} and {MIXED_VERSION}")
+    if m.get("version") not in VERSIONS:
+        raise ExpertStoreError(f"{man_path}: version {m.get('version')!r}, this moekit reads versions "
+                               f"{', '.join(map(str, VERSIONS))}")
     version = m["version"]
     quant = m.get("quantization")
     if version != MIXED_VERSION and (quant is not None) != (version == QUANTIZED_VERSION):
@@ -367,24 +436,39 @@ def _check_manifest(m: Any, man_path: Path) -> None:
     E = need(m, "num_experts", *positive)
     D = need(m, "d_model", *positive)
     F = need(m, "d_expert", *positive)
-    activation = need(m, "activation", lambda v: isinstance(v, str), "a string")
-    need(m, "dtype", lambda v: v in _TORCH_DTYPES, f"one of {sorted(_TORCH_DTYPES)}")
-    S = need(m, "expert_nbytes", *positive)
-    X = 2 * F if activation == "swiglu" else F
+    activation = need(m, "activation", lambda v: v in ACTIVATIONS, f"one of {ACTIVATIONS}")
     G = None
+    dtype = _TORCH_DTYPES[need(m, "dtype", lambda v: v in _TORCH_DTYPES, f"one of {sorted(_TORCH_DTYPES)}")]
+    S = need(m, "expert_nbytes", *positive)
+    layout = {f: False for f in _LAYOUT_FIELDS}
+    if m["version"] == LAYOUT_VERSION:
+        lay = need(m, "layout", lambda v: isinstance(v, dict) and set(v) == set(_LAYOUT_FIELDS)
+                   and all(isinstance(x, bool) for x in v.values()), f"an object of booleans {_LAYOUT_FIELDS}")
+        layout.update(lay)
+        params = need(m, "activation_params", lambda v: isinstance(v, dict)
+                      and {"limit", "alpha", "up_offset"} <= set(v) <= {"limit", "alpha", "up_offset", "clamp_after"},
+                      "an object with limit, alpha, up_offset (and clamp_after)")
+        try:
+            store_activation(m)
+        except (TypeError, ValueError) as e:
+            raise bad(f"activation {activation!r} with {params} is not one moekit computes ({e})") from e
+    gated = Activation(activation).gated
+    X = 2 * F if gated else F
     if quant is not None:
         G = need(quant, "group_size", lambda v: _is_int(v, 1) and D % v == 0 and F % v == 0,
                  "a divisor of d_model and d_expert", "quantization.")
 
     def check_tensors(tensors: Any, bits: int | None, where: str) -> int:
         """The bytes of one expert of a format, after checking its tensor entries."""
-        if bits is None:
-            dtype = _TORCH_DTYPES[m["dtype"]]
-            shapes, dtypes = ([X, D], [D, F]), (dtype, dtype)
+        if bits is None:  # version 3: as the bank stores them (transposed, biases); else [X, D] and [D, F]
+            shapes = ([D, X] if layout["in_transposed"] else [X, D], [F, D] if layout["out_transposed"] else [D, F])
+            if layout["bias"]:
+                shapes += ([X], [D])
+            dtypes = (dtype,) * len(shapes)
         else:
             shapes = ([X, D * bits // 8], [X, D // G], [D, F * bits // 8], [D, F // G])
             dtypes = (torch.uint8, torch.float32, torch.uint8, torch.float32)
-        names = _tensor_names(activation, None if bits is None else {"bits": bits})
+        names = _tensor_names(gated, None if bits is None else {"bits": bits}, layout["bias"])
         if not (isinstance(tensors, list) and len(tensors) == len(names)):
             raise bad(f"{where}tensors is {tensors!r}, expected a list of {len(names)} tensor entries")
         offset = 0
@@ -393,7 +477,7 @@ def _check_manifest(m: Any, man_path: Path) -> None:
             need(t, "name", lambda v, n=name: v == n, repr(name), at)
             need(t, "shape", lambda v, s=shape: v == s, f"{shape} (from d_model, d_expert and activation)", at)
             need(t, "offset", lambda v, o=offset: v == o, f"{offset} (tensors are contiguous)", at)
-            nbytes = torch.empty((), dtype=d).element_size() * shape[0] * shape[1]
+            nbytes = torch.empty((), dtype=d).element_size() * math.prod(shape)
             need(t, "nbytes", lambda v, n=nbytes: v == n, f"{nbytes} (shape x dtype size)", at)
             offset += nbytes
         return offset
@@ -513,13 +597,16 @@ class ExpertStore:
         self.num_experts: int = m["num_experts"]  # the largest layer's (experts_per_layer: each layer's)
         self.experts_per_layer: list[int] = m.get("experts_per_layer", [self.num_experts] * self.num_layers)
         self.activation: str = m["activation"]
+        # How the experts are computed and stored (version 3: a pretrained bank's own format; else moekit's).
+        self.act: Activation = store_activation(m)
+        self.bank_layout = BankLayout(**(m.get("layout") or _PLAIN["layout"]))
         self.d_model: int = m["d_model"]
         self.d_expert: int = m["d_expert"]
         self.expert_nbytes: int = m["expert_nbytes"]
         self.dtype: torch.dtype = _TORCH_DTYPES[m["dtype"]]
         # {"bits", "group_size"} of a store of quantised experts (moekit.compress), else None.
         self.quantization: dict | None = m.get("quantization")
-        # Each expert format (version 3: "dense", "int4", "int8", ...; older stores one) as an ExpertLayout.
+        # Each expert format (version 4: "dense", "int4", "int8", ...; older stores one) as an ExpertLayout.
         specs = m.get("formats") or {_format_name(None if self.quantization is None else self.quantization["bits"]):
                                      {"tensors": m["tensors"], "expert_nbytes": self.expert_nbytes}}
         self.layouts: dict[str, ExpertLayout] = {}
@@ -692,6 +779,13 @@ class ExpertStore:
                                        f"{'merged' if self.expert_maps[i] is not None else 'not merged'} in the store "
                                        f"(expert map {self.expert_maps[i]}), the model's map is {mine_map}")
             bank = layer.experts
+            fmt = bank_format(bank, i)
+            mine = (fmt["layout"], fmt["activation_params"])
+            theirs = ({f: getattr(self.bank_layout, f) for f in _LAYOUT_FIELDS}, _activation_params(self.act))
+            if mine != theirs:
+                raise ExpertStoreError(f"expert store {self.path} holds experts stored as {theirs[0]} with activation "
+                                       f"{self.act.describe()}, MoE layer {i} of the model has {mine[0]}, "
+                                       f"{bank.act.describe() if hasattr(bank, 'act') else bank.activation}")
             if any(t.is_meta for t in _expert_tensors(bank, 0)):
                 continue  # a model built without its experts (load_dense_lm): the store says what they are
             mine = _expert_bits(bank)

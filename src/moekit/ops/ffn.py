@@ -12,7 +12,11 @@ Activations (`Activation.name`):
 A gated activation may also carry gpt-oss's clamped SwiGLU settings (openai/gpt-oss,
 `gpt_oss/torch/model.py` `swiglu`): gate.clamp(max=limit), up.clamp(-limit, limit), the gate's SiLU
 as gate * sigmoid(alpha * gate), and (up + up_offset) — limit 7, alpha 1.702, up_offset 1 there;
-limit alone is DeepSeek-V4's clamped SiLU.
+limit alone is DeepSeek-V4's clamped SiLU; with `clamp_after` the gate's clamp comes after its
+activation, min(act(gate), limit) (Step-3.7's `Step3p7Experts._apply_gate`, its checkpoint's layers 43-44).
+A SwiGLU may instead carry Inkling2's softcaps (c_g, c_u):
+c_g tanh(gate / c_g) * sigmoid(gate) * c_u tanh(up / c_u), computed in fp32 (transformers' inkling2
+`Inkling2SoftcappedSwiGLU`).
 
 Used by the routed experts (`moekit.experts.ExpertBank`, through the grouped GEMM), the reference
 loop (`moekit.ops.reference`, through plain `F.linear`), the shared expert and offloaded experts
@@ -48,13 +52,16 @@ _FN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class Activation:
     """An expert's activation: `name` (one of ACTIVATIONS) and, for gated ones, gpt-oss's clamp
     settings (module doc): `limit` (None: no clamp), `alpha` (SwiGLU only; 1 is SiLU) and `up_offset`.
-    `interleaved`: the projection's gate and up columns alternate (gpt-oss) instead of [gate; up]."""
+    `interleaved`: the projection's gate and up columns alternate (gpt-oss) instead of [gate; up].
+    `clamp_after`: the gate is clamped after its activation (Step-3.7), not before (gpt-oss)."""
 
     name: str = "swiglu"
     limit: float | None = None
     alpha: float = 1.0
     up_offset: float = 0.0
     interleaved: bool = False
+    clamp_after: bool = False
+    softcap: tuple[float, float] | None = None  # (gate c, up c): Inkling2's softcapped SwiGLU (module doc)
 
     def __post_init__(self):
         if self.name not in ACTIVATIONS:
@@ -62,8 +69,13 @@ class Activation:
         if not self.gated and (self.limit is not None or self.alpha != 1.0 or self.up_offset or self.interleaved):
             raise ValueError(f"expert activation {self.name!r} is not gated: limit, alpha, up_offset and "
                              "interleaved apply to gated activations only")
+        if self.clamp_after and self.limit is None:
+            raise ValueError("clamp_after=True needs a limit (the clamp it places after the activation)")
         if self.alpha != 1.0 and self.name != "swiglu":
             raise ValueError(f"alpha={self.alpha} applies to 'swiglu' only, not {self.name!r}")
+        if self.softcap is not None and (self.name != "swiglu" or self.limit is not None or self.alpha != 1.0
+                                         or self.up_offset or min(self.softcap) <= 0):
+            raise ValueError(f"softcap={self.softcap} applies to a plain 'swiglu' only, with two caps > 0")
 
     @property
     def gated(self) -> bool:
@@ -81,25 +93,34 @@ class Activation:
 
     def glu(self, gate_NF: torch.Tensor, up_NF: torch.Tensor) -> torch.Tensor:
         """act(gate) * up, with the clamp settings (a gated activation)."""
+        if self.softcap is not None:  # c_g tanh(g / c_g) * sigmoid(g) * c_u tanh(u / c_u), in fp32
+            (c_g, c_u), dtype = self.softcap, gate_NF.dtype
+            g, u = gate_NF.float(), up_NF.float()
+            return (torch.tanh(g / c_g) * c_g * torch.sigmoid(g) * (torch.tanh(u / c_u) * c_u)).to(dtype)
         if self.limit is not None:
-            gate_NF = gate_NF.clamp(max=self.limit)
+            if not self.clamp_after:
+                gate_NF = gate_NF.clamp(max=self.limit)
             up_NF = up_NF.clamp(min=-self.limit, max=self.limit)
         if self.alpha != 1.0:
             a_NF = gate_NF * torch.sigmoid(self.alpha * gate_NF)
         else:
             a_NF = _FN[self.name](gate_NF)
+        if self.clamp_after:
+            a_NF = a_NF.clamp(max=self.limit)
         return a_NF * (up_NF + self.up_offset) if self.up_offset else a_NF * up_NF
 
     def describe(self) -> str:
         parts = [self.name]
         if self.limit is not None:
-            parts.append(f"limit={self.limit:g}")
+            parts.append(f"limit={self.limit:g}{' after act' if self.clamp_after else ''}")
         if self.alpha != 1.0:
             parts.append(f"alpha={self.alpha:g}")
         if self.up_offset:
             parts.append(f"up+{self.up_offset:g}")
         if self.interleaved:
             parts.append("interleaved")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap[0]:g}/{self.softcap[1]:g}")
         return " ".join(parts)
 
 

@@ -39,6 +39,14 @@ PATHS = ("kernel", "loop", "masked")
 STAGES = ("forward", "dx", "dw")
 
 _forced: str | None = None
+# CPU: the kernel runs a GEMM over `rows` assignments when rows * this >= E (see `_use_kernel`). Measured
+# with moekit.bench.timing (round-robin, thread CPU time, one thread, 2-vCPU AVX2 EPYC), both GEMMs of
+# an expert FFN, kernel / loop time: D=256 F=512 E=16 (the benchmarks/hf.py shape) 0.91-0.96 at 4..256
+# rows (decode and prefill alike); E=64: 1.11 at 4 rows, 0.99 at 8, 0.95 at 16; E=128: 1.67 at 4, 1.23
+# at 8, 1.06 at 16, 0.97 at 32. D=64 F=128: E=32 1.21 at 4, 0.95 at 8; E=128 1.97 at 8, 0.99 at 32;
+# E=8 0.65-0.95 at every count. D=F=1024: E=128 1.07 at 4, 1.00 at 8, 0.97 at 16. bf16 (emulated) alike.
+# The previous rule (the kernel from 4 rows per expert: 16 times as many) ran the slower loop when decoding.
+CPU_KERNEL_ROWS_PER_EXPERT = 4
 _recorders: list[collections.Counter] = []
 
 
@@ -157,10 +165,10 @@ def _use_kernel(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_exp
             _warn_loop_fallback(refusal)
         use = False
     elif a.device.type == "cpu":
-        # NOTE: the CPU kernel runs one mm per group, empty groups included (~12 us each), so
-        # with few rows per expert (decoding: T*k rows over E experts) the loop over non-empty
-        # groups is faster; with many rows both run the same mm calls. A shape test: no sync.
-        use = rows >= 4 * num_experts
+        # A shape test (no sync): the kernel unless the rows are so few against E that its fixed cost per
+        # group, empty ones included (~5 us each, measured), outweighs what it saves over the loop's
+        # Python-side mm per non-empty group (the kernel ran 4-35% faster whenever rows >= E/4).
+        use = rows * CPU_KERNEL_ROWS_PER_EXPERT >= num_experts
     else:
         use = True
     return use
@@ -222,6 +230,10 @@ def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Ten
     out_dtype = x_NI.dtype
     cdt = compute_dtype(out_dtype, x_NI.device)
     if cdt == out_dtype:
+        if not (torch.is_grad_enabled() and (x_NI.requires_grad or w_EOI.requires_grad)):
+            # Inference: _GroupedLinear.forward's GEMM without the autograd Function around it (~30 us a
+            # call on CPU, which decoding pays twice per MoE layer and token step).
+            return _mm("forward", x_NI, w_EOI.transpose(-2, -1), offsets_E)
         return _GroupedLinear.apply(x_NI, w_EOI, offsets_E)
     if torch.compiler.is_compiling():  # no data-dependent subset of experts under tracing
         return _GroupedLinear.apply(x_NI.to(cdt), w_EOI.to(cdt), offsets_E).to(out_dtype)

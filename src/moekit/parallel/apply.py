@@ -115,6 +115,8 @@ class ExpertParallelModel:
         self.expert_params: list[tuple[str, nn.Parameter, int]] = []
         for i, (name, layer) in enumerate(zip(names, self.layers, strict=True)):
             prefix = "" if layer is model else f"{name}."
+            if isinstance(layer.experts, ExpertBank):
+                layer.experts.require_standard("expert parallelism")
             for p_name in _BANK_PARAMS:
                 p = getattr(layer.experts, p_name, None)
                 if p is not None:

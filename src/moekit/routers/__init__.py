@@ -5,7 +5,17 @@ registers them together: `@register("name", config=NameConfig)`. Adding a router
 name in the import list below.
 """
 
-from moekit.routers import expert_choice, null, random, recurrent, remoe, topk, topp  # noqa: F401  (registration side effect)
+from moekit.routers import (  # noqa: F401  (registration side effect)
+    expert_choice,
+    hash,
+    null,
+    random,
+    recurrent,
+    remoe,
+    sparsemixer,
+    topk,
+    topp,
+)
 from moekit.routers.base import RouteExtras, Router, RouterOutput, StepCounts
 from moekit.routers.recurrent import RecurrentState
 from moekit.routers.registry import register, registered_routers, router_class

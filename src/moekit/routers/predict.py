@@ -31,8 +31,9 @@ __all__ = ["can_predict", "predict_experts", "predict_route", "priority_order"]
 
 
 def can_predict(router: Router) -> bool:
-    """Whether `router` can predict a token's experts from its hidden state alone."""
-    return not router.cfg.carries_state()
+    """Whether `router` can predict a token's experts from its hidden state alone (not a router that reads a
+    state from the previous layer, nor one that routes on the token ids)."""
+    return not router.cfg.carries_state() and not router.cfg.routes_on_token_ids()
 
 
 @torch.no_grad()

@@ -183,5 +183,5 @@ class RecurrentRouter(Router):
         return {}
 
     def balance_probs(self, route: RouterOutput) -> torch.Tensor:
-        # P averages probabilities: sigmoid scores are normalised per token first (Megatron-LM).
-        return losses.token_normalized(route.scores_TE) if self.cfg.score == "sigmoid" else route.scores_TE
+        # P averages probabilities: sigmoid (and sqrt-softplus) scores are normalised per token first (Megatron-LM).
+        return losses.token_normalized(route.scores_TE) if self.cfg.score != "softmax" else route.scores_TE

@@ -3,13 +3,17 @@
 Legend: T tokens, D model dim, E experts, K experts per token, G groups.
 
 Stages:
-  1. scores_TE = softmax(logits) or sigmoid(logits)                 (fp32)
-  2. selection scores = scores + bias_E (aux-loss-free balancing; selection only); expert masks:
-     disabled -> -inf, forced -> +inf (on the biased scores, as DeepSeek-V3 needs)
-  3. group-limited selection: keep `topk_group` of `n_group` groups   (DeepSeek-V3)
+  1. scores_TE = softmax(logits), sigmoid(logits) or sqrt(softplus(logits))  (fp32; the last is DeepSeek-V4's)
+  2. selection scores = scores + bias_E (aux-loss-free balancing; selection only; `selection_bias_on="logits"`:
+     logits + bias_E, Kolibri-1); expert masks: disabled -> -inf, forced -> +inf (on the biased scores, as
+     DeepSeek-V3 needs)
+  3. group-limited selection: keep `topk_group` of `n_group` groups, a group scored by its best expert
+     (DeepSeek-V2) or its best two (DeepSeek-V3; `group_score`)
   4. top-k on the selection scores
   5. combine weights from the *unbiased* scores, renormalised if `cfg.normalizes()` (default: for
-     k > 1 only; k = 1 keeps the raw probability, as Switch Transformer), times `routed_scaling_factor`.
+     k > 1 only; k = 1 keeps the raw probability, as Switch Transformer) by their p-norm
+     (`normalize_p`; 1 = their sum; DBRX) clamped below at `normalize_min` (ERNIE 4.5), times
+     `routed_scaling_factor`.
 The selection bias is an fp32 buffer that stays fp32 when the module is cast (see `Router`).
 Balance losses count the plain top-k of the unbiased scores (no bias, no group limit), as
 Megatron-LM's `compute_routing_scores_for_aux_loss` and DeepSeek-V3 eq. 18 do.
@@ -27,16 +31,24 @@ from moekit.config import RouterConfig, require, setting
 from moekit.routers.base import Router, RouterOutput, StepCounts, warn_if_k1_normalized
 from moekit.routers.registry import register
 
-SCORES = ("softmax", "sigmoid")
+SCORES = ("softmax", "sigmoid", "sqrtsoftplus")
+GROUP_SCORES = ("max", "top2_sum")
+BIAS_ON = ("scores", "logits")
 
 
 @dataclass
 class TopKConfig(RouterConfig):
     """Top-k routing (the Mixtral / OLMoE / Qwen / DeepSeek family).
 
-    k experts per token; score "softmax"|"sigmoid"; normalize: renormalise the chosen weights
-    (transformers' `norm_topk_prob`; None = the rule's default, see `normalizes()`);
-    routed_scaling_factor; n_group/topk_group: group-limited selection (DeepSeek-V2/V3);
+    k experts per token; score "softmax"|"sigmoid"|"sqrtsoftplus" (DeepSeek-V4); normalize: renormalise
+    the chosen weights (transformers' `norm_topk_prob`; None = the rule's default, see `normalizes()`),
+    dividing by their p-norm (`normalize_p`, DBRX's `moe_normalize_expert_weights`; 1 = their sum)
+    clamped below at `normalize_min` (ERNIE 4.5's `moe_norm_min`; 0 = no clamp);
+    routed_scaling_factor; n_group/topk_group: group-limited selection (DeepSeek-V2/V3), a group scored
+    by `group_score` ("max" of its experts, DeepSeek-V2; "top2_sum" of its best two, DeepSeek-V3 and
+    Mistral 4; None = "max" for softmax scores, "top2_sum" otherwise);
+    selection_bias_on: where the selection bias is added, to the "scores" (DeepSeek-V3) or the "logits"
+    (Kolibri-1; the weights stay the unbiased scores either way);
     bias_update_rate: gamma of aux-loss-free balancing (0 disables the bias); bias_recenter: keep
     sum(bias) = 0.
     """
@@ -49,6 +61,13 @@ class TopKConfig(RouterConfig):
     routed_scaling_factor: float = setting(1.0, "multiply the routed experts' weights by this (DeepSeek-V3)")
     n_group: int = setting(1, "expert groups for group-limited selection (DeepSeek-V2/V3; 1 = off)")
     topk_group: int = setting(1, "groups a token may pick its experts from")
+    group_score: str | None = setting(None, "a group's score: its best expert (max) or best two (top2_sum); "
+                                      "None = max for softmax scores, top2_sum otherwise",
+                                      choices=(None, *GROUP_SCORES))
+    normalize_p: float = setting(1.0, "renormalise by the chosen weights' p-norm (1 = their sum; DBRX)")
+    normalize_min: float = setting(0.0, "clamp the renormalising denominator below at this (ERNIE 4.5; 0 = off)")
+    selection_bias_on: str = setting("scores", "add the selection bias to the scores or to the logits "
+                                     "(Kolibri-1)", choices=BIAS_ON)
     bias_update_rate: float = setting(0.0, "gamma of aux-loss-free balancing: selection-bias step per "
                                       "optimiser step (0 = off)")
     bias_recenter: bool = setting(False, "keep the selection bias summing to zero")
@@ -62,12 +81,24 @@ class TopKConfig(RouterConfig):
     def score_function(self) -> str:
         return self.score
 
+    def group_rule(self) -> str:
+        """How a group is scored: `group_score`, or the score function's default."""
+        return self.group_score or ("max" if self.score == "softmax" else "top2_sum")
+
     def describe(self) -> str:
         parts = [f"k={self.k}", f"score={self.score}", f"normalize={self.normalizes()}"]
+        if self.normalizes() and self.normalize_p != 1.0:
+            parts.append(f"normalize_p={self.normalize_p:g}")
+        if self.normalizes() and self.normalize_min > 0:
+            parts.append(f"normalize_min={self.normalize_min:g}")
         if self.routed_scaling_factor != 1.0:
             parts.append(f"scale={self.routed_scaling_factor}")
         if self.n_group > 1:
             parts.append(f"groups={self.topk_group}/{self.n_group}")
+            if self.group_rule() != ("max" if self.score == "softmax" else "top2_sum"):
+                parts.append(f"group_score={self.group_rule()}")
+        if self.selection_bias_on != "scores":
+            parts.append(f"selection bias on {self.selection_bias_on}")
         if self.bias_update_rate > 0:
             parts.append(f"bias_update_rate={self.bias_update_rate}")
         return ", ".join(parts)
@@ -83,14 +114,20 @@ class TopKConfig(RouterConfig):
         require(1 <= self.topk_group <= self.n_group, "RouterConfig.topk_group", self.topk_group,
                 f"an integer in [1, n_group={self.n_group}]")
         require(self.bias_update_rate >= 0, "RouterConfig.bias_update_rate", self.bias_update_rate, "a float >= 0")
+        require(self.group_score is None or self.group_score in GROUP_SCORES, "RouterConfig.group_score",
+                self.group_score, f"None or one of {GROUP_SCORES}")
+        require(self.normalize_p > 0, "RouterConfig.normalize_p", self.normalize_p, "a float > 0")
+        require(self.normalize_min >= 0, "RouterConfig.normalize_min", self.normalize_min, "a float >= 0")
+        require(self.selection_bias_on in BIAS_ON, "RouterConfig.selection_bias_on", self.selection_bias_on,
+                f"one of {BIAS_ON}")
         if self.n_group > 1:
             per_group = E // self.n_group
             if self.k > self.topk_group * per_group:
                 raise ValueError(
                     f"RouterConfig.k={self.k} is invalid with topk_group={self.topk_group} groups of {per_group} "
                     f"experts; allowed: k <= topk_group * num_experts / n_group = {self.topk_group * per_group}")
-            if self.score == "sigmoid" and per_group < 2:
-                raise ValueError(f"RouterConfig.n_group={self.n_group} is invalid with sigmoid scores: group scores "
+            if self.group_rule() == "top2_sum" and per_group < 2:
+                raise ValueError(f"RouterConfig.n_group={self.n_group} is invalid with group_score='top2_sum': group scores "
                                  f"sum the top-2 experts of a group, so each group needs >= 2 experts "
                                  f"(num_experts / n_group = {per_group})")
         warn_if_k1_normalized(self)
@@ -115,7 +152,7 @@ class TopKConfig(RouterConfig):
             if forced_groups > self.topk_group:
                 raise ValueError(f"forced experts lie in {forced_groups} groups, but group-limited routing keeps "
                                  f"only topk_group={self.topk_group} of {self.n_group}")
-            if self.score == "sigmoid":
+            if self.group_rule() == "top2_sum":
                 # DeepSeek-V3 scores a group by its top-2 experts: +inf (forced) plus -inf (disabled) is NaN.
                 lonely = ((mask_GE > 0).any(-1) & ((mask_GE >= 0).sum(-1) < 2)).nonzero().flatten()
                 if lonely.numel():
@@ -130,6 +167,11 @@ class TopKConfig(RouterConfig):
         return self.bias_update_rate > 0
 
     def hf_routing(self) -> dict[str, Any] | None:
+        default_groups = self.group_rule() == ("max" if self.score == "softmax" else "top2_sum")
+        plain_norm = not self.normalizes() or (self.normalize_p == 1.0 and self.normalize_min == 0.0)
+        if self.score not in ("softmax", "sigmoid") or not plain_norm or not default_groups \
+                or self.selection_bias_on != "scores":
+            return None  # a rule of a family export does not write (DeepSeek-V4, DBRX, ERNIE, Mistral 4, Kolibri-1)
         return {"num_experts_per_tok": self.k, "scoring_func": self.score, "norm_topk_prob": self.normalizes(),
                 "n_group": self.n_group, "topk_group": self.topk_group,
                 "routed_scaling_factor": self.routed_scaling_factor, "selection_bias": self.bias_update_rate > 0}
@@ -152,7 +194,9 @@ class TopKRouter(Router):
         # The bias is always added (adding a zero bias changes no score): asking whether it is zero would
         # be a device->host sync per layer and a data-dependent branch that torch.export cannot trace.
         return select_topk(logits_TE, cfg.k, cfg.score, cfg.normalizes(), cfg.routed_scaling_factor, cfg.n_group,
-                           cfg.topk_group, self.e_score_correction_bias, self.expert_mask_E)
+                           cfg.topk_group, self.e_score_correction_bias, self.expert_mask_E,
+                           group_score=cfg.group_rule(), normalize_p=cfg.normalize_p,
+                           normalize_min=cfg.normalize_min, bias_on=cfg.selection_bias_on)
 
     def adopt(self, old: Router) -> None:
         super().adopt(old)
@@ -176,8 +220,8 @@ class TopKRouter(Router):
         return token_idx_N, expert_idx_N
 
     def balance_probs(self, route: RouterOutput) -> torch.Tensor:
-        # P averages probabilities: sigmoid scores are normalised per token first (Megatron-LM).
-        return losses.token_normalized(route.scores_TE) if self.cfg.score == "sigmoid" else route.scores_TE
+        # P averages probabilities: sigmoid (and sqrt-softplus) scores are normalised per token first (Megatron-LM).
+        return losses.token_normalized(route.scores_TE) if self.cfg.score != "softmax" else route.scores_TE
 
     def after_optimizer_step(self, counts: StepCounts) -> None:
         # Megatron-LM updates its expert bias from the routing map after token dropping: executed counts.
@@ -198,47 +242,67 @@ class TopKRouter(Router):
         self.e_score_correction_bias.add_(delta_E.to(self.e_score_correction_bias.device))
 
 
+def scores_of(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
+    """Router probabilities (T, E) fp32 from logits: softmax, sigmoid, or sqrt(softplus) (DeepSeek-V4)."""
+    if score == "softmax":
+        return torch.softmax(logits_TE, dim=-1)
+    if score == "sigmoid":
+        return torch.sigmoid(logits_TE)
+    return torch.nn.functional.softplus(logits_TE).sqrt()
+
+
 def select_topk(logits_TE: torch.Tensor, k: int, score: str = "softmax", normalize: bool = True,
                 routed_scaling_factor: float = 1.0, n_group: int = 1, topk_group: int = 1,
-                bias_E: torch.Tensor | None = None, mask_E: torch.Tensor | None = None) -> RouterOutput:
+                bias_E: torch.Tensor | None = None, mask_E: torch.Tensor | None = None, *,
+                group_score: str | None = None, normalize_p: float = 1.0, normalize_min: float = 0.0,
+                bias_on: str = "scores") -> RouterOutput:
     """The top-k selection rule on fp32 logits (shared with routers that compute logits differently).
-    mask_E: optional int8 expert mask (-1 disabled, +1 forced), see `Router`."""
-    if score == "softmax":
-        scores_TE = torch.softmax(logits_TE, dim=-1)
-    else:
-        scores_TE = torch.sigmoid(logits_TE)
-    choice_TE = scores_TE + bias_E if bias_E is not None else scores_TE
+    mask_E: optional int8 expert mask (-1 disabled, +1 forced), see `Router`; the keyword settings are
+    TopKConfig's (group_score None: the score function's default)."""
+    scores_TE = scores_of(logits_TE, score)
+    choice_TE = logits_TE if bias_on == "logits" else scores_TE
+    choice_TE = choice_TE + bias_E if bias_E is not None else choice_TE
     choice_TE = choice_TE.detach()
     if mask_E is not None:
         # MoTE (arXiv 2502.11096) on the selection scores, after the bias and before the group limit: a
         # forced expert takes one of the k slots (its weight stays its own score), a disabled one never does.
         choice_TE = choice_TE.masked_fill(mask_E < 0, float("-inf")).masked_fill(mask_E > 0, float("inf"))
     if n_group > 1:
-        choice_TE = _limit_groups(choice_TE, score, n_group, topk_group)
+        rule = group_score or ("max" if score == "softmax" else "top2_sum")
+        choice_TE = _limit_groups(choice_TE, rule, n_group, topk_group)
     idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=False).indices
     w_TK = scores_TE.gather(1, idx_TK)
     if normalize:
-        if score == "sigmoid":
-            # + 1e-20 as transformers' DeepSeek-V3 / GLM-4-MoE routers (which moekit.hf wraps); DeepSeek-V3's
-            # own inference code divides plainly: the two differ only for sums below ~1e-13.
-            w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        else:
-            # Mixtral / OLMoE / Qwen divide by the plain sum (>= 1/E for softmax scores; only k forced
-            # experts of underflowed probability sum to 0, and that row stays 0, not NaN).
-            sum_T1 = w_TK.sum(dim=-1, keepdim=True)
-            w_TK = w_TK / torch.where(sum_T1 == 0, 1.0, sum_T1)
+        w_TK = w_TK / renormalizer(w_TK, score, normalize_p, normalize_min)
     if routed_scaling_factor != 1.0:
         w_TK = w_TK * routed_scaling_factor
     return RouterOutput.from_topk(idx_TK, w_TK, scores_TE, logits_TE)
 
 
-def _limit_groups(choice_TE: torch.Tensor, score: str, n_group: int, topk_group: int) -> torch.Tensor:
+def renormalizer(w_TK: torch.Tensor, score: str, p: float = 1.0, floor: float = 0.0) -> torch.Tensor:
+    """What the chosen weights w_TK (T, K) of score function `score` are divided by when renormalised:
+    their p-norm (p = 1: their sum; the weights are >= 0), clamped below at `floor` where one is set (T, 1)."""
+    norm_T1 = w_TK.sum(dim=-1, keepdim=True) if p == 1.0 else torch.linalg.vector_norm(w_TK, ord=p, dim=-1,
+                                                                                      keepdim=True)
+    if floor > 0:
+        # ERNIE 4.5: w / clamp(sum, min=moe_norm_min).
+        return norm_T1.clamp(min=floor)
+    if score != "softmax":
+        # + 1e-20 as transformers' DeepSeek-V3 / GLM-4-MoE / DeepSeek-V4 routers (which moekit.hf wraps);
+        # DeepSeek-V3's own inference code divides plainly: the two differ only for sums below ~1e-13.
+        return norm_T1 + 1e-20
+    # Mixtral / OLMoE / Qwen divide by the plain sum (>= 1/E for softmax scores; only k forced experts of
+    # underflowed probability sum to 0, and that row stays 0, not NaN). DBRX divides by torch.norm(p).
+    return torch.where(norm_T1 == 0, 1.0, norm_T1)
+
+
+def _limit_groups(choice_TE: torch.Tensor, group_score: str, n_group: int, topk_group: int) -> torch.Tensor:
     """Group-limited routing: other groups' scores become -inf (DeepSeek-V2/V3)."""
     T, E = choice_TE.shape
     G = n_group
     grouped_TGe = choice_TE.view(T, G, E // G)
-    if score == "sigmoid":
-        # DeepSeek-V3 (arXiv 2412.19437): group score = sum of the top-2 biased scores.
+    if group_score == "top2_sum":
+        # DeepSeek-V3 (arXiv 2412.19437): group score = sum of the top-2 biased scores (Mistral 4: of softmax).
         group_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
     else:
         # DeepSeek-V2 (arXiv 2405.04434): group score = max within the group.

@@ -5,9 +5,10 @@ Legend: T tokens, E experts, S sorted expert slots.
 
 Stages (all fp32, vectorised over tokens):
   1. P_TE = softmax(logits)                                 (no temperature)
-     score="sigmoid" (a sigmoid-scored model re-routed by top-p, e.g. DeepSeek-V3): the affinities
-     s_TE = sigmoid(logits) normalised per token, P_TE = s_TE / sum_E s_TE; the mass and the order
-     come from P, the combine weights from s (the raw affinities, as the model's own top-k combines)
+     score="sigmoid" or "sqrtsoftplus" (a sigmoid- or sqrt-softplus-scored model re-routed by top-p, e.g.
+     DeepSeek-V3, DeepSeek-V4): the affinities s_TE = sigmoid(logits) (sqrt(softplus(logits))) normalised per
+     token, P_TE = s_TE / sum_E s_TE; the mass and the order come from P, the combine weights from s (the
+     raw affinities, as the model's own top-k combines)
   2. sort P descending (stable: ties go to the lower expert id) -> P_TS, idx_TS; c = cumsum
   3. slot s is selected iff the mass before it, c_{s-1} (c_{-1} = 0), is <= p: every expert with
      c <= p plus the one that crosses p (strict >), so a cumulative mass equal to p does not stop
@@ -32,6 +33,7 @@ from moekit import losses
 from moekit.config import RouterConfig, require, setting
 from moekit.routers.base import Router, RouterOutput
 from moekit.routers.registry import register
+from moekit.routers.topk import SCORES, scores_of
 
 
 @dataclass
@@ -49,8 +51,8 @@ class TopPConfig(RouterConfig):
     max_k: int | None = setting(None, "most experts per token (None = no cap)")
     normalize: bool | None = setting(None, "renormalise the chosen experts' weights (None = no: the paper's "
                                            "raw probabilities)")
-    score: str = setting("softmax", "score function: softmax (the paper) or sigmoid (mass over the normalised "
-                                    "sigmoid affinities)", choices=("softmax", "sigmoid"))
+    score: str = setting("softmax", "score function: softmax (the paper), or sigmoid / sqrtsoftplus (mass over "
+                                    "the normalised affinities)", choices=SCORES)
     routed_scaling_factor: float = setting(1.0, "multiply the combine weights by this factor")
 
     router_losses = ("dynamic",)
@@ -69,7 +71,7 @@ class TopPConfig(RouterConfig):
 
     def check(self, num_experts: int) -> None:
         check_topp_fields(self, num_experts)
-        require(self.score in ("softmax", "sigmoid"), "RouterConfig.score", self.score, "'softmax' or 'sigmoid'")
+        require(self.score in SCORES, "RouterConfig.score", self.score, f"one of {SCORES}")
         require(self.routed_scaling_factor > 0, "RouterConfig.routed_scaling_factor", self.routed_scaling_factor,
                 "a float > 0")
 
@@ -107,7 +109,7 @@ class TopPRouter(Router):
                            cfg.score, cfg.routed_scaling_factor)
 
     def balance_probs(self, route: RouterOutput) -> torch.Tensor:
-        return losses.token_normalized(route.scores_TE) if self.cfg.score == "sigmoid" else route.scores_TE
+        return losses.token_normalized(route.scores_TE) if self.cfg.score != "softmax" else route.scores_TE
 
     def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None,
                    batch_counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -119,9 +121,9 @@ def select_topp(logits_TE: torch.Tensor, p: float, min_k: int = 1, max_k: int | 
                 routed_scaling_factor: float = 1.0) -> RouterOutput:
     """The top-p selection rule on fp32 logits (shared with routers that compute logits differently).
     mask_E: optional int8 expert mask; forced experts (+1) are always selected, on top of the prefix.
-    score "sigmoid": the mass of the normalised sigmoid affinities, the weights of the raw ones."""
-    if score == "sigmoid":
-        scores_TE = torch.sigmoid(logits_TE)
+    score "sigmoid" / "sqrtsoftplus": the mass of the normalised affinities, the weights of the raw ones."""
+    if score != "softmax":
+        scores_TE = scores_of(logits_TE, score)
         probs_TE = losses.token_normalized(scores_TE)
     else:
         scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
@@ -139,7 +141,7 @@ def select_topp(logits_TE: torch.Tensor, p: float, min_k: int = 1, max_k: int | 
         keep_TS |= (mask_E > 0)[idx_TS]  # MoTE (arXiv 2502.11096): forced experts join every token
     token_idx_N, slot_N = keep_TS.nonzero(as_tuple=True)
     expert_idx_N = idx_TS[token_idx_N, slot_N]
-    raw_TS = P_TS if score != "sigmoid" else scores_TE.gather(1, idx_TS)
+    raw_TS = P_TS if score == "softmax" else scores_TE.gather(1, idx_TS)
     weight_N = raw_TS[token_idx_N, slot_N]
     if normalize:
         mass_T = (raw_TS * keep_TS).sum(-1)

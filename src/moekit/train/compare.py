@@ -142,7 +142,55 @@ def compare(variants: dict[str, tuple[LMConfig, TrainConfig]], out_dir: str | Pa
             resume = (run_dir / "config.json").is_file() or ckpt.has_checkpoint(run_dir)
             result = train(model_cfg, train_cfg, run_dir, resume=resume, progress=progress, log=log)
             rows[name] = _row(model_cfg, result, groups[name], train_cfg.seed, _mean_tokens_per_s(run_dir))
-        report, md = _write_report(out_dir, rows, groups, reference, result["unigram_bpb"])
+        report = _report(reference, rows, result["unigram_bpb"])
+        md = _write_report(out_dir, report)
+    log(md)
+    return report
+
+
+def _report(train: dict, rows: dict[str, dict], unigram_bpb: float, **extra) -> dict[str, Any]:
+    return {"train": train, "seeds": sorted({r["seed"] for r in rows.values()}), "unigram_bpb": unigram_bpb,
+            "runs": rows, "groups": summarise_groups(rows, {name: r["group"] for name, r in rows.items()}), **extra}
+
+
+def _write_report(out_dir: Path, report: dict[str, Any]) -> str:
+    if len(report["groups"]) > 1:
+        atomic_write_bytes(out_dir / "pareto.png", pareto_png(report["groups"]))
+    atomic_write_text(out_dir / "compare.json", json.dumps(report, indent=2))
+    md = to_markdown(report)
+    atomic_write_text(out_dir / "compare.md", md)
+    return md
+
+
+def merge(dirs: list[str | Path], out_dir: str | Path, log=print) -> dict[str, Any]:
+    """Tabulate the runs of several finished compare directories as one compare: compare.json (with
+    `merged_from`), compare.md and pareto.png in `out_dir`, groups and Pareto front over all runs.
+
+    For a study trained in parts (e.g. one compare per setting, run side by side); nothing is trained
+    or evaluated again: each run's row is its directory's compare.json row.
+    Raises UsageError for a directory without compare.json, parts trained with different settings
+    (steps, batch, tokenizer, ...: all but seeds and aux-loss coefficients) or a run name in two parts.
+    """
+    out_dir = Path(out_dir)
+    reports = []
+    for d in map(Path, dirs):
+        if not (d / "compare.json").is_file():
+            raise UsageError(f"compare --merge: {d} holds no compare.json; expected a finished moekit compare directory")
+        reports.append((d, json.loads((d / "compare.json").read_text())))
+    (first, reference), rows = reports[0], {}
+    for d, rep in reports:
+        if rep["train"] != reference["train"] or rep["unigram_bpb"] != reference["unigram_bpb"]:
+            diff = sorted(k for k in {*rep["train"], *reference["train"]}
+                          if rep["train"].get(k) != reference["train"].get(k)) or ["unigram_bpb"]
+            raise UsageError(f"compare --merge: {d} was trained differently from {first} ({diff}); "
+                             "only runs trained on equal terms are compared")
+        for name, row in rep["runs"].items():
+            if name in rows:
+                raise UsageError(f"compare --merge: run {name!r} is in two of the directories; merge each run once")
+            rows[name] = row
+    report = _report(reference["train"], rows, reference["unigram_bpb"], merged_from=[str(d) for d, _ in reports])
+    with locked_dir(out_dir, "compare", "moekit compare"):
+        md = _write_report(out_dir, report)
     log(md)
     return report
 
@@ -163,20 +211,6 @@ def _row(model_cfg: LMConfig, result: dict[str, Any], group: str, seed: int, tok
                                              for d, v in result["per_domain"].items()},
         "tokens_per_s": tokens_per_s,
     }
-
-
-def _write_report(out_dir: Path, rows: dict, groups: dict[str, str], reference: dict, unigram: float,
-                  **extra) -> tuple[dict[str, Any], str]:
-    """compare.json, compare.md and (two or more groups) pareto.png; returns the report and its markdown."""
-    summary = summarise_groups(rows, groups)
-    report = {"train": reference, "seeds": sorted({r["seed"] for r in rows.values()}),
-              "unigram_bpb": unigram, "runs": rows, "groups": summary, **extra}
-    if len(summary) > 1:
-        atomic_write_bytes(out_dir / "pareto.png", pareto_png(summary))
-    atomic_write_text(out_dir / "compare.json", json.dumps(report, indent=2))
-    md = to_markdown(report)
-    atomic_write_text(out_dir / "compare.md", md)
-    return report, md
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -254,7 +288,7 @@ def compare_runs(run_dirs: dict[str, str | Path], out_dir: str | Path, log=print
             rows[name] = _row(model_cfg, result, name, t["seed"],
                               _mean_tokens_per_s(Path(run_dir)) if metrics.is_file() else None)
             rows[name]["run_dir"] = str(run_dir)
-        report, md = _write_report(out_dir, rows, {name: name for name in rows}, reference, result["unigram_bpb"],
-                                   evaluated_only=True)
+        report = _report(reference, rows, result["unigram_bpb"], evaluated_only=True)
+        md = _write_report(out_dir, report)
     log(md)
     return report

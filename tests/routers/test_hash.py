@@ -1,0 +1,90 @@
+"""Hash routing (Hash Layers, arXiv 2106.04426; DeepSeek-V4's hash layers): experts from a fixed token id ->
+experts table, weights from the gate, token ids handed to each MoE layer as its router state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moekit
+from moekit.config import MoEConfig, RouterConfig
+from moekit.errors import UsageError
+from moekit.models import LMConfig, MoELM
+from moekit.models.lm import KVCache
+from moekit.routers.hash import random_table
+
+V, E, D = 50, 6, 16
+
+
+def _layer(**fields) -> moekit.MoELayer:
+    torch.manual_seed(0)
+    return moekit.MoELayer(MoEConfig(d_model=D, d_expert=8, num_experts=E,
+                                     router=RouterConfig(kind="hash", vocab_size=V, **fields))).eval()
+
+
+def test_experts_come_from_the_table_and_weights_from_the_gate():
+    layer = _layer(k=2, score="sqrtsoftplus", routed_scaling_factor=1.5)
+    x = torch.randn(2, 7, D)
+    ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        layer(x, router_state=ids)
+    idx_TK, w_TK = layer.routing_info().route.to_padded()
+    table = layer.router.tid2eid
+    assert torch.equal(idx_TK, table[ids.reshape(-1)])
+    # DeepseekV4HashRouter.forward, transcribed.
+    scores = F.softplus(F.linear(x.reshape(-1, D), layer.router.weight)).sqrt()
+    weights = scores.gather(1, table[ids.reshape(-1)])
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * 1.5
+    torch.testing.assert_close(w_TK, weights, rtol=1e-6, atol=1e-7)
+
+
+def test_k1_normalised_is_the_papers_ungated_hash_layer():
+    layer = _layer(k=1, normalize=True)
+    with torch.no_grad():
+        layer(torch.randn(9, D), router_state=torch.arange(9))
+    assert torch.equal(layer.routing_info().route.weight_N, torch.ones(9))
+
+
+def test_missing_ids_are_refused_by_name():
+    with pytest.raises(UsageError, match=r"kind='hash'\) routes on token ids: pass the 4 tokens' ids"):
+        _layer()(torch.randn(4, D))
+
+
+def test_random_table_is_seeded_with_distinct_experts_per_id():
+    table = random_table(200, E, 3, seed=5)
+    assert table.shape == (200, 3) and table.dtype == torch.int64
+    assert all(len(set(row)) == 3 for row in table.tolist())
+    assert torch.equal(table, random_table(200, E, 3, seed=5)) and not torch.equal(table, random_table(200, E, 3, 6))
+    assert len(table.unique()) == E  # every expert gets tokens
+
+
+def test_moe_lm_hands_its_ids_to_every_moe_layer_and_decodes_with_the_cache():
+    moe = MoEConfig(d_model=32, d_expert=16, num_experts=E, router=RouterConfig(kind="hash", k=2, vocab_size=64))
+    torch.manual_seed(0)
+    model = MoELM(LMConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, init_std=0.2,
+                           moe=moe)).eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids)
+    for layer in model.moe_layers():
+        assert torch.equal(layer.routing_info().route.to_padded()[0], layer.router.tid2eid[ids.reshape(-1)])
+    # The last token on top of a KV cache routes by its own id.
+    cache = KVCache(model.cfg, batch=2, max_len=16)
+    with torch.no_grad():
+        model(ids[:, :-1], cache=cache)
+        last = model(ids[:, -1:], cache=cache)
+    torch.testing.assert_close(last[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_disabled_experts_drop_their_picks_and_topp_reroutes_on_the_gate():
+    layer = _layer(k=2)
+    x, ids = torch.randn(20, D), torch.arange(20)
+    with moekit.mask_experts(layer, disabled={0: [1]}), torch.no_grad():
+        layer(x, router_state=ids)
+    assert not bool((layer.routing_info().route.expert_idx_N == 1).any())
+    table = layer.router.tid2eid
+    with moekit.route(layer, kind="topp", p=0.5), torch.no_grad():
+        layer(x, router_state=ids)  # top-p ignores the ids: it routes on the gate's softmax
+        assert layer.router.kind == "topp"
+    assert layer.router.kind == "hash" and layer.router.tid2eid is table
