@@ -47,10 +47,16 @@ def test_compress_errors_are_one_line(byte_run, tmp_path, capsys):
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
-def test_a_quantised_run_generates_offloaded_from_its_compressed_store(byte_run, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["int8", "mixed", "merged"])
+def test_a_compressed_run_generates_offloaded_from_its_compressed_store(byte_run, tmp_path, capsys, kind):
+    """One width, mixed widths (int4 and int8 experts: a store of per-expert sizes) and merged layers
+    (a store of the bank's experts, router ids mapped) all generate offloaded as they do resident."""
+    step = {"int8": ["--quantize", "int8", "--no-protect-super", "--group-size", "16"],
+            "mixed": ["--quantize", "mixed:6", "--group-size", "16"],
+            "merged": ["--merge", "m-smoe"]}[kind]
     out = tmp_path / "q"
-    assert main(["compress", str(byte_run), "--quantize", "int8", "--no-protect-super", "--group-size", "16",
-                 "--calib", "python", "--calib-tokens", "64", "--out", str(out), "--no-progress"]) == 0
+    assert main(["compress", str(byte_run), *step, "--calib", "python", "--calib-tokens", "64", "--out", str(out),
+                 "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "ab", "--max-new-tokens", "4", "--expert-budget", "50%"]) == 0
     offloaded = capsys.readouterr().out
@@ -60,7 +66,14 @@ def test_a_quantised_run_generates_offloaded_from_its_compressed_store(byte_run,
     from moekit.offload import ExpertStore
 
     with ExpertStore(out / "expert-store") as store:
-        assert store.quantization == {"bits": 8, "group_size": 16}
+        if kind == "int8":
+            assert store.quantization == {"bits": 8, "group_size": 16}
+        elif kind == "mixed":
+            assert sorted(store.layouts) == ["int4", "int8"] and store.manifest["version"] == 4
+            assert len({s for row in store.expert_nbytes_LE for s in row}) == 2
+        else:
+            assert all(m is not None and len(m) == 8 for m in store.expert_maps)
+            assert store.experts_per_layer == [4, 4]
 
 
 def test_the_command_lines_choices_are_the_librarys():
@@ -118,3 +131,33 @@ def test_analyze_reads_a_run_pruned_per_layer_and_quantised(byte_run, tmp_path, 
 
     trace = load_trace(tmp_path / "rep" / "trace.npz")
     assert trace.num_layers == 2 and trace.num_experts == max(counts)
+
+
+def test_compare_evaluates_a_run_and_its_compressed_form_on_the_same_windows(byte_run, tmp_path, capsys):
+    import json
+
+    from moekit.train import evaluate
+
+    small = tmp_path / "small"
+    assert main(["compress", str(byte_run), "--prune", "0.5", "--calib", "python", "--calib-tokens", "64",
+                 "--out", str(small), "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "cmp"
+    assert main(["compare", "--runs", f"{byte_run},{small}", "--out", str(out)]) == 0
+    assert "| small |" in capsys.readouterr().out
+    report = json.loads((out / "compare.json").read_text())
+    assert list(report["runs"]) == ["run", "small"] and report["evaluated_only"]
+    for name, run in (("run", byte_run), ("small", small)):
+        model, cfg, tok = load_trained(run)
+        want = evaluate(model, tok, cfg.seq_len, cfg.eval_tokens)  # the windows of the first run: equal settings here
+        row = report["runs"][name]
+        assert row["val_bpb"] == pytest.approx(want["bpb"], rel=1e-6)
+        assert row["experts_per_token"] == pytest.approx(want["experts_per_token"])
+    assert report["runs"]["small"]["params"] < report["runs"]["run"]["params"]  # 4 of 8 experts per layer
+    assert (out / "compare.md").is_file()
+    # training flags make no sense for existing runs; duplicate row names neither: one line each
+    assert main(["compare", "--runs", f"{byte_run},{small}", "--seeds", "2", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds" in err and err.strip().count("\n") <= 1
+    assert main(["compare", "--runs", f"{byte_run},{byte_run}", "--out", str(tmp_path / "y")]) == 2
+    assert "distinct run directories" in capsys.readouterr().err

@@ -45,21 +45,13 @@ def _compressed(tiny_lm, windows, kind):
     return model
 
 
-@pytest.mark.parametrize(("kind", "export_why", "store_why"), [("per-layer", "different expert counts", None),
-                                                               ("quantised", "quantised", None),
-                                                               ("merged", "merged", "merged")])
-def test_export_and_expert_store_refuse_what_they_cannot_hold(tiny_lm, windows, tmp_path, kind, export_why, store_why):
-    from moekit.offload import write_store
-
+@pytest.mark.parametrize(("kind", "export_why"), [("per-layer", "different expert counts"), ("quantised", "quantised"),
+                                               ("merged", "merged")])
+def test_export_refuses_what_it_cannot_hold(tiny_lm, windows, tmp_path, kind, export_why):
     model = _compressed(tiny_lm, windows, kind)
     with pytest.raises(ExportError, match=export_why):
         export_hf(model, tmp_path / "x")
     assert not (tmp_path / "x").exists()
-    if store_why is None:  # the store holds quantised experts (one width) and per-layer counts
-        return
-    with pytest.raises(ValueError, match=store_why):
-        write_store(model, tmp_path / "s")
-    assert not (tmp_path / "s").exists()
 
 
 def test_uniformly_pruned_model_exports(tiny_lm, windows, tmp_path):
@@ -99,6 +91,9 @@ def test_a_quantised_store_round_trips_with_checksums_and_counts_compressed_byte
     path = write_store(model, tmp_path / "s")
     with ExpertStore(path, verify="always") as store:
         assert store.quantization == {"bits": int(method[3:]), "group_size": 16}
+        # one width: still a version-2 store, which a moekit without versions 3 and 4 reads
+        assert store.manifest["version"] == 2 and "formats" not in store.manifest
+        assert all("format" not in x for layer in store.manifest["layers"] for x in layer["experts"])
         assert store.total_nbytes == expert_bytes(model)  # the budget counts compressed bytes
         bank = moe_layers(model)[1].experts
         q_in, s_in, q_down, s_down = store.load(1, 5)
@@ -156,10 +151,116 @@ def test_a_model_pruned_per_layer_offloads_from_a_store_of_its_counts(tiny_lm, w
         assert res.metrics["total_expert_bytes"] == expert_bytes(model)
 
 
-def test_a_store_of_mixed_widths_is_refused_in_one_line(tiny_lm, windows, tmp_path):
-    from moekit.offload import write_store
+def _mixed(tiny_lm):
+    """int4 experts with one int8 expert per layer (as a protected super expert, or mixed precision)."""
+    from moekit.compress.quantize import install
 
     model = tiny_lm()
-    quantize(model, "mixed:4", calibrate(model, windows), group_size=16)
-    with pytest.raises(ValueError, match="one expert size"):
-        write_store(model, tmp_path / "s")
+    for i, layer in enumerate(moe_layers(model)):
+        install(layer, [8 if e == 2 + i else 4 for e in range(8)], 16)
+    return model
+
+
+def test_a_store_of_mixed_widths_holds_each_expert_at_its_size_and_offloads_exactly(tiny_lm, windows, tmp_path):
+    from moekit.compress.quantize import expert_bytes
+    from moekit.models.generate import generate
+    from moekit.offload import ExpertStore, ExpertStoreError, offloaded_generate, plan_cache, write_store
+    from moekit.offload.runtime import expert_shape
+
+    model = _mixed(tiny_lm)
+    path = write_store(model, tmp_path / "s")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["version"] == 4 and sorted(manifest["formats"]) == ["int4", "int8"]
+    banks = [m.experts for m in moe_layers(model)]
+    with ExpertStore(path, verify="always") as store:
+        s4, s8 = banks[0].expert_nbytes(0), banks[0].expert_nbytes(2)
+        assert s8 > s4 and store.expert_nbytes_LE[0] == [s4, s4, s8, s4, s4, s4, s4, s4]
+        # the budget counts each expert's own bytes: 14 int4 + 2 int8, not 16 of the largest
+        assert store.total_nbytes == expert_bytes(model) == expert_shape(model).total_nbytes == 14 * s4 + 2 * s8
+        assert store.expert_bits(1, 3) == 8 and store.expert_bits(1, 2) == 4
+        q_in, s_in, q_down, s_down = store.load(1, 3)
+        assert torch.equal(q_in, banks[1].w_in_q3) and torch.equal(s_down, banks[1].down_s3)
+        store.verify_all()
+        plan = plan_cache(2 * (s8 + 2 * s4), store, "lru", "layer", 2)  # per layer: one int8 and two int4 experts
+        # a step may hold 2 of the largest at once; the cache holds 3 experts of this layer's mix
+        assert plan.cache_nbytes == s8 + 2 * s4 and plan.capacity == 2 and 3 * s4 <= plan.cache_nbytes
+    prompt = windows[:2, :8]
+    want = generate(model, prompt, 6)
+    for policy, scope in (("lru", "layer"), ("lfu", "shared"), ("predictive", "layer")):
+        res = offloaded_generate(model, prompt, 6, budget="40%", policy=policy, scope=scope)
+        assert torch.equal(res.ids_BT, want), (policy, scope)
+        assert res.metrics["total_expert_bytes"] == 14 * s4 + 2 * s8
+        assert res.metrics["peak_resident_expert_bytes"] <= res.metrics["budget_bytes"]
+        assert "simulated_skipped" in res.metrics
+        # every loaded byte is an expert's own size: the moved bytes are sums of s4 and s8
+        moved = res.metrics["decode_stats"]["loaded_nbytes"]
+        loads = res.metrics["decode_stats"]["demand_loads"] + res.metrics["decode_stats"]["prefetch_loads"]
+        assert any(moved == a * s4 + (loads - a) * s8 for a in range(loads + 1))
+    # a damaged per-expert size list is refused in one line
+    bad = json.loads(json.dumps(manifest))
+    bad["layers"][0]["expert_nbytes"][2] = s4
+    (path / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ExpertStoreError, match=r"layers\[0\]\.expert_nbytes is .*expected .*each expert's format size"
+                       ) as err:
+        ExpertStore(path)
+    assert "\n" not in str(err.value)
+    bad = json.loads(json.dumps(manifest))
+    bad["layers"][1]["experts"][3]["format"] = "int4"  # its bytes no longer add up to the file
+    (path / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ExpertStoreError, match="expert_nbytes|offset"):
+        ExpertStore(path)
+
+
+def test_a_merged_model_offloads_from_a_store_of_its_bank(tiny_lm, windows, tmp_path):
+    from moekit.models.generate import generate
+    from moekit.offload import ExpertStore, ExpertStoreError, load_dense_lm, offloaded_generate, write_store
+
+    model = _compressed(tiny_lm, windows, "merged")
+    maps = [m.expert_map_E.tolist() for m in moe_layers(model)]
+    M = [m.experts.num_experts for m in moe_layers(model)]
+    assert M == [4, 4]
+    path = write_store(model, tmp_path / "s")
+    with ExpertStore(path, verify="always") as store:
+        assert store.experts_per_layer == M and store.expert_maps == maps
+        assert store.total_nbytes == sum(sum(t.nbytes for t in (m.experts.gate_up_proj, m.experts.down_proj))
+                                         for m in moe_layers(model))  # 4 stored experts per layer, not 8
+        store.verify_all()
+    prompt = windows[:2, :8]
+    want = generate(model, prompt, 6)
+    for policy in ("lru", "predictive"):
+        res = offloaded_generate(model, prompt, 6, budget="50%", policy=policy)
+        assert torch.equal(res.ids_BT, want), policy
+    # the model rebuilt from the store alone (experts never allocated) is merged as the original
+    assert [m.expert_map_E.tolist() for m in moe_layers(load_dense_lm(path))] == maps
+    res = offloaded_generate(path, prompt, 6, budget="50%", policy="lru")
+    assert torch.equal(res.ids_BT, want)
+    # a store whose map differs from the model's is refused
+    manifest = json.loads((path / "manifest.json").read_text())
+    bad = json.loads(json.dumps(manifest))
+    bad["layers"][0]["expert_map"] = [9] * 8
+    (path / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ExpertStoreError, match="expert_map"):
+        ExpertStore(path)
+
+
+def test_a_cache_over_experts_of_different_sizes_counts_each_ones_bytes(tiny_lm, tmp_path):
+    from moekit.offload import ExpertStore, plan_cache, write_store
+    from moekit.offload.cache import ExpertCache
+
+    model = _mixed(tiny_lm)  # layer 0: expert 2 is int8, the others int4
+    with ExpertStore(write_store(model, tmp_path / "s")) as store:
+        s4, s8 = store.expert_nbytes_LE[0][0], store.expert_nbytes_LE[0][2]
+        plan = plan_cache(s8 + 2 * s4, store, "lru", "shared", 2)
+        cache = ExpertCache(store, plan)
+        for e in (0, 1, 3):  # three int4 experts fit where only two int8 ones would
+            cache.acquire(0, [e])
+            cache.end_step(0)
+        assert cache.resident_nbytes == 3 * s4 and set(cache.caches[0].entries) == {0, 1, 3}
+        cache.acquire(0, [2])  # the int8 expert evicts the least recently used int4 expert (0): then it fits
+        cache.end_step(0)
+        assert set(cache.caches[0].entries) == {1, 2, 3}
+        assert cache.resident_nbytes == 2 * s4 + s8 == plan.budget_nbytes
+        assert cache.peak_resident_nbytes <= plan.budget_nbytes
+        assert cache.stats["prefill"].loaded_nbytes == 3 * s4 + s8  # each load moved its expert's own bytes
+        w = cache.acquire(0, [2])[0]
+        assert torch.equal(w[0], moe_layers(model)[0].experts.w_in_q2)  # views in the int8 layout

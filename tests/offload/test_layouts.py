@@ -149,3 +149,18 @@ def test_the_store_records_a_clamp_after_the_activation():
     assert store_activation(m) == act
     m["activation_params"].pop("clamp_after")  # a version-3 store written before the key existed
     assert not store_activation(m).clamp_after
+
+
+def test_merged_experts_in_a_pretrained_layout_are_refused_and_layout_stores_stay_version_3(tmp_path):
+    # version 4 (mixed widths, merged layers) holds moekit's standard layout only; version 3 is the bank's layout
+    model = lm(*LLAMA4)
+    assert json.loads((write_store(model, tmp_path / "v3") / "manifest.json").read_text())["version"] == 3
+    for layer in model.moe_layers():
+        layer.expert_map_E = torch.arange(8) % 4
+    with pytest.raises(ValueError, match="version-4 stores hold moekit's standard layout only"):
+        write_store(model, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    plain = lm(ExpertLayout(), Activation("swiglu"))
+    for layer in plain.moe_layers():
+        layer.expert_map_E = torch.arange(8) % 4
+    assert json.loads((write_store(plain, tmp_path / "v4") / "manifest.json").read_text())["version"] == 4

@@ -9,8 +9,8 @@ For each trained run given (`--runs name=DIR,...`), from the run's own checkpoin
   3. evaluate each on the validation split (bits per byte overall and per domain, `--eval-tokens` per
      domain) and count its expert bytes;
   4. offloaded generation at one fixed byte budget (`--budget` of the UNCOMPRESSED model's expert
-     bytes, LRU, per-layer caches) for the variants the expert store holds (one width per store, no
-     merged experts; per-layer counts are held): hit rate, bytes moved per decoded token, decode tokens/s.
+     bytes, LRU, per-layer caches; the store holds every variant: per-layer counts, mixed widths at each
+     expert's own size, merged layers): hit rate, bytes moved per decoded token, decode tokens/s.
 With --hf-random FAMILY, also a wrapped transformers model of that class with random weights (its quality
 numbers mean nothing; its bytes, hit rate and speed do).
 Also: one expert projection at decode shape through the grouped path's dequantise-then-GEMM against
@@ -117,11 +117,16 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-tokens", type=int, default=512, help="calibration tokens per domain (train split)")
     ap.add_argument("--budget", default="25%", help="expert budget for offloaded generation, of the uncompressed model")
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--variants", default="", help=f"only these variants, comma-separated (default all: {', '.join(VARIANTS)})")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--md", default=None, help="write the markdown table here")
     ap.add_argument("--json", default=None, help="write every JSON line here too")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()] or list(VARIANTS)
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
     lines = [{"bench": "machine", "cpu": platform.processor() or platform.machine(), "threads": args.threads,
               "torch": torch.__version__, "python": platform.python_version()}]
     print(json.dumps(lines[0]), flush=True)
@@ -142,7 +147,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         calib = calibrate(base, windows, outputs=True)  # one calibration of the trained model serves every variant
         calib_s = time.perf_counter() - t0
-        for variant, build in VARIANTS.items():
+        for variant in chosen:
+            build = VARIANTS[variant]
             model = copy.deepcopy(base)
             t0 = time.perf_counter()
             what = build(model, calib)

@@ -1,4 +1,7 @@
-"""`moekit compare --presets A,B,...`: train router families on equal terms and print one table."""
+"""`moekit compare --presets A,B,...`: train router families on equal terms and print one table;
+`moekit compare --runs DIR1,DIR2,...`: evaluate existing runs (trained or compressed) on the same
+validation windows and print the same table;
+`moekit compare --merge DIR1,DIR2,...`: tabulate finished compare directories as one compare."""
 
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ from moekit.cli import config_errors, late_arguments
 def add_parser(subparsers) -> None:
     c = subparsers.add_parser("compare", help="train router families on equal terms and print one table")
     c.add_argument("--presets", default="topk,topp", help="comma-separated preset names (default topk,topp)")
+    c.add_argument("--runs", default=None, metavar="DIR1,DIR2,...",
+                   help="evaluate these existing runs (e.g. a run and its `moekit compress` results) on the same "
+                        "validation windows instead of training presets; rows are named by the directories")
     c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     c.add_argument("--sweep", action="append", metavar="SECTION.FIELD=V1,V2,...",
                    help="run each preset that has the field once per value (repeatable: a cartesian product), "
@@ -39,6 +45,11 @@ def run(args) -> int:
     from moekit.train.presets import PRESETS, preset
     from moekit.train.trainer import resolve_configs
 
+    if args.runs is not None and args.merge is not None:
+        with config_errors(args.parser):
+            raise UsageError("--runs evaluates existing runs, --merge tabulates finished compares: give one of them")
+    if args.runs is not None:
+        return _run_existing(args)
     if args.merge is not None:
         with config_errors(args.parser):
             given = [f"--{k}" for k, v in vars(args).items() if "." in k and v is not None]
@@ -100,3 +111,24 @@ def sweep_variants(base: dict, sweeps: list[tuple[str, list]] = (), seeds: int =
                 groups[run] = group
     return variants, groups
 
+
+
+def _run_existing(args) -> int:
+    """--runs: evaluate existing runs; training flags do not apply to them."""
+    from pathlib import Path
+
+    from moekit.errors import UsageError
+    from moekit.train.compare import compare_runs
+
+    with config_errors(args.parser):
+        given = sorted(k for k, v in vars(args).items() if "." in k and v is not None)
+        if given or args.sweep or args.seeds != 1:
+            raise UsageError(f"--runs evaluates existing runs; {', '.join(['--' + k for k in given] + (['--sweep'] if args.sweep else []) + (['--seeds'] if args.seeds != 1 else []))} "
+                             "would change how runs are trained: drop them")
+        dirs = [Path(d) for d in args.runs.split(",") if d]
+        names = [d.name for d in dirs]
+        if not dirs or len(set(names)) != len(names):
+            raise UsageError(f"--runs {args.runs!r}: expected distinct run directories DIR1,DIR2,... (rows are named by "
+                             "their last path component)")
+        compare_runs(dict(zip(names, dirs, strict=True)), args.out)
+    return 0

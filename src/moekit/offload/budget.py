@@ -8,6 +8,11 @@ C = budget // S_e slots shared by all layers (keys layer * E + expert), or one c
 C = budget // (L * S_e) slots. A cache must hold the K experts one token needs at a layer at once;
 a smaller budget is refused before anything is loaded or written. The static policy keeps
 `hot_capacity` = C - K slots for its hot set and K for the experts it bypasses.
+
+Experts of different sizes (mixed widths, moekit.compress): each cache holds `cache_nbytes` of experts,
+each counted at its own size (budget // L per layer, or the whole budget when shared); C is then the
+count of the *largest* experts that fit, which is what a step may hold at once (step size) and what the
+static policy plans its hot set in. The totals (a "25%" budget) are the sum of every expert's own bytes.
 """
 
 from __future__ import annotations
@@ -108,11 +113,14 @@ class ExpertShape:
 
     num_layers: int
     num_experts: int  # the largest layer's
-    expert_nbytes: int
+    expert_nbytes: int  # the largest expert's
     experts_per_layer: tuple[int, ...] | None = None  # layers pruned to different counts; None: num_experts each
+    expert_nbytes_LE: tuple[tuple[int, ...], ...] | None = None  # each expert's bytes (mixed widths); None: all equal
 
     @property
     def total_nbytes(self) -> int:
+        if self.expert_nbytes_LE is not None:
+            return sum(map(sum, self.expert_nbytes_LE))
         return sum(self.experts_per_layer or [self.num_experts] * self.num_layers) * self.expert_nbytes
 
 
@@ -130,6 +138,11 @@ class CachePlan:
     step_size: int          # most experts one step holds: C (demand policies) or K (static)
     hot_capacity: int       # static: hot-set size per cache (C - K); else 0
     experts_per_token: int  # K
+    cache_nbytes: int = 0   # expert bytes one cache may hold, each expert at its own size (0: C x expert_nbytes)
+
+    def __post_init__(self):
+        if not self.cache_nbytes:
+            object.__setattr__(self, "cache_nbytes", self.capacity * self.expert_nbytes)
 
     @property
     def slots(self) -> int:
@@ -137,6 +150,11 @@ class CachePlan:
 
     def describe(self) -> str:
         per = "per layer" if self.scope == "layer" else "shared by all layers"
+        if self.cache_nbytes != self.capacity * self.expert_nbytes:  # experts of different sizes
+            return (f"{self.policy} cache {per}: {format_bytes(self.cache_nbytes)} of experts, each at its own size "
+                    f"(at least {self.capacity} of the largest, {format_bytes(self.expert_nbytes)}; budget "
+                    f"{format_bytes(self.budget_nbytes)} = {self.budget_nbytes / self.total_nbytes:.1%} of "
+                    f"{format_bytes(self.total_nbytes)})")
         return (f"{self.policy} cache {per}: {self.capacity} experts x {format_bytes(self.expert_nbytes)} "
                 f"(budget {format_bytes(self.budget_nbytes)} = {self.budget_nbytes / self.total_nbytes:.1%} of "
                 f"{format_bytes(self.total_nbytes)})")
@@ -154,8 +172,16 @@ def plan_cache(budget: str | int | float, store: ExpertStore | ExpertShape, poli
     total = store.total_nbytes
     nbytes = parse_budget(budget, total)
     K = max(1, min(int(experts_per_token), E))
-    caches, per_cache_max = (L, E) if scope == "layer" else (1, total // S)
-    C = min(nbytes // (caches * S), per_cache_max)  # slots beyond every expert would never be used
+    sizes_LE = _sizes(store)
+    if sizes_LE is not None and policy != "static":  # experts of different sizes: a cache holds bytes
+        per_cache_max = max(map(sum, sizes_LE)) if scope == "layer" else total
+        caches = L if scope == "layer" else 1
+        cache_nbytes = min(nbytes // caches, per_cache_max)
+        C = cache_nbytes // S  # the largest experts that fit at once: a step's size
+    else:
+        caches, per_cache_max = (L, E) if scope == "layer" else (1, total // S)
+        C = min(nbytes // (caches * S), per_cache_max)  # slots beyond every expert would never be used
+        cache_nbytes = C * S
     if C < K:
         need = caches * K * S
         where = "of each layer's cache" if scope == "layer" else "of the shared cache"
@@ -163,7 +189,16 @@ def plan_cache(budget: str | int | float, store: ExpertStore | ExpertShape, poli
                          f"({format_bytes(S)} each), but one token needs {K} experts of a layer resident at once; "
                          f"give at least {need} bytes ({100 * need / total:.2f}% of {format_bytes(total)})")
     static = policy == "static"
-    return CachePlan(nbytes, S, total, scope, policy, caches, C, K if static else C, C - K if static else 0, K)
+    return CachePlan(nbytes, S, total, scope, policy, caches, C, K if static else C, C - K if static else 0, K,
+                     cache_nbytes)
+
+
+def _sizes(store) -> list[list[int]] | None:
+    """Each expert's bytes when they differ (mixed widths), else None."""
+    sizes = getattr(store, "expert_nbytes_LE", None)
+    if sizes is None or len({s for row in sizes for s in row}) <= 1:
+        return None
+    return [list(row) for row in sizes]
 
 
 def hot_keys_from_counts(counts_LE: np.ndarray, plan: CachePlan) -> list[list[int]]:

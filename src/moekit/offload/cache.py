@@ -5,7 +5,10 @@ needs at a layer (the router's k), S_e bytes per expert.
 
 How a budget becomes caches of C slots: moekit.offload.budget (`CachePlan`). Slots are allocated on
 first use and reused, so resident expert bytes = allocated slots * S_e <= budget, checked on every
-allocation (peak reported).
+allocation (peak reported). Experts of different sizes (mixed widths, moekit.compress): each slot is
+its expert's own size and a cache holds `plan.cache_nbytes`: a miss evicts until the new expert fits
+(freed slots of another size are dropped), so the bytes of the resident experts, each counted at its
+own size, never exceed the budget; with equal sizes this is exactly the C-slot cache.
 
 A cache serves *steps*: one step is a set of experts one MoE layer needs at once, requested in
 ascending id order (`acquire`), released by `end_step`. The conventions are those of
@@ -77,6 +80,7 @@ class _Slot:
 
     def __init__(self, nbytes: int, device: torch.device, layout):
         self.u8 = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.nbytes = nbytes
         self.weights = layout.views(self.u8)
         self.job: _Job | None = None
 
@@ -100,10 +104,13 @@ class _Entry:
 @dataclass
 class _OneCache:
     capacity: int
+    capacity_nbytes: int
     hot: frozenset[int] = frozenset()
     entries: dict[int, _Entry] = field(default_factory=dict)
     free: list[_Slot] = field(default_factory=list)
     allocated: int = 0
+    allocated_nbytes: int = 0                           # slots held, free ones included
+    occupied_nbytes: int = 0                            # slots of residents and transients
     uses: int = 0                                       # recency clock
     demoted: int = 0                                    # below every use: unused predictions
     counts: dict[int, int] = field(default_factory=dict)  # LFU: requests per key, whole run
@@ -131,12 +138,13 @@ class ExpertCache:
                 raise ValueError("the static policy needs a hot set (a routing trace or per-expert counts)")
             if len(hot_keys) != plan.num_caches or any(len(set(h)) > plan.hot_capacity for h in hot_keys):
                 raise ValueError(f"hot set: expected {plan.num_caches} lists of at most {plan.hot_capacity} keys")
-        self.caches = [_OneCache(plan.capacity, frozenset(hot_keys[i]) if hot_keys is not None else frozenset())
+        self.caches = [_OneCache(plan.capacity, plan.cache_nbytes,
+                                 frozenset(hot_keys[i]) if hot_keys is not None else frozenset())
                        for i in range(plan.num_caches)]
         self.phase = "prefill"
         self.stats = {"prefill": CacheStats(), "decode": CacheStats()}
         self.peak_resident_nbytes = 0
-        self._resident_slots = 0
+        self._resident_nbytes = 0
         self.worker: PrefetchWorker | None = PrefetchWorker() if plan.policy == "predictive" else None
         self._pinned: list[torch.Tensor] = []  # CUDA staging buffers (one per loading thread)
         self._copy_stream = torch.cuda.Stream() if self.device.type == "cuda" else None
@@ -151,19 +159,33 @@ class ExpertCache:
 
     @property
     def resident_nbytes(self) -> int:
-        return self._resident_slots * self.plan.expert_nbytes
+        return self._resident_nbytes
 
-    def _new_slot(self, c: _OneCache) -> _Slot:
-        if c.free:
-            return c.free.pop()
+    def _new_slot(self, c: _OneCache, layer: int, expert: int) -> _Slot:
+        """A slot of expert (layer, expert)'s own size: a free one of that size, else a new one (free
+        slots of other sizes are dropped first while the cache's bytes would not fit)."""
+        nbytes, layout = self.store.expert_nbytes_LE[layer][expert], self.store.layout_of(layer, expert)
+        c.occupied_nbytes += nbytes
+        for i, slot in enumerate(c.free):
+            if slot.nbytes == nbytes:
+                slot = c.free.pop(i)
+                slot.weights = layout.views(slot.u8)
+                return slot
+        while c.free and c.allocated_nbytes + nbytes > c.capacity_nbytes:
+            dropped = c.free.pop(0)
+            c.allocated -= 1
+            c.allocated_nbytes -= dropped.nbytes
+            self._resident_nbytes -= dropped.nbytes
         c.allocated += 1
-        self._resident_slots += 1
+        c.allocated_nbytes += nbytes
+        self._resident_nbytes += nbytes
         # The budget invariant, checked on every allocation (never compiled out, unlike assert).
-        if c.allocated > c.capacity or self.resident_nbytes > self.plan.budget_nbytes:
+        if c.allocated_nbytes > c.capacity_nbytes or self.resident_nbytes > self.plan.budget_nbytes:
             raise RuntimeError(f"expert cache: {self.resident_nbytes} resident bytes would exceed the budget of "
-                               f"{self.plan.budget_nbytes} ({c.allocated} slots of {c.capacity})")
+                               f"{self.plan.budget_nbytes} ({c.allocated_nbytes} bytes in a cache of "
+                               f"{c.capacity_nbytes})")
         self.peak_resident_nbytes = max(self.peak_resident_nbytes, self.resident_nbytes)
-        return _Slot(self.plan.expert_nbytes, self.device, self.store.layout)
+        return _Slot(nbytes, self.device, layout)
 
     def _victim(self, c: _OneCache, protected: set[int]) -> int | None:
         """The resident to evict: lowest priority among those not protected (None if all are)."""
@@ -177,18 +199,20 @@ class ExpertCache:
                 best, best_key = prio, key
         return best_key
 
-    def _room(self, c: _OneCache, protected: set[int]) -> _Slot | None:
-        """A free slot, evicting one resident if the cache is full (None if nothing may go)."""
-        if len(c.entries) + len(c.transient) < c.capacity:
-            return self._new_slot(c)
-        victim = self._victim(c, protected)
-        if victim is None:
-            return None
-        ent = c.entries.pop(victim)
-        if ent.prefetch_for is not None:
-            self.stats[self.phase].wasted_prefetches += 1
-        ent.slot.settle()  # never overwrite memory a running load still writes
-        return ent.slot
+    def _room(self, c: _OneCache, protected: set[int], layer: int, expert: int) -> _Slot | None:
+        """A slot for (layer, expert), evicting residents until it fits (None if nothing may go)."""
+        nbytes = self.store.expert_nbytes_LE[layer][expert]
+        while c.occupied_nbytes + nbytes > c.capacity_nbytes:
+            victim = self._victim(c, protected)
+            if victim is None:
+                return None
+            ent = c.entries.pop(victim)
+            if ent.prefetch_for is not None:
+                self.stats[self.phase].wasted_prefetches += 1
+            ent.slot.settle()  # never overwrite memory a running load still writes
+            c.occupied_nbytes -= ent.slot.nbytes
+            c.free.append(ent.slot)
+        return self._new_slot(c, layer, expert)
 
     # -------------------------------------------------------------- loads
 
@@ -198,7 +222,7 @@ class ExpertCache:
         st = self.stats[self.phase]
         st.load_s += time.perf_counter() - t0
         st.demand_loads += 1
-        st.loaded_nbytes += self.plan.expert_nbytes
+        st.loaded_nbytes += slot.nbytes
 
     def _staging(self, i: int) -> torch.Tensor | None:
         if self.device.type != "cuda":
@@ -211,6 +235,7 @@ class ExpertCache:
         if staging is None:
             self.store.read_into(layer, expert, slot.u8)
             return
+        staging = staging[:slot.nbytes]  # the largest expert's size; this one may be smaller
         # CUDA (untested here: no GPU): disk -> pinned host buffer -> device on a side stream, so a
         # prefetch copy overlaps compute on the default stream; the load ends when its copy has, so
         # the staging buffer can be reused and a settled slot is complete.
@@ -259,10 +284,10 @@ class ExpertCache:
                 out.append(ent.slot.weights)
                 continue
             if self.plan.policy == "static" and key not in c.hot:
-                slot = self._new_slot(c)  # a transient slot: H + K <= C by construction
+                slot = self._new_slot(c, layer, e)  # a transient slot: H + K <= C by construction
                 c.transient.append(slot)
             else:
-                slot = self._room(c, c.step)
+                slot = self._room(c, c.step, layer, e)
                 if slot is None:  # cannot happen: step_size <= capacity
                     raise RuntimeError(f"expert cache: no room for layer {layer} expert {e}")
                 c.entries[key] = _Entry(slot, c.uses)
@@ -273,6 +298,7 @@ class ExpertCache:
     def end_step(self, layer: int) -> None:
         c, _ = self._cache(layer)
         c.free.extend(c.transient)  # static bypass slots stay allocated, empty, for the next step
+        c.occupied_nbytes -= sum(slot.nbytes for slot in c.transient)
         c.transient.clear()
         c.step = set()
         for ent in c.entries.values():
@@ -296,7 +322,7 @@ class ExpertCache:
             if ent is not None:
                 ent.last_use = c.uses
                 continue
-            slot = self._room(c, c.step | fresh)
+            slot = self._room(c, c.step | fresh, layer, e)
             if slot is None:
                 break  # everything left is in use by the running step or just prefetched
             c.entries[key] = _Entry(slot, c.uses, prefetch_for=layer)
@@ -308,7 +334,7 @@ class ExpertCache:
 
     def _background_load(self, layer: int, expert: int, slot: _Slot, st: CacheStats) -> Callable[[], None]:
         st.prefetch_loads += 1
-        st.loaded_nbytes += self.plan.expert_nbytes
+        st.loaded_nbytes += slot.nbytes
 
         def load() -> None:
             t0 = time.perf_counter()

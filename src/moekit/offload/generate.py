@@ -196,7 +196,12 @@ def run_metrics(rt: OffloadRuntime, timing: dict, trace: RoutingTrace | None, si
         "peak_rss_bytes": peak_rss_bytes(),
         "decode_stats": dec.as_dict(), "prefill_stats": pre.as_dict(),
     }
-    if simulate and trace is not None:
+    # The simulators count equal slots over router expert ids: a store of experts of different sizes
+    # (mixed widths) or of merged layers has neither, so its run is not re-simulated.
+    exact = rt.store.uniform and all(m is None for m in rt.store.expert_maps)
+    if simulate and trace is not None and not exact:
+        m["simulated_skipped"] = "experts of different sizes or merged layers: the simulators assume neither"
+    if simulate and trace is not None and exact:
         sim = simulate_run(trace, B, plan, hot_keys=[sorted(c.hot) for c in cache.caches],
                            predictions=rt.predictions)
         measured = [np.array(h, dtype=bool) for h, _ in cache.request_log()]

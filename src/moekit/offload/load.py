@@ -61,6 +61,12 @@ def load_dense_lm(store: str | os.PathLike | ExpertStore) -> nn.Module:
             setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad))
         for name, b in list(module.named_buffers(recurse=False)):
             module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
+    for layer, M, m in zip(moe_layers(model), st.experts_per_layer, st.expert_maps, strict=True):
+        if m is not None:  # merged (moekit.compress.merge): a bank of the M stored experts; the map as stored
+            bank = layer.experts
+            with torch.device("meta"):
+                layer.experts = ExpertBank(M, bank.d_model, bank.d_expert, bank.activation)
+            layer.expert_map_E = torch.tensor(m, dtype=torch.long)
     path = st.path / dense["file"]
     with open(path, "rb") as f:
         if hashlib.file_digest(f, "sha256").hexdigest() != dense["sha256"]:

@@ -218,10 +218,10 @@ class OffloadRuntime:
         quant = self.store.quantization
         for gi, group in enumerate(self.groups(active)):
             weights = self.cache.acquire(layer_idx, group)
-            if quant is not None:  # compressed bytes were moved; dequantise the step's experts only
-                weights = [(dequantize(q_in, s_in, quant["bits"], x_ND.dtype), dequantize(q_down, s_down, quant["bits"],
-                                                                                      x_ND.dtype))
-                           for q_in, s_in, q_down, s_down in weights]
+            if quant is not None:  # compressed bytes were moved; dequantise the step's experts only, each at its width
+                bits = [self.store.expert_bits(layer_idx, e) for e in group]
+                weights = [(dequantize(q_in, s_in, b, x_ND.dtype), dequantize(q_down, s_down, b, x_ND.dtype))
+                           for (q_in, s_in, q_down, s_down), b in zip(weights, bits, strict=True)]
             if gi == 0 and self.predict and self.phase == "decode" and len(active) <= self.plan.step_size:
                 self._prefetch_next(layer_idx)
             ranges = [(starts[e], ends[e]) for e in group]
@@ -248,6 +248,9 @@ class OffloadRuntime:
         if not can_predict(router):  # e.g. the recurrent router: its gate reads a state, not the token
             return
         order = priority_order(predict_experts(router, x_TD, self.layers[nxt].cfg.num_experts))
+        expert_map = self.store.expert_maps[nxt]
+        if expert_map is not None:  # merged: the router's experts -> the stored experts that compute them
+            order = list(dict.fromkeys(expert_map[e] for e in order))
         self.predictions.append((self.forward_idx, nxt, order))
         self.cache.prefetch(nxt, order)
 
@@ -310,9 +313,12 @@ def expert_shape(model: nn.Module) -> ExpertShape:
         raise ValueError(f"expert_shape: the model's experts are {type(bank).__name__}, not an ExpertBank "
                          "(is it already offloaded?)")
     bank_format(bank)  # refuses a bank the store cannot hold, before anything is written
-    nbytes = sum(t.numel() * t.element_size() for t in _expert_tensors(bank, 0))
-    counts = [m.experts.num_experts for m in layers]
-    return ExpertShape(len(layers), max(counts), nbytes, tuple(counts) if len(set(counts)) > 1 else None)
+    sizes_LE = tuple(tuple(sum(t.numel() * t.element_size() for t in _expert_tensors(m.experts, e))
+                           for e in range(m.experts.num_experts)) for m in layers)
+    counts = [len(row) for row in sizes_LE]
+    sizes = {s for row in sizes_LE for s in row}
+    return ExpertShape(len(layers), max(counts), max(sizes), tuple(counts) if len(set(counts)) > 1 else None,
+                       sizes_LE if len(sizes) > 1 else None)
 
 
 def plan_offload(model: nn.Module, shape: ExpertStore | ExpertShape, budget: str | int | float = "25%",

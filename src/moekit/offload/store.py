@@ -1,9 +1,11 @@
 """The expert store: every routed expert of every MoE layer on disk, readable one expert at a time.
 
 Format "moekit-expert-store" version 1, version 2 for quantised experts (moekit.compress: per-tensor
-dtypes, uint8 codes and fp32 scales, one width per store), and version 3 for experts kept in a pretrained
+dtypes, uint8 codes and fp32 scales, one width per store), version 3 for experts kept in a pretrained
 bank's own format (a wrapped gpt-oss or Llama 4: transposed stacks, interleaved gate/up columns,
-per-expert biases, clamped SwiGLU; "layout" and "activation_params" keys); layers may hold different
+per-expert biases, clamped SwiGLU; "layout" and "activation_params" keys) and version 4 for experts of
+different sizes (mixed widths: per-expert formats and `expert_nbytes`) or merged layers (per-layer
+`expert_map`, router expert -> stored expert; moekit's own layout only); layers may hold different
 expert counts (`experts_per_layer`, moekit.compress pruning per layer); docs/offload.md is the
 specification. A directory:
 
@@ -22,7 +24,7 @@ stores are still read.
 
 Each layer file is a valid safetensors file (any safetensors reader opens it) written in expert
 order, so that one expert's tensors are one contiguous byte range: expert e of layer l is the
-`expert_nbytes` bytes at `layers[l].experts[e].offset` of the layer's file, gate_up (or up) first
+`expert_nbytes` bytes (version 4: `layers[l].expert_nbytes[e]`) at `layers[l].experts[e].offset` of the layer's file, gate_up (or up) first
 and down second. The header is padded with spaces so that the data starts on a 4096-byte boundary
 (experts then start page-aligned whenever expert_nbytes is a multiple of 4096). The per-expert
 sha256 covers exactly that byte range.
@@ -78,7 +80,8 @@ FORMAT = "moekit-expert-store"
 VERSION = 1
 QUANTIZED_VERSION = 2  # stores of quantised experts (moekit.compress): per-tensor dtypes and a "quantization" key
 LAYOUT_VERSION = 3  # experts stored as a pretrained bank holds them: "layout" and "activation_params" keys
-VERSIONS = (VERSION, QUANTIZED_VERSION, LAYOUT_VERSION)
+MIXED_VERSION = 4  # experts of different sizes (mixed widths) and merged layers: per-expert formats and sizes
+VERSIONS = (VERSION, QUANTIZED_VERSION, LAYOUT_VERSION, MIXED_VERSION)
 MANIFEST = "manifest.json"
 DENSE = "dense.safetensors"
 _ALIGN = 4096  # data start of every layer file: page-aligned expert reads
@@ -105,15 +108,23 @@ def _is_quantized(bank: nn.Module) -> bool:
     return hasattr(bank, "bits_E")  # moekit.compress.QuantizedExpertBank
 
 
+def _expert_bits(bank: nn.Module) -> list[int | None]:
+    """Each expert's weight width: its bits in a quantised bank (moekit.compress), None for a plain bank."""
+    return list(bank.bits_E) if _is_quantized(bank) else [None] * bank.num_experts
+
+
+def _format_name(bits: int | None) -> str:
+    return "dense" if bits is None else f"int{bits}"
+
+
 def _quantization(bank: nn.Module, layer: int) -> dict | None:
-    """{"bits", "group_size"} of a quantised bank (one width for every expert: the store holds one expert
-    size), or None."""
+    """{"bits", "group_size"} of a bank quantised to one width, None for a plain bank; a bank of mixed
+    widths raises (callers that can hold it - `write_store` - ask `_expert_bits` instead)."""
     if not _is_quantized(bank):
         return None
     widths = sorted(set(bank.bits_E))
     if len(widths) != 1:
-        raise ValueError(f"write_store: MoE layer {layer} mixes expert widths {widths} bits; the store holds one expert "
-                         "size: quantise every expert to one width (e.g. --quantize int4 --no-protect-super)")
+        raise ValueError(f"MoE layer {layer} mixes expert widths {widths} bits")
     return {"bits": widths[0], "group_size": bank.group_size}
 
 
@@ -177,22 +188,29 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
 
 
 def _write_layer_file(path: Path, bank: nn.Module, layer: int) -> dict[str, Any]:
-    """One layer's experts as a safetensors file in expert order; returns the manifest entry."""
-    names = _tensor_names(Activation(bank.activation).gated, _quantization(bank, layer),
-                          bank_format(bank, layer)["layout"]["bias"])
+    """One layer's experts as a safetensors file in expert order, each expert in its own format (its
+    width, moekit.compress) and size; returns the manifest entry."""
+    bits_E = _expert_bits(bank)
+    bias = bank_format(bank, layer)["layout"]["bias"]
     E = bank.num_experts
-    shapes = [tuple(t.shape) for t in _expert_tensors(bank, 0)]
-    dtypes = [t.dtype for t in _expert_tensors(bank, 0)]
-    dtype = dtypes[0]
-    for d in dtypes:
-        if d not in _ST_DTYPES:
-            raise ValueError(f"write_store: expert dtype {d} is not supported; expected one of "
-                             f"{sorted(str(x) for x in _ST_DTYPES)}")
-    sizes = [torch.empty((), dtype=d).element_size() * int(torch.Size(s).numel()) for s, d in zip(shapes, dtypes, strict=True)]
-    S_e = sum(sizes)
-    header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "version": str(VERSION), "layer": str(layer)}}
+    formats: dict[str, tuple] = {}  # name -> (tensor names, shapes, dtypes, sizes)
     for e in range(E):
-        begin = e * S_e
+        name = _format_name(bits_E[e])
+        if name in formats:
+            continue
+        ts = _expert_tensors(bank, e)
+        for t in ts:
+            if t.dtype not in _ST_DTYPES:
+                raise ValueError(f"write_store: expert dtype {t.dtype} is not supported; expected one of "
+                                 f"{sorted(str(x) for x in _ST_DTYPES)}")
+        q = None if bits_E[e] is None else {"bits": bits_E[e], "group_size": bank.group_size}
+        formats[name] = (_tensor_names(Activation(bank.activation).gated, q, bias), [tuple(t.shape) for t in ts], [t.dtype for t in ts],
+                         [t.numel() * t.element_size() for t in ts])
+    nbytes_E = [sum(formats[_format_name(b)][3]) for b in bits_E]
+    header: dict[str, Any] = {"__metadata__": {"format": FORMAT, "version": str(VERSION), "layer": str(layer)}}
+    begin = 0
+    for e in range(E):
+        names, shapes, dtypes, sizes = formats[_format_name(bits_E[e])]
         for name, shape, size, d in zip(names, shapes, sizes, dtypes, strict=True):
             header[f"e{e}.{name}"] = {"dtype": _ST_DTYPES[d], "shape": list(shape),
                                       "data_offsets": [begin, begin + size]}
@@ -202,6 +220,7 @@ def _write_layer_file(path: Path, bank: nn.Module, layer: int) -> dict[str, Any]
     raw += b" " * pad  # safetensors allows trailing spaces in the header
     data_start = 8 + len(raw)
     experts = []
+    offset = data_start
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
@@ -211,9 +230,19 @@ def _write_layer_file(path: Path, bank: nn.Module, layer: int) -> dict[str, Any]
                 b = _as_bytes(t)
                 h.update(b)
                 f.write(b)
-            experts.append({"offset": data_start + e * S_e, "sha256": h.hexdigest()})
-    return {"index": layer, "file": path.name, "file_nbytes": data_start + E * S_e, "data_start": data_start,
-            "experts": experts, "_shapes": shapes, "_sizes": sizes, "_dtype": dtype, "_dtypes": dtypes}
+            experts.append({"offset": offset, "sha256": h.hexdigest(), "format": _format_name(bits_E[e])})
+            offset += nbytes_E[e]
+    return {"index": layer, "file": path.name, "file_nbytes": offset, "data_start": data_start,
+            "experts": experts, "expert_nbytes": nbytes_E, "_formats": formats}
+
+
+def _tensor_entries(names, shapes, dtypes, sizes) -> list[dict[str, Any]]:
+    tensors, offset = [], 0
+    for name, shape, size, d in zip(names, shapes, sizes, dtypes, strict=True):
+        tensors.append({"name": name, "shape": list(shape), "offset": offset, "nbytes": size,
+                        "dtype": str(d).removeprefix("torch.")})
+        offset += size
+    return tensors
 
 
 def _dense_state(model: nn.Module, expert_banks: list[nn.Module]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -264,52 +293,73 @@ def write_store(model: nn.Module, out_dir: str | os.PathLike, *, source: dict[st
         if getattr(getattr(bank, "layout", None), "listed", False):
             raise ValueError(f"write_store: MoE layer {i}'s experts are separate modules (ExpertLayout(listed=True), "
                              "e.g. a wrapped Switch Transformers model), which the store cannot express")
-        if layer.expert_map_E is not None:
-            raise ValueError(f"write_store: MoE layer {i}'s experts were merged (router experts map to fewer "
-                             "experts), which the store cannot express")
         if bank_format(bank, i) != bank_format(layers[0].experts):
             raise ValueError(f"write_store: MoE layer {i} stores or computes its experts otherwise than layer 0 "
                              f"({bank_format(bank, i)} vs {bank_format(layers[0].experts)}); the store holds one format")
         if any(t.is_meta for t in _expert_tensors(bank, 0)):
             raise ValueError(f"write_store: MoE layer {i}'s expert weights are on the meta device (not loaded)")
         banks.append(bank)
-    quant = [_quantization(bank, i) for i, bank in enumerate(banks)]
-    if any(q != quant[0] for q in quant):
-        raise ValueError(f"write_store: MoE layers are quantised differently ({quant}); the store holds one expert size")
+    maps = [None if m.expert_map_E is None else m.expert_map_E.tolist() for m in layers]
+    bits = [_expert_bits(bank) for bank in banks]
+    widths = {b for bits_E in bits for b in bits_E}
+    if len(widths) > 1 and None in widths:
+        raise ValueError("write_store: some MoE layers are quantised and others are not; quantise every layer")
+    groups = {bank.group_size for bank in banks if _is_quantized(bank)}
+    if len(groups) > 1:
+        raise ValueError(f"write_store: MoE layers use different quantisation group sizes {sorted(groups)}")
+    # Version 4 when experts differ in size (mixed widths) or layers were merged, 3 for a pretrained bank's own
+    # layout; else the older versions, which older moekits read.
+    fmt = bank_format(banks[0])
+    version = MIXED_VERSION if len(widths) > 1 or any(m is not None for m in maps) else (
+        QUANTIZED_VERSION if None not in widths else VERSION if fmt == _PLAIN else LAYOUT_VERSION)
+    if version == MIXED_VERSION and fmt != _PLAIN:
+        raise ValueError(f"write_store: mixed-width or merged experts in a bank's own layout ({fmt}) are not held; "
+                         "version-4 stores hold moekit's standard layout only")
     check_store_target(out_dir)
     with atomic_dir(out_dir, KIND, "write_store") as tmp:
         entries = [_write_layer_file(tmp / f"layer-{i:03d}.safetensors", bank, i) for i, bank in enumerate(banks)]
-        first = entries[0]
+        formats: dict[str, tuple] = {}
         for i, ent in enumerate(entries):
-            if ent["_shapes"] != first["_shapes"] or ent["_dtypes"] != first["_dtypes"]:
-                raise ValueError(f"write_store: MoE layer {i} has expert shapes {ent['_shapes']} {ent['_dtype']}, "
-                                 f"layer 0 has {first['_shapes']} {first['_dtype']}; the store needs one expert size")
-        fmt = bank_format(banks[0])
-        names = _tensor_names(Activation(banks[0].activation).gated, quant[0], fmt["layout"]["bias"])
-        tensors, offset = [], 0
-        for name, shape, size, d in zip(names, first["_shapes"], first["_sizes"], first["_dtypes"], strict=True):
-            tensors.append({"name": name, "shape": list(shape), "offset": offset, "nbytes": size,
-                            "dtype": str(d).removeprefix("torch.")})
-            offset += size
+            for name, spec in ent["_formats"].items():
+                if formats.setdefault(name, spec) != spec:
+                    raise ValueError(f"write_store: MoE layer {i} has {name} experts of shapes {spec[1]} {spec[2]}, an "
+                                     f"earlier layer {formats[name][1]} {formats[name][2]}; the store needs one shape "
+                                     "per format")
+        specs = {name: {"expert_nbytes": sum(spec[3]), "tensors": _tensor_entries(*spec)}
+                 for name, spec in sorted(formats.items())}
+        big = max(specs, key=lambda n: specs[n]["expert_nbytes"])
         dense = None
         if isinstance(model, MoELM):
             dense_tensors, aliases = _dense_state(model, banks)
             save_file(dense_tensors, str(tmp / DENSE))
             digest = sha256_file(tmp / DENSE)
             dense = {"file": DENSE, "sha256": digest, "aliases": aliases, "model_config": model.cfg.to_dict()}
-        version = QUANTIZED_VERSION if quant[0] else VERSION if fmt == _PLAIN else LAYOUT_VERSION
+        group = next(iter(groups), None)
+        quant = None if None in widths else (
+            {"group_size": group} if version == MIXED_VERSION else {"bits": widths.pop(), "group_size": group})
+        layer_entries = []
+        for ent, name, m in zip(entries, moe_layer_names(model), maps, strict=True):
+            e = {k: v for k, v in ent.items() if not k.startswith("_")} | {"name": name}
+            if version != MIXED_VERSION:  # versions 1 to 3: one format, one size
+                del e["expert_nbytes"]
+                e["experts"] = [{k: v for k, v in x.items() if k != "format"} for x in e["experts"]]
+            elif m is not None:
+                e["expert_map"] = m  # merged: router expert -> stored (bank) expert
+            layer_entries.append(e)
         manifest = {
-            "format": FORMAT, "version": version, "quantization": quant[0],
+            "format": FORMAT, "version": version, "quantization": quant,
             "num_layers": len(banks), "num_experts": max(b.num_experts for b in banks), "d_model": banks[0].d_model,
             "d_expert": banks[0].d_expert, "activation": banks[0].activation,
-            "dtype": str(first["_dtype"]).removeprefix("torch."), "expert_nbytes": offset,
-            "tensors": tensors,
+            "dtype": specs[big]["tensors"][0]["dtype"],
+            "expert_nbytes": specs[big]["expert_nbytes"],
+            "tensors": specs[big]["tensors"],
             **(fmt if version == LAYOUT_VERSION else {}),
-            "layers": [{k: v for k, v in ent.items() if not k.startswith("_")} | {"name": name}
-                       for ent, name in zip(entries, moe_layer_names(model), strict=True)],
+            "layers": layer_entries,
             "dense": dense,
             "source": source or {},
         }
+        if version == MIXED_VERSION:
+            manifest["formats"] = specs
         counts = [b.num_experts for b in banks]
         if len(set(counts)) > 1:  # pruned per layer (moekit.compress): num_experts is the largest
             manifest["experts_per_layer"] = counts
@@ -377,15 +427,17 @@ def _check_manifest(m: Any, man_path: Path) -> None:
     if m.get("version") not in VERSIONS:
         raise ExpertStoreError(f"{man_path}: version {m.get('version')!r}, this moekit reads versions "
                                f"{', '.join(map(str, VERSIONS))}")
+    version = m["version"]
     quant = m.get("quantization")
-    if (quant is not None) != (m["version"] == QUANTIZED_VERSION):
-        raise bad(f"version {m['version']} with quantization {quant!r} (quantised stores are version {QUANTIZED_VERSION})")
+    if version != MIXED_VERSION and (quant is not None) != (version == QUANTIZED_VERSION):
+        raise bad(f"version {version} with quantization {quant!r} (quantised stores are version {QUANTIZED_VERSION})")
     positive = (lambda v: _is_int(v, 1), "an integer >= 1")
     L = need(m, "num_layers", *positive)
     E = need(m, "num_experts", *positive)
     D = need(m, "d_model", *positive)
     F = need(m, "d_expert", *positive)
     activation = need(m, "activation", lambda v: v in ACTIVATIONS, f"one of {ACTIVATIONS}")
+    G = None
     dtype = _TORCH_DTYPES[need(m, "dtype", lambda v: v in _TORCH_DTYPES, f"one of {sorted(_TORCH_DTYPES)}")]
     S = need(m, "expert_nbytes", *positive)
     layout = {f: False for f in _LAYOUT_FIELDS}
@@ -401,49 +453,93 @@ def _check_manifest(m: Any, man_path: Path) -> None:
         except (TypeError, ValueError) as e:
             raise bad(f"activation {activation!r} with {params} is not one moekit computes ({e})") from e
     gated = Activation(activation).gated
-    names = _tensor_names(gated, quant, layout["bias"])
     X = 2 * F if gated else F
-    shapes = ([D, X] if layout["in_transposed"] else [X, D], [F, D] if layout["out_transposed"] else [D, F])
-    if layout["bias"]:
-        shapes += ([X], [D])
-    dtypes = (dtype,) * len(shapes)
     if quant is not None:
-        b = need(quant, "bits", lambda v: v in (2, 4, 8), "2, 4 or 8", "quantization.")
         G = need(quant, "group_size", lambda v: _is_int(v, 1) and D % v == 0 and F % v == 0,
                  "a divisor of d_model and d_expert", "quantization.")
-        shapes = ([X, D * b // 8], [X, D // G], [D, F * b // 8], [D, F // G])
-        dtypes = (torch.uint8, torch.float32, torch.uint8, torch.float32)
-    tensors = need(m, "tensors", lambda v: isinstance(v, list) and len(v) == len(names),
-                   f"a list of {len(names)} tensor entries")
-    offset = 0
-    for i, (t, name, shape, d) in enumerate(zip(tensors, names, shapes, dtypes, strict=True)):
-        where = f"tensors[{i}]."
-        need(t, "name", lambda v, n=name: v == n, repr(name), where)
-        need(t, "shape", lambda v, s=shape: v == s, f"{shape} (from d_model, d_expert and activation)", where)
-        need(t, "offset", lambda v, o=offset: v == o, f"{offset} (tensors are contiguous)", where)
-        nbytes = torch.empty((), dtype=d).element_size() * math.prod(shape)
-        need(t, "nbytes", lambda v, n=nbytes: v == n, f"{nbytes} (shape x dtype size)", where)
-        offset += nbytes
-    if S != offset:
-        raise bad(f"expert_nbytes is {S}, but its tensors take {offset} bytes")
+
+    def check_tensors(tensors: Any, bits: int | None, where: str) -> int:
+        """The bytes of one expert of a format, after checking its tensor entries."""
+        if bits is None:  # version 3: as the bank stores them (transposed, biases); else [X, D] and [D, F]
+            shapes = ([D, X] if layout["in_transposed"] else [X, D], [F, D] if layout["out_transposed"] else [D, F])
+            if layout["bias"]:
+                shapes += ([X], [D])
+            dtypes = (dtype,) * len(shapes)
+        else:
+            shapes = ([X, D * bits // 8], [X, D // G], [D, F * bits // 8], [D, F // G])
+            dtypes = (torch.uint8, torch.float32, torch.uint8, torch.float32)
+        names = _tensor_names(gated, None if bits is None else {"bits": bits}, layout["bias"])
+        if not (isinstance(tensors, list) and len(tensors) == len(names)):
+            raise bad(f"{where}tensors is {tensors!r}, expected a list of {len(names)} tensor entries")
+        offset = 0
+        for i, (t, name, shape, d) in enumerate(zip(tensors, names, shapes, dtypes, strict=True)):
+            at = f"{where}tensors[{i}]."
+            need(t, "name", lambda v, n=name: v == n, repr(name), at)
+            need(t, "shape", lambda v, s=shape: v == s, f"{shape} (from d_model, d_expert and activation)", at)
+            need(t, "offset", lambda v, o=offset: v == o, f"{offset} (tensors are contiguous)", at)
+            nbytes = torch.empty((), dtype=d).element_size() * math.prod(shape)
+            need(t, "nbytes", lambda v, n=nbytes: v == n, f"{nbytes} (shape x dtype size)", at)
+            offset += nbytes
+        return offset
+
+    # Each format an expert may have: its name -> bytes per expert.
+    if version == MIXED_VERSION:
+        formats = need(m, "formats", lambda v: isinstance(v, dict) and v, "an object of expert formats")
+        sizes: dict[str, int] = {}
+        for name, spec in formats.items():
+            if name == "dense":
+                bits = None
+            elif name in ("int2", "int4", "int8") and quant is not None:
+                bits = int(name[3:])
+            else:
+                raise bad(f"formats has {name!r}, expected 'dense' (unquantised store) or int2/int4/int8 (quantised)")
+            sizes[name] = check_tensors(need(spec, "tensors", lambda v: True, "", f"formats.{name}."), bits,
+                                        f"formats.{name}.")
+            need(spec, "expert_nbytes", lambda v, n=sizes[name]: v == n, f"{sizes[name]} (its tensors)",
+                 f"formats.{name}.")
+        if S != max(sizes.values()):
+            raise bad(f"expert_nbytes is {S}, expected the largest format's {max(sizes.values())}")
+        big = max(sizes, key=sizes.get)
+        need(m, "tensors", lambda v, b=big: v == formats[b]["tensors"], f"the largest format's ({big}) tensors")
+    else:
+        bits = None if quant is None else need(quant, "bits", lambda v: v in (2, 4, 8), "2, 4 or 8", "quantization.")
+        size = check_tensors(need(m, "tensors", lambda v: isinstance(v, list), "a list of tensor entries"), bits, "")
+        if S != size:
+            raise bad(f"expert_nbytes is {S}, but its tensors take {size} bytes")
+        sizes = {_format_name(bits): size}
     counts = m.get("experts_per_layer", [E] * L)
     if not (isinstance(counts, list) and len(counts) == L and all(_is_int(c, 1) for c in counts) and max(counts) == E):
         raise bad(f"experts_per_layer is {counts!r}, expected {L} integers >= 1 whose largest is num_experts = {E}")
     layers = need(m, "layers", lambda v: isinstance(v, list) and len(v) == L, f"a list of num_layers = {L} entries")
+    (only,) = sizes if version != MIXED_VERSION else (None,)
     for li, (layer, E) in enumerate(zip(layers, counts, strict=True)):
         where = f"layers[{li}]."
         need(layer, "index", lambda v, i=li: v == i, str(li), where)
         need(layer, "file", lambda v: isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v,
              "a file name inside the store", where)
         start = need(layer, "data_start", lambda v: _is_int(v, 8), "an integer >= 8", where)
-        need(layer, "file_nbytes", lambda v, n=start + E * S: v == n, f"data_start + E x expert_nbytes = "
-             f"{start + E * S}", where)
+        if version != MIXED_VERSION:  # one size: the file's size follows from the count alone
+            need(layer, "file_nbytes", lambda v, n=start + E * S: v == n, f"data_start + E x expert_nbytes = "
+                 f"{start + E * S}", where)
         experts = need(layer, "experts", lambda v, n=E: isinstance(v, list) and len(v) == n,
                        f"a list of the layer's {E} experts", where)
+        fmts = [only] * E
+        if version == MIXED_VERSION:
+            fmts = [need(x, "format", lambda v: v in sizes, f"one of {sorted(sizes)}", f"{where}experts[{e}].")
+                    for e, x in enumerate(experts)]
+            want = [sizes[f] for f in fmts]
+            need(layer, "expert_nbytes", lambda v, w=want: v == w, f"{want} (each expert's format size)", where)
+            end = start + sum(want)
+            need(layer, "file_nbytes", lambda v, n=end: v == n, f"data_start + the layer's expert bytes = {end}", where)
+            if "expert_map" in layer:  # merged: every router expert sends its tokens to a stored expert
+                need(layer, "expert_map", lambda v, n=E: isinstance(v, list) and v and all(
+                    _is_int(x) and x < n for x in v), f"a list of stored expert ids 0..{E - 1}", where)
+        offset = start
         for e, x in enumerate(experts):
-            need(x, "offset", lambda v, o=start + e * S: v == o, f"{start + e * S}", f"{where}experts[{e}].")
+            need(x, "offset", lambda v, o=offset: v == o, f"{offset}", f"{where}experts[{e}].")
             need(x, "sha256", lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest",
                  f"{where}experts[{e}].")
+            offset += sizes[fmts[e]]
     dense = m.get("dense")
     if dense is not None:
         need(dense, "file", lambda v: isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v,
@@ -510,11 +606,25 @@ class ExpertStore:
         self.dtype: torch.dtype = _TORCH_DTYPES[m["dtype"]]
         # {"bits", "group_size"} of a store of quantised experts (moekit.compress), else None.
         self.quantization: dict | None = m.get("quantization")
-        t = m["tensors"]
-        dtypes = tuple(_TORCH_DTYPES[x["dtype"]] for x in t) if self.quantization else None
-        self.layout = ExpertLayout(tuple(x["name"] for x in t), tuple(tuple(x["shape"]) for x in t),
-                                   tuple(x["offset"] for x in t), tuple(x["nbytes"] for x in t),
-                                   self.dtype, self.expert_nbytes, dtypes)
+        # Each expert format (version 4: "dense", "int4", "int8", ...; older stores one) as an ExpertLayout.
+        specs = m.get("formats") or {_format_name(None if self.quantization is None else self.quantization["bits"]):
+                                     {"tensors": m["tensors"], "expert_nbytes": self.expert_nbytes}}
+        self.layouts: dict[str, ExpertLayout] = {}
+        for name, spec in specs.items():
+            t = spec["tensors"]
+            dtypes = tuple(_TORCH_DTYPES[x["dtype"]] for x in t) if name != "dense" else None
+            self.layouts[name] = ExpertLayout(tuple(x["name"] for x in t), tuple(tuple(x["shape"]) for x in t),
+                                              tuple(x["offset"] for x in t), tuple(x["nbytes"] for x in t),
+                                              self.dtype, spec["expert_nbytes"], dtypes)
+        (only,) = specs if len(specs) == 1 else (None,)
+        self.expert_format_LE: list[list[str]] = [[x.get("format", only) for x in layer["experts"]]
+                                                  for layer in m["layers"]]
+        # S_e of each expert: mixed widths give experts of different sizes (the budget counts each one's own).
+        self.expert_nbytes_LE: list[list[int]] = [[self.layouts[f].expert_nbytes for f in row]
+                                                  for row in self.expert_format_LE]
+        # Merged layers (moekit.compress.merge): router expert -> stored expert; None: the identity.
+        self.expert_maps: list[list[int] | None] = [layer.get("expert_map") for layer in m["layers"]]
+        self.layout = self.layouts[max(self.layouts, key=lambda n: self.layouts[n].expert_nbytes)]  # the largest
         self._verified: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
         self._fds: list[int] = []
@@ -533,7 +643,8 @@ class ExpertStore:
             raise ExpertStoreError(f"expert store {self.path}: {layer['file']} (MoE layer {li}) is missing")
         size = path.stat().st_size
         if size < layer["file_nbytes"]:
-            cut = [e for e, x in enumerate(layer["experts"]) if x["offset"] + self.expert_nbytes > size]
+            cut = [e for e, x in enumerate(layer["experts"])
+                   if x["offset"] + self.expert_nbytes_LE[li][e] > size]
             raise ExpertStoreError(
                 f"expert store {self.path}: {layer['file']} is truncated ({size} bytes, expected "
                 f"{layer['file_nbytes']}): layer {li} expert {cut[0]} (and {len(cut) - 1} more) lie past its end; "
@@ -561,7 +672,8 @@ class ExpertStore:
             raise ExpertStoreError(f"{where} has a damaged safetensors header ({e})") from e
         base = layer["data_start"]
         for e, x in enumerate(layer["experts"]):
-            for name, off, nb in zip(self.layout.names, self.layout.offsets, self.layout.nbytes, strict=True):
+            lay = self.layouts[self.expert_format_LE[layer["index"]][e]]
+            for name, off, nb in zip(lay.names, lay.offsets, lay.nbytes, strict=True):
                 entry = header.get(f"e{e}.{name}")
                 want = [x["offset"] - base + off, x["offset"] - base + off + nb]
                 if entry is None or entry.get("data_offsets") != want:
@@ -586,7 +698,20 @@ class ExpertStore:
     @property
     def total_nbytes(self) -> int:
         """Bytes of all routed experts."""
-        return sum(self.experts_per_layer) * self.expert_nbytes
+        return sum(map(sum, self.expert_nbytes_LE))
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every expert has the same size (no mixed widths)."""
+        return len(self.layouts) == 1
+
+    def expert_bits(self, layer: int, expert: int) -> int | None:
+        """The width of a stored expert (quantised stores), None for an unquantised one."""
+        f = self.expert_format_LE[layer][expert]
+        return None if f == "dense" else int(f[3:])
+
+    def layout_of(self, layer: int, expert: int) -> ExpertLayout:
+        return self.layouts[self.expert_format_LE[layer][expert]]
 
     def _check_index(self, layer: int, expert: int) -> None:
         if not (0 <= layer < self.num_layers and 0 <= expert < self.experts_per_layer[layer]):
@@ -597,18 +722,19 @@ class ExpertStore:
             raise ExpertStoreError(f"expert store {self.path} is closed")
 
     def read_into(self, layer: int, expert: int, buf_u8: torch.Tensor) -> None:
-        """Read expert `expert` of MoE layer `layer` into `buf_u8` ((expert_nbytes,) uint8, CPU,
-        contiguous) with one positional read; check its sha256 as `verify` says."""
+        """Read expert `expert` of MoE layer `layer` into `buf_u8` ((S_e,) uint8, CPU, contiguous, S_e =
+        expert_nbytes_LE[layer][expert]) with one positional read; check its sha256 as `verify` says."""
         self._check_index(layer, expert)
-        if buf_u8.dtype != torch.uint8 or buf_u8.numel() != self.expert_nbytes or not buf_u8.is_contiguous():
-            raise ValueError(f"read_into: need a contiguous uint8 buffer of {self.expert_nbytes} bytes, got "
+        S = self.expert_nbytes_LE[layer][expert]
+        if buf_u8.dtype != torch.uint8 or buf_u8.numel() != S or not buf_u8.is_contiguous():
+            raise ValueError(f"read_into: need a contiguous uint8 buffer of {S} bytes, got "
                              f"{buf_u8.dtype} {tuple(buf_u8.shape)}")
         info = self.manifest["layers"][layer]
         mv = memoryview(buf_u8.numpy())
         got = os.preadv(self._fds[layer], [mv], info["experts"][expert]["offset"])
-        if got != self.expert_nbytes:
+        if got != S:
             raise ExpertStoreError(f"expert store {self.path}: layer {layer} expert {expert} is truncated in "
-                                   f"{info['file']} (read {got} of {self.expert_nbytes} bytes); rewrite the store")
+                                   f"{info['file']} (read {got} of {S} bytes); rewrite the store")
         if self.verify == "never" or (self.verify == "first" and (layer, expert) in self._verified):
             return
         digest = hashlib.sha256(mv).hexdigest()
@@ -621,32 +747,37 @@ class ExpertStore:
 
     def load(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
         """A freshly allocated copy of one expert's tensors (gate_up | up, down)."""
-        buf = torch.empty(self.expert_nbytes, dtype=torch.uint8)
+        self._check_index(layer, expert)
+        buf = torch.empty(self.expert_nbytes_LE[layer][expert], dtype=torch.uint8)
         self.read_into(layer, expert, buf)
-        return self.layout.views(buf)
+        return self.layout_of(layer, expert).views(buf)
 
     def verify_all(self) -> None:
         """Read and checksum every expert (a full scan); raises on the first bad one."""
-        buf = torch.empty(self.expert_nbytes, dtype=torch.uint8)
         saved, self.verify = self.verify, "always"
         try:
             for layer in range(self.num_layers):
                 for e in range(self.experts_per_layer[layer]):
-                    self.read_into(layer, e, buf)
+                    self.read_into(layer, e, torch.empty(self.expert_nbytes_LE[layer][e], dtype=torch.uint8))
         finally:
             self.verify = saved
 
     def check_matches(self, layers: list[MoELayer]) -> None:
-        """Refuse a store whose shapes differ from the model's MoE layers."""
+        """Refuse a store whose shapes, merges or widths differ from the model's MoE layers."""
         if len(layers) != self.num_layers:
             raise ExpertStoreError(f"expert store {self.path} has {self.num_layers} MoE layers, the model has {len(layers)}")
         for i, layer in enumerate(layers):
             cfg = layer.cfg
-            got = (cfg.num_experts, cfg.expert_dim, cfg.d_expert, cfg.activation)
+            got = (layer.experts.num_experts, cfg.expert_dim, cfg.d_expert, cfg.activation)
             want = (self.experts_per_layer[i], self.d_model, self.d_expert, self.activation)
             if got != want:
                 raise ExpertStoreError(f"expert store {self.path} holds experts (E, D, F, activation) = {want}, "
                                        f"MoE layer {i} of the model has {got}")
+            mine_map = None if layer.expert_map_E is None else layer.expert_map_E.tolist()
+            if mine_map != self.expert_maps[i]:
+                raise ExpertStoreError(f"expert store {self.path}: MoE layer {i}'s experts are "
+                                       f"{'merged' if self.expert_maps[i] is not None else 'not merged'} in the store "
+                                       f"(expert map {self.expert_maps[i]}), the model's map is {mine_map}")
             bank = layer.experts
             fmt = bank_format(bank, i)
             mine = (fmt["layout"], fmt["activation_params"])
@@ -657,11 +788,11 @@ class ExpertStore:
                                        f"{bank.act.describe() if hasattr(bank, 'act') else bank.activation}")
             if any(t.is_meta for t in _expert_tensors(bank, 0)):
                 continue  # a model built without its experts (load_dense_lm): the store says what they are
-            mine = _quantization(bank, i)
-            if mine != self.quantization:
-                raise ExpertStoreError(f"expert store {self.path} holds experts quantised as {self.quantization}, "
-                                       f"MoE layer {i} of the model has {mine}")
-
+            mine = _expert_bits(bank)
+            stored = [self.expert_bits(i, e) for e in range(self.experts_per_layer[i])]
+            if mine != stored:
+                raise ExpertStoreError(f"expert store {self.path} holds MoE layer {i}'s experts at widths {stored} "
+                                       f"(None: unquantised), the model has {mine}")
 
 def __getattr__(name: str):
     # load_dense_lm (building a model from a store) moved to moekit.offload.load; still importable from here.

@@ -32,7 +32,7 @@ from moekit.data import DOMAINS
 from moekit.errors import UsageError
 from moekit.models import LMConfig
 from moekit.train import checkpoint as ckpt
-from moekit.train.evaluate import UNIGRAM_NOTE
+from moekit.train.evaluate import UNIGRAM_NOTE, evaluate
 from moekit.train.rundir import locked_dir
 from moekit.train.trainer import (
     TrainConfig,
@@ -141,20 +141,7 @@ def compare(variants: dict[str, tuple[LMConfig, TrainConfig]], out_dir: str | Pa
             run_dir = out_dir / name
             resume = (run_dir / "config.json").is_file() or ckpt.has_checkpoint(run_dir)
             result = train(model_cfg, train_cfg, run_dir, resume=resume, progress=progress, log=log)
-            rows[name] = {
-                "group": groups[name], "seed": train_cfg.seed,
-                "router": f"{model_cfg.moe.router.kind}({model_cfg.moe.router.describe()})",
-                "params": result["params"], "active_params": result["active_params"],
-                "active_params_config": result["active_params_config"],
-                "val_loss": result["loss"], "val_bpb": result["bpb"],
-                "bpb_by_domain": {d: v["bpb"] for d, v in result["per_domain"].items()},
-                "experts_per_token": result["experts_per_token"],
-                "experts_per_token_by_layer": result["experts_per_token_by_layer"],
-                "experts_per_token_by_domain": {d: v["experts_per_token"] for d, v in result["per_domain"].items()},
-                "zero_compute_per_token_by_domain": {d: v.get("zero_compute_per_token_by_layer")
-                                                     for d, v in result["per_domain"].items()},
-                "tokens_per_s": _mean_tokens_per_s(run_dir),
-            }
+            rows[name] = _row(model_cfg, result, groups[name], train_cfg.seed, _mean_tokens_per_s(run_dir))
         report = _report(reference, rows, result["unigram_bpb"])
         md = _write_report(out_dir, report)
     log(md)
@@ -208,6 +195,24 @@ def merge(dirs: list[str | Path], out_dir: str | Path, log=print) -> dict[str, A
     return report
 
 
+def _row(model_cfg: LMConfig, result: dict[str, Any], group: str, seed: int, tokens_per_s: float | None) -> dict:
+    """One run's compare.json row from its validation result (`moekit.train.evaluate` plus parameter counts)."""
+    return {
+        "group": group, "seed": seed,
+        "router": f"{model_cfg.moe.router.kind}({model_cfg.moe.router.describe()})",
+        "params": result["params"], "active_params": result["active_params"],
+        "active_params_config": result["active_params_config"],
+        "val_loss": result["loss"], "val_bpb": result["bpb"],
+        "bpb_by_domain": {d: v["bpb"] for d, v in result["per_domain"].items()},
+        "experts_per_token": result["experts_per_token"],
+        "experts_per_token_by_layer": result["experts_per_token_by_layer"],
+        "experts_per_token_by_domain": {d: v["experts_per_token"] for d, v in result["per_domain"].items()},
+        "zero_compute_per_token_by_domain": {d: v.get("zero_compute_per_token_by_layer")
+                                             for d, v in result["per_domain"].items()},
+        "tokens_per_s": tokens_per_s,
+    }
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     rows = report["runs"]
     domains = [d for d in DOMAINS if d in next(iter(rows.values()))["bpb_by_domain"]]
@@ -215,7 +220,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     header = ["run", "router", "params", "active/token (measured)", "val loss", "val bpb",
               *(f"bpb {d}" for d in domains), "experts/token", "by layer", *(f"k {d}" for d in domains), "tokens/s"]
     seeds = report.get("seeds") or [t.get("seed", 0)]
-    lines = [f"Training: {t['steps']} steps x {t['micro_batch'] * t['grad_accum'] * t['seq_len']} tokens, "
+    lines = [*(["Existing runs, evaluated on the first run's validation windows (nothing trained)."]
+               if report.get("evaluated_only") else []),
+             f"Training: {t['steps']} steps x {t['micro_batch'] * t['grad_accum'] * t['seq_len']} tokens, "
              f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, tokenizer {t['tokenizer']}. Unigram baseline {report['unigram_bpb']:.3f} bits/byte "
              f"({UNIGRAM_NOTE}).",
              "",
@@ -225,7 +232,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         cells = [name, r["router"], f"{r['params']:,}", f"{r['active_params']:,}", f"{r['val_loss']:.4f}",
                  f"{r['val_bpb']:.4f}", *(f"{r['bpb_by_domain'][d]:.3f}" for d in domains),
                  f"{r['experts_per_token']:.3f}", " / ".join(f"{x:.2f}" for x in r["experts_per_token_by_layer"]),
-                 *(f"{r['experts_per_token_by_domain'][d]:.2f}" for d in domains), f"{r['tokens_per_s']:.0f}"]
+                 *(f"{r['experts_per_token_by_domain'][d]:.2f}" for d in domains),
+                 "–" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     summary = report.get("groups") or {}
     if any(len(v["runs"]) > 1 for v in summary.values()):
@@ -240,3 +248,47 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {g} | {len(v['runs'])} | {pm(v['val_bpb'])} | {pm(v['experts_per_token'])} | "
                          f"{'yes' if v['pareto'] else ''} |")
     return "\n".join(lines) + "\n"
+
+
+def compare_runs(run_dirs: dict[str, str | Path], out_dir: str | Path, log=print) -> dict[str, Any]:
+    """Evaluate existing runs (trained, or compressed by `moekit compress`) on the same validation
+    windows - the first run's `seq_len` and `eval_tokens` - and write compare.json and compare.md as
+    `compare` does (nothing is trained). `tokens_per_s` is the run's training speed where it has a
+    metrics.jsonl (a compressed run has none: None).
+
+    run_dirs: {row name: run directory}. Raises UsageError for runs of different tokenizers or a
+    directory that is not a run, CheckpointError for a damaged checkpoint, NotOwnedError when `out_dir`
+    holds files moekit did not write, DirectoryLockedError while another process writes it.
+    """
+    from moekit.train.evaluate import measured_active_params
+    from moekit.train.trainer import load_trained
+
+    if not run_dirs:
+        raise UsageError("compare: no runs given; expected --runs DIR1,DIR2,...")
+    out_dir = Path(out_dir)
+    rows: dict[str, dict] = {}
+    reference: dict[str, Any] | None = None
+    with locked_dir(out_dir, "compare", "moekit compare"):
+        for name, run_dir in run_dirs.items():
+            model, train_cfg, tok = load_trained(run_dir)
+            t = train_cfg.to_dict()
+            if reference is None:
+                reference = t
+            elif t["tokenizer"] != reference["tokenizer"]:
+                raise UsageError(f"compare: run {run_dir} uses tokenizer {t['tokenizer']!r}, the first run "
+                                 f"{reference['tokenizer']!r}; bits per byte are comparable, the same windows are not")
+            log(f"== {name} ({run_dir})")
+            # Every run on the first run's windows: the same validation tokens for all.
+            result = evaluate(model, tok, reference["seq_len"], reference["eval_tokens"])
+            model_cfg = model.cfg
+            result["params"] = model_cfg.num_params()
+            result["active_params"] = measured_active_params(model_cfg, result["experts_per_token_by_layer"])
+            result["active_params_config"] = model_cfg.num_active_params()
+            metrics = Path(run_dir) / "metrics.jsonl"
+            rows[name] = _row(model_cfg, result, name, t["seed"],
+                              _mean_tokens_per_s(Path(run_dir)) if metrics.is_file() else None)
+            rows[name]["run_dir"] = str(run_dir)
+        report = _report(reference, rows, result["unigram_bpb"], evaluated_only=True)
+        md = _write_report(out_dir, report)
+    log(md)
+    return report
