@@ -115,3 +115,19 @@ def test_wrapped_model_exports_and_compiles_like_transformers(fam, make_model, p
         torch.testing.assert_close(dyn.module()(ids7), want7, atol=1e-5, rtol=1e-5)
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(net, fullgraph=True)(ids), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_forward_leaves_read_only_aux_losses():
+    """Inside torch.compile the routing info keeps plain dicts (dynamo cannot rebuild the read-only mapping
+    that leaves the graph); `routing_info()` hands them out read-only all the same."""
+    import moekit
+
+    layer = moekit.MoELayer(moekit.MoEConfig(d_model=16, d_expert=8, num_experts=4, router=moekit.RouterConfig(k=2)))
+    layer.train()
+    torch.compile(layer, backend="eager", fullgraph=True)(torch.randn(2, 5, 16))
+    info = layer.routing_info()
+    assert "load_balance" in info.aux  # the layer's aux losses (the top-k router adds none of its own)
+    for aux in (info.aux, info.route.aux):
+        assert isinstance(aux, moekit.routers.base.FrozenAux)
+        with pytest.raises(TypeError):
+            aux["load_balance"] = torch.zeros(())

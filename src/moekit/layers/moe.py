@@ -87,7 +87,7 @@ class RoutingInfo:
     expert_flops: int = 0  # FLOPs of the routed FFN experts that ran (zero-computation experts: none)
 
     def __post_init__(self):
-        if not isinstance(self.aux, FrozenAux):  # read-only, like RouterOutput.aux
+        if not isinstance(self.aux, FrozenAux) and not torch.compiler.is_compiling():  # read-only, like RouterOutput.aux
             object.__setattr__(self, "aux", FrozenAux(self.aux))
 
     @property
@@ -451,7 +451,12 @@ class MoELayer(nn.Module):
     def routing_info(self) -> RoutingInfo:
         if self._info is None:
             raise RuntimeError("MoELayer.routing_info(): no forward has run yet")
-        return self._info
+        info = self._info
+        if not torch.compiler.is_compiling():  # a compiled forward left plain dicts (see RoutingInfo): freeze them
+            for holder in (info, info.route):
+                if not isinstance(holder.aux, FrozenAux):
+                    object.__setattr__(holder, "aux", FrozenAux(holder.aux))
+        return info
 
     def extra_repr(self) -> str:
         cfg = self.cfg

@@ -95,7 +95,9 @@ class RouterOutput:
     extras: RouteExtras = field(default=NO_EXTRAS)
 
     def __post_init__(self):
-        if not isinstance(self.aux, FrozenAux):
+        if not isinstance(self.aux, FrozenAux) and not torch.compiler.is_compiling():
+            # (inside torch.compile / torch.export the plain dict stays: dynamo cannot rebuild a FrozenAux that
+            # leaves the graph in the layer's routing info)
             object.__setattr__(self, "aux", FrozenAux(self.aux))
 
     @property
