@@ -75,11 +75,14 @@ TESTED_BLOCKS = ("MixtralSparseMoeBlock", "OlmoeSparseMoeBlock", "Qwen2MoeSparse
 
 # Blocks refused by class, where a structural reading would find the parts but the forward does something
 # else (each reason checked against the installed transformers 5.x source).
-UNEXPRESSED = {
-    "NllbMoeSparseMLP": "its experts' forward (NllbMoeExperts) dispatches by the values of the router's one-hot "
-                        "top-1 mask, not by expert index: every token runs expert 1 with its top-1 weight and expert 0 "
-                        "with its top-2 weight, and experts 2.. never run (transformers 5.x); besides, moekit lacks "
-                        "NLLB's batch-wide top-2 capacity and its eval-mode output scale (1 - moe_token_dropout)",
+UNEXPRESSED: dict[str, str] = {}
+
+# Blocks whose transformers 5.x forward is not what the model's authors run: moekit runs the authors' rule, checks
+# the block's router and experts part by part (not against the block's own output), and `wrap` warns once.
+DIVERGENT = {
+    "NllbMoeSparseMLP": "the wrapped NllbMoeSparseMLP blocks run NLLB-MoE's top-2 as fairseq and transformers 4.x do "
+                        "(each token through its two experts), which differs from transformers 5.x's NllbMoeExperts "
+                        "(only experts 0 and 1 run there: it dispatches by the values of the top-1 mask)",
 }
 
 # Modules with the parts of a sparse block that are not an FFN MoE: left as transformers runs them (wrap
@@ -124,6 +127,7 @@ class BlockSpec:
     latent: tuple[nn.Linear, nn.Linear] | None = None  # (D -> l, l -> D) around the routed experts
     output_bias: nn.Parameter | None = None  # (D,) added to the block's output
     output_norm: nn.Module | None = None  # an RMSNorm of the block's output (its `weight` (D,) is bound)
+    reads_padding_mask: bool = False  # its router drops the padding tokens of the mask the block is passed (NLLB)
 
     @property
     def expert_weight(self) -> torch.Tensor:
@@ -273,7 +277,7 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                     num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
                     shared_activation_limit=shared_limit,
                     shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
-                    latent_dim=Din if latent is not None else None, expert_capacity=_capacity(gate),
+                    latent_dim=Din if latent is not None else None, **_capacity(gate, experts, config, refuse),
                     output_bias=output_bias is not None,
                     output_norm_eps=None if output_norm is None else _norm_eps(output_norm, D), backend=backend)
     try:
@@ -285,7 +289,8 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     spec = BlockSpec(block, gate, router_weight, router_bias, selection_bias, experts, bank, layout, activation,
                      shared, shared_gate, cfg, model_config=model_config,
                      router_tensors={} if hash_table is None else {"tid2eid": hash_table},
-                     latent=latent, output_bias=output_bias, output_norm=output_norm)
+                     latent=latent, output_bias=output_bias, output_norm=output_norm,
+                     reads_padding_mask=_router_reads_padding_mask(gate, E, D))
     _read_rule_from_router(spec)
     return spec
 
@@ -624,10 +629,51 @@ def _read_activation(experts: nn.Module, gated: bool, layout: ExpertLayout, Fdim
                  f"limit={limit}, alpha={alpha}) on a probe")
 
 
-def _capacity(gate: nn.Module) -> int | None:
-    """A fixed per-expert capacity the router states (Switch Transformers' `expert_capacity`)."""
+def _capacity(gate: nn.Module, experts: nn.Module, config: Any, refuse) -> dict[str, Any]:
+    """The MoEConfig capacity settings the router states: Switch Transformers' `expert_capacity` (per sequence);
+    GShard top-2 gating as fairseq runs it for NLLB-MoE (a `moe_eval_capacity_token_fraction` router: over the
+    batch, first choices first; `batch_prioritized_routing`, `normalize_router_prob_before_dropping`) and NLLB's
+    `moe_token_dropout` on the expert outputs. The model config's `expert_capacity` comes first: transformers'
+    NLLB router overwrites its own attribute with the eval capacity of its last eval forward."""
     value = getattr(gate, "expert_capacity", None)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if hasattr(gate, "expert_capacity") and hasattr(config, "expert_capacity"):
+        value = config.expert_capacity
+    out: dict[str, Any] = {"expert_capacity": value if isinstance(value, int) and not isinstance(value, bool) else None}
+    fraction = getattr(gate, "moe_eval_capacity_token_fraction", None)
+    if not isinstance(fraction, int | float):
+        return out
+    policy = getattr(gate, "second_expert_policy", "all")
+    if policy != "all":
+        raise refuse(f"its router's second_expert_policy={policy!r} samples the second expert; moekit runs NLLB-MoE's "
+                     "deterministic 'all' policy only")
+    dropout = getattr(experts, "moe_token_dropout", None)  # transformers 5.x: on the experts; 4.x: on the block
+    return {**out, "capacity_scope": "batch", "eval_capacity_fraction": float(fraction) if fraction > 0 else None,
+            "capacity_priority": "score" if getattr(gate, "batch_prioritized_routing", False) else "token",
+            "capacity_renormalize": not getattr(gate, "normalize_router_prob_before_dropping", False),
+            "expert_dropout": float(dropout or 0.0)}
+
+
+def _router_reads_padding_mask(gate: nn.Module, E: int, D: int) -> bool:
+    """Whether the router's forward takes a padding mask (4-D, as NLLB-MoE's layers pass their attention mask)
+    and gives the tokens it masks no expert: read on a copy of it, 4 tokens with the first masked (False on
+    meta tensors, where the deferred probe reads the block again)."""
+    params = [p for p in inspect.signature(gate.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    weight = next(gate.parameters(), None)
+    if len(params) < 2 or "mask" not in params[1].name or weight is None or weight.is_meta:
+        return False
+    probe = copy.deepcopy(gate).float().eval()
+    x_TD = torch.randn(4, D, generator=torch.Generator().manual_seed(0)).to(weight.device)
+    mask = torch.zeros(1, 1, 4, 4, device=weight.device)
+    mask[..., 0] = torch.finfo(mask.dtype).min  # key 0 is padding
+    try:
+        with torch.no_grad():
+            out = probe(x_TD, mask)
+    except Exception:
+        return False
+    w_TE = next((t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)
+                 and t.is_floating_point() and tuple(t.shape) == (4, E)), None)
+    return w_TE is not None and not bool(w_TE[0].any()) and bool(w_TE[1:].ne(0).any(-1).all())
 
 
 def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection_bias: bool,
@@ -681,7 +727,7 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor,
     (transformers v5) and dense (T, E) scores with zeros off the chosen experts (Llama 4).
     `selection_bias_E` (E,) fp32, where given, takes the place of the block's selection bias (in the
     copy, or as the argument a block-held bias is passed as): a probe value, the model's is untouched."""
-    gate = copy.deepcopy(spec.gate).float()
+    gate = copy.deepcopy(spec.gate).float().eval()  # the rule itself (no jitter, no training-mode capacity)
     E = spec.cfg.router_slots  # router columns: the experts and any zero-computation ones
     if selection_bias_E is not None:
         with torch.no_grad():
@@ -713,6 +759,13 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor,
         if not bool((out[0].sum(-1) <= 1).all()) or not bool((idx_T1 == out[2].argmax(-1, keepdim=True)).all()):
             return None
         return out[1].float(), idx_T1
+    if len(out) == 3 and not out[0].dtype.is_floating_point and all(tuple(t.shape) == (T, E) for t in out):
+        # (top-1 mask (T, E), combine weights (T, E) with zeros off the chosen experts, logits): NLLB-MoE's top-2.
+        w_TE = out[1].float()
+        picks_T = w_TE.ne(0).sum(-1)
+        if not bool((picks_T == picks_T[0]).all()):
+            return None
+        return w_TE.topk(int(picks_T[0]), dim=-1)
     if len(out) == 3:
         _, w_TK, idx_TK = out
         if idx_TK.dtype.is_floating_point or idx_TK.shape != w_TK.shape or idx_TK.shape[0] != T:
