@@ -763,6 +763,11 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor,
         # (top-1 mask (T, E), combine weights (T, E) with zeros off the chosen experts, logits): NLLB-MoE's top-2.
         w_TE = out[1].float()
         picks_T = w_TE.ne(0).sum(-1)
+        if not bool((picks_T == picks_T[0]).all()) and len(args) == 1:
+            # its capacity dropped some (an eval capacity fraction < 1): one token at a time, where none drops
+            with torch.no_grad():
+                w_TE = torch.cat([gate(x_TD[t:t + 1])[1].float() for t in range(T)])
+            picks_T = w_TE.ne(0).sum(-1)
         if not bool((picks_T == picks_T[0]).all()):
             return None
         return w_TE.topk(int(picks_T[0]), dim=-1)
