@@ -197,8 +197,8 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
             with _eager_experts(spec.experts), _kept_attributes(spec.gate):
                 out_hf = block(x_BTD, **ids)
             hook.remove()
-            if gate_dims:
-                layer.router_logits_keep_batch = layer.records_router_logits and gate_dims[0] == 3
+            if gate_dims:  # NLLB-MoE's router, called on (T, D), returns (B, T, E) logits for a (B, T, D) input
+                layer.router_logits_keep_batch = layer.router_logits_keep_batch and gate_dims[0] == 3
             y_hf = out_hf[0] if isinstance(out_hf, tuple) else out_hf
             if not bool(y_hf.float().norm(dim=-1).isfinite().all()):  # garbage weights (torch.empty) overflow
                 raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its own output on the probe "

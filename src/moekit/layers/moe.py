@@ -505,6 +505,7 @@ class MoELayer(nn.Module):
         arch = "".join(f", {name}={getattr(cfg, name)}" for name, default in (
             ("iterations", 1), ("zero_experts", 0), ("copy_experts", 0), ("constant_experts", 0),
             ("gating_residual", False), ("latent_dim", None), ("pregated", False), ("expert_capacity", None),
+            ("capacity_scope", "sequence"), ("eval_capacity_fraction", None), ("expert_dropout", 0.0),
             ("output_bias", False), ("output_norm_eps", None)) if getattr(cfg, name) != default)
         return (f"router={cfg.router.kind}({cfg.router.describe()}), E={cfg.num_experts}{arch}, "
                 f"shared={cfg.num_shared_experts}, params={cfg.num_params():,}, "
