@@ -388,7 +388,8 @@ class MoEConfig(Config):
     token's kept weights to sum to 1 after dropping (fairseq's default; its
     normalize_gate_prob_before_dropping is the opposite). expert_dropout=p is NLLB-MoE's
     moe_token_dropout as transformers runs it: in training, dropout p on every expert output; in eval,
-    the experts' output times 1 - p.
+    the experts' output times 1 - p. expert_hidden_dropout=p: dropout on each expert's hidden activations in
+    training (the dropout inside Switch Transformers' and NLLB-MoE's expert MLPs).
     balance_scope: "micro" computes the load-balancing loss's expert frequencies f per micro-batch
     (most frameworks' default); "global" accumulates them over the micro-batches of an optimiser
     step and all data-parallel ranks (arXiv 2501.11873).
@@ -453,6 +454,8 @@ class MoEConfig(Config):
                                                 "dropping (fairseq top2gating)")
     expert_dropout: float = setting(0.0, "dropout on expert outputs in training, output scale 1 - p in eval "
                                          "(NLLB-MoE moe_token_dropout)")
+    expert_hidden_dropout: float = setting(0.0, "dropout on the experts' hidden activations in training (Switch, "
+                                                "NLLB-MoE expert MLPs)")
     backend: str = setting("auto", "expert GEMMs: auto (grouped kernel where available, else a loop) or "
                            "grouped_mm", choices=BACKENDS)
     balance_scope: str = setting("micro", "load-balancing frequencies per micro-batch, or global over the "
@@ -538,6 +541,8 @@ class MoEConfig(Config):
                 "MoEConfig.capacity_renormalize", self.capacity_renormalize,
                 "false unless a capacity rule is on (expert_capacity or capacity_scope='batch')")
         require(0.0 <= self.expert_dropout < 1.0, "MoEConfig.expert_dropout", self.expert_dropout,
+                "a float in [0, 1)")
+        require(0.0 <= self.expert_hidden_dropout < 1.0, "MoEConfig.expert_hidden_dropout", self.expert_hidden_dropout,
                 "a float in [0, 1)")
         require(self.backend in BACKENDS, "MoEConfig.backend", self.backend, f"one of {BACKENDS}")
         require(self.balance_scope in BALANCE_SCOPES, "MoEConfig.balance_scope", self.balance_scope,

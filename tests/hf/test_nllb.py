@@ -259,3 +259,26 @@ def test_expert_dropout_in_training_and_its_eval_scale():
     zero = got == 0
     assert 0.3 < float(zero[want != 0].float().mean()) < 0.7
     torch.testing.assert_close(got[~zero], 2 * want[~zero])
+
+
+def test_expert_hidden_dropout_is_read_from_the_expert_mlps(randomized):
+    """NLLB-MoE's expert MLPs drop their hidden activations in training (activation_dropout): the wrapped bank
+    does too, the same draws as the expert module itself under the same seed; eval is exact."""
+    model = _nllb(randomized, activation_dropout=0.5)
+    expert = _blocks(model)[0].experts["expert_0"]
+    _wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    assert layer.cfg.expert_hidden_dropout == 0.5 and layer.experts.hidden_dropout == 0.5
+    bank = layer.experts.train()
+    expert.train()
+    x_ND = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    offsets_E = torch.full((6,), 64, dtype=torch.int32)  # every row through expert 0
+    with torch.no_grad():
+        torch.manual_seed(3)
+        y_ND = bank(x_ND, offsets_E)
+        torch.manual_seed(3)
+        want = expert(x_ND)  # the HF module: fc1, ReLU, dropout, fc2
+        plain = expert.eval()(x_ND)
+        torch.testing.assert_close(y_ND, want)
+        assert not torch.allclose(y_ND, plain)
+        torch.testing.assert_close(bank.eval()(x_ND, offsets_E), plain)

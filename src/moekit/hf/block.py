@@ -46,7 +46,8 @@ class HFMoEBlock(MoELayer):
             super().__init__(spec.cfg)
             if spec.layout != STANDARD:  # the block's own storage, read in place (views, never copies)
                 self.experts = ExpertBank(spec.cfg.num_experts, spec.cfg.expert_dim, spec.cfg.d_expert,
-                                          self.experts.act, spec.layout)
+                                          self.experts.act, spec.layout,
+                                          hidden_dropout=spec.cfg.expert_hidden_dropout)
         # The placeholders, held so that their ids stay theirs: "not bound" is "still a placeholder", not "on
         # the meta device" (a model built under `with torch.device("meta")` has every tensor there).
         placeholders = list(self.state_dict(keep_vars=True).values())

@@ -189,12 +189,13 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                      "by product keys (two top-k over sqrt(E) keys each, then a top-k of their sums); moekit's experts "
                      "are FFNs chosen by one linear router")
     parallel = None if isinstance(getattr(block, "experts", None), nn.Module) else _parallel_experts(block)
+    hidden_dropout = 0.0  # the experts' own dropout on their hidden activations (listed MLP modules)
     experts = block if parallel is not None else block.experts
     if parallel is not None:
         bank, layout, E, Din, Fdim, gated = _read_parallel(*parallel)
         activation = _read_activation(block, gated, layout, Fdim, refuse)
     elif isinstance(experts, nn.ModuleList | nn.ModuleDict):
-        bank, layout, E, Din, Fdim, activation = _read_listed(experts, refuse)
+        bank, layout, E, Din, Fdim, activation, hidden_dropout = _read_listed(experts, refuse)
     else:
         bank, layout, E, Din, Fdim, gated = _read_bank(experts, refuse)
         activation = _read_activation(experts, gated, layout, Fdim, refuse)
@@ -279,7 +280,8 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                     shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
                     latent_dim=Din if latent is not None else None, **_capacity(gate, experts, config, refuse),
                     output_bias=output_bias is not None,
-                    output_norm_eps=None if output_norm is None else _norm_eps(output_norm, D), backend=backend)
+                    output_norm_eps=None if output_norm is None else _norm_eps(output_norm, D), backend=backend,
+                    expert_hidden_dropout=hidden_dropout)
     try:
         with warnings.catch_warnings():  # a first reading, settled below; not a setting the user chose
             warnings.simplefilter("ignore")
@@ -443,10 +445,11 @@ def _read_parallel(w_in: nn.Module, w_out: nn.Module) -> tuple[dict, ExpertLayou
     return {"gate_up_proj" if gated else "up_proj": a, "down_proj": b}, STANDARD, E, D, Fdim, gated
 
 
-def _read_listed(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int, int, Activation]:
+def _read_listed(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int, int, Activation, float]:
     """Experts as separate dense MLP modules (Switch Transformers, NLLB-MoE): each one Linear D -> F, an
-    activation, and one Linear F -> D (dropout aside). The bank holds these Linear modules in place
-    (ExpertLayout(listed=True)); the experts' module's own forward is checked on expert 0."""
+    activation, one Linear F -> D, and at most one dropout (on the hidden activations, as both families run it;
+    its p is returned for MoEConfig.expert_hidden_dropout). The bank holds these Linear modules in place
+    (ExpertLayout(listed=True)); the experts' module's own forward is checked on expert 0, in eval mode."""
     mlps = list(experts.children())
     mlps = [m for m in mlps if any(True for _ in m.parameters())]
     lin = [[c for c in m.children() if isinstance(c, nn.Linear)] for m in mlps]
@@ -480,8 +483,12 @@ def _read_listed(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, i
         if not torch.allclose(want, got, atol=1e-5, rtol=1e-5):
             raise refuse(f"its expert module {type(mlps[0]).__name__} does not compute Linear-activation-Linear "
                          f"({name}) on a probe")
+    drops = {float(d.p) for m in mlps for d in m.modules() if isinstance(d, nn.Dropout) and d.p > 0}
+    if len(drops) > 1 or any(sum(isinstance(d, nn.Dropout) and d.p > 0 for d in m.modules()) > 1 for m in mlps):
+        raise refuse(f"its expert modules ({type(mlps[0]).__name__}) hold more than one dropout setting {sorted(drops)}; "
+                     "moekit's experts have one, on the hidden activations")
     bank = {"in_proj": nn.ModuleList(a for a, _ in lin), "out_proj": nn.ModuleList(b for _, b in lin)}
-    return bank, ExpertLayout(listed=True, bias=bias), len(mlps), D, Fdim, activation
+    return bank, ExpertLayout(listed=True, bias=bias), len(mlps), D, Fdim, activation, next(iter(drops), 0.0)
 
 
 def _read_bank(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int, int, bool]:

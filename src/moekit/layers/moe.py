@@ -173,7 +173,8 @@ class MoELayer(nn.Module):
                          clamp_after=cfg.activation_clamp_after,
                          softcap=None if cfg.activation_softcap_gate is None
                          else (cfg.activation_softcap_gate, cfg.activation_softcap_up))
-        self.experts = ExpertBank(cfg.num_experts, cfg.expert_dim, cfg.d_expert, act)
+        self.experts = ExpertBank(cfg.num_experts, cfg.expert_dim, cfg.d_expert, act,
+                                  hidden_dropout=cfg.expert_hidden_dropout)
         # Latent experts: names as transformers' NemotronHMoE, so its Parameters can be shared.
         self.fc1_latent_proj = self.fc2_latent_proj = None
         if cfg.latent_dim is not None:
