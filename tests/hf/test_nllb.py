@@ -177,9 +177,10 @@ def test_wrap_leaves_the_routers_capacity_attribute_alone(randomized):
     assert router.expert_capacity == 64
 
 
-def test_sampled_second_expert_is_refused_in_one_line(randomized):
-    model = _nllb(randomized, second_expert_policy="sampling")
-    with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"NllbMoeSparseMLP: .*second_expert_policy='sampling'"
+@pytest.mark.parametrize("policy", ["sampling", "random"])
+def test_sampled_second_expert_is_refused_in_one_line(randomized, policy):
+    model = _nllb(randomized, second_expert_policy=policy)
+    with pytest.raises(moekit.hf.UnsupportedBlockError, match=rf"NllbMoeSparseMLP: .*second_expert_policy='{policy}'"
                                                               r".*deterministic 'all' policy only") as e:
         moekit.hf.wrap(model)
     assert "\n" not in str(e.value)
@@ -282,3 +283,21 @@ def test_expert_hidden_dropout_is_read_from_the_expert_mlps(randomized):
         torch.testing.assert_close(y_ND, want)
         assert not torch.allclose(y_ND, plain)
         torch.testing.assert_close(bank.eval()(x_ND, offsets_E), plain)
+
+
+def test_a_router_that_ignores_padding_keeps_padded_tokens_routed(randomized):
+    """router_ignore_padding_tokens=True: transformers' router routes the padding tokens too (the probe reads
+    that), and so does the wrapped block; logits with a padded source equal the reference."""
+    model = _nllb(randomized, router_ignore_padding_tokens=True)
+    ids, dec = _ids(), _ids(seed=2)[:, :7].contiguous()
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    with torch.no_grad(), reference():
+        ref = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    _wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    assert not layer.reads_padding_mask
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert layer.routing_info().num_tokens == ids.numel()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -651,8 +651,8 @@ def _capacity(gate: nn.Module, experts: nn.Module, config: Any, refuse) -> dict[
         return out
     policy = getattr(gate, "second_expert_policy", "all")
     if policy != "all":
-        raise refuse(f"its router's second_expert_policy={policy!r} samples the second expert; moekit runs NLLB-MoE's "
-                     "deterministic 'all' policy only")
+        raise refuse(f"its router's second_expert_policy={policy!r} samples the second expert (in eval too); moekit "
+                     "runs NLLB-MoE's deterministic 'all' policy only")
     dropout = getattr(experts, "moe_token_dropout", None)  # transformers 5.x: on the experts; 4.x: on the block
     return {**out, "capacity_scope": "batch", "eval_capacity_fraction": float(fraction) if fraction > 0 else None,
             "capacity_priority": "score" if getattr(gate, "batch_prioritized_routing", False) else "token",
