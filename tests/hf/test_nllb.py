@@ -301,3 +301,14 @@ def test_a_router_that_ignores_padding_keeps_padded_tokens_routed(randomized):
         got = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     assert layer.routing_info().num_tokens == ids.numel()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_wrap_matches_bf16_reference(randomized):
+    model = _nllb(randomized).to(torch.bfloat16)
+    ids, dec = _ids(), _ids(seed=2)[:, :7].contiguous()
+    with torch.no_grad(), reference():
+        ref = model(input_ids=ids, decoder_input_ids=dec).logits.float()
+    _wrap(model)
+    with torch.no_grad():
+        got = model(input_ids=ids, decoder_input_ids=dec).logits.float()
+    assert float((got - ref).norm() / ref.norm()) < 2e-2
