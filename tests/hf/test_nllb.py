@@ -177,6 +177,13 @@ def test_wrap_leaves_the_routers_capacity_attribute_alone(randomized):
     assert router.expert_capacity == 64
 
 
+def test_a_low_precision_router_dtype_is_refused_in_one_line(randomized):
+    model = _nllb(randomized, router_dtype="bfloat16")
+    with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"NllbMoeSparseMLP: its router computes its softmax in "
+                                                              r"torch.bfloat16 \(router_dtype\); moekit's gate math is fp32"):
+        moekit.hf.wrap(model)
+
+
 @pytest.mark.parametrize("policy", ["sampling", "random"])
 def test_sampled_second_expert_is_refused_in_one_line(randomized, policy):
     model = _nllb(randomized, second_expert_policy=policy)

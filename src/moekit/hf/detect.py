@@ -653,6 +653,9 @@ def _capacity(gate: nn.Module, experts: nn.Module, config: Any, refuse) -> dict[
     if policy != "all":
         raise refuse(f"its router's second_expert_policy={policy!r} samples the second expert (in eval too); moekit "
                      "runs NLLB-MoE's deterministic 'all' policy only")
+    router_dtype = getattr(gate, "dtype", torch.float32)
+    if router_dtype != torch.float32:
+        raise refuse(f"its router computes its softmax in {router_dtype} (router_dtype); moekit's gate math is fp32")
     dropout = getattr(experts, "moe_token_dropout", None)  # transformers 5.x: on the experts; 4.x: on the block
     return {**out, "capacity_scope": "batch", "eval_capacity_fraction": float(fraction) if fraction > 0 else None,
             "capacity_priority": "score" if getattr(gate, "batch_prioritized_routing", False) else "token",
