@@ -185,12 +185,34 @@ def test_a_low_precision_router_dtype_is_refused_in_one_line(randomized):
 
 
 @pytest.mark.parametrize("policy", ["sampling", "random"])
-def test_sampled_second_expert_is_refused_in_one_line(randomized, policy):
+def test_sampled_second_expert_matches_the_reference_draw_for_draw(randomized, policy):
+    """second_expert_policy 'sampling' (Gumbel-max over the other logits) and 'random' (the next best kept with
+    probability 2p) sample in eval too: under the same seed the wrapped model draws what transformers draws
+    (logits to 1e-5), and another seed gives other logits (the draws matter)."""
     model = _nllb(randomized, second_expert_policy=policy)
-    with pytest.raises(moekit.hf.UnsupportedBlockError, match=rf"NllbMoeSparseMLP: .*second_expert_policy='{policy}'"
-                                                              r".*deterministic 'all' policy only") as e:
+    ids, dec = _ids(), _ids(seed=2)[:, :7].contiguous()
+    with torch.no_grad(), reference():
+        torch.manual_seed(5)
+        ref = model(input_ids=ids, decoder_input_ids=dec).logits
+        torch.manual_seed(6)
+        other = model(input_ids=ids, decoder_input_ids=dec).logits
+    _wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    assert layer.cfg.router.second_expert == policy
+    with torch.no_grad():
+        torch.manual_seed(5)
+        got = model(input_ids=ids, decoder_input_ids=dec).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert (other - ref).abs().max() > 1e-2
+    per_token = layer.routing_info().experts_per_token_T
+    assert set(per_token.tolist()) == ({1, 2} if policy == "random" else {2})
+
+
+def test_random_policy_with_normalise_before_dropping_is_refused_in_one_line(randomized):
+    model = _nllb(randomized, second_expert_policy="random", normalize_router_prob_before_dropping=True)
+    with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"NllbMoeSparseMLP: its router's second_expert_policy="
+                                                              r"'random' with normalize_router_prob_before_dropping"):
         moekit.hf.wrap(model)
-    assert "\n" not in str(e.value)
 
 
 def test_rerouting_and_masks_on_wrapped_nllb(randomized):

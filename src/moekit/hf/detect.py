@@ -649,10 +649,11 @@ def _capacity(gate: nn.Module, experts: nn.Module, config: Any, refuse) -> dict[
     fraction = getattr(gate, "moe_eval_capacity_token_fraction", None)
     if not isinstance(fraction, int | float):
         return out
-    policy = getattr(gate, "second_expert_policy", "all")
-    if policy != "all":
-        raise refuse(f"its router's second_expert_policy={policy!r} samples the second expert (in eval too); moekit "
-                     "runs NLLB-MoE's deterministic 'all' policy only")
+    if getattr(gate, "second_expert_policy", "all") == "random" and \
+            getattr(gate, "normalize_router_prob_before_dropping", False):
+        raise refuse("its router's second_expert_policy='random' with normalize_router_prob_before_dropping weights the "
+                     "kept second expert by its raw probability and the first by its normalised one (transformers); "
+                     "fairseq normalises both: moekit runs neither exactly")
     router_dtype = getattr(gate, "dtype", torch.float32)
     if router_dtype != torch.float32:
         raise refuse(f"its router computes its softmax in {router_dtype} (router_dtype); moekit's gate math is fp32")
@@ -711,10 +712,13 @@ def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection
     has_p = any(hasattr(obj, "moe_normalize_expert_weights") for obj in (gate, block, config) if obj is not None)
     normalize_p = read(("moe_normalize_expert_weights",), ("moe_normalize_expert_weights",), None)
     normalize = bool(read(("norm_topk_prob",), ("norm_topk_prob",), True)) if not has_p else normalize_p is not None
+    # GShard top-2 gating's second-expert policy (NLLB-MoE's `second_expert_policy`; "all": the next best)
+    policy = read(("second_expert_policy",), ("second_expert_policy",), "all")
     return RouterConfig(
         kind="topk",
         k=int(k),
         score=score,
+        second_expert="top" if policy == "all" else policy,
         normalize=normalize,
         normalize_p=float(normalize_p or 1.0),
         # ERNIE 4.5 divides by clamp(sum, min=moe_norm_min).
@@ -738,6 +742,10 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor,
     `selection_bias_E` (E,) fp32, where given, takes the place of the block's selection bias (in the
     copy, or as the argument a block-held bias is passed as): a probe value, the model's is untouched."""
     gate = copy.deepcopy(spec.gate).float().eval()  # the rule itself (no jitter, no training-mode capacity)
+    if getattr(gate, "second_expert_policy", "all") != "all":
+        # a sampled second expert (NLLB's "sampling", "random"; in eval too): the probe compares the deterministic
+        # rule ("all", moekit's second_expert="top"); the draws are checked by their distribution in tests
+        gate.second_expert_policy = "all"
     E = spec.cfg.router_slots  # router columns: the experts and any zero-computation ones
     if selection_bias_E is not None:
         with torch.no_grad():
@@ -911,6 +919,8 @@ def router_weight_ratio(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.T
     from moekit.routers import router_class
 
     E, D = spec.cfg.router_slots, spec.cfg.d_model
+    if getattr(router_cfg, "second_expert", "top") != "top":  # the deterministic rule, as `call_router` probes it
+        router_cfg = dataclasses.replace(router_cfg, second_expert="top")
     with torch.device("meta"):
         router = router_class(router_cfg.kind)(router_cfg, D, E)
     router.eval()  # a training-mode router would jitter its input (Switch's router_jitter_noise)
