@@ -649,10 +649,11 @@ def _capacity(gate: nn.Module, experts: nn.Module, config: Any, refuse) -> dict[
     fraction = getattr(gate, "moe_eval_capacity_token_fraction", None)
     if not isinstance(fraction, int | float):
         return out
-    if getattr(gate, "second_expert_policy", "all") == "random" and \
-            getattr(gate, "normalize_router_prob_before_dropping", False):
-        raise refuse("its router's second_expert_policy='random' with normalize_router_prob_before_dropping weights the "
-                     "kept second expert by its raw probability and the first by its normalised one (transformers); "
+    policy = getattr(gate, "second_expert_policy", "all")
+    if policy not in ("all", "sampling") and getattr(gate, "normalize_router_prob_before_dropping", False):
+        # the policy that keeps the next best at random (TopKConfig.second_expert; its name is also a router kind's)
+        raise refuse(f"its router's second_expert_policy={policy!r} with normalize_router_prob_before_dropping weights "
+                     "the kept second expert by its raw probability and the first by its normalised one (transformers); "
                      "fairseq normalises both: moekit runs neither exactly")
     router_dtype = getattr(gate, "dtype", torch.float32)
     if router_dtype != torch.float32:
