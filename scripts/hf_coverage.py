@@ -156,6 +156,49 @@ OVERRIDES: dict[str, dict] = {
                  "aligned": dict(encoder_ffn_dim=48, decoder_ffn_dim=48),
                  "native": dict(encoder_ffn_dim=48, decoder_ffn_dim=48, activation_function="relu")},
 }
+
+
+@contextlib.contextmanager
+def nllb_experts_as_in_transformers_4():
+    """transformers' NllbMoeExperts.forward replaced, for as long as the context lasts, by a transcription of
+    transformers 4.x's per-expert dispatch (NllbMoeSparseMLP.forward up to v4.57), which is fairseq's NLLB-MoE
+    top-2 layer: expert e runs on the tokens whose combine weight router_probs[t, e] is non-zero, its output
+    times that weight (and, with moe_token_dropout = p, dropout p on its output in training, times 1 - p in
+    eval), summed over experts.
+
+    NOTE: the reference for nllb_moe only. transformers 5.x's NllbMoeExperts.forward one-hot encodes the
+    *values* of the (T, E) 0/1 top-1 mask, so `expert_0` runs for every column that is not a token's top-1
+    (weighted by router_probs there: its top-2 weight) and `expert_1` for its top-1 column; experts 2.. never
+    run. That is a transformers bug, not NLLB-MoE, and moekit runs the authors' rule (`moekit.hf.wrap` warns)."""
+    from transformers.models.nllb_moe import modeling_nllb_moe
+
+    def forward(self, hidden_states, router_mask, router_probs):
+        dispatch_TE = router_probs.bool()  # 4.x: router_mask = router_probs.bool()
+        out_TD = torch.zeros_like(hidden_states)
+        for idx in range(self.num_experts):
+            token_idx = dispatch_TE[:, idx].nonzero().squeeze(-1)
+            expert_output = self[f"expert_{idx}"](hidden_states[token_idx])
+            if self.moe_token_dropout > 0:
+                if self.training:
+                    expert_output = self.token_dropout(expert_output)
+                else:
+                    expert_output = expert_output * (1 - self.moe_token_dropout)
+            # 4.x scatters into an (E, T, D) tensor and sums over E; accumulating per expert is the same sum
+            out_TD.index_add_(0, token_idx, router_probs[token_idx, idx, None] * expert_output)
+        return out_TD
+
+    cls = modeling_nllb_moe.NllbMoeExperts
+    original = cls.forward
+    cls.forward = forward
+    try:
+        yield
+    finally:
+        cls.forward = original
+
+
+# Families whose transformers 5.x forward is a bug, checked against transformers with that bug fixed.
+REFERENCE_FIX = {"nllb_moe": (nllb_experts_as_in_transformers_4,
+                              "(ref: transformers with NllbMoeExperts.forward fixed to 4.x's per-expert dispatch)")}
 MAX_PARAMS = 20_000_000  # a tiny config that is not tiny (e.g. default vision towers) is reported, not built
 
 
@@ -279,7 +322,17 @@ def _greedy(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def check(family: str, config: str) -> tuple[str, str, str]:
-    """(block classes, status, reason) for one family under one config."""
+    """(block classes, status, reason) for one family under one config; families in REFERENCE_FIX against
+    transformers with that fix applied (said in the reason)."""
+    if family not in REFERENCE_FIX:
+        return _check(family, config)
+    fix, note = REFERENCE_FIX[family]
+    with fix():
+        block, status, why = _check(family, config)
+    return block, status, f"{note} {why}".strip()
+
+
+def _check(family: str, config: str) -> tuple[str, str, str]:
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             model = build(family, config)

@@ -22,6 +22,8 @@ GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "reglu")
 ACTIVATIONS = (*GATED_ACTIVATIONS, "gelu", "gelu_tanh", "relu", "relu2", "silu")
 BACKENDS = ("auto", "grouped_mm")
 BALANCE_SCOPES = ("micro", "global")
+CAPACITY_SCOPES = ("sequence", "batch")
+CAPACITY_PRIORITIES = ("token", "score")
 
 
 def require(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -377,6 +379,17 @@ class MoEConfig(Config):
     expert_capacity=C is Switch Transformers' own rule as transformers runs it (arXiv 2101.03961): in
     each sequence (a (B, T, D) input's rows; a (T, D) input is one sequence), an expert takes the
     first C of the tokens routed to it, in token order, in training and eval alike; the rest drop.
+    capacity_scope="batch" is GShard's top-2 rule as fairseq runs it for NLLB-MoE (arXiv 2006.16668,
+    2207.04672): over the whole flattened batch, every token's first choice ranks before any second
+    choice (choices ordered by weight), and within a choice tokens go in order (capacity_priority
+    "token") or by their top score, highest first (batch prioritized routing, arXiv 2106.05974); C is
+    expert_capacity, or K * ceil(T / E) without one (T every token of the call, padding included), and
+    in eval mode ceil(eval_capacity_fraction * T) where that is set. capacity_renormalize rescales each
+    token's kept weights to sum to 1 after dropping (fairseq's default; its
+    normalize_gate_prob_before_dropping is the opposite). expert_dropout=p is NLLB-MoE's
+    moe_token_dropout as transformers runs it: in training, dropout p on every expert output; in eval,
+    the experts' output times 1 - p. expert_hidden_dropout=p: dropout on each expert's hidden activations in
+    training (the dropout inside Switch Transformers' and NLLB-MoE's expert MLPs).
     balance_scope: "micro" computes the load-balancing loss's expert frequencies f per micro-batch
     (most frameworks' default); "global" accumulates them over the micro-batches of an optimiser
     step and all data-parallel ranks (arXiv 2501.11873).
@@ -429,6 +442,20 @@ class MoEConfig(Config):
     eval_capacity_factor: float | None = setting(None, "the same cap in eval mode (None = dropless)")
     expert_capacity: int | None = setting(None, "a fixed cap per expert and sequence, first tokens first, in "
                                           "training and eval (Switch Transformers; None = off)")
+    capacity_scope: str = setting("sequence", "where expert_capacity counts: per sequence, first tokens first "
+                                  "(Switch), or over the batch, first choices before second ones (GShard/NLLB; "
+                                  "C = K*ceil(T/E) when expert_capacity is None)", choices=CAPACITY_SCOPES)
+    capacity_priority: str = setting("token", "order of tokens within a choice under capacity_scope='batch': "
+                                     "token order, or top score first (batch prioritized routing)",
+                                     choices=CAPACITY_PRIORITIES)
+    eval_capacity_fraction: float | None = setting(None, "capacity_scope='batch' in eval mode: C = ceil(fraction * "
+                                                   "T) (fairseq moe_eval_capacity_token_fraction; None = as training)")
+    capacity_renormalize: bool = setting(False, "renormalise each token's kept weights to sum 1 after capacity "
+                                                "dropping (fairseq top2gating)")
+    expert_dropout: float = setting(0.0, "dropout on expert outputs in training, output scale 1 - p in eval "
+                                         "(NLLB-MoE moe_token_dropout)")
+    expert_hidden_dropout: float = setting(0.0, "dropout on the experts' hidden activations in training (Switch, "
+                                                "NLLB-MoE expert MLPs)")
     backend: str = setting("auto", "expert GEMMs: auto (grouped kernel where available, else a loop) or "
                            "grouped_mm", choices=BACKENDS)
     balance_scope: str = setting("micro", "load-balancing frequencies per micro-batch, or global over the "
@@ -500,6 +527,23 @@ class MoEConfig(Config):
                 self.output_norm_eps, "None or a float > 0")
         require(self.expert_capacity is None or self.expert_capacity >= 1, "MoEConfig.expert_capacity",
                 self.expert_capacity, "None or an integer >= 1")
+        require(self.capacity_scope in CAPACITY_SCOPES, "MoEConfig.capacity_scope", self.capacity_scope,
+                f"one of {CAPACITY_SCOPES}")
+        require(self.capacity_priority in CAPACITY_PRIORITIES and (self.capacity_priority == "token"
+                                                                   or self.capacity_scope == "batch"),
+                "MoEConfig.capacity_priority", self.capacity_priority,
+                f"one of {CAPACITY_PRIORITIES} ('score' with capacity_scope='batch')")
+        require(self.eval_capacity_fraction is None or (self.eval_capacity_fraction > 0
+                                                        and self.capacity_scope == "batch"),
+                "MoEConfig.eval_capacity_fraction", self.eval_capacity_fraction,
+                "None, or a float > 0 with capacity_scope='batch'")
+        require(not self.capacity_renormalize or self.capacity_scope == "batch" or self.expert_capacity is not None,
+                "MoEConfig.capacity_renormalize", self.capacity_renormalize,
+                "false unless a capacity rule is on (expert_capacity or capacity_scope='batch')")
+        require(0.0 <= self.expert_dropout < 1.0, "MoEConfig.expert_dropout", self.expert_dropout,
+                "a float in [0, 1)")
+        require(0.0 <= self.expert_hidden_dropout < 1.0, "MoEConfig.expert_hidden_dropout", self.expert_hidden_dropout,
+                "a float in [0, 1)")
         require(self.backend in BACKENDS, "MoEConfig.backend", self.backend, f"one of {BACKENDS}")
         require(self.balance_scope in BALANCE_SCOPES, "MoEConfig.balance_scope", self.balance_scope,
                f"one of {BALANCE_SCOPES}")

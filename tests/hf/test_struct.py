@@ -160,17 +160,6 @@ def test_sequence_capacity_keeps_the_first_tokens_of_each_sequence():
     assert layer.routing_info().num_dropped == int((~want_keep).sum()) > 0
 
 
-def test_nllb_is_refused_by_class_with_the_reason(randomized):
-    from transformers import AutoModelForSeq2SeqLM, NllbMoeConfig
-
-    cfg = NllbMoeConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=48,
-                        decoder_ffn_dim=48, encoder_attention_heads=4, decoder_attention_heads=4, num_experts=8,
-                        encoder_sparse_step=2, decoder_sparse_step=2)
-    model = AutoModelForSeq2SeqLM.from_config(cfg).eval()
-    with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"NllbMoeSparseMLP: .*one-hot top-1 mask"):
-        moekit.hf.wrap(model)
-
-
 def _coverage_script():
     import importlib.util
     import pathlib
@@ -262,7 +251,6 @@ def test_offload_runs_wrapped_identity_and_latent_experts_and_refuses_listed_one
     ("gemma4", "inside a decoder layer"),
     ("muse_spark", "has_post_expert_norm"),
     ("zaya", "`gate` (ZayaRouter) is neither a router"),
-    ("nllb_moe", "one-hot top-1 mask"),
 ])
 def test_structures_moekit_lacks_are_refused_naming_the_feature(family, why):
     """Each still-refused structure is refused with a message naming the block and what is missing

@@ -141,19 +141,17 @@ def test_moekit_models_are_not_transformers_blocks():
         moekit.hf.wrap(model)
 
 
-def test_unsupported_family_is_refused_by_class_name():
-    """NLLB-MoE: its experts' forward dispatches by mask values, not expert index (Switch Transformers,
-    refused here before, wraps now: tests/hf/test_struct.py)."""
-    from transformers import AutoModelForSeq2SeqLM, NllbMoeConfig
+def test_unsupported_family_is_refused_by_class_name(monkeypatch):
+    """A block class in detect.UNEXPRESSED (its forward does something its parts do not say) is refused by name,
+    nothing replaced (NLLB-MoE was the example until it wrapped: tests/hf/test_nllb.py)."""
+    import moekit.hf.detect as detect
 
-    cfg = NllbMoeConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=32,
-                        decoder_ffn_dim=32, encoder_attention_heads=4, decoder_attention_heads=4, num_experts=4,
-                        encoder_sparse_step=2, decoder_sparse_step=2)
-    model = AutoModelForSeq2SeqLM.from_config(cfg)
-    modules = dict(model.named_modules())
-    with pytest.raises(UnsupportedBlockError, match="cannot wrap NllbMoeSparseMLP: .*not by expert index"):
+    monkeypatch.setitem(detect.UNEXPRESSED, "OlmoeSparseMoeBlock", "the reason the table states")
+    model = _Parent(_olmoe_block())
+    block = model.mlp
+    with pytest.raises(UnsupportedBlockError, match="cannot wrap OlmoeSparseMoeBlock: the reason the table states"):
         moekit.hf.wrap(model)
-    assert all(dict(model.named_modules())[n] is m for n, m in modules.items())  # nothing replaced
+    assert model.mlp is block  # nothing replaced
 
 
 class _Parent(nn.Module):

@@ -298,3 +298,54 @@ def test_expert_choice_layer_gives_padding_no_slot(make_cfg):
     info = layer.routing_info()
     assert info.route.token_idx_N.tolist() == [0, 0] and int(info.counts_E.sum()) == 2
     assert bool((y[0, 1] == 0).all())
+
+
+def _gshard_router(policy: str):
+    from moekit.routers.topk import TopKConfig, TopKRouter
+
+    return TopKRouter(TopKConfig(k=2, second_expert=policy).validate(4), d_model=4, num_experts=4).eval()
+
+
+def test_gshard_sampled_second_expert_follows_the_softmax_over_the_rest():
+    """second_expert='sampling' (arXiv 2006.16668, fairseq top2gating): the first is the argmax; the second is drawn
+    from the softmax over the other experts, p_j / (1 - p_0), each frequency within 4 standard errors over 20000
+    tokens; weights are the picks' probabilities renormalised."""
+    from moekit.routers.topk import select_top2_gshard
+
+    logits_TE = torch.tensor([2.0, 1.0, 0.5, 0.0]).expand(20000, 4)
+    p_E = torch.softmax(logits_TE[0], -1)
+    torch.manual_seed(0)
+    out = select_top2_gshard(logits_TE, "sampling")
+    idx_TK, w_TK = out.to_padded()
+    assert (idx_TK[:, 0] == 0).all()
+    freq = torch.bincount(idx_TK[:, 1], minlength=4).float() / 20000
+    want = p_E / (1 - p_E[0])
+    want[0] = 0
+    assert ((freq - want).abs() <= 4 * (want * (1 - want) / 20000).sqrt() + 1e-9).all(), (freq, want)
+    torch.testing.assert_close(w_TK[:, 1], p_E[idx_TK[:, 1]] / (p_E[0] + p_E[idx_TK[:, 1]]))
+    assert _gshard_router("sampling").cfg.describe().endswith("second_expert=sampling")
+
+
+def test_gshard_random_second_expert_is_kept_with_probability_2p():
+    """second_expert='random': the next best, kept where 2 p > u (p its softmax probability, <= 1/2): about 2p of
+    the tokens keep it (within 4 standard errors, for two distributions), the others use one expert."""
+    from moekit.routers.topk import select_top2_gshard
+
+    logits_TE = torch.tensor([[2.0, 1.0, 0.5, 0.0], [0.1, 0.0, -9.0, -9.0]]).repeat(10000, 1)
+    torch.manual_seed(0)
+    out = select_top2_gshard(logits_TE, "random")
+    picks_T2 = out.experts_per_token_T().view(10000, 2)
+    for row in range(2):
+        p = float(torch.softmax(logits_TE[row], -1)[1])
+        rate = float((picks_T2[:, row] == 2).float().mean())
+        assert abs(rate - 2 * p) <= 4 * (2 * p * (1 - 2 * p) / 10000) ** 0.5, (row, rate, 2 * p)
+    idx_TK = out.expert_idx_N[out.token_idx_N % 2 == 0].view(-1)
+    assert set(idx_TK.tolist()) == {0, 1}  # the first, and where kept the next best
+    assert not _gshard_router("random").cfg.fixed_experts_per_token()
+
+
+def test_gshard_second_expert_needs_top2_softmax():
+    from moekit.routers.topk import TopKConfig
+
+    with pytest.raises(ValueError, match="RouterConfig.second_expert"):
+        TopKConfig(k=3, second_expert="sampling").validate(8)

@@ -60,8 +60,9 @@ STANDARD = ExpertLayout()
 
 class ExpertBank(nn.Module):
     def __init__(self, num_experts: int, d_model: int, d_expert: int, activation: str | Activation = "swiglu",
-                 layout: ExpertLayout = STANDARD):
+                 layout: ExpertLayout = STANDARD, hidden_dropout: float = 0.0):
         super().__init__()
+        self.hidden_dropout = hidden_dropout  # on the hidden activations, in training (Switch, NLLB-MoE experts)
         act = activation if isinstance(activation, Activation) else Activation(activation)
         if layout.interleaved != act.interleaved:
             act = dataclasses.replace(act, interleaved=layout.interleaved)
@@ -124,7 +125,8 @@ class ExpertBank(nn.Module):
             for e, end in enumerate(offsets_E.tolist()):
                 if end > start:
                     w_in, w_out, b_in, b_out = self.expert(e)
-                    y_ND[start:end] = expert_ffn(x_ND[start:end], w_in, w_out, self.act, b_in_X=b_in, b_out_D=b_out)
+                    y_ND[start:end] = expert_ffn(x_ND[start:end], w_in, w_out, self.act, b_in_X=b_in, b_out_D=b_out,
+                                                 hidden_dropout=self.hidden_dropout if self.training else 0.0)
                 start = end
             return y_ND
         b_in = b_out = None
@@ -134,7 +136,8 @@ class ExpertBank(nn.Module):
                                                output_size=x_ND.shape[0])
             b_in, b_out = self.in_proj_bias[expert_N], self.down_proj_bias[expert_N]
         return expert_ffn(x_ND, self.w_in, self.w_out, self.act,
-                          linear=lambda h, w_EOI: grouped_linear(h, w_EOI, offsets_E), b_in_X=b_in, b_out_D=b_out)
+                          linear=lambda h, w_EOI: grouped_linear(h, w_EOI, offsets_E), b_in_X=b_in, b_out_D=b_out,
+                          hidden_dropout=self.hidden_dropout if self.training else 0.0)
 
     def _view(self, w: torch.Tensor, transposed: bool) -> torch.Tensor:
         """Stack `w` as (E, out, in) for x @ W^T: a view (flat: reshaped; transposed: swapped dims)."""

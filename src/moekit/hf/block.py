@@ -46,7 +46,8 @@ class HFMoEBlock(MoELayer):
             super().__init__(spec.cfg)
             if spec.layout != STANDARD:  # the block's own storage, read in place (views, never copies)
                 self.experts = ExpertBank(spec.cfg.num_experts, spec.cfg.expert_dim, spec.cfg.d_expert,
-                                          self.experts.act, spec.layout)
+                                          self.experts.act, spec.layout,
+                                          hidden_dropout=spec.cfg.expert_hidden_dropout)
         # The placeholders, held so that their ids stay theirs: "not bound" is "still a placeholder", not "on
         # the meta device" (a model built under `with torch.device("meta")` has every tensor there).
         placeholders = list(self.state_dict(keep_vars=True).values())
@@ -160,6 +161,7 @@ class HFMoEBlock(MoELayer):
         self.returns: str | None = None  # set by moekit.hf.wrap from the block's own output (see `_as_hf`)
         self.records_router_logits = records_router_logits
         self.router_logits_keep_batch = records_router_logits and _router_keeps_batch_dims(spec)
+        self.reads_padding_mask = spec.reads_padding_mask
         object.__setattr__(self, "_hf_block", block)  # not a submodule: no second copy in state_dict / .to()
         self.train(block.training)
         if device.type == "meta":  # built before the weights exist: moekit's own state follows them at first use
@@ -178,9 +180,16 @@ class HFMoEBlock(MoELayer):
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The HF block's call: hidden states (B, T, D) -> (B, T, D). transformers passes no padding
-        mask; moekit callers may, as to any MoELayer. `input_ids` (B, T): the token ids, which blocks of
-        families with hash routing take (DeepSeek-V4); a router that routes on them gets them as its state."""
+        """The HF block's call: hidden states (B, T, D) -> (B, T, D). moekit callers may pass a (B, T) padding
+        mask, as to any MoELayer; NLLB-MoE's layers pass their 4-D attention mask (B, 1, Q, K), additive (0:
+        attend) or boolean (True: attend), read as its router reads it where it does (`reads_padding_mask`):
+        the last query row, at the tokens' own key columns (transformers' NLLB router reads the last B*Q
+        entries of the flattened rows, the same whenever Q = K or B = 1). `input_ids` (B, T): the token ids,
+        which blocks of families with hash routing take (DeepSeek-V4); a router that routes on them gets them
+        as its state."""
+        if padding_mask is not None and padding_mask.dim() == 4:
+            row_BT = padding_mask[:, 0, -1, -hidden_states.shape[-2]:]
+            padding_mask = (row_BT if row_BT.dtype == torch.bool else row_BT == 0) if self.reads_padding_mask else None
         state = input_ids if self.router.cfg.routes_on_token_ids() else None
         if self.returns == "flat_logits" and hidden_states.dim() == 1:
             hidden_states = hidden_states.view(-1, self.cfg.d_model)  # ERNIE-VL's modality split passes it flat

@@ -75,11 +75,14 @@ TESTED_BLOCKS = ("MixtralSparseMoeBlock", "OlmoeSparseMoeBlock", "Qwen2MoeSparse
 
 # Blocks refused by class, where a structural reading would find the parts but the forward does something
 # else (each reason checked against the installed transformers 5.x source).
-UNEXPRESSED = {
-    "NllbMoeSparseMLP": "its experts' forward (NllbMoeExperts) dispatches by the values of the router's one-hot "
-                        "top-1 mask, not by expert index: every token runs expert 1 with its top-1 weight and expert 0 "
-                        "with its top-2 weight, and experts 2.. never run (transformers 5.x); besides, moekit lacks "
-                        "NLLB's batch-wide top-2 capacity and its eval-mode output scale (1 - moe_token_dropout)",
+UNEXPRESSED: dict[str, str] = {}
+
+# Blocks whose transformers 5.x forward is not what the model's authors run: moekit runs the authors' rule, checks
+# the block's router and experts part by part (not against the block's own output), and `wrap` warns once.
+DIVERGENT = {
+    "NllbMoeSparseMLP": "the wrapped NllbMoeSparseMLP blocks run NLLB-MoE's top-2 as fairseq and transformers 4.x do "
+                        "(each token through its two experts), which differs from transformers 5.x's NllbMoeExperts "
+                        "(only experts 0 and 1 run there: it dispatches by the values of the top-1 mask)",
 }
 
 # Modules with the parts of a sparse block that are not an FFN MoE: left as transformers runs them (wrap
@@ -124,6 +127,7 @@ class BlockSpec:
     latent: tuple[nn.Linear, nn.Linear] | None = None  # (D -> l, l -> D) around the routed experts
     output_bias: nn.Parameter | None = None  # (D,) added to the block's output
     output_norm: nn.Module | None = None  # an RMSNorm of the block's output (its `weight` (D,) is bound)
+    reads_padding_mask: bool = False  # its router drops the padding tokens of the mask the block is passed (NLLB)
 
     @property
     def expert_weight(self) -> torch.Tensor:
@@ -185,12 +189,13 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                      "by product keys (two top-k over sqrt(E) keys each, then a top-k of their sums); moekit's experts "
                      "are FFNs chosen by one linear router")
     parallel = None if isinstance(getattr(block, "experts", None), nn.Module) else _parallel_experts(block)
+    hidden_dropout = 0.0  # the experts' own dropout on their hidden activations (listed MLP modules)
     experts = block if parallel is not None else block.experts
     if parallel is not None:
         bank, layout, E, Din, Fdim, gated = _read_parallel(*parallel)
         activation = _read_activation(block, gated, layout, Fdim, refuse)
     elif isinstance(experts, nn.ModuleList | nn.ModuleDict):
-        bank, layout, E, Din, Fdim, activation = _read_listed(experts, refuse)
+        bank, layout, E, Din, Fdim, activation, hidden_dropout = _read_listed(experts, refuse)
     else:
         bank, layout, E, Din, Fdim, gated = _read_bank(experts, refuse)
         activation = _read_activation(experts, gated, layout, Fdim, refuse)
@@ -273,9 +278,10 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                     num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
                     shared_activation_limit=shared_limit,
                     shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
-                    latent_dim=Din if latent is not None else None, expert_capacity=_capacity(gate),
+                    latent_dim=Din if latent is not None else None, **_capacity(gate, experts, config, refuse),
                     output_bias=output_bias is not None,
-                    output_norm_eps=None if output_norm is None else _norm_eps(output_norm, D), backend=backend)
+                    output_norm_eps=None if output_norm is None else _norm_eps(output_norm, D), backend=backend,
+                    expert_hidden_dropout=hidden_dropout)
     try:
         with warnings.catch_warnings():  # a first reading, settled below; not a setting the user chose
             warnings.simplefilter("ignore")
@@ -285,7 +291,8 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     spec = BlockSpec(block, gate, router_weight, router_bias, selection_bias, experts, bank, layout, activation,
                      shared, shared_gate, cfg, model_config=model_config,
                      router_tensors={} if hash_table is None else {"tid2eid": hash_table},
-                     latent=latent, output_bias=output_bias, output_norm=output_norm)
+                     latent=latent, output_bias=output_bias, output_norm=output_norm,
+                     reads_padding_mask=_router_reads_padding_mask(gate, E, D))
     _read_rule_from_router(spec)
     return spec
 
@@ -438,10 +445,11 @@ def _read_parallel(w_in: nn.Module, w_out: nn.Module) -> tuple[dict, ExpertLayou
     return {"gate_up_proj" if gated else "up_proj": a, "down_proj": b}, STANDARD, E, D, Fdim, gated
 
 
-def _read_listed(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int, int, Activation]:
+def _read_listed(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int, int, Activation, float]:
     """Experts as separate dense MLP modules (Switch Transformers, NLLB-MoE): each one Linear D -> F, an
-    activation, and one Linear F -> D (dropout aside). The bank holds these Linear modules in place
-    (ExpertLayout(listed=True)); the experts' module's own forward is checked on expert 0."""
+    activation, one Linear F -> D, and at most one dropout (on the hidden activations, as both families run it;
+    its p is returned for MoEConfig.expert_hidden_dropout). The bank holds these Linear modules in place
+    (ExpertLayout(listed=True)); the experts' module's own forward is checked on expert 0, in eval mode."""
     mlps = list(experts.children())
     mlps = [m for m in mlps if any(True for _ in m.parameters())]
     lin = [[c for c in m.children() if isinstance(c, nn.Linear)] for m in mlps]
@@ -475,8 +483,12 @@ def _read_listed(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, i
         if not torch.allclose(want, got, atol=1e-5, rtol=1e-5):
             raise refuse(f"its expert module {type(mlps[0]).__name__} does not compute Linear-activation-Linear "
                          f"({name}) on a probe")
+    drops = {float(d.p) for m in mlps for d in m.modules() if isinstance(d, nn.Dropout) and d.p > 0}
+    if len(drops) > 1 or any(sum(isinstance(d, nn.Dropout) and d.p > 0 for d in m.modules()) > 1 for m in mlps):
+        raise refuse(f"its expert modules ({type(mlps[0]).__name__}) hold more than one dropout setting {sorted(drops)}; "
+                     "moekit's experts have one, on the hidden activations")
     bank = {"in_proj": nn.ModuleList(a for a, _ in lin), "out_proj": nn.ModuleList(b for _, b in lin)}
-    return bank, ExpertLayout(listed=True, bias=bias), len(mlps), D, Fdim, activation
+    return bank, ExpertLayout(listed=True, bias=bias), len(mlps), D, Fdim, activation, next(iter(drops), 0.0)
 
 
 def _read_bank(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int, int, bool]:
@@ -624,10 +636,56 @@ def _read_activation(experts: nn.Module, gated: bool, layout: ExpertLayout, Fdim
                  f"limit={limit}, alpha={alpha}) on a probe")
 
 
-def _capacity(gate: nn.Module) -> int | None:
-    """A fixed per-expert capacity the router states (Switch Transformers' `expert_capacity`)."""
+def _capacity(gate: nn.Module, experts: nn.Module, config: Any, refuse) -> dict[str, Any]:
+    """The MoEConfig capacity settings the router states: Switch Transformers' `expert_capacity` (per sequence);
+    GShard top-2 gating as fairseq runs it for NLLB-MoE (a `moe_eval_capacity_token_fraction` router: over the
+    batch, first choices first; `batch_prioritized_routing`, `normalize_router_prob_before_dropping`) and NLLB's
+    `moe_token_dropout` on the expert outputs. The model config's `expert_capacity` comes first: transformers'
+    NLLB router overwrites its own attribute with the eval capacity of its last eval forward."""
     value = getattr(gate, "expert_capacity", None)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if hasattr(gate, "expert_capacity") and hasattr(config, "expert_capacity"):
+        value = config.expert_capacity
+    out: dict[str, Any] = {"expert_capacity": value if isinstance(value, int) and not isinstance(value, bool) else None}
+    fraction = getattr(gate, "moe_eval_capacity_token_fraction", None)
+    if not isinstance(fraction, int | float):
+        return out
+    policy = getattr(gate, "second_expert_policy", "all")
+    if policy not in ("all", "sampling") and getattr(gate, "normalize_router_prob_before_dropping", False):
+        # the policy that keeps the next best at random (TopKConfig.second_expert; its name is also a router kind's)
+        raise refuse(f"its router's second_expert_policy={policy!r} with normalize_router_prob_before_dropping weights "
+                     "the kept second expert by its raw probability and the first by its normalised one (transformers); "
+                     "fairseq normalises both: moekit runs neither exactly")
+    router_dtype = getattr(gate, "dtype", torch.float32)
+    if router_dtype != torch.float32:
+        raise refuse(f"its router computes its softmax in {router_dtype} (router_dtype); moekit's gate math is fp32")
+    dropout = getattr(experts, "moe_token_dropout", None)  # transformers 5.x: on the experts; 4.x: on the block
+    return {**out, "capacity_scope": "batch", "eval_capacity_fraction": float(fraction) if fraction > 0 else None,
+            "capacity_priority": "score" if getattr(gate, "batch_prioritized_routing", False) else "token",
+            "capacity_renormalize": not getattr(gate, "normalize_router_prob_before_dropping", False),
+            "expert_dropout": float(dropout or 0.0)}
+
+
+def _router_reads_padding_mask(gate: nn.Module, E: int, D: int) -> bool:
+    """Whether the router's forward takes a padding mask (4-D, as NLLB-MoE's layers pass their attention mask)
+    and gives the tokens it masks no expert: read on a copy of it, 4 tokens with the first masked (False on
+    meta tensors, where the deferred probe reads the block again)."""
+    params = [p for p in inspect.signature(gate.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    weight = next(gate.parameters(), None)
+    if len(params) < 2 or "mask" not in params[1].name or weight is None or weight.is_meta:
+        return False
+    probe = copy.deepcopy(gate).float().eval()
+    x_TD = torch.randn(4, D, generator=torch.Generator().manual_seed(0)).to(weight.device)
+    mask = torch.zeros(1, 1, 4, 4, device=weight.device)
+    mask[..., 0] = torch.finfo(mask.dtype).min  # key 0 is padding
+    try:
+        with torch.no_grad():
+            out = probe(x_TD, mask)
+    except Exception:
+        return False
+    w_TE = next((t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)
+                 and t.is_floating_point() and tuple(t.shape) == (4, E)), None)
+    return w_TE is not None and not bool(w_TE[0].any()) and bool(w_TE[1:].ne(0).any(-1).all())
 
 
 def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection_bias: bool,
@@ -655,10 +713,13 @@ def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection
     has_p = any(hasattr(obj, "moe_normalize_expert_weights") for obj in (gate, block, config) if obj is not None)
     normalize_p = read(("moe_normalize_expert_weights",), ("moe_normalize_expert_weights",), None)
     normalize = bool(read(("norm_topk_prob",), ("norm_topk_prob",), True)) if not has_p else normalize_p is not None
+    # GShard top-2 gating's second-expert policy (NLLB-MoE's `second_expert_policy`; "all": the next best)
+    policy = read(("second_expert_policy",), ("second_expert_policy",), "all")
     return RouterConfig(
         kind="topk",
         k=int(k),
         score=score,
+        second_expert="top" if policy == "all" else policy,
         normalize=normalize,
         normalize_p=float(normalize_p or 1.0),
         # ERNIE 4.5 divides by clamp(sum, min=moe_norm_min).
@@ -681,7 +742,11 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor,
     (transformers v5) and dense (T, E) scores with zeros off the chosen experts (Llama 4).
     `selection_bias_E` (E,) fp32, where given, takes the place of the block's selection bias (in the
     copy, or as the argument a block-held bias is passed as): a probe value, the model's is untouched."""
-    gate = copy.deepcopy(spec.gate).float()
+    gate = copy.deepcopy(spec.gate).float().eval()  # the rule itself (no jitter, no training-mode capacity)
+    if getattr(gate, "second_expert_policy", "all") != "all":
+        # a sampled second expert (NLLB's "sampling", "random"; in eval too): the probe compares the deterministic
+        # rule ("all", moekit's second_expert="top"); the draws are checked by their distribution in tests
+        gate.second_expert_policy = "all"
     E = spec.cfg.router_slots  # router columns: the experts and any zero-computation ones
     if selection_bias_E is not None:
         with torch.no_grad():
@@ -713,6 +778,18 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor,
         if not bool((out[0].sum(-1) <= 1).all()) or not bool((idx_T1 == out[2].argmax(-1, keepdim=True)).all()):
             return None
         return out[1].float(), idx_T1
+    if len(out) == 3 and not out[0].dtype.is_floating_point and all(tuple(t.shape) == (T, E) for t in out):
+        # (top-1 mask (T, E), combine weights (T, E) with zeros off the chosen experts, logits): NLLB-MoE's top-2.
+        w_TE = out[1].float()
+        picks_T = w_TE.ne(0).sum(-1)
+        if not bool((picks_T == picks_T[0]).all()) and len(args) == 1:
+            # its capacity dropped some (an eval capacity fraction < 1): one token at a time, where none drops
+            with torch.no_grad():
+                w_TE = torch.cat([gate(x_TD[t:t + 1])[1].float() for t in range(T)])
+            picks_T = w_TE.ne(0).sum(-1)
+        if not bool((picks_T == picks_T[0]).all()):
+            return None
+        return w_TE.topk(int(picks_T[0]), dim=-1)
     if len(out) == 3:
         _, w_TK, idx_TK = out
         if idx_TK.dtype.is_floating_point or idx_TK.shape != w_TK.shape or idx_TK.shape[0] != T:
@@ -843,6 +920,8 @@ def router_weight_ratio(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.T
     from moekit.routers import router_class
 
     E, D = spec.cfg.router_slots, spec.cfg.d_model
+    if getattr(router_cfg, "second_expert", "top") != "top":  # the deterministic rule, as `call_router` probes it
+        router_cfg = dataclasses.replace(router_cfg, second_expert="top")
     with torch.device("meta"):
         router = router_class(router_cfg.kind)(router_cfg, D, E)
     router.eval()  # a training-mode router would jitter its input (Switch's router_jitter_noise)

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import warnings
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from torch import nn
 from moekit.errors import UsageError
 from moekit.hf.block import HFMoEBlock, transformers_records_router_logits
 from moekit.hf.detect import (
+    DIVERGENT,
     PROBE_TOKENS,
     TESTED_BLOCKS,
     BlockSpec,
@@ -82,6 +84,8 @@ def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.
     for name, layer in new:
         _replace(model, name, layer)
     _refuse_experts_implementation_switch(model)
+    for hf_class in dict.fromkeys(layer.hf_class for _, layer in new if layer.hf_class in DIVERGENT):
+        warnings.warn(f"moekit.hf.wrap: {DIVERGENT[hf_class]}", UserWarning, stacklevel=2)
     return model
 
 
@@ -185,23 +189,33 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
     modes = (block.training, layer.training)
     block.eval()
     layer.eval()
+    gate_dims = []  # how the block calls its router: (B, T, D) (Switch: its logits keep the batch dims) or (T, D)
+    hook = spec.gate.register_forward_pre_hook(lambda _m, args: gate_dims.append(args[0].dim()) if args else None)
     try:
         with torch.no_grad():
             ids = _token_ids(spec, PROBE_TOKENS)
-            with _eager_experts(spec.experts):
+            with _eager_experts(spec.experts), _kept_attributes(spec.gate):
                 out_hf = block(x_BTD, **ids)
+            hook.remove()
+            if gate_dims:  # NLLB-MoE's router, called on (T, D), returns (B, T, E) logits for a (B, T, D) input
+                layer.router_logits_keep_batch = layer.router_logits_keep_batch and gate_dims[0] == 3
             y_hf = out_hf[0] if isinstance(out_hf, tuple) else out_hf
             if not bool(y_hf.float().norm(dim=-1).isfinite().all()):  # garbage weights (torch.empty) overflow
                 raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its own output on the probe "
                                             "is not finite or overflows (weights not initialised yet?); initialise "
                                             "or load them first, or pass verify=False")
-            _verify_router(spec, layer, x_BTD.reshape(-1, cfg.d_model).float())
+            _verify_router(spec, layer, x_BTD.reshape(-1, cfg.d_model).float(), required=spec.class_name in DIVERGENT)
             layer.returns = _returns(spec, out_hf, PROBE_TOKENS)
             y_mk = layer(x_BTD, **ids)
             y_mk = y_mk[0] if isinstance(y_mk, tuple) else y_mk
+            if spec.class_name in DIVERGENT:
+                # Its own forward is not the authors' rule (DIVERGENT): the router is checked above, each expert
+                # module when it was read (detect._read_listed), the dispatch by tests against the authors' code.
+                y_hf = y_mk
             # per token, whatever shape the block returns them in (ERNIE-VL's blocks: flattened)
             y_hf, y_mk = y_hf.reshape(-1, cfg.d_model), y_mk.reshape(-1, cfg.d_model)
     finally:
+        hook.remove()
         block.train(modes[0])
         layer.train(modes[1])
         layer._info = None  # the probe is not a forward the user ran
@@ -242,6 +256,17 @@ def _eager_experts(experts: nn.Module):
 
 
 @contextlib.contextmanager
+def _kept_attributes(module: nn.Module):
+    """The module's plain attributes as they were after the probe: transformers' NLLB router keeps the
+    capacity of its last eval forward as its own `expert_capacity` (then used in training)."""
+    before = {k: v for k, v in vars(module).items() if isinstance(v, int | float | bool | str | type(None))}
+    try:
+        yield
+    finally:
+        module.__dict__.update(before)
+
+
+@contextlib.contextmanager
 def _stub(experts: nn.Module):
     """The experts module returning zeros shaped as its input (no data-dependent expert loop on meta tensors)."""
     experts.forward = lambda hidden_states, *args, **kwargs: torch.zeros_like(hidden_states)
@@ -251,10 +276,14 @@ def _stub(experts: nn.Module):
         del experts.forward
 
 
-def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor) -> None:
+def _verify_router(spec: BlockSpec, layer: HFMoEBlock, x_TD: torch.Tensor, required: bool = False) -> None:
     """The HF router's own choice (where its output states one, see `call_router`) against moekit's fp32
-    router: the same experts for every token and the same weights, free of rounding."""
+    router: the same experts for every token and the same weights, free of rounding. `required`: a router
+    whose output states no choice is refused (the block's own output cannot be the check)."""
     hf = call_router(spec, x_TD)
+    if hf is None and required:
+        raise UnsupportedBlockError(f"moekit.hf cannot wrap {spec.class_name}: its router's output on a probe states "
+                                    "no choice moekit can read, and its block's own forward is not the check")
     if hf is None:
         return  # the block selects: the block probe decides
     k = round(layer.cfg.router.expected_experts_per_token(layer.cfg.router_slots))
@@ -278,7 +307,8 @@ def _returns(spec: BlockSpec, out, num_tokens: int | None) -> str | None:
         was = spec.block.training
         spec.block.eval()
         try:
-            with torch.no_grad(), _eager_experts(spec.experts) if not weight.is_meta else _stub(spec.experts):
+            with torch.no_grad(), _eager_experts(spec.experts) if not weight.is_meta else _stub(spec.experts), \
+                    _kept_attributes(spec.gate):
                 out = spec.block(x, **_token_ids(spec, 1))
         finally:
             spec.block.train(was)

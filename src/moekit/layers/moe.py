@@ -44,6 +44,7 @@ each training forward reports to it. The layer itself calls no collective and ke
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,7 +173,8 @@ class MoELayer(nn.Module):
                          clamp_after=cfg.activation_clamp_after,
                          softcap=None if cfg.activation_softcap_gate is None
                          else (cfg.activation_softcap_gate, cfg.activation_softcap_up))
-        self.experts = ExpertBank(cfg.num_experts, cfg.expert_dim, cfg.d_expert, act)
+        self.experts = ExpertBank(cfg.num_experts, cfg.expert_dim, cfg.d_expert, act,
+                                  hidden_dropout=cfg.expert_hidden_dropout)
         # Latent experts: names as transformers' NemotronHMoE, so its Parameters can be shared.
         self.fc1_latent_proj = self.fc2_latent_proj = None
         if cfg.latent_dim is not None:
@@ -273,21 +275,31 @@ class MoELayer(nn.Module):
                 # sends each to the bank's expert that now computes it.
                 expert_idx_N = (route.expert_idx_N if self.expert_map_E is None
                                 else self.expert_map_E[route.expert_idx_N])
-                fits_N = None if cfg.expert_capacity is None else self._within_capacity(route, lead_shape)
-                plan = make_plan(route.token_idx_N, expert_idx_N, route.weight_N, self.experts.num_experts,
+                weight_N, fits_N = route.weight_N, None
+                if cfg.expert_capacity is not None or cfg.capacity_scope == "batch":
+                    fits_N = self._within_capacity(route, lead_shape)
+                    if cfg.capacity_renormalize:  # fairseq top2gating: the kept weights of a token sum to 1
+                        kept_T = torch.zeros(T, dtype=weight_N.dtype, device=weight_N.device).index_add(
+                            0, route.token_idx_N, torch.where(fits_N, weight_N, 0))
+                        weight_N = weight_N / kept_T.clamp(min=torch.finfo(weight_N.dtype).eps)[route.token_idx_N]
+                plan = make_plan(route.token_idx_N, expert_idx_N, weight_N, self.experts.num_experts,
                                  capacity_factor, keep_N=fits_N)
                 x_ND, summed = permute(e_in_TD, plan), plan
                 if cfg.weight_on_input:
                     # Llama 4: each expert runs on its weighted input, and outputs are summed unweighted.
                     x_ND = x_ND * plan.weight_N.to(x_ND.dtype).unsqueeze(-1)
                     summed = dataclasses.replace(plan, weight_N=torch.ones_like(plan.weight_N))
-                delta_TD = combine(self.experts(x_ND, plan.offsets_E), summed, T, e_in_TD.dtype)
+                y_ND = self.experts(x_ND, plan.offsets_E)
+                if cfg.expert_dropout:  # NLLB-MoE's moe_token_dropout as transformers runs it (arXiv 2207.04672)
+                    y_ND = (torch.nn.functional.dropout(y_ND, cfg.expert_dropout) if self.training
+                            else y_ND * (1.0 - cfg.expert_dropout))
+                delta_TD = combine(y_ND, summed, T, e_in_TD.dtype)
                 kept = None if plan.num_dropped == 0 else (plan.token_N, plan.expert_N, plan.weight_N)
                 step_counts_E = plan.counts_E
             else:  # experts on other ranks too; a capacity is decided over the whole expert-parallel group
-                if cfg.expert_capacity is not None:
-                    raise UsageError("MoEConfig.expert_capacity (a per-sequence cap) is not supported with experts "
-                                     "sharded over ranks; use capacity_factor")
+                if cfg.expert_capacity is not None or cfg.capacity_scope == "batch" or cfg.expert_dropout:
+                    raise UsageError("MoEConfig.expert_capacity / capacity_scope='batch' / expert_dropout are not "
+                                     "supported with experts sharded over ranks; use capacity_factor")
                 delta_TD, kept_N = self.expert_dispatch(e_in_TD, route.token_idx_N, route.expert_idx_N,
                                                         route.weight_N, self.experts, capacity_factor)
                 kept = (None if kept_N is None or bool(kept_N.all()) else
@@ -344,20 +356,51 @@ class MoELayer(nn.Module):
         return y_TD.view(*lead_shape, self.cfg.d_model)
 
     def _within_capacity(self, route: RouterOutput, lead_shape: torch.Size) -> torch.Tensor:
-        """keep_N: whether each assignment is among the first `expert_capacity` of its expert in its sequence,
-        in token order (Switch Transformers as transformers runs it: cumsum of the one-hot choice over the
-        sequence <= capacity). Sequences are the rows of a (B, T, D) input."""
-        T = route.num_tokens
-        seq_len = lead_shape[-1] if len(lead_shape) == 2 else T
+        """keep_N: whether each assignment is among the first C of its expert in its capacity group.
+        capacity_scope 'sequence' (Switch Transformers as transformers runs it, arXiv 2101.03961): a group per
+        sequence (the rows of a (B, T, D) input), ranked in token order, C = expert_capacity. 'batch' (GShard
+        top-2 gating as fairseq runs it for NLLB-MoE, arXiv 2006.16668): one group, ranked by (choice,
+        position): a token's choices by descending weight (every first choice before any second), positions
+        in token order or, with capacity_priority='score', by the token's top score, highest first (stable);
+        C = expert_capacity or K * ceil(T / E), and ceil(eval_capacity_fraction * T) in eval mode where set."""
+        cfg = self.cfg
+        T, N = route.num_tokens, route.num_assignments
         X = route.scores_TE.shape[-1]
-        key_N = (route.token_idx_N // seq_len) * X + route.expert_idx_N
-        order_N = torch.argsort(key_N * T + route.token_idx_N)  # by (sequence, expert), then token
+        device = route.token_idx_N.device
+        if cfg.capacity_scope == "sequence":
+            seq_len = lead_shape[-1] if len(lead_shape) == 2 else T
+            group_N, capacity = route.token_idx_N // max(seq_len, 1), cfg.expert_capacity
+            num_groups = T // max(seq_len, 1) + 1
+            choice_N = torch.zeros_like(route.token_idx_N)
+        else:
+            group_N, num_groups = torch.zeros_like(route.token_idx_N), 1
+            if not self.training and cfg.eval_capacity_fraction is not None:
+                capacity = math.ceil(cfg.eval_capacity_fraction * T)
+            elif cfg.expert_capacity is not None:
+                capacity = cfg.expert_capacity
+            else:  # GShard's 2S/E for top-2: K * ceil(T / E)
+                capacity = round(cfg.router.expected_experts_per_token(X)) * math.ceil(T / cfg.num_experts)
+            # each assignment's choice among its token's: by weight, descending (two stable sorts)
+            by_weight_N = torch.argsort(route.weight_N.detach(), descending=True, stable=True)
+            order_N = by_weight_N[torch.argsort(route.token_idx_N[by_weight_N], stable=True)]
+            token_sorted_N = route.token_idx_N[order_N]
+            starts_T = torch.cumsum(count_ids(token_sorted_N, T), 0) - count_ids(token_sorted_N, T)
+            choice_N = torch.empty_like(order_N)
+            choice_N[order_N] = torch.arange(N, device=device) - starts_T[token_sorted_N]
+        if cfg.capacity_priority == "score":  # V-MoE's batch prioritized routing (arXiv 2106.05974)
+            by_score_T = torch.argsort(route.scores_TE.detach().amax(-1), descending=True, stable=True)
+            pos_T = torch.empty_like(by_score_T)
+            pos_T[by_score_T] = torch.arange(T, device=device)
+        else:
+            pos_T = torch.arange(T, device=device)
+        key_N = group_N * X + route.expert_idx_N  # a capacity count per (group, expert)
+        order_N = torch.argsort((key_N * X + choice_N) * T + pos_T[route.token_idx_N])  # a token has < X choices
         key_sorted_N = key_N[order_N]
-        counts_K = count_ids(key_sorted_N, (T // seq_len + 1) * X)
+        counts_K = count_ids(key_sorted_N, num_groups * X)
         starts_K = torch.cumsum(counts_K, 0) - counts_K
         rank_N = torch.empty_like(order_N)
-        rank_N[order_N] = torch.arange(order_N.numel(), device=order_N.device) - starts_K[key_sorted_N]
-        return rank_N < self.cfg.expert_capacity
+        rank_N[order_N] = torch.arange(N, device=device) - starts_K[key_sorted_N]
+        return rank_N < capacity
 
     def iteration_routers(self) -> list[nn.Module]:
         """The router of each Chain-of-Experts iteration (`[self.router]` for a plain layer)."""
@@ -463,6 +506,7 @@ class MoELayer(nn.Module):
         arch = "".join(f", {name}={getattr(cfg, name)}" for name, default in (
             ("iterations", 1), ("zero_experts", 0), ("copy_experts", 0), ("constant_experts", 0),
             ("gating_residual", False), ("latent_dim", None), ("pregated", False), ("expert_capacity", None),
+            ("capacity_scope", "sequence"), ("eval_capacity_fraction", None), ("expert_dropout", 0.0),
             ("output_bias", False), ("output_norm_eps", None)) if getattr(cfg, name) != default)
         return (f"router={cfg.router.kind}({cfg.router.describe()}), E={cfg.num_experts}{arch}, "
                 f"shared={cfg.num_shared_experts}, params={cfg.num_params():,}, "

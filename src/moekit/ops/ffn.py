@@ -149,12 +149,14 @@ def hidden(h_NX: torch.Tensor, activation: str | Activation) -> torch.Tensor:
 def expert_ffn(x_ND: torch.Tensor, w_in_XD: torch.Tensor | tuple[torch.Tensor, torch.Tensor], w_out_DF: torch.Tensor,
                activation: str | Activation,
                linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
-               b_in_X: torch.Tensor | None = None, b_out_D: torch.Tensor | None = None) -> torch.Tensor:
-    """y_ND = linear(hidden(linear(x_ND, w_in_XD) + b_in), w_out_DF) + b_out, with `linear(x, w) =
+               b_in_X: torch.Tensor | None = None, b_out_D: torch.Tensor | None = None,
+               hidden_dropout: float = 0.0) -> torch.Tensor:
+    """y_ND = linear(dropout(hidden(linear(x_ND, w_in_XD) + b_in)), w_out_DF) + b_out, with `linear(x, w) =
     x @ w^T`: plain `F.linear` for one expert's weights, or a grouped GEMM over stacked (E, ., .)
     weights with rows grouped by expert (`ExpertBank`). `w_in_XD` may be a pair (W_gate, W_up) of
     separate (F, D) projections (gated activations only). Biases broadcast against the rows: (X,) /
-    (D,) for one expert, or (N, X) / (N, D) gathered per row."""
+    (D,) for one expert, or (N, X) / (N, D) gathered per row. `hidden_dropout` p > 0: dropout on the hidden
+    activations (Switch Transformers' and NLLB-MoE's expert MLPs in training; the caller passes 0 in eval)."""
     act = _as_activation(activation)
     if isinstance(w_in_XD, tuple):
         if not act.gated or act.interleaved or b_in_X is not None:
@@ -164,5 +166,7 @@ def expert_ffn(x_ND: torch.Tensor, w_in_XD: torch.Tensor | tuple[torch.Tensor, t
     else:
         h_NX = linear(x_ND, w_in_XD)
         h_NF = act(h_NX if b_in_X is None else h_NX + b_in_X)
+    if hidden_dropout:
+        h_NF = F.dropout(h_NF, hidden_dropout)
     y_ND = linear(h_NF, w_out_DF)
     return y_ND if b_out_D is None else y_ND + b_out_D

@@ -10,6 +10,8 @@ Stages:
   3. group-limited selection: keep `topk_group` of `n_group` groups, a group scored by its best expert
      (DeepSeek-V2) or its best two (DeepSeek-V3; `group_score`)
   4. top-k on the selection scores
+  4'. (k = 2, `second_expert` "sampling" / "random": GShard top-2 gating as fairseq's top2gating runs it, see
+     `select_top2_gshard`)
   5. combine weights from the *unbiased* scores, renormalised if `cfg.normalizes()` (default: for
      k > 1 only; k = 1 keeps the raw probability, as Switch Transformer) by their p-norm
      (`normalize_p`; 1 = their sum; DBRX) clamped below at `normalize_min` (ERNIE 4.5), times
@@ -34,6 +36,7 @@ from moekit.routers.registry import register
 SCORES = ("softmax", "sigmoid", "sqrtsoftplus")
 GROUP_SCORES = ("max", "top2_sum")
 BIAS_ON = ("scores", "logits")
+SECOND_EXPERT = ("top", "sampling", "random")
 
 
 @dataclass
@@ -51,6 +54,10 @@ class TopKConfig(RouterConfig):
     (Kolibri-1; the weights stay the unbiased scores either way);
     bias_update_rate: gamma of aux-loss-free balancing (0 disables the bias); bias_recenter: keep
     sum(bias) = 0.
+    second_expert (k = 2, softmax, GShard top-2 gating as fairseq runs it for NLLB-MoE, arXiv 2006.16668): "top"
+    the next best; "sampling" drawn from the softmax over the other experts (the argmax of their logits plus
+    Gumbel noise); "random" the next best, kept with probability min(1, 2 p) for its softmax probability p.
+    Both draw from torch's global generator, in eval too, as fairseq and transformers do.
     """
 
     expert_count_fields: ClassVar[tuple[str, ...]] = ("k",)
@@ -71,6 +78,9 @@ class TopKConfig(RouterConfig):
     bias_update_rate: float = setting(0.0, "gamma of aux-loss-free balancing: selection-bias step per "
                                       "optimiser step (0 = off)")
     bias_recenter: bool = setting(False, "keep the selection bias summing to zero")
+    second_expert: str = setting("top", "k=2: the second expert is the next best, sampled from the softmax over "
+                                 "the rest, or the next best kept with probability 2p (GShard/NLLB)",
+                                 choices=SECOND_EXPERT)
 
     def normalizes(self) -> bool:
         """Whether the chosen experts' weights are renormalised: `normalize` when set, else yes for k > 1,
@@ -101,6 +111,8 @@ class TopKConfig(RouterConfig):
             parts.append(f"selection bias on {self.selection_bias_on}")
         if self.bias_update_rate > 0:
             parts.append(f"bias_update_rate={self.bias_update_rate}")
+        if self.second_expert != "top":
+            parts.append(f"second_expert={self.second_expert}")
         return ", ".join(parts)
 
     def check(self, num_experts: int) -> None:
@@ -120,6 +132,10 @@ class TopKConfig(RouterConfig):
         require(self.normalize_min >= 0, "RouterConfig.normalize_min", self.normalize_min, "a float >= 0")
         require(self.selection_bias_on in BIAS_ON, "RouterConfig.selection_bias_on", self.selection_bias_on,
                 f"one of {BIAS_ON}")
+        require(self.second_expert == "top" or (self.k == 2 and self.score == "softmax" and self.n_group == 1
+                                                and self.bias_update_rate == 0),
+                "RouterConfig.second_expert", self.second_expert,
+                f"one of {SECOND_EXPERT}; not 'top' only with k=2, softmax scores, no groups and no selection bias")
         if self.n_group > 1:
             per_group = E // self.n_group
             # k = E picks every expert whatever the groups (transformers' DeepSeek-V3 test config: k=8 of 8, one of
@@ -139,7 +155,7 @@ class TopKConfig(RouterConfig):
         return float(min(self.k, num_experts))
 
     def fixed_experts_per_token(self) -> bool:
-        return True
+        return self.second_expert != "random"
 
     def min_enabled_experts(self) -> int:
         return self.k
@@ -194,6 +210,8 @@ class TopKRouter(Router):
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor,
                valid_T: torch.Tensor | None = None) -> RouterOutput:
         cfg = self.cfg
+        if cfg.second_expert != "top":
+            return select_top2_gshard(logits_TE, cfg.second_expert, cfg.normalizes(), self.expert_mask_E)
         # The bias is always added (adding a zero bias changes no score): asking whether it is zero would
         # be a device->host sync per layer and a data-dependent branch that torch.export cannot trace.
         return select_topk(logits_TE, cfg.k, cfg.score, cfg.normalizes(), cfg.routed_scaling_factor, cfg.n_group,
@@ -280,6 +298,36 @@ def select_topk(logits_TE: torch.Tensor, k: int, score: str = "softmax", normali
     if routed_scaling_factor != 1.0:
         w_TK = w_TK * routed_scaling_factor
     return RouterOutput.from_topk(idx_TK, w_TK, scores_TE, logits_TE)
+
+
+def select_top2_gshard(logits_TE: torch.Tensor, policy: str, normalize: bool = True,
+                       mask_E: torch.Tensor | None = None) -> RouterOutput:
+    """GShard top-2 gating's second-expert policies as fairseq's `top2gating` runs them (arXiv 2006.16668; NLLB-MoE,
+    arXiv 2207.04672), on fp32 logits (T, E): the first expert is the softmax's argmax; "sampling": the second is the
+    argmax of the other experts' logits plus Gumbel(0, 1) noise, a draw from the softmax over them (the noise drawn
+    on the CPU in one (T, E) call, as fairseq and transformers draw it); "random": the second is the next best,
+    kept where 2 p > u, u ~ U(0, 1) one per token (p its softmax probability). Weights: the softmax probabilities
+    of the picks, renormalised over both with `normalize` (a dropped second's share stays dropped; a capacity
+    rule may renormalise again). mask_E: int8 expert mask (-1 disabled, +1 forced), as `select_topk`."""
+    scores_TE = scores_of(logits_TE, "softmax")
+    choice_TE = logits_TE.detach()
+    if mask_E is not None:
+        choice_TE = choice_TE.masked_fill(mask_E < 0, float("-inf")).masked_fill(mask_E > 0, float("inf"))
+    first_T = choice_TE.argmax(-1)
+    rest_TE = choice_TE
+    if policy == "sampling":
+        rest_TE = rest_TE + torch.distributions.gumbel.Gumbel(0.0, 1.0).rsample(rest_TE.shape).to(rest_TE.device)
+    rest_TE = rest_TE.scatter(1, first_T[:, None], float("-inf"))
+    idx_T2 = torch.stack([first_T, rest_TE.argmax(-1)], dim=-1)
+    w_T2 = scores_TE.gather(1, idx_T2)
+    p2_T = w_T2[:, 1]
+    if normalize:
+        w_T2 = w_T2 / w_T2.sum(dim=-1, keepdim=True)
+    out = RouterOutput.from_topk(idx_T2, w_T2, scores_TE, logits_TE)
+    if policy == "random":
+        keep_T2 = torch.stack([torch.ones_like(first_T, dtype=torch.bool), 2 * p2_T > torch.rand_like(p2_T)], dim=-1)
+        out = out.keep(keep_T2.reshape(-1))
+    return out
 
 
 def renormalizer(w_TK: torch.Tensor, score: str, p: float = 1.0, floor: float = 0.0) -> torch.Tensor:
