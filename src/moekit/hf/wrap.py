@@ -43,6 +43,7 @@ from moekit.hf.detect import (
     read_block,
     router_matches,
 )
+from moekit.hf.inline import HFInlineMoE, InlineRouterCall, MoEChildren, inline_children, proxy_pairs, refuse_meta
 from moekit.hf.private_api import (
     DECODE_SWITCH,
     INIT_HOOK,
@@ -73,6 +74,15 @@ def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.
     model_config = getattr(model, "config", None)
     new = []
     for name, block in found:
+        children = inline_children(block)
+        if children is not None:  # the MoE runs inside the decoder layer (Gemma 4): wrap its two children
+            if verify and _on_meta_module(block):
+                raise refuse_meta(block)
+            view = MoEChildren(block, *children)
+            spec = read_block(view, model_config, backend)
+            moe = _build(spec, transformers_records_router_logits(model, spec.gate), verify, HFInlineMoE)
+            new.extend(proxy_pairs(name, block, moe))
+            continue
         spec = read_block(block, model_config, backend)
         records = transformers_records_router_logits(model, spec.gate)
         if verify and _on_meta(spec):  # big-model loading: probe once the weights exist (`verify`)
@@ -85,17 +95,18 @@ def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.
     return model
 
 
-def _build(spec: BlockSpec, records_router_logits: bool, verify: bool) -> HFMoEBlock:
-    """The HFMoEBlock of the first reading (spec.cfg, then spec.alternatives) that reproduces the block on
+def _build(spec: BlockSpec, records_router_logits: bool, verify: bool,
+           cls: type[HFMoEBlock] = HFMoEBlock) -> HFMoEBlock:
+    """The `cls` layer of the first reading (spec.cfg, then spec.alternatives) that reproduces the block on
     the probe; the first reading's refusal if none does."""
     if not verify:
-        layer = HFMoEBlock(spec, records_router_logits)
+        layer = cls(spec, records_router_logits)
         layer.returns = _returns(spec, None, None)
         return layer
     first: UnsupportedBlockError | None = None
     for cfg in (spec.cfg, *spec.alternatives):
         reading = dataclasses.replace(spec, cfg=cfg, alternatives=[])
-        layer = HFMoEBlock(reading, records_router_logits)
+        layer = cls(reading, records_router_logits)
         try:
             verify_block(reading, layer)
             return layer
@@ -120,6 +131,10 @@ def verify(model: nn.Module) -> nn.Module:
 
 def _on_meta(spec: BlockSpec) -> bool:
     return any(t.is_meta for t in (spec.router_weight, spec.expert_weight))
+
+
+def _on_meta_module(module: nn.Module) -> bool:
+    return any(t.is_meta for t in module.parameters())
 
 
 def _defer_probe(layer: HFMoEBlock, model_config, backend: str) -> HFMoEBlock:
@@ -149,7 +164,8 @@ def _become(layer: HFMoEBlock, verified: HFMoEBlock) -> None:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Put every wrapped block's original transformers module back; in place. Returns `model`."""
-    blocks = [(name, layer.original()) for name, layer in model.named_modules() if isinstance(layer, HFMoEBlock)]
+    blocks = [(name, layer.original()) for name, layer in model.named_modules()
+              if isinstance(layer, HFMoEBlock | InlineRouterCall)]
     for name, block in blocks:  # every block was ready before the first is replaced: all or nothing
         _replace(model, name, block)
     for m in model.modules():
@@ -338,10 +354,11 @@ def _init_wrapped(init_weights, module: nn.Module) -> None:
     """transformers' `_init_weights(module)` on a wrapped model: a wrapped block is initialised as its
     original block would be (the same Parameter objects, so in place for moekit too)."""
     if isinstance(module, HFMoEBlock):
-        for sub in _children_first(module.original()):
-            init_weights(sub)
+        for root in module.hf_modules():
+            for sub in _children_first(root):
+                init_weights(sub)
         module.reset_moekit_state()
-    else:
+    elif not isinstance(module, InlineRouterCall):  # its HF router is initialised through its HFInlineMoE
         init_weights(module)
 
 
@@ -354,10 +371,11 @@ def _initialize_wrapped(model: nn.Module, inside: set[int], module: nn.Module, *
     router and bank, the HF shared-expert Linears it holds) are reached through the block, not on their own."""
     step = getattr(type(model), INIT_WALK)  # looked up per call: a wrapper patched onto the class applies
     if isinstance(module, HFMoEBlock):
-        for sub in _children_first(module.original()):
-            step(model, sub, *args, **kwargs)
+        for root in module.hf_modules():
+            for sub in _children_first(root):
+                step(model, sub, *args, **kwargs)
         module.reset_moekit_state()
-    elif id(module) not in inside:
+    elif id(module) not in inside and not isinstance(module, InlineRouterCall):
         step(model, module, *args, **kwargs)
 
 
