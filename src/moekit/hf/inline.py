@@ -18,7 +18,8 @@ layer's own code:
   router  -> InlineRouterCall: hands its input to the HFInlineMoE and returns (None, None, None).
 state_dict keys stay transformers' (`layers.i.router.proj.weight`, `layers.i.router.scale`,
 `layers.i.router.per_expert_scale`, `layers.i.experts.gate_up_proj`, ...), each resolves with
-`get_parameter`, and `load_state_dict` takes them back; `moekit.hf.unwrap` puts both HF modules back.
+`get_parameter`, and `load_state_dict` takes them back (the router child loads the router's tensors: torch
+hands each module only its own keys); `moekit.hf.unwrap` puts both HF modules back.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class HFInlineMoE(HFMoEBlock):
             if "." not in rest:
                 self._hf_children.setdefault(rest, mine)  # get_parameter("layers.i.experts.gate_up_proj")
         self.register_state_dict_post_hook(_state_dict_to_layer_names)
+        self.register_load_state_dict_pre_hook(_load_experts_names)
 
     def forward(self, hidden_states, top_k_index=None, top_k_weights=None, padding_mask=None):
         """The experts child's call: hidden states (T, D) (or (B, T, D)) -> the same shape. The router reads
@@ -147,7 +149,7 @@ class InlineRouterCall(nn.Module):
     def __init__(self, moe: HFInlineMoE):
         super().__init__()
         object.__setattr__(self, "_moe", moe)  # not a submodule: its tensors are saved once, by the experts child
-        self.register_load_state_dict_pre_hook(_load_layer_names)
+        self.register_load_state_dict_pre_hook(_load_router_names)
 
     def forward(self, hidden_states, *args, **kwargs):
         object.__setattr__(self._moe, "_router_input", hidden_states)
@@ -216,12 +218,23 @@ def _state_dict_to_layer_names(module: HFInlineMoE, state_dict, prefix: str, loc
             state_dict[parent + theirs] = state_dict.pop(prefix + theirs)
 
 
-def _load_layer_names(proxy: InlineRouterCall, state_dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook of the router child (loaded before the experts child): the decoder layer's
-    HF names of both children's tensors become the HFInlineMoE's own."""
+def _load_router_names(proxy: InlineRouterCall, state_dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook of the router child: torch hands each module only the keys under its own
+    prefix, so the HF router's tensors (`proj.weight`, `scale`, `per_expert_scale`) are loaded here, into
+    the HFInlineMoE's tensors (which that layer then keeps, see `_load_experts_names`)."""
     moe = proxy._moe
+    for rest, mine in moe._names_under[moe._hf_block.router_name].items():
+        if prefix + rest in state_dict:
+            with torch.no_grad():
+                _get_tensor(moe, mine).copy_(state_dict.pop(prefix + rest))
+
+
+def _load_experts_names(moe: HFInlineMoE, state_dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook of the experts child: its HF names (`gate_up_proj`) become moekit's
+    (`experts.gate_up_proj`); the router's tensors, loaded by the router child, keep their values."""
     view = moe._hf_block
-    parent = prefix[: -len(view.router_name) - 1]
-    for mine, theirs in moe._hf_names.items():
-        if parent + theirs in state_dict:
-            state_dict[f"{parent}{view.experts_name}.{mine}"] = state_dict.pop(parent + theirs)
+    for rest, mine in moe._names_under[view.experts_name].items():
+        if prefix + rest in state_dict and rest != mine:
+            state_dict[prefix + mine] = state_dict.pop(prefix + rest)
+    for mine in moe._names_under[view.router_name].values():
+        state_dict.setdefault(prefix + mine, _get_tensor(moe, mine).detach())

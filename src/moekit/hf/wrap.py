@@ -43,7 +43,14 @@ from moekit.hf.detect import (
     read_block,
     router_matches,
 )
-from moekit.hf.inline import HFInlineMoE, InlineRouterCall, MoEChildren, inline_children, proxy_pairs, refuse_meta
+from moekit.hf.inline import (
+    HFInlineMoE,
+    InlineRouterCall,
+    MoEChildren,
+    inline_children,
+    proxy_pairs,
+    refuse_meta,
+)
 from moekit.hf.private_api import (
     DECODE_SWITCH,
     INIT_HOOK,
