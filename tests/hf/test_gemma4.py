@@ -236,3 +236,26 @@ def test_wrapped_forward_offloaded_is_bitwise_resident(tmp_path):
     with offload(model, write_store(model, tmp_path / "s"), "25%"):
         out = _out(model, ids)
     assert torch.equal(out, ref)
+
+
+def test_pruned_gemma4_saves_as_a_transformers_checkpoint_and_exports(tmp_path):
+    """moekit.compress on a wrapped Gemma 4: the router's per-expert scale loses the pruned experts' rows with
+    the gate; transformers reads the result with no moekit, and `moekit export` writes it."""
+    from moekit.compress import calibrate, new_record, prune
+    from moekit.compress.hf import export_hf_dir, load_hf, save_hf
+
+    model = moekit.hf.wrap(_model())
+    ids = _ids()
+    record = new_record("test")
+    calib = calibrate(model, ids, forward=lambda x: model(input_ids=x), outputs=True)
+    record["steps"].append(prune(model, calib, 0.25, "reap").to_dict())
+    layers = moekit.hf.wrapped_blocks(model)
+    assert [m.router.expert_scale.shape[0] for m in layers] == [6, 6, 6]
+    expected = _out(model, ids)
+    save_hf(model, record, tmp_path / "out")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()  # no moekit
+    assert plain.config.num_experts == 6
+    torch.testing.assert_close(_out(plain, ids), expected, rtol=0, atol=1e-5)
+    loaded, _ = load_hf(tmp_path / "out")
+    torch.testing.assert_close(_out(loaded, ids), expected, rtol=0, atol=0)
+    assert export_hf_dir(tmp_path / "out", tmp_path / "exp").is_dir()
