@@ -133,6 +133,10 @@ def test_state_dict_keys_resolve_and_save_reload_has_no_missing_or_unexpected_ke
     fresh = moekit.hf.wrap(_halved(_model()))
     fresh.load_state_dict(model.state_dict(), strict=True)
     torch.testing.assert_close(_out(fresh, ids), want, atol=1e-5, rtol=1e-5)
+    other = moekit.hf.wrap(_halved(_model()))
+    other.load_state_dict(model.state_dict(), strict=True, assign=True)
+    assert moekit.hf.wrapped_blocks(other)[0].router.expert_scale is not moekit.hf.wrapped_blocks(model)[0].router.expert_scale
+    torch.testing.assert_close(_out(other, ids), want, atol=1e-5, rtol=1e-5)
 
 
 def _halved(model):
@@ -259,3 +263,11 @@ def test_pruned_gemma4_saves_as_a_transformers_checkpoint_and_exports(tmp_path):
     loaded, _ = load_hf(tmp_path / "out")
     torch.testing.assert_close(_out(loaded, ids), expected, rtol=0, atol=0)
     assert export_hf_dir(tmp_path / "out", tmp_path / "exp").is_dir()
+
+
+def test_meta_device_layers_are_refused_in_one_line():
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_config("gemma4"))
+    with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"Gemma4TextDecoderLayer on the meta device.*load them"):
+        moekit.hf.wrap(model)
+    assert not moekit.hf.wrapped_blocks(model)

@@ -218,15 +218,24 @@ def _state_dict_to_layer_names(module: HFInlineMoE, state_dict, prefix: str, loc
             state_dict[parent + theirs] = state_dict.pop(prefix + theirs)
 
 
-def _load_router_names(proxy: InlineRouterCall, state_dict, prefix: str, *args) -> None:
+def _load_router_names(proxy: InlineRouterCall, state_dict, prefix: str, local_metadata, *args) -> None:
     """load_state_dict pre-hook of the router child: torch hands each module only the keys under its own
     prefix, so the HF router's tensors (`proj.weight`, `scale`, `per_expert_scale`) are loaded here, into
-    the HFInlineMoE's tensors (which that layer then keeps, see `_load_experts_names`)."""
+    the HFInlineMoE's tensors (which that layer then keeps, see `_load_experts_names`); copied, or
+    assigned under `load_state_dict(..., assign=True)`."""
     moe = proxy._moe
+    assign = local_metadata.get("assign_to_params_buffers", False)
     for rest, mine in moe._names_under[moe._hf_block.router_name].items():
-        if prefix + rest in state_dict:
+        if prefix + rest not in state_dict:
+            continue
+        value, tensor = state_dict.pop(prefix + rest), _get_tensor(moe, mine)
+        if assign:
+            owner, _, leaf = mine.rpartition(".")
+            new = nn.Parameter(value, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value
+            setattr(moe.get_submodule(owner), leaf, new)
+        else:
             with torch.no_grad():
-                _get_tensor(moe, mine).copy_(state_dict.pop(prefix + rest))
+                tensor.copy_(value)
 
 
 def _load_experts_names(moe: HFInlineMoE, state_dict, prefix: str, *args) -> None:
