@@ -271,3 +271,37 @@ def test_meta_device_layers_are_refused_in_one_line():
     with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"Gemma4TextDecoderLayer on the meta device.*load them"):
         moekit.hf.wrap(model)
     assert not moekit.hf.wrapped_blocks(model)
+
+
+@pytest.mark.slow  # ~16 s on the shared machine (builds a vision tower too)
+def test_diffusion_gemma_block_diffusion_model_wraps_encoder_and_decoder_layers():
+    """The whole DiffusionGemma (text encoder layers, diffusion decoder layers reading the encoder's KV cache,
+    a tiny vision tower): every MoE layer of both stacks wraps; the logits differ from transformers' no more
+    than transformers' own two experts implementations differ from each other (fp32 summation order over 6
+    MoE layers: ~2e-5 here), and unwrap restores them exactly."""
+    from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaConfig
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaForBlockDiffusion
+
+    vision = AutoConfig.for_model("gemma4_vision", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    cfg = DiffusionGemmaConfig(text_config=_config("diffusion_gemma"), vision_config=vision, canvas_length=8)
+    torch.manual_seed(0)
+    model = _randomize(DiffusionGemmaForBlockDiffusion(cfg)).eval()
+    ids, canvas = _ids(), torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(2))
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=ids, decoder_input_ids=canvas).logits
+
+    ref = logits()
+    model.set_experts_implementation("eager")
+    eager = logits()
+    moekit.hf.wrap(model)
+    assert sorted({m.hf_class for m in moekit.hf.wrapped_blocks(model)}) == [
+        "DiffusionGemmaDecoderTextLayer", "DiffusionGemmaEncoderTextLayer"]
+    assert len(moekit.hf.wrapped_blocks(model)) == 6
+    got = logits()
+    spread = max(1e-5, float((eager - ref).abs().max()))
+    assert float((got - ref).abs().max()) <= spread and float((got - eager).abs().max()) <= spread
+    moekit.hf.unwrap(model)
+    assert torch.equal(logits(), eager)
