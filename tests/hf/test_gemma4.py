@@ -5,8 +5,6 @@ classes; nothing downloaded."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -14,7 +12,6 @@ from transformers.utils import logging
 
 import moekit
 import moekit.hf
-from moekit.cli import main
 from moekit.hf.inline import HFInlineMoE, InlineRouterCall
 
 logging.set_verbosity_error()
@@ -204,31 +201,8 @@ def test_expert_masks_apply():
     assert forced[5] == ids.numel()  # a forced expert takes one of every token's k slots
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf") / "gemma4"
-    _model().save_pretrained(path)
-    return path
-
-
-@pytest.mark.slow  # ~20 s on the shared 2-core machine
-def test_offloaded_generation_is_token_identical_to_resident(hf_dir, tmp_path, capsys):
-    gen = ["generate", "--hf", str(hf_dir), "--prompt", "abc", "--max-new-tokens", "10"]
-    assert main(gen) == 0
-    resident = capsys.readouterr().out
-    figures = tmp_path / "offload.json"
-    assert main([*gen, "--expert-budget", "25%", "--offload-json", str(figures)]) == 0
-    assert capsys.readouterr().out == resident
-    m = json.loads(figures.read_text())
-    assert m["capacity_experts"] == 2 and m["peak_resident_expert_bytes"] <= m["budget_bytes"]
-
-
-@pytest.mark.slow
-def test_analyze_reads_the_wrapped_routing(hf_dir, tmp_path):
-    args = ["--samples-per-domain", "1", "--seq-len", "16", "--boot", "5", "--no-progress", "--workers", "1"]
-    assert main(["analyze", "--hf", str(hf_dir), "--out", str(tmp_path / "a"), *args]) == 0
-    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    assert (metrics["trace"]["num_layers"], metrics["trace"]["num_experts"]) == (3, 8)
+# `moekit generate --hf DIR --expert-budget 25%` and `moekit analyze --hf DIR` on Gemma 4:
+# tests/offload/test_hf_families.py (slow).
 
 
 def test_wrapped_forward_offloaded_is_bitwise_resident(tmp_path):
