@@ -239,12 +239,29 @@ def test_pruned_gemma4_saves_as_a_transformers_checkpoint_and_exports(tmp_path):
     assert export_hf_dir(tmp_path / "out", tmp_path / "exp").is_dir()
 
 
-def test_meta_device_layers_are_refused_in_one_line():
+@pytest.mark.parametrize("how", ["assign", "to_empty"])
+def test_a_model_built_on_the_meta_device_wraps_and_probes_once_the_weights_exist(how):
+    """Big-model loading: wrap on the meta device, load the weights, and the first forward probes the reading."""
+    real = _model()
+    ids = _ids()
+    ref = _out(real, ids)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(_config("gemma4"))
-    with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"Gemma4TextDecoderLayer on the meta device.*load them"):
-        moekit.hf.wrap(model)
-    assert not moekit.hf.wrapped_blocks(model)
+        meta = AutoModelForCausalLM.from_config(_config("gemma4")).eval()
+    moekit.hf.wrap(meta)
+    layers = moekit.hf.wrapped_blocks(meta)
+    assert len(layers) == 3 and all(m.__dict__.get("_deferred") for m in layers)
+    if how == "assign":
+        meta.load_state_dict(real.state_dict(), assign=True)
+    else:
+        meta.to_empty(device="cpu")
+        meta.load_state_dict(real.state_dict())
+    for name, buf in real.named_buffers():  # non-persistent buffers (rotary, embedding scales): recomputed on load
+        owner, _, leaf = name.rpartition(".")
+        setattr(meta.get_submodule(owner), leaf, buf.clone())
+    torch.testing.assert_close(_out(meta, ids), ref, atol=1e-5, rtol=1e-5)
+    assert not any(m.__dict__.get("_deferred") for m in layers) and layers[0].cfg.router.k == 2
+    moekit.hf.unwrap(meta)
+    assert torch.equal(_out(meta, ids), _out(real, ids))
 
 
 @pytest.mark.slow  # ~16 s on the shared machine (builds a vision tower too)

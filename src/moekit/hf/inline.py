@@ -46,6 +46,8 @@ class MoEChildren(nn.Module):
         self.training = layer.training  # not .train(): that would set the layer's children
         object.__setattr__(self, "layer", layer)  # not a submodule
         self.layer_class = type(layer).__name__
+        # (the HFInlineMoE, what the router child was last called with), set by InlineRouterCall
+        self.router_input = None
 
     def forward(self, hidden_states):
         x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -93,7 +95,6 @@ class HFInlineMoE(HFMoEBlock):
         super().__init__(spec, records_router_logits)
         view = spec.block
         self.hf_class = view.layer_class
-        object.__setattr__(self, "_router_input", None)  # what the router child was last called with
         # HF names under the decoder layer: `experts.X` is this layer's X, `router.Y` the proxy's Y
         self._names_under = {view.experts_name: {}, view.router_name: {}}
         for mine, theirs in self._hf_names.items():
@@ -109,8 +110,11 @@ class HFInlineMoE(HFMoEBlock):
         """The experts child's call: hidden states (T, D) (or (B, T, D)) -> the same shape. The router reads
         what the router child was last called with (InlineRouterCall), or, without such a call, this input;
         `top_k_index` and `top_k_weights` (what the layer got from the router child: None) are not read."""
-        router_in = self._router_input
-        object.__setattr__(self, "_router_input", None)
+        # Held by the view, which the reading a deferred probe verifies shares (moekit.hf.wrap's `_become`),
+        # for this layer object: the probe's own layer, run between the two calls, does not take it.
+        view, router_in = self._hf_block, None
+        if view.router_input is not None and view.router_input[0] is self:
+            router_in, view.router_input = view.router_input[1], None
         collected = active_collector.get() if self.records_router_logits else None
         if collected is None or "router_logits" not in collected:
             return MoELayer.forward(self, hidden_states, padding_mask, router_input=router_in)
@@ -152,7 +156,7 @@ class InlineRouterCall(nn.Module):
         self.register_load_state_dict_pre_hook(_load_router_names)
 
     def forward(self, hidden_states, *args, **kwargs):
-        object.__setattr__(self._moe, "_router_input", hidden_states)
+        self._moe._hf_block.router_input = (self._moe, hidden_states)
         return None, None, None
 
     def original(self) -> nn.Module:
@@ -199,12 +203,6 @@ def proxy_pairs(name: str, layer: nn.Module, moe: HFInlineMoE) -> list[tuple[str
     view = moe._hf_block
     prefix = f"{name}." if name else ""
     return [(prefix + view.router_name, InlineRouterCall(moe)), (prefix + view.experts_name, moe)]
-
-
-def refuse_meta(layer: nn.Module) -> UnsupportedBlockError:
-    return UnsupportedBlockError(f"moekit.hf cannot wrap {type(layer).__name__} on the meta device: its MoE runs "
-                                 "inside the decoder layer, which moekit wraps only once the weights exist (load them "
-                                 "first, or pass verify=False)")
 
 
 def _state_dict_to_layer_names(module: HFInlineMoE, state_dict, prefix: str, local_metadata) -> None:

@@ -49,7 +49,6 @@ from moekit.hf.inline import (
     MoEChildren,
     inline_children,
     proxy_pairs,
-    refuse_meta,
 )
 from moekit.hf.private_api import (
     DECODE_SWITCH,
@@ -83,11 +82,10 @@ def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.
     for name, block in found:
         children = inline_children(block)
         if children is not None:  # the MoE runs inside the decoder layer (Gemma 4): wrap its two children
-            if verify and _on_meta_module(block):
-                raise refuse_meta(block)
-            view = MoEChildren(block, *children)
-            spec = read_block(view, model_config, backend)
-            moe = _build(spec, transformers_records_router_logits(model, spec.gate), verify, HFInlineMoE)
+            spec = read_block(MoEChildren(block, *children), model_config, backend)
+            records = transformers_records_router_logits(model, spec.gate)
+            moe = (_defer_probe(HFInlineMoE(spec, records), model_config, backend) if verify and _on_meta(spec)
+                   else _build(spec, records, verify, HFInlineMoE))
             new.extend(proxy_pairs(name, block, moe))
             continue
         spec = read_block(block, model_config, backend)
@@ -129,8 +127,7 @@ def verify(model: nn.Module) -> nn.Module:
     nothing). A wrapped block runs this itself at its first forward. Raises UnsupportedBlockError as `wrap`
     does (weights still on the meta device included). Returns `model`."""
     pending = [m for m in model.modules() if isinstance(m, HFMoEBlock) and m.__dict__.get("_deferred")]
-    built = [(layer, _build(read_block(layer.original(), *layer._deferred), layer.records_router_logits, True))
-             for layer in pending]
+    built = [(layer, _reread(layer)) for layer in pending]
     for layer, new in built:
         _become(layer, new)
     return model
@@ -138,10 +135,6 @@ def verify(model: nn.Module) -> nn.Module:
 
 def _on_meta(spec: BlockSpec) -> bool:
     return any(t.is_meta for t in (spec.router_weight, spec.expert_weight))
-
-
-def _on_meta_module(module: nn.Module) -> bool:
-    return any(t.is_meta for t in module.parameters())
 
 
 def _defer_probe(layer: HFMoEBlock, model_config, backend: str) -> HFMoEBlock:
@@ -153,7 +146,13 @@ def _defer_probe(layer: HFMoEBlock, model_config, backend: str) -> HFMoEBlock:
 
 def _probe_at_first_forward(layer: HFMoEBlock, args) -> None:
     """Forward pre-hook of a deferred layer: read and probe its block now that the weights exist, once."""
-    _become(layer, _build(read_block(layer.original(), *layer._deferred), layer.records_router_logits, True))
+    _become(layer, _reread(layer))
+
+
+def _reread(layer: HFMoEBlock) -> HFMoEBlock:
+    """The verified reading of a deferred layer's block (the HF block holding the layer's tensors now)."""
+    return _build(read_block(HFMoEBlock.original(layer), *layer._deferred), layer.records_router_logits, True,
+                  type(layer))
 
 
 def _become(layer: HFMoEBlock, verified: HFMoEBlock) -> None:
