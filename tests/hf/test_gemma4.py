@@ -296,3 +296,21 @@ def test_diffusion_gemma_block_diffusion_model_wraps_encoder_and_decoder_layers(
     assert float((got - ref).abs().max()) <= spread and float((got - eager).abs().max()) <= spread
     moekit.hf.unwrap(model)
     assert torch.equal(logits(), eager)
+
+
+def test_init_weights_reinitialises_the_wrapped_router_and_experts_and_switches_are_refused():
+    from moekit.errors import UsageError
+
+    model = moekit.hf.wrap(_model())
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    r = layer.router
+    with torch.no_grad():
+        for t in (r.weight, r.input_norm.scale, r.expert_scale, layer.experts.gate_up_proj):
+            t.zero_()
+    model.apply(model._init_weights)  # transformers' per-module init: Gemma4TextRouter's scales to 1
+    assert torch.equal(r.input_norm.scale, torch.ones_like(r.input_norm.scale))
+    assert torch.equal(r.expert_scale, torch.ones_like(r.expert_scale))
+    std = model.config.initializer_range
+    assert 0.5 * std < float(layer.experts.gate_up_proj.detach().std()) < 2 * std and bool(r.weight.detach().any())
+    with pytest.raises(UsageError, match="wrapped by moekit"):
+        model.set_experts_implementation("eager")
