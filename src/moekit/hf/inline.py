@@ -135,8 +135,8 @@ class HFInlineMoE(HFMoEBlock):
         return getattr(view, view.experts_name)
 
     def original_router(self) -> nn.Module:
-        view = self._hf_block
-        super().original()
+        """The HF router module (every tensor this layer holds put back, as `original`)."""
+        view = super().original()
         return getattr(view, view.router_name)
 
     def hf_modules(self) -> list[nn.Module]:
