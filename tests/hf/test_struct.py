@@ -248,7 +248,6 @@ def test_offload_runs_wrapped_identity_and_latent_experts_and_refuses_listed_one
 
 @pytest.mark.parametrize(("family", "why"), [
     ("doge", "single neurons, rows of two embedding tables"),
-    ("gemma4", "inside a decoder layer"),
     ("muse_spark", "has_post_expert_norm"),
     ("zaya", "`gate` (ZayaRouter) is neither a router"),
 ])

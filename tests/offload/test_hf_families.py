@@ -1,7 +1,8 @@
 """`moekit generate --hf DIR --expert-budget 25%` and `moekit analyze --hf DIR` on wrapped gpt-oss (transposed,
 interleaved, biased experts with a clamped SwiGLU), Llama 4 text (transposed experts, score on the expert
 input, shared expert), Granite MoE (router child `router`) and the latent family Nemotron-H (shared D -> l -> D
-projections around non-gated ReLU^2 experts, a biased shared MLP): tiny random checkpoints written with
+projections around non-gated ReLU^2 experts, a biased shared MLP) and Gemma 4 (experts inside the decoder
+layer, wrapped at its router and experts children): tiny random checkpoints written with
 save_pretrained, nothing downloaded (issue 14 item 6)."""
 
 from __future__ import annotations
@@ -32,10 +33,14 @@ def _config(family: str):
                                        num_experts_per_tok=2, moe_intermediate_size=16,
                                        moe_shared_expert_intermediate_size=24, moe_latent_size=16, mlp_bias=True,
                                        n_group=2, topk_group=1)
+    if family == "gemma4":  # experts inside the decoder layer (moekit/hf/inline.py)
+        return tr.AutoConfig.for_model("gemma4_text", **IDS, **SMALL, head_dim=8, intermediate_size=32,
+                                       moe_intermediate_size=16, num_experts=8, top_k_experts=2, enable_moe_block=True,
+                                       vocab_size_per_layer_input=300, hidden_size_per_layer_input=8)
     return tr.GraniteMoeConfig(**IDS, **SMALL, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
 
 
-@pytest.fixture(scope="module", params=["gpt_oss", "llama4", "granitemoe", "nemotron_h"])
+@pytest.fixture(scope="module", params=["gpt_oss", "llama4", "granitemoe", "nemotron_h", "gemma4"])
 def hf_dir(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 

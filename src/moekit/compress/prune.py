@@ -172,6 +172,9 @@ def apply_keep(layer: MoELayer, keep: list[int]) -> None:
         router = router_class(cfg.router.kind)(cfg.router, cfg.d_model, len(keep))
         if "bias" in state and getattr(router, "bias", None) is None:  # a router logit bias (E,), wrapped models
             router.bias = nn.Parameter(torch.empty(len(keep)))
+        if old.expert_scale is not None:  # a pretrained per-expert weight scale (E,) and input norm (Gemma 4)
+            router.expert_scale = nn.Parameter(torch.empty(len(keep)))
+        router.input_norm = old.input_norm
     if "bias" in state:
         state["bias"] = state["bias"].index_select(0, idx)
     router.load_state_dict(state)

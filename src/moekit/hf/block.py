@@ -262,6 +262,10 @@ class HFMoEBlock(MoELayer):
         block.train(self.training)
         return block
 
+    def hf_modules(self) -> list[nn.Module]:
+        """The HF modules this layer stands for (transformers' init re-initialises them): the block."""
+        return [self.original()]
+
     def extra_repr(self) -> str:
         return f"hf={self.hf_class}, {super().extra_repr()}"
 

@@ -63,6 +63,7 @@ from moekit.errors import UsageError
 from moekit.experts.bank import STANDARD, ExpertLayout
 from moekit.layers.moe import MoELayer
 from moekit.ops.ffn import ACTIVATIONS, Activation
+from moekit.routers.base import RouterInputNorm
 
 
 class UnsupportedBlockError(UsageError):  # a UsageError is a ValueError, as before
@@ -123,7 +124,8 @@ class BlockSpec:
     # output instead of in its router (Beam's routed_scaling_factor; the privacy filter's 1/K then x K).
     router_weight_scale: float = 1.0
     model_config: Any = None  # the model's config, where the block and its experts hold none
-    router_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # moekit router attribute -> HF tensor
+    # moekit router attribute -> HF tensor, or a module holding HF tensors (`input_norm`, see _router_parts)
+    router_tensors: dict[str, Any] = field(default_factory=dict)
     latent: tuple[nn.Linear, nn.Linear] | None = None  # (D -> l, l -> D) around the routed experts
     output_bias: nn.Parameter | None = None  # (D,) added to the block's output
     output_norm: nn.Module | None = None  # an RMSNorm of the block's output (its `weight` (D,) is bound)
@@ -146,6 +148,8 @@ def looks_like_moe_block(module: nn.Module) -> bool:
     if isinstance(module, MoELayer) or type(module).__name__ in NOT_FFN_MOE:
         return False
     experts = getattr(module, "experts", None)
+    if isinstance(experts, MoELayer):  # a decoder layer whose experts child moekit wraps (hf/inline.py)
+        return False
     if not isinstance(experts, nn.Module):
         return _parallel_experts(module) is not None or _embedding_experts(module) is not None
     return any(p.dim() >= 2 for p in experts.parameters())
@@ -290,11 +294,34 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
         raise refuse(f"its routing rule ({router.describe()}) is not one moekit can run: {e}") from e
     spec = BlockSpec(block, gate, router_weight, router_bias, selection_bias, experts, bank, layout, activation,
                      shared, shared_gate, cfg, model_config=model_config,
-                     router_tensors={} if hash_table is None else {"tid2eid": hash_table},
+                     router_tensors={**({} if hash_table is None else {"tid2eid": hash_table}),
+                                     **_router_parts(gate, (router_weight, router_bias, selection_bias), R, D)},
                      latent=latent, output_bias=output_bias, output_norm=output_norm,
                      reads_padding_mask=_router_reads_padding_mask(gate, E, D))
     _read_rule_from_router(spec)
     return spec
+
+
+def _router_parts(gate: nn.Module, known: tuple, R: int, D: int) -> dict[str, Any]:
+    """The router's Parameters beside its gate, bias and selection bias, by shape (Gemma 4's router): a (D,)
+    scale of its input, after an RMS norm whose epsilon the router (or a child of it) holds, times its
+    `scalar_root_size` (D^-0.5; 1 without one) -> `input_norm`; an (R,) per-expert scale of the combine
+    weights -> `expert_scale`. The router probe checks the reading; anything else stays unread (and is
+    refused as a tensor with no place)."""
+    ids = {id(t) for t in known if t is not None}
+    rest = [p for p in gate.parameters() if id(p) not in ids]
+    scale_D = [p for p in rest if tuple(p.shape) == (D,)]
+    scale_R = [p for p in rest if tuple(p.shape) == (R,)]
+    if R == D or len(scale_D) > 1 or len(scale_R) > 1:
+        return {}  # which is which is not read from the shapes
+    parts: dict[str, Any] = {}
+    eps = next((v for m in gate.modules() for v in (getattr(m, n, None) for n in ("eps", "variance_epsilon"))
+                if isinstance(v, float)), None)
+    if scale_D and eps is not None:
+        parts["input_norm"] = RouterInputNorm(scale_D[0], eps, float(getattr(gate, "scalar_root_size", 1.0)))
+    if scale_R:
+        parts["expert_scale"] = scale_R[0]
+    return parts
 
 
 def _norm_eps(child: nn.Module, D: int) -> float | None:

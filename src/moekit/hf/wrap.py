@@ -45,6 +45,13 @@ from moekit.hf.detect import (
     read_block,
     router_matches,
 )
+from moekit.hf.inline import (
+    HFInlineMoE,
+    InlineRouterCall,
+    MoEChildren,
+    inline_children,
+    proxy_pairs,
+)
 from moekit.hf.private_api import (
     DECODE_SWITCH,
     INIT_HOOK,
@@ -75,6 +82,14 @@ def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.
     model_config = getattr(model, "config", None)
     new = []
     for name, block in found:
+        children = inline_children(block)
+        if children is not None:  # the MoE runs inside the decoder layer (Gemma 4): wrap its two children
+            spec = read_block(MoEChildren(block, *children), model_config, backend)
+            records = transformers_records_router_logits(model, spec.gate)
+            moe = (_defer_probe(HFInlineMoE(spec, records), model_config, backend) if verify and _on_meta(spec)
+                   else _build(spec, records, verify, HFInlineMoE))
+            new.extend(proxy_pairs(name, block, moe))
+            continue
         spec = read_block(block, model_config, backend)
         records = transformers_records_router_logits(model, spec.gate)
         if verify and _on_meta(spec):  # big-model loading: probe once the weights exist (`verify`)
@@ -89,17 +104,18 @@ def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.
     return model
 
 
-def _build(spec: BlockSpec, records_router_logits: bool, verify: bool) -> HFMoEBlock:
-    """The HFMoEBlock of the first reading (spec.cfg, then spec.alternatives) that reproduces the block on
+def _build(spec: BlockSpec, records_router_logits: bool, verify: bool,
+           cls: type[HFMoEBlock] = HFMoEBlock) -> HFMoEBlock:
+    """The `cls` layer of the first reading (spec.cfg, then spec.alternatives) that reproduces the block on
     the probe; the first reading's refusal if none does."""
     if not verify:
-        layer = HFMoEBlock(spec, records_router_logits)
+        layer = cls(spec, records_router_logits)
         layer.returns = _returns(spec, None, None)
         return layer
     first: UnsupportedBlockError | None = None
     for cfg in (spec.cfg, *spec.alternatives):
         reading = dataclasses.replace(spec, cfg=cfg, alternatives=[])
-        layer = HFMoEBlock(reading, records_router_logits)
+        layer = cls(reading, records_router_logits)
         try:
             verify_block(reading, layer)
             return layer
@@ -115,8 +131,7 @@ def verify(model: nn.Module) -> nn.Module:
     nothing). A wrapped block runs this itself at its first forward. Raises UnsupportedBlockError as `wrap`
     does (weights still on the meta device included). Returns `model`."""
     pending = [m for m in model.modules() if isinstance(m, HFMoEBlock) and m.__dict__.get("_deferred")]
-    built = [(layer, _build(read_block(layer.original(), *layer._deferred), layer.records_router_logits, True))
-             for layer in pending]
+    built = [(layer, _reread(layer)) for layer in pending]
     for layer, new in built:
         _become(layer, new)
     return model
@@ -135,7 +150,13 @@ def _defer_probe(layer: HFMoEBlock, model_config, backend: str) -> HFMoEBlock:
 
 def _probe_at_first_forward(layer: HFMoEBlock, args) -> None:
     """Forward pre-hook of a deferred layer: read and probe its block now that the weights exist, once."""
-    _become(layer, _build(read_block(layer.original(), *layer._deferred), layer.records_router_logits, True))
+    _become(layer, _reread(layer))
+
+
+def _reread(layer: HFMoEBlock) -> HFMoEBlock:
+    """The verified reading of a deferred layer's block (the HF block holding the layer's tensors now)."""
+    return _build(read_block(HFMoEBlock.original(layer), *layer._deferred), layer.records_router_logits, True,
+                  type(layer))
 
 
 def _become(layer: HFMoEBlock, verified: HFMoEBlock) -> None:
@@ -153,7 +174,8 @@ def _become(layer: HFMoEBlock, verified: HFMoEBlock) -> None:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Put every wrapped block's original transformers module back; in place. Returns `model`."""
-    blocks = [(name, layer.original()) for name, layer in model.named_modules() if isinstance(layer, HFMoEBlock)]
+    blocks = [(name, layer.original()) for name, layer in model.named_modules()
+              if isinstance(layer, HFMoEBlock | InlineRouterCall)]
     for name, block in blocks:  # every block was ready before the first is replaced: all or nothing
         _replace(model, name, block)
     for m in model.modules():
@@ -368,10 +390,11 @@ def _init_wrapped(init_weights, module: nn.Module) -> None:
     """transformers' `_init_weights(module)` on a wrapped model: a wrapped block is initialised as its
     original block would be (the same Parameter objects, so in place for moekit too)."""
     if isinstance(module, HFMoEBlock):
-        for sub in _children_first(module.original()):
-            init_weights(sub)
+        for root in module.hf_modules():
+            for sub in _children_first(root):
+                init_weights(sub)
         module.reset_moekit_state()
-    else:
+    elif not isinstance(module, InlineRouterCall):  # its HF router is initialised through its HFInlineMoE
         init_weights(module)
 
 
@@ -384,10 +407,11 @@ def _initialize_wrapped(model: nn.Module, inside: set[int], module: nn.Module, *
     router and bank, the HF shared-expert Linears it holds) are reached through the block, not on their own."""
     step = getattr(type(model), INIT_WALK)  # looked up per call: a wrapper patched onto the class applies
     if isinstance(module, HFMoEBlock):
-        for sub in _children_first(module.original()):
-            step(model, sub, *args, **kwargs)
+        for root in module.hf_modules():
+            for sub in _children_first(root):
+                step(model, sub, *args, **kwargs)
         module.reset_moekit_state()
-    elif id(module) not in inside:
+    elif id(module) not in inside and not isinstance(module, InlineRouterCall):
         step(model, module, *args, **kwargs)
 
 

@@ -213,10 +213,12 @@ class MoELayer(nn.Module):
         self._info: RoutingInfo | None = None
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                router_state: Any = None) -> torch.Tensor:
+                router_state: Any = None, router_input: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, D) or (T, D) (T = 0 gives an empty output and zero aux losses). padding_mask: same
         leading shape, True/1 for real tokens. router_state: the routing state from the previous MoE
-        layer, for routers that carry one (see the module doc). Returns y, shaped like x."""
+        layer, for routers that carry one (see the module doc). router_input: what the router reads
+        instead of x, shaped like x (Gemma 4 routes the un-normed residual and runs the experts on a
+        normed copy). Returns y, shaped like x."""
         if x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"MoELayer: input last dim is {x.shape[-1]}, expected d_model={self.cfg.d_model}")
         if x.dim() not in (2, 3):
@@ -235,8 +237,11 @@ class MoELayer(nn.Module):
         cfg = self.cfg
         carry = router_state if isinstance(router_state, LayerCarry) else LayerCarry(router_state)
         num_valid = T if valid_T is None else int(valid_T.sum())
+        if router_input is not None and router_input.shape[:-1].numel() != T:
+            raise ValueError(f"MoELayer: router_input has shape {tuple(router_input.shape)}, expected {T} tokens "
+                             f"of d_model={self.cfg.d_model} like x {tuple(x.shape)}")
         # Pre-gated MoE (arXiv 2308.12066): the gate reads the previous MoE layer's input.
-        gate_in_TD = x_TD
+        gate_in_TD = x_TD if router_input is None else router_input.reshape(T, -1)
         if cfg.pregated and carry.x_TD is not None:
             if carry.x_TD.shape != x_TD.shape:
                 raise ValueError(f"MoELayer(pregated): the previous layer's input has shape {tuple(carry.x_TD.shape)}, "

@@ -193,6 +193,27 @@ def warn_if_k1_normalized(cfg: RouterConfig) -> None:
                   "leave normalize=None (raw probability, as Switch Transformer) unless this is intended")
 
 
+class RouterInputNorm(nn.Module):
+    """x_TD / rms(x_TD) * scale_D * multiplier, in fp32: transformers' Gemma4TextRouter's input (an RMS norm
+    without weight, `eps` inside the root, then its learned `scale` (D,) and D^-0.5), before its gate.
+    `scale` is the pretrained model's own Parameter (moekit.hf binds it; nothing is copied)."""
+
+    def __init__(self, scale_D: nn.Parameter, eps: float, multiplier: float = 1.0):
+        super().__init__()
+        self.scale = scale_D
+        self.eps = eps
+        self.multiplier = multiplier
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        x_TD = x_TD.float()
+        # the same operations in the same order as transformers' Gemma4RMSNorm and Gemma4TextRouter
+        normed_TD = x_TD * torch.pow(x_TD.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        return normed_TD * self.scale.float() * self.multiplier
+
+    def extra_repr(self) -> str:
+        return f"d={self.scale.shape[0]}, eps={self.eps:g}, multiplier={self.multiplier:g}"
+
+
 class Router(nn.Module):
     """Base class: a linear gate `weight` (E, D) (and optionally a logit `bias` (E,)) in the transformers
     layout plus a selection rule.
@@ -215,6 +236,11 @@ class Router(nn.Module):
     `expert_tensors` names the parameters and buffers that hold one row per routed expert (the gate
     rows, a selection bias): removing an expert (moekit.compress) removes its row from each.
 
+    Two parts a pretrained router may have (transformers' Gemma 4; moekit's own routers have neither),
+    kept across `moekit.route(kind=...)` by `adopt`: `input_norm` (a module, or None) transforms the
+    router's input before the gate (`RouterInputNorm`), and `expert_scale` (E,) (or None) multiplies
+    each pick's combine weight by its expert's scale, after the selection rule.
+
     Buffers named in `fp32_buffers` (routing state such as a selection bias) stay fp32 when the
     module is cast (`.to(torch.bfloat16)`, `.half()`): rounding them would re-route tokens and swallow
     small updates (transformers keeps DeepSeek-V3's `e_score_correction_bias` in fp32 the same way).
@@ -224,7 +250,7 @@ class Router(nn.Module):
     config_class: ClassVar[type[RouterConfig]] = RouterConfig
     fp32_buffers: ClassVar[tuple[str, ...]] = ()
     # Parameters and buffers with one row (dim 0) per routed expert: what pruning removes with an expert.
-    expert_tensors: ClassVar[tuple[str, ...]] = ("weight",)
+    expert_tensors: ClassVar[tuple[str, ...]] = ("weight", "expert_scale")
 
     def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
         super().__init__()
@@ -238,6 +264,9 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=d_model**-0.5)
         # An additive logit bias (E,) where a pretrained router has one (gpt-oss); moekit's own routers have none.
         self.register_parameter("bias", None)
+        # Gemma 4's router parts (see the class doc); None for moekit's own routers.
+        self.register_module("input_norm", None)
+        self.register_parameter("expert_scale", None)
         self.expert_mask_E: torch.Tensor | None = None
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -256,12 +285,12 @@ class Router(nn.Module):
                 logit_bias_TE: torch.Tensor | None = None) -> RouterOutput:
         """`logit_bias_TE` (T, E) fp32 is added to the logits before selection (MoE++'s gating residual,
         arXiv 2410.07348, which the layer computes from the previous MoE layer's logits)."""
-        x_TD = self.jittered(x_TD)
+        x_TD = self.gate_input(self.jittered(x_TD))
         logits_TE = self.logits(x_TD)
         if logit_bias_TE is not None:
             logits_TE = logits_TE + logit_bias_TE
         if self.expert_mask_E is None:
-            return self.select(logits_TE, x_TD, valid_T)
+            return self.scale_weights(self.select(logits_TE, x_TD, valid_T))
         # Expert masks (MoTE, arXiv 2502.11096): a disabled expert's logit is -inf before selection.
         # Columns past E (null experts) are never masked.
         disabled_E = self.expert_mask_E < 0
@@ -269,7 +298,18 @@ class Router(nn.Module):
         route = self.select(logits_TE.masked_fill(disabled_X, float("-inf")), x_TD, valid_T)
         # Every rule gives a disabled expert zero weight, but some can still pick one (top-p with p=1,
         # min_k, fewer enabled experts than k): drop those picks so that a disabled expert never runs.
-        return route.keep(~disabled_E[route.expert_idx_N])
+        return self.scale_weights(route.keep(~disabled_E[route.expert_idx_N]))
+
+    def gate_input(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """What the gate reads: `x_TD`, or `input_norm(x_TD)` in fp32 where the router has an input norm."""
+        return x_TD if self.input_norm is None else self.input_norm(x_TD.float())
+
+    def scale_weights(self, route: RouterOutput) -> RouterOutput:
+        """`route` with each pick's weight times its expert's `expert_scale` (Gemma 4's per_expert_scale,
+        applied after the rule's own normalisation), or unchanged where the router has none."""
+        if self.expert_scale is None:
+            return route
+        return dataclasses.replace(route, weight_N=route.weight_N * self.expert_scale.float()[route.expert_idx_N])
 
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor,
                valid_T: torch.Tensor | None = None) -> RouterOutput:
@@ -281,6 +321,10 @@ class Router(nn.Module):
         self.weight = old.weight
         if old.bias is not None:  # a pretrained logit bias belongs to the gate
             self.bias = old.bias
+        if old.input_norm is not None:  # so do a pretrained input norm and per-expert scale (Gemma 4)
+            self.input_norm = old.input_norm
+        if old.expert_scale is not None:
+            self.expert_scale = old.expert_scale
         self.expert_mask_E = old.expert_mask_E
 
     # ---------------------------------------------------------------- losses

@@ -82,7 +82,7 @@ class HashConfig(RouterConfig):
 
 @register("hash", config=HashConfig)
 class HashRouter(Router):
-    expert_tensors = ("weight",)  # tid2eid holds expert ids, not a row per expert
+    expert_tensors = ("weight", "expert_scale")  # tid2eid holds expert ids, not a row per expert
 
     def __init__(self, cfg: HashConfig, d_model: int, num_experts: int):
         super().__init__(cfg, d_model, num_experts)
@@ -95,7 +95,7 @@ class HashRouter(Router):
             raise UsageError(f"RouterConfig(kind='hash') routes on token ids: pass the {x_TD.shape[0]} tokens' ids as "
                              f"the MoE layer's router_state (got {type(state).__name__}"
                              f"{'' if not isinstance(state, torch.Tensor) else f' {tuple(state.shape)} {state.dtype}'})")
-        logits_TE = self.logits(self.jittered(x_TD))
+        logits_TE = self.logits(self.gate_input(self.jittered(x_TD)))
         if logit_bias_TE is not None:
             logits_TE = logits_TE + logit_bias_TE
         cfg = self.cfg
@@ -106,7 +106,7 @@ class HashRouter(Router):
             w_TK = w_TK / renormalizer(w_TK, cfg.score)
         if cfg.routed_scaling_factor != 1.0:
             w_TK = w_TK * cfg.routed_scaling_factor
-        route = RouterOutput.from_topk(idx_TK, w_TK, scores_TE, logits_TE)
+        route = self.scale_weights(RouterOutput.from_topk(idx_TK, w_TK, scores_TE, logits_TE))
         if self.expert_mask_E is None:
             return route
         # A disabled expert's picks are dropped: the table has no other expert for the token.

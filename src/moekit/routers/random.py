@@ -96,7 +96,7 @@ class RandomConfig(RouterConfig):
 
 @register("random", config=RandomConfig)
 class RandomRouter(Router):
-    expert_tensors = ("weight", "bias")
+    expert_tensors = ("weight", "bias", "expert_scale")
     def __init__(self, cfg: RandomConfig, d_model: int, num_experts: int):
         super().__init__(cfg, d_model, num_experts)
         self.weight.requires_grad_(False)

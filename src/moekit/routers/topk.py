@@ -199,7 +199,7 @@ class TopKConfig(RouterConfig):
 @register("topk", config=TopKConfig)
 class TopKRouter(Router):
     fp32_buffers = ("e_score_correction_bias",)
-    expert_tensors = ("weight", "e_score_correction_bias")
+    expert_tensors = ("weight", "e_score_correction_bias", "expert_scale")
 
     def __init__(self, cfg: TopKConfig, d_model: int, num_experts: int):
         super().__init__(cfg, d_model, num_experts)
