@@ -99,7 +99,8 @@ def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.
     for name, layer in new:
         _replace(model, name, layer)
     _refuse_experts_implementation_switch(model)
-    for hf_class in dict.fromkeys(layer.hf_class for _, layer in new if layer.hf_class in DIVERGENT):
+    blocks = [layer for _, layer in new if isinstance(layer, HFMoEBlock)]  # not Gemma 4's router stand-ins
+    for hf_class in dict.fromkeys(layer.hf_class for layer in blocks if layer.hf_class in DIVERGENT):
         warnings.warn(f"moekit.hf.wrap: {DIVERGENT[hf_class]}", UserWarning, stacklevel=2)
     return model
 
