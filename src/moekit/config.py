@@ -386,6 +386,8 @@ class MoEConfig(Config):
     activation_clamp_after: the gate's clamp after its activation (Step-3.7), not before;
     shared_activation_limit: the shared expert's clamp (None: none), with the routed experts' other clamp
     settings (DeepSeek-V4 clamps both at swiglu_limit; Step-3.7 at its own limits).
+    shared_activation: the shared expert's own activation (None: the routed experts'); Aria's, HY-V4's and
+    GLM-5-Next's routed experts are always SiLU-gated while their shared expert follows hidden_act.
     weight_on_input: the combine weight scales each expert's *input* instead of its output (Llama 4);
     the same for linear experts, not for gated ones.
 
@@ -415,6 +417,8 @@ class MoEConfig(Config):
     activation_clamp_after: bool = setting(False, "clamp the gate after its activation, not before (Step-3.7)")
     shared_activation_limit: float | None = setting(None, "the shared expert's clamp, with the routed experts' "
                                                     "clamp settings (DeepSeek-V4, Step-3.7; None = no clamp)")
+    shared_activation: str | None = setting(None, "the shared expert's own activation (None = the routed "
+                                            "experts'; Aria: GeGLU shared, SwiGLU routed)")
     activation_softcap_gate: float | None = setting(None, "gate softcap of Inkling2's softcapped SwiGLU (None = none; "
                                                           "set with activation_softcap_up)")
     activation_softcap_up: float | None = setting(None, "up softcap of Inkling2's softcapped SwiGLU (None = none)")
@@ -479,9 +483,12 @@ class MoEConfig(Config):
                 self.activation_up_offset, "0.0 unless the activation is gated")
         require(not self.activation_clamp_after or self.activation_limit is not None,
                 "MoEConfig.activation_clamp_after", self.activation_clamp_after, "false unless activation_limit is set")
-        require(self.shared_activation_limit is None or (gated and self.shared_activation_limit > 0),
+        shared_gated = (self.shared_activation or self.activation) in GATED_ACTIVATIONS
+        require(self.shared_activation_limit is None or (gated and shared_gated and self.shared_activation_limit > 0),
                 "MoEConfig.shared_activation_limit", self.shared_activation_limit,
-                "None, or a float > 0 with a gated activation")
+                "None, or a float > 0 with gated activations")
+        require(self.shared_activation is None or self.shared_activation in ACTIVATIONS,
+                "MoEConfig.shared_activation", self.shared_activation, f"None or one of {ACTIVATIONS}")
         caps = (self.activation_softcap_gate, self.activation_softcap_up)
         require(caps == (None, None) or (None not in caps and min(caps) > 0 and self.activation == "swiglu"
                                          and self.activation_limit is None),

@@ -44,6 +44,15 @@ FAMILIES = {
     "inkling2_text": (dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
                            unpadded_vocab_size=128, mlp_gate_softcap=2.0, mlp_up_softcap=3.0),
                       "Inkling2SparseMoeBlock", dict(activation_softcap_gate=2.0, activation_softcap_up=3.0)),
+    # SiLU-gated routed experts (fixed) and a shared MLP following hidden_act="gelu" (MoEConfig.shared_activation)
+    "aria_text": (dict(num_hidden_layers=2, intermediate_size=16, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1,
+                       hidden_act="gelu"), "AriaTextMoELayer", dict(activation="swiglu", shared_activation="geglu")),
+    # the same with clamped routed experts (swiglu_limit) and a plain GELU-gated shared expert
+    "hy_v4": (dict(num_hidden_layers=2, mlp_layer_types=["dense", "sparse"], n_routed_experts=8, num_experts_per_tok=2,
+                   moe_intermediate_size=16, intermediate_size=48, n_shared_experts=1, n_group=2, topk_group=1,
+                   q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                   index_topk=4, index_n_heads=2, index_head_dim=16, hidden_act="gelu", swiglu_limit=0.5),
+              "HYV4MoE", dict(activation_limit=0.5, shared_activation="geglu", shared_activation_limit=None)),
     "jetmoe": (dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
                     kv_channels=8), "JetMoeMoE", dict(output_bias=True, activation="swiglu")),
 }
@@ -313,3 +322,20 @@ def test_listed_and_spare_banks_match_the_reference_loop_forward_and_backward():
             torch.testing.assert_close(a, b)
         if not layout.listed:
             assert bank.gate_up_proj.shape[0] == 6 and not g_fast[1][4:].any()
+
+
+def test_shared_expert_own_activation_decides_the_output(build):
+    """Aria's shared expert runs GeGLU beside SwiGLU routed experts: with the routed experts' activation in
+    its place the logits move (the reading is not vacuous on this model)."""
+    model = build("aria_text")
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    moekit.hf.wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    assert layer.shared_experts.act.name == "geglu" and layer.experts.act.name == "swiglu"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        for layer in moekit.hf.wrapped_blocks(model):
+            layer.shared_experts.act = type(layer.shared_experts.act)("swiglu")
+        assert not torch.allclose(model(ids).logits, ref, atol=1e-3)

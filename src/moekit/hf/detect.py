@@ -256,9 +256,9 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
 
     # --- shared expert (always on, reading the D-dim input), optionally sigmoid-gated; its Linear modules
     # (biases included) are bound as they are
-    width, shared_limit = 0, None
+    width, shared_limit, shared_act = 0, None, None
     if shared is not None:
-        width, shared_limit = _read_shared(shared, activation, refuse)
+        width, shared_limit, shared_act = _read_shared(shared, activation, refuse)
     if shared_gate is not None and (shared is None or shared_gate.bias is not None):
         raise refuse("its shared-expert gate is not a Linear(D, 1) without bias gating a shared expert")
 
@@ -271,7 +271,7 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                     activation_softcap_gate=activation.softcap and activation.softcap[0],
                     activation_softcap_up=activation.softcap and activation.softcap[1],
                     num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
-                    shared_activation_limit=shared_limit,
+                    shared_activation_limit=shared_limit, shared_activation=shared_act,
                     shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
                     latent_dim=Din if latent is not None else None, expert_capacity=_capacity(gate),
                     output_bias=output_bias is not None,
@@ -321,51 +321,74 @@ def shared_forward(shared: nn.Module, act: Activation, x_TD: torch.Tensor) -> to
     return shared.down_proj(act(shared.up_proj(x_TD)))
 
 
-def _read_shared(shared: nn.Module, activation: Activation, refuse) -> tuple[int, float | None]:
-    """(width, clamp limit or None) of the shared expert: it runs the experts' activation, plain or clamped at
-    the experts' limit (MiniMax-M3-VL) or at its own `limit` (DeepSeek-V4, Step-3.7), with the experts' other
-    clamp settings, read from its own output on a probe large enough to reach any clamp (a random model's
-    small activations never would); on meta tensors, its `act_fn` by value and its own limit."""
+def _read_shared(shared: nn.Module, activation: Activation, refuse) -> tuple[int, float | None, str | None]:
+    """(width, clamp limit or None, own activation name or None) of the shared expert: it runs the experts'
+    activation, plain or clamped at the experts' limit (MiniMax-M3-VL) or at its own `limit` (DeepSeek-V4,
+    Step-3.7), with the experts' other clamp settings, or else an activation of its own, plain (Aria, HY-V4,
+    GLM-5-Next: SiLU-gated routed experts, a shared expert following hidden_act; GLM-5-Next's clamped at the
+    same limit), read from its own output on a probe large enough to reach any clamp (a random model's small
+    activations never would); on meta tensors, its `act_fn` by value and its own limit."""
     gated = getattr(shared, "gate_proj", None) is not None or getattr(shared, "gate_up_proj", None) is not None
     width = shared.down_proj.in_features
-    plain = Activation(activation.name)
-    if gated != plain.gated:
-        raise refuse(f"its shared expert {type(shared).__name__} is {'' if gated else 'not '}gated and its experts "
-                     f"({activation.name}) are {'' if plain.gated else 'not '}; moekit's MoELayer uses one activation")
-    own = getattr(shared, "limit", None)
+    same = Activation(activation.name).gated == gated  # the experts' activation is a candidate
+    own = next((v for v in (getattr(shared, n, None) for n in ("limit", "swiglu_limit")) if v is not None), None)
     own = float(own) if isinstance(own, int | float) and math.isfinite(own) and own > 0 else None
     weight = shared.down_proj.weight
     if weight.is_meta:  # no values: the activation its act_fn computes, by value
         shared_fn = getattr(shared, "act_fn", None) or getattr(shared, "activation_fn", None)
         value = _value_activation(shared_fn)
-        if (_GATED_OF.get(value) if gated else value) != activation.name:
-            raise refuse(f"its shared expert's activation ({type(shared_fn).__name__}) is not its experts' "
-                         f"({activation.name}); moekit's MoELayer uses one")
-        return width, own if gated else None
-    limits = [None] + ([lim for lim in dict.fromkeys((own, activation.limit)) if lim is not None]
-                       if gated and activation.softcap is None else [])
+        name = _GATED_OF.get(value) if gated else value
+        if name is None:
+            raise refuse(f"its shared expert's activation ({type(shared_fn).__name__}) is none of moekit's "
+                         f"{'gated ' if gated else ''}activations {ACTIVATIONS}")
+        return width, own if gated else None, None if name == activation.name else name
+    # Candidates in order: the experts' activation, plain then clamped; then every other activation of the
+    # shared expert's kind, plain.
+    candidates: list[tuple[Activation, float | None, str | None]] = []
+    if same:
+        candidates.append((Activation(activation.name), None, None))
+        if gated and activation.softcap is None:
+            candidates += [(dataclasses.replace(activation, limit=lim, interleaved=False), lim, None)
+                           for lim in dict.fromkeys((own, activation.limit)) if lim is not None]
+    limits = [lim for lim in dict.fromkeys((own, activation.limit)) if lim is not None] \
+        if gated and activation.softcap is None and activation.alpha == 1.0 else []
+    for n in ACTIVATIONS:
+        if n != activation.name and (n in GATED_ACTIVATIONS) == gated:
+            candidates.append((Activation(n), None, n))
+            candidates += [(dataclasses.replace(activation, name=n, limit=lim, interleaved=False), lim, n)
+                           for lim in limits]
     x_TD = torch.randn(8, shared.down_proj.out_features, generator=torch.Generator().manual_seed(0))
     x_TD = x_TD.to(weight.device, weight.dtype)
-    low = weight.dtype in (torch.bfloat16, torch.float16)
+    tol = 5e-2 if weight.dtype in (torch.bfloat16, torch.float16) else 1e-4
     was = shared.training
     shared.eval()
+    found = []  # (error, index, candidate) of the candidates within tolerance
     try:
         with torch.no_grad():
             first = getattr(shared, "gate_up_proj", None) or getattr(shared, "gate_proj", None) or shared.up_proj
             x_TD = x_TD * (64.0 / first(x_TD).abs().amax().float().clamp(min=1e-6)).to(x_TD.dtype)  # up to +-64
             want = shared(x_TD)
-            for limit in limits:
-                act = plain if limit is None else dataclasses.replace(activation, limit=limit, interleaved=False)
-                got = shared_forward(shared, act, x_TD)
-                tol = 5e-2 if low else 1e-4
-                if isinstance(want, torch.Tensor) and want.shape == got.shape and torch.allclose(
-                        got.float(), want.float(), rtol=tol, atol=tol * float(want.float().abs().amax())):
-                    return width, limit
+            if isinstance(want, torch.Tensor):
+                want = want.float()
+                for i, (act, limit, name) in enumerate(candidates):
+                    got = shared_forward(shared, act, x_TD).float()
+                    if got.shape != want.shape:
+                        continue
+                    err = float((got - want).abs().amax()) / max(float(want.abs().amax()), 1e-12)
+                    if torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().amax())):
+                        if name is None:  # the experts' own activation first, as the block most likely runs it
+                            return width, limit, None
+                        found.append((err, i, limit, name))
     finally:
         shared.train(was)
-    raise refuse(f"its shared expert {type(shared).__name__} computes neither {plain.describe()} nor the experts' "
+    if found:  # the closest of the others (GELU and its tanh form differ by ~1e-3 at most)
+        _, _, limit, name = min(found)
+        return width, limit, name
+    plain = Activation(activation.name)
+    raise refuse(f"its shared expert {type(shared).__name__} computes neither {plain.describe()}, the experts' "
                  f"clamp settings ({activation.describe()}) at its limit"
-                 f"{f' or its own (limit={own:g})' if own else ''} on a probe; moekit's MoELayer uses one activation")
+                 f"{f' or its own (limit={own:g})' if own else ''}, nor any other "
+                 f"{'gated ' if gated else ''}activation of moekit's {ACTIVATIONS} on a probe")
 
 
 def _latent_projections(children: list[nn.Module], Din: int) -> tuple[nn.Linear, nn.Linear] | None:

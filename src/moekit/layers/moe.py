@@ -189,8 +189,10 @@ class MoELayer(nn.Module):
             self.constant_gate = nn.Parameter(torch.randn(cfg.constant_experts, 2, cfg.d_model) * cfg.d_model**-0.5)
         # MoE++ gating residual: logits += gate_map(previous layer's logits).
         self.gate_map = nn.Linear(X, X, bias=False) if cfg.gating_residual else None
-        shared_act = cfg.activation if cfg.shared_activation_limit is None else \
-            dataclasses.replace(act, limit=cfg.shared_activation_limit)
+        # The shared expert: the experts' activation (or its own), plain or clamped at its own limit.
+        shared_act = cfg.shared_activation or cfg.activation
+        if cfg.shared_activation_limit is not None:
+            shared_act = dataclasses.replace(act, name=shared_act, limit=cfg.shared_activation_limit)
         self.shared_experts = (SharedExpert(cfg.d_model, cfg.shared_width, shared_act)
                                if cfg.num_shared_experts > 0 else None)
         self.shared_expert_gate = (nn.Linear(cfg.d_model, 1, bias=False)
