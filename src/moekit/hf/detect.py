@@ -223,6 +223,9 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
             continue
         found = _router_weight(child, E, D)
         if found is None:
+            unexpressed = _unexpressed_child(child_name, child, E)
+            if unexpressed:
+                raise refuse(unexpressed)
             raise refuse(f"its child `{child_name}` ({type(child).__name__}) is neither a router (weight (E={E}, "
                          f"D={D})), a shared expert (up_proj/down_proj [+ gate_proj] Linear), a shared-expert gate "
                          "Linear(D, 1) nor a latent projection pair Linear(D, l), Linear(l, D); moekit's MoELayer "
@@ -288,6 +291,39 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                      latent=latent, output_bias=output_bias, output_norm=output_norm)
     _read_rule_from_router(spec)
     return spec
+
+
+def _required_args(module: nn.Module) -> list[str]:
+    """The names of the positional arguments `module.forward` requires."""
+    return [p.name for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+
+
+def _unexpressed_child(child_name: str, child: nn.Module, E: int) -> str | None:
+    """The exact feature a block child has that moekit's MoELayer does not express, for the refusal message
+    (None: no feature recognised). Read by role: stacked always-on experts whose forward takes per-token
+    weights from the router (Inkling's router-weighted shared experts), and a router that is an MLP or
+    carries a state across layers (ZAYA1's router)."""
+    kind = type(child).__name__
+    stacks = [n for n, p in child.named_parameters(recurse=False) if p.dim() == 3]
+    extra = _required_args(child)[1:]
+    if stacks and extra:
+        S = child.get_parameter(stacks[0]).shape[0]
+        return (f"its child `{child_name}` ({kind}) holds {S} stacked always-on expert(s) ({', '.join(stacks)}) whose "
+                f"forward takes per-token weights from the router (`{extra[0]}`: the router scores E + {S} columns "
+                f"and normalises the extra ones together with the k chosen experts'); moekit's shared experts are "
+                "one unweighted FFN or one gated by a sigmoid Linear(D, 1), not experts weighted by the router")
+    linears = [m for m in child.modules() if isinstance(m, nn.Linear)]
+    scorer = [m for m in linears if m.out_features in (E, E + 1)]
+    if scorer and len(linears) > 1:
+        state = [a for a in list(inspect.signature(child.forward).parameters)[1:] if "state" in a]
+        skip = " (E + 1: a skip class)" if scorer[0].out_features == E + 1 else ""
+        return (f"its router `{child_name}` ({kind}) "
+                + (f"carries a state across layers (its forward adds the previous layer's `{state[0]}` and returns "
+                   "its own for the next) and " if state else "")
+                + f"is an MLP of {len(linears)} Linear layers scoring {scorer[0].out_features} classes{skip}; "
+                "moekit's top-k routers score the layer's input with one linear gate (E, D) and keep no state")
+    return None
 
 
 def _norm_eps(child: nn.Module, D: int) -> float | None:
