@@ -20,6 +20,8 @@ CONFIG_VERSION = 1
 # Expert activations (their math: moekit.ops.ffn). Gated ones compute act(gate) * up.
 GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "reglu")
 ACTIVATIONS = (*GATED_ACTIVATIONS, "gelu", "gelu_tanh", "relu", "relu2", "silu")
+# RMSNorm forms (moekit.ops.norm): r(x) * w, r(x) * (1 + w), r(x * (1 + w)).
+NORM_FORMS = ("weight", "one_plus", "one_plus_input")
 BACKENDS = ("auto", "grouped_mm")
 BALANCE_SCOPES = ("micro", "global")
 
@@ -137,6 +139,8 @@ class RouterConfig(Config):
     (`moekit.routers.register(name, config=...)`). `RouterConfig(kind="topp", p=0.4)` returns the
     registered subclass (here `TopPConfig`); a field the kind does not have is refused (UsageError).
     `jitter` (every router): multiply the router input by U(1 - eps, 1 + eps) in training.
+    `logit_scale` (every router): multiply the logits by this before the router's rule reads them (Muse
+    Spark's `output_multiplier`); a re-route (`convert`) keeps it, as it is part of the gate.
 
     The capability methods below are what the layer, models, offload, export and the trainer ask a
     router config instead of switching on its kind; a router overrides those that differ from the
@@ -149,6 +153,8 @@ class RouterConfig(Config):
 
     kind: str = setting("topk", "router: how tokens pick experts (moekit info lists them)")
     jitter: float = setting(0.0, "multiply the router input by U(1 - eps, 1 + eps) in training (0 = off)")
+    logit_scale: float = setting(1.0, "multiply the router logits by this before scoring (Muse Spark's "
+                                      "output_multiplier; 1 = off)")
     router_losses: ClassVar[tuple[str, ...]] = ()  # every router-specific aux loss this router may return
     # Fields counted in experts (k, min_k, a capacity factor, null experts): fine_grained(m) multiplies them.
     expert_count_fields: ClassVar[tuple[str, ...]] = ()
@@ -173,7 +179,7 @@ class RouterConfig(Config):
     def describe(self) -> str:
         """The settings that define the selection rule, for repr and logs (`kind` not included)."""
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                         if f.name not in ("kind", "jitter"))
+                         if f.name not in ("kind", "jitter") and not (f.name == "logit_scale" and self.logit_scale == 1.0))
 
     def check(self, num_experts: int) -> None:
         """Raise UsageError for settings this router cannot honour with `num_experts` (override)."""
@@ -283,6 +289,8 @@ class RouterConfig(Config):
     def validate(self, num_experts: int) -> RouterConfig:
         check_fields(self, "RouterConfig")
         require(0 <= self.jitter < 1, "RouterConfig.jitter", self.jitter, "a float in [0, 1)")
+        require(math.isfinite(self.logit_scale) and self.logit_scale > 0, "RouterConfig.logit_scale",
+                self.logit_scale, "a float > 0")
         try:
             self.check(num_experts)
         except ValueError as e:  # a bad setting, so a usage error
@@ -401,7 +409,11 @@ class MoEConfig(Config):
         layer's router logits to this layer's (MoE++ pathway-aware routing).
     latent_dim=l: routed experts work in l dims between a shared D->l and l->D projection (NVIDIA
         LatentMoE, transformers' nemotron_h `fc1_latent_proj`/`fc2_latent_proj`); router and shared
-        experts stay in D.
+        experts stay in D. latent_norm_eps: an RMSNorm (latent_norm_form, moekit.ops.norm) of the
+        experts' l-dim input after the D->l projection (Muse Spark's `pre_expert_norm`).
+    expert_output_norm_eps: an RMSNorm (expert_output_norm_form) of every routed expert's output, before
+        its combine weight (Muse Spark's `post_expert_norm`, one weight shared by the experts); row-wise
+        on the N assignments' outputs.
     pregated: the router reads the previous MoE layer's input (Pre-gated MoE, arXiv 2308.12066), so
         a layer's experts are known one layer ahead.
     """
@@ -448,6 +460,14 @@ class MoEConfig(Config):
     output_bias: bool = setting(False, "a learned (D,) bias added to the layer's output (JetMoE)")
     output_norm_eps: float | None = setting(None, "RMSNorm the layer's output with this epsilon (A.X-K1; "
                                                   "None = no norm)")
+    latent_norm_eps: float | None = setting(None, "RMSNorm the routed experts' latent input (after the D->latent "
+                                                  "projection) with this epsilon (Muse Spark; None = no norm)")
+    latent_norm_form: str = setting("weight", "form of the latent-input RMSNorm (moekit.ops.norm)",
+                                    choices=NORM_FORMS)
+    expert_output_norm_eps: float | None = setting(None, "RMSNorm each routed expert's output, before its combine "
+                                                         "weight, with this epsilon (Muse Spark; None = no norm)")
+    expert_output_norm_form: str = setting("weight", "form of the per-expert output RMSNorm (moekit.ops.norm)",
+                                           choices=NORM_FORMS)
     latent_dim: int | None = setting(None, "routed experts work in a latent width: shared D->latent and "
                                            "latent->D projections around the bank (None = off)")
     pregated: bool = setting(False, "the router reads the previous MoE layer's input, so experts are known a "
@@ -505,6 +525,13 @@ class MoEConfig(Config):
                self.eval_capacity_factor, "None (dropless in eval mode) or a float > 0")
         require(self.output_norm_eps is None or self.output_norm_eps > 0, "MoEConfig.output_norm_eps",
                 self.output_norm_eps, "None or a float > 0")
+        require(self.latent_norm_eps is None or (self.latent_norm_eps > 0 and self.latent_dim is not None),
+                "MoEConfig.latent_norm_eps", self.latent_norm_eps, "None, or a float > 0 with latent_dim set")
+        require(self.expert_output_norm_eps is None or self.expert_output_norm_eps > 0,
+                "MoEConfig.expert_output_norm_eps", self.expert_output_norm_eps, "None or a float > 0")
+        for name in ("latent_norm_form", "expert_output_norm_form"):
+            require(getattr(self, name) in NORM_FORMS, f"MoEConfig.{name}", getattr(self, name),
+                    f"one of {NORM_FORMS}")
         require(self.expert_capacity is None or self.expert_capacity >= 1, "MoEConfig.expert_capacity",
                 self.expert_capacity, "None or an integer >= 1")
         require(self.backend in BACKENDS, "MoEConfig.backend", self.backend, f"one of {BACKENDS}")
@@ -568,7 +595,8 @@ class MoEConfig(Config):
         constant = self.constant_experts * 3 * self.d_model  # a vector v and a (2, D) mixing gate each
         residual = self.router_slots ** 2 if self.gating_residual else 0
         out = self.d_model * (int(self.output_bias) + int(self.output_norm_eps is not None))
-        return latent + constant + residual + out
+        norms = self.expert_dim * (int(self.latent_norm_eps is not None) + int(self.expert_output_norm_eps is not None))
+        return latent + constant + residual + out + norms
 
     def _shared_params(self) -> int:
         if self.num_shared_experts == 0:

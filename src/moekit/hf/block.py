@@ -75,6 +75,10 @@ class HFMoEBlock(MoELayer):
             self.output_bias = spec.output_bias
         if spec.output_norm is not None:
             self.output_norm.weight = spec.output_norm.weight
+        if spec.latent_norm is not None:
+            self.latent_norm.weight = spec.latent_norm.weight
+        if spec.expert_output_norm is not None:
+            self.expert_output_norm.weight = spec.expert_output_norm.weight
         if spec.shared_gate is not None:
             self.shared_expert_gate = spec.shared_gate
         # moekit-only state (routing statistics, a zero bias for families without one) on the block's device.

@@ -124,6 +124,8 @@ class BlockSpec:
     latent: tuple[nn.Linear, nn.Linear] | None = None  # (D -> l, l -> D) around the routed experts
     output_bias: nn.Parameter | None = None  # (D,) added to the block's output
     output_norm: nn.Module | None = None  # an RMSNorm of the block's output (its `weight` (D,) is bound)
+    latent_norm: nn.Module | None = None  # an RMSNorm of the experts' latent input (its `weight` (l,) is bound)
+    expert_output_norm: nn.Module | None = None  # the experts' RMSNorm of each expert's output (`weight` bound)
 
     @property
     def expert_weight(self) -> torch.Tensor:
@@ -207,10 +209,13 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                      "module for moekit to replace with a MoELayer")
     latent = _latent_projections([c for _, c in children], Din)
     D = Din if latent is None else latent[0].in_features
-    gate = shared = shared_gate = output_norm = None
+    gate = shared = shared_gate = output_norm = latent_norm = None
     router_weight = router_bias = None
     for child_name, child in children:
         if latent is not None and any(child is m for m in latent):
+            continue
+        if latent is not None and latent_norm is None and _norm_eps(child, Din) is not None:
+            latent_norm = child  # an RMSNorm of the experts' latent input (Muse Spark): the block probe checks where
             continue
         if isinstance(child, nn.Linear) and child.out_features == 1 and child.in_features == D:
             shared_gate = child
@@ -265,6 +270,12 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     if shared_gate is not None and (shared is None or shared_gate.bias is not None):
         raise refuse("its shared-expert gate is not a Linear(D, 1) without bias gating a shared expert")
 
+    # An RMSNorm the experts apply to each expert's output (Muse Spark's post_expert_norm); its form and the
+    # latent norm's are read by value.
+    expert_norm = None if parallel is not None or isinstance(experts, nn.ModuleList | nn.ModuleDict) else \
+        next((c for c in experts.children() if _norm_eps(c, Din) is not None), None)
+    latent_form = None if latent_norm is None else _norm_form(latent_norm, Din, refuse)
+    expert_form = None if expert_norm is None else _norm_form(expert_norm, Din, refuse)
     config = getattr(experts, "config", None) or getattr(block, "config", None) or model_config
     router = _router_config(block, gate, config, selection_bias is not None, hash_table)
     n_shared = getattr(config, "n_shared_experts", None) or 1
@@ -278,7 +289,11 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                     shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
                     latent_dim=Din if latent is not None else None, expert_capacity=_capacity(gate),
                     output_bias=output_bias is not None,
-                    output_norm_eps=None if output_norm is None else _norm_eps(output_norm, D), backend=backend)
+                    output_norm_eps=None if output_norm is None else _norm_eps(output_norm, D),
+                    latent_norm_eps=None if latent_norm is None else _norm_eps(latent_norm, Din),
+                    latent_norm_form=latent_form or "weight",
+                    expert_output_norm_eps=None if expert_norm is None else _norm_eps(expert_norm, Din),
+                    expert_output_norm_form=expert_form or "weight", backend=backend)
     try:
         with warnings.catch_warnings():  # a first reading, settled below; not a setting the user chose
             warnings.simplefilter("ignore")
@@ -288,7 +303,8 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     spec = BlockSpec(block, gate, router_weight, router_bias, selection_bias, experts, bank, layout, activation,
                      shared, shared_gate, cfg, model_config=model_config,
                      router_tensors={} if hash_table is None else {"tid2eid": hash_table},
-                     latent=latent, output_bias=output_bias, output_norm=output_norm)
+                     latent=latent, output_bias=output_bias, output_norm=output_norm, latent_norm=latent_norm,
+                     expert_output_norm=expert_norm)
     _read_rule_from_router(spec)
     return spec
 
@@ -334,6 +350,30 @@ def _norm_eps(child: nn.Module, D: int) -> float | None:
     if list(params) != ["weight"] or tuple(params["weight"].shape) != (D,) or any(True for _ in child.buffers()):
         return None
     return eps
+
+
+def _norm_form(child: nn.Module, width: int, refuse) -> str:
+    """Which of moekit's RMSNorm forms (moekit.ops.norm: r(x) w, r(x) (1 + w), r(x (1 + w))) the norm child
+    computes, read on a probe with a random weight in a copy of it (a weight of 0 or 1 would make forms agree)."""
+    from moekit.ops.norm import NORM_FORMS, FormRMSNorm
+
+    if child.weight.is_meta:
+        raise refuse(f"the form of its RMSNorm {type(child).__name__} (w, 1 + w, or scaling the input) cannot be read "
+                     "on meta tensors (load the weights first)")
+    g = torch.Generator().manual_seed(0)
+    probe = copy.deepcopy(child).float().eval()
+    x_NW = torch.randn(8, width, generator=g).to(child.weight.device)
+    with torch.no_grad():
+        probe.weight.copy_(1.0 + 0.5 * torch.randn(width, generator=g))
+        want = probe(x_NW)
+        for form in NORM_FORMS:
+            ours = FormRMSNorm(width, _norm_eps(child, width), form).to(x_NW.device)
+            ours.weight.copy_(probe.weight)
+            if isinstance(want, torch.Tensor) and want.shape == x_NW.shape and \
+                    torch.allclose(ours(x_NW), want.float(), rtol=1e-5, atol=1e-5):
+                return form
+    raise refuse(f"its RMSNorm {type(child).__name__} computes none of moekit's forms r(x) w, r(x) (1 + w), "
+                 "r(x (1 + w)) on a probe")
 
 
 def _is_mlp(child: nn.Module) -> bool:
@@ -542,11 +582,6 @@ def _read_bank(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int
     """The experts' tensors for moekit's ExpertBank, their layout, and E, D, F, gated."""
     params = dict(experts.named_parameters())
     leaf = {n.rpartition(".")[2]: p for n, p in params.items()}
-    # Flags set by transformers' @use_experts_implementation.
-    if getattr(experts, "has_post_expert_norm", False):
-        raise refuse("its experts normalise every expert's output before the routing weight (has_post_expert_norm: "
-                     f"{type(getattr(experts, 'post_expert_norm', None)).__name__}); moekit's expert bank has no "
-                     "per-expert output norm")
     gate_up, up, down = leaf.get("gate_up_proj"), leaf.get("up_proj"), leaf.get("down_proj")
     bank: dict[str, torch.Tensor] = {}
     if gate_up is not None and down is not None and gate_up.dim() == down.dim() == 3:
@@ -595,7 +630,10 @@ def _read_bank(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int
             raise refuse(f"its expert biases are not (E, X={X}) and (E, D={D})")
         bank.update(in_proj_bias=b_in, down_proj_bias=b_out)
         layout = dataclasses.replace(layout, bias=True)
-    unused = sorted(n for n, p in params.items() if not any(p is t for t in bank.values()))
+    # An RMSNorm child of the experts normalises each expert's output (Muse Spark's post_expert_norm, which
+    # @use_experts_implementation flags has_post_expert_norm): read by read_block, checked by the block probe.
+    norms = {id(p) for c in experts.children() if _norm_eps(c, D) is not None for p in c.parameters()}
+    unused = sorted(n for n, p in params.items() if not any(p is t for t in bank.values()) and id(p) not in norms)
     if unused:
         raise refuse(f"its experts hold tensors {unused} that moekit's expert bank has no place for")
     return bank, layout, E, D, Fdim, gated
@@ -729,6 +767,8 @@ def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection
         # NOTE: Mixtral jitters the router *and* expert input in training; moekit jitters the router
         # input only (Switch Transformer). Inference is unaffected.
         jitter=float(read(("jitter_noise",), ("router_jitter_noise",), 0.0)),
+        # Muse Spark's router multiplies its logits (its own attribute only: configs use the name otherwise too).
+        logit_scale=float(read(("output_multiplier",), (), 1.0)),
     )
 
 

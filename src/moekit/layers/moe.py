@@ -58,6 +58,7 @@ from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
 from moekit.ops.ffn import Activation
 from moekit.ops.grouped import grouped_mm_available, warn_missing_kernel
+from moekit.ops.norm import FormRMSNorm
 from moekit.routers import RouterOutput, router_class
 from moekit.routers.base import FrozenAux
 from moekit.routers.registry import router_aux_loss_names
@@ -178,6 +179,11 @@ class MoELayer(nn.Module):
         if cfg.latent_dim is not None:
             self.fc1_latent_proj = nn.Linear(cfg.d_model, cfg.latent_dim, bias=False)
             self.fc2_latent_proj = nn.Linear(cfg.latent_dim, cfg.d_model, bias=False)
+        # RMSNorms of the experts' (latent) input and of each expert's output (Muse Spark; moekit.ops.norm).
+        self.latent_norm = (FormRMSNorm(cfg.expert_dim, cfg.latent_norm_eps, cfg.latent_norm_form)
+                            if cfg.latent_norm_eps is not None else None)
+        self.expert_output_norm = (FormRMSNorm(cfg.expert_dim, cfg.expert_output_norm_eps, cfg.expert_output_norm_form)
+                                   if cfg.expert_output_norm_eps is not None else None)
         # A bias on the layer's output, every token's (JetMoE's MoE block).
         self.output_bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.output_bias else None
         # An RMSNorm of the layer's output (A.X-K1's post_mlp_layernorm), after the bias.
@@ -270,6 +276,8 @@ class MoELayer(nn.Module):
                     aux[name] = aux[name] + value if name in aux else value  # one loss per iteration gate
             route, zc_route, zc_counts = self._split_zero_compute(route)
             e_in_TD = h_TD if self.fc1_latent_proj is None else self.fc1_latent_proj(h_TD)
+            if self.latent_norm is not None:
+                e_in_TD = self.latent_norm(e_in_TD)
             if self.expert_dispatch is None:
                 # Merged experts (moekit.compress.merge): the router keeps its E experts, expert_map_E
                 # sends each to the bank's expert that now computes it.
@@ -283,7 +291,10 @@ class MoELayer(nn.Module):
                     # Llama 4: each expert runs on its weighted input, and outputs are summed unweighted.
                     x_ND = x_ND * plan.weight_N.to(x_ND.dtype).unsqueeze(-1)
                     summed = dataclasses.replace(plan, weight_N=torch.ones_like(plan.weight_N))
-                delta_TD = combine(self.experts(x_ND, plan.offsets_E), summed, T, e_in_TD.dtype)
+                y_ND = self.experts(x_ND, plan.offsets_E)
+                if self.expert_output_norm is not None:  # each expert's output, before its weight
+                    y_ND = self.expert_output_norm(y_ND)
+                delta_TD = combine(y_ND, summed, T, e_in_TD.dtype)
                 kept = None if plan.num_dropped == 0 else (plan.token_N, plan.expert_N, plan.weight_N)
                 step_counts_E = plan.counts_E
             else:  # experts on other ranks too; a capacity is decided over the whole expert-parallel group

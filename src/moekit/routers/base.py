@@ -245,6 +245,10 @@ class Router(nn.Module):
         bias = None if self.bias is None else self.bias.float()
         return torch.nn.functional.linear(x_TD.float(), self.weight.float(), bias)
 
+    def scaled(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        """The logits times `cfg.logit_scale` (Muse Spark's router output multiplier; 1: unchanged)."""
+        return logits_TE if self.cfg.logit_scale == 1.0 else logits_TE * self.cfg.logit_scale
+
     def jittered(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Switch Transformer input jitter in training: x * U(1 - eps, 1 + eps)."""
         if self.training and self.cfg.jitter > 0:
@@ -257,7 +261,7 @@ class Router(nn.Module):
         """`logit_bias_TE` (T, E) fp32 is added to the logits before selection (MoE++'s gating residual,
         arXiv 2410.07348, which the layer computes from the previous MoE layer's logits)."""
         x_TD = self.jittered(x_TD)
-        logits_TE = self.logits(x_TD)
+        logits_TE = self.scaled(self.logits(x_TD))
         if logit_bias_TE is not None:
             logits_TE = logits_TE + logit_bias_TE
         if self.expert_mask_E is None:

@@ -97,6 +97,8 @@ class TopKConfig(RouterConfig):
             parts.append(f"groups={self.topk_group}/{self.n_group}")
             if self.group_rule() != ("max" if self.score == "softmax" else "top2_sum"):
                 parts.append(f"group_score={self.group_rule()}")
+        if self.logit_scale != 1.0:
+            parts.append(f"logit_scale={self.logit_scale:g}")
         if self.selection_bias_on != "scores":
             parts.append(f"selection bias on {self.selection_bias_on}")
         if self.bias_update_rate > 0:
