@@ -35,10 +35,11 @@ class FormRMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float()
+        # 1 + w in the weight's own dtype, then fp32, as transformers computes it (bf16 weights round there).
+        scale = self.weight.float() if self.form == "weight" else (1.0 + self.weight).float()
         if self.form == "one_plus_input":
-            return self._r((x.float() * (1.0 + w)).to(x.dtype).float()).to(x.dtype)
-        return (self._r(x.float()) * (w if self.form == "weight" else 1.0 + w)).to(x.dtype)
+            return self._r((x.float() * scale).to(x.dtype).float()).to(x.dtype)
+        return (self._r(x.float()) * scale).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps:g}, form={self.form}"
