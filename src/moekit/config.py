@@ -216,6 +216,11 @@ class RouterConfig(Config):
         """Whether the router trains an aux-loss-free selection bias from each step's expert counts."""
         return False
 
+    def weighted_shared_slots(self) -> int:
+        """S: router columns past the experts that weight S always-on shared experts per token (Inkling's
+        router-weighted shared experts; default 0: the shared experts, if any, are unweighted)."""
+        return 0
+
     def expert_groups(self) -> int:
         """Groups of consecutive experts the selection rule ranks as units (group-limited routing; default 1):
         renumbering experts (moekit.dispatch.placement.permute_experts_) must move whole groups."""
@@ -549,6 +554,11 @@ class MoEConfig(Config):
         require(self.num_zero_compute == 0 or not self.router.updates_selection_bias(),
                 "RouterConfig", self.router.describe(),
                 "no aux-loss-free selection bias (bias_update_rate 0) with zero-computation experts")
+        S = self.router.weighted_shared_slots()
+        require(S == 0 or (S == self.num_shared_experts and self.num_zero_compute == 0 and self.iterations == 1
+                           and not self.shared_gate and self.activation in GATED_ACTIVATIONS),
+                "RouterConfig.shared_slots", S, f"0, or num_shared_experts={self.num_shared_experts} router-weighted "
+                "gated shared experts, without zero-computation experts, iterations or a shared gate")
         stateful = self.router.carries_state()
         for name, on in (("iterations", self.iterations > 1), ("gating_residual", self.gating_residual),
                          ("pregated", self.pregated)):
@@ -564,8 +574,9 @@ class MoEConfig(Config):
 
     @property
     def router_slots(self) -> int:
-        """X: the columns each router scores (FFN experts, then zero, copy and constant experts)."""
-        return self.num_experts + self.num_zero_compute
+        """X: the columns each router scores (FFN experts, then zero, copy and constant experts, then the
+        columns weighting router-weighted shared experts)."""
+        return self.num_experts + self.num_zero_compute + self.router.weighted_shared_slots()
 
     @property
     def expert_dim(self) -> int:
@@ -602,6 +613,9 @@ class MoEConfig(Config):
         if self.num_shared_experts == 0:
             return 0
         mats = 3 if self.activation in GATED_ACTIVATIONS else 2
+        S = self.router.weighted_shared_slots()
+        if S:  # S router-weighted shared experts, d_shared (else d_expert) wide each
+            return S * mats * self.d_model * (self.d_shared or self.d_expert)
         return mats * self.d_model * self.shared_width + (self.d_model if self.shared_gate else 0)
 
     def _router_params(self) -> int:

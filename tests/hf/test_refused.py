@@ -16,11 +16,6 @@ REFUSED = {
     "zaya": (dict(num_experts=8, num_experts_per_tok=1, moe_intermediate_size=16), "ZayaSparseMoeBlock",
              ("`gate` (ZayaRouter)", "carries a state across layers", "`router_states`", "MLP of 4 Linear",
               "E + 1: a skip class")),
-    # stacked shared experts weighted per token by the router's extra columns
-    "inkling_text": (dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
-                          unpadded_vocab_size=128), "InklingMoE",
-                     ("`shared_experts` (InklingSharedExperts)", "1 stacked always-on expert", "`gammas`",
-                      "weighted by the router")),
     # single-neuron experts picked by product keys
     "doge": (dict(is_moe=True, num_experts=16, num_experts_per_tok=2), "DogeCDMoE",
              ("single neurons", "product keys")),
@@ -40,3 +35,18 @@ def test_refusal_names_block_and_feature(family, build_causal):
         assert phrase in message, (phrase, message)
     after = dict(model.named_modules())  # a refusal leaves the model as it was
     assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+
+
+def test_stacked_shared_experts_that_are_not_inklings_are_refused_by_feature(build_causal):
+    """Stacked always-on experts weighted by the router, but holding a tensor moekit's shared bank has no place
+    for (here an added bias), are refused naming the feature rather than read half."""
+    import torch
+
+    model = build_causal("inkling_text", **{**_BASE, **dict(n_routed_experts=8, num_experts_per_tok=2,
+                                                           moe_intermediate_size=16, unpadded_vocab_size=128)})
+    for m in model.modules():
+        if type(m).__name__ == "InklingSharedExperts":
+            m.register_parameter("bias", torch.nn.Parameter(torch.zeros(1, 16)))
+    with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"cannot wrap InklingMoE: its child `shared_experts` "
+                       r"\(InklingSharedExperts\) holds 2 stacked always-on expert.*`gammas`.*'bias'"):
+        moekit.hf.wrap(model)

@@ -53,6 +53,11 @@ FAMILIES = {
                    q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                    index_topk=4, index_n_heads=2, index_head_dim=16, hidden_act="gelu", swiglu_limit=0.5),
               "HYV4MoE", dict(activation_limit=0.5, shared_activation="geglu", shared_activation_limit=None)),
+    # 2 stacked shared experts weighted per token by the router's 2 columns past the 8 experts (normalised with
+    # the k chosen), a learned router scale (global_scale) and route_scale; GeGLU everywhere (hidden_act)
+    "inkling_text": (dict(num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                          n_shared_experts=2, route_scale=2.0, unpadded_vocab_size=128, hidden_act="gelu"),
+                     "InklingMoE", dict(num_shared_experts=2, d_shared=16, activation="geglu")),
     "jetmoe": (dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
                     kv_channels=8), "JetMoeMoE", dict(output_bias=True, activation="swiglu")),
 }
@@ -472,3 +477,84 @@ def test_offload_runs_wrapped_muse_spark(muse, tmp_path):
     runtime = offload(model, tmp_path / "muse", budget="50%")
     torch.testing.assert_close(_hidden(model, ids), ref, atol=1e-5, rtol=1e-5)
     runtime.close()
+
+
+def test_inkling_router_weighted_shared_experts(build):
+    """Inkling's router scores E + S columns: the S shared experts' weights come from it per token
+    (RouterConfig.shared_slots), its learned global_scale is bound, and each part decides the output."""
+    import dataclasses
+
+    model = build("inkling_text")
+    block = _first(model, "InklingMoE")
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    moekit.hf.wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    r = layer.cfg.router
+    assert (r.shared_slots, r.learned_scale, r.routed_scaling_factor) == (2, True, 2.0)
+    assert layer.router.global_scale is block.gate.global_scale and layer.router.weight is block.gate.weight
+    assert layer.shared_experts.gate_proj is block.shared_experts.gate_proj
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        assert layer.routing_info().route.scores_TE.shape[-1] == 8  # the experts' columns only
+        for lay in moekit.hf.wrapped_blocks(model):  # shared weights 1 instead of the router's
+            lay._weighted_shared_out_orig = lay._weighted_shared_out
+            lay._weighted_shared_out = lambda h, w, lay=lay: lay._weighted_shared_out_orig(h, torch.ones_like(w))
+        assert not torch.allclose(model(ids).logits, ref, atol=1e-3)
+        for lay in moekit.hf.wrapped_blocks(model):
+            del lay._weighted_shared_out
+            lay.router.cfg = dataclasses.replace(lay.router.cfg, learned_scale=False)
+            lay.router.global_scale = None
+        assert not torch.allclose(model(ids).logits, ref, atol=1e-3)
+
+
+def _inkling_reference(x_TD, router_w, bias_E, global_scale, route_scale, k, experts, shared, act):
+    """Transcribed from transformers' inkling `InklingTopkRouter`, `InklingExperts` and `InklingSharedExperts`
+    (the block's forward), on plain tensors: experts (gate_up (E, 2F, D), down (E, D, F)), shared (gate, up
+    (S, F, D), down (S, D, F))."""
+    S = shared[0].shape[0]
+    logits = torch.nn.functional.linear(x_TD.float(), router_w.float())
+    routed = logits[..., :-S].sigmoid()
+    idx = torch.topk(routed + bias_E, k, dim=-1, sorted=False)[1]
+    topk_logits = torch.cat([logits[..., :-S].gather(-1, idx), logits[..., -S:]], dim=-1)
+    log_p = torch.nn.functional.logsigmoid(topk_logits)
+    w = torch.exp(log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)) * route_scale * global_scale
+    gammas, w = w[..., -S:], w[..., :k]
+    out = torch.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        for j in range(k):
+            e = idx[t, j]
+            g, u = torch.nn.functional.linear(x_TD[t], experts[0][e]).chunk(2, dim=-1)
+            out[t] += torch.nn.functional.linear(act(g) * u, experts[1][e]) * w[t, j]
+    g = torch.bmm(x_TD.expand(S, -1, -1), shared[0].transpose(1, 2))
+    u = torch.bmm(x_TD.expand(S, -1, -1), shared[1].transpose(1, 2))
+    down = torch.bmm(act(g) * u * gammas.t().unsqueeze(-1), shared[2].transpose(1, 2))
+    return out + down.sum(0)
+
+
+def test_router_weighted_shared_experts_match_the_transcribed_inkling_block():
+    """A plain moekit MoELayer configured as Inkling's block (shared_slots, learned_scale, a bank of S shared
+    experts) computes the transcribed block, forward and backward-capable, on its own weights."""
+    E, S, D, F, k = 6, 2, 16, 8, 2
+    cfg = moekit.MoEConfig(d_model=D, d_expert=F, num_experts=E, num_shared_experts=S, d_shared=F,
+                           router=moekit.RouterConfig(kind="topk", k=k, score="sigmoid", routed_scaling_factor=2.0,
+                                                      shared_slots=S, learned_scale=True))
+    torch.manual_seed(0)
+    layer = moekit.MoELayer(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.router.e_score_correction_bias.copy_(0.3 * torch.randn(E, generator=g))
+        layer.router.global_scale.fill_(0.7)
+        for p in layer.shared_experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(7, D, generator=g)
+    want = _inkling_reference(x, layer.router.weight, layer.router.e_score_correction_bias, 0.7, 2.0, k,
+                              (layer.experts.gate_up_proj, layer.experts.down_proj),
+                              (layer.shared_experts.gate_proj, layer.shared_experts.up_proj,
+                               layer.shared_experts.down_proj), torch.nn.functional.silu)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    w_TS = layer.routing_info().route.extras.shared_weight_TS
+    assert w_TS.shape == (7, S) and bool((w_TS > 0).all())
+    assert layer.router.weight.shape == (E + S, D) and cfg.num_params() == sum(p.numel() for p in layer.parameters())

@@ -69,6 +69,9 @@ class HFMoEBlock(MoELayer):
             for name in ("gate_proj", "up_proj", "down_proj"):
                 if getattr(self.shared_experts, name) is not None:
                     setattr(self.shared_experts, name, getattr(spec.shared, name))
+        if spec.shared_bank is not None:  # router-weighted shared experts: the HF stacks, read in place
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                setattr(self.shared_experts, name, getattr(spec.shared_bank, name))
         if spec.latent is not None:  # the HF Linear modules, biases included
             self.fc1_latent_proj, self.fc2_latent_proj = spec.latent
         if spec.output_bias is not None:

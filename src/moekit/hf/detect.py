@@ -126,6 +126,7 @@ class BlockSpec:
     output_norm: nn.Module | None = None  # an RMSNorm of the block's output (its `weight` (D,) is bound)
     latent_norm: nn.Module | None = None  # an RMSNorm of the experts' latent input (its `weight` (l,) is bound)
     expert_output_norm: nn.Module | None = None  # the experts' RMSNorm of each expert's output (`weight` bound)
+    shared_bank: nn.Module | None = None  # S stacked shared experts the router weights (their stacks are bound)
 
     @property
     def expert_weight(self) -> torch.Tensor:
@@ -209,9 +210,12 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                      "module for moekit to replace with a MoELayer")
     latent = _latent_projections([c for _, c in children], Din)
     D = Din if latent is None else latent[0].in_features
-    gate = shared = shared_gate = output_norm = latent_norm = None
+    gate = shared = shared_gate = output_norm = latent_norm = shared_bank = None
     router_weight = router_bias = None
     for child_name, child in children:
+        if shared_bank is None and _weighted_shared_bank(child, D) is not None:
+            shared_bank = child  # always-on experts the router weights per token (Inkling)
+            continue
         if latent is not None and any(child is m for m in latent):
             continue
         if latent is not None and latent_norm is None and _norm_eps(child, Din) is not None:
@@ -242,7 +246,11 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
         raise refuse(f"it has no router: no child with a weight (E={E}, D={D}) or a Linear(D, E)")
     # Router columns past the E experts: zero-computation experts, read from what the experts do with them.
     R = router_weight.shape[0]
-    zero, copy_ = _zero_compute_columns(experts, E, R, Din, refuse) if R > E else (0, 0)
+    S = 0 if shared_bank is None else shared_bank.gate_proj.shape[0]
+    if S and R != E + S:
+        raise refuse(f"its router scores {R} columns for {E} experts and {S} router-weighted shared experts "
+                     f"({type(shared_bank).__name__}); moekit's shared_slots are the E + S columns")
+    zero, copy_ = _zero_compute_columns(experts, E, R, Din, refuse) if R > E + S else (0, 0)
 
     # --- selection bias: in the router (DeepSeek-V3, ERNIE) or held by the block (MiniMax-M2, LFM2-MoE)
     selection_bias = None
@@ -250,7 +258,7 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
         for n, t in itertools.chain(holder.named_buffers(), holder.named_parameters()):
             if holder is block and "." in n:
                 continue  # the block's own tensors only; its children are read above
-            if n.rpartition(".")[2] in _SELECTION_BIAS_NAMES and t.numel() == R:
+            if n.rpartition(".")[2] in _SELECTION_BIAS_NAMES and t.numel() == R - S:
                 selection_bias = t
     # --- a token id -> experts table (V, K) of integers in the router: hash routing (DeepSeek-V4's `tid2eid`)
     tables = [t for t in gate.buffers() if not t.dtype.is_floating_point and t.dim() == 2 and t.shape[1] <= E]
@@ -279,12 +287,29 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     config = getattr(experts, "config", None) or getattr(block, "config", None) or model_config
     router = _router_config(block, gate, config, selection_bias is not None, hash_table)
     n_shared = getattr(config, "n_shared_experts", None) or 1
+    # A (1,) Parameter of the router: a learned scale of its weights (Inkling's `global_scale`); the probe checks.
+    scales = [t for t in gate.parameters() if tuple(t.shape) == (1,)]
+    router_tensors = {} if hash_table is None else {"tid2eid": hash_table}
+    if S or scales:
+        if len(scales) > 1 or router.kind != "topk":
+            raise refuse(f"its router holds {len(scales)} scalar Parameters; moekit's top-k router has one learned "
+                         "scale of its weights (learned_scale)")
+        router = dataclasses.replace(router, shared_slots=S, learned_scale=bool(scales))
+        if scales:
+            router_tensors["global_scale"] = scales[0]
+    if S:  # S stacked shared experts (gate_proj, up_proj (S, F, D), down_proj (S, D, F)), their act_fn by value
+        name = _GATED_OF.get(_value_activation(getattr(shared_bank, "act_fn", None)))
+        if name is None:
+            raise refuse(f"the activation of its router-weighted shared experts ({type(shared_bank).__name__}) is "
+                         "none of moekit's gated activations")
+        n_shared, width = S, shared_bank.gate_proj.shape[1]
+        shared_act = None if name == activation.name else name
     cfg = MoEConfig(d_model=D, d_expert=Fdim, num_experts=E, router=router, activation=activation.name,
                     activation_limit=activation.limit, activation_alpha=activation.alpha,
                     activation_up_offset=activation.up_offset, activation_clamp_after=activation.clamp_after,
                     activation_softcap_gate=activation.softcap and activation.softcap[0],
                     activation_softcap_up=activation.softcap and activation.softcap[1],
-                    num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
+                    num_shared_experts=n_shared if shared is not None or S else 0, d_shared=width or None,
                     shared_activation_limit=shared_limit, shared_activation=shared_act,
                     shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
                     latent_dim=Din if latent is not None else None, expert_capacity=_capacity(gate),
@@ -302,9 +327,8 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
         raise refuse(f"its routing rule ({router.describe()}) is not one moekit can run: {e}") from e
     spec = BlockSpec(block, gate, router_weight, router_bias, selection_bias, experts, bank, layout, activation,
                      shared, shared_gate, cfg, model_config=model_config,
-                     router_tensors={} if hash_table is None else {"tid2eid": hash_table},
-                     latent=latent, output_bias=output_bias, output_norm=output_norm, latent_norm=latent_norm,
-                     expert_output_norm=expert_norm)
+                     router_tensors=router_tensors, latent=latent, output_bias=output_bias, output_norm=output_norm,
+                     latent_norm=latent_norm, expert_output_norm=expert_norm, shared_bank=shared_bank)
     _read_rule_from_router(spec)
     return spec
 
@@ -315,20 +339,33 @@ def _required_args(module: nn.Module) -> list[str]:
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
 
 
+def _weighted_shared_bank(child: nn.Module, D: int) -> int | None:
+    """S, for a child holding S stacked gated experts, gate_proj and up_proj (S, F, D) and down_proj (S, D, F),
+    and nothing else, whose forward takes per-token weights beside the input (Inkling's InklingSharedExperts,
+    weighted by its router); else None."""
+    params = dict(child.named_parameters())
+    if set(params) != {"gate_proj", "up_proj", "down_proj"} or len(_required_args(child)) != 2:
+        return None
+    g, u, d = params["gate_proj"], params["up_proj"], params["down_proj"]
+    if g.dim() != 3 or g.shape != u.shape or g.shape[2] != D or tuple(d.shape) != (g.shape[0], D, g.shape[1]):
+        return None
+    return g.shape[0]
+
+
 def _unexpressed_child(child_name: str, child: nn.Module, E: int) -> str | None:
     """The exact feature a block child has that moekit's MoELayer does not express, for the refusal message
-    (None: no feature recognised). Read by role: stacked always-on experts whose forward takes per-token
-    weights from the router (Inkling's router-weighted shared experts), and a router that is an MLP or
-    carries a state across layers (ZAYA1's router)."""
+    (None: no feature recognised). Read by role: stacked always-on experts weighted by the router in a
+    storage other than Inkling's (`_weighted_shared_bank`), and a router that is an MLP or carries a state
+    across layers (ZAYA1's router)."""
     kind = type(child).__name__
     stacks = [n for n, p in child.named_parameters(recurse=False) if p.dim() == 3]
     extra = _required_args(child)[1:]
     if stacks and extra:
         S = child.get_parameter(stacks[0]).shape[0]
-        return (f"its child `{child_name}` ({kind}) holds {S} stacked always-on expert(s) ({', '.join(stacks)}) whose "
-                f"forward takes per-token weights from the router (`{extra[0]}`: the router scores E + {S} columns "
-                f"and normalises the extra ones together with the k chosen experts'); moekit's shared experts are "
-                "one unweighted FFN or one gated by a sigmoid Linear(D, 1), not experts weighted by the router")
+        return (f"its child `{child_name}` ({kind}) holds {S} stacked always-on expert(s) whose forward takes per-token "
+                f"weights from the router (`{extra[0]}`), with tensors {sorted(n for n, _ in child.named_parameters())}; "
+                "moekit's router-weighted shared experts (RouterConfig.shared_slots) are exactly gate_proj, up_proj "
+                "(S, F, D) and down_proj (S, D, F)")
     linears = [m for m in child.modules() if isinstance(m, nn.Linear)]
     scorer = [m for m in linears if m.out_features in (E, E + 1)]
     if scorer and len(linears) > 1:
@@ -760,7 +797,7 @@ def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection
         normalize_p=float(normalize_p or 1.0),
         # ERNIE 4.5 divides by clamp(sum, min=moe_norm_min).
         normalize_min=float(read(("norm_min",), ("moe_norm_min",), 0.0)),
-        routed_scaling_factor=float(read(("routed_scaling_factor", "router_scaling_factor"),
+        routed_scaling_factor=float(read(("routed_scaling_factor", "router_scaling_factor", "route_scale"),
                                          ("routed_scaling_factor", "router_scaling_factor"), 1.0)),
         n_group=n_group,
         topk_group=topk_group,

@@ -56,6 +56,7 @@ from moekit.config import MoEConfig
 from moekit.dispatch import combine, make_plan, permute
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
+from moekit.experts.bank import ExpertLayout
 from moekit.ops.ffn import Activation
 from moekit.ops.grouped import grouped_mm_available, warn_missing_kernel
 from moekit.ops.norm import FormRMSNorm
@@ -201,6 +202,12 @@ class MoELayer(nn.Module):
             shared_act = dataclasses.replace(act, name=shared_act, limit=cfg.shared_activation_limit)
         self.shared_experts = (SharedExpert(cfg.d_model, cfg.shared_width, shared_act)
                                if cfg.num_shared_experts > 0 else None)
+        # Router-weighted shared experts (Inkling): S experts every token runs, weighted per token by the router's
+        # columns past the experts (RouteExtras.shared_weight_TS); a bank of S split stacks, as Inkling stores them.
+        self.weighted_shared = cfg.router.weighted_shared_slots() > 0
+        if self.weighted_shared:
+            self.shared_experts = ExpertBank(cfg.num_shared_experts, cfg.d_model, cfg.d_shared or cfg.d_expert,
+                                             shared_act, ExpertLayout(split=True))
         self.shared_expert_gate = (nn.Linear(cfg.d_model, 1, bias=False)
                                    if cfg.num_shared_experts > 0 and cfg.shared_gate else None)
         if not grouped_mm_available():
@@ -311,7 +318,10 @@ class MoELayer(nn.Module):
             if zc_route is not None:
                 delta_TD = delta_TD + self._zero_compute_out(h_TD, zc_route)
             if self.shared_experts is not None and (t == 0 or cfg.iteration_shared):
-                shared_TD = self.shared_experts(h_TD)
+                if self.weighted_shared:
+                    shared_TD = self._weighted_shared_out(h_TD, route.extras.shared_weight_TS)
+                else:
+                    shared_TD = self.shared_experts(h_TD)
                 if self.shared_expert_gate is not None:
                     shared_TD = torch.sigmoid(self.shared_expert_gate(h_TD)) * shared_TD
                 delta_TD = delta_TD + shared_TD
@@ -355,6 +365,14 @@ class MoELayer(nn.Module):
         if counted:
             tracker.record(self, self._info)
         return y_TD.view(*lead_shape, self.cfg.d_model)
+
+    def _weighted_shared_out(self, h_TD: torch.Tensor, w_TS: torch.Tensor) -> torch.Tensor:
+        """sum_s w_TS[:, s] * FFN_s(h_TD): every token through each of the S shared experts (the bank's grouped
+        GEMM over S groups of T rows), weighted by the router, summed in fp32 (Inkling's shared experts)."""
+        T, S = h_TD.shape[0], w_TS.shape[1]
+        offsets_S = torch.arange(1, S + 1, device=h_TD.device, dtype=torch.int32) * T
+        y_STD = self.shared_experts(h_TD.repeat(S, 1), offsets_S).view(S, T, -1)
+        return (y_STD.float() * w_TS.t().unsqueeze(-1).float()).sum(0).to(h_TD.dtype)
 
     def _within_capacity(self, route: RouterOutput, lead_shape: torch.Size) -> torch.Tensor:
         """keep_N: whether each assignment is among the first `expert_capacity` of its expert in its sequence,

@@ -68,16 +68,20 @@ class RouteExtras:
     null_scores_TM (T, M) fp32: probabilities of M parameter-free null experts (AdaMoE).
     null_picks_T   (T,) int64: picks of null experts per token (never dispatched).
     state: the routing state for the next MoE layer (RMoE's `RecurrentState`).
+    shared_weight_TS (T, S) fp32: the weights of S router-weighted shared experts (router columns past
+        the experts that every token takes; Inkling), which the layer's shared bank applies.
     """
 
     null_scores_TM: torch.Tensor | None = None
     null_picks_T: torch.Tensor | None = None
     state: Any = None
+    shared_weight_TS: torch.Tensor | None = None
 
     def detached(self) -> RouteExtras:
         """Without autograd history, and without the state (RoutingInfo.router_state hands that on)."""
         null = None if self.null_scores_TM is None else self.null_scores_TM.detach()
-        return dataclasses.replace(self, null_scores_TM=null, state=None)
+        shared = None if self.shared_weight_TS is None else self.shared_weight_TS.detach()
+        return dataclasses.replace(self, null_scores_TM=null, state=None, shared_weight_TS=shared)
 
 
 NO_EXTRAS = RouteExtras()
