@@ -221,6 +221,10 @@ class RouterConfig(Config):
         router-weighted shared experts; default 0: the shared experts, if any, are unweighted)."""
         return 0
 
+    def learned_weight_scale(self) -> bool:
+        """Whether the router multiplies its weights by a learned scalar of its own (Inkling's `global_scale`)."""
+        return False
+
     def expert_groups(self) -> int:
         """Groups of consecutive experts the selection rule ranks as units (group-limited routing; default 1):
         renumbering experts (moekit.dispatch.placement.permute_experts_) must move whole groups."""

@@ -498,6 +498,13 @@ def test_inkling_router_weighted_shared_experts(build):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
         assert layer.routing_info().route.scores_TE.shape[-1] == 8  # the experts' columns only
+        with moekit.route(model, k=3):  # the same kind: shared slots and learned scale kept
+            assert model(ids).logits.shape == ref.shape
+        for change in (dict(kind="topp", p=0.5), dict(shared_slots=0)):  # would drop the shared weights: refused
+            with pytest.raises(ValueError, match=r"also weights its 2 shared experts"):
+                with moekit.route(model, **change):
+                    pass
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
         for lay in moekit.hf.wrapped_blocks(model):  # shared weights 1 instead of the router's
             lay._weighted_shared_out_orig = lay._weighted_shared_out
             lay._weighted_shared_out = lambda h, w, lay=lay: lay._weighted_shared_out_orig(h, torch.ones_like(w))

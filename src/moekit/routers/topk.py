@@ -94,6 +94,9 @@ class TopKConfig(RouterConfig):
     def weighted_shared_slots(self) -> int:
         return self.shared_slots
 
+    def learned_weight_scale(self) -> bool:
+        return self.learned_scale
+
     def num_params(self, d_model: int, num_experts: int) -> int:
         return num_experts * d_model + int(self.learned_scale)  # the gate, and the learned scale
 
