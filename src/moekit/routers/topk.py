@@ -200,8 +200,9 @@ class TopKConfig(RouterConfig):
         default_groups = self.group_rule() == ("max" if self.score == "softmax" else "top2_sum")
         plain_norm = not self.normalizes() or (self.normalize_p == 1.0 and self.normalize_min == 0.0)
         if self.score not in ("softmax", "sigmoid") or not plain_norm or not default_groups \
-                or self.selection_bias_on != "scores":
-            return None  # a rule of a family export does not write (DeepSeek-V4, DBRX, ERNIE, Mistral 4, Kolibri-1)
+                or self.selection_bias_on != "scores" or self.shared_slots or self.learned_scale:
+            # a rule of a family export does not write (DeepSeek-V4, DBRX, ERNIE, Mistral 4, Kolibri-1, Inkling)
+            return None
         return {"num_experts_per_tok": self.k, "scoring_func": self.score, "norm_topk_prob": self.normalizes(),
                 "n_group": self.n_group, "topk_group": self.topk_group,
                 "routed_scaling_factor": self.routed_scaling_factor, "selection_bias": self.bias_update_rate > 0}
