@@ -560,7 +560,7 @@ class MoEConfig(Config):
                 "no aux-loss-free selection bias (bias_update_rate 0) with zero-computation experts")
         S = self.router.weighted_shared_slots()
         require(S == 0 or (S == self.num_shared_experts and self.num_zero_compute == 0 and self.iterations == 1
-                           and not self.shared_gate and self.activation in GATED_ACTIVATIONS),
+                           and not self.shared_gate and shared_gated),
                 "RouterConfig.shared_slots", S, f"0, or num_shared_experts={self.num_shared_experts} router-weighted "
                 "gated shared experts, without zero-computation experts, iterations or a shared gate")
         stateful = self.router.carries_state()
