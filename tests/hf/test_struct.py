@@ -542,7 +542,8 @@ def _inkling_reference(x_TD, router_w, bias_E, global_scale, route_scale, k, exp
 
 def test_router_weighted_shared_experts_match_the_transcribed_inkling_block():
     """A plain moekit MoELayer configured as Inkling's block (shared_slots, learned_scale, a bank of S shared
-    experts) computes the transcribed block, forward and backward-capable, on its own weights."""
+    experts) computes the transcribed block on its own weights, forward and backward (the shared bank's
+    grouped GEMM and the router's weights against the transcription's loops and bmm)."""
     E, S, D, F, k = 6, 2, 16, 8, 2
     cfg = moekit.MoEConfig(d_model=D, d_expert=F, num_experts=E, num_shared_experts=S, d_shared=F,
                            router=moekit.RouterConfig(kind="topk", k=k, score="sigmoid", routed_scaling_factor=2.0,
@@ -556,12 +557,18 @@ def test_router_weighted_shared_experts_match_the_transcribed_inkling_block():
         for p in layer.shared_experts.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     x = torch.randn(7, D, generator=g)
-    want = _inkling_reference(x, layer.router.weight, layer.router.e_score_correction_bias, 0.7, 2.0, k,
-                              (layer.experts.gate_up_proj, layer.experts.down_proj),
+    want = _inkling_reference(x, layer.router.weight, layer.router.e_score_correction_bias,
+                              layer.router.global_scale, 2.0, k, (layer.experts.gate_up_proj, layer.experts.down_proj),
                               (layer.shared_experts.gate_proj, layer.shared_experts.up_proj,
                                layer.shared_experts.down_proj), torch.nn.functional.silu)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    got = layer(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    r = torch.randn(got.shape, generator=g)
+    params = [layer.router.weight, layer.router.global_scale, layer.shared_experts.gate_proj,
+              layer.shared_experts.down_proj, layer.experts.gate_up_proj]
+    for a, b in zip(torch.autograd.grad((got * r).sum(), params), torch.autograd.grad((want * r).sum(), params),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     w_TS = layer.routing_info().route.extras.shared_weight_TS
     assert w_TS.shape == (7, S) and bool((w_TS > 0).all())
     assert layer.router.weight.shape == (E + S, D) and cfg.num_params() == sum(p.numel() for p in layer.parameters())
