@@ -291,9 +291,10 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     scales = [t for t in gate.parameters() if tuple(t.shape) == (1,)]
     router_tensors = {} if hash_table is None else {"tid2eid": hash_table}
     if S or scales:
-        if len(scales) > 1 or router.kind != "topk":
-            raise refuse(f"its router holds {len(scales)} scalar Parameters; moekit's top-k router has one learned "
-                         "scale of its weights (learned_scale)")
+        if len(scales) > 1 or router.routes_on_token_ids():
+            raise refuse(f"its router holds {len(scales)} scalar Parameter(s) (a learned scale) or weights "
+                         f"{S} shared expert(s), with {'hash' if router.routes_on_token_ids() else 'top-k'} routing; "
+                         "moekit's top-k router has one learned scale of its weights (learned_scale) and shared_slots")
         router = dataclasses.replace(router, shared_slots=S, learned_scale=bool(scales))
         if scales:
             router_tensors["global_scale"] = scales[0]
