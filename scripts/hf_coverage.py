@@ -141,9 +141,11 @@ OVERRIDES: dict[str, dict] = {
     "qwen3_5_moe": {"all": dict(HYBRID4, layer_types=["linear_attention", "full_attention"] * 2)},
     "qwen3_next": {"all": dict(HYBRID4, layer_types=["linear_attention", "full_attention"] * 2)},
     "zaya": {"all": dict(num_experts_per_tok=1)},
-    # its config rejects a GELU output gate; COMMON's index_* sizes would switch on the QSA indexer (needs a budget)
+    # its config rejects a GELU output gate; its attention layers always build the QSA indexer: a whole set of
+    # sizes, with a token budget above the prompt + generated length (every block selected)
     "qwen4_exp": {"all": dict(HYBRID4, layer_types=["linear_attention", "full_attention"] * 2, hidden_act="silu",
-                              indexer_n_heads=None, indexer_head_dim=None)},
+                              indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=64,
+                              indexer_compress_ratio=4)},
     "step3p7": {"all": dict(mlp_layer_types=["dense", "sparse", "sparse"], share_expert_dim=36),
                 "aligned": dict(share_expert_dim=32), "native": dict(share_expert_dim=32)},
     "switch_transformers": {"all": dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_sparse_encoder_layers=1,

@@ -20,6 +20,8 @@ CONFIG_VERSION = 1
 # Expert activations (their math: moekit.ops.ffn). Gated ones compute act(gate) * up.
 GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "reglu")
 ACTIVATIONS = (*GATED_ACTIVATIONS, "gelu", "gelu_tanh", "relu", "relu2", "silu")
+# RMSNorm forms (moekit.ops.norm): r(x) * w, r(x) * (1 + w), r(x * (1 + w)).
+NORM_FORMS = ("weight", "one_plus", "one_plus_input")
 BACKENDS = ("auto", "grouped_mm")
 BALANCE_SCOPES = ("micro", "global")
 CAPACITY_SCOPES = ("sequence", "batch")
@@ -139,6 +141,8 @@ class RouterConfig(Config):
     (`moekit.routers.register(name, config=...)`). `RouterConfig(kind="topp", p=0.4)` returns the
     registered subclass (here `TopPConfig`); a field the kind does not have is refused (UsageError).
     `jitter` (every router): multiply the router input by U(1 - eps, 1 + eps) in training.
+    `logit_scale` (every router): multiply the logits by this before the router's rule reads them (Muse
+    Spark's `output_multiplier`); a re-route (`convert`) keeps it, as it is part of the gate.
 
     The capability methods below are what the layer, models, offload, export and the trainer ask a
     router config instead of switching on its kind; a router overrides those that differ from the
@@ -151,6 +155,8 @@ class RouterConfig(Config):
 
     kind: str = setting("topk", "router: how tokens pick experts (moekit info lists them)")
     jitter: float = setting(0.0, "multiply the router input by U(1 - eps, 1 + eps) in training (0 = off)")
+    logit_scale: float = setting(1.0, "multiply the router logits by this before scoring (Muse Spark's "
+                                      "output_multiplier; 1 = off)")
     router_losses: ClassVar[tuple[str, ...]] = ()  # every router-specific aux loss this router may return
     # Fields counted in experts (k, min_k, a capacity factor, null experts): fine_grained(m) multiplies them.
     expert_count_fields: ClassVar[tuple[str, ...]] = ()
@@ -175,7 +181,7 @@ class RouterConfig(Config):
     def describe(self) -> str:
         """The settings that define the selection rule, for repr and logs (`kind` not included)."""
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                         if f.name not in ("kind", "jitter"))
+                         if f.name not in ("kind", "jitter") and not (f.name == "logit_scale" and self.logit_scale == 1.0))
 
     def check(self, num_experts: int) -> None:
         """Raise UsageError for settings this router cannot honour with `num_experts` (override)."""
@@ -210,6 +216,15 @@ class RouterConfig(Config):
 
     def updates_selection_bias(self) -> bool:
         """Whether the router trains an aux-loss-free selection bias from each step's expert counts."""
+        return False
+
+    def weighted_shared_slots(self) -> int:
+        """S: router columns past the experts that weight S always-on shared experts per token (Inkling's
+        router-weighted shared experts; default 0: the shared experts, if any, are unweighted)."""
+        return 0
+
+    def learned_weight_scale(self) -> bool:
+        """Whether the router multiplies its weights by a learned scalar of its own (Inkling's `global_scale`)."""
         return False
 
     def expert_groups(self) -> int:
@@ -285,6 +300,8 @@ class RouterConfig(Config):
     def validate(self, num_experts: int) -> RouterConfig:
         check_fields(self, "RouterConfig")
         require(0 <= self.jitter < 1, "RouterConfig.jitter", self.jitter, "a float in [0, 1)")
+        require(math.isfinite(self.logit_scale) and self.logit_scale > 0, "RouterConfig.logit_scale",
+                self.logit_scale, "a float > 0")
         try:
             self.check(num_experts)
         except ValueError as e:  # a bad setting, so a usage error
@@ -399,6 +416,8 @@ class MoEConfig(Config):
     activation_clamp_after: the gate's clamp after its activation (Step-3.7), not before;
     shared_activation_limit: the shared expert's clamp (None: none), with the routed experts' other clamp
     settings (DeepSeek-V4 clamps both at swiglu_limit; Step-3.7 at its own limits).
+    shared_activation: the shared expert's own activation (None: the routed experts'); Aria's, HY-V4's and
+    GLM-5-Next's routed experts are always SiLU-gated while their shared expert follows hidden_act.
     weight_on_input: the combine weight scales each expert's *input* instead of its output (Llama 4);
     the same for linear experts, not for gated ones.
 
@@ -412,7 +431,11 @@ class MoEConfig(Config):
         layer's router logits to this layer's (MoE++ pathway-aware routing).
     latent_dim=l: routed experts work in l dims between a shared D->l and l->D projection (NVIDIA
         LatentMoE, transformers' nemotron_h `fc1_latent_proj`/`fc2_latent_proj`); router and shared
-        experts stay in D.
+        experts stay in D. latent_norm_eps: an RMSNorm (latent_norm_form, moekit.ops.norm) of the
+        experts' l-dim input after the D->l projection (Muse Spark's `pre_expert_norm`).
+    expert_output_norm_eps: an RMSNorm (expert_output_norm_form) of every routed expert's output, before
+        its combine weight (Muse Spark's `post_expert_norm`, one weight shared by the experts); row-wise
+        on the N assignments' outputs.
     pregated: the router reads the previous MoE layer's input (Pre-gated MoE, arXiv 2308.12066), so
         a layer's experts are known one layer ahead.
     """
@@ -428,6 +451,8 @@ class MoEConfig(Config):
     activation_clamp_after: bool = setting(False, "clamp the gate after its activation, not before (Step-3.7)")
     shared_activation_limit: float | None = setting(None, "the shared expert's clamp, with the routed experts' "
                                                     "clamp settings (DeepSeek-V4, Step-3.7; None = no clamp)")
+    shared_activation: str | None = setting(None, "the shared expert's own activation (None = the routed "
+                                            "experts'; Aria: GeGLU shared, SwiGLU routed)")
     activation_softcap_gate: float | None = setting(None, "gate softcap of Inkling2's softcapped SwiGLU (None = none; "
                                                           "set with activation_softcap_up)")
     activation_softcap_up: float | None = setting(None, "up softcap of Inkling2's softcapped SwiGLU (None = none)")
@@ -471,6 +496,14 @@ class MoEConfig(Config):
     output_bias: bool = setting(False, "a learned (D,) bias added to the layer's output (JetMoE)")
     output_norm_eps: float | None = setting(None, "RMSNorm the layer's output with this epsilon (A.X-K1; "
                                                   "None = no norm)")
+    latent_norm_eps: float | None = setting(None, "RMSNorm the routed experts' latent input (after the D->latent "
+                                                  "projection) with this epsilon (Muse Spark; None = no norm)")
+    latent_norm_form: str = setting("weight", "form of the latent-input RMSNorm (moekit.ops.norm)",
+                                    choices=NORM_FORMS)
+    expert_output_norm_eps: float | None = setting(None, "RMSNorm each routed expert's output, before its combine "
+                                                         "weight, with this epsilon (Muse Spark; None = no norm)")
+    expert_output_norm_form: str = setting("weight", "form of the per-expert output RMSNorm (moekit.ops.norm)",
+                                           choices=NORM_FORMS)
     latent_dim: int | None = setting(None, "routed experts work in a latent width: shared D->latent and "
                                            "latent->D projections around the bank (None = off)")
     pregated: bool = setting(False, "the router reads the previous MoE layer's input, so experts are known a "
@@ -506,9 +539,12 @@ class MoEConfig(Config):
                 self.activation_up_offset, "0.0 unless the activation is gated")
         require(not self.activation_clamp_after or self.activation_limit is not None,
                 "MoEConfig.activation_clamp_after", self.activation_clamp_after, "false unless activation_limit is set")
-        require(self.shared_activation_limit is None or (gated and self.shared_activation_limit > 0),
+        shared_gated = (self.shared_activation or self.activation) in GATED_ACTIVATIONS
+        require(self.shared_activation_limit is None or (gated and shared_gated and self.shared_activation_limit > 0),
                 "MoEConfig.shared_activation_limit", self.shared_activation_limit,
-                "None, or a float > 0 with a gated activation")
+                "None, or a float > 0 with gated activations")
+        require(self.shared_activation is None or self.shared_activation in ACTIVATIONS,
+                "MoEConfig.shared_activation", self.shared_activation, f"None or one of {ACTIVATIONS}")
         caps = (self.activation_softcap_gate, self.activation_softcap_up)
         require(caps == (None, None) or (None not in caps and min(caps) > 0 and self.activation == "swiglu"
                                          and self.activation_limit is None),
@@ -525,6 +561,13 @@ class MoEConfig(Config):
                self.eval_capacity_factor, "None (dropless in eval mode) or a float > 0")
         require(self.output_norm_eps is None or self.output_norm_eps > 0, "MoEConfig.output_norm_eps",
                 self.output_norm_eps, "None or a float > 0")
+        require(self.latent_norm_eps is None or (self.latent_norm_eps > 0 and self.latent_dim is not None),
+                "MoEConfig.latent_norm_eps", self.latent_norm_eps, "None, or a float > 0 with latent_dim set")
+        require(self.expert_output_norm_eps is None or self.expert_output_norm_eps > 0,
+                "MoEConfig.expert_output_norm_eps", self.expert_output_norm_eps, "None or a float > 0")
+        for name in ("latent_norm_form", "expert_output_norm_form"):
+            require(getattr(self, name) in NORM_FORMS, f"MoEConfig.{name}", getattr(self, name),
+                    f"one of {NORM_FORMS}")
         require(self.expert_capacity is None or self.expert_capacity >= 1, "MoEConfig.expert_capacity",
                 self.expert_capacity, "None or an integer >= 1")
         require(self.capacity_scope in CAPACITY_SCOPES, "MoEConfig.capacity_scope", self.capacity_scope,
@@ -559,6 +602,11 @@ class MoEConfig(Config):
         require(self.num_zero_compute == 0 or not self.router.updates_selection_bias(),
                 "RouterConfig", self.router.describe(),
                 "no aux-loss-free selection bias (bias_update_rate 0) with zero-computation experts")
+        S = self.router.weighted_shared_slots()
+        require(S == 0 or (S == self.num_shared_experts and self.num_zero_compute == 0 and self.iterations == 1
+                           and not self.shared_gate and shared_gated),
+                "RouterConfig.shared_slots", S, f"0, or num_shared_experts={self.num_shared_experts} router-weighted "
+                "gated shared experts, without zero-computation experts, iterations or a shared gate")
         stateful = self.router.carries_state()
         for name, on in (("iterations", self.iterations > 1), ("gating_residual", self.gating_residual),
                          ("pregated", self.pregated)):
@@ -574,8 +622,9 @@ class MoEConfig(Config):
 
     @property
     def router_slots(self) -> int:
-        """X: the columns each router scores (FFN experts, then zero, copy and constant experts)."""
-        return self.num_experts + self.num_zero_compute
+        """X: the columns each router scores (FFN experts, then zero, copy and constant experts, then the
+        columns weighting router-weighted shared experts)."""
+        return self.num_experts + self.num_zero_compute + self.router.weighted_shared_slots()
 
     @property
     def expert_dim(self) -> int:
@@ -605,12 +654,16 @@ class MoEConfig(Config):
         constant = self.constant_experts * 3 * self.d_model  # a vector v and a (2, D) mixing gate each
         residual = self.router_slots ** 2 if self.gating_residual else 0
         out = self.d_model * (int(self.output_bias) + int(self.output_norm_eps is not None))
-        return latent + constant + residual + out
+        norms = self.expert_dim * (int(self.latent_norm_eps is not None) + int(self.expert_output_norm_eps is not None))
+        return latent + constant + residual + out + norms
 
     def _shared_params(self) -> int:
         if self.num_shared_experts == 0:
             return 0
         mats = 3 if self.activation in GATED_ACTIVATIONS else 2
+        S = self.router.weighted_shared_slots()
+        if S:  # S router-weighted shared experts, d_shared (else d_expert) wide each
+            return S * mats * self.d_model * (self.d_shared or self.d_expert)
         return mats * self.d_model * self.shared_width + (self.d_model if self.shared_gate else 0)
 
     def _router_params(self) -> int:

@@ -44,6 +44,20 @@ FAMILIES = {
     "inkling2_text": (dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
                            unpadded_vocab_size=128, mlp_gate_softcap=2.0, mlp_up_softcap=3.0),
                       "Inkling2SparseMoeBlock", dict(activation_softcap_gate=2.0, activation_softcap_up=3.0)),
+    # SiLU-gated routed experts (fixed) and a shared MLP following hidden_act="gelu" (MoEConfig.shared_activation)
+    "aria_text": (dict(num_hidden_layers=2, intermediate_size=16, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1,
+                       hidden_act="gelu"), "AriaTextMoELayer", dict(activation="swiglu", shared_activation="geglu")),
+    # the same with clamped routed experts (swiglu_limit) and a plain GELU-gated shared expert
+    "hy_v4": (dict(num_hidden_layers=2, mlp_layer_types=["dense", "sparse"], n_routed_experts=8, num_experts_per_tok=2,
+                   moe_intermediate_size=16, intermediate_size=48, n_shared_experts=1, n_group=2, topk_group=1,
+                   q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                   index_topk=4, index_n_heads=2, index_head_dim=16, hidden_act="gelu", swiglu_limit=0.5),
+              "HYV4MoE", dict(activation_limit=0.5, shared_activation="geglu", shared_activation_limit=None)),
+    # 2 stacked shared experts weighted per token by the router's 2 columns past the 8 experts (normalised with
+    # the k chosen), a learned router scale (global_scale) and route_scale; GeGLU everywhere (hidden_act)
+    "inkling_text": (dict(num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                          n_shared_experts=2, route_scale=2.0, unpadded_vocab_size=128, hidden_act="gelu"),
+                     "InklingMoE", dict(num_shared_experts=2, d_shared=16, activation="geglu")),
     "jetmoe": (dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
                     kv_channels=8), "JetMoeMoE", dict(output_bias=True, activation="swiglu")),
 }
@@ -248,8 +262,7 @@ def test_offload_runs_wrapped_identity_and_latent_experts_and_refuses_listed_one
 
 @pytest.mark.parametrize(("family", "why"), [
     ("doge", "single neurons, rows of two embedding tables"),
-    ("muse_spark", "has_post_expert_norm"),
-    ("zaya", "`gate` (ZayaRouter) is neither a router"),
+    ("zaya", "`gate` (ZayaRouter) carries a state across layers"),
 ])
 def test_structures_moekit_lacks_are_refused_naming_the_feature(family, why):
     """Each still-refused structure is refused with a message naming the block and what is missing
@@ -300,3 +313,249 @@ def test_listed_and_spare_banks_match_the_reference_loop_forward_and_backward():
             torch.testing.assert_close(a, b)
         if not layout.listed:
             assert bank.gate_up_proj.shape[0] == 6 and not g_fast[1][4:].any()
+
+
+def test_shared_expert_own_activation_decides_the_output(build):
+    """Aria's shared expert runs GeGLU beside SwiGLU routed experts: with the routed experts' activation in
+    its place the logits move (the reading is not vacuous on this model)."""
+    model = build("aria_text")
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    moekit.hf.wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    assert layer.shared_experts.act.name == "geglu" and layer.experts.act.name == "swiglu"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        for layer in moekit.hf.wrapped_blocks(model):
+            layer.shared_experts.act = type(layer.shared_experts.act)("swiglu")
+        assert not torch.allclose(model(ids).logits, ref, atol=1e-3)
+
+
+class _CenteredRMSNorm(torch.nn.Module):
+    """Transcribed from transformers' muse_spark `MuseSparkTextCenteredRMSNorm`: r(x) (1 + w)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, torch.nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight).float()).type_as(x)
+
+
+class _InputScaledRMSNorm(_CenteredRMSNorm):
+    """Transcribed from transformers' muse_spark `MuseSparkTextInputScaledRMSNorm`: r(x (1 + w))."""
+
+    def forward(self, x):
+        out = (x.float() * (1.0 + self.weight).float()).type_as(x).float()
+        return (out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("ref_cls", "form"), [(_CenteredRMSNorm, "one_plus"), (_InputScaledRMSNorm, "one_plus_input")])
+def test_norm_forms_match_the_transcribed_norms(ref_cls, form, dtype):
+    from moekit.ops.norm import FormRMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    ref, ours = ref_cls(16, 1e-6), FormRMSNorm(16, 1e-6, form)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(16, generator=g))
+        ours.weight.copy_(ref.weight)
+    x = (3 * torch.randn(5, 16, generator=g)).to(dtype)
+    assert torch.equal(ours.to(dtype)(x), ref.to(dtype)(x))
+    assert moekit.hf.detect._norm_form(ref, 16, ValueError) == form  # read by value from the module itself
+
+
+# Muse Spark's text tower has no causal-LM class of its own: its MuseSparkTextModel, greedy on hidden states
+# against the input embeddings through the KV cache (as scripts/hf_coverage.py does for such families).
+# Latent experts (D=32 -> 16) with a (1 + w) RMSNorm of their latent input, an input-scaled RMSNorm of every
+# expert's output before its weight, and a router output multiplier.
+_MUSE = dict(num_hidden_layers=2, mlp_layer_types=["dense", "sparse"], num_local_experts=8, num_experts_per_tok=2,
+             moe_intermediate_size=16, moe_hidden_size=16, intermediate_size=48, output_multiplier=0.25,
+             routed_scaling_factor=1.5)
+
+
+@pytest.fixture
+def muse(randomized):
+    def make():
+        from transformers import AutoConfig
+        from transformers.models.muse_spark.modeling_muse_spark import MuseSparkTextModel
+
+        torch.manual_seed(0)
+        return randomized(MuseSparkTextModel(AutoConfig.for_model("muse_spark_text", **{**_BASE, **_MUSE}))).eval()
+    return make
+
+
+def _hidden(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).last_hidden_state
+
+
+def _greedy_hidden(model, ids, n=16):
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        seq = ids
+        for _ in range(n):
+            nxt = (out.last_hidden_state[:, -1] @ emb.T).argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            out = model(input_ids=nxt, cache=out.past_key_values, use_cache=True)
+    return seq
+
+
+def test_muse_spark_wraps_with_exact_parity(muse, keys_resolve):
+    model = muse()
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    ref, ref_gen = _hidden(model, ids), _greedy_hidden(model, ids)
+    before, keys = dict(model.named_modules()), list(model.state_dict())
+    ptrs = {p.data_ptr() for p in model.parameters()}
+    moekit.hf.wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    want = dict(latent_dim=16, latent_norm_form="one_plus", expert_output_norm_form="one_plus_input",
+                latent_norm_eps=model.config.rms_norm_eps, expert_output_norm_eps=model.config.post_norm_eps)
+    assert {k: getattr(layer.cfg, k) for k in want} == want
+    assert layer.cfg.router.logit_scale == 0.25 and layer.cfg.router.routed_scaling_factor == 1.5
+    assert {p.data_ptr() for p in model.parameters()} == ptrs  # no copies
+    assert list(model.state_dict()) == keys
+    keys_resolve(model, keys)
+    torch.testing.assert_close(_hidden(model, ids), ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(_greedy_hidden(model, ids), ref_gen)
+    moekit.hf.unwrap(model)
+    after = dict(model.named_modules())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    assert torch.equal(_hidden(model, ids), ref)
+
+
+def test_muse_spark_features_each_decide_the_output(muse):
+    """Each Muse Spark feature matters on this model: without it the wrapped output moves."""
+    import dataclasses
+
+    model = muse()
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    ref = _hidden(model, ids)
+    moekit.hf.wrap(model)
+    layers = moekit.hf.wrapped_blocks(model)
+    torch.testing.assert_close(_hidden(model, ids), ref, atol=1e-5, rtol=1e-5)
+    for layer in layers:
+        layer.router.cfg = dataclasses.replace(layer.router.cfg, logit_scale=1.0)
+    assert not torch.allclose(_hidden(model, ids), ref, atol=1e-3)
+    for layer in layers:
+        layer.router.cfg = dataclasses.replace(layer.router.cfg, logit_scale=0.25)
+    for name in ("latent_norm", "expert_output_norm"):
+        for layer in layers:
+            norm, layer._modules[name] = layer._modules[name], None
+        assert not torch.allclose(_hidden(model, ids), ref, atol=1e-3), name
+        for layer in layers:
+            layer._modules[name] = norm
+    torch.testing.assert_close(_hidden(model, ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_offload_runs_wrapped_muse_spark(muse, tmp_path):
+    """The per-expert output norm and the latent norm are the layer's, around whatever runs the experts:
+    moekit.offload's runtime (half the experts resident) gives the resident output."""
+    from moekit.offload import offload, write_store
+
+    model = muse()
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    moekit.hf.wrap(model)
+    ref = _hidden(model, ids)
+    write_store(model, tmp_path / "muse")
+    runtime = offload(model, tmp_path / "muse", budget="50%")
+    torch.testing.assert_close(_hidden(model, ids), ref, atol=1e-5, rtol=1e-5)
+    runtime.close()
+
+
+def test_inkling_router_weighted_shared_experts(build):
+    """Inkling's router scores E + S columns: the S shared experts' weights come from it per token
+    (RouterConfig.shared_slots), its learned global_scale is bound, and each part decides the output."""
+    import dataclasses
+
+    model = build("inkling_text")
+    block = _first(model, "InklingMoE")
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    moekit.hf.wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    r = layer.cfg.router
+    assert (r.shared_slots, r.learned_scale, r.routed_scaling_factor) == (2, True, 2.0)
+    assert layer.router.global_scale is block.gate.global_scale and layer.router.weight is block.gate.weight
+    assert layer.shared_experts.gate_proj is block.shared_experts.gate_proj
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        assert layer.routing_info().route.scores_TE.shape[-1] == 8  # the experts' columns only
+        with moekit.route(model, k=3):  # the same kind: shared slots and learned scale kept
+            assert model(ids).logits.shape == ref.shape
+        for change in (dict(kind="topp", p=0.5), dict(shared_slots=0)):  # would drop the shared weights: refused
+            with pytest.raises(ValueError, match=r"also weights its 2 shared experts"):
+                with moekit.route(model, **change):
+                    pass
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        for lay in moekit.hf.wrapped_blocks(model):  # shared weights 1 instead of the router's
+            lay._weighted_shared_out_orig = lay._weighted_shared_out
+            lay._weighted_shared_out = lambda h, w, lay=lay: lay._weighted_shared_out_orig(h, torch.ones_like(w))
+        assert not torch.allclose(model(ids).logits, ref, atol=1e-3)
+        for lay in moekit.hf.wrapped_blocks(model):
+            del lay._weighted_shared_out
+            lay.router.cfg = dataclasses.replace(lay.router.cfg, learned_scale=False)
+            lay.router.global_scale = None
+        assert not torch.allclose(model(ids).logits, ref, atol=1e-3)
+
+
+def _inkling_reference(x_TD, router_w, bias_E, global_scale, route_scale, k, experts, shared, act):
+    """Transcribed from transformers' inkling `InklingTopkRouter`, `InklingExperts` and `InklingSharedExperts`
+    (the block's forward), on plain tensors: experts (gate_up (E, 2F, D), down (E, D, F)), shared (gate, up
+    (S, F, D), down (S, D, F))."""
+    S = shared[0].shape[0]
+    logits = torch.nn.functional.linear(x_TD.float(), router_w.float())
+    routed = logits[..., :-S].sigmoid()
+    idx = torch.topk(routed + bias_E, k, dim=-1, sorted=False)[1]
+    topk_logits = torch.cat([logits[..., :-S].gather(-1, idx), logits[..., -S:]], dim=-1)
+    log_p = torch.nn.functional.logsigmoid(topk_logits)
+    w = torch.exp(log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)) * route_scale * global_scale
+    gammas, w = w[..., -S:], w[..., :k]
+    out = torch.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        for j in range(k):
+            e = idx[t, j]
+            g, u = torch.nn.functional.linear(x_TD[t], experts[0][e]).chunk(2, dim=-1)
+            out[t] += torch.nn.functional.linear(act(g) * u, experts[1][e]) * w[t, j]
+    g = torch.bmm(x_TD.expand(S, -1, -1), shared[0].transpose(1, 2))
+    u = torch.bmm(x_TD.expand(S, -1, -1), shared[1].transpose(1, 2))
+    down = torch.bmm(act(g) * u * gammas.t().unsqueeze(-1), shared[2].transpose(1, 2))
+    return out + down.sum(0)
+
+
+def test_router_weighted_shared_experts_match_the_transcribed_inkling_block():
+    """A plain moekit MoELayer configured as Inkling's block (shared_slots, learned_scale, a bank of S shared
+    experts) computes the transcribed block on its own weights, forward and backward (the shared bank's
+    grouped GEMM and the router's weights against the transcription's loops and bmm)."""
+    E, S, D, F, k = 6, 2, 16, 8, 2
+    cfg = moekit.MoEConfig(d_model=D, d_expert=F, num_experts=E, num_shared_experts=S, d_shared=F,
+                           router=moekit.RouterConfig(kind="topk", k=k, score="sigmoid", routed_scaling_factor=2.0,
+                                                      shared_slots=S, learned_scale=True))
+    torch.manual_seed(0)
+    layer = moekit.MoELayer(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.router.e_score_correction_bias.copy_(0.3 * torch.randn(E, generator=g))
+        layer.router.global_scale.fill_(0.7)
+        for p in layer.shared_experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(7, D, generator=g)
+    want = _inkling_reference(x, layer.router.weight, layer.router.e_score_correction_bias,
+                              layer.router.global_scale, 2.0, k, (layer.experts.gate_up_proj, layer.experts.down_proj),
+                              (layer.shared_experts.gate_proj, layer.shared_experts.up_proj,
+                               layer.shared_experts.down_proj), torch.nn.functional.silu)
+    got = layer(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    r = torch.randn(got.shape, generator=g)
+    params = [layer.router.weight, layer.router.global_scale, layer.shared_experts.gate_proj,
+              layer.shared_experts.down_proj, layer.experts.gate_up_proj]
+    for a, b in zip(torch.autograd.grad((got * r).sum(), params), torch.autograd.grad((want * r).sum(), params),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    w_TS = layer.routing_info().route.extras.shared_weight_TS
+    assert w_TS.shape == (7, S) and bool((w_TS > 0).all())
+    assert layer.router.weight.shape == (E + S, D) and cfg.num_params() == sum(p.numel() for p in layer.parameters())

@@ -70,12 +70,19 @@ class HFMoEBlock(MoELayer):
             for name in ("gate_proj", "up_proj", "down_proj"):
                 if getattr(self.shared_experts, name) is not None:
                     setattr(self.shared_experts, name, getattr(spec.shared, name))
+        if spec.shared_bank is not None:  # router-weighted shared experts: the HF stacks, read in place
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                setattr(self.shared_experts, name, getattr(spec.shared_bank, name))
         if spec.latent is not None:  # the HF Linear modules, biases included
             self.fc1_latent_proj, self.fc2_latent_proj = spec.latent
         if spec.output_bias is not None:
             self.output_bias = spec.output_bias
         if spec.output_norm is not None:
             self.output_norm.weight = spec.output_norm.weight
+        if spec.latent_norm is not None:
+            self.latent_norm.weight = spec.latent_norm.weight
+        if spec.expert_output_norm is not None:
+            self.expert_output_norm.weight = spec.expert_output_norm.weight
         if spec.shared_gate is not None:
             self.shared_expert_gate = spec.shared_gate
         # moekit-only state (routing statistics, a zero bias for families without one) on the block's device.

@@ -130,6 +130,9 @@ class BlockSpec:
     output_bias: nn.Parameter | None = None  # (D,) added to the block's output
     output_norm: nn.Module | None = None  # an RMSNorm of the block's output (its `weight` (D,) is bound)
     reads_padding_mask: bool = False  # its router drops the padding tokens of the mask the block is passed (NLLB)
+    latent_norm: nn.Module | None = None  # an RMSNorm of the experts' latent input (its `weight` (l,) is bound)
+    expert_output_norm: nn.Module | None = None  # the experts' RMSNorm of each expert's output (`weight` bound)
+    shared_bank: nn.Module | None = None  # S stacked shared experts the router weights (their stacks are bound)
 
     @property
     def expert_weight(self) -> torch.Tensor:
@@ -216,10 +219,16 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                      "module for moekit to replace with a MoELayer")
     latent = _latent_projections([c for _, c in children], Din)
     D = Din if latent is None else latent[0].in_features
-    gate = shared = shared_gate = output_norm = None
+    gate = shared = shared_gate = output_norm = latent_norm = shared_bank = None
     router_weight = router_bias = None
     for child_name, child in children:
+        if shared_bank is None and _weighted_shared_bank(child, D) is not None:
+            shared_bank = child  # always-on experts the router weights per token (Inkling)
+            continue
         if latent is not None and any(child is m for m in latent):
+            continue
+        if latent is not None and latent_norm is None and _norm_eps(child, Din) is not None:
+            latent_norm = child  # an RMSNorm of the experts' latent input (Muse Spark): the block probe checks where
             continue
         if isinstance(child, nn.Linear) and child.out_features == 1 and child.in_features == D:
             shared_gate = child
@@ -232,6 +241,9 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
             continue
         found = _router_weight(child, E, D)
         if found is None:
+            unexpressed = _unexpressed_child(child_name, child, E)
+            if unexpressed:
+                raise refuse(unexpressed)
             raise refuse(f"its child `{child_name}` ({type(child).__name__}) is neither a router (weight (E={E}, "
                          f"D={D})), a shared expert (up_proj/down_proj [+ gate_proj] Linear), a shared-expert gate "
                          "Linear(D, 1) nor a latent projection pair Linear(D, l), Linear(l, D); moekit's MoELayer "
@@ -243,7 +255,11 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
         raise refuse(f"it has no router: no child with a weight (E={E}, D={D}) or a Linear(D, E)")
     # Router columns past the E experts: zero-computation experts, read from what the experts do with them.
     R = router_weight.shape[0]
-    zero, copy_ = _zero_compute_columns(experts, E, R, Din, refuse) if R > E else (0, 0)
+    S = 0 if shared_bank is None else shared_bank.gate_proj.shape[0]
+    if S and R != E + S:
+        raise refuse(f"its router scores {R} columns for {E} experts and {S} router-weighted shared experts "
+                     f"({type(shared_bank).__name__}); moekit's shared_slots are the E + S columns")
+    zero, copy_ = _zero_compute_columns(experts, E, R, Din, refuse) if R > E + S else (0, 0)
 
     # --- selection bias: in the router (DeepSeek-V3, ERNIE) or held by the block (MiniMax-M2, LFM2-MoE)
     selection_bias = None
@@ -251,7 +267,7 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
         for n, t in itertools.chain(holder.named_buffers(), holder.named_parameters()):
             if holder is block and "." in n:
                 continue  # the block's own tensors only; its children are read above
-            if n.rpartition(".")[2] in _SELECTION_BIAS_NAMES and t.numel() == R:
+            if n.rpartition(".")[2] in _SELECTION_BIAS_NAMES and t.numel() == R - S:
                 selection_bias = t
     # --- a token id -> experts table (V, K) of integers in the router: hash routing (DeepSeek-V4's `tid2eid`)
     tables = [t for t in gate.buffers() if not t.dtype.is_floating_point and t.dim() == 2 and t.shape[1] <= E]
@@ -265,26 +281,54 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
 
     # --- shared expert (always on, reading the D-dim input), optionally sigmoid-gated; its Linear modules
     # (biases included) are bound as they are
-    width, shared_limit = 0, None
+    width, shared_limit, shared_act = 0, None, None
     if shared is not None:
-        width, shared_limit = _read_shared(shared, activation, refuse)
+        width, shared_limit, shared_act = _read_shared(shared, activation, refuse)
     if shared_gate is not None and (shared is None or shared_gate.bias is not None):
         raise refuse("its shared-expert gate is not a Linear(D, 1) without bias gating a shared expert")
 
+    # An RMSNorm the experts apply to each expert's output (Muse Spark's post_expert_norm); its form and the
+    # latent norm's are read by value.
+    expert_norm = None if parallel is not None or isinstance(experts, nn.ModuleList | nn.ModuleDict) else \
+        next((c for c in experts.children() if _norm_eps(c, Din) is not None), None)
+    latent_form = None if latent_norm is None else _norm_form(latent_norm, Din, refuse)
+    expert_form = None if expert_norm is None else _norm_form(expert_norm, Din, refuse)
     config = getattr(experts, "config", None) or getattr(block, "config", None) or model_config
     router = _router_config(block, gate, config, selection_bias is not None, hash_table)
     n_shared = getattr(config, "n_shared_experts", None) or 1
+    # A (1,) Parameter of the router: a learned scale of its weights (Inkling's `global_scale`); the probe checks.
+    scales = [t for t in gate.parameters() if tuple(t.shape) == (1,)]
+    router_tensors = {} if hash_table is None else {"tid2eid": hash_table}
+    if S or scales:
+        if len(scales) > 1 or router.routes_on_token_ids():
+            raise refuse(f"its router holds {len(scales)} scalar Parameter(s) (a learned scale) or weights "
+                         f"{S} shared expert(s), with {'hash' if router.routes_on_token_ids() else 'top-k'} routing; "
+                         "moekit's top-k router has one learned scale of its weights (learned_scale) and shared_slots")
+        router = dataclasses.replace(router, shared_slots=S, learned_scale=bool(scales))
+        if scales:
+            router_tensors["global_scale"] = scales[0]
+    if S:  # S stacked shared experts (gate_proj, up_proj (S, F, D), down_proj (S, D, F)), their act_fn by value
+        name = _GATED_OF.get(_value_activation(getattr(shared_bank, "act_fn", None)))
+        if name is None:
+            raise refuse(f"the activation of its router-weighted shared experts ({type(shared_bank).__name__}) is "
+                         "none of moekit's gated activations")
+        n_shared, width = S, shared_bank.gate_proj.shape[1]
+        shared_act = None if name == activation.name else name
     cfg = MoEConfig(d_model=D, d_expert=Fdim, num_experts=E, router=router, activation=activation.name,
                     activation_limit=activation.limit, activation_alpha=activation.alpha,
                     activation_up_offset=activation.up_offset, activation_clamp_after=activation.clamp_after,
                     activation_softcap_gate=activation.softcap and activation.softcap[0],
                     activation_softcap_up=activation.softcap and activation.softcap[1],
-                    num_shared_experts=n_shared if shared is not None else 0, d_shared=width or None,
-                    shared_activation_limit=shared_limit,
+                    num_shared_experts=n_shared if shared is not None or S else 0, d_shared=width or None,
+                    shared_activation_limit=shared_limit, shared_activation=shared_act,
                     shared_gate=shared_gate is not None, zero_experts=zero, copy_experts=copy_,
                     latent_dim=Din if latent is not None else None, **_capacity(gate, experts, config, refuse),
                     output_bias=output_bias is not None,
-                    output_norm_eps=None if output_norm is None else _norm_eps(output_norm, D), backend=backend,
+                    output_norm_eps=None if output_norm is None else _norm_eps(output_norm, D),
+                    latent_norm_eps=None if latent_norm is None else _norm_eps(latent_norm, Din),
+                    latent_norm_form=latent_form or "weight",
+                    expert_output_norm_eps=None if expert_norm is None else _norm_eps(expert_norm, Din),
+                    expert_output_norm_form=expert_form or "weight", backend=backend,
                     expert_hidden_dropout=hidden_dropout)
     try:
         with warnings.catch_warnings():  # a first reading, settled below; not a setting the user chose
@@ -294,9 +338,10 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
         raise refuse(f"its routing rule ({router.describe()}) is not one moekit can run: {e}") from e
     spec = BlockSpec(block, gate, router_weight, router_bias, selection_bias, experts, bank, layout, activation,
                      shared, shared_gate, cfg, model_config=model_config,
-                     router_tensors={**({} if hash_table is None else {"tid2eid": hash_table}),
+                     router_tensors={**router_tensors,
                                      **_router_parts(gate, (router_weight, router_bias, selection_bias), R, D)},
                      latent=latent, output_bias=output_bias, output_norm=output_norm,
+                     latent_norm=latent_norm, expert_output_norm=expert_norm, shared_bank=shared_bank,
                      reads_padding_mask=_router_reads_padding_mask(gate, E, D))
     _read_rule_from_router(spec)
     return spec
@@ -324,6 +369,52 @@ def _router_parts(gate: nn.Module, known: tuple, R: int, D: int) -> dict[str, An
     return parts
 
 
+def _required_args(module: nn.Module) -> list[str]:
+    """The names of the positional arguments `module.forward` requires."""
+    return [p.name for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+
+
+def _weighted_shared_bank(child: nn.Module, D: int) -> int | None:
+    """S, for a child holding S stacked gated experts, gate_proj and up_proj (S, F, D) and down_proj (S, D, F),
+    and nothing else, whose forward takes per-token weights beside the input (Inkling's InklingSharedExperts,
+    weighted by its router); else None."""
+    params = dict(child.named_parameters())
+    if set(params) != {"gate_proj", "up_proj", "down_proj"} or len(_required_args(child)) != 2:
+        return None
+    g, u, d = params["gate_proj"], params["up_proj"], params["down_proj"]
+    if g.dim() != 3 or g.shape != u.shape or g.shape[2] != D or tuple(d.shape) != (g.shape[0], D, g.shape[1]):
+        return None
+    return g.shape[0]
+
+
+def _unexpressed_child(child_name: str, child: nn.Module, E: int) -> str | None:
+    """The exact feature a block child has that moekit's MoELayer does not express, for the refusal message
+    (None: no feature recognised). Read by role: stacked always-on experts weighted by the router in a
+    storage other than Inkling's (`_weighted_shared_bank`), and a router that is an MLP or carries a state
+    across layers (ZAYA1's router)."""
+    kind = type(child).__name__
+    stacks = [n for n, p in child.named_parameters(recurse=False) if p.dim() == 3]
+    extra = _required_args(child)[1:]
+    if stacks and extra:
+        S = child.get_parameter(stacks[0]).shape[0]
+        return (f"its child `{child_name}` ({kind}) holds {S} stacked always-on expert(s) whose forward takes per-token "
+                f"weights from the router (`{extra[0]}`), with tensors {sorted(n for n, _ in child.named_parameters())}; "
+                "moekit's router-weighted shared experts (RouterConfig.shared_slots) are exactly gate_proj, up_proj "
+                "(S, F, D) and down_proj (S, D, F)")
+    linears = [m for m in child.modules() if isinstance(m, nn.Linear)]
+    scorer = [m for m in linears if m.out_features in (E, E + 1)]
+    if scorer and len(linears) > 1:
+        state = [a for a in list(inspect.signature(child.forward).parameters)[1:] if "state" in a]
+        skip = " (E + 1: a skip class)" if scorer[0].out_features == E + 1 else ""
+        return (f"its router `{child_name}` ({kind}) "
+                + (f"carries a state across layers (its forward adds the previous layer's `{state[0]}` and returns "
+                   "its own for the next) and " if state else "")
+                + f"is an MLP of {len(linears)} Linear layers scoring {scorer[0].out_features} classes{skip}; "
+                "moekit's top-k routers score the layer's input with one linear gate (E, D) and keep no state")
+    return None
+
+
 def _norm_eps(child: nn.Module, D: int) -> float | None:
     """The epsilon of an RMSNorm-like child (one Parameter, `weight` (D,), and an epsilon attribute), else None.
     Whether it computes an RMSNorm where moekit applies it is left to the block probe."""
@@ -332,6 +423,30 @@ def _norm_eps(child: nn.Module, D: int) -> float | None:
     if list(params) != ["weight"] or tuple(params["weight"].shape) != (D,) or any(True for _ in child.buffers()):
         return None
     return eps
+
+
+def _norm_form(child: nn.Module, width: int, refuse) -> str:
+    """Which of moekit's RMSNorm forms (moekit.ops.norm: r(x) w, r(x) (1 + w), r(x (1 + w))) the norm child
+    computes, read on a probe with a random weight in a copy of it (a weight of 0 or 1 would make forms agree)."""
+    from moekit.ops.norm import NORM_FORMS, FormRMSNorm
+
+    if child.weight.is_meta:
+        raise refuse(f"the form of its RMSNorm {type(child).__name__} (w, 1 + w, or scaling the input) cannot be read "
+                     "on meta tensors (load the weights first)")
+    g = torch.Generator().manual_seed(0)
+    probe = copy.deepcopy(child).float().eval()
+    x_NW = torch.randn(8, width, generator=g).to(child.weight.device)
+    with torch.no_grad():
+        probe.weight.copy_(1.0 + 0.5 * torch.randn(width, generator=g))
+        want = probe(x_NW)
+        for form in NORM_FORMS:
+            ours = FormRMSNorm(width, _norm_eps(child, width), form).to(x_NW.device)
+            ours.weight.copy_(probe.weight)
+            if isinstance(want, torch.Tensor) and want.shape == x_NW.shape and \
+                    torch.allclose(ours(x_NW), want.float(), rtol=1e-5, atol=1e-5):
+                return form
+    raise refuse(f"its RMSNorm {type(child).__name__} computes none of moekit's forms r(x) w, r(x) (1 + w), "
+                 "r(x (1 + w)) on a probe")
 
 
 def _is_mlp(child: nn.Module) -> bool:
@@ -355,51 +470,74 @@ def shared_forward(shared: nn.Module, act: Activation, x_TD: torch.Tensor) -> to
     return shared.down_proj(act(shared.up_proj(x_TD)))
 
 
-def _read_shared(shared: nn.Module, activation: Activation, refuse) -> tuple[int, float | None]:
-    """(width, clamp limit or None) of the shared expert: it runs the experts' activation, plain or clamped at
-    the experts' limit (MiniMax-M3-VL) or at its own `limit` (DeepSeek-V4, Step-3.7), with the experts' other
-    clamp settings, read from its own output on a probe large enough to reach any clamp (a random model's
-    small activations never would); on meta tensors, its `act_fn` by value and its own limit."""
+def _read_shared(shared: nn.Module, activation: Activation, refuse) -> tuple[int, float | None, str | None]:
+    """(width, clamp limit or None, own activation name or None) of the shared expert: it runs the experts'
+    activation, plain or clamped at the experts' limit (MiniMax-M3-VL) or at its own `limit` (DeepSeek-V4,
+    Step-3.7), with the experts' other clamp settings, or else an activation of its own, plain (Aria, HY-V4,
+    GLM-5-Next: SiLU-gated routed experts, a shared expert following hidden_act; GLM-5-Next's clamped at the
+    same limit), read from its own output on a probe large enough to reach any clamp (a random model's small
+    activations never would); on meta tensors, its `act_fn` by value and its own limit."""
     gated = getattr(shared, "gate_proj", None) is not None or getattr(shared, "gate_up_proj", None) is not None
     width = shared.down_proj.in_features
-    plain = Activation(activation.name)
-    if gated != plain.gated:
-        raise refuse(f"its shared expert {type(shared).__name__} is {'' if gated else 'not '}gated and its experts "
-                     f"({activation.name}) are {'' if plain.gated else 'not '}; moekit's MoELayer uses one activation")
-    own = getattr(shared, "limit", None)
+    same = Activation(activation.name).gated == gated  # the experts' activation is a candidate
+    own = next((v for v in (getattr(shared, n, None) for n in ("limit", "swiglu_limit")) if v is not None), None)
     own = float(own) if isinstance(own, int | float) and math.isfinite(own) and own > 0 else None
     weight = shared.down_proj.weight
     if weight.is_meta:  # no values: the activation its act_fn computes, by value
         shared_fn = getattr(shared, "act_fn", None) or getattr(shared, "activation_fn", None)
         value = _value_activation(shared_fn)
-        if (_GATED_OF.get(value) if gated else value) != activation.name:
-            raise refuse(f"its shared expert's activation ({type(shared_fn).__name__}) is not its experts' "
-                         f"({activation.name}); moekit's MoELayer uses one")
-        return width, own if gated else None
-    limits = [None] + ([lim for lim in dict.fromkeys((own, activation.limit)) if lim is not None]
-                       if gated and activation.softcap is None else [])
+        name = _GATED_OF.get(value) if gated else value
+        if name is None:
+            raise refuse(f"its shared expert's activation ({type(shared_fn).__name__}) is none of moekit's "
+                         f"{'gated ' if gated else ''}activations {ACTIVATIONS}")
+        return width, own if gated else None, None if name == activation.name else name
+    # Candidates in order: the experts' activation, plain then clamped; then every other activation of the
+    # shared expert's kind, plain.
+    candidates: list[tuple[Activation, float | None, str | None]] = []
+    if same:
+        candidates.append((Activation(activation.name), None, None))
+        if gated and activation.softcap is None:
+            candidates += [(dataclasses.replace(activation, limit=lim, interleaved=False), lim, None)
+                           for lim in dict.fromkeys((own, activation.limit)) if lim is not None]
+    limits = [lim for lim in dict.fromkeys((own, activation.limit)) if lim is not None] \
+        if gated and activation.softcap is None and activation.alpha == 1.0 else []
+    for n in ACTIVATIONS:
+        if n != activation.name and (n in GATED_ACTIVATIONS) == gated:
+            candidates.append((Activation(n), None, n))
+            candidates += [(dataclasses.replace(activation, name=n, limit=lim, interleaved=False), lim, n)
+                           for lim in limits]
     x_TD = torch.randn(8, shared.down_proj.out_features, generator=torch.Generator().manual_seed(0))
     x_TD = x_TD.to(weight.device, weight.dtype)
-    low = weight.dtype in (torch.bfloat16, torch.float16)
+    tol = 5e-2 if weight.dtype in (torch.bfloat16, torch.float16) else 1e-4
     was = shared.training
     shared.eval()
+    found = []  # (error, index, candidate) of the candidates within tolerance
     try:
         with torch.no_grad():
             first = getattr(shared, "gate_up_proj", None) or getattr(shared, "gate_proj", None) or shared.up_proj
             x_TD = x_TD * (64.0 / first(x_TD).abs().amax().float().clamp(min=1e-6)).to(x_TD.dtype)  # up to +-64
             want = shared(x_TD)
-            for limit in limits:
-                act = plain if limit is None else dataclasses.replace(activation, limit=limit, interleaved=False)
-                got = shared_forward(shared, act, x_TD)
-                tol = 5e-2 if low else 1e-4
-                if isinstance(want, torch.Tensor) and want.shape == got.shape and torch.allclose(
-                        got.float(), want.float(), rtol=tol, atol=tol * float(want.float().abs().amax())):
-                    return width, limit
+            if isinstance(want, torch.Tensor):
+                want = want.float()
+                for i, (act, limit, name) in enumerate(candidates):
+                    got = shared_forward(shared, act, x_TD).float()
+                    if got.shape != want.shape:
+                        continue
+                    err = float((got - want).abs().amax()) / max(float(want.abs().amax()), 1e-12)
+                    if torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().amax())):
+                        if name is None:  # the experts' own activation first, as the block most likely runs it
+                            return width, limit, None
+                        found.append((err, i, limit, name))
     finally:
         shared.train(was)
-    raise refuse(f"its shared expert {type(shared).__name__} computes neither {plain.describe()} nor the experts' "
+    if found:  # the closest of the others (GELU and its tanh form differ by ~1e-3 at most)
+        _, _, limit, name = min(found)
+        return width, limit, name
+    plain = Activation(activation.name)
+    raise refuse(f"its shared expert {type(shared).__name__} computes neither {plain.describe()}, the experts' "
                  f"clamp settings ({activation.describe()}) at its limit"
-                 f"{f' or its own (limit={own:g})' if own else ''} on a probe; moekit's MoELayer uses one activation")
+                 f"{f' or its own (limit={own:g})' if own else ''}, nor any other "
+                 f"{'gated ' if gated else ''}activation of moekit's {ACTIVATIONS} on a probe")
 
 
 def _latent_projections(children: list[nn.Module], Din: int) -> tuple[nn.Linear, nn.Linear] | None:
@@ -522,11 +660,6 @@ def _read_bank(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int
     """The experts' tensors for moekit's ExpertBank, their layout, and E, D, F, gated."""
     params = dict(experts.named_parameters())
     leaf = {n.rpartition(".")[2]: p for n, p in params.items()}
-    # Flags set by transformers' @use_experts_implementation.
-    if getattr(experts, "has_post_expert_norm", False):
-        raise refuse("its experts normalise every expert's output before the routing weight (has_post_expert_norm: "
-                     f"{type(getattr(experts, 'post_expert_norm', None)).__name__}); moekit's expert bank has no "
-                     "per-expert output norm")
     gate_up, up, down = leaf.get("gate_up_proj"), leaf.get("up_proj"), leaf.get("down_proj")
     bank: dict[str, torch.Tensor] = {}
     if gate_up is not None and down is not None and gate_up.dim() == down.dim() == 3:
@@ -575,7 +708,10 @@ def _read_bank(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, int
             raise refuse(f"its expert biases are not (E, X={X}) and (E, D={D})")
         bank.update(in_proj_bias=b_in, down_proj_bias=b_out)
         layout = dataclasses.replace(layout, bias=True)
-    unused = sorted(n for n, p in params.items() if not any(p is t for t in bank.values()))
+    # An RMSNorm child of the experts normalises each expert's output (Muse Spark's post_expert_norm, which
+    # @use_experts_implementation flags has_post_expert_norm): read by read_block, checked by the block probe.
+    norms = {id(p) for c in experts.children() if _norm_eps(c, D) is not None for p in c.parameters()}
+    unused = sorted(n for n, p in params.items() if not any(p is t for t in bank.values()) and id(p) not in norms)
     if unused:
         raise refuse(f"its experts hold tensors {unused} that moekit's expert bank has no place for")
     return bank, layout, E, D, Fdim, gated
@@ -751,13 +887,15 @@ def _router_config(block: nn.Module, gate: nn.Module, config: Any, has_selection
         normalize_p=float(normalize_p or 1.0),
         # ERNIE 4.5 divides by clamp(sum, min=moe_norm_min).
         normalize_min=float(read(("norm_min",), ("moe_norm_min",), 0.0)),
-        routed_scaling_factor=float(read(("routed_scaling_factor", "router_scaling_factor"),
+        routed_scaling_factor=float(read(("routed_scaling_factor", "router_scaling_factor", "route_scale"),
                                          ("routed_scaling_factor", "router_scaling_factor"), 1.0)),
         n_group=n_group,
         topk_group=topk_group,
         # NOTE: Mixtral jitters the router *and* expert input in training; moekit jitters the router
         # input only (Switch Transformer). Inference is unaffected.
         jitter=float(read(("jitter_noise",), ("router_jitter_noise",), 0.0)),
+        # Muse Spark's router multiplies its logits (its own attribute only: configs use the name otherwise too).
+        logit_scale=float(read(("output_multiplier",), (), 1.0)),
     )
 
 

@@ -72,13 +72,17 @@ def hf_config_for(cfg):
         _refuse(f"transformers has no model with the {moe.router.kind!r} router ({moe.router.describe()}); "
                 f"routers with a transformers counterpart: {', '.join(exportable)}. Re-route to one of them "
                 "before exporting")
+    if moe.router.logit_scale != 1.0:
+        _refuse(f"RouterConfig.logit_scale={moe.router.logit_scale:g}; the exported families' routers score "
+                "unscaled logits")
     if moe.activation != "swiglu":
         _refuse(f"MoEConfig.activation={moe.activation!r}; transformers' MoE models use SwiGLU experts")
     clamped = moe.activation_limit is not None or moe.activation_alpha != 1.0 or moe.activation_up_offset != 0.0
     # The layer architectures (docs/routing.md) change the layer's computation itself.
     arch = {name: getattr(moe, name) for name, plain in (
         ("iterations", 1), ("zero_experts", 0), ("copy_experts", 0), ("constant_experts", 0),
-        ("gating_residual", False), ("latent_dim", None), ("pregated", False)) if getattr(moe, name) != plain}
+        ("gating_residual", False), ("latent_dim", None), ("pregated", False), ("expert_output_norm_eps", None),
+        ("shared_activation", None)) if getattr(moe, name) != plain}
     if arch:
         _refuse(f"MoEConfig {', '.join(f'{k}={v}' for k, v in arch.items())}: the Mixtral / Qwen3-MoE / GLM-4-MoE "
                 "families export computes a plain MoE layer")

@@ -57,8 +57,10 @@ from moekit.config import MoEConfig
 from moekit.dispatch import combine, make_plan, permute
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
+from moekit.experts.bank import ExpertLayout
 from moekit.ops.ffn import Activation
 from moekit.ops.grouped import grouped_mm_available, warn_missing_kernel
+from moekit.ops.norm import FormRMSNorm
 from moekit.routers import RouterOutput, router_class
 from moekit.routers.base import FrozenAux
 from moekit.routers.registry import router_aux_loss_names
@@ -180,6 +182,11 @@ class MoELayer(nn.Module):
         if cfg.latent_dim is not None:
             self.fc1_latent_proj = nn.Linear(cfg.d_model, cfg.latent_dim, bias=False)
             self.fc2_latent_proj = nn.Linear(cfg.latent_dim, cfg.d_model, bias=False)
+        # RMSNorms of the experts' (latent) input and of each expert's output (Muse Spark; moekit.ops.norm).
+        self.latent_norm = (FormRMSNorm(cfg.expert_dim, cfg.latent_norm_eps, cfg.latent_norm_form)
+                            if cfg.latent_norm_eps is not None else None)
+        self.expert_output_norm = (FormRMSNorm(cfg.expert_dim, cfg.expert_output_norm_eps, cfg.expert_output_norm_form)
+                                   if cfg.expert_output_norm_eps is not None else None)
         # A bias on the layer's output, every token's (JetMoE's MoE block).
         self.output_bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.output_bias else None
         # An RMSNorm of the layer's output (A.X-K1's post_mlp_layernorm), after the bias.
@@ -191,10 +198,18 @@ class MoELayer(nn.Module):
             self.constant_gate = nn.Parameter(torch.randn(cfg.constant_experts, 2, cfg.d_model) * cfg.d_model**-0.5)
         # MoE++ gating residual: logits += gate_map(previous layer's logits).
         self.gate_map = nn.Linear(X, X, bias=False) if cfg.gating_residual else None
-        shared_act = cfg.activation if cfg.shared_activation_limit is None else \
-            dataclasses.replace(act, limit=cfg.shared_activation_limit)
+        # The shared expert: the experts' activation (or its own), plain or clamped at its own limit.
+        shared_act = cfg.shared_activation or cfg.activation
+        if cfg.shared_activation_limit is not None:
+            shared_act = dataclasses.replace(act, name=shared_act, limit=cfg.shared_activation_limit)
         self.shared_experts = (SharedExpert(cfg.d_model, cfg.shared_width, shared_act)
                                if cfg.num_shared_experts > 0 else None)
+        # Router-weighted shared experts (Inkling): S experts every token runs, weighted per token by the router's
+        # columns past the experts (RouteExtras.shared_weight_TS); a bank of S split stacks, as Inkling stores them.
+        self.weighted_shared = cfg.router.weighted_shared_slots() > 0
+        if self.weighted_shared:
+            self.shared_experts = ExpertBank(cfg.num_shared_experts, cfg.d_model, cfg.d_shared or cfg.d_expert,
+                                             shared_act, ExpertLayout(split=True))
         self.shared_expert_gate = (nn.Linear(cfg.d_model, 1, bias=False)
                                    if cfg.num_shared_experts > 0 and cfg.shared_gate else None)
         if not grouped_mm_available():
@@ -275,6 +290,8 @@ class MoELayer(nn.Module):
                     aux[name] = aux[name] + value if name in aux else value  # one loss per iteration gate
             route, zc_route, zc_counts = self._split_zero_compute(route)
             e_in_TD = h_TD if self.fc1_latent_proj is None else self.fc1_latent_proj(h_TD)
+            if self.latent_norm is not None:
+                e_in_TD = self.latent_norm(e_in_TD)
             if self.expert_dispatch is None:
                 # Merged experts (moekit.compress.merge): the router keeps its E experts, expert_map_E
                 # sends each to the bank's expert that now computes it.
@@ -295,6 +312,8 @@ class MoELayer(nn.Module):
                     x_ND = x_ND * plan.weight_N.to(x_ND.dtype).unsqueeze(-1)
                     summed = dataclasses.replace(plan, weight_N=torch.ones_like(plan.weight_N))
                 y_ND = self.experts(x_ND, plan.offsets_E)
+                if self.expert_output_norm is not None:  # each expert's output, before its weight
+                    y_ND = self.expert_output_norm(y_ND)
                 if cfg.expert_dropout:  # NLLB-MoE's moe_token_dropout as transformers runs it (arXiv 2207.04672)
                     y_ND = (torch.nn.functional.dropout(y_ND, cfg.expert_dropout) if self.training
                             else y_ND * (1.0 - cfg.expert_dropout))
@@ -315,7 +334,10 @@ class MoELayer(nn.Module):
             if zc_route is not None:
                 delta_TD = delta_TD + self._zero_compute_out(h_TD, zc_route)
             if self.shared_experts is not None and (t == 0 or cfg.iteration_shared):
-                shared_TD = self.shared_experts(h_TD)
+                if self.weighted_shared:
+                    shared_TD = self._weighted_shared_out(h_TD, route.extras.shared_weight_TS)
+                else:
+                    shared_TD = self.shared_experts(h_TD)
                 if self.shared_expert_gate is not None:
                     shared_TD = torch.sigmoid(self.shared_expert_gate(h_TD)) * shared_TD
                 delta_TD = delta_TD + shared_TD
@@ -359,6 +381,14 @@ class MoELayer(nn.Module):
         if counted:
             tracker.record(self, self._info)
         return y_TD.view(*lead_shape, self.cfg.d_model)
+
+    def _weighted_shared_out(self, h_TD: torch.Tensor, w_TS: torch.Tensor) -> torch.Tensor:
+        """sum_s w_TS[:, s] * FFN_s(h_TD): every token through each of the S shared experts (the bank's grouped
+        GEMM over S groups of T rows), weighted by the router, summed in fp32 (Inkling's shared experts)."""
+        T, S = h_TD.shape[0], w_TS.shape[1]
+        offsets_S = torch.arange(1, S + 1, device=h_TD.device, dtype=torch.int32) * T
+        y_STD = self.shared_experts(h_TD.repeat(S, 1), offsets_S).view(S, T, -1)
+        return (y_STD.float() * w_TS.t().unsqueeze(-1).float()).sum(0).to(h_TD.dtype)
 
     def _within_capacity(self, route: RouterOutput, lead_shape: torch.Size) -> torch.Tensor:
         """keep_N: whether each assignment is among the first C of its expert in its capacity group.

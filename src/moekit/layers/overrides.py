@@ -74,6 +74,12 @@ def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> I
             raise ValueError(f"route(kind={kind!r}): a router that carries a routing state across layers reads that "
                              f"state, not the token, so {old_cfg.kind!r} cannot be swapped with {kind!r}; change "
                              "its own fields instead")
+        if new_cfg.weighted_shared_slots() != old_cfg.weighted_shared_slots() or \
+                (kind != old_cfg.kind and old_cfg.learned_weight_scale()):
+            raise ValueError(f"route({', '.join(f'{k}={v!r}' for k, v in {'kind': kind, **change}.items())}): the "
+                             f"layer's router ({old_cfg.describe()}) also weights its "
+                             f"{old_cfg.weighted_shared_slots()} shared experts or scales its weights by a learned "
+                             f"scalar, which router {kind!r} with these fields would drop; change its other fields")
         new_cfg.validate(layer.cfg.router_slots)
         plans.append((layer, new_cfg))
 

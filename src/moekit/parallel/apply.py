@@ -275,6 +275,7 @@ def untested_options(cfg) -> list[str]:
     return [name for name, on in (("iterations > 1 (Chain-of-Experts)", cfg.iterations > 1),
                                   ("zero-computation experts", cfg.num_zero_compute > 0),
                                   ("latent_dim", cfg.latent_dim is not None),
+                                  ("expert_output_norm_eps", cfg.expert_output_norm_eps is not None),
                                   ("pregated", cfg.pregated),
                                   ("gating_residual", cfg.gating_residual),
                                   ("weight_on_input", cfg.weight_on_input)) if on]

@@ -68,16 +68,20 @@ class RouteExtras:
     null_scores_TM (T, M) fp32: probabilities of M parameter-free null experts (AdaMoE).
     null_picks_T   (T,) int64: picks of null experts per token (never dispatched).
     state: the routing state for the next MoE layer (RMoE's `RecurrentState`).
+    shared_weight_TS (T, S) fp32: the weights of S router-weighted shared experts (router columns past
+        the experts that every token takes; Inkling), which the layer's shared bank applies.
     """
 
     null_scores_TM: torch.Tensor | None = None
     null_picks_T: torch.Tensor | None = None
     state: Any = None
+    shared_weight_TS: torch.Tensor | None = None
 
     def detached(self) -> RouteExtras:
         """Without autograd history, and without the state (RoutingInfo.router_state hands that on)."""
         null = None if self.null_scores_TM is None else self.null_scores_TM.detach()
-        return dataclasses.replace(self, null_scores_TM=null, state=None)
+        shared = None if self.shared_weight_TS is None else self.shared_weight_TS.detach()
+        return dataclasses.replace(self, null_scores_TM=null, state=None, shared_weight_TS=shared)
 
 
 NO_EXTRAS = RouteExtras()
@@ -274,6 +278,10 @@ class Router(nn.Module):
         bias = None if self.bias is None else self.bias.float()
         return torch.nn.functional.linear(x_TD.float(), self.weight.float(), bias)
 
+    def scaled(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        """The logits times `cfg.logit_scale` (Muse Spark's router output multiplier; 1: unchanged)."""
+        return logits_TE if self.cfg.logit_scale == 1.0 else logits_TE * self.cfg.logit_scale
+
     def jittered(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Switch Transformer input jitter in training: x * U(1 - eps, 1 + eps)."""
         if self.training and self.cfg.jitter > 0:
@@ -286,7 +294,7 @@ class Router(nn.Module):
         """`logit_bias_TE` (T, E) fp32 is added to the logits before selection (MoE++'s gating residual,
         arXiv 2410.07348, which the layer computes from the previous MoE layer's logits)."""
         x_TD = self.gate_input(self.jittered(x_TD))
-        logits_TE = self.logits(x_TD)
+        logits_TE = self.scaled(self.logits(x_TD))
         if logit_bias_TE is not None:
             logits_TE = logits_TE + logit_bias_TE
         if self.expert_mask_E is None:

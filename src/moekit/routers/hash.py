@@ -95,7 +95,7 @@ class HashRouter(Router):
             raise UsageError(f"RouterConfig(kind='hash') routes on token ids: pass the {x_TD.shape[0]} tokens' ids as "
                              f"the MoE layer's router_state (got {type(state).__name__}"
                              f"{'' if not isinstance(state, torch.Tensor) else f' {tuple(state.shape)} {state.dtype}'})")
-        logits_TE = self.logits(self.gate_input(self.jittered(x_TD)))
+        logits_TE = self.scaled(self.logits(self.gate_input(self.jittered(x_TD))))
         if logit_bias_TE is not None:
             logits_TE = logits_TE + logit_bias_TE
         cfg = self.cfg

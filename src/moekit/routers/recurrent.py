@@ -168,7 +168,7 @@ class RecurrentRouter(Router):
 
         r_TR = torch.gru_cell(xin_TR, r_prev_TR.float(), gru.weight_ih.float(), gru.weight_hh.float(),
                               fp32(gru.bias_ih), fp32(gru.bias_hh))
-        logits_TE = torch.nn.functional.linear(r_TR, self.weight.float())
+        logits_TE = self.scaled(torch.nn.functional.linear(r_TR, self.weight.float()))
         cfg = self.cfg
         if cfg.select_rule == "topp":
             route = select_topp(logits_TE, cfg.p, cfg.min_k, cfg.max_k, cfg.normalizes())

@@ -23,10 +23,12 @@ Megatron-LM's `compute_routing_scores_for_aux_loss` and DeepSeek-V3 eq. 18 do.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from moekit import losses
 from moekit.config import RouterConfig, require, setting
@@ -52,6 +54,11 @@ class TopKConfig(RouterConfig):
     Mistral 4; None = "max" for softmax scores, "top2_sum" otherwise);
     selection_bias_on: where the selection bias is added, to the "scores" (DeepSeek-V3) or the "logits"
     (Kolibri-1; the weights stay the unbiased scores either way);
+    shared_slots S: the gate scores S more columns after the experts, one per always-on shared expert; every
+    token takes all S, and their scores join the k chosen experts' in the renormalisation (then the
+    scaling), so the shared experts are weighted per token (Inkling's `InklingTopkRouter`; the weights
+    reach the layer as `RouteExtras.shared_weight_TS`); learned_scale: a learned scalar `global_scale`
+    (1,) multiplies all the weights (Inkling);
     bias_update_rate: gamma of aux-loss-free balancing (0 disables the bias); bias_recenter: keep
     sum(bias) = 0.
     second_expert (k = 2, softmax, GShard top-2 gating as fairseq runs it for NLLB-MoE, arXiv 2006.16668): "top"
@@ -81,6 +88,9 @@ class TopKConfig(RouterConfig):
     second_expert: str = setting("top", "k=2: the second expert is the next best, sampled from the softmax over "
                                  "the rest, or the next best kept with probability 2p (GShard/NLLB)",
                                  choices=SECOND_EXPERT)
+    shared_slots: int = setting(0, "router columns after the experts weighting as many always-on shared experts, "
+                                   "normalised with the k chosen (Inkling; 0 = off)")
+    learned_scale: bool = setting(False, "a learned scalar `global_scale` multiplies the weights (Inkling)")
 
     def normalizes(self) -> bool:
         """Whether the chosen experts' weights are renormalised: `normalize` when set, else yes for k > 1,
@@ -90,6 +100,15 @@ class TopKConfig(RouterConfig):
 
     def score_function(self) -> str:
         return self.score
+
+    def weighted_shared_slots(self) -> int:
+        return self.shared_slots
+
+    def learned_weight_scale(self) -> bool:
+        return self.learned_scale
+
+    def num_params(self, d_model: int, num_experts: int) -> int:
+        return num_experts * d_model + int(self.learned_scale)  # the gate, and the learned scale
 
     def group_rule(self) -> str:
         """How a group is scored: `group_score`, or the score function's default."""
@@ -107,16 +126,24 @@ class TopKConfig(RouterConfig):
             parts.append(f"groups={self.topk_group}/{self.n_group}")
             if self.group_rule() != ("max" if self.score == "softmax" else "top2_sum"):
                 parts.append(f"group_score={self.group_rule()}")
+        if self.logit_scale != 1.0:
+            parts.append(f"logit_scale={self.logit_scale:g}")
         if self.selection_bias_on != "scores":
             parts.append(f"selection bias on {self.selection_bias_on}")
         if self.bias_update_rate > 0:
             parts.append(f"bias_update_rate={self.bias_update_rate}")
         if self.second_expert != "top":
             parts.append(f"second_expert={self.second_expert}")
+        if self.shared_slots:
+            parts.append(f"shared_slots={self.shared_slots}")
+        if self.learned_scale:
+            parts.append("learned_scale")
         return ", ".join(parts)
 
     def check(self, num_experts: int) -> None:
-        E = num_experts
+        require(0 <= self.shared_slots < num_experts, "RouterConfig.shared_slots", self.shared_slots,
+                f"an integer in [0, {num_experts})")
+        E = num_experts - self.shared_slots  # the columns after the experts weight shared experts
         require(self.score in SCORES, "RouterConfig.score", self.score, f"one of {SCORES}")
         require(1 <= self.k <= E, "RouterConfig.k", self.k, f"an integer in [1, num_experts={E}]")
         require(self.routed_scaling_factor > 0, "RouterConfig.routed_scaling_factor", self.routed_scaling_factor,
@@ -189,8 +216,9 @@ class TopKConfig(RouterConfig):
         default_groups = self.group_rule() == ("max" if self.score == "softmax" else "top2_sum")
         plain_norm = not self.normalizes() or (self.normalize_p == 1.0 and self.normalize_min == 0.0)
         if self.score not in ("softmax", "sigmoid") or not plain_norm or not default_groups \
-                or self.selection_bias_on != "scores":
-            return None  # a rule of a family export does not write (DeepSeek-V4, DBRX, ERNIE, Mistral 4, Kolibri-1)
+                or self.selection_bias_on != "scores" or self.shared_slots or self.learned_scale:
+            # a rule of a family export does not write (DeepSeek-V4, DBRX, ERNIE, Mistral 4, Kolibri-1, Inkling)
+            return None
         return {"num_experts_per_tok": self.k, "scoring_func": self.score, "norm_topk_prob": self.normalizes(),
                 "n_group": self.n_group, "topk_group": self.topk_group,
                 "routed_scaling_factor": self.routed_scaling_factor, "selection_bias": self.bias_update_rate > 0}
@@ -204,20 +232,43 @@ class TopKRouter(Router):
     def __init__(self, cfg: TopKConfig, d_model: int, num_experts: int):
         super().__init__(cfg, d_model, num_experts)
         # Selection bias of auxiliary-loss-free balancing (arXiv 2408.15664); fp32, persistent so
-        # that checkpoints keep it. Same name as transformers' DeepSeek-V3 buffer.
-        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
+        # that checkpoints keep it. Same name as transformers' DeepSeek-V3 buffer. The experts' only.
+        self.register_buffer("e_score_correction_bias",
+                             torch.zeros(num_experts - cfg.shared_slots, dtype=torch.float32))
+        # Inkling's learned scalar on the weights (same name as its router's Parameter).
+        self.global_scale = nn.Parameter(torch.ones(1)) if cfg.learned_scale else None
 
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor,
                valid_T: torch.Tensor | None = None) -> RouterOutput:
         cfg = self.cfg
         if cfg.second_expert != "top":
             return select_top2_gshard(logits_TE, cfg.second_expert, cfg.normalizes(), self.expert_mask_E)
-        # The bias is always added (adding a zero bias changes no score): asking whether it is zero would
-        # be a device->host sync per layer and a data-dependent branch that torch.export cannot trace.
-        return select_topk(logits_TE, cfg.k, cfg.score, cfg.normalizes(), cfg.routed_scaling_factor, cfg.n_group,
-                           cfg.topk_group, self.e_score_correction_bias, self.expert_mask_E,
-                           group_score=cfg.group_rule(), normalize_p=cfg.normalize_p,
-                           normalize_min=cfg.normalize_min, bias_on=cfg.selection_bias_on)
+        S = cfg.shared_slots
+        if S == 0 and self.global_scale is None:
+            # The bias is always added (adding a zero bias changes no score): asking whether it is zero would
+            # be a device->host sync per layer and a data-dependent branch that torch.export cannot trace.
+            return select_topk(logits_TE, cfg.k, cfg.score, cfg.normalizes(), cfg.routed_scaling_factor, cfg.n_group,
+                               cfg.topk_group, self.e_score_correction_bias, self.expert_mask_E,
+                               group_score=cfg.group_rule(), normalize_p=cfg.normalize_p,
+                               normalize_min=cfg.normalize_min, bias_on=cfg.selection_bias_on)
+        # Router-weighted shared experts (Inkling): select among the E expert columns, then renormalise the k
+        # chosen scores together with the S shared columns' scores, and scale both.
+        E = logits_TE.shape[-1] - S
+        mask_E = None if self.expert_mask_E is None else self.expert_mask_E[:E]  # a disabled shared column: weight 0
+        route = select_topk(logits_TE[:, :E], cfg.k, cfg.score, False, 1.0, cfg.n_group, cfg.topk_group,
+                            self.e_score_correction_bias, mask_E, group_score=cfg.group_rule(),
+                            bias_on=cfg.selection_bias_on)
+        T = logits_TE.shape[0]
+        w_TK = route.weight_N.view(T, cfg.k)
+        shared_TS = scores_of(logits_TE[:, E:], cfg.score)
+        if cfg.normalizes():
+            norm_T1 = renormalizer(torch.cat([w_TK, shared_TS], dim=-1), cfg.score, cfg.normalize_p, cfg.normalize_min)
+            w_TK, shared_TS = w_TK / norm_T1, shared_TS / norm_T1
+        scale = cfg.routed_scaling_factor if self.global_scale is None else \
+            cfg.routed_scaling_factor * self.global_scale.float()
+        w_TK, shared_TS = w_TK * scale, shared_TS * scale
+        return dataclasses.replace(route, weight_N=w_TK.reshape(-1),
+                                   extras=dataclasses.replace(route.extras, shared_weight_TS=shared_TS if S else None))
 
     def adopt(self, old: Router) -> None:
         super().adopt(old)
