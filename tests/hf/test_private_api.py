@@ -41,6 +41,24 @@ def test_output_capturing_is_what_output_router_logits_uses(make_model, prompt):
     assert seen and all(isinstance(c, dict) and "router_logits" in c for c in seen)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_unwrap_after_a_recording_forward_records_router_logits_again(make_model, prompt, family):
+    """transformers hooks the modules present at the first recording forward and never looks again: a model
+    wrapped then, then unwrapped, must record its restored routers' logits (and each hidden state once)."""
+    reference, model = make_model(family), make_model(family)
+    ids = prompt(1, 6)
+    with torch.no_grad():
+        ref = reference(ids, output_router_logits=True, output_hidden_states=True)
+        moekit.hf.wrap(model)
+        model(ids, output_router_logits=True)
+        moekit.hf.unwrap(model)
+        out = model(ids, output_router_logits=True, output_hidden_states=True)
+    assert len(out.router_logits) == len(ref.router_logits) > 0
+    assert all(torch.equal(a, b) for a, b in zip(out.router_logits, ref.router_logits, strict=True))
+    assert len(out.hidden_states) == len(ref.hidden_states)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss)
+
+
 def test_default_apply_gate_is_the_experts_gating(make_model):
     experts = make_model("mixtral").model.layers[0].mlp.experts
     assert type(experts)._apply_gate is private_api.default_apply_gate

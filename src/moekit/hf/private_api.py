@@ -15,6 +15,8 @@ imports each of them and checks that they still do what moekit.hf assumes.
                                                          on GPUs (a no-op on wrapped models)
   PreTrainedModel._init_weights                          the per-module initialisation (re-initialises wrapped
                                                          blocks through their original modules)
+  PreTrainedModel._output_capturing_hooks_installed      set once transformers has hooked the modules whose
+  and its hooks' name `output_capturing_hook`            outputs it records (cleared by unwrap, see below)
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import transformers
 
 from moekit.hf.version import SUPPORTED_TRANSFORMERS
 
-__all__ = ["DECODE_SWITCH", "INIT_HOOK", "INIT_WALK", "PRIVATE_ATTRIBUTES", "PRIVATE_SYMBOLS", "OutputRecorder", "active_collector", "default_apply_gate",
-           "experts_implementation", "record_specs", "set_experts_implementation"]
+__all__ = ["CAPTURE_FLAG", "DECODE_SWITCH", "INIT_HOOK", "INIT_WALK", "PRIVATE_ATTRIBUTES", "PRIVATE_SYMBOLS", "OutputRecorder", "active_collector", "default_apply_gate",
+           "experts_implementation", "forget_output_capturing", "record_specs", "set_experts_implementation"]
 
 # (module, name) of every private (or undocumented) transformers symbol moekit.hf imports.
 PRIVATE_SYMBOLS = (
@@ -41,10 +43,14 @@ PRIVATE_ATTRIBUTES = {
     "_experts_implementation_internal": "a PretrainedConfig: the experts implementation ('eager', 'grouped_mm', ...)",
     "_optimize_model_for_decode": "a GenerationMixin model: a context manager generate() enters for decoding",
     "_init_weights": "a PreTrainedModel: initialises one module (called on every module by init_weights)",
+    "_output_capturing_hooks_installed": "a PreTrainedModel: True once transformers installed its output "
+                                         "capturing forward hooks (named output_capturing_hook)",
     "_initialize_weights": "a PreTrainedModel: the per-module step of initialize_weights' walk (checks the "
                            "module's _is_hf_initialized, then _init_weights)",
 }
 DECODE_SWITCH = "_optimize_model_for_decode"
+CAPTURE_FLAG = "_output_capturing_hooks_installed"
+CAPTURE_HOOK = "output_capturing_hook"
 INIT_HOOK = "_init_weights"
 INIT_WALK = "_initialize_weights"
 
@@ -85,3 +91,16 @@ def experts_implementation(config: Any) -> str | None:
 def set_experts_implementation(config: Any, value: str | None) -> None:
     experts_implementation(config)  # the attribute must exist: setting a new one would change nothing
     config._experts_implementation_internal = value
+
+
+def forget_output_capturing(model: Any) -> None:
+    """Remove transformers' output-capturing forward hooks from every module of `model` and clear its
+    "installed" flags, so that its next forward hooks the modules it holds then. transformers hooks the
+    modules present at the first forward that records outputs and never looks again: after `unwrap`, the
+    restored routers would otherwise record nothing (`output_router_logits=True` returns no logits)."""
+    for m in model.modules():
+        for hook_id, fn in list(m._forward_hooks.items()):
+            if getattr(fn, "__name__", None) == CAPTURE_HOOK:
+                for hooks in (m._forward_hooks, m._forward_hooks_with_kwargs, m._forward_hooks_always_called):
+                    hooks.pop(hook_id, None)
+        m.__dict__.pop(CAPTURE_FLAG, None)

@@ -57,6 +57,7 @@ from moekit.hf.private_api import (
     INIT_HOOK,
     INIT_WALK,
     experts_implementation,
+    forget_output_capturing,
     set_experts_implementation,
 )
 from moekit.hf.version import check_transformers_version
@@ -182,6 +183,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     for m in model.modules():
         for attr in _GUARDED:
             m.__dict__.pop(attr, None)
+    if blocks:
+        forget_output_capturing(model)  # hooked while wrapped: the restored routers need theirs
     return model
 
 
