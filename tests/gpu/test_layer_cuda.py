@@ -20,20 +20,12 @@ from moekit.ops import grouped
 DEVICE = os.environ.get("MOEKIT_GPU_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
                                                   reason="needs a CUDA device (torch.cuda.is_available() is False)")]
-# fp32 CUDA vs CPU: same math, different reduction order (and no TF32: see the fixture): ~1e-6 observed
+# fp32 CUDA vs CPU: same math, different reduction order (and no TF32: conftest.py): ~1e-6 observed
 # on layers this size; 1e-4 leaves room for accumulation order, not for a wrong expert or weight.
 FP32_TOL = dict(atol=1e-4, rtol=1e-4)
 # Routers that draw random numbers in training (Gumbel sampling): run in eval mode, where they are
 # deterministic, since the CPU and CUDA generators draw different numbers.
 SAMPLING_IN_TRAINING = {"sparsemixer", "random"}
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def _layer(kind: str, **kw) -> moekit.MoELayer:

@@ -25,14 +25,6 @@ ARCHS = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4"]
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 def _model(arch: str) -> torch.nn.Module:
     """A tiny fp32 model of `arch` on the CPU (hidden 64, 8 experts of width 64, 2 layers), or a skip naming
     what the installed transformers lacks."""
