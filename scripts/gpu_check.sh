@@ -11,6 +11,8 @@ set -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
+# No network on the device machine: hub look-ups (e.g. GPU-only experts kernels the benchmark tries) fail at once.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT_DIR=${OUT:-}
 log() { if [ -n "$OUT_DIR" ]; then tee -a "$OUT_DIR/$1"; else cat; fi; }
 

@@ -51,7 +51,8 @@ def _run(layer, x, state, g):
     y = layer(x, router_state=state)
     (y * g).sum().backward()
     ex = layer.routing_info().executed
-    pairs = torch.stack([ex.token_idx_N, ex.expert_idx_N]).cpu()
+    # The executed (token, expert) pairs as a sorted set: CPU and CUDA sorts may order equal keys otherwise.
+    pairs = (ex.token_idx_N.cpu() * layer.cfg.num_experts + ex.expert_idx_N.cpu()).sort().values
     grads = {n: p.grad.detach().cpu() for n, p in layer.named_parameters() if p.grad is not None}
     return y.detach().cpu(), x.grad.cpu(), grads, pairs
 

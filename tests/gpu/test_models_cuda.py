@@ -76,7 +76,8 @@ def test_wrapped_model_on_cuda_equals_unwrapped_and_reroutes_like_cpu(arch):
         topp_cpu = cpu_model(ids.cpu()).logits
     assert torch.isfinite(topp).all()
     assert not torch.allclose(topp, logits), f"{arch}: route(kind='topp') changed nothing"
-    assert len(per_token) >= 2, f"{arch}: top-p gave every token the same number of experts: {per_token}"
+    # per_token[j]: tokens given j experts; top-p gives tokens different numbers of experts.
+    assert sum(1 for c in per_token if c) >= 2, f"{arch}: top-p gave every token the same number of experts: {per_token}"
     torch.testing.assert_close(topp.cpu(), topp_cpu, atol=1e-4, rtol=1e-4, msg=lambda m: f"{arch} top-p CUDA vs CPU: {m}")
 
 
