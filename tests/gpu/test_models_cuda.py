@@ -91,40 +91,70 @@ def _error_on_sync_inside(layers):
     return handles
 
 
+def _expect_no_host_sync(run, dtype: torch.dtype) -> None:
+    """Run `run` (which turns sync errors on around moekit's code); a host sync fails the test naming moekit's
+    innermost line on the stack, except fp32 inside torch._grouped_mm itself: torch's CUDA kernel takes
+    bfloat16 natively and runs other dtypes through a per-group fallback that may read the offsets on the
+    host, which is torch's (imperative xfail naming the line; bf16 must pass)."""
+    import traceback
+
+    try:
+        run()
+    except RuntimeError as e:
+        if "synchroniz" not in str(e):
+            raise
+        ours = [f for f in traceback.extract_tb(e.__traceback__) if "/src/moekit/" in f.filename.replace("\\", "/")]
+        where = f"{ours[-1].filename}:{ours[-1].lineno}: {ours[-1].line}" if ours else "(no moekit frame)"
+        if dtype == torch.float32 and ours and "_grouped_mm" in (ours[-1].line or ""):
+            pytest.xfail(f"fp32 torch._grouped_mm on CUDA syncs inside torch {torch.__version__} at {where}")
+        raise AssertionError(f"host synchronisation in moekit's MoE forward ({dtype}) at {where}\n"
+                             f"{''.join(traceback.format_exception(e)[-12:])}") from None
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisation is a CUDA notion")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-def test_fixed_topk_moe_forward_never_syncs_with_the_host(arch):
+def test_fixed_topk_moe_forward_never_syncs_with_the_host(arch, dtype):
     """Issue 14 item 4: no host synchronisation in the MoE forward (fixed top-k, prefill and decode-sized
-    inputs, no padding mask). A sync raises RuntimeError inside the layer; the traceback names the line."""
-    model = moekit.hf.wrap(_model(arch).to(DEVICE))
+    inputs, no padding mask). A sync raises RuntimeError inside the layer; the failure names moekit's line."""
+    model = moekit.hf.wrap(_model(arch).to(DEVICE, dtype))
     layers = moekit.hf.wrapped_blocks(model)
-    with torch.no_grad():
-        model(_ids().to(DEVICE))  # warm-up (lazy init, kernel loading) outside the check
+
+    def run():
         handles = _error_on_sync_inside(layers)
         try:
             for ids in (_ids(2, 12), _ids(2, 1), _ids(1, 1)):  # prefill, then decode-sized batches
-                model(ids.to(DEVICE))
+                ids = ids.to(DEVICE)
+                model(ids)
         finally:
             for h in handles:
                 h.remove()
-            torch.cuda.set_sync_debug_mode("default")
+
+    with torch.no_grad():
+        model(_ids().to(DEVICE))  # warm-up (lazy init, kernel loading) outside the check
+        torch.cuda.synchronize()
+        _expect_no_host_sync(run, dtype)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisation is a CUDA notion")
-def test_plain_moe_layer_topk_forward_never_syncs():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_plain_moe_layer_topk_forward_never_syncs(dtype):
     """The same check on a bare MoELayer (fixed top-k, dropless, eval): no model code around it."""
     layer = moekit.MoELayer(moekit.MoEConfig(d_model=64, d_expert=128, num_experts=8,
-                                             router=moekit.RouterConfig(kind="topk", k=2))).eval().to(DEVICE)
-    x = torch.randn(2, 16, 64, device=DEVICE)
+                                             router=moekit.RouterConfig(kind="topk", k=2))).eval().to(DEVICE, dtype)
+    x = torch.randn(2, 16, 64, device=DEVICE, dtype=dtype)
+
+    def run():
+        torch.cuda.set_sync_debug_mode("error")
+        layer(x)
+        layer(x[:, :1])
+
     with torch.no_grad():
         layer(x)
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            layer(x)
-            layer(x[:, :1])
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        _expect_no_host_sync(run, dtype)
 
 
 def test_offloaded_generation_with_gpu_cache_equals_resident(tmp_path):
