@@ -4,6 +4,7 @@
 # 2. the gpu test suite (tests/gpu, marker `gpu`), log teed to $OUT/gpu-tests.log when $OUT is set;
 # 3. a quick CUDA benchmark of wrapped vs transformers models (benchmarks/hf.py --device cuda --quick),
 #    JSON lines to $OUT/hf-cuda.jsonl.
+# Worst case about 7 minutes (tests 270 s, benchmark 150 s, each under `timeout`); expected 2-3 minutes.
 # Runs from the source tree (PYTHONPATH=src, moekit not installed). Exit status: the tests' (the benchmark's
 # failure is reported but does not hide a test result). GPU_MAXFAIL (default 25) stops pytest after that many
 # failures: one device call should bring back every failure, not only the first.
@@ -33,7 +34,7 @@ echo "== tests/gpu"
 TIMEOUT_OPT=()
 if $PY -c "import pytest_timeout" 2>/dev/null; then TIMEOUT_OPT=(--timeout 120); else echo "(pytest-timeout absent: no per-test timeout)"; fi
 start=$(date +%s)
-timeout 330 $PY -m pytest tests/gpu -m gpu -p no:cacheprovider --maxfail "${GPU_MAXFAIL:-25}" "${TIMEOUT_OPT[@]}" \
+timeout 270 $PY -m pytest tests/gpu -m gpu -p no:cacheprovider --maxfail "${GPU_MAXFAIL:-25}" "${TIMEOUT_OPT[@]}" \
     -rA --durations=15 2>&1 | log gpu-tests.log
 tests_rc=$?
 echo "== tests/gpu exit status $tests_rc after $(( $(date +%s) - start )) s"
@@ -42,7 +43,7 @@ echo "== benchmarks/hf.py --device cuda --quick"
 start=$(date +%s)
 BENCH_OUT=()
 if [ -n "$OUT_DIR" ]; then BENCH_OUT=(--out "$OUT_DIR/hf-cuda.jsonl"); fi
-timeout 200 $PY benchmarks/hf.py --device cuda --quick --archs mixtral,qwen3_moe,gpt_oss "${BENCH_OUT[@]}" 2>&1 \
+timeout 150 $PY benchmarks/hf.py --device cuda --quick --archs mixtral,qwen3_moe,gpt_oss "${BENCH_OUT[@]}" 2>&1 \
     | log hf-cuda.log
 echo "== benchmark exit status $? after $(( $(date +%s) - start )) s"
 exit $tests_rc
