@@ -27,7 +27,10 @@ One JSON line per (architecture, case):
 The first line describes the machine. An architecture that `moekit.hf.wrap` refuses on this moekit gets one
 line {"arch": ..., "refused": "<moekit's message>"} instead of timings.
 
-Usage: moekit bench hf [--quick] [--out docs/results/hf-cpu.jsonl]   (or python benchmarks/hf.py ...)
+--device cuda runs every variant on the GPU (each timed step ends with torch.cuda.synchronize(), so the
+wall clock counts the GPU's work); the default is cpu.
+
+Usage: moekit bench hf [--quick] [--device cpu|cuda] [--out docs/results/hf-cpu.jsonl]   (or python benchmarks/hf.py ...)
 """
 
 from __future__ import annotations
@@ -117,7 +120,8 @@ def hf_variants(model, ids) -> tuple[dict, dict]:
 
 
 def run_arch(arch, cfg, args) -> list[dict]:
-    base = build(cfg)
+    device = torch.device(getattr(args, "device", "cpu"))
+    base = build(cfg).to(device)
     try:
         wrapped = moekit.hf.wrap(copy.deepcopy(base))
     except moekit.hf.UnsupportedBlockError as e:  # a family this moekit does not wrap: say so, time nothing
@@ -126,8 +130,8 @@ def run_arch(arch, cfg, args) -> list[dict]:
         return [line]
     layer = moekit.hf.wrapped_blocks(wrapped)[0]
     g = torch.Generator().manual_seed(1)
-    prefill_ids = torch.randint(3, cfg.vocab_size, (args.batch, args.seq), generator=g)
-    decode_ids = torch.randint(3, cfg.vocab_size, (args.batch, 8), generator=g)
+    prefill_ids = torch.randint(3, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
+    decode_ids = torch.randint(3, cfg.vocab_size, (args.batch, 8), generator=g).to(device)
     E, k, D, Fw = layer.cfg.num_experts, round(layer.cfg.router.expected_experts_per_token(layer.cfg.num_experts)), layer.cfg.d_model, layer.cfg.d_expert
     variants, unavailable = hf_variants(base, prefill_ids)
     with torch.no_grad():
@@ -137,6 +141,11 @@ def run_arch(arch, cfg, args) -> list[dict]:
 
     def timed(run):
         """A step timed by round_robin (wall clock), or one returning its own CPU seconds (--clock cpu)."""
+        if device.type == "cuda":  # the step's kernels run asynchronously: its time ends when the GPU is done
+            def synced():
+                run()
+                torch.cuda.synchronize(device)
+            return synced
         if clock is None:
             return run
 
@@ -161,7 +170,8 @@ def run_arch(arch, cfg, args) -> list[dict]:
 
     common = {"bench": "hf", "arch": arch, "hf_class": layer.hf_class, "dtype": "float32", "D": D, "F": Fw, "E": E,
               "k": k, "layers": cfg.num_hidden_layers, "moe_layers": len(moekit.hf.wrapped_blocks(wrapped)),
-              "router": layer.cfg.router.describe(), "shared_expert": layer.cfg.num_shared_experts > 0}
+              "router": layer.cfg.router.describe(), "shared_expert": layer.cfg.num_shared_experts > 0,
+              **({"device": "cuda"} if device.type == "cuda" else {})}
     lines = []
     cases = (("prefill", prefill, args.batch * args.seq, {"batch": args.batch, "seq": args.seq}),
              ("decode", decode, args.batch * args.new_tokens,
@@ -208,8 +218,13 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: elapsed time; cpu: this thread's CPU time (needs one thread, OMP_NUM_THREADS=1): "
                         "on a loaded shared machine it counts the work done, not the time spent waiting for a core")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models run and are timed")
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
+    if args.device == "cuda" and args.clock == "cpu":
+        raise SystemExit("--clock cpu times this thread's CPU work; on --device cuda use the wall clock")
     if args.clock == "cpu" and torch.get_num_threads() != 1:
         raise SystemExit(f"--clock cpu times one thread; this process runs {torch.get_num_threads()} (set "
                          "OMP_NUM_THREADS=1)")
@@ -218,6 +233,8 @@ def main(argv=None) -> int:
     machine = {"bench": "machine", "cpu": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers_version,
                "moekit": moekit.__version__, "quick": args.quick, **load_average()}
+    if args.device == "cuda":
+        machine.update(device="cuda", gpu=torch.cuda.get_device_name())
     print(json.dumps(machine), flush=True)
     lines = [machine]
     cfgs = configs(args.d_model, args.d_expert, args.experts, args.layers, args.vocab)
