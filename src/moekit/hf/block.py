@@ -218,7 +218,7 @@ class HFMoEBlock(MoELayer):
         w_TK = _chosen_weights_TK(route, self.router.cfg).sort(dim=-1, descending=True).values
         if self.router_weight_scale != 1.0:
             w_TK = w_TK / self.router_weight_scale
-        return y, w_TK.to(y.dtype)
+        return y, w_TK if w_TK.dtype == y.dtype else w_TK.to(y.dtype)
 
     def __getattr__(self, name: str):
         try:
@@ -269,7 +269,7 @@ def _chosen_weights_TK(route: RouterOutput, router_cfg: RouterConfig) -> torch.T
     T = route.num_tokens
     K = router_cfg.expected_experts_per_token(route.num_experts) if router_cfg.fixed_experts_per_token() else 0
     if K and K == int(K) and route.num_assignments == T * int(K):
-        return route.weight_N.detach()[torch.argsort(route.token_idx_N)].view(T, int(K))
+        return route.weight_N.detach().index_select(0, torch.argsort(route.token_idx_N)).view(T, int(K))
     return route.to_padded()[1]
 
 
