@@ -92,6 +92,44 @@ def test_gpt_oss_router_bias_and_layout_are_the_models_tensors(build):
         layer.router.bias = saved
 
 
+def test_gpt_oss_chosen_weights_fast_path_matches_to_padded_forward_and_backward(build, monkeypatch):
+    """The (T, K) weights gpt-oss's block returns: a fixed-k route is grouped by token without
+    `RouterOutput.to_padded` (asserted not called) and equals to_padded's, sorted descending; the hidden
+    states and their gradients are the reference's; a padding mask or a re-routed top-p layer (tokens with
+    other numbers of experts) falls back to to_padded."""
+    from moekit.routers.base import RouterOutput
+
+    model = build("gpt_oss")
+    moekit.hf.wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    x = torch.randn(2, 5, layer.cfg.d_model, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    y_ref, w_ref = layer(x)
+    route = layer.routing_info().route
+    want = route.to_padded()[1].sort(dim=-1, descending=True).values
+    torch.testing.assert_close(w_ref, want, atol=0, rtol=0)
+    (g_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+
+    def no_padding(self):
+        raise AssertionError("the fast path called to_padded")
+
+    with monkeypatch.context() as m:
+        m.setattr(RouterOutput, "to_padded", no_padding)
+        y, w_TK = layer(x)
+        (g,) = torch.autograd.grad(y.square().sum(), x)
+        with pytest.raises(AssertionError, match="called to_padded"):  # masked tokens: the general path
+            layer(x, padding_mask=torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+        with moekit.route(model, kind="topp", p=0.5), pytest.raises(AssertionError, match="called to_padded"):
+            layer(x)
+    assert w_TK.shape == (10, 2) and not w_TK.requires_grad
+    torch.testing.assert_close(w_TK, want, atol=0, rtol=0)
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    torch.testing.assert_close(g, g_ref, atol=0, rtol=0)
+    with moekit.route(model, kind="topp", p=0.5):
+        _, w_topp = layer(x)
+        padded = layer.routing_info().route.to_padded()[1].sort(dim=-1, descending=True).values
+    torch.testing.assert_close(w_topp, padded, atol=0, rtol=0)
+
+
 def test_selection_bias_held_by_the_block_is_shared(build):
     model = build("minimax_m2")
     (_, block), = _blocks(model, "MiniMaxM2SparseMoeBlock")[:1]

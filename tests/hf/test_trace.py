@@ -90,6 +90,44 @@ def test_wrapped_block_exports_with_a_dynamic_token_count(family, make_model):
         torch.testing.assert_close(program.module()(x7), block(x7), atol=1e-5, rtol=1e-5)
 
 
+# The blocks that return a tuple (gpt-oss: the chosen weights (T, K); Llama 4: the router logits), tiny.
+TUPLE_BLOCKS = {
+    "gpt_oss": dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2,
+                    layer_types=["full_attention", "sliding_attention"], sliding_window=16),
+    "llama4_text": dict(intermediate_size=48, intermediate_size_mlp=64, num_local_experts=6, num_experts_per_tok=1,
+                        interleave_moe_layer_step=1, no_rope_layers=[1, 1], attention_chunk_size=64),
+}
+
+
+@pytest.mark.parametrize("fam", list(TUPLE_BLOCKS))
+def test_tuple_returning_blocks_trace_without_host_sync(fam, build_causal, prompt):
+    """gpt-oss and Llama 4: the wrapped forward (inference and training, kernel forced) reads no data on the
+    host (gpt-oss's (T, K) weights used to read K_max), and the block exports with a dynamic token count."""
+    model = build_causal(fam, vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, head_dim=8, **TUPLE_BLOCKS[fam])
+    moekit.hf.wrap(model)
+    ids = prompt()
+    for training in (False, True):
+        model.train(training)
+        syncs = HostSyncs()
+        with torch.set_grad_enabled(training), grouped.force("kernel") as ran, _ToList(syncs.ops), syncs:
+            model(ids, labels=ids)
+        assert ran["forward", "kernel"] > 0
+        assert not syncs.ops, f"host syncs in the wrapped {fam} forward: {dict(syncs.ops)}"
+    model.eval()
+    block = moekit.hf.wrapped_blocks(model)[0]
+    x = torch.randn(2, 12, block.cfg.d_model)
+    program = torch.export.export(block, (x,), dynamic_shapes={"hidden_states": {1: torch.export.Dim("T", min=2,
+                                                                                                   max=64)}},
+                                  strict=False)
+    assert "_local_scalar_dense" not in str(program.graph)
+    x7 = torch.randn(2, 7, block.cfg.d_model)
+    with torch.no_grad():
+        for got, want in zip(program.module()(x7), block(x7), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fam", ["mixtral", "deepseek_v3"])
 def test_wrapped_model_exports_and_compiles_like_transformers(fam, make_model, prompt):

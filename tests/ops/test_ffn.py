@@ -148,3 +148,73 @@ def test_every_activation_and_layout_kernel_matches_the_reference_forward_and_ba
     torch.testing.assert_close(fast_dx, x_ND.grad, atol=1e-3, rtol=1e-4)
     for got, p in zip(fast_grads, bank.parameters(), strict=True):
         torch.testing.assert_close(got, p.grad, atol=1e-3, rtol=1e-4)
+
+
+SCRATCH_ACTIVATIONS = {
+    "gpt_oss": dict(name="swiglu", limit=7.0, alpha=1.702, up_offset=1.0, interleaved=True),
+    "clamped_silu": dict(name="swiglu", limit=5.0),
+    "clamp_after": dict(name="swiglu", limit=2.0, clamp_after=True),
+    "geglu_offset": dict(name="geglu", up_offset=1.0),
+    "swiglu": dict(name="swiglu"),
+}
+
+
+@pytest.mark.parametrize("setting", list(SCRATCH_ACTIVATIONS))
+def test_scratch_activation_is_bitwise_the_plain_one_in_place_and_out_of_place_under_grad(setting, monkeypatch):
+    """`Activation(h, scratch=True)` (the bank's fast path): in inference it overwrites h with `glu_`, giving
+    bitwise the plain `glu`'s values; where a gradient is recorded it leaves h alone and matches the plain
+    forward and backward."""
+    from moekit.ops.ffn import Activation
+
+    act = Activation(**SCRATCH_ACTIVATIONS[setting])
+    h = torch.randn(7, 12, generator=torch.Generator().manual_seed(0)) * 6
+    want = act(h.clone())
+    calls = []
+    glu_ = Activation.glu_
+    monkeypatch.setattr(Activation, "glu_", lambda self, g, u: calls.append(1) or glu_(self, g, u))
+    scratch = h.clone()
+    with torch.no_grad():
+        got = act(scratch, scratch=True)
+    assert calls == [1]  # the in-place path ran
+    assert torch.equal(got, want)
+    assert setting == "swiglu" or not torch.equal(scratch, h)  # it wrote into its scratch (clamps, offset)
+    # with a gradient recorded: the plain path, h untouched, same values and gradient
+    h_ref, h_fast = h.clone().requires_grad_(), h.clone().requires_grad_()
+    act(h_ref).square().sum().backward()
+    out = act(h_fast, scratch=True)
+    out.square().sum().backward()
+    assert calls == [1] and torch.equal(h_fast.detach(), h)
+    assert torch.equal(out.detach(), want)
+    torch.testing.assert_close(h_fast.grad, h_ref.grad, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["kernel", "loop"])
+def test_gpt_oss_bank_inference_fast_path_matches_the_reference(path, monkeypatch):
+    """A bank with per-expert biases in inference: each row's expert found from the offsets (searchsorted),
+    biases added in place and the clamped SwiGLU computed in place (`glu_`, asserted to run), against the
+    reference loop (one expert at a time, plain broadcast biases); experts without rows included."""
+    from moekit.experts.bank import ExpertLayout
+    from moekit.ops.ffn import Activation
+    from moekit.ops.grouped import force, grouped_mm_available
+
+    if path == "kernel" and not grouped_mm_available():
+        pytest.skip("torch._grouped_mm is missing")
+    act = Activation("swiglu", 7.0, 1.702, 1.0)
+    bank = ExpertBank(4, 16, 16, act, ExpertLayout(in_transposed=True, out_transposed=True, interleaved=True,
+                                                   bias=True))
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    counts_E = torch.tensor([3, 0, 6, 1])
+    offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    x_ND = torch.randn(10, 16, generator=torch.Generator().manual_seed(3)) * 3
+    calls = []
+    glu_ = Activation.glu_
+    monkeypatch.setattr(Activation, "glu_", lambda self, g, u: calls.append(1) or glu_(self, g, u))
+    with torch.no_grad(), force(path) as ran:
+        fast = bank(x_ND, offsets_E)
+    assert calls == [1] and ran["forward", path] == 2
+    expert_N = torch.repeat_interleave(torch.arange(4), counts_E)
+    with torch.no_grad():
+        ref = moe_reference(x_ND, torch.arange(10), expert_N, torch.ones(10), bank)
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)

@@ -27,11 +27,13 @@ import copy
 import torch
 from torch import nn
 
+from moekit.config import RouterConfig
 from moekit.errors import UsageError
 from moekit.experts.bank import STANDARD, ExpertBank
 from moekit.hf.detect import BlockSpec, UnsupportedBlockError
 from moekit.hf.private_api import OutputRecorder, active_collector, record_specs
 from moekit.layers.moe import MoELayer
+from moekit.routers.base import RouterOutput
 
 
 class HFMoEBlock(MoELayer):
@@ -229,10 +231,10 @@ class HFMoEBlock(MoELayer):
             return y.flatten(), route.logits_TE.flatten()
         if self.returns == "logits_TE":
             return y, route.logits_TE.to(y.dtype)
-        w_TK = route.to_padded()[1].sort(dim=-1, descending=True).values
+        w_TK = _chosen_weights_TK(route, self.router.cfg).sort(dim=-1, descending=True).values
         if self.router_weight_scale != 1.0:
             w_TK = w_TK / self.router_weight_scale
-        return y, w_TK.to(y.dtype)
+        return y, w_TK if w_TK.dtype == y.dtype else w_TK.to(y.dtype)
 
     def __getattr__(self, name: str):
         try:
@@ -275,6 +277,20 @@ class HFMoEBlock(MoELayer):
 
     def extra_repr(self) -> str:
         return f"hf={self.hf_class}, {super().extra_repr()}"
+
+
+def _chosen_weights_TK(route: RouterOutput, router_cfg: RouterConfig) -> torch.Tensor:
+    """Each token's chosen weights (T, K), detached, in any order within a token (the caller sorts them).
+
+    Fast path: a router that gives every token the same K experts (`fixed_experts_per_token`) and a route
+    with T * K assignments (no padding mask, no zero-computation experts, one iteration) is grouped by token
+    with one argsort and viewed (T, K): shapes only, no host read. Anything else (a re-routed top-p layer,
+    masked tokens) takes the general `RouterOutput.to_padded`, whose K_max is read from the data."""
+    T = route.num_tokens
+    K = router_cfg.expected_experts_per_token(route.num_experts) if router_cfg.fixed_experts_per_token() else 0
+    if K and K == int(K) and route.num_assignments == T * int(K):
+        return route.weight_N.detach().index_select(0, torch.argsort(route.token_idx_N)).view(T, int(K))
+    return route.to_padded()[1]
 
 
 def _materialise_moekit_state(layer: HFMoEBlock, args) -> None:

@@ -81,14 +81,20 @@ class Activation:
     def gated(self) -> bool:
         return self.name in GATED
 
-    def __call__(self, h_NX: torch.Tensor) -> torch.Tensor:
-        """The hidden activation (N, F) from the input projection h_NX = x W_in^T."""
+    def __call__(self, h_NX: torch.Tensor, scratch: bool = False) -> torch.Tensor:
+        """The hidden activation (N, F) from the input projection h_NX = x W_in^T.
+
+        scratch=True: h_NX is the caller's own temporary, which a gated activation may overwrite when no
+        gradient is recorded for it (inference: `glu_` on its gate and up halves, the same values with one
+        new (N, F) tensor instead of up to six); otherwise ignored."""
         if not self.gated:
             return _FN[self.name](h_NX)
         if self.interleaved:
             gate_NF, up_NF = h_NX[..., ::2], h_NX[..., 1::2]
         else:
             gate_NF, up_NF = h_NX.chunk(2, dim=-1)
+        if scratch and self.softcap is None and not (torch.is_grad_enabled() and h_NX.requires_grad):
+            return self.glu_(gate_NF, up_NF)
         return self.glu(gate_NF, up_NF)
 
     def glu(self, gate_NF: torch.Tensor, up_NF: torch.Tensor) -> torch.Tensor:
@@ -108,6 +114,26 @@ class Activation:
         if self.clamp_after:
             a_NF = a_NF.clamp(max=self.limit)
         return a_NF * (up_NF + self.up_offset) if self.up_offset else a_NF * up_NF
+
+    def glu_(self, gate_NF: torch.Tensor, up_NF: torch.Tensor) -> torch.Tensor:
+        """`glu` computed in place: the clamps and the up offset overwrite gate_NF and up_NF (views of a
+        scratch tensor that records no gradient), and one new (N, F) tensor holds the result. The same
+        operations in the same order as `glu` (bitwise equal), without its temporaries: on CPU each fresh
+        (N, F) tensor of a prefill-sized call is new memory to fault in. No softcap (use `glu`)."""
+        clamp_gate = self.limit is not None and not self.clamp_after
+        if self.limit is not None:
+            up_NF.clamp_(min=-self.limit, max=self.limit)
+        if self.alpha != 1.0:
+            if clamp_gate:
+                gate_NF.clamp_(max=self.limit)
+            a_NF = torch.mul(gate_NF, self.alpha).sigmoid_().mul_(gate_NF)  # gate * sigmoid(alpha * gate)
+        else:
+            # the function of the operand `glu` gives it (a clamped contiguous copy, or the view): CPU kernels of
+            # transcendental functions on strided and contiguous operands may differ in the last bit
+            a_NF = _FN[self.name](gate_NF.clamp(max=self.limit) if clamp_gate else gate_NF)
+        if self.clamp_after:
+            a_NF.clamp_(max=self.limit)
+        return a_NF.mul_(up_NF.add_(self.up_offset) if self.up_offset else up_NF)
 
     def describe(self) -> str:
         parts = [self.name]
@@ -150,13 +176,17 @@ def expert_ffn(x_ND: torch.Tensor, w_in_XD: torch.Tensor | tuple[torch.Tensor, t
                activation: str | Activation,
                linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
                b_in_X: torch.Tensor | None = None, b_out_D: torch.Tensor | None = None,
-               hidden_dropout: float = 0.0) -> torch.Tensor:
+               expert_N: torch.Tensor | None = None, hidden_dropout: float = 0.0) -> torch.Tensor:
     """y_ND = linear(dropout(hidden(linear(x_ND, w_in_XD) + b_in)), w_out_DF) + b_out, with `linear(x, w) =
     x @ w^T`: plain `F.linear` for one expert's weights, or a grouped GEMM over stacked (E, ., .)
     weights with rows grouped by expert (`ExpertBank`). `w_in_XD` may be a pair (W_gate, W_up) of
     separate (F, D) projections (gated activations only). Biases broadcast against the rows: (X,) /
-    (D,) for one expert, or (N, X) / (N, D) gathered per row. `hidden_dropout` p > 0: dropout on the hidden
-    activations (Switch Transformers' and NLLB-MoE's expert MLPs in training; the caller passes 0 in eval)."""
+    (D,) for one expert, or (N, X) / (N, D) per row; with `expert_N` (N,) int64, the expert of each
+    row, they are per expert, (E, X) / (E, D), and each row gets its expert's. `hidden_dropout` p > 0:
+    dropout on the hidden activations (Switch Transformers' and NLLB-MoE's expert MLPs in training; the
+    caller passes 0 in eval).
+    `linear` returns a new tensor, which this function may overwrite (biases added and the gated
+    activation computed in place) when it records no gradient."""
     act = _as_activation(activation)
     if isinstance(w_in_XD, tuple):
         if not act.gated or act.interleaved or b_in_X is not None:
@@ -164,9 +194,18 @@ def expert_ffn(x_ND: torch.Tensor, w_in_XD: torch.Tensor | tuple[torch.Tensor, t
                              "without an input bias")
         h_NF = act.glu(linear(x_ND, w_in_XD[0]), linear(x_ND, w_in_XD[1]))
     else:
-        h_NX = linear(x_ND, w_in_XD)
-        h_NF = act(h_NX if b_in_X is None else h_NX + b_in_X)
+        h_NF = act(_add_bias(linear(x_ND, w_in_XD), b_in_X, expert_N), scratch=True)
     if hidden_dropout:
         h_NF = F.dropout(h_NF, hidden_dropout)
-    y_ND = linear(h_NF, w_out_DF)
-    return y_ND if b_out_D is None else y_ND + b_out_D
+    return _add_bias(linear(h_NF, w_out_DF), b_out_D, expert_N)
+
+
+def _add_bias(h_NX: torch.Tensor, b: torch.Tensor | None, expert_N: torch.Tensor | None) -> torch.Tensor:
+    """h_NX + b (see expert_ffn; per expert b (E, X) with expert_N), in place where no gradient is recorded."""
+    if b is None:
+        return h_NX
+    if expert_N is not None:
+        b = b.index_select(0, expert_N)  # (N, X): index_select, not b[expert_N] (aten::index is slower)
+    if (torch.is_grad_enabled() and (h_NX.requires_grad or b.requires_grad)) or b.dtype != h_NX.dtype:
+        return h_NX + b  # (another dtype: promoted, as in place it would not be)
+    return h_NX.add_(b)
