@@ -154,6 +154,8 @@ def _choose(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_experts
 
 def _use_kernel(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_experts: int) -> bool:
     """Kernel or loop for one GEMM `a @ b` over `rows` assignments, outside tracing."""
+    if _forced is None and a.device.type == "cpu" and rows * CPU_KERNEL_ROWS_PER_EXPERT < num_experts:
+        return False  # the CPU shape rule below picks the loop whatever the operands: skip reading them
     refusal = kernel_refusal(a, b)
     if _forced == "kernel":
         if refusal is not None:
