@@ -258,7 +258,7 @@ class MoELayer(nn.Module):
         chosen, executed, iteration_N, counts_E = [], [], [], None
         num_dropped, zero_compute, flops = 0, {"zero": 0, "copy": 0, "constant": 0}, 0
         next_router_state, logits_out_TX = carry.router_state, None
-        for t, router in enumerate(self.iteration_routers()):
+        for t, router in enumerate((self.router,) if cfg.iterations == 1 else self.iteration_routers()):
             kwargs = {} if t or logit_bias_TX is None else {"logit_bias_TE": logit_bias_TX}
             route = router(gate_in_TD if t == 0 else h_TD, valid_T=valid_T, state=carry.router_state, **kwargs)
             if t == 0:
