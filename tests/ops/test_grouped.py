@@ -163,6 +163,27 @@ def test_refusal_rule_per_dtype_stride_and_pointer():
     assert "output row of 1 float32" in kernel_refusal(torch.randn(8, 4), torch.randn(2, 1, 4).transpose(-2, -1))
 
 
+def test_remembered_refusal_is_the_rule_for_every_operand_layout():
+    """`_cached_refusal` (what each GEMM asks) gives kernel_refusal's answer, first computed, then remembered:
+    operands that differ only in what the rule ignores (row count, values) share one entry."""
+    w = torch.randn(2, 8, 4)
+    operands = [(torch.randn(8, 4), w.transpose(-2, -1)), (torch.randn(8, 4, dtype=torch.bfloat16),
+                                                            w.bfloat16().transpose(-2, -1)),
+                (torch.randn(8, 4, dtype=torch.float64), w.double().transpose(-2, -1)),
+                (torch.randn(8, 4), w.bfloat16().transpose(-2, -1)), (torch.randn(8 * 4 + 1)[1:].view(8, 4),
+                                                                       w.transpose(-2, -1)),
+                (torch.randn(8, 8)[::2, ::2], w.transpose(-2, -1)), (torch.randn(8, 4), torch.randn(2, 1, 4).mT)]
+    grouped._refusals.clear()
+    for a, b in operands:
+        assert grouped._cached_refusal(a, b) == kernel_refusal(a, b)
+    remembered = len(grouped._refusals)
+    assert remembered == len(operands)
+    for a, b in operands:  # answered from memory, still the rule's answer
+        assert grouped._cached_refusal(a, b) == kernel_refusal(a, b)
+    assert grouped._cached_refusal(torch.randn(3, 4), w.transpose(-2, -1)) is None  # another row count: same entry
+    assert len(grouped._refusals) == remembered
+
+
 def test_misaligned_data_pointer_runs_the_loop_and_matches():
     counts = [10, 6]
     x = torch.randn(16 * 32 + 1)[1:].view(16, 32).requires_grad_()

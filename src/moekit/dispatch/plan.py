@@ -41,8 +41,7 @@ def make_plan(token_idx_N: torch.Tensor, expert_idx_N: torch.Tensor, weight_N: t
     if keep_N is not None and not bool(keep_N.all()):
         num_dropped = int((~keep_N).sum())
         token_idx_N, expert_idx_N, weight_N = token_idx_N[keep_N], expert_idx_N[keep_N], weight_N[keep_N]
-    order_N = torch.argsort(expert_idx_N, stable=True)
-    expert_N = expert_idx_N[order_N]
+    expert_N, order_N = torch.sort(expert_idx_N, stable=True)  # the sorted ids come with the order: no gather
     counts_E = count_ids(expert_idx_N, num_experts)  # not bincount: see moekit.utils.counts
     if capacity_factor is not None and expert_N.numel() > 0:
         capacity = math.ceil(capacity_factor * expert_N.numel() / num_experts)
@@ -54,7 +53,7 @@ def make_plan(token_idx_N: torch.Tensor, expert_idx_N: torch.Tensor, weight_N: t
         if over:
             order_N, expert_N = order_N[keep_N], expert_N[keep_N]
             counts_E = counts_E.clamp(max=capacity)
-    offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
     return DispatchPlan(token_idx_N[order_N], expert_N, weight_N[order_N], counts_E, offsets_E, num_dropped)
 
 

@@ -129,6 +129,9 @@ class LayerCarry:
     logits_TX: torch.Tensor | None = None
 
 
+_NO_CARRY = LayerCarry()  # what a layer without a previous layer's routing state reads (immutable: shared)
+
+
 LAYER_AUX_LOSS_NAMES = ("load_balance", "z_loss", "seq_balance")  # every router; seq_balance for (B, T, D) input
 
 
@@ -250,7 +253,8 @@ class MoELayer(nn.Module):
         tracker = self.balance_tracker if self.training else None
         counted = tracker.begin_pass(self) if tracker is not None else False
         cfg = self.cfg
-        carry = router_state if isinstance(router_state, LayerCarry) else LayerCarry(router_state)
+        carry = (router_state if isinstance(router_state, LayerCarry) else
+                 _NO_CARRY if router_state is None else LayerCarry(router_state))
         num_valid = T if valid_T is None else int(valid_T.sum())
         if router_input is not None and router_input.shape[:-1].numel() != T:
             raise ValueError(f"MoELayer: router_input has shape {tuple(router_input.shape)}, expected {T} tokens "
@@ -276,7 +280,7 @@ class MoELayer(nn.Module):
         chosen, executed, iteration_N, counts_E = [], [], [], None
         num_dropped, zero_compute, flops = 0, {"zero": 0, "copy": 0, "constant": 0}, 0
         next_router_state, logits_out_TX = carry.router_state, None
-        for t, router in enumerate(self.iteration_routers()):
+        for t, router in enumerate((self.router,) if cfg.iterations == 1 else self.iteration_routers()):
             kwargs = {} if t or logit_bias_TX is None else {"logit_bias_TE": logit_bias_TX}
             route = router(gate_in_TD if t == 0 else h_TD, valid_T=valid_T, state=carry.router_state, **kwargs)
             if t == 0:
@@ -349,7 +353,8 @@ class MoELayer(nn.Module):
             chosen.append(route_d)
             executed.append(route_d if kept is None else RouterOutput(
                 kept[0], kept[1], kept[2].detach(), route_d.scores_TE, route_d.logits_TE, {}, route_d.extras))
-            iteration_N.append(torch.full_like(executed[-1].token_idx_N, t))
+            if cfg.iterations > 1:
+                iteration_N.append(torch.full_like(executed[-1].token_idx_N, t))
             counts_E = step_counts_E.detach() if counts_E is None else counts_E + step_counts_E.detach()
             dropped = 0 if kept is None else route.num_assignments - kept[0].numel()
             num_dropped += dropped
@@ -372,12 +377,16 @@ class MoELayer(nn.Module):
         if cfg.pregated or cfg.gating_residual:
             next_router_state = LayerCarry(next_router_state, x_TD if cfg.pregated else None,
                                            logits_out_TX if cfg.gating_residual else None)
-        self._info = RoutingInfo(route=_concat(chosen), counts_E=counts_E, num_dropped=num_dropped,
-                                 num_tokens=num_valid, num_null=num_null, aux=aux, executed=_concat(executed),
-                                 router_state=next_router_state,
-                                 iteration_N=torch.cat(iteration_N) if cfg.iterations > 1 else None,
-                                 zero_compute={k: v for k, v in zero_compute.items() if v or cfg.num_zero_compute},
-                                 expert_flops=flops)
+        info = RoutingInfo(route=_concat(chosen), counts_E=counts_E, num_dropped=num_dropped,
+                           num_tokens=num_valid, num_null=num_null, aux=aux, executed=_concat(executed),
+                           router_state=next_router_state,
+                           iteration_N=torch.cat(iteration_N) if cfg.iterations > 1 else None,
+                           zero_compute={k: v for k, v in zero_compute.items() if v or cfg.num_zero_compute},
+                           expert_flops=flops)
+        if torch.compiler.is_compiling():
+            self._info = info
+        else:  # not a parameter, buffer or module: skip nn.Module.__setattr__'s checks (a cost per layer call)
+            object.__setattr__(self, "_info", info)
         if counted:
             tracker.record(self, self._info)
         return y_TD.view(*lead_shape, self.cfg.d_model)

@@ -112,6 +112,26 @@ def kernel_refusal(a: torch.Tensor, b: torch.Tensor, check_pointers: bool = True
     return None
 
 
+_refusals: dict[tuple, str | None] = {}
+
+
+def _cached_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """`kernel_refusal(a, b)`, remembered by everything it reads (dtypes, strides, the output width, the
+    pointers' alignment): a layer meets the same few operand layouts at every call, and the checks cost
+    more than the GEMM's own setup at decode sizes (2 GEMMs per MoE layer and token step)."""
+    key = (grouped_mm_available(), a.dtype, b.dtype, a.stride(), b.stride(), b.shape[-1], a.data_ptr() % 16,
+           b.data_ptr() % 16)
+    refusal = _refusals.get(key, _NOT_CHECKED)
+    if refusal is _NOT_CHECKED:
+        if len(_refusals) > 4096:  # bounded: a process that meets many layouts keeps checking, no leak
+            _refusals.clear()
+        refusal = _refusals[key] = kernel_refusal(a, b)
+    return refusal
+
+
+_NOT_CHECKED = object()
+
+
 def _loop_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """out[rows of e] = x[rows of e] @ w_EIO[e]; the plain per-expert form of the kernel."""
     out = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
@@ -154,7 +174,9 @@ def _choose(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_experts
 
 def _use_kernel(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_experts: int) -> bool:
     """Kernel or loop for one GEMM `a @ b` over `rows` assignments, outside tracing."""
-    refusal = kernel_refusal(a, b)
+    if _forced is None and a.device.type == "cpu" and rows * CPU_KERNEL_ROWS_PER_EXPERT < num_experts:
+        return False  # the CPU shape rule below picks the loop whatever the operands: skip reading them
+    refusal = _cached_refusal(a, b)
     if _forced == "kernel":
         if refusal is not None:
             raise RuntimeError(f"moekit.ops.grouped.force('kernel'): the {stage} GEMM cannot run "

@@ -158,7 +158,11 @@ class RouterOutput:
                                    expert_idx_N=self.expert_idx_N[mask_N], weight_N=self.weight_N[mask_N])
 
     def detached(self) -> RouterOutput:
-        """A copy without autograd history and without aux losses (what RoutingInfo keeps)."""
+        """A copy without autograd history and without aux losses (what RoutingInfo keeps); itself when it has
+        neither (immutable, so nothing can tell: inference keeps the router's output as it is)."""
+        if (self.extras is NO_EXTRAS and not self.aux and not self.weight_N.requires_grad
+                and not self.scores_TE.requires_grad and not self.logits_TE.requires_grad):
+            return self
         return RouterOutput(self.token_idx_N, self.expert_idx_N, self.weight_N.detach(), self.scores_TE.detach(),
                             self.logits_TE.detach(), {}, self.extras.detached())
 

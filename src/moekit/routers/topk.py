@@ -395,7 +395,7 @@ def renormalizer(w_TK: torch.Tensor, score: str, p: float = 1.0, floor: float = 
         return norm_T1 + 1e-20
     # Mixtral / OLMoE / Qwen divide by the plain sum (>= 1/E for softmax scores; only k forced experts of
     # underflowed probability sum to 0, and that row stays 0, not NaN). DBRX divides by torch.norm(p).
-    return torch.where(norm_T1 == 0, 1.0, norm_T1)
+    return norm_T1.masked_fill(norm_T1 == 0, 1.0)
 
 
 def _limit_groups(choice_TE: torch.Tensor, group_score: str, n_group: int, topk_group: int) -> torch.Tensor:
