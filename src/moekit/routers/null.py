@@ -104,10 +104,7 @@ class NullExpertRouter(Router):
             # forced real experts take one of the k slots (MoTE, arXiv 2502.11096); null columns are never masked
             forced_X = torch.nn.functional.pad(self.expert_mask_E > 0, (0, self.cfg.n_null))
             choice_TX = probs_TX.detach().masked_fill(forced_X, float("inf"))
-        # Null rows start as exact copies of real rows, so a real expert and its null twin tie exactly: torch.topk
-        # breaks ties differently on CPU and CUDA. A stable descending sort takes the lower index, the real expert,
-        # on every device.
-        idx_TK = torch.sort(choice_TX, dim=-1, descending=True, stable=True).indices[:, :self.cfg.k]
+        idx_TK = torch.topk(choice_TX, self.cfg.k, dim=-1, sorted=False).indices
         w_TK = probs_TX.gather(1, idx_TK)
         real_TK = idx_TK < E
         w_TK = w_TK * real_TK
