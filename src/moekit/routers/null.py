@@ -13,7 +13,9 @@ tiny probability still gets its whole share. With k = 1 the default is the raw p
 
 The gate keeps the real rows in `weight` (E, D) — a pretrained gate's own Parameter can be used
 unchanged — and the null rows in `null_weight` (M, D), which start as copies (tiling) of the real
-rows, as the paper does for a pretrained router.
+rows, as the paper does for a pretrained router. Until training parts them, a real expert and its null
+twin tie exactly; torch.topk breaks exact ties (here as in the authors' code), and CPU and CUDA break them
+differently, so an untrained null router can pick other experts on a GPU than on a CPU.
 
 Balance loss (the paper's rule): each null expert's count is replaced by the mean null count
 (only total null usage is constrained), then the Switch loss over E + M.
