@@ -1,7 +1,7 @@
 """Whole-model CPU speed of moekit.hf-wrapped transformers MoE models against transformers itself.
 
 For each architecture (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, GPT-OSS, Llama 4) a small random model
-(hidden 256, 16 routed experts of width 512, 4 layers, fp32) is built once; transformers runs it
+(hidden 256, 16 routed experts of width 512, 4 layers, fp32 unless --dtype bfloat16) is built once; transformers runs it
 with each of its experts implementations that works on this machine (`eager` plus every entry of
 `transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`: grouped_mm, batched_mm; GPU-only ones fail
 their trial run and are listed as skipped), and moekit runs a `moekit.hf.wrap`-ped copy with the
@@ -121,7 +121,8 @@ def hf_variants(model, ids) -> tuple[dict, dict]:
 
 def run_arch(arch, cfg, args) -> list[dict]:
     device = torch.device(getattr(args, "device", "cpu"))
-    base = build(cfg).to(device)
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    base = build(cfg).to(device=device, dtype=dtype)
     try:
         wrapped = moekit.hf.wrap(copy.deepcopy(base))
     except moekit.hf.UnsupportedBlockError as e:  # a family this moekit does not wrap: say so, time nothing
@@ -168,7 +169,7 @@ def run_arch(arch, cfg, args) -> list[dict]:
                            do_sample=False, pad_token_id=0)
         return timed(run)
 
-    common = {"bench": "hf", "arch": arch, "hf_class": layer.hf_class, "dtype": "float32", "D": D, "F": Fw, "E": E,
+    common = {"bench": "hf", "arch": arch, "hf_class": layer.hf_class, "dtype": str(dtype).removeprefix("torch."), "D": D, "F": Fw, "E": E,
               "k": k, "layers": cfg.num_hidden_layers, "moe_layers": len(moekit.hf.wrapped_blocks(wrapped)),
               "router": layer.cfg.router.describe(), "shared_expert": layer.cfg.num_shared_experts > 0,
               **({"device": "cuda"} if device.type == "cuda" else {})}
@@ -178,7 +179,7 @@ def run_arch(arch, cfg, args) -> list[dict]:
               {"batch": args.batch, "prompt": 8, "new_tokens": args.new_tokens}))
     for case, make, tokens, shape in cases:
         skipped = dict(unavailable)
-        gather_bytes = tokens * k * 3 * D * Fw * 4
+        gather_bytes = tokens * k * 3 * D * Fw * dtype.itemsize
         if "batched_mm" in variants and gather_bytes > BATCHED_MM_LIMIT_BYTES:
             skipped["batched_mm"] = f"would gather {gather_bytes / 2**30:.1f} GiB of expert weights"
         steps = {"moekit": make(wrapped),
@@ -219,6 +220,8 @@ def main(argv=None) -> int:
                    help="wall: elapsed time; cpu: this thread's CPU time (needs one thread, OMP_NUM_THREADS=1): "
                         "on a loaded shared machine it counts the work done, not the time spent waiting for a core")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models run and are timed")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the models' dtype (all variants alike)")
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
