@@ -3,6 +3,8 @@ without the external files: each test here failed before its fix in moekit.hf.""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, MixtralConfig, PreTrainedModel
@@ -187,3 +189,33 @@ def test_finite_garbage_weights_are_named_by_the_probe():
         model.model.layers[0].mlp.experts.down_proj.fill_(3e38)
     with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"own output on the probe is not finite or overflows"):
         moekit.hf.wrap(model)
+
+
+def _deepseek_v3_config():
+    return DeepseekV3Config(**{**_TINY, "num_key_value_heads": 4}, intermediate_size=32, moe_intermediate_size=16,
+                            n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                            routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+                            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "gpt_oss", "mixtral-gelu"])
+def test_wrap_reads_the_same_under_another_default_dtype(kind):
+    # transformers' test_keep_in_fp32_modules_strict_also_hardcode_fp32 builds models under an fp16 default dtype
+    # (local_torch_dtype); moekit's probes drew their inputs in the default dtype and met the fp32 gate weight.
+    cfg = _deepseek_v3_config() if kind == "deepseek_v3" else _config(kind)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    reference = moekit.hf.wrap(copy.deepcopy(model))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        moekit.hf.wrap(model)
+    finally:
+        torch.set_default_dtype(default)
+    assert [b.cfg for b in moekit.hf.wrapped_blocks(model)] == [b.cfg for b in moekit.hf.wrapped_blocks(reference)]
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)

@@ -357,7 +357,7 @@ def _router_keeps_batch_dims(spec: BlockSpec) -> bool:
     E = spec.cfg.router_slots
     try:
         with torch.no_grad():
-            out = gate(torch.zeros(2, 3, spec.cfg.d_model, device=spec.router_weight.device))
+            out = gate(torch.zeros(2, 3, spec.cfg.d_model, device=spec.router_weight.device, dtype=torch.float32))
     except Exception:
         return False
     outs = out if isinstance(out, tuple) else (out,)

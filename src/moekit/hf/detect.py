@@ -435,9 +435,9 @@ def _norm_form(child: nn.Module, width: int, refuse) -> str:
                      "on meta tensors (load the weights first)")
     g = torch.Generator().manual_seed(0)
     probe = copy.deepcopy(child).float().eval()
-    x_NW = torch.randn(8, width, generator=g).to(child.weight.device)
+    x_NW = torch.randn(8, width, generator=g, dtype=torch.float32).to(child.weight.device)
     with torch.no_grad():
-        probe.weight.copy_(1.0 + 0.5 * torch.randn(width, generator=g))
+        probe.weight.copy_(1.0 + 0.5 * torch.randn(width, generator=g, dtype=torch.float32))
         want = probe(x_NW)
         for form in NORM_FORMS:
             ours = FormRMSNorm(width, _norm_eps(child, width), form).to(x_NW.device)
@@ -506,7 +506,7 @@ def _read_shared(shared: nn.Module, activation: Activation, refuse) -> tuple[int
             candidates.append((Activation(n), None, n))
             candidates += [(dataclasses.replace(activation, name=n, limit=lim, interleaved=False), lim, n)
                            for lim in limits]
-    x_TD = torch.randn(8, shared.down_proj.out_features, generator=torch.Generator().manual_seed(0))
+    x_TD = torch.randn(8, shared.down_proj.out_features, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     x_TD = x_TD.to(weight.device, weight.dtype)
     tol = 5e-2 if weight.dtype in (torch.bfloat16, torch.float16) else 1e-4
     was = shared.training
@@ -558,7 +558,7 @@ def _zero_compute_columns(experts: nn.Module, E: int, R: int, Din: int, refuse) 
         raise refuse(f"its router scores {R} columns and its experts hold {E}; what columns {E}..{R - 1} compute "
                      "cannot be read on meta tensors (load the weights first)")
     n = R - E
-    x_ND = torch.randn(n, Din, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    x_ND = torch.randn(n, Din, generator=torch.Generator().manual_seed(0), dtype=torch.float32).to(weight.device, weight.dtype)
     # Each token picks its column twice with weight 1/2 each (some expert loops need k > 1): exactly x or 0.
     idx_N2 = torch.arange(E, R, device=weight.device).view(n, 1).expand(n, 2)
     try:
@@ -636,7 +636,7 @@ def _read_listed(experts: nn.Module, refuse) -> tuple[dict, ExpertLayout, int, i
     if name is None:
         raise refuse(f"its experts' activation {type(act).__name__} is none moekit has ({ACTIVATIONS})")
     activation = Activation(name)
-    x_ND = torch.randn(4, D, generator=torch.Generator().manual_seed(0)).to(first_in.weight.device,
+    x_ND = torch.randn(4, D, generator=torch.Generator().manual_seed(0), dtype=torch.float32).to(first_in.weight.device,
                                                                             first_in.weight.dtype)
     if not first_in.weight.is_meta:
         was = mlps[0].training
@@ -723,7 +723,7 @@ def _value_activation(act: Any) -> str | None:
     if not callable(act):
         return None
     # On the CPU explicitly: under a `with torch.device("meta")` construction the probe would be meta, with no values.
-    x = torch.linspace(-6, 6, 49, device="cpu")
+    x = torch.linspace(-6, 6, 49, device="cpu", dtype=torch.float32)
     try:
         y = act(x)
     except Exception:  # an activation that cannot take a plain fp32 tensor is not one moekit knows
@@ -770,7 +770,7 @@ def _read_activation(experts: nn.Module, gated: bool, layout: ExpertLayout, Fdim
                   if isinstance(v, int | float)), None)
     g = torch.Generator().manual_seed(0)
     scale = max(3.0, 2.0 * float(limit or 0))
-    h = torch.randn(7, 2 * Fdim, generator=g, device="cpu") * scale  # CPU even under torch.device("meta")
+    h = torch.randn(7, 2 * Fdim, generator=g, device="cpu", dtype=torch.float32) * scale  # CPU even under torch.device("meta")
     try:
         with torch.no_grad():
             want = apply_gate(h)
@@ -838,8 +838,8 @@ def _router_reads_padding_mask(gate: nn.Module, E: int, D: int) -> bool:
     if len(params) < 2 or "mask" not in params[1].name or weight is None or weight.is_meta:
         return False
     probe = copy.deepcopy(gate).float().eval()
-    x_TD = torch.randn(4, D, generator=torch.Generator().manual_seed(0)).to(weight.device)
-    mask = torch.zeros(1, 1, 4, 4, device=weight.device)
+    x_TD = torch.randn(4, D, generator=torch.Generator().manual_seed(0), dtype=torch.float32).to(weight.device)
+    mask = torch.zeros(1, 1, 4, 4, device=weight.device, dtype=torch.float32)
     mask[..., 0] = torch.finfo(mask.dtype).min  # key 0 is padding
     try:
         with torch.no_grad():
@@ -1033,14 +1033,14 @@ def _read_rule_from_router(spec: BlockSpec) -> None:
     scale = 1.0
     if not spec.router_weight.is_meta:
         gen = torch.Generator().manual_seed(0)
-        x_TD = torch.randn(ROUTER_PROBE_TOKENS, cfg.d_model, generator=gen)
+        x_TD = torch.randn(ROUTER_PROBE_TOKENS, cfg.d_model, generator=gen, dtype=torch.float32)
         x_TD = x_TD.to(spec.router_weight.device)
         bias_E = None
         if spec.selection_bias is not None:
             # A random model's selection bias is zero, which cannot tell where the bias is added: probe with
             # one the size of the logits' spread (the same value on both sides).
             spread = torch.nn.functional.linear(x_TD, spec.router_weight.float()).std()
-            bias_E = torch.randn(cfg.router_slots, generator=gen).to(x_TD.device) * spread
+            bias_E = torch.randn(cfg.router_slots, generator=gen, dtype=torch.float32).to(x_TD.device) * spread
         hf = call_router(spec, x_TD, bias_E)
         if hf is not None and hf[1].shape[-1] != cfg.router.k and 1 <= hf[1].shape[-1] <= cfg.router_slots:
             # no attribute states k (Switch Transformers' top-1 router): the router's own choice does
@@ -1099,7 +1099,7 @@ def router_weight_ratio(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.T
     elif spec.selection_bias is not None:
         router.e_score_correction_bias = spec.selection_bias
     else:
-        router.e_score_correction_bias = torch.zeros(E, device=x_TD.device)
+        router.e_score_correction_bias = torch.zeros(E, device=x_TD.device, dtype=torch.float32)
     router.eval()  # the rule itself (a training-mode router may sample, SparseMixer)
     ids = probe_token_ids(spec, x_TD.shape[0], x_TD.device) if router_cfg.routes_on_token_ids() else None
     with torch.no_grad():

@@ -211,7 +211,7 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
         raise UnsupportedBlockError(f"moekit.hf cannot verify {spec.class_name}: its weights {bad} are not finite "
                                     "(not initialised yet?); initialise or load them first, or pass verify=False")
     gen = torch.Generator().manual_seed(0)
-    x_BTD = torch.randn(1, PROBE_TOKENS, cfg.d_model, generator=gen).to(device=weight.device, dtype=weight.dtype)
+    x_BTD = torch.randn(1, PROBE_TOKENS, cfg.d_model, generator=gen, dtype=torch.float32).to(device=weight.device, dtype=weight.dtype)
     modes = (block.training, layer.training)
     block.eval()
     layer.eval()
