@@ -15,6 +15,13 @@ Forward stages:
 
 Capacity (`capacity_factor`) drops only in training; eval mode drops only with `eval_capacity_factor`.
 
+Inference path: with autograd off, in eval mode, for a plain layer (one iteration, no capacity, padding mask,
+zero-computation / latent / output transforms, merged or sharded experts, router hooks) whose router gives a
+dense choice (`Router.dense_choice`: the top-k rule without masks), stages 1-5 run straight-line on tensors
+(`MoELayer._inference_forward`): the same ops in the same order, the same output bit for bit, and
+`routing_info()` builds the same RoutingInfo when read. Not while torch.compile / torch.export trace the
+layer (they take the general path). `reference_path()` turns it off (tests compare the two).
+
 Layer architectures (MoEConfig options, each a branch of this one forward, none a separate layer):
   - Chain-of-Experts (iterations=C, arXiv 2506.18945): stages 1-5 run C times on a chain state
     h(0) = x, h(t) = h(t-1) + sum_i g(t,i) E_i(h(t-1)) [+ shared(h(t-1)) with iteration_shared], one router
