@@ -75,6 +75,22 @@ def test_wrapped_forward_has_no_host_sync(family, training, make_model, prompt):
     assert not syncs.ops, f"host syncs in the wrapped forward: {dict(syncs.ops)}"
 
 
+def test_wrapped_inference_path_has_no_host_sync(family, make_model, prompt):
+    """The layers' inference path (no grad, no router-logit recording) reads no data on the host either."""
+    model = make_model(family)
+    ids = prompt()
+    moekit.hf.wrap(model)
+    ran = []
+    for layer in moekit.hf.wrapped_blocks(model):
+        inference_forward = layer._inference_forward
+        layer._inference_forward = lambda x_TD, f=inference_forward: ran.append(1) or f(x_TD)
+    syncs = HostSyncs()
+    with torch.no_grad(), grouped.force("kernel") as kernel, _ToList(syncs.ops), syncs:
+        model(ids)
+    assert ran and kernel["forward", "kernel"] > 0
+    assert not syncs.ops, f"host syncs in the wrapped forward: {dict(syncs.ops)}"
+
+
 def test_wrapped_block_exports_with_a_dynamic_token_count(family, make_model):
     """torch.export of a wrapped block (fp32: the traced graph takes the "masked" expert path), with the
     token count dynamic; the exported program matches eager at another length, gradients included."""

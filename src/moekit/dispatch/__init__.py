@@ -1,5 +1,5 @@
 """Dispatch: sort the ragged assignment by expert, permute tokens, combine expert outputs."""
 
-from moekit.dispatch.plan import DispatchPlan, combine, make_plan, permute
+from moekit.dispatch.plan import DispatchPlan, combine, combine_rows, make_plan, permute
 
-__all__ = ["DispatchPlan", "combine", "make_plan", "permute"]
+__all__ = ["DispatchPlan", "combine", "combine_rows", "make_plan", "permute"]

@@ -63,8 +63,14 @@ def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 def combine(y_ND: torch.Tensor, plan: DispatchPlan, num_tokens: int, out_dtype: torch.dtype) -> torch.Tensor:
     """y_TD[t] = sum over t's assignments of weight * y_n, accumulated in fp32 (or wider)."""
-    acc_dtype = torch.promote_types(torch.promote_types(y_ND.dtype, plan.weight_N.dtype), torch.float32)
-    weighted_ND = y_ND.to(acc_dtype) * plan.weight_N.to(acc_dtype).unsqueeze(-1)
+    return combine_rows(y_ND, plan.weight_N, plan.token_N, num_tokens, out_dtype)
+
+
+def combine_rows(y_ND: torch.Tensor, weight_N: torch.Tensor, token_N: torch.Tensor, num_tokens: int,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """`combine` of rows y_ND (N, D) with their weights (N,) and tokens (N,) int64, without a plan."""
+    acc_dtype = torch.promote_types(torch.promote_types(y_ND.dtype, weight_N.dtype), torch.float32)
+    weighted_ND = y_ND.to(acc_dtype) * weight_N.to(acc_dtype).unsqueeze(-1)
     y_TD = weighted_ND.new_zeros(num_tokens, y_ND.shape[-1])
-    y_TD = y_TD.index_add(0, plan.token_N, weighted_ND)
+    y_TD = y_TD.index_add(0, token_N, weighted_ND)
     return y_TD.to(out_dtype)

@@ -226,7 +226,7 @@ class HFMoEBlock(MoELayer):
         and vision blocks, whose parent scatters them by token modality)); the decoder layers of those families unpack and drop the second."""
         if self.returns is None:
             return y
-        route = self._info.route
+        route = self.routing_info().route
         if self.returns == "flat_logits":
             return y.flatten(), route.logits_TE.flatten()
         if self.returns == "logits_TE":

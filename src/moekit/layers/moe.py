@@ -15,6 +15,13 @@ Forward stages:
 
 Capacity (`capacity_factor`) drops only in training; eval mode drops only with `eval_capacity_factor`.
 
+Inference path: with autograd off, in eval mode, for a plain layer (one iteration, no capacity, padding mask,
+zero-computation / latent / output transforms, merged or sharded experts, router hooks) whose router gives a
+dense choice (`Router.dense_choice`: the top-k rule without masks), stages 1-5 run straight-line on tensors
+(`MoELayer._inference_forward`): the same ops in the same order, the same output bit for bit, and
+`routing_info()` builds the same RoutingInfo when read. Not while torch.compile / torch.export trace the
+layer (they take the general path). `reference_path()` turns it off (tests compare the two).
+
 Layer architectures (MoEConfig options, each a branch of this one forward, none a separate layer):
   - Chain-of-Experts (iterations=C, arXiv 2506.18945): stages 1-5 run C times on a chain state
     h(0) = x, h(t) = h(t-1) + sum_i g(t,i) E_i(h(t-1)) [+ shared(h(t-1)) with iteration_shared], one router
@@ -43,6 +50,7 @@ each training forward reports to it. The layer itself calls no collective and ke
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -54,7 +62,7 @@ from torch import nn
 
 from moekit import losses
 from moekit.config import MoEConfig
-from moekit.dispatch import combine, make_plan, permute
+from moekit.dispatch import combine, combine_rows, make_plan, permute
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
 from moekit.experts.bank import ExpertLayout
@@ -161,6 +169,21 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad_y, torch.ones_like(aux_total)
 
 
+_inference_path = True  # MoELayer's inference path may run (see `reference_path`)
+
+
+@contextlib.contextmanager
+def reference_path():
+    """Test-only: inside the block every MoELayer takes its general forward, the reference of the inference
+    path (`MoELayer._inference_forward`). Process-wide and not thread-safe."""
+    global _inference_path
+    before, _inference_path = _inference_path, False
+    try:
+        yield
+    finally:
+        _inference_path = before
+
+
 class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -228,7 +251,7 @@ class MoELayer(nn.Module):
         # called as expert_dispatch(x_TD, token_idx_N, expert_idx_N, weight_N, experts, capacity_factor)
         # -> (y_TD, kept_N or None). None: this process holds every expert.
         self.expert_dispatch = None
-        self._info: RoutingInfo | None = None
+        self._info: RoutingInfo | _DenseRoute | None = None
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 router_state: Any = None, router_input: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,6 +266,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer: input must be (B, T, D) or (T, D), got shape {tuple(x.shape)}")
         lead_shape = x.shape[:-1]
         x_TD = x.reshape(-1, self.cfg.d_model)
+        if padding_mask is None and router_state is None and router_input is None and self._plain_inference():
+            y_TD = self._inference_forward(x_TD)
+            if y_TD is not None:
+                return y_TD.view(*lead_shape, self.cfg.d_model)
         T = x_TD.shape[0]
         valid_T = None
         if padding_mask is not None:
@@ -338,13 +365,7 @@ class MoELayer(nn.Module):
             if zc_route is not None:
                 delta_TD = delta_TD + self._zero_compute_out(h_TD, zc_route)
             if self.shared_experts is not None and (t == 0 or cfg.iteration_shared):
-                if self.weighted_shared:
-                    shared_TD = self._weighted_shared_out(h_TD, route.extras.shared_weight_TS)
-                else:
-                    shared_TD = self.shared_experts(h_TD)
-                if self.shared_expert_gate is not None:
-                    shared_TD = torch.sigmoid(self.shared_expert_gate(h_TD)) * shared_TD
-                delta_TD = delta_TD + shared_TD
+                delta_TD = delta_TD + self._shared_out(h_TD, route.extras.shared_weight_TS)
             y_TD = delta_TD if y_TD is None else y_TD + delta_TD
             if t + 1 < cfg.iterations:
                 h_TD = h_TD + delta_TD  # CoE inner residual (arXiv 2506.18945)
@@ -390,6 +411,54 @@ class MoELayer(nn.Module):
         if counted:
             tracker.record(self, self._info)
         return y_TD.view(*lead_shape, self.cfg.d_model)
+
+    def _plain_inference(self) -> bool:
+        """Whether this call may take `_inference_forward`: autograd off, eval mode, outside tracing, one
+        iteration of a layer without capacity limits, zero-computation experts, latent or output transforms,
+        merged or sharded experts, and a router without hooks (the HF wrapper records router logits by one)."""
+        cfg, router = self.cfg, self.router
+        return (_inference_path and not torch.is_grad_enabled() and not self.training and not torch.compiler.is_compiling()
+                and cfg.iterations == 1 and cfg.num_zero_compute == 0 and cfg.expert_capacity is None
+                and cfg.capacity_scope != "batch" and cfg.eval_capacity_factor is None and not cfg.expert_dropout
+                and not cfg.weight_on_input and not cfg.pregated and self.gate_map is None
+                and self.fc1_latent_proj is None and self.latent_norm is None and self.expert_output_norm is None
+                and self.output_bias is None and self.output_norm is None and not self.weighted_shared
+                and self.expert_map_E is None and self.expert_dispatch is None
+                and not (router._forward_hooks or router._forward_pre_hooks
+                         or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
+
+    def _inference_forward(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        """The plain layer's forward in inference (see `_plain_inference`) for a router with a dense choice
+        (`Router.dense_choice`; None otherwise): the general path's ops in its order — gate, choice, stable
+        sort by expert, gather, grouped FFN, weighted index_add, shared expert — with the same results
+        bit for bit, without its RouterOutput, DispatchPlan and RoutingInfo objects (the Python cost that
+        decoding pays per layer and token step). `routing_info()` builds the RoutingInfo when read."""
+        choice = self.router.dense_choice(x_TD)
+        if choice is None:
+            return None
+        idx_TK, w_TK = choice[0], choice[1]
+        T, K = idx_TK.shape
+        E = self.experts.num_experts
+        expert_N, order_N = torch.sort(idx_TK.reshape(-1), stable=True)
+        token_N = order_N // K  # the route is token-major: assignment n is token n // K's
+        ids_E = torch.arange(E, device=expert_N.device)
+        offsets_E = torch.searchsorted(expert_N, ids_E, right=True, out_int32=True)  # = cumsum of the counts
+        y_ND = self.experts(x_TD.index_select(0, token_N), offsets_E)
+        y_TD = combine_rows(y_ND, w_TK.reshape(-1)[order_N], token_N, T, x_TD.dtype)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self._shared_out(x_TD, None)
+        object.__setattr__(self, "_info", _DenseRoute(choice, offsets_E, self.cfg.expert_flops()))
+        return y_TD
+
+    def _shared_out(self, h_TD: torch.Tensor, shared_weight_TS: torch.Tensor | None) -> torch.Tensor:
+        """The shared experts' output for the chain state h_TD: plain, router-weighted (Inkling) and/or gated."""
+        if self.weighted_shared:
+            shared_TD = self._weighted_shared_out(h_TD, shared_weight_TS)
+        else:
+            shared_TD = self.shared_experts(h_TD)
+        if self.shared_expert_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_expert_gate(h_TD)) * shared_TD
+        return shared_TD
 
     def _weighted_shared_out(self, h_TD: torch.Tensor, w_TS: torch.Tensor) -> torch.Tensor:
         """sum_s w_TS[:, s] * FFN_s(h_TD): every token through each of the S shared experts (the bank's grouped
@@ -539,6 +608,9 @@ class MoELayer(nn.Module):
         if self._info is None:
             raise RuntimeError("MoELayer.routing_info(): no forward has run yet")
         info = self._info
+        if isinstance(info, _DenseRoute):  # the inference path's tensors: the RoutingInfo of the general path
+            info = info.build()
+            object.__setattr__(self, "_info", info)
         if not torch.compiler.is_compiling():  # a compiled forward left plain dicts (see RoutingInfo): freeze them
             for holder in (info, info.route):
                 if not isinstance(holder.aux, FrozenAux):
@@ -555,6 +627,23 @@ class MoELayer(nn.Module):
         return (f"router={cfg.router.kind}({cfg.router.describe()}), E={cfg.num_experts}{arch}, "
                 f"shared={cfg.num_shared_experts}, params={cfg.num_params():,}, "
                 f"active_params={cfg.num_active_params():,}")
+
+
+@dataclass(frozen=True)
+class _DenseRoute:
+    """What `MoELayer._inference_forward` keeps of a call: the router's dense choice (idx_TK, w_TK, scores_TE,
+    logits_TE), the offsets and the FLOPs per assignment; `build` makes the RoutingInfo the general path
+    makes for that call (no drops, null or zero-computation picks, aux losses or router state)."""
+
+    choice: tuple[torch.Tensor, ...]
+    offsets_E: torch.Tensor
+    flops_per_assignment: int
+
+    def build(self) -> RoutingInfo:
+        route = RouterOutput.from_topk(*self.choice)
+        counts_E = torch.diff(self.offsets_E.long(), prepend=self.offsets_E.new_zeros(1, dtype=torch.int64))
+        return RoutingInfo(route=route, counts_E=counts_E, num_dropped=0, num_tokens=route.num_tokens, aux={},
+                           executed=route, expert_flops=route.num_assignments * self.flops_per_assignment)
 
 
 def _concat(routes: list[RouterOutput]) -> RouterOutput:

@@ -312,6 +312,14 @@ class Router(nn.Module):
         # min_k, fewer enabled experts than k): drop those picks so that a disabled expert never runs.
         return self.scale_weights(route.keep(~disabled_E[route.expert_idx_N]))
 
+    def dense_choice(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The rule's choice for every token as dense tensors, for MoELayer's inference path: (idx_TK int64
+        (T, K), w_TK fp32 (T, K) combine weights, scores_TE fp32, logits_TE fp32), the same values `forward`
+        (no padding, state or logit bias) gives as a RouterOutput in token-major order; None where the rule
+        does not give every token the same K experts without extras (the layer then calls `forward`).
+        Default: None."""
+        return None
+
     def gate_input(self, x_TD: torch.Tensor) -> torch.Tensor:
         """What the gate reads: `x_TD`, or `input_norm(x_TD)` in fp32 where the router has an input norm."""
         return x_TD if self.input_norm is None else self.input_norm(x_TD.float())

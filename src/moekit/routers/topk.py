@@ -270,6 +270,23 @@ class TopKRouter(Router):
         return dataclasses.replace(route, weight_N=w_TK.reshape(-1),
                                    extras=dataclasses.replace(route.extras, shared_weight_TS=shared_TS if S else None))
 
+    def dense_choice(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """`forward`'s ops for the plain rule (no GShard second-expert policy, shared slots, learned scale or
+        expert mask), without the RouterOutput (see `Router.dense_choice`)."""
+        cfg = self.cfg
+        if (cfg.second_expert != "top" or cfg.shared_slots or self.global_scale is not None
+                or self.expert_mask_E is not None or type(self).forward is not Router.forward
+                or type(self).select is not TopKRouter.select):
+            return None
+        logits_TE = self.scaled(self.logits(self.gate_input(self.jittered(x_TD))))
+        idx_TK, w_TK, scores_TE = topk_choice(logits_TE, cfg.k, cfg.score, cfg.normalizes(), cfg.routed_scaling_factor,
+                                              cfg.n_group, cfg.topk_group, self.e_score_correction_bias, None,
+                                              group_score=cfg.group_rule(), normalize_p=cfg.normalize_p,
+                                              normalize_min=cfg.normalize_min, bias_on=cfg.selection_bias_on)
+        if self.expert_scale is not None:  # as `scale_weights`
+            w_TK = w_TK * self.expert_scale.float()[idx_TK]
+        return idx_TK, w_TK, scores_TE, logits_TE
+
     def adopt(self, old: Router) -> None:
         super().adopt(old)
         bias = getattr(old, "e_score_correction_bias", None)
@@ -331,6 +348,20 @@ def select_topk(logits_TE: torch.Tensor, k: int, score: str = "softmax", normali
     """The top-k selection rule on fp32 logits (shared with routers that compute logits differently).
     mask_E: optional int8 expert mask (-1 disabled, +1 forced), see `Router`; the keyword settings are
     TopKConfig's (group_score None: the score function's default)."""
+    idx_TK, w_TK, scores_TE = topk_choice(logits_TE, k, score, normalize, routed_scaling_factor, n_group,
+                                          topk_group, bias_E, mask_E, group_score=group_score,
+                                          normalize_p=normalize_p, normalize_min=normalize_min, bias_on=bias_on)
+    return RouterOutput.from_topk(idx_TK, w_TK, scores_TE, logits_TE)
+
+
+def topk_choice(logits_TE: torch.Tensor, k: int, score: str = "softmax", normalize: bool = True,
+                routed_scaling_factor: float = 1.0, n_group: int = 1, topk_group: int = 1,
+                bias_E: torch.Tensor | None = None, mask_E: torch.Tensor | None = None, *,
+                group_score: str | None = None, normalize_p: float = 1.0, normalize_min: float = 0.0,
+                bias_on: str = "scores") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`select_topk` as dense tensors: (idx_TK int64 (T, K), w_TK fp32 (T, K), scores_TE fp32 (T, E)), the
+    chosen experts of each token, their combine weights and every expert's score (MoELayer's inference
+    path reads these without building a RouterOutput)."""
     scores_TE = scores_of(logits_TE, score)
     choice_TE = logits_TE if bias_on == "logits" else scores_TE
     choice_TE = choice_TE + bias_E if bias_E is not None else choice_TE
@@ -348,7 +379,7 @@ def select_topk(logits_TE: torch.Tensor, k: int, score: str = "softmax", normali
         w_TK = w_TK / renormalizer(w_TK, score, normalize_p, normalize_min)
     if routed_scaling_factor != 1.0:
         w_TK = w_TK * routed_scaling_factor
-    return RouterOutput.from_topk(idx_TK, w_TK, scores_TE, logits_TE)
+    return idx_TK, w_TK, scores_TE
 
 
 def select_top2_gshard(logits_TE: torch.Tensor, policy: str, normalize: bool = True,
