@@ -137,3 +137,26 @@ def test_selection_bias_held_by_the_block_is_shared(build):
     layer = moekit.hf.wrapped_blocks(model)[0]
     assert layer.router.e_score_correction_bias is block.e_score_correction_bias
     assert "mlp.e_score_correction_bias" in [k.partition("layers.0.")[2] for k in model.state_dict()]
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
+def test_tuple_return_after_the_inference_path_reads_its_dense_choice(family, build, monkeypatch):
+    """gpt-oss (chosen weights) and Llama 4 (router logits) blocks return a second tensor: after the inference
+    path it comes from the dense choice without building a RoutingInfo (asserted), equal bit for bit to what
+    the general path returns."""
+    from moekit.layers.moe import _DenseRoute, reference_path
+
+    model = build(family)
+    model.eval()
+    moekit.hf.wrap(model)
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    x = torch.randn(2, 5, layer.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        with reference_path():
+            y_ref, second_ref = layer(x)
+        with monkeypatch.context() as m:
+            m.setattr(_DenseRoute, "build", lambda self: pytest.fail("built a RoutingInfo"))
+            y, second = layer(x)
+        assert layer.last_dense_choice() is not None
+    assert torch.equal(y, y_ref) and second.dtype == second_ref.dtype
+    assert torch.equal(second, second_ref)

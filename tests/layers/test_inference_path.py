@@ -20,6 +20,8 @@ CASES = {
     "qwen2_moe": (dict(kind="topk", k=2, normalize=False), dict(num_shared_experts=1, shared_gate=True)),
     "dbrx-p2": (dict(kind="topk", k=2, normalize_p=2.0), {}),
     "bias-on-logits": (dict(kind="topk", k=2, selection_bias_on="logits"), {}),
+    # Llama 4: sigmoid of the top-1 logit, not renormalised, multiplying the expert's input; a shared expert
+    "llama4": (dict(kind="topk", k=1, score="sigmoid", normalize=False), dict(num_shared_experts=1, weight_on_input=True)),
 }
 
 
@@ -126,3 +128,53 @@ def test_trace_sees_the_inference_path_routing():
     assert len(traces[0].seqs) == len(traces[1].seqs) == 2
     for a, b, wa, wb in zip(traces[0].seqs, traces[1].seqs, traces[0].weights, traces[1].weights, strict=True):
         assert (a == b).all() and (wa == wb).all()
+
+
+@pytest.mark.parametrize("rc", [dict(kind="topk", k=2), dict(kind="topk", k=3, score="sigmoid", routed_scaling_factor=2.0),
+                                dict(kind="topk", k=2, normalize_p=2.0)])
+def test_zero_selection_bias_skips_it_with_the_same_result(rc):
+    """A zero selection bias (every family without one) is left out of the inference path's selection (top-k
+    values are the weights, no gather): the same output and routing bit for bit as the general path, which
+    adds it."""
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=32, num_experts=8, d_expert=16, router=RouterConfig(**rc))).eval()
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = layer(x)
+        assert isinstance(layer._info, _DenseRoute) and layer.router._selection_bias_is_zero()
+        fast_info = layer.routing_info()
+        with reference_path():
+            y_ref = layer(x)
+        ref_info = layer.routing_info()
+    assert torch.equal(y, y_ref)
+    _same_info(fast_info, ref_info)
+
+
+def test_selection_bias_changed_after_a_zero_read_is_used():
+    """The zero test is remembered per version of the buffer: an in-place update (update_bias, load_state_dict)
+    or a new buffer after a call that saw zeros is read again, so a changed bias always steers the choice."""
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=32, num_experts=8, d_expert=16, router=RouterConfig(kind="topk", k=2))).eval()
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(4))
+    steer_E = torch.zeros(8)
+    steer_E[5] = 10.0  # expert 5 wins every token's selection
+
+    def chosen():
+        with torch.no_grad():
+            layer(x)
+        assert isinstance(layer._info, _DenseRoute)
+        return layer.routing_info().route.expert_idx_N.view(6, 2)
+
+    assert not (chosen() == 5).any(dim=1).all()  # zeros: the scores alone decide (expert 5 is not everyone's)
+    with torch.no_grad():
+        layer.router.e_score_correction_bias.add_(steer_E)  # in place (as update_bias)
+    assert (chosen() == 5).any(dim=1).all()
+    layer.load_state_dict({**layer.state_dict(), "router.e_score_correction_bias": torch.zeros(8)})
+    before = chosen()
+    assert not (before == 5).any(dim=1).all()
+    layer.router.e_score_correction_bias = steer_E.clone()  # a new buffer
+    assert (chosen() == 5).any(dim=1).all()
+    with reference_path(), torch.no_grad():
+        y_ref = layer(x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), y_ref)

@@ -226,12 +226,17 @@ class HFMoEBlock(MoELayer):
         and vision blocks, whose parent scatters them by token modality)); the decoder layers of those families unpack and drop the second."""
         if self.returns is None:
             return y
-        route = self.routing_info().route
+        # After the inference path its dense choice (idx_TK, w_TK, scores_TE, logits_TE) holds the answer as is;
+        # building the RoutingInfo's route to read it back costs a dozen ops per layer and decoding step.
+        dense = self.last_dense_choice()
+        route = self.routing_info().route if dense is None else None
+        logits_TE = route.logits_TE if dense is None else dense[3]
         if self.returns == "flat_logits":
-            return y.flatten(), route.logits_TE.flatten()
+            return y.flatten(), logits_TE.flatten()
         if self.returns == "logits_TE":
-            return y, route.logits_TE.to(y.dtype)
-        w_TK = _chosen_weights_TK(route, self.router.cfg).sort(dim=-1, descending=True).values
+            return y, logits_TE.to(y.dtype)
+        w_TK = _chosen_weights_TK(route, self.router.cfg) if dense is None else dense[1]
+        w_TK = w_TK.sort(dim=-1, descending=True).values
         if self.router_weight_scale != 1.0:
             w_TK = w_TK / self.router_weight_scale
         return y, w_TK if w_TK.dtype == y.dtype else w_TK.to(y.dtype)

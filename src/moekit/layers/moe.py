@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,7 +63,7 @@ from torch import nn
 
 from moekit import losses
 from moekit.config import MoEConfig
-from moekit.dispatch import combine, combine_rows, make_plan, permute
+from moekit.dispatch import combine, make_plan, permute
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
 from moekit.experts.bank import ExpertLayout
@@ -420,7 +421,7 @@ class MoELayer(nn.Module):
         return (_inference_path and not torch.is_grad_enabled() and not self.training and not torch.compiler.is_compiling()
                 and cfg.iterations == 1 and cfg.num_zero_compute == 0 and cfg.expert_capacity is None
                 and cfg.capacity_scope != "batch" and cfg.eval_capacity_factor is None and not cfg.expert_dropout
-                and not cfg.weight_on_input and not cfg.pregated and self.gate_map is None
+                and not cfg.pregated and self.gate_map is None
                 and self.fc1_latent_proj is None and self.latent_norm is None and self.expert_output_norm is None
                 and self.output_bias is None and self.output_norm is None and not self.weighted_shared
                 and self.expert_map_E is None and self.expert_dispatch is None
@@ -441,14 +442,28 @@ class MoELayer(nn.Module):
         E = self.experts.num_experts
         expert_N, order_N = torch.sort(idx_TK.reshape(-1), stable=True)
         token_N = order_N // K  # the route is token-major: assignment n is token n // K's
-        ids_E = torch.arange(E, device=expert_N.device)
-        offsets_E = torch.searchsorted(expert_N, ids_E, right=True, out_int32=True)  # = cumsum of the counts
-        y_ND = self.experts(x_TD.index_select(0, token_N), offsets_E)
-        y_TD = combine_rows(y_ND, w_TK.reshape(-1)[order_N], token_N, T, x_TD.dtype)
+        offsets_E = torch.searchsorted(expert_N, _expert_ids(E, expert_N.device), right=True,
+                                       out_int32=True)  # = cumsum of the counts
+        x_ND, w_N = x_TD.index_select(0, token_N), w_TK.reshape(-1)[order_N]
+        if self.cfg.weight_on_input:  # Llama 4: each expert runs on its weighted input; outputs summed unweighted
+            x_ND = x_ND * w_N.to(x_ND.dtype).unsqueeze(-1)
+        y_ND = self.experts(x_ND, offsets_E)
+        # combine_rows' sum in fp32, with y_ND (a new tensor) weighted in place: no autograd here.
+        acc_ND = y_ND if y_ND.dtype in (torch.float32, torch.float64) else y_ND.float()
+        if not self.cfg.weight_on_input:
+            acc_ND.mul_(w_N.unsqueeze(-1))
+        y_TD = acc_ND.new_zeros(T, acc_ND.shape[1]).index_add_(0, token_N, acc_ND)
+        if y_TD.dtype != x_TD.dtype:
+            y_TD = y_TD.to(x_TD.dtype)
         if self.shared_experts is not None:
             y_TD = y_TD + self._shared_out(x_TD, None)
         object.__setattr__(self, "_info", _DenseRoute(choice, offsets_E, self.cfg.expert_flops()))
         return y_TD
+
+    def last_dense_choice(self) -> tuple[torch.Tensor, ...] | None:
+        """The router's dense choice (idx_TK, w_TK, scores_TE, logits_TE; see `Router.dense_choice`) of the last
+        call when it took the inference path, else None (read `routing_info()` then)."""
+        return self._info.choice if isinstance(self._info, _DenseRoute) else None
 
     def _shared_out(self, h_TD: torch.Tensor, shared_weight_TS: torch.Tensor | None) -> torch.Tensor:
         """The shared experts' output for the chain state h_TD: plain, router-weighted (Inkling) and/or gated."""
@@ -627,6 +642,12 @@ class MoELayer(nn.Module):
         return (f"router={cfg.router.kind}({cfg.router.describe()}), E={cfg.num_experts}{arch}, "
                 f"shared={cfg.num_shared_experts}, params={cfg.num_params():,}, "
                 f"active_params={cfg.num_active_params():,}")
+
+
+@functools.cache
+def _expert_ids(num_experts: int, device: torch.device) -> torch.Tensor:
+    """arange(E) on `device`, made once (the inference path's offsets search it at every call)."""
+    return torch.arange(num_experts, device=device)
 
 
 @dataclass(frozen=True)

@@ -279,8 +279,12 @@ class Router(nn.Module):
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         # NOTE: gate math in fp32 whatever the model dtype (docs/routing.md, Precision).
-        bias = None if self.bias is None else self.bias.float()
-        return torch.nn.functional.linear(x_TD.float(), self.weight.float(), bias)
+        w_ED, b_E = self.weight, self.bias
+        if x_TD.dtype != torch.float32 or w_ED.dtype != torch.float32:  # (.float() of fp32 still costs a call)
+            x_TD, w_ED = x_TD.float(), w_ED.float()
+        if b_E is not None and b_E.dtype != torch.float32:
+            b_E = b_E.float()
+        return torch.nn.functional.linear(x_TD, w_ED, b_E)
 
     def scaled(self, logits_TE: torch.Tensor) -> torch.Tensor:
         """The logits times `cfg.logit_scale` (Muse Spark's router output multiplier; 1: unchanged)."""

@@ -279,13 +279,26 @@ class TopKRouter(Router):
                 or type(self).select is not TopKRouter.select):
             return None
         logits_TE = self.scaled(self.logits(self.gate_input(self.jittered(x_TD))))
+        bias_E = None if self._selection_bias_is_zero() else self.e_score_correction_bias
         idx_TK, w_TK, scores_TE = topk_choice(logits_TE, cfg.k, cfg.score, cfg.normalizes(), cfg.routed_scaling_factor,
-                                              cfg.n_group, cfg.topk_group, self.e_score_correction_bias, None,
+                                              cfg.n_group, cfg.topk_group, bias_E, None,
                                               group_score=cfg.group_rule(), normalize_p=cfg.normalize_p,
                                               normalize_min=cfg.normalize_min, bias_on=cfg.selection_bias_on)
         if self.expert_scale is not None:  # as `scale_weights`
             w_TK = w_TK * self.expert_scale.float()[idx_TK]
         return idx_TK, w_TK, scores_TE, logits_TE
+
+    def _selection_bias_is_zero(self) -> bool:
+        """Whether the selection bias is all zeros (adding it would change no score), known without a host sync:
+        read on CPU only, once per version of the buffer (in-place updates such as `update_bias` and
+        `load_state_dict` bump `_version`; a new buffer is another tensor); False on other devices."""
+        bias = self.e_score_correction_bias
+        if bias.device.type != "cpu" or bias.is_inference():
+            return False  # (a CUDA read would sync; an inference-mode tensor has no version counter)
+        seen = self.__dict__.get("_zero_bias_seen")  # (the tensor, its version, whether it was zero)
+        if seen is None or seen[0] is not bias or seen[1] != bias._version:
+            seen = self.__dict__["_zero_bias_seen"] = (bias, bias._version, not bool(bias.any()))
+        return seen[2]
 
     def adopt(self, old: Router) -> None:
         super().adopt(old)
@@ -363,20 +376,24 @@ def topk_choice(logits_TE: torch.Tensor, k: int, score: str = "softmax", normali
     chosen experts of each token, their combine weights and every expert's score (MoELayer's inference
     path reads these without building a RouterOutput)."""
     scores_TE = scores_of(logits_TE, score)
-    choice_TE = logits_TE if bias_on == "logits" else scores_TE
-    choice_TE = choice_TE + bias_E if bias_E is not None else choice_TE
-    choice_TE = choice_TE.detach()
-    if mask_E is not None:
-        # MoTE (arXiv 2502.11096) on the selection scores, after the bias and before the group limit: a
-        # forced expert takes one of the k slots (its weight stays its own score), a disabled one never does.
-        choice_TE = choice_TE.masked_fill(mask_E < 0, float("-inf")).masked_fill(mask_E > 0, float("inf"))
-    if n_group > 1:
-        rule = group_score or ("max" if score == "softmax" else "top2_sum")
-        choice_TE = _limit_groups(choice_TE, rule, n_group, topk_group)
-    idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=False).indices
-    w_TK = scores_TE.gather(1, idx_TK)
+    if bias_E is None and mask_E is None and n_group == 1 and bias_on == "scores" and not scores_TE.requires_grad:
+        # The plain rule without autograd (inference): the top-k values are the chosen scores (no gather).
+        w_TK, idx_TK = torch.topk(scores_TE, k, dim=-1, sorted=False)
+    else:
+        choice_TE = logits_TE if bias_on == "logits" else scores_TE
+        choice_TE = choice_TE + bias_E if bias_E is not None else choice_TE
+        choice_TE = choice_TE.detach()
+        if mask_E is not None:
+            # MoTE (arXiv 2502.11096) on the selection scores, after the bias and before the group limit: a
+            # forced expert takes one of the k slots (its weight stays its own score), a disabled one never does.
+            choice_TE = choice_TE.masked_fill(mask_E < 0, float("-inf")).masked_fill(mask_E > 0, float("inf"))
+        if n_group > 1:
+            rule = group_score or ("max" if score == "softmax" else "top2_sum")
+            choice_TE = _limit_groups(choice_TE, rule, n_group, topk_group)
+        idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=False).indices
+        w_TK = scores_TE.gather(1, idx_TK)
     if normalize:
-        w_TK = w_TK / renormalizer(w_TK, score, normalize_p, normalize_min)
+        w_TK = w_TK / renormalizer(w_TK, score, normalize_p, normalize_min, forced=mask_E is not None)
     if routed_scaling_factor != 1.0:
         w_TK = w_TK * routed_scaling_factor
     return idx_TK, w_TK, scores_TE
@@ -412,9 +429,12 @@ def select_top2_gshard(logits_TE: torch.Tensor, policy: str, normalize: bool = T
     return out
 
 
-def renormalizer(w_TK: torch.Tensor, score: str, p: float = 1.0, floor: float = 0.0) -> torch.Tensor:
+def renormalizer(w_TK: torch.Tensor, score: str, p: float = 1.0, floor: float = 0.0,
+                 forced: bool = True) -> torch.Tensor:
     """What the chosen weights w_TK (T, K) of score function `score` are divided by when renormalised:
-    their p-norm (p = 1: their sum; the weights are >= 0), clamped below at `floor` where one is set (T, 1)."""
+    their p-norm (p = 1: their sum; the weights are >= 0), clamped below at `floor` where one is set (T, 1).
+    forced=False: no expert was forced by a mask, so softmax weights include each token's largest
+    probability (>= 1/E) and their sum is never 0 (the zero-sum guard below is skipped)."""
     norm_T1 = w_TK.sum(dim=-1, keepdim=True) if p == 1.0 else torch.linalg.vector_norm(w_TK, ord=p, dim=-1,
                                                                                       keepdim=True)
     if floor > 0:
@@ -426,7 +446,7 @@ def renormalizer(w_TK: torch.Tensor, score: str, p: float = 1.0, floor: float = 
         return norm_T1 + 1e-20
     # Mixtral / OLMoE / Qwen divide by the plain sum (>= 1/E for softmax scores; only k forced experts of
     # underflowed probability sum to 0, and that row stays 0, not NaN). DBRX divides by torch.norm(p).
-    return norm_T1.masked_fill(norm_T1 == 0, 1.0)
+    return norm_T1.masked_fill(norm_T1 == 0, 1.0) if forced else norm_T1
 
 
 def _limit_groups(choice_TE: torch.Tensor, group_score: str, n_group: int, topk_group: int) -> torch.Tensor:
