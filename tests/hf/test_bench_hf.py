@@ -40,6 +40,8 @@ def test_gpt_oss_and_llama4_are_timed_against_transformers(capsys):
             assert "refused" not in line and line["max_abs_logit_diff"] < 1e-4
             assert line["speedup_vs_hf"] > 0 and line["hf_best_impl"] in ("eager", "grouped_mm", "batched_mm")
             assert abs(line["speedup_vs_hf"] * line["ratio_hf"] - 1) < 1e-2 and line["clock"] == "cpu"
+            q1, q2, q3 = line["speedup_vs_hf_rounds"]  # one round: its own ratio, the overall one
+            assert q1 == q2 == q3 and abs(q2 - line["speedup_vs_hf"]) < 1e-3
     capsys.readouterr()
 
 
@@ -52,3 +54,9 @@ def test_cpu_clock_needs_one_thread(monkeypatch):
         assert "--clock cpu times one thread; this process runs 2" in str(e)
     else:
         raise AssertionError("--clock cpu ran with two threads")
+
+
+def test_round_quartiles():
+    bench = _bench()
+    assert bench._quartiles([2.0]) == (2.0, 2.0, 2.0)
+    assert bench._quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)

@@ -19,6 +19,9 @@ One JSON line per (architecture, case):
   tokens_per_s_hf_best, hf_best_impl   the fastest transformers implementation
   ratio_hf                     moekit time / best transformers time (<= 1.0: moekit at least as fast)
   speedup_vs_hf                best transformers time / moekit time (= 1 / ratio_hf)
+  speedup_vs_hf_rounds         [25th percentile, median, 75th percentile] of the same ratio taken per round
+                               (each round times every variant once, back to back): the spread says how
+                               much of a difference from 1.0 is the machine's noise
   max_abs_logit_diff           wrapped vs transformers logits on the prefill prompt (same computation)
   clock, load_1m/5m/15m         what was timed (--clock wall: elapsed; cpu: the thread's CPU time) and the
                                machine's load average when the line was written
@@ -39,6 +42,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -58,7 +62,7 @@ from transformers.utils import logging
 
 import moekit
 import moekit.hf
-from moekit.bench.timing import append_json_lines, load_average, median_s, peak_rss_mb
+from moekit.bench.timing import append_json_lines, load_average, peak_rss_mb, round_robin
 
 logging.set_verbosity_error()
 BATCHED_MM_LIMIT_BYTES = 2 * 2**30  # batched_mm gathers a copy of the expert weights for every assignment
@@ -184,14 +188,17 @@ def run_arch(arch, cfg, args) -> list[dict]:
             skipped["batched_mm"] = f"would gather {gather_bytes / 2**30:.1f} GiB of expert weights"
         steps = {"moekit": make(wrapped),
                  **{f"hf_{impl}": make(m) for impl, m in variants.items() if impl not in skipped}}
-        secs = median_s(steps, args.repeats, args.warmup)
+        times = round_robin(steps, args.repeats, args.warmup)
+        secs = {name: statistics.median(ts) for name, ts in times.items()}
         hf = {name[3:]: s for name, s in secs.items() if name.startswith("hf_")}
         best = min(hf, key=hf.get)
+        per_round = sorted(h / m for h, m in zip(times[f"hf_{best}"], times["moekit"], strict=True))
         res = {**common, "case": case, **shape, "tokens": tokens,
                "tokens_per_s_moekit": tokens / secs["moekit"],
                **{f"tokens_per_s_hf_{impl}": tokens / s for impl, s in hf.items()},
                "tokens_per_s_hf_best": tokens / hf[best], "hf_best_impl": best,
                "ratio_hf": secs["moekit"] / hf[best], "speedup_vs_hf": hf[best] / secs["moekit"],
+               "speedup_vs_hf_rounds": [round(q, 4) for q in _quartiles(per_round)],
                "hf_impls_skipped": skipped, "max_abs_logit_diff": diff, "repeats": args.repeats,
                "clock": getattr(args, "clock", "wall"), **load_average(),
                "peak_rss_mb": round(peak_rss_mb(), 1)}
@@ -200,6 +207,14 @@ def run_arch(arch, cfg, args) -> list[dict]:
         print(json.dumps(res), flush=True)
         lines.append(res)
     return lines
+
+
+def _quartiles(sorted_values: list[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile) of a sorted list (one value: itself three times)."""
+    if len(sorted_values) == 1:
+        return (sorted_values[0],) * 3
+    q1, q2, q3 = statistics.quantiles(sorted_values, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 def main(argv=None) -> int:
