@@ -218,3 +218,45 @@ def test_gpt_oss_bank_inference_fast_path_matches_the_reference(path, monkeypatc
     with torch.no_grad():
         ref = moe_reference(x_ND, torch.arange(10), expert_N, torch.ones(10), bank)
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["standard", "gpt_oss", "dbrx", "gelu"])
+def test_per_expert_route_matches_the_grouped_gemms_bitwise(layout, monkeypatch):
+    """CPU inference with many rows per expert runs the bank expert by expert (`per_expert_ffn`, asserted to run):
+    bitwise the grouped GEMMs' output (the kernel forced, which turns the route off), experts without rows
+    included; with autograd on, or below the size rule, the grouped GEMMs run."""
+    from moekit.experts.bank import ExpertLayout
+    from moekit.ops import grouped
+    from moekit.ops.ffn import Activation
+
+    if not grouped.grouped_mm_available():
+        pytest.skip("torch._grouped_mm is missing")
+    act = Activation("swiglu", 7.0, 1.702, 1.0) if layout == "gpt_oss" else Activation(
+        "gelu" if layout == "gelu" else "swiglu")
+    lay = {"standard": ExpertLayout(), "gelu": ExpertLayout(),
+           "gpt_oss": ExpertLayout(in_transposed=True, out_transposed=True, interleaved=True, bias=True),
+           "dbrx": ExpertLayout(split=True, flat=True)}[layout]
+    bank = ExpertBank(4, 32, 16, act, lay)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    counts_E = torch.tensor([30, 0, 50, 20])
+    offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    x_ND = torch.randn(100, 32, generator=torch.Generator().manual_seed(3))
+    X = 32 if act.gated else 16
+    monkeypatch.setattr(grouped, "CPU_PER_EXPERT_BYTES", 100 * X * 4 // 4)  # 100 rows of X fp32 over 4 experts
+    with torch.no_grad():
+        with grouped.record() as ran:
+            fast = bank(x_ND, offsets_E)
+        assert ran["ffn", "per_expert"] == 1 and ran["forward", "kernel"] == 0
+        with grouped.force("kernel") as ran:
+            want = bank(x_ND, offsets_E)
+        assert ran["ffn", "per_expert"] == 0 and ran["forward", "kernel"] == (3 if lay.split else 2)
+        with grouped.record() as ran:
+            bank(x_ND[:99], torch.tensor([30, 30, 80, 99], dtype=torch.int32))  # just below the rule
+        assert ran["ffn", "per_expert"] == 0
+    assert torch.equal(fast, want)
+    with grouped.record() as ran:
+        grad_mode = bank(x_ND, offsets_E)
+    assert ran["ffn", "per_expert"] == 0
+    torch.testing.assert_close(grad_mode.detach(), want, atol=1e-6, rtol=0)

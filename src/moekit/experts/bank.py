@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from moekit.ops.ffn import Activation, expert_ffn
-from moekit.ops.grouped import grouped_linear
+from moekit.ops.grouped import grouped_linear, per_expert_ffn
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,10 @@ class ExpertBank(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """Each row through its expert's FFN (moekit.ops.ffn); rows sorted by expert, offsets_E int32 ends."""
-        if self.layout.listed:  # separate modules: one plain FFN per expert that has rows
+        X = 2 * self.d_expert if self.act.gated else self.d_expert
+        # Separate modules, or (CPU inference, many rows) stacks whose hidden activations should stay in cache:
+        # one plain FFN per expert that has rows (the same values as the grouped GEMMs', see per_expert_ffn).
+        if self.layout.listed or per_expert_ffn(x_ND, X, self.num_experts):
             y_ND = x_ND.new_zeros(x_ND.shape[0], self.d_model)
             start = 0
             for e, end in enumerate(offsets_E.tolist()):
