@@ -30,7 +30,7 @@ from torch import nn
 from moekit.config import RouterConfig
 from moekit.errors import UsageError
 from moekit.experts.bank import STANDARD, ExpertBank
-from moekit.hf.detect import BlockSpec, UnsupportedBlockError, gate_outputs
+from moekit.hf.detect import BlockSpec, UnsupportedBlockError, router_caller
 from moekit.hf.private_api import OutputRecorder, active_collector, record_specs
 from moekit.layers.moe import MoELayer
 from moekit.routers.base import RouterOutput
@@ -238,7 +238,8 @@ class HFMoEBlock(MoELayer):
         self.__dict__["_returns"] = kind
         # the dtype rule of the HF router output the block returns: the first of the router's outputs of that
         # shape, (T, E) logits or (T, K) weights (gpt-oss returns its router's weights, Llama 4 its logits)
-        last = {"weights_TK": self.cfg.router.k}.get(kind, self.cfg.router_slots)
+        E = self.cfg.router_slots
+        last = round(self.cfg.router.expected_experts_per_token(E)) if kind == "weights_TK" else E
         self._returns_dtype = next((dt for n, dt in self._router_dtypes if n == last), None)
 
     def as_router_dtype(self, t: torch.Tensor, rule: torch.dtype | None) -> torch.Tensor:
@@ -391,7 +392,7 @@ def _router_output_dtypes(spec: BlockSpec) -> list[tuple[int, torch.dtype | None
     weight_dtype = spec.router_weight.dtype
     x_TD = torch.randn(3, spec.cfg.d_model, generator=torch.Generator().manual_seed(0)).to(spec.router_weight.device)
     for dtype in dict.fromkeys((torch.bfloat16, weight_dtype)):
-        out = gate_outputs(spec, x_TD, dtype)
+        out = router_caller(spec, dtype)(x_TD)
         if out is not None:
             outs = out if isinstance(out, tuple) else (out,)
             return [(t.shape[-1] if t.dim() else 0, None if t.dtype == dtype else t.dtype)
