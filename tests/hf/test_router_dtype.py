@@ -131,3 +131,28 @@ def test_fp32_router_outputs_are_moekit_s_fp32_logits_exactly(family, build, pro
         torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
     if getattr(ref, "aux_loss", None) is not None:
         torch.testing.assert_close(out.aux_loss, ref.aux_loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["deferred-probe", "no-probe"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_a_model_wrapped_on_the_meta_device_hands_over_the_hf_dtype(family, verify, build, prompt):
+    """Big-model loading: wrapped before its weights exist (the rule read on meta tensors, or again by the
+    deferred probe), loaded in bf16, it hands transformers what the loaded bf16 model does unwrapped."""
+    cls_name = FAMILIES[family][0]
+    real = build(family).to(torch.bfloat16)
+    with torch.device("meta"):
+        meta = type(real)(real.config).eval()
+    moekit.hf.wrap(meta, verify=verify)
+    meta.load_state_dict(real.state_dict(), assign=True)
+    for name, buf in real.named_buffers():  # non-persistent buffers (rotary inv_freq): in no state_dict
+        owner, _, leaf = name.rpartition(".")
+        if getattr(meta.get_submodule(owner), leaf).is_meta:
+            setattr(meta.get_submodule(owner), leaf, buf)
+    ids = prompt(2, 8)
+    with torch.no_grad():
+        ref, ref_returned = _run(real, ids, cls_name)
+        out, returned = _run(meta, ids, cls_name)
+    assert [t.dtype for t in out.router_logits] == [t.dtype for t in ref.router_logits] == [torch.bfloat16] * 2
+    assert [t.dtype for t in returned] == [t.dtype for t in ref_returned]
+    for got, exp in zip(out.router_logits, ref.router_logits, strict=True):
+        torch.testing.assert_close(got, exp, **_TOL[torch.bfloat16])

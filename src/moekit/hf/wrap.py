@@ -215,6 +215,9 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
     modes = (block.training, layer.training)
     block.eval()
     layer.eval()
+    # A deferred probe runs inside the model's first forward: under `output_router_logits=True` the probe's own
+    # router logits must not join the ones transformers collects for that forward.
+    records, layer.records_router_logits = layer.records_router_logits, False
     gate_dims = []  # how the block calls its router: (B, T, D) (Switch: its logits keep the batch dims) or (T, D)
     hook = spec.gate.register_forward_pre_hook(lambda _m, args: gate_dims.append(args[0].dim()) if args else None)
     try:
@@ -244,6 +247,7 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
         hook.remove()
         block.train(modes[0])
         layer.train(modes[1])
+        layer.records_router_logits = records
         layer._info = None  # the probe is not a forward the user ran
     # Per-token relative error. fp32: every token to 1e-3 (both sides run the same fp32 router math).
     # bf16/fp16: transformers rounds some routers' logits to the model dtype and moekit keeps them in
