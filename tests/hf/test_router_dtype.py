@@ -16,7 +16,8 @@ import moekit.hf
 _BASE = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=8)
 # Families beyond conftest's: block-returned router outputs (gpt-oss's weights, Llama 4's logits), and a router
-# returning fp32 weights from its own fp32 math in a bf16 model (the OpenAI privacy filter, a token classifier).
+# returning fp32 weights from its own fp32 math in a bf16 model (the OpenAI privacy filter, a token classifier),
+# a router taking the batch dims (AFMoE).
 _MORE = {
     "gpt_oss": dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2,
                     layer_types=["full_attention", "sliding_attention"], sliding_window=16),
@@ -24,6 +25,9 @@ _MORE = {
                         interleave_moe_layer_step=1, no_rope_layers=[1, 1], attention_chunk_size=64),
     "openai_privacy_filter": dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2,
                                   sliding_window=16),
+    # a router taking (B, T, D) and upcasting its logits itself (`.to(torch.float32)`)
+    "afmoe": dict(intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_dense_layers=1,
+                  num_experts=6, num_experts_per_tok=2, num_shared_experts=1, sliding_window=16),
 }
 # family -> (the HF block class, whether the block returns a router output, the dtype its recorded logits have
 # in a bf16 model: None for the model dtype)
@@ -35,6 +39,7 @@ FAMILIES = {
     "gpt_oss": ("GptOssMLP", True, None),
     "llama4_text": ("Llama4TextMoe", True, None),
     "openai_privacy_filter": ("OpenAIPrivacyFilterMLP", True, torch.float32),
+    "afmoe": ("AfmoeSparseMoeBlock", False, torch.float32),
 }
 # bf16 / fp16 rounding of the logits (and of the hidden states the later layers' routers read)
 _TOL = {torch.bfloat16: dict(atol=3e-2, rtol=3e-2), torch.float16: dict(atol=4e-3, rtol=4e-3)}

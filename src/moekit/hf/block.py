@@ -388,11 +388,14 @@ def _router_output_dtypes(spec: BlockSpec) -> list[tuple[int, torch.dtype | None
     weight's dtype (`F.linear(x, self.weight)`: Mixtral, Qwen3-MoE, gpt-oss), else the dtype it is always in
     (routers that upcast on purpose: DeepSeek-V3's fp32 logits). Read on a bf16 copy of the router (the gate
     is small: E x D), so that a model wrapped in fp32 and cast later keeps the rule; where that call raises,
-    on a copy in the weight's own dtype; [] where both raise (every output then follows the weight)."""
+    on a copy in the weight's own dtype; [] where both raise (every output then follows the weight). The
+    input is (T, D), or (1, T, D) for a router that takes the batch dims (AFMoE's)."""
     weight_dtype = spec.router_weight.dtype
     x_TD = torch.randn(3, spec.cfg.d_model, generator=torch.Generator().manual_seed(0)).to(spec.router_weight.device)
     for dtype in dict.fromkeys((torch.bfloat16, weight_dtype)):
-        out = router_caller(spec, dtype)(x_TD)
+        run = router_caller(spec, dtype)
+        out = run(x_TD)
+        out = run(x_TD[None]) if out is None else out
         if out is not None:
             outs = out if isinstance(out, tuple) else (out,)
             return [(t.shape[-1] if t.dim() else 0, None if t.dtype == dtype else t.dtype)
