@@ -30,7 +30,7 @@ from torch import nn
 from moekit.config import RouterConfig
 from moekit.errors import UsageError
 from moekit.experts.bank import STANDARD, ExpertBank
-from moekit.hf.detect import BlockSpec, UnsupportedBlockError
+from moekit.hf.detect import BlockSpec, UnsupportedBlockError, router_caller
 from moekit.hf.private_api import OutputRecorder, active_collector, record_specs
 from moekit.layers.moe import MoELayer
 from moekit.routers.base import RouterOutput
@@ -39,9 +39,11 @@ from moekit.routers.base import RouterOutput
 class HFMoEBlock(MoELayer):
     """A MoELayer bound to one transformers MoE block (see the module doc); built by `moekit.hf.wrap`.
 
-    `hf_class` names the wrapped block's class; `original()` returns the block itself."""
+    `hf_class` names the wrapped block's class; `original()` returns the block itself.
+    `recorded_output`: the index of the HF router's output that transformers records as `router_logits`
+    under `output_router_logits=True` (`recorded_router_output`), None where it records none of its outputs."""
 
-    def __init__(self, spec: BlockSpec, records_router_logits: bool = False):
+    def __init__(self, spec: BlockSpec, recorded_output: int | None = None):
         # Built on the meta device: every weight is replaced by the block's own Parameter below, and a
         # real allocation (and random init) of E experts would cost a pretrained model's memory twice.
         with torch.device("meta"):
@@ -167,9 +169,15 @@ class HFMoEBlock(MoELayer):
         self._hf_num_experts = spec.cfg.router_slots  # router columns the block's own code expects (unwrap checks)
         # The HF router's weights are this layer's / router_weight_scale (a scale its block applies after combining).
         self.router_weight_scale = spec.router_weight_scale
+        # The dtype of each output of the HF router, as a rule of its weight's dtype (see `_router_output_dtypes`):
+        # what moekit hands transformers in the HF router's place is cast to it (moekit routes in fp32).
+        self._router_dtypes = _router_output_dtypes(spec)
         self.returns: str | None = None  # set by moekit.hf.wrap from the block's own output (see `_as_hf`)
-        self.records_router_logits = records_router_logits
-        self.router_logits_keep_batch = records_router_logits and _router_keeps_batch_dims(spec)
+        self.recorded_output = recorded_output
+        self.records_router_logits = recorded_output is not None
+        self._recorded_dtype = (self._router_dtypes[recorded_output][1]
+                                if self.records_router_logits and recorded_output < len(self._router_dtypes) else None)
+        self.router_logits_keep_batch = self.records_router_logits and _router_keeps_batch_dims(spec)
         self.reads_padding_mask = spec.reads_padding_mask
         object.__setattr__(self, "_hf_block", block)  # not a submodule: no second copy in state_dict / .to()
         self.train(block.training)
@@ -215,15 +223,37 @@ class HFMoEBlock(MoELayer):
         finally:
             handle.remove()
         # in the shape the HF router returns them: (T, E), or (B, T, E) where it keeps the batch dims (Switch)
-        collected["router_logits"].append(logits[0].view(*hidden_states.shape[:-1], -1)
-                                          if self.router_logits_keep_batch else logits[0])
+        logits_TE = self.as_router_dtype(logits[0], self._recorded_dtype)
+        collected["router_logits"].append(logits_TE.view(*hidden_states.shape[:-1], -1)
+                                          if self.router_logits_keep_batch else logits_TE)
         return self._as_hf(y)
+
+    @property
+    def returns(self) -> str | None:
+        """What the block returns besides the hidden states (see `_as_hf`); None: the hidden states only."""
+        return self.__dict__["_returns"]
+
+    @returns.setter
+    def returns(self, kind: str | None) -> None:
+        self.__dict__["_returns"] = kind
+        # the dtype rule of the HF router output the block returns: the first of the router's outputs of that
+        # shape, (T, E) logits or (T, K) weights (gpt-oss returns its router's weights, Llama 4 its logits)
+        E = self.cfg.router_slots
+        last = round(self.cfg.router.expected_experts_per_token(E)) if kind == "weights_TK" else E
+        self._returns_dtype = next((dt for n, dt in self._router_dtypes if n == last), None)
+
+    def as_router_dtype(self, t: torch.Tensor, rule: torch.dtype | None) -> torch.Tensor:
+        """`t` (moekit's fp32 router math) in the dtype the HF router gives the same output: `rule`, or the
+        router weight's dtype where `rule` is None (a router computing in its weight's dtype)."""
+        dtype = self.router.weight.dtype if rule is None else rule
+        return t if t.dtype == dtype else t.to(dtype)
 
     def _as_hf(self, y: torch.Tensor):
         """What the HF block returns: y, or a tuple (y, router output) for blocks that return one (`returns`:
         "logits_TE" the (T, E) router logits (Llama 4), "weights_TK" the chosen weights (T, K) in
-        descending order (gpt-oss), "flat_logits" y and the fp32 logits both flattened (ERNIE-4.5-VL's text
-        and vision blocks, whose parent scatters them by token modality)); the decoder layers of those families unpack and drop the second."""
+        descending order (gpt-oss), "flat_logits" y and the logits both flattened (ERNIE-4.5-VL's text
+        and vision blocks, whose parent scatters them by token modality)); the decoder layers of those families
+        unpack and drop the second. The second is in the dtype the HF router gives it (`as_router_dtype`)."""
         if self.returns is None:
             return y
         # After the inference path its dense choice (idx_TK, w_TK, scores_TE, logits_TE) holds the answer as is;
@@ -232,14 +262,14 @@ class HFMoEBlock(MoELayer):
         route = self.routing_info().route if dense is None else None
         logits_TE = route.logits_TE if dense is None else dense[3]
         if self.returns == "flat_logits":
-            return y.flatten(), logits_TE.flatten()
+            return y.flatten(), self.as_router_dtype(logits_TE, self._returns_dtype).flatten()
         if self.returns == "logits_TE":
-            return y, logits_TE.to(y.dtype)
+            return y, self.as_router_dtype(logits_TE, self._returns_dtype)
         w_TK = _chosen_weights_TK(route, self.router.cfg) if dense is None else dense[1]
         w_TK = w_TK.sort(dim=-1, descending=True).values
         if self.router_weight_scale != 1.0:
             w_TK = w_TK / self.router_weight_scale
-        return y, w_TK if w_TK.dtype == y.dtype else w_TK.to(y.dtype)
+        return y, self.as_router_dtype(w_TK, self._returns_dtype)
 
     def __getattr__(self, name: str):
         try:
@@ -353,6 +383,26 @@ def _state_dict_to_hf(module: HFMoEBlock, state_dict, prefix: str, local_metadat
         state_dict[prefix + name] = value
 
 
+def _router_output_dtypes(spec: BlockSpec) -> list[tuple[int, torch.dtype | None]]:
+    """(last dim, dtype rule) of each output of the HF router: the rule None where the output is in the router
+    weight's dtype (`F.linear(x, self.weight)`: Mixtral, Qwen3-MoE, gpt-oss), else the dtype it is always in
+    (routers that upcast on purpose: DeepSeek-V3's fp32 logits). Read on a bf16 copy of the router (the gate
+    is small: E x D), so that a model wrapped in fp32 and cast later keeps the rule; where that call raises,
+    on a copy in the weight's own dtype; [] where both raise (every output then follows the weight). The
+    input is (T, D), or (1, T, D) for a router that takes the batch dims (AFMoE's)."""
+    weight_dtype = spec.router_weight.dtype
+    x_TD = torch.randn(3, spec.cfg.d_model, generator=torch.Generator().manual_seed(0)).to(spec.router_weight.device)
+    for dtype in dict.fromkeys((torch.bfloat16, weight_dtype)):
+        run = router_caller(spec, dtype)
+        out = run(x_TD)
+        out = run(x_TD[None]) if out is None else out
+        if out is not None:
+            outs = out if isinstance(out, tuple) else (out,)
+            return [(t.shape[-1] if t.dim() else 0, None if t.dtype == dtype else t.dtype)
+                    if isinstance(t, torch.Tensor) and t.is_floating_point() else (-1, None) for t in outs]
+    return []
+
+
 def _router_keeps_batch_dims(spec: BlockSpec) -> bool:
     """Whether the HF router returns (B, T, E) logits for a (B, T, D) input (Switch Transformers) rather
     than (T, E); read on a copy of it, on a 2 x 3-token probe (False on meta tensors)."""
@@ -371,10 +421,16 @@ def _router_keeps_batch_dims(spec: BlockSpec) -> bool:
 
 def transformers_records_router_logits(model: nn.Module, gate: nn.Module) -> bool:
     """Whether transformers would record `gate`'s logits for `output_router_logits=True`."""
+    return recorded_router_output(model, gate) is not None
+
+
+def recorded_router_output(model: nn.Module, gate: nn.Module) -> int | None:
+    """The index of `gate`'s output transformers records as `router_logits` for `output_router_logits=True`
+    (its OutputRecorder's `index`; 0 for a spec naming the class alone), or None where it records none."""
     for m in model.modules():
         specs = record_specs(m).get("router_logits")
         for s in specs if isinstance(specs, list) else [specs]:
             target = s.target_class if isinstance(s, OutputRecorder) else s
             if isinstance(target, type) and isinstance(gate, target):
-                return True
-    return False
+                return s.index if isinstance(s, OutputRecorder) else 0
+    return None

@@ -907,30 +907,8 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor,
     (transformers v5) and dense (T, E) scores with zeros off the chosen experts (Llama 4).
     `selection_bias_E` (E,) fp32, where given, takes the place of the block's selection bias (in the
     copy, or as the argument a block-held bias is passed as): a probe value, the model's is untouched."""
-    gate = copy.deepcopy(spec.gate).float().eval()  # the rule itself (no jitter, no training-mode capacity)
-    if getattr(gate, "second_expert_policy", "all") != "all":
-        # a sampled second expert (NLLB's "sampling", "random"; in eval too): the probe compares the deterministic
-        # rule ("all", moekit's second_expert="top"); the draws are checked by their distribution in tests
-        gate.second_expert_policy = "all"
-    E = spec.cfg.router_slots  # router columns: the experts and any zero-computation ones
-    if selection_bias_E is not None:
-        with torch.no_grad():
-            for n, t in itertools.chain(gate.named_buffers(), gate.named_parameters()):
-                if n.rpartition(".")[2] in _SELECTION_BIAS_NAMES and t.numel() == E:
-                    t.copy_(selection_bias_E.reshape(t.shape))
-    args = [x_TD]
-    params = [p for p in inspect.signature(gate.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
-    if len(params) >= 2 and params[1].name == "input_ids":
-        args.append(probe_token_ids(spec, x_TD.shape[0], x_TD.device))  # a hash router (DeepSeek-V4)
-    elif len(params) >= 2 and spec.selection_bias is not None:
-        # a selection bias the block holds and passes in
-        args.append((spec.selection_bias if selection_bias_E is None else selection_bias_E).float())
-    try:
-        with torch.no_grad():
-            out = gate(*args)
-    except Exception:
-        return None
+    run = router_caller(spec, selection_bias_E=selection_bias_E)
+    out = run(x_TD)
     if not isinstance(out, tuple) or not all(isinstance(t, torch.Tensor) for t in out):
         return None
     T, E = x_TD.shape[0], spec.cfg.router_slots
@@ -947,10 +925,9 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor,
         # (top-1 mask (T, E), combine weights (T, E) with zeros off the chosen experts, logits): NLLB-MoE's top-2.
         w_TE = out[1].float()
         picks_T = w_TE.ne(0).sum(-1)
-        if not bool((picks_T == picks_T[0]).all()) and len(args) == 1:
+        if not bool((picks_T == picks_T[0]).all()):
             # its capacity dropped some (an eval capacity fraction < 1): one token at a time, where none drops
-            with torch.no_grad():
-                w_TE = torch.cat([gate(x_TD[t:t + 1])[1].float() for t in range(T)])
+            w_TE = torch.cat([run(x_TD[t:t + 1])[1].float() for t in range(T)])
             picks_T = w_TE.ne(0).sum(-1)
         if not bool((picks_T == picks_T[0]).all()):
             return None
@@ -1065,6 +1042,44 @@ def _read_rule_from_router(spec: BlockSpec) -> None:
     configs = [dataclasses.replace(cfg, router=r, weight_on_input=w) for r in readings[:1] for w in (False, True)]
     configs += [dataclasses.replace(cfg, router=r) for r in readings[1:]]
     spec.cfg, spec.alternatives, spec.router_weight_scale = configs[0], configs[1:], scale
+
+
+def router_caller(spec: BlockSpec, dtype: torch.dtype = torch.float32,
+                  selection_bias_E: torch.Tensor | None = None):
+    """run(x_TD) -> the HF router's raw output on `x_TD` (T, D), or None where the call raises; run on one copy
+    of the router in `dtype` (the gate is small: E x D; the model's own gate is untouched), in eval mode.
+    The input is cast to `dtype`; a hash router gets probe token ids, a selection bias the block holds and
+    passes in is passed (in `dtype`). A sampled second expert (NLLB's "sampling", "random"; in eval too) is
+    set to the deterministic "all". `selection_bias_E` (E,), where given, takes the place of the block's
+    selection bias (see call_router)."""
+    gate = copy.deepcopy(spec.gate).to(dtype).eval()  # the rule itself (no jitter, no training-mode capacity)
+    if getattr(gate, "second_expert_policy", "all") != "all":
+        # the probe compares the deterministic rule ("all", moekit's second_expert="top"); the draws are
+        # checked by their distribution in tests
+        gate.second_expert_policy = "all"
+    E = spec.cfg.router_slots  # router columns: the experts and any zero-computation ones
+    if selection_bias_E is not None:
+        with torch.no_grad():
+            for n, t in itertools.chain(gate.named_buffers(), gate.named_parameters()):
+                if n.rpartition(".")[2] in _SELECTION_BIAS_NAMES and t.numel() == E:
+                    t.copy_(selection_bias_E.reshape(t.shape))
+    params = [p for p in inspect.signature(gate.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+
+    def run(x_TD: torch.Tensor):
+        args = [x_TD.to(dtype)]
+        if len(params) >= 2 and params[1].name == "input_ids":
+            args.append(probe_token_ids(spec, x_TD.shape[0], x_TD.device))  # a hash router (DeepSeek-V4)
+        elif len(params) >= 2 and spec.selection_bias is not None:
+            # a selection bias the block holds and passes in
+            args.append((spec.selection_bias if selection_bias_E is None else selection_bias_E).to(dtype))
+        try:
+            with torch.no_grad():
+                return gate(*args)
+        except Exception:
+            return None
+
+    return run
 
 
 def probe_token_ids(spec: BlockSpec, num_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:

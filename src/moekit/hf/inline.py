@@ -91,8 +91,8 @@ class HFInlineMoE(HFMoEBlock):
     """The experts child of a decoder layer whose MoE lives inside it (see the module doc); built by
     `moekit.hf.wrap` from a `MoEChildren` reading. `hf_class` names the decoder layer's class."""
 
-    def __init__(self, spec, records_router_logits: bool = False):
-        super().__init__(spec, records_router_logits)
+    def __init__(self, spec, recorded_output: int | None = None):
+        super().__init__(spec, recorded_output)
         view = spec.block
         self.hf_class = view.layer_class
         # HF names under the decoder layer: `experts.X` is this layer's X, `router.Y` the proxy's Y
@@ -118,15 +118,15 @@ class HFInlineMoE(HFMoEBlock):
         collected = active_collector.get() if self.records_router_logits else None
         if collected is None or "router_logits" not in collected:
             return MoELayer.forward(self, hidden_states, padding_mask, router_input=router_in)
-        # `output_router_logits=True`: transformers records the HF router's first output, its (T, E) fp32
-        # probabilities (OutputRecorder(Gemma4TextRouter, index=0)), with their gradient.
+        # `output_router_logits=True`: transformers records the HF router's first output, its (T, E)
+        # probabilities (fp32 in Gemma 4) (OutputRecorder(Gemma4TextRouter, index=0)), with their gradient.
         probs = []
         handle = self.router.register_forward_hook(lambda _m, _a, route: probs.append(route.scores_TE))
         try:
             y = MoELayer.forward(self, hidden_states, padding_mask, router_input=router_in)
         finally:
             handle.remove()
-        collected["router_logits"].append(probs[0])
+        collected["router_logits"].append(self.as_router_dtype(probs[0], self._recorded_dtype))
         return y
 
     def original(self) -> nn.Module:

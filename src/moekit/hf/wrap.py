@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from moekit.errors import UsageError
-from moekit.hf.block import HFMoEBlock, transformers_records_router_logits
+from moekit.hf.block import HFMoEBlock, recorded_router_output
 from moekit.hf.detect import (
     DIVERGENT,
     PROBE_TOKENS,
@@ -86,13 +86,13 @@ def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.
         children = inline_children(block)
         if children is not None:  # the MoE runs inside the decoder layer (Gemma 4): wrap its two children
             spec = read_block(MoEChildren(block, *children), model_config, backend)
-            records = transformers_records_router_logits(model, spec.gate)
+            records = recorded_router_output(model, spec.gate)
             moe = (_defer_probe(HFInlineMoE(spec, records), model_config, backend) if verify and _on_meta(spec)
                    else _build(spec, records, verify, HFInlineMoE))
             new.extend(proxy_pairs(name, block, moe))
             continue
         spec = read_block(block, model_config, backend)
-        records = transformers_records_router_logits(model, spec.gate)
+        records = recorded_router_output(model, spec.gate)
         if verify and _on_meta(spec):  # big-model loading: probe once the weights exist (`verify`)
             new.append((name, _defer_probe(HFMoEBlock(spec, records), model_config, backend)))
             continue
@@ -106,18 +106,18 @@ def wrap(model: nn.Module, *, backend: str = "auto", verify: bool = True) -> nn.
     return model
 
 
-def _build(spec: BlockSpec, records_router_logits: bool, verify: bool,
+def _build(spec: BlockSpec, recorded_output: int | None, verify: bool,
            cls: type[HFMoEBlock] = HFMoEBlock) -> HFMoEBlock:
     """The `cls` layer of the first reading (spec.cfg, then spec.alternatives) that reproduces the block on
     the probe; the first reading's refusal if none does."""
     if not verify:
-        layer = cls(spec, records_router_logits)
+        layer = cls(spec, recorded_output)
         layer.returns = _returns(spec, None, None)
         return layer
     first: UnsupportedBlockError | None = None
     for cfg in (spec.cfg, *spec.alternatives):
         reading = dataclasses.replace(spec, cfg=cfg, alternatives=[])
-        layer = cls(reading, records_router_logits)
+        layer = cls(reading, recorded_output)
         try:
             verify_block(reading, layer)
             return layer
@@ -157,7 +157,7 @@ def _probe_at_first_forward(layer: HFMoEBlock, args) -> None:
 
 def _reread(layer: HFMoEBlock) -> HFMoEBlock:
     """The verified reading of a deferred layer's block (the HF block holding the layer's tensors now)."""
-    return _build(read_block(HFMoEBlock.original(layer), *layer._deferred), layer.records_router_logits, True,
+    return _build(read_block(HFMoEBlock.original(layer), *layer._deferred), layer.recorded_output, True,
                   type(layer))
 
 
@@ -215,6 +215,9 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
     modes = (block.training, layer.training)
     block.eval()
     layer.eval()
+    # A deferred probe runs inside the model's first forward: under `output_router_logits=True` the probe's own
+    # router logits must not join the ones transformers collects for that forward.
+    records, layer.records_router_logits = layer.records_router_logits, False
     gate_dims = []  # how the block calls its router: (B, T, D) (Switch: its logits keep the batch dims) or (T, D)
     hook = spec.gate.register_forward_pre_hook(lambda _m, args: gate_dims.append(args[0].dim()) if args else None)
     try:
@@ -244,6 +247,7 @@ def verify_block(spec: BlockSpec, layer: HFMoEBlock) -> None:
         hook.remove()
         block.train(modes[0])
         layer.train(modes[1])
+        layer.records_router_logits = records
         layer._info = None  # the probe is not a forward the user ran
     # Per-token relative error. fp32: every token to 1e-3 (both sides run the same fp32 router math).
     # bf16/fp16: transformers rounds some routers' logits to the model dtype and moekit keeps them in
