@@ -27,6 +27,7 @@ from moekit.errors import UsageError
 from moekit.routers.base import Router, RouterOutput, warn_if_k1_normalized
 from moekit.routers.registry import register
 from moekit.routers.topk import SCORES, renormalizer, scores_of
+from moekit.utils.ids import check_token_ids
 
 
 @dataclass
@@ -90,8 +91,10 @@ class HashRouter(Router):
 
     def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, state: Any = None,
                 logit_bias_TE: torch.Tensor | None = None) -> RouterOutput:
-        """`state`: the token ids (any shape with T elements, int), see the module doc."""
-        if not isinstance(state, torch.Tensor) or state.dtype.is_floating_point or state.numel() != x_TD.shape[0]:
+        """`state`: the token ids (any shape with T elements, int), see the module doc. Raises UsageError for
+        missing ids or ids outside [0, rows of `tid2eid`) (on CUDA a device-side assert: no host sync)."""
+        if (not isinstance(state, torch.Tensor) or state.dtype.is_floating_point or state.dtype.is_complex
+                or state.dtype == torch.bool or state.numel() != x_TD.shape[0]):
             raise UsageError(f"RouterConfig(kind='hash') routes on token ids: pass the {x_TD.shape[0]} tokens' ids as "
                              f"the MoE layer's router_state (got {type(state).__name__}"
                              f"{'' if not isinstance(state, torch.Tensor) else f' {tuple(state.shape)} {state.dtype}'})")
@@ -99,7 +102,10 @@ class HashRouter(Router):
         if logit_bias_TE is not None:
             logits_TE = logits_TE + logit_bias_TE
         cfg = self.cfg
-        idx_TK = self.tid2eid[state.reshape(-1).to(self.tid2eid.device)].long()
+        ids_T = state.reshape(-1).to(self.tid2eid.device, torch.long)  # uint8 would index as a mask
+        # A negative id would silently index the table from its end, a large one raise a raw IndexError.
+        check_token_ids(ids_T, self.tid2eid.shape[0], "RouterConfig(kind='hash')", "the rows of its token id table")
+        idx_TK = self.tid2eid[ids_T].long()
         scores_TE = scores_of(logits_TE, cfg.score)
         w_TK = scores_TE.gather(1, idx_TK)
         if cfg.normalizes():
