@@ -12,19 +12,20 @@ from moekit.errors import UsageError
 SHOWN = 5  # bad ids a message names
 
 
-def check_token_ids(ids: torch.Tensor, limit: int, what: str, table: str = "") -> None:
+def check_token_ids(ids: torch.Tensor, limit: int, what: str, table: str = "", *, host: bool = False) -> None:
     """Raise UsageError unless every entry of the integer tensor `ids` (any shape) is in [0, limit); `what`
     names the ids' user, `table` (optional) what `limit` counts.
 
     On CPU: one min/max reduction; the message names `what`, up to five bad ids and the valid range. On
     other devices (CUDA) and under torch.compile: `torch._assert_async`, a device-side assert, so the
     forward path gets no device -> host sync; a bad id then fails at the next synchronisation with the
-    same message (as a RuntimeError, and a CUDA assert leaves the process's CUDA context unusable). On the
-    meta device (shapes only) there is nothing to check."""
+    same message (as a RuntimeError, and a CUDA assert leaves the process's CUDA context unusable). `host=True`
+    (off the forward path, e.g. analysis): the CPU check on every device, at the cost of one synchronisation.
+    On the meta device (shapes only) there is nothing to check."""
     if ids.numel() == 0 or ids.device.type == "meta":
         return
     expected = f"expected token ids in [0, {limit})" + (f" ({table})" if table else "")
-    if ids.device.type != "cpu" or torch.compiler.is_compiling():
+    if not host and (ids.device.type != "cpu" or torch.compiler.is_compiling()):
         torch._assert_async(((ids >= 0) & (ids < limit)).all(), f"{what}: a token id is out of range; {expected}")
         return
     lo, hi = torch.aminmax(ids)
