@@ -121,10 +121,7 @@ class LMConfig(Config):
             self.moe_num_experts = list(counts)
             for i in range(self.n_moe):
                 self.moe_config(i).validate()
-        router = self.moe.router
-        if router.routes_on_token_ids():  # its table maps every id the embedding takes (moekit.routers.hash)
-            require(router.vocab_size >= self.vocab_size, "RouterConfig.vocab_size", router.vocab_size,
-                    f"at least LMConfig.vocab_size={self.vocab_size} (the hash router's table maps every token id)")
+        self.moe.router.check_vocabulary(self.vocab_size)  # a hash router's table must map every token id
         if not self.moe.router.is_causal() and not self.moe.router.accepts_causal_leak():
             raise UsageError(f"RouterConfig.kind={self.moe.router.kind!r} is not causal (a token's experts depend on "
                              "later tokens), so a causal LM would see the future; set allow_causal_leak=True to "

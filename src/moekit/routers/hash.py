@@ -77,6 +77,10 @@ class HashConfig(RouterConfig):
     def routes_on_token_ids(self) -> bool:
         return True
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        require(self.vocab_size >= vocab_size, "RouterConfig.vocab_size", self.vocab_size,
+                f"at least the model's vocabulary size {vocab_size} (the table maps every token id)")
+
     def hf_routing(self) -> dict[str, Any] | None:
         return None  # export writes Mixtral / Qwen3-MoE / GLM-4-MoE checkpoints, none of which hashes
 
