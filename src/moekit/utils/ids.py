@@ -18,21 +18,25 @@ def check_token_ids(ids: torch.Tensor, limit: int, what: str, table: str = "", *
 
     On CPU: one min/max reduction; the message names `what`, up to five bad ids and the valid range. On
     other devices (CUDA) and under torch.compile: `torch._assert_async`, a device-side assert, so the
-    forward path gets no device -> host sync; a bad id then fails at the next synchronisation with the
-    same message (as a RuntimeError, and a CUDA assert leaves the process's CUDA context unusable). `host=True`
-    (off the forward path, e.g. analysis): the CPU check on every device, at the cost of one synchronisation.
-    On the meta device (shapes only) there is nothing to check."""
+    forward path gets no device -> host sync; a bad id then fails later as a RuntimeError (on CUDA at the next
+    synchronisation, naming a device-side assert, and the process's CUDA context is unusable after it).
+    `host=True` (off the forward path, e.g. analysis): the CPU check on every device, at the cost of one
+    synchronisation. On the meta device (shapes only) there is nothing to check."""
     if ids.numel() == 0 or ids.device.type == "meta":
         return
-    expected = f"expected token ids in [0, {limit})" + (f" ({table})" if table else "")
     if not host and (ids.device.type != "cpu" or torch.compiler.is_compiling()):
-        torch._assert_async(((ids >= 0) & (ids < limit)).all(), f"{what}: a token id is out of range; {expected}")
+        torch._assert_async(((ids >= 0) & (ids < limit)).all(),
+                            f"{what}: a token id is out of range; {_expected(limit, table)}")
         return
     lo, hi = torch.aminmax(ids)
-    if lo < 0 or hi >= limit:
+    if lo.item() < 0 or hi.item() >= limit:
         flat = ids.reshape(-1)
         bad = flat[(flat < 0) | (flat >= limit)].unique()
         shown = ", ".join(str(i) for i in bad[:SHOWN].tolist())
         if bad.numel() > SHOWN:
             shown += f", ... ({bad.numel()} distinct)"
-        raise UsageError(f"{what}: token id(s) {shown} out of range; {expected}")
+        raise UsageError(f"{what}: token id(s) {shown} out of range; {_expected(limit, table)}")
+
+
+def _expected(limit: int, table: str) -> str:
+    return f"expected token ids in [0, {limit})" + (f" ({table})" if table else "")
