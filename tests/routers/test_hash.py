@@ -152,3 +152,21 @@ def test_off_cpu_and_under_compile_the_check_is_a_device_side_assert(monkeypatch
         check_token_ids(torch.tensor([0, 10]), 10, "t")
     with pytest.raises(RuntimeError, match="out of range"):
         check_token_ids(torch.tensor([-1, 3]), 10, "t")
+
+
+@pytest.mark.parametrize("bad", [E, -1])
+def test_a_table_holding_an_expert_id_outside_the_layer_is_refused_as_damaged(bad):
+    # A checkpoint's table loaded in place (copy_ bumps the version the check is cached on); before the check
+    # the gather raised "index 6 is out of bounds for dimension 1 with size 6".
+    from moekit.errors import DataError
+
+    layer = _layer(k=2)
+    ids = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        layer(torch.randn(3, D), router_state=ids)  # checked and cached
+        table = layer.router.tid2eid.clone()
+        table[3, 1] = bad
+        layer.router.tid2eid.copy_(table)
+        with pytest.raises(DataError, match=rf"^RouterConfig\(kind='hash'\): expert id\(s\) {bad} out of range; "
+                                            rf"expected expert ids in \[0, {E}\) \(the layer's experts\)$"):
+            layer(torch.randn(3, D), router_state=ids)

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from moekit.config import RouterConfig, require, setting
-from moekit.errors import UsageError
+from moekit.errors import DataError, UsageError
 from moekit.routers.base import Router, RouterOutput, warn_if_k1_normalized
 from moekit.routers.registry import register
 from moekit.routers.topk import SCORES, renormalizer, scores_of
@@ -92,6 +92,7 @@ class HashRouter(Router):
     def __init__(self, cfg: HashConfig, d_model: int, num_experts: int):
         super().__init__(cfg, d_model, num_experts)
         self.register_buffer("tid2eid", random_table(cfg.vocab_size, num_experts, cfg.k, cfg.seed))
+        self._checked_table: tuple[int, int] | None = None  # (id, version) of the table last checked
 
     def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, state: Any = None,
                 logit_bias_TE: torch.Tensor | None = None) -> RouterOutput:
@@ -109,6 +110,7 @@ class HashRouter(Router):
         ids_T = state.reshape(-1).to(self.tid2eid.device, torch.long)  # uint8 would index as a mask
         # A negative id would silently index the table from its end, a large one raise a raw IndexError.
         check_token_ids(ids_T, self.tid2eid.shape[0], "RouterConfig(kind='hash')", "the rows of its token id table")
+        self._check_table()
         idx_TK = self.tid2eid[ids_T].long()
         scores_TE = scores_of(logits_TE, cfg.score)
         w_TK = scores_TE.gather(1, idx_TK)
@@ -121,6 +123,19 @@ class HashRouter(Router):
             return route
         # A disabled expert's picks are dropped: the table has no other expert for the token.
         return route.keep(~(self.expert_mask_E < 0)[route.expert_idx_N])
+
+    def _check_table(self) -> None:
+        """DataError where the table holds an expert id outside [0, E) (a damaged or mismatched checkpoint's
+        `tid2eid`; the gather's raw error otherwise). Once per table and version: loading a checkpoint into
+        it (copy_) bumps the version. Skipped under torch.compile, whose graphs do not read versions."""
+        table = self.tid2eid
+        if torch.compiler.is_compiling() or table.is_meta:
+            return
+        key = (id(table), table._version)
+        if self._checked_table != key:
+            check_token_ids(table, self.num_experts, "RouterConfig(kind='hash')", "the layer's experts", noun="expert id",
+                            error=DataError)
+            self._checked_table = key
 
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor,
                valid_T: torch.Tensor | None = None) -> RouterOutput:

@@ -12,9 +12,10 @@ from moekit.errors import UsageError
 SHOWN = 5  # bad ids a message names
 
 
-def check_token_ids(ids: torch.Tensor, limit: int, what: str, table: str = "", *, host: bool = False) -> None:
-    """Raise UsageError unless every entry of the integer tensor `ids` (any shape) is in [0, limit); `what`
-    names the ids' user, `table` (optional) what `limit` counts.
+def check_token_ids(ids: torch.Tensor, limit: int, what: str, table: str = "", *, host: bool = False,
+                    noun: str = "token id", error: type[Exception] = UsageError) -> None:
+    """Raise `error` (UsageError) unless every entry of the integer tensor `ids` (any shape) is in [0, limit);
+    `what` names the ids' user, `table` (optional) what `limit` counts, `noun` what the ids are.
 
     On CPU: one min/max reduction; the message names `what`, up to five bad ids and the valid range. On
     other devices (CUDA) and under torch.compile: `torch._assert_async`, a device-side assert, so the
@@ -26,7 +27,7 @@ def check_token_ids(ids: torch.Tensor, limit: int, what: str, table: str = "", *
         return
     if not host and (ids.device.type != "cpu" or torch.compiler.is_compiling()):
         torch._assert_async(((ids >= 0) & (ids < limit)).all(),
-                            f"{what}: a token id is out of range; {_expected(limit, table)}")
+                            f"{what}: a {noun} is out of range; {_expected(limit, table, noun)}")
         return
     lo, hi = torch.aminmax(ids)
     if lo.item() < 0 or hi.item() >= limit:
@@ -35,8 +36,8 @@ def check_token_ids(ids: torch.Tensor, limit: int, what: str, table: str = "", *
         shown = ", ".join(str(i) for i in bad[:SHOWN].tolist())
         if bad.numel() > SHOWN:
             shown += f", ... ({bad.numel()} distinct)"
-        raise UsageError(f"{what}: token id(s) {shown} out of range; {_expected(limit, table)}")
+        raise error(f"{what}: {noun}(s) {shown} out of range; {_expected(limit, table, noun)}")
 
 
-def _expected(limit: int, table: str) -> str:
-    return f"expected token ids in [0, {limit})" + (f" ({table})" if table else "")
+def _expected(limit: int, table: str, noun: str) -> str:
+    return f"expected {noun}s in [0, {limit})" + (f" ({table})" if table else "")
