@@ -133,6 +133,8 @@ def test_moe_lm_refuses_ids_outside_its_vocabulary_and_a_smaller_hash_table():
         with pytest.raises(UsageError, match=rf"^MoELM: token id\(s\) {bad} out of range; expected token ids in "
                                              r"\[0, 64\) \(LMConfig.vocab_size\)$"):
             model(torch.tensor([[1, bad, 2]]))
+    with pytest.raises(UsageError, match=r"^MoELM: token ids must be integers, got a torch.float32 tensor"):
+        model(torch.tensor([[1.0, 2.0]]))  # before: nn.Embedding's raw RuntimeError
     with pytest.raises(UsageError, match=r"RouterConfig.vocab_size=60 is invalid; allowed: at least the model's "
                                          r"vocabulary size 64"):
         LMConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2,

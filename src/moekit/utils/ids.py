@@ -14,7 +14,7 @@ SHOWN = 5  # bad ids a message names
 
 def check_token_ids(ids: torch.Tensor, limit: int, what: str, table: str = "", *, host: bool = False,
                     noun: str = "token id", error: type[Exception] = UsageError) -> None:
-    """Raise `error` (UsageError) unless every entry of the integer tensor `ids` (any shape) is in [0, limit);
+    """Raise `error` (UsageError) unless `ids` (any shape) is an integer tensor with every entry in [0, limit);
     `what` names the ids' user, `table` (optional) what `limit` counts, `noun` what the ids are.
 
     On CPU: one min/max reduction; the message names `what`, up to five bad ids and the valid range. On
@@ -23,6 +23,8 @@ def check_token_ids(ids: torch.Tensor, limit: int, what: str, table: str = "", *
     synchronisation, naming a device-side assert, and the process's CUDA context is unusable after it).
     `host=True` (off the forward path, e.g. analysis): the CPU check on every device, at the cost of one
     synchronisation. On the meta device (shapes only) there is nothing to check."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise error(f"{what}: {noun}s must be integers, got a {ids.dtype} tensor; {_expected(limit, table, noun)}")
     if ids.numel() == 0 or ids.device.type == "meta":
         return
     if not host and (ids.device.type != "cpu" or torch.compiler.is_compiling()):
