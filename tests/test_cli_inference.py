@@ -74,3 +74,29 @@ def test_exactly_one_source_is_required(hf_dir, tmp_path, capsys):
                                        "--hf DIR\n")
     assert main(["offload", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "moekit offload: give RUN OUT, or --hf DIR OUT (got 1 paths)\n"
+
+
+@pytest.fixture(scope="module")
+def hf_dir_with_a_larger_tokenizer(hf_dir, tmp_path_factory):
+    """The tiny OLMoE (300 ids) with a tokenizer that gives "the" the id 350, beyond the model's embedding."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("hf") / "olmoe-tok"
+    shutil.copytree(hf_dir, path)
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 5, "the": 350}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "a the a"], ["eval", "--tokens", "64", "--seq-len", "16"]])
+def test_ids_beyond_the_models_vocabulary_exit_2_in_one_line(hf_dir_with_a_larger_tokenizer, command, capsys):
+    # Before the check: transformers' embedding raised a raw IndexError, a traceback with exit code 1.
+    assert main([command[0], "--hf", str(hf_dir_with_a_larger_tokenizer), *command[1:]]) == 2
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").rpartition("\n")[2].rpartition("\r")[2]  # after transformers' loading progress bar
+    assert "Traceback" not in err and last.startswith(f"moekit {command[0]}")
+    assert "token id(s) 350 out of range; expected token ids in [0, 300)" in last

@@ -259,6 +259,10 @@ class RouterConfig(Config):
         layer as its `router_state`."""
         return False
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raise UsageError where the router cannot take every token id of a model with `vocab_size` ids
+        (override: hash routing's table)."""
+
     def build_shared_module(self):
         """A module shared by every MoE layer and owned by the model (None: no such module)."""
         return None

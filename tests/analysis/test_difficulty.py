@@ -102,6 +102,15 @@ class TinyLM(torch.nn.Module):
         return self.out(x + self.moe(x))
 
 
+
+@pytest.mark.parametrize("bad", [4, -1])
+def test_token_losses_refuse_ids_outside_the_logits_vocabulary(bad):
+    # Before the check: torch's gather error ("index 4 is out of bounds for dimension 2 with size 4").
+    with pytest.raises(moekit.errors.UsageError, match=rf"^token_losses: token id\(s\) {bad} out of range; "
+                                                       r"expected token ids in \[0, 4\) \(the logits' vocabulary\)$"):
+        token_losses(torch.zeros(1, 3, 4), torch.tensor([[0, bad, 2]]))
+
+
 def test_record_trace_keeps_the_models_losses_and_the_file_keeps_them(tmp_path):
     torch.manual_seed(0)
     model = TinyLM()

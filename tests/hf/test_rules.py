@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import moekit
 import moekit.hf
+from moekit.errors import UsageError
 
 VOCAB = 128
 _BASE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -219,3 +220,25 @@ def test_a_scale_the_block_does_not_apply_is_refused(randomized):
     with pytest.raises(moekit.hf.UnsupportedBlockError, match=r"cannot wrap OpenAIPrivacyFilterMLP: read as .*differs "
                                                               r"from the block's own"):
         moekit.hf.wrap(model)
+
+
+def test_hash_block_refuses_token_ids_outside_its_table(randomized):
+    """DeepSeek-V4's wrapped hash block takes the decoder layer's `input_ids` as its router state: an id outside
+    the table's rows is refused by name (before the check: -1 read the table's last row, VOCAB an IndexError);
+    in-range ids still give the HF block's output."""
+    model = _build(randomized, "deepseek_v4")
+    name = next(n for n, m in model.named_modules() if moekit.hf.detect.looks_like_moe_block(m)
+                and any(b.endswith("tid2eid") for b, _ in m.named_buffers()))
+    x = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[0, 5, VOCAB - 1, 9]])
+    with torch.no_grad():
+        ref = model.get_submodule(name)(x, input_ids=ids)
+    moekit.hf.wrap(model)
+    layer = model.get_submodule(name)
+    assert layer.cfg.router.kind == "hash"
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, input_ids=ids), ref, atol=1e-5, rtol=1e-5)
+        for bad in (VOCAB, -1):
+            with pytest.raises(UsageError, match=rf"^RouterConfig\(kind='hash'\): token id\(s\) {bad} out of "
+                                                        rf"range; expected token ids in \[0, {VOCAB}\)"):
+                layer(x, input_ids=torch.tensor([[0, 5, bad, 9]]))

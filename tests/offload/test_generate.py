@@ -255,3 +255,19 @@ def test_ctrl_c_while_waiting_on_a_slow_prefetch_does_not_hang(model, prompt, mo
         timer.cancel()
     assert time.perf_counter() - t0 < 30  # stopped within about one load, not after the whole run
     assert not _prefetch_threads()
+
+
+@pytest.mark.parametrize("bad", [64, -1])
+def test_prompt_ids_beyond_an_hf_models_vocabulary_are_refused_by_name(bad):
+    # Before the check: transformers' embedding raised a raw IndexError from inside the decode loop.
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from moekit.errors import UsageError
+    from moekit.hf.adapters import HFCausalLM
+
+    cfg = MixtralConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
+    model = HFCausalLM(AutoModelForCausalLM.from_config(cfg).eval())
+    with pytest.raises(UsageError, match=rf"^the prompt: token id\(s\) {bad} out of range; expected token ids in "
+                                         r"\[0, 64\) \(the model's vocabulary\)$"):
+        decode_loop(model, torch.tensor([[1, bad, 3]]), 2, record=False)

@@ -88,3 +88,87 @@ def test_disabled_experts_drop_their_picks_and_topp_reroutes_on_the_gate():
         layer(x, router_state=ids)  # top-p ignores the ids: it routes on the gate's softmax
         assert layer.router.kind == "topp"
     assert layer.router.kind == "hash" and layer.router.tid2eid is table
+
+
+@pytest.mark.parametrize("bad, named", [(V, f"{V}"), (V + 7, f"{V + 7}"), (-1, "-1"), (-V, f"-{V}")])
+def test_out_of_range_ids_are_refused_in_one_line(bad, named):
+    # Without the check a negative id silently read the table from its end; a large one raised torch's IndexError.
+    ids = torch.tensor([0, 3, bad, V - 1])
+    with pytest.raises(UsageError, match=rf"^RouterConfig\(kind='hash'\): token id\(s\) {named} out of range; "
+                                         rf"expected token ids in \[0, {V}\) \(the rows of its token id table\)$"):
+        _layer()(torch.randn(4, D), router_state=ids)
+
+
+def test_many_bad_ids_are_named_up_to_five():
+    ids = torch.tensor([-3, V, V + 1, V + 2, V + 3, V + 4, 1, -3])
+    with pytest.raises(UsageError, match=r"token id\(s\) -3, 50, 51, 52, 53, \.\.\. \(6 distinct\) out of range"):
+        _layer(k=2)(torch.randn(8, D), router_state=ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex64])
+def test_ids_that_are_not_integers_are_refused(dtype):
+    # A boolean tensor would index the table as a mask.
+    with pytest.raises(UsageError, match=r"routes on token ids: pass the 4 tokens' ids"):
+        _layer()(torch.randn(4, D), router_state=torch.ones(4, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_in_range_ids_route_exactly_by_the_table(dtype):
+    layer = _layer(k=2)
+    ids = torch.tensor([0, V - 1, 7, 0, V - 1, 23], dtype=dtype)
+    x = torch.randn(6, D)
+    with torch.no_grad():
+        y = layer(x, router_state=ids)
+        route = layer.routing_info().route
+        y_again = layer(x, router_state=ids.long())
+    assert torch.equal(route.to_padded()[0], layer.router.tid2eid[ids.long()])
+    assert torch.equal(y, y_again) and torch.equal(route.weight_N, layer.routing_info().route.weight_N)
+
+
+def test_moe_lm_refuses_ids_outside_its_vocabulary_and_a_smaller_hash_table():
+    moe = MoEConfig(d_model=32, d_expert=16, num_experts=E, router=RouterConfig(kind="hash", k=2, vocab_size=64))
+    model = MoELM(LMConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=8, moe=moe)).eval()
+    for bad in (64, -2):
+        # Without the check: nn.Embedding's raw IndexError ("index out of range in self").
+        with pytest.raises(UsageError, match=rf"^MoELM: token id\(s\) {bad} out of range; expected token ids in "
+                                             r"\[0, 64\) \(LMConfig.vocab_size\)$"):
+            model(torch.tensor([[1, bad, 2]]))
+    with pytest.raises(UsageError, match=r"^MoELM: token ids must be integers, got a torch.float32 tensor"):
+        model(torch.tensor([[1.0, 2.0]]))  # before: nn.Embedding's raw RuntimeError
+    with pytest.raises(UsageError, match=r"RouterConfig.vocab_size=60 is invalid; allowed: at least the model's "
+                                         r"vocabulary size 64"):
+        LMConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2,
+                 moe=MoEConfig(d_model=32, d_expert=16, num_experts=E,
+                               router=RouterConfig(kind="hash", vocab_size=60))).validate()
+
+
+def test_off_cpu_and_under_compile_the_check_is_a_device_side_assert(monkeypatch):
+    """On CUDA a host-side check would synchronise every layer call: there (and under torch.compile) the check
+    is torch._assert_async, which raises only at the next synchronisation (on CPU: at once)."""
+    from moekit.utils.ids import check_token_ids
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(torch, "aminmax", None)  # the host-side path is not taken
+    check_token_ids(torch.tensor([0, 9]), 10, "t")
+    with pytest.raises(RuntimeError, match=r"^t: a token id is out of range; expected token ids in \[0, 10\)$"):
+        check_token_ids(torch.tensor([0, 10]), 10, "t")
+    with pytest.raises(RuntimeError, match="out of range"):
+        check_token_ids(torch.tensor([-1, 3]), 10, "t")
+
+
+@pytest.mark.parametrize("bad", [E, -1])
+def test_a_table_holding_an_expert_id_outside_the_layer_is_refused_as_damaged(bad):
+    # A checkpoint's table loaded in place (copy_ bumps the version the check is cached on); before the check
+    # the gather raised "index 6 is out of bounds for dimension 1 with size 6".
+    from moekit.errors import DataError
+
+    layer = _layer(k=2)
+    ids = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        layer(torch.randn(3, D), router_state=ids)  # checked and cached
+        table = layer.router.tid2eid.clone()
+        table[3, 1] = bad
+        layer.router.tid2eid.copy_(table)
+        with pytest.raises(DataError, match=rf"^RouterConfig\(kind='hash'\): expert id\(s\) {bad} out of range; "
+                                            rf"expected expert ids in \[0, {E}\) \(the layer's experts\)$"):
+            layer(torch.randn(3, D), router_state=ids)

@@ -166,3 +166,19 @@ def test_evaluation_counts_executed_experts():
     np.testing.assert_allclose(result["experts_per_token_by_layer"], seen[:, 0] / seen[:, 2], atol=1e-4)
     assert (seen[:, 0] < seen[:, 1]).any()  # eval_capacity_factor dropped tokens
     assert not np.allclose(result["experts_per_token_by_layer"], seen[:, 1] / seen[:, 2], atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [259, -1])
+def test_evaluation_refuses_a_target_id_beyond_the_vocabulary(monkeypatch, bad):
+    # A window's last id is a target only, which the model's own check never sees: before the check,
+    # cross_entropy's raw "Target 259 is out of bounds" (or the byte table's IndexError).
+    from moekit.data import ByteTokenizer
+    from moekit.models import MoELM
+
+    model = MoELM(LMConfig(vocab_size=ByteTokenizer.vocab_size, d_model=16, n_layers=1, n_heads=2, max_seq_len=8,
+                           moe=moekit.MoEConfig(d_expert=8, num_experts=4)).validate())
+    module = sys.modules["moekit.train.evaluate"]  # the package exports the function under the module's name
+    monkeypatch.setattr(module, "domain_windows", lambda *a: torch.tensor([[97, 98, 99, bad]]))
+    with pytest.raises(UsageError, match=rf"^evaluate: the targets: token id\(s\) {bad} out of range; expected "
+                                         r"token ids in \[0, 259\)"):
+        evaluate(model, ByteTokenizer(), 3, 16, domains=["english"])

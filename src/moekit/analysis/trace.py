@@ -39,6 +39,7 @@ from moekit.analysis.routing_trace import RoutingTrace
 from moekit.analysis.tracefile import save_trace
 from moekit.layers.moe import MoELayer, moe_layer_names, moe_layers
 from moekit.routers.predict import can_predict, predict_experts
+from moekit.utils.ids import check_token_ids
 
 __all__ = ["TokenBatch", "TraceRecorder", "corpus_batches", "record_trace", "token_losses"]
 
@@ -266,10 +267,12 @@ class TraceRecorder:
 def token_losses(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, padding_mask_BT: torch.Tensor | None = None
                  ) -> torch.Tensor:
     """Next-token loss (B, T) float32 in nats: -log softmax(logits[b, t])[ids[b, t + 1]], NaN at the
-    last real token of each sequence and at padding (there is no next token to predict)."""
+    last real token of each sequence and at padding (there is no next token to predict). Raises UsageError for
+    ids outside [0, V) (torch's gather raised a raw error)."""
     B, T = ids_BT.shape
     if logits_BTV.shape[:2] != (B, T):
         raise ValueError(f"token_losses: logits of shape {tuple(logits_BTV.shape)} for ids of shape {(B, T)}")
+    check_token_ids(ids_BT[:, 1:], logits_BTV.shape[-1], "token_losses", "the logits' vocabulary", host=True)
     loss_BT = torch.full((B, T), float("nan"), dtype=torch.float32, device=logits_BTV.device)
     if T > 1:
         logp = torch.log_softmax(logits_BTV[:, :-1].float(), dim=-1)

@@ -51,6 +51,7 @@ def run(args) -> int:
     import torch
 
     from moekit.models.generate import generate
+    from moekit.utils.ids import check_token_ids
 
     positive(args.max_new_tokens, "--max-new-tokens")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -69,6 +70,9 @@ def run(args) -> int:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} is invalid: with the prompt's {len(prompt)} tokens "
                          f"it exceeds the model's max_seq_len {limit}; allowed: at most {limit - len(prompt)}")
     prompt_BT = torch.tensor([prompt])
+    # A tokenizer with more ids than the model's embedding (added tokens): one line, not torch's IndexError.
+    vocab = model.cfg.vocab_size if hasattr(model, "cfg") else model.vocab_size
+    check_token_ids(prompt_BT, vocab, "moekit generate --prompt", "the model's vocabulary; its tokenizer gave more ids")
     if getattr(args, "expert_budget", None) is not None:
         from moekit.cli.offload import run_offloaded
 

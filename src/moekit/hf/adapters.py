@@ -16,6 +16,7 @@ from torch import nn
 
 from moekit.data import ByteTokenizer
 from moekit.layers import moe_layers
+from moekit.utils.ids import check_token_ids
 
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -25,7 +26,15 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model takes: the rows of its input embedding."""
+        return self.model.get_input_embeddings().num_embeddings
+
     def forward(self, ids_BT: torch.Tensor, padding_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of ids (B, T); UsageError for an id outside [0, vocab_size) (the embedding's raw
+        IndexError otherwise; on CUDA a device-side assert)."""
+        check_token_ids(ids_BT, self.vocab_size, "HFCausalLM", "the rows of the model's input embedding")
         return self.model(input_ids=ids_BT, attention_mask=padding_mask_BT, use_cache=False).logits
 
     def moe_layers(self):

@@ -31,6 +31,7 @@ from moekit.config import Config, MoEConfig, check_fields, require, setting
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
 from moekit.layers.moe import MoELayer, moe_layers
+from moekit.utils.ids import check_token_ids
 
 
 @dataclass
@@ -120,6 +121,7 @@ class LMConfig(Config):
             self.moe_num_experts = list(counts)
             for i in range(self.n_moe):
                 self.moe_config(i).validate()
+        self.moe.router.check_vocabulary(self.vocab_size)  # a hash router's table must map every token id
         if not self.moe.router.is_causal() and not self.moe.router.accepts_causal_leak():
             raise UsageError(f"RouterConfig.kind={self.moe.router.kind!r} is not causal (a token's experts depend on "
                              "later tokens), so a causal LM would see the future; set allow_causal_leak=True to "
@@ -279,6 +281,8 @@ class MoELM(nn.Module):
                 padding_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V). With a cache, the tokens continue the cached positions."""
         B, T = input_ids_BT.shape
+        # nn.Embedding raises a raw IndexError (CUDA: a device-side assert) for an id outside the vocabulary.
+        check_token_ids(input_ids_BT, self.cfg.vocab_size, "MoELM", "LMConfig.vocab_size")
         start = 0 if cache is None else cache.pos
         if start + T > self.cfg.max_seq_len or (cache is not None and start + T > cache.max_len):
             limit = self.cfg.max_seq_len if cache is None else min(self.cfg.max_seq_len, cache.max_len)

@@ -37,6 +37,7 @@ from moekit.offload.load import open_model_and_store, store_matches_model  # liv
 from moekit.offload.runtime import OffloadRuntime, expert_shape, offload, plan_offload
 from moekit.offload.simulate import simulate_run
 from moekit.offload.store import ExpertStore
+from moekit.utils.ids import check_token_ids
 
 __all__ = ["OffloadResult", "decode_loop", "offloaded_generate", "open_model_and_store", "store_matches_model"]
 
@@ -64,10 +65,12 @@ class _Stepper:
             self.device = param.device
             self.cache = KVCache(model.cfg, batch, max_len, device=param.device, dtype=param.dtype)
             self.hf = None
+            self.vocab_size = model.cfg.vocab_size
             if max_len > model.cfg.max_seq_len:
                 raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds max_seq_len={model.cfg.max_seq_len}")
         else:
             self.hf = model.model if isinstance(model, HFCausalLM) else model
+            self.vocab_size = self.hf.get_input_embeddings().num_embeddings
             self.device = next(p.device for p in model.parameters() if not p.is_meta)
             self.past = None
 
@@ -93,6 +96,8 @@ def decode_loop(model: nn.Module, prompt_ids_BT: torch.Tensor, max_new_tokens: i
     was_training = model.training
     model.eval()
     step = _Stepper(model, B, T + max_new_tokens)
+    # Once, before decoding: an HF model's embedding raises a raw IndexError for an id beyond it.
+    check_token_ids(prompt_ids_BT, step.vocab_size, "the prompt", "the model's vocabulary", host=True)
     generator = None if seed is None else torch.Generator(device=step.device).manual_seed(seed)
     seconds: list[float] = []
 

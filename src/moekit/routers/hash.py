@@ -23,10 +23,11 @@ from typing import Any, ClassVar
 import torch
 
 from moekit.config import RouterConfig, require, setting
-from moekit.errors import UsageError
+from moekit.errors import DataError, UsageError
 from moekit.routers.base import Router, RouterOutput, warn_if_k1_normalized
 from moekit.routers.registry import register
 from moekit.routers.topk import SCORES, renormalizer, scores_of
+from moekit.utils.ids import check_token_ids
 
 
 @dataclass
@@ -76,6 +77,10 @@ class HashConfig(RouterConfig):
     def routes_on_token_ids(self) -> bool:
         return True
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        require(self.vocab_size >= vocab_size, "RouterConfig.vocab_size", self.vocab_size,
+                f"at least the model's vocabulary size {vocab_size} (the table maps every token id)")
+
     def hf_routing(self) -> dict[str, Any] | None:
         return None  # export writes Mixtral / Qwen3-MoE / GLM-4-MoE checkpoints, none of which hashes
 
@@ -87,11 +92,14 @@ class HashRouter(Router):
     def __init__(self, cfg: HashConfig, d_model: int, num_experts: int):
         super().__init__(cfg, d_model, num_experts)
         self.register_buffer("tid2eid", random_table(cfg.vocab_size, num_experts, cfg.k, cfg.seed))
+        self._checked_table: tuple[int, int] | None = None  # (id, version) of the table last checked
 
     def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None, state: Any = None,
                 logit_bias_TE: torch.Tensor | None = None) -> RouterOutput:
-        """`state`: the token ids (any shape with T elements, int), see the module doc."""
-        if not isinstance(state, torch.Tensor) or state.dtype.is_floating_point or state.numel() != x_TD.shape[0]:
+        """`state`: the token ids (any shape with T elements, int), see the module doc. Raises UsageError for
+        missing ids or ids outside [0, rows of `tid2eid`) (on CUDA a device-side assert: no host sync)."""
+        if (not isinstance(state, torch.Tensor) or state.dtype.is_floating_point or state.dtype.is_complex
+                or state.dtype == torch.bool or state.numel() != x_TD.shape[0]):
             raise UsageError(f"RouterConfig(kind='hash') routes on token ids: pass the {x_TD.shape[0]} tokens' ids as "
                              f"the MoE layer's router_state (got {type(state).__name__}"
                              f"{'' if not isinstance(state, torch.Tensor) else f' {tuple(state.shape)} {state.dtype}'})")
@@ -99,7 +107,11 @@ class HashRouter(Router):
         if logit_bias_TE is not None:
             logits_TE = logits_TE + logit_bias_TE
         cfg = self.cfg
-        idx_TK = self.tid2eid[state.reshape(-1).to(self.tid2eid.device)].long()
+        ids_T = state.reshape(-1).to(self.tid2eid.device, torch.long)  # uint8 would index as a mask
+        # A negative id would silently index the table from its end, a large one raise a raw IndexError.
+        check_token_ids(ids_T, self.tid2eid.shape[0], "RouterConfig(kind='hash')", "the rows of its token id table")
+        self._check_table()
+        idx_TK = self.tid2eid[ids_T].long()
         scores_TE = scores_of(logits_TE, cfg.score)
         w_TK = scores_TE.gather(1, idx_TK)
         if cfg.normalizes():
@@ -111,6 +123,19 @@ class HashRouter(Router):
             return route
         # A disabled expert's picks are dropped: the table has no other expert for the token.
         return route.keep(~(self.expert_mask_E < 0)[route.expert_idx_N])
+
+    def _check_table(self) -> None:
+        """DataError where the table holds an expert id outside [0, E) (a damaged or mismatched checkpoint's
+        `tid2eid`; the gather's raw error otherwise). Once per table and version: loading a checkpoint into
+        it (copy_) bumps the version. Skipped under torch.compile, whose graphs do not read versions."""
+        table = self.tid2eid
+        if torch.compiler.is_compiling() or table.is_meta:
+            return
+        key = (id(table), table._version)
+        if self._checked_table != key:
+            check_token_ids(table, self.num_experts, "RouterConfig(kind='hash')", "the layer's experts", noun="expert id",
+                            error=DataError)
+            self._checked_table = key
 
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor,
                valid_T: torch.Tensor | None = None) -> RouterOutput:

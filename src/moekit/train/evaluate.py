@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from moekit.data import DOMAINS, encode_samples, load_corpus, unigram_bits_per_byte
 from moekit.errors import UsageError
 from moekit.layers.moe import moe_layers
+from moekit.utils.ids import check_token_ids
 
 UNIGRAM_NOTE = ("unigram = bits per byte of a byte-frequency model fitted on the train split (no context): "
                 "the baseline a language model must beat")
@@ -89,6 +90,9 @@ def evaluate(model, tokenizer, seq_len: int = 128, max_tokens_per_domain: int = 
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits_BTV = model(ids_BT[:, :-1])
             target_BT = ids_BT[:, 1:]
+            # The targets' last column never reaches the model's own check: cross_entropy's raw error otherwise.
+            check_token_ids(target_BT, min(logits_BTV.shape[-1], nbytes_V.numel()), "evaluate: the targets",
+                            "the model's and the tokenizer's vocabulary", host=True)
             nll += float(F.cross_entropy(logits_BTV.float().flatten(0, 1), target_BT.flatten(), reduction="sum"))
             nbytes += int(nbytes_V[target_BT.cpu()].sum())
             ntok += target_BT.numel()
