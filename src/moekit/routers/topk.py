@@ -290,15 +290,11 @@ class TopKRouter(Router):
 
     def _selection_bias_is_zero(self) -> bool:
         """Whether the selection bias is all zeros (adding it would change no score), known without a host sync:
-        read on CPU only, once per version of the buffer (in-place updates such as `update_bias` and
-        `load_state_dict` bump `_version`; a new buffer is another tensor); False on other devices."""
+        read on CPU only (a CUDA read would sync; False on other devices), at every call: a remembered answer
+        goes stale where the buffer changes behind its version counter (writes through `.data` or numpy,
+        a deepcopy or torch.save of the module restarting `_version`)."""
         bias = self.e_score_correction_bias
-        if bias.device.type != "cpu" or bias.is_inference():
-            return False  # (a CUDA read would sync; an inference-mode tensor has no version counter)
-        seen = self.__dict__.get("_zero_bias_seen")  # (the tensor, its version, whether it was zero)
-        if seen is None or seen[0] is not bias or seen[1] != bias._version:
-            seen = self.__dict__["_zero_bias_seen"] = (bias, bias._version, not bool(bias.any()))
-        return seen[2]
+        return bias.device.type == "cpu" and not bool(bias.any())
 
     def adopt(self, old: Router) -> None:
         super().adopt(old)
