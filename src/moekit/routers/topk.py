@@ -289,12 +289,16 @@ class TopKRouter(Router):
         return idx_TK, w_TK, scores_TE, logits_TE
 
     def _selection_bias_is_zero(self) -> bool:
-        """Whether the selection bias is all zeros (adding it would change no score), known without a host sync:
-        read on CPU only (a CUDA read would sync; False on other devices), at every call: a remembered answer
-        goes stale where the buffer changes behind its version counter (writes through `.data` or numpy,
-        a deepcopy or torch.save of the module restarting `_version`)."""
+        """Whether the selection bias is all zeros (adding it would change no score), known without a device
+        sync: an fp32/fp64 buffer on the CPU is read at every call through numpy (host memory, no tensor op
+        and no `_local_scalar_dense`); on any other device, or as a tensor subclass, False (a CUDA read would
+        sync). Not remembered: a memo per (tensor, `_version`) goes stale when the buffer changes behind its
+        version counter (writes through `.data` or numpy, a deepcopy or torch.save of the module)."""
         bias = self.e_score_correction_bias
-        return bias.device.type == "cpu" and not bool(bias.any())
+        if (bias.device.type != "cpu" or bias.dtype not in (torch.float32, torch.float64) or bias.requires_grad
+                or type(bias) is not torch.Tensor):
+            return False
+        return not bias.numpy().any()
 
     def adopt(self, old: Router) -> None:
         super().adopt(old)
