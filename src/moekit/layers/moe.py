@@ -644,9 +644,17 @@ class MoELayer(nn.Module):
                 f"active_params={cfg.num_active_params():,}")
 
 
-@functools.cache
 def _expert_ids(num_experts: int, device: torch.device) -> torch.Tensor:
-    """arange(E) on `device`, made once (the inference path's offsets search it at every call)."""
+    """arange(E) on `device`, made once (the inference path's offsets search it at every call); not kept when
+    made while a CUDA graph captures (the arange is then only recorded: until a replay its memory holds
+    no ids, and eager calls would read it)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.arange(num_experts, device=device)
+    return _kept_expert_ids(num_experts, device)
+
+
+@functools.cache
+def _kept_expert_ids(num_experts: int, device: torch.device) -> torch.Tensor:
     return torch.arange(num_experts, device=device)
 
 
