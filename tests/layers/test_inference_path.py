@@ -244,3 +244,29 @@ def test_selection_bias_written_behind_the_version_counter_is_used(write):
             y_ref = layer(x)
     assert (chosen_TK == 5).any(dim=1).all()
     assert torch.equal(y, y_ref)
+
+
+def test_a_fake_tensor_forward_leaves_no_fake_expert_ids_behind():
+    """The inference path keeps arange(E) per (E, device): one made under FakeTensorMode (shape analysis,
+    memory estimates; such a forward may fail later, in the grouped GEMM's fake kernel) is a FakeTensor and
+    must not be kept, or every real forward after it fails."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moekit.layers.moe import _expert_ids, _kept_expert_ids
+
+    _kept_expert_ids.cache_clear()
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=32, num_experts=7, d_expert=16, router=RouterConfig(kind="topk", k=2))).eval()
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        assert type(_expert_ids(7, torch.zeros(3, dtype=torch.long))) is not torch.Tensor
+        with contextlib.suppress(Exception):
+            layer(torch.randn(6, 32))
+    assert type(_expert_ids(7, torch.zeros(3, dtype=torch.long))) is torch.Tensor
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y = layer(x)
+        assert isinstance(layer._info, _DenseRoute)
+        with reference_path():
+            assert torch.equal(y, layer(x))
