@@ -146,3 +146,38 @@ def test_bf16_on_cuda_within_bf16_tolerance_of_fp32_cpu(kind):
     scale = ref.abs().max()
     assert float(err.median()) < 2e-2 * float(scale), (float(err.median()), float(scale))
     assert float((err < 5e-2 * scale).float().mean()) > 0.9, "more than 10% of outputs off by > 5% of max |y|"
+
+
+def test_inference_path_first_run_in_a_cuda_graph_capture_leaves_eager_calls_right():
+    """The inference path keeps arange(E) per device for its offsets: one first made while a CUDA graph
+    captures is only recorded there (no ids in its memory until a replay), so it must not be kept for eager
+    calls. Captured first, then an eager call before any replay equals the general path; the replay too."""
+    if DEVICE != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    from moekit.layers.moe import _DenseRoute, _kept_expert_ids, reference_path
+
+    layer = moekit.MoELayer(moekit.MoEConfig(d_model=64, d_expert=128, num_experts=24,
+                                             router=moekit.RouterConfig(kind="topk", k=2)))
+    layer = layer.to("cuda", torch.bfloat16).eval()  # bf16: the grouped GEMM reads no row count (fp32 does)
+    x_static = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (lazy kernel state), as torch.cuda.graph asks
+            for _ in range(2):
+                with reference_path():
+                    layer(x_static)
+        torch.cuda.current_stream().wait_stream(side)
+        _kept_expert_ids.cache_clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_static = layer(x_static)
+        y = layer(x)  # eager, before any replay
+        assert isinstance(layer._info, _DenseRoute)
+        with reference_path():
+            y_ref, y_static_ref = layer(x), layer(x_static)
+        graph.replay()
+    # (same kernels, same bf16 inputs: any gap is a wrong expert's rows, far beyond this)
+    torch.testing.assert_close(y, y_ref, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(y_static, y_static_ref, atol=1e-2, rtol=1e-2)

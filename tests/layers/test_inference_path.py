@@ -151,8 +151,8 @@ def test_zero_selection_bias_skips_it_with_the_same_result(rc):
 
 
 def test_selection_bias_changed_after_a_zero_read_is_used():
-    """The zero test is remembered per version of the buffer: an in-place update (update_bias, load_state_dict)
-    or a new buffer after a call that saw zeros is read again, so a changed bias always steers the choice."""
+    """The zero test reads the buffer at each call: an in-place update (update_bias, load_state_dict) or a new
+    buffer after a call that saw zeros steers the choice."""
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(d_model=32, num_experts=8, d_expert=16, router=RouterConfig(kind="topk", k=2))).eval()
     x = torch.randn(6, 32, generator=torch.Generator().manual_seed(4))
@@ -178,3 +178,95 @@ def test_selection_bias_changed_after_a_zero_read_is_used():
         y_ref = layer(x)
     with torch.no_grad():
         assert torch.equal(layer(x), y_ref)
+
+
+def _deepcopied(layer):
+    import copy
+
+    return copy.deepcopy(layer)
+
+
+def _saved_and_loaded(layer):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def _write_data_copy(layer, bias_E):
+    layer.router.e_score_correction_bias.data.copy_(bias_E)  # `.data` has its own version counter
+    return layer
+
+
+def _write_data_assign(layer, bias_E):
+    layer.router.e_score_correction_bias.data = bias_E.clone()  # same tensor, new storage, no version bump
+    return layer
+
+
+def _write_numpy_view(layer, bias_E):
+    layer.router.e_score_correction_bias.numpy()[:] = bias_E.numpy()  # numpy writes bump no version either
+    return layer
+
+
+def _write_then(copier):
+    def write(layer, bias_E):
+        with torch.no_grad():
+            layer.router.e_score_correction_bias.add_(bias_E)  # version 1 -> 2 (a training step's update_bias)
+        return copier(layer)  # the copy's buffer restarts at version 1 with the new values
+    return write
+
+
+@pytest.mark.parametrize("write", [_write_data_copy, _write_data_assign, _write_numpy_view,
+                                   _write_then(_deepcopied), _write_then(_saved_and_loaded)],
+                         ids=["data-copy", "data-assign", "numpy-view", "deepcopy", "torch-save-load"])
+def test_selection_bias_written_behind_the_version_counter_is_used(write):
+    """Ways of changing the selection bias that keep the tensor and leave its `_version` where an earlier
+    call saw zeros (writes through `.data` or numpy, a deepcopy or torch.save of the whole module after an
+    update): the inference path still adds the bias, with the general path's output and choice."""
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=32, num_experts=8, d_expert=16, router=RouterConfig(kind="topk", k=2))).eval()
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(4))
+    steer_E = torch.zeros(8)
+    steer_E[5] = 10.0  # expert 5 wins every token's selection
+    with torch.no_grad():
+        layer.router.e_score_correction_bias.mul_(1.0)  # version 1 (as after load_state_dict)
+        layer(x)  # the inference path sees zeros at version 1
+        assert isinstance(layer._info, _DenseRoute)
+        assert not (layer.routing_info().route.expert_idx_N.view(6, 2) == 5).any(dim=1).all()
+    layer = write(layer, steer_E)
+    with torch.no_grad():
+        y = layer(x)
+        assert isinstance(layer._info, _DenseRoute)
+        chosen_TK = layer.routing_info().route.expert_idx_N.view(6, 2)
+        with reference_path():
+            y_ref = layer(x)
+    assert (chosen_TK == 5).any(dim=1).all()
+    assert torch.equal(y, y_ref)
+
+
+def test_a_fake_tensor_forward_leaves_no_fake_expert_ids_behind():
+    """The inference path keeps arange(E) per (E, device): one made under FakeTensorMode (shape analysis,
+    memory estimates; such a forward may fail later, in the grouped GEMM's fake kernel) is a FakeTensor and
+    must not be kept, or every real forward after it fails."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moekit.layers.moe import _expert_ids, _kept_expert_ids
+
+    _kept_expert_ids.cache_clear()
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(d_model=32, num_experts=7, d_expert=16, router=RouterConfig(kind="topk", k=2))).eval()
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        assert type(_expert_ids(7, torch.zeros(3, dtype=torch.long))) is not torch.Tensor
+        with contextlib.suppress(Exception):
+            layer(torch.randn(6, 32))
+    assert type(_expert_ids(7, torch.zeros(3, dtype=torch.long))) is torch.Tensor
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y = layer(x)
+        assert isinstance(layer._info, _DenseRoute)
+        with reference_path():
+            assert torch.equal(y, layer(x))

@@ -349,3 +349,31 @@ def test_gshard_second_expert_needs_top2_softmax():
 
     with pytest.raises(ValueError, match="RouterConfig.second_expert"):
         TopKConfig(k=3, second_expert="sampling").validate(8)
+
+
+@pytest.mark.parametrize("bias_on", ["scores", "logits"])
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_softmax_bias_choosing_underflowed_experts_gives_zero_weights_not_nan(bias_on, p):
+    """A selection bias can steer a token away from its largest probability to experts whose softmax
+    probabilities underflow to 0: their renormalised weights stay 0 (the zero-sum guard), never 0/0 = NaN,
+    in the general path and the layer's inference path alike."""
+    from moekit.layers.moe import MoELayer, _DenseRoute, reference_path
+
+    layer = MoELayer(moekit.MoEConfig(d_model=16, num_experts=8, d_expert=8, router=moekit.RouterConfig(
+        kind="topk", k=2, normalize_p=p, selection_bias_on=bias_on))).eval()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 300.0  # expert 0 takes all the probability: the others' underflow to 0
+        layer.router.e_score_correction_bias.copy_(torch.tensor([0.0] + [400.0] * 7))  # ... but is never chosen
+    x = torch.zeros(3, 16)
+    x[:, 0] = 1.0
+    with torch.no_grad():
+        y = layer(x)
+        assert isinstance(layer._info, _DenseRoute)
+        w_N = layer.routing_info().route.weight_N
+        with reference_path():
+            y_ref = layer(x)
+        w_ref_N = layer.routing_info().route.weight_N
+    assert not (layer.routing_info().route.expert_idx_N == 0).any()
+    assert torch.equal(w_N, torch.zeros(6)) and torch.equal(w_ref_N, torch.zeros(6))
+    assert torch.isfinite(y).all() and torch.equal(y, y_ref)

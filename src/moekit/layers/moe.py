@@ -442,7 +442,7 @@ class MoELayer(nn.Module):
         E = self.experts.num_experts
         expert_N, order_N = torch.sort(idx_TK.reshape(-1), stable=True)
         token_N = order_N // K  # the route is token-major: assignment n is token n // K's
-        offsets_E = torch.searchsorted(expert_N, _expert_ids(E, expert_N.device), right=True,
+        offsets_E = torch.searchsorted(expert_N, _expert_ids(E, expert_N), right=True,
                                        out_int32=True)  # = cumsum of the counts
         x_ND, w_N = x_TD.index_select(0, token_N), w_TK.reshape(-1)[order_N]
         if self.cfg.weight_on_input:  # Llama 4: each expert runs on its weighted input; outputs summed unweighted
@@ -644,9 +644,18 @@ class MoELayer(nn.Module):
                 f"active_params={cfg.num_active_params():,}")
 
 
+def _expert_ids(num_experts: int, like: torch.Tensor) -> torch.Tensor:
+    """arange(E) on `like`'s device, made once per (E, device) (the inference path's offsets search it at
+    every call). Made afresh, never kept, for a tensor subclass (a FakeTensor kept would break every real
+    call after it) and while a CUDA graph captures (the arange is then only recorded: until a replay its
+    memory holds no ids, and eager calls would read it)."""
+    if type(like) is not torch.Tensor or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return torch.arange(num_experts, device=like.device)
+    return _kept_expert_ids(num_experts, like.device)
+
+
 @functools.cache
-def _expert_ids(num_experts: int, device: torch.device) -> torch.Tensor:
-    """arange(E) on `device`, made once (the inference path's offsets search it at every call)."""
+def _kept_expert_ids(num_experts: int, device: torch.device) -> torch.Tensor:
     return torch.arange(num_experts, device=device)
 
 

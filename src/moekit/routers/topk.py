@@ -289,16 +289,16 @@ class TopKRouter(Router):
         return idx_TK, w_TK, scores_TE, logits_TE
 
     def _selection_bias_is_zero(self) -> bool:
-        """Whether the selection bias is all zeros (adding it would change no score), known without a host sync:
-        read on CPU only, once per version of the buffer (in-place updates such as `update_bias` and
-        `load_state_dict` bump `_version`; a new buffer is another tensor); False on other devices."""
+        """Whether the selection bias is all zeros (adding it would change no score), known without a device
+        sync: an fp32/fp64 buffer on the CPU is read at every call through numpy (host memory, no tensor op
+        and no `_local_scalar_dense`); on any other device, or as a tensor subclass, False (a CUDA read would
+        sync). Not remembered: a memo per (tensor, `_version`) goes stale when the buffer changes behind its
+        version counter (writes through `.data` or numpy, a deepcopy or torch.save of the module)."""
         bias = self.e_score_correction_bias
-        if bias.device.type != "cpu" or bias.is_inference():
-            return False  # (a CUDA read would sync; an inference-mode tensor has no version counter)
-        seen = self.__dict__.get("_zero_bias_seen")  # (the tensor, its version, whether it was zero)
-        if seen is None or seen[0] is not bias or seen[1] != bias._version:
-            seen = self.__dict__["_zero_bias_seen"] = (bias, bias._version, not bool(bias.any()))
-        return seen[2]
+        if (bias.device.type != "cpu" or bias.dtype not in (torch.float32, torch.float64) or bias.requires_grad
+                or type(bias) is not torch.Tensor):
+            return False
+        return not bias.numpy().any()
 
     def adopt(self, old: Router) -> None:
         super().adopt(old)
@@ -393,7 +393,10 @@ def topk_choice(logits_TE: torch.Tensor, k: int, score: str = "softmax", normali
         idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=False).indices
         w_TK = scores_TE.gather(1, idx_TK)
     if normalize:
-        w_TK = w_TK / renormalizer(w_TK, score, normalize_p, normalize_min, forced=mask_E is not None)
+        # Without a selection bias or mask the chosen experts include each token's largest score (a group limit
+        # keeps its group or a better one): no zero-sum guard.
+        w_TK = w_TK / renormalizer(w_TK, score, normalize_p, normalize_min,
+                                   plain=bias_E is None and mask_E is None)
     if routed_scaling_factor != 1.0:
         w_TK = w_TK * routed_scaling_factor
     return idx_TK, w_TK, scores_TE
@@ -430,11 +433,13 @@ def select_top2_gshard(logits_TE: torch.Tensor, policy: str, normalize: bool = T
 
 
 def renormalizer(w_TK: torch.Tensor, score: str, p: float = 1.0, floor: float = 0.0,
-                 forced: bool = True) -> torch.Tensor:
+                 plain: bool = False) -> torch.Tensor:
     """What the chosen weights w_TK (T, K) of score function `score` are divided by when renormalised:
     their p-norm (p = 1: their sum; the weights are >= 0), clamped below at `floor` where one is set (T, 1).
-    forced=False: no expert was forced by a mask, so softmax weights include each token's largest
-    probability (>= 1/E) and their sum is never 0 (the zero-sum guard below is skipped)."""
+    plain=True: the weights are the plain top-k of the scores (no selection bias, no expert mask; a group
+    limit allowed), so softmax weights include each token's largest probability (>= 1/E) or a group's at least
+    as large, and their sum is never 0 (the zero-sum guard below is skipped). A selection bias or a mask can
+    choose experts whose probabilities underflow to 0: keep the guard there (False)."""
     norm_T1 = w_TK.sum(dim=-1, keepdim=True) if p == 1.0 else torch.linalg.vector_norm(w_TK, ord=p, dim=-1,
                                                                                       keepdim=True)
     if floor > 0:
@@ -444,9 +449,10 @@ def renormalizer(w_TK: torch.Tensor, score: str, p: float = 1.0, floor: float = 
         # + 1e-20 as transformers' DeepSeek-V3 / GLM-4-MoE / DeepSeek-V4 routers (which moekit.hf wraps);
         # DeepSeek-V3's own inference code divides plainly: the two differ only for sums below ~1e-13.
         return norm_T1 + 1e-20
-    # Mixtral / OLMoE / Qwen divide by the plain sum (>= 1/E for softmax scores; only k forced experts of
-    # underflowed probability sum to 0, and that row stays 0, not NaN). DBRX divides by torch.norm(p).
-    return norm_T1.masked_fill(norm_T1 == 0, 1.0) if forced else norm_T1
+    # Mixtral / OLMoE / Qwen divide by the plain sum (>= 1/E for softmax scores; only experts of underflowed
+    # probability, forced or chosen by a selection bias, sum to 0, and that row stays 0, not NaN). DBRX
+    # divides by torch.norm(p).
+    return norm_T1 if plain else norm_T1.masked_fill(norm_T1 == 0, 1.0)
 
 
 def _limit_groups(choice_TE: torch.Tensor, group_score: str, n_group: int, topk_group: int) -> torch.Tensor:
