@@ -42,6 +42,10 @@ def test_gpt_oss_and_llama4_are_timed_against_transformers(capsys):
             assert abs(line["speedup_vs_hf"] * line["ratio_hf"] - 1) < 1e-2 and line["clock"] == "cpu"
             q1, q2, q3 = line["speedup_vs_hf_rounds"]  # one round: its own ratio, the overall one
             assert q1 == q2 == q3 and abs(q2 - line["speedup_vs_hf"]) < 1e-3
+            # the A/A control: a copy of transformers' model, never a candidate for the best implementation
+            assert line["control_impl"] == ("eager" if arch == "llama4" else "grouped_mm")
+            assert line["control_ratio"] > 0 and "tokens_per_s_hf_control" not in line
+            assert abs(line["control_ratio_rounds"][1] - line["control_ratio"]) < 1e-3
     capsys.readouterr()
 
 

@@ -22,6 +22,12 @@ One JSON line per (architecture, case):
   speedup_vs_hf_rounds         [25th percentile, median, 75th percentile] of the same ratio taken per round
                                (each round times every variant once, back to back): the spread says how
                                much of a difference from 1.0 is the machine's noise
+  control_impl, control_ratio, control_ratio_rounds
+                               an A/A control: a second copy of transformers' model with `control_impl`
+                               (grouped_mm where it runs, else eager), timed in the same rounds; control_ratio =
+                               copy time / original time (1.0 but for noise: same code, same weights, other
+                               memory) and its per-round quartiles. A speedup_vs_hf as far from 1.0 as the
+                               control is from 1.0 is not a difference between the libraries
   max_abs_logit_diff           wrapped vs transformers logits on the prefill prompt (same computation)
   clock, load_1m/5m/15m         what was timed (--clock wall: elapsed; cpu: the thread's CPU time) and the
                                machine's load average when the line was written
@@ -139,6 +145,8 @@ def run_arch(arch, cfg, args) -> list[dict]:
     decode_ids = torch.randint(3, cfg.vocab_size, (args.batch, 8), generator=g).to(device)
     E, k, D, Fw = layer.cfg.num_experts, round(layer.cfg.router.expected_experts_per_token(layer.cfg.num_experts)), layer.cfg.d_model, layer.cfg.d_expert
     variants, unavailable = hf_variants(base, prefill_ids)
+    control_impl = "grouped_mm" if "grouped_mm" in variants else "eager"
+    control = copy.deepcopy(variants[control_impl])  # the A/A control (see the module doc)
     with torch.no_grad():
         diff = float((wrapped(prefill_ids).logits - base(prefill_ids).logits).abs().max())
 
@@ -187,18 +195,22 @@ def run_arch(arch, cfg, args) -> list[dict]:
         if "batched_mm" in variants and gather_bytes > BATCHED_MM_LIMIT_BYTES:
             skipped["batched_mm"] = f"would gather {gather_bytes / 2**30:.1f} GiB of expert weights"
         steps = {"moekit": make(wrapped),
-                 **{f"hf_{impl}": make(m) for impl, m in variants.items() if impl not in skipped}}
+                 **{f"hf_{impl}": make(m) for impl, m in variants.items() if impl not in skipped},
+                 "control": make(control)}
         times = round_robin(steps, args.repeats, args.warmup)
         secs = {name: statistics.median(ts) for name, ts in times.items()}
         hf = {name[3:]: s for name, s in secs.items() if name.startswith("hf_")}
         best = min(hf, key=hf.get)
         per_round = sorted(h / m for h, m in zip(times[f"hf_{best}"], times["moekit"], strict=True))
+        control_rounds = sorted(c / h for c, h in zip(times["control"], times[f"hf_{control_impl}"], strict=True))
         res = {**common, "case": case, **shape, "tokens": tokens,
                "tokens_per_s_moekit": tokens / secs["moekit"],
                **{f"tokens_per_s_hf_{impl}": tokens / s for impl, s in hf.items()},
                "tokens_per_s_hf_best": tokens / hf[best], "hf_best_impl": best,
                "ratio_hf": secs["moekit"] / hf[best], "speedup_vs_hf": hf[best] / secs["moekit"],
                "speedup_vs_hf_rounds": [round(q, 4) for q in _quartiles(per_round)],
+               "control_impl": control_impl, "control_ratio": secs["control"] / hf[control_impl],
+               "control_ratio_rounds": [round(q, 4) for q in _quartiles(control_rounds)],
                "hf_impls_skipped": skipped, "max_abs_logit_diff": diff, "repeats": args.repeats,
                "clock": getattr(args, "clock", "wall"), **load_average(),
                "peak_rss_mb": round(peak_rss_mb(), 1)}
