@@ -279,26 +279,13 @@ class TopKRouter(Router):
                 or type(self).select is not TopKRouter.select):
             return None
         logits_TE = self.scaled(self.logits(self.gate_input(self.jittered(x_TD))))
-        bias_E = None if self._selection_bias_is_zero() else self.e_score_correction_bias
         idx_TK, w_TK, scores_TE = topk_choice(logits_TE, cfg.k, cfg.score, cfg.normalizes(), cfg.routed_scaling_factor,
-                                              cfg.n_group, cfg.topk_group, bias_E, None,
+                                              cfg.n_group, cfg.topk_group, self.e_score_correction_bias, None,
                                               group_score=cfg.group_rule(), normalize_p=cfg.normalize_p,
                                               normalize_min=cfg.normalize_min, bias_on=cfg.selection_bias_on)
         if self.expert_scale is not None:  # as `scale_weights`
             w_TK = w_TK * self.expert_scale.float()[idx_TK]
         return idx_TK, w_TK, scores_TE, logits_TE
-
-    def _selection_bias_is_zero(self) -> bool:
-        """Whether the selection bias is all zeros (adding it would change no score), known without a device
-        sync: an fp32/fp64 buffer on the CPU is read at every call through numpy (host memory, no tensor op
-        and no `_local_scalar_dense`); on any other device, or as a tensor subclass, False (a CUDA read would
-        sync). Not remembered: a memo per (tensor, `_version`) goes stale when the buffer changes behind its
-        version counter (writes through `.data` or numpy, a deepcopy or torch.save of the module)."""
-        bias = self.e_score_correction_bias
-        if (bias.device.type != "cpu" or bias.dtype not in (torch.float32, torch.float64) or bias.requires_grad
-                or type(bias) is not torch.Tensor):
-            return False
-        return not bias.numpy().any()
 
     def adopt(self, old: Router) -> None:
         super().adopt(old)
@@ -382,7 +369,8 @@ def topk_choice(logits_TE: torch.Tensor, k: int, score: str = "softmax", normali
     else:
         choice_TE = logits_TE if bias_on == "logits" else scores_TE
         choice_TE = choice_TE + bias_E if bias_E is not None else choice_TE
-        choice_TE = choice_TE.detach()
+        if choice_TE.requires_grad:
+            choice_TE = choice_TE.detach()
         if mask_E is not None:
             # MoTE (arXiv 2502.11096) on the selection scores, after the bias and before the group limit: a
             # forced expert takes one of the k slots (its weight stays its own score), a disabled one never does.
