@@ -66,11 +66,17 @@ def combine(y_ND: torch.Tensor, plan: DispatchPlan, num_tokens: int, out_dtype: 
     return combine_rows(y_ND, plan.weight_N, plan.token_N, num_tokens, out_dtype)
 
 
-def combine_rows(y_ND: torch.Tensor, weight_N: torch.Tensor, token_N: torch.Tensor, num_tokens: int,
-                 out_dtype: torch.dtype) -> torch.Tensor:
-    """`combine` of rows y_ND (N, D) with their weights (N,) and tokens (N,) int64, without a plan."""
-    acc_dtype = torch.promote_types(torch.promote_types(y_ND.dtype, weight_N.dtype), torch.float32)
-    weighted_ND = y_ND.to(acc_dtype) * weight_N.to(acc_dtype).unsqueeze(-1)
-    y_TD = weighted_ND.new_zeros(num_tokens, y_ND.shape[-1])
-    y_TD = y_TD.index_add(0, token_N, weighted_ND)
-    return y_TD.to(out_dtype)
+def combine_rows(y_ND: torch.Tensor, weight_N: torch.Tensor | None, token_N: torch.Tensor, num_tokens: int,
+                 out_dtype: torch.dtype, scratch: bool = False) -> torch.Tensor:
+    """`combine` of rows y_ND (N, D) with their weights (N,) and tokens (N,) int64, without a plan.
+    weight_N None: the rows summed unweighted (Llama 4 weighted the experts' inputs). scratch=True: y_ND is a new
+    tensor the caller drops and no gradient is recorded, so it is weighted in place (the inference path)."""
+    acc_dtype = torch.promote_types(y_ND.dtype if weight_N is None else torch.promote_types(y_ND.dtype, weight_N.dtype),
+                                    torch.float32)
+    acc_ND = y_ND if y_ND.dtype == acc_dtype else y_ND.to(acc_dtype)  # (.to of the same dtype still costs a call)
+    if weight_N is not None:
+        w_N1 = (weight_N if weight_N.dtype == acc_dtype else weight_N.to(acc_dtype)).unsqueeze(-1)
+        acc_ND = acc_ND.mul_(w_N1) if scratch else acc_ND * w_N1
+    y_TD = acc_ND.new_zeros(num_tokens, y_ND.shape[-1])
+    y_TD = y_TD.index_add_(0, token_N, acc_ND) if scratch else y_TD.index_add(0, token_N, acc_ND)
+    return y_TD if y_TD.dtype == out_dtype else y_TD.to(out_dtype)

@@ -63,7 +63,7 @@ from torch import nn
 
 from moekit import losses
 from moekit.config import MoEConfig
-from moekit.dispatch import combine, make_plan, permute
+from moekit.dispatch import combine, combine_rows, make_plan, permute
 from moekit.errors import UsageError
 from moekit.experts import ExpertBank, SharedExpert
 from moekit.experts.bank import ExpertLayout
@@ -448,13 +448,7 @@ class MoELayer(nn.Module):
         if self.cfg.weight_on_input:  # Llama 4: each expert runs on its weighted input; outputs summed unweighted
             x_ND = x_ND * w_N.to(x_ND.dtype).unsqueeze(-1)
         y_ND = self.experts(x_ND, offsets_E)
-        # combine_rows' sum in fp32, with y_ND (a new tensor) weighted in place: no autograd here.
-        acc_ND = y_ND if y_ND.dtype in (torch.float32, torch.float64) else y_ND.float()
-        if not self.cfg.weight_on_input:
-            acc_ND.mul_(w_N.unsqueeze(-1))
-        y_TD = acc_ND.new_zeros(T, acc_ND.shape[1]).index_add_(0, token_N, acc_ND)
-        if y_TD.dtype != x_TD.dtype:
-            y_TD = y_TD.to(x_TD.dtype)
+        y_TD = combine_rows(y_ND, None if self.cfg.weight_on_input else w_N, token_N, T, x_TD.dtype, scratch=True)
         if self.shared_experts is not None:
             y_TD = y_TD + self._shared_out(x_TD, None)
         object.__setattr__(self, "_info", _DenseRoute(choice, offsets_E, self.cfg.expert_flops()))

@@ -363,23 +363,19 @@ def topk_choice(logits_TE: torch.Tensor, k: int, score: str = "softmax", normali
     chosen experts of each token, their combine weights and every expert's score (MoELayer's inference
     path reads these without building a RouterOutput)."""
     scores_TE = scores_of(logits_TE, score)
-    if bias_E is None and mask_E is None and n_group == 1 and bias_on == "scores" and not scores_TE.requires_grad:
-        # The plain rule without autograd (inference): the top-k values are the chosen scores (no gather).
-        w_TK, idx_TK = torch.topk(scores_TE, k, dim=-1, sorted=False)
-    else:
-        choice_TE = logits_TE if bias_on == "logits" else scores_TE
-        choice_TE = choice_TE + bias_E if bias_E is not None else choice_TE
-        if choice_TE.requires_grad:
-            choice_TE = choice_TE.detach()
-        if mask_E is not None:
-            # MoTE (arXiv 2502.11096) on the selection scores, after the bias and before the group limit: a
-            # forced expert takes one of the k slots (its weight stays its own score), a disabled one never does.
-            choice_TE = choice_TE.masked_fill(mask_E < 0, float("-inf")).masked_fill(mask_E > 0, float("inf"))
-        if n_group > 1:
-            rule = group_score or ("max" if score == "softmax" else "top2_sum")
-            choice_TE = _limit_groups(choice_TE, rule, n_group, topk_group)
-        idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=False).indices
-        w_TK = scores_TE.gather(1, idx_TK)
+    choice_TE = logits_TE if bias_on == "logits" else scores_TE
+    choice_TE = choice_TE + bias_E if bias_E is not None else choice_TE
+    if choice_TE.requires_grad:  # (a detach without autograd would still cost a call)
+        choice_TE = choice_TE.detach()
+    if mask_E is not None:
+        # MoTE (arXiv 2502.11096) on the selection scores, after the bias and before the group limit: a
+        # forced expert takes one of the k slots (its weight stays its own score), a disabled one never does.
+        choice_TE = choice_TE.masked_fill(mask_E < 0, float("-inf")).masked_fill(mask_E > 0, float("inf"))
+    if n_group > 1:
+        rule = group_score or ("max" if score == "softmax" else "top2_sum")
+        choice_TE = _limit_groups(choice_TE, rule, n_group, topk_group)
+    idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=False).indices
+    w_TK = scores_TE.gather(1, idx_TK)
     if normalize:
         # Without a selection bias or mask the chosen experts include each token's largest score (a group limit
         # keeps its group or a better one): no zero-sum guard.
