@@ -14,7 +14,7 @@ import torch
 
 import moekit.hf
 from moekit.hf import private_api
-from moekit.hf.block import transformers_records_router_logits
+from moekit.hf.block import recorded_router_output
 
 HF_SRC = Path(private_api.__file__).parent
 
@@ -29,8 +29,8 @@ def test_output_capturing_is_what_output_router_logits_uses(make_model, prompt):
     gate = model.model.layers[0].mlp.gate
     specs = private_api.record_specs(model)["router_logits"]
     assert isinstance(specs, private_api.OutputRecorder) and isinstance(gate, specs.target_class)
-    assert transformers_records_router_logits(model, gate)
-    assert not transformers_records_router_logits(model, model.model.layers[0].self_attn)
+    assert recorded_router_output(model, gate) is not None
+    assert recorded_router_output(model, model.model.layers[0].self_attn) is None
     # The collector is a context variable: None outside a recording forward, {output name: [tensors]} inside.
     assert private_api.active_collector.get() is None
     seen = []

@@ -419,11 +419,6 @@ def _router_keeps_batch_dims(spec: BlockSpec) -> bool:
     return any(isinstance(t, torch.Tensor) and tuple(t.shape) == (2, 3, E) and t.is_floating_point() for t in outs)
 
 
-def transformers_records_router_logits(model: nn.Module, gate: nn.Module) -> bool:
-    """Whether transformers would record `gate`'s logits for `output_router_logits=True`."""
-    return recorded_router_output(model, gate) is not None
-
-
 def recorded_router_output(model: nn.Module, gate: nn.Module) -> int | None:
     """The index of `gate`'s output transformers records as `router_logits` for `output_router_logits=True`
     (its OutputRecorder's `index`; 0 for a spec naming the class alone), or None where it records none."""
