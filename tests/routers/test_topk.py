@@ -1,5 +1,6 @@
 """Top-k router family: selection rules, weights, groups, bias."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -377,3 +378,37 @@ def test_softmax_bias_choosing_underflowed_experts_gives_zero_weights_not_nan(bi
     assert not (layer.routing_info().route.expert_idx_N == 0).any()
     assert torch.equal(w_N, torch.zeros(6)) and torch.equal(w_ref_N, torch.zeros(6))
     assert torch.isfinite(y).all() and torch.equal(y, y_ref)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_dropped_selection_bias_routes_as_a_zero_one_bit_for_bit(score, groups):
+    # A pretrained router without a selection bias holds none (moekit.hf): the plain top-k of the scores, its
+    # values read directly instead of a zero bias added and the chosen scores gathered back.
+    r = make_router(E=8, k=2, score=score, n_group=groups, topk_group=1)
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        zero = r(x)
+        zero_dense = r.dense_choice(x)
+        r.drop_selection_bias()
+        assert r.e_score_correction_bias is None and "e_score_correction_bias" not in r.state_dict()
+        dropped = r(x)
+        dropped_dense = r.dense_choice(x)
+    for a, b in zip(zero.to_padded(), dropped.to_padded(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(zero_dense, dropped_dense, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_bias_assigned_after_dropping_is_used_and_updates_start_from_zero():
+    r = make_router(E=4, k=1, score="sigmoid", normalize=False)
+    r.drop_selection_bias()
+    x = torch.randn(20, 16)
+    r.e_score_correction_bias = torch.tensor([0.0, 0.0, 10.0, 0.0])  # never silently ignored
+    assert bool((r(x).to_padded()[0] == 2).all())
+    r.drop_selection_bias()
+    r.cfg = dataclasses.replace(r.cfg, bias_update_rate=0.1)
+    r.update_bias(torch.tensor([10, 0, 5, 5]))
+    torch.testing.assert_close(r.e_score_correction_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="bias_update_rate=0.1 updates the selection bias; expected 0"):
+        r.drop_selection_bias()

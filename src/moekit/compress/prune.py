@@ -175,6 +175,9 @@ def apply_keep(layer: MoELayer, keep: list[int]) -> None:
         if old.expert_scale is not None:  # a pretrained per-expert weight scale (E,) and input norm (Gemma 4)
             router.expert_scale = nn.Parameter(torch.empty(len(keep)))
         router.input_norm = old.input_norm
+        for name, buf in old._buffers.items():
+            if buf is None and router._buffers.get(name) is not None:
+                setattr(router, name, None)  # one the old router holds none of (a dropped selection bias): none here
     if "bias" in state:
         state["bias"] = state["bias"].index_select(0, idx)
     router.load_state_dict(state)

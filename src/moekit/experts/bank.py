@@ -117,8 +117,10 @@ class ExpertBank(nn.Module):
             if b is not None and not b.is_meta:
                 nn.init.zeros_(b)
 
-    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        """Each row through its expert's FFN (moekit.ops.ffn); rows sorted by expert, offsets_E int32 ends."""
+    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor, expert_N: torch.Tensor | None = None) -> torch.Tensor:
+        """Each row through its expert's FFN (moekit.ops.ffn); rows sorted by expert, offsets_E int32 ends.
+        expert_N (N,) int64: the expert of each row where the caller has it (per-expert biases read it; found
+        from offsets_E otherwise)."""
         X = 2 * self.d_expert if self.act.gated else self.d_expert
         # Separate modules, or (CPU inference, many rows) stacks whose hidden activations should stay in cache:
         # one plain FFN per expert that has rows (the same values as the grouped GEMMs', see per_expert_ffn).
@@ -132,8 +134,9 @@ class ExpertBank(nn.Module):
                                                  hidden_dropout=self.hidden_dropout if self.training else 0.0)
                 start = end
             return y_ND
-        expert_N = None
-        if self.layout.bias:
+        if not self.layout.bias:
+            expert_N = None
+        elif expert_N is None:
             # The expert of each row, from the end offsets: one searchsorted (no host read; ~4x cheaper on CPU
             # than repeat_interleave of the counts); expert_ffn adds each row its expert's bias.
             N = x_ND.shape[0]

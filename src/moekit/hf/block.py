@@ -63,6 +63,8 @@ class HFMoEBlock(MoELayer):
             self.router.bias = spec.router_bias
         if spec.selection_bias is not None:
             self.router.e_score_correction_bias = spec.selection_bias
+        elif callable(getattr(self.router, "drop_selection_bias", None)) and not spec.cfg.router.updates_selection_bias():
+            self.router.drop_selection_bias()  # the HF router has none: no zero one added per call either
         for name, tensor in spec.router_tensors.items():  # a hash router's token id -> experts table
             setattr(self.router, name, tensor)
         for name, tensor in spec.bank.items():

@@ -237,7 +237,8 @@ def _copy_weights(model: MoELM, hf) -> None:
         moe = block.ffn
         layer.mlp.gate.weight.copy_(moe.router.weight)
         if hasattr(layer.mlp.gate, "e_score_correction_bias"):
-            layer.mlp.gate.e_score_correction_bias.copy_(moe.router.e_score_correction_bias)
+            bias_E = getattr(moe.router, "e_score_correction_bias", None)  # None: dropped, a zero bias
+            layer.mlp.gate.e_score_correction_bias.copy_(0.0 if bias_E is None else bias_E)
         layer.mlp.experts.gate_up_proj.copy_(moe.experts.gate_up_proj)
         layer.mlp.experts.down_proj.copy_(moe.experts.down_proj)
         if moe.shared_experts is not None:
@@ -278,7 +279,7 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> P
     _check_uncompressed(model)
     hf_cfg = hf_config_for(model.cfg)
     target = type(hf_cfg).__name__.removesuffix("Config")
-    if target != "Glm4Moe" and any(bool(layer.router.e_score_correction_bias.any()) for layer in model.moe_layers()):
+    if target != "Glm4Moe" and any(_nonzero_selection_bias(layer.router) for layer in model.moe_layers()):
         score = model.cfg.moe.router.hf_routing()["scoring_func"]
         _refuse(f"the {score} routers carry a non-zero selection bias (aux-loss-free balancing), which {target} does "
                 "not have")
@@ -303,3 +304,8 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> P
             raise ExportVerificationError(f"moekit export: {type(loaded).__name__} logits differ from moekit's by "
                                           f"{diff:.2e} (> {atol}); the export was not written")
     return out_dir
+
+
+def _nonzero_selection_bias(router) -> bool:
+    bias_E = getattr(router, "e_score_correction_bias", None)  # None: no selection bias (dropped)
+    return bias_E is not None and bool(bias_E.any())

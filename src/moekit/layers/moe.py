@@ -444,10 +444,12 @@ class MoELayer(nn.Module):
         token_N = order_N // K  # the route is token-major: assignment n is token n // K's
         offsets_E = torch.searchsorted(expert_N, _expert_ids(E, expert_N), right=True,
                                        out_int32=True)  # = cumsum of the counts
-        x_ND, w_N = x_TD.index_select(0, token_N), w_TK.reshape(-1)[order_N]
+        x_ND, w_N = x_TD.index_select(0, token_N), w_TK.reshape(-1).index_select(0, order_N)
         if self.cfg.weight_on_input:  # Llama 4: each expert runs on its weighted input; outputs summed unweighted
             x_ND = x_ND * w_N.to(x_ND.dtype).unsqueeze(-1)
-        y_ND = self.experts(x_ND, offsets_E)
+        # moekit's own bank takes the rows' experts (its per-expert biases read them); wrappers of it may not.
+        y_ND = (self.experts(x_ND, offsets_E, expert_N) if type(self.experts).forward is ExpertBank.forward
+                else self.experts(x_ND, offsets_E))
         y_TD = combine_rows(y_ND, None if self.cfg.weight_on_input else w_N, token_N, T, x_TD.dtype, scratch=True)
         if self.shared_experts is not None:
             y_TD = y_TD + self._shared_out(x_TD, None)

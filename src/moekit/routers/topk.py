@@ -292,6 +292,19 @@ class TopKRouter(Router):
         bias = getattr(old, "e_score_correction_bias", None)
         if isinstance(bias, torch.Tensor):
             self.e_score_correction_bias = bias  # the same buffer: a pretrained selection bias keeps working
+        elif "e_score_correction_bias" in old._buffers and not self.cfg.updates_selection_bias():
+            self.e_score_correction_bias = None  # a pretrained router without one (see `drop_selection_bias`)
+
+    def drop_selection_bias(self) -> None:
+        """Hold no selection bias (the buffer becomes None): the plain top-k of the scores, without adding a zero
+        bias, gathering the chosen scores and guarding their sum (4 ops per call, which a decoding step pays per
+        layer). For a pretrained router that has none (transformers' Mixtral, Qwen, gpt-oss, ...); a bias
+        assigned afterwards (`router.e_score_correction_bias = bias_E`) is used, and `update_bias` makes a zero
+        one. Raises ValueError when the config updates the bias (bias_update_rate > 0)."""
+        if self.cfg.updates_selection_bias():
+            raise ValueError(f"TopKRouter.drop_selection_bias: bias_update_rate={self.cfg.bias_update_rate} updates "
+                             "the selection bias; expected 0")
+        self.e_score_correction_bias = None
 
     def balance_assignment(self, route: RouterOutput,
                            valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,6 +337,8 @@ class TopKRouter(Router):
         """
         if self.cfg.bias_update_rate <= 0:
             return
+        if self.e_score_correction_bias is None:  # dropped (see `drop_selection_bias`): start from zero
+            self.e_score_correction_bias = torch.zeros(counts_E.shape, dtype=torch.float32, device=self.weight.device)
         counts_E = counts_E.float()
         delta_E = self.cfg.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
         if self.cfg.bias_recenter:
@@ -374,8 +389,11 @@ def topk_choice(logits_TE: torch.Tensor, k: int, score: str = "softmax", normali
     if n_group > 1:
         rule = group_score or ("max" if score == "softmax" else "top2_sum")
         choice_TE = _limit_groups(choice_TE, rule, n_group, topk_group)
-    idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=False).indices
-    w_TK = scores_TE.gather(1, idx_TK)
+    if choice_TE is scores_TE:  # the plain top-k of the scores: its values are the chosen scores
+        w_TK, idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=False)
+    else:
+        idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=False).indices
+        w_TK = scores_TE.gather(1, idx_TK)
     if normalize:
         # Without a selection bias or mask the chosen experts include each token's largest score (a group limit
         # keeps its group or a better one): no zero-sum guard.
