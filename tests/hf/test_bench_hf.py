@@ -6,6 +6,8 @@ import importlib
 import json
 import types
 
+import torch
+
 import moekit.hf
 
 
@@ -64,3 +66,21 @@ def test_round_quartiles():
     bench = _bench()
     assert bench._quartiles([2.0]) == (2.0, 2.0, 2.0)
     assert bench._quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+
+
+def test_every_variant_reads_the_same_weight_tensors():
+    """Separate copies of one model differ by up to 5 % in speed where their pages lie (the A/A control); the
+    benchmark's variants share every Parameter and buffer, so only their code differs."""
+    bench = _bench()
+    base = bench.build(bench.configs(32, 32, 4, 1, 64)["mixtral"])
+    ids = torch.randint(3, 64, (1, 8))
+    variants, _ = bench.hf_variants(base, ids)
+    wrapped = bench.moekit.hf.wrap(bench.sharing_copy(base))
+    originals = {id(t) for t in (*base.parameters(), *base.buffers())}
+    assert {"eager", "grouped_mm"} <= set(variants)
+    for m in (*variants.values(), wrapped, bench.sharing_copy(variants["grouped_mm"])):
+        assert m is not base and all(id(p) in originals for p in m.parameters())
+        assert all(id(b) in originals for n, b in m.named_buffers() if n in dict(base.named_buffers()))
+    # settings stay each copy's own
+    assert variants["grouped_mm"].config._experts_implementation == "grouped_mm"
+    assert variants["eager"].config._experts_implementation == "eager"

@@ -5,7 +5,10 @@ For each architecture (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, GPT-OS
 with each of its experts implementations that works on this machine (`eager` plus every entry of
 `transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`: grouped_mm, batched_mm; GPU-only ones fail
 their trial run and are listed as skipped), and moekit runs a `moekit.hf.wrap`-ped copy with the
-same weights. All variants of a case are timed round-robin in this one process (one run each in
+same weights. Every variant is a copy of one model that shares its weight and buffer tensors (the wrapped
+model reads transformers' Parameters in place anyway): all read the same memory, so where the pages of one
+copy happen to lie cannot make it faster than another (separate copies of the same model differed by up to
+5 % in the A/A control). All variants of a case are timed round-robin in this one process (one run each in
 turn, median of --repeats after warm-up), so load on the shared machine falls on all alike.
 
 Cases:
@@ -25,8 +28,8 @@ One JSON line per (architecture, case):
   control_impl, control_ratio, control_ratio_rounds
                                an A/A control: a second copy of transformers' model with `control_impl`
                                (grouped_mm where it runs, else eager), timed in the same rounds; control_ratio =
-                               copy time / original time (1.0 but for noise: same code, same weights, other
-                               memory) and its per-round quartiles. A speedup_vs_hf as far from 1.0 as the
+                               copy time / original time (1.0 but for noise: same code, the same weight
+                               tensors) and its per-round quartiles. A speedup_vs_hf as far from 1.0 as the
                                control is from 1.0 is not a difference between the libraries
   max_abs_logit_diff           wrapped vs transformers logits on the prefill prompt (same computation)
   clock, load_1m/5m/15m         what was timed (--clock wall: elapsed; cpu: the thread's CPU time) and the
@@ -95,6 +98,12 @@ def configs(d: int, f: int, e: int, layers: int, vocab: int) -> dict:
     }
 
 
+def sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `model` that holds the same Parameter and buffer tensors (its modules, config and
+    settings are its own): variants built from it differ in code only, never in where their weights lie."""
+    return copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
+
+
 def build(cfg) -> torch.nn.Module:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
@@ -117,7 +126,7 @@ def hf_variants(model, ids) -> tuple[dict, dict]:
         if impl != "eager" and not switchable:
             skipped[impl] = f"{type(model).__name__}'s experts have one implementation, their own forward (eager)"
             continue
-        m = copy.deepcopy(model)
+        m = sharing_copy(model)
         try:
             m.set_experts_implementation(impl)
             with torch.no_grad():
@@ -134,7 +143,7 @@ def run_arch(arch, cfg, args) -> list[dict]:
     dtype = getattr(torch, getattr(args, "dtype", "float32"))
     base = build(cfg).to(device=device, dtype=dtype)
     try:
-        wrapped = moekit.hf.wrap(copy.deepcopy(base))
+        wrapped = moekit.hf.wrap(sharing_copy(base))
     except moekit.hf.UnsupportedBlockError as e:  # a family this moekit does not wrap: say so, time nothing
         line = {"bench": "hf", "arch": arch, "refused": str(e)}
         print(json.dumps(line), flush=True)
@@ -146,7 +155,7 @@ def run_arch(arch, cfg, args) -> list[dict]:
     E, k, D, Fw = layer.cfg.num_experts, round(layer.cfg.router.expected_experts_per_token(layer.cfg.num_experts)), layer.cfg.d_model, layer.cfg.d_expert
     variants, unavailable = hf_variants(base, prefill_ids)
     control_impl = "grouped_mm" if "grouped_mm" in variants else "eager"
-    control = copy.deepcopy(variants[control_impl])  # the A/A control (see the module doc)
+    control = sharing_copy(variants[control_impl])  # the A/A control (see the module doc)
     with torch.no_grad():
         diff = float((wrapped(prefill_ids).logits - base(prefill_ids).logits).abs().max())
 
