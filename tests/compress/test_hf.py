@@ -172,3 +172,23 @@ def test_compress_hf_cli_then_eval_generate_analyze_on_the_result(tmp_path, caps
     assert "a transformers checkpoint" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "pruned"), "--to", "hf", str(tmp_path / "exp")]) == 0
     assert json.loads((tmp_path / "exp" / "config.json").read_text())["num_experts"] == 4
+
+
+def test_a_selection_bias_trained_on_a_wrapped_model_survives_save_and_load(tmp_path):
+    # Mixtral's router has no selection bias; aux-loss-free balancing (moekit.route(bias_update_rate=...)) trains
+    # one. A transformers checkpoint has no place for it (from_pretrained would drop it and route otherwise):
+    # save_hf writes moekit's own format, and load_hf routes as the saved model.
+    model = _wrapped("mixtral")
+    record = new_record("test")
+    record["steps"].append(prune(model, _calib(model), 0.5, "reap").to_dict())
+    with moekit.route(model, bias_update_rate=1.0):
+        for layer in moe_layers(model):
+            layer.router.update_bias(torch.tensor([9, 0, 0, 9]))
+    expected = _logits(model)
+    save_hf(model, record, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / RECORD).read_text())
+    assert not saved["hf"]["transformers"] and "selection bias" in saved["hf"]["why_not_transformers"]
+    loaded, _ = load_hf(tmp_path / "out")
+    for a, b in zip(moe_layers(model), moe_layers(loaded), strict=True):
+        assert torch.equal(a.router.e_score_correction_bias, b.router.e_score_correction_bias)
+    torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=0)

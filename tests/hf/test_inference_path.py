@@ -96,3 +96,32 @@ def test_a_pretrained_selection_bias_is_the_models_own_tensor(make_model):
     moekit.hf.wrap(model)
     held = [layer.router.e_score_correction_bias for layer in moekit.hf.wrapped_blocks(model)]
     assert hf_bias and len(held) == len(hf_bias) and all(a is b for a, b in zip(held, hf_bias, strict=True))
+
+
+def test_biased_experts_take_the_rows_experts_from_the_inference_path(build_causal, prompt, monkeypatch):
+    # gpt-oss's experts carry per-expert biases: the inference path hands the bank the rows' experts (its sorted
+    # expert ids) instead of the bank searching the offsets again; outputs equal the general path's bit for bit.
+    from moekit.experts.bank import ExpertBank
+
+    model = build_causal(
+        "gpt_oss", vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=48, num_local_experts=6, num_experts_per_tok=2,
+        layer_types=["full_attention", "full_attention"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    moekit.hf.wrap(model)
+    given = []
+    forward = ExpertBank.forward
+    monkeypatch.setattr(ExpertBank, "forward", lambda self, x_ND, offsets_E, expert_N=None: given.append(
+        expert_N is not None) or forward(self, x_ND, offsets_E, expert_N))
+    ids = prompt(batch=2, length=3)
+    with torch.no_grad():
+        fast = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0,
+                              output_logits=True, return_dict_in_generate=True)
+        assert given and all(given)
+        given.clear()
+        with reference_path():
+            ref = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+        assert given and not any(given)
+    assert torch.equal(fast.sequences, ref.sequences)
+    for a, b in zip(fast.logits, ref.logits, strict=True):
+        assert torch.equal(a, b)

@@ -230,3 +230,21 @@ def test_null_experts_on_a_sigmoid_family_are_refused_naming_why(make_model):
         with moekit.route(model, kind="null", n_null=4, k=3):
             pass
     assert all(layer.router.kind == "topk" for layer in moekit.hf.wrapped_blocks(model))  # nothing changed
+
+
+def test_a_selection_bias_trained_on_a_wrapped_model_saves_and_loads_back(make_model, prompt):
+    # A softmax family's wrapped router holds no selection bias; aux-loss-free balancing through moekit.route makes
+    # one (update_bias). The model's state_dict holds it, and a freshly wrapped model loads it back (strict).
+    ids = prompt()
+    trained, fresh = make_model("mixtral"), make_model("mixtral")
+    moekit.hf.wrap(trained)
+    moekit.hf.wrap(fresh)
+    with moekit.route(trained, bias_update_rate=1.0):
+        for layer in moekit.hf.wrapped_blocks(trained):
+            layer.router.update_bias(torch.tensor([9, 0, 0, 0, 0, 9]))  # experts 0 and 5 overloaded
+    fresh.load_state_dict(trained.state_dict())
+    for a, b in zip(moekit.hf.wrapped_blocks(trained), moekit.hf.wrapped_blocks(fresh), strict=True):
+        assert b.router.e_score_correction_bias is not None
+        assert torch.equal(a.router.e_score_correction_bias, b.router.e_score_correction_bias)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, trained(ids).logits)

@@ -412,3 +412,23 @@ def test_a_bias_assigned_after_dropping_is_used_and_updates_start_from_zero():
     torch.testing.assert_close(r.e_score_correction_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
     with pytest.raises(ValueError, match="bias_update_rate=0.1 updates the selection bias; expected 0"):
         r.drop_selection_bias()
+
+
+def test_a_dropped_selection_bias_loads_a_saved_one():
+    # A router that dropped its bias (moekit.hf) and then trained one (update_bias under bias_update_rate > 0) saves
+    # it; a router that holds none must load it back (strict), not refuse the key as unexpected.
+    trained, fresh = make_router(E=4, k=1, score="sigmoid"), make_router(E=4, k=1, score="sigmoid")
+    trained.load_state_dict(fresh.state_dict())
+    trained.drop_selection_bias()
+    fresh.drop_selection_bias()
+    trained.cfg = dataclasses.replace(trained.cfg, bias_update_rate=0.1)
+    trained.update_bias(torch.tensor([10, 0, 5, 5]))
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.e_score_correction_bias.dtype == torch.float32
+    torch.testing.assert_close(fresh.e_score_correction_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+    x = torch.randn(20, 16)
+    assert torch.equal(fresh(x).to_padded()[0], trained(x).to_padded()[0])
+    wrong = make_router(E=4, k=1)
+    wrong.drop_selection_bias()
+    with pytest.raises(RuntimeError, match="size mismatch for e_score_correction_bias"):
+        wrong.load_state_dict({**trained.state_dict(), "e_score_correction_bias": torch.zeros(3)})

@@ -59,7 +59,18 @@ def transformers_can_hold(model: nn.Module) -> str | None:
         return "its experts were merged (router experts mapped to fewer experts), which transformers' blocks cannot express"
     if any(not isinstance(m.experts, ExpertBank) for m in layers):
         return "its experts are quantised (moekit's group-wise int codes), which transformers' MoE checkpoints do not hold"
+    if any(_own_selection_bias(m) for m in layers):
+        return ("its routers carry a selection bias (aux-loss-free balancing) that the transformers blocks have no "
+                "place for")
     return None
+
+
+def _own_selection_bias(layer: nn.Module) -> bool:
+    """Whether a wrapped layer's router holds a non-zero selection bias of moekit's own (one `update_bias` trained
+    where the HF block has none; a block's own, DeepSeek-V3's, is one of its HF-named tensors)."""
+    bias_E = getattr(layer.router, "e_score_correction_bias", None)
+    return (bias_E is not None and "router.e_score_correction_bias" not in getattr(layer, "_hf_names", {})
+            and bool(bias_E.any()))
 
 
 def is_compressed_hf(path: str | os.PathLike) -> bool:

@@ -306,6 +306,14 @@ class TopKRouter(Router):
                              "the selection bias; expected 0")
         self.e_score_correction_bias = None
 
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        # A saved selection bias (one `update_bias` trained after the bias was dropped) loads into a router that
+        # holds none: a zero fp32 buffer takes it (shape checked as any buffer's), rather than an unexpected key.
+        if self._buffers.get("e_score_correction_bias") is None and prefix + "e_score_correction_bias" in state_dict:
+            self.e_score_correction_bias = torch.zeros(self.num_experts - self.cfg.shared_slots, dtype=torch.float32,
+                                                       device=self.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def balance_assignment(self, route: RouterOutput,
                            valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The plain top-k of the unbiased scores over valid tokens, before capacity dropping: with a
