@@ -15,8 +15,8 @@ What is shared with the wrapped block (the same Python objects, nothing copied),
 The forward takes and returns what the HF block does: hidden states (B, T, D) -> (B, T, D), or the
 tuple some blocks return (`_as_hf`).
 `state_dict()` uses the HF block's names (gate.weight, shared_expert.*, ...) and drops moekit-only
-state (a zero selection bias for softmax families), so a wrapped model saves and loads as the
-original; `load_state_dict` accepts those names back. The original block is kept, unregistered,
+state (routing statistics; a router whose HF block has no selection bias holds none), so a wrapped model saves
+and loads as the original; `load_state_dict` accepts those names back. The original block is kept, unregistered,
 for `moekit.hf.unwrap`.
 """
 
@@ -91,7 +91,7 @@ class HFMoEBlock(MoELayer):
             self.expert_output_norm.weight = spec.expert_output_norm.weight
         if spec.shared_gate is not None:
             self.shared_expert_gate = spec.shared_gate
-        # moekit-only state (routing statistics, a zero bias for families without one) on the block's device.
+        # moekit-only state (routing statistics) on the block's device.
         for module in self.modules():
             for name, buf in module.named_buffers(recurse=False):
                 if id(buf) in placeholder_ids:
@@ -187,7 +187,7 @@ class HFMoEBlock(MoELayer):
             self._materialise_hook = self.register_forward_pre_hook(_materialise_moekit_state)
 
     def reset_moekit_state(self) -> None:
-        """moekit's own buffers (a zero selection bias for families without one, routing statistics: nothing
+        """moekit's own buffers (routing statistics, a selection bias trained on a family without one: nothing
         the HF block holds) back to their initial zeros, on the device of the block's weights. transformers'
         `init_weights` reaches them through this (after `to_empty` they hold whatever memory they got)."""
         hf = {id(t) for t in self._hf_block.state_dict(keep_vars=True).values()}
