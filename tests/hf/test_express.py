@@ -17,7 +17,7 @@ _BASE = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_
 FAMILIES = {
     # a. the router child by role: `router` (Granite, Jamba), `gate.wg` with a `shared_mlp` (HunYuan)
     "granitemoe": (dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2),
-                   "GraniteMoeMoE", "k=2, score=softmax, normalize=True", "swiglu", "standard"),
+                   "GraniteMoeMoE", "k=2, score=softmax, normalize=True, softmax after top-k", "swiglu", "standard"),
     "jamba": (dict(intermediate_size=48, num_experts=6, num_experts_per_tok=2, num_hidden_layers=2,
                    attn_layer_period=1, attn_layer_offset=0, expert_layer_period=2, expert_layer_offset=1),
               "JambaSparseMoeBlock", "k=2, score=softmax, normalize=False", "swiglu", "standard"),
@@ -26,7 +26,8 @@ FAMILIES = {
     # b.-d. gpt-oss: router bias; transposed interleaved stacks with biases; clamped SwiGLU; a tuple return
     "gpt_oss": (dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2,
                      layer_types=["full_attention", "sliding_attention"], sliding_window=16),
-                "GptOssMLP", "k=2, score=softmax, normalize=True", "swiglu limit=7 alpha=1.702 up+1 interleaved",
+                "GptOssMLP", "k=2, score=softmax, normalize=True, softmax after top-k",
+                "swiglu limit=7 alpha=1.702 up+1 interleaved",
                 "in_transposed, out_transposed, interleaved, bias"),
     # Llama 4: sigmoid of the top-k logits, not renormalised, the weight on the expert's input; transposed
     "llama4_text": (dict(intermediate_size=48, intermediate_size_mlp=64, num_local_experts=6, num_experts_per_tok=1,
@@ -160,3 +161,38 @@ def test_tuple_return_after_the_inference_path_reads_its_dense_choice(family, bu
         assert layer.last_dense_choice() is not None
     assert torch.equal(y, y_ref) and second.dtype == second_ref.dtype
     assert torch.equal(second, second_ref)
+
+
+@pytest.mark.parametrize(("family", "router_child"), [("gpt_oss", "router"), ("mixtral-gelu", "gate")])
+def test_softmax_after_topk_is_read_where_it_reproduces_the_router_bit_for_bit(family, router_child, build):
+    """gpt-oss's (and Granite's, see FAMILIES) routers take a softmax over the top k of the logits, Mixtral's
+    renormalises the top k of the softmax: equal to ~1e-7, and the reading that gives transformers' router weights
+    bit for bit is taken."""
+    model = build(family)
+    moekit.hf.wrap(model)
+    x_TD = torch.randn(64, 32, generator=torch.Generator().manual_seed(2))
+    for layer in moekit.hf.wrapped_blocks(model):
+        assert layer.cfg.router.softmax_after_topk == (family == "gpt_oss")
+        with torch.no_grad():
+            _, hf_w_TK, hf_idx_TK = getattr(layer.original(), router_child)(x_TD)
+            idx_TK, w_TK = layer.router.dense_choice(x_TD)[:2]
+        hf_order, order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1)
+        assert torch.equal(hf_idx_TK.gather(1, hf_order), idx_TK.gather(1, order))
+        assert torch.equal(hf_w_TK.gather(1, hf_order), w_TK.gather(1, order))
+
+
+def test_gpt_oss_with_a_near_zero_router_init_wraps():
+    """transformers' gpt-oss tests build models with initializer_range=1e-10: the router logits differ by ~1e-10 and
+    every softmax probability is 1/E in fp32, so picking on the probabilities ties where gpt-oss picks on the logits
+    (tests/external: GptOssModelTest::test_can_load_ignoring_mismatched_shapes was refused)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("gpt_oss", **_BASE, **FAMILIES["gpt_oss"][0], initializer_range=1e-10)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+        moekit.hf.wrap(model)
+        assert all(layer.cfg.router.softmax_after_topk for layer in moekit.hf.wrapped_blocks(model))
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)

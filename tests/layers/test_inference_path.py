@@ -22,6 +22,11 @@ CASES = {
     "bias-on-logits": (dict(kind="topk", k=2, selection_bias_on="logits"), {}),
     # Llama 4: sigmoid of the top-1 logit, not renormalised, multiplying the expert's input; a shared expert
     "llama4": (dict(kind="topk", k=1, score="sigmoid", normalize=False), dict(num_shared_experts=1, weight_on_input=True)),
+    # gpt-oss: a softmax over the top k of the logits (with a selection bias: picked on the biased logits)
+    "softmax-after-topk": (dict(kind="topk", k=2, softmax_after_topk=True), {}),
+    # "-nobias": the router holds no selection bias (moekit.hf for routers without one): topk's own values
+    "softmax-after-topk-nobias": (dict(kind="topk", k=3, softmax_after_topk=True), {}),
+    "softmax-nobias": (dict(kind="topk", k=2), {}),
 }
 
 
@@ -30,7 +35,10 @@ def _layer(name: str, dtype=torch.float32) -> MoELayer:
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(d_model=32, num_experts=8, d_expert=16, router=RouterConfig(**rc), **extra))
     with torch.no_grad():
-        layer.router.e_score_correction_bias.normal_(0, 0.1)  # a selection bias that changes choices
+        if name.endswith("-nobias"):
+            layer.router.drop_selection_bias()
+        else:
+            layer.router.e_score_correction_bias.normal_(0, 0.1)  # a selection bias that changes choices
     return layer.to(dtype).eval()
 
 

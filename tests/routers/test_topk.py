@@ -432,3 +432,48 @@ def test_a_dropped_selection_bias_loads_a_saved_one():
     wrong.drop_selection_bias()
     with pytest.raises(RuntimeError, match="size mismatch for e_score_correction_bias"):
         wrong.load_state_dict({**trained.state_dict(), "e_score_correction_bias": torch.zeros(3)})
+
+
+def test_softmax_after_topk_is_gpt_oss_router_bit_for_bit():
+    # openai/gpt-oss gpt_oss/torch/model.py MLPBlock and transformers' GptOssTopKRouter: topk of the logits
+    # (sorted), softmax over those k values.
+    r = make_router(E=8, k=3, softmax_after_topk=True)
+    x = torch.randn(50, 16)
+    with torch.no_grad():
+        out = r(x)
+        plain = make_router(E=8, k=3)
+        plain.weight.copy_(r.weight)
+        renormalised = plain(x)
+    top = torch.topk(out.logits_TE, 3, dim=-1)
+    idx, w = out.to_padded()
+    assert torch.equal(idx, top.indices) and torch.equal(w, torch.softmax(top.values, dim=-1))
+    # the renormalised top k of the softmax in exact arithmetic: the same experts, weights to rounding
+    p_idx, p_w = renormalised.to_padded()
+    order, p_order = idx.argsort(-1), p_idx.argsort(-1)
+    assert torch.equal(idx.gather(1, order), p_idx.gather(1, p_order))
+    torch.testing.assert_close(w.gather(1, order), p_w.gather(1, p_order), atol=1e-6, rtol=1e-6)
+    assert torch.equal(out.scores_TE, torch.softmax(out.logits_TE, dim=-1))  # scores: the full softmax
+
+
+def test_softmax_after_topk_picks_the_larger_logit_where_probabilities_underflow_to_a_tie():
+    logits_TE = torch.tensor([[0.0, -300.0, -200.0, -250.0]])
+    from moekit.routers.topk import topk_choice
+    idx, w, _ = topk_choice(logits_TE, 2, softmax_after_topk=True)
+    assert idx.tolist() == [[0, 2]] and w[0, 0] == 1.0 and w[0, 1] == 0.0
+    scores = torch.softmax(logits_TE, dim=-1)
+    assert scores[0, 1] == scores[0, 2] == scores[0, 3] == 0  # the tie the softmax's top k would break by index
+
+
+def test_softmax_after_topk_weights_carry_the_gate_gradient():
+    r = make_router(E=8, k=2, softmax_after_topk=True)
+    x = torch.randn(10, 16)
+    w = r(x).weight_N
+    w.pow(2).sum().backward()
+    assert r.weight.grad is not None and bool(r.weight.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("bad", [dict(score="sigmoid"), dict(normalize=False), dict(normalize_p=2.0),
+                                 dict(normalize_min=0.1)])
+def test_softmax_after_topk_needs_renormalised_softmax_scores(bad):
+    with pytest.raises(ValueError, match="RouterConfig.softmax_after_topk"):
+        make_router(E=8, k=2, softmax_after_topk=True, **bad)

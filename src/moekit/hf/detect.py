@@ -967,6 +967,12 @@ def _router_readings(spec: BlockSpec) -> list[RouterConfig]:
             r.group_score = {"max": "top2_sum", "top2_sum": "max"}[r.group_rule()]
         if (r := _valid(r, E)) is not None:
             readings.append(r)
+    # Last, gpt-oss's rule (a softmax over the top k of the logits): the same experts and weights as the
+    # renormalised top k of the softmax but where probabilities tie (underflow, or a near-zero init whose
+    # logits differ by ~1e-10), which only picking on the logits reproduces.
+    readings += [after for r in list(readings) if getattr(r, "softmax_after_topk", True) is False
+                 and r.score == "softmax" and r.normalizes()
+                 and (after := _valid(dataclasses.replace(r, softmax_after_topk=True), E)) is not None]
     # Phi-3.5-MoE's SparseMixer, its band from the router's `router_jitter_noise` (which Mixtral uses as input
     # jitter instead), its input jitter from `input_jitter_noise`.
     eps = _read_setting(spec, ("router_jitter_noise",), ("router_jitter_noise",), None)
@@ -1030,7 +1036,7 @@ def _read_rule_from_router(spec: BlockSpec) -> None:
             for r in readings:
                 c = router_weight_ratio(spec, r, x_TD, hf, bias_E)
                 if c == 1.0:
-                    scaled = [(r, 1.0)]
+                    scaled = [(_bitwise_reading(spec, r, x_TD, hf, bias_E), 1.0)]
                     break
                 if c is not None:  # the same experts, the weights a constant times the router's: the block rescales
                     scaled.append((r, c))
@@ -1097,6 +1103,45 @@ def router_weight_ratio(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.T
     gate picks the same experts as the HF router's choice `hf` for every token of `x_TD` and its weights
     are one constant times the HF ones (fp32, 1e-5): 1.0 for the same weights, None otherwise.
     `selection_bias_E`: the probe's selection bias (see `call_router`; default the block's own)."""
+    idx_TK, w_TK = _reading_choice(spec, router_cfg, x_TD, selection_bias_E)
+    hf_w_TK, hf_idx_TK = hf
+    if idx_TK.shape != hf_idx_TK.shape:
+        return None
+    hf_order, order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1)
+    if not bool((hf_idx_TK.gather(1, hf_order) == idx_TK.gather(1, order)).all()):
+        return None
+    hf_w_TK, w_TK = hf_w_TK.gather(1, hf_order), w_TK.gather(1, order)
+    if torch.allclose(hf_w_TK, w_TK, rtol=1e-5, atol=1e-6):
+        return 1.0
+    total = float(hf_w_TK.sum())
+    c = float(f"{float(w_TK.sum()) / total:.6g}") if total > 0 else 0.0  # 2.0, not 1.9999998
+    return c if c > 0 and torch.allclose(hf_w_TK * c, w_TK, rtol=1e-5, atol=1e-6) else None
+
+
+def _bitwise_reading(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.Tensor,
+                     hf: tuple[torch.Tensor, torch.Tensor], selection_bias_E: torch.Tensor | None) -> RouterConfig:
+    """`router_cfg` (a reading that reproduces the HF router within 1e-5), or its softmax-after-top-k form
+    where that one reproduces it bit for bit and `router_cfg` does not (gpt-oss: a softmax over the k chosen
+    logits, not the renormalised top k of the softmax)."""
+    if getattr(router_cfg, "softmax_after_topk", True):  # already that form, or a rule without it
+        return router_cfg
+    after = _valid(dataclasses.replace(router_cfg, softmax_after_topk=True), spec.cfg.router_slots)
+    if after is None:
+        return router_cfg
+
+    def exact(cfg: RouterConfig) -> bool:
+        idx_TK, w_TK = _reading_choice(spec, cfg, x_TD, selection_bias_E)
+        hf_w_TK, hf_idx_TK = hf
+        hf_order, order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1)
+        return bool((hf_idx_TK.gather(1, hf_order) == idx_TK.gather(1, order)).all()) and torch.equal(
+            hf_w_TK.float().gather(1, hf_order), w_TK.gather(1, order))
+
+    return after if not exact(router_cfg) and exact(after) else router_cfg
+
+
+def _reading_choice(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.Tensor,
+                    selection_bias_E: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """moekit's choice (idx_TK, w_TK) with `router_cfg` on the block's gate for the probe tokens x_TD."""
     from moekit.routers import router_class
 
     E, D = spec.cfg.router_slots, spec.cfg.d_model
@@ -1118,19 +1163,7 @@ def router_weight_ratio(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.T
     router.eval()  # the rule itself (a training-mode router may sample, SparseMixer)
     ids = probe_token_ids(spec, x_TD.shape[0], x_TD.device) if router_cfg.routes_on_token_ids() else None
     with torch.no_grad():
-        idx_TK, w_TK = router(x_TD, state=ids).to_padded()
-    hf_w_TK, hf_idx_TK = hf
-    if idx_TK.shape != hf_idx_TK.shape:
-        return None
-    hf_order, order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1)
-    if not bool((hf_idx_TK.gather(1, hf_order) == idx_TK.gather(1, order)).all()):
-        return None
-    hf_w_TK, w_TK = hf_w_TK.gather(1, hf_order), w_TK.gather(1, order)
-    if torch.allclose(hf_w_TK, w_TK, rtol=1e-5, atol=1e-6):
-        return 1.0
-    total = float(hf_w_TK.sum())
-    c = float(f"{float(w_TK.sum()) / total:.6g}") if total > 0 else 0.0  # 2.0, not 1.9999998
-    return c if c > 0 and torch.allclose(hf_w_TK * c, w_TK, rtol=1e-5, atol=1e-6) else None
+        return router(x_TD, state=ids).to_padded()
 
 
 def router_matches(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.Tensor,

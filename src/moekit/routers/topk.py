@@ -65,6 +65,11 @@ class TopKConfig(RouterConfig):
     the next best; "sampling" drawn from the softmax over the other experts (the argmax of their logits plus
     Gumbel noise); "random" the next best, kept with probability min(1, 2 p) for its softmax probability p.
     Both draw from torch's global generator, in eval too, as fairseq and transformers do.
+    softmax_after_topk (softmax scores, renormalised): the experts are the top k of the logits (a selection bias,
+    where one is held, added to the logits) and their weights a softmax over those k logits, as gpt-oss's
+    reference code (openai/gpt-oss, gpt_oss/torch/model.py, MLPBlock) and transformers' GptOssTopKRouter do: the
+    renormalised top k of the softmax in exact arithmetic, but bit for bit that router's, and where probabilities
+    underflow to a tie the larger logit wins.
     """
 
     expert_count_fields: ClassVar[tuple[str, ...]] = ("k",)
@@ -91,6 +96,8 @@ class TopKConfig(RouterConfig):
     shared_slots: int = setting(0, "router columns after the experts weighting as many always-on shared experts, "
                                    "normalised with the k chosen (Inkling; 0 = off)")
     learned_scale: bool = setting(False, "a learned scalar `global_scale` multiplies the weights (Inkling)")
+    softmax_after_topk: bool = setting(False, "pick the top k of the logits and take a softmax over those k "
+                                       "(gpt-oss) instead of renormalising the softmax's top k")
 
     def normalizes(self) -> bool:
         """Whether the chosen experts' weights are renormalised: `normalize` when set, else yes for k > 1,
@@ -138,6 +145,8 @@ class TopKConfig(RouterConfig):
             parts.append(f"shared_slots={self.shared_slots}")
         if self.learned_scale:
             parts.append("learned_scale")
+        if self.softmax_after_topk:
+            parts.append("softmax after top-k")
         return ", ".join(parts)
 
     def check(self, num_experts: int) -> None:
@@ -163,6 +172,12 @@ class TopKConfig(RouterConfig):
                                                 and self.bias_update_rate == 0),
                 "RouterConfig.second_expert", self.second_expert,
                 f"one of {SECOND_EXPERT}; not 'top' only with k=2, softmax scores, no groups and no selection bias")
+        require(not self.softmax_after_topk or (self.score == "softmax" and self.normalizes() and self.normalize_p == 1.0
+                                                 and self.normalize_min == 0 and self.second_expert == "top"
+                                                 and not self.shared_slots),
+                "RouterConfig.softmax_after_topk", self.softmax_after_topk,
+                "False unless score='softmax' renormalised by the plain sum (normalize_p=1, normalize_min=0), "
+                "second_expert='top' and no shared_slots")
         if self.n_group > 1:
             per_group = E // self.n_group
             # k = E picks every expert whatever the groups (transformers' DeepSeek-V3 test config: k=8 of 8, one of
@@ -250,7 +265,8 @@ class TopKRouter(Router):
             return select_topk(logits_TE, cfg.k, cfg.score, cfg.normalizes(), cfg.routed_scaling_factor, cfg.n_group,
                                cfg.topk_group, self.e_score_correction_bias, self.expert_mask_E,
                                group_score=cfg.group_rule(), normalize_p=cfg.normalize_p,
-                               normalize_min=cfg.normalize_min, bias_on=cfg.selection_bias_on)
+                               normalize_min=cfg.normalize_min, bias_on=cfg.selection_bias_on,
+                               softmax_after_topk=cfg.softmax_after_topk)
         # Router-weighted shared experts (Inkling): select among the E expert columns, then renormalise the k
         # chosen scores together with the S shared columns' scores, and scale both.
         E = logits_TE.shape[-1] - S
@@ -282,7 +298,8 @@ class TopKRouter(Router):
         idx_TK, w_TK, scores_TE = topk_choice(logits_TE, cfg.k, cfg.score, cfg.normalizes(), cfg.routed_scaling_factor,
                                               cfg.n_group, cfg.topk_group, self.e_score_correction_bias, None,
                                               group_score=cfg.group_rule(), normalize_p=cfg.normalize_p,
-                                              normalize_min=cfg.normalize_min, bias_on=cfg.selection_bias_on)
+                                              normalize_min=cfg.normalize_min, bias_on=cfg.selection_bias_on,
+                                              softmax_after_topk=cfg.softmax_after_topk)
         if self.expert_scale is not None:  # as `scale_weights`
             w_TK = w_TK * self.expert_scale.float()[idx_TK]
         return idx_TK, w_TK, scores_TE, logits_TE
@@ -367,13 +384,14 @@ def select_topk(logits_TE: torch.Tensor, k: int, score: str = "softmax", normali
                 routed_scaling_factor: float = 1.0, n_group: int = 1, topk_group: int = 1,
                 bias_E: torch.Tensor | None = None, mask_E: torch.Tensor | None = None, *,
                 group_score: str | None = None, normalize_p: float = 1.0, normalize_min: float = 0.0,
-                bias_on: str = "scores") -> RouterOutput:
+                bias_on: str = "scores", softmax_after_topk: bool = False) -> RouterOutput:
     """The top-k selection rule on fp32 logits (shared with routers that compute logits differently).
     mask_E: optional int8 expert mask (-1 disabled, +1 forced), see `Router`; the keyword settings are
     TopKConfig's (group_score None: the score function's default)."""
     idx_TK, w_TK, scores_TE = topk_choice(logits_TE, k, score, normalize, routed_scaling_factor, n_group,
                                           topk_group, bias_E, mask_E, group_score=group_score,
-                                          normalize_p=normalize_p, normalize_min=normalize_min, bias_on=bias_on)
+                                          normalize_p=normalize_p, normalize_min=normalize_min, bias_on=bias_on,
+                                          softmax_after_topk=softmax_after_topk)
     return RouterOutput.from_topk(idx_TK, w_TK, scores_TE, logits_TE)
 
 
@@ -381,12 +399,15 @@ def topk_choice(logits_TE: torch.Tensor, k: int, score: str = "softmax", normali
                 routed_scaling_factor: float = 1.0, n_group: int = 1, topk_group: int = 1,
                 bias_E: torch.Tensor | None = None, mask_E: torch.Tensor | None = None, *,
                 group_score: str | None = None, normalize_p: float = 1.0, normalize_min: float = 0.0,
-                bias_on: str = "scores") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                bias_on: str = "scores", softmax_after_topk: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`select_topk` as dense tensors: (idx_TK int64 (T, K), w_TK fp32 (T, K), scores_TE fp32 (T, E)), the
     chosen experts of each token, their combine weights and every expert's score (MoELayer's inference
     path reads these without building a RouterOutput)."""
     scores_TE = scores_of(logits_TE, score)
-    choice_TE = logits_TE if bias_on == "logits" else scores_TE
+    # softmax_after_topk (gpt-oss): weights from the chosen logits; pick on them too, as its router does
+    weights_from_TE = logits_TE if softmax_after_topk else scores_TE
+    choice_TE = logits_TE if bias_on == "logits" or softmax_after_topk else scores_TE
     choice_TE = choice_TE + bias_E if bias_E is not None else choice_TE
     if choice_TE.requires_grad:  # (a detach without autograd would still cost a call)
         choice_TE = choice_TE.detach()
@@ -397,12 +418,15 @@ def topk_choice(logits_TE: torch.Tensor, k: int, score: str = "softmax", normali
     if n_group > 1:
         rule = group_score or ("max" if score == "softmax" else "top2_sum")
         choice_TE = _limit_groups(choice_TE, rule, n_group, topk_group)
-    if choice_TE is scores_TE:  # the plain top-k of the scores: its values are the chosen scores
-        w_TK, idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=False)
+    # sorted for softmax_after_topk: its softmax sums the k values in gpt-oss's order (descending)
+    if choice_TE is weights_from_TE:  # the plain top-k: its values are the chosen scores (or logits)
+        w_TK, idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=softmax_after_topk)
     else:
-        idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=False).indices
-        w_TK = scores_TE.gather(1, idx_TK)
-    if normalize:
+        idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=softmax_after_topk).indices
+        w_TK = weights_from_TE.gather(1, idx_TK)
+    if softmax_after_topk:
+        w_TK = torch.softmax(w_TK, dim=-1)
+    elif normalize:
         # Without a selection bias or mask the chosen experts include each token's largest score (a group limit
         # keeps its group or a better one): no zero-sum guard.
         w_TK = w_TK / renormalizer(w_TK, score, normalize_p, normalize_min,
