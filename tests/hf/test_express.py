@@ -196,3 +196,52 @@ def test_gpt_oss_with_a_near_zero_router_init_wraps():
         moekit.hf.wrap(model)
         assert all(layer.cfg.router.softmax_after_topk for layer in moekit.hf.wrapped_blocks(model))
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def _after_topk_differs_somewhere(layer, router_child, x_TD) -> bool:
+    """Whether gpt-oss's rule on the layer's logits gives other weights than the HF router somewhere (in the last
+    bit): the probe can tell the two rules apart."""
+    from moekit.routers.topk import topk_choice
+
+    with torch.no_grad():
+        _, hf_w_TK, hf_idx_TK = getattr(layer.original(), router_child)(x_TD)
+        idx_TK, w_TK, _ = topk_choice(layer.router.logits(x_TD), hf_idx_TK.shape[1], softmax_after_topk=True)
+    hf_order, order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1)
+    return not torch.equal(hf_w_TK.gather(1, hf_order), w_TK.gather(1, order))
+
+
+@pytest.mark.parametrize(("family", "kw", "router_child"), [
+    ("mixtral", dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2), "gate"),
+    # k = 4: moekit's renormalised top k sums the k weights in another order than transformers (not bit for bit
+    # either): only the softmax-after-top-k reading's own mismatch keeps it out
+    ("olmoe", dict(intermediate_size=48, num_experts=8, num_experts_per_tok=4, norm_topk_prob=True), "gate"),
+])
+def test_a_renormalising_family_keeps_its_rule_where_softmax_after_topk_differs_in_the_last_bit(
+        family, kw, router_child, build_causal):
+    model = build_causal(family, **{**_BASE, **kw})
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+    moekit.hf.wrap(model)
+    x_TD = torch.randn(64, 32, generator=torch.Generator().manual_seed(2))
+    for layer in moekit.hf.wrapped_blocks(model):
+        assert not layer.cfg.router.softmax_after_topk
+        assert _after_topk_differs_somewhere(layer, router_child, x_TD)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mixtral_with_a_near_zero_router_init_keeps_renormalising_the_softmax():
+    """Mixtral picks the top k of the probabilities, which tie at 1/E for logits ~1e-10 apart: gpt-oss's rule
+    (the top k of the logits) would pick other experts; the renormalised reading is taken and the model wraps."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("mixtral", **_BASE, **FAMILIES["mixtral-gelu"][0], initializer_range=1e-10)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+        moekit.hf.wrap(model)
+        assert not any(layer.cfg.router.softmax_after_topk for layer in moekit.hf.wrapped_blocks(model))
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)

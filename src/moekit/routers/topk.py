@@ -172,12 +172,14 @@ class TopKConfig(RouterConfig):
                                                 and self.bias_update_rate == 0),
                 "RouterConfig.second_expert", self.second_expert,
                 f"one of {SECOND_EXPERT}; not 'top' only with k=2, softmax scores, no groups and no selection bias")
+        # n_group: the groups would be scored on the logits, where DeepSeek scores them on the probabilities
+        # (top2_sum differs); gpt-oss and Granite have none.
         require(not self.softmax_after_topk or (self.score == "softmax" and self.normalizes() and self.normalize_p == 1.0
                                                  and self.normalize_min == 0 and self.second_expert == "top"
-                                                 and not self.shared_slots),
+                                                 and not self.shared_slots and self.n_group == 1),
                 "RouterConfig.softmax_after_topk", self.softmax_after_topk,
                 "False unless score='softmax' renormalised by the plain sum (normalize_p=1, normalize_min=0), "
-                "second_expert='top' and no shared_slots")
+                "second_expert='top', no shared_slots and no groups (n_group=1)")
         if self.n_group > 1:
             per_group = E // self.n_group
             # k = E picks every expert whatever the groups (transformers' DeepSeek-V3 test config: k=8 of 8, one of
@@ -236,7 +238,8 @@ class TopKConfig(RouterConfig):
             return None
         return {"num_experts_per_tok": self.k, "scoring_func": self.score, "norm_topk_prob": self.normalizes(),
                 "n_group": self.n_group, "topk_group": self.topk_group,
-                "routed_scaling_factor": self.routed_scaling_factor, "selection_bias": self.bias_update_rate > 0}
+                "routed_scaling_factor": self.routed_scaling_factor, "selection_bias": self.bias_update_rate > 0,
+                "softmax_after_topk": self.softmax_after_topk}
 
 
 @register("topk", config=TopKConfig)
