@@ -551,3 +551,27 @@ def test_softmax_after_topk_breaks_logit_ties_as_torch_topk_and_reads_bf16_gates
         idx_TK, w_TK = r(torch.randn(16, 16, dtype=torch.bfloat16)).to_padded()
     assert w_TK.dtype == torch.float32
     torch.testing.assert_close(w_TK.sum(-1), torch.ones(16))
+
+
+def test_softmax_after_topk_adds_the_selection_bias_to_the_logits_for_the_choice_only():
+    """Aux-loss-free balancing with gpt-oss's rule: the bias (in logit units) moves the choice, the weights stay
+    the softmax over the chosen experts' unbiased logits; update_bias trains it as for the other rules."""
+    r = make_router(E=8, k=2, softmax_after_topk=True, bias_update_rate=0.5)
+    x_TD = torch.randn(32, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        r.e_score_correction_bias[6] = 1e3  # far above any logit gap: expert 6 in every token's choice
+        out = r(x_TD)
+    idx_TK, w_TK = out.to_padded()
+    assert bool((idx_TK == 6).any(-1).all())
+    assert torch.equal(w_TK, torch.softmax(out.logits_TE.gather(1, idx_TK), dim=-1))
+    counts_E = torch.bincount(idx_TK.flatten(), minlength=8)
+    r.update_bias(counts_E)
+    assert r.e_score_correction_bias[6] == 1e3 - 0.5  # the over-used expert's bias goes down
+
+
+def test_softmax_after_topk_round_trips_through_the_config_dict_and_old_dicts_read_false():
+    cfg = moekit.RouterConfig(k=2, softmax_after_topk=True)
+    d = cfg.to_dict()
+    assert d["softmax_after_topk"] is True and moekit.RouterConfig.from_dict(d) == cfg
+    old = {key: v for key, v in d.items() if key != "softmax_after_topk"}
+    assert moekit.RouterConfig.from_dict(old).softmax_after_topk is False

@@ -65,11 +65,11 @@ class TopKConfig(RouterConfig):
     the next best; "sampling" drawn from the softmax over the other experts (the argmax of their logits plus
     Gumbel noise); "random" the next best, kept with probability min(1, 2 p) for its softmax probability p.
     Both draw from torch's global generator, in eval too, as fairseq and transformers do.
-    softmax_after_topk (softmax scores, renormalised): the experts are the top k of the logits (a selection bias,
-    where one is held, added to the logits) and their weights a softmax over those k logits, as gpt-oss's
-    reference code (openai/gpt-oss, gpt_oss/torch/model.py, MLPBlock) and transformers' GptOssTopKRouter do: the
-    renormalised top k of the softmax in exact arithmetic, but bit for bit that router's, and where probabilities
-    underflow to a tie the larger logit wins.
+    softmax_after_topk (softmax scores, renormalised, no groups): the experts are the top k of the logits (a
+    selection bias, where one is held, added to the logits whatever `selection_bias_on` says) and their weights a
+    softmax over those k logits, as gpt-oss's reference code (openai/gpt-oss, gpt_oss/torch/model.py, MLPBlock)
+    and transformers' GptOssTopKRouter do: the renormalised top k of the softmax in exact arithmetic, but bit for
+    bit that router's, and where probabilities underflow to a tie the larger logit wins.
     """
 
     expert_count_fields: ClassVar[tuple[str, ...]] = ("k",)
