@@ -200,20 +200,22 @@ def test_gpt_oss_with_a_near_zero_router_init_wraps():
 
 def _after_topk_differs_somewhere(layer, router_child, x_TD) -> bool:
     """Whether gpt-oss's rule on the layer's logits gives other weights than the HF router somewhere (in the last
-    bit): the probe can tell the two rules apart."""
+    bit): the probe can tell the two rules apart. Asserts the layer's own rule gives the HF router's bit for bit."""
     from moekit.routers.topk import topk_choice
 
     with torch.no_grad():
         _, hf_w_TK, hf_idx_TK = getattr(layer.original(), router_child)(x_TD)
         idx_TK, w_TK, _ = topk_choice(layer.router.logits(x_TD), hf_idx_TK.shape[1], softmax_after_topk=True)
-    hf_order, order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1)
+        own_idx_TK, own_w_TK = layer.router.dense_choice(x_TD)[:2]
+    hf_order, order, own_order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1), own_idx_TK.argsort(-1)
+    assert torch.equal(own_idx_TK.gather(1, own_order), hf_idx_TK.gather(1, hf_order))
+    assert torch.equal(own_w_TK.gather(1, own_order), hf_w_TK.gather(1, hf_order))
     return not torch.equal(hf_w_TK.gather(1, hf_order), w_TK.gather(1, order))
 
 
 @pytest.mark.parametrize(("family", "kw", "router_child"), [
     ("mixtral", dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2), "gate"),
-    # k = 4: moekit's renormalised top k sums the k weights in another order than transformers (not bit for bit
-    # either): only the softmax-after-top-k reading's own mismatch keeps it out
+    # k = 4: the renormalised top k sums its k weights in transformers' (sorted) order, bit for bit
     ("olmoe", dict(intermediate_size=48, num_experts=8, num_experts_per_tok=4, norm_topk_prob=True), "gate"),
 ])
 def test_a_renormalising_family_keeps_its_rule_where_softmax_after_topk_differs_in_the_last_bit(

@@ -421,9 +421,11 @@ def topk_choice(logits_TE: torch.Tensor, k: int, score: str = "softmax", normali
     if n_group > 1:
         rule = group_score or ("max" if score == "softmax" else "top2_sum")
         choice_TE = _limit_groups(choice_TE, rule, n_group, topk_group)
-    # sorted for softmax_after_topk: its softmax sums the k values in gpt-oss's order (descending)
+    # Sorted where the k values are summed in the reference's order (descending): gpt-oss's softmax, and the
+    # plain renormalised top k of Mixtral / Qwen / OLMoE (transformers' topk sorts; with k > 2 another order rounds
+    # the sum otherwise). Routers with a selection bias (DeepSeek-V3's topk(sorted=False)) gather unsorted.
     if choice_TE is weights_from_TE:  # the plain top-k: its values are the chosen scores (or logits)
-        w_TK, idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=softmax_after_topk)
+        w_TK, idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=softmax_after_topk or (normalize and k > 2))
     else:
         idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=softmax_after_topk).indices
         w_TK = weights_from_TE.gather(1, idx_TK)
