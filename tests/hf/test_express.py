@@ -181,20 +181,22 @@ def test_softmax_after_topk_is_read_where_it_reproduces_the_router_bit_for_bit(f
         assert torch.equal(hf_w_TK.gather(1, hf_order), w_TK.gather(1, order))
 
 
-def test_gpt_oss_with_a_near_zero_router_init_wraps():
-    """transformers' gpt-oss tests build models with initializer_range=1e-10: the router logits differ by ~1e-10 and
-    every softmax probability is 1/E in fp32, so picking on the probabilities ties where gpt-oss picks on the logits
-    (tests/external: GptOssModelTest::test_can_load_ignoring_mismatched_shapes was refused)."""
+@pytest.mark.parametrize(("family", "after"), [("gpt_oss", True), ("mixtral-gelu", False)])
+def test_a_near_zero_router_init_wraps_with_the_routers_own_choice(family, after):
+    """transformers' tests build models with initializer_range=1e-10: the router logits differ by ~1e-10 and every
+    softmax probability is 1/E in fp32. gpt-oss picks on the logits, where picking on the probabilities ties
+    (tests/external: GptOssModelTest::test_can_load_ignoring_mismatched_shapes was refused); Mixtral picks on the
+    probabilities, where gpt-oss's rule would pick other experts: each keeps its own and the model wraps."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("gpt_oss", **_BASE, **FAMILIES["gpt_oss"][0], initializer_range=1e-10)
+    cfg = AutoConfig.for_model(family.split("-")[0], **_BASE, **FAMILIES[family][0], initializer_range=1e-10)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(ids).logits
         moekit.hf.wrap(model)
-        assert all(layer.cfg.router.softmax_after_topk for layer in moekit.hf.wrapped_blocks(model))
+        assert all(layer.cfg.router.softmax_after_topk == after for layer in moekit.hf.wrapped_blocks(model))
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -230,20 +232,4 @@ def test_a_renormalising_family_keeps_its_rule_where_softmax_after_topk_differs_
         assert not layer.cfg.router.softmax_after_topk
         assert _after_topk_differs_somewhere(layer, router_child, x_TD)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_mixtral_with_a_near_zero_router_init_keeps_renormalising_the_softmax():
-    """Mixtral picks the top k of the probabilities, which tie at 1/E for logits ~1e-10 apart: gpt-oss's rule
-    (the top k of the logits) would pick other experts; the renormalised reading is taken and the model wraps."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model("mixtral", **_BASE, **FAMILIES["mixtral-gelu"][0], initializer_range=1e-10)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = model(ids).logits
-        moekit.hf.wrap(model)
-        assert not any(layer.cfg.router.softmax_after_topk for layer in moekit.hf.wrapped_blocks(model))
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
