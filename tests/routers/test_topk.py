@@ -486,6 +486,7 @@ def _reference_after_topk(logits_TE, k):
     return top.indices, torch.softmax(top.values, dim=-1)
 
 
+@pytest.mark.filterwarnings(r"ignore:RouterConfig\(normalize=True, k=1\)")  # k = 1: gpt-oss's weight 1.0 is meant
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_softmax_after_topk_train_and_inference_paths_agree_with_the_reference_forward_and_backward(k):
     """The autograd path (gather of the chosen logits) and the no-grad path (topk's own values, dense_choice) give
@@ -575,3 +576,21 @@ def test_softmax_after_topk_round_trips_through_the_config_dict_and_old_dicts_re
     assert d["softmax_after_topk"] is True and moekit.RouterConfig.from_dict(d) == cfg
     old = {key: v for key, v in d.items() if key != "softmax_after_topk"}
     assert moekit.RouterConfig.from_dict(old).softmax_after_topk is False
+
+
+def test_rerouting_a_softmax_after_topk_layer():
+    """moekit.route on a gpt-oss rule: another k keeps the rule (a softmax over the new top k of the logits);
+    top-p is its own rule (the field is not top-p's); a setting the rule refuses names it; exit restores it."""
+    layer = moekit.MoELayer(moekit.MoEConfig(d_model=16, d_expert=8, num_experts=8,
+                                             router=moekit.RouterConfig(k=2, softmax_after_topk=True))).eval()
+    x_TD = torch.randn(12, 16, generator=torch.Generator().manual_seed(9))
+    with moekit.route(layer, k=3), torch.no_grad():
+        out = layer.router(x_TD)
+        idx_TK, w_TK = out.to_padded()
+        ref_idx_TK, ref_w_TK = _reference_after_topk(out.logits_TE, 3)
+        assert torch.equal(idx_TK, ref_idx_TK) and torch.equal(w_TK, ref_w_TK)
+    with moekit.route(layer, kind="topp", p=0.5):
+        assert layer.router.cfg.kind == "topp" and not hasattr(layer.router.cfg, "softmax_after_topk")
+    with pytest.raises(ValueError, match="softmax_after_topk"):
+        moekit.route(layer, normalize=False)
+    assert layer.router.cfg.softmax_after_topk and layer.router.cfg.k == 2
