@@ -286,7 +286,8 @@ class RouterConfig(Config):
 
     def hf_routing(self) -> dict[str, Any] | None:
         """The transformers routing settings equal to this rule (keys num_experts_per_tok, scoring_func,
-        norm_topk_prob, n_group, topk_group, routed_scaling_factor, selection_bias), or None when no
+        norm_topk_prob, n_group, topk_group, routed_scaling_factor, selection_bias; softmax_after_topk where the rule
+        may be gpt-oss's softmax over the top-k logits), or None when no
         transformers model routes this way (export refuses)."""
         return None
 

@@ -110,3 +110,29 @@ def test_a_training_capacity_exports_and_an_eval_capacity_is_refused(tmp_path):
         torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), atol=1e-5, rtol=1e-5)
     with pytest.raises(ExportError, match="eval_capacity_factor"):
         export_hf(MoELM(lm(moe_kw={"eval_capacity_factor": 1.0})), tmp_path / "hf2")
+
+
+@pytest.mark.parametrize("kw", [{}, dict(qk_norm=True)])
+def test_a_softmax_after_topk_router_is_not_exported_as_a_renormalising_family(kw, tmp_path):
+    """Mixtral and Qwen3-MoE renormalise the top k of the softmax: not gpt-oss's rule bit for bit."""
+    with pytest.raises(ExportError, match="softmax over the top-k logits .softmax_after_topk"):
+        export_hf(MoELM(lm(moekit.RouterConfig(k=2, softmax_after_topk=True), **kw)), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_gpt_oss_export_of_a_softmax_after_topk_router_keeps_its_rule_bit_for_bit(tmp_path):
+    """GPT-OSS's router is the softmax over the top-k logits: the loaded checkpoint wraps with that rule and its
+    router's weights are the moekit router's, bit for bit."""
+    import moekit.hf
+
+    torch.manual_seed(0)
+    model = MoELM(lm(moekit.RouterConfig(k=2, softmax_after_topk=True), CLAMPED, n_kv_heads=1)).eval()
+    export_hf(model, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x_TD = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, hf_w_TK, hf_idx_TK = hf.model.layers[0].mlp.router(x_TD)
+        idx_TK, w_TK = model.moe_layers()[0].router.dense_choice(x_TD)[:2]
+    assert torch.equal(idx_TK, hf_idx_TK) and torch.equal(w_TK, hf_w_TK)
+    moekit.hf.wrap(hf)
+    assert all(layer.cfg.router.softmax_after_topk for layer in moekit.hf.wrapped_blocks(hf))

@@ -181,18 +181,55 @@ def test_softmax_after_topk_is_read_where_it_reproduces_the_router_bit_for_bit(f
         assert torch.equal(hf_w_TK.gather(1, hf_order), w_TK.gather(1, order))
 
 
-def test_gpt_oss_with_a_near_zero_router_init_wraps():
-    """transformers' gpt-oss tests build models with initializer_range=1e-10: the router logits differ by ~1e-10 and
-    every softmax probability is 1/E in fp32, so picking on the probabilities ties where gpt-oss picks on the logits
-    (tests/external: GptOssModelTest::test_can_load_ignoring_mismatched_shapes was refused)."""
+@pytest.mark.parametrize(("family", "after"), [("gpt_oss", True), ("mixtral-gelu", False)])
+def test_a_near_zero_router_init_wraps_with_the_routers_own_choice(family, after):
+    """transformers' tests build models with initializer_range=1e-10: the router logits differ by ~1e-10 and every
+    softmax probability is 1/E in fp32. gpt-oss picks on the logits, where picking on the probabilities ties
+    (tests/external: GptOssModelTest::test_can_load_ignoring_mismatched_shapes was refused); Mixtral picks on the
+    probabilities, where gpt-oss's rule would pick other experts: each keeps its own and the model wraps."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("gpt_oss", **_BASE, **FAMILIES["gpt_oss"][0], initializer_range=1e-10)
+    cfg = AutoConfig.for_model(family.split("-")[0], **_BASE, **FAMILIES[family][0], initializer_range=1e-10)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(ids).logits
         moekit.hf.wrap(model)
-        assert all(layer.cfg.router.softmax_after_topk for layer in moekit.hf.wrapped_blocks(model))
+        assert all(layer.cfg.router.softmax_after_topk == after for layer in moekit.hf.wrapped_blocks(model))
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def _after_topk_differs_somewhere(layer, router_child, x_TD) -> bool:
+    """Whether gpt-oss's rule on the layer's logits gives other weights than the HF router somewhere (in the last
+    bit): the probe can tell the two rules apart. Asserts the layer's own rule gives the HF router's bit for bit."""
+    from moekit.routers.topk import topk_choice
+
+    with torch.no_grad():
+        _, hf_w_TK, hf_idx_TK = getattr(layer.original(), router_child)(x_TD)
+        idx_TK, w_TK, _ = topk_choice(layer.router.logits(x_TD), hf_idx_TK.shape[1], softmax_after_topk=True)
+        own_idx_TK, own_w_TK = layer.router.dense_choice(x_TD)[:2]
+    hf_order, order, own_order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1), own_idx_TK.argsort(-1)
+    assert torch.equal(own_idx_TK.gather(1, own_order), hf_idx_TK.gather(1, hf_order))
+    assert torch.equal(own_w_TK.gather(1, own_order), hf_w_TK.gather(1, hf_order))
+    return not torch.equal(hf_w_TK.gather(1, hf_order), w_TK.gather(1, order))
+
+
+@pytest.mark.parametrize(("family", "kw", "router_child"), [
+    ("mixtral", dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2), "gate"),
+    # k = 4: the renormalised top k sums its k weights in transformers' (sorted) order, bit for bit
+    ("olmoe", dict(intermediate_size=48, num_experts=8, num_experts_per_tok=4, norm_topk_prob=True), "gate"),
+])
+def test_a_renormalising_family_keeps_its_rule_where_softmax_after_topk_differs_in_the_last_bit(
+        family, kw, router_child, build_causal):
+    model = build_causal(family, **{**_BASE, **kw})
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+    moekit.hf.wrap(model)
+    x_TD = torch.randn(64, 32, generator=torch.Generator().manual_seed(2))
+    for layer in moekit.hf.wrapped_blocks(model):
+        assert not layer.cfg.router.softmax_after_topk
+        assert _after_topk_differs_somewhere(layer, router_child, x_TD)
+    with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)

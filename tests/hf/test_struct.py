@@ -220,6 +220,15 @@ def test_jetmoe_ffn_moe_wraps_and_its_mixture_of_attention_is_left_alone(build, 
     assert layer.experts.gate_up_proj is block.input_linear.weight and layer.cfg.router.describe().startswith("k=2")
     assert model.get_parameter("model.layers.0.mlp.bias") is block.bias
     assert sum(type(m).__name__ == "JetMoeMoA" for m in model.modules()) == 2  # untouched
+    # its router's grouped output (positions of the (T, K) choice sorted by expert, their gates) is read: a
+    # softmax over the top-k logits, bit for bit
+    assert layer.cfg.router.softmax_after_topk
+    x_TD = torch.randn(64, layer.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        order_N, _, gates_N, _, _ = block.router(x_TD)
+        idx_TK, w_TK = layer.router.dense_choice(x_TD)[:2]
+    hf_idx_TK = block.router.layer(x_TD).topk(2, dim=-1).indices
+    assert torch.equal(idx_TK, hf_idx_TK) and torch.equal(w_TK.flatten()[order_N], gates_N)
 
 
 def test_router_columns_past_the_experts_that_are_no_identity_are_refused(build):

@@ -473,7 +473,124 @@ def test_softmax_after_topk_weights_carry_the_gate_gradient():
 
 
 @pytest.mark.parametrize("bad", [dict(score="sigmoid"), dict(normalize=False), dict(normalize_p=2.0),
-                                 dict(normalize_min=0.1)])
+                                 dict(normalize_min=0.1), dict(n_group=2, topk_group=1),
+                                 dict(n_group=2, topk_group=1, group_score="top2_sum")])
 def test_softmax_after_topk_needs_renormalised_softmax_scores(bad):
     with pytest.raises(ValueError, match="RouterConfig.softmax_after_topk"):
         make_router(E=8, k=2, softmax_after_topk=True, **bad)
+
+
+def _reference_after_topk(logits_TE, k):
+    """gpt-oss's MLPBlock / transformers' GptOssTopKRouter: topk of the logits (sorted), softmax over the k values."""
+    top = torch.topk(logits_TE, k, dim=-1)
+    return top.indices, torch.softmax(top.values, dim=-1)
+
+
+@pytest.mark.filterwarnings(r"ignore:RouterConfig\(normalize=True, k=1\)")  # k = 1: gpt-oss's weight 1.0 is meant
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_softmax_after_topk_train_and_inference_paths_agree_with_the_reference_forward_and_backward(k):
+    """The autograd path (gather of the chosen logits) and the no-grad path (topk's own values, dense_choice) give
+    the reference's experts and weights bit for bit, and the gate's gradient is the reference's. k = 1: weight 1.0
+    (transformers' softmax over one value); k = E: a softmax over every logit, in descending order."""
+    r = make_router(E=8, k=k, normalize=True, softmax_after_topk=True).train()
+    r.drop_selection_bias()  # topk's own values (as moekit.hf holds it); the zero-bias form is the gather path
+    x_TD = torch.randn(40, 16, generator=torch.Generator().manual_seed(3))
+    out = r(x_TD)  # token-major (T * k): to_padded would detach the weights
+    idx_TK, w_TK = out.expert_idx_N.view(40, k), out.weight_N.view(40, k)
+    w_TK.mul(torch.arange(1.0, k + 1)).sum().backward()
+    grad = r.weight.grad.clone()
+    weight = r.weight.detach().clone().requires_grad_()
+    ref_idx_TK, ref_w_TK = _reference_after_topk(x_TD @ weight.T, k)
+    ref_w_TK.mul(torch.arange(1.0, k + 1)).sum().backward()
+    assert torch.equal(idx_TK, ref_idx_TK) and torch.equal(w_TK.detach(), ref_w_TK.detach())
+    torch.testing.assert_close(grad, weight.grad, atol=1e-6, rtol=1e-6)
+    if k == 1:
+        assert bool((w_TK == 1.0).all()) and grad.abs().sum() == 0  # the weight is 1: no gate gradient, as gpt-oss
+    else:
+        assert grad.abs().sum() > 0
+    with torch.no_grad():
+        d_idx_TK, d_w_TK = r.eval().dense_choice(x_TD)[:2]
+    assert torch.equal(d_idx_TK, ref_idx_TK) and torch.equal(d_w_TK, ref_w_TK.detach())
+
+
+def test_softmax_after_topk_with_an_expert_mask_never_picks_a_disabled_expert_and_weights_a_forced_one_by_its_logit():
+    """Disabled experts' logits are -inf before the choice, a forced one takes a slot whatever its logit; the
+    weights are the softmax over the chosen experts' own (finite) logits, as the renormalised rule's."""
+    r = make_router(E=8, k=3, softmax_after_topk=True)
+    plain = make_router(E=8, k=3)
+    with torch.no_grad():
+        plain.weight.copy_(r.weight)
+    mask_E = torch.tensor([0, -1, 0, 1, 0, -1, 0, 0], dtype=torch.int8)
+    r.expert_mask_E = plain.expert_mask_E = mask_E
+    x_TD = torch.randn(64, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = r(x_TD)
+        p_idx_TK, p_w_TK = plain(x_TD).to_padded()
+    idx_TK, w_TK = out.to_padded()
+    assert not bool(((idx_TK == 1) | (idx_TK == 5)).any()) and bool((idx_TK == 3).any(-1).all())
+    assert torch.isfinite(w_TK).all() and bool((w_TK > 0).all())
+    enabled_TE = out.logits_TE.masked_fill(mask_E < 0, float("-inf"))
+    want = torch.softmax(enabled_TE.gather(1, idx_TK), dim=-1)
+    assert torch.equal(w_TK, want)
+    order, p_order = idx_TK.argsort(-1), p_idx_TK.argsort(-1)
+    assert torch.equal(idx_TK.gather(1, order), p_idx_TK.gather(1, p_order))
+    torch.testing.assert_close(w_TK.gather(1, order), p_w_TK.gather(1, p_order), atol=1e-6, rtol=1e-6)
+
+
+def test_softmax_after_topk_breaks_logit_ties_as_torch_topk_and_reads_bf16_gates_in_fp32():
+    """Tied logits: torch.topk's pick (the reference's own op on the same values) and equal weights; a bf16 gate
+    scores in fp32 (Router.logits), so the weights are fp32 and sum to 1."""
+    from moekit.routers.topk import topk_choice
+
+    logits_TE = torch.tensor([[1.0, 3.0, 3.0, 3.0, -1.0], [float("-inf"), 0.5, 0.5, 2.0, 0.5]])
+    idx_TK, w_TK, _ = topk_choice(logits_TE, 2, softmax_after_topk=True)
+    ref_idx_TK, ref_w_TK = _reference_after_topk(logits_TE, 2)
+    assert torch.equal(idx_TK, ref_idx_TK) and torch.equal(w_TK, ref_w_TK)
+    assert w_TK[0].tolist() == [0.5, 0.5]
+    r = make_router(E=8, k=2, softmax_after_topk=True).to(torch.bfloat16)
+    with torch.no_grad():
+        idx_TK, w_TK = r(torch.randn(16, 16, dtype=torch.bfloat16)).to_padded()
+    assert w_TK.dtype == torch.float32
+    torch.testing.assert_close(w_TK.sum(-1), torch.ones(16))
+
+
+def test_softmax_after_topk_adds_the_selection_bias_to_the_logits_for_the_choice_only():
+    """Aux-loss-free balancing with gpt-oss's rule: the bias (in logit units) moves the choice, the weights stay
+    the softmax over the chosen experts' unbiased logits; update_bias trains it as for the other rules."""
+    r = make_router(E=8, k=2, softmax_after_topk=True, bias_update_rate=0.5)
+    x_TD = torch.randn(32, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        r.e_score_correction_bias[6] = 1e3  # far above any logit gap: expert 6 in every token's choice
+        out = r(x_TD)
+    idx_TK, w_TK = out.to_padded()
+    assert bool((idx_TK == 6).any(-1).all())
+    assert torch.equal(w_TK, torch.softmax(out.logits_TE.gather(1, idx_TK), dim=-1))
+    counts_E = torch.bincount(idx_TK.flatten(), minlength=8)
+    r.update_bias(counts_E)
+    assert r.e_score_correction_bias[6] == 1e3 - 0.5  # the over-used expert's bias goes down
+
+
+def test_softmax_after_topk_round_trips_through_the_config_dict_and_old_dicts_read_false():
+    cfg = moekit.RouterConfig(k=2, softmax_after_topk=True)
+    d = cfg.to_dict()
+    assert d["softmax_after_topk"] is True and moekit.RouterConfig.from_dict(d) == cfg
+    old = {key: v for key, v in d.items() if key != "softmax_after_topk"}
+    assert moekit.RouterConfig.from_dict(old).softmax_after_topk is False
+
+
+def test_rerouting_a_softmax_after_topk_layer():
+    """moekit.route on a gpt-oss rule: another k keeps the rule (a softmax over the new top k of the logits);
+    top-p is its own rule (the field is not top-p's); a setting the rule refuses names it; exit restores it."""
+    layer = moekit.MoELayer(moekit.MoEConfig(d_model=16, d_expert=8, num_experts=8,
+                                             router=moekit.RouterConfig(k=2, softmax_after_topk=True))).eval()
+    x_TD = torch.randn(12, 16, generator=torch.Generator().manual_seed(9))
+    with moekit.route(layer, k=3), torch.no_grad():
+        out = layer.router(x_TD)
+        idx_TK, w_TK = out.to_padded()
+        ref_idx_TK, ref_w_TK = _reference_after_topk(out.logits_TE, 3)
+        assert torch.equal(idx_TK, ref_idx_TK) and torch.equal(w_TK, ref_w_TK)
+    with moekit.route(layer, kind="topp", p=0.5):
+        assert layer.router.cfg.kind == "topp" and not hasattr(layer.router.cfg, "softmax_after_topk")
+    with pytest.raises(ValueError, match="softmax_after_topk"):
+        moekit.route(layer, normalize=False)
+    assert layer.router.cfg.softmax_after_topk and layer.router.cfg.k == 2

@@ -909,9 +909,11 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor,
     copy, or as the argument a block-held bias is passed as): a probe value, the model's is untouched."""
     run = router_caller(spec, selection_bias_E=selection_bias_E)
     out = run(x_TD)
+    T, E = x_TD.shape[0], spec.cfg.router_slots
+    if isinstance(out, tuple) and len(out) == 5 and isinstance(out[3], list):
+        return _grouped_choice(out, T, E)
     if not isinstance(out, tuple) or not all(isinstance(t, torch.Tensor) for t in out):
         return None
-    T, E = x_TD.shape[0], spec.cfg.router_slots
     if len(out) == 3 and not out[0].dtype.is_floating_point and tuple(out[0].shape) == (T, E) and \
             tuple(out[1].shape) == (T, 1):
         # (one-hot dispatch mask (T, E), the chosen weight (T, 1), logits (T, E)): Switch Transformers' top-1.
@@ -945,6 +947,24 @@ def call_router(spec: BlockSpec, x_TD: torch.Tensor,
             return None
         return w_TK, idx_TK
     return None
+
+
+def _grouped_choice(out: tuple, T: int, E: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weights (T, K) fp32, indices (T, K)) from JetMoE's grouped router output (index_sorted_experts (T K,):
+    the flattened choice's positions sorted by expert, batch_index, batch_gates (T K,) in that order, expert_size:
+    a list of E counts, logits), or None where it is not that."""
+    order_N, _, gates_N, sizes_E, _ = out
+    if not (isinstance(order_N, torch.Tensor) and isinstance(gates_N, torch.Tensor)) or len(sizes_E) != E:
+        return None
+    N = order_N.numel()
+    if T == 0 or N % T or gates_N.numel() != N or sum(sizes_E) != N:
+        return None
+    experts_N = torch.repeat_interleave(torch.arange(E, device=order_N.device),
+                                        torch.tensor(sizes_E, device=order_N.device))
+    idx_N = torch.empty(N, dtype=torch.int64, device=order_N.device)
+    w_N = torch.empty(N, dtype=torch.float32, device=order_N.device)
+    idx_N[order_N], w_N[order_N] = experts_N, gates_N.float()
+    return w_N.view(T, N // T), idx_N.view(T, N // T)
 
 
 def _router_readings(spec: BlockSpec) -> list[RouterConfig]:

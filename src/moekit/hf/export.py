@@ -3,7 +3,8 @@
     top-k softmax, renormalised, no q/k norm, no dense layers      -> Mixtral
     top-k softmax (renormalised or not), q/k RMSNorm               -> Qwen3-MoE (dense layers: mlp_only_layers)
     top-k sigmoid (groups, selection bias, scaling, shared experts) -> GLM-4-MoE (full rotary)
-    top-k softmax renormalised, gpt-oss's clamped SwiGLU (limit, alpha, up + 1), no dense layers
+    softmax over the top-k logits (softmax_after_topk; or the renormalised top-k softmax, equal to
+    rounding), gpt-oss's clamped SwiGLU (limit, alpha, up + 1), no dense layers
                                                                     -> GPT-OSS (attention sinks at -inf, no
                                                                        attention biases, every layer full attention,
                                                                        zero router and expert biases)
@@ -95,6 +96,12 @@ def hf_config_for(cfg):
     if clamped:
         return _gpt_oss_config(cfg, routing, rope)
     if routing["scoring_func"] == "softmax":
+        if routing.get("softmax_after_topk"):
+            # Mixtral and Qwen3-MoE renormalise the top k of the softmax: equal in exact arithmetic, not bit for
+            # bit, and where probabilities underflow to a tie they pick another expert.
+            _refuse("the router takes a softmax over the top-k logits (softmax_after_topk, gpt-oss's rule), which "
+                    "Mixtral and Qwen3-MoE do not (they renormalise the top k of the softmax); export it with "
+                    "gpt-oss's clamped SwiGLU as GPT-OSS, or re-route with softmax_after_topk=False")
         if routing["n_group"] > 1 or routing["routed_scaling_factor"] != 1.0 or routing["selection_bias"]:
             _refuse("softmax routing with groups, scaling or a selection bias has no transformers counterpart")
         if moe.num_shared_experts:

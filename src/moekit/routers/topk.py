@@ -65,11 +65,11 @@ class TopKConfig(RouterConfig):
     the next best; "sampling" drawn from the softmax over the other experts (the argmax of their logits plus
     Gumbel noise); "random" the next best, kept with probability min(1, 2 p) for its softmax probability p.
     Both draw from torch's global generator, in eval too, as fairseq and transformers do.
-    softmax_after_topk (softmax scores, renormalised): the experts are the top k of the logits (a selection bias,
-    where one is held, added to the logits) and their weights a softmax over those k logits, as gpt-oss's
-    reference code (openai/gpt-oss, gpt_oss/torch/model.py, MLPBlock) and transformers' GptOssTopKRouter do: the
-    renormalised top k of the softmax in exact arithmetic, but bit for bit that router's, and where probabilities
-    underflow to a tie the larger logit wins.
+    softmax_after_topk (softmax scores, renormalised, no groups): the experts are the top k of the logits (a
+    selection bias, where one is held, added to the logits whatever `selection_bias_on` says) and their weights a
+    softmax over those k logits, as gpt-oss's reference code (openai/gpt-oss, gpt_oss/torch/model.py, MLPBlock)
+    and transformers' GptOssTopKRouter do: the renormalised top k of the softmax in exact arithmetic, but bit for
+    bit that router's, and where probabilities underflow to a tie the larger logit wins.
     """
 
     expert_count_fields: ClassVar[tuple[str, ...]] = ("k",)
@@ -172,12 +172,14 @@ class TopKConfig(RouterConfig):
                                                 and self.bias_update_rate == 0),
                 "RouterConfig.second_expert", self.second_expert,
                 f"one of {SECOND_EXPERT}; not 'top' only with k=2, softmax scores, no groups and no selection bias")
+        # n_group: the groups would be scored on the logits, where DeepSeek scores them on the probabilities
+        # (top2_sum differs); gpt-oss and Granite have none.
         require(not self.softmax_after_topk or (self.score == "softmax" and self.normalizes() and self.normalize_p == 1.0
                                                  and self.normalize_min == 0 and self.second_expert == "top"
-                                                 and not self.shared_slots),
+                                                 and not self.shared_slots and self.n_group == 1),
                 "RouterConfig.softmax_after_topk", self.softmax_after_topk,
                 "False unless score='softmax' renormalised by the plain sum (normalize_p=1, normalize_min=0), "
-                "second_expert='top' and no shared_slots")
+                "second_expert='top', no shared_slots and no groups (n_group=1)")
         if self.n_group > 1:
             per_group = E // self.n_group
             # k = E picks every expert whatever the groups (transformers' DeepSeek-V3 test config: k=8 of 8, one of
@@ -236,7 +238,8 @@ class TopKConfig(RouterConfig):
             return None
         return {"num_experts_per_tok": self.k, "scoring_func": self.score, "norm_topk_prob": self.normalizes(),
                 "n_group": self.n_group, "topk_group": self.topk_group,
-                "routed_scaling_factor": self.routed_scaling_factor, "selection_bias": self.bias_update_rate > 0}
+                "routed_scaling_factor": self.routed_scaling_factor, "selection_bias": self.bias_update_rate > 0,
+                "softmax_after_topk": self.softmax_after_topk}
 
 
 @register("topk", config=TopKConfig)
@@ -418,9 +421,11 @@ def topk_choice(logits_TE: torch.Tensor, k: int, score: str = "softmax", normali
     if n_group > 1:
         rule = group_score or ("max" if score == "softmax" else "top2_sum")
         choice_TE = _limit_groups(choice_TE, rule, n_group, topk_group)
-    # sorted for softmax_after_topk: its softmax sums the k values in gpt-oss's order (descending)
+    # Sorted where the k values are summed in the reference's order (descending): gpt-oss's softmax, and the
+    # plain renormalised top k of Mixtral / Qwen / OLMoE (transformers' topk sorts; with k > 2 another order rounds
+    # the sum otherwise). Routers with a selection bias (DeepSeek-V3's topk(sorted=False)) gather unsorted.
     if choice_TE is weights_from_TE:  # the plain top-k: its values are the chosen scores (or logits)
-        w_TK, idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=softmax_after_topk)
+        w_TK, idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=softmax_after_topk or (normalize and k > 2))
     else:
         idx_TK = torch.topk(choice_TE, k, dim=-1, sorted=softmax_after_topk).indices
         w_TK = weights_from_TE.gather(1, idx_TK)
