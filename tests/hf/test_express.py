@@ -140,27 +140,45 @@ def test_selection_bias_held_by_the_block_is_shared(build):
     assert "mlp.e_score_correction_bias" in [k.partition("layers.0.")[2] for k in model.state_dict()]
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
-def test_tuple_return_after_the_inference_path_reads_its_dense_choice(family, build, monkeypatch):
+class _Sorts(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in ("sort", "argsort")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("family", "selection_bias"), [("gpt_oss", False), ("gpt_oss", True), ("llama4_text", False)])
+def test_tuple_return_after_the_inference_path_reads_its_dense_choice(family, selection_bias, build, monkeypatch):
     """gpt-oss (chosen weights) and Llama 4 (router logits) blocks return a second tensor: after the inference
     path it comes from the dense choice without building a RoutingInfo (asserted), equal bit for bit to what
-    the general path returns."""
+    the general path returns. gpt-oss's weights come out of its rule (softmax over the sorted top-k logits) in
+    descending order, so they are not sorted again (one sort per call: the dispatch's); a selection bias orders the
+    choice by the biased logits, and then they are."""
     from moekit.layers.moe import _DenseRoute, reference_path
 
     model = build(family)
     model.eval()
     moekit.hf.wrap(model)
     layer = moekit.hf.wrapped_blocks(model)[0]
+    E = layer.cfg.num_experts
+    if selection_bias:  # large enough to reorder the choice against the logits
+        layer.router.e_score_correction_bias = torch.linspace(3.0, -3.0, E)[torch.randperm(E, generator=torch.Generator().manual_seed(1))]
     x = torch.randn(2, 5, layer.cfg.d_model, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         with reference_path():
             y_ref, second_ref = layer(x)
-        with monkeypatch.context() as m:
+        with monkeypatch.context() as m, _Sorts() as sorts:
             m.setattr(_DenseRoute, "build", lambda self: pytest.fail("built a RoutingInfo"))
             y, second = layer(x)
         assert layer.last_dense_choice() is not None
     assert torch.equal(y, y_ref) and second.dtype == second_ref.dtype
     assert torch.equal(second, second_ref)
+    if family == "gpt_oss":
+        assert sorts.count == 1 + selection_bias
+        assert torch.equal(second, second.sort(dim=-1, descending=True).values)
 
 
 @pytest.mark.parametrize(("family", "router_child"), [("gpt_oss", "router"), ("mixtral-gelu", "gate")])
