@@ -268,12 +268,8 @@ class HFMoEBlock(MoELayer):
         if self.returns == "logits_TE":
             return y, self.as_router_dtype(logits_TE, self._returns_dtype)
         w_TK = _chosen_weights_TK(route, self.router.cfg) if dense is None else dense[1]
-        # gpt-oss's own rule (softmax over the sorted top-k logits) gives them in descending order already, unless a
-        # selection bias ordered the choice or per-expert scales reweighed it: no sort per layer and decode step
-        router = self.router
-        if not (dense is not None and getattr(router.cfg, "softmax_after_topk", False)
-                and getattr(router, "e_score_correction_bias", None) is None
-                and getattr(router, "expert_scale", None) is None):
+        # gpt-oss's own rule gives them in descending order already: no sort per layer and decode step
+        if dense is None or not self.router.dense_weights_descending():
             w_TK = w_TK.sort(dim=-1, descending=True).values
         if self.router_weight_scale != 1.0:
             w_TK = w_TK / self.router_weight_scale

@@ -324,6 +324,11 @@ class Router(nn.Module):
         Default: None."""
         return None
 
+    def dense_weights_descending(self) -> bool:
+        """Whether `dense_choice`'s w_TK comes in descending order within each token, so a caller that needs that
+        order (gpt-oss's block returns its weights so) need not sort them. Default: False."""
+        return False
+
     def gate_input(self, x_TD: torch.Tensor) -> torch.Tensor:
         """What the gate reads: `x_TD`, or `input_norm(x_TD)` in fp32 where the router has an input norm."""
         return x_TD if self.input_norm is None else self.input_norm(x_TD.float())

@@ -307,6 +307,12 @@ class TopKRouter(Router):
             w_TK = w_TK * self.expert_scale.float()[idx_TK]
         return idx_TK, w_TK, scores_TE, logits_TE
 
+    def dense_weights_descending(self) -> bool:
+        # softmax_after_topk takes a softmax over the sorted top k (order kept), unless a selection bias ordered the
+        # choice or per-expert scales reweigh it
+        return (self.cfg.softmax_after_topk and self.e_score_correction_bias is None
+                and self.expert_scale is None)
+
     def adopt(self, old: Router) -> None:
         super().adopt(old)
         bias = getattr(old, "e_score_correction_bias", None)
