@@ -150,6 +150,7 @@ def _wrap_parity(model, cls_name: str, ids: torch.Tensor) -> list:
         assert all(id(t) in theirs for t in wrapped.state_dict(keep_vars=True).values())
     assert list(model.state_dict()) == keys
     _assert_keys_resolve(model, keys)
+    _assert_names_match(model)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
         gen = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
@@ -162,6 +163,29 @@ def _wrap_parity(model, cls_name: str, ids: torch.Tensor) -> list:
     return layers
 
 
+def _assert_names_match(model: torch.nn.Module) -> None:
+    """named_parameters() / named_buffers() spell every state_dict key (the HF names), at every root, each tensor
+    once; named_modules() and remove_duplicate=False are torch's (moekit's module names, each tensor once)."""
+    from moekit.hf import HFMoEBlock
+
+    for root in [model, *(m for m in model.modules() if any(isinstance(c, HFMoEBlock) for c in m.children()))]:
+        state = root.state_dict(keep_vars=True)
+        keys = set(state)
+        params, buffers = list(root.named_parameters()), list(root.named_buffers())
+        named = {n for n, _ in params + buffers}
+        tied = {k for k, t in state.items() if sum(u is t for u in state.values()) > 1}  # Gemma's lm_head: once
+        assert named >= keys - tied, sorted(keys - tied - named)
+        assert {n for n, _ in params} <= keys, sorted({n for n, _ in params} - keys)
+        every = list(root.named_parameters(remove_duplicate=False))  # moekit's names: no tensor twice more than tied
+        tied_params = [state[k] for k in tied if isinstance(state[k], torch.nn.Parameter)]
+        assert len({id(p) for _, p in params}) == len(params) == len({id(p) for _, p in every})
+        assert len(every) - len(params) == len(tied_params) - len({id(p) for p in tied_params})
+        assert all(isinstance(m, torch.nn.Module) for _, m in root.named_modules())  # no name view leaks out
+        by_name = dict(params + buffers)
+        for key, t in state.items():
+            assert key in tied or by_name[key] is t, key
+
+
 @pytest.fixture
 def wrap_parity():
     """wrap_parity(model, block class name, ids) -> wrapped layers, after the checks of `_wrap_parity`."""
@@ -172,6 +196,12 @@ def wrap_parity():
 def keys_resolve():
     """keys_resolve(model, keys): every state_dict key resolves to the model's own tensor."""
     return _assert_keys_resolve
+
+
+@pytest.fixture
+def names_match():
+    """names_match(model): named_parameters() / named_buffers() spell the state_dict keys, at every root."""
+    return _assert_names_match
 
 
 @pytest.fixture

@@ -225,3 +225,55 @@ def test_wrap_reads_the_same_under_another_default_dtype(kind):
     ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def _qwen2_moe_config():
+    from transformers import Qwen2MoeConfig
+    return Qwen2MoeConfig(**_TINY, intermediate_size=37, moe_intermediate_size=12, shared_expert_intermediate_size=16,
+                          num_experts=6, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
+
+
+_NAMING_CONFIGS = {"mixtral": lambda: _config("mixtral"), "qwen2_moe": _qwen2_moe_config,
+                   "deepseek_v3": _deepseek_v3_config, "gpt_oss": lambda: _config("gpt_oss")}
+
+
+@pytest.mark.parametrize("kind", sorted(_NAMING_CONFIGS))
+def test_named_parameters_spell_the_state_dict_names(kind, tmp_path, monkeypatch):
+    # test_model_weights_reload_no_missing_tied_weights: a checkpoint with no weight at all is loaded into a model
+    # wrapped at construction; every missing key (a state_dict name: gate.weight, shared_expert.*,
+    # experts.gate_up_proj_bias) must be a name of named_parameters() / named_buffers(), and every persistent one
+    # of those a state_dict key. moekit's names (router.weight, shared_experts.*, experts.in_proj_bias) failed it.
+    from safetensors.torch import save_file
+    source = AutoModelForCausalLM.from_config(_NAMING_CONFIGS[kind]())
+    source.save_pretrained(tmp_path)
+    save_file({"tensor": torch.tensor([1, 2])}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    original = PreTrainedModel.post_init
+
+    def post_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if not moekit.hf.wrapped_blocks(self):
+            moekit.hf.wrap(self, verify=False)
+
+    monkeypatch.setattr(PreTrainedModel, "post_init", post_init)
+    model, info = type(source).from_pretrained(tmp_path, output_loading_info=True)
+    monkeypatch.undo()
+    assert moekit.hf.wrapped_blocks(model)
+    keys = set(model.state_dict())
+    names = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert set(info["missing_keys"]) - set(names) == set()
+    assert {n for n in names if n in keys} == keys
+    assert {n for n, _ in model.named_parameters()} <= keys  # every parameter is state (none moekit-only)
+
+
+@pytest.mark.parametrize("kind", sorted(_NAMING_CONFIGS))
+def test_names_at_every_root_and_after_to_and_deepcopy(kind, names_match):
+    model = moekit.hf.wrap(AutoModelForCausalLM.from_config(_NAMING_CONFIGS[kind]()), verify=False)
+    names_match(model)
+    names_match(copy.deepcopy(model))
+    names_match(model.to(torch.float64))
+    # a layer as the root: its own names, the HF block's
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    assert {n for n, _ in layer.named_parameters()} == {n for n, _ in layer.original().named_parameters()}
+    moekit.hf.unwrap(model)
+    assert not moekit.hf.wrapped_blocks(model)
+    assert {n for n, _ in model.named_parameters()} <= set(model.state_dict())

@@ -52,15 +52,18 @@ def _model(family: str, kwargs: dict) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("family", list(INFERRED))
-def test_other_families_are_inferred_and_match(family):
+def test_other_families_are_inferred_and_match(family, names_match):
     kwargs, rule = INFERRED[family]
     model = _model(family, kwargs)
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
+    params = [n for n, _ in model.named_parameters()]
     moekit.hf.wrap(model)
     layers = moekit.hf.wrapped_blocks(model)
     assert layers  # no per-family entry
+    assert sorted(n for n, _ in model.named_parameters()) == sorted(params)  # the HF names, as state_dict's
+    names_match(model)
     assert layers[0].cfg.router.describe() == rule
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)

@@ -314,3 +314,12 @@ def test_init_weights_reinitialises_the_wrapped_router_and_experts_and_switches_
     assert 0.5 * std < float(layer.experts.gate_up_proj.detach().std()) < 2 * std and bool(r.weight.detach().any())
     with pytest.raises(UsageError, match="wrapped by moekit"):
         model.set_experts_implementation("eager")
+
+
+def test_named_parameters_spell_the_decoder_layer_s_names(names_match):
+    # the inline layer's HF names sit under the decoder layer (`layers.i.router.proj.weight`), not under its
+    # experts child; a decoder layer as the root names them `router.proj.weight` (its state_dict's keys)
+    model = moekit.hf.wrap(_model())
+    names_match(model)
+    layer = model.get_submodule(_layer_name(model))
+    assert "router.proj.weight" in dict(layer.named_parameters())

@@ -118,7 +118,7 @@ def one_thread():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_wraps_with_its_rule(family, randomized, one_thread):
+def test_family_wraps_with_its_rule(family, randomized, one_thread, names_match):
     model = _build(randomized, family)
     ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     blocks = {n: m for n, m in model.named_modules() if moekit.hf.detect.looks_like_moe_block(m)}
@@ -130,9 +130,12 @@ def test_family_wraps_with_its_rule(family, randomized, one_thread):
     elif cached:
         ref_cont = _continued(model, ids)
 
+    params = [n for n, _ in model.named_parameters()]
     moekit.hf.wrap(model)
     layers = moekit.hf.wrapped_blocks(model)
     assert len(layers) == len(blocks) > 0
+    assert sorted(n for n, _ in model.named_parameters()) == sorted(params)  # the HF names, as state_dict's
+    names_match(model)
     rule = FAMILIES[family][2]
     assert {layer.cfg.router.describe() for layer in layers} == ({rule} if isinstance(rule, str) else set(rule))
     torch.testing.assert_close(_main(_out(model, ids)), ref, atol=1e-5, rtol=1e-5)

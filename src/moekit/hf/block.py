@@ -23,6 +23,7 @@ for `moekit.hf.unwrap`.
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import nn
@@ -286,6 +287,22 @@ class HFMoEBlock(MoELayer):
                 return alias
             return _get_tensor(self, alias) if "." in alias else super().__getattr__(alias)
 
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        """torch's, plus, inside `named_parameters()` / `named_buffers()` (and parameters(), buffers()) with their
+        default remove_duplicate=True, a name view of this layer first: stand-ins (no nn.Module, never yielded
+        to any other caller) holding each HF-named tensor under its HF name (`_hf_names`), so that torch's
+        `_named_members`, which keeps the first name of a tensor it meets, spells the state_dict names
+        (gate.weight, shared_expert.*, experts.gate_up_proj_bias) as transformers' loader reports them.
+        moekit-only and non-persistent state keeps moekit's names (it is in no state_dict); module names
+        (`router`, `shared_experts`) stay moekit's. remove_duplicate=False lists moekit's names, each tensor once."""
+        if remove_duplicate and (memo is None or self not in memo) and _inside_named_members():
+            yield from _hf_name_views(self, self._hf_names_prefix(prefix))
+        yield from super().named_modules(memo, prefix, remove_duplicate)
+
+    def _hf_names_prefix(self, prefix: str) -> str:
+        """The prefix the HF names (`_hf_names`' values) sit under, for this layer named `prefix`: its own."""
+        return prefix
+
     def original(self) -> nn.Module:
         """The wrapped transformers block, with any tensor this layer now holds (after `.to()`, say)
         put back in its place. UsageError when its experts are wrapped (LoRA on fused experts):
@@ -356,6 +373,52 @@ class HFNamedExpertBank(ExpertBank):
             # transformers' loading wraps a tensor in a Parameter only where the HF name is in `_parameters`
             value = nn.Parameter(value, requires_grad=value.is_floating_point())
         super().__setattr__(name if alias is None else alias, value)
+
+
+_NAMED_MEMBERS = nn.Module._named_members.__code__
+
+
+def _inside_named_members() -> bool:
+    """Whether this named_modules() runs for torch's `_named_members` (named_parameters / named_buffers and
+    what calls them), the one caller that reads tensors off each yielded module and nothing else."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is _NAMED_MEMBERS:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _NameView:
+    """An HF module path's tensors under their HF leaf names, as `_named_members` reads them (`_parameters`,
+    `_buffers`); built per call from the layer's live tensors, so `.to()` / `load_state_dict` never leave it
+    stale and nothing is registered twice."""
+
+    __slots__ = ("_buffers", "_parameters")
+
+    def __init__(self):
+        self._parameters, self._buffers = {}, {}
+
+
+def _hf_name_views(layer: HFMoEBlock, prefix: str) -> list[tuple[str, _NameView]]:
+    """(prefixed HF module path, its _NameView) for the tensors `_state_dict_to_hf` renames, in the HF block's
+    order; a moekit name that no longer resolves (experts wrapped by an adapter) is left to moekit's spelling,
+    as state_dict leaves it."""
+    by_hf = {theirs: mine for mine, theirs in layer._hf_names.items()}
+    views: dict[str, _NameView] = {}
+    for theirs in layer._hf_order:
+        owner_name, _, leaf = by_hf[theirs].rpartition(".")
+        try:
+            owner = layer.get_submodule(owner_name)
+        except AttributeError:
+            continue
+        hf_owner, _, hf_leaf = theirs.rpartition(".")
+        view = views.setdefault(prefix + ("." if prefix and hf_owner else "") + hf_owner, _NameView())
+        if owner._parameters.get(leaf) is not None:
+            view._parameters[hf_leaf] = owner._parameters[leaf]
+        elif owner._buffers.get(leaf) is not None and leaf not in owner._non_persistent_buffers_set:
+            view._buffers[hf_leaf] = owner._buffers[leaf]
+    return list(views.items())
 
 
 def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:

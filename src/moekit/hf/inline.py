@@ -129,6 +129,13 @@ class HFInlineMoE(HFMoEBlock):
         collected["router_logits"].append(self.as_router_dtype(probs[0], self._recorded_dtype))
         return y
 
+    def _hf_names_prefix(self, prefix: str) -> str:
+        """The decoder layer's prefix, as `_state_dict_to_layer_names` names the keys (`layers.i.router.proj.weight`)."""
+        name = self._hf_block.experts_name
+        if prefix == name:
+            return ""
+        return prefix[: -len(name) - 1] if prefix.endswith(f".{name}") else prefix
+
     def original(self) -> nn.Module:
         """The HF experts module (every tensor this layer holds put back into the HF router and experts)."""
         view = super().original()
