@@ -78,6 +78,20 @@ def test_group_limited_k_between_the_kept_groups_and_all_experts_is_refused():
     assert moekit.RouterConfig(kind="topk", k=8, score="sigmoid", n_group=2, topk_group=1).validate(8).k == 8
 
 
+
+def _wrap_at_construction(monkeypatch):
+    """Wrap every transformers model at its post_init, as tests/external's hook does; returns that post_init."""
+    original = PreTrainedModel.post_init
+
+    def post_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if not moekit.hf.wrapped_blocks(self):
+            moekit.hf.wrap(self, verify=False)
+
+    monkeypatch.setattr(PreTrainedModel, "post_init", post_init)
+    return post_init
+
+
 def test_gpt_oss_loads_into_a_model_wrapped_at_construction(tmp_path, monkeypatch):
     # from_pretrained builds the model (wrapped at its post_init, as the external hook does), then sets each
     # checkpoint tensor by its HF name: gpt-oss's `experts.gate_up_proj_bias` is the bank's `in_proj_bias`.
@@ -90,14 +104,7 @@ def test_gpt_oss_loads_into_a_model_wrapped_at_construction(tmp_path, monkeypatc
     ids = torch.randint(1, 64, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = source(ids).logits
-    original = PreTrainedModel.post_init
-
-    def post_init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if not moekit.hf.wrapped_blocks(self):
-            moekit.hf.wrap(self, verify=False)
-
-    monkeypatch.setattr(PreTrainedModel, "post_init", post_init)
+    post_init = _wrap_at_construction(monkeypatch)
     model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     monkeypatch.undo()
     assert len(moekit.hf.wrapped_blocks(model)) == 2
@@ -244,17 +251,11 @@ def test_named_parameters_spell_the_state_dict_names(kind, tmp_path, monkeypatch
     # experts.gate_up_proj_bias) must be a name of named_parameters() / named_buffers(), and every persistent one
     # of those a state_dict key. moekit's names (router.weight, shared_experts.*, experts.in_proj_bias) failed it.
     from safetensors.torch import save_file
+
     source = AutoModelForCausalLM.from_config(_NAMING_CONFIGS[kind]())
     source.save_pretrained(tmp_path)
     save_file({"tensor": torch.tensor([1, 2])}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    original = PreTrainedModel.post_init
-
-    def post_init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if not moekit.hf.wrapped_blocks(self):
-            moekit.hf.wrap(self, verify=False)
-
-    monkeypatch.setattr(PreTrainedModel, "post_init", post_init)
+    _wrap_at_construction(monkeypatch)
     model, info = type(source).from_pretrained(tmp_path, output_loading_info=True)
     monkeypatch.undo()
     assert moekit.hf.wrapped_blocks(model)
