@@ -1123,14 +1123,10 @@ def router_weight_ratio(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.T
     gate picks the same experts as the HF router's choice `hf` for every token of `x_TD` and its weights
     are one constant times the HF ones (fp32, 1e-5): 1.0 for the same weights, None otherwise.
     `selection_bias_E`: the probe's selection bias (see `call_router`; default the block's own)."""
-    idx_TK, w_TK = _reading_choice(spec, router_cfg, x_TD, selection_bias_E)
-    hf_w_TK, hf_idx_TK = hf
-    if idx_TK.shape != hf_idx_TK.shape:
+    aligned = _same_experts(hf, *_reading_choice(spec, router_cfg, x_TD, selection_bias_E))
+    if aligned is None:
         return None
-    hf_order, order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1)
-    if not bool((hf_idx_TK.gather(1, hf_order) == idx_TK.gather(1, order)).all()):
-        return None
-    hf_w_TK, w_TK = hf_w_TK.gather(1, hf_order), w_TK.gather(1, order)
+    hf_w_TK, w_TK = aligned
     if torch.allclose(hf_w_TK, w_TK, rtol=1e-5, atol=1e-6):
         return 1.0
     total = float(hf_w_TK.sum())
@@ -1150,13 +1146,23 @@ def _bitwise_reading(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.Tens
         return router_cfg
 
     def exact(cfg: RouterConfig) -> bool:
-        idx_TK, w_TK = _reading_choice(spec, cfg, x_TD, selection_bias_E)
-        hf_w_TK, hf_idx_TK = hf
-        hf_order, order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1)
-        return bool((hf_idx_TK.gather(1, hf_order) == idx_TK.gather(1, order)).all()) and torch.equal(
-            hf_w_TK.float().gather(1, hf_order), w_TK.gather(1, order))
+        aligned = _same_experts(hf, *_reading_choice(spec, cfg, x_TD, selection_bias_E))
+        return aligned is not None and torch.equal(aligned[0].float(), aligned[1])
 
     return after if not exact(router_cfg) and exact(after) else router_cfg
+
+
+def _same_experts(hf: tuple[torch.Tensor, torch.Tensor], idx_TK: torch.Tensor,
+                  w_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(hf_w_TK, w_TK), each token's weights in the order of its expert ids, where moekit's choice (idx_TK, w_TK)
+    picks the same experts as the HF router's `hf` (weights, indices) for every token; None otherwise."""
+    hf_w_TK, hf_idx_TK = hf
+    if idx_TK.shape != hf_idx_TK.shape:
+        return None
+    hf_order, order = hf_idx_TK.argsort(-1), idx_TK.argsort(-1)
+    if not bool((hf_idx_TK.gather(1, hf_order) == idx_TK.gather(1, order)).all()):
+        return None
+    return hf_w_TK.gather(1, hf_order), w_TK.gather(1, order)
 
 
 def _reading_choice(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.Tensor,
