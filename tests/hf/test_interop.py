@@ -27,6 +27,7 @@ ALIASED = ["dbrx",  # experts.mlp.{w1,v1,w2}: the bank's gate_proj / up_proj / d
            "minimax_m2", "lfm2_moe",  # the block's selection bias: moekit's router.e_score_correction_bias
            "jetmoe",  # the block's output bias: moekit's output_bias
            "gpt_oss",  # experts.gate_up_proj_bias: the bank's in_proj_bias
+           "gemma4",  # the decoder layer's router.scale / experts.gate_up_proj: the inline layer's tensors
            "mixtral"]  # nothing: the control
 
 
@@ -142,3 +143,21 @@ def test_every_key_resolves_after_to_load_deepcopy_and_pickling(family, tmp_path
     # the buffer is seen once: named_buffers and state_dict spell it as transformers does
     assert [n for n, _ in model.named_buffers()] == [n for n, _ in ref.named_buffers()]
     assert list(model.state_dict()) == list(ref.state_dict())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "minimax_m2", "gemma4"])
+def test_names_without_deduplication_are_the_hf_names(family):
+    """named_parameters / named_buffers(remove_duplicate=False) (what torch.func.functional_call(strict=True)
+    checks keys against, and torch.export lifts) spell the same names as unwrapped, each tensor once."""
+    ref, model = _pair(family)
+    for kind in ("named_parameters", "named_buffers"):
+        want = [n for n, _ in getattr(ref, kind)(remove_duplicate=False)]
+        got = [n for n, _ in getattr(model, kind)(remove_duplicate=False)]
+        assert sorted(got) == sorted(want), sorted(set(got) ^ set(want))
+    scaled = {}  # one new tensor per tensor: tied names (Gemma's lm_head) get the same one
+    values = {n: scaled.setdefault(id(t), t.detach() * 1.1) for n, t in ref.named_parameters(remove_duplicate=False)}
+    values.update({n: t for n, t in ref.named_buffers(remove_duplicate=False)})
+    with torch.no_grad():
+        want = functional_call(ref, values, (_ids(),), strict=True).logits
+        got = functional_call(model, values, (_ids(),), strict=True).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

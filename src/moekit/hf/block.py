@@ -121,7 +121,7 @@ class HFMoEBlock(MoELayer):
         # registered twice (state_dict has each tensor once).
         self._hf_children = {}
         hf_modules = {id(m) for m in block.modules()}
-        block_buffers = {n for n, _ in self.named_buffers(remove_duplicate=False)}  # moekit's names (no views yet)
+        block_buffers = {f"{m}.{b}" if m else b for m, module in self.named_modules() for b in module._buffers}
         forwards: dict[str, tuple[str, str]] = {}  # a buffer of the HF block itself -> moekit's (owner, name)
         for mine, theirs in self._hf_names.items():
             (m_owner, _, m_leaf), (t_owner, _, t_leaf) = mine.rpartition("."), theirs.rpartition(".")
@@ -319,9 +319,20 @@ class HFMoEBlock(MoELayer):
         `_named_members`, which keeps the first name of a tensor it meets, spells the state_dict names
         (gate.weight, shared_expert.*, experts.gate_up_proj_bias) as transformers' loader reports them.
         moekit-only and non-persistent state keeps moekit's names (it is in no state_dict); module names
-        (`router`, `shared_experts`) stay moekit's. remove_duplicate=False lists moekit's names, each tensor once."""
-        if remove_duplicate and (memo is None or self not in memo) and _inside_named_members():
-            yield from _hf_name_views(self, self._hf_names_prefix(prefix))
+        (`router`, `shared_experts`) stay moekit's. With remove_duplicate=False (torch.func.functional_call's
+        strict key check, torch.export), where torch keeps every name it meets, this layer's modules come as
+        views too, without the tensors already named: each tensor once, under the same name."""
+        if (memo is None or self not in memo) and _inside_named_members():
+            views = _hf_name_views(self, self._hf_names_prefix(prefix))
+            yield from views
+            if not remove_duplicate:
+                named = {id(t) for _, v in views for t in (*v._parameters.values(), *v._buffers.values())}
+                for name, module in super().named_modules(memo, prefix, remove_duplicate):
+                    rest = _NameView()
+                    rest._parameters = {k: t for k, t in module._parameters.items() if id(t) not in named}
+                    rest._buffers = {k: t for k, t in module._buffers.items() if id(t) not in named}
+                    yield name, rest
+                return
         yield from super().named_modules(memo, prefix, remove_duplicate)
 
     def _hf_names_prefix(self, prefix: str) -> str:
