@@ -191,3 +191,25 @@ def test_aliased_families_export_and_compile(family):
         torch.testing.assert_close(dyn.module()(ids5), want5, atol=1e-4, rtol=1e-4)
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(net)(ids), want, atol=1e-4, rtol=1e-4)
+
+
+def test_deleting_or_parametrizing_the_block_held_bias_names_the_router_s_and_changes_nothing():
+    """register_parametrization (which deletes the name first) and `del` of MiniMax-M2's block-level HF name
+    would take the selection bias from moekit's router: refused naming moekit's tensor, the model as it was;
+    the router's own name parametrizes as it does on any module."""
+    import torch.nn.utils.parametrize as parametrize
+
+    from moekit.errors import UsageError
+
+    ref, model = _pair("minimax_m2")
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    with torch.no_grad():
+        before = model(_ids()).logits
+    with pytest.raises(UsageError, match=r"`e_score_correction_bias` .* moekit's `router.e_score_correction_bias`"):
+        parametrize.register_parametrization(layer, "e_score_correction_bias", torch.nn.Identity())
+    with pytest.raises(UsageError, match="router.e_score_correction_bias"):
+        del layer.e_score_correction_bias
+    assert type(layer) is moekit.hf.HFMoEBlock
+    assert model.get_buffer("model.layers.0.mlp.e_score_correction_bias") is layer.router.e_score_correction_bias
+    with torch.no_grad():
+        assert torch.equal(model(_ids()).logits, before)

@@ -452,6 +452,15 @@ class _ForwardingBuffers(dict):
         else:
             found[0][found[1]] = value
 
+    def __delitem__(self, key) -> None:
+        if self._owner(key) is not None if isinstance(key, str) else False:
+            # (torch's register_parametrization deletes the name: moekit's router would lose its selection bias)
+            owner, name = self.forwards[key]
+            raise UsageError(f"moekit.hf: `{key}` of a wrapped block is moekit's `{owner}.{name}` (the router reads "
+                             f"it there); delete or parametrize `{owner}.{name}` instead, or moekit.hf.unwrap(model) "
+                             "first to change the transformers block")
+        super().__delitem__(key)
+
 
 class _HFPath(nn.Module):
     """A stand-in, never registered, for an HF child moekit has no module for (JetMoE's `input_linear`, whose
