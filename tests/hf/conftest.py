@@ -218,3 +218,20 @@ def build_causal():
         return randomize(AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))).eval()
 
     return make
+
+
+class _Logits(torch.nn.Module):
+    """A causal LM as ids (B, T) -> logits, without the KV cache: what torch.export / torch.compile take."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids):
+        return self.m(input_ids=ids, use_cache=False).logits
+
+
+@pytest.fixture
+def logits_net():
+    """logits_net(model) -> an nn.Module mapping ids (B, T) to the model's logits, use_cache=False."""
+    return _Logits

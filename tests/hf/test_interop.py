@@ -165,24 +165,15 @@ def test_names_without_deduplication_are_the_hf_names(family):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["minimax_m2", "dbrx"])
-def test_aliased_families_export_and_compile(family):
+def test_aliased_families_export_and_compile(family, logits_net):
     """The live aliases (the block-held selection bias answered by the layer's `_buffers`, the bank's HF leaf
     names) leave torch.export (static and dynamic token counts) and torch.compile as they were, on the names
     torch lifts (the HF names)."""
     ref, model = _pair(family)
-
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, ids):
-            return self.m(input_ids=ids, use_cache=False).logits
-
-    net = Logits(model).eval()  # (traced, the GEMMs take the masked all-rows path: fp32 sums in another order)
+    net = logits_net(model).eval()  # (traced, the GEMMs take the masked all-rows path: fp32 sums in another order)
     ids, ids5 = _ids(), _ids()[:, :5]
     with torch.no_grad():
-        want, want5 = Logits(ref)(ids), Logits(ref)(ids5)
+        want, want5 = logits_net(ref)(ids), logits_net(ref)(ids5)
         static = torch.export.export(net, (ids,), strict=False)
         assert set(static.state_dict) | set(static.constants) >= {f"m.{k}" for k in ref.state_dict()}
         torch.testing.assert_close(static.module()(ids), want, atol=1e-4, rtol=1e-4)
