@@ -204,3 +204,26 @@ def test_deleting_or_parametrizing_the_block_held_bias_names_the_router_s_and_ch
     assert model.get_buffer("model.layers.0.mlp.e_score_correction_bias") is layer.router.e_score_correction_bias
     with torch.no_grad():
         assert torch.equal(model(_ids()).logits, before)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "llama4", "longcat_flash", "dbrx",
+                                    "jetmoe", "gpt_oss"])
+def test_trainer_weight_decay_groups_are_the_unwrapped_ones(family):
+    """transformers' Trainer puts a parameter in its weight-decay group when `named_parameters()`' name is one
+    `get_decay_parameter_names` builds from `named_children()` and `_parameters`: the wrapped model's router,
+    shared experts and aliased stacks (`gate.weight`, `shared_expert.*`, `router.classifier.weight`,
+    `experts.mlp.w1`, `input_linear.weight`) are decayed as unwrapped, not silently moved to no-decay."""
+    from transformers import Trainer
+
+    ref, model = _pair(family)
+
+    def decayed(m) -> list[str]:
+        names = set(Trainer.get_decay_parameter_names(None, m))
+        return [n for n, _ in m.named_parameters() if n in names]
+
+    assert decayed(model) == decayed(ref)
+    assert any(".gate." in n or ".router." in n or "mlp.w1" in n for n in decayed(model))
+    # the walk's answer is for that walk only: torch's module tree keeps moekit's names
+    layer = moekit.hf.wrapped_blocks(model)[0]
+    assert [n for n, _ in layer.named_children()] == list(layer._modules)
+    assert all(isinstance(c, torch.nn.Module) for c in layer.children())

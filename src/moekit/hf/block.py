@@ -32,7 +32,7 @@ from moekit.config import RouterConfig
 from moekit.errors import UsageError
 from moekit.experts.bank import STANDARD, ExpertBank
 from moekit.hf.detect import BlockSpec, UnsupportedBlockError, router_caller
-from moekit.hf.private_api import OutputRecorder, active_collector, record_specs
+from moekit.hf.private_api import OutputRecorder, active_collector, record_specs, trainer_parameter_names
 from moekit.layers.moe import MoELayer
 from moekit.routers.base import RouterOutput
 
@@ -335,6 +335,17 @@ class HFMoEBlock(MoELayer):
                 return
         yield from super().named_modules(memo, prefix, remove_duplicate)
 
+    def named_children(self):
+        """torch's, except for transformers' Trainer building its weight-decay groups (`get_parameter_names`:
+        parameter names put together from `named_children()` and each module's `_parameters`, then matched
+        against `named_parameters()`): there, name views of the HF block's tree (`_ParameterTree`), so that the
+        names it builds are the HF names `named_parameters()` gives and the router, shared experts and aliased
+        stacks get the weight decay they get unwrapped."""
+        if sys._getframe(1).f_code is _TRAINER_PARAMETER_NAMES:
+            yield from _ParameterTree.of(self).named_children()
+            return
+        yield from super().named_children()
+
     def _hf_names_prefix(self, prefix: str) -> str:
         """The prefix the HF names (`_hf_names`' values) sit under, for this layer named `prefix`: its own."""
         return prefix
@@ -511,6 +522,35 @@ def _inside_named_members() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+_TRAINER_PARAMETER_NAMES = trainer_parameter_names.__code__
+
+
+class _ParameterTree:
+    """A layer's Parameters as the HF block's module tree names them (moekit's names for the ones the HF block
+    has not), for name walkers that read `named_children()` and `_parameters` only (transformers' Trainer)."""
+
+    def __init__(self):
+        self._parameters: dict[str, nn.Parameter] = {}
+        self.children: dict[str, _ParameterTree] = {}
+
+    def named_children(self):
+        return iter(self.children.items())
+
+    @classmethod
+    def of(cls, layer: HFMoEBlock) -> _ParameterTree:
+        """The tree of `layer.named_parameters()`' names (the HF names, see `HFMoEBlock.named_modules`), without
+        the layer's own `_parameters`, which the walker reads off the layer itself."""
+        root = cls()
+        for name, p in layer.named_parameters():
+            *parts, leaf = name.split(".")
+            if parts or leaf not in layer._parameters:
+                node = root
+                for part in parts:
+                    node = node.children.setdefault(part, cls())
+                node._parameters[leaf] = p
+        return root
 
 
 class _NameView:

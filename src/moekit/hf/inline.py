@@ -129,6 +129,10 @@ class HFInlineMoE(HFMoEBlock):
         collected["router_logits"].append(self.as_router_dtype(probs[0], self._recorded_dtype))
         return y
 
+    # The HF names of this layer sit under the decoder layer (its router child's included), whose own
+    # `_parameters` a name walker reads: torch's named_children (no Trainer name tree; see docs/hf.md)
+    named_children = nn.Module.named_children
+
     def _hf_names_prefix(self, prefix: str) -> str:
         """The decoder layer's prefix, as `_state_dict_to_layer_names` names the keys (`layers.i.router.proj.weight`)."""
         name = self._hf_block.experts_name
