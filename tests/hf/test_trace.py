@@ -146,19 +146,10 @@ def test_tuple_returning_blocks_trace_without_host_sync(fam, build_causal, promp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fam", ["mixtral", "deepseek_v3"])
-def test_wrapped_model_exports_and_compiles_like_transformers(fam, make_model, prompt):
+def test_wrapped_model_exports_and_compiles_like_transformers(fam, make_model, prompt, logits_net):
     model = make_model(fam)
     moekit.hf.wrap(model)
-
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, ids):
-            return self.m(input_ids=ids, use_cache=False).logits
-
-    net = Logits(model).eval()
+    net = logits_net(model).eval()
     ids, ids7 = prompt(), prompt(2, 7)
     with torch.no_grad():
         want, want7 = net(ids), net(ids7)

@@ -32,7 +32,7 @@ from moekit.config import RouterConfig
 from moekit.errors import UsageError
 from moekit.experts.bank import STANDARD, ExpertBank
 from moekit.hf.detect import BlockSpec, UnsupportedBlockError, router_caller
-from moekit.hf.private_api import OutputRecorder, active_collector, record_specs
+from moekit.hf.private_api import OutputRecorder, active_collector, record_specs, trainer_parameter_names
 from moekit.layers.moe import MoELayer
 from moekit.routers.base import RouterOutput
 
@@ -119,30 +119,32 @@ class HFMoEBlock(MoELayer):
         # `gate.wg`, Switch's `experts.expert_0.wi`) are unregistered attributes leading to the module that
         # holds the tensor: moekit's own, or the HF one where moekit holds the HF module itself. Nothing is
         # registered twice (state_dict has each tensor once).
-        # HF leaf names the bank spells otherwise (gpt-oss's `experts.gate_up_proj_bias` is the bank's
-        # `in_proj_bias`): the bank answers to both, so that transformers' loading (getattr, then setattr of the
-        # HF name) reaches the bank's own Parameter instead of failing or registering a second one.
-        leaves = {t[len("experts."):]: m[len("experts."):] for m, t in self._hf_names.items()
-                  if m != t and m.count(".") == t.count(".") == 1 and m.startswith("experts.")
-                  and t.startswith("experts.")}
-        if leaves and type(self.experts) is ExpertBank:
-            self.experts.__class__ = HFNamedExpertBank  # the same object and tensors, one more way to name them
-            self.experts._hf_leaves = leaves
         self._hf_children = {}
         hf_modules = {id(m) for m in block.modules()}
+        block_buffers = {f"{m}.{b}" if m else b for m, module in self.named_modules() for b in module._buffers}
+        forwards: dict[str, tuple[str, str]] = {}  # a buffer of the HF block itself -> moekit's (owner, name)
         for mine, theirs in self._hf_names.items():
             (m_owner, _, m_leaf), (t_owner, _, t_leaf) = mine.rpartition("."), theirs.rpartition(".")
             if not t_owner:  # a tensor of the HF block itself (JetMoE's bias, MiniMax-M2's selection bias)
                 if t_leaf not in self._parameters and t_leaf not in self._buffers:
                     self._hf_children.setdefault(t_leaf, mine)  # a dotted path: read when asked (buffers move)
+                    if m_owner and mine in block_buffers:
+                        forwards[t_leaf] = (m_owner, m_leaf)
                 continue
             head, *rest = t_owner.split(".")
             if head not in self._modules:
-                # moekit lacks the HF child: alias moekit's child holding the tensor, or the HF child itself
-                # where the names below it differ too (JetMoE's input_linear.weight)
+                # moekit lacks the HF child: alias moekit's child holding the tensor; the HF child itself where
+                # moekit reads the tensor from that very module; else a stand-in whose HF names reach moekit's
+                # tensors (JetMoE's input_linear.weight is the bank's gate_up_proj): setting the HF child's own
+                # attribute would leave moekit's tensor as it was
                 same_path = m_owner and (m_owner.split(".")[1:] == rest) and m_leaf == t_leaf
-                self._hf_children.setdefault(head, m_owner.split(".")[0] if m_owner and (same_path or m_leaf == t_leaf)
-                                             else block.get_submodule(head))
+                if m_owner and (same_path or m_leaf == t_leaf):
+                    alias = m_owner.split(".")[0]
+                elif block.get_submodule(t_owner) is self.get_submodule(m_owner):
+                    alias = block.get_submodule(head)
+                else:
+                    alias = _HFPath()
+                self._hf_children.setdefault(head, alias)
             if not m_owner:
                 continue
             target = self.get_submodule(m_owner)
@@ -163,8 +165,19 @@ class HFMoEBlock(MoELayer):
                     object.__setattr__(module, part, nxt)
                     module = nxt
             if module is target and t_leaf != m_leaf and not hasattr(target, t_leaf):
-                # same module, another name (gpt-oss's experts.gate_up_proj_bias = moekit's in_proj_bias)
-                object.__setattr__(target, t_leaf, _get_tensor(self, mine))
+                # same module, another name (gpt-oss's experts.gate_up_proj_bias = moekit's in_proj_bias, DBRX's
+                # experts.mlp.w1 = gate_proj): the bank answers to both, read and set live, so that transformers'
+                # loading (getattr, then setattr of the HF name) and torch.func.functional_call reach the bank's
+                # own tensor instead of a second attribute that nothing reads
+                if type(target) in (ExpertBank, HFNamedExpertBank):
+                    target.__class__ = HFNamedExpertBank  # the same object and tensors, one more way to name them
+                    target.__dict__.setdefault("_hf_leaves", {})[t_leaf] = m_leaf
+                else:  # Gemma 4's router.per_expert_scale: a fixed reference (replacing the tensor leaves it behind)
+                    object.__setattr__(target, t_leaf, _get_tensor(self, mine))
+            elif isinstance(module, _HFPath):
+                module.hf_leaves[t_leaf] = (target, m_leaf)
+        if forwards:  # torch's get_buffer / functional_call / setattr of the HF name reach moekit's buffer
+            self.__dict__["_buffers"] = _ForwardingBuffers(self._buffers, self._modules, forwards)
         self.register_state_dict_post_hook(_state_dict_to_hf)
         self.register_load_state_dict_pre_hook(_load_hf_names)
 
@@ -287,6 +300,18 @@ class HFMoEBlock(MoELayer):
                 return alias
             return _get_tensor(self, alias) if "." in alias else super().__getattr__(alias)
 
+    def __setattr__(self, name: str, value) -> None:
+        # A tensor the HF block holds itself under a name moekit spells otherwise (MiniMax-M2's and LFM2-MoE's
+        # selection bias, moekit's router.e_score_correction_bias; JetMoE's `bias`, moekit's output_bias):
+        # setting the HF name (transformers' loading, torch.func.functional_call) sets moekit's tensor.
+        alias = self.__dict__.get("_hf_children", {}).get(name)
+        if isinstance(alias, str) and alias in self._hf_names and name not in self._parameters \
+                and name not in self._buffers and name not in self._modules:
+            owner_name, _, leaf = alias.rpartition(".")
+            _set_tensor(self.get_submodule(owner_name), leaf, value)
+        else:
+            super().__setattr__(name, value)
+
     def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
         """torch's, plus, inside `named_parameters()` / `named_buffers()` (and parameters(), buffers()) with their
         default remove_duplicate=True, a name view of this layer first: stand-ins (no nn.Module, never yielded
@@ -294,10 +319,32 @@ class HFMoEBlock(MoELayer):
         `_named_members`, which keeps the first name of a tensor it meets, spells the state_dict names
         (gate.weight, shared_expert.*, experts.gate_up_proj_bias) as transformers' loader reports them.
         moekit-only and non-persistent state keeps moekit's names (it is in no state_dict); module names
-        (`router`, `shared_experts`) stay moekit's. remove_duplicate=False lists moekit's names, each tensor once."""
-        if remove_duplicate and (memo is None or self not in memo) and _inside_named_members():
-            yield from _hf_name_views(self, self._hf_names_prefix(prefix))
+        (`router`, `shared_experts`) stay moekit's. With remove_duplicate=False (torch.func.functional_call's
+        strict key check, torch.export), where torch keeps every name it meets, this layer's modules come as
+        views too, without the tensors already named: each tensor once, under the same name."""
+        if (memo is None or self not in memo) and _inside_named_members():
+            views = _hf_name_views(self, self._hf_names_prefix(prefix))
+            yield from views
+            if not remove_duplicate:
+                named = {id(t) for _, v in views for t in (*v._parameters.values(), *v._buffers.values())}
+                for name, module in super().named_modules(memo, prefix, remove_duplicate):
+                    rest = _NameView()
+                    rest._parameters = {k: t for k, t in module._parameters.items() if id(t) not in named}
+                    rest._buffers = {k: t for k, t in module._buffers.items() if id(t) not in named}
+                    yield name, rest
+                return
         yield from super().named_modules(memo, prefix, remove_duplicate)
+
+    def named_children(self):
+        """torch's, except for transformers' Trainer building its weight-decay groups (`get_parameter_names`:
+        parameter names put together from `named_children()` and each module's `_parameters`, then matched
+        against `named_parameters()`): there, name views of the HF block's tree (`_ParameterTree`), so that the
+        names it builds are the HF names `named_parameters()` gives and the router, shared experts and aliased
+        stacks get the weight decay they get unwrapped."""
+        if sys._getframe(1).f_code is _TRAINER_PARAMETER_NAMES:
+            yield from _ParameterTree.of(self).named_children()
+            return
+        yield from super().named_children()
 
     def _hf_names_prefix(self, prefix: str) -> str:
         """The prefix the HF names (`_hf_names`' values) sit under, for this layer named `prefix`: its own."""
@@ -369,10 +416,98 @@ class HFNamedExpertBank(ExpertBank):
 
     def __setattr__(self, name: str, value) -> None:
         alias = self.__dict__.get("_hf_leaves", {}).get(name)
-        if alias is not None and alias in self._parameters and type(value) is torch.Tensor:
-            # transformers' loading wraps a tensor in a Parameter only where the HF name is in `_parameters`
-            value = nn.Parameter(value, requires_grad=value.is_floating_point())
-        super().__setattr__(name if alias is None else alias, value)
+        if alias is None:
+            super().__setattr__(name, value)
+        else:
+            _set_tensor(self, alias, value)
+
+
+class _ForwardingBuffers(dict):
+    """The `_buffers` of a layer whose HF block holds a buffer itself that moekit keeps on a child (MiniMax-M2's
+    and LFM2-MoE's selection bias, `e_score_correction_bias` / `expert_bias` of the block, is moekit's
+    router.e_score_correction_bias, which moekit's router reads and keeps fp32). `forwards` maps each such HF
+    name to (moekit owner path, name); membership, reading and writing of that name act on the owner's
+    `_buffers`, looked up through the layer's `_modules` at each access (a re-routed or pruned layer's new
+    router is followed), so torch's `get_buffer`, transformers' `get_parameter_or_buffer` and loading
+    (setattr), and `functional_call`'s swap (which writes `_buffers[name]`) reach the one tensor the router
+    uses: nothing to re-alias after `.to()`, a load or a copy. Iteration lists the layer's own buffers only,
+    so `_apply`, state_dict, loading and named_buffers see the tensor once, where they see it today (on the
+    router; state_dict renames it to the HF name)."""
+
+    def __init__(self, own: dict, modules: dict, forwards: dict[str, tuple[str, str]]):
+        super().__init__(own)
+        self.modules, self.forwards = modules, forwards
+
+    def _owner(self, key: str) -> tuple[dict, str] | None:
+        """(the owner's `_buffers`, name there) for a forwarded HF name whose owner exists, else None."""
+        path_leaf = self.__dict__.get("forwards", {}).get(key)  # absent while pickle / deepcopy refill the items
+        if path_leaf is None:
+            return None
+        head, _, rest = path_leaf[0].partition(".")
+        owner = self.modules.get(head)
+        owner = owner.get_submodule(rest) if owner is not None and rest else owner
+        return None if owner is None else (owner._buffers, path_leaf[1])
+
+    def __contains__(self, key) -> bool:
+        found = self._owner(key) if isinstance(key, str) else None
+        return super().__contains__(key) if found is None else found[1] in found[0]
+
+    def __getitem__(self, key):
+        found = self._owner(key) if isinstance(key, str) else None
+        return super().__getitem__(key) if found is None else found[0][found[1]]
+
+    def __setitem__(self, key, value) -> None:
+        found = self._owner(key) if isinstance(key, str) else None
+        if found is None:
+            super().__setitem__(key, value)
+        else:
+            found[0][found[1]] = value
+
+    def __delitem__(self, key) -> None:
+        if self._owner(key) is not None if isinstance(key, str) else False:
+            # (torch's register_parametrization deletes the name: moekit's router would lose its selection bias)
+            owner, name = self.forwards[key]
+            raise UsageError(f"moekit.hf: `{key}` of a wrapped block is moekit's `{owner}.{name}` (the router reads "
+                             f"it there); delete or parametrize `{owner}.{name}` instead, or moekit.hf.unwrap(model) "
+                             "first to change the transformers block")
+        super().__delitem__(key)
+
+
+class _HFPath(nn.Module):
+    """A stand-in, never registered, for an HF child moekit has no module for (JetMoE's `input_linear`, whose
+    `weight` is the bank's gate_up_proj): `hf_leaves` maps each HF leaf name to (moekit's owner module, its
+    name there); getattr and setattr of an HF leaf act on moekit's tensor, read live (nothing to go stale after
+    `.to()` or a load)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hf_leaves: dict[str, tuple[nn.Module, str]] = {}
+
+    def __getattr__(self, name: str):
+        owner_leaf = self.__dict__.get("hf_leaves", {}).get(name)
+        return super().__getattr__(name) if owner_leaf is None else getattr(*owner_leaf)
+
+    def __setattr__(self, name: str, value) -> None:
+        owner_leaf = self.__dict__.get("hf_leaves", {}).get(name)
+        if owner_leaf is None:
+            super().__setattr__(name, value)
+        else:
+            _set_tensor(*owner_leaf, value)
+
+
+def _set_tensor(owner: nn.Module, leaf: str, value) -> None:
+    """setattr(owner, leaf, value) for a tensor set under its HF name, which is not the name `owner` registers
+    it under. A plain tensor for a Parameter: transformers' loading wraps a tensor in a Parameter only where
+    the HF name itself is in `_parameters`, so a tensor without autograd history becomes one (trainable where
+    floating, as transformers makes it); one that requires grad or has history (torch.func.functional_call,
+    torch.func.grad) is put in place as is, as torch's own swap does for a registered name, so gradients reach
+    the caller's tensor."""
+    if leaf in owner._parameters and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        if value.requires_grad or value.grad_fn is not None:
+            owner._parameters[leaf] = value
+            return
+        value = nn.Parameter(value, requires_grad=value.is_floating_point())
+    setattr(owner, leaf, value)
 
 
 _NAMED_MEMBERS = nn.Module._named_members.__code__
@@ -387,6 +522,35 @@ def _inside_named_members() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+_TRAINER_PARAMETER_NAMES = trainer_parameter_names.__code__
+
+
+class _ParameterTree:
+    """A layer's Parameters as the HF block's module tree names them (moekit's names for the ones the HF block
+    has not), for name walkers that read `named_children()` and `_parameters` only (transformers' Trainer)."""
+
+    def __init__(self):
+        self._parameters: dict[str, nn.Parameter] = {}
+        self.children: dict[str, _ParameterTree] = {}
+
+    def named_children(self):
+        return iter(self.children.items())
+
+    @classmethod
+    def of(cls, layer: HFMoEBlock) -> _ParameterTree:
+        """The tree of `layer.named_parameters()`' names (the HF names, see `HFMoEBlock.named_modules`), without
+        the layer's own `_parameters`, which the walker reads off the layer itself."""
+        root = cls()
+        for name, p in layer.named_parameters():
+            *parts, leaf = name.split(".")
+            if parts or leaf not in layer._parameters:
+                node = root
+                for part in parts:
+                    node = node.children.setdefault(part, cls())
+                node._parameters[leaf] = p
+        return root
 
 
 class _NameView:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekit.hf.block import HFMoEBlock, _get_tensor
+from moekit.hf.block import HFMoEBlock, _get_tensor, _set_tensor
 from moekit.hf.detect import UnsupportedBlockError, _read_bank, _router_weight
 from moekit.hf.private_api import active_collector
 from moekit.layers.moe import MoELayer
@@ -129,6 +129,10 @@ class HFInlineMoE(HFMoEBlock):
         collected["router_logits"].append(self.as_router_dtype(probs[0], self._recorded_dtype))
         return y
 
+    # The HF names of this layer sit under the decoder layer (its router child's included), whose own
+    # `_parameters` a name walker reads: torch's named_children (no Trainer name tree; see docs/hf.md)
+    named_children = nn.Module.named_children
+
     def _hf_names_prefix(self, prefix: str) -> str:
         """The decoder layer's prefix, as `_state_dict_to_layer_names` names the keys (`layers.i.router.proj.weight`)."""
         name = self._hf_block.experts_name
@@ -195,9 +199,9 @@ class InlineRouterCall(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         found = self._hf_name(name) if not name.startswith("_") else None
-        if found is not None and found[1]:  # transformers' loading sets the HF name: set moekit's tensor
+        if found is not None and found[1]:  # transformers' loading, functional_call: set moekit's tensor
             owner, _, leaf = found[0].rpartition(".")
-            setattr(self._moe.get_submodule(owner), leaf, value)
+            _set_tensor(self._moe.get_submodule(owner), leaf, value)
             return
         super().__setattr__(name, value)
 

@@ -17,6 +17,8 @@ imports each of them and checks that they still do what moekit.hf assumes.
                                                          blocks through their original modules)
   PreTrainedModel._output_capturing_hooks_installed      set once transformers has hooked the modules whose
   and its hooks' name `output_capturing_hook`            outputs it records (cleared by unwrap, see below)
+  transformers.trainer_pt_utils.get_parameter_names      the Trainer's weight-decay name walk (named_children +
+                                                         _parameters): a wrapped layer answers it with HF names
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ import transformers
 from moekit.hf.version import SUPPORTED_TRANSFORMERS
 
 __all__ = ["CAPTURE_FLAG", "DECODE_SWITCH", "INIT_HOOK", "INIT_WALK", "PRIVATE_ATTRIBUTES", "PRIVATE_SYMBOLS", "OutputRecorder", "active_collector", "default_apply_gate",
-           "experts_implementation", "forget_output_capturing", "record_specs", "set_experts_implementation"]
+           "experts_implementation", "forget_output_capturing", "record_specs", "set_experts_implementation",
+           "trainer_parameter_names"]
 
 # (module, name) of every private (or undocumented) transformers symbol moekit.hf imports.
 PRIVATE_SYMBOLS = (
     ("transformers.utils.output_capturing", "OutputRecorder"),
     ("transformers.utils.output_capturing", "_active_collector"),
     ("transformers.integrations.moe", "_default_apply_gate"),
+    ("transformers.trainer_pt_utils", "get_parameter_names"),  # public, but undocumented: its walk is what we answer
 )
 # Private attributes moekit.hf reads on transformers objects, and on what.
 PRIVATE_ATTRIBUTES = {
@@ -71,6 +75,7 @@ def _require(module: str, name: str) -> Any:
 OutputRecorder = _require(*PRIVATE_SYMBOLS[0])
 active_collector = _require(*PRIVATE_SYMBOLS[1])
 default_apply_gate = _require(*PRIVATE_SYMBOLS[2])
+trainer_parameter_names = _require(*PRIVATE_SYMBOLS[3])
 
 
 def record_specs(module: Any) -> dict:
