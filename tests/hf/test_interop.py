@@ -84,7 +84,10 @@ def test_functional_call_with_named_parameters_and_buffers(family):
     with torch.no_grad():
         want = functional_call(ref, values, (ids,)).logits
         got = functional_call(model, values, (ids,)).logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # values * 1.1 + 0.05 grow the logits (up to ~6): with 2 BLAS threads the wrapped and unwrapped DBRX sum in
+    # other orders (2e-5 apart, as they are loaded the same values by load_state_dict); a tensor the call
+    # did not reach differs by > 1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)  # every swapped tensor put back
     # gradients w.r.t. the passed tensors (what torch.func.grad and per-sample-gradient code rely on)
@@ -96,7 +99,9 @@ def test_functional_call_with_named_parameters_and_buffers(family):
     for name, a, b in zip(params, *grads, strict=True):
         assert (a is None) == (b is None), name
         if a is not None:
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
+            # relative to the gradient's largest entry: two BLAS threads sum DBRX's norm-weight gradients in other
+            # orders (2e-4 of the largest apart); a tensor the call did not reach gets None or another gradient
+            torch.testing.assert_close(b, a, atol=1e-3 * float(a.abs().max()), rtol=0, msg=name)
 
 
 def _same_tensor_everywhere(model: torch.nn.Module, ref: torch.nn.Module) -> None:
