@@ -76,7 +76,9 @@ def run(args) -> int:
     if getattr(args, "expert_budget", None) is not None:
         from moekit.cli.offload import run_offloaded
 
-        return run_offloaded(args, model, tokenizer, prompt_BT)
+        # Stop where the resident run stops: transformers' generate at the model's own eos ids, a run at its tokenizer's.
+        eos = model.eos_ids() if args.hf is not None else tokenizer.eos_id
+        return run_offloaded(args, model, tokenizer, prompt_BT, eos)
     if args.hf is not None:  # transformers' own generate loop and KV cache, with moekit's routing inside
         torch.manual_seed(args.seed)
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 \

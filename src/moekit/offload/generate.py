@@ -84,7 +84,7 @@ class _Stepper:
 
 @torch.no_grad()
 def decode_loop(model: nn.Module, prompt_ids_BT: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
+                top_p: float = 1.0, seed: int | None = None, eos_id: int | list[int] | None = None,
                 runtime: OffloadRuntime | None = None, record: bool = True) -> tuple[torch.Tensor, dict, RoutingTrace | None]:
     """moekit.models.generate's loop, timed: prompt + new tokens (B, T + n), timings, routing trace.
     With `runtime`, tells it which forward is the prefill and which are decode steps."""
@@ -131,7 +131,7 @@ def offloaded_generate(model_or_run: nn.Module | str | os.PathLike, prompt_ids: 
                        max_new_tokens: int, budget: str | int | float = "25%", policy: str = "lru", *,
                        scope: str = "layer", store_dir: str | os.PathLike | None = None, hot_set=None,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                       eos_id: int | None = None, verify: str = "first", release: bool = False,
+                       eos_id: int | list[int] | None = None, verify: str = "first", release: bool = False,
                        simulate: bool = True, log=None) -> OffloadResult:
     """Generate with at most `budget` bytes of expert weights resident (see the module doc).
 
