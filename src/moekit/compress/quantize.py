@@ -264,7 +264,8 @@ def install(layer: MoELayer, bits_E: list[int], group_size: int) -> QuantizedExp
 def _bank_nbytes(bank: nn.Module) -> int:
     if isinstance(bank, QuantizedExpertBank):
         return sum(bank.expert_nbytes(e) for e in range(bank.num_experts))
-    return sum(w.nbytes for w in (bank.w_in, bank.down_proj))
+    w_in = bank.w_in if isinstance(bank.w_in, tuple) else (bank.w_in,)  # split gate / up stacks (DBRX): a pair
+    return sum(w.nbytes for w in (*w_in, bank.down_proj))
 
 
 def expert_bytes(model: nn.Module) -> int:
