@@ -129,3 +129,28 @@ def test_offloaded_generation_stops_where_resident_generation_stops(hf_dir_stopp
     assert resident.rstrip("\n") == bytes(i for i in [97, 98, 99, *tokens] if i < 256).decode("utf-8", "replace")
     assert main([*gen, "--expert-budget", "50%"]) == 0
     assert capsys.readouterr().out == resident
+
+
+@pytest.fixture(scope="module")
+def hf_dir_with_generation_settings(hf_dir, tmp_path_factory):
+    """The tiny OLMoE with a generation_config that changes greedy decoding (a strong repetition penalty, as real
+    checkpoints ship milder ones) and sampling (top_k)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("hf") / "olmoe-gen"
+    shutil.copytree(hf_dir, path)
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**gen, "repetition_penalty": 3.0, "top_k": 3}))
+    return path
+
+
+@pytest.mark.parametrize("sampling", [[], ["--temperature", "1.0", "--seed", "3"]])
+def test_offloaded_generation_prints_what_resident_generation_prints(hf_dir_with_generation_settings, sampling, capsys):
+    # Before: the resident run was transformers' generate (the checkpoint's repetition penalty and top_k applied,
+    # transformers' sampler), the offloaded run moekit's loop: other text, greedy and sampled, from one command line.
+    gen = ["generate", "--hf", str(hf_dir_with_generation_settings), "--prompt", "abc", "--max-new-tokens", "16",
+           *sampling]
+    assert main(gen) == 0
+    resident = capsys.readouterr().out
+    assert main([*gen, "--expert-budget", "50%"]) == 0
+    assert capsys.readouterr().out == resident
