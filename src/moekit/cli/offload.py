@@ -83,6 +83,9 @@ def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT, eos_id)
         write_store,
     )
 
+    if args.policy == "static" and args.hot_trace is None:
+        raise UsageError("--policy static needs a hot set; expected --hot-trace FILE (a routing trace, e.g. "
+                         "OUT/trace.npz of `moekit analyze`)")
     plan_offload(model, expert_shape(model), args.expert_budget, args.policy, args.cache_scope, args.hot_trace)
     store_dir = args.expert_store
     if store_dir is None and getattr(args, "run", None):
