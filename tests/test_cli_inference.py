@@ -100,3 +100,57 @@ def test_ids_beyond_the_models_vocabulary_exit_2_in_one_line(hf_dir_with_a_large
     last = err.rstrip("\n").rpartition("\n")[2].rpartition("\r")[2]  # after transformers' loading progress bar
     assert "Traceback" not in err and last.startswith(f"moekit {command[0]}")
     assert "token id(s) 350 out of range; expected token ids in [0, 300)" in last
+
+
+@pytest.fixture(scope="module")
+def hf_dir_stopping_early(hf_dir, tmp_path_factory):
+    """The tiny OLMoE whose generation_config stops at the 4th token greedy decoding of "abc" gives (and at a second
+    id it never gives): transformers' generate stops there, tokens 5.. never appear."""
+    import shutil
+
+    ref = OlmoeForCausalLM.from_pretrained(hf_dir).generate(torch.tensor([[97, 98, 99]]), max_new_tokens=12,
+                                                               do_sample=False)[0, 3:].tolist()
+    stop = ref[3]
+    assert stop not in ref[:3]  # so the stop falls after three tokens, mid-stream
+    path = tmp_path_factory.mktemp("hf") / "olmoe-stop"
+    shutil.copytree(hf_dir, path)
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [299, stop]}))
+    return path, ref[:4]
+
+
+def test_offloaded_generation_stops_where_resident_generation_stops(hf_dir_stopping_early, capsys):
+    # Before: the resident run (transformers' generate) stopped at the model's generation_config eos ids, the
+    # offloaded run at the tokenizer's eos (here the byte tokenizer's 257) and went on: different text.
+    path, tokens = hf_dir_stopping_early
+    gen = ["generate", "--hf", str(path), "--prompt", "abc", "--max-new-tokens", "12"]
+    assert main(gen) == 0
+    resident = capsys.readouterr().out
+    assert resident.rstrip("\n") == bytes(i for i in [97, 98, 99, *tokens] if i < 256).decode("utf-8", "replace")
+    assert main([*gen, "--expert-budget", "50%"]) == 0
+    assert capsys.readouterr().out == resident
+
+
+@pytest.fixture(scope="module")
+def hf_dir_with_generation_settings(hf_dir, tmp_path_factory):
+    """The tiny OLMoE with a generation_config that changes greedy decoding (a strong repetition penalty, as real
+    checkpoints ship milder ones) and sampling (top_k)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("hf") / "olmoe-gen"
+    shutil.copytree(hf_dir, path)
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**gen, "repetition_penalty": 3.0, "top_k": 3}))
+    return path
+
+
+@pytest.mark.parametrize("sampling", [[], ["--temperature", "1.0", "--seed", "3"]])
+def test_offloaded_generation_prints_what_resident_generation_prints(hf_dir_with_generation_settings, sampling, capsys):
+    # Before: the resident run was transformers' generate (the checkpoint's repetition penalty and top_k applied,
+    # transformers' sampler), the offloaded run moekit's loop: other text, greedy and sampled, from one command line.
+    gen = ["generate", "--hf", str(hf_dir_with_generation_settings), "--prompt", "abc", "--max-new-tokens", "16",
+           *sampling]
+    assert main(gen) == 0
+    resident = capsys.readouterr().out
+    assert main([*gen, "--expert-budget", "50%"]) == 0
+    assert capsys.readouterr().out == resident

@@ -1,6 +1,8 @@
 """Calibration statistics against a hand computation from the layer's own routing and experts, and
 the refusals of merging and quantising banks they do not express."""
 
+import math
+
 import pytest
 import torch
 
@@ -12,9 +14,10 @@ from moekit.errors import UsageError
 from moekit.layers.moe import moe_layers
 
 
-def _by_hand(model, windows):
+def _by_hand(model, windows, latent=False):
     """Per layer: (tokens, count_E, gate_sum_E, reap_sum_E) from routing_info().executed and each expert's
-    output computed by the bank's grouped forward with every row sent to that expert."""
+    output computed by the bank's grouped forward with every row sent to that expert (`latent`: on the layer's
+    latent projection and norm of its input, what its experts read)."""
     layers = moe_layers(model)
     seen = {}
     hooks = [m.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(i, (a[0].reshape(-1, a[0].shape[-1]),
@@ -27,6 +30,8 @@ def _by_hand(model, windows):
             model(ids)
             for i, m in enumerate(layers):
                 x_TD, route = seen[i]
+                if latent:
+                    x_TD = m.latent_norm(m.fc1_latent_proj(x_TD))
                 s = sums[i]
                 s[0] += x_TD.shape[0]
                 E = m.router.num_experts
@@ -75,3 +80,45 @@ def test_banks_outside_the_standard_swiglu_stack_are_refused_by_merge_and_quanti
                                                router=moekit.RouterConfig(kind="topk", k=2)))
     with pytest.raises(UsageError, match="not the standard SwiGLU stack"):
         QuantizedExpertBank.from_bank(clamped.experts, [8, 8, 8, 8], 8)
+
+
+def _lm(**moe):
+    from moekit.models import LMConfig, MoELM
+
+    cfg = moekit.MoEConfig(d_model=32, d_expert=16, num_experts=8, router=moekit.RouterConfig(kind="topk", k=2), **moe)
+    torch.manual_seed(0)
+    return MoELM(LMConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, moe=cfg)).eval()
+
+
+def test_latent_experts_are_calibrated_on_their_latent_input(windows):
+    # Before: calibration ran the l-wide experts on the D-wide layer input (a raw matmul shape error), so
+    # `moekit compress` crashed on latent layers (the `latent` preset, wrapped Nemotron-H with moe_latent_size).
+    model = _lm(latent_dim=8, latent_norm_eps=1e-6)
+    cal = calibrate(model, windows, batch_size=3, outputs=True)
+    for stats in cal.layers:  # expert outputs in the experts' latent width; the layer's inputs kept as they are
+        assert stats.out_sum_ED.shape == (8, 8) and stats.inputs_TD.shape[1] == 32
+    for stats, (tokens, count_E, _, reap_E) in zip(cal.layers, _by_hand(model, windows, latent=True), strict=True):
+        assert stats.tokens == tokens
+        torch.testing.assert_close(stats.count_E, count_E)
+        torch.testing.assert_close(stats.reap_E(), reap_E / count_E.clamp(min=1), rtol=1e-4, atol=1e-6)
+
+
+def test_compressing_latent_layers_runs_and_keeps_the_survivors(windows):
+    from moekit.compress import merge, prune, quantize
+
+    model = _lm(latent_dim=16)
+    prune(model, calibrate(model, windows), 0.5, "reap")
+    assert [m.experts.num_experts for m in moe_layers(model)] == [4, 4]
+    result = merge(model, calibrate(model, windows, outputs=True), 0.5, "hc-smoe")
+    assert all(math.isfinite(e) for e in result.error_L)  # the layer re-run on its own (D-wide) inputs
+    quantize(model, "int8", calibrate(model, windows), 8)
+    with torch.no_grad():
+        assert torch.isfinite(model(windows)).all()
+
+
+@pytest.mark.parametrize("moe", [{"zero_experts": 2}, {"copy_experts": 1, "constant_experts": 1}])
+def test_zero_computation_experts_are_refused_in_one_line(windows, moe):
+    # Before: a raw size-mismatch RuntimeError inside calibration's forward hook (the `moepp` preset, LongCat-Flash).
+    with pytest.raises(UsageError, match=r"MoE layer 0 routes to 2 zero-computation experts .* past its 8 experts.*; "
+                                         r"expected a layer whose router scores its experts only"):
+        calibrate(_lm(**moe), windows)

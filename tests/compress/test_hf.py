@@ -192,3 +192,36 @@ def test_a_selection_bias_trained_on_a_wrapped_model_survives_save_and_load(tmp_
     for a, b in zip(moe_layers(model), moe_layers(loaded), strict=True):
         assert torch.equal(a.router.e_score_correction_bias, b.router.e_score_correction_bias)
     torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=0)
+
+
+def test_dbrx_expert_bytes_count_its_split_stacks_and_compression_refuses_them_in_one_line(tmp_path, capsys,
+                                                                                           monkeypatch):
+    # Before: `moekit compress --hf DBRX` died in expert_bytes with AttributeError ('tuple' object has no attribute
+    # 'nbytes': DBRX's gate and up are two flat stacks) and a traceback, before any refusal.
+    from transformers import DbrxConfig
+
+    from moekit.cli import main
+    from moekit.compress.quantize import expert_bytes
+
+    cfg = DbrxConfig(vocab_size=300, d_model=32, n_heads=2, n_layers=2, max_seq_len=64,
+                     attn_config={"kv_n_heads": 2, "rope_theta": 1e4, "clip_qkv": 8.0}, ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4,
+                                                               "moe_top_k": 2})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "dbrx")
+    model, _ = moekit.hf.load_pretrained(tmp_path / "dbrx")
+    experts = [m.experts for m in moe_layers(model)]
+    assert expert_bytes(model) == 2 * 3 * 4 * 16 * 32 * 4  # layers x (w1, v1, w2) x E x F x D x fp32
+    assert sum(t.nbytes for b in experts for t in (*b.w_in, b.down_proj)) == expert_bytes(model)
+    from moekit import compress as compress_package
+
+    def no_calibration(*args, **kwargs):  # the layout is refused before any calibration pass (hours on a big model)
+        raise AssertionError("calibrated a model whose experts are then refused")
+
+    monkeypatch.setattr(compress_package, "calibration_windows", no_calibration)
+    for step in (["--prune", "0.5"], ["--merge", "m-smoe"], ["--quantize", "int8", "--group-size", "16"]):
+        assert main(["compress", "--hf", str(tmp_path / "dbrx"), "--out", str(tmp_path / "out"), *step,
+                     "--calib-tokens", "64", "--seq-len", "16", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        last = err.rstrip("\n").rpartition("\n")[2].rpartition("\r")[2]  # after transformers' progress bars
+        assert "Traceback" not in err and last.startswith("moekit compress: ") and "split, flat" in last, err
+    assert not (tmp_path / "out").exists()

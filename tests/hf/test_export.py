@@ -136,3 +136,34 @@ def test_gpt_oss_export_of_a_softmax_after_topk_router_keeps_its_rule_bit_for_bi
     assert torch.equal(idx_TK, hf_idx_TK) and torch.equal(w_TK, hf_w_TK)
     moekit.hf.wrap(hf)
     assert all(layer.cfg.router.softmax_after_topk for layer in moekit.hf.wrapped_blocks(hf))
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_an_export_generates_what_the_run_generates(tokenizer, tmp_path, capsys):
+    # Before: the export held no tokenizer and no special ids, so `moekit generate --hf` read a BPE run's export
+    # with the byte tokenizer (other text) and transformers' generate never stopped at the run's eos.
+    from transformers import AutoTokenizer
+
+    from moekit.train import load_trained
+
+    run, out = tmp_path / "run", tmp_path / "hf"
+    tiny = ["--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--moe.d_expert", "16",
+            "--moe.num_experts", "4", "--router.kind", "topk", "--train.steps", "1", "--train.micro_batch", "1",
+            "--train.seq_len", "16", "--train.eval_tokens", "16", "--train.tokenizer", tokenizer, "--no-progress"]
+    assert main(["train", "--out", str(run), *tiny]) == 0
+    assert main(["export", str(run), "--to", "hf", str(out)]) == 0
+    _, _, tok = load_trained(run)
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    for config in (hf.config, hf.generation_config):
+        assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    if tokenizer == "bpe":
+        hf_tok = AutoTokenizer.from_pretrained(out)
+        text = "def main():\n    return 'été'"
+        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+        assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    capsys.readouterr()
+    gen = ["--prompt", "def ", "--max-new-tokens", "12"]
+    assert main(["generate", str(run), *gen]) == 0
+    ours = capsys.readouterr().out
+    assert main(["generate", "--hf", str(out), *gen]) == 0
+    assert capsys.readouterr().out == ours

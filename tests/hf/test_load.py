@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import moekit.hf
+from moekit.errors import UsageError
 
 
 @pytest.mark.parametrize("version", ["4.57.1", "5.0.0.dev0", "6.0.0", "6.0.0.dev0", "not-a-version"])
@@ -58,3 +59,37 @@ def test_load_pretrained_errors(tmp_path):
         moekit.hf.load_pretrained(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         moekit.hf.load_pretrained(tmp_path)
+
+
+def test_a_model_that_is_not_a_causal_lm_is_named_in_one_line(tmp_path):
+    # Before: transformers' "Unrecognized configuration class ..." listing every causal-LM config (> 3000 characters).
+    from transformers import NllbMoeConfig
+
+    NllbMoeConfig(d_model=16, encoder_layers=1, decoder_layers=1).save_pretrained(tmp_path)
+    with pytest.raises(UsageError) as e:
+        moekit.hf.load_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    assert "a nllb-moe model (NllbMoeConfig)" in msg and "causal language model" in msg
+
+
+def test_an_unknown_model_type_is_named_in_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "not_a_family"}')
+    with pytest.raises(UsageError, match="model_type 'not_a_family', which transformers .* does not "
+                                                       "know; expected") as e:
+        moekit.hf.load_pretrained(tmp_path)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400
+
+
+def test_the_cli_names_an_encoder_decoder_directory_in_one_line(tmp_path, capsys):
+    from transformers import SwitchTransformersConfig
+
+    from moekit.cli import main
+
+    SwitchTransformersConfig(d_model=16, num_layers=1, num_decoder_layers=1).save_pretrained(tmp_path / "switch")
+    for command in (["generate", "--prompt", "a"], ["analyze", "--out", str(tmp_path / "report")],
+                    ["compress", "--prune", "0.5", "--out", str(tmp_path / "small")]):
+        assert main([command[0], "--hf", str(tmp_path / "switch"), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "switch_transformers" in err and "causal language model" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["switch"]  # nothing written

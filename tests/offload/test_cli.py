@@ -47,4 +47,6 @@ def test_bad_budgets_exit_with_status_2(tiny_run, capsys, budget, message):
 def test_static_without_a_hot_trace_is_refused(tiny_run, capsys):
     assert main(["generate", str(tiny_run), "--prompt", "a", "--max-new-tokens", "2", "--expert-budget", "50%",
                  "--policy", "static"]) == 2
-    assert "needs a hot set" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the flag to give, not the Python argument (hot_set=) it was
+    assert err == ("moekit generate: --policy static needs a hot set; expected --hot-trace FILE (a routing trace, e.g. "
+                   "OUT/trace.npz of `moekit analyze`)\n")

@@ -172,3 +172,28 @@ def test_a_table_holding_an_expert_id_outside_the_layer_is_refused_as_damaged(ba
         with pytest.raises(DataError, match=rf"^RouterConfig\(kind='hash'\): expert id\(s\) {bad} out of range; "
                                             rf"expected expert ids in \[0, {E}\) \(the layer's experts\)$"):
             layer(torch.randn(3, D), router_state=ids)
+
+
+@pytest.mark.parametrize("change,named", [({"k": 1}, "k=1"), ({"k": 3}, "k=3"), ({"seed": 5}, "seed=5"),
+                                          ({"vocab_size": 80}, "vocab_size=80")])
+def test_a_reroute_the_table_cannot_follow_is_refused_before_anything_changes(change, named):
+    # Before: route(k=1) on a k=2 hash layer (DeepSeek-V4's hash layers, wrapped) was accepted and did nothing:
+    # the layer kept the 2 experts per token of its (V, 2) table.
+    layer = _layer(k=2)
+    table = layer.router.tid2eid
+    with pytest.raises(ValueError, match=rf"route\(\): RouterConfig\(kind='hash'\) {named}: .*table tid2eid "
+                                         rf"\({V}, 2\).*; expected k=2, vocab_size={V}, seed=0 .*kind='topk'"):
+        moekit.route(layer, **change)
+    assert layer.router.cfg.k == 2 and layer.router.tid2eid is table
+
+
+def test_a_reroute_of_the_weights_is_honoured():
+    layer = _layer(k=2)
+    x, ids = torch.randn(5, D), torch.arange(5)
+    with torch.no_grad():
+        layer(x, router_state=ids)
+        before = layer.routing_info().route.weight_N
+        with moekit.route(layer, normalize=False, routed_scaling_factor=2.0):
+            layer(x, router_state=ids)
+            after = layer.routing_info().route
+    assert after.expert_idx_N.numel() == 10 and not torch.allclose(after.weight_N, before)

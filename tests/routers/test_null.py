@@ -127,3 +127,17 @@ def test_k1_keeps_the_raw_probability_and_trains_the_gate(make_cfg):
     x = torch.randn(16, 32)
     layer(x).pow(2).sum().backward()  # the task loss alone
     assert layer.router.weight.grad.abs().max() > 1e-3
+
+
+def test_a_reroute_of_n_null_the_null_rows_cannot_follow_is_refused():
+    # Before: route(n_null=8) on a null router built with 4 null rows was accepted; the layer ran with 4 null
+    # logits and a config saying 8.
+    cfg = moekit.MoEConfig(d_model=16, d_expert=8, num_experts=6, router=moekit.RouterConfig(kind="null", n_null=4, k=2))
+    layer = moekit.MoELayer(cfg).eval()
+    with pytest.raises(ValueError, match=r"route\(\): RouterConfig\(kind='null'\) n_null=8: the router holds 4 null "
+                                         r"rows \(null_weight\); expected n_null=4, the rows it holds"):
+        moekit.route(layer, n_null=8)
+    with moekit.route(layer, k=3):  # a field read at every forward is honoured
+        with torch.no_grad():
+            layer(torch.randn(5, 16))
+        assert layer.router.cfg.k == 3

@@ -72,8 +72,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from moekit.compress import calibrate, calibration_windows, merge, new_record, prune, quantize
-    from moekit.compress.quantize import expert_bytes, parse_method
+    from moekit.compress.merge import check_mergeable
+    from moekit.compress.quantize import check_quantizable, expert_bytes, parse_method
     from moekit.errors import UsageError
+    from moekit.experts import ExpertBank
+    from moekit.layers.moe import moe_layers
     from moekit.train import load_trained, save_trained
     from moekit.train.rundir import check_owned
 
@@ -106,6 +109,14 @@ def run(args) -> int:
         if seq_len > model.cfg.max_seq_len:
             raise UsageError(f"--seq-len {seq_len} is invalid; allowed: at most the model's max_seq_len "
                              f"({model.cfg.max_seq_len})")
+    # Experts a step cannot rewrite are refused before calibration (a pass over the calibration text per step).
+    for layer in moe_layers(model):
+        if args.prune is not None and isinstance(layer.experts, ExpertBank):
+            layer.experts.require_standard("prune")
+        if args.merge is not None:
+            check_mergeable(layer.experts)
+        if args.quantize is not None:
+            check_quantizable(layer.experts)
     windows = calibration_windows(tokenizer, args.calib, seq_len, args.calib_tokens)
     n_windows = sum(w.shape[0] for w in windows.values())
     passes = sum(x is not None for x in (args.prune, args.merge, args.quantize))

@@ -20,8 +20,8 @@ def run(args) -> int:
         path = export_hf_dir(args.run, args.dir)
         print(f"moekit export: wrote {path}; load it with AutoModelForCausalLM.from_pretrained({str(path)!r})")
         return 0
-    model, _, _ = load_trained(args.run)
-    path = export_hf(model, args.dir)
+    model, _, tokenizer = load_trained(args.run)
+    path = export_hf(model, args.dir, tokenizer=tokenizer)
     print(f"moekit export: wrote {path} (config.json + safetensors); load it with "
           f"AutoModelForCausalLM.from_pretrained({str(path)!r})")
     return 0

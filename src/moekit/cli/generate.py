@@ -73,16 +73,19 @@ def run(args) -> int:
     # A tokenizer with more ids than the model's embedding (added tokens): one line, not torch's IndexError.
     vocab = model.cfg.vocab_size if hasattr(model, "cfg") else model.vocab_size
     check_token_ids(prompt_BT, vocab, "moekit generate --prompt", "the model's vocabulary; its tokenizer gave more ids")
+    # A transformers model stops at its generation_config's eos ids (as its own generate would), a run at its
+    # tokenizer's; nothing else of the generation_config (repetition penalty, top_k, ...) applies: the flags say
+    # how to sample, for a run and a checkpoint alike.
+    eos = model.eos_ids() if args.hf is not None else tokenizer.eos_id
     if getattr(args, "expert_budget", None) is not None:
         from moekit.cli.offload import run_offloaded
 
-        return run_offloaded(args, model, tokenizer, prompt_BT)
-    if args.hf is not None:  # transformers' own generate loop and KV cache, with moekit's routing inside
-        torch.manual_seed(args.seed)
-        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 \
-            else {"do_sample": False}
-        ids = model.model.generate(prompt_BT, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_id,
-                                   **sampling)
+        return run_offloaded(args, model, tokenizer, prompt_BT, eos)
+    if args.hf is not None:  # the loop offloaded generation runs (same sampler and draws), the model's own KV cache
+        from moekit.offload.generate import decode_loop
+
+        ids, _, _ = decode_loop(model, prompt_BT, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed, eos_id=eos, record=False)
     else:
         ids = generate(model, prompt_BT, args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)

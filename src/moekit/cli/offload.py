@@ -5,7 +5,7 @@
       --expert-store OUT` then reuses.
   moekit generate RUN|--hf DIR --expert-budget 25% --policy lru|lfu|static|predictive
       `add_offload_arguments(generate_parser)` (they import moekit.offload, so moekit.cli.generate adds
-      them late); with --expert-budget, generate calls `run_offloaded(args, model, tokenizer, prompt_BT)`
+      them late); with --expert-budget, generate calls `run_offloaded(args, model, tokenizer, prompt_BT, eos_id)`
       with the model it loaded.
 
 Errors are raised (UsageError, ExpertStoreError, NotOwnedError, ...); moekit.cli prints them as one line.
@@ -68,8 +68,9 @@ def _source(args, model) -> dict:
     return {"kind": "hf", "path": str(Path(args.hf).resolve())}
 
 
-def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT) -> int:
-    """Generate with the model's experts offloaded; prints the text and the run's figures.
+def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT, eos_id) -> int:
+    """Generate with the model's experts offloaded; prints the text and the run's figures. `eos_id`: the id(s)
+    generation stops at (those of the resident run).
     The budget, policy and hot set are checked before anything is written; the model's resident
     expert weights are freed (the CLI owns the model)."""
     from moekit.offload.generate import format_metrics, offloaded_generate, store_matches_model
@@ -82,6 +83,9 @@ def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT) -> int:
         write_store,
     )
 
+    if args.policy == "static" and args.hot_trace is None:
+        raise UsageError("--policy static needs a hot set; expected --hot-trace FILE (a routing trace, e.g. "
+                         "OUT/trace.npz of `moekit analyze`)")
     plan_offload(model, expert_shape(model), args.expert_budget, args.policy, args.cache_scope, args.hot_trace)
     store_dir = args.expert_store
     if store_dir is None and getattr(args, "run", None):
@@ -103,7 +107,7 @@ def run_offloaded(args: argparse.Namespace, model, tokenizer, prompt_BT) -> int:
         result = offloaded_generate(model, prompt_BT, args.max_new_tokens, args.expert_budget, args.policy,
                                     scope=args.cache_scope, store_dir=store_dir, hot_set=args.hot_trace,
                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                    eos_id=getattr(tokenizer, "eos_id", None), verify=args.verify_experts,
+                                    eos_id=eos_id, verify=args.verify_experts,
                                     release=True)
     finally:
         if temp is not None:

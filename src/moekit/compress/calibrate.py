@@ -189,7 +189,7 @@ def expert_output(layer: MoELayer, e: int, x_ND: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _layer_stats(layer: MoELayer, x_TD: torch.Tensor, stats: LayerStats, keep_inputs: int) -> None:
     route = layer.routing_info().executed
-    x_TD = x_TD.float()
+    h_TD, x_TD = x_TD, layer.expert_input(x_TD).float()  # the layer's input; what its experts read (latent: l dims)
     T = x_TD.shape[0]
     scores_TE, logits_TE = route.scores_TE.double(), route.logits_TE[:, :stats.num_experts].double()
     stats.tokens += T
@@ -212,8 +212,25 @@ def _layer_stats(layer: MoELayer, x_TD: torch.Tensor, stats: LayerStats, keep_in
             stats.out_sum_ED[e] += expert_output(layer, e, x_TD).double().sum(0)
     have = 0 if stats.inputs_TD is None else stats.inputs_TD.shape[0]
     if have < keep_inputs:
-        new = x_TD[: keep_inputs - have].detach().clone()
+        new = h_TD[: keep_inputs - have].float().detach().clone()
         stats.inputs_TD = new if stats.inputs_TD is None else torch.cat([stats.inputs_TD, new])
+
+
+def _check_calibratable(i: int, layer: MoELayer) -> None:
+    """UsageError for a layer whose router scores columns past its experts (zero-computation experts, router-weighted
+    shared experts): pruning, merging and quantising rank and rewrite the experts' rows and columns only."""
+    cfg = layer.cfg
+    extra = cfg.router_slots - cfg.num_experts
+    if not extra:
+        return
+    if cfg.num_zero_compute:
+        fields = ", ".join(f"{name}={getattr(cfg, name)}" for name in ("zero_experts", "copy_experts", "constant_experts")
+                           if getattr(cfg, name))
+        what = f"{cfg.num_zero_compute} zero-computation experts ({fields}; MoE++, LongCat-Flash)"
+    else:
+        what = f"{extra} router-weighted shared-expert columns"
+    raise UsageError(f"calibrate: MoE layer {i} routes to {what} past its {cfg.num_experts} experts, which pruning, "
+                     "merging and quantising do not handle; expected a layer whose router scores its experts only")
 
 
 @torch.no_grad()
@@ -240,7 +257,9 @@ def calibrate(model: nn.Module, windows: torch.Tensor | Mapping[str, torch.Tenso
     if not layers:
         raise UsageError(f"calibrate: {type(model).__name__} holds no moekit MoE layer (wrap a transformers model "
                          "with moekit.hf.wrap first)")
-    stats = [LayerStats.zeros(m.router.num_experts, m.cfg.d_model, outputs) for m in layers]
+    for i, m in enumerate(layers):
+        _check_calibratable(i, m)
+    stats = [LayerStats.zeros(m.router.num_experts, m.cfg.expert_dim, outputs) for m in layers]
     inputs: dict[int, torch.Tensor] = {}
 
     def pre_hook(module, args, kwargs):

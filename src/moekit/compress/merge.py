@@ -93,6 +93,16 @@ def hc_smoe_groups(features_ED: torch.Tensor, freq_E: torch.Tensor, M: int) -> l
     return [sorted(c, key=lambda e: (-float(freq_E[e]), e)) for c in sorted(clusters, key=min)]
 
 
+def check_mergeable(bank: nn.Module) -> None:
+    """UsageError unless `bank` is an ExpertBank of standard SwiGLU stacks (what merging rewrites)."""
+    if not isinstance(bank, ExpertBank):
+        raise UsageError("merge: quantised experts cannot be merged; merge first, then quantise")
+    if bank.layout != STANDARD or bank.act != Activation("swiglu"):
+        # Neuron alignment splits gate and up rows as SwiGLU stacks them.
+        raise UsageError(f"merge: the expert bank ({bank.extra_repr()}) is not the standard SwiGLU stack merging "
+                         "handles; expected activation swiglu and the standard layout")
+
+
 @torch.no_grad()
 def merge_groups(layer: MoELayer, groups: list[list[int]], freq_E: torch.Tensor, align: bool) -> None:
     """Replace `layer`'s experts by one per group (the first member is the dominant one): neurons aligned
@@ -100,12 +110,7 @@ def merge_groups(layer: MoELayer, groups: list[list[int]], freq_E: torch.Tensor,
     if layer.expert_map_E is not None:
         raise UsageError("merge: this layer was merged already")
     bank = layer.experts
-    if not isinstance(bank, ExpertBank):
-        raise UsageError("merge: quantised experts cannot be merged; merge first, then quantise")
-    if bank.layout != STANDARD or bank.act != Activation("swiglu"):
-        # Neuron alignment splits gate and up rows as SwiGLU stacks them.
-        raise UsageError(f"merge: the expert bank ({bank.extra_repr()}) is not the standard SwiGLU stack merging "
-                         "handles; expected activation swiglu and the standard layout")
+    check_mergeable(bank)
     E = layer.router.num_experts
     covered = sorted(e for g in groups for e in g)
     if covered != list(range(E)):

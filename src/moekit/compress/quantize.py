@@ -123,9 +123,7 @@ class QuantizedExpertBank(nn.Module):
         """Quantise an `ExpertBank`'s experts (expert e at bits_E[e]). Raises UsageError for a bank this
         quantiser does not express (another layout than the standard stacks, expert biases, a clamped
         activation, e.g. a wrapped gpt-oss block)."""
-        if bank.layout != STANDARD or bank.act != Activation(bank.activation):
-            raise UsageError(f"quantize: the expert bank ({bank.extra_repr()}) is not the standard SwiGLU stack this "
-                             "quantiser handles; expected the standard layout and an activation without parameters")
+        check_quantizable(bank)
         new = cls(bank.num_experts, bank.d_model, bank.d_expert, bank.activation, bits_E, group_size)
         for e, b in enumerate(bits_E):
             for name, w in (("w_in", bank.w_in[e]), ("down", bank.down_proj[e])):
@@ -253,6 +251,16 @@ class QuantizeResult:
                 "protected": [list(p) for p in self.protected]}
 
 
+def check_quantizable(bank: nn.Module) -> None:
+    """UsageError unless `bank` holds standard stacks with an activation without parameters (what the quantiser
+    rewrites; a bank quantised already is refused by `install`)."""
+    if isinstance(bank, QuantizedExpertBank):
+        return
+    if bank.layout != STANDARD or bank.act != Activation(bank.activation):
+        raise UsageError(f"quantize: the expert bank ({bank.extra_repr()}) is not the standard SwiGLU stack this "
+                         "quantiser handles; expected the standard layout and an activation without parameters")
+
+
 def install(layer: MoELayer, bits_E: list[int], group_size: int) -> QuantizedExpertBank:
     """Replace `layer`'s ExpertBank with its quantised form (bits_E per bank expert)."""
     if isinstance(layer.experts, QuantizedExpertBank):
@@ -264,7 +272,8 @@ def install(layer: MoELayer, bits_E: list[int], group_size: int) -> QuantizedExp
 def _bank_nbytes(bank: nn.Module) -> int:
     if isinstance(bank, QuantizedExpertBank):
         return sum(bank.expert_nbytes(e) for e in range(bank.num_experts))
-    return sum(w.nbytes for w in (bank.w_in, bank.down_proj))
+    w_in = bank.w_in if isinstance(bank.w_in, tuple) else (bank.w_in,)  # split gate / up stacks (DBRX): a pair
+    return sum(w.nbytes for w in (*w_in, bank.down_proj))
 
 
 def expert_bytes(model: nn.Module) -> int:

@@ -200,6 +200,11 @@ class BPETokenizer:
             raise ValueError(f"BPE tokenizer lacks the special tokens {BPE_SPECIAL_TOKENS}")
         self.bos_id, self.eos_id, self.pad_id = ids
 
+    @property
+    def backend(self) -> Any:
+        """The underlying ``tokenizers.Tokenizer`` (what `moekit export` saves as the checkpoint's tokenizer)."""
+        return self._tokenizer
+
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 

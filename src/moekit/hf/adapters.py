@@ -40,6 +40,13 @@ class HFCausalLM(nn.Module):
     def moe_layers(self):
         return moe_layers(self.model)
 
+    def eos_ids(self) -> list[int]:
+        """The ids transformers' `generate` stops at: the model's `generation_config.eos_token_id` (one id, a
+        list, or none). moekit's own loops (offloaded generation) stop at the same ids, so their text equals
+        the resident run's."""
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        return [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
+
 
 class HFTokenizer:
     def __init__(self, tok):

@@ -275,9 +275,13 @@ def _check_uncompressed(model: MoELM) -> None:
                     "checkpoints do not hold; export the unquantised model")
 
 
-def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> Path:
+def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4, tokenizer=None) -> Path:
     """Write `model` as a transformers checkpoint in `out_dir` (config.json + safetensors), verified by
     loading it back and comparing logits; `out_dir` is untouched if anything fails (see the module doc).
+    tokenizer: the run's (`moekit.data.ByteTokenizer` or `BPETokenizer`); its BOS/EOS/PAD ids go into the config
+    and generation config (so transformers' generate stops where moekit's does), and a BPE tokenizer is saved
+    with the checkpoint (`AutoTokenizer` loads it). Without one the three ids are None (transformers' defaults
+    of the target family would name ordinary tokens of a moekit vocabulary).
     Raises ExportError (nothing exportable), ExportVerificationError, NotOwnedError, OSError."""
     from transformers import AutoModelForCausalLM
 
@@ -285,6 +289,8 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> P
     check_export_target(out_dir)
     _check_uncompressed(model)
     hf_cfg = hf_config_for(model.cfg)
+    for name in ("bos", "eos", "pad"):
+        setattr(hf_cfg, f"{name}_token_id", getattr(tokenizer, f"{name}_id", None))
     target = type(hf_cfg).__name__.removesuffix("Config")
     if target != "Glm4Moe" and any(_nonzero_selection_bias(layer.router) for layer in model.moe_layers()):
         score = model.cfg.moe.router.hf_routing()["scoring_func"]
@@ -297,6 +303,7 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> P
     _copy_weights(model, hf)
     with atomic_dir(out_dir, KIND, "moekit export") as tmp:  # a full disk names out_dir; nothing half-written
         hf.save_pretrained(tmp)
+        _save_tokenizer(tokenizer, tmp)
         loaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True).float().eval()
         ids_BT = torch.randint(0, model.cfg.vocab_size, (2, min(24, model.cfg.max_seq_len)),
                                generator=torch.Generator().manual_seed(0))
@@ -311,6 +318,21 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4) -> P
             raise ExportVerificationError(f"moekit export: {type(loaded).__name__} logits differ from moekit's by "
                                           f"{diff:.2e} (> {atol}); the export was not written")
     return out_dir
+
+
+def _save_tokenizer(tokenizer, out_dir: Path) -> None:
+    """A BPE run's tokenizer as a transformers fast tokenizer (the byte tokenizer has no transformers counterpart:
+    `moekit generate --hf` falls back to it for a checkpoint without one, by its 259 ids)."""
+    from moekit.data import BPETokenizer
+    from moekit.data.corpus import BPE_SPECIAL_TOKENS
+
+    if not isinstance(tokenizer, BPETokenizer):
+        return
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos, pad = BPE_SPECIAL_TOKENS
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend, bos_token=bos, eos_token=eos, pad_token=pad,
+                            clean_up_tokenization_spaces=False).save_pretrained(out_dir)
 
 
 def _nonzero_selection_bias(router) -> bool:

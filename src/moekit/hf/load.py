@@ -35,6 +35,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, *,
     if (path / "moekit-compression.json").is_file() and not (path / "model.safetensors").is_file():
         raise UsageError(f"moekit.hf.load_pretrained(): {str(path)!r} was written by moekit compress in moekit's own "
                          "format (transformers cannot hold its experts); load it with moekit.compress.hf.load_hf")
+    _check_causal_lm(path)
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
@@ -43,3 +44,32 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, *,
     if any((path / f).is_file() for f in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return wrap(model, backend=backend, verify=verify), tokenizer
+
+
+def _check_causal_lm(path: Path) -> None:
+    """UsageError naming the model type where AutoModelForCausalLM cannot load the directory (an unknown type; an
+    encoder-decoder such as Switch Transformers or NLLB-MoE), instead of transformers' message listing every
+    causal-LM config class (thousands of characters)."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    where = f"moekit.hf.load_pretrained(): {str(path)!r}"
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except ValueError as e:  # an unknown model_type (an invalid JSON file is transformers' own one-line OSError)
+        if "model type" not in str(e) and "model_type" not in str(e):
+            raise
+        import json
+
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (ValueError, AttributeError):
+            raise e from None
+        raise UsageError(f"{where} has model_type {model_type!r}, which transformers {transformers.__version__} does "
+                         "not know; expected a model type of the installed transformers") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        archs = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
+        raise UsageError(f"{where} holds a {config.model_type} model ({archs}), which is not a causal language model; "
+                         "expected a checkpoint AutoModelForCausalLM loads (wrap other models in Python: "
+                         "moekit.hf.wrap(model))")

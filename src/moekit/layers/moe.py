@@ -321,9 +321,7 @@ class MoELayer(nn.Module):
                 for name, value in self._aux_losses(router, route, valid_T, num_valid, lead_shape, counted).items():
                     aux[name] = aux[name] + value if name in aux else value  # one loss per iteration gate
             route, zc_route, zc_counts = self._split_zero_compute(route)
-            e_in_TD = h_TD if self.fc1_latent_proj is None else self.fc1_latent_proj(h_TD)
-            if self.latent_norm is not None:
-                e_in_TD = self.latent_norm(e_in_TD)
+            e_in_TD = self.expert_input(h_TD)
             if self.expert_dispatch is None:
                 # Merged experts (moekit.compress.merge): the router keeps its E experts, expert_map_E
                 # sends each to the bank's expert that now computes it.
@@ -529,6 +527,12 @@ class MoELayer(nn.Module):
     def iteration_routers(self) -> list[nn.Module]:
         """The router of each Chain-of-Experts iteration (`[self.router]` for a plain layer)."""
         return [self.router, *self.chain_routers]
+
+    def expert_input(self, h_TD: torch.Tensor) -> torch.Tensor:
+        """What the routed experts read of the layer's input h_TD (T, D): (T, expert_dim), through the latent
+        projection and its norm where the layer has them (moekit.compress calibrates experts on it)."""
+        e_in_TD = h_TD if self.fc1_latent_proj is None else self.fc1_latent_proj(h_TD)
+        return e_in_TD if self.latent_norm is None else self.latent_norm(e_in_TD)
 
     def _split_zero_compute(self, route: RouterOutput):
         """(FFN-expert route with scores over the E FFN experts, zero-computation route or None, picks per kind).

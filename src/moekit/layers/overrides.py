@@ -81,6 +81,12 @@ def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> I
                              f"{old_cfg.weighted_shared_slots()} shared experts or scales its weights by a learned "
                              f"scalar, which router {kind!r} with these fields would drop; change its other fields")
         new_cfg.validate(layer.cfg.router_slots)
+        if kind == old_cfg.kind:  # the routers keep their state (a hash table): can they run the new fields?
+            for router in layer.iteration_routers():
+                try:
+                    router.check_reroute(new_cfg)
+                except UsageError as e:
+                    raise ValueError(f"route(): {e}") from None
         plans.append((layer, new_cfg))
 
     # Every router of a layer changes: Chain-of-Experts layers have one per iteration.

@@ -7,7 +7,7 @@ advances `cache.pos` (moekit's `MoELM`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -65,12 +65,17 @@ def generate(model: MoELM, prompt_ids_BT: torch.Tensor, max_new_tokens: int, tem
 
 def decode(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], prompt_ids_BT: torch.Tensor,
            max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, eos_id: int | None = None,
+           generator: torch.Generator | None = None, eos_id: int | Sequence[int] | None = None,
            before_step: Callable[[int], None] | None = None, step_seconds: list[float] | None = None) -> torch.Tensor:
     """The sampling loop shared by every generator. `step(new_ids_BT, all_ids_BT)` returns the logits of
     the new positions (a cached model reads the first, an uncached one the second). `before_step(i)` runs
-    before forward i (0 = the prompt); `step_seconds` receives each step's time, forward + sampling."""
+    before forward i (0 = the prompt); `step_seconds` receives each step's time, forward + sampling.
+    `eos_id`: one id or several (a transformers model's `generation_config.eos_token_id` may list more than one);
+    a sequence stops at the first of them it produces, and is padded with the first id afterwards."""
     B = prompt_ids_BT.shape[0]
+    eos_S = None if eos_id is None else torch.as_tensor(eos_id, dtype=torch.long, device=prompt_ids_BT.device).view(-1)
+    if eos_S is not None and eos_S.numel() == 0:
+        eos_S = None
     ids_BT = prompt_ids_BT
     done_B = torch.zeros(B, dtype=torch.bool, device=ids_BT.device)
     new_BT = ids_BT
@@ -81,11 +86,11 @@ def decode(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], prompt_id
         next_B = sample_next(step(new_BT, ids_BT)[:, -1], temperature, top_p, generator)
         if step_seconds is not None:
             step_seconds.append(time.perf_counter() - t0)
-        if eos_id is not None:
-            next_B = next_B.masked_fill(done_B, eos_id)
-            done_B |= next_B == eos_id
+        if eos_S is not None:
+            next_B = next_B.masked_fill(done_B, eos_S[0])
+            done_B |= torch.isin(next_B, eos_S)
         ids_BT = torch.cat([ids_BT, next_B.unsqueeze(1)], dim=1)
         new_BT = next_B.unsqueeze(1)
-        if eos_id is not None and bool(done_B.all()):
+        if eos_S is not None and bool(done_B.all()):
             break
     return ids_BT

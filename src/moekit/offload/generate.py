@@ -10,7 +10,7 @@ Stages:
      store directory written from a moekit model;
   2. `offload` the model (OffloadRuntime), record the executed routing with TraceRecorder;
   3. the loop of moekit.models.generate (KV cache, same sampling), prefill timed apart from
-     decode; transformers models step with their own cache (`past_key_values`);
+     decode; transformers models step with their own cache (`cache`, `past_key_values` before 5.x renamed it);
   4. metrics: decode tokens/s = decoded tokens / decode time, p50/p95 per-token latency, hit rate,
      expert bytes moved per token, prefetch use, and the re-simulated hit rates of the same
      policy and of set-MIN / bypass-MIN on this run's trace (the policy's must equal the measured).
@@ -19,6 +19,7 @@ Stages:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import resource
 import shutil
@@ -73,18 +74,21 @@ class _Stepper:
             self.vocab_size = self.hf.get_input_embeddings().num_embeddings
             self.device = next(p.device for p in model.parameters() if not p.is_meta)
             self.past = None
+            # transformers 5.x renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40):
+            # pass and read the cache under the name this model's forward takes.
+            self.cache_name = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
 
     def __call__(self, ids_BT: torch.Tensor) -> torch.Tensor:
         if self.hf is None:
             return self.model(ids_BT, cache=self.cache)
-        out = self.hf(input_ids=ids_BT, past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+        out = self.hf(input_ids=ids_BT, use_cache=True, **{self.cache_name: self.past})
+        self.past = out[self.cache_name]
         return out.logits
 
 
 @torch.no_grad()
 def decode_loop(model: nn.Module, prompt_ids_BT: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
+                top_p: float = 1.0, seed: int | None = None, eos_id: int | list[int] | None = None,
                 runtime: OffloadRuntime | None = None, record: bool = True) -> tuple[torch.Tensor, dict, RoutingTrace | None]:
     """moekit.models.generate's loop, timed: prompt + new tokens (B, T + n), timings, routing trace.
     With `runtime`, tells it which forward is the prefill and which are decode steps."""
@@ -131,7 +135,7 @@ def offloaded_generate(model_or_run: nn.Module | str | os.PathLike, prompt_ids: 
                        max_new_tokens: int, budget: str | int | float = "25%", policy: str = "lru", *,
                        scope: str = "layer", store_dir: str | os.PathLike | None = None, hot_set=None,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                       eos_id: int | None = None, verify: str = "first", release: bool = False,
+                       eos_id: int | list[int] | None = None, verify: str = "first", release: bool = False,
                        simulate: bool = True, log=None) -> OffloadResult:
     """Generate with at most `budget` bytes of expert weights resident (see the module doc).
 

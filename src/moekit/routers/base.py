@@ -344,6 +344,11 @@ class Router(nn.Module):
                valid_T: torch.Tensor | None = None) -> RouterOutput:
         raise NotImplementedError
 
+    def check_reroute(self, cfg: RouterConfig) -> None:
+        """Raise UsageError where this router, given `cfg` (its own kind, fields changed by `moekit.route`), could
+        not run it with the state it holds (e.g. a hash router's fixed table); routers reading every field at each
+        forward accept any valid config."""
+
     def adopt(self, old: Router) -> None:
         """Take over `old`'s gate Parameter and expert mask (`moekit.route(kind=...)` builds a router of
         another kind around the same weights: nothing is copied). Routers extend it for state they share."""

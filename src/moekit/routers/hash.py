@@ -141,6 +141,16 @@ class HashRouter(Router):
                valid_T: torch.Tensor | None = None) -> RouterOutput:
         raise UsageError("RouterConfig(kind='hash') routes on token ids, which its forward takes as `state`")
 
+    def check_reroute(self, cfg: HashConfig) -> None:
+        """The table is fixed (random, or the pretrained model's): k, vocab_size and seed cannot change under it."""
+        V, K = self.tid2eid.shape
+        held = {"k": K, "vocab_size": V, "seed": self.cfg.seed}
+        changed = [f"{name}={getattr(cfg, name)}" for name, value in held.items() if getattr(cfg, name) != value]
+        if changed:
+            raise UsageError(f"RouterConfig(kind='hash') {', '.join(changed)}: its experts come from the layer's table "
+                             f"tid2eid ({V}, {K}), which does not change; expected k={K}, vocab_size={V}, "
+                             f"seed={self.cfg.seed} (the table's), or route(kind='topk', ...) to route on the gate")
+
     def adopt(self, old: Router) -> None:
         super().adopt(old)
         table = getattr(old, "tid2eid", None)

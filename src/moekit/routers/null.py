@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from moekit.config import RouterConfig, require, setting
+from moekit.errors import UsageError
 from moekit.losses import load_balance_loss
 from moekit.routers.base import RouteExtras, Router, RouterOutput, warn_if_k1_normalized
 from moekit.routers.registry import register
@@ -80,6 +81,12 @@ class NullExpertRouter(Router):
         super().__init__(cfg, d_model, num_experts)
         self.null_weight = nn.Parameter(torch.empty(cfg.n_null, d_model))
         self.reset_null_rows()
+
+    def check_reroute(self, cfg: NullConfig) -> None:
+        rows = self.null_weight.shape[0]
+        if cfg.n_null != rows:
+            raise UsageError(f"RouterConfig(kind='null') n_null={cfg.n_null}: the router holds {rows} null rows "
+                             f"(null_weight); expected n_null={rows}, the rows it holds")
 
     def adopt(self, old: Router) -> None:
         super().adopt(old)
