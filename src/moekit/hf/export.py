@@ -303,7 +303,8 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4, toke
     _copy_weights(model, hf)
     with atomic_dir(out_dir, KIND, "moekit export") as tmp:  # a full disk names out_dir; nothing half-written
         hf.save_pretrained(tmp)
-        _save_tokenizer(tokenizer, tmp)
+        if (hf_tokenizer := _hf_tokenizer(tokenizer)) is not None:
+            hf_tokenizer.save_pretrained(tmp)
         loaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True).float().eval()
         ids_BT = torch.randint(0, model.cfg.vocab_size, (2, min(24, model.cfg.max_seq_len)),
                                generator=torch.Generator().manual_seed(0))
@@ -320,19 +321,20 @@ def export_hf(model: MoELM, out_dir: str | os.PathLike, atol: float = 1e-4, toke
     return out_dir
 
 
-def _save_tokenizer(tokenizer, out_dir: Path) -> None:
-    """A BPE run's tokenizer as a transformers fast tokenizer (the byte tokenizer has no transformers counterpart:
-    `moekit generate --hf` falls back to it for a checkpoint without one, by its 259 ids)."""
+def _hf_tokenizer(tokenizer):
+    """A BPE run's tokenizer as a transformers fast tokenizer, or None for the byte tokenizer (it has no
+    transformers counterpart: `moekit generate --hf` falls back to it for a checkpoint without one, by its 259
+    ids)."""
     from moekit.data import BPETokenizer
     from moekit.data.corpus import BPE_SPECIAL_TOKENS
 
     if not isinstance(tokenizer, BPETokenizer):
-        return
+        return None
     from transformers import PreTrainedTokenizerFast
 
     bos, eos, pad = BPE_SPECIAL_TOKENS
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend, bos_token=bos, eos_token=eos, pad_token=pad,
-                            clean_up_tokenization_spaces=False).save_pretrained(out_dir)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   clean_up_tokenization_spaces=False)
 
 
 def _nonzero_selection_bias(router) -> bool:
