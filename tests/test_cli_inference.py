@@ -154,3 +154,17 @@ def test_offloaded_generation_prints_what_resident_generation_prints(hf_dir_with
     resident = capsys.readouterr().out
     assert main([*gen, "--expert-budget", "50%"]) == 0
     assert capsys.readouterr().out == resident
+
+
+def test_generation_settings_the_cli_does_not_apply_are_named_on_stderr(hf_dir, hf_dir_with_generation_settings,
+                                                                         capsys):
+    # Before: resident --hf generation stopped running transformers' generate (which applied the checkpoint's
+    # repetition penalty and top_k) and said nothing: the text changed silently.
+    gen = ["--prompt", "abc", "--max-new-tokens", "4"]
+    assert main(["generate", "--hf", str(hf_dir_with_generation_settings), *gen]) == 0
+    err = capsys.readouterr().err
+    note = [line for line in err.splitlines() if "generation_config" in line]
+    assert len(note) == 1 and note[0].startswith("moekit generate:")
+    assert "repetition_penalty=3.0" in note[0] and "top_k=3" in note[0] and "--temperature" in note[0]
+    assert main(["generate", "--hf", str(hf_dir), *gen]) == 0  # nothing set: no note
+    assert "generation_config" not in capsys.readouterr().err
