@@ -232,3 +232,22 @@ def test_trainer_weight_decay_groups_are_the_unwrapped_ones(family):
     layer = moekit.hf.wrapped_blocks(model)[0]
     assert [n for n, _ in layer.named_children()] == list(layer._modules)
     assert all(isinstance(c, torch.nn.Module) for c in layer.children())
+
+
+def test_trainer_weight_decay_walk_warns_where_inline_layers_miss_the_decay_group():
+    # Before: Gemma 4's wrapped inline layers left their router and expert weights out of the Trainer's
+    # weight-decay group silently (their HF names are leaves the walk reads from _parameters: no name tree).
+    import warnings
+
+    from transformers import Trainer
+
+    ref, model = _pair("gemma4")
+    names = set(Trainer.get_decay_parameter_names(None, ref))
+    with pytest.warns(UserWarning, match="Trainer puts the router and expert weights of the wrapped .* no-decay"):
+        got = set(Trainer.get_decay_parameter_names(None, model))
+    assert any(n.endswith("experts.gate_up_proj") for n in names - got)  # what the warning is about
+    mixtral = _pair("mixtral")[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer.get_decay_parameter_names(None, mixtral)
+        list(moekit.hf.wrapped_blocks(model)[0].named_children())  # any other caller: no warning
