@@ -251,3 +251,27 @@ def test_trainer_weight_decay_walk_warns_where_inline_layers_miss_the_decay_grou
         warnings.simplefilter("error")
         Trainer.get_decay_parameter_names(None, mixtral)
         list(moekit.hf.wrapped_blocks(model)[0].named_children())  # any other caller: no warning
+
+
+def test_a_decode_step_reads_the_layer_s_children_without_the_forwarding_buffers(monkeypatch):
+    # Before: every `self.router` / `self.experts` of a MiniMax-M2 / LFM2-MoE layer's forward went through torch's
+    # __getattr__, which asks `_buffers` (the layer's _ForwardingBuffers: two Python calls per name) first.
+    from moekit.hf.block import _ForwardingBuffers
+
+    ref, model = _pair("minimax_m2")
+    layers = moekit.hf.wrapped_blocks(model)
+    assert all(type(layer._buffers) is _ForwardingBuffers for layer in layers)
+    asked = []
+    contains = _ForwardingBuffers.__contains__
+    monkeypatch.setattr(_ForwardingBuffers, "__contains__", lambda self, key: asked.append(key) or contains(self, key))
+    ids = _ids()[:1]
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        asked.clear()
+        step = model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
+        children = {name for layer in layers for name in layer._modules}
+        assert not children & set(asked), sorted(children & set(asked))
+        want = ref(input_ids=ids[:, -1:], past_key_values=ref(input_ids=ids, use_cache=True).past_key_values,
+                   use_cache=True).logits
+    torch.testing.assert_close(step, want, atol=1e-5, rtol=1e-5)
+    assert model.get_buffer("model.layers.0.mlp.e_score_correction_bias") is layers[0].router.e_score_correction_bias
