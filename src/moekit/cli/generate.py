@@ -80,7 +80,10 @@ def run(args) -> int:
     # tokenizer's; nothing else of the generation_config (repetition penalty, top_k, ...) applies: the flags say
     # how to sample, for a run and a checkpoint alike.
     eos = model.eos_ids() if args.hf is not None else tokenizer.eos_id
-    if args.hf is not None and (unapplied := model.unapplied_generation_settings()):
+    given = {"do_sample": args.temperature > 0, "temperature": args.temperature, "top_p": args.top_p}  # by the flags
+    unapplied = {name: value for name, value in model.unapplied_generation_settings().items()
+                 if name not in given or given[name] != value} if args.hf is not None else {}
+    if unapplied:
         settings = ", ".join(f"{name}={value}" for name, value in unapplied.items())
         print(f"moekit generate: the checkpoint's generation_config sets {settings}, which moekit generate does not "
               "apply (it samples as --temperature and --top-p say; greedy by default)", file=sys.stderr)

@@ -470,7 +470,7 @@ class _ForwardingBuffers(dict):
             found[0][found[1]] = value
 
     def __delitem__(self, key) -> None:
-        if self._owner(key) is not None if isinstance(key, str) else False:
+        if isinstance(key, str) and self._owner(key) is not None:
             # (torch's register_parametrization deletes the name: moekit's router would lose its selection bias)
             owner, name = self.forwards[key]
             raise UsageError(f"moekit.hf: `{key}` of a wrapped block is moekit's `{owner}.{name}` (the router reads "
