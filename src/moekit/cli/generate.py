@@ -81,7 +81,7 @@ def run(args) -> int:
     # how to sample, for a run and a checkpoint alike.
     eos = model.eos_ids() if args.hf is not None else tokenizer.eos_id
     given = {"do_sample": args.temperature > 0, "temperature": args.temperature, "top_p": args.top_p}  # by the flags
-    unapplied = {name: value for name, value in model.unapplied_generation_settings().items()
+    unapplied = {name: value for name, value in model.unapplied_generation_settings(args.temperature > 0).items()
                  if name not in given or given[name] != value} if args.hf is not None else {}
     if unapplied:
         settings = ", ".join(f"{name}={value}" for name, value in unapplied.items())
