@@ -154,3 +154,33 @@ def test_offloaded_generation_prints_what_resident_generation_prints(hf_dir_with
     resident = capsys.readouterr().out
     assert main([*gen, "--expert-budget", "50%"]) == 0
     assert capsys.readouterr().out == resident
+
+
+def test_generation_settings_the_cli_does_not_apply_are_named_on_stderr(hf_dir, hf_dir_with_generation_settings,
+                                                                         tmp_path, capsys):
+    import shutil
+
+    # Before: resident --hf generation stopped running transformers' generate (which applied the checkpoint's
+    # repetition penalty and top_k) and said nothing: the text changed silently.
+    gen = ["--prompt", "abc", "--max-new-tokens", "4"]
+    assert main(["generate", "--hf", str(hf_dir_with_generation_settings), *gen]) == 0
+    err = capsys.readouterr().err
+    note = [line for line in err.splitlines() if "generation_config" in line]
+    assert len(note) == 1 and note[0].startswith("moekit generate:")
+    assert "sets repetition_penalty=3.0, which" in note[0] and "--temperature" in note[0]  # top_k: a greedy run's too
+    gen_dir = tmp_path / "olmoe-sampling"  # sampling settings only, which the flags can give: then no note
+    shutil.copytree(hf_dir, gen_dir)
+    config = json.loads((gen_dir / "generation_config.json").read_text())
+    (gen_dir / "generation_config.json").write_text(json.dumps({**config, "do_sample": True, "temperature": 0.6,
+                                                                "top_p": 0.9}))
+    assert main(["generate", "--hf", str(gen_dir), *gen, "--temperature", "0.6", "--top-p", "0.9"]) == 0
+    assert "generation_config" not in capsys.readouterr().err
+    assert main(["generate", "--hf", str(gen_dir), *gen]) == 0  # greedy: the checkpoint's sampling is named
+    assert "do_sample=True, temperature=0.6, top_p=0.9, which" in capsys.readouterr().err
+    (gen_dir / "generation_config.json").write_text(json.dumps({**config, "top_k": 20}))
+    assert main(["generate", "--hf", str(gen_dir), *gen]) == 0  # greedy: transformers ignores top_k too
+    assert "generation_config" not in capsys.readouterr().err
+    assert main(["generate", "--hf", str(gen_dir), *gen, "--temperature", "1"]) == 0  # sampling: it would apply
+    assert "sets top_k=20, which" in capsys.readouterr().err
+    assert main(["generate", "--hf", str(hf_dir), *gen]) == 0  # nothing set: no note
+    assert "generation_config" not in capsys.readouterr().err

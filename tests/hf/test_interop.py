@@ -232,3 +232,46 @@ def test_trainer_weight_decay_groups_are_the_unwrapped_ones(family):
     layer = moekit.hf.wrapped_blocks(model)[0]
     assert [n for n, _ in layer.named_children()] == list(layer._modules)
     assert all(isinstance(c, torch.nn.Module) for c in layer.children())
+
+
+def test_trainer_weight_decay_walk_warns_where_inline_layers_miss_the_decay_group():
+    # Before: Gemma 4's wrapped inline layers left their router and expert weights out of the Trainer's
+    # weight-decay group silently (their HF names are leaves the walk reads from _parameters: no name tree).
+    import warnings
+
+    from transformers import Trainer
+
+    ref, model = _pair("gemma4")
+    names = set(Trainer.get_decay_parameter_names(None, ref))
+    with pytest.warns(UserWarning, match="Trainer puts the router and expert weights of the wrapped .* no-decay"):
+        got = set(Trainer.get_decay_parameter_names(None, model))
+    assert any(n.endswith("experts.gate_up_proj") for n in names - got)  # what the warning is about
+    mixtral = _pair("mixtral")[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer.get_decay_parameter_names(None, mixtral)
+        list(moekit.hf.wrapped_blocks(model)[0].named_children())  # any other caller: no warning
+
+
+def test_a_decode_step_reads_the_layer_s_children_without_the_forwarding_buffers(monkeypatch):
+    # Before: every `self.router` / `self.experts` of a MiniMax-M2 / LFM2-MoE layer's forward went through torch's
+    # __getattr__, which asks `_buffers` (the layer's _ForwardingBuffers: two Python calls per name) first.
+    from moekit.hf.block import _ForwardingBuffers
+
+    ref, model = _pair("minimax_m2")
+    layers = moekit.hf.wrapped_blocks(model)
+    assert all(type(layer._buffers) is _ForwardingBuffers for layer in layers)
+    asked = []
+    contains = _ForwardingBuffers.__contains__
+    monkeypatch.setattr(_ForwardingBuffers, "__contains__", lambda self, key: asked.append(key) or contains(self, key))
+    ids = _ids()[:1]
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        asked.clear()
+        step = model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
+        children = {name for layer in layers for name in layer._modules}
+        assert not children & set(asked), sorted(children & set(asked))
+        want = ref(input_ids=ids[:, -1:], past_key_values=ref(input_ids=ids, use_cache=True).past_key_values,
+                   use_cache=True).logits
+    torch.testing.assert_close(step, want, atol=1e-5, rtol=1e-5)
+    assert model.get_buffer("model.layers.0.mlp.e_score_correction_bias") is layers[0].router.e_score_correction_bias

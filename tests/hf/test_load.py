@@ -79,6 +79,11 @@ def test_an_unknown_model_type_is_named_in_one_line(tmp_path):
                                                        "know; expected") as e:
         moekit.hf.load_pretrained(tmp_path)
     assert "\n" not in str(e.value) and len(str(e.value)) < 400
+    # Before: "has model_type None, which transformers ... does not know"
+    (tmp_path / "config.json").write_text('{"hidden_size": 8}')
+    with pytest.raises(UsageError, match="its config.json has no model_type; expected") as e:
+        moekit.hf.load_pretrained(tmp_path)
+    assert "\n" not in str(e.value) and "None" not in str(e.value)
 
 
 def test_the_cli_names_an_encoder_decoder_directory_in_one_line(tmp_path, capsys):

@@ -158,9 +158,15 @@ def test_hf_wrapped_model_offloaded_equals_resident(tmp_path):
             p.copy_(torch.randn(p.shape, generator=g) * (1.5 * p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1) + (p.dim() == 1))
     model = HFCausalLM(moekit.hf.wrap(hf))
     prompt = torch.randint(0, 64, (1, 8), generator=g)
+    head_rows = []  # positions the LM head computes logits for, per forward
+    hook = hf.lm_head.register_forward_hook(lambda _m, args, _out: head_rows.append(args[0].shape[1]))
     with warnings.catch_warnings():  # the cache goes by the forward's own name (`past_key_values` goes in 5.40)
         warnings.filterwarnings("error", message=".*past_key_values", category=FutureWarning)
         ref, _, _ = decode_loop(model, prompt, 12, record=False)
+    hook.remove()
+    # the prefill computes the last position's logits only, as transformers' generate (logits_to_keep=1): before,
+    # all 8 (resident --hf generation, moekit's loop since the newuser merge: a (1, T, V) tensor per prompt)
+    assert head_rows == [1] * 12
     hf_ref = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(ref, hf_ref)
     for policy in ("lru", "predictive"):

@@ -103,3 +103,12 @@ def test_other_routers_hand_the_state_on_and_counts(make_cfg):
     assert layer.routing_info().router_state is state and y.shape == (3, 32)
     cfg = make_cfg(kind="recurrent", gru_dim=16)
     assert cfg.num_params() == sum(p.numel() for p in MoELayer(cfg).parameters())
+
+
+def test_a_reroute_of_gru_dim_the_router_cannot_follow_is_refused_before_anything_changes(make_cfg):
+    # Before: route(gru_dim=8) on a gru_dim=16 layer was accepted; its next forward failed on the state's width.
+    layers, _ = stack(make_cfg, n_layers=1)
+    with pytest.raises(ValueError, match=r"route\(\): RouterConfig\(kind='recurrent'\) gru_dim=8: the router's "
+                                         r"input_proj and gate are sized for a GRU state of 16; expected gru_dim=16$"):
+        moekit.route(layers[0], gru_dim=8)
+    assert layers[0].router.cfg.gru_dim == 16

@@ -594,3 +594,18 @@ def test_rerouting_a_softmax_after_topk_layer():
     with pytest.raises(ValueError, match="softmax_after_topk"):
         moekit.route(layer, normalize=False)
     assert layer.router.cfg.softmax_after_topk and layer.router.cfg.k == 2
+
+
+@pytest.mark.parametrize("built,asked", [(False, True), (True, False)])
+def test_a_reroute_of_learned_scale_the_router_cannot_follow_is_refused(built, asked):
+    # Before: route(learned_scale=...) on a top-k layer was accepted and changed nothing (global_scale is made,
+    # or not, at construction): an Inkling-style layer kept scaling its weights with a config saying it does not.
+    cfg = moekit.MoEConfig(d_model=16, d_expert=8, num_experts=6,
+                           router=moekit.RouterConfig(kind="topk", k=2, learned_scale=built))
+    layer = moekit.MoELayer(cfg).eval()
+    with pytest.raises(ValueError, match=rf"route\(\): RouterConfig\(kind='topk'\) learned_scale={asked}: the router "
+                                         rf".* global_scale, which does not change; expected learned_scale={built}$"):
+        moekit.route(layer, learned_scale=asked)
+    assert layer.router.cfg.learned_scale is built
+    with moekit.route(layer, k=3):  # a field read at every forward is honoured
+        assert layer.router.cfg.k == 3

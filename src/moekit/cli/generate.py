@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 from moekit.cli import late_arguments
 from moekit.cli.common import add_model_source, load_for_inference, positive
@@ -18,7 +19,9 @@ def add_parser(subparsers) -> None:
                    help="text to continue (UTF-8; other bytes go to a byte-level model as they are)")
     g.add_argument("--bos", action="store_true", help="start with the BOS token")
     g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); with --hf too: a checkpoint's generation_config sampling settings "
+                        "(do_sample, top_k, repetition_penalty, ...) are not applied (a note on stderr names them)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0 = off)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
@@ -77,6 +80,13 @@ def run(args) -> int:
     # tokenizer's; nothing else of the generation_config (repetition penalty, top_k, ...) applies: the flags say
     # how to sample, for a run and a checkpoint alike.
     eos = model.eos_ids() if args.hf is not None else tokenizer.eos_id
+    given = {"do_sample": args.temperature > 0, "temperature": args.temperature, "top_p": args.top_p}  # by the flags
+    unapplied = {name: value for name, value in model.unapplied_generation_settings(args.temperature > 0).items()
+                 if name not in given or given[name] != value} if args.hf is not None else {}
+    if unapplied:
+        settings = ", ".join(f"{name}={value}" for name, value in unapplied.items())
+        print(f"moekit generate: the checkpoint's generation_config sets {settings}, which moekit generate does not "
+              "apply (it samples as --temperature and --top-p say; greedy by default)", file=sys.stderr)
     if getattr(args, "expert_budget", None) is not None:
         from moekit.cli.offload import run_offloaded
 

@@ -47,6 +47,28 @@ class HFCausalLM(nn.Module):
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         return [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
 
+    def unapplied_generation_settings(self, sampling: bool) -> dict:
+        """The settings of the model's `generation_config` that transformers' `generate` would decode with and
+        moekit's loops do not apply (they sample as their temperature / top_p arguments say): {name: value}
+        for each one set to other than its no-op value (`do_sample=True`, `repetition_penalty=1.1`, `top_k=20`);
+        the sampling-only ones (top_k, ...) where the loop (`sampling`) or the generation_config samples."""
+        gen = getattr(self.model, "generation_config", None)
+        sampling = sampling or getattr(gen, "do_sample", None) is True
+        return {name: value for name, noop in _DECODING_NOOPS.items()
+                if (value := getattr(gen, name, None)) is not None and value != noop
+                and (sampling or name not in _SAMPLING_ONLY)}
+
+
+# generation_config fields that change which token transformers' generate picks, with the value that changes
+# nothing (None: unset, transformers 5's default for each)
+_DECODING_NOOPS = {"do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
+                   "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                   "num_beams": 1, "min_length": 0, "min_new_tokens": 0, "bad_words_ids": None,
+                   "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+                   "forced_eos_token_id": None, "sequence_bias": None}
+# those transformers' generate reads only when it samples (a greedy run ignores them)
+_SAMPLING_ONLY = {"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
+
 
 class HFTokenizer:
     def __init__(self, tok):

@@ -290,6 +290,12 @@ class HFMoEBlock(MoELayer):
         return y, self.as_router_dtype(w_TK, self._returns_dtype)
 
     def __getattr__(self, name: str):
+        # The children first (`self.router`, `self.experts`, several times per layer at each decode step): torch
+        # would ask `_buffers` first, a `_ForwardingBuffers` (Python-level lookups) on the selection-bias
+        # families. A name is in one of `_parameters`, `_buffers`, `_modules` at most, so the answer is torch's.
+        modules = self.__dict__.get("_modules")
+        if modules is not None and name in modules:
+            return modules[name]
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -464,7 +470,7 @@ class _ForwardingBuffers(dict):
             found[0][found[1]] = value
 
     def __delitem__(self, key) -> None:
-        if self._owner(key) is not None if isinstance(key, str) else False:
+        if isinstance(key, str) and self._owner(key) is not None:
             # (torch's register_parametrization deletes the name: moekit's router would lose its selection bias)
             owner, name = self.forwards[key]
             raise UsageError(f"moekit.hf: `{key}` of a wrapped block is moekit's `{owner}.{name}` (the router reads "

@@ -24,10 +24,13 @@ hands each module only its own keys); `moekit.hf.unwrap` puts both HF modules ba
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import torch
 from torch import nn
 
-from moekit.hf.block import HFMoEBlock, _get_tensor, _set_tensor
+from moekit.hf.block import _TRAINER_PARAMETER_NAMES, HFMoEBlock, _get_tensor, _set_tensor
 from moekit.hf.detect import UnsupportedBlockError, _read_bank, _router_weight
 from moekit.hf.private_api import active_collector
 from moekit.layers.moe import MoELayer
@@ -129,9 +132,17 @@ class HFInlineMoE(HFMoEBlock):
         collected["router_logits"].append(self.as_router_dtype(probs[0], self._recorded_dtype))
         return y
 
-    # The HF names of this layer sit under the decoder layer (its router child's included), whose own
-    # `_parameters` a name walker reads: torch's named_children (no Trainer name tree; see docs/hf.md)
-    named_children = nn.Module.named_children
+    def named_children(self):
+        """torch's. The HF names of this layer are the decoder layer's `router.*` and `experts.<leaf>`: leaves that
+        transformers' Trainer walk (`get_parameter_names`) reads from this module's own `_parameters` only, so no
+        name tree answers it (see docs/hf.md); that walk gets a warning that the Trainer's weight-decay group
+        misses this layer's router and expert weights."""
+        if sys._getframe(1).f_code is _TRAINER_PARAMETER_NAMES:
+            warnings.warn(f"moekit.hf: transformers' Trainer puts the router and expert weights of the wrapped "
+                          f"{self.hf_class} layers in its no-decay group (their HF names sit on the decoder layer); "
+                          "pass the optimizer groups yourself (named_parameters() gives the HF names) or "
+                          "moekit.hf.unwrap(model) to train with weight decay on them", UserWarning, stacklevel=3)
+        return nn.Module.named_children(self)
 
     def _hf_names_prefix(self, prefix: str) -> str:
         """The decoder layer's prefix, as `_state_dict_to_layer_names` names the keys (`layers.i.router.proj.weight`)."""

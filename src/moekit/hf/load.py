@@ -66,6 +66,9 @@ def _check_causal_lm(path: Path) -> None:
             model_type = json.loads((path / "config.json").read_text()).get("model_type")
         except (ValueError, AttributeError):
             raise e from None
+        if model_type is None:
+            raise UsageError(f"{where}: its config.json has no model_type; expected a transformers checkpoint's "
+                             "config.json (written by save_pretrained), which names its model type") from None
         raise UsageError(f"{where} has model_type {model_type!r}, which transformers {transformers.__version__} does "
                          "not know; expected a model type of the installed transformers") from None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:

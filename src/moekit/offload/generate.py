@@ -76,12 +76,16 @@ class _Stepper:
             self.past = None
             # transformers 5.x renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40):
             # pass and read the cache under the name this model's forward takes.
-            self.cache_name = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
+            takes = inspect.signature(self.hf.forward).parameters
+            self.cache_name = "cache" if "cache" in takes else "past_key_values"
+            # The loop reads the last position's logits: the prefill computes no (B, T, V) logits (a long prompt
+            # and a large vocabulary: gigabytes), as transformers' generate asks with logits_to_keep=1.
+            self.keep = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
 
     def __call__(self, ids_BT: torch.Tensor) -> torch.Tensor:
         if self.hf is None:
             return self.model(ids_BT, cache=self.cache)
-        out = self.hf(input_ids=ids_BT, use_cache=True, **{self.cache_name: self.past})
+        out = self.hf(input_ids=ids_BT, use_cache=True, **{self.cache_name: self.past}, **self.keep)
         self.past = out[self.cache_name]
         return out.logits
 

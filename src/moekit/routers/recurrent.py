@@ -28,6 +28,7 @@ from torch import nn
 
 from moekit import losses
 from moekit.config import RouterConfig, require, setting
+from moekit.errors import UsageError
 from moekit.routers.base import RouteExtras, Router, RouterOutput, warn_if_k1_normalized
 from moekit.routers.registry import register
 from moekit.routers.topk import SCORES, select_topk
@@ -139,6 +140,13 @@ class RecurrentRouter(Router):
         self.weight = nn.Parameter(torch.empty(num_experts, R))  # W2 (E, R): the gate proper
         nn.init.normal_(self.input_proj, std=d_model**-0.5)
         nn.init.normal_(self.weight, std=R**-0.5)
+
+    def check_reroute(self, cfg: RecurrentConfig) -> None:
+        """input_proj (R, D) and the gate (E, R) are sized by gru_dim at construction: it cannot change under them."""
+        R = self.input_proj.shape[0]
+        if cfg.gru_dim != R:
+            raise UsageError(f"RouterConfig(kind='recurrent') gru_dim={cfg.gru_dim}: the router's input_proj and gate "
+                             f"are sized for a GRU state of {R}; expected gru_dim={R}")
 
     def adopt(self, old: Router) -> None:
         raise ValueError("a recurrent router's gate reads the GRU state, not the token: it cannot take over "

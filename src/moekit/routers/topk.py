@@ -32,6 +32,7 @@ from torch import nn
 
 from moekit import losses
 from moekit.config import RouterConfig, require, setting
+from moekit.errors import UsageError
 from moekit.routers.base import Router, RouterOutput, StepCounts, warn_if_k1_normalized
 from moekit.routers.registry import register
 
@@ -312,6 +313,14 @@ class TopKRouter(Router):
         # choice or per-expert scales reweigh it
         return (self.cfg.softmax_after_topk and self.e_score_correction_bias is None
                 and self.expert_scale is None)
+
+    def check_reroute(self, cfg: TopKConfig) -> None:
+        """The learned scalar `global_scale` is made (or not) at construction: learned_scale cannot change under it."""
+        held = self.global_scale is not None
+        if cfg.learned_scale != held:
+            raise UsageError(f"RouterConfig(kind='topk') learned_scale={cfg.learned_scale}: the router "
+                             f"{'holds a' if held else 'has no'} learned scalar global_scale, which does not change; "
+                             f"expected learned_scale={held}")
 
     def adopt(self, old: Router) -> None:
         super().adopt(old)
