@@ -171,11 +171,11 @@ class HFMoEBlock(MoELayer):
                 # own tensor instead of a second attribute that nothing reads
                 if type(target) in (ExpertBank, HFNamedExpertBank):
                     target.__class__ = HFNamedExpertBank  # the same object and tensors, one more way to name them
-                    target.__dict__.setdefault("_hf_leaves", {})[t_leaf] = m_leaf
+                    target.__dict__.setdefault("_hf_leaves", {})[t_leaf] = (None, m_leaf)
                 else:  # Gemma 4's router.per_expert_scale: a fixed reference (replacing the tensor leaves it behind)
                     object.__setattr__(target, t_leaf, _get_tensor(self, mine))
             elif isinstance(module, _HFPath):
-                module.hf_leaves[t_leaf] = (target, m_leaf)
+                module._hf_leaves[t_leaf] = (target, m_leaf)
         if forwards:  # torch's get_buffer / functional_call / setattr of the HF name reach moekit's buffer
             self.__dict__["_buffers"] = _ForwardingBuffers(self._buffers, self._modules, forwards)
         self.register_state_dict_post_hook(_state_dict_to_hf)
@@ -412,20 +412,31 @@ def _materialise_moekit_state(layer: HFMoEBlock, args) -> None:
     layer._materialise_hook.remove()
 
 
-class HFNamedExpertBank(ExpertBank):
-    """The ExpertBank of a wrapped block whose HF leaf names differ from the bank's (`_hf_leaves`, HF name ->
-    bank name): getattr and setattr of an HF name act on the bank's tensor of that role."""
+class _HFLeafAliases:
+    """Mixin for an nn.Module answering HF leaf names it does not register: `_hf_leaves` maps each to (moekit's
+    owner module, or None for this one; its name there). getattr and setattr of an HF leaf act on moekit's tensor,
+    read live (nothing to go stale after `.to()` or a load)."""
+
+    def _hf_leaf(self, name: str) -> tuple[nn.Module, str] | None:
+        found = self.__dict__.get("_hf_leaves", {}).get(name)
+        return None if found is None else (self if found[0] is None else found[0], found[1])
 
     def __getattr__(self, name: str):
-        alias = self.__dict__.get("_hf_leaves", {}).get(name)
-        return super().__getattr__(name if alias is None else alias)
+        found = self._hf_leaf(name)
+        return super().__getattr__(name) if found is None else getattr(*found)
 
     def __setattr__(self, name: str, value) -> None:
-        alias = self.__dict__.get("_hf_leaves", {}).get(name)
-        if alias is None:
+        found = self._hf_leaf(name)
+        if found is None:
             super().__setattr__(name, value)
         else:
-            _set_tensor(self, alias, value)
+            _set_tensor(*found, value)
+
+
+class HFNamedExpertBank(_HFLeafAliases, ExpertBank):
+    """The ExpertBank of a wrapped block whose HF leaf names differ from the bank's (gpt-oss's
+    `gate_up_proj_bias` is its `in_proj_bias`): getattr and setattr of an HF name act on the bank's tensor of that
+    role."""
 
 
 class _ForwardingBuffers(dict):
@@ -479,26 +490,13 @@ class _ForwardingBuffers(dict):
         super().__delitem__(key)
 
 
-class _HFPath(nn.Module):
+class _HFPath(_HFLeafAliases, nn.Module):
     """A stand-in, never registered, for an HF child moekit has no module for (JetMoE's `input_linear`, whose
-    `weight` is the bank's gate_up_proj): `hf_leaves` maps each HF leaf name to (moekit's owner module, its
-    name there); getattr and setattr of an HF leaf act on moekit's tensor, read live (nothing to go stale after
-    `.to()` or a load)."""
+    `weight` is the bank's gate_up_proj): its HF leaves name other modules' tensors."""
 
     def __init__(self):
         super().__init__()
-        self.hf_leaves: dict[str, tuple[nn.Module, str]] = {}
-
-    def __getattr__(self, name: str):
-        owner_leaf = self.__dict__.get("hf_leaves", {}).get(name)
-        return super().__getattr__(name) if owner_leaf is None else getattr(*owner_leaf)
-
-    def __setattr__(self, name: str, value) -> None:
-        owner_leaf = self.__dict__.get("hf_leaves", {}).get(name)
-        if owner_leaf is None:
-            super().__setattr__(name, value)
-        else:
-            _set_tensor(*owner_leaf, value)
+        self.__dict__["_hf_leaves"] = {}
 
 
 def _set_tensor(owner: nn.Module, leaf: str, value) -> None:
