@@ -26,9 +26,10 @@ def _generate(model, ids):
                               use_cache=True, pad_token_id=0)
 
 
-@pytest.mark.parametrize("path", ["kernel", "loop", "reference"])
+@pytest.mark.parametrize("path", ["kernel", "loop", "loop_wx", "reference"])
 def test_logits_match_transformers(family, path, make_model, prompt, hf_blocks):
-    """moekit's grouped GEMMs forced to the kernel or to the loop (asserted), or the reference loop."""
+    """moekit's grouped GEMMs forced to the kernel, the loop or the weight-first loop (asserted), or the reference
+    loop."""
     model = make_model(family)
     ids = prompt()
     ref = _logits(model, ids)
@@ -58,11 +59,14 @@ def test_greedy_generation_with_kv_cache_matches_transformers(family, make_model
     with grouped.record() as ran:
         out = _generate(model, ids)
     assert torch.equal(out, ref)
-    # Decoding (2 tokens a step) runs the path the CPU threshold picks for 2k rows over E experts (the kernel
-    # unless rows * CPU_KERNEL_ROWS_PER_EXPERT < E); each path's forward is compared in test_logits_match_transformers.
+    # Decoding (2 tokens a step) runs the path the CPU rules pick for 2k rows over E experts: "loop_wx" (these
+    # families store their experts (O, I)) while rows <= CPU_WX_ROWS_PER_EXPERT * E, else the kernel unless
+    # rows * CPU_KERNEL_ROWS_PER_EXPERT < E; each path's forward is compared in test_logits_match_transformers.
     layer = moekit.hf.wrapped_blocks(model)[0]
-    rows = 2 * round(layer.cfg.router.expected_experts_per_token(layer.cfg.num_experts))
-    path = "kernel" if rows * grouped.CPU_KERNEL_ROWS_PER_EXPERT >= layer.cfg.num_experts else "loop"
+    rows, E = 2 * round(layer.cfg.router.expected_experts_per_token(layer.cfg.num_experts)), layer.cfg.num_experts
+    path = ("loop_wx" if rows <= grouped.CPU_WX_ROWS_PER_EXPERT * E else
+            "kernel" if rows * grouped.CPU_KERNEL_ROWS_PER_EXPERT >= E else "loop")
+    assert path == "loop_wx"  # the decode-speed path is the one compared token for token here
     assert ran["forward", path] >= 2 * (NEW_TOKENS - 1)
     # The last decoding step went through moekit with the KV cache: one new token per sequence.
     assert moekit.hf.wrapped_blocks(model)[0].routing_info().num_tokens == 2

@@ -53,11 +53,20 @@ def test_offloaded_forward_is_bitwise_the_resident_one(tmp_path, fmt, B, T):
             with grouped.force(path) as ran:
                 refs[path] = model(ids)
             assert ran["forward", path] > 0
+        with grouped.record() as ran:  # and as it runs unforced: "loop_wx" where the layout and the rows allow
+            resident = model(ids)
         store = write_store(model, tmp_path / "s")
         with offload(model, store, "25%", "lru") as rt:
             assert rt.plan.capacity == 2  # a prefill needing all 8 experts runs in four cache steps
             out = model(ids)
-    assert torch.equal(out, refs["loop"]) and torch.equal(out, refs["kernel"])
+    assert torch.equal(refs["loop"], refs["kernel"])
+    assert torch.equal(out, resident)
+    # weights stored (O, I) run decode-sized GEMMs weight-first; gpt-oss's and Llama 4's (I, O) never do
+    assert (ran["forward", "loop_wx"] > 0) == (B * T * 2 <= 4 * 8 and not fmt[0].in_transposed), dict(ran)
+    if ran["forward", "loop_wx"] == 0:
+        assert torch.equal(out, refs["loop"])
+    else:
+        torch.testing.assert_close(out, refs["loop"], atol=1e-5, rtol=1e-5)
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     plain = fmt[0] == ExpertLayout() and fmt[1].limit is None
     assert manifest["version"] == (1 if plain else 3)

@@ -39,7 +39,8 @@ def test_offloaded_forward_equals_resident_at_odd_widths(tmp_path, D, F, dtype, 
         with torch.no_grad():
             with grouped.record() as ran:
                 ref = model(ids)
-            assert ran["forward", "loop"] > 0  # resident: the GEMMs reading rows of width F fell back
+            # resident: the GEMMs reading rows of width F fell back (to "loop_wx" at 5 tokens: 10 rows <= 4 x 4)
+            assert ran["forward", "loop" if T == 60 or dtype != torch.float32 else "loop_wx"] > 0 and ran["forward", "kernel"] < 2 * 2, dict(ran)
             with offload(model, st, "50%", "lru"):
                 out = model(ids)
         assert torch.equal(out, ref)

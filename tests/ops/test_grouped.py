@@ -35,9 +35,15 @@ def run_and_reference(x, w, counts):
     return (y, dx, dw), (y64, dx64, dw64)
 
 
+def ran_on(path: str, gemms: int = 1) -> dict:
+    """What `record()` counts when every stage of `gemms` GEMMs runs on forced `path` ("loop_wx" is a forward path:
+    its dx and dw run the loop)."""
+    return {(stage, "loop" if path == "loop_wx" and stage != "forward" else path): gemms for stage in grouped.STAGES}
+
+
 @pytest.mark.parametrize("dtype,path,tol", [(torch.float64, "loop", 1e-12), (torch.float32, "kernel", 1e-5),
-                                            (torch.float32, "loop", 1e-5), (torch.float64, "masked", 1e-12),
-                                            (torch.float32, "masked", 1e-5)])
+                                            (torch.float32, "loop", 1e-5), (torch.float32, "loop_wx", 1e-5),
+                                            (torch.float64, "masked", 1e-12), (torch.float32, "masked", 1e-5)])
 @pytest.mark.parametrize("counts", COUNTS)
 def test_grouped_linear_matches_float64_loop(dtype, path, tol, counts):
     E, O, I = len(counts), 12, 8
@@ -46,7 +52,7 @@ def test_grouped_linear_matches_float64_loop(dtype, path, tol, counts):
     with grouped.force(path) as ran:
         got, want = run_and_reference(x, w, counts)
     # Exactly one GEMM per stage, each on the forced path: the comparison below is of that path.
-    assert ran == {("forward", path): 1, ("dx", path): 1, ("dw", path): 1}
+    assert ran == ran_on(path)
     for name, a, b in zip(("y", "dx", "dw"), got, want, strict=True):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol, msg=name)
@@ -92,9 +98,9 @@ def test_automatic_choice_runs_the_kernel_with_many_rows_per_expert():
 
 
 def test_automatic_choice_loops_on_cpu_only_with_rows_far_fewer_than_experts():
-    """The CPU threshold (grouped.CPU_KERNEL_ROWS_PER_EXPERT, measured): the loop only when rows * 4 < E,
-    where the kernel's cost per (mostly empty) group outweighs its saving; decode-sized calls (8 rows over
-    16 experts, as benchmarks/hf.py decodes) run the kernel, and both give the reference's result."""
+    """The CPU threshold (grouped.CPU_KERNEL_ROWS_PER_EXPERT, measured) for GEMMs "loop_wx" does not take (here
+    dx and dw; forward GEMMs of weights stored (I, O) below): the loop only when rows * 4 < E, where the kernel's
+    cost per (mostly empty) group outweighs its saving, and both give the reference's result."""
     w = torch.randn(16, 64, 32)
     for counts, path in (([1, 0, 0] + [0] * 13, "loop"), ([0, 3] + [0] * 14, "loop"), ([0, 4] + [0] * 14, "kernel"),
                          ([1, 0] * 8, "kernel")):
@@ -102,9 +108,65 @@ def test_automatic_choice_loops_on_cpu_only_with_rows_far_fewer_than_experts():
         ww = w.clone().requires_grad_()
         with grouped.record() as ran:
             got, want = run_and_reference(x, ww, counts)
-        assert ran == {(stage, path): 1 for stage in grouped.STAGES}, counts
+        assert ran == {("forward", "loop_wx"): 1, ("dx", path): 1, ("dw", path): 1}, counts
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+def test_few_rows_per_expert_run_weight_first_on_cpu_where_the_weight_is_stored_out_by_in():
+    """grouped.CPU_WX_ROWS_PER_EXPERT (measured): a float32 forward over <= 4 rows per expert whose weight is stored
+    (O, I) runs "loop_wx"; stored (I, O) (gpt-oss, Llama 4: the flip would be slower), in bfloat16 or with more
+    rows it does not. Every choice gives the float64 loop's values, forward and backward."""
+    E, O, I = 16, 64, 32
+    w_EOI = torch.randn(E, O, I)
+    w_stored_IO = torch.randn(E, I, O).transpose(1, 2)  # the same (E, O, I) shape, stored (I, O)
+    cases = [(w_EOI, [1, 0] * 8, "loop_wx"), (w_EOI, [4] * 16, "loop_wx"), (w_EOI, [1] + [0] * 15, "loop_wx"),
+             (w_EOI, [5] * 16, "kernel"), (w_stored_IO, [1, 0] * 8, "kernel"), (w_stored_IO, [1] + [0] * 15, "loop")]
+    for w, counts, path in cases:
+        x = torch.randn(sum(counts), I, requires_grad=True)
+        with grouped.record() as ran:
+            got, want = run_and_reference(x, w.detach().clone().requires_grad_() if w is w_EOI else
+                                          w.detach().requires_grad_(), counts)
+        assert ran["forward", path] == 1, (counts, dict(ran))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+    x16 = torch.randn(8, I, dtype=torch.bfloat16)
+    with torch.no_grad(), grouped.record() as ran:
+        grouped_linear(x16, w_EOI.bfloat16(), offsets([1, 0] * 8))
+    assert ran["forward", "loop_wx"] == 0
+    with grouped.force("loop_wx"), pytest.raises(RuntimeError, match=r"loop_wx.*stored \(I, O\)"):
+        grouped_linear(torch.randn(8, I), w_stored_IO, offsets([1, 0] * 8))
+
+
+@pytest.mark.parametrize("where", ["misaligned", "strided", "cache_slot"])
+def test_weight_first_bits_do_not_depend_on_where_the_weight_lies(where):
+    """MKL rounds W @ x^T by where W starts and its row stride (mod 16 bytes): "loop_wx" copies a weight that is not
+    contiguous and 16-byte aligned, so an expert's result is the same bits whichever copy of it runs (the offload
+    runtime's cache slots against the resident stack). Lone rows paired with a neighbour: the neighbour's values
+    do not reach them."""
+    E, O, I = 3, 42, 129  # O * I % 4 != 0: expert 1 of a contiguous stack starts 8 bytes off 16-byte alignment
+    w = torch.randn(E, O, I)
+    counts = [1, 2, 1]
+    x = torch.randn(4, I)
+    with torch.no_grad(), grouped.force("loop_wx") as ran:
+        ref = grouped_linear(x, w, offsets(counts))
+        if where == "misaligned":
+            buf = torch.empty(E * O * I + 2)
+            moved = buf[2:].view(E, O, I)  # every expert 8 bytes further
+        elif where == "strided":
+            moved = torch.empty(E, O, I + 1)[..., :I]  # rows 4 bytes further apart: a view into a wider stack
+        else:
+            moved = torch.empty(E, O, I)
+        moved.copy_(w)
+        x2 = x.clone()
+        x2[[1, 2]] = 1e3 * torch.randn(2, I)  # the lone rows' neighbours (rows 1 and 2, expert 1's) change
+        out = grouped_linear(x, moved, offsets(counts))
+        out2 = grouped_linear(x2, w, offsets(counts))
+    assert ran["forward", "loop_wx"] == 3
+    assert torch.equal(out, ref)
+    assert torch.equal(out2[[0, 3]], ref[[0, 3]])
+    torch.testing.assert_close(ref, torch.stack([x[n] @ w[e].T for n, e in enumerate([0, 1, 1, 2])]), atol=1e-4,
+                               rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------- odd widths (issue 11, item 14)
@@ -274,7 +336,7 @@ def test_force_rejects_unknown_paths_and_restores_on_exit():
             with grouped.force("loop"):
                 grouped_linear(x, w, offs)
             grouped_linear(x, w, offs)
-        grouped_linear(x, w, offs)  # automatic again: 4 rows over 4 experts run the kernel on CPU
+        grouped_linear(x, w, offs)  # automatic again: 4 rows over 4 experts run the weight-first loop on CPU
     assert inner == {("forward", "loop"): 1, ("forward", "kernel"): 1}
-    assert outer == {("forward", "loop"): 1, ("forward", "kernel"): 2}
+    assert outer == {("forward", "loop"): 1, ("forward", "kernel"): 1, ("forward", "loop_wx"): 1}
     assert grouped._forced is None and grouped._recorders == []

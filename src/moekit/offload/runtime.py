@@ -31,7 +31,7 @@ from moekit.layers.moe import MoELayer, moe_layers
 from moekit.offload.budget import CachePlan, ExpertShape, hot_keys_from_counts, plan_cache
 from moekit.offload.cache import ExpertCache
 from moekit.offload.store import ExpertStore, _expert_tensors, bank_format
-from moekit.ops.grouped import compute_dtype
+from moekit.ops.grouped import compute_dtype, forward_runs_loop_wx, mm_rows_wx
 from moekit.routers.predict import can_predict, predict_experts, priority_order
 
 __all__ = ["OffloadRuntime", "OffloadedExperts", "expert_shape", "hot_counts", "offload", "plan_offload",
@@ -96,12 +96,17 @@ class OffloadedExperts(nn.Module):
 
 
 def _linear_rows(x_NI: torch.Tensor, w_by_expert: list[torch.Tensor], ranges: list[tuple[int, int]],
-                 upcast: torch.dtype | None, out_NO: torch.Tensor) -> None:
+                 upcast: torch.dtype | None, out_NO: torch.Tensor, num_experts: int) -> None:
     """out_NO[s:t] = x_NI[s:t] @ w.T for each expert's row range (s, t), as `_loop_mm` and the CPU
-    grouped kernel compute them (bitwise equal, checked in tests): every range at the same rows of
+    grouped kernel compute them (bitwise equal, checked in tests), or as "loop_wx" (`mm_rows_wx`) where the
+    resident forward of these rows over `num_experts` experts runs that: every range at the same rows of
     full-size buffers as in the resident forward, because MKL's rounding can depend on where an
     output starts (seen with rows of 37 floats); `upcast` mirrors grouped_linear's fp32 compute of
     low-precision inputs on CPUs without bf16 instructions (convert, GEMM, round once)."""
+    if upcast is None and forward_runs_loop_wx(x_NI, w_by_expert[0].t(), x_NI.shape[0], num_experts):
+        for w_OI, (s, t) in zip(w_by_expert, ranges, strict=True):
+            mm_rows_wx(x_NI, w_OI, s, t, out_NO)
+        return
     if upcast is None:
         for w_OI, (s, t) in zip(w_by_expert, ranges, strict=True):
             torch.mm(x_NI[s:t], w_OI.t(), out=out_NO[s:t])
@@ -214,8 +219,11 @@ class OffloadRuntime:
         # Full-size intermediates, filled step by step: each row where the resident forward has it.
         width = 2 * self.store.d_expert if act.gated else self.store.d_expert
         h_NX = x_ND.new_empty(N, width)
-        h_NF = x_ND.new_empty(N, self.store.d_expert)
+        # zeros: "loop_wx" may pair a lone row with a neighbour another step fills later (its column is dropped)
+        h_NF = x_ND.new_zeros(N, self.store.d_expert)
         quant = self.store.quantization
+        # The experts the resident GEMMs run over: a quantised bank dequantises the active ones into a stack.
+        num_experts = len(active) if quant is not None else len(ends)
         for gi, group in enumerate(self.groups(active)):
             weights = self.cache.acquire(layer_idx, group)
             if quant is not None:  # compressed bytes were moved; dequantise the step's experts only, each at its width
@@ -227,12 +235,14 @@ class OffloadRuntime:
             ranges = [(starts[e], ends[e]) for e in group]
             r0, r1 = ranges[0][0], ranges[-1][1]
             # (out, in) views of the stored tensors, as ExpertBank.w_in / w_out view its stacks.
-            _linear_rows(x_ND, [w[0].t() if lay.in_transposed else w[0] for w in weights], ranges, upcast, h_NX)
+            _linear_rows(x_ND, [w[0].t() if lay.in_transposed else w[0] for w in weights], ranges, upcast, h_NX,
+                         num_experts)
             if lay.bias:  # ExpertBank adds each row's expert bias before the activation and after down
                 for w, (s, t) in zip(weights, ranges, strict=True):
                     h_NX[s:t] += w[2]
             h_NF[r0:r1] = act(h_NX[r0:r1])  # the expert FFN's own activation (clamps, interleaving)
-            _linear_rows(h_NF, [w[1].t() if lay.out_transposed else w[1] for w in weights], ranges, upcast, y_ND)
+            _linear_rows(h_NF, [w[1].t() if lay.out_transposed else w[1] for w in weights], ranges, upcast, y_ND,
+                         num_experts)
             if lay.bias:
                 for w, (s, t) in zip(weights, ranges, strict=True):
                     y_ND[s:t] += w[3]

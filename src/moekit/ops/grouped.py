@@ -11,7 +11,9 @@ Each of the three GEMMs runs either the kernel, `torch._grouped_mm` (CPU and CUD
 or a per-expert loop of the same math. The choice is made per GEMM from dtypes, shapes, strides
 and data pointers only (never from the counts, so no host sync): float64 (tests), builds without
 the kernel and operands the kernel cannot take (`kernel_refusal`: a row that is not a multiple of
-16 bytes, e.g. an expert width F = 37) run the loop.
+16 bytes, e.g. an expert width F = 37) run the loop. On CPU a forward GEMM over few rows per expert
+whose weight is stored (O, I) runs "loop_wx", the loop with the weight as the left operand
+(`CPU_WX_ROWS_PER_EXPERT`): MKL streams the weight about twice as fast that way (decoding).
 
 Under tracing (`torch.compile`, `torch.export`) the choice reads no data pointer and no row count (a
 guard on a dynamic shape): a bfloat16 GEMM the kernel can take runs the kernel (torch 2.13 traces the
@@ -19,7 +21,7 @@ kernel for bfloat16 only), and any other runs "masked",
 a per-expert GEMM over every row that keeps the rows of that expert (E times the FLOPs, but traceable,
 with no data-dependent slice). Neither path syncs with the host.
 
-Tests choose the path with `force("kernel" | "loop" | "masked")` and read which one ran with `record()`
+Tests choose the path with `force("kernel" | "loop" | "loop_wx" | "masked")` and read which one ran with `record()`
 (nothing is recorded while tracing: a traced graph runs many times).
 """
 
@@ -35,7 +37,7 @@ import torch
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _KERNEL_DTYPES = (torch.float32, *_LOW_PRECISION)
-PATHS = ("kernel", "loop", "masked")
+PATHS = ("kernel", "loop", "loop_wx", "masked")
 STAGES = ("forward", "dx", "dw")
 
 _forced: str | None = None
@@ -56,6 +58,16 @@ CPU_KERNEL_ROWS_PER_EXPERT = 4
 # 1.3-1.4; 32 rows per expert 1.13-1.26; 64 rows (256 KiB) 1.05-1.09; 128 rows (512 KiB) 0.94 gpt-oss, 0.96
 # Mixtral, 0.99 Qwen3-MoE; 256 rows 0.80 gpt-oss.
 CPU_PER_EXPERT_BYTES = 512 * 1024
+# CPU, forward, float32: a GEMM over at most this many rows per expert (rows <= this * E) whose weight is stored
+# (O, I) row-major (the layout of Mixtral, Qwen, OLMoE, DeepSeek, Granite, ... and of moekit's banks) runs
+# "loop_wx": per expert, y_e = (W_e @ x_e^T)^T, a lone row paired with a neighbour (the extra column is dropped).
+# MKL runs x_e @ W_e^T for a few rows (and any single row, a GEMV) streaming W_e at 7-10 GB/s, and W_e @ x_e^T
+# with 2-8 columns at 14-19 GB/s (one thread, 2-vCPU AVX2 EPYC, weights out of cache: D=256, F=512, 96 experts).
+# With the weight stored (I, O) (gpt-oss, Llama 4) the flip is 5-20x slower: the rule does not apply there. In
+# benchmarks/hf.py's models (E=16, D=256, F=512, 4 layers) a whole greedy decode ran 1.27-1.45x faster at 4-32
+# sequences (0.5-4 rows per expert), 1.09x with D=128, F=256 (weights in cache); at 8 rows per expert the gain was
+# within noise and at 16 it lost (0.83): the kernel or the plain loop run those.
+CPU_WX_ROWS_PER_EXPERT = 4
 _recorders: list[collections.Counter] = []
 
 
@@ -152,6 +164,39 @@ def _loop_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -
     return out
 
 
+def _loop_wx_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """out[rows of e] = (w_EIO[e]^T @ x[rows of e]^T)^T: the loop with the weight as the left operand (see
+    CPU_WX_ROWS_PER_EXPERT and `mm_rows_wx`)."""
+    out = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
+    start = 0
+    for e, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            mm_rows_wx(x_NI, w_EIO[e].t(), start, end, out)
+        start = end
+    return out
+
+
+def mm_rows_wx(x_NI: torch.Tensor, w_OI: torch.Tensor, start: int, end: int, out_NO: torch.Tensor) -> None:
+    """out_NO[start:end] = x_NI[start:end] @ w_OI.T computed as (w_OI @ x^T)^T, the "loop_wx" form of one expert.
+
+    x_NI (N, I), w_OI (O, I), out_NO (N, O); rows start..end (end > start). A single row is computed with a
+    neighbouring row of x_NI as the GEMM's second column (rows min(start, N - 2) and the next; itself when N = 1),
+    whose result is dropped: MKL would run one column as a GEMV at half the speed. Each column of a GEMM depends
+    on its own input row only, so the neighbour's values never reach the result (the offload runtime, which pairs
+    with the same rows of its full-size buffers, gets the resident layer's bits). MKL's rounding of W @ x^T depends
+    on where w_OI starts and on its row stride, modulo 16 bytes (x @ W^T's does not): a weight that is not
+    contiguous and 16-byte aligned (an odd expert of a stack with O * I % 4 != 0, a view into a wider tensor) is
+    copied first, so the bits depend on the values only, never on where a copy of the weight lies."""
+    if w_OI.data_ptr() % 16 or not w_OI.is_contiguous():
+        w_OI = w_OI.clone(memory_format=torch.contiguous_format)  # torch allocates 64-byte aligned
+    if end - start == 1:
+        pair = min(start, x_NI.shape[0] - 2)
+        x_2I = x_NI[pair:pair + 2] if pair >= 0 else torch.cat((x_NI, x_NI))
+        out_NO[start] = torch.mm(w_OI, x_2I.t())[:, start - max(pair, 0)]
+    else:
+        out_NO[start:end] = torch.mm(w_OI, x_NI[start:end].t()).t()
+
+
 def _masked_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """out[rows of e] = x[rows of e] @ w_EIO[e], as one GEMM over all rows per expert, keeping that
     expert's rows: traceable (no slice by data), E times the loop's FLOPs; see the module doc."""
@@ -184,16 +229,49 @@ def per_expert_ffn(x_NI: torch.Tensor, hidden_width: int, num_experts: int) -> b
 
 
 def _choose(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_experts: int) -> str:
-    """The path ("kernel", "loop" or "masked") of one GEMM `a @ b` over `rows` assignments (counted for
-    `record`)."""
+    """The path ("kernel", "loop", "loop_wx" or "masked") of one GEMM `a @ b` over `rows` assignments (counted
+    for `record`)."""
     if torch.compiler.is_compiling() and _forced is None:
         # NOTE: torch 2.13 traces torch._grouped_mm for bfloat16 operands only (its meta function).
         traceable = a.dtype == torch.bfloat16 and kernel_refusal(a, b, check_pointers=False) is None
         return "kernel" if traceable else "masked"
-    path = "masked" if _forced == "masked" else "kernel" if _use_kernel(stage, a, b, rows, num_experts) else "loop"
+    if _forced == "masked":
+        path = "masked"
+    elif stage == "forward" and forward_runs_loop_wx(a, b, rows, num_experts):
+        path = "loop_wx"
+    elif _forced == "loop_wx":  # dx and dw: their weight operand is not the (O, I) weight's transpose
+        path = "loop"
+    else:
+        path = "kernel" if _use_kernel(stage, a, b, rows, num_experts) else "loop"
     for ran in _recorders:
         ran[stage, path] += 1
     return path
+
+
+def forward_runs_loop_wx(a: torch.Tensor, b: torch.Tensor, rows: int, num_experts: int) -> bool:
+    """Whether the forward GEMM `a @ b[e]` over `rows` rows of `num_experts` experts runs "loop_wx": when a test
+    forces it (RuntimeError if `loop_wx_refusal` objects), or by the CPU rule (CPU_WX_ROWS_PER_EXPERT) when nothing
+    is forced and nothing is traced. The offload runtime asks it too, to compute as the resident layer does."""
+    if _forced == "loop_wx":
+        refusal = loop_wx_refusal(a, b)
+        if refusal is not None:
+            raise RuntimeError(f"moekit.ops.grouped.force('loop_wx'): the forward GEMM cannot run it: {refusal}")
+        return True
+    return (_forced is None and not torch.compiler.is_compiling() and rows <= CPU_WX_ROWS_PER_EXPERT * num_experts
+            and loop_wx_refusal(a, b) is None)
+
+
+def loop_wx_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why the "loop_wx" path (see CPU_WX_ROWS_PER_EXPERT) should not run the GEMM `a @ b[e]`, or None when it
+    should: it is measured for float32 on CPU with b[e] a transposed view of an (O, I) row-major weight.
+    Reads device, dtypes and strides only."""
+    if a.device.type != "cpu":
+        return f"operands on {a.device.type} (the rule is measured on CPU)"
+    if a.dtype != torch.float32 or b.dtype != torch.float32:
+        return f"dtypes {a.dtype}, {b.dtype} (the rule is measured for float32)"
+    if b.stride(-2) != 1:
+        return f"a weight with strides {b.stride()} (it is stored (I, O), not (O, I): the flip would be slower)"
+    return None
 
 
 def _use_kernel(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_experts: int) -> bool:
@@ -224,6 +302,8 @@ def _mm(stage: str, x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Te
     path = _choose(stage, x_NI, w_EIO, x_NI.shape[0], offsets_E.numel())
     if path == "kernel":
         return torch._grouped_mm(x_NI, w_EIO, offs=offsets_E)
+    if path == "loop_wx":
+        return _loop_wx_mm(x_NI, w_EIO, offsets_E)
     return _loop_mm(x_NI, w_EIO, offsets_E) if path == "loop" else _masked_mm(x_NI, w_EIO, offsets_E)
 
 
@@ -318,8 +398,9 @@ def force(path: str) -> Iterator[collections.Counter]:
     """Test-only: run every grouped GEMM inside the block through `path`, and count them.
 
     path: "kernel" (`torch._grouped_mm`; a GEMM the kernel cannot take raises RuntimeError instead of
-    falling back, so a test that forces the kernel never passes on the loop), "loop" or "masked" (the
-    path traced GEMMs take when the kernel refuses them).
+    falling back, so a test that forces the kernel never passes on the loop), "loop", "loop_wx" (forward GEMMs;
+    one it cannot take raises RuntimeError; dx and dw run "loop") or "masked" (the path traced GEMMs take when
+    the kernel refuses them).
     Yields the Counter of `record()`. Process-wide and not thread-safe; the innermost `force` wins.
     """
     global _forced
