@@ -49,7 +49,10 @@ def test_logits_match_transformers(family, path, make_model, prompt, hf_blocks):
     assert all(b.routing_info().num_tokens == ids.numel() for b in blocks)
 
 
-def test_greedy_generation_with_kv_cache_matches_transformers(family, make_model, prompt):
+def test_greedy_generation_with_kv_cache_matches_transformers(family, make_model, prompt, monkeypatch):
+    # These tiny experts are under the weight-first loop's size floor; lowered, decoding runs that loop, and its
+    # tokens are compared with transformers' here.
+    monkeypatch.setattr(grouped, "CPU_WX_MIN_WEIGHT_BYTES", 0)
     model = make_model(family)
     ids = prompt(batch=2, length=6)
     ref = _generate(model, ids)

@@ -58,16 +58,20 @@ CPU_KERNEL_ROWS_PER_EXPERT = 4
 # 1.3-1.4; 32 rows per expert 1.13-1.26; 64 rows (256 KiB) 1.05-1.09; 128 rows (512 KiB) 0.94 gpt-oss, 0.96
 # Mixtral, 0.99 Qwen3-MoE; 256 rows 0.80 gpt-oss.
 CPU_PER_EXPERT_BYTES = 512 * 1024
-# CPU, forward, float32: a GEMM over at most this many rows per expert (rows <= this * E) whose weight is stored
-# (O, I) row-major (the layout of Mixtral, Qwen, OLMoE, DeepSeek, Granite, ... and of moekit's banks) runs
-# "loop_wx": per expert, y_e = (W_e @ x_e^T)^T, a lone row paired with a neighbour (the extra column is dropped).
-# MKL runs x_e @ W_e^T for a few rows (and any single row, a GEMV) streaming W_e at 7-10 GB/s, and W_e @ x_e^T
-# with 2-8 columns at 14-19 GB/s (one thread, 2-vCPU AVX2 EPYC, weights out of cache: D=256, F=512, 96 experts).
-# With the weight stored (I, O) (gpt-oss, Llama 4) the flip is 5-20x slower: the rule does not apply there. In
-# benchmarks/hf.py's models (E=16, D=256, F=512, 4 layers) a whole greedy decode ran 1.27-1.45x faster at 4-32
-# sequences (0.5-4 rows per expert), 1.09x with D=128, F=256 (weights in cache); at 8 rows per expert the gain was
-# within noise and at 16 it lost (0.83): the kernel or the plain loop run those.
+# CPU, forward, float32: a GEMM over at most CPU_WX_ROWS_PER_EXPERT rows per expert (rows <= this * E) whose weight is
+# stored (O, I) row-major (the layout of Mixtral, Qwen, OLMoE, DeepSeek, Granite, ... and of moekit's banks) and
+# holds at least CPU_WX_MIN_WEIGHT_BYTES per expert runs "loop_wx": per expert y_e = (W_e @ x_e^T)^T, a lone row
+# paired with a neighbour (its extra column is dropped). MKL runs x_e @ W_e^T for a few rows (any single row: a GEMV)
+# streaming W_e at 7-10 GB/s, and W_e @ x_e^T with 2-8 columns at 14-19 GB/s (one thread, 2-vCPU AMD EPYC, MKL
+# 2024.0, weights out of cache, D=256, F=512, 96 experts). Weights stored (I, O) (gpt-oss, Llama 4) are left alone:
+# there the flip is 5-20x slower. Whole greedy decodes of benchmarks/hf.py's models (E=16, 4 layers, batch 4, thread
+# CPU time, transformers' grouped_mm / moekit): D=256, F=512 1.28-1.45x faster at 4-32 sequences (0.5-4 rows per
+# expert); at 8 rows per expert within noise and at 16 a loss (0.83), hence the row rule. Small experts lose: the
+# loop's ~10 us of Python and op calls per expert outweigh the bandwidth saved on weights that stay in cache
+# (D=64, F=128-256 (32-128 KiB per expert): 0.89; D=96, F=384 (147-294 KiB): 0.96-0.98; D=128, F=256
+# (128-256 KiB): 1.04-1.06), hence the size floor, under which the kernel or the plain loop run.
 CPU_WX_ROWS_PER_EXPERT = 4
+CPU_WX_MIN_WEIGHT_BYTES = 512 * 1024
 _recorders: list[collections.Counter] = []
 
 
@@ -258,7 +262,7 @@ def forward_runs_loop_wx(a: torch.Tensor, b: torch.Tensor, rows: int, num_expert
             raise RuntimeError(f"moekit.ops.grouped.force('loop_wx'): the forward GEMM cannot run it: {refusal}")
         return True
     return (_forced is None and not torch.compiler.is_compiling() and rows <= CPU_WX_ROWS_PER_EXPERT * num_experts
-            and loop_wx_refusal(a, b) is None)
+            and b.shape[-2] * b.shape[-1] * b.element_size() >= CPU_WX_MIN_WEIGHT_BYTES and loop_wx_refusal(a, b) is None)
 
 
 def loop_wx_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
