@@ -26,6 +26,8 @@ BACKENDS = ("auto", "grouped_mm")
 BALANCE_SCOPES = ("micro", "global")
 CAPACITY_SCOPES = ("sequence", "batch")
 CAPACITY_PRIORITIES = ("token", "score")
+# Where the router's gate linear runs (RouterConfig.gate_dtype): fp32, or the gate weight's dtype (the model's).
+GATE_DTYPES = ("float32", "weight")
 
 
 def require(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -143,6 +145,10 @@ class RouterConfig(Config):
     `jitter` (every router): multiply the router input by U(1 - eps, 1 + eps) in training.
     `logit_scale` (every router): multiply the logits by this before the router's rule reads them (Muse
     Spark's `output_multiplier`); a re-route (`convert`) keeps it, as it is part of the gate.
+    `gate_dtype` (every router): "float32" (default) runs the gate linear in fp32 whatever the model dtype;
+    "weight" runs it in the gate weight's dtype (bf16 in a bf16 model) and upcasts the logits to fp32 after, as
+    the transformers routers that call `F.linear(hidden_states, self.weight)` in the model dtype do (Mixtral,
+    Qwen3-MoE; `moekit.hf.wrap` reads it from each router). In fp32 both are the same. A re-route keeps it.
 
     The capability methods below are what the layer, models, offload, export and the trainer ask a
     router config instead of switching on its kind; a router overrides those that differ from the
@@ -157,6 +163,9 @@ class RouterConfig(Config):
     jitter: float = setting(0.0, "multiply the router input by U(1 - eps, 1 + eps) in training (0 = off)")
     logit_scale: float = setting(1.0, "multiply the router logits by this before scoring (Muse Spark's "
                                       "output_multiplier; 1 = off)")
+    gate_dtype: str = setting("float32", "dtype of the gate linear: float32 whatever the model dtype, or the gate "
+                                         "weight's dtype, logits upcast to fp32 after (transformers' Mixtral, Qwen3-MoE)",
+                              choices=GATE_DTYPES)
     router_losses: ClassVar[tuple[str, ...]] = ()  # every router-specific aux loss this router may return
     # Fields counted in experts (k, min_k, a capacity factor, null experts): fine_grained(m) multiplies them.
     expert_count_fields: ClassVar[tuple[str, ...]] = ()
@@ -179,9 +188,11 @@ class RouterConfig(Config):
 
     # ----------------------------------------------------------------- capabilities (defaults)
     def describe(self) -> str:
-        """The settings that define the selection rule, for repr and logs (`kind` not included)."""
+        """The settings that define the selection rule, for repr and logs (`kind` not included, nor `gate_dtype`:
+        where the gate rounds, not the rule)."""
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                         if f.name not in ("kind", "jitter") and not (f.name == "logit_scale" and self.logit_scale == 1.0))
+                         if f.name not in ("kind", "jitter", "gate_dtype")
+                         and not (f.name == "logit_scale" and self.logit_scale == 1.0))
 
     def check(self, num_experts: int) -> None:
         """Raise UsageError for settings this router cannot honour with `num_experts` (override)."""
@@ -307,6 +318,7 @@ class RouterConfig(Config):
         require(0 <= self.jitter < 1, "RouterConfig.jitter", self.jitter, "a float in [0, 1)")
         require(math.isfinite(self.logit_scale) and self.logit_scale > 0, "RouterConfig.logit_scale",
                 self.logit_scale, "a float > 0")
+        require(self.gate_dtype in GATE_DTYPES, "RouterConfig.gate_dtype", self.gate_dtype, f"one of {GATE_DTYPES}")
         try:
             self.check(num_experts)
         except ValueError as e:  # a bad setting, so a usage error

@@ -99,6 +99,24 @@ def _layer_name(model) -> str:
     return "model.layers.0" if hasattr(model, "lm_head") else "layers.0"
 
 
+@pytest.mark.parametrize("family", ["gemma4", "diffusion_gemma"])
+def test_bf16_router_probabilities_equal_transformers_bit_for_bit(family):
+    """Gemma 4's router runs in the model dtype (its norm returns `type_as(hidden_states)`, then the scales and the
+    proj in bf16; RouterConfig.gate_dtype "weight"): the wrapped router's fp32 probabilities are transformers'."""
+    model = _model(family).to(torch.bfloat16)
+    hf_routers = [m for m in model.modules() if type(m).__name__.endswith("TextRouter")]
+    moekit.hf.wrap(model)
+    layers = moekit.hf.wrapped_blocks(model)
+    x_TD = torch.randn(64, _SIZES["hidden_size"], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for layer, hf_router in zip(layers, hf_routers, strict=True):
+        assert layer.router.cfg.gate_dtype == "weight"
+        with torch.no_grad():
+            probs_TE, _, idx_TK = hf_router(x_TD)
+            route = layer.router(x_TD)
+        assert torch.equal(route.scores_TE, probs_TE)
+        assert torch.equal(route.to_padded()[0].sort(-1).values, idx_TK.sort(-1).values)
+
+
 @pytest.mark.slow  # ~7 s on the shared machine; scripts/hf_coverage.py checks the same
 def test_greedy_generation_with_the_kv_cache_is_token_identical():
     model = _model()

@@ -45,7 +45,7 @@ def run(tmp_path_factory):
     (["--train.load_balance_coef", "-1"], "--train.load_balance_coef -1.0 is invalid; allowed: a finite float >= 0"),
     (["--router.kind", "topk", "--router.routed_scaling_factor", "inf"], "--router.routed_scaling_factor inf is invalid"),
     (["--router.k", "3"], "--router.k does not apply to router kind 'topp' (--router.kind changes it); its flags: "
-                          "--router.jitter, --router.kind, --router.logit_scale, --router.max_k"),
+                          "--router.gate_dtype, --router.jitter, --router.kind, --router.logit_scale, --router.max_k"),
     (["--model.norm_eps=-1e-6"], "--model.norm_eps -1e-06 is invalid; allowed: a finite float > 0"),
     (["--model.init_std", "nan"], "--model.init_std nan is invalid"),
     (["--model.rope_theta", "0"], "--model.rope_theta 0.0 is invalid; allowed: a finite float > 0"),

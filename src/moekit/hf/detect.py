@@ -41,6 +41,8 @@ combining (`router_weight_scale`). Rules still ambiguous after that (the routing
 experts' input, Llama 4) become ordered alternatives that `moekit.hf.wrap` checks against the block's own
 forward; one that reproduces it exactly is kept, and a block none reproduces is refused, never run
 differently. A shared expert is checked by value on inputs large enough to reach any clamp.
+Where the router runs its gate linear (the model dtype or fp32: `RouterConfig.gate_dtype`) is read from its own
+call on a bf16 copy, by the dtype of the matmul of its (E, D) weight (`hf_gate_dtype`).
 """
 
 from __future__ import annotations
@@ -343,6 +345,9 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                      latent=latent, output_bias=output_bias, output_norm=output_norm,
                      latent_norm=latent_norm, expert_output_norm=expert_norm, shared_bank=shared_bank,
                      reads_padding_mask=_router_reads_padding_mask(gate, E, D))
+    # Where the router runs its gate (in the model dtype or fp32): read from its own call before the rule, so that
+    # every reading (the alternatives included) carries it.
+    spec.cfg = dataclasses.replace(spec.cfg, router=dataclasses.replace(spec.cfg.router, gate_dtype=hf_gate_dtype(spec)))
     _read_rule_from_router(spec)
     return spec
 
@@ -1108,6 +1113,51 @@ def router_caller(spec: BlockSpec, dtype: torch.dtype = torch.float32,
     return run
 
 
+# The calls a router's gate may run as (F.linear, which nn.Linear calls, or a matmul / einsum of the weight)
+_MATMULS = frozenset((torch.nn.functional.linear, torch.matmul, torch.mm, torch.addmm, torch.einsum, torch.bmm,
+                      torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.mm))
+
+
+class _GateMatmulDtypes(torch.overrides.TorchFunctionMode):
+    """Records the output dtype of every matmul-like call (`_MATMULS`) that one of whose tensors has the gate's shape
+    (E, D) or its transpose and that succeeds: the dtype the router runs its gate in, whatever it casts on the way
+    (`.float()`, `.type(torch.float32)`, `.to(self.weight.dtype)`)."""
+
+    def __init__(self, shape: tuple[int, int]):
+        super().__init__()
+        self.shapes = (shape, shape[::-1])
+        self.dtypes: list[torch.dtype] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _MATMULS and isinstance(out, torch.Tensor) and any(
+                isinstance(t, torch.Tensor) and tuple(t.shape) in self.shapes for t in (*args, *(kwargs or {}).values())):
+            self.dtypes.append(out.dtype)
+        return out
+
+
+def hf_gate_dtype(spec: BlockSpec) -> str:
+    """The `RouterConfig.gate_dtype` of the HF router: "weight" where it runs its gate linear in the model dtype
+    (`F.linear(hidden_states, self.weight)`: Mixtral, Qwen3-MoE, OLMoE, gpt-oss, ...; HunYuan's in its weight's
+    dtype), "float32" where it upcasts first (`F.linear(hidden_states.type(torch.float32),
+    self.weight.type(torch.float32))`: DeepSeek-V2/V3, GLM-4.5, ERNIE 4.5, ...). Read from the router's own call on
+    a bf16 copy of it and a bf16 probe input: "weight" where the first matmul of its (E, D) weight gives bf16, so no
+    family needs a table entry (meta tensors carry dtypes: a model built on the meta device reads the same).
+    "float32" otherwise: that matmul gives fp32, or the call fails (Inkling 2 upcasts its input and not its weight,
+    which transformers keeps in fp32), or the router cannot be called alone (moekit's own rule). The input is
+    (T, D), or (1, T, D) for a router that takes the batch dims (AFMoE's)."""
+    x_TD = torch.randn(3, spec.cfg.d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    x_TD = x_TD.to(spec.router_weight.device)
+    run = router_caller(spec, torch.bfloat16)
+    for x in (x_TD, x_TD[None]):
+        seen = _GateMatmulDtypes(tuple(spec.router_weight.shape))
+        with seen:
+            run(x)
+        if seen.dtypes:
+            return "weight" if seen.dtypes[0] == torch.bfloat16 else "float32"
+    return "float32"
+
+
 def probe_token_ids(spec: BlockSpec, num_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Token ids (num_tokens,) int64 for a probe of a block that reads them (hash routing): drawn from a seeded
     generator over the vocabulary its table maps (the model config's, else 2 ids)."""
@@ -1173,6 +1223,8 @@ def _reading_choice(spec: BlockSpec, router_cfg: RouterConfig, x_TD: torch.Tenso
     E, D = spec.cfg.router_slots, spec.cfg.d_model
     if getattr(router_cfg, "second_expert", "top") != "top":  # the deterministic rule, as `call_router` probes it
         router_cfg = dataclasses.replace(router_cfg, second_expert="top")
+    # the rule free of rounding: `call_router` runs an fp32 copy of the HF router, so the gate runs in fp32 here too
+    router_cfg = dataclasses.replace(router_cfg, gate_dtype="float32")
     with torch.device("meta"):
         router = router_class(router_cfg.kind)(router_cfg, D, E)
     router.eval()  # a training-mode router would jitter its input (Switch's router_jitter_noise)

@@ -212,10 +212,14 @@ class RouterInputNorm(nn.Module):
         self.eps = eps
         self.multiplier = multiplier
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        x_TD = x_TD.float()
+    def forward(self, x_TD: torch.Tensor, in_input_dtype: bool = False) -> torch.Tensor:
+        """(T, D) fp32; with `in_input_dtype`, (T, D) in x_TD's dtype: the norm rounded to it, then scaled in it,
+        as transformers' Gemma4TextRouter runs in a bf16 model (Gemma4RMSNorm returns `type_as(hidden_states)`)."""
         # the same operations in the same order as transformers' Gemma4RMSNorm and Gemma4TextRouter
-        normed_TD = x_TD * torch.pow(x_TD.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        x32_TD = x_TD.float()
+        normed_TD = x32_TD * torch.pow(x32_TD.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if in_input_dtype:  # the norm's `type_as(hidden_states)`, then the router's scaling in that dtype
+            return normed_TD.to(x_TD.dtype) * self.scale * self.multiplier
         return normed_TD * self.scale.float() * self.multiplier
 
     def extra_repr(self) -> str:
@@ -226,7 +230,8 @@ class Router(nn.Module):
     """Base class: a linear gate `weight` (E, D) (and optionally a logit `bias` (E,)) in the transformers
     layout plus a selection rule.
 
-    Subclasses implement `select(logits_TE, x_TD, valid_T)`; the base computes logits in fp32. Each
+    Subclasses implement `select(logits_TE, x_TD, valid_T)`; the base computes fp32 logits (the linear in
+    fp32, or in the weight's dtype with `cfg.gate_dtype` "weight": `gate_linear`). Each
     router is registered with its own config class (`moekit.routers.register(name, config=...)`),
     which answers what callers need to know about the rule (see `RouterConfig`).
 
@@ -278,13 +283,25 @@ class Router(nn.Module):
         self.expert_mask_E: torch.Tensor | None = None
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        # NOTE: gate math in fp32 whatever the model dtype (docs/routing.md, Precision).
-        w_ED, b_E = self.weight, self.bias
-        if x_TD.dtype != torch.float32 or w_ED.dtype != torch.float32:  # (.float() of fp32 still costs a call)
-            x_TD, w_ED = x_TD.float(), w_ED.float()
-        if b_E is not None and b_E.dtype != torch.float32:
-            b_E = b_E.float()
-        return torch.nn.functional.linear(x_TD, w_ED, b_E)
+        """The gate's logits (T, E) fp32 for `x_TD` (T, D): see `gate_linear`."""
+        return self.gate_linear(x_TD, self.weight, self.bias)
+
+    def gate_linear(self, x_TD: torch.Tensor, w_XD: torch.Tensor, b_X: torch.Tensor | None) -> torch.Tensor:
+        """x_TD @ w_XD^T + b_X as fp32 logits (T, X), in the dtype `cfg.gate_dtype` names: "float32" (moekit's
+        default: gate math in fp32 whatever the model dtype, docs/routing.md "Precision"), or "weight": in the gate
+        weight's dtype, then upcast, as transformers' routers that run `F.linear(hidden_states, self.weight)` in
+        the model dtype (Mixtral, Qwen3-MoE, gpt-oss; their softmax then upcasts; HunYuan's, whose weight
+        transformers builds in fp32, in fp32 until the model is cast): in bf16 the logits are rounded to bf16
+        first, so exact ties pick the experts they pick there."""
+        dtype = w_XD.dtype if self.cfg.gate_dtype == "weight" else torch.float32
+        if x_TD.dtype != dtype:  # (.to() of a tensor already in that dtype still costs a call)
+            x_TD = x_TD.to(dtype)
+        if w_XD.dtype != dtype:
+            w_XD = w_XD.to(dtype)
+        if b_X is not None and b_X.dtype != dtype:
+            b_X = b_X.to(dtype)
+        logits_TX = torch.nn.functional.linear(x_TD, w_XD, b_X)
+        return logits_TX if logits_TX.dtype == torch.float32 else logits_TX.float()
 
     def scaled(self, logits_TE: torch.Tensor) -> torch.Tensor:
         """The logits times `cfg.logit_scale` (Muse Spark's router output multiplier; 1: unchanged)."""
@@ -330,8 +347,11 @@ class Router(nn.Module):
         return False
 
     def gate_input(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """What the gate reads: `x_TD`, or `input_norm(x_TD)` in fp32 where the router has an input norm."""
-        return x_TD if self.input_norm is None else self.input_norm(x_TD.float())
+        """What the gate reads: `x_TD`, or `input_norm(x_TD)` where the router has an input norm: in fp32, or
+        in x_TD's dtype where the gate runs in the model dtype (`cfg.gate_dtype` "weight", see `RouterInputNorm`)."""
+        if self.input_norm is None:
+            return x_TD
+        return self.input_norm(x_TD, in_input_dtype=self.cfg.gate_dtype == "weight")
 
     def scale_weights(self, route: RouterOutput) -> RouterOutput:
         """`route` with each pick's weight times its expert's `expert_scale` (Gemma 4's per_expert_scale,

@@ -99,10 +99,10 @@ class NullExpertRouter(Router):
         self.null_weight.copy_(self.weight[rows])
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        w = torch.cat([self.weight, self.null_weight]).float()
+        w = torch.cat([self.weight, self.null_weight])
         # A pretrained logit bias covers the real experts; null experts have none.
-        b = None if self.bias is None else torch.nn.functional.pad(self.bias.float(), (0, self.cfg.n_null))
-        return torch.nn.functional.linear(x_TD.float(), w, b)
+        b = None if self.bias is None else torch.nn.functional.pad(self.bias, (0, self.cfg.n_null))
+        return self.gate_linear(x_TD, w, b)
 
     def select(self, logits_TX: torch.Tensor, x_TD: torch.Tensor,
                valid_T: torch.Tensor | None = None) -> RouterOutput:

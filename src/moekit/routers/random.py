@@ -111,9 +111,6 @@ class RandomRouter(Router):
         k_max = self.cfg.max_k or self.num_experts
         return scheduled_k(self.cfg.k_schedule, int(self.step), self.cfg.k_schedule_steps, self.cfg.min_k, k_max)
 
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x_TD.float(), self.weight.float(), self.bias.float())
-
     def select(self, logits_TE: torch.Tensor, x_TD: torch.Tensor,
                valid_T: torch.Tensor | None = None) -> RouterOutput:
         top_TK = torch.topk(logits_TE, self.current_k(), dim=-1, sorted=False)
