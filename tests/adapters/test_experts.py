@@ -305,3 +305,20 @@ def test_libraries_refuse_expert_loras():
     with pytest.raises(UsageError, match=r"LoRA 0 adapts stacked expert weights \(experts.gate_up_proj, "
                                          r"experts.down_proj\); libraries hold LoRAs on linear layers"):
         ad.merge_loras([lora, lora])
+
+
+def test_zero_B_equals_base_at_few_rows_per_expert_with_a_wide_hidden_layer(monkeypatch):
+    """B = 0 gives the base model exactly at decode sizes too, where the hidden activations reach
+    grouped.CPU_PER_EXPERT_BYTES per expert (2F >= 32768 at 4 rows per expert; here the size rules are lowered to
+    the tiny experts): the base bank runs the grouped GEMMs ("loop_wx") as the adapter layer does, not one F.linear
+    FFN per expert."""
+    monkeypatch.setattr(grouped, "CPU_WX_MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(grouped, "CPU_PER_EXPERT_BYTES", 1)
+    model = moekit_moe()
+    ids = torch.randint(3, 64, (1, 3), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():  # inference: the bank's per-expert route is on the table
+        base = logits(model, ids)
+        ad.add_adapters(model, ad.LoRAConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=BOTH))
+        with grouped.record() as ran:
+            assert torch.equal(logits(model, ids), base)
+    assert ran["forward", "loop_wx"] > 0

@@ -264,3 +264,35 @@ def test_a_cache_over_experts_of_different_sizes_counts_each_ones_bytes(tiny_lm,
         assert cache.stats["prefill"].loaded_nbytes == 3 * s4 + s8  # each load moved its expert's own bytes
         w = cache.acquire(0, [2])[0]
         assert torch.equal(w[0], moe_layers(model)[0].experts.w_in_q2)  # views in the int8 layout
+
+
+@pytest.mark.parametrize("routing", ["spread", "two_experts"])
+def test_a_quantised_model_offloads_bit_for_bit_where_its_gemms_run_weight_first(tiny_lm, tmp_path, monkeypatch,
+                                                                                 routing):
+    """A QuantizedExpertBank runs its grouped GEMMs over its A active experts, so "loop_wx"'s row rule
+    (grouped.CPU_WX_ROWS_PER_EXPERT) counts A, not E, and the offloaded forward must count as it does (the size
+    floor lowered to these tiny experts): decode-sized forwards run weight-first; with every row on two experts
+    (a zeroed router: ties go to experts 0 and 1) 6 tokens make 12 rows > 4 x 2, which do not."""
+    from moekit.compress.quantize import install
+    from moekit.offload import offload, write_store
+    from moekit.ops import grouped
+
+    monkeypatch.setattr(grouped, "CPU_WX_MIN_WEIGHT_BYTES", 0)
+    model = tiny_lm()
+    for layer in moe_layers(model):
+        if routing == "two_experts":
+            torch.nn.init.zeros_(layer.router.weight)
+        install(layer, [8, 4, 2, 4, 8, 4, 4, 8], 16)
+    store = write_store(model, tmp_path / "s")
+    for T in (1, 3, 6):
+        ids = torch.randint(3, 64, (1, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            with grouped.record() as ran:
+                ref = model(ids)
+            with offload(model, store, "50%", "lru"):
+                out = model(ids)
+        assert torch.equal(out, ref), (routing, T)
+        weight_first = T < 6 or routing == "spread"
+        assert (ran["forward", "loop_wx"] == 4) == weight_first, (routing, T, dict(ran))
+        if routing == "two_experts":
+            assert [m.experts.last_active for m in moe_layers(model)] == [2, 2]

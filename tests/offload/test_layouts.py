@@ -174,3 +174,21 @@ def test_merged_experts_in_a_pretrained_layout_are_refused_and_layout_stores_sta
     for layer in plain.moe_layers():
         layer.expert_map_E = torch.arange(8) % 4
     assert json.loads((write_store(plain, tmp_path / "v4") / "manifest.json").read_text())["version"] == 4
+
+
+def test_offloaded_decode_equals_resident_where_the_hidden_layer_reaches_the_per_expert_rule(tmp_path, monkeypatch):
+    """A decode-sized fp32 forward (3 tokens: 6 rows over 8 experts) whose hidden activations reach
+    grouped.CPU_PER_EXPERT_BYTES per expert (at the real sizes: 2F >= 32768 at 4 rows per expert; here both size
+    rules are lowered to these tiny experts): the resident bank runs the grouped GEMMs ("loop_wx"), not one
+    F.linear FFN per expert, so the offloaded forward, which mirrors the grouped GEMMs, equals it bit for bit."""
+    monkeypatch.setattr(grouped, "CPU_WX_MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(grouped, "CPU_PER_EXPERT_BYTES", 1)
+    model = lm(ExpertLayout(), Activation("swiglu"))
+    ids = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with grouped.record() as ran:
+            ref = model(ids)
+        with offload(model, write_store(model, tmp_path / "s"), "25%", "lru"):
+            out = model(ids)
+    assert torch.equal(out, ref)
+    assert ran["forward", "loop_wx"] == 4 and ran["ffn", "per_expert"] == 0, dict(ran)

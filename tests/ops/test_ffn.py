@@ -260,3 +260,19 @@ def test_per_expert_route_matches_the_grouped_gemms_bitwise(layout, monkeypatch)
         grad_mode = bank(x_ND, offsets_E)
     assert ran["ffn", "per_expert"] == 0
     torch.testing.assert_close(grad_mode.detach(), want, atol=1e-6, rtol=0)
+
+
+def test_per_expert_route_leaves_few_fp32_rows_per_expert_to_the_grouped_gemms():
+    """Where the grouped forward may run "loop_wx" (float32, at most CPU_WX_ROWS_PER_EXPERT rows per expert), the
+    bank stays grouped even when a wide hidden layer reaches the byte rule (2F = 32768: 4 rows per expert over 2
+    experts hold 512 KiB each): one expert's F.linear is not loop_wx's W @ x^T bit for bit, and the offload runtime
+    and the expert adapters compute as the grouped GEMMs do (tests/offload/test_layouts.py,
+    tests/adapters/test_experts.py)."""
+    from moekit.ops import grouped
+
+    E, X = 2, 32768
+    rows = grouped.CPU_WX_ROWS_PER_EXPERT * E
+    assert rows * X * 4 >= grouped.CPU_PER_EXPERT_BYTES * E  # the byte rule alone would take the route
+    with torch.no_grad():
+        assert not grouped.per_expert_ffn(torch.zeros(rows, 8), X, E)
+        assert grouped.per_expert_ffn(torch.zeros(rows + 1, 8), X, E)  # more rows: loop_wx's row rule is out

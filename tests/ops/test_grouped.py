@@ -171,6 +171,27 @@ def test_weight_first_bits_do_not_depend_on_where_the_weight_lies(where):
                                rtol=1e-4)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weight_first_lone_rows_never_see_a_non_finite_neighbour(bad):
+    """A lone row's GEMM column is paired with a neighbouring row, which may be a row past offsets_E[-1] (dropped or
+    null-expert assignments: the second GEMM reads them from the first's uninitialised output) or another expert's
+    row: NaN or Inf there stays in the dropped column. Rows 0 and 4 are lone (first and last of the group); rows 5-6
+    lie past the offsets."""
+    E, O, I = 3, 40, 24
+    w = torch.randn(E, O, I)
+    counts = [1, 3, 1]
+    x = torch.randn(7, I)
+    with torch.no_grad(), grouped.force("loop_wx") as ran:
+        ref = grouped_linear(x, w, offsets(counts))
+        for rows in ([5, 6], [1, 5, 6], [3, 5, 6]):  # past the offsets; and the lone rows' in-group neighbours
+            x_bad = x.clone()
+            x_bad[rows] = bad
+            got = grouped_linear(x_bad, w, offsets(counts))
+            keep = [n for n in range(5) if n not in rows]
+            assert torch.equal(got[keep], ref[keep]), rows
+    assert ran["forward", "loop_wx"] == 4
+
+
 # --------------------------------------------------------------------------------- odd widths (issue 11, item 14)
 @pytest.mark.parametrize("I,O", [(37, 32), (32, 37), (33, 129), (1, 32), (32, 1), (129, 74)])
 def test_unaligned_widths_fall_back_to_the_loop_forward_and_backward(I, O):

@@ -221,9 +221,16 @@ def per_expert_ffn(x_NI: torch.Tensor, hidden_width: int, num_experts: int) -> b
     """Whether an expert FFN over x_NI (N rows grouped by expert) should run expert by expert rather than as two
     grouped GEMMs (see CPU_PER_EXPERT_BYTES): on CPU, without autograd or tracing, in a dtype the GEMMs run
     natively (`compute_dtype`), with N * hidden_width values of at least CPU_PER_EXPERT_BYTES per expert; never
-    while a test forces a path. Counted by `record()` as ("ffn", "per_expert"). Reads shapes only."""
+    while a test forces a path, nor for float32 rows few enough for "loop_wx" (CPU_WX_ROWS_PER_EXPERT). Counted by
+    `record()` as ("ffn", "per_expert"). Reads shapes only."""
     if (_forced is not None or x_NI.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
             or compute_dtype(x_NI.dtype, x_NI.device) != x_NI.dtype):
+        return False
+    if x_NI.dtype == torch.float32 and x_NI.shape[0] <= CPU_WX_ROWS_PER_EXPERT * num_experts:
+        # NOTE: the grouped GEMMs may run these as "loop_wx", whose W @ x^T is not F.linear's x @ W^T bit for bit;
+        # the offload runtime and the expert adapters compute as the grouped GEMMs do, so the bank must too. A hidden
+        # layer wide enough for the byte rule at so few rows (2F >= 32768 at 4 rows per expert) is rare, and the
+        # route measured slower at decode sizes anyway.
         return False
     if x_NI.shape[0] * hidden_width * x_NI.element_size() < CPU_PER_EXPERT_BYTES * num_experts:
         return False
