@@ -268,14 +268,23 @@ def forward_runs_loop_wx(a: torch.Tensor, b: torch.Tensor, rows: int, num_expert
         if refusal is not None:
             raise RuntimeError(f"moekit.ops.grouped.force('loop_wx'): the forward GEMM cannot run it: {refusal}")
         return True
-    return (_forced is None and not torch.compiler.is_compiling() and rows <= CPU_WX_ROWS_PER_EXPERT * num_experts
-            and b.shape[-2] * b.shape[-1] * b.element_size() >= CPU_WX_MIN_WEIGHT_BYTES and loop_wx_refusal(a, b) is None)
+    return (_forced is None and rows <= CPU_WX_ROWS_PER_EXPERT * num_experts and _loop_wx_fits(a, b)
+            and b.shape[-2] * b.shape[-1] * b.element_size() >= CPU_WX_MIN_WEIGHT_BYTES
+            and not torch.compiler.is_compiling())
+
+
+def _loop_wx_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """`loop_wx_refusal(a, b) is None` without building its message: the automatic rule asks it of every decode-sized
+    forward GEMM, where formatting a refusal (gpt-oss's (I, O) weights) cost ~3 us a call."""
+    return b.stride(-2) == 1 and a.dtype == torch.float32 and b.dtype == torch.float32 and a.device.type == "cpu"
 
 
 def loop_wx_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
     """Why the "loop_wx" path (see CPU_WX_ROWS_PER_EXPERT) should not run the GEMM `a @ b[e]`, or None when it
     should: it is measured for float32 on CPU with b[e] a transposed view of an (O, I) row-major weight.
     Reads device, dtypes and strides only."""
+    if _loop_wx_fits(a, b):
+        return None
     if a.device.type != "cpu":
         return f"operands on {a.device.type} (the rule is measured on CPU)"
     if a.dtype != torch.float32 or b.dtype != torch.float32:
