@@ -46,3 +46,43 @@ def test_mask_experts_without_with_masks_until_restored():
     assert moekit.moe_layers(model)[0].router.expert_mask_E.tolist() == [0, -1, 0, 0]
     handle.restore()
     assert moekit.moe_layers(model)[0].router.expert_mask_E is None
+
+
+def test_a_call_whose_handle_is_dropped_keeps_its_change():
+    """`moekit.route(model, ...)` as a statement: its handle is garbage-collected at once, and Python closes the
+    generator inside it (GeneratorExit at its `yield`); that must not undo the change ("from now on", as the README
+    says). Only `restore()` or leaving `with` undoes."""
+    import gc
+
+    model = _model()
+    moekit.route(model, kind="topp", p=0.5)
+    moekit.mask_experts(model, disabled={1: [2]})
+    gc.collect()
+    assert [layer.router.kind for layer in moekit.moe_layers(model)] == ["topp", "topp"]
+    assert moekit.moe_layers(model)[1].router.expert_mask_E.tolist() == [0, 0, -1, 0]
+    handle = moekit.route(model, p=0.3)
+    assert all(layer.router.cfg.p == 0.3 for layer in moekit.moe_layers(model))
+    handle.restore()  # this one restores: back to the dropped call's top-p 0.5, not to the original top-k
+    assert all(layer.router.cfg.kind == "topp" and layer.router.cfg.p == 0.5 for layer in moekit.moe_layers(model))
+
+
+def test_a_route_failing_part_way_undoes_what_it_changed(monkeypatch):
+    """Validation happens before any change; should applying fail anyway (here: rebuilding the second layer's
+    router), the layers already changed go back before the error reaches the caller."""
+    from moekit.layers import overrides
+
+    model = _model()
+    calls = []
+    real = overrides._rebuild
+
+    def failing_second(router, cfg):
+        calls.append(router)
+        if len(calls) == 2:
+            raise RuntimeError("rebuild failed")
+        return real(router, cfg)
+
+    monkeypatch.setattr(overrides, "_rebuild", failing_second)
+    with pytest.raises(RuntimeError, match="rebuild failed"):
+        moekit.route(model, kind="topp", p=0.5)
+    assert [layer.router.kind for layer in moekit.moe_layers(model)] == ["topk", "topk"]
+    assert all(layer.cfg.router.kind == "topk" for layer in moekit.moe_layers(model))

@@ -53,7 +53,8 @@ def mask_experts(model: nn.Module, disabled: ExpertIds | None = None,
     returned handle's `.restore()`, when called without `with`, as `torch.set_grad_enabled`).
 
     The `with` value is the list of masked MoELayers. Everything is validated before any router changes; the previous
-    masks come back on exit, even after an exception.
+    masks come back on exit, even after an exception, and with `.restore()`; a handle dropped without either keeps
+    the masks (from now on).
     """
     all_layers = moe_layers(model)
     if not all_layers:
@@ -78,13 +79,11 @@ def mask_experts(model: nn.Module, disabled: ExpertIds | None = None,
         plans.extend((r, mask_E) for r in layer.iteration_routers())
 
     saved = [(router, router.expert_mask_E) for router, _ in plans]
-    try:
-        for router, mask_E in plans:
-            router.expert_mask_E = mask_E
-        yield [all_layers[i] for i in sorted(set(disabled) | set(forced))]
-    finally:
-        for router, old in saved:
-            router.expert_mask_E = old
+    for router, mask_E in plans:  # plain assignments of validated masks: nothing here fails part-way
+        router.expert_mask_E = mask_E
+    yield [all_layers[i] for i in sorted(set(disabled) | set(forced))]
+    for router, old in saved:  # only when the handle restores (utils/scoped.py: a dropped handle keeps the masks)
+        router.expert_mask_E = old
 
 
 def _by_layer(ids: ExpertIds | None, name: str, layers: list[MoELayer]) -> dict[int, set[int]]:

@@ -92,6 +92,15 @@ def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> I
     # Every router of a layer changes: Chain-of-Experts layers have one per iteration.
     saved = [(layer, layer.iteration_routers(), [r.cfg for r in layer.iteration_routers()], layer.cfg)
              for layer, _ in plans]
+
+    def undo() -> None:
+        for layer, routers, router_cfgs, cfg in saved:
+            layer.router, layer.cfg = routers[0], cfg
+            for t, router in enumerate(routers[1:]):
+                layer.chain_routers[t] = router
+            for router, router_cfg in zip(routers, router_cfgs, strict=True):
+                router.cfg = router_cfg
+
     try:
         for layer, new_cfg in plans:
             routers = layer.iteration_routers()
@@ -103,14 +112,11 @@ def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> I
                 for t, router in enumerate(routers[1:]):
                     layer.chain_routers[t] = _rebuild(router, new_cfg)
             layer.cfg = dataclasses.replace(layer.cfg, router=new_cfg)
-        yield [layer for layer, _ in plans]
-    finally:
-        for layer, routers, router_cfgs, cfg in saved:
-            layer.router, layer.cfg = routers[0], cfg
-            for t, router in enumerate(routers[1:]):
-                layer.chain_routers[t] = router
-            for router, router_cfg in zip(routers, router_cfgs, strict=True):
-                router.cfg = router_cfg
+    except BaseException:
+        undo()
+        raise
+    yield [layer for layer, _ in plans]
+    undo()  # only when the handle restores (utils/scoped.py: a dropped handle keeps the change)
 
 
 def _rebuild(router: nn.Module, cfg) -> nn.Module:

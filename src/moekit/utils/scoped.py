@@ -2,11 +2,16 @@
 
 `moekit.route(model, p=0.3)` used to be a generator-based context manager: called without `with` it
 returned an object and changed nothing, silently. A function decorated with `applied_now` is written
-as such a generator (set up, `yield` the value, undo in `finally`) but runs its set-up at call time:
+as a generator that sets up, `yield`s the value, then undoes, and its set-up runs at call time:
 
     moekit.route(model, p=0.3)            # the model routes with p = 0.3 from now on
     with moekit.route(model, p=0.3):      # ... only inside the block
     handle = moekit.route(model, p=0.3); handle.restore()
+
+The undo goes AFTER the `yield`, not in a `finally`: a handle dropped without `restore()` is garbage-collected at
+once (the first line above), and Python then closes its generator by raising GeneratorExit at the `yield`, which
+would run a `finally` and silently undo the change. After the `yield` the undo runs only when `restore()` (or
+leaving `with`) resumes the generator. A set-up that fails part-way undoes what it did itself, before raising.
 """
 
 from __future__ import annotations
@@ -29,10 +34,14 @@ class Applied(Generic[T]):
         self.restored = False
 
     def restore(self) -> None:
-        """Undo the change (idempotent)."""
+        """Undo the change (idempotent): resumes the generator after its `yield`, where its undo is."""
         if not self.restored:
             self.restored = True
-            self._gen.close()  # runs the generator's `finally`
+            try:
+                self._gen.send(None)
+            except StopIteration:
+                return
+            raise RuntimeError(f"{self._gen.__qualname__}: an applied_now generator must yield once")
 
     def __enter__(self) -> T:
         return self.value
@@ -43,7 +52,7 @@ class Applied(Generic[T]):
 
 
 def applied_now(fn: Callable[..., Generator[T, None, None]]) -> Callable[..., Applied[T]]:
-    """Decorate a set-up / `yield` / undo-in-`finally` generator function: calling it applies the change."""
+    """Decorate a set-up / `yield` / undo generator function (see the module doc): calling it applies the change."""
 
     @functools.wraps(fn)
     def call(*args, **kwargs) -> Applied[T]:
