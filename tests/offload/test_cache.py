@@ -58,7 +58,7 @@ def test_python_and_command_line_budgets_mean_the_same(budget):
     ("0.25", "less than one byte; for a fraction of the experts write '25%'"),
     (1.5, "whole number of bytes"), ("1e999", "not a finite size"), (float("inf"), "not a finite size"),
     (float("nan"), "not a finite size"), ("nan%", "not a finite percentage"), ("1e999%", "not a finite"),
-    ("-3", "expected a percentage"), ("0.5MB", None),
+    ("-3", "expected a percentage"), ("-512MB", "is negative; expected a percentage"), ("0.5MB", None),
 ])
 def test_parse_budget_refuses_clearly(bad, match):
     if match is None:  # a unit makes a fraction meaningful

@@ -44,6 +44,32 @@ def test_bad_budgets_exit_with_status_2(tiny_run, capsys, budget, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("budget, message", [
+    ("-5%", "expert budget '-5%': a percentage must lie in (0, 100]; -5% leaves no room for any expert"),
+    ("-512MB", "expert budget '-512MB' is negative; expected a percentage of all expert bytes"),
+])
+@pytest.mark.parametrize("spelling", ["separate", "joined"])
+def test_negative_budgets_are_refused_as_budgets_in_either_spelling(tiny_run, capsys, budget, message, spelling):
+    # Before: `--expert-budget -5%` read '-5%' as an unknown option ("expected one argument"); only
+    # `--expert-budget=-5%` reached the budget's own check, and only once the model was loaded.
+    flag = ["--expert-budget", budget] if spelling == "separate" else [f"--expert-budget={budget}"]
+    assert main(["generate", str(tiny_run), "--prompt", "a", "--max-new-tokens", "2", *flag]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"moekit generate: {message}") and err.count("\n") == 1
+    # checked before the model is loaded: a missing run directory is not reached
+    assert main(["generate", str(tiny_run / "absent"), "--prompt", "a", *flag]) == 2
+    assert capsys.readouterr().err.startswith(f"moekit generate: {message}")
+
+
+def test_only_a_number_after_the_budget_flag_is_taken_as_its_value(tiny_run, capsys):
+    # `--expert-budget --policy lru` is a missing value (not the budget '--policy'); other flags are untouched.
+    with pytest.raises(SystemExit) as exit_:  # an error in the command line itself, as argparse exits
+        main(["generate", str(tiny_run), "--prompt", "a", "--expert-budget", "--policy", "lru"])
+    assert exit_.value.code == 2
+    assert "argument --expert-budget: expected one argument" in capsys.readouterr().err
+    assert main(["generate", str(tiny_run), "--max-new-tokens", "2", "--expert-budget", "50%", "--prompt=-5"]) == 0
+
+
 def test_static_without_a_hot_trace_is_refused(tiny_run, capsys):
     assert main(["generate", str(tiny_run), "--prompt", "a", "--max-new-tokens", "2", "--expert-budget", "50%",
                  "--policy", "static"]) == 2

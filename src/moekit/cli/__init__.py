@@ -30,6 +30,7 @@ import errno
 import importlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -55,8 +56,42 @@ COMMANDS = (
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line, `moekit COMMAND: message`, exit code 2."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dash_value_options: set[str] = set()  # `takes_dash_values`
+
     def error(self, message: str):
         self.exit(2, _one_line(message if message.startswith(self.prog) else f"{self.prog}: {message}") + "\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None and self.dash_value_options:
+            args = _join_dash_values(list(args), self.dash_value_options)
+        return super().parse_known_args(args, namespace)
+
+
+def takes_dash_values(parser: argparse.ArgumentParser, *option_strings: str) -> None:
+    """Let these options of `parser` (a Parser) take a value that starts with a dash and a digit or a dot:
+    `--expert-budget -5%` reads as `--expert-budget=-5%` (argparse would take '-5%' for an unknown option and
+    say the flag is missing its argument), so that the value's own check names what is wrong with it."""
+    parser.dash_value_options.update(option_strings)
+
+
+_DASH_VALUE = re.compile(r"-[0-9.]")
+
+
+def _join_dash_values(args: list[str], options: set[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] == "--":
+            return out + args[i:]
+        if args[i] in options and i + 1 < len(args) and _DASH_VALUE.match(args[i + 1]):
+            out.append(f"{args[i]}={args[i + 1]}")
+            i += 2
+        else:
+            out.append(args[i])
+            i += 1
+    return out
 
 
 def late_arguments(parser: argparse.ArgumentParser, add: Callable[[argparse.ArgumentParser, list[str]], None]) -> None:

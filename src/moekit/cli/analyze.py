@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from moekit.cli.common import positive_int
+from moekit.cli.common import add_route_argument, positive_int
 
 __all__ = ["add_arguments", "add_parser", "run"]
 
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `moekit analyze`."""
     parser.add_argument("source", nargs="?", help="a moekit run directory or a routing-trace file (docs/trace-format.md)")
     parser.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint directory instead of SOURCE")
+    add_route_argument(parser)
     parser.add_argument("--seq-len", type=positive_int, default=256,
                         help="tokens per validation sample when recording (default 256)")
     parser.add_argument("--samples-per-domain", type=positive_int, default=32,
@@ -82,12 +83,17 @@ def _trace_source(args: argparse.Namespace):
     if (args.source is None) == (args.hf is None):
         raise UsageError("give exactly one of SOURCE (run directory or trace file) and --hf DIR")
     if args.source is not None and not Path(args.source).is_dir():
+        if args.route:
+            raise UsageError(f"--route re-routes a model before its routing is recorded; {args.source} is a trace "
+                             "file, recorded already; expected a run directory or --hf DIR with --route")
         return args.source
     import torch
 
     from moekit.analysis.trace import corpus_batches, record_trace
+    from moekit.cli.common import apply_route, check_route
     from moekit.data import DOMAINS, load_corpus
 
+    check_route(args.route)  # before minutes of loading
     if args.hf is not None:
         from moekit.cli.common import load_hf_dir
         from moekit.hf.adapters import HFCausalLM, tokenizer_for
@@ -101,6 +107,9 @@ def _trace_source(args: argparse.Namespace):
 
         model, _, tokenizer = load_trained(args.source)
         label = {"source": "run", "path": str(args.source)}
+    handles = apply_route(model, args.route)  # kept while the trace is recorded
+    if handles:
+        label["route"] = [spec.text for spec in args.route]
     samples = [s for d in DOMAINS for s in load_corpus("validation", d)[: args.samples_per_domain]]
     seq_len = min(args.seq_len, getattr(getattr(model, "cfg", None), "max_seq_len", args.seq_len))
     with torch.no_grad():

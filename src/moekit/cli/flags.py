@@ -60,7 +60,7 @@ def _section_objects(model_cfg: LMConfig, train_cfg: TrainConfig) -> dict[str, A
             "parallel": ParallelConfig()}
 
 
-def _converter(type_name: str, flag: str):
+def field_converter(type_name: str, flag: str):
     optional = "None" in type_name
 
     def convert(text: str) -> Any:
@@ -129,7 +129,7 @@ def add_config_flags(parser: argparse.ArgumentParser, preset: tuple[LMConfig, Tr
             shown = "default: each preset's own value"
         choices = registered_routers() if (section, f.name) == ("router", "kind") else f.metadata.get("choices")
         text = f"{f.metadata.get('help', '')} ({shown})".strip()
-        groups[section].add_argument(flag, dest=f"{section}.{f.name}", type=_converter(str(f.type), flag),
+        groups[section].add_argument(flag, dest=f"{section}.{f.name}", type=field_converter(str(f.type), flag),
                                      default=None, choices=choices,
                                      metavar=None if choices else str(f.type).replace(" ", ""),
                                      help=text.replace("%", "%%"))
@@ -176,7 +176,7 @@ def parse_sweep(spec: str) -> tuple[str, list[Any]]:
     fields = router_fields() if cls is RouterConfig else {f.name: f for f in dataclasses.fields(cls)}
     if field not in fields or field in skip or field == "kind":
         raise UsageError(f"--sweep {spec!r}: --{section}.{field} is not a field that can be swept")
-    convert = _converter(str(fields[field].type), f"--{section}.{field}")
+    convert = field_converter(str(fields[field].type), f"--{section}.{field}")
     try:
         parsed = [convert(v.strip()) for v in values.split(",") if v.strip()]
     except argparse.ArgumentTypeError as e:

@@ -63,6 +63,10 @@ def run(args) -> int:
         raise UsageError(f"--top-p {args.top_p} is invalid; allowed: a number in (0, 1]")
     if args.seed < 0:
         raise UsageError(f"--seed {args.seed} is invalid; allowed: an integer >= 0")
+    if getattr(args, "expert_budget", None) is not None:
+        from moekit.cli.offload import check_budget_form
+
+        check_budget_form(args.expert_budget)  # before minutes of loading
     model, tokenizer, _, _ = load_for_inference(args)
     prompt = [tokenizer.bos_id] if args.bos else []
     prompt += prompt_ids(args.prompt, tokenizer)

@@ -21,11 +21,12 @@ from pathlib import Path
 
 from moekit.errors import UsageError
 
-__all__ = ["add_offload_arguments", "add_parser", "run", "run_offloaded"]
+__all__ = ["add_offload_arguments", "add_parser", "check_budget_form", "run", "run_offloaded"]
 
 
 def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
     """The --expert-budget group of `moekit generate` (imports moekit.offload, hence torch)."""
+    from moekit.cli import takes_dash_values
     from moekit.offload.budget import POLICIES, SCOPES
     from moekit.offload.store import VERIFY_MODES
 
@@ -33,7 +34,9 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-budget", metavar="BUDGET", default=None,
                    help="keep at most this much expert weight resident: a percentage of all experts ('25%%') or "
                         "a size with a unit ('512MB', '1.5GiB'); a bare number is a whole number of bytes (one "
-                        "below 1 is refused); experts are read from an expert store on disk")
+                        "below 1 is refused, as are zero and negative budgets); experts are read from an expert "
+                        "store on disk")
+    takes_dash_values(parser, "--expert-budget")  # `--expert-budget -5%`: refused as a budget, not as a flag
     g.add_argument("--policy", choices=POLICIES, default="lru",
                    help="expert cache policy (default lru); static needs --hot-trace; predictive prefetches the "
                         "next layer's experts from its gate")
@@ -58,6 +61,14 @@ def add_parser(subparsers) -> None:
                         help="RUN OUT: a moekit run directory and the store directory to write (absent, empty or "
                              "a moekit store); with --hf DIR: OUT only")
     parser.add_argument("--hf", metavar="DIR", help="a local transformers checkpoint directory instead of RUN")
+
+
+def check_budget_form(budget: str) -> None:
+    """Refuse a malformed, zero or negative --expert-budget before the model is loaded; whether it holds the
+    experts a token needs is checked against the model (`plan_offload`) once it is."""
+    from moekit.offload.budget import parse_budget
+
+    parse_budget(budget, 2**62)  # NOTE: any total; a percentage's range and a size's sign do not depend on it
 
 
 def _source(args, model) -> dict:

@@ -81,6 +81,9 @@ def parse_budget(budget: str | int | float, total_nbytes: int) -> int:
         nbytes = math.floor(pct / 100 * total_nbytes)
     else:
         if isinstance(budget, str):
+            if budget.strip().startswith("-"):
+                raise UsageError(f"{what} is negative; expected {BUDGET_FORMS}: how much expert weight may stay "
+                                 "resident")
             m = _BUDGET_RE.match(budget)
             if m is None or (m.group(2) and m.group(2).lower() not in _UNITS):
                 raise UsageError(f"{what}: expected {BUDGET_FORMS}, or a whole number of bytes ('1073741824')")
