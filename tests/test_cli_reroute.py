@@ -149,3 +149,20 @@ def test_help_documents_route_with_an_example(capsys):
             main([command, "--help"])
         out = " ".join(capsys.readouterr().out.split())
         assert "--route SPEC" in out and "--route topp,p=0.5,min_k=1" in out
+
+
+@pytest.mark.parametrize("route", ["topp,p=0.5", "k=1"])
+def test_offloaded_generation_of_a_rerouted_selection_bias_family_equals_resident(tmp_path, route, capsys):
+    """DeepSeek-V3 (a selection bias on its top-k routers) re-routed to top-p, then offloaded: the runtime releases
+    the experts through the wrapped block's `original()`, which failed with KeyError: 'e_score_correction_bias' (a
+    traceback) once the top-p router had replaced the biased one."""
+    path = _family_dir(tmp_path, "deepseek_v3", num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8,
+                       num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+                       norm_topk_prob=True, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
+                       qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, vocab_size=300, bos_token_id=256,
+                       eos_token_id=257, pad_token_id=258)
+    gen = ["generate", "--hf", str(path), *GEN, "--route", route]
+    assert main(gen) == 0
+    resident = capsys.readouterr().out
+    assert main([*gen, "--expert-budget", "50%"]) == 0
+    assert capsys.readouterr().out == resident
