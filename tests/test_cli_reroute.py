@@ -177,3 +177,10 @@ def test_offloaded_generation_of_a_model_rerouted_to_another_kind_equals_residen
     resident = capsys.readouterr().out
     assert main([*gen, "--expert-budget", "50%"]) == 0
     assert capsys.readouterr().out == resident
+
+
+def test_route_hash_on_a_family_without_token_ids_exits_2_naming_the_route(hf_dir, capsys):
+    assert main(["generate", "--hf", str(hf_dir), *GEN, "--route", "hash"]) == 2
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").rpartition("\n")[2].rpartition("\r")[2]
+    assert "Traceback" not in err and last.startswith("moekit generate: --route 'hash': ") and "token ids" in last

@@ -269,3 +269,15 @@ def test_a_model_rerouted_to_another_kind_keeps_the_routers_state_in_its_checkpo
     moekit.hf.unwrap(model)  # KeyError before the fix
     state = model.state_dict()
     assert list(state) == list(ref_state) and all(torch.equal(state[k], v) for k, v in ref_state.items())
+
+
+def test_hash_routing_is_refused_where_the_block_gets_no_token_ids(make_model, prompt):
+    """Hash routing reads the token ids, which transformers hands to the MoE blocks of hash-routed families
+    (DeepSeek-V4) only. `route(kind="hash")` on a wrapped Mixtral was accepted and every forward then failed with
+    "pass the T tokens' ids as the MoE layer's router_state (got NoneType)" (`moekit generate --route hash`: that
+    line, not naming --route, after the expert store was written); it is refused before anything changes."""
+    model = moekit.hf.wrap(make_model("mixtral"))
+    with pytest.raises(ValueError, match=r"route\(kind='hash'\).*token ids"):
+        moekit.route(model, kind="hash", vocab_size=128)
+    assert all(layer.router.kind == "topk" for layer in moekit.hf.wrapped_blocks(model))
+    _run(model, prompt())

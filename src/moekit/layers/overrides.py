@@ -81,6 +81,10 @@ def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> I
                              f"{old_cfg.weighted_shared_slots()} shared experts or scales its weights by a learned "
                              f"scalar, which router {kind!r} with these fields would drop; change its other fields")
         new_cfg.validate(layer.cfg.router_slots)
+        if new_cfg.routes_on_token_ids() and not old_cfg.routes_on_token_ids() and not layer.receives_token_ids():
+            raise ValueError(f"route(kind={kind!r}): MoE layer {i} ({type(layer).__name__}) gets no token ids from its "
+                             f"model, which router {kind!r} routes on (a wrapped transformers block gets them only "
+                             "where transformers passes them, as DeepSeek-V4's); choose a kind that routes on the gate")
         if kind == old_cfg.kind:  # the routers keep their state (a hash table): can they run the new fields?
             for router in layer.iteration_routers():
                 try:
