@@ -149,3 +149,38 @@ def test_help_documents_route_with_an_example(capsys):
             main([command, "--help"])
         out = " ".join(capsys.readouterr().out.split())
         assert "--route SPEC" in out and "--route topp,p=0.5,min_k=1" in out
+
+
+_BIG_IDS = dict(vocab_size=300, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+_KWARGS = {
+    "deepseek_v3": dict(num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                        n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                        first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16),
+    "deepseek_v4": dict(head_dim=16, num_local_experts=8, num_experts_per_tok=2, q_lora_rank=16, o_lora_rank=16,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, index_topk=4,
+                        index_n_heads=2, index_head_dim=16, mlp_layer_types=["hash_moe", "moe", "moe"],
+                        swiglu_limit=1.0, routed_scaling_factor=1.5, sliding_window=64),
+}
+
+
+@pytest.mark.parametrize("family, route", [("deepseek_v3", "topp,p=0.5"), ("deepseek_v3", "k=1"),
+                                           ("deepseek_v4", "topk,k=2")])
+def test_offloaded_generation_of_a_model_rerouted_to_another_kind_equals_resident(tmp_path, family, route, capsys):
+    """A router state the new kind does not use (DeepSeek-V3's selection bias under top-p, V4's hash table tid2eid
+    under top-k), then offloaded: the runtime releases the experts through the wrapped block's `original()`, which
+    failed with KeyError: 'e_score_correction_bias' / 'tid2eid' (a traceback) once the new router had replaced the
+    old one."""
+    path = _family_dir(tmp_path, family, **_KWARGS[family], **_BIG_IDS)
+    gen = ["generate", "--hf", str(path), *GEN, "--route", route]
+    assert main(gen) == 0
+    resident = capsys.readouterr().out
+    assert main([*gen, "--expert-budget", "50%"]) == 0
+    assert capsys.readouterr().out == resident
+
+
+def test_route_hash_on_a_family_without_token_ids_exits_2_naming_the_route(hf_dir, capsys):
+    assert main(["generate", "--hf", str(hf_dir), *GEN, "--route", "hash"]) == 2
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").rpartition("\n")[2].rpartition("\r")[2]
+    assert "Traceback" not in err and last.startswith("moekit generate: --route 'hash': ") and "token ids" in last

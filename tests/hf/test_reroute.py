@@ -248,3 +248,36 @@ def test_a_selection_bias_trained_on_a_wrapped_model_saves_and_loads_back(make_m
         assert torch.equal(a.router.e_score_correction_bias, b.router.e_score_correction_bias)
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, trained(ids).logits)
+
+
+def test_a_model_rerouted_to_another_kind_keeps_the_routers_state_in_its_checkpoint(make_model, tmp_path):
+    """`moekit.route(model, kind="topp")` as a statement (it stays in force) on DeepSeek-V3: the top-p router does
+    not use the selection bias, but the model still holds it. Its state_dict (and so save_pretrained) kept dropping
+    `gate.e_score_correction_bias` (a checkpoint that reloads with a zero bias, silently), and `moekit.hf.unwrap` /
+    the offloaded runtime (`HFMoEBlock.original`) failed with KeyError: 'e_score_correction_bias'."""
+    model = make_model("deepseek_v3")
+    ref_state = {k: v.clone() for k, v in model.state_dict().items()}
+    moekit.hf.wrap(model)
+    moekit.route(model, kind="topp", p=0.5)
+    assert all(layer.router.kind == "topp" for layer in moekit.hf.wrapped_blocks(model))
+    state = model.state_dict()
+    assert sorted(state) == sorted(ref_state)
+    model.save_pretrained(tmp_path / "rerouted")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "rerouted" / "model.safetensors"), "pt") as f:
+        assert sum("e_score_correction_bias" in k for k in f.keys()) == 2
+    moekit.hf.unwrap(model)  # KeyError before the fix
+    state = model.state_dict()
+    assert list(state) == list(ref_state) and all(torch.equal(state[k], v) for k, v in ref_state.items())
+
+
+def test_hash_routing_is_refused_where_the_block_gets_no_token_ids(make_model, prompt):
+    """Hash routing reads the token ids, which transformers hands to the MoE blocks of hash-routed families
+    (DeepSeek-V4) only. `route(kind="hash")` on a wrapped Mixtral was accepted and every forward then failed with
+    "pass the T tokens' ids as the MoE layer's router_state (got NoneType)" (`moekit generate --route hash`: that
+    line, not naming --route, after the expert store was written); it is refused before anything changes."""
+    model = moekit.hf.wrap(make_model("mixtral"))
+    with pytest.raises(ValueError, match=r"route\(kind='hash'\).*token ids"):
+        moekit.route(model, kind="hash", vocab_size=128)
+    assert all(layer.router.kind == "topk" for layer in moekit.hf.wrapped_blocks(model))
+    _run(model, prompt())

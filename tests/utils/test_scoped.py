@@ -86,3 +86,76 @@ def test_a_route_failing_part_way_undoes_what_it_changed(monkeypatch):
         moekit.route(model, kind="topp", p=0.5)
     assert [layer.router.kind for layer in moekit.moe_layers(model)] == ["topk", "topk"]
     assert all(layer.cfg.router.kind == "topk" for layer in moekit.moe_layers(model))
+
+
+def _state(model):
+    return [(layer.router.cfg, layer.cfg.router, None if layer.router.expert_mask_E is None
+             else layer.router.expert_mask_E.tolist()) for layer in moekit.moe_layers(model)]
+
+
+def test_restoring_an_earlier_route_while_a_later_one_is_in_force_is_refused():
+    """Handles restored out of order (the earlier first) used to leave the model re-routed after both restores:
+    the earlier one put the original router back, then the later one put back what it had replaced, the earlier
+    change (here k=1), silently. The earlier restore is refused, naming the order, and works once the later one
+    has restored."""
+    model = _model()
+    before = _state(model)
+    for second in (dict(kind="topp", p=0.5), dict(k=3)):
+        first = moekit.route(model, k=1)
+        later = moekit.route(model, **second)
+        changed = _state(model)
+        with pytest.raises(RuntimeError, match="restore the later change first"):
+            first.restore()
+        assert _state(model) == changed  # nothing undone
+        later.restore()
+        first.restore()
+        assert _state(model) == before
+
+
+def test_restoring_an_earlier_mask_while_a_later_one_is_in_force_is_refused():
+    model = _model()
+    first = moekit.mask_experts(model, disabled={0: [0]})
+    later = moekit.mask_experts(model, disabled={0: [1]})
+    with pytest.raises(RuntimeError, match="restore the later change first"):
+        first.restore()  # used to leave expert 0 disabled after both restores
+    assert moekit.moe_layers(model)[0].router.expert_mask_E.tolist() == [-1, -1, 0, 0]
+    later.restore()
+    first.restore()
+    assert all(layer.router.expert_mask_E is None for layer in moekit.moe_layers(model))
+
+
+def test_a_route_to_another_kind_and_a_mask_restored_out_of_order_are_refused():
+    """route(kind=...) builds a new router that carries the mask in force; restoring out of order used to drop a
+    mask still in force (the route's restore put back the unmasked router) or keep one already restored (the mask's
+    restore cleared the replaced router's, not the one routing)."""
+    model = _model()
+    route = moekit.route(model, kind="topp", p=0.5)
+    mask = moekit.mask_experts(model, disabled={0: [1]})
+    with pytest.raises(RuntimeError, match="restore the later change first"):
+        route.restore()
+    assert moekit.moe_layers(model)[0].router.expert_mask_E.tolist() == [0, -1, 0, 0]
+    mask.restore()
+    route.restore()
+    assert [layer.router.kind for layer in moekit.moe_layers(model)] == ["topk", "topk"]
+    assert all(layer.router.expert_mask_E is None for layer in moekit.moe_layers(model))
+
+    mask = moekit.mask_experts(model, disabled={0: [1]})
+    route = moekit.route(model, kind="topp", p=0.5)
+    with pytest.raises(RuntimeError, match="restore the later change first"):
+        mask.restore()
+    assert moekit.moe_layers(model)[0].router.expert_mask_E.tolist() == [0, -1, 0, 0]
+    route.restore()
+    mask.restore()
+    assert [layer.router.kind for layer in moekit.moe_layers(model)] == ["topk", "topk"]
+    assert all(layer.router.expert_mask_E is None for layer in moekit.moe_layers(model))
+
+
+def test_a_later_same_kind_route_keeps_an_earlier_mask_restorable():
+    """No conflict: a same-kind route keeps the router (and its mask); either order restores cleanly."""
+    model = _model()
+    mask = moekit.mask_experts(model, disabled={0: [1]})
+    route = moekit.route(model, k=1)
+    mask.restore()
+    assert moekit.moe_layers(model)[0].router.expert_mask_E is None and moekit.moe_layers(model)[0].router.cfg.k == 1
+    route.restore()
+    assert all(layer.router.cfg.k == 2 for layer in moekit.moe_layers(model))

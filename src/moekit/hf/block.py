@@ -352,6 +352,13 @@ class HFMoEBlock(MoELayer):
             return
         yield from super().named_children()
 
+    def receives_token_ids(self) -> bool:
+        """Whether transformers passes this block the token ids: where the HF block's forward takes `input_ids`
+        (DeepSeek-V4's hash-routed families), as the wrap probes read it."""
+        import inspect
+
+        return "input_ids" in inspect.signature(self._hf_block.forward).parameters
+
     def _hf_names_prefix(self, prefix: str) -> str:
         """The prefix the HF names (`_hf_names`' values) sit under, for this layer named `prefix`: its own."""
         return prefix

@@ -39,7 +39,7 @@ from torch import nn
 from moekit.layers.moe import MoELayer
 from moekit.layers.overrides import moe_layers
 from moekit.routers import Router
-from moekit.utils.scoped import applied_now
+from moekit.utils.scoped import Refused, applied_now
 
 ExpertIds = Mapping[int, Iterable[int]]
 
@@ -82,8 +82,24 @@ def mask_experts(model: nn.Module, disabled: ExpertIds | None = None,
     for router, mask_E in plans:  # plain assignments of validated masks: nothing here fails part-way
         router.expert_mask_E = mask_E
     yield [all_layers[i] for i in sorted(set(disabled) | set(forced))]
+    # A later change still in force: restoring this one first would undo it (a later mask) or leave this mask in
+    # force on the router a later moekit.route(kind=...) built around the masked one.
+    while (why := _later_change(all_layers, plans)) is not None:
+        yield Refused(f"moekit.mask_experts(...).restore(): {why}; restore the later change first")
     for router, old in saved:  # only when the handle restores (utils/scoped.py: a dropped handle keeps the masks)
         router.expert_mask_E = old
+
+
+def _later_change(layers: list[MoELayer], plans) -> str | None:
+    """Why restoring a mask now would undo or outlive a change made after it, or None."""
+    routing = {id(r): i for i, layer in enumerate(layers) for r in layer.iteration_routers()}
+    for router, mask_E in plans:
+        if id(router) not in routing:
+            return "the router of a masked layer was replaced after this mask (moekit.route(kind=...)), and the " \
+                   "replacement is still in force"
+        if router.expert_mask_E is not mask_E:
+            return f"MoE layer {routing[id(router)]} was masked again after this mask, and that mask is still in force"
+    return None
 
 
 def _by_layer(ids: ExpertIds | None, name: str, layers: list[MoELayer]) -> dict[int, set[int]]:

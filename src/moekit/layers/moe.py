@@ -528,6 +528,11 @@ class MoELayer(nn.Module):
         """The router of each Chain-of-Experts iteration (`[self.router]` for a plain layer)."""
         return [self.router, *self.chain_routers]
 
+    def receives_token_ids(self) -> bool:
+        """Whether the model hands this layer its tokens' ids (the `router_state` hash routing reads): MoELM does;
+        a wrapped transformers block only where transformers passes them (`moekit.hf.HFMoEBlock`)."""
+        return True
+
     def expert_input(self, h_TD: torch.Tensor) -> torch.Tensor:
         """What the routed experts read of the layer's input h_TD (T, D): (T, expert_dim), through the latent
         projection and its norm where the layer has them (moekit.compress calibrates experts on it)."""

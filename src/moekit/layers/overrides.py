@@ -26,7 +26,7 @@ from moekit.config import router_fields
 from moekit.errors import UsageError
 from moekit.layers.moe import MoELayer, moe_layers  # moe_layers: also importable from here, where it was
 from moekit.routers import router_class
-from moekit.utils.scoped import applied_now
+from moekit.utils.scoped import Refused, applied_now
 
 
 def _per_layer(value, n: int, name: str) -> list:
@@ -81,6 +81,10 @@ def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> I
                              f"{old_cfg.weighted_shared_slots()} shared experts or scales its weights by a learned "
                              f"scalar, which router {kind!r} with these fields would drop; change its other fields")
         new_cfg.validate(layer.cfg.router_slots)
+        if new_cfg.routes_on_token_ids() and not old_cfg.routes_on_token_ids() and not layer.receives_token_ids():
+            raise ValueError(f"route(kind={kind!r}): MoE layer {i} ({type(layer).__name__}) gets no token ids from its "
+                             f"model, which router {kind!r} routes on (a wrapped transformers block gets them only "
+                             "where transformers passes them, as DeepSeek-V4's); choose a kind that routes on the gate")
         if kind == old_cfg.kind:  # the routers keep their state (a hash table): can they run the new fields?
             for router in layer.iteration_routers():
                 try:
@@ -115,8 +119,28 @@ def route(model: nn.Module, layers: Sequence[int] | None = None, **changes) -> I
     except BaseException:
         undo()
         raise
+    # What this call set: a later change still in force (another route, a mask on a router this call built) would be
+    # undone, or this change put back after it, by restoring this one first.
+    applied = [(i, layer, layer.iteration_routers(), [r.cfg for r in layer.iteration_routers()], layer.cfg,
+                [r.expert_mask_E for r in layer.iteration_routers()], old_cfgs[0].kind != layer.router.kind)
+               for i, (layer, _, old_cfgs, _) in zip(chosen, saved, strict=True)]
     yield [layer for layer, _ in plans]
+    while (why := _later_change(applied)) is not None:
+        yield Refused(f"moekit.route(...).restore(): {why}; restore the later change first")
     undo()  # only when the handle restores (utils/scoped.py: a dropped handle keeps the change)
+
+
+def _later_change(applied) -> str | None:
+    """Why restoring a route now would undo or outlive a change made after it, or None."""
+    for i, layer, routers, router_cfgs, cfg, masks, rebuilt in applied:
+        now = layer.iteration_routers()
+        if (layer.cfg is not cfg or len(now) != len(routers) or any(a is not b for a, b in zip(now, routers))
+                or any(r.cfg is not c for r, c in zip(now, router_cfgs))):
+            return f"MoE layer {i} was re-routed again after this change, and that re-route is still in force"
+        if rebuilt and any(r.expert_mask_E is not m for r, m in zip(now, masks)):
+            return (f"MoE layer {i}'s experts were masked (moekit.mask_experts) after this change of router kind, and "
+                    "the mask is still in force on the router this change built")
+    return None
 
 
 def _rebuild(router: nn.Module, cfg) -> nn.Module:

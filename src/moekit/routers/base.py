@@ -380,6 +380,12 @@ class Router(nn.Module):
         if old.expert_scale is not None:
             self.expert_scale = old.expert_scale
         self.expert_mask_E = old.expert_mask_E
+        # A buffer this kind does not use (a pretrained selection bias under top-p, a hash table under top-k) stays
+        # the model's: its state_dict, save_pretrained and the wrapped block's `original()` (unwrap, offload) still
+        # hold it while the re-route is in force.
+        for name, buf in old._buffers.items():
+            if buf is not None and name not in self._buffers and name != "expert_mask_E" and not hasattr(self, name):
+                self.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
 
     # ---------------------------------------------------------------- losses
     def aux_losses(self, route: RouterOutput, valid_T: torch.Tensor | None,

@@ -12,6 +12,10 @@ The undo goes AFTER the `yield`, not in a `finally`: a handle dropped without `r
 once (the first line above), and Python then closes its generator by raising GeneratorExit at the `yield`, which
 would run a `finally` and silently undo the change. After the `yield` the undo runs only when `restore()` (or
 leaving `with`) resumes the generator. A set-up that fails part-way undoes what it did itself, before raising.
+
+Before its undo the generator may `yield Refused(why)` (in a loop) while undoing now would be wrong, e.g. a later
+change to the same thing is still in force and restores out of order would leave it changed: `restore()` then
+raises RuntimeError(why), changes nothing, and can be called again once the reason is gone.
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ from collections.abc import Callable, Generator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+class Refused:
+    """What an applied_now generator yields after its `yield value` instead of undoing (see the module doc)."""
+
+    def __init__(self, why: str):
+        self.why = why
 
 
 class Applied(Generic[T]):
@@ -36,11 +47,14 @@ class Applied(Generic[T]):
     def restore(self) -> None:
         """Undo the change (idempotent): resumes the generator after its `yield`, where its undo is."""
         if not self.restored:
-            self.restored = True
             try:
-                self._gen.send(None)
+                refused = self._gen.send(None)
             except StopIteration:
+                self.restored = True
                 return
+            if isinstance(refused, Refused):  # nothing undone; restore() may be called again
+                raise RuntimeError(refused.why)
+            self.restored = True
             raise RuntimeError(f"{self._gen.__qualname__}: an applied_now generator must yield once")
 
     def __enter__(self) -> T:
