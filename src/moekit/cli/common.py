@@ -105,8 +105,8 @@ def check_route(specs: list[RouteSpec] | None) -> None:
 
 
 def apply_route(model, specs: list[RouteSpec] | None) -> list:
-    """Apply each --route to `model` in order (`moekit.route`, all MoE layers); returns the `Applied` handles,
-    which the caller keeps while the model runs (a handle that is garbage-collected restores the routing).
+    """Apply each --route to `model` in order (`moekit.route`, all MoE layers); returns the `Applied` handles (the
+    re-routes stay in force whether they are kept or not; `restore()` on them, latest first, undoes them).
     UsageError (one line naming the --route value, the problem and what was expected) for an unknown kind or
     field, a value of the wrong type, or a re-route `moekit.route` refuses (its message passed through)."""
     if not specs:
