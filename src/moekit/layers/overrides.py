@@ -134,10 +134,10 @@ def _later_change(applied) -> str | None:
     """Why restoring a route now would undo or outlive a change made after it, or None."""
     for i, layer, routers, router_cfgs, cfg, masks, rebuilt in applied:
         now = layer.iteration_routers()
-        if (layer.cfg is not cfg or len(now) != len(routers) or any(a is not b for a, b in zip(now, routers))
-                or any(r.cfg is not c for r, c in zip(now, router_cfgs))):
+        if (layer.cfg is not cfg or len(now) != len(routers) or any(a is not b for a, b in zip(now, routers, strict=True))
+                or any(r.cfg is not c for r, c in zip(now, router_cfgs, strict=True))):
             return f"MoE layer {i} was re-routed again after this change, and that re-route is still in force"
-        if rebuilt and any(r.expert_mask_E is not m for r, m in zip(now, masks)):
+        if rebuilt and any(r.expert_mask_E is not m for r, m in zip(now, masks, strict=True)):
             return (f"MoE layer {i}'s experts were masked (moekit.mask_experts) after this change of router kind, and "
                     "the mask is still in force on the router this change built")
     return None
