@@ -89,3 +89,33 @@ def join_within():
 
     return join
 
+
+def _save_hf(model: torch.nn.Module, path):
+    """`model` with its router and expert weights redrawn N(0, 0.1) (transformers' init leaves routers at zero: every
+    score would tie), saved with save_pretrained to `path`; returns `path`."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name or "experts" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def save_hf():
+    """save_hf(model, path) -> path: see `_save_hf`."""
+    return _save_hf
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny OLMoE checkpoint (softmax top-2 of 4 experts, 2 layers, vocabulary 300 with bos/eos/pad 256/257/258),
+    byte-level ids (no tokenizer saved): the `--hf` CLI tests' model."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OlmoeConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, eos_token_id=257,
+                      pad_token_id=258, bos_token_id=256)
+    return _save_hf(OlmoeForCausalLM(cfg), tmp_path_factory.mktemp("hf") / "olmoe")
+

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import OlmoeConfig, OlmoeForCausalLM
+from transformers import OlmoeForCausalLM
 
 from moekit.cli import main
 
@@ -13,20 +13,7 @@ TINY = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2"
         "--train.eval_tokens", "64", "--train.threads", "1", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = OlmoeConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, eos_token_id=257,
-                      pad_token_id=258, bos_token_id=256)
-    model = OlmoeForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "gate" in name or "experts" in name:
-                p.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("hf") / "olmoe"
-    model.save_pretrained(path)
-    return path
+# hf_dir: the tiny OLMoE checkpoint of tests/conftest.py
 
 
 def test_eval_hf_reports_every_domain(hf_dir, capsys):

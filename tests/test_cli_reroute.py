@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, OlmoeConfig, OlmoeForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import moekit
 import moekit.hf
@@ -13,23 +13,7 @@ from moekit.cli import main
 GEN = ["--prompt", "abc", "--max-new-tokens", "12"]
 
 
-def _save(model, path):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "gate" in name or "experts" in name:
-                p.normal_(0, 0.1)
-    model.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    """A tiny OLMoE (softmax top-2 of 4 experts, 2 layers), byte-level ids (no tokenizer saved)."""
-    torch.manual_seed(0)
-    cfg = OlmoeConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, eos_token_id=257,
-                      pad_token_id=258, bos_token_id=256)
-    return _save(OlmoeForCausalLM(cfg), tmp_path_factory.mktemp("hf") / "olmoe")
+# hf_dir: the tiny OLMoE checkpoint of tests/conftest.py
 
 
 def _text(ids) -> str:
@@ -110,12 +94,12 @@ def test_bad_route_exits_2_in_one_line(hf_dir, command, route, message, capsys):
         assert err.count("\n") == 1 and "\r" not in err
 
 
-def _family_dir(tmp_path, model_type: str, **kwargs):
+def _family_dir(save_hf, tmp_path, model_type: str, **kwargs):
     base = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=96, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**base, **kwargs}))
-    return _save(model, tmp_path / model_type)
+    return save_hf(model, tmp_path / model_type)
 
 
 @pytest.mark.parametrize("family, route, message", [
@@ -125,7 +109,7 @@ def _family_dir(tmp_path, model_type: str, **kwargs):
     # layers, though not of its top-k layers
     ("deepseek_v4", "seed=5", "RouterConfig(kind='hash') seed=5: its experts come from the layer's table tid2eid"),
 ])
-def test_a_reroute_moekit_route_refuses_exits_2_with_its_message(tmp_path, family, route, message, capsys):
+def test_a_reroute_moekit_route_refuses_exits_2_with_its_message(tmp_path, family, route, message, capsys, save_hf):
     kwargs = {
         "deepseek_v3": dict(num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
                             n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
@@ -136,7 +120,7 @@ def test_a_reroute_moekit_route_refuses_exits_2_with_its_message(tmp_path, famil
                             index_n_heads=2, index_head_dim=16, mlp_layer_types=["hash_moe", "moe", "moe"],
                             swiglu_limit=1.0, routed_scaling_factor=1.5, sliding_window=64),
     }[family]
-    path = _family_dir(tmp_path, family, **kwargs)
+    path = _family_dir(save_hf, tmp_path, family, **kwargs)
     assert main(["generate", "--hf", str(path), "--prompt", "abc", "--max-new-tokens", "2", "--route", route]) == 2
     err = capsys.readouterr().err
     last = err.rstrip("\n").rpartition("\n")[2].rpartition("\r")[2]
@@ -166,12 +150,13 @@ _KWARGS = {
 
 @pytest.mark.parametrize("family, route", [("deepseek_v3", "topp,p=0.5"), ("deepseek_v3", "k=1"),
                                            ("deepseek_v4", "topk,k=2")])
-def test_offloaded_generation_of_a_model_rerouted_to_another_kind_equals_resident(tmp_path, family, route, capsys):
+def test_offloaded_generation_of_a_model_rerouted_to_another_kind_equals_resident(tmp_path, family, route, capsys,
+                                                                                    save_hf):
     """A router state the new kind does not use (DeepSeek-V3's selection bias under top-p, V4's hash table tid2eid
     under top-k), then offloaded: the runtime releases the experts through the wrapped block's `original()`, which
     failed with KeyError: 'e_score_correction_bias' / 'tid2eid' (a traceback) once the new router had replaced the
     old one."""
-    path = _family_dir(tmp_path, family, **_KWARGS[family], **_BIG_IDS)
+    path = _family_dir(save_hf, tmp_path, family, **_KWARGS[family], **_BIG_IDS)
     gen = ["generate", "--hf", str(path), *GEN, "--route", route]
     assert main(gen) == 0
     resident = capsys.readouterr().out
