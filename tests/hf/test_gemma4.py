@@ -286,8 +286,8 @@ def test_a_model_built_on_the_meta_device_wraps_and_probes_once_the_weights_exis
 def test_diffusion_gemma_block_diffusion_model_wraps_encoder_and_decoder_layers():
     """The whole DiffusionGemma (text encoder layers, diffusion decoder layers reading the encoder's KV cache,
     a tiny vision tower): every MoE layer of both stacks wraps; the logits differ from transformers' no more
-    than transformers' own two experts implementations differ from each other (fp32 summation order over 6
-    MoE layers: ~2e-5 here), and unwrap restores them exactly."""
+    than twice what transformers' own two experts implementations differ from each other (fp32 summation order over
+    6 MoE layers: ~1-2e-5 here), and unwrap restores them exactly."""
     from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaConfig
     from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaForBlockDiffusion
 
@@ -310,8 +310,11 @@ def test_diffusion_gemma_block_diffusion_model_wraps_encoder_and_decoder_layers(
         "DiffusionGemmaDecoderTextLayer", "DiffusionGemmaEncoderTextLayer"]
     assert len(moekit.hf.wrapped_blocks(model)) == 6
     got = logits()
+    # Each fp32 summation order is some eps off the exact logits; two orders differ by up to ~2 eps (`spread`), and
+    # moekit's is a third: within 2 x spread of either (it read 1.35e-5 against a spread of 1.31e-5 with two BLAS
+    # threads on an AVX-512 EPYC, 0.9e-5 with one); a wrong rule is off by orders of magnitude more.
     spread = max(1e-5, float((eager - ref).abs().max()))
-    assert float((got - ref).abs().max()) <= spread and float((got - eager).abs().max()) <= spread
+    assert float((got - ref).abs().max()) <= 2 * spread and float((got - eager).abs().max()) <= 2 * spread
     moekit.hf.unwrap(model)
     assert torch.equal(logits(), eager)
 
