@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import moekit
+from moekit.ops import grouped
 
 _LAYER_FIELDS = {"num_shared_experts", "balance_scope", "shared_gate", "capacity_factor", "eval_capacity_factor",
                  "backend", "activation", "num_experts", "d_expert", "d_shared", "d_model"}
@@ -19,6 +20,14 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _same_paths_on_every_machine(monkeypatch):
+    """The "loop_numpy" rule reads the machine (CPU vendor, numpy's BLAS and its thread count, `grouped.CPU_NUMPY_BLAS`):
+    tests take its machine part as absent, so that every machine runs the same GEMM paths; a test of the rule sets it
+    (tests/ops/test_grouped.py tests the real reading)."""
+    monkeypatch.setattr(grouped, "numpy_blas_streams_faster", lambda: False)
 
 
 @pytest.fixture

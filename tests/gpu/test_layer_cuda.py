@@ -101,14 +101,14 @@ def test_every_router_on_cuda_equals_cpu_forward_and_backward_fp32(kind):
 def test_each_grouped_path_forced_on_cuda_equals_cpu(kind, path):
     cpu_layer = _layer(kind)
     dev_layer = copy.deepcopy(cpu_layer).to(DEVICE)
-    if path == "loop_wx" and DEVICE != "cpu":  # a CPU rule (MKL's GEMM orientations): forced off CPU it refuses
-        with pytest.raises(RuntimeError, match="loop_wx.*operands on"):
+    if path in ("loop_wx", "loop_numpy") and DEVICE != "cpu":  # CPU paths (MKL's GEMM orientations, numpy): refused
+        with pytest.raises(RuntimeError, match=f"{path}.*operands on"):
             _compare(kind, cpu_layer, dev_layer, path=path)
         return
     ran = _compare(kind, cpu_layer, dev_layer, path=path)
-    # Two expert GEMMs (gate_up, down) per stage, each on the forced path ("loop_wx" is a forward path: its dx and
-    # dw run the loop).
-    assert ran == {(stage, "loop" if path == "loop_wx" and stage != "forward" else path): 2
+    # Two expert GEMMs (gate_up, down) per stage, each on the forced path ("loop_wx" and "loop_numpy" are forward
+    # paths: their dx and dw run the loop).
+    assert ran == {(stage, "loop" if path in ("loop_wx", "loop_numpy") and stage != "forward" else path): 2
                    for stage in grouped.STAGES}, dict(ran)
 
 

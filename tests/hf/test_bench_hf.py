@@ -48,6 +48,11 @@ def test_gpt_oss_and_llama4_are_timed_against_transformers(capsys):
             assert line["control_impl"] == ("eager" if arch == "llama4" else "grouped_mm")
             assert line["control_ratio"] > 0 and "tokens_per_s_hf_control" not in line
             assert abs(line["control_ratio_rounds"][1] - line["control_ratio"]) < 1e-3
+            # the paths moekit's grouped GEMMs took in the case: two expert GEMMs per MoE call, forward only
+            paths = line["moekit_gemm_paths"]
+            assert paths and all(p.startswith("forward/") for p in paths), paths
+            calls = 1 if line["case"] == "prefill" else args.new_tokens
+            assert sum(paths.values()) == 2 * calls * line["moe_layers"], paths
     capsys.readouterr()
 
 

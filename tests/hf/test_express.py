@@ -9,6 +9,7 @@ import torch
 
 import moekit
 import moekit.hf
+from moekit.ops import grouped
 
 _BASE = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim=8)
@@ -129,6 +130,33 @@ def test_gpt_oss_chosen_weights_fast_path_matches_to_padded_forward_and_backward
         _, w_topp = layer(x)
         padded = layer.routing_info().route.to_padded()[1].sort(dim=-1, descending=True).values
     torch.testing.assert_close(w_topp, padded, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
+def test_in_by_out_experts_decode_in_numpy_blas_as_transformers_does(family, build, monkeypatch):
+    """gpt-oss's and Llama 4's experts are stored (I, O): where grouped.CPU_NUMPY_BLAS's machine rule holds (set here;
+    the tiny experts are under its size floor, lowered) decoding runs "loop_numpy", and the greedy tokens with the
+    KV cache are transformers' own; the full-prompt logits through it are within 1e-5."""
+    monkeypatch.setattr(grouped, "numpy_blas_streams_faster", lambda: True)
+    monkeypatch.setattr(grouped, "CPU_WX_MIN_WEIGHT_BYTES", 0)
+    model = build(family)
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    new = 16
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+        ref = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        moekit.hf.wrap(model)
+        with grouped.record() as ran:
+            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        with grouped.force("loop_numpy") as forced:
+            logits = model(ids).logits
+    assert len(set(ref[0, 6:].tolist())) > 3  # not a degenerate repeat of one token
+    assert torch.equal(out, ref)
+    blocks = len(moekit.hf.wrapped_blocks(model))
+    assert ran["forward", "loop_numpy"] >= 2 * blocks * (new - 1), dict(ran)  # every decode step's two expert GEMMs
+    assert forced == {("forward", "loop_numpy"): 2 * blocks}
+    assert ref_logits.abs().max() > 1.0
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_selection_bias_held_by_the_block_is_shared(build):

@@ -61,9 +61,9 @@ def test_grouped_fp32_equals_reference_on_each_path(make_cfg, activation, path, 
     layer = moekit.MoELayer(make_cfg(num_experts=8, k=2, activation=activation))
     with grouped.force(path) as ran:
         assert_layers_match(layer, reference_twin(layer), torch.randn(64, 32, requires_grad=True), 1e-5, 1e-5)
-    # Both expert GEMMs ran on `path` forward, for dx and for dw ("loop_wx": forward; its dx, dw run the loop):
+    # Both expert GEMMs ran on `path` forward, for dx and for dw ("loop_wx", "loop_numpy": forward; dx, dw run the loop):
     # the comparison is of that path.
-    assert ran == {(stage, "loop" if path == "loop_wx" and stage != "forward" else path): 2 for stage in grouped.STAGES}
+    assert ran == {(stage, "loop" if path in ("loop_wx", "loop_numpy") and stage != "forward" else path): 2 for stage in grouped.STAGES}
 
 
 def test_dropless_equals_capacity_when_nothing_dropped(make_cfg):
@@ -195,7 +195,7 @@ def test_property_grouped_equals_reference(reference_twin, T, E, data):
     layer = moekit.MoELayer(cfg)
     with grouped.force(path) as ran:
         assert_layers_match(layer, reference_twin(layer), torch.randn(T, 16, requires_grad=True), 1e-5, 1e-4)
-    assert ran == {(stage, "loop" if path == "loop_wx" and stage != "forward" else path): 2 for stage in grouped.STAGES}
+    assert ran == {(stage, "loop" if path in ("loop_wx", "loop_numpy") and stage != "forward" else path): 2 for stage in grouped.STAGES}
     info = layer.routing_info()
     assert int(info.counts_E.sum()) == T * k
     assert info.counts_E.numel() == E

@@ -44,8 +44,10 @@ def lm(layout: ExpertLayout, act: Activation, seed: int = 0, **moe) -> MoELM:
 
 @pytest.mark.parametrize("fmt", [GPT_OSS, LLAMA4, GEGLU, RELU2], ids=["gpt_oss", "llama4", "geglu", "relu2"])
 @pytest.mark.parametrize("B, T", [(1, 3), (2, 60)])  # decode-sized and prefill-sized GEMMs
-def test_offloaded_forward_is_bitwise_the_resident_one(tmp_path, fmt, B, T, monkeypatch):
+@pytest.mark.parametrize("numpy_blas", [False, True], ids=["mkl", "numpy_blas"])  # grouped.CPU_NUMPY_BLAS
+def test_offloaded_forward_is_bitwise_the_resident_one(tmp_path, fmt, B, T, numpy_blas, monkeypatch):
     monkeypatch.setattr(grouped, "CPU_WX_MIN_WEIGHT_BYTES", 0)  # tiny experts: let decode-sized GEMMs run "loop_wx"
+    monkeypatch.setattr(grouped, "numpy_blas_streams_faster", lambda: numpy_blas)  # and (I, O) ones "loop_numpy"
     model = lm(*fmt)
     ids = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -62,9 +64,12 @@ def test_offloaded_forward_is_bitwise_the_resident_one(tmp_path, fmt, B, T, monk
             out = model(ids)
     assert torch.equal(refs["loop"], refs["kernel"])
     assert torch.equal(out, resident)
-    # weights stored (O, I) run decode-sized GEMMs weight-first; gpt-oss's and Llama 4's (I, O) never do
-    assert (ran["forward", "loop_wx"] > 0) == (B * T * 2 <= 4 * 8 and not fmt[0].in_transposed), dict(ran)
-    if ran["forward", "loop_wx"] == 0:
+    # weights stored (O, I) run decode-sized GEMMs weight-first; gpt-oss's and Llama 4's (I, O) never do, but run
+    # them in numpy's BLAS where the machine rule holds
+    decode = B * T * 2 <= 4 * 8
+    assert (ran["forward", "loop_wx"] > 0) == (decode and not fmt[0].in_transposed), dict(ran)
+    assert (ran["forward", "loop_numpy"] > 0) == (decode and fmt[0].in_transposed and numpy_blas), dict(ran)
+    if ran["forward", "loop_wx"] + ran["forward", "loop_numpy"] == 0:
         assert torch.equal(out, refs["loop"])
     else:
         torch.testing.assert_close(out, refs["loop"], atol=1e-5, rtol=1e-5)

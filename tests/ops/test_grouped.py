@@ -2,11 +2,17 @@
 path that ran (kernel or loop) asserted: float64 can only run the loop, so the kernel is checked
 in fp32 (and through the bf16 paths), and odd widths are checked to fall back, not to crash."""
 
+import numpy as np
 import pytest
+import threadpoolctl
 import torch
 
 from moekit.ops import grouped
 from moekit.ops.grouped import grouped_linear, kernel_refusal
+from moekit.ops.grouped import numpy_blas_streams_faster as real_numpy_blas_rule
+
+# tests/conftest.py patches grouped.numpy_blas_streams_faster (the machine part of the "loop_numpy" rule) for every
+# test; real_numpy_blas_rule is the function itself, bound at import.
 
 COUNTS = [[3, 0, 7, 2], [0, 0, 0, 5], [1], [4, 4, 4, 4, 4, 4, 4, 4], [0, 0]]
 
@@ -36,13 +42,15 @@ def run_and_reference(x, w, counts):
 
 
 def ran_on(path: str, gemms: int = 1) -> dict:
-    """What `record()` counts when every stage of `gemms` GEMMs runs on forced `path` ("loop_wx" is a forward path:
-    its dx and dw run the loop)."""
-    return {(stage, "loop" if path == "loop_wx" and stage != "forward" else path): gemms for stage in grouped.STAGES}
+    """What `record()` counts when every stage of `gemms` GEMMs runs on forced `path` ("loop_wx" and "loop_numpy" are
+    forward paths: their dx and dw run the loop)."""
+    forward_only = path in ("loop_wx", "loop_numpy")
+    return {(stage, "loop" if forward_only and stage != "forward" else path): gemms for stage in grouped.STAGES}
 
 
 @pytest.mark.parametrize("dtype,path,tol", [(torch.float64, "loop", 1e-12), (torch.float32, "kernel", 1e-5),
                                             (torch.float32, "loop", 1e-5), (torch.float32, "loop_wx", 1e-5),
+                                            (torch.float32, "loop_numpy", 1e-5),
                                             (torch.float64, "masked", 1e-12), (torch.float32, "masked", 1e-5)])
 @pytest.mark.parametrize("counts", COUNTS)
 def test_grouped_linear_matches_float64_loop(dtype, path, tol, counts):
@@ -138,6 +146,86 @@ def test_few_rows_per_expert_run_weight_first_on_cpu_where_the_weight_is_stored_
     assert ran["forward", "loop_wx"] == 0
     with grouped.force("loop_wx"), pytest.raises(RuntimeError, match=r"loop_wx.*stored \(I, O\)"):
         grouped_linear(torch.randn(2, I), w_stored_IO, offsets([1, 0, 1, 0]))
+
+
+def test_few_rows_per_expert_run_numpy_blas_where_the_weight_is_stored_in_by_out(monkeypatch):
+    """grouped.CPU_NUMPY_BLAS (measured): where the machine rule holds (set here), a float32 forward over <= 4 rows per
+    expert whose weight is stored (I, O) (gpt-oss, Llama 4) and holds >= 512 KiB per expert runs "loop_numpy"; stored
+    (O, I) it runs "loop_wx"; smaller, with more rows, in bfloat16 or where the machine rule fails it does not. Every
+    choice gives the float64 loop's values, forward and backward (dx and dw: their own rule)."""
+    E, O, I = 4, 512, 256
+    w_EOI = torch.randn(E, O, I) * I ** -0.5
+    w_stored_IO = (torch.randn(E, I, O) * I ** -0.5).transpose(1, 2)  # the same (E, O, I) shape, stored (I, O)
+    w_small = w_stored_IO[:, :O // 2]  # 256 KiB per expert, a view: under the floor, and not contiguous per expert
+    w_small_packed = w_small.transpose(1, 2).contiguous().transpose(1, 2)
+    cases = [(True, w_stored_IO, [1, 0, 1, 0], "loop_numpy"), (True, w_stored_IO, [4] * 4, "loop_numpy"),
+             (True, w_stored_IO, [1, 2, 0, 0], "loop_numpy"), (True, w_stored_IO, [5] * 4, "kernel"),
+             (True, w_EOI, [1, 0, 1, 0], "loop_wx"), (True, w_small_packed, [1, 0, 1, 0], "kernel"),
+             (False, w_stored_IO, [1, 0, 1, 0], "kernel")]
+    for machine, w, counts, path in cases:
+        monkeypatch.setattr(grouped, "numpy_blas_streams_faster", lambda m=machine: m)
+        x = torch.randn(sum(counts), I, requires_grad=True)
+        with grouped.record() as ran:
+            got, want = run_and_reference(x, w.detach().requires_grad_(), counts)
+        assert ran["forward", path] == 1, (machine, counts, dict(ran))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+    with torch.no_grad(), grouped.record() as ran:  # the rule holds, but bfloat16 has no numpy GEMM
+        grouped_linear(torch.randn(2, I, dtype=torch.bfloat16), w_stored_IO.bfloat16(), offsets([1, 0, 1, 0]))
+    assert ran["forward", "loop_numpy"] == 0
+    with grouped.force("loop_numpy"), pytest.raises(RuntimeError, match=r"loop_numpy.*dtypes"):
+        grouped_linear(torch.randn(2, I, dtype=torch.bfloat16), w_stored_IO.bfloat16(), offsets([1, 0, 1, 0]))
+
+
+def test_numpy_blas_bits_do_not_depend_on_where_the_operands_lie():
+    """OpenBLAS's result for a row depends on its GEMM's row count, not on where the weight, the input or the output
+    start: the offload runtime (`mm_rows_numpy` over cache slots) gets the resident stack's bits."""
+    E, O, I = 3, 42, 129  # O * I % 4 != 0: experts of a contiguous stack start off 16-byte alignment
+    w_IO = torch.randn(E, I, O)
+    counts = [1, 2, 1]
+    x = torch.randn(4, I)
+    with torch.no_grad(), grouped.force("loop_numpy") as ran:
+        ref = grouped_linear(x, w_IO.transpose(1, 2), offsets(counts))
+        for shift in (1, 2, 3):
+            moved = torch.empty(E * I * O + shift)[shift:].view(E, I, O)
+            moved.copy_(w_IO)
+            x_moved = torch.empty(4 * I + shift)[shift:].view(4, I)
+            x_moved.copy_(x)
+            assert torch.equal(grouped_linear(x_moved, moved.transpose(1, 2), offsets(counts)), ref), shift
+            out = torch.empty(4 * O + shift)[shift:].view(4, O)
+            grouped.mm_rows_numpy(x, [w_IO[e].numpy() for e in range(E)], [(0, 1), (1, 3), (3, 4)], out)
+            assert torch.equal(out, ref), shift
+    assert ran["forward", "loop_numpy"] == 4
+    torch.testing.assert_close(ref, torch.stack([x[n] @ w_IO[e] for n, e in enumerate([0, 1, 1, 2])]), atol=1e-4,
+                               rtol=1e-4)
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """machine(cpuinfo): the rule's machine reading, from a /proc/cpuinfo of that text (caches cleared)."""
+    def read(cpuinfo: str) -> bool:
+        monkeypatch.setattr(grouped, "_cpuinfo", lambda: cpuinfo)
+        grouped._numpy_openblas_pools.cache_clear()
+        return real_numpy_blas_rule()
+    yield read
+    grouped._numpy_openblas_pools.cache_clear()
+
+
+def test_numpy_blas_rule_reads_the_cpu_vendor_the_blas_libraries_and_the_thread_count(machine):
+    """CPU_NUMPY_BLAS: an AMD CPU, torch's BLAS MKL, numpy's OpenBLAS at one thread at the time of the call."""
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        assert not machine("vendor_id\t: GenuineIntel\n")  # MKL's own ground: not measured, left alone
+        amd = machine("vendor_id\t: AuthenticAMD\n")
+    if not torch.backends.mkl.is_available() or "openblas" not in str(
+            np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]).lower():
+        assert not amd
+        pytest.skip("torch's BLAS is not MKL or numpy's is not OpenBLAS here: the rule is off, as checked")
+    assert amd
+    assert grouped._numpy_openblas_pools() is not None  # read once...
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        assert not real_numpy_blas_rule()  # ...the thread count at each call: two would oversubscribe
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        assert real_numpy_blas_rule()
 
 
 @pytest.mark.parametrize("where", ["misaligned", "strided", "cache_slot"])

@@ -32,11 +32,15 @@ One JSON line per (architecture, case):
                                tensors) and its per-round quartiles. A speedup_vs_hf as far from 1.0 as the
                                control is from 1.0 is not a difference between the libraries
   max_abs_logit_diff           wrapped vs transformers logits on the prefill prompt (same computation)
+  moekit_gemm_paths            {"stage/path": count} of moekit's grouped GEMMs in one untimed run of the case
+                               (moekit.ops.grouped.record(); "ffn/per_expert": FFNs run expert by expert)
   clock, load_1m/5m/15m         what was timed (--clock wall: elapsed; cpu: the thread's CPU time) and the
                                machine's load average when the line was written
   peak_rss_mb                  peak resident memory of the process so far (all copies of the model
                                live in this one process, so it bounds, not measures, one variant)
-The first line describes the machine. An architecture that `moekit.hf.wrap` refuses on this moekit gets one
+The first line describes the machine (numpy_blas_rule: whether moekit.ops.grouped.CPU_NUMPY_BLAS holds, so
+that (I, O)-stored experts decode in numpy's OpenBLAS; it holds only while OpenBLAS runs one thread, which
+--clock cpu then counts on this thread). An architecture that `moekit.hf.wrap` refuses on this moekit gets one
 line {"arch": ..., "refused": "<moekit's message>"} instead of timings.
 
 --device cuda runs every variant on the GPU (each timed step ends with torch.cuda.synchronize(), so the
@@ -72,6 +76,7 @@ from transformers.utils import logging
 import moekit
 import moekit.hf
 from moekit.bench.timing import append_json_lines, load_average, peak_rss_mb, round_robin
+from moekit.ops import grouped
 
 logging.set_verbosity_error()
 BATCHED_MM_LIMIT_BYTES = 2 * 2**30  # batched_mm gathers a copy of the expert weights for every assignment
@@ -206,6 +211,8 @@ def run_arch(arch, cfg, args) -> list[dict]:
         steps = {"moekit": make(wrapped),
                  **{f"hf_{impl}": make(m) for impl, m in variants.items() if impl not in skipped},
                  "control": make(control)}
+        with grouped.record() as ran:  # which grouped-GEMM paths moekit's step runs (one untimed run)
+            steps["moekit"]()
         times = round_robin(steps, args.repeats, args.warmup)
         secs = {name: statistics.median(ts) for name, ts in times.items()}
         hf = {name[3:]: s for name, s in secs.items() if name.startswith("hf_")}
@@ -220,6 +227,7 @@ def run_arch(arch, cfg, args) -> list[dict]:
                "speedup_vs_hf_rounds": [round(q, 4) for q in _quartiles(per_round)],
                "control_impl": control_impl, "control_ratio": secs["control"] / hf[control_impl],
                "control_ratio_rounds": [round(q, 4) for q in _quartiles(control_rounds)],
+               "moekit_gemm_paths": {f"{stage}/{path}": n for (stage, path), n in sorted(ran.items())},
                "hf_impls_skipped": skipped, "max_abs_logit_diff": diff, "repeats": args.repeats,
                "clock": getattr(args, "clock", "wall"), **load_average(),
                "peak_rss_mb": round(peak_rss_mb(), 1)}
@@ -271,7 +279,8 @@ def main(argv=None) -> int:
         args.batch, args.seq, args.new_tokens, args.repeats, args.warmup = 2, 64, 4, 2, 1
     machine = {"bench": "machine", "cpu": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers_version,
-               "moekit": moekit.__version__, "quick": args.quick, **load_average()}
+               "moekit": moekit.__version__, "quick": args.quick,
+               "numpy_blas_rule": grouped.numpy_blas_streams_faster(), **load_average()}
     if args.device == "cuda":
         machine.update(device="cuda", gpu=torch.cuda.get_device_name())
     print(json.dumps(machine), flush=True)

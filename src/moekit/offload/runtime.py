@@ -31,7 +31,13 @@ from moekit.layers.moe import MoELayer, moe_layers
 from moekit.offload.budget import CachePlan, ExpertShape, hot_keys_from_counts, plan_cache
 from moekit.offload.cache import ExpertCache
 from moekit.offload.store import ExpertStore, _expert_tensors, bank_format
-from moekit.ops.grouped import compute_dtype, forward_runs_loop_wx, mm_rows_wx
+from moekit.ops.grouped import (
+    compute_dtype,
+    forward_runs_loop_numpy,
+    forward_runs_loop_wx,
+    mm_rows_numpy,
+    mm_rows_wx,
+)
 from moekit.routers.predict import can_predict, predict_experts, priority_order
 
 __all__ = ["OffloadRuntime", "OffloadedExperts", "expert_shape", "hot_counts", "offload", "plan_offload",
@@ -98,14 +104,17 @@ class OffloadedExperts(nn.Module):
 def _linear_rows(x_NI: torch.Tensor, w_by_expert: list[torch.Tensor], ranges: list[tuple[int, int]],
                  upcast: torch.dtype | None, out_NO: torch.Tensor, num_experts: int) -> None:
     """out_NO[s:t] = x_NI[s:t] @ w.T for each expert's row range (s, t), as `_loop_mm` and the CPU
-    grouped kernel compute them (bitwise equal, checked in tests), or as "loop_wx" (`mm_rows_wx`) where the
-    resident forward of these rows over `num_experts` experts runs that: every range at the same rows of
+    grouped kernel compute them (bitwise equal, checked in tests), or as "loop_wx" (`mm_rows_wx`) or "loop_numpy"
+    (`mm_rows_numpy`) where the resident forward of these rows over `num_experts` experts runs that: every range at the same rows of
     full-size buffers as in the resident forward, because MKL's rounding can depend on where an
     output starts (seen with rows of 37 floats); `upcast` mirrors grouped_linear's fp32 compute of
     low-precision inputs on CPUs without bf16 instructions (convert, GEMM, round once)."""
     if upcast is None and forward_runs_loop_wx(x_NI, w_by_expert[0].t(), x_NI.shape[0], num_experts):
         for w_OI, (s, t) in zip(w_by_expert, ranges, strict=True):
             mm_rows_wx(x_NI, w_OI, s, t, out_NO)
+        return
+    if upcast is None and forward_runs_loop_numpy(x_NI, w_by_expert[0].t(), x_NI.shape[0], num_experts):
+        mm_rows_numpy(x_NI, [w_OI.t().detach().numpy() for w_OI in w_by_expert], ranges, out_NO)
         return
     if upcast is None:
         for w_OI, (s, t) in zip(w_by_expert, ranges, strict=True):

@@ -13,7 +13,9 @@ and data pointers only (never from the counts, so no host sync): float64 (tests)
 the kernel and operands the kernel cannot take (`kernel_refusal`: a row that is not a multiple of
 16 bytes, e.g. an expert width F = 37) run the loop. On CPU a forward GEMM over few rows per expert
 whose weight is stored (O, I) runs "loop_wx", the loop with the weight as the left operand
-(`CPU_WX_ROWS_PER_EXPERT`): MKL streams the weight about twice as fast that way (decoding).
+(`CPU_WX_ROWS_PER_EXPERT`): MKL streams the weight about twice as fast that way (decoding). One whose weight
+is stored (I, O) runs "loop_numpy" on AMD CPUs where numpy's OpenBLAS runs one thread (`CPU_NUMPY_BLAS`): the
+loop with each expert's GEMM in numpy's OpenBLAS, which streams such a weight 1.3-1.5x faster than torch's MKL there.
 
 Under tracing (`torch.compile`, `torch.export`) the choice reads no data pointer and no row count (a
 guard on a dynamic shape): a bfloat16 GEMM the kernel can take runs the kernel (torch 2.13 traces the
@@ -21,7 +23,7 @@ kernel for bfloat16 only), and any other runs "masked",
 a per-expert GEMM over every row that keeps the rows of that expert (E times the FLOPs, but traceable,
 with no data-dependent slice). Neither path syncs with the host.
 
-Tests choose the path with `force("kernel" | "loop" | "loop_wx" | "masked")` and read which one ran with `record()`
+Tests choose the path with `force("kernel" | "loop" | "loop_wx" | "loop_numpy" | "masked")` and read which one ran with `record()`
 (nothing is recorded while tracing: a traced graph runs many times).
 """
 
@@ -33,11 +35,13 @@ import functools
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
+import threadpoolctl
 import torch
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _KERNEL_DTYPES = (torch.float32, *_LOW_PRECISION)
-PATHS = ("kernel", "loop", "loop_wx", "masked")
+PATHS = ("kernel", "loop", "loop_wx", "loop_numpy", "masked")
 STAGES = ("forward", "dx", "dw")
 
 _forced: str | None = None
@@ -72,6 +76,17 @@ CPU_PER_EXPERT_BYTES = 512 * 1024
 # (128-256 KiB): 1.04-1.06), hence the size floor, under which the kernel or the plain loop run.
 CPU_WX_ROWS_PER_EXPERT = 4
 CPU_WX_MIN_WEIGHT_BYTES = 512 * 1024
+# CPU, forward, float32: the GEMMs the rule above leaves alone because their weight is stored (I, O) row-major (gpt-oss,
+# Llama 4), over as few rows and weights as large, run "loop_numpy" where CPU_NUMPY_BLAS holds: per expert x_e @ W_e
+# in numpy's OpenBLAS (np.matmul). On AMD CPUs MKL does not take its AVX-512 code; OpenBLAS (its SkylakeX kernels)
+# streams the weight 1.3-1.5x faster: one row, weights out of cache, one thread, 2-vCPU AMD EPYC with AVX-512, MKL
+# 2024.0 / OpenBLAS 0.3.31: (256, 1024) 17 -> 23 GB/s, (512, 256) 8 -> 12 GB/s; 2-4 rows (512, 256) 2-3x. Whole greedy
+# decodes of benchmarks/hf.py's gpt-oss (E=16, D=256, F=512, thread CPU time, against the kernel): 1.04-1.07x faster at
+# 1-16 sequences, 1.01 at 32 (4 rows per expert). Only while numpy's OpenBLAS runs one thread (OPENBLAS_NUM_THREADS or
+# OMP_NUM_THREADS=1, or threadpoolctl.threadpool_limits): its own thread pool next to torch's OpenMP threads
+# oversubscribed the 2 cores (a whole decode 0.81x, wall clock); with one OpenBLAS thread and two torch threads 1.07x.
+# Not on Intel CPUs (MKL's own ground, not measured) nor where torch's BLAS is not MKL (the same BLAS in a Python loop).
+CPU_NUMPY_BLAS = "AMD CPU, torch's BLAS MKL, numpy's BLAS OpenBLAS running one thread"
 _recorders: list[collections.Counter] = []
 
 
@@ -80,14 +95,42 @@ def grouped_mm_available() -> bool:
 
 
 @functools.cache
-def cpu_has_native_low_precision() -> bool:
-    """True if this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX)."""
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text ("" where there is none: not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+@functools.cache
+def cpu_has_native_low_precision() -> bool:
+    """True if this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX)."""
+    flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def _numpy_openblas_pools() -> tuple | None:
+    """threadpoolctl's controllers of the OpenBLAS libraries loaded (numpy's among them) where the rest of
+    CPU_NUMPY_BLAS holds (an AMD CPU, torch's BLAS is MKL, numpy's is OpenBLAS), else None. Read once: what it reads
+    does not change in a process; the thread count does, and `numpy_blas_streams_faster` reads it at each call."""
+    if "AuthenticAMD" not in _cpuinfo() or not torch.backends.mkl.is_available():
+        return None
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    except (KeyError, TypeError):  # a numpy too old to say
+        return None
+    pools = tuple(threadpoolctl.ThreadpoolController().select(internal_api="openblas").lib_controllers)
+    return pools if "openblas" in str(blas).lower() and pools else None
+
+
+def numpy_blas_streams_faster() -> bool:
+    """Whether CPU_NUMPY_BLAS holds now (numpy's OpenBLAS runs one thread on an AMD CPU next to torch's MKL): the
+    machine part of the "loop_numpy" rule. ~0.5 us (one thread-count read per OpenBLAS library)."""
+    pools = _numpy_openblas_pools()
+    return pools is not None and all(pool.num_threads == 1 for pool in pools)
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -201,6 +244,29 @@ def mm_rows_wx(x_NI: torch.Tensor, w_OI: torch.Tensor, start: int, end: int, out
         out_NO[start:end] = torch.mm(w_OI, x_NI[start:end].t()).t()
 
 
+def _loop_numpy_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """out[rows of e] = x[rows of e] @ w_EIO[e] in numpy's BLAS: the "loop_numpy" path (see CPU_NUMPY_BLAS)."""
+    out = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
+    w_eio = w_EIO.detach().numpy()
+    ends = offsets_E.tolist()
+    starts = [0, *ends[:-1]]
+    active = [e for e, (start, end) in enumerate(zip(starts, ends, strict=True)) if end > start]
+    mm_rows_numpy(x_NI, [w_eio[e] for e in active], [(starts[e], ends[e]) for e in active], out)
+    return out
+
+
+def mm_rows_numpy(x_NI: torch.Tensor, w_by_expert: list[np.ndarray], ranges: list[tuple[int, int]],
+                  out_NO: torch.Tensor) -> None:
+    """out_NO[s:t] = x_NI[s:t] @ w_IO for each expert's (I, O) float32 weight and row range (s, t), each one
+    `np.matmul` in numpy's BLAS over views of the tensors (no copy): the "loop_numpy" form, shared with the offload
+    runtime. A row's bits depend on how many rows its GEMM has (OpenBLAS runs a single row as a GEMV), never on where
+    the operands lie (checked at every 4-byte offset), so the offload runtime, which runs the same ranges out of its
+    own buffers, gets the resident layer's bits."""
+    x_ni, out_no = x_NI.detach().numpy(), out_NO.numpy()
+    for w_IO, (s, t) in zip(w_by_expert, ranges, strict=True):
+        np.matmul(x_ni[s:t], w_IO, out=out_no[s:t])
+
+
 def _masked_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """out[rows of e] = x[rows of e] @ w_EIO[e], as one GEMM over all rows per expert, keeping that
     expert's rows: traceable (no slice by data), E times the loop's FLOPs; see the module doc."""
@@ -240,7 +306,7 @@ def per_expert_ffn(x_NI: torch.Tensor, hidden_width: int, num_experts: int) -> b
 
 
 def _choose(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_experts: int) -> str:
-    """The path ("kernel", "loop", "loop_wx" or "masked") of one GEMM `a @ b` over `rows` assignments (counted
+    """The path ("kernel", "loop", "loop_wx", "loop_numpy" or "masked") of one GEMM `a @ b` over `rows` assignments (counted
     for `record`)."""
     if torch.compiler.is_compiling() and _forced is None:
         # NOTE: torch 2.13 traces torch._grouped_mm for bfloat16 operands only (its meta function).
@@ -250,7 +316,9 @@ def _choose(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_experts
         path = "masked"
     elif stage == "forward" and forward_runs_loop_wx(a, b, rows, num_experts):
         path = "loop_wx"
-    elif _forced == "loop_wx":  # dx and dw: their weight operand is not the (O, I) weight's transpose
+    elif stage == "forward" and forward_runs_loop_numpy(a, b, rows, num_experts):
+        path = "loop_numpy"
+    elif _forced in ("loop_wx", "loop_numpy"):  # dx and dw: the rules are measured for the forward GEMM
         path = "loop"
     else:
         path = "kernel" if _use_kernel(stage, a, b, rows, num_experts) else "loop"
@@ -294,6 +362,33 @@ def loop_wx_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
     return None
 
 
+def forward_runs_loop_numpy(a: torch.Tensor, b: torch.Tensor, rows: int, num_experts: int) -> bool:
+    """Whether the forward GEMM `a @ b[e]` over `rows` rows of `num_experts` experts runs "loop_numpy": when a test
+    forces it (RuntimeError if `loop_numpy_refusal` objects), or, with nothing forced or traced, for at most
+    CPU_WX_ROWS_PER_EXPERT rows per expert of float32 CPU operands whose b[e] is a contiguous (I, O) weight of at least
+    CPU_WX_MIN_WEIGHT_BYTES on a machine where CPU_NUMPY_BLAS holds. Reads shapes and strides (the machine test last).
+    The offload runtime asks it too, to compute as the resident layer does."""
+    if _forced == "loop_numpy":
+        refusal = loop_numpy_refusal(a, b)
+        if refusal is not None:
+            raise RuntimeError(f"moekit.ops.grouped.force('loop_numpy'): the forward GEMM cannot run it: {refusal}")
+        return True
+    return (_forced is None and rows <= CPU_WX_ROWS_PER_EXPERT * num_experts and b.stride(-1) == 1
+            and b.stride(-2) == b.shape[-1] and a.dtype == torch.float32 and b.dtype == torch.float32
+            and a.device.type == "cpu" and b.shape[-2] * b.shape[-1] * b.element_size() >= CPU_WX_MIN_WEIGHT_BYTES
+            and not torch.compiler.is_compiling() and numpy_blas_streams_faster())
+
+
+def loop_numpy_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why the "loop_numpy" path (see CPU_NUMPY_BLAS) cannot run the GEMM `a @ b[e]`, or None when it can: numpy
+    computes float32 CPU arrays (any strides). Reads device and dtypes only."""
+    if a.device.type != "cpu" or b.device.type != "cpu":
+        return f"operands on {a.device.type} (numpy computes on CPU)"
+    if a.dtype != torch.float32 or b.dtype != torch.float32:
+        return f"dtypes {a.dtype}, {b.dtype} (the rule is measured for float32)"
+    return None
+
+
 def _use_kernel(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_experts: int) -> bool:
     """Kernel or loop for one GEMM `a @ b` over `rows` assignments, outside tracing."""
     if _forced is None and a.device.type == "cpu" and rows * CPU_KERNEL_ROWS_PER_EXPERT < num_experts:
@@ -324,6 +419,8 @@ def _mm(stage: str, x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Te
         return torch._grouped_mm(x_NI, w_EIO, offs=offsets_E)
     if path == "loop_wx":
         return _loop_wx_mm(x_NI, w_EIO, offsets_E)
+    if path == "loop_numpy":
+        return _loop_numpy_mm(x_NI, w_EIO, offsets_E)
     return _loop_mm(x_NI, w_EIO, offsets_E) if path == "loop" else _masked_mm(x_NI, w_EIO, offsets_E)
 
 
@@ -418,9 +515,9 @@ def force(path: str) -> Iterator[collections.Counter]:
     """Test-only: run every grouped GEMM inside the block through `path`, and count them.
 
     path: "kernel" (`torch._grouped_mm`; a GEMM the kernel cannot take raises RuntimeError instead of
-    falling back, so a test that forces the kernel never passes on the loop), "loop", "loop_wx" (forward GEMMs;
-    one it cannot take raises RuntimeError; dx and dw run "loop") or "masked" (the path traced GEMMs take when
-    the kernel refuses them).
+    falling back, so a test that forces the kernel never passes on the loop), "loop", "loop_wx" or "loop_numpy"
+    (forward GEMMs, on any machine; one they cannot take raises RuntimeError; dx and dw run "loop") or "masked" (the
+    path traced GEMMs take when the kernel refuses them).
     Yields the Counter of `record()`. Process-wide and not thread-safe; the innermost `force` wins.
     """
     global _forced
