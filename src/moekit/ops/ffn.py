@@ -119,13 +119,19 @@ class Activation:
         """`glu` computed in place: the clamps and the up offset overwrite gate_NF and up_NF (views of a
         scratch tensor that records no gradient), and one new (N, F) tensor holds the result. The same
         operations in the same order as `glu` (bitwise equal), without its temporaries: on CPU each fresh
-        (N, F) tensor of a prefill-sized call is new memory to fault in. No softcap (use `glu`)."""
+        (N, F) tensor of a prefill-sized call is new memory to fault in. No softcap (use `glu`).
+        Interleaved columns (gpt-oss: gate and up are stride-2 views) are clamped into new contiguous tensors
+        instead: CPU elementwise ops on stride-2 operands run unvectorised, and the in-place clamps and the ops
+        after them on such views took 2.2x as long (N=128, F=512: 264 vs 121 us, one thread, AVX-512 EPYC); a
+        clamp's values do not depend on where it writes (same bits)."""
         clamp_gate = self.limit is not None and not self.clamp_after
+        strided = gate_NF.stride(-1) != 1 or up_NF.stride(-1) != 1
         if self.limit is not None:
-            up_NF.clamp_(min=-self.limit, max=self.limit)
+            up_NF = (up_NF.clamp(min=-self.limit, max=self.limit) if strided
+                     else up_NF.clamp_(min=-self.limit, max=self.limit))
         if self.alpha != 1.0:
             if clamp_gate:
-                gate_NF.clamp_(max=self.limit)
+                gate_NF = gate_NF.clamp(max=self.limit) if strided else gate_NF.clamp_(max=self.limit)
             a_NF = torch.mul(gate_NF, self.alpha).sigmoid_().mul_(gate_NF)  # gate * sigmoid(alpha * gate)
         else:
             # the function of the operand `glu` gives it (a clamped contiguous copy, or the view): CPU kernels of
