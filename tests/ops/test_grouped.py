@@ -244,6 +244,9 @@ def test_numpy_blas_rule_needs_torch_mkl_numpy_openblas_and_a_found_library(mach
             m.setattr(torch.backends.mkl, "is_available", lambda: False)
             m.setattr(torch.__config__, "show", lambda: "BLAS_INFO=open, LAPACK_INFO=open")
             assert not machine(amd)  # torch's BLAS is not MKL
+        with monkeypatch.context() as m:  # built with MKL (FFTs) but its GEMMs call another BLAS
+            m.setattr(torch.__config__, "show", lambda: "USE_MKL=ON, BLAS_INFO=open, LAPACK_INFO=open")
+            assert torch.backends.mkl.is_available() and not machine(amd)
         with monkeypatch.context() as m:
             config = copy.deepcopy(np.show_config(mode="dicts"))  # numpy's own dict: never mutated
             config["Build Dependencies"]["blas"]["name"] = "accelerate"
