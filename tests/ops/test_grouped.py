@@ -2,6 +2,8 @@
 path that ran (kernel or loop) asserted: float64 can only run the loop, so the kernel is checked
 in fp32 (and through the bf16 paths), and odd widths are checked to fall back, not to crash."""
 
+import copy
+
 import numpy as np
 import pytest
 import threadpoolctl
@@ -162,6 +164,9 @@ def test_few_rows_per_expert_run_numpy_blas_where_the_weight_is_stored_in_by_out
              (True, w_stored_IO, [1, 2, 0, 0], "loop_numpy"), (True, w_stored_IO, [5] * 4, "kernel"),
              (True, w_EOI, [1, 0, 1, 0], "loop_wx"), (True, w_small_packed, [1, 0, 1, 0], "kernel"),
              (False, w_stored_IO, [1, 0, 1, 0], "kernel")]
+    # 512 KiB per expert stored (I, O) but not row-major per expert (columns of a wider stack): not "loop_numpy"
+    w_wide_view = (torch.randn(E, I, 2 * O) * I ** -0.5)[..., :O].transpose(1, 2)
+    cases.append((True, w_wide_view, [1, 0, 1, 0], "kernel"))
     for machine, w, counts, path in cases:
         monkeypatch.setattr(grouped, "numpy_blas_streams_faster", lambda m=machine: m)
         x = torch.randn(sum(counts), I, requires_grad=True)
@@ -226,6 +231,37 @@ def test_numpy_blas_rule_reads_the_cpu_vendor_the_blas_libraries_and_the_thread_
         assert not real_numpy_blas_rule()  # ...the thread count at each call: two would oversubscribe
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         assert real_numpy_blas_rule()
+
+
+def test_numpy_blas_rule_needs_torch_mkl_numpy_openblas_and_a_found_library(machine, monkeypatch):
+    """Each machine condition of CPU_NUMPY_BLAS but the vendor and the thread count, taken away one at a time, turns
+    the rule off on an AMD machine where it otherwise holds (skipped where it does not hold)."""
+    amd = "vendor_id\t: AuthenticAMD\n"
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        if not machine(amd):
+            pytest.skip("the rule does not hold here")
+        with monkeypatch.context() as m:
+            m.setattr(torch.backends.mkl, "is_available", lambda: False)
+            m.setattr(torch.__config__, "show", lambda: "BLAS_INFO=open, LAPACK_INFO=open")
+            assert not machine(amd)  # torch's BLAS is not MKL
+        with monkeypatch.context() as m:  # built with MKL (FFTs) but its GEMMs call another BLAS
+            m.setattr(torch.__config__, "show", lambda: "USE_MKL=ON, BLAS_INFO=open, LAPACK_INFO=open")
+            assert torch.backends.mkl.is_available() and not machine(amd)
+        with monkeypatch.context() as m:
+            config = copy.deepcopy(np.show_config(mode="dicts"))  # numpy's own dict: never mutated
+            config["Build Dependencies"]["blas"]["name"] = "accelerate"
+            m.setattr(np, "show_config", lambda mode="stdout": config)
+            assert not machine(amd)  # numpy's BLAS is not OpenBLAS
+        with monkeypatch.context() as m:
+            m.setattr(np, "show_config", lambda: None)  # a numpy too old to say
+            assert not machine(amd)
+        with monkeypatch.context() as m:
+            class NoLibraries:
+                lib_controllers = []
+
+            m.setattr(threadpoolctl.ThreadpoolController, "select", lambda self, **kw: NoLibraries())
+            assert not machine(amd)  # threadpoolctl finds no OpenBLAS: no thread count to read
+        assert machine(amd)  # and each condition back: the rule holds again
 
 
 @pytest.mark.parametrize("where", ["misaligned", "strided", "cache_slot"])

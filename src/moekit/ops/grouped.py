@@ -116,7 +116,7 @@ def _numpy_openblas_pools() -> tuple | None:
     """threadpoolctl's controllers of the OpenBLAS libraries loaded (numpy's among them) where the rest of
     CPU_NUMPY_BLAS holds (an AMD CPU, torch's BLAS is MKL, numpy's is OpenBLAS), else None. Read once: what it reads
     does not change in a process; the thread count does, and `numpy_blas_streams_faster` reads it at each call."""
-    if "AuthenticAMD" not in _cpuinfo() or not torch.backends.mkl.is_available():
+    if "AuthenticAMD" not in _cpuinfo() or not _torch_blas_is_mkl():
         return None
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
@@ -124,6 +124,12 @@ def _numpy_openblas_pools() -> tuple | None:
         return None
     pools = tuple(threadpoolctl.ThreadpoolController().select(internal_api="openblas").lib_controllers)
     return pools if "openblas" in str(blas).lower() and pools else None
+
+
+def _torch_blas_is_mkl() -> bool:
+    """torch's GEMMs call MKL: its build's BLAS_INFO (`torch.__config__.show()`). `torch.backends.mkl.is_available()`
+    says only that torch was built with MKL (found for its FFTs and sparse routines whatever BLAS it was given)."""
+    return torch.backends.mkl.is_available() and "BLAS_INFO=mkl" in torch.__config__.show()
 
 
 def numpy_blas_streams_faster() -> bool:
