@@ -216,12 +216,17 @@ def machine(monkeypatch):
     grouped._numpy_openblas_pools.cache_clear()
 
 
+AMD_AVX512 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+
+
 def test_numpy_blas_rule_reads_the_cpu_vendor_the_blas_libraries_and_the_thread_count(machine):
-    """CPU_NUMPY_BLAS: an AMD CPU, torch's BLAS MKL, numpy's OpenBLAS at one thread at the time of the call."""
+    """CPU_NUMPY_BLAS: an AMD CPU with AVX-512, torch's BLAS MKL, numpy's OpenBLAS at one thread at the time of the
+    call."""
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-        assert not machine("vendor_id\t: GenuineIntel\n")  # MKL's own ground: not measured, left alone
-        amd = machine("vendor_id\t: AuthenticAMD\n")
-    if not torch.backends.mkl.is_available() or "openblas" not in str(
+        assert not machine(AMD_AVX512.replace("AuthenticAMD", "GenuineIntel"))  # MKL's own ground: left alone
+        assert not machine("vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2\n")  # AVX2-only AMD: not measured
+        amd = machine(AMD_AVX512)
+    if not grouped._torch_blas_is_mkl() or "openblas" not in str(
             np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]).lower():
         assert not amd
         pytest.skip("torch's BLAS is not MKL or numpy's is not OpenBLAS here: the rule is off, as checked")
@@ -236,7 +241,7 @@ def test_numpy_blas_rule_reads_the_cpu_vendor_the_blas_libraries_and_the_thread_
 def test_numpy_blas_rule_needs_torch_mkl_numpy_openblas_and_a_found_library(machine, monkeypatch):
     """Each machine condition of CPU_NUMPY_BLAS but the vendor and the thread count, taken away one at a time, turns
     the rule off on an AMD machine where it otherwise holds (skipped where it does not hold)."""
-    amd = "vendor_id\t: AuthenticAMD\n"
+    amd = AMD_AVX512
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         if not machine(amd):
             pytest.skip("the rule does not hold here")
@@ -261,6 +266,11 @@ def test_numpy_blas_rule_needs_torch_mkl_numpy_openblas_and_a_found_library(mach
 
             m.setattr(threadpoolctl.ThreadpoolController, "select", lambda self, **kw: NoLibraries())
             assert not machine(amd)  # threadpoolctl finds no OpenBLAS: no thread count to read
+        with monkeypatch.context() as m:
+            config = copy.deepcopy(np.show_config(mode="dicts"))
+            config["Build Dependencies"]["blas"]["version"] = "0.0.1"
+            m.setattr(np, "show_config", lambda mode="stdout": config)
+            assert not machine(amd)  # only another package's OpenBLAS found: not the one numpy calls
         assert machine(amd)  # and each condition back: the rule holds again
 
 

@@ -85,8 +85,9 @@ CPU_WX_MIN_WEIGHT_BYTES = 512 * 1024
 # 1-16 sequences, 1.01 at 32 (4 rows per expert). Only while numpy's OpenBLAS runs one thread (OPENBLAS_NUM_THREADS or
 # OMP_NUM_THREADS=1, or threadpoolctl.threadpool_limits): its own thread pool next to torch's OpenMP threads
 # oversubscribed the 2 cores (a whole decode 0.81x, wall clock); with one OpenBLAS thread and two torch threads 1.07x.
-# Not on Intel CPUs (MKL's own ground, not measured) nor where torch's BLAS is not MKL (the same BLAS in a Python loop).
-CPU_NUMPY_BLAS = "AMD CPU, torch's BLAS MKL, numpy's BLAS OpenBLAS running one thread"
+# Not on Intel CPUs (MKL's own ground), nor on AMD CPUs without AVX-512 (not measured), nor where torch's BLAS is
+# not MKL (the same BLAS in a Python loop). DBRX's flat down projection, (E, F, D) row-major, qualifies too.
+CPU_NUMPY_BLAS = "AMD CPU with AVX-512, torch's BLAS MKL, numpy's BLAS OpenBLAS running one thread"
 _recorders: list[collections.Counter] = []
 
 
@@ -113,17 +114,21 @@ def cpu_has_native_low_precision() -> bool:
 
 @functools.cache
 def _numpy_openblas_pools() -> tuple | None:
-    """threadpoolctl's controllers of the OpenBLAS libraries loaded (numpy's among them) where the rest of
-    CPU_NUMPY_BLAS holds (an AMD CPU, torch's BLAS is MKL, numpy's is OpenBLAS), else None. Read once: what it reads
-    does not change in a process; the thread count does, and `numpy_blas_streams_faster` reads it at each call."""
-    if "AuthenticAMD" not in _cpuinfo() or not _torch_blas_is_mkl():
-        return None
+    """threadpoolctl's controllers of numpy's OpenBLAS (the loaded OpenBLAS libraries of the version numpy was built
+    with) where the rest of CPU_NUMPY_BLAS holds (an AMD CPU with AVX-512, torch's BLAS is MKL, numpy's is OpenBLAS),
+    else None. Read once: the CPU and the libraries numpy and torch link do not change in a process; the thread count
+    does, and `numpy_blas_streams_faster` reads it at each call."""
+    flags = _cpuinfo()
+    if "AuthenticAMD" not in flags or "avx512f" not in flags or not _torch_blas_is_mkl():
+        return None  # measured on an AVX-512 EPYC only: MKL's AVX2 code on AVX2-only AMD CPUs is not measured
     try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        name, version = str(blas["name"]).lower(), str(blas["version"])
     except (KeyError, TypeError):  # a numpy too old to say
         return None
-    pools = tuple(threadpoolctl.ThreadpoolController().select(internal_api="openblas").lib_controllers)
-    return pools if "openblas" in str(blas).lower() and pools else None
+    pools = tuple(pool for pool in threadpoolctl.ThreadpoolController().select(internal_api="openblas").lib_controllers
+                  if pool.version == version)  # numpy's own copy, not another package's OpenBLAS
+    return pools if "openblas" in name and pools else None
 
 
 def _torch_blas_is_mkl() -> bool:
@@ -133,7 +138,7 @@ def _torch_blas_is_mkl() -> bool:
 
 
 def numpy_blas_streams_faster() -> bool:
-    """Whether CPU_NUMPY_BLAS holds now (numpy's OpenBLAS runs one thread on an AMD CPU next to torch's MKL): the
+    """Whether CPU_NUMPY_BLAS holds now (numpy's OpenBLAS runs one thread on an AMD AVX-512 CPU next to torch's MKL): the
     machine part of the "loop_numpy" rule. ~0.5 us (one thread-count read per OpenBLAS library)."""
     pools = _numpy_openblas_pools()
     return pools is not None and all(pool.num_threads == 1 for pool in pools)
@@ -253,7 +258,7 @@ def mm_rows_wx(x_NI: torch.Tensor, w_OI: torch.Tensor, start: int, end: int, out
 def _loop_numpy_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """out[rows of e] = x[rows of e] @ w_EIO[e] in numpy's BLAS: the "loop_numpy" path (see CPU_NUMPY_BLAS)."""
     out = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
-    w_eio = w_EIO.detach().numpy()
+    w_eio = w_EIO.detach().resolve_neg().numpy()  # .numpy() refuses a negative-bit view (torch._neg_view)
     ends = offsets_E.tolist()
     starts = [0, *ends[:-1]]
     active = [e for e, (start, end) in enumerate(zip(starts, ends, strict=True)) if end > start]
@@ -264,11 +269,12 @@ def _loop_numpy_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Ten
 def mm_rows_numpy(x_NI: torch.Tensor, w_by_expert: list[np.ndarray], ranges: list[tuple[int, int]],
                   out_NO: torch.Tensor) -> None:
     """out_NO[s:t] = x_NI[s:t] @ w_IO for each expert's (I, O) float32 weight and row range (s, t), each one
-    `np.matmul` in numpy's BLAS over views of the tensors (no copy): the "loop_numpy" form, shared with the offload
-    runtime. A row's bits depend on how many rows its GEMM has (OpenBLAS runs a single row as a GEMV), never on where
-    the operands lie (checked at every 4-byte offset), so the offload runtime, which runs the same ranges out of its
-    own buffers, gets the resident layer's bits."""
-    x_ni, out_no = x_NI.detach().numpy(), out_NO.numpy()
+    `np.matmul` in numpy's BLAS over views of the tensors: the "loop_numpy" form, shared with the offload
+    runtime. A row's bits depend on how many rows its GEMM has (np.matmul runs a single row as a GEMV), never on
+    where the operands lie (checked at every 4-byte offset), so the offload runtime, which runs the same ranges out
+    of its own buffers, gets the resident layer's bits. Operands BLAS cannot take as they lie (no unit stride)
+    numpy copies first."""
+    x_ni, out_no = x_NI.detach().resolve_neg().numpy(), out_NO.numpy()
     for w_IO, (s, t) in zip(w_by_expert, ranges, strict=True):
         np.matmul(x_ni[s:t], w_IO, out=out_no[s:t])
 
@@ -381,7 +387,7 @@ def forward_runs_loop_numpy(a: torch.Tensor, b: torch.Tensor, rows: int, num_exp
         return True
     return (_forced is None and rows <= CPU_WX_ROWS_PER_EXPERT * num_experts and b.stride(-1) == 1
             and b.stride(-2) == b.shape[-1] and a.dtype == torch.float32 and b.dtype == torch.float32
-            and a.device.type == "cpu" and b.shape[-2] * b.shape[-1] * b.element_size() >= CPU_WX_MIN_WEIGHT_BYTES
+            and a.device.type == "cpu" and b.device.type == "cpu" and b.shape[-2] * b.shape[-1] * b.element_size() >= CPU_WX_MIN_WEIGHT_BYTES
             and not torch.compiler.is_compiling() and numpy_blas_streams_faster())
 
 
