@@ -224,6 +224,7 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     D = Din if latent is None else latent[0].in_features
     gate = shared = shared_gate = output_norm = latent_norm = shared_bank = None
     router_weight = router_bias = None
+    gate_name = ""
     for child_name, child in children:
         if shared_bank is None and _weighted_shared_bank(child, D) is not None:
             shared_bank = child  # always-on experts the router weights per token (Inkling)
@@ -252,8 +253,9 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                          "Linear(D, 1) nor a latent projection pair Linear(D, l), Linear(l, D); moekit's MoELayer "
                          "has no place for it")
         if gate is not None:
-            raise refuse(f"it has two routers (`{child_name}` and another child with a weight (E, D))")
-        gate, (router_weight, router_bias) = child, found
+            raise refuse(f"it has two routers, `{gate_name}` and `{child_name}` (each a child with a weight (R, D={D}), "
+                         f"R >= E={E}); moekit's MoELayer has one")
+        gate, gate_name, (router_weight, router_bias) = child, child_name, found
     if gate is None:
         raise refuse(f"it has no router: no child with a weight (E={E}, D={D}) or a Linear(D, E)")
     # Router columns past the E experts: zero-computation experts, read from what the experts do with them.
