@@ -27,6 +27,12 @@ FAMILIES = {
                         moe_intermediate_size=16, moe_shared_expert_intermediate_size=24, moe_latent_size=16,
                         mlp_bias=True, n_group=2, topk_group=1),
                    "NemotronHMoE", dict(latent_dim=16, activation="relu2", d_shared=24)),
+    # latent width = model width: two real Linear(D, D) projections (not nn.Identity), in the block's order.
+    # Before: each read as a router with D > E columns, refused as "two routers"
+    "nemotron_h-square": (dict(layers_block_type=["attention", "moe", "moe"], n_routed_experts=8,
+                               num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=24,
+                               moe_latent_size=32, mlp_bias=True, n_group=2, topk_group=1),
+                          "NemotronHMoE", dict(latent_dim=32, activation="relu2", d_shared=24)),
     # no latent projections (nn.Identity children play no role), no biases
     "nemotron_h-plain": (dict(layers_block_type=["attention", "moe"], n_routed_experts=8, num_experts_per_tok=2,
                               moe_intermediate_size=16, moe_shared_expert_intermediate_size=24),
@@ -98,8 +104,9 @@ def test_longcat_identity_experts_are_routed_and_share_the_rows(build):
     assert layer.routing_info().zero_compute["copy"] > 0
 
 
-def test_nemotron_latent_and_shared_modules_are_the_models(build):
-    model = build("nemotron_h")
+@pytest.mark.parametrize("family", ["nemotron_h", "nemotron_h-square"])
+def test_nemotron_latent_and_shared_modules_are_the_models(build, family):
+    model = build(family)
     block = _first(model, "NemotronHMoE")
     moekit.hf.wrap(model)
     layer = moekit.hf.wrapped_blocks(model)[0]

@@ -213,6 +213,11 @@ def test_extra_tensors_are_refused_by_name():
     with pytest.raises(UnsupportedBlockError, match=r"its child `post_norm` \(LayerNorm\) is neither a router"):
         moekit.hf.wrap(_Parent(block))
     block = _olmoe_block()
+    block.gate2 = nn.Linear(32, 4, bias=False)  # before: "`gate2` and another child with a weight (E, D)"
+    with pytest.raises(UnsupportedBlockError, match=r"it has two routers, `gate` and `gate2` \(each a child with a "
+                                                    r"weight \(R, D=32\), R >= E=4\)"):
+        moekit.hf.wrap(_Parent(block))
+    block = _olmoe_block()
     block.experts.scale = nn.Parameter(torch.ones(4))
     with pytest.raises(UnsupportedBlockError, match=r"its experts hold tensors \['scale'\]"):
         moekit.hf.wrap(_Parent(block))

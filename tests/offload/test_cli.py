@@ -47,6 +47,12 @@ def test_bad_budgets_exit_with_status_2(tiny_run, capsys, budget, message):
 @pytest.mark.parametrize("budget, message", [
     ("-5%", "expert budget '-5%': a percentage must lie in (0, 100]; -5% leaves no room for any expert"),
     ("-512MB", "expert budget '-512MB' is negative; expected a percentage of all expert bytes"),
+    # Before: a dash and a letter ('-inf', '-nan') still read as an unknown option, spelt apart.
+    ("-inf", "expert budget '-inf' is negative; expected a percentage of all expert bytes"),
+    ("-Infinity", "expert budget '-Infinity' is negative; expected a percentage of all expert bytes"),
+    ("-nan", "expert budget '-nan' is negative; expected a percentage of all expert bytes"),
+    ("-inf%", "expert budget '-inf%': not a finite percentage; expected a percentage in (0, 100]"),
+    ("-1e3", "expert budget '-1e3' is negative; expected a percentage of all expert bytes"),
 ])
 @pytest.mark.parametrize("spelling", ["separate", "joined"])
 def test_negative_budgets_are_refused_as_budgets_in_either_spelling(tiny_run, capsys, budget, message, spelling):

@@ -175,6 +175,45 @@ def test_hf_wrapped_model_offloaded_equals_resident(tmp_path):
         assert r.metrics["simulated"]["hit_flags_equal_measured"]
 
 
+def test_batched_offloaded_generation_pads_finished_rows_as_transformers_generate():
+    # Before: a row that had produced eos was filled with eos; transformers' generate fills it with its
+    # generation_config's pad_token_id (the first eos id only when it has none).
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    import moekit.hf
+    from moekit.hf.adapters import HFCausalLM
+
+    cfg = MixtralConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=32, num_local_experts=6, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in hf.parameters():  # well-separated logits (the default init gives near-ties)
+            p.copy_(torch.randn(p.shape, generator=g) * (1.5 * p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1) + (p.dim() == 1))
+    prompt = torch.randint(2, 64, (2, 6), generator=g)  # no pad id (1) in it: no attention mask to infer
+    free = hf.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    eos = int(free[0, 7])  # row 0's second new token, which row 1 never produces: row 0 finishes early
+    assert eos != 1 and eos not in free[1, 6:].tolist()
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = eos, 1
+    ref = hf.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert ref.shape == (2, 16) and ref[0, 7] == eos and (ref[0, 8:] == 1).all()
+    model = HFCausalLM(moekit.hf.wrap(hf))
+    assert torch.equal(decode_loop(model, prompt, 10, eos_id=model.eos_ids(), record=False)[0], ref)
+    for policy in ("lru", "predictive"):
+        r = offloaded_generate(model, prompt, 10, "34%", policy, eos_id=model.eos_ids())
+        assert torch.equal(r.ids_BT, ref)
+    # an explicit pad_id wins; without a pad anywhere, the first eos id fills (transformers' fallback too)
+    r = offloaded_generate(model, prompt, 10, "34%", eos_id=model.eos_ids(), pad_id=3)
+    assert (r.ids_BT[0, 8:] == 3).all() and torch.equal(r.ids_BT[1], ref[1])
+    hf.generation_config.pad_token_id = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: "Setting pad_token_id to eos_token_id"
+        ref_eos = hf.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert (ref_eos[0, 8:] == eos).all()
+    assert torch.equal(offloaded_generate(model, prompt, 10, "34%", eos_id=model.eos_ids()).ids_BT, ref_eos)
+
+
 def test_budget_errors_surface_before_anything_runs(model, prompt):
     with pytest.raises(ValueError, match="leaves no room"):
         offloaded_generate(model, prompt, 4, "0%")

@@ -70,13 +70,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def takes_dash_values(parser: argparse.ArgumentParser, *option_strings: str) -> None:
-    """Let these options of `parser` (a Parser) take a value that starts with a dash and a digit or a dot:
-    `--expert-budget -5%` reads as `--expert-budget=-5%` (argparse would take '-5%' for an unknown option and
-    say the flag is missing its argument), so that the value's own check names what is wrong with it."""
+    """Let these options of `parser` (a Parser) take a value that reads as a negative number (a dash and a digit,
+    a dot, 'inf' or 'nan', any case): `--expert-budget -5%` reads as `--expert-budget=-5%` (argparse would take
+    '-5%' or '-inf' for an unknown option and say the flag is missing its argument), so that the value's own
+    check names what is wrong with it."""
     parser.dash_value_options.update(option_strings)
 
 
-_DASH_VALUE = re.compile(r"-[0-9.]")
+_DASH_VALUE = re.compile(r"-(?:[0-9.]|inf|nan)", re.IGNORECASE)
 
 
 def _join_dash_values(args: list[str], options: set[str]) -> list[str]:

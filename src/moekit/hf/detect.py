@@ -17,7 +17,8 @@ child name:
                  gate_up_proj, biases allowed (`shared_expert`, `shared_experts`, `shared_mlp`,
                  Nemotron-H's ReLU^2 MLP), its activation read from its own output; optionally gated
                  by a Linear(D, 1) child (Qwen2-MoE)
-  latent pair    Linear(D, l) and Linear(l, D) children around experts that work in l dims (Nemotron-H)
+  latent pair    Linear(D, l) and Linear(l, D) children around experts that work in l dims (Nemotron-H; l = D
+                 too: the only two Linear(D, D) children, in the block's order)
   output norm    a child with one (D,) `weight` and an epsilon (A.X-K1's post_mlp_layernorm)
   output bias    a (D,) Parameter of the block itself (JetMoE)
   children without tensors (activations, dropout, nn.Identity) hold nothing to bind.
@@ -223,6 +224,7 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
     D = Din if latent is None else latent[0].in_features
     gate = shared = shared_gate = output_norm = latent_norm = shared_bank = None
     router_weight = router_bias = None
+    gate_name = ""
     for child_name, child in children:
         if shared_bank is None and _weighted_shared_bank(child, D) is not None:
             shared_bank = child  # always-on experts the router weights per token (Inkling)
@@ -251,8 +253,9 @@ def read_block(block: nn.Module, model_config: Any = None, backend: str = "auto"
                          "Linear(D, 1) nor a latent projection pair Linear(D, l), Linear(l, D); moekit's MoELayer "
                          "has no place for it")
         if gate is not None:
-            raise refuse(f"it has two routers (`{child_name}` and another child with a weight (E, D))")
-        gate, (router_weight, router_bias) = child, found
+            raise refuse(f"it has two routers, `{gate_name}` and `{child_name}` (each a child with a weight (R, D={D}), "
+                         f"R >= E={E}); moekit's MoELayer has one")
+        gate, gate_name, (router_weight, router_bias) = child, child_name, found
     if gate is None:
         raise refuse(f"it has no router: no child with a weight (E={E}, D={D}) or a Linear(D, E)")
     # Router columns past the E experts: zero-computation experts, read from what the experts do with them.
@@ -547,10 +550,17 @@ def _read_shared(shared: nn.Module, activation: Activation, refuse) -> tuple[int
 
 def _latent_projections(children: list[nn.Module], Din: int) -> tuple[nn.Linear, nn.Linear] | None:
     """The block's latent projections (NVIDIA LatentMoE, transformers' nemotron_h): the one pair of Linear
-    children D -> l and l -> D around experts that read and write l = Din != D dims; None without one."""
+    children D -> l and l -> D around experts that read and write l = Din dims; None without one.
+    With l = D (nemotron_h's moe_latent_size == hidden_size: two real Linear(D, D), not nn.Identity) the
+    pair is the only two Linear(D, D) children, in the order the block registers them (fc1 before fc2)."""
     fc1 = [c for c in children if isinstance(c, nn.Linear) and c.out_features == Din and c.in_features != Din]
     fc2 = [c for c in children if isinstance(c, nn.Linear) and c.in_features == Din and c.out_features != Din]
     pairs = [(a, b) for a in fc1 for b in fc2 if a.in_features == b.out_features]
+    if not pairs:
+        # NOTE: same shapes, so the order is the registration order; the block probe in `moekit.hf.wrap`
+        # refuses the block if its forward applies them the other way round.
+        square = [c for c in children if isinstance(c, nn.Linear) and c.in_features == c.out_features == Din]
+        pairs = [tuple(square)] if len(square) == 2 else []
     return pairs[0] if len(pairs) == 1 else None
 
 

@@ -36,11 +36,12 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
 @torch.no_grad()
 def generate(model: MoELM, prompt_ids_BT: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
-             use_cache: bool = True) -> torch.Tensor:
+             use_cache: bool = True, pad_id: int | None = None) -> torch.Tensor:
     """Continue each prompt by up to `max_new_tokens` tokens; returns prompt + new tokens (B, T + n).
 
     With `use_cache=False` every step re-runs the whole sequence (the reference the cached path is
-    tested against). Generation stops early when every sequence has produced `eos_id`.
+    tested against). Generation stops early when every sequence has produced `eos_id`; a sequence that
+    has is filled with `pad_id` (`eos_id` without one) until the others finish.
     """
     if prompt_ids_BT.dim() != 2 or prompt_ids_BT.shape[1] == 0:
         raise ValueError(f"generate: prompt must be (B, T) with T >= 1, got shape {tuple(prompt_ids_BT.shape)}")
@@ -58,7 +59,8 @@ def generate(model: MoELM, prompt_ids_BT: torch.Tensor, max_new_tokens: int, tem
         return model(new_ids_BT, cache=cache) if use_cache else model(ids_BT)
 
     try:
-        return decode(step, prompt_ids_BT.to(param.device), max_new_tokens, temperature, top_p, generator, eos_id)
+        return decode(step, prompt_ids_BT.to(param.device), max_new_tokens, temperature, top_p, generator, eos_id,
+                      pad_id=pad_id)
     finally:
         model.train(was_training)
 
@@ -66,16 +68,19 @@ def generate(model: MoELM, prompt_ids_BT: torch.Tensor, max_new_tokens: int, tem
 def decode(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], prompt_ids_BT: torch.Tensor,
            max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
            generator: torch.Generator | None = None, eos_id: int | Sequence[int] | None = None,
-           before_step: Callable[[int], None] | None = None, step_seconds: list[float] | None = None) -> torch.Tensor:
+           before_step: Callable[[int], None] | None = None, step_seconds: list[float] | None = None,
+           pad_id: int | None = None) -> torch.Tensor:
     """The sampling loop shared by every generator. `step(new_ids_BT, all_ids_BT)` returns the logits of
     the new positions (a cached model reads the first, an uncached one the second). `before_step(i)` runs
     before forward i (0 = the prompt); `step_seconds` receives each step's time, forward + sampling.
     `eos_id`: one id or several (a transformers model's `generation_config.eos_token_id` may list more than one);
-    a sequence stops at the first of them it produces, and is padded with the first id afterwards."""
+    a sequence stops at the first of them it produces, and is filled with `pad_id` afterwards (the first eos id
+    without one), as transformers' `generate` fills a finished row with its pad_token_id."""
     B = prompt_ids_BT.shape[0]
     eos_S = None if eos_id is None else torch.as_tensor(eos_id, dtype=torch.long, device=prompt_ids_BT.device).view(-1)
     if eos_S is not None and eos_S.numel() == 0:
         eos_S = None
+    fill = None if eos_S is None else eos_S[0] if pad_id is None else pad_id
     ids_BT = prompt_ids_BT
     done_B = torch.zeros(B, dtype=torch.bool, device=ids_BT.device)
     new_BT = ids_BT
@@ -87,7 +92,7 @@ def decode(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], prompt_id
         if step_seconds is not None:
             step_seconds.append(time.perf_counter() - t0)
         if eos_S is not None:
-            next_B = next_B.masked_fill(done_B, eos_S[0])
+            next_B = next_B.masked_fill(done_B, fill)
             done_B |= torch.isin(next_B, eos_S)
         ids_BT = torch.cat([ids_BT, next_B.unsqueeze(1)], dim=1)
         new_BT = next_B.unsqueeze(1)

@@ -66,12 +66,15 @@ class _Stepper:
             self.device = param.device
             self.cache = KVCache(model.cfg, batch, max_len, device=param.device, dtype=param.dtype)
             self.hf = None
+            self.pad_id = None
             self.vocab_size = model.cfg.vocab_size
             if max_len > model.cfg.max_seq_len:
                 raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds max_seq_len={model.cfg.max_seq_len}")
         else:
             self.hf = model.model if isinstance(model, HFCausalLM) else model
             self.vocab_size = self.hf.get_input_embeddings().num_embeddings
+            # what transformers' generate fills a finished row with (None: its first eos id, as it does)
+            self.pad_id = getattr(getattr(self.hf, "generation_config", None), "pad_token_id", None)
             self.device = next(p.device for p in model.parameters() if not p.is_meta)
             self.past = None
             # transformers 5.x renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40):
@@ -93,9 +96,12 @@ class _Stepper:
 @torch.no_grad()
 def decode_loop(model: nn.Module, prompt_ids_BT: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                 top_p: float = 1.0, seed: int | None = None, eos_id: int | list[int] | None = None,
-                runtime: OffloadRuntime | None = None, record: bool = True) -> tuple[torch.Tensor, dict, RoutingTrace | None]:
+                runtime: OffloadRuntime | None = None, record: bool = True,
+                pad_id: int | None = None) -> tuple[torch.Tensor, dict, RoutingTrace | None]:
     """moekit.models.generate's loop, timed: prompt + new tokens (B, T + n), timings, routing trace.
-    With `runtime`, tells it which forward is the prefill and which are decode steps."""
+    With `runtime`, tells it which forward is the prefill and which are decode steps. A row that has
+    produced an `eos_id` is filled with `pad_id`; by default a transformers model's
+    `generation_config.pad_token_id` (as its own `generate`), else the first eos id."""
     if prompt_ids_BT.dim() != 2 or prompt_ids_BT.shape[1] == 0:
         raise ValueError(f"prompt must be (B, T) with T >= 1, got shape {tuple(prompt_ids_BT.shape)}")
     if max_new_tokens < 1:
@@ -117,7 +123,8 @@ def decode_loop(model: nn.Module, prompt_ids_BT: torch.Tensor, max_new_tokens: i
     try:
         with rec if rec is not None else contextlib.nullcontext():
             ids_BT = decode(lambda new_BT, _all_BT: step(new_BT), prompt_ids_BT.to(step.device), max_new_tokens,
-                            temperature, top_p, generator, eos_id, before_step=before_step, step_seconds=seconds)
+                            temperature, top_p, generator, eos_id, before_step=before_step, step_seconds=seconds,
+                            pad_id=step.pad_id if pad_id is None else pad_id)
     finally:
         model.train(was_training)
     trace = rec.to_trace({"source": "offloaded_generate"}) if rec is not None else None
@@ -139,8 +146,8 @@ def offloaded_generate(model_or_run: nn.Module | str | os.PathLike, prompt_ids: 
                        max_new_tokens: int, budget: str | int | float = "25%", policy: str = "lru", *,
                        scope: str = "layer", store_dir: str | os.PathLike | None = None, hot_set=None,
                        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                       eos_id: int | list[int] | None = None, verify: str = "first", release: bool = False,
-                       simulate: bool = True, log=None) -> OffloadResult:
+                       eos_id: int | list[int] | None = None, pad_id: int | None = None, verify: str = "first",
+                       release: bool = False, simulate: bool = True, log=None) -> OffloadResult:
     """Generate with at most `budget` bytes of expert weights resident (see the module doc).
 
     model_or_run: a model (MoELM, moekit.hf.HFCausalLM or a wrapped transformers model), a moekit
@@ -148,6 +155,7 @@ def offloaded_generate(model_or_run: nn.Module | str | os.PathLike, prompt_ids: 
     budget, policy, scope, hot_set, verify: see `moekit.offload.offload`.
     release: free the given model's resident expert weights for good (the CLI does; by default
         the model gets its experts back afterwards).
+    eos_id, pad_id: a row stops at an eos id and is then filled with pad_id (see `decode_loop`).
     Greedy output (temperature 0) equals fully resident generation token for token.
     """
     prompt_BT = torch.as_tensor(prompt_ids, dtype=torch.long)
@@ -162,7 +170,8 @@ def offloaded_generate(model_or_run: nn.Module | str | os.PathLike, prompt_ids: 
         with ExpertStore(store_path, verify=verify) as store, \
                 offload(model, store, budget, policy, scope, hot_set=hot_set, release=release or owns_model) as rt:
             ids_BT, timing, trace = decode_loop(model, prompt_BT, max_new_tokens, temperature=temperature,
-                                                top_p=top_p, seed=seed, eos_id=eos_id, runtime=rt, record=True)
+                                                top_p=top_p, seed=seed, eos_id=eos_id, runtime=rt, record=True,
+                                                pad_id=pad_id)
             metrics = run_metrics(rt, timing, trace, simulate=simulate)
             metrics["store"] = str(store_path) if not temporary else "(temporary)"
     finally:
