@@ -50,7 +50,7 @@ def test_bad_budgets_exit_with_status_2(tiny_run, capsys, budget, message):
     # Before: a dash and a letter ('-inf', '-nan') still read as an unknown option, spelt apart.
     ("-inf", "expert budget '-inf' is negative; expected a percentage of all expert bytes"),
     ("-Infinity", "expert budget '-Infinity' is negative; expected a percentage of all expert bytes"),
-    ("-nan", "expert budget '-nan' is negative; expected a percentage of all expert bytes"),
+    ("-nan", "expert budget '-nan': expected a percentage of all expert bytes"),  # NaN is not negative: malformed
     ("-inf%", "expert budget '-inf%': not a finite percentage; expected a percentage in (0, 100]"),
     ("-1e3", "expert budget '-1e3' is negative; expected a percentage of all expert bytes"),
 ])

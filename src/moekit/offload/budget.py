@@ -81,7 +81,7 @@ def parse_budget(budget: str | int | float, total_nbytes: int) -> int:
         nbytes = math.floor(pct / 100 * total_nbytes)
     else:
         if isinstance(budget, str):
-            if budget.strip().startswith("-"):
+            if budget.strip().startswith("-") and budget.strip()[1:].strip().lower() != "nan":
                 raise UsageError(f"{what} is negative; expected {BUDGET_FORMS}: how much expert weight may stay "
                                  "resident")
             m = _BUDGET_RE.match(budget)
