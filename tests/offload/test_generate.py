@@ -142,11 +142,10 @@ def test_run_dir_store_is_written_once_and_model_built_without_experts(tiny_run,
     assert torch.equal(r2.ids_BT, ref) and manifest.stat().st_mtime_ns == stamp
 
 
-def test_hf_wrapped_model_offloaded_equals_resident(tmp_path):
+def _tiny_mixtral():
+    """A tiny transformers Mixtral (vocabulary 64, 6 experts, top-2) with well-separated logits, and the generator
+    that drew its weights (seeded 0), to draw prompts from."""
     from transformers import AutoModelForCausalLM, MixtralConfig
-
-    import moekit.hf
-    from moekit.hf.adapters import HFCausalLM
 
     cfg = MixtralConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=32, num_local_experts=6, num_experts_per_tok=2)
@@ -156,6 +155,14 @@ def test_hf_wrapped_model_offloaded_equals_resident(tmp_path):
     with torch.no_grad():
         for p in hf.parameters():  # well-separated logits (the default init gives near-ties)
             p.copy_(torch.randn(p.shape, generator=g) * (1.5 * p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1) + (p.dim() == 1))
+    return hf, g
+
+
+def test_hf_wrapped_model_offloaded_equals_resident(tmp_path):
+    import moekit.hf
+    from moekit.hf.adapters import HFCausalLM
+
+    hf, g = _tiny_mixtral()
     model = HFCausalLM(moekit.hf.wrap(hf))
     prompt = torch.randint(0, 64, (1, 8), generator=g)
     head_rows = []  # positions the LM head computes logits for, per forward
@@ -178,19 +185,10 @@ def test_hf_wrapped_model_offloaded_equals_resident(tmp_path):
 def test_batched_offloaded_generation_pads_finished_rows_as_transformers_generate():
     # Before: a row that had produced eos was filled with eos; transformers' generate fills it with its
     # generation_config's pad_token_id (the first eos id only when it has none).
-    from transformers import AutoModelForCausalLM, MixtralConfig
-
     import moekit.hf
     from moekit.hf.adapters import HFCausalLM
 
-    cfg = MixtralConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, intermediate_size=32, num_local_experts=6, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in hf.parameters():  # well-separated logits (the default init gives near-ties)
-            p.copy_(torch.randn(p.shape, generator=g) * (1.5 * p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1) + (p.dim() == 1))
+    hf, g = _tiny_mixtral()
     prompt = torch.randint(2, 64, (2, 6), generator=g)  # no pad id (1) in it: no attention mask to infer
     free = hf.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
     eos = int(free[0, 7])  # row 0's second new token, which row 1 never produces: row 0 finishes early
