@@ -81,7 +81,8 @@ def parse_budget(budget: str | int | float, total_nbytes: int) -> int:
         nbytes = math.floor(pct / 100 * total_nbytes)
     else:
         if isinstance(budget, str):
-            if budget.strip().startswith("-") and budget.strip()[1:].strip().lower() != "nan":
+            # "-nan" with or without a unit is malformed, as "nan" is: not a negative budget
+            if budget.strip().startswith("-") and not budget.strip()[1:].strip().lower().startswith("nan"):
                 raise UsageError(f"{what} is negative; expected {BUDGET_FORMS}: how much expert weight may stay "
                                  "resident")
             m = _BUDGET_RE.match(budget)
@@ -90,7 +91,11 @@ def parse_budget(budget: str | int | float, total_nbytes: int) -> int:
             value, unit = float(m.group(1)), m.group(2).lower()
         else:
             value, unit = budget, ""
-        if not math.isfinite(value):
+        # an int too large for a float (10**400) is finite but overflows float(); a finite value times its unit
+        # ("1e308GiB") can reach infinity: both are refused as sizes no machine has, not with an OverflowError
+        if isinstance(value, int) and value.bit_length() > 1000:
+            raise UsageError(f"{what} is not a finite size; expected {BUDGET_FORMS}")
+        if not math.isfinite(value) or (unit and not math.isfinite(value * _UNITS[unit])):
             raise UsageError(f"{what} is not a finite size; expected {BUDGET_FORMS}")
         if unit:
             nbytes = math.floor(value * _UNITS[unit])
