@@ -182,6 +182,29 @@ def test_few_rows_per_expert_run_numpy_blas_where_the_weight_is_stored_in_by_out
         grouped_linear(torch.randn(2, I, dtype=torch.bfloat16), w_stored_IO.bfloat16(), offsets([1, 0, 1, 0]))
 
 
+def test_jit_trace_does_not_run_numpy_blas(monkeypatch):
+    """torch.jit.trace records torch ops only: a "loop_numpy" GEMM under it left a traced graph that returns the
+    unwritten `new_empty` output (a wrapped gpt-oss traced with OMP_NUM_THREADS=1 gave logits 7.6 off, even for the
+    traced input). Under the tracer the rule does not hold, and forcing the path is refused."""
+    monkeypatch.setattr(grouped, "numpy_blas_streams_faster", lambda: True)
+    E, O, I = 4, 512, 256
+    w_stored_IO = (torch.randn(E, I, O) * I ** -0.5).transpose(1, 2)
+    offs = offsets([1, 0, 1, 0])
+    x = torch.randn(2, I)
+
+    def f(x_NI):
+        return grouped_linear(x_NI, w_stored_IO, offs)
+
+    with torch.no_grad():
+        want = f(x)
+        with grouped.record() as ran:
+            traced = torch.jit.trace(f, (x,), check_trace=False)
+        assert ran["forward", "loop_numpy"] == 0, dict(ran)
+        torch.testing.assert_close(traced(x), want)
+        with grouped.force("loop_numpy"), pytest.raises(RuntimeError, match="loop_numpy.*jit.trace"):
+            torch.jit.trace(f, (x,), check_trace=False)
+
+
 def test_numpy_blas_bits_do_not_depend_on_where_the_operands_lie():
     """OpenBLAS's result for a row depends on its GEMM's row count, not on where the weight, the input or the output
     start: the offload runtime (`mm_rows_numpy` over cache slots) gets the resident stack's bits."""

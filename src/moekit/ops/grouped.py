@@ -388,12 +388,14 @@ def forward_runs_loop_numpy(a: torch.Tensor, b: torch.Tensor, rows: int, num_exp
     return (_forced is None and rows <= CPU_WX_ROWS_PER_EXPERT * num_experts and b.stride(-1) == 1
             and b.stride(-2) == b.shape[-1] and a.dtype == torch.float32 and b.dtype == torch.float32
             and a.device.type == "cpu" and b.device.type == "cpu" and b.shape[-2] * b.shape[-1] * b.element_size() >= CPU_WX_MIN_WEIGHT_BYTES
-            and not torch.compiler.is_compiling() and numpy_blas_streams_faster())
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and numpy_blas_streams_faster())
 
 
 def loop_numpy_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
     """Why the "loop_numpy" path (see CPU_NUMPY_BLAS) cannot run the GEMM `a @ b[e]`, or None when it can: numpy
     computes float32 CPU arrays (any strides). Reads device and dtypes only."""
+    if torch.jit.is_tracing():  # numpy's GEMMs are invisible to the tracer: the graph would return `out` unwritten
+        return "torch.jit.trace is recording (it cannot see numpy's GEMMs)"
     if a.device.type != "cpu" or b.device.type != "cpu":
         return f"operands on {a.device.type} (numpy computes on CPU)"
     if a.dtype != torch.float32 or b.dtype != torch.float32:
