@@ -54,11 +54,13 @@ def test_bad_budgets_exit_with_status_2(tiny_run, capsys, budget, message):
     ("-inf%", "expert budget '-inf%': not a finite percentage; expected a percentage in (0, 100]"),
     ("-1e3", "expert budget '-1e3' is negative; expected a percentage of all expert bytes"),
 ])
-@pytest.mark.parametrize("spelling", ["separate", "joined"])
+@pytest.mark.parametrize("spelling", ["separate", "joined", "abbreviated"])
 def test_negative_budgets_are_refused_as_budgets_in_either_spelling(tiny_run, capsys, budget, message, spelling):
     # Before: `--expert-budget -5%` read '-5%' as an unknown option ("expected one argument"); only
     # `--expert-budget=-5%` reached the budget's own check, and only once the model was loaded.
-    flag = ["--expert-budget", budget] if spelling == "separate" else [f"--expert-budget={budget}"]
+    # "abbreviated": argparse takes `--expert-bud 25%`; `--expert-bud -inf` still said "expected one argument".
+    flag = {"separate": ["--expert-budget", budget], "joined": [f"--expert-budget={budget}"],
+            "abbreviated": ["--expert-bud", budget]}[spelling]
     assert main(["generate", str(tiny_run), "--prompt", "a", "--max-new-tokens", "2", *flag]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"moekit generate: {message}") and err.count("\n") == 1

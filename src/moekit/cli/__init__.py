@@ -65,8 +65,21 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         if args is not None and self.dash_value_options:
-            args = _join_dash_values(list(args), self.dash_value_options)
+            args = _join_dash_values(list(args), self.dash_value_options, self._dash_value_spelling)
         return super().parse_known_args(args, namespace)
+
+    def _dash_value_spelling(self, arg: str) -> str | None:
+        """The option of `dash_value_options` that `arg` names: itself, or the one option it abbreviates as argparse
+        resolves it (allow_abbrev: a prefix of exactly one option string), else None."""
+        if arg in self.dash_value_options:
+            return arg
+        if not (self.allow_abbrev and arg.startswith("--") and len(arg) > 2) or arg in self._option_string_actions:
+            return None
+        matches = {self._option_string_actions[o] for o in self._option_string_actions if o.startswith(arg)}
+        if len(matches) != 1:
+            return None
+        (action,) = matches
+        return next((o for o in action.option_strings if o in self.dash_value_options), None)
 
 
 def takes_dash_values(parser: argparse.ArgumentParser, *option_strings: str) -> None:
@@ -80,14 +93,17 @@ def takes_dash_values(parser: argparse.ArgumentParser, *option_strings: str) -> 
 _DASH_VALUE = re.compile(r"-(?:[0-9.]|inf|nan)", re.IGNORECASE)
 
 
-def _join_dash_values(args: list[str], options: set[str]) -> list[str]:
+def _join_dash_values(args: list[str], options: set[str], spelling=None) -> list[str]:
+    """`spelling(arg)`: the option of `options` that arg names (an abbreviation argparse accepts, e.g.
+    `--expert-bud`), else None; by default only the options themselves."""
     out: list[str] = []
     i = 0
     while i < len(args):
         if args[i] == "--":
             return out + args[i:]
-        if args[i] in options and i + 1 < len(args) and _DASH_VALUE.match(args[i + 1]):
-            out.append(f"{args[i]}={args[i + 1]}")
+        option = spelling(args[i]) if spelling is not None else (args[i] if args[i] in options else None)
+        if option is not None and i + 1 < len(args) and _DASH_VALUE.match(args[i + 1]):
+            out.append(f"{option}={args[i + 1]}")
             i += 2
         else:
             out.append(args[i])
