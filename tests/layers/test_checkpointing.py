@@ -113,3 +113,17 @@ def test_attach_aux_losses_validates_detaches_and_scales():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.eval()(torch.randn(2, 6, 16))  # eval: nothing attached, nothing warned
+
+
+def test_attached_aux_losses_reach_torch_func_grad():
+    """`attach_aux_losses`' autograd Function works under torch.func.grad (forward and setup_context apart; before:
+    "must override the setup_context staticmethod"): the gradient is autograd's, aux losses included."""
+    model = make_model("micro", 2)
+    moekit.attach_aux_losses(model, COEFS)
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    got = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).square().sum())(params)
+    model(x).square().sum().backward()
+    assert set(got) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)

@@ -71,6 +71,28 @@ def test_grouped_linear_matches_float64_loop(dtype, path, tol, counts):
             assert not got[2][e].any()  # an expert without rows gets exactly zero weight gradient
 
 
+@pytest.mark.parametrize("path", grouped.PATHS)
+def test_torch_func_grad_equals_autograd_on_every_path(path):
+    """torch.func.grad (and jacrev's kind of transform) accepts the grouped GEMM's autograd Function (forward and
+    setup_context apart) and runs its backward on torch.func's storage-less tensor wrappers: the same gradients as
+    torch.autograd.grad, on each forced path."""
+    counts = [2, 0, 1, 3]
+    x = torch.randn(6, 32)
+    w = torch.randn(4, 64, 32)
+    offs = offsets(counts)
+
+    def loss(x_, w_):
+        return grouped_linear(x_, w_, offs).square().sum()
+
+    with grouped.force(path) as ran:
+        got = torch.func.grad(loss, argnums=(0, 1))(x, w)
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        want = torch.autograd.grad(loss(xg, wg), (xg, wg))
+    assert ran["forward", path] == 2
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_kernel_and_loop_agree_bitwise_in_fp32():
     """The CPU kernel runs one mm per group: the same numbers as the loop (offloading relies on it)."""
     counts = [5, 0, 9, 2]

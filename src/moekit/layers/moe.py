@@ -160,9 +160,12 @@ class _AttachAuxLoss(torch.autograd.Function):
     builds the graph that backward walks (the forward, or a reentrant checkpoint's recompute)."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, aux_total: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(aux_total)
-        return y
+    def forward(y: torch.Tensor, aux_total: torch.Tensor) -> torch.Tensor:  # setup_context apart: torch.func's form
+        return y.view_as(y)  # a view, not the input itself: torch.func's transforms refuse a Function returning it
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -198,21 +198,43 @@ def _cached_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
     """`kernel_refusal(a, b)`, remembered by everything it reads (dtypes, strides, the output width, the
     pointers' alignment): a layer meets the same few operand layouts at every call, and the checks cost
     more than the GEMM's own setup at decode sizes (2 GEMMs per MoE layer and token step)."""
-    key = (grouped_mm_available(), a.dtype, b.dtype, a.stride(), b.stride(), b.shape[-1], a.data_ptr() % 16,
-           b.data_ptr() % 16)
+    key = (grouped_mm_available(), a.dtype, b.dtype, a.stride(), b.stride(), b.shape[-1], _alignment(a),
+           _alignment(b))
     refusal = _refusals.get(key, _NOT_CHECKED)
     if refusal is _NOT_CHECKED:
         if len(_refusals) > 4096:  # bounded: a process that meets many layouts keeps checking, no leak
             _refusals.clear()
-        refusal = _refusals[key] = kernel_refusal(a, b)
+        refusal = _refusals[key] = kernel_refusal(a, b, check_pointers=None not in key[-2:])
     return refusal
 
 
 _NOT_CHECKED = object()
 
 
+def _alignment(t: torch.Tensor) -> int | None:
+    """t's data pointer modulo 16, or None for a tensor without storage: torch.func's transforms run a Function's
+    backward on their wrappers (torch 2.13's kernel needs no alignment; see `kernel_refusal`)."""
+    try:
+        return t.data_ptr() % 16
+    except RuntimeError:
+        return None
+
+
+def _recording_graph(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records ops on these tensors here: a backward run with create_graph, or under torch.func's
+    transforms (their wrappers require grad). Then the loops write no `out=` tensor, which autograd refuses."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _loop_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """out[rows of e] = x[rows of e] @ w_EIO[e]; the plain per-expert form of the kernel."""
+    if _recording_graph(x_NI, w_EIO):
+        pieces, start = [], 0
+        for e, end in enumerate(offsets_E.tolist()):
+            if end > start:
+                pieces.append(torch.mm(x_NI[start:end], w_EIO[e]))
+            start = end
+        return torch.cat([*pieces, x_NI.new_zeros(x_NI.shape[0] - start, w_EIO.shape[2])])
     out = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
     start = 0
     for e, end in enumerate(offsets_E.tolist()):
@@ -448,6 +470,11 @@ def _weight_grad(dy_NO: torch.Tensor, x_NI: torch.Tensor, offsets_E: torch.Tenso
     if path == "masked":
         expert_N = _expert_of_rows(offsets_E, dy_NO.shape[0])
         return torch.stack([(dy_NO * (expert_N == e).unsqueeze(1)).t() @ x_NI for e in range(E)])
+    if _recording_graph(dy_NO, x_NI):
+        ends = offsets_E.tolist()
+        return torch.stack([dy_ON[:, start:end] @ x_NI[start:end] if end > start else
+                            dy_NO.new_zeros(dy_NO.shape[1], x_NI.shape[1])
+                            for start, end in zip([0, *ends[:-1]], ends, strict=True)])
     dw = dy_NO.new_zeros(E, dy_NO.shape[1], x_NI.shape[1])
     start = 0
     for e, end in enumerate(offsets_E.tolist()):
@@ -458,10 +485,14 @@ def _weight_grad(dy_NO: torch.Tensor, x_NI: torch.Tensor, offsets_E: torch.Tenso
 
 
 class _GroupedLinear(torch.autograd.Function):
+    # forward without ctx and a separate setup_context: the form torch.func's transforms (grad, jacrev) accept
     @staticmethod
-    def forward(ctx, x_NI, w_EOI, offsets_E):
-        ctx.save_for_backward(x_NI, w_EOI, offsets_E)
+    def forward(x_NI, w_EOI, offsets_E):
         return _mm("forward", x_NI, w_EOI.transpose(-2, -1), offsets_E)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, dy_NO):
