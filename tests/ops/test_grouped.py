@@ -118,6 +118,17 @@ def test_grouped_linear_gradcheck_float64():
     assert not any(path == "kernel" for _, path in ran)  # float64: the kernel cannot take it
 
 
+def test_grouped_linear_gradgradcheck_float64():
+    """Second derivatives (create_graph=True): the loop's backward records its GEMMs (no out= tensor while a graph is
+    recorded, which autograd refuses)."""
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
+    offs = offsets([2, 0, 3])
+    with grouped.record() as ran:
+        assert torch.autograd.gradgradcheck(lambda a, b: grouped_linear(a, b, offs), (x, w))
+    assert ran["dx", "loop"] > 0 and ran["dw", "loop"] > 0
+
+
 def test_automatic_choice_runs_the_kernel_with_many_rows_per_expert():
     counts = [40, 0, 30, 10]  # 80 rows >= 4 x 4 experts
     x = torch.randn(80, 32, requires_grad=True)
