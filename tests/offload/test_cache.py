@@ -61,6 +61,7 @@ def test_python_and_command_line_budgets_mean_the_same(budget):
     ("-3", "expected a percentage"), ("-512MB", "is negative; expected a percentage"), ("0.5MB", None),
     ("1e308GiB", "not a finite size"), ("9e307kb", "not a finite size"), (10**400, "not a finite size"),
     ("-nanGB", "expected a percentage.*or a whole number of bytes"), ("-NaN MiB", "or a whole number of bytes"),
+    ("-0", "is 0 bytes; it must be positive"), ("-0.0MB", "is 0 bytes"),  # negative zero is zero, not negative
 ])
 def test_parse_budget_refuses_clearly(bad, match):
     if match is None:  # a unit makes a fraction meaningful

@@ -81,8 +81,12 @@ def parse_budget(budget: str | int | float, total_nbytes: int) -> int:
         nbytes = math.floor(pct / 100 * total_nbytes)
     else:
         if isinstance(budget, str):
-            # "-nan" with or without a unit is malformed, as "nan" is: not a negative budget
-            if budget.strip().startswith("-") and not budget.strip()[1:].strip().lower().startswith("nan"):
+            # "-nan" with or without a unit is malformed, as "nan" is: not a negative budget; "-0" (any unit) is zero
+            rest = budget.strip()[1:].strip()
+            zero = _BUDGET_RE.match(rest)
+            if budget.strip().startswith("-") and zero is not None and float(zero.group(1)) == 0:
+                budget = rest
+            elif budget.strip().startswith("-") and not rest.lower().startswith("nan"):
                 raise UsageError(f"{what} is negative; expected {BUDGET_FORMS}: how much expert weight may stay "
                                  "resident")
             m = _BUDGET_RE.match(budget)
