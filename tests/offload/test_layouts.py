@@ -59,11 +59,13 @@ def test_offloaded_forward_is_bitwise_the_resident_one(tmp_path, fmt, B, T, nump
         with grouped.record() as ran:  # and as it runs unforced: "loop_wx" where the layout and the rows allow
             resident = model(ids)
         store = write_store(model, tmp_path / "s")
-        with offload(model, store, "25%", "lru") as rt:
+        with offload(model, store, "25%", "lru") as rt, grouped.record() as ran_offloaded:
             assert rt.plan.capacity == 2  # a prefill needing all 8 experts runs in four cache steps
             out = model(ids)
     assert torch.equal(refs["loop"], refs["kernel"])
     assert torch.equal(out, resident)
+    # the offloaded GEMMs ran the resident ones' paths (the kernel's numbers as one mm per expert: "loop"), and say so
+    assert {p for (_, p) in ran_offloaded} == {"loop" if p == "kernel" else p for (_, p) in ran}, dict(ran_offloaded)
     # weights stored (O, I) run decode-sized GEMMs weight-first; gpt-oss's and Llama 4's (I, O) never do, but run
     # them in numpy's BLAS where the machine rule holds
     decode = B * T * 2 <= 4 * 8

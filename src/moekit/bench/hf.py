@@ -248,7 +248,8 @@ def _quartiles(sorted_values: list[float]) -> tuple[float, float, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a <= 1 minute run: batch 2 x seq 64, 4 new tokens, 2 repeats")
+    p.add_argument("--quick", action="store_true", help="a short run (about a minute with OMP_NUM_THREADS=1 on 2 idle cores): batch 2 x seq 64, "
+                   "4 new tokens, 2 repeats")
     p.add_argument("--archs", default="mixtral,olmoe,qwen2_moe,qwen3_moe,deepseek_v3,gpt_oss,llama4")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--d-expert", type=int, default=512)

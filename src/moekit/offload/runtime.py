@@ -37,6 +37,7 @@ from moekit.ops.grouped import (
     forward_runs_loop_wx,
     mm_rows_numpy,
     mm_rows_wx,
+    note_ran,
 )
 from moekit.routers.predict import can_predict, predict_experts, priority_order
 
@@ -110,12 +111,15 @@ def _linear_rows(x_NI: torch.Tensor, w_by_expert: list[torch.Tensor], ranges: li
     output starts (seen with rows of 37 floats); `upcast` mirrors grouped_linear's fp32 compute of
     low-precision inputs on CPUs without bf16 instructions (convert, GEMM, round once)."""
     if upcast is None and forward_runs_loop_wx(x_NI, w_by_expert[0].t(), x_NI.shape[0], num_experts):
+        note_ran("forward", "loop_wx")
         for w_OI, (s, t) in zip(w_by_expert, ranges, strict=True):
             mm_rows_wx(x_NI, w_OI, s, t, out_NO)
         return
     if upcast is None and forward_runs_loop_numpy(x_NI, w_by_expert[0].t(), x_NI.shape[0], num_experts):
+        note_ran("forward", "loop_numpy")
         mm_rows_numpy(x_NI, [w_OI.t().detach().numpy() for w_OI in w_by_expert], ranges, out_NO)
         return
+    note_ran("forward", "loop")  # one mm per expert: the kernel's numbers too (bitwise, tested)
     if upcast is None:
         for w_OI, (s, t) in zip(w_by_expert, ranges, strict=True):
             torch.mm(x_NI[s:t], w_OI.t(), out=out_NO[s:t])

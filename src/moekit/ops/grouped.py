@@ -334,8 +334,7 @@ def per_expert_ffn(x_NI: torch.Tensor, hidden_width: int, num_experts: int) -> b
         return False
     if x_NI.shape[0] * hidden_width * x_NI.element_size() < CPU_PER_EXPERT_BYTES * num_experts:
         return False
-    for ran in _recorders:
-        ran["ffn", "per_expert"] += 1
+    note_ran("ffn", "per_expert")
     return True
 
 
@@ -356,9 +355,15 @@ def _choose(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_experts
         path = "loop"
     else:
         path = "kernel" if _use_kernel(stage, a, b, rows, num_experts) else "loop"
+    note_ran(stage, path)
+    return path
+
+
+def note_ran(stage: str, path: str) -> None:
+    """Count one GEMM (or FFN) of `stage` on `path` in every open `record()`; the offload runtime's GEMMs, which
+    choose their path with the rules here but run outside `grouped_linear`, are counted through it too."""
     for ran in _recorders:
         ran[stage, path] += 1
-    return path
 
 
 def forward_runs_loop_wx(a: torch.Tensor, b: torch.Tensor, rows: int, num_experts: int) -> bool:
@@ -581,7 +586,9 @@ def record() -> Iterator[collections.Counter]:
     """Count the grouped GEMMs run inside the block without changing any choice.
 
     Yields a Counter keyed (stage, path): stage in STAGES ("forward", "dx", "dw"), path in PATHS,
-    e.g. `ran["dw", "kernel"]` is the number of weight-gradient GEMMs that ran the kernel.
+    e.g. `ran["dw", "kernel"]` is the number of weight-gradient GEMMs that ran the kernel; ("ffn", "per_expert")
+    counts FFNs run expert by expert (`per_expert_ffn`). An offloaded model's GEMMs count once per cache step
+    ("loop": one mm per expert, bitwise the kernel's numbers; "loop_wx"; "loop_numpy").
     """
     ran: collections.Counter = collections.Counter()
     _recorders.append(ran)
