@@ -161,7 +161,7 @@ class _AttachAuxLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(y: torch.Tensor, aux_total: torch.Tensor) -> torch.Tensor:  # setup_context apart: torch.func's form
-        return y.view_as(y)  # a view, not the input itself: torch.func's transforms refuse a Function returning it
+        return y
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

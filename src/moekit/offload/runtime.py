@@ -105,11 +105,11 @@ class OffloadedExperts(nn.Module):
 def _linear_rows(x_NI: torch.Tensor, w_by_expert: list[torch.Tensor], ranges: list[tuple[int, int]],
                  upcast: torch.dtype | None, out_NO: torch.Tensor, num_experts: int) -> None:
     """out_NO[s:t] = x_NI[s:t] @ w.T for each expert's row range (s, t), as `_loop_mm` and the CPU
-    grouped kernel compute them (bitwise equal, checked in tests), or as "loop_wx" (`mm_rows_wx`) or "loop_numpy"
-    (`mm_rows_numpy`) where the resident forward of these rows over `num_experts` experts runs that: every range at the same rows of
-    full-size buffers as in the resident forward, because MKL's rounding can depend on where an
-    output starts (seen with rows of 37 floats); `upcast` mirrors grouped_linear's fp32 compute of
-    low-precision inputs on CPUs without bf16 instructions (convert, GEMM, round once)."""
+    grouped kernel compute them (bitwise equal, checked in tests), or as "loop_wx" (`mm_rows_wx`) or
+    "loop_numpy" (`mm_rows_numpy`) where the resident forward of these rows over `num_experts` experts runs
+    that: every range at the same rows of full-size buffers as in the resident forward, because MKL's rounding
+    can depend on where an output starts (seen with rows of 37 floats); `upcast` mirrors grouped_linear's fp32
+    compute of low-precision inputs on CPUs without bf16 instructions (convert, GEMM, round once)."""
     if upcast is None and forward_runs_loop_wx(x_NI, w_by_expert[0].t(), x_NI.shape[0], num_experts):
         note_ran("forward", "loop_wx")
         for w_OI, (s, t) in zip(w_by_expert, ranges, strict=True):

@@ -23,8 +23,8 @@ kernel for bfloat16 only), and any other runs "masked",
 a per-expert GEMM over every row that keeps the rows of that expert (E times the FLOPs, but traceable,
 with no data-dependent slice). Neither path syncs with the host.
 
-Tests choose the path with `force("kernel" | "loop" | "loop_wx" | "loop_numpy" | "masked")` and read which one ran with `record()`
-(nothing is recorded while tracing: a traced graph runs many times).
+Tests choose the path with `force("kernel" | "loop" | "loop_wx" | "loop_numpy" | "masked")` and read which one ran
+with `record()` (nothing is recorded while tracing: a traced graph runs many times).
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ def _torch_blas_is_mkl() -> bool:
 
 
 def numpy_blas_streams_faster() -> bool:
-    """Whether CPU_NUMPY_BLAS holds now (numpy's OpenBLAS runs one thread on an AMD AVX-512 CPU next to torch's MKL): the
-    machine part of the "loop_numpy" rule. ~0.5 us (one thread-count read per OpenBLAS library)."""
+    """Whether CPU_NUMPY_BLAS holds now (numpy's OpenBLAS runs one thread on an AMD AVX-512 CPU next to torch's
+    MKL): the machine part of the "loop_numpy" rule. ~0.5 us (one thread-count read per OpenBLAS library)."""
     pools = _numpy_openblas_pools()
     return pools is not None and all(pool.num_threads == 1 for pool in pools)
 
@@ -339,8 +339,8 @@ def per_expert_ffn(x_NI: torch.Tensor, hidden_width: int, num_experts: int) -> b
 
 
 def _choose(stage: str, a: torch.Tensor, b: torch.Tensor, rows: int, num_experts: int) -> str:
-    """The path ("kernel", "loop", "loop_wx", "loop_numpy" or "masked") of one GEMM `a @ b` over `rows` assignments (counted
-    for `record`)."""
+    """The path ("kernel", "loop", "loop_wx", "loop_numpy" or "masked") of one GEMM `a @ b` over `rows` assignments
+    (counted for `record`)."""
     if torch.compiler.is_compiling() and _forced is None:
         # NOTE: torch 2.13 traces torch._grouped_mm for bfloat16 operands only (its meta function).
         traceable = a.dtype == torch.bfloat16 and kernel_refusal(a, b, check_pointers=False) is None
@@ -412,9 +412,11 @@ def forward_runs_loop_numpy(a: torch.Tensor, b: torch.Tensor, rows: int, num_exp
         if refusal is not None:
             raise RuntimeError(f"moekit.ops.grouped.force('loop_numpy'): the forward GEMM cannot run it: {refusal}")
         return True
-    return (_forced is None and rows <= CPU_WX_ROWS_PER_EXPERT * num_experts and b.stride(-1) == 1
-            and b.stride(-2) == b.shape[-1] and a.dtype == torch.float32 and b.dtype == torch.float32
-            and a.device.type == "cpu" and b.device.type == "cpu" and b.shape[-2] * b.shape[-1] * b.element_size() >= CPU_WX_MIN_WEIGHT_BYTES
+    return (_forced is None and rows <= CPU_WX_ROWS_PER_EXPERT * num_experts
+            and b.stride(-1) == 1 and b.stride(-2) == b.shape[-1]  # each expert's (I, O) weight row-major
+            and a.dtype == torch.float32 and b.dtype == torch.float32
+            and a.device.type == "cpu" and b.device.type == "cpu"
+            and b.shape[-2] * b.shape[-1] * b.element_size() >= CPU_WX_MIN_WEIGHT_BYTES
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and numpy_blas_streams_faster())
 
 
