@@ -108,25 +108,17 @@ def test_kernel_and_loop_agree_bitwise_in_fp32():
         assert torch.equal(a, b)
 
 
-def test_grouped_linear_gradcheck_float64():
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck])
+def test_grouped_linear_gradcheck_float64(check):
+    """First and second derivatives (gradgradcheck: create_graph=True, so the loop's backward records its GEMMs: no
+    out= tensor while a graph is recorded, which autograd refuses)."""
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
     offs = offsets([2, 0, 3])
     with grouped.record() as ran:
-        assert torch.autograd.gradcheck(lambda a, b: grouped_linear(a, b, offs), (x, w))
-    assert ran["forward", "loop"] > 0 and ran["dw", "loop"] > 0
+        assert check(lambda a, b: grouped_linear(a, b, offs), (x, w))
+    assert ran["forward", "loop"] > 0 and ran["dx", "loop"] > 0 and ran["dw", "loop"] > 0
     assert not any(path == "kernel" for _, path in ran)  # float64: the kernel cannot take it
-
-
-def test_grouped_linear_gradgradcheck_float64():
-    """Second derivatives (create_graph=True): the loop's backward records its GEMMs (no out= tensor while a graph is
-    recorded, which autograd refuses)."""
-    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
-    offs = offsets([2, 0, 3])
-    with grouped.record() as ran:
-        assert torch.autograd.gradgradcheck(lambda a, b: grouped_linear(a, b, offs), (x, w))
-    assert ran["dx", "loop"] > 0 and ran["dw", "loop"] > 0
 
 
 def test_automatic_choice_runs_the_kernel_with_many_rows_per_expert():
