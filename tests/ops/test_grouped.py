@@ -73,7 +73,7 @@ def test_grouped_linear_matches_float64_loop(dtype, path, tol, counts):
 
 @pytest.mark.parametrize("path", grouped.PATHS)
 def test_torch_func_grad_equals_autograd_on_every_path(path):
-    """torch.func.grad (and jacrev's kind of transform) accepts the grouped GEMM's autograd Function (forward and
+    """torch.func.grad accepts the grouped GEMM's autograd Function (forward and
     setup_context apart) and runs its backward on torch.func's storage-less tensor wrappers: the same gradients as
     torch.autograd.grad, on each forced path."""
     counts = [2, 0, 1, 3]

@@ -492,7 +492,7 @@ def _weight_grad(dy_NO: torch.Tensor, x_NI: torch.Tensor, offsets_E: torch.Tenso
 
 
 class _GroupedLinear(torch.autograd.Function):
-    # forward without ctx and a separate setup_context: the form torch.func's transforms (grad, jacrev) accept
+    # forward without ctx and a separate setup_context: the form torch.func.grad accepts (vmap would need a vmap rule)
     @staticmethod
     def forward(x_NI, w_EOI, offsets_E):
         return _mm("forward", x_NI, w_EOI.transpose(-2, -1), offsets_E)
