@@ -375,23 +375,26 @@ def forward_runs_loop_wx(a: torch.Tensor, b: torch.Tensor, rows: int, num_expert
         if refusal is not None:
             raise RuntimeError(f"moekit.ops.grouped.force('loop_wx'): the forward GEMM cannot run it: {refusal}")
         return True
-    return (_forced is None and rows <= CPU_WX_ROWS_PER_EXPERT * num_experts and _loop_wx_fits(a, b)
+    return _streams_weights(a, b, rows, num_experts) and b.stride(-2) == 1  # each expert's weight stored (O, I)
+
+
+def _streams_weights(a: torch.Tensor, b: torch.Tensor, rows: int, num_experts: int) -> bool:
+    """What the automatic "loop_wx" and "loop_numpy" rules share: nothing forced or traced by torch.compile, at most
+    CPU_WX_ROWS_PER_EXPERT rows per expert, float32 CPU operands and at least CPU_WX_MIN_WEIGHT_BYTES per expert's
+    weight (GEMMs that stream their weights: decoding). Each rule adds its weight layout (and "loop_numpy" its
+    machine). Reads shapes, dtypes and devices only."""
+    return (_forced is None and rows <= CPU_WX_ROWS_PER_EXPERT * num_experts
+            and a.device.type == "cpu" and b.device.type == "cpu"
+            and a.dtype == torch.float32 and b.dtype == torch.float32
             and b.shape[-2] * b.shape[-1] * b.element_size() >= CPU_WX_MIN_WEIGHT_BYTES
             and not torch.compiler.is_compiling())
-
-
-def _loop_wx_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """`loop_wx_refusal(a, b) is None` without building its message: the automatic rule asks it of every decode-sized
-    forward GEMM, where formatting a refusal (gpt-oss's (I, O) weights) cost ~3 us a call."""
-    return b.stride(-2) == 1 and a.dtype == torch.float32 and b.dtype == torch.float32 and a.device.type == "cpu"
 
 
 def loop_wx_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
     """Why the "loop_wx" path (see CPU_WX_ROWS_PER_EXPERT) should not run the GEMM `a @ b[e]`, or None when it
     should: it is measured for float32 on CPU with b[e] a transposed view of an (O, I) row-major weight.
-    Reads device, dtypes and strides only."""
-    if _loop_wx_fits(a, b):
-        return None
+    Reads device, dtypes and strides only; asked only when a test forces the path (the automatic rule tests the
+    same without building a message, which cost ~3 us a call on gpt-oss's (I, O) weights)."""
     if a.device.type != "cpu":
         return f"operands on {a.device.type} (the rule is measured on CPU)"
     if a.dtype != torch.float32 or b.dtype != torch.float32:
@@ -412,12 +415,9 @@ def forward_runs_loop_numpy(a: torch.Tensor, b: torch.Tensor, rows: int, num_exp
         if refusal is not None:
             raise RuntimeError(f"moekit.ops.grouped.force('loop_numpy'): the forward GEMM cannot run it: {refusal}")
         return True
-    return (_forced is None and rows <= CPU_WX_ROWS_PER_EXPERT * num_experts
+    return (_streams_weights(a, b, rows, num_experts)
             and b.stride(-1) == 1 and b.stride(-2) == b.shape[-1]  # each expert's (I, O) weight row-major
-            and a.dtype == torch.float32 and b.dtype == torch.float32
-            and a.device.type == "cpu" and b.device.type == "cpu"
-            and b.shape[-2] * b.shape[-1] * b.element_size() >= CPU_WX_MIN_WEIGHT_BYTES
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and numpy_blas_streams_faster())
+            and not torch.jit.is_tracing() and numpy_blas_streams_faster())
 
 
 def loop_numpy_refusal(a: torch.Tensor, b: torch.Tensor) -> str | None:
